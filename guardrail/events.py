@@ -1,0 +1,91 @@
+"""Events a guard session emits: every decision is one of these.
+
+Char offsets (``start``/``end``, ``span``) index into the response text as the upstream produced
+it; token indices count the session's tokens from 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Error", "Event", "Flag", "Halt", "Release", "Route", "event_to_dict"]
+
+
+@dataclass(frozen=True)
+class Release:
+    """Text the reader may now see. ``start``/``end`` are offsets into the raw response; ``text``
+    is what to show (it differs from the raw slice only where a monitor redacted)."""
+
+    text: str
+    start: int
+    end: int
+    kind: Literal["release"] = field(default="release", init=False)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A monitor's verdict that does not stop the stream (actions ``flag`` and ``redact``)."""
+
+    monitor: str
+    score: float
+    span: tuple[int, int]
+    tokens: tuple[int, int]
+    rule: str
+    action: Literal["flag", "redact"] = "flag"
+    label: str | None = None
+    kind: Literal["flag"] = field(default="flag", init=False)
+
+
+@dataclass(frozen=True)
+class Halt:
+    """The stream stops here. Nothing after ``released_text`` reaches the reader.
+
+    ``at`` is the token index where the verdict fired (``-1`` for a halt that no token caused,
+    such as a monitor failure under ``fail_closed`` before any token); ``message`` is what the
+    reader should be shown instead of the rest.
+    """
+
+    monitor: str
+    reason: str
+    at: int
+    at_char: int
+    message: str
+    released_text: str
+    retracted_tokens: int
+    score: float | None = None
+    kind: Literal["halt"] = field(default="halt", init=False)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Hand the stream to another model from ``prefix`` on (the adapter carries it out)."""
+
+    monitor: str
+    at: int
+    at_char: int
+    target: dict[str, Any]
+    prefix: str
+    score: float
+    kind: Literal["route"] = field(default="route", init=False)
+
+
+@dataclass(frozen=True)
+class Error:
+    """A monitor failed; ``outcome`` says what the policy's ``on_error`` made of it."""
+
+    monitor: str
+    error: str
+    error_type: str
+    outcome: Literal["fail_open", "fail_closed"]
+    kind: Literal["error"] = field(default="error", init=False)
+
+
+Event = Release | Flag | Halt | Route | Error
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict of an event, with its ``kind`` first."""
+    data = asdict(event)
+    kind = data.pop("kind")
+    return {"kind": kind, **data}

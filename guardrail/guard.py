@@ -1,0 +1,198 @@
+"""``Guard``: a validated policy with its monitors and observer loaded, ready to make sessions.
+
+A Guard holds no per-stream state; any number of sessions (threads, tasks) share one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import GuardrailError, MonitorNotFound, ObserverError, PolicyError, PolicyIssue
+from .monitor import Message, Monitor, Needs
+from .plugins import PluginHost, _OptionsError, build_monitor, get_host
+from .policy import MonitorSpec, ObserverSpec, Policy, load_policy
+from .session import GuardSession
+from .stream import Tokenizer, WordTokenizer
+
+__all__ = ["BUILTIN_MONITORS", "Guard", "default_policy"]
+
+# The built-in monitor plugins, in the order the default policy lists them.
+BUILTIN_MONITORS = ("harmful-content", "entity-hallucination", "router")
+
+
+class Guard:
+    """Monitors, rules and actions of one policy, loaded once."""
+
+    def __init__(self, policy: Policy, *, host: PluginHost | None = None,
+                 observer: Any = None) -> None:
+        self.policy = policy
+        self.host = host or get_host()
+        self.monitors: list[tuple[MonitorSpec, Monitor]] = []
+        self.needs_of: dict[str, Needs] = {}
+        issues: list[PolicyIssue] = []
+        for i, spec in enumerate(policy.monitors):
+            if not spec.enabled:
+                continue
+            monitor = self._build(i, spec, issues)
+            if monitor is not None:
+                self.monitors.append((spec, monitor))
+                self.needs_of[spec.id] = monitor.needs()
+        if issues:
+            raise PolicyError(issues, policy.source)
+        self.needs = Needs()
+        for needs in self.needs_of.values():
+            self.needs = self.needs.union(needs)
+        self.observer = observer
+        if self.observer is None and self.needs.observer:
+            self.observer = self._load_observer(policy.observer or ObserverSpec())
+        self.tokenizer: Tokenizer = (
+            self.observer.tokenizer if self.observer is not None else WordTokenizer()
+        )
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **kwargs: Any) -> Guard:
+        """Load a policy file; raises ``PolicyError`` naming each bad field and its line."""
+        return cls(load_policy(Path(path)), **kwargs)
+
+    @classmethod
+    def from_policy(cls, policy: Policy | Mapping[str, Any] | str, **kwargs: Any) -> Guard:
+        """From a ``Policy``, a mapping, or YAML text."""
+        if not isinstance(policy, Policy):
+            policy = load_policy(policy)
+        return cls(policy, **kwargs)
+
+    @classmethod
+    def default(cls, **kwargs: Any) -> Guard:
+        """The built-in default policy: every installed built-in monitor on the embedded default
+        observer (``make demo`` uses it)."""
+        host = kwargs.get("host") or get_host()
+        return cls(default_policy(host), **kwargs)
+
+    def _build(self, i: int, spec: MonitorSpec, issues: list[PolicyIssue]) -> Monitor | None:
+        path: tuple[str | int, ...] = ("monitors", i, "use")
+        try:
+            entry = self.host.monitor(spec.use)
+        except MonitorNotFound as exc:
+            issues.append(PolicyIssue(f"monitors[{i}].use", str(exc), self.policy.line_of(path)))
+            return None
+        try:
+            return build_monitor(entry, spec.options)
+        except _OptionsError as exc:
+            for rel, message in exc.errors:
+                sub = ("monitors", i, "options", *rel)
+                dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rel)
+                issues.append(PolicyIssue(f"monitors[{i}].options{dotted}", message,
+                                          self.policy.line_of(sub)))
+        except ValueError as exc:
+            issues.append(PolicyIssue(f"monitors[{i}].options", str(exc),
+                                      self.policy.line_of(("monitors", i, "options"))))
+        return None
+
+    def _load_observer(self, spec: ObserverSpec) -> Any:
+        observers = self.host.observers()
+        if spec.model in observers:
+            entry = observers[spec.model]
+        elif Path(spec.model).expanduser().exists():
+            if "hf" not in observers:
+                raise ObserverError("no observer plugin can load local model paths ('hf')")
+            entry = observers["hf"]
+            spec = spec.model_copy(update={"options": {**spec.options, "path": spec.model}})
+        else:
+            raise ObserverError(
+                f"observer {spec.model!r} is neither a registered observer "
+                f"({', '.join(sorted(observers)) or 'none'}) nor a local model path; "
+                "fix observer.model in the policy"
+            )
+        try:
+            return entry.factory(spec)
+        except ObserverError:
+            raise
+        except Exception as exc:
+            raise ObserverError(
+                f"could not load observer {spec.model!r} ({type(exc).__name__}: {exc}); "
+                "check observer.model in the policy and that its files are installed"
+            ) from exc
+
+    # -- use -------------------------------------------------------------------------------
+
+    def threshold_of(self, spec: MonitorSpec) -> float:
+        if spec.threshold is not None:
+            return spec.threshold
+        for s, monitor in self.monitors:
+            if s.id == spec.id:
+                return float(type(monitor).default_threshold)
+        raise KeyError(spec.id)
+
+    def session(
+        self,
+        messages: Sequence[Message] | None = None,
+        *,
+        prompt: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        record_scores: bool = False,
+    ) -> GuardSession:
+        """A new session for one stream. Pass the conversation as ``messages`` (OpenAI shape) or
+        a single user ``prompt``; observers read it as context before the response."""
+        if messages is None:
+            messages = [{"role": "user", "content": prompt}] if prompt is not None else []
+        elif prompt is not None:
+            raise GuardrailError("pass messages or prompt, not both")
+        return GuardSession(self, messages, metadata=metadata, record_scores=record_scores)
+
+    def check(self, text: str, *, prompt: str | None = None,
+              messages: Sequence[Message] | None = None) -> Any:
+        """Guard a complete text in one go; returns the session's ``Report``."""
+        session = self.session(messages, prompt=prompt)
+        session.feed(text)
+        return session.finish()
+
+    def as_runnable(self, **kwargs: Any) -> Any:
+        """A LangChain Runnable that guards a stream: ``prompt | model | guard.as_runnable()``.
+
+        Needs the ``guardrail-langchain`` distribution."""
+        module = _adapter("guardrail_langchain", "guardrail-langchain")
+        return module.GuardRunnable(guard=self, **kwargs)
+
+    def wrap(self, client: Any, **kwargs: Any) -> Any:
+        """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client so its chat completions are
+        guarded. Needs the ``guardrail-openai`` distribution."""
+        module = _adapter("guardrail_openai", "guardrail-openai")
+        return module.wrap(client, guard=self, **kwargs)
+
+    def __repr__(self) -> str:
+        ids = ", ".join(spec.id for spec, _ in self.monitors)
+        return f"Guard(monitors=[{ids}], observer={getattr(self.observer, 'name', None)!r})"
+
+
+def _adapter(module: str, dist: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name != module:
+            raise
+        raise GuardrailError(f"this needs the {dist} adapter: pip install {dist}") from None
+
+
+def default_policy(host: PluginHost | None = None) -> Policy:
+    """The built-in default policy for what is installed: each built-in monitor plugin with the
+    settings it ships (``Monitor.default_spec``), on the embedded default observer."""
+    host = host or get_host()
+    monitors = []
+    installed = host.monitors()
+    for name in BUILTIN_MONITORS:
+        entry = installed.get(name)
+        if entry is None:
+            continue
+        spec = dict(getattr(entry.factory, "default_spec", {}) or {})
+        spec.setdefault("id", name.split("-")[0])
+        spec["use"] = name
+        monitors.append(spec)
+    data: dict[str, Any] = {"version": 1, "monitors": monitors}
+    if monitors:
+        data["observer"] = {"model": "smollm2-135m"}
+    return load_policy(data)

@@ -1,0 +1,283 @@
+"""Policies: which monitors run, how their scores become verdicts, and what each verdict does.
+
+A policy is YAML (read with ``yaml.safe_load`` only) validated by the pydantic models below. Errors
+name the field path and the YAML line. Monitors are referenced by registered name (``use:``), so a
+policy can never make the process import or run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .errors import PolicyError, PolicyIssue
+from .rules import RuleSpec, ThresholdRule
+
+__all__ = [
+    "DEFAULT_HALT_MESSAGE",
+    "AuditSpec",
+    "MonitorSpec",
+    "ObserverSpec",
+    "Policy",
+    "ReleaseSpec",
+    "RouteTarget",
+    "load_policy",
+    "policy_json_schema",
+]
+
+DEFAULT_HALT_MESSAGE = "I can't continue with this answer."
+
+Action = Literal["flag", "halt", "route", "redact"]
+OnError = Literal["fail_open", "fail_closed"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ObserverSpec(_Strict):
+    """The shared hidden-state source that every monitor reads."""
+
+    model: str = Field("smollm2-135m", description="registered observer name or a local HF path")
+    backend: Literal["torch", "onnx"] = Field("torch", description="inference backend")
+    window: int = Field(2048, ge=16, description="tokens of context kept (KV cache bound)")
+    options: dict[str, Any] = Field(default_factory=dict, description="observer-specific options")
+
+
+class ReleaseSpec(_Strict):
+    """When text reaches the reader."""
+
+    hold_back_tokens: int = Field(
+        8, ge=0, description="text is released only once this many newer tokens exist"
+    )
+
+
+class RouteTarget(_Strict):
+    """Where a ``route`` action sends the stream."""
+
+    model: str = Field(description="model name at the target (or a local model name)")
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL; None: local")
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the target's API key (never the key)"
+    )
+    max_tokens: int = Field(32, ge=1, description="most tokens the target writes per segment")
+    until: Literal["sentence", "tokens"] = Field(
+        "sentence", description="a routed segment ends at the end of the sentence or max_tokens"
+    )
+
+
+class MonitorSpec(_Strict):
+    """One monitor in the policy."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="name in events")
+    use: str = Field(description="registered monitor name, e.g. harmful-content")
+    threshold: float | None = Field(
+        None, description="score at or above which a token counts; None: the monitor's default"
+    )
+    rule: RuleSpec = Field(default_factory=ThresholdRule, description="decision rule")
+    action: Action = Field("flag", description="what a verdict does")
+    message: str | None = Field(None, description="shown to the reader on halt")
+    route_to: RouteTarget | None = Field(None, description="target of the route action")
+    on_error: OnError | None = Field(None, description="overrides the policy's on_error")
+    timeout_ms: float | None = Field(
+        None, gt=0, description="per-chunk time budget; an overrun counts as a monitor error"
+    )
+    enabled: bool = True
+    options: dict[str, Any] = Field(default_factory=dict, description="monitor-specific options")
+
+    @model_validator(mode="after")
+    def _route_needs_target(self) -> MonitorSpec:
+        if self.action == "route" and self.route_to is None:
+            raise ValueError("action 'route' needs route_to")
+        return self
+
+
+class AuditSpec(_Strict):
+    """Opt-in audit trail: every flag, halt, route and error as JSON Lines."""
+
+    path: str = Field(description="JSON Lines file to append to")
+
+
+class Policy(_Strict):
+    """A guard policy (``version: 1``)."""
+
+    version: Literal[1] = 1
+    observer: ObserverSpec | None = Field(
+        None, description="hidden-state observer; needed by monitors that read model states"
+    )
+    release: ReleaseSpec = Field(default_factory=ReleaseSpec)
+    on_error: OnError = Field("fail_closed", description="what a failing monitor does")
+    halt_message: str = Field(DEFAULT_HALT_MESSAGE, description="default message on halt")
+    raise_on_halt: bool = Field(
+        False, description="adapters raise GuardrailViolation instead of a final halt chunk"
+    )
+    audit: AuditSpec | None = None
+    monitors: list[MonitorSpec] = Field(default_factory=list)
+
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+    _source: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Policy:
+        seen: set[str] = set()
+        for spec in self.monitors:
+            if spec.id in seen:
+                raise ValueError(f"duplicate monitor id {spec.id!r}")
+            seen.add(spec.id)
+        return self
+
+    def line_of(self, path: tuple[str | int, ...]) -> int | None:
+        """The YAML line (1-based) of the deepest part of ``path`` that the source file has."""
+        for n in range(len(path), -1, -1):
+            line = self._lines.get(path[:n])
+            if line is not None:
+                return line
+        return None
+
+    @property
+    def source(self) -> str | None:
+        return self._source
+
+    def narrowed(self, monitor_ids: list[str]) -> Policy:
+        """A copy that keeps only the named monitors (``--monitor ID``)."""
+        known = [m.id for m in self.monitors]
+        missing = [i for i in monitor_ids if i not in known]
+        if missing:
+            raise PolicyError(
+                [PolicyIssue("monitors", f"no monitor with id {i!r}; policy has {known}")
+                 for i in missing],
+                self._source,
+            )
+        copy = self.model_copy(
+            update={"monitors": [m for m in self.monitors if m.id in monitor_ids]}
+        )
+        copy._lines, copy._source = self._lines, self._source
+        return copy
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+def format_path(loc: tuple[str | int, ...]) -> str:
+    """``("monitors", 0, "rule", "k")`` -> ``monitors[0].rule.k``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+Path_ = tuple[str | int, ...]
+
+
+def _line_map(node: yaml.Node, path: Path_ = ()) -> dict[Path_, int]:
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
+            lines[(*path, k)] = key.start_mark.line + 1
+            sub = _line_map(value, (*path, k))
+            sub.pop((*path, k), None)
+            lines.update(sub)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_map(item, (*path, i)))
+    return lines
+
+
+# pydantic adds the tag of a union member to the location; users never wrote it.
+_UNION_TAGS = {"threshold", "count", "consecutive", "span_max"}
+
+
+def _clean_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    out: list[str | int] = []
+    for i, part in enumerate(loc):
+        if i > 0 and loc[i - 1] == "rule" and part in _UNION_TAGS:
+            continue
+        if isinstance(part, str) and re.fullmatch(r"function-\w+\[.*\]", part):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _validate(data: Any, lines: dict[tuple[str | int, ...], int], source: str | None) -> Policy:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise PolicyError(
+            [PolicyIssue("", f"a policy is a mapping, got {type(data).__name__}", lines.get(()))],
+            source,
+        )
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            elif err["type"] == "union_tag_invalid":
+                msg = "unknown rule kind; use one of threshold, count, consecutive, span_max"
+            line = None
+            for n in range(len(loc), -1, -1):
+                if loc[:n] in lines:
+                    line = lines[loc[:n]]
+                    break
+            issues.append(PolicyIssue(format_path(loc), msg, line))
+        raise PolicyError(issues, source) from None
+    policy._lines = lines
+    policy._source = source
+    return policy
+
+
+def load_policy(source: str | Path | Mapping[str, Any]) -> Policy:
+    """Load and validate a policy from a YAML file path, a YAML string, or a mapping.
+
+    Raises ``PolicyError`` listing every problem with its field path and line.
+    """
+    if isinstance(source, Mapping):
+        return _validate(dict(source), {}, None)
+    name: str | None
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                     and source.endswith((".yaml", ".yml", ".json"))):
+        path = Path(source)
+        name = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PolicyError([PolicyIssue("", f"file not found: {path}")], name) from None
+        except UnicodeDecodeError as exc:
+            raise PolicyError([PolicyIssue("", f"not UTF-8 text: {exc}")], name) from None
+    else:
+        text, name = str(source), None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([PolicyIssue("", f"YAML syntax error: {problem}", line)], name) from None
+    lines = _line_map(node) if node is not None else {}
+    return _validate(data, lines, name)
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a policy file."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "guardrail policy"
+    return schema
+
+
+def policy_json_schema_text() -> str:
+    return json.dumps(policy_json_schema(), indent=2)

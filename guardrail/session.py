@@ -1,0 +1,455 @@
+"""The per-stream state machine, sans I/O.
+
+``feed(step)`` takes upstream output and returns events; ``finish()`` ends the stream and returns a
+report whose ``final_events`` the adapter must still deliver. No threads, no sockets: adapters own
+I/O and drive a session from sync or async code alike.
+
+Per batch of newly final tokens:
+  1. features: one observer forward (or the generator's own states from the step);
+  2. every monitor scores the new tokens from its per-stream state;
+  3. rules turn scores into verdicts; the policy maps verdicts to actions;
+  4. release: text older than the hold-back window is released; a halt retracts the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import GuardrailError
+from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
+from .monitor import Features, Message, Monitor, MonitorContext, Needs, Score
+from .policy import MonitorSpec
+from .rules import RuleState, Verdict
+from .stream import Aligner, StreamStep, TokenSpan
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["GuardSession", "Report"]
+
+log = logging.getLogger("guardrail.session")
+
+REDACTION = "[REDACTED]"
+
+
+@dataclass
+class _Run:
+    """One monitor within one stream."""
+
+    spec: MonitorSpec
+    monitor: Monitor
+    threshold: float
+    needs: Needs
+    state: Any = None
+    rule_state: RuleState = field(default_factory=RuleState)
+    disabled: bool = False
+    seconds: float = 0.0
+    calls: int = 0
+    scores: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Report:
+    """What happened to one stream."""
+
+    session_id: str
+    tokens: int
+    released_tokens: int
+    released_text: str
+    halted: bool
+    halt: Halt | None
+    flags: list[Flag]
+    routes: list[Route]
+    errors: list[Error]
+    monitor_seconds: dict[str, float]
+    observer_seconds: float
+    wall_seconds: float
+    aborted: str | None = None
+    final_events: list[Event] = field(default_factory=list)
+    scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def leaked_tokens(self) -> int:
+        """Tokens released at or after the token where the halt fired (0 when none)."""
+        if self.halt is None or self.halt.at < 0:
+            return 0
+        return max(0, self.released_tokens - self.halt.at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "tokens": self.tokens,
+            "released_tokens": self.released_tokens,
+            "released_text": self.released_text,
+            "halted": self.halted,
+            "halt": event_to_dict(self.halt) if self.halt else None,
+            "flags": [event_to_dict(f) for f in self.flags],
+            "routes": [event_to_dict(r) for r in self.routes],
+            "errors": [event_to_dict(e) for e in self.errors],
+            "leaked_tokens": self.leaked_tokens,
+            "monitor_seconds": self.monitor_seconds,
+            "observer_seconds": self.observer_seconds,
+            "wall_seconds": self.wall_seconds,
+            "aborted": self.aborted,
+        }
+
+
+class GuardSession:
+    """One stream under guard. Create it with ``guard.session()``; not thread-safe (one stream,
+    one driver), while the Guard behind it serves any number of sessions at once."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        messages: Sequence[Message] = (),
+        *,
+        metadata: dict[str, Any] | None = None,
+        record_scores: bool = False,
+    ) -> None:
+        self.guard = guard
+        self.policy = guard.policy
+        self.id = uuid.uuid4().hex[:12]
+        self.messages = list(messages)
+        self.metadata = dict(metadata or {})
+        self.hold_back = self.policy.release.hold_back_tokens
+        self.text = ""
+        self.halted: Halt | None = None
+        self.closed = False
+        self._aligner = Aligner(guard.tokenizer)
+        self._token_starts = array("q")
+        self._token_ends = array("q")
+        self._released_chars = 0
+        self._released_tokens = 0
+        self._released_parts: list[str] = []
+        self._redactions: list[tuple[int, int]] = []
+        self._flags: list[Flag] = []
+        self._routes: list[Route] = []
+        self._errors: list[Error] = []
+        self._pending: list[Event] = []
+        self._observer_seconds = 0.0
+        self._observer_state: Any = None
+        self._observer_failed = False
+        self._t0 = time.perf_counter()
+        self._generator_mode: bool | None = None
+        self._runs: list[_Run] = []
+        for spec, monitor in guard.monitors:
+            run = _Run(spec, monitor, guard.threshold_of(spec), guard.needs_of[spec.id])
+            if record_scores:
+                run.scores = []
+            self._runs.append(run)
+        guard.host.session_start(self)
+        for run in self._runs:
+            try:
+                run.state = run.monitor.start(
+                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata)
+                )
+                run.rule_state = run.spec.rule.start()
+            except Exception as exc:  # noqa: BLE001 - a monitor's bug must follow on_error
+                self._fail(run, exc, self._pending)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> int:
+        """Tokens read so far."""
+        return len(self._token_ends)
+
+    @property
+    def released_text(self) -> str:
+        return "".join(self._released_parts)
+
+    @property
+    def released_tokens(self) -> int:
+        return self._released_tokens
+
+    def feed(self, step: StreamStep | str) -> list[Event]:
+        """Take the next piece of upstream output; return the events it caused, in order."""
+        if self.closed:
+            raise GuardrailError("feed() after finish(): this session has ended")
+        events, self._pending = self._pending, []
+        if self.halted is not None:
+            return self._emit(events)
+        if isinstance(step, str):
+            step = StreamStep(text=step)
+        if step.tokens is not None:
+            self._set_mode(generator=True)
+            base = len(self.text)
+            tokens = []
+            for tok in step.tokens:
+                tokens.append(TokenSpan(base, base + len(tok.text), tok.id))
+                base += len(tok.text)
+            self.text += step.text
+            self._aligner.text = self.text
+            self._aligner.committed = len(self.text)
+            if tokens:
+                self._process(tokens, events, step=step)
+        elif step.text:
+            self._set_mode(generator=False)
+            tokens = self._aligner.feed(step.text)
+            self.text = self._aligner.text
+            if tokens:
+                self._process(tokens, events, step=step)
+        return self._emit(events)
+
+    def finish(self) -> Report:
+        """End of the upstream stream: judge the last tokens, release what is left, and report.
+
+        The adapter must deliver ``report.final_events`` (the last releases, late flags)."""
+        if self.closed:
+            raise GuardrailError("finish() called twice")
+        events, self._pending = self._pending, []
+        if self.halted is None:
+            tokens = self._aligner.flush()
+            self.text = self._aligner.text
+            if tokens:
+                self._process(tokens, events, final=True)
+        if self.halted is None:
+            for run in self._active_runs():
+                try:
+                    scores = list(run.monitor.finish(run.state))
+                    self._judge(run, scores, events)
+                    if self.halted is None:
+                        verdicts = run.spec.rule.finish(run.rule_state, run.threshold)
+                        for verdict in verdicts:
+                            self._act(run, verdict, events)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(run, exc, events)
+                if self.halted is not None:
+                    break
+        if self.halted is None:
+            self._release(len(self.text), self.tokens, events)
+        self._emit(events)
+        return self._close(events, aborted=None)
+
+    def abort(self, reason: str) -> Report:
+        """End the stream early (upstream error, client gone): nothing more is released."""
+        if self.closed:
+            raise GuardrailError("abort() after the session ended")
+        return self._close([], aborted=reason)
+
+    def reroute(self, at_char: int) -> None:
+        """After a ``Route`` event the adapter calls this before feeding the target's text: the
+        response is cut back to ``at_char`` (the route event's ``at_char``)."""
+        if at_char < self._released_chars:
+            raise GuardrailError("cannot reroute before text that was already released")
+        keep = sum(1 for e in self._token_ends if e <= at_char)
+        del self._token_starts[keep:]
+        del self._token_ends[keep:]
+        self.text = self.text[:at_char]
+        self._aligner.text = self.text
+        self._aligner.committed = at_char
+        if self._observer_state is not None and self.guard.observer is not None:
+            self.guard.observer.truncate(self._observer_state, keep)
+
+    # -- pipeline --------------------------------------------------------------------------
+
+    def _set_mode(self, *, generator: bool) -> None:
+        if self._generator_mode is None:
+            self._generator_mode = generator
+        elif self._generator_mode != generator:
+            raise GuardrailError(
+                "a session takes either text-only steps or steps with tokens, not both"
+            )
+
+    def _active_runs(self) -> list[_Run]:
+        return [r for r in self._runs if not r.disabled]
+
+    def _process(
+        self, tokens: list[TokenSpan], events: list[Event], *, step: StreamStep | None = None,
+        final: bool = False,
+    ) -> None:
+        first = self.tokens
+        for t in tokens:
+            self._token_starts.append(t.start)
+            self._token_ends.append(t.end)
+        features = Features(tokens, first, self.text, final=final)
+        if step is not None and step.logprobs:
+            features.logprobs = step.logprobs
+        if step is not None and step.tokens is not None:
+            features.hidden = step.hidden or {}
+            features.logits = step.logits
+        elif self.guard.needs.observer and not self._observer_failed:
+            self._observe(features, events)
+            if self.halted is not None:
+                return
+        for run in self._active_runs():
+            t0 = time.perf_counter()
+            try:
+                scores = list(run.monitor.update(run.state, features))
+                elapsed = time.perf_counter() - t0
+                run.seconds += elapsed
+                run.calls += 1
+                budget = run.spec.timeout_ms
+                if budget is not None and elapsed * 1000 > budget:
+                    raise TimeoutError(
+                        f"exceeded its per-chunk budget of {budget:g} ms "
+                        f"(took {elapsed * 1000:.1f} ms)"
+                    )
+                self._judge(run, scores, events)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(run, exc, events)
+            if self.halted is not None:
+                return
+        releasable = self.tokens - self.hold_back
+        if releasable > self._released_tokens:
+            self._release(self._token_ends[releasable - 1], releasable, events)
+
+    def _observe(self, features: Features, events: list[Event]) -> None:
+        observer = self.guard.observer
+        t0 = time.perf_counter()
+        try:
+            if self._observer_state is None:
+                self._observer_state = observer.start(self.messages, self.guard.needs)
+            batch = observer.extend(self._observer_state, features.tokens, self.guard.needs)
+        except Exception as exc:  # noqa: BLE001
+            self._observer_failed = True
+            self._observer_seconds += time.perf_counter() - t0
+            dependants = [r for r in self._active_runs() if r.needs.observer]
+            for run in dependants:
+                self._fail(run, exc, events, source="observer")
+                if self.halted is not None:
+                    return
+            return
+        self._observer_seconds += time.perf_counter() - t0
+        features.hidden = batch.hidden
+        features.logits = batch.logits
+        features.top_logits = batch.top_logits
+
+    def _judge(self, run: _Run, scores: list[Score], events: list[Event]) -> None:
+        if run.scores is not None:
+            run.scores.extend((s.index, s.value) for s in scores)
+        for verdict in run.spec.rule.update(run.rule_state, scores, run.threshold):
+            self._act(run, verdict, events)
+            if self.halted is not None:
+                return
+
+    def _char_span(self, verdict: Verdict) -> tuple[int, int]:
+        if verdict.span is not None:
+            return verdict.span
+        first, last = verdict.tokens
+        return (self._token_starts[first], self._token_ends[last])
+
+    def _act(self, run: _Run, verdict: Verdict, events: list[Event]) -> None:
+        spec = run.spec
+        span = self._char_span(verdict)
+        if spec.action in ("flag", "redact"):
+            flag = Flag(spec.id, verdict.score, span, verdict.tokens, verdict.rule,
+                        action=spec.action, label=verdict.label)
+            self._flags.append(flag)
+            events.append(flag)
+            if spec.action == "redact":
+                start = max(span[0], self._released_chars)
+                if span[1] > start:
+                    self._redactions.append((start, span[1]))
+        elif spec.action == "halt":
+            at = verdict.tokens[0] if verdict.span is not None else verdict.index
+            self._halt(spec.id, f"{verdict.rule} rule fired (score {verdict.score:.3f})",
+                       at, spec.message, events, score=verdict.score)
+        elif spec.action == "route":
+            at = verdict.index
+            at_char = self._token_starts[at]
+            if at_char < self._released_chars:  # released already: route from what is held
+                return
+            self._release(at_char, at, events)
+            assert spec.route_to is not None
+            route = Route(spec.id, at, at_char, spec.route_to.model_dump(mode="json"),
+                          self.text[:at_char], verdict.score)
+            self._routes.append(route)
+            events.append(route)
+
+    def _fail(self, run: _Run, exc: BaseException, events: list[Event],
+              source: str | None = None) -> None:
+        outcome = run.spec.on_error or self.policy.on_error
+        who = f"{source} (for monitor {run.spec.id!r})" if source else f"monitor {run.spec.id!r}"
+        log.warning("%s failed: %s: %s (%s)", who, type(exc).__name__, exc, outcome)
+        error = Error(run.spec.id, f"{source + ': ' if source else ''}{exc}",
+                      type(exc).__name__, outcome)
+        self._errors.append(error)
+        events.append(error)
+        run.disabled = True
+        if outcome == "fail_closed":
+            at = self.tokens - 1
+            self._halt(run.spec.id, f"monitor failed: {type(exc).__name__}: {exc}", at,
+                       run.spec.message, events)
+
+    def _halt(self, monitor: str, reason: str, at: int, message: str | None,
+              events: list[Event], score: float | None = None) -> None:
+        at_char = self._token_starts[at] if 0 <= at < self.tokens else len(self.text)
+        halt = Halt(
+            monitor=monitor,
+            reason=reason,
+            at=at,
+            at_char=at_char,
+            message=message or self.policy.halt_message,
+            released_text=self.released_text,
+            retracted_tokens=self.tokens - self._released_tokens,
+            score=score,
+        )
+        self.halted = halt
+        events.append(halt)
+
+    def _release(self, end_char: int, end_tokens: int, events: list[Event]) -> None:
+        start = self._released_chars
+        if end_char <= start:
+            self._released_tokens = max(self._released_tokens, end_tokens)
+            return
+        text = self._redacted(start, end_char)
+        self._released_chars = end_char
+        self._released_tokens = max(self._released_tokens, end_tokens)
+        self._released_parts.append(text)
+        events.append(Release(text, start, end_char))
+
+    def _redacted(self, start: int, end: int) -> str:
+        raw = self.text[start:end]
+        if not self._redactions:
+            return raw
+        out, pos = [], start
+        for r_start, r_end in sorted(self._redactions):
+            if r_end <= pos or r_start >= end:
+                continue
+            a, b = max(r_start, pos), min(r_end, end)
+            out.append(self.text[pos:a])
+            if a == r_start:  # the mask is shown once, where the redacted span begins
+                out.append(REDACTION)
+            pos = b
+        out.append(self.text[pos:end])
+        return "".join(out)
+
+    def _emit(self, events: list[Event]) -> list[Event]:
+        for event in events:
+            try:
+                self.guard.host.on_event(event, self)
+            except Exception:
+                log.exception("a guardrail_on_event hook failed")
+        return events
+
+    def _close(self, final_events: list[Event], aborted: str | None) -> Report:
+        self.closed = True
+        report = Report(
+            session_id=self.id,
+            tokens=self.tokens,
+            released_tokens=self._released_tokens,
+            released_text=self.released_text,
+            halted=self.halted is not None,
+            halt=self.halted,
+            flags=list(self._flags),
+            routes=list(self._routes),
+            errors=list(self._errors),
+            monitor_seconds={r.spec.id: r.seconds for r in self._runs},
+            observer_seconds=self._observer_seconds,
+            wall_seconds=time.perf_counter() - self._t0,
+            aborted=aborted,
+            final_events=final_events,
+            scores={r.spec.id: r.scores for r in self._runs if r.scores is not None},
+        )
+        try:
+            self.guard.host.session_end(self, report)
+        except Exception:
+            log.exception("a guardrail_session_end hook failed")
+        return report
