@@ -15,7 +15,14 @@ if TYPE_CHECKING:
     from .events import Event
     from .session import GuardSession, Report
 
-__all__ = ["PROJECT", "RegisterMonitor", "RegisterObserver", "hookimpl", "hookspec"]
+__all__ = [
+    "PROJECT",
+    "RegisterMonitor",
+    "RegisterObserver",
+    "RegisterTrainer",
+    "hookimpl",
+    "hookspec",
+]
 
 PROJECT = "guardrail"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -32,6 +39,11 @@ class RegisterMonitor(Protocol):
 class RegisterObserver(Protocol):
     def __call__(self, name: str, factory: Any, *, description: str = "") -> None:
         """Register an observer factory: a callable ``factory(spec: ObserverSpec) -> Observer``."""
+
+
+class RegisterTrainer(Protocol):
+    def __call__(self, name: str, train: Any, *, description: str = "") -> None:
+        """Register ``train(argv: list[str]) -> int`` for ``guardrail train NAME [ARGS...]``."""
 
 
 # -- registration hooks: called once when a Guard is built -----------------------------------
@@ -57,6 +69,15 @@ def guardrail_register_observers(register: RegisterObserver) -> None:
 
     :param register: call ``register(name, factory, description=...)``; ``factory(spec)`` gets the
         policy's ``ObserverSpec`` and returns a loaded observer.
+    """
+
+
+@hookspec
+def guardrail_register_trainers(register: RegisterTrainer) -> None:
+    """Register training entry points for ``guardrail train NAME ...`` (usually one per monitor).
+
+    :param register: call ``register(name, train, description=...)``; ``train(argv)`` parses its
+        own arguments (``argv`` excludes ``NAME``) and returns an exit code.
     """
 
 

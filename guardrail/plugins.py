@@ -57,7 +57,7 @@ class MonitorEntry:
 
 @dataclass(frozen=True)
 class ObserverEntry:
-    """A registered observer factory and the plugin that registered it."""
+    """A registered observer factory (or trainer) and the plugin that registered it."""
 
     name: str
     factory: Callable[..., Any]
@@ -91,6 +91,7 @@ class PluginHost:
             self.pm.add_hookcall_monitoring(self._trace_before, self._trace_after)
         self._monitors: dict[str, MonitorEntry] | None = None
         self._observers: dict[str, ObserverEntry] | None = None
+        self._trainers: dict[str, ObserverEntry] | None = None
 
     # -- registration ---------------------------------------------------------------------
 
@@ -100,12 +101,12 @@ class PluginHost:
         if registered is None:
             raise GuardrailError(f"plugin {name or plugin!r} is blocked")
         self.pm.check_pending()
-        self._monitors = self._observers = None
+        self._monitors = self._observers = self._trainers = None
         return registered
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
-        self._monitors = self._observers = None
+        self._monitors = self._observers = self._trainers = None
 
     def plugin_name(self, plugin: object) -> str:
         return self.pm.get_name(plugin) or repr(plugin)
@@ -143,6 +144,12 @@ class PluginHost:
         if self._observers is None:
             self._observers = self._collect("guardrail_register_observers", ObserverEntry)
         return self._observers
+
+    def trainers(self) -> dict[str, ObserverEntry]:
+        """Every registered trainer (``guardrail train NAME``) by name."""
+        if self._trainers is None:
+            self._trainers = self._collect("guardrail_register_trainers", ObserverEntry)
+        return self._trainers
 
     def monitor(self, name: str) -> MonitorEntry:
         entries = self.monitors()
