@@ -48,9 +48,7 @@ class Guard:
         self.observer = observer
         if self.observer is None and self.needs.observer:
             self.observer = self._load_observer(policy.observer or ObserverSpec())
-        self.tokenizer: Tokenizer = (
-            self.observer.tokenizer if self.observer is not None else WordTokenizer()
-        )
+        self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
 
     # -- construction ----------------------------------------------------------------------
 
@@ -135,14 +133,19 @@ class Guard:
         prompt: str | None = None,
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
+        can_route: bool = False,
     ) -> GuardSession:
         """A new session for one stream. Pass the conversation as ``messages`` (OpenAI shape) or
-        a single user ``prompt``; observers read it as context before the response."""
+        a single user ``prompt``; observers read it as context before the response.
+
+        ``can_route``: the driver carries out ``route`` actions (it calls ``session.reroute`` and
+        feeds the target's text); otherwise routes are only recorded, like flags."""
         if messages is None:
             messages = [{"role": "user", "content": prompt}] if prompt is not None else []
         elif prompt is not None:
             raise GuardrailError("pass messages or prompt, not both")
-        return GuardSession(self, messages, metadata=metadata, record_scores=record_scores)
+        return GuardSession(self, messages, metadata=metadata, record_scores=record_scores,
+                            can_route=can_route)
 
     def check(self, text: str, *, prompt: str | None = None,
               messages: Sequence[Message] | None = None) -> Any:

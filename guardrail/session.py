@@ -111,8 +111,11 @@ class GuardSession:
         *,
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
+        can_route: bool = False,
     ) -> None:
         self.guard = guard
+        self.can_route = can_route
+        self.route_pending: Route | None = None
         self.policy = guard.policy
         self.id = uuid.uuid4().hex[:12]
         self.messages = list(messages)
@@ -173,8 +176,8 @@ class GuardSession:
         if self.closed:
             raise GuardrailError("feed() after finish(): this session has ended")
         events, self._pending = self._pending, []
-        if self.halted is not None:
-            return self._emit(events)
+        if self.halted is not None or self.route_pending is not None:
+            return self._emit(events)  # upstream text after a halt or a route is dropped
         if isinstance(step, str):
             step = StreamStep(text=step)
         if step.tokens is not None:
@@ -204,6 +207,8 @@ class GuardSession:
         if self.closed:
             raise GuardrailError("finish() called twice")
         events, self._pending = self._pending, []
+        if self.route_pending is not None:  # the driver never continued: end at the prefix
+            self.reroute(self.route_pending.at_char)
         if self.halted is None:
             tokens = self._aligner.flush()
             self.text = self._aligner.text
@@ -235,7 +240,10 @@ class GuardSession:
 
     def reroute(self, at_char: int) -> None:
         """After a ``Route`` event the adapter calls this before feeding the target's text: the
-        response is cut back to ``at_char`` (the route event's ``at_char``)."""
+        response is cut back to ``at_char`` (the route event's ``at_char``).
+
+        Monitor states are not rolled back: they have seen the cut tokens."""
+        self.route_pending = None
         if at_char < self._released_chars:
             raise GuardrailError("cannot reroute before text that was already released")
         keep = sum(1 for e in self._token_ends if e <= at_char)
@@ -294,7 +302,7 @@ class GuardSession:
                 self._judge(run, scores, events)
             except Exception as exc:  # noqa: BLE001
                 self._fail(run, exc, events)
-            if self.halted is not None:
+            if self.halted is not None or self.route_pending is not None:
                 return
         releasable = self.tokens - self.hold_back
         if releasable > self._released_tokens:
@@ -326,7 +334,7 @@ class GuardSession:
             run.scores.extend((s.index, s.value) for s in scores)
         for verdict in run.spec.rule.update(run.rule_state, scores, run.threshold):
             self._act(run, verdict, events)
-            if self.halted is not None:
+            if self.halted is not None or self.route_pending is not None:
                 return
 
     def _char_span(self, verdict: Verdict) -> tuple[int, int]:
@@ -354,13 +362,15 @@ class GuardSession:
         elif spec.action == "route":
             at = verdict.index
             at_char = self._token_starts[at]
-            if at_char < self._released_chars:  # released already: route from what is held
-                return
-            self._release(at_char, at, events)
+            if self.can_route and at_char < self._released_chars:
+                return  # that token reached the reader already; later ones may still route
             assert spec.route_to is not None
             route = Route(spec.id, at, at_char, spec.route_to.model_dump(mode="json"),
                           self.text[:at_char], verdict.score)
             self._routes.append(route)
+            if self.can_route:  # the driver continues from the prefix: release it, hold the rest
+                self._release(at_char, at, events)
+                self.route_pending = route
             events.append(route)
 
     def _fail(self, run: _Run, exc: BaseException, events: list[Event],
