@@ -173,7 +173,7 @@ def test_redact_masks_the_span_in_released_text(host: PluginHost) -> None:
                       "options": {"patterns": [r"\d{3}-\d{4}"]}}],
               release={"hold_back_tokens": 4})
     text = "call me at 555-1234 tomorrow please, or later today"
-    events, report = run(g, random_splits(text, seed=2))
+    events, _report = run(g, random_splits(text, seed=2))
     assert released(events) == "call me at [REDACTED] tomorrow please, or later today"
     assert [f.action for f in events if isinstance(f, Flag)] == ["redact"]
 
@@ -257,7 +257,7 @@ def test_routes_are_only_recorded_when_the_driver_cannot_route(host: PluginHost)
     with plugin_monitors(host, scripted=ScriptedMonitor.factory({"four": 0.9})):
         g = guard(host, [{"id": "r", "use": "scripted", "action": "route",
                           "route_to": {"model": "large"}}])
-        events, report = run(g, [TEXT])
+        _events, report = run(g, [TEXT])
     assert [r.at for r in report.routes] == [3] and report.released_text == TEXT
 
 
