@@ -17,7 +17,7 @@ from .policy import MonitorSpec, ObserverSpec, Policy, load_policy
 from .session import GuardSession
 from .stream import Tokenizer, WordTokenizer
 
-__all__ = ["BUILTIN_MONITORS", "Guard", "default_policy"]
+__all__ = ["BUILTIN_MONITORS", "Guard", "build_monitors", "default_policy"]
 
 # The built-in monitor plugins, in the order the default policy lists them.
 BUILTIN_MONITORS = ("harmful-content", "entity-hallucination", "router")
@@ -30,18 +30,8 @@ class Guard:
                  observer: Any = None) -> None:
         self.policy = policy
         self.host = host or get_host()
-        self.monitors: list[tuple[MonitorSpec, Monitor]] = []
-        self.needs_of: dict[str, Needs] = {}
-        issues: list[PolicyIssue] = []
-        for i, spec in enumerate(policy.monitors):
-            if not spec.enabled:
-                continue
-            monitor = self._build(i, spec, issues)
-            if monitor is not None:
-                self.monitors.append((spec, monitor))
-                self.needs_of[spec.id] = monitor.needs()
-        if issues:
-            raise PolicyError(issues, policy.source)
+        self.monitors = build_monitors(policy, self.host)
+        self.needs_of: dict[str, Needs] = {spec.id: m.needs() for spec, m in self.monitors}
         self.needs = Needs()
         for needs in self.needs_of.values():
             self.needs = self.needs.union(needs)
@@ -70,26 +60,6 @@ class Guard:
         observer (``make demo`` uses it)."""
         host = kwargs.get("host") or get_host()
         return cls(default_policy(host), **kwargs)
-
-    def _build(self, i: int, spec: MonitorSpec, issues: list[PolicyIssue]) -> Monitor | None:
-        path: tuple[str | int, ...] = ("monitors", i, "use")
-        try:
-            entry = self.host.monitor(spec.use)
-        except MonitorNotFound as exc:
-            issues.append(PolicyIssue(f"monitors[{i}].use", str(exc), self.policy.line_of(path)))
-            return None
-        try:
-            return build_monitor(entry, spec.options)
-        except _OptionsError as exc:
-            for rel, message in exc.errors:
-                sub = ("monitors", i, "options", *rel)
-                dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rel)
-                issues.append(PolicyIssue(f"monitors[{i}].options{dotted}", message,
-                                          self.policy.line_of(sub)))
-        except ValueError as exc:
-            issues.append(PolicyIssue(f"monitors[{i}].options", str(exc),
-                                      self.policy.line_of(("monitors", i, "options"))))
-        return None
 
     def _load_observer(self, spec: ObserverSpec) -> Any:
         observers = self.host.observers()
@@ -170,6 +140,47 @@ class Guard:
     def __repr__(self) -> str:
         ids = ", ".join(spec.id for spec, _ in self.monitors)
         return f"Guard(monitors=[{ids}], observer={getattr(self.observer, 'name', None)!r})"
+
+
+def build_monitors(
+    policy: Policy, host: PluginHost | None = None
+) -> list[tuple[MonitorSpec, Monitor]]:
+    """Instantiate the policy's enabled monitors; raise ``PolicyError`` for unknown names and bad
+    options, each issue naming the field and its line. Loads no observer."""
+    host = host or get_host()
+    built: list[tuple[MonitorSpec, Monitor]] = []
+    issues: list[PolicyIssue] = []
+    for i, spec in enumerate(policy.monitors):
+        if not spec.enabled:
+            continue
+        monitor = _build(policy, host, i, spec, issues)
+        if monitor is not None:
+            built.append((spec, monitor))
+    if issues:
+        raise PolicyError(issues, policy.source)
+    return built
+
+
+def _build(policy: Policy, host: PluginHost, i: int, spec: MonitorSpec,
+           issues: list[PolicyIssue]) -> Monitor | None:
+    path: tuple[str | int, ...] = ("monitors", i, "use")
+    try:
+        entry = host.monitor(spec.use)
+    except MonitorNotFound as exc:
+        issues.append(PolicyIssue(f"monitors[{i}].use", str(exc), policy.line_of(path)))
+        return None
+    try:
+        return build_monitor(entry, spec.options)
+    except _OptionsError as exc:
+        for rel, message in exc.errors:
+            sub = ("monitors", i, "options", *rel)
+            dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rel)
+            issues.append(PolicyIssue(f"monitors[{i}].options{dotted}", message,
+                                      policy.line_of(sub)))
+    except ValueError as exc:
+        issues.append(PolicyIssue(f"monitors[{i}].options", str(exc),
+                                  policy.line_of(("monitors", i, "options"))))
+    return None
 
 
 def _adapter(module: str, dist: str) -> Any:
