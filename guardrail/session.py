@@ -163,6 +163,10 @@ class GuardSession:
         """Tokens read so far."""
         return len(self._token_ends)
 
+    def token_offsets(self) -> list[tuple[int, int]]:
+        """Char offsets of every token read so far."""
+        return list(zip(self._token_starts, self._token_ends, strict=True))
+
     @property
     def released_text(self) -> str:
         return "".join(self._released_parts)

@@ -1,0 +1,296 @@
+"""The ``guardrail`` command line.
+
+Every command that takes ``--policy`` defaults to the built-in default policy; ``--monitor ID``
+(repeatable) narrows a run to those monitors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from .errors import GuardrailError, PolicyError
+from .events import Event, Halt, Release, event_to_dict
+from .guard import Guard, build_monitors, default_policy
+from .plugins import MonitorEntry, ObserverEntry, get_host
+from .policy import Policy, load_policy, policy_json_schema
+
+__all__ = ["main"]
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    policy = load_policy(Path(args.policy)) if args.policy else default_policy()
+    if getattr(args, "monitor", None):
+        policy = policy.narrowed(args.monitor)
+    return policy
+
+
+def _guard(args: argparse.Namespace) -> Guard:
+    return Guard(_policy(args))
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", "-p", help="policy YAML (default: the built-in default policy)")
+    p.add_argument("--monitor", "-m", action="append", metavar="ID",
+                   help="run only this monitor (repeatable)")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    host = get_host()
+    monitors = host.monitors()
+    observers = host.observers()
+    trainers = host.trainers()
+    if args.json:
+        print(json.dumps({
+            "plugins": host.plugins(),
+            "monitors": {n: {"plugin": e.plugin, "description": e.description}
+                         for n, e in sorted(monitors.items())},
+            "observers": {n: {"plugin": e.plugin, "description": e.description}
+                          for n, e in sorted(observers.items())},
+            "trainers": {n: {"plugin": e.plugin, "description": e.description}
+                         for n, e in sorted(trainers.items())},
+        }, indent=2))
+        return 0
+    print("plugins:")
+    for p in host.plugins():
+        origin = p["distribution"] or ("built-in" if p["builtin"] else "registered in code")
+        print(f"  {p['name']}  [{origin}]  hooks: {', '.join(p['hooks']) or '-'}")
+    sections: list[tuple[str, Mapping[str, MonitorEntry | ObserverEntry]]] = [
+        ("monitors", monitors), ("observers", observers), ("trainers", trainers)]
+    for title, entries in sections:
+        print(f"{title}:")
+        for name, e in sorted(entries.items()):
+            print(f"  {name:<24} {e.description}  (from {e.plugin})")
+        if not entries:
+            print("  (none)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(Path(args.policy))
+        built = build_monitors(policy)
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{args.policy}: ok ({len(built)} monitors: "
+          f"{', '.join(spec.id for spec, _ in built) or 'none'})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(policy_json_schema(), indent=2))
+    return 0
+
+
+def _read_chunks(stream: TextIO, size: int) -> Iterator[str]:
+    """Read ``stream`` as it arrives (a pipe delivers partial input), ``size`` chars at a time."""
+    while True:
+        chunk = stream.read(size) if size > 0 else stream.readline()
+        if not chunk:
+            return
+        yield chunk
+
+
+def _describe(event: Event) -> str:
+    d = event_to_dict(event)
+    kind = d.pop("kind")
+    if kind == "release":
+        return f"release {d['text']!r}"
+    d.pop("released_text", None)
+    return f"{kind} " + " ".join(f"{k}={v!r}" for k, v in d.items() if v is not None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    guard = _guard(args)
+    source: TextIO = sys.stdin if args.file in (None, "-") else open(  # noqa: SIM115
+        args.file, encoding="utf-8")
+    session = guard.session(prompt=args.prompt)
+    out = sys.stdout
+    try:
+        for chunk in _read_chunks(source, args.chunk):
+            for event in session.feed(chunk):
+                _print_event(event, args, out)
+        report = session.finish()
+        for event in report.final_events:
+            _print_event(event, args, out)
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    if args.json:
+        out.write(json.dumps({"kind": "report", **report.to_dict()}) + "\n")
+    elif not args.events:
+        out.write("\n")
+    print(f"[{report.tokens} tokens read, {report.released_tokens} released, "
+          f"{len(report.flags)} flags, halted: {report.halted}]", file=sys.stderr)
+    return 0
+
+
+def _print_event(event: Event, args: argparse.Namespace, out: TextIO) -> None:
+    if args.json:
+        out.write(json.dumps(event_to_dict(event)) + "\n")
+    elif args.events:
+        out.write(_describe(event) + "\n")
+    elif isinstance(event, Release):
+        out.write(event.text)
+    elif isinstance(event, Halt):
+        out.write(f"\n[halted by {event.monitor}: {event.message}]")
+    else:
+        print(f"[{_describe(event)}]", file=sys.stderr)
+    out.flush()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .records import read_records, replay_record, replay_summary
+
+    guard = _guard(args)
+    rows = []
+    for index, record in enumerate(read_records(args.data)):
+        if args.limit is not None and index >= args.limit:
+            break
+        row = replay_record(guard, record, index)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"summary": replay_summary(rows)}), file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    guard = _guard(args)
+    result = evaluate(guard, args.data, limit=args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"records: {result['records']}")
+        for monitor_id, metrics in result["monitors"].items():
+            print(f"{monitor_id}:")
+            for k, v in metrics.items():
+                print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    trainers = get_host().trainers()
+    if args.name in (None, "--all") or args.all:
+        names = sorted(trainers) if args.all else []
+        if not names:
+            print("trainers: " + (", ".join(sorted(trainers)) or "none installed"))
+            return 0 if trainers or not args.all else 1
+        return max(trainers[n].factory(list(args.rest)) for n in names)
+    if args.name not in trainers:
+        print(f"no trainer {args.name!r}; installed: {', '.join(sorted(trainers)) or 'none'}",
+              file=sys.stderr)
+        return 2
+    return int(trainers[args.name].factory(list(args.rest)))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import guardrail_server
+    except ImportError:
+        print("guardrail serve needs the guardrail-server adapter: pip install guardrail-server",
+              file=sys.stderr)
+        return 2
+    return int(guardrail_server.serve_cli(args))
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guardrail", description="Streaming guardrail middleware for LLM output.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list loaded plugins, monitors, observers and trainers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("check", help="validate a policy file (every error with field and line)")
+    p.add_argument("policy")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("schema", help="print the policy JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("run", help="guard a text stream from stdin or a file")
+    _add_policy_args(p)
+    p.add_argument("file", nargs="?", help="text file (default: stdin)")
+    p.add_argument("--prompt", help="the user prompt the text answers")
+    p.add_argument("--chunk", type=int, default=16,
+                   help="read this many chars at a time (0: a line at a time)")
+    p.add_argument("--events", action="store_true", help="print every event, one a line")
+    p.add_argument("--json", action="store_true", help="events and the report as JSON Lines")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="replay labelled records; one JSON line per record")
+    _add_policy_args(p)
+    p.add_argument("--data", "-d", required=True, help="JSON Lines records")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("eval", help="metrics of each monitor on labelled records")
+    _add_policy_args(p)
+    p.add_argument("--data", "-d", required=True, help="JSON Lines records")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train a monitor (guardrail train NAME [ARGS...])")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true", help="run every installed trainer")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="stream real model output through the default policy")
+    _add_policy_args(p)
+    p.add_argument("--out", default="reports/demo", help="where reports go")
+    p.add_argument("--quick", action="store_true", help="fewer prompts, shorter answers")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible proxy with the guard in front")
+    _add_policy_args(p)
+    p.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8011/v1")
+    p.add_argument("--local", help="serve a local model instead, e.g. smollm2-135m")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except GuardrailError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `guardrail replay ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

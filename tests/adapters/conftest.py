@@ -1,0 +1,43 @@
+"""Fixtures shared by the adapter tests: the loopback upstream and small keyword guards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from guardrail import Guard
+from guardrail.plugins import PluginHost
+from guardrail.testing.upstream import upstream_server  # noqa: F401  (a fixture)
+
+HALT_MESSAGE = "Sorry, I can't continue with that."
+
+
+def _make_guard(hold_back: int = 2, *, raise_on_halt: bool = False,
+               extra: list[dict[str, Any]] | None = None, host: PluginHost | None = None) -> Guard:
+    """A guard that halts on the word "bomb" and flags the word "build"."""
+    policy = {
+        "release": {"hold_back_tokens": hold_back},
+        "raise_on_halt": raise_on_halt,
+        "monitors": [
+            {"id": "weapons", "use": "keywords", "options": {"words": ["bomb"]},
+             "action": "halt", "message": HALT_MESSAGE},
+            {"id": "verbs", "use": "keywords", "options": {"words": ["build"]},
+             "action": "flag"},
+            *(extra or []),
+        ],
+    }
+    return Guard.from_policy(policy, host=host or PluginHost(autoload=False))
+
+
+@pytest.fixture
+def make_guard() -> Callable[..., Guard]:
+    """``make_guard(hold_back=2, raise_on_halt=False, extra=[...], host=None)``: a guard that
+    halts on the word "bomb" (message ``HALT_MESSAGE``) and flags the word "build"."""
+    return _make_guard
+
+
+@pytest.fixture
+def halt_message() -> str:
+    return HALT_MESSAGE

@@ -1,0 +1,125 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guardrail import cli, hookimpl
+from guardrail.plugins import get_host
+
+POLICY = """\
+version: 1
+release: {hold_back_tokens: 2}
+monitors:
+  - id: weapons
+    use: keywords
+    action: halt
+    message: "Stopped."
+    options: {words: [bomb]}
+  - id: shout
+    use: regex
+    options: {patterns: ["[A-Z]{4,}"], ignore_case: false}
+"""
+
+RECORDS = [
+    {"prompt": "hi", "response": "Hello there, how are you today?", "label": 0},
+    {"prompt": "how to", "response": "First you get the parts, then the BOMB casing, then wire it.",
+     "label": 1, "spans": [{"start": 32, "end": 60, "label": 1}]},
+]
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "guardrail.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+def test_check_accepts_a_good_policy_and_names_errors(policy: Path, tmp_path: Path) -> None:
+    ok = run_cli("check", str(policy))
+    assert ok.returncode == 0 and "ok (2 monitors: weapons, shout)" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(POLICY.replace("action: halt", "action: stop"))
+    out = run_cli("check", str(bad))
+    assert out.returncode == 1
+    assert "line 6: monitors[0].action: Input should be 'flag', 'halt', 'route' or 'redact'" \
+        in out.stderr
+
+
+def test_schema_is_json() -> None:
+    out = run_cli("schema")
+    assert json.loads(out.stdout)["title"] == "guardrail policy"
+
+
+def test_run_guards_stdin_and_halts(policy: Path) -> None:
+    out = run_cli("run", "--policy", str(policy), "--chunk", "3",
+                  stdin="Sure. Take a bomb and then more text follows here.")
+    assert out.returncode == 0
+    # "bomb" is token 4; with 2 tokens held back only "Sure" and "." reached the reader
+    assert out.stdout == "Sure.\n[halted by weapons: Stopped.]\n"
+
+
+def test_run_json_prints_events_and_a_report(policy: Path) -> None:
+    out = run_cli("run", "--policy", str(policy), "--json", "--monitor", "shout",
+                  stdin="calm words then SHOUTING words")
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [e["kind"] for e in lines if e["kind"] != "release"] == ["flag", "report"]
+    assert "".join(e["text"] for e in lines if e["kind"] == "release") == \
+        "calm words then SHOUTING words"
+
+
+def test_replay_prints_one_json_line_per_record(policy: Path, data: Path) -> None:
+    out = run_cli("replay", "--policy", str(policy), "--data", str(data))
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    for key in ("index", "tokens", "halted", "halt_token", "flags", "routes", "leaked_tokens"):
+        assert key in rows[0]
+    assert rows[0]["halted"] is False and rows[0]["halt_token"] is None
+    assert rows[1]["halted"] is True and rows[1]["halt_token"] == 8  # " BOMB"
+    assert rows[1]["leaked_tokens"] == 0  # nothing from the harmful span reached the reader
+    assert [f["monitor"] for f in rows[1]["flags"]] == []  # halted before "shout" could flag
+
+
+def test_replay_names_the_bad_line(policy: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "x", "response": 3}\n')
+    out = run_cli("replay", "--policy", str(policy), "--data", str(bad))
+    assert out.returncode == 1 and f"{bad}:2: field 'response' must be a string" in out.stderr
+
+
+def test_train_dispatches_to_a_registered_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[list[str]] = []
+
+    class TrainerPlugin:
+        @hookimpl
+        def guardrail_register_trainers(self, register: Any) -> None:
+            register("toy", lambda argv: calls.append(argv) or 0, description="toy trainer")
+
+    host = get_host()
+    host.register(TrainerPlugin(), name="toy-trainer")
+    try:
+        assert cli.main(["train", "toy", "--epochs", "2"]) == 0
+        assert calls == [["--epochs", "2"]]
+        assert cli.main(["train", "nope"]) == 2
+        assert "no trainer 'nope'" in capsys.readouterr().err
+    finally:
+        host.unregister("toy-trainer")
