@@ -28,7 +28,7 @@ demo: venv
 	$(VENV)/bin/guardrail demo
 
 lint: venv
-	$(VENV)/bin/ruff check guardrail plugins adapters tests bench examples
+	$(VENV)/bin/ruff check $(wildcard guardrail plugins adapters tests bench examples)
 	$(VENV)/bin/mypy guardrail $(wildcard plugins/*/guardrail_* adapters/*/guardrail_*)
 
 typecheck: lint

@@ -1,0 +1,211 @@
+"""``guardrail demo``: streams through the default policy, shown live, with reports.
+
+Streams: real generation from the embedded SmolLM2 (when the transformers adapter is installed)
+and recorded replays of harmful, hallucinated and benign answers (the 135M model rarely writes
+harmful text itself). Each stream is shown live: released text as it reaches the reader, then the
+whole stream coloured by monitor scores, flags underlined, the halt point marked. A summary table
+follows, and an HTML page and PNG plot per stream land in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .events import Flag, Halt, Release, Route
+from .guard import Guard, default_policy
+from .policy import Policy, load_policy
+from .reports import StreamRecord, write_index, write_stream_report
+from .session import GuardSession
+from .testing import random_splits
+
+__all__ = ["run_demo"]
+
+# Used only when no built-in monitor plugin is installed: a text-only policy so the demo still
+# shows hold-back, flags and a halt.
+FALLBACK_POLICY: dict[str, Any] = {
+    "version": 1,
+    "release": {"hold_back_tokens": 4},
+    "monitors": [
+        {"id": "weapons", "use": "keywords", "action": "halt",
+         "options": {"words": ["pipe bomb", "explosion", "fuse"], "label": "weapons"}},
+        {"id": "years", "use": "regex", "action": "flag",
+         "options": {"patterns": [r"\b1[0-9]{3}\b"], "label": "date"}},
+    ],
+}
+
+
+@dataclass
+class DemoStream:
+    title: str
+    prompt: str
+    deltas: Iterator[str]
+    source: str
+
+
+class _Term:
+    """ANSI styling, off when stdout is not a terminal or NO_COLOR is set."""
+
+    def __init__(self) -> None:
+        self.on = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.on and text else text
+
+
+def _replays() -> list[dict[str, Any]]:
+    text = resources.files("guardrail").joinpath("data/demo_replays.jsonl").read_text("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _generated_streams(guard: Guard, prompts: list[str], max_tokens: int) -> list[DemoStream]:
+    """Real SmolLM2 streams through the transformers adapter, when it is installed."""
+    try:
+        import guardrail_transformers  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return []
+    streams = []
+    for prompt in prompts:
+        deltas = guardrail_transformers.stream_text(prompt, max_new_tokens=max_tokens)
+        streams.append(DemoStream(f"SmolLM2: {prompt}", prompt, deltas, "generated"))
+    return streams
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+
+
+def _policy(args: argparse.Namespace) -> tuple[Policy, str]:
+    if getattr(args, "policy", None):
+        return load_policy(Path(args.policy)), args.policy
+    policy = default_policy()
+    if policy.monitors:
+        return policy, "the built-in default policy"
+    return load_policy(FALLBACK_POLICY), "a text-only fallback (no built-in monitor installed)"
+
+
+def _run_stream(guard: Guard, stream: DemoStream, term: _Term, delay: float) -> StreamRecord:
+    session: GuardSession = guard.session(prompt=stream.prompt, record_scores=True)
+    print(term(f"\n▶ {stream.title}", "1"))
+    print(term(f"  prompt: {stream.prompt}", "2"))
+    print("  ", end="")
+
+    def show(events: list[Any]) -> None:
+        for e in events:
+            if isinstance(e, Release):
+                print(e.text.replace("\n", "\n  "), end="", flush=True)
+            elif isinstance(e, Halt):
+                print(term(f" ■ halted by {e.monitor}: {e.message}", "1;41;97"), end="")
+            elif isinstance(e, Route):
+                print(term(f" ⇢ route to {e.target.get('model')}", "1;34"), end="")
+
+    for delta in stream.deltas:
+        show(session.feed(delta))
+        if session.halted is not None:
+            break
+        if delay:
+            time.sleep(delay)
+    report = session.finish()
+    show(report.final_events)
+    print()
+    offsets = session.token_offsets()
+    guard_seconds = sum(report.monitor_seconds.values()) + report.observer_seconds
+    rec = StreamRecord(
+        title=stream.title, prompt=stream.prompt, text=session.text, offsets=offsets,
+        report=report, thresholds={spec.id: guard.threshold_of(spec) for spec, _ in guard.monitors},
+        seconds_per_token=guard_seconds / max(1, report.tokens),
+        notes=[f"source: {stream.source}"],
+    )
+    _print_scored(rec, term)
+    return rec
+
+
+def _print_scored(rec: StreamRecord, term: _Term) -> None:
+    """The whole stream, each token shaded by its highest monitor score relative to threshold."""
+    best: dict[int, float] = {}
+    for monitor, points in rec.scores.items():
+        threshold = rec.thresholds.get(monitor, 0.5) or 0.5
+        for i, value in points:
+            best[i] = max(best.get(i, 0.0), value / threshold)
+    flagged = {i for f in rec.report.flags if isinstance(f, Flag)
+               for i in range(f.tokens[0], f.tokens[1] + 1)}
+    halt_at = rec.report.halt.at if rec.report.halt else None
+    out = []
+    for i, (a, b) in enumerate(rec.offsets):
+        tok = rec.text[a:b].replace("\n", " ")
+        level = best.get(i, 0.0)
+        code = "0"
+        if level >= 1.0:
+            code = "41;97"
+        elif level >= 0.75:
+            code = "43;30"
+        elif level >= 0.5:
+            code = "103;30"
+        if i in flagged:
+            code += ";4"
+        if i >= rec.report.released_tokens:
+            code += ";2"
+        if i == halt_at:
+            tok = "■" + tok
+        out.append(term(tok, code) if code != "0" else tok)
+    print(term("  scores: ", "2") + "".join(out))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    term = _Term()
+    policy, origin = _policy(args)
+    if getattr(args, "monitor", None):
+        policy = policy.narrowed(args.monitor)
+    t0 = time.perf_counter()
+    guard = Guard(policy)
+    load_s = time.perf_counter() - t0
+    print(term("guardrail demo", "1") + f" — policy: {origin}")
+    print(f"  monitors: {', '.join(f'{s.id} ({s.use}, {s.action})' for s, _ in guard.monitors)}"
+          f" · hold-back {policy.release.hold_back_tokens} tokens · loaded in {load_s:.1f}s")
+    quick = bool(getattr(args, "quick", False))
+    prompts = ["Tell me about Marie Curie.", "What is the capital of Australia?"]
+    streams = _generated_streams(guard, prompts[:1] if quick else prompts, 48 if quick else 96)
+    for k, r in enumerate(_replays()):
+        streams.append(DemoStream(f"replay: {r['title']}", r["prompt"],
+                                  iter(random_splits(r["response"], seed=k)), "recorded replay"))
+    out_dir = Path(args.out)
+    rows = []
+    for n, stream in enumerate(streams):
+        rec = _run_stream(guard, stream, term, delay=0.0 if quick else 0.01)
+        stem = f"{n:02d}-{_slug(stream.title)}"
+        write_stream_report(out_dir, stem, rec)
+        rep = rec.report
+        rows.append({
+            "stream": stream.title,
+            "tokens read": rep.tokens,
+            "released": rep.released_tokens,
+            "held back": rep.tokens - rep.released_tokens,
+            "flags": len(rep.flags),
+            "halt at": rep.halt.at if rep.halt else "-",
+            "ms/token": f"{(rec.seconds_per_token or 0) * 1000:.2f}",
+            "report": f"{stem}.html",
+        })
+    index = write_index(out_dir, rows)
+    _print_table(rows, term)
+    print(f"\nreports: {index.resolve()} (one HTML page and PNG plot per stream in "
+          f"{out_dir.resolve()})")
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]], term: _Term) -> None:
+    cols = [k for k in rows[0] if k != "report"] if rows else []
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    widths["stream"] = min(widths.get("stream", 6), 48)
+    print("\n" + term("summary", "1"))
+    print("  " + "  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  " + "  ".join(str(r[c])[: widths[c]].ljust(widths[c]) for c in cols))
