@@ -35,6 +35,7 @@ import json
 import re
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -148,7 +149,7 @@ class UpstreamServer:
 
     def start(self) -> UpstreamServer:
         handler = type("_BoundHandler", (_Handler,), {"upstream": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="upstream-server",
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -200,6 +201,13 @@ class UpstreamServer:
 
 
 # -- the HTTP side -------------------------------------------------------------------------
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client dropping an idle keep-alive connection is normal
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
