@@ -1,0 +1,30 @@
+"""guardrail-openai: guard an OpenAI-compatible client's chat completions.
+
+    from openai import OpenAI
+    from guardrail import Guard
+
+    client = Guard.from_yaml("policy.yaml").wrap(OpenAI())
+    for chunk in client.chat.completions.create(model=..., messages=[...], stream=True):
+        print(chunk.choices[0].delta.content or "", end="")
+
+Streams stay streams (``GuardedStream`` / ``AsyncGuardedStream`` mirror openai's ``Stream``);
+chunks stay ``ChatCompletionChunk``; text is held back as the policy says; a halt ends the stream
+with the halt message and ``finish_reason="content_filter"`` and closes the upstream response.
+"""
+
+from __future__ import annotations
+
+from ._chunks import ChunkGuard, guard_completion
+from ._client import AsyncGuardedCompletions, GuardedClient, GuardedCompletions, wrap
+from ._stream import AsyncGuardedStream, GuardedStream
+
+__all__ = [
+    "AsyncGuardedCompletions",
+    "AsyncGuardedStream",
+    "ChunkGuard",
+    "GuardedClient",
+    "GuardedCompletions",
+    "GuardedStream",
+    "guard_completion",
+    "wrap",
+]

@@ -1,0 +1,273 @@
+"""Sans-I/O translation between OpenAI chat-completion shapes and guard sessions.
+
+``ChunkGuard`` turns each upstream ``ChatCompletionChunk`` into the chunks the reader may see (text
+held back by the policy is re-chunked into later, valid chunks), one session per choice index.
+The sync and async streams drive it the same way; ``guard_completion`` does the non-streaming
+case. Guard details ride along as an extra ``guardrail`` field on chunks and completions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta, ChoiceLogprobs
+
+from guardrail import (
+    Event,
+    Guard,
+    GuardrailViolation,
+    GuardSession,
+    Halt,
+    Release,
+    Report,
+    StreamStep,
+    TokenLogprob,
+    event_to_dict,
+)
+
+__all__ = ["ChunkGuard", "guard_completion", "request_messages"]
+
+CONTENT_FILTER: Literal["content_filter"] = "content_filter"
+
+
+def request_messages(messages: Iterable[Any] | None) -> list[dict[str, Any]]:
+    """The request's messages as plain dicts (they may be TypedDicts, models or a generator)."""
+    out: list[dict[str, Any]] = []
+    for message in messages or ():
+        if isinstance(message, Mapping):
+            out.append(dict(message))
+        elif hasattr(message, "model_dump"):
+            out.append(message.model_dump(exclude_none=True))
+        else:
+            raise TypeError(f"messages: cannot read a {type(message).__name__} as a chat message")
+    return out
+
+
+def _token_logprobs(entries: Sequence[Any] | None) -> list[TokenLogprob] | None:
+    if not entries:
+        return None
+    return [
+        TokenLogprob(e.token, e.logprob, {t.token: t.logprob for t in (e.top_logprobs or ())})
+        for e in entries
+    ]
+
+
+def _details(index: int, events: Iterable[Event]) -> list[dict[str, Any]]:
+    return [{"choice": index, **event_to_dict(e)} for e in events if not isinstance(e, Release)]
+
+
+def _not_halts(events: Iterable[Event]) -> list[Event]:
+    return [e for e in events if not isinstance(e, Halt)]
+
+
+@dataclass
+class _ChoiceState:
+    session: GuardSession
+    fed_chars: int = 0
+    released_chars: int = 0
+    # Upstream logprob entries wait with their text: (raw chars that must be released, entry).
+    logprobs: deque[tuple[int, Any]] = field(default_factory=deque)
+    report: Report | None = None
+    halt: Halt | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.report is not None or self.halt is not None
+
+
+class ChunkGuard:
+    """Guards the choices of one streamed chat completion."""
+
+    def __init__(self, guard: Guard, messages: Sequence[Mapping[str, Any]], *, choices: int = 1,
+                 raise_on_halt: bool | None = None, metadata: Mapping[str, Any] | None = None
+                 ) -> None:
+        self.guard = guard
+        self.messages = list(messages)
+        self.expected_choices = max(1, choices)
+        self.raise_on_halt = guard.policy.raise_on_halt if raise_on_halt is None else raise_on_halt
+        self.metadata = dict(metadata or {})
+        self.states: dict[int, _ChoiceState] = {}
+        self.violation: GuardrailViolation | None = None
+        self._template: ChatCompletionChunk | None = None
+        # Flags wait for the next chunk that goes out (a chunk with no choices breaks readers).
+        self._details: list[dict[str, Any]] = []
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def halted_all(self) -> bool:
+        """Every choice the request asked for has halted: the upstream can be closed."""
+        halted = sum(1 for s in self.states.values() if s.halt is not None)
+        return halted >= self.expected_choices
+
+    @property
+    def reports(self) -> dict[int, Report]:
+        """Reports of the choices that ended so far, by choice index."""
+        return {i: s.report for i, s in self.states.items() if s.report is not None}
+
+    def _state(self, index: int) -> _ChoiceState:
+        state = self.states.get(index)
+        if state is None:
+            session = self.guard.session(self.messages, metadata={**self.metadata,
+                                                                   "choice": index})
+            state = self.states[index] = _ChoiceState(session)
+        return state
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def on_chunk(self, chunk: ChatCompletionChunk) -> list[ChatCompletionChunk]:
+        """The chunks to hand the reader for one upstream chunk (possibly none)."""
+        self._template = chunk
+        if not chunk.choices:  # e.g. the usage chunk: nothing to judge
+            return [chunk]
+        kept: list[Choice] = []
+        halts: list[int] = []
+        for choice in chunk.choices:
+            state = self._state(choice.index)
+            if state.done:
+                continue  # upstream output after a halt or a finish is dropped
+            events = self._feed(state, choice)
+            out = self._rewrite(state, choice, events)
+            self._details += _details(choice.index, _not_halts(events))
+            if out is not None:
+                kept.append(out)
+            if state.halt is not None and not self.raise_on_halt:
+                halts.append(choice.index)
+        result = []
+        if kept:
+            result.append(chunk.model_copy(update={"choices": kept, **self._take_details()}))
+        return result + [self._halt_chunk(i, self.states[i]) for i in halts]
+
+    def _take_details(self) -> dict[str, Any]:
+        details, self._details = self._details, []
+        return {"guardrail": {"events": details}} if details else {}
+
+    def on_end(self) -> list[ChatCompletionChunk]:
+        """The upstream ended: finish choices that never sent a finish_reason."""
+        out: list[ChatCompletionChunk] = []
+        template = self._template
+        for index, state in sorted(self.states.items()):
+            if state.done or template is None:
+                continue
+            events = self._finish(state)
+            text = "".join(e.text for e in events if isinstance(e, Release))
+            if text:
+                choice = Choice(index=index, delta=ChoiceDelta(content=text), finish_reason=None,
+                                logprobs=None)
+                self._details += _details(index, _not_halts(events))
+                out.append(self._make_chunk(template, choice))
+            if state.halt is not None and not self.raise_on_halt:
+                out.append(self._halt_chunk(index, state))
+        return out
+
+    def abort(self, reason: str) -> None:
+        """The stream ended early (an error, or the reader closed it): end open sessions."""
+        for state in self.states.values():
+            if state.report is None and not state.session.closed:
+                state.report = state.session.abort(reason)
+
+    def _feed(self, state: _ChoiceState, choice: Choice) -> list[Event]:
+        text = choice.delta.content or ""
+        events: list[Event] = []
+        if text:
+            entries = choice.logprobs.content if choice.logprobs is not None else None
+            state.fed_chars += len(text)
+            for entry in entries or ():
+                state.logprobs.append((state.fed_chars, entry))
+            events = state.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
+            self._note_halt(state, events)
+        if choice.finish_reason is not None and state.halt is None:
+            events += self._finish(state)
+        return events
+
+    def _finish(self, state: _ChoiceState) -> list[Event]:
+        report = state.session.finish()
+        state.report = report
+        self._note_halt(state, report.final_events)
+        return list(report.final_events)
+
+    def _note_halt(self, state: _ChoiceState, events: Iterable[Event]) -> None:
+        for event in events:
+            if isinstance(event, Halt):
+                state.halt = event
+                if state.report is None:
+                    state.report = state.session.finish()
+                if self.raise_on_halt and self.violation is None:
+                    self.violation = GuardrailViolation(event, state.report)
+
+    def _rewrite(self, state: _ChoiceState, choice: Choice, events: list[Event]) -> Choice | None:
+        released = "".join(e.text for e in events if isinstance(e, Release))
+        state.released_chars = max([state.released_chars] +
+                                   [e.end for e in events if isinstance(e, Release)])
+        out = choice.model_copy(deep=True)
+        original = choice.delta.content
+        out.delta.content = released or (None if original is None else "")
+        entries = []
+        while state.logprobs and (state.logprobs[0][0] <= state.released_chars
+                                  or (state.report is not None and state.halt is None)):
+            entries.append(state.logprobs.popleft()[1])
+        if state.halt is not None:
+            state.logprobs.clear()
+            out.finish_reason = None  # the halt chunk carries the finish reason
+        if out.logprobs is not None:
+            out.logprobs.content = entries or None
+        elif entries:  # held-back logprobs released by a chunk that had none of its own
+            out.logprobs = ChoiceLogprobs(content=entries)
+        delta = out.delta
+        empty = (not delta.content and delta.role is None and not delta.tool_calls
+                 and delta.function_call is None and delta.refusal is None
+                 and out.finish_reason is None and not entries)
+        return None if empty else out
+
+    def _make_chunk(self, template: ChatCompletionChunk, choice: Choice) -> ChatCompletionChunk:
+        return template.model_copy(update={"choices": [choice], "usage": None,
+                                           **self._take_details()})
+
+    def _halt_chunk(self, index: int, state: _ChoiceState) -> ChatCompletionChunk:
+        assert state.halt is not None and self._template is not None
+        choice = Choice(index=index, delta=ChoiceDelta(content=state.halt.message),
+                        finish_reason=CONTENT_FILTER, logprobs=None)
+        self._details += _details(index, [state.halt])
+        return self._make_chunk(self._template, choice)
+
+
+def guard_completion(guard: Guard, completion: ChatCompletion,
+                     messages: Sequence[Mapping[str, Any]], *, raise_on_halt: bool | None = None,
+                     metadata: Mapping[str, Any] | None = None) -> ChatCompletion:
+    """Guard a whole (non-streamed) completion: each choice's content is judged as one stream.
+
+    On halt the content becomes the halt message, tool calls are dropped and ``finish_reason`` is
+    ``content_filter``; otherwise the content is what the policy releases (redactions applied).
+    """
+    if raise_on_halt is None:
+        raise_on_halt = guard.policy.raise_on_halt
+    out = completion.model_copy(deep=True)
+    details: list[dict[str, Any]] = []
+    for choice in out.choices:
+        content = choice.message.content
+        if not content:
+            continue
+        session = guard.session(messages, metadata={**(metadata or {}), "choice": choice.index})
+        entries = choice.logprobs.content if choice.logprobs is not None else None
+        events = session.feed(StreamStep(text=content, logprobs=_token_logprobs(entries)))
+        report = session.finish()
+        events = [*events, *report.final_events]
+        details += _details(choice.index, events)
+        if report.halt is not None:
+            if raise_on_halt:
+                raise GuardrailViolation(report.halt, report)
+            choice.message.content = report.halt.message
+            choice.message.tool_calls = None
+            choice.message.function_call = None
+            choice.finish_reason = CONTENT_FILTER
+            choice.logprobs = None
+        else:
+            choice.message.content = report.released_text
+    if details:
+        out = out.model_copy(update={"guardrail": {"events": details}})
+    return out
+
