@@ -18,7 +18,7 @@ from .errors import GuardrailError, PolicyError
 from .events import Event, Halt, Release, event_to_dict
 from .guard import Guard, build_monitors, default_policy
 from .plugins import MonitorEntry, ObserverEntry, get_host
-from .policy import Policy, load_policy, policy_json_schema
+from .policy import Policy, load_policy, policy_json_schema, policy_markdown
 
 __all__ = ["main"]
 
@@ -87,7 +87,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(policy_json_schema(), indent=2))
+    if args.markdown:
+        print(policy_markdown(), end="")
+    else:
+        print(json.dumps(policy_json_schema(), indent=2))
     return 0
 
 
@@ -227,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("schema", help="print the policy JSON Schema")
+    p.add_argument("--markdown", action="store_true", help="the Markdown reference instead")
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("run", help="guard a text stream from stdin or a file")

@@ -25,14 +25,15 @@ class Release:
 
 @dataclass(frozen=True)
 class Flag:
-    """A monitor's verdict that does not stop the stream (actions ``flag`` and ``redact``)."""
+    """A monitor's verdict that does not stop the stream (actions ``flag`` and ``redact``; in a
+    dry-run session every verdict is a flag whose ``action`` says what it would have done)."""
 
     monitor: str
     score: float
     span: tuple[int, int]
     tokens: tuple[int, int]
     rule: str
-    action: Literal["flag", "redact"] = "flag"
+    action: Literal["flag", "redact", "halt", "route"] = "flag"
     label: str | None = None
     kind: Literal["flag"] = field(default="flag", init=False)
 

@@ -104,18 +104,21 @@ class Guard:
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
         can_route: bool = False,
+        dry_run: bool = False,
     ) -> GuardSession:
         """A new session for one stream. Pass the conversation as ``messages`` (OpenAI shape) or
         a single user ``prompt``; observers read it as context before the response.
 
         ``can_route``: the driver carries out ``route`` actions (it calls ``session.reroute`` and
-        feeds the target's text); otherwise routes are only recorded, like flags."""
+        feeds the target's text); otherwise routes are only recorded, like flags.
+        ``dry_run``: every verdict becomes a flag (its ``action`` says what it would have done);
+        nothing halts, routes or is redacted (evaluation, shadow mode)."""
         if messages is None:
             messages = [{"role": "user", "content": prompt}] if prompt is not None else []
         elif prompt is not None:
             raise GuardrailError("pass messages or prompt, not both")
         return GuardSession(self, messages, metadata=metadata, record_scores=record_scores,
-                            can_route=can_route)
+                            can_route=can_route, dry_run=dry_run)
 
     def check(self, text: str, *, prompt: str | None = None,
               messages: Sequence[Message] | None = None) -> Any:

@@ -29,6 +29,7 @@ __all__ = [
     "RouteTarget",
     "load_policy",
     "policy_json_schema",
+    "policy_markdown",
 ]
 
 DEFAULT_HALT_MESSAGE = "I can't continue with this answer."
@@ -88,7 +89,7 @@ class MonitorSpec(_Strict):
     timeout_ms: float | None = Field(
         None, gt=0, description="per-chunk time budget; an overrun counts as a monitor error"
     )
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: keep it in the file but don't run it")
     options: dict[str, Any] = Field(default_factory=dict, description="monitor-specific options")
 
     @model_validator(mode="after")
@@ -107,18 +108,18 @@ class AuditSpec(_Strict):
 class Policy(_Strict):
     """A guard policy (``version: 1``)."""
 
-    version: Literal[1] = 1
+    version: Literal[1] = Field(1, description="policy format version")
     observer: ObserverSpec | None = Field(
         None, description="hidden-state observer; needed by monitors that read model states"
     )
-    release: ReleaseSpec = Field(default_factory=ReleaseSpec)
+    release: ReleaseSpec = Field(default_factory=ReleaseSpec, description="hold-back window")
     on_error: OnError = Field("fail_closed", description="what a failing monitor does")
     halt_message: str = Field(DEFAULT_HALT_MESSAGE, description="default message on halt")
     raise_on_halt: bool = Field(
         False, description="adapters raise GuardrailViolation instead of a final halt chunk"
     )
-    audit: AuditSpec | None = None
-    monitors: list[MonitorSpec] = Field(default_factory=list)
+    audit: AuditSpec | None = Field(None, description="opt-in JSON Lines audit trail")
+    monitors: list[MonitorSpec] = Field(default_factory=list, description="monitors, in order")
 
     _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
     _source: str | None = PrivateAttr(default=None)
@@ -281,3 +282,54 @@ def policy_json_schema() -> dict[str, Any]:
 
 def policy_json_schema_text() -> str:
     return json.dumps(policy_json_schema(), indent=2)
+
+
+def policy_markdown() -> str:
+    """The policy reference in Markdown, generated from the pydantic models (docs/policy.md)."""
+    schema = Policy.model_json_schema()
+    defs = schema.get("$defs", {})
+    out = [
+        "# Policy reference",
+        "",
+        "Generated from the schema by `guardrail schema --markdown`; do not edit by hand.",
+        "A policy is YAML, read with `yaml.safe_load`; `guardrail check FILE` validates one and",
+        "names every error with its field path and line.",
+        "",
+    ]
+
+    def type_of(prop: dict[str, Any]) -> str:
+        if "$ref" in prop:
+            return prop["$ref"].rsplit("/", 1)[-1]
+        if "enum" in prop:
+            return " \\| ".join(f"`{v}`" for v in prop["enum"])
+        if "const" in prop:
+            return f"`{prop['const']}`"
+        if "anyOf" in prop:
+            return " or ".join(type_of(p) for p in prop["anyOf"])
+        if "oneOf" in prop:
+            return " or ".join(type_of(p) for p in prop["oneOf"])
+        if prop.get("type") == "array":
+            return f"list of {type_of(prop.get('items', {}))}"
+        return str(prop.get("type", "any"))
+
+    def table(title: str, model: dict[str, Any]) -> None:
+        out.extend([f"## {title}", "", (model.get("description") or "").strip(), "",
+                    "| field | type | default | description |", "|---|---|---|---|"])
+        required = set(model.get("required", []))
+        for name, prop in model.get("properties", {}).items():
+            if name in required:
+                default = "required"
+            elif "default" in prop:
+                default = f"`{json.dumps(prop['default'])}`"
+            else:
+                default = "its defaults" if "$ref" in prop else "empty"
+            desc = (prop.get("description") or "").replace("|", "\\|")
+            out.append(f"| `{name}` | {type_of(prop)} | {default} | {desc} |")
+        out.append("")
+
+    table("Policy", schema)
+    for name in ("ObserverSpec", "ReleaseSpec", "MonitorSpec", "RouteTarget", "AuditSpec",
+                 "ThresholdRule", "CountRule", "ConsecutiveRule", "SpanMaxRule"):
+        if name in defs:
+            table(name, defs[name])
+    return "\n".join(out).rstrip() + "\n"

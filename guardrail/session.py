@@ -112,8 +112,10 @@ class GuardSession:
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
         can_route: bool = False,
+        dry_run: bool = False,
     ) -> None:
         self.guard = guard
+        self.dry_run = dry_run
         self.can_route = can_route
         self.route_pending: Route | None = None
         self.policy = guard.policy
@@ -350,12 +352,12 @@ class GuardSession:
     def _act(self, run: _Run, verdict: Verdict, events: list[Event]) -> None:
         spec = run.spec
         span = self._char_span(verdict)
-        if spec.action in ("flag", "redact"):
+        if self.dry_run or spec.action in ("flag", "redact"):
             flag = Flag(spec.id, verdict.score, span, verdict.tokens, verdict.rule,
                         action=spec.action, label=verdict.label)
             self._flags.append(flag)
             events.append(flag)
-            if spec.action == "redact":
+            if spec.action == "redact" and not self.dry_run:
                 start = max(span[0], self._released_chars)
                 if span[1] > start:
                     self._redactions.append((start, span[1]))
