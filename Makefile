@@ -29,7 +29,7 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check $(wildcard guardrail plugins adapters tests bench examples)
-	$(VENV)/bin/mypy guardrail $(wildcard plugins/*/guardrail_* adapters/*/guardrail_*)
+	$(VENV)/bin/mypy guardrail bench $(wildcard plugins/*/guardrail_* adapters/*/guardrail_*)
 
 typecheck: lint
 

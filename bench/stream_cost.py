@@ -98,7 +98,7 @@ def run(guard: Guard, label: str, lengths: list[int], repeats: int) -> dict[str,
                          "median_cpu_s": median([c for _, c in samples])})
         cpu = [r["median_cpu_s"] for r in rows]
         out["schemes"][name] = {"rows": rows, "growth_exponent": growth_exponent(lengths, cpu)}
-    for n_i, n in enumerate(lengths):
+    for n_i in range(len(lengths)):
         base = out["schemes"]["ours"]["rows"][n_i]["median_cpu_s"]
         for name in SCHEMES:
             row = out["schemes"][name]["rows"][n_i]
