@@ -38,7 +38,11 @@ __all__ = [
 
 log = logging.getLogger("guardrail.plugins")
 
-DEFAULT_PLUGINS = ("guardrail.builtin.text_monitors", "guardrail.builtin.observers")
+DEFAULT_PLUGINS = (
+    "guardrail.builtin.text_monitors",
+    "guardrail.builtin.observers",
+    "guardrail.builtin.audit",
+)
 
 ENV_DISABLE_AUTOLOAD = "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD"
 ENV_BLOCK = "GUARDRAIL_BLOCK_PLUGINS"

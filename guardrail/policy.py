@@ -103,6 +103,9 @@ class AuditSpec(_Strict):
     """Opt-in audit trail: every flag, halt, route and error as JSON Lines."""
 
     path: str = Field(description="JSON Lines file to append to")
+    fsync: bool = Field(
+        False, description="also fsync each line (survives power loss, not just a killed process)"
+    )
 
 
 class Policy(_Strict):
