@@ -1,0 +1,268 @@
+"""Sans-I/O translation between LangChain stream items and a guard session.
+
+``StreamTranslator.step(item)`` feeds one upstream item (a ``str`` or a message chunk) and returns
+what the reader may see (items of the same kind, carrying only released text) plus the guard
+events to dispatch. The sync and async transforms drive it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk
+from langchain_core.messages.tool import tool_call_chunk
+
+from guardrail import (
+    Event,
+    Guard,
+    GuardrailViolation,
+    Halt,
+    Release,
+    Report,
+    StreamStep,
+    TokenLogprob,
+    event_to_dict,
+)
+
+__all__ = ["CONTENT_FILTER", "StreamTranslator", "item_text", "session_messages"]
+
+CONTENT_FILTER = "content_filter"
+EVENT_PREFIX = "guardrail."
+
+
+def item_text(item: Any) -> str:
+    """The text a stream item carries; raises ``TypeError`` for items a guard cannot read."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, BaseMessage):
+        return str(item.text)
+    raise TypeError(
+        f"GuardRunnable reads str or chat message (chunk) streams, got {type(item).__name__}; "
+        "put it right after a chat model or a StrOutputParser"
+    )
+
+
+def session_messages(messages: Sequence[Any] | None) -> list[dict[str, Any]]:
+    """Conversation context for the session: OpenAI-shaped dicts from dicts or LangChain
+    messages."""
+    out: list[dict[str, Any]] = []
+    for message in messages or ():
+        if isinstance(message, BaseMessage):
+            role = {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+            out.append({"role": role, "content": str(message.text)})
+        elif isinstance(message, Mapping):
+            out.append(dict(message))
+        else:
+            raise TypeError(f"guardrail messages: cannot read a {type(message).__name__}")
+    return out
+
+
+def _logprobs(item: Any) -> list[TokenLogprob] | None:
+    """OpenAI-style logprobs that chat models put in ``response_metadata['logprobs']``."""
+    meta = getattr(item, "response_metadata", None) or {}
+    content = (meta.get("logprobs") or {}).get("content") if isinstance(meta, Mapping) else None
+    if not content:
+        return None
+    out = []
+    for entry in content:
+        top = {t["token"]: float(t["logprob"]) for t in entry.get("top_logprobs") or ()}
+        out.append(TokenLogprob(str(entry["token"]), float(entry["logprob"]), top))
+    return out
+
+
+def _with_text(content: Any, text: str) -> Any:
+    """``content`` with its text replaced by ``text`` (non-text blocks are kept)."""
+    if isinstance(content, str):
+        return text
+    kept = [b for b in content if not (isinstance(b, str) or
+                                      (isinstance(b, Mapping) and b.get("type") == "text"))]
+    return ([{"type": "text", "text": text}] if text else []) + kept
+
+
+def _as_chunk(message: BaseMessage) -> BaseMessageChunk:
+    """A whole message as a chunk, so streamed outputs can be added up."""
+    if isinstance(message, BaseMessageChunk):
+        return message
+    if isinstance(message, AIMessage):
+        chunks = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c.get("id"),
+                                  index=i) for i, c in enumerate(message.tool_calls)]
+        return AIMessageChunk(content=message.content, id=message.id,
+                              additional_kwargs=message.additional_kwargs,
+                              response_metadata=message.response_metadata,
+                              usage_metadata=message.usage_metadata, tool_call_chunks=chunks)
+    return AIMessageChunk(content=message.content, id=message.id,
+                          response_metadata=message.response_metadata)
+
+
+@dataclass
+class Step:
+    """What one upstream item turned into."""
+
+    outputs: list[Any] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+class StreamTranslator:
+    """One stream under guard, as LangChain items."""
+
+    def __init__(self, guard: Guard, messages: Sequence[Mapping[str, Any]], *,
+                 raise_on_halt: bool | None = None) -> None:
+        self.session = guard.session(messages, metadata={"adapter": "langchain"})
+        self.raise_on_halt = guard.policy.raise_on_halt if raise_on_halt is None \
+            else raise_on_halt
+        self.halt: Halt | None = None
+        self.report: Report | None = None
+        self._template: BaseMessageChunk | None = None
+        self._strings = False
+
+    @property
+    def violation(self) -> GuardrailViolation:
+        assert self.halt is not None
+        return GuardrailViolation(self.halt, self.report)
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def step(self, item: Any) -> Step:
+        text = item_text(item)
+        step = Step()
+        if self.report is not None:  # after a halt or the last chunk nothing more is read
+            return step
+        events: list[Event] = []
+        if text:
+            events = self.session.feed(StreamStep(text=text, logprobs=_logprobs(item)))
+        last = getattr(item, "chunk_position", None) == "last"
+        if last and not self._halted(events):
+            events += self._finish()
+        self._collect(events, step)
+        if isinstance(item, str):
+            self._strings = True
+            released = self._released(events)
+            if released:
+                step.outputs.append(released)
+        else:
+            chunk = self._rewrite(_as_chunk(item), events)
+            if chunk is not None:
+                step.outputs.append(chunk)
+        self._halt_output(step)
+        return step
+
+    def finish(self) -> Step:
+        """The upstream ended: release what is held (unless a last chunk did already)."""
+        step = Step()
+        if self.report is not None:
+            return step
+        events = self._finish()
+        self._collect(events, step)
+        released = self._released(events)
+        if released:
+            if self._strings or self._template is None:
+                step.outputs.append(released)
+            else:
+                step.outputs.append(AIMessageChunk(content=released, id=self._template.id,
+                                                   response_metadata=self._metadata(events)))
+        self._halt_output(step)
+        return step
+
+    def abort(self, reason: str) -> None:
+        if self.report is None and not self.session.closed:
+            self.report = self.session.abort(reason)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _finish(self) -> list[Event]:
+        self.report = self.session.finish()
+        return list(self.report.final_events)
+
+    def _halted(self, events: list[Event]) -> bool:
+        for event in events:
+            if isinstance(event, Halt):
+                self.halt = event
+                if self.report is None:
+                    self.report = self.session.finish()
+        return self.halt is not None
+
+    def _collect(self, events: list[Event], step: Step) -> None:
+        self._halted(events)
+        for event in events:
+            if not isinstance(event, Release):
+                data = event_to_dict(event)
+                data["session_id"] = self.session.id
+                step.events.append((EVENT_PREFIX + data["kind"], data))
+
+    @staticmethod
+    def _released(events: list[Event]) -> str:
+        return "".join(e.text for e in events if isinstance(e, Release))
+
+    @staticmethod
+    def _metadata(events: list[Event]) -> dict[str, Any]:
+        details = [event_to_dict(e) for e in events
+                   if not isinstance(e, (Release, Halt))]
+        return {"guardrail": {"events": details}} if details else {}
+
+    def _rewrite(self, chunk: BaseMessageChunk, events: list[Event]) -> BaseMessageChunk | None:
+        self._template = self._template or chunk
+        released = self._released(events)
+        metadata = {**chunk.response_metadata, **self._metadata(events)}
+        if self.halt is not None:
+            metadata.pop("finish_reason", None)  # the halt chunk carries the finish reason
+            metadata.pop("logprobs", None)  # they describe text that was not released
+        update: dict[str, Any] = {"content": _with_text(chunk.content, released),
+                                  "response_metadata": metadata}
+        if self.halt is not None and isinstance(chunk, AIMessageChunk):
+            update["chunk_position"] = None
+        out = chunk.model_copy(update=update)
+        carries = (released or metadata or out.additional_kwargs
+                   or getattr(out, "tool_call_chunks", None) or getattr(out, "usage_metadata", None)
+                   or getattr(out, "chunk_position", None))
+        return out if carries else None
+
+    def _halt_output(self, step: Step) -> None:
+        if self.halt is None or self.raise_on_halt:
+            return
+        if self._strings or self._template is None:
+            step.outputs.append(self.halt.message)
+            return
+        step.outputs.append(AIMessageChunk(
+            content=self.halt.message,
+            id=self._template.id,
+            response_metadata={"finish_reason": CONTENT_FILTER,
+                               "guardrail": {"halt": event_to_dict(self.halt)}},
+            chunk_position="last",
+        ))
+
+
+def guard_whole(translator: StreamTranslator, item: Any) -> tuple[Any, list[tuple[str, Any]]]:
+    """Guard a complete ``str`` or message (``invoke``): on halt the content becomes the halt
+    message (tool calls dropped, ``finish_reason`` ``content_filter``); otherwise the released
+    text (redactions applied)."""
+    text = item_text(item)
+    events = translator.session.feed(text) if text else []
+    step = Step()
+    if not translator._halted(events):
+        events += translator._finish()
+    translator._collect(events, step)
+    report = translator.report
+    assert report is not None
+    halt = translator.halt
+    if halt is not None and translator.raise_on_halt:
+        raise translator.violation
+    if isinstance(item, str):
+        return (halt.message if halt is not None else report.released_text), step.events
+    assert isinstance(item, BaseMessage)
+    metadata = {**item.response_metadata, **translator._metadata(events)}
+    update: dict[str, Any] = {"response_metadata": metadata}
+    if halt is not None:
+        metadata["finish_reason"] = CONTENT_FILTER
+        metadata["guardrail"] = {**metadata.get("guardrail", {}), "halt": event_to_dict(halt)}
+        metadata.pop("logprobs", None)
+        update["content"] = halt.message
+        if isinstance(item, AIMessage):
+            update.update(tool_calls=[], invalid_tool_calls=[])
+            if isinstance(item, AIMessageChunk):
+                update["tool_call_chunks"] = []
+    else:
+        update["content"] = _with_text(item.content, report.released_text)
+    return item.model_copy(update=update), step.events
