@@ -7,6 +7,7 @@ Every command that takes ``--policy`` defaults to the built-in default policy; `
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -114,8 +115,12 @@ def _describe(event: Event) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     guard = _guard(args)
-    source: TextIO = sys.stdin if args.file in (None, "-") else open(  # noqa: SIM115
-        args.file, encoding="utf-8")
+    if args.file in (None, "-"):
+        if isinstance(sys.stdin, io.TextIOWrapper):  # invalid UTF-8 becomes U+FFFD, not a crash
+            sys.stdin.reconfigure(errors="replace")
+        source: TextIO = sys.stdin
+    else:
+        source = open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115
     session = guard.session(prompt=args.prompt)
     out = sys.stdout
     try:

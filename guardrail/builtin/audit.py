@@ -32,8 +32,8 @@ def _write(session: GuardSession, record: dict[str, Any]) -> None:
     if audit is None:
         return
     path = str(Path(audit.path).expanduser())
-    line = json.dumps({"time": time.time(), "session": session.id, **record},
-                      ensure_ascii=False)
+    # ASCII escapes: a lone surrogate in metadata must not make the write fail
+    line = json.dumps({"time": time.time(), "session": session.id, **record})
     with _lock:
         fh = _files.get(path)
         if fh is None:

@@ -7,6 +7,7 @@ stateless monitor objects, per-stream state from ``start()``, one score per new 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,10 @@ class RegexOptions(BaseModel):
     label: str | None = Field(None, description="label shown on flags")
     lookback_chars: int = Field(
         256, ge=1, description="how far back a match may start before the newest token"
+    )
+    normalize: bool = Field(
+        True, description="match through NFKC, dropped zero-width characters and Latin "
+        "look-alikes (Cyrillic/Greek homoglyphs), so 'b\u200bomb' and 'bоmb' still match",
     )
 
     @field_validator("patterns")
@@ -60,6 +65,7 @@ class RegexMonitor(Monitor):
         self.pattern = re.compile("|".join(f"(?:{p})" for p in options.patterns), flags)
         self.label = options.label
         self.lookback = options.lookback_chars
+        self.normalize = options.normalize
 
     def start(self, context: MonitorContext) -> _ScanState:
         return _ScanState()
@@ -70,9 +76,8 @@ class RegexMonitor(Monitor):
         end = features.tokens[-1].end
         begin = max(0, min(state.scanned_to, features.tokens[0].start) - self.lookback)
         hits: list[tuple[int, int]] = []
-        for m in self.pattern.finditer(features.text, begin, end):
-            span = (m.start(), m.end())
-            if m.end() > m.start() and m.end() > state.scanned_to and span not in state.reported:
+        for span in self._matches(features.text, begin, end):
+            if span[1] > span[0] and span[1] > state.scanned_to and span not in state.reported:
                 state.reported.add(span)
                 hits.append(span)
         state.scanned_to = end
@@ -82,6 +87,38 @@ class RegexMonitor(Monitor):
             scores.append(Score(i, 1.0 if hit else 0.0, span=hit, label=self.label))
         return scores
 
+    def _matches(self, text: str, begin: int, end: int) -> list[tuple[int, int]]:
+        """Match spans in ``text[begin:end]``, as offsets into ``text``."""
+        if not self.normalize:
+            return [(m.start(), m.end()) for m in self.pattern.finditer(text, begin, end)]
+        norm, index = normalized(text, begin, end)
+        return [(index[m.start()], index[m.end() - 1] + 1)
+                for m in self.pattern.finditer(norm) if m.end() > m.start()]
+
+
+# Characters that render as nothing: a filter must not let them split a word.
+_INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063"
+                                "\u2064\ufeff"))
+# Cyrillic and Greek letters that look like Latin ones (the common confusables).
+_LOOKALIKES = str.maketrans(
+    "аеорсухАВЕКМНОРСТХіјѕԁɡΑΒΕΖΗΙΚΜΝΟΡΤΥΧονаеі",
+    "aeopcyxABEKMHOPCTXijsdgABEZHIKMNOPTYXovaei",
+)
+
+
+def normalized(text: str, begin: int, end: int) -> tuple[str, list[int]]:
+    """``text[begin:end]`` folded for matching, with the original offset of every folded char."""
+    out: list[str] = []
+    index: list[int] = []
+    for pos in range(begin, end):
+        ch = text[pos]
+        if ord(ch) in _INVISIBLE:
+            continue
+        folded = unicodedata.normalize("NFKC", ch).translate(_LOOKALIKES)
+        out.append(folded)
+        index.extend([pos] * len(folded))
+    return "".join(out), index
+
 
 class KeywordOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +126,7 @@ class KeywordOptions(BaseModel):
     words: list[str] = Field(min_length=1, description="words or phrases, matched whole")
     ignore_case: bool = True
     label: str | None = None
+    normalize: bool = True
 
 
 class KeywordMonitor(RegexMonitor):
@@ -99,7 +137,8 @@ class KeywordMonitor(RegexMonitor):
     def __init__(self, options: KeywordOptions) -> None:
         patterns = [r"\b" + r"\s+".join(map(re.escape, w.split())) + r"\b" for w in options.words]
         super().__init__(
-            RegexOptions(patterns=patterns, ignore_case=options.ignore_case, label=options.label)
+            RegexOptions(patterns=patterns, ignore_case=options.ignore_case, label=options.label,
+                         normalize=options.normalize)
         )
 
 

@@ -123,3 +123,12 @@ def test_train_dispatches_to_a_registered_trainer(capsys: pytest.CaptureFixture[
         assert "no trainer 'nope'" in capsys.readouterr().err
     finally:
         host.unregister("toy-trainer")
+
+
+def test_run_survives_invalid_utf8_on_stdin(policy: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "guardrail.cli", "run", "--policy", str(policy)],
+                         input=b"caf\xe9 au lait \xff\xfe then a bomb here", capture_output=True,
+                         timeout=120)
+    assert out.returncode == 0
+    assert out.stdout.decode().startswith("caf\ufffd au lait")
+    assert b"[halted by weapons" in out.stdout
