@@ -1,0 +1,100 @@
+"""Threshold calibration against hand-computed choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from guardrail.probes.calibrate import (
+    calibrate_count_k,
+    streaming_metrics,
+    threshold_for_fpr,
+    threshold_for_recall,
+)
+
+LABELS = [0, 0, 1, 1]
+SCORES = [0.1, 0.4, 0.35, 0.8]
+
+
+def test_threshold_for_recall_picks_fewest_positives() -> None:
+    choice = threshold_for_recall(LABELS, SCORES, target=0.95)
+    assert choice.threshold == 0.35
+    assert choice.recall == 1.0
+    assert choice.positive_rate == 0.75
+    assert choice.met
+    assert threshold_for_recall(LABELS, SCORES, target=0.5).threshold == 0.8
+
+
+def test_threshold_for_recall_reports_an_unreachable_target() -> None:
+    choice = threshold_for_recall(LABELS, SCORES, target=0.95, candidates=[0.9, 0.5])
+    assert not choice.met
+    assert (choice.threshold, choice.recall) == (0.5, 0.5)
+
+
+def test_threshold_for_fpr() -> None:
+    assert threshold_for_fpr(LABELS, SCORES, target=0.1).threshold == 0.8
+    choice = threshold_for_fpr(LABELS, SCORES, target=0.5)
+    assert (choice.threshold, choice.recall, choice.fpr) == (0.35, 1.0, 0.5)
+
+
+STREAMS = [
+    [0.1, 0.9, 0.9, 0.9],  # harmful: second flag at index 2 -> 3/4 seen
+    [0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],  # harmful: second flag at index 1 -> 2/8
+    [0.9, 0.1, 0.1, 0.1],  # benign with one flagged prefix
+    [0.1, 0.1, 0.1],  # benign
+]
+STREAM_LABELS = [1, 1, 0, 0]
+
+
+def test_calibrate_count_k_finds_the_separating_k() -> None:
+    best = calibrate_count_k(STREAMS, STREAM_LABELS, thresholds=[0.5], ks=[1, 2, 3])
+    assert (best.threshold, best.k) == (0.5, 2)
+    assert best.macro_f1 == 1.0
+    assert best.fraction_seen == pytest.approx((3 / 4 + 2 / 8) / 2)
+    assert best.false_halt_rate == 0.0
+
+
+def test_streaming_metrics_at_k1() -> None:
+    # k=1 halts the benign stream too: tp=2 fp=1 tn=1 -> F1_1 = 4/5, F1_0 = 2/3.
+    r = streaming_metrics(STREAMS, STREAM_LABELS, 0.5, 1)
+    assert r.macro_f1 == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert r.false_halt_rate == 0.5
+    assert r.fraction_seen == pytest.approx((2 / 4 + 1 / 8) / 2)
+
+
+CAP_STREAMS = [[0.9] * 5, [0.9, 0.9, 0.1, 0.1], [0.9, 0.1, 0.1], [0.9, 0.9, 0.1], [0.1]]
+CAP_LABELS = [1, 1, 1, 0, 0]
+
+
+def test_calibrate_count_k_respects_a_false_halt_cap() -> None:
+    free = calibrate_count_k(CAP_STREAMS, CAP_LABELS, thresholds=[0.5], ks=[1, 2, 3])
+    assert free.k == 1
+    assert free.false_halt_rate == 0.5
+    capped = calibrate_count_k(CAP_STREAMS, CAP_LABELS, thresholds=[0.5], ks=[1, 2, 3],
+                               max_false_halt_rate=0.0)
+    assert capped.k == 3
+    assert capped.false_halt_rate == 0.0
+    assert capped.macro_f1 == pytest.approx((0.5 + 2 / 3) / 2)
+    assert capped.constraint_met
+
+
+def test_calibrate_count_k_says_when_no_setting_meets_the_cap() -> None:
+    r = calibrate_count_k(CAP_STREAMS, CAP_LABELS, thresholds=[0.5], ks=[1],
+                          max_false_halt_rate=0.0)
+    assert not r.constraint_met
+    assert r.false_halt_rate == 0.5
+
+
+def test_calibrate_rejects_mismatched_inputs() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        calibrate_count_k(STREAMS, [1, 0])
+
+
+def test_metrics_and_calibration_import_without_numpy_or_torch() -> None:
+    # guardrail eval imports these in the core, which must not pull in the heavy extras.
+    import subprocess
+    import sys
+
+    code = ("import sys, guardrail.probes.metrics, guardrail.probes.calibrate; "
+            "print(sorted({'numpy', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
