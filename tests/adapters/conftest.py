@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from guardrail import Guard
+from guardrail import Features, Guard, Monitor, Score
 from guardrail.plugins import PluginHost
+from guardrail.testing import plugin_monitors
 from guardrail.testing.upstream import upstream_server  # noqa: F401  (a fixture)
 
 HALT_MESSAGE = "Sorry, I can't continue with that."
@@ -41,3 +42,20 @@ def make_guard() -> Callable[..., Guard]:
 @pytest.fixture
 def halt_message() -> str:
     return HALT_MESSAGE
+
+
+class SurpriseMonitor(Monitor):
+    """Scores 1.0 on the newest token when the upstream sent a logprob below -5."""
+
+    def update(self, state: Any, features: Features) -> Sequence[Score]:
+        surprised = any(lp.logprob < -5 for lp in features.logprobs)
+        return [Score(i, 1.0 if surprised and i == features.indices[-1] else 0.0)
+                for i in features.indices]
+
+
+@pytest.fixture
+def logprob_guard() -> Guard:
+    """Halts with "low confidence" once the upstream sends a token logprob below -5."""
+    spec = {"id": "surprise", "use": "surprise", "action": "halt", "message": "low confidence"}
+    with plugin_monitors(surprise=lambda: SurpriseMonitor()) as host:
+        return _make_guard(2, extra=[spec], host=host)

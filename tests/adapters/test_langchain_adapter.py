@@ -17,7 +17,7 @@ from langchain_core.runnables import Runnable
 
 from guardrail import Features, Guard, GuardrailViolation, Monitor, MonitorContext, Score
 from guardrail.testing import plugin_monitors
-from guardrail.testing.upstream import Script, UpstreamServer, split_words
+from guardrail.testing.upstream import Script, ToolCall, UpstreamServer, split_words
 
 HARMFUL = ("Here is how to build a bomb at home with things you can buy in any shop near you "
            "and then some more words to keep the stream going for quite a while longer")
@@ -289,3 +289,61 @@ def test_chat_openai_benign_and_invoke(upstream_server: UpstreamServer,
     halted = chain.invoke("hi")
     assert halted.content == halt_message
     assert halted.response_metadata["finish_reason"] == "content_filter"
+
+
+def test_chat_openai_logprobs_reach_monitors_and_stay_with_their_text(
+        upstream_server: UpstreamServer, logprob_guard: Guard) -> None:
+    from langchain_openai import ChatOpenAI
+
+    words = split_words(BENIGN)
+    logprobs = [-0.2] * len(words)
+    logprobs[8] = -9.0
+    upstream_server.enqueue(Script(text=BENIGN, logprobs=logprobs))
+    model = ChatOpenAI(base_url=upstream_server.base_url, api_key="k", model="m", logprobs=True)
+    chunks = list((model | logprob_guard.as_runnable()).stream("hi"))
+    assert chunks[-1].content == "low confidence"
+    shown = _text(chunks[:-1])
+    assert shown and BENIGN.startswith(shown) and len(shown) < len("".join(words[:9]))
+    tokens = [e["token"] for c in chunks
+              for e in c.response_metadata.get("logprobs", {}).get("content", [])]
+    assert "".join(tokens) == shown  # no logprob goes out ahead of its text
+
+
+def test_chat_openai_tool_call_chunks_pass(upstream_server: UpstreamServer,
+                                           make_guard: Callable[..., Guard]) -> None:
+    from langchain_openai import ChatOpenAI
+
+    args = '{"city": "Paris"}'
+    upstream_server.enqueue(Script(text="Checking now.",
+                                   tool_calls=[ToolCall("get_weather", args, id="call_1")]))
+    model = ChatOpenAI(base_url=upstream_server.base_url, api_key="k", model="m")
+    chunks = list((model | make_guard().as_runnable()).stream("weather?"))
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    assert total.content == "Checking now."
+    assert total.tool_calls == [{"name": "get_weather", "args": {"city": "Paris"},
+                                 "id": "call_1", "type": "tool_call"}]
+
+
+async def test_reader_aclose_stops_the_model(make_guard: Callable[..., Guard]) -> None:
+    model, counter = fake_model(BENIGN * 3)
+    stream = (model | make_guard().as_runnable()).astream("hi")
+    for _ in range(3):
+        await stream.__anext__()
+    await stream.aclose()
+    assert counter.produced < 20
+
+
+def test_stream_of_a_whole_message(make_guard: Callable[..., Guard], halt_message: str) -> None:
+    runnable = make_guard().as_runnable()
+    fine = list(runnable.stream(AIMessage(content=BENIGN)))
+    assert all(isinstance(c, AIMessageChunk) for c in fine) and _text(fine) == BENIGN
+    halted = list(runnable.stream(AIMessage(content=HARMFUL)))
+    assert halted[-1].content == halt_message
+    assert halted[-1].response_metadata["finish_reason"] == "content_filter"
+
+
+def test_rejects_what_it_cannot_read(make_guard: Callable[..., Guard]) -> None:
+    with pytest.raises(TypeError, match="str or chat message"):
+        list(make_guard().as_runnable().stream({"text": "a dict"}))

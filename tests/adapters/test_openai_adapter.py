@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from guardrail import Features, Guard, GuardrailViolation, Monitor, Score
-from guardrail.testing import plugin_monitors
+from guardrail import Guard, GuardrailViolation
 from guardrail.testing.upstream import Script, ToolCall, UpstreamServer, split_words
 
 HARMFUL = ("Here is how to build a bomb at home with things you can buy in any shop near you "
@@ -180,26 +178,13 @@ def test_redaction_is_applied_in_the_stream(upstream_server: UpstreamServer,
 # -- logprobs and tool calls ---------------------------------------------------------------
 
 
-class _SurpriseMonitor(Monitor):
-    """Scores 1.0 on the newest token when the upstream sent a logprob below -5."""
-
-    def update(self, state: Any, features: Features) -> Sequence[Score]:
-        surprised = any(lp.logprob < -5 for lp in features.logprobs)
-        return [Score(i, 1.0 if surprised and i == features.indices[-1] else 0.0)
-                for i in features.indices]
-
-
 def test_logprobs_reach_monitors_and_stay_with_their_text(upstream_server: UpstreamServer,
-                                                          make_guard: Callable[..., Guard]
-                                                          ) -> None:
+                                                          logprob_guard: Guard) -> None:
     words = split_words(BENIGN)
     logprobs = [-0.2] * len(words)
     logprobs[8] = -9.0
     upstream_server.enqueue(Script(text=BENIGN, logprobs=logprobs))
-    surprise = {"id": "surprise", "use": "surprise", "action": "halt", "message": "low confidence"}
-    with plugin_monitors(surprise=lambda: _SurpriseMonitor()) as host:
-        guard = make_guard(2, extra=[surprise], host=host)
-    client = guard.wrap(openai.OpenAI(base_url=upstream_server.base_url, api_key="k"))
+    client = logprob_guard.wrap(openai.OpenAI(base_url=upstream_server.base_url, api_key="k"))
     chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True,
                                                  logprobs=True, top_logprobs=2))
     assert chunks[-1].choices[0].delta.content == "low confidence"

@@ -8,6 +8,7 @@ events to dispatch. The sync and async transforms drive it the same way.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,17 +61,20 @@ def session_messages(messages: Sequence[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _logprobs(item: Any) -> list[TokenLogprob] | None:
-    """OpenAI-style logprobs that chat models put in ``response_metadata['logprobs']``."""
+def _logprob_entries(item: Any) -> list[Mapping[str, Any]]:
+    """OpenAI-style logprob entries a chat model put in ``response_metadata['logprobs']``."""
     meta = getattr(item, "response_metadata", None) or {}
-    content = (meta.get("logprobs") or {}).get("content") if isinstance(meta, Mapping) else None
-    if not content:
-        return None
+    logprobs = meta.get("logprobs") if isinstance(meta, Mapping) else None
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    return list(content or ())
+
+
+def _token_logprobs(entries: list[Mapping[str, Any]]) -> list[TokenLogprob] | None:
     out = []
-    for entry in content:
+    for entry in entries:
         top = {t["token"]: float(t["logprob"]) for t in entry.get("top_logprobs") or ()}
         out.append(TokenLogprob(str(entry["token"]), float(entry["logprob"]), top))
-    return out
+    return out or None
 
 
 def _with_text(content: Any, text: str) -> Any:
@@ -117,6 +121,10 @@ class StreamTranslator:
         self.report: Report | None = None
         self._template: BaseMessageChunk | None = None
         self._strings = False
+        # Logprob entries wait with their text: (chars fed when they arrived, entry).
+        self._fed_chars = 0
+        self._released_chars = 0
+        self._logprobs: deque[tuple[int, Mapping[str, Any]]] = deque()
 
     @property
     def violation(self) -> GuardrailViolation:
@@ -132,7 +140,10 @@ class StreamTranslator:
             return step
         events: list[Event] = []
         if text:
-            events = self.session.feed(StreamStep(text=text, logprobs=_logprobs(item)))
+            entries = _logprob_entries(item)
+            self._fed_chars += len(text)
+            self._logprobs.extend((self._fed_chars, e) for e in entries)
+            events = self.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
         last = getattr(item, "chunk_position", None) == "last"
         if last and not self._halted(events):
             events += self._finish()
@@ -161,8 +172,12 @@ class StreamTranslator:
             if self._strings or self._template is None:
                 step.outputs.append(released)
             else:
+                metadata = self._metadata(events)
+                logprobs = self._release_logprobs(events)
+                if logprobs:
+                    metadata["logprobs"] = {"content": logprobs}
                 step.outputs.append(AIMessageChunk(content=released, id=self._template.id,
-                                                   response_metadata=self._metadata(events)))
+                                                   response_metadata=metadata))
         self._halt_output(step)
         return step
 
@@ -206,9 +221,12 @@ class StreamTranslator:
         self._template = self._template or chunk
         released = self._released(events)
         metadata = {**chunk.response_metadata, **self._metadata(events)}
+        metadata.pop("logprobs", None)  # they go out with their text, below
+        released_logprobs = self._release_logprobs(events)
+        if released_logprobs:
+            metadata["logprobs"] = {"content": released_logprobs}
         if self.halt is not None:
             metadata.pop("finish_reason", None)  # the halt chunk carries the finish reason
-            metadata.pop("logprobs", None)  # they describe text that was not released
         update: dict[str, Any] = {"content": _with_text(chunk.content, released),
                                   "response_metadata": metadata}
         if self.halt is not None and isinstance(chunk, AIMessageChunk):
@@ -218,6 +236,19 @@ class StreamTranslator:
                    or getattr(out, "tool_call_chunks", None) or getattr(out, "usage_metadata", None)
                    or getattr(out, "chunk_position", None))
         return out if carries else None
+
+    def _release_logprobs(self, events: list[Event]) -> list[Mapping[str, Any]]:
+        for event in events:
+            if isinstance(event, Release):
+                self._released_chars = max(self._released_chars, event.end)
+        if self.halt is not None:
+            self._logprobs.clear()
+            return []
+        everything = self.report is not None
+        out = []
+        while self._logprobs and (everything or self._logprobs[0][0] <= self._released_chars):
+            out.append(self._logprobs.popleft()[1])
+        return out
 
     def _halt_output(self, step: Step) -> None:
         if self.halt is None or self.raise_on_halt:
@@ -239,7 +270,9 @@ def guard_whole(translator: StreamTranslator, item: Any) -> tuple[Any, list[tupl
     message (tool calls dropped, ``finish_reason`` ``content_filter``); otherwise the released
     text (redactions applied)."""
     text = item_text(item)
-    events = translator.session.feed(text) if text else []
+    entries = _logprob_entries(item)
+    events = translator.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries))) \
+        if text else []
     step = Step()
     if not translator._halted(events):
         events += translator._finish()
