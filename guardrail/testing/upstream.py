@@ -7,7 +7,8 @@ when the client hung up before the end. That is how tests prove that a halt stop
 
 Serves ``POST /v1/chat/completions`` (SSE with ``data: [DONE]`` when ``stream`` is true, one JSON
 body otherwise; logprobs when the request asks for them; tool-call deltas; a usage chunk with
-``stream_options.include_usage``) and ``GET /v1/models``.
+``stream_options.include_usage``; ``n`` choices that all replay the script) and
+``GET /v1/models``.
 
 Usage::
 
@@ -358,6 +359,7 @@ class _Completion:
         self.pieces = script.content_chunks()
         self.want_logprobs = bool(body.get("logprobs"))
         self.top_n = int(body.get("top_logprobs") or 0)
+        self.n = max(1, int(body.get("n") or 1))  # every choice replays the same script
 
     @property
     def finish_reason(self) -> str:
@@ -380,30 +382,37 @@ class _Completion:
                 "total_tokens": 5 + completion}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None,
-               logprobs: Any = None) -> dict[str, Any]:
+               logprobs: Any = None, index: int = 0) -> dict[str, Any]:
         return {
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.model, "system_fingerprint": "fp_scripted",
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish}],
         }
 
     def chunks(self) -> Iterator[dict[str, Any]]:
-        yield self._chunk({"role": "assistant", "content": ""})
+        """Content chunks of the choices interleave, one chunk per choice, as OpenAI sends them."""
+        choices = range(self.n)
+        for c in choices:
+            yield self._chunk({"role": "assistant", "content": ""}, index=c)
         for i, piece in enumerate(self.pieces):
             logprobs = {"content": [self._logprob_entry(i, piece)], "refusal": None} \
                 if self.want_logprobs else None
-            yield self._chunk({"content": piece}, logprobs=logprobs)
-        for n, call in enumerate(self.script.tool_calls):
-            args = call.arguments
-            step = max(1, -(-len(args) // max(1, call.pieces)))
-            yield self._chunk({"tool_calls": [{
-                "index": n, "id": call.id or f"call_{n}", "type": "function",
-                "function": {"name": call.name, "arguments": ""}}]})
-            for start in range(0, len(args), step):
+            for c in choices:
+                yield self._chunk({"content": piece}, logprobs=logprobs, index=c)
+        for c in choices:
+            for n, call in enumerate(self.script.tool_calls):
+                args = call.arguments
+                step = max(1, -(-len(args) // max(1, call.pieces)))
                 yield self._chunk({"tool_calls": [{
-                    "index": n, "function": {"arguments": args[start:start + step]}}]})
-        yield self._chunk({}, finish=self.finish_reason)
+                    "index": n, "id": call.id or f"call_{n}", "type": "function",
+                    "function": {"name": call.name, "arguments": ""}}]}, index=c)
+                for start in range(0, len(args), step):
+                    yield self._chunk({"tool_calls": [{
+                        "index": n, "function": {"arguments": args[start:start + step]}}]},
+                        index=c)
+        for c in choices:
+            yield self._chunk({}, finish=self.finish_reason, index=c)
         options = self.body.get("stream_options") or {}
         if isinstance(options, dict) and options.get("include_usage"):
             yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -424,8 +433,8 @@ class _Completion:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created,
             "model": self.model, "system_fingerprint": "fp_scripted",
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                         "finish_reason": self.finish_reason}],
+            "choices": [{"index": c, "message": message, "logprobs": logprobs,
+                         "finish_reason": self.finish_reason} for c in range(self.n)],
             "usage": self._usage(),
         }
 

@@ -279,3 +279,22 @@ def test_everything_else_delegates(upstream_server: UpstreamServer,
     halted = narrowed.chat.completions.create(model="m", messages=MESSAGES)
     assert halted.choices[0].finish_reason == "content_filter"
     assert upstream_server.completions()[-1].headers["authorization"] == "Bearer secret-key"
+
+
+def test_each_choice_has_its_own_guard(upstream_server: UpstreamServer,
+                                       make_guard: Callable[..., Guard],
+                                       halt_message: str) -> None:
+    upstream_server.enqueue(Script(text=BENIGN), Script(text=HARMFUL, delay=DELAY / 2))
+    client = make_guard().wrap(openai.OpenAI(base_url=upstream_server.base_url, api_key="k"))
+    chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True, n=2))
+    for index in (0, 1):
+        mine = [c for c in chunks if c.choices[0].index == index]
+        assert _content(mine) == BENIGN and mine[-1].choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True, n=2))
+    for index in (0, 1):
+        mine = [c for c in chunks if c.choices[0].index == index]
+        assert mine[-1].choices[0].delta.content == halt_message
+        assert mine[-1].choices[0].finish_reason == "content_filter"
+    record = upstream_server.completions()[-1]
+    assert record.wait(5) and record.disconnected  # closed once both choices halted
+    assert record.chunks_written < record.chunks_planned
