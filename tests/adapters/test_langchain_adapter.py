@@ -208,9 +208,12 @@ def test_invoke_and_batch(make_guard: Callable[..., Guard], halt_message: str) -
 
 
 async def test_ainvoke(make_guard: Callable[..., Guard], halt_message: str) -> None:
-    model, _ = fake_model(HARMFUL)
-    halted = await (model | make_guard().as_runnable()).ainvoke("hi")
+    model, _ = fake_model(HARMFUL, BENIGN)
+    chain = model | make_guard().as_runnable()
+    halted = await chain.ainvoke("hi")
     assert halted.content == halt_message
+    fine, = await chain.abatch(["hi"])
+    assert fine.content == BENIGN
     with pytest.raises(GuardrailViolation):
         await make_guard(raise_on_halt=True).as_runnable().ainvoke(HARMFUL)
 
