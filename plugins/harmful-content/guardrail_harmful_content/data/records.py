@@ -1,0 +1,76 @@
+"""Training records in the DESIGN.md §6 format, with the builder's extra fields.
+
+``{"prompt", "response", "label", "spans", "source", "group", "kind", "sentences"}``: ``spans``
+are content-word spans (label 1) of the harmful sentences; ``sentences`` lists every sentence with
+its 0/1 label so a trainer can use sentence-level labels too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sentences import content_word_spans, harmful_sentence_labels, split_sentences
+
+__all__ = ["Example", "group_id", "make_record", "normalise"]
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Lower-cased, whitespace-collapsed text: the key for grouping and deduplication."""
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+def group_id(namespace: str, key: str) -> str:
+    """A short stable id for a prompt/objective (``namespace:hash``)."""
+    digest = hashlib.sha1(normalise(key).encode("utf-8")).hexdigest()[:12]
+    return f"{namespace}:{digest}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A response before labelling: what the sources and generators produce."""
+
+    prompt: str
+    response: str
+    label: int
+    source: str
+    group: str
+    kind: str
+    benign_prefix_chars: int = 0  # harmful records: the first chars are a known-benign preamble
+    holdout: bool = False  # generated from a test-only topic or template: forced into test
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_record(example: Example) -> dict[str, Any]:
+    """The JSON object for one example, with sentence labels and content-word spans."""
+    response = example.response
+    sentences = split_sentences(response)
+    if example.label == 1:
+        labels = harmful_sentence_labels(response, sentences)
+        if example.benign_prefix_chars:
+            labels = [0 if s.start < example.benign_prefix_chars else lab
+                      for s, lab in zip(sentences, labels, strict=True)]
+            if not any(labels):
+                labels = [0 if s.start < example.benign_prefix_chars else 1 for s in sentences]
+    else:
+        labels = [0] * len(sentences)
+    spans = [{"start": a, "end": b, "label": 1}
+             for s, lab in zip(sentences, labels, strict=True) if lab
+             for a, b in content_word_spans(response, s.start, s.end)]
+    record: dict[str, Any] = {
+        "prompt": example.prompt,
+        "response": response,
+        "label": example.label,
+        "spans": spans,
+        "source": example.source,
+        "group": example.group,
+        "kind": example.kind,
+        "sentences": [{"start": s.start, "end": s.end, "label": lab}
+                      for s, lab in zip(sentences, labels, strict=True)],
+    }
+    record.update(example.extra)
+    return record
