@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,7 +11,7 @@ import pytest
 
 from guardrail import Features, Guard, Monitor, Score
 from guardrail.plugins import PluginHost
-from guardrail.testing import plugin_monitors
+from guardrail.testing import SlowMonitor, plugin_monitors
 from guardrail.testing.upstream import upstream_server  # noqa: F401  (a fixture)
 
 HALT_MESSAGE = "Sorry, I can't continue with that."
@@ -59,3 +61,45 @@ def logprob_guard() -> Guard:
     spec = {"id": "surprise", "use": "surprise", "action": "halt", "message": "low confidence"}
     with plugin_monitors(surprise=lambda: SurpriseMonitor()) as host:
         return _make_guard(2, extra=[spec], host=host)
+
+
+@pytest.fixture
+def slow_guard() -> Guard:
+    """A guard whose only monitor blocks 0.1 s per update (like a big observer on a CPU)."""
+    spec = {"id": "slow", "use": "slow", "action": "flag"}
+    with plugin_monitors(slow=lambda: SlowMonitor(0.1)) as host:
+        return _make_guard(0, extra=[spec], host=host)
+
+
+class LoopWatch:
+    """Measures the longest stretch the event loop went without running a 5 ms ticker."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._last = time.perf_counter()
+        self._task: asyncio.Task[None] | None = None
+
+    def _lap(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self._last)
+        self._last = now
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            self._lap()
+
+    async def __aenter__(self) -> LoopWatch:
+        self._last = time.perf_counter()
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lap()  # the stretch since the last tick counts too
+        assert self._task is not None
+        self._task.cancel()
+
+
+@pytest.fixture
+def loop_watch() -> type[LoopWatch]:
+    return LoopWatch

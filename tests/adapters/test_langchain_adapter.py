@@ -350,3 +350,17 @@ def test_stream_of_a_whole_message(make_guard: Callable[..., Guard], halt_messag
 def test_rejects_what_it_cannot_read(make_guard: Callable[..., Guard]) -> None:
     with pytest.raises(TypeError, match="str or chat message"):
         list(make_guard().as_runnable().stream({"text": "a dict"}))
+
+
+@pytest.mark.parametrize("offload", [True, False])
+async def test_offload_keeps_the_event_loop_free(slow_guard: Guard, loop_watch: Any,
+                                                 offload: bool) -> None:
+    model, _ = fake_model("one two three four")
+    chain = model | slow_guard.as_runnable(offload=offload)
+    async with loop_watch() as watch:
+        chunks = [c async for c in chain.astream("hi")]
+    assert _text(chunks) == "one two three four"
+    if offload:
+        assert watch.longest < 0.05
+    else:
+        assert watch.longest >= 0.1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import openai
 import pytest
@@ -298,3 +299,20 @@ def test_each_choice_has_its_own_guard(upstream_server: UpstreamServer,
     record = upstream_server.completions()[-1]
     assert record.wait(5) and record.disconnected  # closed once both choices halted
     assert record.chunks_written < record.chunks_planned
+
+
+@pytest.mark.parametrize("offload", [True, False])
+async def test_offload_keeps_the_event_loop_free(upstream_server: UpstreamServer,
+                                                 slow_guard: Guard, loop_watch: Any,
+                                                 offload: bool) -> None:
+    upstream_server.enqueue(Script(text="one two three four"))
+    client = slow_guard.wrap(openai.AsyncOpenAI(base_url=upstream_server.base_url, api_key="k"),
+                             offload=offload)
+    async with loop_watch() as watch:
+        stream = await client.chat.completions.create(model="m", messages=[], stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert text == "one two three four"
+    if offload:
+        assert watch.longest < 0.05  # the monitor blocks 0.1 s per update, in a worker thread
+    else:
+        assert watch.longest >= 0.1  # inline, it blocks the loop: what offload is for

@@ -12,7 +12,7 @@ policy (or ``raise_on_halt=True``) asks for ``GuardrailViolation``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Union, cast
 
 from langchain_core.callbacks import (
@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field
 
 from guardrail import Guard, GuardrailViolation
 
-from ._translate import StreamTranslator, guard_whole, session_messages
+from ._translate import Step, StreamTranslator, guard_whole, session_messages
 
 __all__ = ["GuardRunnable", "StreamHalted"]
 
@@ -57,6 +57,9 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
     guard: Guard = Field(exclude=True)
     messages: list[Any] | None = None
     raise_on_halt: bool | None = None
+    offload: bool | None = None
+    """Async streams: run the guard in a worker thread so it never stalls the event loop.
+    Default: when the guard has an observer model."""
     name: str | None = "guardrail"
 
     @classmethod
@@ -70,6 +73,13 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
         messages = metadata.get(MESSAGES_KEY, self.messages)
         return StreamTranslator(self.guard, session_messages(messages),
                                 raise_on_halt=self.raise_on_halt)
+
+    @property
+    def _offloads(self) -> bool:
+        return self.guard.observer is not None if self.offload is None else self.offload
+
+    async def _run(self, fn: Callable[..., Step], *args: Any) -> Step:
+        return await asyncio.to_thread(fn, *args) if self._offloads else fn(*args)
 
     def _stop(self, translator: StreamTranslator) -> StreamHalted | GuardrailViolation:
         if translator.raise_on_halt:
@@ -88,7 +98,11 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
 
     async def _ainvoke(self, input: GuardIO, run_manager: AsyncCallbackManagerForChainRun,
                        config: RunnableConfig) -> GuardIO:
-        output, events = guard_whole(self._translator(config), input)
+        translator = self._translator(config)
+        if self._offloads:
+            output, events = await asyncio.to_thread(guard_whole, translator, input)
+        else:
+            output, events = guard_whole(translator, input)
         for name, data in events:
             await adispatch_custom_event(name, data, config=config)
         return output
@@ -134,7 +148,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
         translator = self._translator(config)
         try:
             async for item in chunks:
-                step = translator.step(item)
+                step = await self._run(translator.step, item)
                 for name, data in step.events:
                     await adispatch_custom_event(name, data, config=config)
                 if translator.halt is not None:
@@ -145,7 +159,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
                     raise stop
                 for out in step.outputs:
                     yield out
-            step = translator.finish()
+            step = await self._run(translator.finish)
             for name, data in step.events:
                 await adispatch_custom_event(name, data, config=config)
             for out in step.outputs:

@@ -7,8 +7,10 @@ guarded; every other attribute is the real client's. ``with_raw_response`` and
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
+from functools import partial
 from typing import Any
 
 import openai
@@ -24,9 +26,12 @@ __all__ = ["AsyncGuardedCompletions", "GuardedClient", "GuardedCompletions", "wr
 class _Options:
     """What every proxy of one wrapped client shares."""
 
-    def __init__(self, guard: Guard, raise_on_halt: bool | None) -> None:
+    def __init__(self, guard: Guard, raise_on_halt: bool | None,
+                 offload: bool | None = None) -> None:
         self.guard = guard
         self.raise_on_halt = raise_on_halt
+        # Async clients run the guard in a worker thread when it is heavy (an observer model).
+        self.offload = guard.observer is not None if offload is None else offload
 
     def prepare(self, kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         messages = request_messages(kwargs.get("messages"))
@@ -84,10 +89,11 @@ class AsyncGuardedCompletions(_Proxy):
         kwargs["messages"] = messages
         result = await self._target.create(**kwargs)
         if kwargs.get("stream"):
-            return AsyncGuardedStream(result, self._options.chunk_guard(kwargs, messages,
-                                                                        metadata))
-        return guard_completion(self._options.guard, result, messages,
-                                raise_on_halt=self._options.raise_on_halt, metadata=metadata)
+            return AsyncGuardedStream(result, self._options.chunk_guard(kwargs, messages, metadata),
+                                      offload=self._options.offload)
+        guarded = partial(guard_completion, self._options.guard, result, messages,
+                          raise_on_halt=self._options.raise_on_halt, metadata=metadata)
+        return await asyncio.to_thread(guarded) if self._options.offload else guarded()
 
     def stream(self, **kwargs: Any) -> Any:
         return _helper_resource(self._target, self.create).stream(**kwargs)
@@ -112,9 +118,9 @@ class GuardedClient(_Proxy):
     real client's. ``.unwrapped`` is the real client."""
 
     def __init__(self, client: Any, guard: Guard, *, raise_on_halt: bool | None = None,
-                 is_async: bool | None = None) -> None:
+                 offload: bool | None = None, is_async: bool | None = None) -> None:
         self._target = client
-        self._options = _Options(guard, raise_on_halt)
+        self._options = _Options(guard, raise_on_halt, offload)
         self.is_async = _is_async(client) if is_async is None else is_async
         completions_cls = AsyncGuardedCompletions if self.is_async else GuardedCompletions
         real_chat = client.chat
@@ -131,11 +137,13 @@ class GuardedClient(_Proxy):
     def with_options(self, **kwargs: Any) -> GuardedClient:
         """The real client's ``with_options``, wrapped with the same guard."""
         return GuardedClient(self._target.with_options(**kwargs), self.guard,
-                             raise_on_halt=self._options.raise_on_halt, is_async=self.is_async)
+                             raise_on_halt=self._options.raise_on_halt,
+                             offload=self._options.offload, is_async=self.is_async)
 
     def copy(self, **kwargs: Any) -> GuardedClient:
         return GuardedClient(self._target.copy(**kwargs), self.guard,
-                             raise_on_halt=self._options.raise_on_halt, is_async=self.is_async)
+                             raise_on_halt=self._options.raise_on_halt,
+                             offload=self._options.offload, is_async=self.is_async)
 
     def __enter__(self) -> GuardedClient:
         self._target.__enter__()
@@ -169,12 +177,15 @@ def _is_async(client: Any) -> bool:
     return inspect.iscoroutinefunction(create)
 
 
-def wrap(client: Any, *, guard: Guard, raise_on_halt: bool | None = None) -> GuardedClient:
+def wrap(client: Any, *, guard: Guard, raise_on_halt: bool | None = None,
+         offload: bool | None = None) -> GuardedClient:
     """Guard an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client (or one shaped like them).
 
     ``raise_on_halt`` overrides the policy's setting: raise ``GuardrailViolation`` on halt instead
-    of ending with a ``content_filter`` chunk (or message).
+    of ending with a ``content_filter`` chunk (or message). ``offload`` (async clients): run the
+    guard in a worker thread so it never stalls the event loop; default: when the guard has an
+    observer model.
     """
     if isinstance(client, GuardedClient):
         raise GuardrailError("this client is already guarded; wrap the unwrapped client")
-    return GuardedClient(client, guard, raise_on_halt=raise_on_halt)
+    return GuardedClient(client, guard, raise_on_halt=raise_on_halt, offload=offload)

@@ -9,7 +9,8 @@ a ``with`` block.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -80,12 +81,21 @@ class GuardedStream:
 
 
 class AsyncGuardedStream:
-    """A guarded ``AsyncStream[ChatCompletionChunk]``."""
+    """A guarded ``AsyncStream[ChatCompletionChunk]``.
 
-    def __init__(self, upstream: Any, chunk_guard: ChunkGuard) -> None:
+    With ``offload`` the guard's work per chunk (monitors, an observer's forward pass) runs in a
+    worker thread, so a heavy guard does not stall the event loop.
+    """
+
+    def __init__(self, upstream: Any, chunk_guard: ChunkGuard, *, offload: bool = False) -> None:
         self._upstream = upstream
         self._guard = chunk_guard
+        self._offload = offload
         self._iterator = self._guarded()
+
+    async def _run(self, fn: Callable[..., list[ChatCompletionChunk]],
+                   *args: Any) -> list[ChatCompletionChunk]:
+        return await asyncio.to_thread(fn, *args) if self._offload else fn(*args)
 
     @property
     def response(self) -> Any:
@@ -98,7 +108,7 @@ class AsyncGuardedStream:
     async def _guarded(self) -> AsyncGenerator[ChatCompletionChunk, None]:
         try:
             async for chunk in self._upstream:
-                outs = self._guard.on_chunk(chunk)
+                outs = await self._run(self._guard.on_chunk, chunk)
                 if self._guard.halted_all or self._guard.violation is not None:
                     await self._upstream.close()
                 for out in outs:
@@ -107,7 +117,7 @@ class AsyncGuardedStream:
                     raise self._guard.violation
                 if self._guard.halted_all:
                     return
-            for out in self._guard.on_end():
+            for out in await self._run(self._guard.on_end):
                 yield out
             if self._guard.violation is not None:
                 raise self._guard.violation
