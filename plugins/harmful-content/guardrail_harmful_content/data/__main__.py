@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .build import BuildConfig, build_dataset
@@ -32,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             config = BuildConfig(seed=args.seed, limit=args.limit, cache=args.cache)
             if args.longfact is not None:
-                config = BuildConfig(seed=args.seed, limit=args.limit, cache=args.cache,
-                                     longfact_dir=args.longfact)
+                config = replace(config, longfact_dir=args.longfact)
             manifest = build_dataset(args.out, config)
             summary = {name: manifest["counts"][name]["labels"] for name in manifest["counts"]}
             print(json.dumps({"out": str(args.out), "labels": summary}))
