@@ -137,6 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.write(json.dumps({"kind": "report", **report.to_dict()}) + "\n")
     elif not args.events:
         out.write("\n")
+    out.flush()
     print(f"[{report.tokens} tokens read, {report.released_tokens} released, "
           f"{len(report.flags)} flags, halted: {report.halted}]", file=sys.stderr)
     return 0
