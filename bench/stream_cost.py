@@ -18,6 +18,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,10 @@ def growth_exponent(lengths: list[int], seconds: list[float]) -> float:
 def run(guard: Guard, label: str, lengths: list[int], repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"guard": repr(guard), "lengths": lengths, "schemes": {}}
     for name, scheme in SCHEMES.items():
-        rows = []
+        rows: list[dict[str, Any]] = []
         for n in lengths:
             deltas = make_deltas(n)
-            samples = [timed(lambda s=scheme, d=deltas: s(guard, d)) for _ in range(repeats)]
+            samples = [timed(partial(scheme, guard, deltas)) for _ in range(repeats)]
             rows.append({"tokens": n, "wall_s": [w for w, _ in samples],
                          "cpu_s": [c for _, c in samples],
                          "median_wall_s": median([w for w, _ in samples]),
