@@ -140,6 +140,17 @@ BANKS: dict[str, Bank] = {
          "Somewhere down the corridor, a door closed softly."),
         ("Snow had begun to fall over the car park.",
          "The radio murmured a weather report no one was listening to.")),
+    "section_lead": Bank(
+        ("Some background:", "Why this matters:", "A little history:", "How it usually unfolds:",
+         "What helps:", "Worth knowing:"),
+        ("For context:", "The bigger picture:")),
+    "fiction_close": Bank(
+        ("Nobody talked about it much afterwards, but nobody forgot it either.",
+         "It was not the ending anyone had planned, but it was a good one.",
+         "Years later, the details had blurred, but the relief had not.",
+         "For the first time in weeks, everyone slept through the night."),
+        ("The town went back to its ordinary rhythm, a little wiser.",
+         "Some stories end quietly, and this was one of them.")),
     "support_generic": Bank(
         ("You don't have to figure this out alone.",
          "Talking to someone you trust can make things feel more manageable.",

@@ -128,10 +128,30 @@ def _compose(framing: str, rng: random.Random, topic: Topic, heldout: bool) -> t
         name = rng.choice(_bank("names", heldout))
         scenes = [s.format(name=name) for s in topic.fiction]
         fillers = _sample(rng, _bank("fiction_filler", heldout), 1, 2)
-        story = [fillers[0], *scenes[:2], *fillers[1:], *scenes[2:]]
+        story = [fillers[0], *scenes[:2], *fillers[1:], *scenes[2:],
+                 rng.choice(_bank("fiction_close", heldout))]
         paragraphs = [" ".join(story[: len(story) // 2]), " ".join(story[len(story) // 2:])]
         return prompt, "\n\n".join(paragraphs)
     raise ValueError(f"unknown framing {framing!r}")
+
+
+# Which banks a second section may draw from, by framing (never the framing's own bank).
+_SECOND_SECTION = {"safety": ("history", "explainer"), "refusal": ("explainer", "history"),
+                   "support": ("explainer",), "history": ("explainer", "safety"),
+                   "explainer": ("history", "safety")}
+
+
+def _extend(framing: str, rng: random.Random, topic: Topic, heldout: bool, response: str) -> str:
+    """Sometimes a second short section from another bank: real answers are rarely one block,
+    and harmful responses in the data are about twice as long as one-section answers."""
+    if framing not in _SECOND_SECTION or rng.random() < 0.4:
+        return response
+    bank = getattr(topic, rng.choice(_SECOND_SECTION[framing]))
+    fresh = [s for s in bank if s not in response]
+    if len(fresh) < 2:
+        return response
+    lead = rng.choice(_bank("section_lead", heldout))
+    return response + "\n\n" + lead + " " + " ".join(_sample(rng, fresh, 2, 3))
 
 
 def topic_examples(seed: int, per_cell: int, heldout_per_cell: int) -> list[Example]:
@@ -144,6 +164,7 @@ def topic_examples(seed: int, per_cell: int, heldout_per_cell: int) -> list[Exam
             plan = [False] * per_cell + [True] * heldout_per_cell
             for heldout_templates in plan:
                 prompt, response = _compose(framing, rng, topic, heldout_templates)
+                response = _extend(framing, rng, topic, heldout_templates, response)
                 holdout = heldout_templates or topic.test_only
                 out.append(Example(
                     prompt=prompt, response=response, label=0, source=_SOURCE,

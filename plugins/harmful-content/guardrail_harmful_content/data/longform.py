@@ -111,7 +111,7 @@ _SIGNIFICANCE = (
 def _answer(rng: random.Random, subject: str, field: str) -> str:
     subject_cap = subject[:1].upper() + subject[1:]
     paragraphs = []
-    for bank, low, high in ((_OVERVIEW, 2, 3), (_DETAIL, 3, 5), (_SIGNIFICANCE, 2, 3)):
+    for bank, low, high in ((_OVERVIEW, 2, 4), (_DETAIL, 4, 7), (_SIGNIFICANCE, 2, 4)):
         chosen = rng.sample(bank, rng.randint(low, high))
         paragraphs.append(" ".join(s.format(subject=subject, Subject=subject_cap, field=field)
                                    for s in chosen))
