@@ -2,7 +2,9 @@
 
 ``PlantedObserver`` tokenizes words (ids from a stable hash), and its hidden state at each token is
 Gaussian noise plus ``strength`` times a fixed unit direction when the word is one of
-``signal_words`` (on ``signal_layer`` only). A probe that recovers the direction separates those
+``signal_words`` (on ``signal_layer`` only); with ``prefix_strength``, every state after the
+first planted word also carries a second direction (a causal "memory" that sequence heads read
+from the last token, as SCM's do). A probe that recovers the direction separates those
 words from the rest; a probe on another layer cannot. Logits are a fixed random projection of the
 state, so top-k logits and surprisal exist too.
 """
@@ -52,7 +54,7 @@ class HashWordTokenizer:
 class _State:
     generator: torch.Generator
     seen: int = 0
-    text: str = ""
+    signal_seen: bool = False
 
 
 class PlantedObserver:
@@ -60,8 +62,8 @@ class PlantedObserver:
 
     def __init__(self, hidden_size: int = 16, num_layers: int = 4,
                  signal_words: Iterable[str] = ("bad",), signal_layer: int = 2,
-                 strength: float = 3.0, vocab_size: int = 1009, seed: int = 0,
-                 name: str = "planted") -> None:
+                 strength: float = 3.0, prefix_strength: float = 0.0, vocab_size: int = 1009,
+                 seed: int = 0, name: str = "planted") -> None:
         self.name = name
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -69,10 +71,13 @@ class PlantedObserver:
         self.signal_words = {w.lower() for w in signal_words}
         self.signal_layer = signal_layer
         self.strength = strength
+        self.prefix_strength = prefix_strength
         self.seed = seed
         g = torch.Generator().manual_seed(seed)
         direction = torch.randn(hidden_size, generator=g)
         self.direction = direction / direction.norm()
+        prefix = torch.randn(hidden_size, generator=g)
+        self.prefix_direction = prefix / prefix.norm()
         self.unembed = torch.randn(hidden_size, vocab_size, generator=g)
         self.embedding = torch.randn(vocab_size, hidden_size, generator=g)
 
@@ -95,6 +100,14 @@ class PlantedObserver:
         marked = torch.tensor([float(t.id in {h % vocab for h in words}) for t in tokens])
         states = noise.clone()
         states[self.signal_layer] += self.strength * marked[:, None] * self.direction
+        # Causal memory, like a real LM's residual stream: once a planted word has been read,
+        # every later state on the signal layer carries ``prefix_strength`` along another axis.
+        seen = []
+        for m in marked.tolist():
+            state.signal_seen = state.signal_seen or m > 0
+            seen.append(float(state.signal_seen))
+        states[self.signal_layer] += (self.prefix_strength * torch.tensor(seen).reshape(n, 1)
+                                      * self.prefix_direction)
         state.seen += n
         hidden = {layer: states[self._layer(layer)] for layer in needs.layers}
         logits: Any = None

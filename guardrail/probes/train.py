@@ -336,7 +336,7 @@ def train_head(
         result.history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                                "val_metric": value})
         improved = value is not None and (result.best_metric is None
-                                          or value > result.best_metric)
+                                          or value >= result.best_metric)
         if improved or result.best_metric is None:  # until a metric exists, keep the latest
             result.best_metric = value if improved else result.best_metric
             result.best_epoch = epoch + 1

@@ -17,4 +17,4 @@ def planted_data(tmp_path: Path) -> Path:
 @pytest.fixture
 def observer() -> PlantedObserver:
     return PlantedObserver(hidden_size=16, num_layers=4, signal_words=PLANTED_WORDS,
-                           signal_layer=2, strength=3.0)
+                           signal_layer=2, strength=4.0, prefix_strength=4.0)

@@ -1,0 +1,131 @@
+"""The training path end to end on a fake observer with a planted linear signal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from guardrail.probes.calibrate import calibrate_count_k, streaming_metrics
+from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.probes.features import CachedRecord, extract_features, split_by_prompt
+from guardrail.probes.heads import DualHead, LinearProbe, RouterHead
+from guardrail.probes.io import load_probe, save_probe
+from guardrail.probes.losses import positive_weight
+from guardrail.probes.train import (
+    collate,
+    entity_loss,
+    response_auc_metric,
+    router_loss_fn,
+    scm_loss_fn,
+    score_records,
+    span_auc_metric,
+    token_auc_metric,
+    train_head,
+)
+
+
+def _splits(observer: PlantedObserver, data: Path, tmp_path: Path, **kwargs: Any
+            ) -> tuple[list[CachedRecord], list[CachedRecord], list[CachedRecord]]:
+    fs = extract_features(observer, data, tmp_path / "cache", layers=[0, 2], progress=False,
+                          **kwargs)
+    train, val, test = split_by_prompt(fs.records, (0.6, 0.2, 0.2), seed=0)
+    return train, val, test
+
+
+def test_linear_probe_recovers_a_planted_signal(observer: PlantedObserver, planted_data: Path,
+                                                tmp_path: Path) -> None:
+    train, val, test = _splits(observer, planted_data, tmp_path)
+    result = train_head(LinearProbe(16), train, val, layer=2, loss_fn=entity_loss(),
+                        metric_fn=span_auc_metric(2), epochs=4, lr=5e-2, progress=False,
+                        collate_kwargs={"entity_weight": 10.0})
+    assert len(result.history) == 4
+    assert token_auc_metric(2)(result.head, test) > 0.95
+    assert span_auc_metric(2)(result.head, test) > 0.95
+    # The same recipe on a layer without the signal learns nothing: the win above is real.
+    control = train_head(LinearProbe(16), train, val, layer=0, loss_fn=entity_loss(),
+                         epochs=4, lr=5e-2, progress=False)
+    assert token_auc_metric(0)(control.head, test) < 0.7
+
+
+def test_training_is_seeded(observer: PlantedObserver, planted_data: Path,
+                            tmp_path: Path) -> None:
+    train, val, _ = _splits(observer, planted_data, tmp_path)
+    heads = [train_head(LinearProbe(16), train, val, layer=2, loss_fn=entity_loss(), epochs=1,
+                        progress=False, seed=7).head for _ in range(2)]
+    assert isinstance(heads[0], LinearProbe) and isinstance(heads[1], LinearProbe)
+    assert torch.equal(heads[0].linear.weight, heads[1].linear.weight)
+
+
+def test_best_epoch_weights_are_kept(observer: PlantedObserver, planted_data: Path,
+                                     tmp_path: Path) -> None:
+    train, val, _ = _splits(observer, planted_data, tmp_path)
+    metric = token_auc_metric(2)
+    result = train_head(LinearProbe(16), train, val, layer=2, loss_fn=entity_loss(),
+                        metric_fn=metric, epochs=3, lr=5e-2, progress=False)
+    values = [row["val_metric"] for row in result.history]
+    assert result.best_metric == max(v for v in values if v is not None)
+    assert result.best_epoch == values.index(result.best_metric) + 1
+    assert metric(result.head, val) == pytest.approx(result.best_metric)
+
+
+def test_scm_dual_head_halts_early_on_planted_harm(tmp_path: Path) -> None:
+    # SCM's sequence head learns from each record's last token only, so it needs the causal
+    # "memory" of a harmful word (prefix_strength) and more records than the token probes.
+    observer = PlantedObserver(hidden_size=8, num_layers=4, signal_words=PLANTED_WORDS,
+                               signal_layer=2, strength=4.0, prefix_strength=5.0)
+    data = write_jsonl(tmp_path / "d.jsonl", planted_records(160))
+    fs = extract_features(observer, data, tmp_path / "cache", layers=[2], progress=False)
+    train, val, test = split_by_prompt(fs.records, (0.6, 0.2, 0.2), seed=0)
+    result = train_head(DualHead(8), train, val, layer=2, loss_fn=scm_loss_fn(),
+                        metric_fn=response_auc_metric(2), epochs=6, lr=5e-2, weight_decay=0.1,
+                        progress=False)
+    chosen = calibrate_count_k(score_records(result.head, val, 2),
+                               [int(r.label or 0) for r in val], ks=range(1, 6))
+    on_test = streaming_metrics(score_records(result.head, test, 2),
+                                [int(r.label or 0) for r in test], chosen.threshold, chosen.k)
+    assert on_test.macro_f1 > 0.9
+    # Planted words sit at random places, so a streaming halt reads about half the response.
+    assert on_test.fraction_seen is not None and on_test.fraction_seen < 0.8
+    assert on_test.false_halt_rate is not None and on_test.false_halt_rate <= 0.1
+
+
+def test_router_head_trains_with_positive_weight(planted_data: Path, tmp_path: Path) -> None:
+    observer = PlantedObserver(hidden_size=16, num_layers=4, signal_words=("bad", "worse"),
+                               signal_layer=3, strength=3.0)
+    fs = extract_features(observer, planted_data, tmp_path / "cache", layers=[3], top_k=8,
+                          progress=False)
+    train, val, test = split_by_prompt(fs.records, (0.6, 0.2, 0.2), seed=0)
+    labels = torch.cat([collate(train, 3).token_labels.flatten()])
+    head = RouterHead(16, observer.embedding, top_k=8, width=32, blocks=1)
+    result = train_head(head, train, val, layer=3, loss_fn=router_loss_fn(positive_weight(labels)),
+                        metric_fn=token_auc_metric(3), epochs=4, lr=1e-2, progress=False)
+    assert token_auc_metric(3)(result.head, test) > 0.9
+
+
+def test_trained_probe_round_trips_through_io(observer: PlantedObserver, planted_data: Path,
+                                              tmp_path: Path) -> None:
+    train, val, test = _splits(observer, planted_data, tmp_path)
+    result = train_head(LinearProbe(16), train, val, layer=2, loss_fn=entity_loss(), epochs=2,
+                        lr=5e-2, progress=False)
+    save_probe(tmp_path / "out", result.head, {"base_model": observer.name, "layer": 2})
+    loaded = load_probe(tmp_path / "out", observer=observer)
+    assert score_records(loaded.head, test, 2) == score_records(result.head, test, 2)
+
+
+def test_collate_pads_and_masks(observer: PlantedObserver, planted_data: Path,
+                                tmp_path: Path) -> None:
+    train, _, _ = _splits(observer, planted_data, tmp_path)
+    records = train[:3]
+    batch = collate(records, 2, entity_weight=10.0)
+    lengths = [len(r) for r in records]
+    assert batch.hidden.shape == (3, max(lengths), 16)
+    assert batch.mask.sum(1).tolist() == lengths
+    for i, r in enumerate(records):
+        assert batch.token_labels[i, : len(r)].tolist() == r.token_labels()
+        assert (batch.token_labels[i, len(r):] == -100).all()
+        assert batch.token_weights[i, : len(r)].tolist() == r.token_weights(10.0)
+    with pytest.raises(KeyError, match="no cached layer 1"):
+        collate(records, 1)
