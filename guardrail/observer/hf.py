@@ -128,7 +128,8 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if not (path / "config.json").exists():
         raise ObserverError(
             f"observer {name!r}: {path} is not a Hugging Face model directory (no config.json); "
-            "set observer.model (or observer.options.path) to a directory saved with save_pretrained"
+            "set observer.model (or observer.options.path) to a directory saved with "
+            "save_pretrained"
         )
     try:
         import torch
@@ -152,7 +153,9 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
-        raise ObserverError(f"observer {name!r}: could not load the model in {path} ({exc})") from exc
+        raise ObserverError(
+            f"observer {name!r}: could not load the model in {path} ({exc})"
+        ) from exc
     if backend == "onnx":
         from .onnx_backend import OnnxObserver
 
@@ -175,7 +178,9 @@ def load_local(spec: ObserverSpec) -> Any:
     options = dict(spec.options)
     path = options.pop("path", None)
     if not path:
-        raise ObserverError("observer 'hf' needs options.path: a local Hugging Face model directory")
+        raise ObserverError(
+            "observer 'hf' needs options.path: a local Hugging Face model directory"
+        )
     name = Path(str(path)).expanduser().name or str(path)
     return load_model_dir(path, name=name, window=spec.window, backend=spec.backend,
                           options=options)

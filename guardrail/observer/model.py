@@ -20,14 +20,15 @@ __all__ = ["BaseObserver", "TorchKV", "TorchObserver", "render_context"]
 def render_context(hf_tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Token ids of the conversation through the chat template, ready for the answer."""
     msgs = [dict(m) for m in messages]
-    if getattr(hf_tokenizer, "chat_template", None):
+    if msgs and getattr(hf_tokenizer, "chat_template", None):
         text = hf_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     else:  # a base model: the messages' text, one per line
         text = "".join(f"{m.get('content', '')}\n" for m in msgs)
         ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    if not ids:
-        bos = getattr(hf_tokenizer, "bos_token_id", None) or getattr(hf_tokenizer, "eos_token_id", None)
+    if not ids:  # no conversation: start from the BOS (or EOS) token alone
+        bos = getattr(hf_tokenizer, "bos_token_id", None)
+        bos = bos if bos is not None else getattr(hf_tokenizer, "eos_token_id", None)
         ids = [bos] if bos is not None else []
     return list(ids)
 
@@ -46,7 +47,8 @@ class BaseObserver:
         # Rotary models see only relative distances, so positions may keep counting after a
         # drop; learned absolute positions must stay below the model's maximum.
         self.rotary = _is_rotary(config)
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        max_pos = (getattr(config, "max_position_embeddings", None)
+                   or getattr(config, "n_positions", None))
         if not self.rotary and max_pos is not None and window > max_pos:
             raise ObserverError(
                 f"observer.window {window} exceeds {name}'s {max_pos} positions; "
@@ -58,7 +60,8 @@ class BaseObserver:
         if not -self.num_layers <= layer < self.num_layers:
             raise ObserverError(
                 f"layer {layer} is out of range for observer {self.name!r} "
-                f"({self.num_layers} layers: use 0..{self.num_layers - 1} or -1..-{self.num_layers})"
+                f"({self.num_layers} layers: use 0..{self.num_layers - 1} "
+                f"or -1..-{self.num_layers})"
             )
         return layer + 1 if layer >= 0 else self.num_layers + 1 + layer
 
@@ -85,10 +88,8 @@ class TorchKV:
 
     def drop(self, start: int, count: int) -> None:
         for layer in self.cache.layers:
-            layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., start + count :, :]], -2)
-            layer.values = torch.cat(
-                [layer.values[..., :start, :], layer.values[..., start + count :, :]], -2
-            )
+            layer.keys = _without(layer.keys, start, count)
+            layer.values = _without(layer.values, start, count)
 
     def crop(self, length: int) -> None:
         for layer in self.cache.layers:
@@ -115,7 +116,8 @@ class TorchObserver(BaseObserver):
             self._forward(state, ids, range(len(ids)), hidden_states=False)
         return state
 
-    def extend(self, state: StreamState, tokens: Sequence[TokenSpan], needs: Needs) -> ObservedBatch:
+    def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
+               needs: Needs) -> ObservedBatch:
         ids = [_token_id(t) for t in tokens]
         if not ids:
             return _empty(needs, self.hidden_size)
@@ -154,6 +156,11 @@ class TorchObserver(BaseObserver):
             if needs.top_k:
                 top = torch.topk(full, min(needs.top_k, full.shape[-1]), dim=-1).values
         return ObservedBatch(hidden=hidden, logits=logits, top_logits=top)
+
+
+def _without(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """``t`` without positions ``start .. start + count`` (sequence axis -2)."""
+    return torch.cat([t[..., :start, :], t[..., start + count :, :]], -2)
 
 
 def _token_id(token: TokenSpan) -> int:

@@ -63,10 +63,7 @@ class StreamState:
         attention sees each kept token at its real distance; dropped tokens leave a gap.
         Absolute-position models: the cache slot, so positions never pass the window.
         """
-        if self.rotary:
-            first = self.context_len + self.seen
-        else:
-            first = self.kv.length()
+        first = self.context_len + self.seen if self.rotary else self.kv.length()
         return range(first, first + n_new)
 
     def truncate(self, n_tokens: int) -> None:
