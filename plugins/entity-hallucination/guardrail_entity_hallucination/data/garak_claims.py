@@ -73,6 +73,8 @@ def parse_claims(raw: str) -> tuple[list[Claim], int]:
             m = pattern.match(text)
             if m:
                 start, end = m.span("key")
+                while start < end and text[start].isspace():  # some lines carry a no-break space
+                    start += 1
                 if _ABBREVIATION.match(m.group("key")) and text[end:end + 1] == ".":
                     end += 1
                 claims.append(Claim(text, family, m.group("subject"), start, end))

@@ -1,6 +1,6 @@
 """Long-form, entity-dense answers about countries and cities, with labelled entity spans.
 
-A text answers a "Tell me about X" prompt in five to eight sentences, each from a template of
+A text answers a "Tell me about X" prompt in four to eight sentences, each from a template of
 one fact type. Every entity slot is independently fabricated with the text's own rate (zero for
 about one text in ten, otherwise 15-50%), so most texts mix true and wrong entities and about 30%
 of spans are fabricated overall.
@@ -118,10 +118,10 @@ def city_text(city: City, country: Country, pool: Sequence[Country], names: Mapp
     if city.name == country.capital:
         optional.remove("national_capital")
     rng.shuffle(optional)
-    facts = ["country", *optional[: rng.randint(3, 5)]]
+    facts = ["country", *optional[: rng.randint(4, 6)]]
     mixed, faithful, used = _compose("city", city.name, facts, CITY_FACTS, maker, allowed, rng,
                                      rate)
-    if len(used) < 3:
+    if len(used) < 4:
         return None
     pid, prompt = _prompt("city", city.name, allowed, rng)
     return _pair(prompt, mixed, faithful, f"country:{country.iso3}", pid, used,

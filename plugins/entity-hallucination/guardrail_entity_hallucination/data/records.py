@@ -23,7 +23,9 @@ class Example:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        # Response-level label (DESIGN.md §6): 1 when any entity in it is fabricated.
         return {"prompt": self.prompt, "response": self.response,
+                "label": int(any(s.label for s in self.spans)),
                 "spans": [s.as_dict() for s in self.spans], "topic": self.topic,
                 "template": self.template, "templates": list(self.templates),
                 "group": self.group, "source": self.source, **self.extra}
