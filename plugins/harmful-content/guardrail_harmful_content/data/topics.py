@@ -181,7 +181,7 @@ TOPICS: tuple[Topic, ...] = (
                    "Fentanyl is so potent that tiny amounts mixed into other drugs cause many deaths.",
                    "Naloxone blocks opioid receptors for a short time, so the person still needs medical care.",
                    "Addiction is a medical condition, and treatment works better than punishment alone."),
-        fiction=("{name} knelt beside his brother on the kitchen floor and pressed the naloxone spray into his nose.",
+        fiction=("{name} knelt beside her brother on the kitchen floor and pressed the naloxone spray into his nose.",
                  "The ambulance crew arrived within minutes, and for once the news at the hospital was good.",
                  "Six months later the two of them walked into the recovery meeting together."),
         resources=("a drug helpline", "emergency services", "a local harm-reduction service"),
