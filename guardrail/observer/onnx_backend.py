@@ -1,0 +1,308 @@
+"""The ONNX Runtime observer backend.
+
+One step of a Llama-family decoder is exported with ``torch.onnx.export``: inputs are the new
+token ids, their positions, an attention mask and the KV cache of every block it runs; outputs are
+the requested hidden layers, optionally the logits, and the new tokens' keys and values. The
+step runs only the blocks up to the deepest requested layer (all of them when logits are needed),
+so a monitor that reads layer 15 of 30 pays for 16 blocks. The KV cache lives in numpy arrays
+that the same window bookkeeping as the torch backend keeps bounded.
+
+Exports are cached next to the converted model, one file per (depth, layers, logits) signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ObserverError
+from ..monitor import Message, Needs
+from ..stream import TokenSpan
+from . import ObservedBatch
+from .model import BaseObserver, _token_id
+from .window import StreamState
+
+__all__ = ["NumpyKV", "OnnxObserver", "export_step"]
+
+_OPSET = 17
+
+
+class _Step(torch.nn.Module):
+    """One incremental forward of the first ``depth`` blocks, written out so that export sees
+    plain tensors (no cache objects crossing the graph boundary)."""
+
+    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool) -> None:
+        super().__init__()
+        self.base = model.base_model
+        self.head = model.get_output_embeddings() if logits else None
+        self.depth = depth
+        self.hidden_indices = hidden_indices
+        self.full = depth == model.config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        base = self.base
+        h = base.embed_tokens(input_ids)
+        rope = base.rotary_emb(h, position_ids=position_ids)
+        states = [h]
+        new_kv: list[torch.Tensor] = []
+        for i in range(self.depth):
+            h = _block(base.layers[i], h, rope, mask, past[2 * i], past[2 * i + 1], new_kv)
+            states.append(h)
+        if self.full:
+            states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
+        outs = [states[i][0] for i in self.hidden_indices]
+        if self.head is not None:
+            outs.append(self.head(states[-1])[0])
+        return (*outs, *new_kv)
+
+
+def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+           mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+           new_kv: list[torch.Tensor]) -> torch.Tensor:
+    """A Llama decoder block with an explicit KV cache (mirrors ``LlamaDecoderLayer``)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = rope
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    new_kv += [k, v]
+    keys = torch.cat([past_k, k], dim=2)
+    values = torch.cat([past_v, v], dim=2)
+    groups = q.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                           scale=attn.scaling)
+    out = attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+    h = h + out
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _check_llama(model: Any) -> None:
+    base = model.base_model
+    if not all(hasattr(base, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        raise ObserverError(
+            f"the onnx observer backend supports Llama-family models; "
+            f"{type(model).__name__} is not one: set observer.backend to 'torch'"
+        )
+
+
+def export_step(model: Any, path: Path, depth: int, hidden_indices: list[int],
+                logits: bool) -> None:
+    """Export one step to ``path`` (written to a temporary file, then renamed)."""
+    _check_llama(model)
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    step = _Step(model, depth, hidden_indices, logits).eval()
+    n, past = 3, 5
+    ids = torch.zeros(1, n, dtype=torch.long)
+    pos = torch.arange(past, past + n)[None]
+    mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
+    kv = [torch.zeros(1, kv_heads, past, head_dim) for _ in range(2 * depth)]
+    kv_names = [f"past_{kind}_{i}" for i in range(depth) for kind in ("key", "value")]
+    new_names = [f"new_{kind}_{i}" for i in range(depth) for kind in ("key", "value")]
+    out_names = [f"hidden_{i}" for i in hidden_indices] + (["logits"] if logits else [])
+    dynamic: dict[str, dict[int, str]] = {
+        "input_ids": {1: "n"}, "position_ids": {1: "n"}, "mask": {2: "n", 3: "total"},
+    }
+    dynamic.update({name: {2: "past"} for name in kv_names})
+    dynamic.update({name: {2: "n"} for name in new_names})
+    dynamic.update({name: {0: "n"} for name in out_names})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                step, (ids, pos, mask, *kv), tmp, input_names=["input_ids", "position_ids",
+                                                               "mask", *kv_names],
+                output_names=[*out_names, *new_names], dynamic_axes=dynamic,
+                opset_version=_OPSET, dynamo=False,
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class NumpyKV:
+    """The KV cache of one stream as numpy arrays ``(1, kv_heads, length, head_dim)``."""
+
+    def __init__(self, depth: int, kv_heads: int, head_dim: int) -> None:
+        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+        self.arrays = [empty] * (2 * depth)
+
+    def length(self) -> int:
+        return int(self.arrays[0].shape[2]) if self.arrays else 0
+
+    def append(self, new: Sequence[np.ndarray]) -> None:
+        self.arrays = [np.concatenate([a, b], axis=2) for a, b in zip(self.arrays, new,
+                                                                         strict=True)]
+
+    def drop(self, start: int, count: int) -> None:
+        self.arrays = [np.concatenate([a[:, :, :start], a[:, :, start + count:]], axis=2)
+                       for a in self.arrays]
+
+    def crop(self, length: int) -> None:
+        self.arrays = [a[:, :, :length] for a in self.arrays]
+
+
+class OnnxObserver(BaseObserver):
+    """The observer on ONNX Runtime (same interface and results as ``TorchObserver``)."""
+
+    def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int, export_dir: Path,
+                 threads: int | None = None) -> None:
+        super().__init__(name, hf_tokenizer, model.config, window)
+        _check_llama(model)
+        self.model = model.eval()
+        self.backend = "onnx"
+        self.export_dir = export_dir
+        self.threads = threads
+        cfg = model.config
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._sessions: dict[tuple[int, tuple[int, ...], bool], Any] = {}
+        self._fingerprint = _fingerprint(model)
+
+    @classmethod
+    def from_torch(cls, name: str, model: Any, hf_tokenizer: Any, window: int, model_dir: Path,
+                   options: dict[str, Any]) -> OnnxObserver:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ObserverError(
+                f"observer.backend 'onnx' needs onnxruntime and onnx ({exc}); "
+                "pip install 'guardrail[onnx]'"
+            ) from exc
+        export_dir = Path(options.get("onnx_dir") or _export_dir(model_dir))
+        return cls(name, model, hf_tokenizer, window, export_dir, options.get("threads"))
+
+    # -- the graph for a set of needs ------------------------------------------------------
+
+    def _signature(self, needs: Needs) -> tuple[int, tuple[int, ...], bool]:
+        indices = tuple(sorted({self.hidden_index(layer) for layer in needs.layers}))
+        logits = bool(needs.logits or needs.top_k)
+        deepest = max(indices, default=0)
+        # hidden_states[i] is the output of block i - 1: run blocks 0 .. deepest - 1
+        full = logits or deepest == self.num_layers
+        depth = self.num_layers if full else max(1, deepest)
+        return depth, indices, logits
+
+    def _session(self, signature: tuple[int, tuple[int, ...], bool]) -> Any:
+        session = self._sessions.get(signature)
+        if session is not None:
+            return session
+        import onnxruntime as ort
+
+        depth, indices, logits = signature
+        tag = f"d{depth}-h{'_'.join(map(str, indices)) or 'none'}-{'logits' if logits else 'no'}"
+        path = self.export_dir / f"step-{self._fingerprint}-{tag}.onnx"
+        if not path.exists():
+            t0 = time.perf_counter()
+            print(f"[guardrail] exporting {self.name} to ONNX ({tag}) ...", file=sys.stderr)
+            export_step(self.model, path, depth, list(indices), logits)
+            print(f"[guardrail] exported {path} in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr)
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._sessions[signature] = session
+        return session
+
+    # -- Observer protocol -----------------------------------------------------------------
+
+    def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
+        signature = self._signature(needs)
+        ids = self.context_ids(messages)
+        kv = NumpyKV(signature[0], self.kv_heads, self.head_dim)
+        state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary)
+        if ids:
+            self._run(state, signature, ids, range(len(ids)))
+        return state
+
+    def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
+               needs: Needs) -> ObservedBatch:
+        ids = [_token_id(t) for t in tokens]
+        signature = self._signature(needs)
+        if signature[0] > len(state.kv.arrays) // 2:
+            raise ObserverError("extend() needs deeper layers than the needs given to start()")
+        if not ids:
+            return ObservedBatch(hidden={layer: torch.zeros(0, self.hidden_size)
+                                         for layer in needs.layers})
+        parts = []
+        for chunk in self.chunks(state, ids):
+            state.make_room(len(chunk))
+            outs = self._run(state, signature, chunk, state.positions(len(chunk)))
+            state.seen += len(chunk)
+            parts.append(outs)
+        by_index = {i: torch.from_numpy(np.concatenate([p[k] for p in parts]))
+                    for k, i in enumerate(signature[1])}
+        hidden = {layer: by_index[self.hidden_index(layer)] for layer in needs.layers}
+        logits = top = None
+        if signature[2]:
+            full = torch.from_numpy(np.concatenate([p[len(signature[1])] for p in parts]))
+            logits = full if needs.logits else None
+            if needs.top_k:
+                top = torch.topk(full, min(needs.top_k, full.shape[-1]), dim=-1).values
+        return ObservedBatch(hidden=hidden, logits=logits, top_logits=top)
+
+    def truncate(self, state: StreamState, n_tokens: int) -> None:
+        state.truncate(n_tokens)
+
+    def _run(self, state: StreamState, signature: tuple[int, tuple[int, ...], bool],
+             ids: list[int], positions: range) -> list[np.ndarray]:
+        session = self._session(signature)
+        kv: NumpyKV = state.kv
+        past = kv.length()
+        n = len(ids)
+        mask = np.ones((1, 1, n, past + n), dtype=bool)
+        mask[0, 0, :, past:] = np.tril(np.ones((n, n), dtype=bool))
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
+                 "position_ids": np.asarray([list(positions)], dtype=np.int64), "mask": mask}
+        for i in range(signature[0]):
+            feeds[f"past_key_{i}"] = kv.arrays[2 * i]
+            feeds[f"past_value_{i}"] = kv.arrays[2 * i + 1]
+        outs = session.run(None, feeds)
+        n_out = len(signature[1]) + (1 if signature[2] else 0)
+        kv.append(outs[n_out:])
+        return list(outs[:n_out])
+
+
+def _export_dir(model_dir: Path) -> Path:
+    """Next to the model when it is writable (the converted SmolLM2 lives in the cache)."""
+    target = Path(model_dir) / "onnx"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".write-test"
+        probe.touch()
+        probe.unlink()
+        return target
+    except OSError:
+        from .hf import cache_dir
+
+        return cache_dir() / "onnx" / Path(model_dir).name
+
+
+def _fingerprint(model: Any) -> str:
+    """A short hash of the config and a few weights, so a changed model gets a new export."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for _, tensor in list(model.state_dict().items())[:3]:
+        digest.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
+    return digest.hexdigest()[:12]
