@@ -1,0 +1,1 @@
+"""Entry point of the ``guardrail`` plugin group for the router distribution."""
