@@ -20,7 +20,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,15 +102,22 @@ class CachedRecord:
     surprisal: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Labels derived from spans, computed once (training reads them every epoch).
+    _derived: dict[Any, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def token_labels(self, default: int = 0) -> list[int]:
-        return token_labels(self.offsets.tolist(), self.spans, default)
+        key = ("labels", default)
+        if key not in self._derived:
+            self._derived[key] = token_labels(self.offsets.tolist(), self.spans, default)
+        return list(self._derived[key])
 
     def token_span_ids(self) -> list[int]:
-        return token_span_ids(self.offsets.tolist(), self.spans)
+        if "span_ids" not in self._derived:
+            self._derived["span_ids"] = token_span_ids(self.offsets.tolist(), self.spans)
+        return list(self._derived["span_ids"])
 
     def token_weights(self, inside: float = 10.0, outside: float = 1.0) -> list[float]:
         return token_weights(self.offsets.tolist(), self.spans, inside, outside)
@@ -130,7 +137,7 @@ class FeatureSet:
     def __getitem__(self, i: int) -> CachedRecord:
         return self.records[i]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[CachedRecord]:
         return iter(self.records)
 
     @property

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from guardrail.probes.calibrate import (
     calibrate_count_k,
@@ -98,3 +100,17 @@ def test_metrics_and_calibration_import_without_numpy_or_torch() -> None:
             "print(sorted({'numpy', 'torch'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@given(st.lists(st.tuples(st.integers(0, 1),
+                          st.lists(st.sampled_from([0.1, 0.4, 0.6, 0.9]), max_size=8)),
+                min_size=2, max_size=12))
+def test_calibrate_count_k_is_the_best_of_its_grid(rows: list[tuple[int, list[float]]]) -> None:
+    labels = [y for y, _ in rows]
+    streams = [s for _, s in rows]
+    best = calibrate_count_k(streams, labels, thresholds=[0.3, 0.5, 0.8], ks=range(1, 5))
+    every = [streaming_metrics(streams, labels, t, k).macro_f1
+             for t in (0.3, 0.5, 0.8) for k in range(1, 5)]
+    assert best.macro_f1 == max(every)
+    again = streaming_metrics(streams, labels, best.threshold, best.k)
+    assert again == best
