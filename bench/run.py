@@ -20,7 +20,7 @@ from .common import RESULTS, machine
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 # Benchmark modules in report order; each has main(argv) and render(result).
-MODULES = ["stream_cost", "peer_nemo", "observer_bench"]
+MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "observer_bench"]
 
 
 def _load(name: str) -> Any | None:
