@@ -106,6 +106,16 @@ class ChatLM:
                             state.cache, hidden_states=True)
         return StepOutput(out.hidden_states[-1][:, -1].float(), out.logits[:, -1].float())
 
+    def extend(self, state: BatchCache, ids: Sequence[int]) -> StepOutput:
+        """Feed several tokens to a one-row batch in one forward (a model catching up)."""
+        n = len(ids)
+        state.mask = torch.cat([state.mask, torch.ones(1, n, dtype=torch.long)], -1)
+        positions = state.last_position.view(1, 1) + torch.arange(1, n + 1).view(1, -1)
+        state.last_position = positions[:, -1].clone()
+        out = self._forward(torch.tensor([list(ids)], dtype=torch.long), state.mask, positions,
+                            state.cache, hidden_states=True)
+        return StepOutput(out.hidden_states[-1][:, -1].float(), out.logits[:, -1].float())
+
     def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
         """Greedy continuations of each prompt (batched), ending before an end-of-turn token, after
