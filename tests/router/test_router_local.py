@@ -62,3 +62,18 @@ def test_partial_routing_keeps_caches_in_sync(pair: Pair) -> None:
     for i, (token, routed) in enumerate(zip(single.token_ids, single.routed, strict=False)):
         model, prompt = (large, large_prompt) if routed else (small, small_prompt)
         assert model.greedy([prompt + single.token_ids[:i]], 1)[0] == [token]
+
+
+def test_one_model_with_two_prompts_runs_as_one_batch(pair: Pair) -> None:
+    """The offline pair (one model, with and without facts) batches both sides together and
+    still gives what the one-at-a-time generator gives."""
+    small, _, head = pair
+    scorer = router_scorer(head)
+    probe = RoutedGenerator(small, small, scorer, 1.0).generate(SMALL_MESSAGES, LARGE_MESSAGES, 12)
+    threshold = sorted(probe.scores)[len(probe.scores) // 2]
+    single = RoutedGenerator(small, small, scorer, threshold).generate(
+        SMALL_MESSAGES, LARGE_MESSAGES, max_new_tokens=12)
+    batch = routed_generate_batch(small, small, [small.prompt_ids(SMALL_MESSAGES)],
+                                  [small.prompt_ids(LARGE_MESSAGES)], scorer, threshold, 12)
+    assert batch[0].token_ids == single.token_ids and batch[0].routed == single.routed
+    assert any(single.routed)

@@ -159,10 +159,10 @@ def _label_batch(small: ChatLM, large: ChatLM, batch: list[LabelItem], judge: Ju
 
 def stack_features(responses: Sequence[LabelledResponse]) -> dict[str, torch.Tensor]:
     """Concatenate the kept features and labels of ``responses`` into flat tensors (one row per
-    token): ``hidden``, ``predicted``, ``top_logits``, ``entropy``, ``max_prob``, ``labels``,
-    ``response`` (index of the response each row belongs to)."""
+    token): ``hidden``, ``predicted``, ``top_logits``, ``entropy``, ``max_prob``, ``log_z``,
+    ``labels``, ``response`` (index of the response each row belongs to)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "hidden", "predicted", "top_logits", "entropy", "max_prob", "labels", "response")}
+        "hidden", "predicted", "top_logits", "entropy", "max_prob", "log_z", "labels", "response")}
     for index, r in enumerate(responses):
         if r.features is None:
             raise ValueError(f"response {index} kept no features (label with keep_features=True)")
@@ -172,6 +172,7 @@ def stack_features(responses: Sequence[LabelledResponse]) -> dict[str, torch.Ten
         parts["top_logits"].append(f.top_logits)
         parts["entropy"].append(f.entropy)
         parts["max_prob"].append(f.max_prob)
+        parts["log_z"].append(f.log_z)
         parts["labels"].append(torch.tensor(r.labels, dtype=torch.long))
         parts["response"].append(torch.full((len(r.labels),), index, dtype=torch.long))
     return {k: torch.cat(v) for k, v in parts.items()}

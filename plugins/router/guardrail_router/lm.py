@@ -42,13 +42,15 @@ class StepOutput:
 class PositionFeatures:
     """Router inputs of one response, one row per response token ``i``: the small model's state
     that predicts token ``i`` (``hidden``), its greedy prediction (``predicted``), the top-k logit
-    values (``top_logits``), and the entropy and maximum probability of its full distribution."""
+    values (``top_logits``), and the entropy, maximum probability and log normaliser of its full
+    distribution."""
 
     hidden: Tensor  # (n, H) float32
     predicted: Tensor  # (n,) long
     top_logits: Tensor  # (n, k) float32
     entropy: Tensor  # (n,) float32
     max_prob: Tensor  # (n,) float32
+    log_z: Tensor  # (n,) float32: logsumexp of the logits (top logprobs = top_logits - log_z)
 
 
 class ChatLM:
@@ -180,6 +182,7 @@ def _features(hidden: Tensor, logits: Tensor, top_k: int) -> PositionFeatures:
         top_logits=torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values,
         entropy=-(probs * log_probs).sum(-1),
         max_prob=probs.max(-1).values,
+        log_z=torch.logsumexp(logits, dim=-1),
     )
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from guardrail.monitor import Message
 from guardrail.probes.heads import RouterHead
 
-from .lm import ChatLM
+from .lm import ChatLM, StepOutput
 
 __all__ = ["RoutedGenerator", "RoutedOutput", "Scorer", "entropy_scorer", "max_prob_scorer",
            "routed_generate_batch", "router_scorer"]
@@ -122,17 +122,24 @@ class RoutedGenerator:
 def routed_generate_batch(small: ChatLM, large: ChatLM, small_prompts: Sequence[Sequence[int]],
                           large_prompts: Sequence[Sequence[int]], scorer: Scorer,
                           threshold: float, max_new_tokens: int = 64) -> list[RoutedOutput]:
-    """Routed greedy generation for a batch of prompts, both models stepping in lockstep."""
-    small_state, small_out = small.start(small_prompts)
-    large_state, large_out = large.start(large_prompts)
+    """Routed greedy generation for a batch of prompts, both models stepping in lockstep. When
+    ``small is large`` (one model, two prompts) both sides run as one batch of twice the size."""
+    n = len(small_prompts)
+    shared = small is large
+    if shared:
+        state, out = small.start([*small_prompts, *large_prompts])
+        small_out, large_out = _rows(out, 0, n), _rows(out, n, 2 * n)
+    else:
+        small_state, small_out = small.start(small_prompts)
+        large_state, large_out = large.start(large_prompts)
     results = [RoutedOutput([], "") for _ in small_prompts]
-    done = [False] * len(small_prompts)
+    done = [False] * n
     for _ in range(max_new_tokens):
         proposed = small_out.logits.argmax(-1)
         scores = scorer(small_out.hidden, small_out.logits, proposed)
         routed = scores >= threshold
         chosen = torch.where(routed, large_out.logits.argmax(-1), proposed)
-        for row in range(len(results)):
+        for row in range(n):
             if done[row]:
                 continue
             results[row].routed.append(bool(routed[row]))
@@ -144,8 +151,16 @@ def routed_generate_batch(small: ChatLM, large: ChatLM, small_prompts: Sequence[
                 results[row].token_ids.append(token)
         if all(done):
             break
-        small_out = small.step(small_state, chosen)
-        large_out = large.step(large_state, chosen)
+        if shared:
+            out = small.step(state, torch.cat([chosen, chosen]))
+            small_out, large_out = _rows(out, 0, n), _rows(out, n, 2 * n)
+        else:
+            small_out = small.step(small_state, chosen)
+            large_out = large.step(large_state, chosen)
     for r in results:
         r.text = small.decode(r.token_ids)
     return results
+
+
+def _rows(out: StepOutput, start: int, stop: int) -> StepOutput:
+    return StepOutput(out.hidden[start:stop], out.logits[start:stop])

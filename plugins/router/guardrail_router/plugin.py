@@ -1,1 +1,26 @@
-"""Entry point of the ``guardrail`` plugin group for the router distribution."""
+"""Entry point of the ``guardrail`` plugin group: the ``router`` monitor and its trainer."""
+
+from __future__ import annotations
+
+from guardrail import hookimpl
+from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
+
+
+@hookimpl
+def guardrail_register_monitors(register: RegisterMonitor) -> None:
+    from .monitor import RouterMonitor
+
+    register("router", RouterMonitor,
+             description="R2R router: tokens where a small model diverges from a reference")
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+@hookimpl
+def guardrail_register_trainers(register: RegisterTrainer) -> None:
+    register("router", _train,
+             description="label the offline SmolLM2 pair, train the router and evaluate it")

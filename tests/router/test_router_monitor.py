@@ -1,0 +1,106 @@
+"""The router monitor inside a Guard: per-token scores from the step that produced each token,
+route events, and its place in the default policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import guardrail_router.plugin as router_plugin
+import pytest
+import torch
+from guardrail_router.lm import load_chat_lm
+from guardrail_router.monitor import DEFAULT_WEIGHTS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from guardrail import Guard, Route
+from guardrail.guard import default_policy
+from guardrail.observer.model import render_context
+from guardrail.plugins import PluginHost
+from guardrail.probes.heads import RouterHead
+from guardrail.probes.io import save_probe
+from guardrail.testing import split_text
+
+TEXT = "The capital of France is Paris. It is a large city."
+PROMPT = "Tell me about Paris."
+
+
+@pytest.fixture(scope="module")
+def router_weights(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    small = load_chat_lm(tiny_pair[0])
+    head = RouterHead(small.model.config.hidden_size, small.embedding, top_k=8,
+                      width=16, blocks=1, seed=5)
+    return save_probe(tmp_path_factory.mktemp("router-weights"), head,
+                      {"base_model": "small", "layer": -1, "threshold": 0.5}, name="router")
+
+
+def _host() -> PluginHost:
+    host = PluginHost(autoload=False)
+    host.register(router_plugin, name="router-test")
+    return host
+
+
+def _guard(tiny_pair: tuple[Path, Path], weights: Path, **spec: object) -> Guard:
+    monitor = {"id": "router", "use": "router", "options": {"weights": str(weights)}, **spec}
+    policy = {"observer": {"model": str(tiny_pair[0]), "window": 256}, "monitors": [monitor]}
+    return Guard.from_policy(policy, host=_host())
+
+
+def test_scores_use_the_state_before_each_token(tiny_pair: tuple[Path, Path],
+                                                router_weights: Path) -> None:
+    guard = _guard(tiny_pair, router_weights, threshold=0.99)
+    session = guard.session(prompt=PROMPT, record_scores=True)
+    for delta in split_text(TEXT, [3, 7]):
+        session.feed(delta)
+    report = session.finish()
+    got = dict(report.scores["router"])
+    # independent path: one full forward over prompt + answer, shifted by hand
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    context = render_context(tokenizer, [{"role": "user", "content": PROMPT}])
+    answer = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model(torch.tensor([context + answer]), output_hidden_states=True)
+    hidden, logits = out.hidden_states[-1][0], out.logits[0]
+    head = guard.monitors[0][1]._loaded.head  # type: ignore[attr-defined]
+    p = len(context)
+    with torch.no_grad():
+        expected = {
+            j: float(head.score(hidden[p + j - 1 : p + j], torch.tensor([answer[j]]),
+                                torch.topk(logits[p + j - 1 : p + j], 8, dim=-1).values)[0])
+            for j in range(1, len(answer))
+        }
+    assert sorted(got) == list(range(1, len(answer)))  # the first token has no earlier state
+    for j, value in expected.items():
+        assert got[j] == pytest.approx(value, abs=1e-4)
+
+
+def test_route_action_cuts_the_stream_where_the_router_fires(tiny_pair: tuple[Path, Path],
+                                                             router_weights: Path) -> None:
+    guard = _guard(tiny_pair, router_weights, threshold=0.0, action="route",
+                   route_to={"model": "large"})
+    session = guard.session(prompt=PROMPT, can_route=True)
+    events = session.feed(TEXT + " ")
+    routes = [e for e in events if isinstance(e, Route)]
+    assert len(routes) == 1
+    offsets = session.token_offsets()
+    assert routes[0].at == 1 and routes[0].at_char == offsets[1][0]
+    assert routes[0].target["model"] == "large"
+
+
+def test_missing_weights_name_the_file(tmp_path: Path) -> None:
+    from guardrail.errors import PolicyError
+
+    policy = {"monitors": [{"id": "r", "use": "router",
+                            "options": {"weights": str(tmp_path / "none.safetensors")}}]}
+    with pytest.raises(PolicyError, match="none.json"):
+        Guard.from_policy(policy, host=_host())
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="no shipped router weights")
+def test_default_policy_flags_with_the_shipped_threshold() -> None:
+    spec = next(m for m in default_policy(_host()).monitors if m.use == "router")
+    config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert spec.action == "flag" and spec.threshold == pytest.approx(config["threshold"])
+    assert DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
+    assert config["splits"]["test"]["questions"] > 0 and "test" in config["metrics"]
