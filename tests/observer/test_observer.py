@@ -45,6 +45,7 @@ def test_observer_satisfies_the_protocol(llama_observer: Any) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 3, 16])
 def test_incremental_states_equal_a_full_forward(tiny_path: Path, chunk: int) -> None:
+    """All layers and logits: the whole model runs."""
     obs = load_model_dir(tiny_path, name="tiny", window=256)
     tokens = obs.tokenizer.tokenize(TEXT)
     got = read(obs, obs.start(MESSAGES, NEEDS), tokens, chunk)
@@ -59,6 +60,17 @@ def test_incremental_states_equal_a_full_forward(tiny_path: Path, chunk: int) ->
                                    atol=TOL, rtol=TOL)
     torch.testing.assert_close(got["logits"], ref.logits[0, n:], atol=TOL, rtol=TOL)
     torch.testing.assert_close(got["top"], ref.logits[0, n:].topk(3).values, atol=TOL, rtol=TOL)
+
+
+def test_shallow_reads_run_fewer_blocks_and_equal_a_full_forward(llama_observer: Any) -> None:
+    needs = Needs(layers=frozenset({1}))
+    tokens = llama_observer.tokenizer.tokenize(TEXT)
+    state = llama_observer.start(MESSAGES, needs)
+    assert len(state.kv.tensors) == 2 * 2  # blocks 0 and 1 only
+    got = read(llama_observer, state, tokens, 4, needs)["hidden"][1]
+    context = llama_observer.context_ids(MESSAGES)
+    ref = full_forward(llama_observer, context + [t.id for t in tokens])
+    torch.testing.assert_close(got, ref.hidden_states[2][0, len(context):], atol=TOL, rtol=TOL)
 
 
 def test_streamed_text_through_the_aligner_equals_the_whole_text(llama_observer: Any) -> None:
@@ -152,8 +164,8 @@ def test_only_requested_outputs_are_returned(llama_observer: Any) -> None:
 
 def test_out_of_range_layer_is_a_clear_error(llama_observer: Any) -> None:
     needs = Needs(layers=frozenset({4}))
-    state = llama_observer.start([], needs)
     with pytest.raises(ObserverError, match=r"layer 4 is out of range.*0\.\.3"):
+        state = llama_observer.start([], needs)
         llama_observer.extend(state, llama_observer.tokenizer.tokenize("hi"), needs)
 
 

@@ -1,0 +1,158 @@
+"""Observer benchmark: SmolLM2-135M on torch and ONNX Runtime, text arriving in chunks.
+
+    python -m bench.observer_bench            # full run (writes bench/results/observer.json)
+    python -m bench.observer_bench --quick    # fewer tokens, under two minutes when cached
+
+For each backend (torch float32, torch bfloat16, ONNX Runtime float32) and each chunk size (1, 4,
+16 tokens) it streams a response through ``observer.extend`` after a chat context and reports
+tokens/s, added latency per chunk (median, p95) and peak resident memory. Each backend runs in
+its own process so peak memory and time to first state are its own. Time to first state is
+load + start (conversation) + the first chunk, cached (converted model on disk) and cold (the
+GGUF conversion, and for ONNX the export, into an empty cache).
+
+Two read profiles: ``mid`` (layer 15 only, what the harm and fact probes read) and ``full``
+(layers 15 and -1 plus top-10 logits, what the router reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import median, p95, write_result
+
+NAME = "observer_bench"
+BACKENDS = ["torch", "torch-bf16", "onnx"]
+CHUNKS = [1, 4, 16]
+PROFILES: dict[str, dict[str, Any]] = {
+    "mid": {"layers": [15], "top_k": 0},
+    "full": {"layers": [15, -1], "top_k": 10},
+}
+TEXT = ("Marie Curie was a physicist and chemist who was born in Warsaw in 1867. She moved to "
+        "Paris, studied at the Sorbonne, and with Pierre Curie discovered polonium and radium. "
+        "She won the Nobel Prize in Physics in 1903 and in Chemistry in 1911. ")
+MESSAGES = [{"role": "user", "content": "Tell me about Marie Curie and her discoveries."}]
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(backend: str, tokens_per_run: int, cold: bool) -> dict[str, Any]:
+    """Run in a child process: load one backend, stream, measure."""
+    import torch
+
+    from guardrail.monitor import Needs
+    from guardrail.observer.hf import load_smollm2
+    from guardrail.policy import ObserverSpec
+
+    t0 = time.perf_counter()
+    options = {"dtype": "bfloat16"} if backend == "torch-bf16" else {}
+    spec = ObserverSpec(backend="onnx" if backend == "onnx" else "torch", options=options)
+    observer = load_smollm2(spec)
+    result: dict[str, Any] = {"backend": backend, "threads": torch.get_num_threads()}
+    tokens = observer.tokenizer.tokenize(TEXT * 40)
+    for name, profile in PROFILES.items():
+        needs = Needs(layers=frozenset(profile["layers"]), top_k=int(profile["top_k"]))
+        t_start = time.perf_counter()
+        state = observer.start(MESSAGES, needs)
+        observer.extend(state, tokens[:4], needs)
+        if name == "mid":
+            result["first_state_s"] = time.perf_counter() - t0
+            result["load_s"] = t_start - t0
+        if cold:
+            continue
+        runs = {}
+        for chunk in CHUNKS:
+            n = tokens_per_run // 4 if chunk == 1 else tokens_per_run
+            state = observer.start(MESSAGES, needs)
+            latencies = []
+            for i in range(0, n, chunk):
+                t1 = time.perf_counter()
+                observer.extend(state, tokens[i:i + chunk], needs)
+                latencies.append(time.perf_counter() - t1)
+            total = sum(latencies)
+            runs[str(chunk)] = {
+                "tokens": n, "tokens_per_s": n / total,
+                "median_ms": median(latencies) * 1000, "p95_ms": p95(latencies) * 1000,
+            }
+        result[name] = runs
+    result["peak_rss_mib"] = _peak_mib()
+    return result
+
+
+def _spawn(backend: str, tokens: int, cache: str | None, cold: bool) -> dict[str, Any]:
+    env = dict(os.environ)
+    if cache:
+        env["GUARDRAIL_CACHE"] = cache
+    cmd = [sys.executable, "-m", "bench.observer_bench", "--worker", backend,
+           "--tokens", str(tokens)] + (["--cold"] if cold else [])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{backend} worker failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens, args.cold)))
+        return None
+    tokens = 96 if args.quick else 320
+    results: dict[str, Any] = {"quick": args.quick, "model": "SmolLM2-135M-Instruct",
+                               "profiles": PROFILES, "chunks": CHUNKS, "backends": {}}
+    _spawn("torch", 8, None, cold=True)  # make sure the cached conversion exists
+    for backend in BACKENDS:
+        print(f"[observer_bench] {backend} ...", file=sys.stderr)
+        results["backends"][backend] = _spawn(backend, tokens, None, cold=False)
+    for backend in ("torch", "onnx"):
+        with tempfile.TemporaryDirectory() as empty:
+            print(f"[observer_bench] {backend} cold start ...", file=sys.stderr)
+            cold = _spawn(backend, 8, empty, cold=True)
+            results["backends"][backend]["cold_first_state_s"] = cold["first_state_s"]
+    # bench/results/observer.json; the same data as observer_bench.json for `python -m bench.run`
+    path = write_result("observer", results)
+    write_result(NAME, results)
+    print(render(json.loads(path.read_text())))
+    return path
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"## Observer: {result['model']}, torch vs ONNX Runtime", "",
+             "Tokens/s and added latency per `extend` call when the response arrives in chunks "
+             "of 1, 4 and 16 tokens after a chat context. `mid` reads layer 15 (harm and fact "
+             "probes); `full` reads layers 15 and -1 plus top-10 logits (router). Time to first "
+             "state = load + reading the conversation + the first chunk.", "",
+             "| backend | profile | chunk | tokens/s | median ms | p95 ms |",
+             "|---|---|---:|---:|---:|---:|"]
+    for backend, data in result["backends"].items():
+        for profile in PROFILES:
+            for chunk, run in data.get(profile, {}).items():
+                lines.append(f"| {backend} | {profile} | {chunk} | {run['tokens_per_s']:.0f} | "
+                             f"{run['median_ms']:.1f} | {run['p95_ms']:.1f} |")
+    lines += ["", "| backend | threads | peak RSS MiB | first state, cached s | "
+              "first state, cold s |", "|---|---:|---:|---:|---:|"]
+    for backend, data in result["backends"].items():
+        cold = data.get("cold_first_state_s")
+        lines.append(f"| {backend} | {data['threads']} | {data['peak_rss_mib']:.0f} | "
+                     f"{data['first_state_s']:.1f} | "
+                     f"{'' if cold is None else f'{cold:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
