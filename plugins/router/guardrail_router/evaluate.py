@@ -16,8 +16,7 @@ from guardrail.probes.metrics import roc_auc
 
 from .baselines import entropy_from_logprobs
 from .facts import Question, is_correct
-from .labels import LabelledResponse
-from .lm import ChatLM
+from .lm import ChatLM, sentence_end
 from .local import Scorer, entropy_scorer, routed_generate_batch, router_scorer
 
 __all__ = ["baseline_scores", "evaluate", "plot_accuracy", "token_metrics"]
@@ -69,7 +68,8 @@ def _routed(lm: ChatLM, questions: Sequence[Question], scorer: Scorer, threshold
         batch = questions[i : i + batch_size]
         outs = routed_generate_batch(
             lm, lm, [lm.prompt_ids(q.messages(False)) for q in batch],
-            [lm.prompt_ids(q.messages(True)) for q in batch], scorer, threshold, max_new_tokens)
+            [lm.prompt_ids(q.messages(True)) for q in batch], scorer, threshold, max_new_tokens,
+            stop_at_sentence=True)
         texts.extend(o.text for o in outs)
         routed += sum(sum(o.routed) for o in outs)
         tokens += sum(len(o.routed) for o in outs)
@@ -78,7 +78,7 @@ def _routed(lm: ChatLM, questions: Sequence[Question], scorer: Scorer, threshold
 
 
 def evaluate(lm: ChatLM, head: RouterHead, questions: Sequence[Question],
-             splits: dict[str, list[int]], responses: Sequence[LabelledResponse],
+             splits: dict[str, list[int]], reference_texts: Sequence[str],
              data: dict[str, dict[str, torch.Tensor]], router_threshold: float, *,
              target_recall: float = 0.95, max_new_tokens: int = 24,
              shares: Sequence[float] = (0.15, 0.3), progress: bool = True) -> dict[str, Any]:
@@ -98,9 +98,10 @@ def evaluate(lm: ChatLM, head: RouterHead, questions: Sequence[Question],
     small_texts: list[str] = []
     for i in range(0, len(test_questions), 32):
         batch = test_questions[i : i + 32]
-        outs = lm.greedy([lm.prompt_ids(q.messages(False)) for q in batch], max_new_tokens)
+        outs = lm.greedy([lm.prompt_ids(q.messages(False)) for q in batch], max_new_tokens,
+                         stop=lambda ids: sentence_end(lm.token_text(ids[-1])))
         small_texts.extend(lm.decode(o) for o in outs)
-    reference_texts = [responses[i].response_text for i in splits["test"]]
+    test_references = [reference_texts[i] for i in splits["test"]]
     router_val = score_tokens(head, val)
     entropy_val = val["entropy"]
     runs: list[tuple[str, Scorer, float]] = [
@@ -119,7 +120,7 @@ def evaluate(lm: ChatLM, head: RouterHead, questions: Sequence[Question],
         "accuracy": {
             "questions": len(test_questions),
             "small": _accuracy(test_questions, small_texts),
-            "reference": _accuracy(test_questions, reference_texts),
+            "reference": _accuracy(test_questions, test_references),
             "router_at_val_threshold": curve["router"][0],
             "entropy_at_val_threshold": curve["entropy"][0],
             "curve": {k: sorted(({kk: vv for kk, vv in p.items() if kk != "examples"}

@@ -90,18 +90,20 @@ def label_responses(
     top_k: int = 100,
     batch_size: int = 32,
     keep_features: bool = True,
+    stop_at_sentence: bool = False,
     progress: bool = True,
 ) -> list[LabelledResponse]:
     """Run the pipeline over ``items`` in batches; return one ``LabelledResponse`` each, in order.
 
     ``max_new_tokens`` bounds the large model's responses, ``max_continuation`` the
-    continuations compared at each mismatch (cut earlier at the end of the sentence)."""
+    continuations compared at each mismatch (cut earlier at the end of the sentence);
+    ``stop_at_sentence`` ends each response after its first sentence."""
     results: list[LabelledResponse] = []
     bar = tqdm(total=len(items), desc="labelling", unit="question", disable=not progress)
     for start in range(0, len(items), batch_size):
         batch = list(items[start : start + batch_size])
         results.extend(_label_batch(small, large, batch, judge, max_new_tokens, max_continuation,
-                                    top_k, keep_features))
+                                    top_k, keep_features, stop_at_sentence))
         bar.update(len(batch))
         n_pos = sum(sum(r.labels) for r in results)
         n_tok = sum(len(r.labels) for r in results)
@@ -112,10 +114,11 @@ def label_responses(
 
 def _label_batch(small: ChatLM, large: ChatLM, batch: list[LabelItem], judge: Judge,
                  max_new_tokens: int, max_continuation: int, top_k: int,
-                 keep_features: bool) -> list[LabelledResponse]:
+                 keep_features: bool, stop_at_sentence: bool) -> list[LabelledResponse]:
     large_prompts = [large.prompt_ids(item.large_messages) for item in batch]
     small_prompts = [small.prompt_ids(item.small_messages) for item in batch]
-    responses = large.greedy(large_prompts, max_new_tokens)
+    stop = (lambda ids: sentence_end(large.token_text(ids[-1]))) if stop_at_sentence else None
+    responses = large.greedy(large_prompts, max_new_tokens, stop=stop)
     features = small.position_features(small_prompts, responses, top_k)
     # Every mismatch of the batch continues in one batched greedy run of the small model.
     found: list[tuple[int, int, int]] = []  # (row, position, small token)

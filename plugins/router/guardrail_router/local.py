@@ -21,7 +21,7 @@ from torch import Tensor
 from guardrail.monitor import Message
 from guardrail.probes.heads import RouterHead
 
-from .lm import ChatLM, StepOutput
+from .lm import ChatLM, StepOutput, sentence_end
 
 __all__ = ["RoutedGenerator", "RoutedOutput", "Scorer", "entropy_scorer", "max_prob_scorer",
            "routed_generate_batch", "router_scorer"]
@@ -121,9 +121,11 @@ class RoutedGenerator:
 
 def routed_generate_batch(small: ChatLM, large: ChatLM, small_prompts: Sequence[Sequence[int]],
                           large_prompts: Sequence[Sequence[int]], scorer: Scorer,
-                          threshold: float, max_new_tokens: int = 64) -> list[RoutedOutput]:
+                          threshold: float, max_new_tokens: int = 64,
+                          stop_at_sentence: bool = False) -> list[RoutedOutput]:
     """Routed greedy generation for a batch of prompts, both models stepping in lockstep. When
-    ``small is large`` (one model, two prompts) both sides run as one batch of twice the size."""
+    ``small is large`` (one model, two prompts) both sides run as one batch of twice the size.
+    ``stop_at_sentence`` ends each answer after its first sentence."""
     n = len(small_prompts)
     shared = small is large
     if shared:
@@ -149,6 +151,7 @@ def routed_generate_batch(small: ChatLM, large: ChatLM, small_prompts: Sequence[
                 done[row] = True
             else:
                 results[row].token_ids.append(token)
+                done[row] = stop_at_sentence and sentence_end(small.token_text(token))
         if all(done):
             break
         if shared:

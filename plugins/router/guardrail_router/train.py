@@ -15,10 +15,12 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from guardrail.probes.calibrate import threshold_for_recall
@@ -30,7 +32,7 @@ from guardrail.probes.metrics import roc_auc
 from .facts import Question, load_facts, make_questions
 from .judges import get_judge
 from .labels import LabelItem, LabelledResponse, label_responses, stack_features
-from .lm import load_chat_lm
+from .lm import ChatLM, load_chat_lm
 
 __all__ = ["R2R_CANDIDATES", "WEIGHTS_DIR", "fit_router", "main", "split_by_group"]
 
@@ -139,11 +141,68 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch threads (1 is fastest on a shared CPU and keeps runs reproducible)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where router.safetensors goes")
     p.add_argument("--labels-out", type=Path, help="also write the labelled answers as JSON Lines")
+    p.add_argument("--cache", type=Path,
+                   help="keep the labelled features here and reuse them when the setup matches")
     p.add_argument("--results", type=Path, help="write the evaluation JSON here")
     p.add_argument("--plot", type=Path, help="write the accuracy-vs-routed-share plot here (PNG)")
     p.add_argument("--no-eval", action="store_true", help="train only, skip the evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+@dataclass
+class Dataset:
+    """Labelled router inputs by split, the reference answers and what labelling found."""
+
+    questions: list[Question]
+    splits: dict[str, list[int]]
+    data: dict[str, dict[str, torch.Tensor]]
+    reference_texts: list[str]
+    label_stats: dict[str, int]
+    seconds: float
+
+
+def _signature(args: argparse.Namespace) -> dict[str, Any]:
+    return {"questions": args.questions, "seed": args.seed, "judge": args.judge,
+            "max_new_tokens": args.max_new_tokens, "max_continuation": args.max_continuation}
+
+
+def build_dataset(args: argparse.Namespace, lm: ChatLM, progress: bool) -> Dataset:
+    """Label the questions (or reload them from ``args.cache`` when it holds the same setup)."""
+    questions = make_questions(load_facts(), args.questions, seed=args.seed)
+    splits = split_by_group(questions, seed=args.seed)
+    meta_path = args.cache / "router-data.json" if args.cache else None
+    if meta_path is not None and meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta["signature"] == _signature(args):
+            flat = load_file(str(meta_path.with_suffix(".safetensors")))
+            data = {name: {k.split(".", 1)[1]: v for k, v in flat.items()
+                           if k.startswith(name + ".")} for name in splits}
+            return Dataset(questions, splits, data, meta["reference_texts"], meta["labels"],
+                           float(meta["seconds"]))
+    t0 = time.perf_counter()
+    judge = get_judge(args.judge, base_url=args.judge_url, model=args.judge_model)
+    items = [LabelItem(q.messages(with_facts=False), q.messages(with_facts=True))
+             for q in questions]
+    responses = label_responses(lm, lm, items, judge, max_new_tokens=args.max_new_tokens,
+                                max_continuation=args.max_continuation, stop_at_sentence=True,
+                                progress=progress)
+    seconds = time.perf_counter() - t0
+    if args.labels_out:
+        _dump_labels(args.labels_out, questions, responses)
+    stats = {"tokens": sum(len(r.labels) for r in responses),
+             "mismatches": sum(len(r.mismatches) for r in responses),
+             "divergent": sum(sum(r.labels) for r in responses)}
+    data = {name: _subset(responses, idx) for name, idx in splits.items()}
+    references = [r.response_text for r in responses]
+    if meta_path is not None:
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({f"{name}.{k}": v.contiguous() for name, d in data.items() for k, v in d.items()},
+                  str(meta_path.with_suffix(".safetensors")))
+        meta_path.write_text(json.dumps({"signature": _signature(args), "labels": stats,
+                                         "reference_texts": references, "seconds": seconds}),
+                             encoding="utf-8")
+    return Dataset(questions, splits, data, references, stats, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,29 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     t0 = time.perf_counter()
     lm = load_chat_lm()
-    questions = make_questions(load_facts(), args.questions, seed=args.seed)
-    splits = split_by_group(questions, seed=args.seed)
-    judge = get_judge(args.judge, base_url=args.judge_url, model=args.judge_model)
-    items = [LabelItem(q.messages(with_facts=False), q.messages(with_facts=True))
-             for q in questions]
-    responses = label_responses(lm, lm, items, judge, max_new_tokens=args.max_new_tokens,
-                                max_continuation=args.max_continuation, progress=progress)
-    t_labels = time.perf_counter() - t0
-    if args.labels_out:
-        _dump_labels(args.labels_out, questions, responses)
-    data = {name: _subset(responses, idx) for name, idx in splits.items()}
+    dataset = build_dataset(args, lm, progress)
+    questions, splits, data = dataset.questions, dataset.splits, dataset.data
+    label_stats = dataset.label_stats
+    t_labels = dataset.seconds
+    t_fit = time.perf_counter()
     head, history = fit_router(data["train"], data["val"], lm.embedding, width=args.width,
                                blocks=args.blocks, epochs=args.epochs, seed=args.seed,
                                progress=progress)
     val_scores = score_tokens(head, data["val"]).tolist()
     choice = threshold_for_recall(data["val"]["labels"].tolist(), val_scores, args.recall,
                                   candidates=R2R_CANDIDATES)
-    t_train = time.perf_counter() - t0
-    label_stats = {
-        "tokens": sum(len(r.labels) for r in responses),
-        "mismatches": sum(len(r.mismatches) for r in responses),
-        "divergent": sum(sum(r.labels) for r in responses),
-    }
+    t_train = t_labels + time.perf_counter() - t_fit
     config: dict[str, Any] = {
         "base_model": "smollm2-135m",
         "layer": -1,
@@ -202,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_eval:
         from .evaluate import evaluate
 
-        results = evaluate(lm, head, questions, splits, responses, data, choice.threshold,
+        results = evaluate(lm, head, questions, splits, dataset.reference_texts, data,
+                           choice.threshold,
                            target_recall=args.recall, max_new_tokens=args.max_new_tokens,
                            progress=progress)
         config["metrics"]["test"] = results["token_level"]["router"]
