@@ -1,0 +1,160 @@
+"""Routing between two OpenAI-compatible endpoints in one seamless stream.
+
+The small model streams the answer through a guard session that may route. When a ``route``
+verdict fires, the small model's stream is closed (``stream.close()``: the upstream stops
+generating), the large endpoint continues the same answer from the released prefix for one
+segment (to the end of the sentence, or ``max_tokens``, as the policy's ``route_to`` says), and the
+small model resumes from the new prefix. The reader sees one stream of text.
+
+Continuing "from the prefix" sends the conversation with the answer so far as a final assistant
+message, which llama.cpp's server and vLLM (``continue_final_message``) treat as a prefill.
+
+Routes the session proposes while the large model writes its segment are not acted on (the
+session's ``can_route`` is off during a segment), and ``max_routes`` bounds the segments of one
+answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrail.events import Event, Halt, Release, Route
+from guardrail.guard import Guard
+from guardrail.monitor import Message
+from guardrail.session import GuardSession, Report
+
+from .lm import sentence_end
+
+__all__ = ["RemoteRouter", "RoutedSegment"]
+
+
+@dataclass
+class RoutedSegment:
+    """A part of the answer the large endpoint wrote: char offsets into the answer."""
+
+    start: int
+    end: int
+    text: str
+    monitor: str
+    score: float
+
+
+@dataclass
+class RemoteRouter:
+    """Drive a small and a large OpenAI-compatible client for one answer at a time.
+
+    ``stream(messages)`` yields the released text; afterwards ``report`` is the session's report
+    and ``segments`` lists what the large model wrote."""
+
+    guard: Guard
+    small_client: Any
+    small_model: str
+    large_client: Any
+    large_model: str
+    max_routes: int = 8
+    request_options: dict[str, Any] = field(default_factory=dict)
+    report: Report | None = None
+    segments: list[RoutedSegment] = field(default_factory=list)
+
+    def stream(self, messages: Sequence[Message]) -> Iterator[str]:
+        self.segments = []
+        session = self.guard.session(list(messages), can_route=True)
+        routes_left = self.max_routes
+        try:
+            while True:
+                route = yield from self._small_part(session, messages)
+                if route is None or session.halted is not None:
+                    break
+                session.reroute(route.at_char)
+                if routes_left <= 0:  # out of segments: the small model carries on alone
+                    session.can_route = False
+                    continue
+                routes_left -= 1
+                yield from self._large_segment(session, messages, route)
+                if session.halted is not None:
+                    break
+            self.report = session.finish()
+            yield from _released(self.report.final_events)
+        except BaseException:
+            if not session.closed:
+                self.report = session.abort("stream closed early")
+            raise
+
+    def _request(self, client: Any, model: str, messages: Sequence[Message], prefix: str,
+                 **options: Any) -> Any:
+        conversation = list(messages)
+        if prefix:
+            conversation.append({"role": "assistant", "content": prefix})
+        return client.chat.completions.create(model=model, messages=conversation, stream=True,
+                                              **{**self.request_options, **options})
+
+    def _small_part(self, session: GuardSession,
+                    messages: Sequence[Message]) -> Generator[str, None, Route | None]:
+        """Stream the small model from the current prefix until it ends, halts or routes; the
+        generator's return value is the route (or None)."""
+        upstream = self._request(self.small_client, self.small_model, messages, session.text)
+        try:
+            for chunk in upstream:
+                delta = _delta(chunk)
+                if not delta:
+                    continue
+                events = session.feed(delta)
+                yield from _released(events)
+                if any(isinstance(e, Halt) for e in events):
+                    return None
+                route = next((e for e in events if isinstance(e, Route)), None)
+                if route is not None and session.route_pending is not None:
+                    return route
+            return None
+        finally:
+            upstream.close()  # `break` would leave the upstream generating
+
+    def _large_segment(self, session: GuardSession, messages: Sequence[Message],
+                       route: Route) -> Iterator[str]:
+        """The large model writes one segment from the prefix; it goes through the session (every
+        other monitor still reads it) with routing off."""
+        target = route.target
+        until, max_tokens = target.get("until", "sentence"), int(target.get("max_tokens", 32))
+        start = len(session.text)
+        upstream = self._request(self.large_client, self.large_model, messages, session.text,
+                                 max_tokens=max_tokens)
+        session.can_route = False
+        try:
+            for chunk in upstream:
+                delta = _delta(chunk)
+                if not delta:
+                    continue
+                cut = _sentence_cut(delta) if until == "sentence" else None
+                piece = delta if cut is None else delta[:cut]
+                events = session.feed(piece)
+                yield from _released(events)
+                if cut is not None or any(isinstance(e, Halt) for e in events):
+                    break
+        finally:
+            upstream.close()
+            session.can_route = True
+        self.segments.append(RoutedSegment(start, len(session.text), session.text[start:],
+                                           route.monitor, route.score))
+
+
+def _delta(chunk: Any) -> str:
+    choices = getattr(chunk, "choices", None) or []
+    if not choices:
+        return ""
+    return getattr(choices[0].delta, "content", None) or ""
+
+
+def _sentence_cut(delta: str) -> int | None:
+    """Offset just after the first sentence end in ``delta`` (None when it has none)."""
+    for i, ch in enumerate(delta):
+        if sentence_end(ch):
+            return i + 1
+    return None
+
+
+def _released(events: Sequence[Event]) -> Iterator[str]:
+    for event in events:
+        if isinstance(event, Release) and event.text:
+            yield event.text

@@ -1,0 +1,63 @@
+"""Routing between two OpenAI-compatible loopback servers: one seamless stream, the small
+upstream closed when the route fires, the large one asked to continue the released prefix."""
+
+from __future__ import annotations
+
+import openai
+from guardrail_router.remote import RemoteRouter
+
+from guardrail import Guard
+from guardrail.plugins import PluginHost
+from guardrail.testing import ScriptedMonitor, plugin_monitors
+from guardrail.testing.upstream import Script, UpstreamServer
+
+QUESTION = [{"role": "user", "content": "What is the capital of Chad?"}]
+
+
+def _guard(host: PluginHost, max_tokens: int = 32) -> Guard:
+    policy = {"monitors": [{"id": "router", "use": "unsure", "threshold": 0.5, "action": "route",
+                            "route_to": {"model": "large", "max_tokens": max_tokens}}]}
+    return Guard.from_policy(policy, host=host)
+
+
+def test_route_hands_one_sentence_to_the_large_model_and_resumes_the_small_one() -> None:
+    with UpstreamServer(model="small") as small, UpstreamServer(model="large") as large, \
+            plugin_monitors(unsure=ScriptedMonitor.factory({"kouile": 1.0})) as host:
+        small.enqueue(Script(text="The capital of Chad is Kouile, a small town near the lake. "
+                                  "It is in Africa.", delay=0.02),
+                      Script(text=" It is in Africa."))
+        large.enqueue(Script(text=" N'Djamena. It has about a million people.", delay=0.02))
+        router = RemoteRouter(_guard(host),
+                              openai.OpenAI(base_url=small.base_url, api_key="test"), "small",
+                              openai.OpenAI(base_url=large.base_url, api_key="test"), "large")
+        text = "".join(router.stream(QUESTION))
+        first_small, resumed_small = small.completions()
+        (segment,) = large.completions()
+        for record in (first_small, resumed_small, segment):
+            record.wait()
+
+    assert text == "The capital of Chad is N'Djamena. It is in Africa."
+    # the small model stopped generating when the route fired
+    assert first_small.disconnected and not first_small.completed
+    # the large model continued the released prefix and was closed after its sentence
+    assert segment.body["messages"][-1] == {"role": "assistant",
+                                            "content": "The capital of Chad is"}
+    assert segment.body["max_tokens"] == 32
+    assert segment.disconnected and not segment.completed
+    # the small model resumed from the new prefix, which holds the large model's sentence
+    assert resumed_small.body["messages"][-1]["content"] == "The capital of Chad is N'Djamena."
+    assert [(s.text, s.monitor) for s in router.segments] == [(" N'Djamena.", "router")]
+    assert router.report is not None and len(router.report.routes) == 1
+    assert router.report.released_text == text
+
+
+def test_without_a_route_the_small_stream_passes_through() -> None:
+    with UpstreamServer(model="small") as small, UpstreamServer(model="large") as large, \
+            plugin_monitors(unsure=ScriptedMonitor.factory({"kouile": 1.0})) as host:
+        small.enqueue(Script(text="The capital of Chad is N'Djamena."))
+        router = RemoteRouter(_guard(host),
+                              openai.OpenAI(base_url=small.base_url, api_key="test"), "small",
+                              openai.OpenAI(base_url=large.base_url, api_key="test"), "large")
+        text = "".join(router.stream(QUESTION))
+        assert large.completions() == []
+    assert text == "The capital of Chad is N'Djamena." and router.segments == []
