@@ -85,7 +85,7 @@ def fit_router(train: dict[str, torch.Tensor], val: dict[str, torch.Tensor],
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
         auc = roc_auc(val["labels"].tolist(), score_tokens(head, val).tolist())
         history.append({"epoch": epoch + 1, "train_loss": total / n, "val_auc": auc})
         bar.set_postfix(loss=f"{total / n:.3f}", val_auc=f"{auc:.3f}")
@@ -124,7 +124,7 @@ def _dump_labels(path: Path, questions: Sequence[Question],
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guardrail train router", description=__doc__.split("\n")[0])
-    p.add_argument("--questions", type=int, default=200, help="questions to label (default 200)")
+    p.add_argument("--questions", type=int, default=160, help="questions to label")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=24, help="reference answer length cap")
     p.add_argument("--max-continuation", type=int, default=10,
@@ -133,9 +133,10 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["key-terms", "every-mismatch", "openai"])
     p.add_argument("--judge-url", help="OpenAI-compatible base URL for --judge openai")
     p.add_argument("--judge-model", help="model name for --judge openai")
-    p.add_argument("--width", type=int, default=64, help="router MLP width")
+    p.add_argument("--width", type=int, default=128, help="router MLP width")
     p.add_argument("--blocks", type=int, default=1, help="residual MLP blocks")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--recall", type=float, default=0.95, help="target recall for the threshold")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a shared CPU and keeps runs reproducible)")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     t_labels = dataset.seconds
     t_fit = time.perf_counter()
     head, history = fit_router(data["train"], data["val"], lm.embedding, width=args.width,
-                               blocks=args.blocks, epochs=args.epochs, seed=args.seed,
+                               blocks=args.blocks, epochs=args.epochs, lr=args.lr, seed=args.seed,
                                progress=progress)
     val_scores = score_tokens(head, data["val"]).tolist()
     choice = threshold_for_recall(data["val"]["labels"].tolist(), val_scores, args.recall,
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                           "positives": int(data[name]["labels"].sum())}
                    for name, idx in splits.items()},
         "training": {"epochs": args.epochs, "width": args.width, "blocks": args.blocks,
+                     "lr": args.lr, "optimizer": "AdamW, weight decay 5e-4",
                      "loss": "BCE, pos_weight n0/n1", "best_val_auc": max(h["val_auc"]
                                                                         for h in history)},
         "metrics": {"val": choice.as_dict()},
