@@ -6,6 +6,7 @@ A Guard holds no per-stream state; any number of sessions (threads, tasks) share
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from .session import GuardSession
 from .stream import Tokenizer, WordTokenizer
 
 __all__ = ["BUILTIN_MONITORS", "Guard", "build_monitors", "default_policy"]
+
+log = logging.getLogger("guardrail.guard")
 
 # The built-in monitor plugins, in the order the default policy lists them.
 BUILTIN_MONITORS = ("harmful-content", "entity-hallucination", "router")
@@ -208,6 +211,11 @@ def default_policy(host: PluginHost | None = None) -> Policy:
         spec = dict(getattr(entry.factory, "default_spec", {}) or {})
         spec.setdefault("id", name.split("-")[0])
         spec["use"] = name
+        try:  # an installed plugin without its trained weights can't be part of the default
+            build_monitor(entry, spec.get("options", {}))
+        except (GuardrailError, ValueError, OSError) as exc:
+            log.warning("default policy leaves out %s: %s", name, exc)
+            continue
         monitors.append(spec)
     data: dict[str, Any] = {"version": 1, "monitors": monitors}
     if monitors:
