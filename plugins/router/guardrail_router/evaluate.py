@@ -153,3 +153,27 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The evaluation as Markdown tables (for docs/benchmarks.md through a bench module)."""
+    target = results["target_recall"]
+    lines = ["## Router (R2R) on the offline SmolLM2 pair", "",
+             f"Test split, {results['accuracy']['questions']} questions held out by country. "
+             f"Route rate: share of tokens routed; 'at recall >= {target}': the fewest routes "
+             "that reach the target on test; 'val threshold': chosen on validation.", "",
+             "| scorer | test AUC | route rate at recall >= target | val threshold: recall "
+             "| val threshold: route rate |", "|---|---|---|---|---|"]
+    for name, m in results["token_level"].items():
+        recall = "n/a" if m["test_recall"] is None else f"{m['test_recall']:.2f}"
+        lines.append(f"| {name} | {m['test_auc']:.3f} | {m['at_target']['route_rate']:.3f} | "
+                     f"{recall} | {m['test_route_rate']:.3f} |")
+    acc = results["accuracy"]
+    lines += ["", "| answers | accuracy | tokens routed |", "|---|---|---|",
+              f"| small alone | {acc['small']:.2f} | 0 |"]
+    for name in ("router", "entropy"):
+        for p in acc["curve"][name]:
+            lines.append(f"| routed by {name} (threshold {p['threshold']:.3g}) | "
+                         f"{p['accuracy']:.2f} | {p['routed_share']:.2f} |")
+    lines.append(f"| reference alone | {acc['reference']:.2f} | 1 |")
+    return "\n".join(lines) + "\n"
