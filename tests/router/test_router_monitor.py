@@ -104,3 +104,26 @@ def test_default_policy_flags_with_the_shipped_threshold() -> None:
     assert spec.action == "flag" and spec.threshold == pytest.approx(config["threshold"])
     assert DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
     assert config["splits"]["test"]["questions"] > 0 and "test" in config["metrics"]
+
+
+def test_generator_steps_are_scored_without_a_shift(tiny_pair: tuple[Path, Path],
+                                                    router_weights: Path) -> None:
+    """An adapter that owns the small model sends, for each token, the step that produced it."""
+    from guardrail import StepToken, StreamStep
+
+    guard = _guard(tiny_pair, router_weights, threshold=0.99)
+    head = guard.monitors[0][1]
+    session = guard.session(prompt=PROMPT, record_scores=True)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 32, generator=g)
+    logits = torch.randn(3, guard.observer.hf_tokenizer.vocab_size + 3, generator=g)
+    tokens = [StepToken(40, "The"), StepToken(41, " cap"), StepToken(42, "ital")]
+    session.feed(StreamStep(text="The capital", tokens=tokens, hidden={-1: hidden},
+                            logits=logits))
+    report = session.finish()
+    loaded = head._loaded.head  # type: ignore[attr-defined]
+    with torch.no_grad():
+        expected = loaded.score(hidden, torch.tensor([40, 41, 42]),
+                                torch.topk(logits, 8, dim=-1).values).tolist()
+    assert [i for i, _ in report.scores["router"]] == [0, 1, 2]
+    assert [v for _, v in report.scores["router"]] == pytest.approx(expected, abs=1e-5)
