@@ -127,3 +127,35 @@ def test_generator_steps_are_scored_without_a_shift(tiny_pair: tuple[Path, Path]
                                 torch.topk(logits, 8, dim=-1).values).tolist()
     assert [i for i, _ in report.scores["router"]] == [0, 1, 2]
     assert [v for _, v in report.scores["router"]] == pytest.approx(expected, abs=1e-5)
+
+
+def test_after_a_reroute_scores_follow_the_new_text(tiny_pair: tuple[Path, Path],
+                                                   router_weights: Path) -> None:
+    """The stream is cut back and continued with other text: later tokens are scored from the
+    states of the new text, not the cut one."""
+    guard = _guard(tiny_pair, router_weights, threshold=0.0, action="route",
+                   route_to={"model": "large"})
+    session = guard.session(prompt=PROMPT, can_route=True, record_scores=True)
+    (route,) = [e for e in session.feed("The capital of France is Rome. ") if isinstance(e, Route)]
+    scored_before = session.tokens - 1  # every token read so far but the first was scored
+    session.reroute(route.at_char)
+    cut = len(session.token_offsets())
+    session.can_route = False  # the driver writes the rest itself
+    session.feed("Paris is big.")
+    report = session.finish()
+    after = dict(report.scores["router"][scored_before:])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    context = render_context(tokenizer, [{"role": "user", "content": PROMPT}])
+    answer = tokenizer(session.text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model(torch.tensor([context + answer]), output_hidden_states=True)
+        hidden, logits = out.hidden_states[-1][0], out.logits[0]
+        head = guard.monitors[0][1]._loaded.head  # type: ignore[attr-defined]
+        p = len(context)
+        expected = {j: float(head.score(hidden[p + j - 1 : p + j], torch.tensor([answer[j]]),
+                                        torch.topk(logits[p + j - 1 : p + j], 8, -1).values)[0])
+                    for j in range(cut + 1, len(answer))}
+    assert sorted(after) == sorted(expected)  # the first token after the cut is not scored
+    for j, value in expected.items():
+        assert after[j] == pytest.approx(value, abs=1e-4)

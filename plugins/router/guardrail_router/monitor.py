@@ -7,7 +7,8 @@ top-k logit values *before* token ``i`` and the embedding of token ``i``.
 - Observer streams (text from an API, read by the observer): row ``r`` of the observer's output is
   the state after token ``r``, which predicts token ``r + 1``; the monitor keeps the last row of
   each chunk for the next one. The first response token has no earlier row here (the observer
-  reads the prompt without handing out its last state) and is not scored.
+  reads the prompt without handing out its last state) and is not scored; nor is the first token
+  after a reroute (the kept row belonged to text that was cut).
 - Generator streams (an adapter that owns the small model): ``features.hidden[-1]`` and
   ``features.logits`` row ``i`` are the step that produced token ``i``, so no shift is needed.
 
@@ -69,10 +70,12 @@ _SHIPPED = _shipped_threshold()
 
 @dataclass
 class _State:
-    """The small model's last step not yet used: state and top-k logits of the latest token."""
+    """The small model's last step not yet used: state and top-k logits of the latest token,
+    and the index the next token should have (a smaller one means the stream was cut back)."""
 
     hidden: torch.Tensor | None = None
     top_logits: torch.Tensor | None = None
+    next_index: int = 0
 
 
 class RouterMonitor(Monitor):
@@ -125,12 +128,15 @@ class RouterMonitor(Monitor):
                              f"have layers {sorted(features.hidden)}")
         hidden = torch.as_tensor(hidden).float()
         ids = torch.tensor([-1 if t.id is None else t.id for t in features.tokens])
+        if features.first_index != state.next_index:  # rerouted: the kept row is stale
+            state.hidden = state.top_logits = None
+        state.next_index = features.first_index + len(features.tokens)
         if features.top_logits is not None:  # observer: row r predicts token r + 1
             top = torch.as_tensor(features.top_logits).float()[:, : self.top_k]
             prev_hidden = _prepend(state.hidden, hidden[:-1])
             prev_top = _prepend(state.top_logits, top[:-1])
             state.hidden, state.top_logits = hidden[-1:], top[-1:]
-            first = len(features.tokens) - len(prev_hidden)  # 1 on the first chunk, else 0
+            first = len(features.tokens) - len(prev_hidden)  # 1 with no earlier row, else 0
             ids = ids[first:]
         elif features.logits is not None:  # generator: row i is the step that produced token i
             logits = torch.as_tensor(features.logits).float()
