@@ -120,6 +120,33 @@ def _dump_labels(path: Path, questions: Sequence[Question],
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def write_eval_records(path: Path, lm: ChatLM, dataset: Dataset, split: str = "test") -> int:
+    """Write ``split`` as labelled stream records (DESIGN.md §6) for ``guardrail eval``: the
+    question, the reference's answer, and one span per answer token (label 1: divergent).
+    Answers whose re-tokenized text does not give back the labelled tokens are skipped."""
+    labels = dataset.data[split]["labels"]
+    rows = dataset.data[split]["response"]
+    written = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for k, index in enumerate(dataset.splits[split]):
+            text = dataset.reference_texts[index]
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            token_labels = labels[rows == k].tolist()
+            if len(ids) != len(token_labels):
+                continue
+            spans, start = [], 0
+            for i, label in enumerate(token_labels):
+                end = len(lm.decode(ids[: i + 1]))
+                spans.append({"start": start, "end": end, "label": int(label)})
+                start = end
+            record = {"prompt": dataset.questions[index].question, "response": text,
+                      "spans": spans}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
+    return written
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guardrail train router", description=__doc__.split("\n")[0])
     p.add_argument("--questions", type=int, default=160, help="questions to label")
@@ -144,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep the labelled features here and reuse them when the setup matches")
     p.add_argument("--results", type=Path, help="write the evaluation JSON here")
     p.add_argument("--plot", type=Path, help="write the accuracy-vs-routed-share plot here (PNG)")
+    p.add_argument("--eval-data-out", type=Path,
+                   help="write the test split as labelled records for guardrail eval")
     p.add_argument("--no-eval", action="store_true", help="train only, skip the evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -213,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     questions, splits, data = dataset.questions, dataset.splits, dataset.data
     label_stats = dataset.label_stats
     t_labels = dataset.seconds
+    if args.eval_data_out:
+        written = write_eval_records(args.eval_data_out, lm, dataset)
+        print(f"{written} test records -> {args.eval_data_out}", file=sys.stderr)
     t_fit = time.perf_counter()
     head, history = fit_router(data["train"], data["val"], lm.embedding, width=args.width,
                                blocks=args.blocks, epochs=args.epochs, lr=args.lr, seed=args.seed,
