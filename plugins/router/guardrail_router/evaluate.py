@@ -19,7 +19,7 @@ from .facts import Question, is_correct
 from .lm import ChatLM, sentence_end
 from .local import Scorer, entropy_scorer, routed_generate_batch, router_scorer
 
-__all__ = ["baseline_scores", "evaluate", "plot_accuracy", "token_metrics"]
+__all__ = ["baseline_scores", "evaluate", "plot_accuracy", "render_markdown", "token_metrics"]
 
 OPENAI_TOP_LOGPROBS = 20  # the most top_logprobs an OpenAI-compatible API returns
 

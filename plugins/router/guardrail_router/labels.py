@@ -27,7 +27,7 @@ from guardrail.monitor import Message
 from .judges import Judge
 from .lm import ChatLM, PositionFeatures, sentence_end
 
-__all__ = ["LabelItem", "LabelledResponse", "Mismatch", "label_responses"]
+__all__ = ["LabelItem", "LabelledResponse", "Mismatch", "label_responses", "stack_features"]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from .judges import get_judge
 from .labels import LabelItem, LabelledResponse, label_responses, stack_features
 from .lm import ChatLM, load_chat_lm
 
-__all__ = ["WEIGHTS_DIR", "fit_router", "main", "split_by_group"]
+__all__ = ["WEIGHTS_DIR", "Dataset", "build_dataset", "fit_router", "main", "score_tokens",
+           "split_by_group", "write_eval_records"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
