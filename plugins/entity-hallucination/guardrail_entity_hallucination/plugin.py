@@ -1,5 +1,27 @@
-"""Entry point of the ``guardrail`` plugin group for the entity-hallucination distribution.
+"""Entry point of the ``guardrail`` plugin group: the ``entity-hallucination`` monitor and its
+trainer (``guardrail train entity-hallucination``)."""
 
-The monitor is registered here once it exists; for now the module only makes the distribution
-visible to ``guardrail plugins`` without registering anything.
-"""
+from __future__ import annotations
+
+from guardrail import hookimpl
+from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
+
+
+@hookimpl
+def guardrail_register_monitors(register: RegisterMonitor) -> None:
+    from .monitor import EntityHallucinationMonitor
+
+    register("entity-hallucination", EntityHallucinationMonitor,
+             description="linear probe on hidden states: flags fabricated entities (span max)")
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+@hookimpl
+def guardrail_register_trainers(register: RegisterTrainer) -> None:
+    register("entity-hallucination", _train,
+             description="build the offline data, train the entity probe on SmolLM2, evaluate it")

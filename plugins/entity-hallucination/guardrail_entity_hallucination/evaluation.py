@@ -1,0 +1,151 @@
+"""Metrics of the entity probe and its baselines on cached features (the paper's three levels).
+
+For any per-token scorer: ``span_auc`` (each labelled span scored by the max, or mean, of its
+tokens' scores, against the span's label: the paper's span-max), ``token_auc`` (every token, those
+in a span taking its label and the rest 0, as ``guardrail eval`` counts), ``span_token_auc``
+(tokens inside spans only) and ``recall_at_10fpr`` (span level). Baselines read the observer's
+own surprisal (negative log-probability of the token) and entropy of the distribution it came
+from; the first response token has neither and is left out of every scorer's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from guardrail.probes.features import CachedRecord
+from guardrail.probes.metrics import recall_at_fpr, roc_auc, roc_curve
+
+from .probe import EntityProbe
+
+__all__ = ["BASELINES", "TokenScorer", "evaluate_records", "probe_scorer", "roc_points",
+           "score_tokens", "span_scores", "stat_scorer"]
+
+TokenScorer = Callable[[CachedRecord], list[float]]
+"""Per-token scores of one cached record (``nan``: no score)."""
+
+BASELINES = ("surprisal", "entropy")
+
+
+def probe_scorer(probe: EntityProbe) -> TokenScorer:
+    def score(record: CachedRecord) -> list[float]:
+        if probe.layer not in record.hidden:
+            raise KeyError(f"record {record.index} has no cached layer {probe.layer}")
+        extras = None
+        if probe.features:
+            if record.surprisal is None or record.entropy is None:
+                raise ValueError("this probe reads surprisal and entropy: extract features "
+                                 "with stats=True")
+            extras = {"surprisal": record.surprisal, "entropy": record.entropy}
+        values = probe.score(record.hidden[probe.layer].float(), extras).tolist()
+        if record.surprisal is not None and len(record) and math.isnan(float(record.surprisal[0])):
+            values[0] = math.nan  # the first token is left out for every scorer alike
+        return [float(v) for v in values]
+
+    return score
+
+
+def stat_scorer(name: str) -> TokenScorer:
+    def score(record: CachedRecord) -> list[float]:
+        value = getattr(record, name)
+        if value is None:
+            raise ValueError(f"the {name} baseline needs features extracted with stats=True")
+        return [float(v) for v in value.tolist()]
+
+    return score
+
+
+def score_tokens(scorer: TokenScorer, records: Sequence[CachedRecord]) -> list[list[float]]:
+    return [scorer(r) for r in records]
+
+
+def span_scores(records: Sequence[CachedRecord], token_scores: Sequence[Sequence[float]],
+                reduce: str = "max") -> tuple[list[int], list[float], list[int]]:
+    """(labels, scores, record index) of each labelled span with at least one scored token."""
+    labels: list[int] = []
+    scores: list[float] = []
+    owners: list[int] = []
+    for n, (record, values) in enumerate(zip(records, token_scores, strict=True)):
+        ids = record.token_span_ids()
+        for k, span in enumerate(record.spans):
+            inside = [v for v, sid in zip(values, ids, strict=True)
+                      if sid == k and not math.isnan(v)]
+            if not inside:
+                continue
+            labels.append(int(span.label))
+            scores.append(max(inside) if reduce == "max" else sum(inside) / len(inside))
+            owners.append(n)
+    return labels, scores, owners
+
+
+def _safe(fn: Callable[..., float], *args: Any) -> float | None:
+    try:
+        value = float(fn(*args))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _metrics(records: Sequence[CachedRecord], values: Sequence[Sequence[float]],
+             reduce: str) -> dict[str, Any]:
+    labels, scores, _ = span_scores(records, values, reduce)
+    tok_labels: list[int] = []
+    tok_scores: list[float] = []
+    in_labels: list[int] = []
+    in_scores: list[float] = []
+    for record, row in zip(records, values, strict=True):
+        ids = record.token_span_ids()
+        for y, v, sid in zip(record.token_labels(0), row, ids, strict=True):
+            if math.isnan(v):
+                continue
+            tok_labels.append(y)
+            tok_scores.append(v)
+            if sid >= 0:
+                in_labels.append(y)
+                in_scores.append(v)
+    return {
+        "span_auc": _safe(roc_auc, labels, scores),
+        "token_auc": _safe(roc_auc, tok_labels, tok_scores),
+        "span_token_auc": _safe(roc_auc, in_labels, in_scores),
+        "recall_at_10fpr": _safe(recall_at_fpr, labels, scores, 0.1),
+        "spans": len(labels),
+        "fabricated_spans": sum(labels),
+    }
+
+
+def evaluate_records(probe: EntityProbe, records: Sequence[CachedRecord],
+                     by: str | None = "kind") -> dict[str, Any]:
+    """Metrics of the probe (span max) and the baselines (span max and mean) on ``records``;
+    with ``by``, also per value of ``record.extra[by]`` (long-form texts vs garak claims)."""
+    scorers: dict[str, tuple[TokenScorer, str]] = {"probe": (probe_scorer(probe), "max")}
+    for name in BASELINES:
+        scorers[f"{name}_max"] = (stat_scorer(name), "max")
+        scorers[f"{name}_mean"] = (stat_scorer(name), "mean")
+    cache = {name: score_tokens(fn, records) for name, (fn, _) in scorers.items()}
+    out: dict[str, Any] = {"records": len(records),
+                           "all": {name: _metrics(records, cache[name], reduce)
+                                   for name, (_, reduce) in scorers.items()}}
+    if by is not None:
+        groups = sorted({str(r.extra.get(by)) for r in records})
+        if len(groups) > 1:
+            out["by_" + by] = {}
+            for g in groups:
+                rows = [n for n, r in enumerate(records) if str(r.extra.get(by)) == g]
+                subset = [records[n] for n in rows]
+                out["by_" + by][g] = {
+                    "records": len(subset),
+                    **{name: _metrics(subset, [cache[name][n] for n in rows], reduce)
+                       for name, (_, reduce) in scorers.items()}}
+    return out
+
+
+def roc_points(records: Sequence[CachedRecord], scorers: Mapping[str, TokenScorer]
+               ) -> dict[str, tuple[list[float], list[float]]]:
+    """Span-max ROC curve (FPR, TPR) of each scorer, for plots."""
+    curves = {}
+    for name, fn in scorers.items():
+        labels, scores, _ = span_scores(records, score_tokens(fn, records), "max")
+        fpr, tpr, _ = roc_curve(labels, scores)
+        curves[name] = ([float(x) for x in fpr], [float(x) for x in tpr])
+    return curves

@@ -1,0 +1,244 @@
+"""The ``entity-hallucination`` monitor: a linear probe scores every token of an entity, and the
+``span_max`` rule flags an entity whose highest token score reaches the threshold.
+
+Entities are found in the streamed text as it grows (``spans.find_entities``: capitalised word
+runs, numbers, dates). A token's score is handed to the session only once the entity it belongs to
+can no longer change, each score carrying the entity's char offsets (``Score.span``), so a flag
+names the whole entity. Tokens outside every entity are not scored (option ``spans: tokens``
+scores every token as its own unit instead).
+
+Two sources of states:
+
+- Observer streams (text from an API, read by the shared observer): ``hidden[layer]`` row ``i`` is
+  the state after token ``i``; surprisal/entropy of token ``i`` come from logits row ``i - 1``
+  (the previous chunk's last row is kept). The monitor asks for ``top_k=1`` so the observer's
+  ``top_logits`` tell the two sources apart.
+- Generator streams (an adapter that owns the model): ``hidden[layer]`` and ``logits`` row ``i``
+  are the step that produced token ``i`` (the router's convention), so the state after token
+  ``i`` is row ``i + 1``: a token is scored when the next one arrives (the stream's last token
+  has no state and is left out); surprisal/entropy of token ``i`` come from its own logits row.
+
+Weights: the shipped probe (``weights/entity_probe.*``, trained by ``guardrail train
+entity-hallucination``), another file of that format (``weights``), or a probe released in the
+paper's format (``probe_dir``, see ``paper_probe``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
+from guardrail.probes.io import ProbeFileError
+
+from .probe import DEFAULT_WEIGHTS, EntityProbe, load_entity_probe, shipped_threshold
+from .spans import find_entities
+
+__all__ = ["EntityHallucinationMonitor"]
+
+
+@dataclass
+class _Token:
+    index: int
+    start: int
+    end: int
+    score: float | None = None
+
+
+@dataclass
+class _State:
+    text: str = ""
+    pending: list[_Token] = field(default_factory=list)  # not yet resolved, in order
+    emitted_until: int = 0  # char end of the last entity handed out
+    next_index: int = 0
+    previous_logp: torch.Tensor | None = None  # observer: last row's log-distribution
+    waiting: _Token | None = None  # generator: the token whose state comes with the next step
+    waiting_extras: dict[str, float] = field(default_factory=dict)
+
+
+def _stats_from_logp(logp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Surprisal and entropy of tokens ``ids`` under log-distributions ``logp`` (row-aligned)."""
+    surprisal = torch.full((ids.shape[0],), math.nan)
+    known = ids >= 0
+    if bool(known.any()):
+        rows = torch.nonzero(known).flatten()
+        surprisal[rows] = -logp[rows].gather(1, ids[rows, None]).squeeze(1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return {"surprisal": surprisal, "entropy": entropy}
+
+
+class EntityHallucinationMonitor(Monitor):
+    """Flags fabricated entities with a token-level linear probe (see the module docstring)."""
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        weights: str | None = Field(
+            None, description="entity probe .safetensors (default: shipped)")
+        probe_dir: str | None = Field(
+            None, description="a probe in the paper's format (probe_config.json + probe_head.*); "
+            "overrides weights")
+        spans: Literal["heuristic", "tokens"] = Field(
+            "heuristic", description="score entity tokens with the entity as unit, or every token "
+            "as its own unit")
+        mode: Literal["auto", "observer", "generator"] = Field(
+            "auto", description="where states come from; auto: the observer when it sent top-k "
+            "logits, else the generator")
+
+    _shipped: ClassVar[float | None] = shipped_threshold()
+    default_threshold: ClassVar[float] = _shipped if _shipped is not None else 0.5
+    default_spec: ClassVar[dict[str, Any]] = {"id": "facts", "threshold": default_threshold,
+                                              "rule": {"kind": "span_max"}, "action": "flag"}
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or self.Options()
+        try:  # a ValueError becomes a policy error that names the option
+            self.probe: EntityProbe = self._load()
+        except ProbeFileError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _load(self) -> EntityProbe:
+        if self.options.probe_dir:
+            from .paper_probe import load_paper_entity_probe
+
+            return load_paper_entity_probe(self.options.probe_dir)
+        path = Path(self.options.weights).expanduser() if self.options.weights \
+            else DEFAULT_WEIGHTS
+        return load_entity_probe(path)
+
+    def needs(self) -> Needs:
+        return Needs(layers=frozenset({self.probe.layer}), logits=bool(self.probe.features),
+                     top_k=1)
+
+    def start(self, context: MonitorContext) -> _State:
+        observer = context.observer
+        if observer is not None and int(observer.hidden_size) != self.probe.hidden_size:
+            raise ProbeFileError(
+                f"entity probe reads hidden size {self.probe.hidden_size}, observer "
+                f"{getattr(observer, 'name', '?')!r} has {observer.hidden_size}")
+        return _State()
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _generator(self, features: Features) -> bool:
+        if self.options.mode != "auto":
+            return self.options.mode == "generator"
+        return features.top_logits is None
+
+    def _extras(self, state: _State, features: Features, generator: bool
+                ) -> dict[str, torch.Tensor] | None:
+        if not self.probe.features:
+            return None
+        if features.logits is None:
+            raise ValueError("this entity probe reads surprisal and entropy: it needs logits")
+        logp = torch.log_softmax(torch.as_tensor(features.logits).float(), dim=-1)
+        ids = torch.tensor([-1 if t.id is None else t.id for t in features.tokens])
+        if generator:  # row i is the distribution token i was drawn from
+            return _stats_from_logp(logp, ids)
+        # observer: row i predicts token i + 1
+        first = state.previous_logp
+        state.previous_logp = logp[-1]
+        before = logp[:-1] if first is None else torch.cat([first[None], logp[:-1]])
+        stats = _stats_from_logp(before, ids[len(ids) - len(before):])
+        if len(before) < len(ids):  # the first response token: no distribution here
+            stats = {k: torch.cat([torch.tensor([math.nan]), v]) for k, v in stats.items()}
+        return stats
+
+    def _score_new(self, state: _State, features: Features, tokens: list[_Token]) -> None:
+        hidden = features.hidden.get(self.probe.layer)
+        if hidden is None:
+            raise ValueError(f"the entity probe needs hidden layer {self.probe.layer}; the "
+                             f"features have layers {sorted(features.hidden)}")
+        rows = torch.as_tensor(hidden).float()
+        generator = self._generator(features)
+        extras = self._extras(state, features, generator)
+        if not generator:
+            scores = self.probe.score(rows, extras).tolist()
+            for token, value in zip(tokens, scores, strict=True):
+                token.score = float(value)
+            return
+        # Generator: row j is the state after the token before tokens[j].
+        targets = ([state.waiting] if state.waiting is not None else []) + tokens[:-1]
+        target_rows = rows[len(rows) - len(targets):] if state.waiting is None else rows
+        target_rows = target_rows[: len(targets)]
+        target_extras = None
+        if extras is not None:
+            names = self.probe.features
+            previous = [state.waiting_extras.get(n, math.nan) for n in names] \
+                if state.waiting is not None else None
+            target_extras = {}
+            for k, name in enumerate(names):
+                column = extras[name][: len(tokens) - 1]
+                if previous is not None:
+                    column = torch.cat([torch.tensor([previous[k]]), column])
+                target_extras[name] = column
+            state.waiting_extras = {n: float(extras[n][-1]) for n in names}
+        if targets:
+            for token, value in zip(targets, self.probe.score(target_rows, target_extras)
+                                    .tolist(), strict=True):
+                token.score = float(value)
+        state.waiting = tokens[-1]
+
+    # -- entity resolution ---------------------------------------------------------------------
+
+    def _resolve(self, state: _State, final: bool) -> list[Score]:
+        """Hand out the scores of every pending token whose entity can no longer change."""
+        if self.options.spans == "tokens":
+            ready = [Score(t.index, t.score) for t in state.pending if t.score is not None]
+            state.pending = [t for t in state.pending if t.score is None and not final]
+            return ready
+        if not state.pending:
+            return []
+        text = state.text
+        scan_from = min(state.pending[0].start, len(text))
+        while scan_from > state.emitted_until and text[scan_from - 1].isalnum():
+            scan_from -= 1  # start at a word boundary
+        spans = [s for s in find_entities(text, scan_from, final)
+                 if s.start >= state.emitted_until]
+        out: list[Score] = []
+        k = 0
+        tokens = state.pending
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
+            while k < len(spans) and spans[k].end <= token.start:
+                k += 1
+            span = spans[k] if k < len(spans) else None
+            if span is None or span.start >= token.end:
+                i += 1  # outside every entity: resolved, not scored
+                continue
+            members = []
+            j = i
+            while j < len(tokens) and tokens[j].start < span.end:
+                members.append(tokens[j])
+                j += 1
+            complete = members[-1].end >= span.end
+            scored = all(t.score is not None for t in members)
+            if not final and not (span.final and complete and scored):
+                break
+            out.extend(Score(t.index, t.score, (span.start, span.end), span.kind)
+                       for t in members if t.score is not None)
+            state.emitted_until = span.end
+            i, k = j, k + 1
+        state.pending = tokens[i:]
+        return out
+
+    def update(self, state: _State, features: Features) -> list[Score]:
+        if features.first_index < state.next_index:  # the stream was cut back (a reroute)
+            state.pending = [t for t in state.pending if t.index < features.first_index]
+            state.previous_logp, state.waiting = None, None
+        new = [_Token(features.first_index + n, t.start, t.end)
+               for n, t in enumerate(features.tokens)]
+        state.next_index = features.first_index + len(new)
+        if new:
+            self._score_new(state, features, new)
+            state.pending.extend(new)
+        state.text = features.text
+        return self._resolve(state, features.final)
+
+    def finish(self, state: _State) -> list[Score]:
+        return self._resolve(state, final=True)

@@ -1,0 +1,107 @@
+"""The entity probe as the monitor uses it: a ``LinearProbe`` on one layer's states, optionally
+with the token's surprisal and entropy appended as two standardised features.
+
+Saved with ``guardrail.probes.io.save_probe`` (safetensors + JSON). With extra features the head
+reads ``hidden_size + 2`` inputs; the JSON's ``features`` key names them and holds their training
+mean and standard deviation (a missing value, e.g. the first response token's surprisal, is
+replaced by the mean, i.e. 0 after standardising).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guardrail.probes.heads import LinearProbe
+from guardrail.probes.io import LoadedProbe, ProbeFileError, load_probe
+
+__all__ = ["DEFAULT_WEIGHTS", "EXTRA_FEATURES", "EntityProbe", "load_entity_probe",
+           "shipped_threshold", "stack_inputs"]
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "entity_probe.safetensors"
+EXTRA_FEATURES = ("surprisal", "entropy")
+
+
+def stack_inputs(hidden: torch.Tensor, extras: dict[str, torch.Tensor] | None,
+                 names: tuple[str, ...], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``hidden (..., H)`` with the named extra features (each ``(...)``) standardised and
+    appended; NaN (no distribution, e.g. the first token) becomes 0, the training mean."""
+    if not names:
+        return hidden.float()
+    if extras is None:
+        raise ValueError(f"this probe also reads {', '.join(names)}: they are missing")
+    columns = []
+    for k, name in enumerate(names):
+        value = extras[name].float()
+        z = (value - mean[k]) / std[k]
+        columns.append(torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0))
+    return torch.cat([hidden.float(), torch.stack(columns, dim=-1)], dim=-1)
+
+
+@dataclass
+class EntityProbe:
+    """A linear head, the layer it reads, its extra features and threshold."""
+
+    head: LinearProbe
+    layer: int
+    threshold: float
+    features: tuple[str, ...] = ()
+    mean: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    std: torch.Tensor = field(default_factory=lambda: torch.ones(0))
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.hidden_size - len(self.features)
+
+    @torch.inference_mode()
+    def score(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        """Sigmoid scores ``(n,)`` for states ``(n, H)`` (and the extra features ``(n,)``)."""
+        inputs = stack_inputs(hidden, extras, self.features, self.mean, self.std)
+        return self.head.score(inputs)
+
+
+def _from_loaded(loaded: LoadedProbe) -> EntityProbe:
+    config = loaded.config
+    if not isinstance(loaded.head, LinearProbe):
+        raise ProbeFileError(f"{loaded.path}: the entity monitor reads a linear probe, this is a "
+                             f"{loaded.head.kind!r} head")
+    if loaded.layer is None:
+        raise ProbeFileError(f"{loaded.path.with_suffix('.json')}: key 'layer' is missing")
+    extra = config.get("features") or {}
+    names = tuple(extra.get("names", ()))
+    unknown = set(names) - set(EXTRA_FEATURES)
+    if unknown:
+        raise ProbeFileError(f"{loaded.path.with_suffix('.json')}: key 'features.names' has "
+                             f"{sorted(unknown)}; known: {list(EXTRA_FEATURES)}")
+    mean = torch.tensor(extra.get("mean", [0.0] * len(names)), dtype=torch.float32)
+    std = torch.tensor(extra.get("std", [1.0] * len(names)), dtype=torch.float32)
+    if mean.shape != (len(names),) or std.shape != (len(names),):
+        raise ProbeFileError(f"{loaded.path.with_suffix('.json')}: keys 'features.mean' and "
+                             f"'features.std' need one value per name in 'features.names'")
+    threshold = loaded.threshold if loaded.threshold is not None else 0.5
+    return EntityProbe(loaded.head, loaded.layer, threshold, names, mean, std.clamp(min=1e-6),
+                       config)
+
+
+def load_entity_probe(path: str | Path = DEFAULT_WEIGHTS) -> EntityProbe:
+    """Load an entity probe saved by the trainer (a ``.safetensors`` with its ``.json``)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors" and not path.with_suffix(".json").exists():
+        raise ProbeFileError(f"entity probe config not found: {path.with_suffix('.json')} "
+                             "(train it: guardrail train entity-hallucination)")
+    return _from_loaded(load_probe(path))
+
+
+def shipped_threshold() -> float | None:
+    """The threshold saved with the shipped weights, if they exist."""
+    try:
+        config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text(encoding="utf-8"))
+        return float(config["threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

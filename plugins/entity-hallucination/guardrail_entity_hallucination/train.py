@@ -1,0 +1,243 @@
+"""``guardrail train entity-hallucination``: build the offline data, cache SmolLM2's states, train
+the entity probe, pick its layer and threshold on validation, evaluate it and its baselines on the
+held-out test split and the paired set, and save the weights (see docs/entity-hallucination.md).
+
+The probe is ``Linear(hidden, 1)`` (optionally ``hidden + 2`` with the token's standardised
+surprisal and entropy appended); labels: fabricated entity tokens 1, supported entity tokens 0,
+other tokens 0 with weight 1 and entity tokens weight 10; loss: token BCE annealed linearly into
+span-max BCE (``guardrail.probes.train.entity_loss``). Candidate layers are compared by validation
+span-max AUC. The full run subsamples the training and validation splits so that it fits about
+12 minutes on two shared CPU cores (the sizes used are saved with the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guardrail.probes.calibrate import threshold_for_fpr
+from guardrail.probes.features import CachedRecord
+from guardrail.probes.heads import LinearProbe
+from guardrail.probes.io import save_probe
+from guardrail.probes.train import entity_loss, span_auc_metric, train_head
+from guardrail.sources import cache_dir
+
+from .evaluation import evaluate_records, probe_scorer, score_tokens, span_scores
+from .features import CANDIDATE_LAYERS, DEFAULT_LIMITS, build_data, split_features, split_sizes
+from .probe import DEFAULT_WEIGHTS, EXTRA_FEATURES, EntityProbe, stack_inputs
+
+__all__ = ["FitResult", "fit_probe", "main", "select_probe", "with_extras"]
+
+
+@dataclasses.dataclass
+class FitResult:
+    """A trained probe with its validation span-max AUC and per-epoch history."""
+
+    probe: EntityProbe
+    val_span_auc: float | None
+    history: list[dict[str, float | None]]
+
+
+def _feature_stats(records: Sequence[CachedRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of surprisal and entropy over the training tokens."""
+    columns = []
+    for name in EXTRA_FEATURES:
+        values = torch.cat([getattr(r, name).float() for r in records])
+        values = values[~torch.isnan(values)]
+        columns.append((values.mean(), values.std()))
+    return (torch.tensor([float(m) for m, _ in columns]),
+            torch.tensor([max(float(s), 1e-6) for _, s in columns]))
+
+
+def with_extras(records: Sequence[CachedRecord], layer: int, mean: torch.Tensor,
+                std: torch.Tensor) -> list[CachedRecord]:
+    """Copies of ``records`` whose layer-``layer`` states carry the standardised surprisal and
+    entropy as two more columns (what a probe with extra features reads)."""
+    out = []
+    for r in records:
+        if r.surprisal is None or r.entropy is None:
+            raise ValueError(f"record {r.index}: no surprisal/entropy cached (stats=True)")
+        stacked = stack_inputs(r.hidden[layer].float(),
+                               {"surprisal": r.surprisal, "entropy": r.entropy},
+                               EXTRA_FEATURES, mean, std)
+        out.append(dataclasses.replace(r, hidden={layer: stacked}))
+    return out
+
+
+def fit_probe(train: Sequence[CachedRecord], val: Sequence[CachedRecord], layer: int, *,
+              extras: bool = False, epochs: int = 15, lr: float = 2e-3, batch_size: int = 8,
+              warmup: float = 1.0, seed: int = 42, progress: bool = True) -> FitResult:
+    """Train one probe on ``layer`` (with or without the extra features); the best epoch by
+    validation span-max AUC is kept."""
+    hidden_size = int(train[0].hidden[layer].shape[-1])
+    names: tuple[str, ...] = ()
+    mean, std = torch.zeros(0), torch.ones(0)
+    if extras:
+        names = EXTRA_FEATURES
+        mean, std = _feature_stats(train)
+        train, val = with_extras(train, layer, mean, std), with_extras(val, layer, mean, std)
+    head = LinearProbe(hidden_size + len(names), seed=seed)
+    result = train_head(head, train, val, layer=layer, loss_fn=entity_loss(warmup),
+                        metric_fn=span_auc_metric(layer), epochs=epochs, lr=lr,
+                        batch_size=batch_size, seed=seed, progress=progress,
+                        collate_kwargs={"entity_weight": 10.0})
+    probe = EntityProbe(head, layer, 0.5, names, mean, std)
+    return FitResult(probe, result.best_metric, result.history)
+
+
+def select_probe(train: Sequence[CachedRecord], val: Sequence[CachedRecord],
+                 layers: Sequence[int], *, try_extras: bool = True, progress: bool = True,
+                 **fit_kwargs: Any) -> tuple[FitResult, list[dict[str, Any]]]:
+    """Fit a plain probe on each candidate layer, then one with extra features on the best layer;
+    return the best by validation span-max AUC and the comparison table."""
+    table: list[dict[str, Any]] = []
+    best: FitResult | None = None
+    for layer in layers:
+        fit = fit_probe(train, val, layer, progress=progress, **fit_kwargs)
+        table.append({"layer": layer, "extras": False, "val_span_auc": fit.val_span_auc})
+        if progress:
+            print(f"layer {layer}: val span AUC {fit.val_span_auc}", file=sys.stderr)
+        if best is None or (fit.val_span_auc or 0) > (best.val_span_auc or 0):
+            best = fit
+    assert best is not None, "no candidate layer"
+    if try_extras and all(r.surprisal is not None for r in train):
+        fit = fit_probe(train, val, best.probe.layer, extras=True, progress=progress,
+                        **fit_kwargs)
+        table.append({"layer": best.probe.layer, "extras": True,
+                      "val_span_auc": fit.val_span_auc})
+        if progress:
+            print(f"layer {best.probe.layer} + surprisal/entropy: val span AUC "
+                  f"{fit.val_span_auc}", file=sys.stderr)
+        if (fit.val_span_auc or 0) > (best.val_span_auc or 0):
+            best = fit
+    return best, table
+
+
+def calibrate(probe: EntityProbe, val: Sequence[CachedRecord], target_fpr: float = 0.1
+              ) -> dict[str, Any]:
+    """Set ``probe.threshold`` to the one with the highest span recall at FPR <= target on
+    validation; return the choice."""
+    labels, scores, _ = span_scores(val, score_tokens(probe_scorer(probe), val), "max")
+    choice = threshold_for_fpr(labels, scores, target=target_fpr)
+    probe.threshold = float(choice.threshold)
+    return {"target_fpr": target_fpr, "threshold": choice.threshold, "recall": choice.recall,
+            "fpr": choice.fpr, "met": choice.met}
+
+
+def save_entity_probe(probe: EntityProbe, weights: Path, config: dict[str, Any]) -> Path:
+    """Write the probe as ``weights`` (.safetensors) with its .json beside it."""
+    document = {
+        "layer": probe.layer, "threshold": probe.threshold, "rule": {"kind": "span_max"},
+        "features": {"names": list(probe.features), "mean": probe.mean.tolist(),
+                     "std": probe.std.tolist()},
+        **config,
+    }
+    return save_probe(weights.parent, probe.head, document, name=weights.stem)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guardrail train entity-hallucination",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None,
+                   help="data folder (built if missing; default: <cache>/entity-data)")
+    p.add_argument("--features", type=Path, default=None,
+                   help="feature cache (default: <cache>/entity-features)")
+    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
+                   help="weights .safetensors to write (default: the package's shipped file)")
+    p.add_argument("--layers", type=int, nargs="+", default=list(CANDIDATE_LAYERS))
+    p.add_argument("--train-limit", type=int, default=DEFAULT_LIMITS["train"])
+    p.add_argument("--val-limit", type=int, default=DEFAULT_LIMITS["val"])
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--no-extras", action="store_true",
+                   help="do not try the probe with surprisal and entropy features")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 60/30/40/20 records, 2 layers, 3 epochs")
+    p.add_argument("--report", type=Path, default=None, help="also write the results JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    limits: dict[str, int | None] = {"train": args.train_limit, "val": args.val_limit,
+                                     "test": args.test_limit, "paired": None}
+    layers = list(args.layers)
+    if args.quick:
+        limits = {"train": 60, "val": 30, "test": 40, "paired": 20}
+        layers, args.epochs = layers[:2], 3
+    base = cache_dir()
+    data_dir = build_data(args.data or base / "entity-data")
+    from guardrail.observer.hf import SMOLLM2_NAME, load_smollm2
+    from guardrail.policy import ObserverSpec
+
+    observer = load_smollm2(ObserverSpec())
+    features = split_features(observer, data_dir, args.features or base / "entity-features",
+                              ("train", "val", "test", "paired"), limits, layers, seed=0)
+    t_features = time.perf_counter() - t0
+    best, table = select_probe(features["train"].records, features["val"].records, layers,
+                               try_extras=not args.no_extras, epochs=args.epochs, lr=args.lr,
+                               seed=args.seed)
+    probe = best.probe
+    threshold = calibrate(probe, features["val"].records)
+    results = {
+        "val": evaluate_records(probe, features["val"].records),
+        "test": evaluate_records(probe, features["test"].records),
+        "paired": evaluate_records(probe, features["paired"].records, by="version"),
+    }
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    config = {
+        "base_model": SMOLLM2_NAME,
+        "hidden_size": probe.hidden_size,
+        "data": {"builder": "python -m guardrail_entity_hallucination.data build",
+                 "seed": manifest.get("seed"),
+                 "sources": {name: {k: v for k, v in info.items() if k in ("version", "sha256")}
+                             for name, info in manifest.get("sources", {}).items()}},
+        "splits": split_sizes(features, data_dir),
+        "training": {"loss": "token BCE (entity weight 10) annealed into span-max BCE",
+                     "epochs": args.epochs, "lr": args.lr, "batch_size": 8, "seed": args.seed,
+                     "best_epoch_history": best.history, "layer_selection": table},
+        "calibration": threshold,
+        "metrics": {split: {"all": r["all"]["probe"], **({"by_kind": {
+            k: v["probe"] for k, v in r.get("by_kind", {}).items()}} if "by_kind" in r else {})}
+            for split, r in results.items()},
+        "seconds": {"features": round(t_features), "total": round(time.perf_counter() - t0)},
+    }
+    weights = save_entity_probe(probe, args.out, config)
+    summary = {"weights": str(weights), "layer": probe.layer, "features": list(probe.features),
+               "threshold": probe.threshold, "layer_selection": table,
+               "test": results["test"]["all"], "paired": results["paired"]["all"],
+               "seconds": config["seconds"]}
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps({**summary, "results": results, "config": config},
+                                          indent=2, default=_json_default) + "\n",
+                               encoding="utf-8")
+    print(json.dumps(summary, indent=2, default=_json_default))
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
