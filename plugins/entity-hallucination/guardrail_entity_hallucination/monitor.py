@@ -100,6 +100,9 @@ class EntityHallucinationMonitor(Monitor):
             self.probe: EntityProbe = self._load()
         except ProbeFileError as exc:
             raise ValueError(str(exc)) from None
+        # The loaded probe's own threshold (0.5 for paper probes). The core reads the class
+        # attribute today, so policies using ``weights``/``probe_dir`` should set ``threshold``.
+        self.default_threshold = self.probe.threshold  # type: ignore[misc]
 
     def _load(self) -> EntityProbe:
         if self.options.probe_dir:
@@ -116,6 +119,8 @@ class EntityHallucinationMonitor(Monitor):
 
     def start(self, context: MonitorContext) -> _State:
         observer = context.observer
+        if self.options.mode == "generator":
+            observer = None  # states come from the generating model, not the observer
         if observer is not None and int(observer.hidden_size) != self.probe.hidden_size:
             raise ProbeFileError(
                 f"entity probe reads hidden size {self.probe.hidden_size}, observer "

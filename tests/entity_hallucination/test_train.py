@@ -1,0 +1,88 @@
+"""The trainer's real path (feature cache -> annealed span-max training -> layer choice ->
+calibration -> saved weights -> monitor) learns a planted signal on a tiny random model."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from guardrail_entity_hallucination.evaluation import evaluate_records
+from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
+from guardrail_entity_hallucination.probe import load_entity_probe
+from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
+
+from guardrail.observer.hf import load_model_dir
+from guardrail.probes.features import extract_features
+from guardrail.probes.fake import write_jsonl
+from guardrail.testing.tiny_models import build_tiny_model
+
+# The planted signal: which words the "model" writes when it fabricates. A tiny random model's
+# states carry each token's identity, so a linear probe can learn the split; nothing else does.
+FAKE = ["Warsaw", "Tokyo", "Nobel"]
+TRUE = ["Paris", "Rome", "France"]
+TEMPLATES = ["The capital is {}. It is old.", "Marie lived in {} and in {}.",
+             "Once upon a time {} was a small city.", "The river flows past {} to the sea."]
+
+
+def _records(n: int, seed: int) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    out: list[dict[str, object]] = []
+    for _ in range(n):
+        template = rng.choice(TEMPLATES)
+        text, spans = "", []
+        parts = template.split("{}")
+        for k, part in enumerate(parts):
+            text += part
+            if k < len(parts) - 1:
+                fake = rng.random() < 0.4
+                word = rng.choice(FAKE if fake else TRUE)
+                spans.append({"start": len(text), "end": len(text) + len(word),
+                              "label": int(fake)})
+                text += word
+        out.append({"prompt": "Tell me a fact.", "response": text,
+                    "label": int(any(s["label"] for s in spans)), "spans": spans})
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("entity-planted")
+    model = build_tiny_model(root / "tiny", num_layers=3, hidden_size=32, seed=4)
+    observer = load_model_dir(model, name="tiny", window=512)
+    sets = {}
+    for split, n, seed in (("train", 120, 1), ("val", 30, 2), ("test", 50, 3)):
+        path = write_jsonl(root / f"{split}.jsonl", _records(n, seed))  # type: ignore[arg-type]
+        sets[split] = extract_features(observer, path, root / "cache", [0, 2], stats=True,
+                                       progress=False).records
+    return {"root": root, "sets": sets}
+
+
+def test_planted_signal_is_learned_through_the_training_path(planted: dict[str, object]) -> None:
+    sets = planted["sets"]
+    assert isinstance(sets, dict)
+    best, table = select_probe(sets["train"], sets["val"], [0, 2], epochs=12, lr=1e-2,
+                               progress=False)
+    assert {row["layer"] for row in table} == {0, 2} and any(row["extras"] for row in table)
+    result = evaluate_records(best.probe, sets["test"], by=None)
+    assert result["all"]["probe"]["span_auc"] > 0.95
+    assert result["all"]["probe"]["recall_at_10fpr"] > 0.8
+    choice = calibrate(best.probe, sets["val"])
+    assert 0.0 < choice["threshold"] < 1.0 and choice["fpr"] <= 0.1
+
+
+def test_saved_probe_reloads_into_the_monitor(planted: dict[str, object], tmp_path: Path) -> None:
+    sets = planted["sets"]
+    assert isinstance(sets, dict)
+    best, _ = select_probe(sets["train"], sets["val"], [2], epochs=3, try_extras=True,
+                           progress=False)
+    best.probe.threshold = 0.37
+    weights = save_entity_probe(best.probe, tmp_path / "p.safetensors", {"base_model": "tiny"})
+    loaded = load_entity_probe(weights)
+    assert (loaded.layer, loaded.threshold, loaded.features) == (2, 0.37, best.probe.features)
+    record = sets["test"][0]
+    extras = {"surprisal": record.surprisal, "entropy": record.entropy}
+    assert loaded.score(record.hidden[2].float(), extras).tolist() == pytest.approx(
+        best.probe.score(record.hidden[2].float(), extras).tolist(), abs=1e-6)
+    monitor = EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(weights)))
+    assert 2 in monitor.needs().layers and monitor.needs().logits == bool(loaded.features)
