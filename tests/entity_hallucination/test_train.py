@@ -13,8 +13,8 @@ from guardrail_entity_hallucination.probe import load_entity_probe
 from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
 
 from guardrail.observer.hf import load_model_dir
-from guardrail.probes.features import extract_features
 from guardrail.probes.fake import write_jsonl
+from guardrail.probes.features import extract_features
 from guardrail.testing.tiny_models import build_tiny_model
 
 # The planted signal: which words the "model" writes when it fabricates. A tiny random model's
