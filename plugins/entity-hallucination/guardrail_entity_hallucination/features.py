@@ -37,9 +37,10 @@ def build_data(out: Path, seed: int = 1234, limit: int | None = None) -> Path:
     return out
 
 
-def subsample(data_dir: Path, split: str, n: int | None, seed: int = 0) -> Path:
+def subsample(data_dir: Path, split: str, n: int | None, seed: int = 0, tag: str = "sub"
+              ) -> Path:
     """Write at most ``n`` records of ``<split>.jsonl`` (seeded shuffle, file order kept) to
-    ``<split>.sub.jsonl``; ``n=None`` keeps all. Returns the written path."""
+    ``<split>.<tag>.jsonl``; ``n=None`` keeps all. Returns the written path."""
     source = data_dir / f"{split}.jsonl"
     if not source.exists():
         raise FileNotFoundError(f"{source}: no {split} split (build the data first)")
@@ -47,7 +48,7 @@ def subsample(data_dir: Path, split: str, n: int | None, seed: int = 0) -> Path:
     if n is not None and n < len(lines):
         keep = sorted(random.Random(f"{seed}:{split}").sample(range(len(lines)), n))
         lines = [lines[i] for i in keep]
-    target = data_dir / f"{split}.sub.jsonl"
+    target = data_dir / f"{split}.{tag}.jsonl"
     text = "\n".join(lines) + "\n"
     if not target.exists() or target.read_text(encoding="utf-8") != text:
         target.write_text(text, encoding="utf-8")

