@@ -57,12 +57,12 @@ def subsample(data_dir: Path, split: str, n: int | None, seed: int = 0, tag: str
 
 def split_features(observer: Any, data_dir: Path, cache_dir: Path, splits: Sequence[str],
                    limits: Mapping[str, int | None], layers: Sequence[int], seed: int = 0,
-                   progress: bool = True) -> dict[str, FeatureSet]:
+                   progress: bool = True, tag: str = "sub") -> dict[str, FeatureSet]:
     """Subsample each split and cache the observer's states (the given layers, plus each token's
     surprisal and entropy for the baselines and the probe's extra features)."""
     out = {}
     for split in splits:
-        path = subsample(data_dir, split, limits.get(split), seed)
+        path = subsample(data_dir, split, limits.get(split), seed, tag=tag)
         out[split] = extract_features(observer, path, cache_dir, layers, stats=True,
                                       chunk_size=64, progress=progress)
     return out

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     observer = load_smollm2(ObserverSpec())
     features = split_features(observer, data_dir, args.features or base / "entity-features",
-                              ("train", "val", "test", "paired"), limits, layers, seed=0)
+                              ("train", "val", "test", "paired"), limits, layers, seed=0,
+                              tag="quick" if args.quick else "sub")
     t_features = time.perf_counter() - t0
     best, table = select_probe(features["train"].records, features["val"].records, layers,
                                try_extras=not args.no_extras, epochs=args.epochs, lr=args.lr,
