@@ -1,6 +1,6 @@
 """Observer benchmark: SmolLM2-135M on torch and ONNX Runtime, text arriving in chunks.
 
-    python -m bench.observer_bench            # full run (writes bench/results/observer.json)
+    python -m bench.observer_bench            # full run (writes bench/results/observer_bench.json)
     python -m bench.observer_bench --quick    # fewer tokens, under two minutes when cached
 
 For each backend (torch float32, torch bfloat16, ONNX Runtime float32) and each chunk size (1, 4,
@@ -30,7 +30,7 @@ from typing import Any
 from .common import median, p95, write_result
 
 NAME = "observer_bench"
-BACKENDS = ["torch", "torch-bf16", "onnx"]
+BACKENDS = ["torch", "torch-bf16", "onnx", "onnx-int8"]
 CHUNKS = [1, 4, 16]
 PROFILES: dict[str, dict[str, Any]] = {
     "mid": {"layers": [15], "top_k": 0},
@@ -46,7 +46,8 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(backend: str, tokens_per_run: int, cold: bool) -> dict[str, Any]:
+def worker(backend: str, tokens_per_run: int, cold: bool,
+           states_out: str | None = None) -> dict[str, Any]:
     """Run in a child process: load one backend, stream, measure."""
     import torch
 
@@ -55,8 +56,10 @@ def worker(backend: str, tokens_per_run: int, cold: bool) -> dict[str, Any]:
     from guardrail.policy import ObserverSpec
 
     t0 = time.perf_counter()
-    options = {"dtype": "bfloat16"} if backend == "torch-bf16" else {}
-    spec = ObserverSpec(backend="onnx" if backend == "onnx" else "torch", options=options)
+    options = {"torch-bf16": {"dtype": "bfloat16"},
+               "onnx-int8": {"quantize": "int8"}}.get(backend, {})
+    spec = ObserverSpec(backend="onnx" if backend.startswith("onnx") else "torch",
+                        options=options)
     observer = load_smollm2(spec)
     result: dict[str, Any] = {"backend": backend, "threads": torch.get_num_threads()}
     tokens = observer.tokenizer.tokenize(TEXT * 40)
@@ -86,15 +89,35 @@ def worker(backend: str, tokens_per_run: int, cold: bool) -> dict[str, Any]:
             }
         result[name] = runs
     result["peak_rss_mib"] = _peak_mib()
+    if states_out:
+        # Layer-15 states of one fixed text, so the parent can compare backends with torch fp32.
+        needs = Needs(layers=frozenset([15]))
+        state = observer.start(MESSAGES, needs)
+        batch = observer.extend(state, tokens[:64], needs)
+        from safetensors.torch import save_file
+
+        save_file({"layer15": batch.hidden[15].float().contiguous()}, states_out)
     return result
 
 
-def _spawn(backend: str, tokens: int, cache: str | None, cold: bool) -> dict[str, Any]:
+def _drift(reference: Any, other: Any) -> dict[str, float]:
+    """Per-token relative L2 error and cosine of ``other`` against the torch fp32 states."""
+    import torch
+
+    rel = (reference - other).norm(dim=-1) / reference.norm(dim=-1)
+    cos = torch.nn.functional.cosine_similarity(reference, other, dim=-1)
+    return {"rel_err_median": float(rel.median()), "rel_err_max": float(rel.max()),
+            "cosine_min": float(cos.min())}
+
+
+def _spawn(backend: str, tokens: int, cache: str | None, cold: bool,
+           states_out: str | None = None) -> dict[str, Any]:
     env = dict(os.environ)
     if cache:
         env["GUARDRAIL_CACHE"] = cache
     cmd = [sys.executable, "-m", "bench.observer_bench", "--worker", backend,
-           "--tokens", str(tokens)] + (["--cold"] if cold else [])
+           "--tokens", str(tokens)] + (["--cold"] if cold else []) \
+        + (["--states-out", states_out] if states_out else [])
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -108,25 +131,32 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--states-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens, args.cold)))
+        print(json.dumps(worker(args.worker, args.tokens, args.cold, args.states_out)))
         return None
     tokens = 96 if args.quick else 320
     results: dict[str, Any] = {"quick": args.quick, "model": "SmolLM2-135M-Instruct",
                                "profiles": PROFILES, "chunks": CHUNKS, "backends": {}}
     _spawn("torch", 8, None, cold=True)  # make sure the cached conversion exists
-    for backend in BACKENDS:
-        print(f"[observer_bench] {backend} ...", file=sys.stderr)
-        results["backends"][backend] = _spawn(backend, tokens, None, cold=False)
+    with tempfile.TemporaryDirectory() as states:
+        for backend in BACKENDS:
+            print(f"[observer_bench] {backend} ...", file=sys.stderr)
+            results["backends"][backend] = _spawn(backend, tokens, None, cold=False,
+                                                  states_out=f"{states}/{backend}.safetensors")
+        from safetensors.torch import load_file
+
+        reference = load_file(f"{states}/torch.safetensors")["layer15"]
+        for backend in BACKENDS:
+            other = load_file(f"{states}/{backend}.safetensors")["layer15"]
+            results["backends"][backend]["layer15_vs_torch_fp32"] = _drift(reference, other)
     for backend in ("torch", "onnx"):
         with tempfile.TemporaryDirectory() as empty:
             print(f"[observer_bench] {backend} cold start ...", file=sys.stderr)
             cold = _spawn(backend, 8, empty, cold=True)
             results["backends"][backend]["cold_first_state_s"] = cold["first_state_s"]
-    # bench/results/observer.json; the same data as observer_bench.json for `python -m bench.run`
-    path = write_result("observer", results)
-    write_result(NAME, results)
+    path = write_result(NAME, results)
     print(render(json.loads(path.read_text())))
     return path
 
@@ -145,12 +175,18 @@ def render(result: dict[str, Any]) -> str:
                 lines.append(f"| {backend} | {profile} | {chunk} | {run['tokens_per_s']:.0f} | "
                              f"{run['median_ms']:.1f} | {run['p95_ms']:.1f} |")
     lines += ["", "| backend | threads | peak RSS MiB | first state, cached s | "
-              "first state, cold s |", "|---|---:|---:|---:|---:|"]
+              "first state, cold s | layer-15 rel. error vs torch fp32 (median / max) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for backend, data in result["backends"].items():
         cold = data.get("cold_first_state_s")
+        drift = data.get("layer15_vs_torch_fp32")
+        err = f"{drift['rel_err_median']:.1e} / {drift['rel_err_max']:.1e}" if drift else ""
         lines.append(f"| {backend} | {data['threads']} | {data['peak_rss_mib']:.0f} | "
                      f"{data['first_state_s']:.1f} | "
-                     f"{'' if cold is None else f'{cold:.1f}'} |")
+                     f"{'' if cold is None else f'{cold:.1f}'} | {err} |")
+    lines += ["", "`onnx-int8` is ONNX Runtime with dynamic int8 weights (`options: {quantize: "
+              "int8}`): the fastest, but its states drift from the float32 states the shipped "
+              "probes were trained on (the last column), so it is opt-in."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ Exports are cached next to the converted model, one file per (depth, layers, log
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -104,13 +105,17 @@ class OnnxObserver(BaseObserver):
     """The observer on ONNX Runtime (same interface and results as ``TorchObserver``)."""
 
     def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int, export_dir: Path,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, quantize: str | None = None) -> None:
         super().__init__(name, hf_tokenizer, model.config, window)
         check_llama(model)
         self.model = model.eval()
         self.backend = "onnx"
         self.export_dir = export_dir
         self.threads = threads
+        if quantize not in (None, "int8"):
+            raise ObserverError(f"observer.options.quantize must be 'int8' or absent, "
+                                f"got {quantize!r}")
+        self.quantize = quantize
         cfg = model.config
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -128,7 +133,8 @@ class OnnxObserver(BaseObserver):
                 "pip install 'guardrail[onnx]'"
             ) from exc
         export_dir = Path(options.get("onnx_dir") or _export_dir(model_dir))
-        return cls(name, model, hf_tokenizer, window, export_dir, options.get("threads"))
+        return cls(name, model, hf_tokenizer, window, export_dir, options.get("threads"),
+                   options.get("quantize"))
 
     # -- the graph for a set of needs ------------------------------------------------------
 
@@ -147,6 +153,8 @@ class OnnxObserver(BaseObserver):
             export_step(self.model, path, depth, list(indices), logits)
             print(f"[guardrail] exported {path} in {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr)
+        if self.quantize == "int8":
+            path = _quantized(path)
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
@@ -211,6 +219,28 @@ class OnnxObserver(BaseObserver):
         n_out = len(signature[1]) + (1 if signature[2] else 0)
         kv.append(outs[n_out:])
         return list(outs[:n_out])
+
+
+def _quantized(path: Path) -> Path:
+    """Dynamic int8 quantization of the exported step's weights (cached beside it)."""
+    target = path.with_name(path.stem + "-int8.onnx")
+    if not target.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".onnx", dir=path.parent)
+        os.close(fd)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint per call
+        try:
+            quantize_dynamic(path, tmp, weight_type=QuantType.QInt8)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            root.setLevel(level)
+    return target
 
 
 def _export_dir(model_dir: Path) -> Path:

@@ -61,3 +61,19 @@ def test_onnx_matches_torch_chunk_by_chunk_through_window_drops(model_copy: Path
 def test_onnx_backend_refuses_non_llama_models(tiny_gpt2: Path) -> None:
     with pytest.raises(ObserverError, match="Llama-family.*'torch'"):
         load_model_dir(tiny_gpt2, name="g", window=64, backend="onnx")
+
+
+def test_int8_option_runs_close_to_torch_and_bad_value_names_the_option(model_copy: Path) -> None:
+    needs = Needs(layers=frozenset({1}))
+    torch_obs = load_model_dir(model_copy, name="t", window=256)
+    int8 = load_model_dir(model_copy, name="t", window=256, backend="onnx",
+                          options={"quantize": "int8"})
+    tokens = torch_obs.tokenizer.tokenize(TEXT)[:12]
+    x = torch_obs.extend(torch_obs.start(MESSAGES, needs), tokens, needs).hidden[1]
+    y = int8.extend(int8.start(MESSAGES, needs), tokens, needs).hidden[1]
+    # Quantized, so not to 1e-4; but the same states, not noise.
+    assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() > 0.9
+    assert list((model_copy / "onnx").glob("step-*-int8.onnx"))
+    with pytest.raises(ObserverError, match="quantize"):
+        load_model_dir(model_copy, name="t", window=256, backend="onnx",
+                       options={"quantize": "int4"})
