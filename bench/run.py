@@ -19,8 +19,10 @@ from .common import RESULTS, machine
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
-# Benchmark modules in report order; each has main(argv) and render(result).
-MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "observer_bench"]
+# Benchmark modules in report order; each has main(argv) and render(result), and writes
+# bench/results/<NAME>.json (NAME defaults to the module name).
+MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval", "router_eval",
+           "observer_bench"]
 
 
 def _load(name: str) -> Any | None:
@@ -39,7 +41,7 @@ def render_doc() -> Path:
     machines = []
     for name in MODULES:
         module = _load(name)
-        path = RESULTS / f"{name}.json"
+        path = RESULTS / f"{getattr(module, 'NAME', name)}.json"
         if module is None or not path.exists():
             continue
         result = json.loads(path.read_text())

@@ -92,11 +92,13 @@ class Guard:
     # -- use -------------------------------------------------------------------------------
 
     def threshold_of(self, spec: MonitorSpec) -> float:
+        """The spec's threshold, else the monitor's own default (read from the instance: a
+        monitor whose weights carry a calibrated threshold sets it when it loads them)."""
         if spec.threshold is not None:
             return spec.threshold
         for s, monitor in self.monitors:
             if s.id == spec.id:
-                return float(type(monitor).default_threshold)
+                return float(monitor.default_threshold)
         raise KeyError(spec.id)
 
     def session(

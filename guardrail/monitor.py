@@ -140,6 +140,8 @@ class Monitor(ABC):
     """
 
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # The threshold when the policy gives none. A monitor that loads calibrated weights may set
+    # it on the instance (``setattr(self, "default_threshold", t)``); the guard reads the instance.
     default_threshold: ClassVar[float] = 0.5
 
     def needs(self) -> Needs:
@@ -158,3 +160,8 @@ class Monitor(ABC):
     def finish(self, state: Any) -> Sequence[Score]:
         """Called once at the end of the stream, after the last ``update``."""
         return ()
+
+    def truncate(self, state: Any, n_tokens: int) -> None:
+        """The response was cut back to its first ``n_tokens`` tokens (a routed stream: the
+        target model rewrites the rest). Drop what the state holds about later tokens; the next
+        ``update`` starts at token ``n_tokens``. Default: nothing to drop."""

@@ -246,9 +246,8 @@ class GuardSession:
 
     def reroute(self, at_char: int) -> None:
         """After a ``Route`` event the adapter calls this before feeding the target's text: the
-        response is cut back to ``at_char`` (the route event's ``at_char``).
-
-        Monitor states are not rolled back: they have seen the cut tokens."""
+        response is cut back to ``at_char`` (the route event's ``at_char``); the observer and
+        every monitor (``Monitor.truncate``) forget the tokens after it."""
         self.route_pending = None
         if at_char < self._released_chars:
             raise GuardrailError("cannot reroute before text that was already released")
@@ -260,6 +259,8 @@ class GuardSession:
         self._aligner.committed = at_char
         if self._observer_state is not None and self.guard.observer is not None:
             self.guard.observer.truncate(self._observer_state, keep)
+        for run in self._active_runs():
+            run.monitor.truncate(run.state, keep)
 
     # -- pipeline --------------------------------------------------------------------------
 

@@ -253,6 +253,43 @@ def test_route_event_then_reroute_continues_from_the_prefix(host: PluginHost) ->
     assert [r.at for r in report.routes] == [3]
 
 
+def test_reroute_makes_monitors_forget_the_cut_tokens(host: PluginHost) -> None:
+    from guardrail import Features, Monitor, Score
+
+    class TranscriptMonitor(Monitor):
+        """Keeps the tokens it read; routes on "four"."""
+
+        def start(self, context: Any) -> list[str]:
+            return []
+
+        def update(self, state: list[str], features: Features) -> list[Score]:
+            words = [features.token_text(k) for k in range(len(features.indices))]
+            state.extend(words)
+            return [Score(i, 0.9 if w.strip() == "four" else 0.0)
+                    for i, w in zip(features.indices, words, strict=True)]
+
+        def truncate(self, state: list[str], n_tokens: int) -> None:
+            del state[n_tokens:]
+
+    transcripts: list[list[str]] = []
+
+    class Recording(TranscriptMonitor):
+        def start(self, context: Any) -> list[str]:
+            transcripts.append([])
+            return transcripts[-1]
+
+    with plugin_monitors(host, transcript=lambda **_: Recording()):
+        g = guard(host, [{"id": "r", "use": "transcript", "action": "route",
+                          "route_to": {"model": "large"}}], release={"hold_back_tokens": 2})
+        session = g.session(can_route=True)
+        route = next(e for e in session.feed("one two three four five six ")
+                     if isinstance(e, Route))
+        session.reroute(route.at_char)
+        session.feed(" 4, fine.")
+        session.finish()
+    assert "".join(transcripts[0]) == "one two three 4, fine."
+
+
 def test_routes_are_only_recorded_when_the_driver_cannot_route(host: PluginHost) -> None:
     with plugin_monitors(host, scripted=ScriptedMonitor.factory({"four": 0.9})):
         g = guard(host, [{"id": "r", "use": "scripted", "action": "route",
