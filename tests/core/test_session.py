@@ -56,6 +56,31 @@ def test_property_no_verdict_output_equals_input(text: str, seed: int, hold: int
     assert released(events) == text
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from(["alpha", "beta", "STOP", "gamma", "é🙂", "x\u200by", "\n"]),
+                max_size=30).map(" ".join), st.integers(0, 1000), st.integers(0, 4))
+def test_property_released_is_a_prefix_and_nothing_follows_a_halt(text: str, seed: int,
+                                                                 hold: int) -> None:
+    host = PluginHost(autoload=False)
+    with plugin_monitors(host, scripted=ScriptedMonitor.factory({"stop": 1.0})):
+        g = guard(host, [{"id": "s", "use": "scripted", "action": "halt"}],
+                  release={"hold_back_tokens": hold})
+        session = g.session()
+        events: list[Any] = []
+        for delta in random_splits(text, seed=seed):
+            events += session.feed(delta)
+        report = session.finish()
+    events += report.final_events
+    out = released(events)
+    assert text.startswith(out) and out == report.released_text
+    if "STOP" in text:
+        assert report.halted and "STOP" not in out
+        halt = next(i for i, e in enumerate(events) if isinstance(e, Halt))
+        assert not any(isinstance(e, Release) for e in events[halt:])
+    else:
+        assert not report.halted and out == text
+
+
 @pytest.mark.parametrize("hold", [0, 2, 4])
 def test_hold_back_releases_a_token_only_once_n_newer_tokens_exist(
     host: PluginHost, hold: int
