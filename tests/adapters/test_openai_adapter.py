@@ -316,3 +316,32 @@ async def test_offload_keeps_the_event_loop_free(upstream_server: UpstreamServer
         assert watch.longest < 0.05  # the monitor blocks 0.1 s per update, in a worker thread
     else:
         assert watch.longest >= 0.1  # inline, it blocks the loop: what offload is for
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+SECRET = "sk-test-0123456789abcdefSECRET"
+
+
+async def test_the_api_key_reaches_no_event_report_audit_log_or_error(
+        upstream_server: UpstreamServer, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    audit = tmp_path / "audit.jsonl"
+    guard = Guard.from_policy({
+        "audit": {"path": str(audit)},
+        "monitors": [{"id": "weapons", "use": "keywords", "options": {"words": ["bomb"]},
+                      "action": "halt"}]})
+    client = guard.wrap(openai.AsyncOpenAI(base_url=upstream_server.base_url, api_key=SECRET))
+    upstream_server.enqueue(Script(text=HARMFUL))
+    stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    seen = [chunk.model_dump_json() async for chunk in stream]
+    upstream_server.enqueue(Script(status=401, error_message="invalid key"))
+    with pytest.raises(openai.AuthenticationError) as failed:
+        await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    assert upstream_server.completions()[0].headers["authorization"] == f"Bearer {SECRET}"
+    visible = "\n".join([*seen, repr(stream.reports), str(failed.value), repr(failed.value),
+                         audit.read_text(), caplog.text])
+    assert "halt" in audit.read_text()
+    assert SECRET not in visible and SECRET[:12] not in visible
