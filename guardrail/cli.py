@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .errors import GuardrailError, PolicyError
 from .events import Event, Halt, Release, event_to_dict
@@ -161,22 +161,67 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .records import read_records, replay_record, replay_summary
 
     guard = _guard(args)
+    pages = _StreamPages(guard, args.report, "guardrail replay") if args.report else None
     rows = []
     for index, record in enumerate(read_records(args.data)):
         if args.limit is not None and index >= args.limit:
             break
-        row = replay_record(guard, record, index)
+        row = replay_record(guard, record, index, on_stream=pages)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(json.dumps({"summary": replay_summary(rows)}), file=sys.stderr)
+    if pages is not None:
+        print(f"reports: {pages.finish()}", file=sys.stderr)
     return 0
+
+
+class _StreamPages:
+    """``--report DIR``: an HTML page and a score plot per stream, and an index page."""
+
+    def __init__(self, guard: Guard, out: str, title: str) -> None:
+        self.guard, self.out, self.title = guard, Path(out), title
+        self.rows: list[dict[str, Any]] = []
+        self.images: list[str] = []
+
+    def __call__(self, index: int, record: Any, report: Any,
+                 offsets: list[tuple[int, int]]) -> None:
+        from .reports import StreamRecord, write_stream_report
+
+        thresholds = {spec.id: self.guard.threshold_of(spec) for spec, _ in self.guard.monitors}
+        label = "" if record.label is None else f" (label {record.label})"
+        rec = StreamRecord(title=f"record {index}{label}: {record.prompt[:70]}",
+                           prompt=record.prompt, text=record.response[:offsets[-1][1]]
+                           if offsets else "", offsets=offsets, report=report,
+                           thresholds=thresholds)
+        stem = f"record-{index:04d}"
+        write_stream_report(self.out, stem, rec)
+        verdict = report.halt.monitor if report.halt else ""
+        self.rows.append({"stream": stem, "report": f"{stem}.html", "label": record.label,
+                          "tokens": report.tokens, "released": report.released_tokens,
+                          "halted by": verdict, "flags": len(report.flags)})
+
+    def finish(self) -> Path:
+        from .reports import write_index
+
+        return write_index(self.out, self.rows, title=self.title, images=self.images)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
+    from .reports import plot_roc
 
     guard = _guard(args)
-    result = evaluate(guard, args.data, limit=args.limit, progress=not args.json)
+    pages = _StreamPages(guard, args.report, "guardrail eval") if args.report else None
+    curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    result = evaluate(guard, args.data, limit=args.limit, progress=not args.json,
+                      on_stream=pages, curves=curves)
+    if pages is not None:
+        for level in ("response", "span"):
+            level_curves = {m: c[level] for m, c in curves.items() if level in c}
+            name = f"roc-{level}.png"
+            if plot_roc(pages.out / name, level_curves, f"ROC, {level} level ({args.data})"):
+                pages.images.append(name)
+        print(f"reports: {pages.finish()}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
@@ -253,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.add_argument("--data", "-d", required=True, help="JSON Lines records")
     p.add_argument("--limit", type=int)
+    p.add_argument("--report", metavar="DIR", help="write an HTML page and plot per stream here")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("eval", help="metrics of each monitor on labelled records")
@@ -260,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "-d", required=True, help="JSON Lines records")
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="DIR",
+                   help="write an HTML page and plot per stream and ROC curves here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train a monitor (guardrail train NAME [ARGS...])")

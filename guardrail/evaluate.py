@@ -16,13 +16,18 @@ Metrics per monitor, by what the data labels:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .guard import Guard
 from .probes.metrics import macro_f1, recall_at_fpr, roc_auc
 from .records import Record, read_records
+from .session import Report
 from .testing import random_splits
+
+# Called once per streamed record: (index, record, report, token offsets).
+OnStream = Callable[[int, Record, Report, list[tuple[int, int]]], None]
 
 __all__ = ["evaluate"]
 
@@ -45,8 +50,14 @@ def _safe(fn: Any, *args: Any, **kwargs: Any) -> float | None:
 
 
 def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
-             progress: bool = False) -> dict[str, Any]:
-    """Run every monitor of ``guard`` over the records in ``data``; metrics per monitor id."""
+             progress: bool = False, on_stream: OnStream | None = None,
+             curves: dict[str, dict[str, tuple[list[int], list[float]]]] | None = None,
+             ) -> dict[str, Any]:
+    """Run every monitor of ``guard`` over the records in ``data``; metrics per monitor id.
+
+    ``on_stream`` sees each record's dry-run report (``guardrail eval --report`` renders them);
+    ``curves``, when given, is filled with the (labels, scores) behind each AUC, per monitor id
+    and level (``response``, ``span``), for ROC plots."""
     records = []
     for i, record in enumerate(read_records(data)):
         if limit is not None and i >= limit:
@@ -61,6 +72,8 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
         if progress and sys.stderr.isatty():
             print(f"\reval {i + 1}/{len(records)}", end="", file=sys.stderr, flush=True)
         report, offsets = _stream(guard, record, seed=i)
+        if on_stream is not None:
+            on_stream(i, record, report, offsets)
         for spec, _ in guard.monitors:
             acc = per_monitor[spec.id]
             scores = dict(report.scores.get(spec.id, []))
@@ -92,6 +105,12 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
         labelled = [(y, m, f, first, n) for y, m, f, first, n in
                     zip(labels, acc["max"], acc["fired"], acc["first"], acc["tokens"],
                         strict=True) if y is not None]
+        if curves is not None:
+            levels = curves.setdefault(spec.id, {})
+            if labelled:
+                levels["response"] = ([t[0] for t in labelled], [t[1] for t in labelled])
+            if acc["span_labels"]:
+                levels["span"] = (list(acc["span_labels"]), list(acc["span_scores"]))
         if labelled:
             ys = [t[0] for t in labelled]
             preds = [int(t[2]) for t in labelled]

@@ -165,3 +165,4 @@ class Monitor(ABC):
         """The response was cut back to its first ``n_tokens`` tokens (a routed stream: the
         target model rewrites the rest). Drop what the state holds about later tokens; the next
         ``update`` starts at token ``n_tokens``. Default: nothing to drop."""
+        return None

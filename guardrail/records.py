@@ -9,7 +9,7 @@ One record a line (DESIGN.md §6)::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,9 +108,15 @@ def leaked_tokens(record: Record, report: Report, offsets: list[tuple[int, int]]
     return report.leaked_tokens
 
 
-def replay_record(guard: Guard, record: Record, index: int) -> dict[str, Any]:
-    """The JSON line ``guardrail replay`` prints for one record."""
-    report, session = stream_record(guard, record, seed=index)
+def replay_record(guard: Guard, record: Record, index: int, *,
+                  on_stream: Callable[[int, Record, Report, list[tuple[int, int]]], None]
+                  | None = None) -> dict[str, Any]:
+    """The JSON line ``guardrail replay`` prints for one record (``on_stream`` also sees the
+    report, with scores, and the token offsets: ``--report`` renders them)."""
+    report, session = stream_record(guard, record, seed=index,
+                                    record_scores=on_stream is not None)
+    if on_stream is not None:
+        on_stream(index, record, report, session.token_offsets())
     flags = [event_to_dict(f) for f in report.flags if isinstance(f, Flag)]
     routes = [event_to_dict(r) for r in report.routes if isinstance(r, Route)]
     return {

@@ -17,7 +17,8 @@ from typing import Any
 from .events import Event, event_to_dict
 from .session import Report
 
-__all__ = ["StreamRecord", "plot_scores", "render_html", "write_index", "write_stream_report"]
+__all__ = ["StreamRecord", "plot_roc", "plot_scores", "render_html", "write_index",
+           "write_stream_report"]
 
 
 @dataclass
@@ -154,6 +155,38 @@ def plot_scores(path: Path, rec: StreamRecord) -> bool:
     return True
 
 
+def plot_roc(path: Path, curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+             title: str) -> bool:
+    """PNG of ROC curves, one per name (labels, scores), AUC in the legend. False without
+    matplotlib or when no curve has both classes."""
+    from .probes.metrics import roc_auc, roc_curve
+
+    drawable = {name: c for name, c in curves.items() if 0 < sum(c[0]) < len(c[0])}
+    if not drawable:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=110)
+    for name, (labels, scores) in sorted(drawable.items()):
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, lw=1.4, label=f"{name} (AUC {roc_auc(labels, scores):.3f}, "
+                                         f"n={len(labels)})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title[:80], fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_stream_report(out_dir: Path, stem: str, rec: StreamRecord) -> list[Path]:
     """Write ``<stem>.html`` (and ``<stem>.png`` when matplotlib is there); return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +199,10 @@ def write_stream_report(out_dir: Path, stem: str, rec: StreamRecord) -> list[Pat
     return paths
 
 
-def write_index(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """An index page linking every stream report, with one summary row each."""
+def write_index(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "guardrail demo",
+                images: Sequence[str] = ()) -> Path:
+    """An index page linking every stream report, with one summary row each (and ``images``,
+    file names in ``out_dir``, shown above the table)."""
     keys = list(rows[0]) if rows else []
     body = "".join(
         "<tr>" + "".join(
@@ -175,8 +210,10 @@ def write_index(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
             if k == "stream" else f"<td>{html.escape(str(r[k]))}</td>" for k in keys
             if k != "report") + "</tr>" for r in rows)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys if k != "report")
-    page = (f"<!doctype html><meta charset=utf-8><title>guardrail demo</title><style>{_CSS}"
-            f"</style><h1>guardrail demo</h1><table><tr>{head}</tr>{body}</table>")
+    pictures = "".join(f'<img src="{html.escape(i)}" alt="{html.escape(i)}">' for i in images)
+    page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style><h1>{html.escape(title)}</h1>{pictures}"
+            f"<table><tr>{head}</tr>{body}</table>")
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path

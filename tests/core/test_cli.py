@@ -99,6 +99,25 @@ def test_replay_prints_one_json_line_per_record(policy: Path, data: Path) -> Non
     assert [f["monitor"] for f in rows[1]["flags"]] == []  # halted before "shout" could flag
 
 
+def test_replay_and_eval_write_reports(policy: Path, data: Path, tmp_path: Path) -> None:
+    out = run_cli("replay", "--policy", str(policy), "--data", str(data),
+                  "--report", str(tmp_path / "replay"))
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "replay" / "record-0001.html").read_text()
+    assert "weapons" in page and "halt" in page.lower() and "BOMB" in page
+    index = (tmp_path / "replay" / "index.html").read_text()
+    assert "record-0000.html" in index and "record-0001.html" in index
+    assert (tmp_path / "replay" / "record-0001.png").stat().st_size > 1000
+
+    out = run_cli("eval", "--policy", str(policy), "--data", str(data),
+                  "--report", str(tmp_path / "eval"))
+    assert out.returncode == 0, out.stderr
+    # both monitors separate the two records: a response-level ROC curve is drawn
+    assert (tmp_path / "eval" / "roc-response.png").stat().st_size > 1000
+    assert 'src="roc-response.png"' in (tmp_path / "eval" / "index.html").read_text()
+    assert "weapons" in (tmp_path / "eval" / "record-0001.html").read_text()
+
+
 def test_replay_names_the_bad_line(policy: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "x", "response": 3}\n')
