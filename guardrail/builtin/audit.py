@@ -10,6 +10,7 @@ released text, only offsets); session starts and ends are, with the end's summar
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -24,7 +25,15 @@ if TYPE_CHECKING:
     from ..session import GuardSession, Report
 
 _lock = threading.Lock()
-_files: dict[str, TextIO] = {}
+_files: dict[str, TextIO] = {}  # one append handle per audit file, shared by all sessions
+
+
+@atexit.register
+def _close_all() -> None:
+    with _lock:
+        for fh in _files.values():
+            fh.close()
+        _files.clear()
 
 
 def _write(session: GuardSession, record: dict[str, Any]) -> None:
