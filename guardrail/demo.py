@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -189,7 +189,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "tokens read": rep.tokens,
             "released": rep.released_tokens,
             "held back": rep.tokens - rep.released_tokens,
-            "flags": len(rep.flags),
+            "flagged tokens": _flag_counts(rep.flags),
             "halt at": rep.halt.at if rep.halt else "-",
             "ms/token": f"{(rec.seconds_per_token or 0) * 1000:.2f}",
             "report": f"{stem}.html",
@@ -199,6 +199,15 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nreports: {index.resolve()} (one HTML page and PNG plot per stream in "
           f"{out_dir.resolve()})")
     return 0
+
+
+def _flag_counts(flags: Sequence[Any]) -> str:
+    """Tokens flagged per monitor, e.g. ``facts 3 · router 12`` (``-`` for none)."""
+    counts: dict[str, int] = {}
+    for f in flags:
+        if isinstance(f, Flag):
+            counts[f.monitor] = counts.get(f.monitor, 0) + f.tokens[1] - f.tokens[0] + 1
+    return " · ".join(f"{m} {n}" for m, n in sorted(counts.items())) or "-"
 
 
 def _print_table(rows: list[dict[str, Any]], term: _Term) -> None:
