@@ -41,7 +41,8 @@ def render(result: dict[str, Any]) -> str:
     note = ("_From the training run (`make train`): labels "
             f"{seconds.get('labels', '?')} s, training {seconds.get('training', '?')} s, "
             f"evaluation {seconds.get('evaluation', '?')} s._")
-    return render_markdown(result).rstrip() + "\n\n" + note + "\n"
+    plot = "![router: answer accuracy against the share of tokens routed](router-accuracy.png)"
+    return render_markdown(result).rstrip() + "\n\n" + plot + "\n\n" + note + "\n"
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def render_doc() -> Path:
         result = json.loads(path.read_text())
         machines.append(result.get("machine"))
         quick = " (quick mode)" if result.get("quick") else ""
-        parts += [module.render(result).rstrip() + "\n",
-                  f"_Written {result.get('written')}{quick}._", ""]
+        parts += [module.render(result).rstrip() + "\n"]
+        if result.get("written"):
+            parts += [f"_Written {result['written']}{quick}._", ""]
     if machines and machines[0]:
         m = machines[0]
         parts[4:4] = [f"Machine: {m['cpu_count']} CPU cores, {m['platform']}, "
