@@ -11,7 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"  # the committed results behind docs/benchmarks.md
+# `python -m bench.run --quick` points this at a scratch folder, so a smoke run never
+# overwrites the committed results, figures or page.
+RESULTS_ENV = "GUARDRAIL_BENCH_RESULTS"
+
+
+def results_dir() -> Path:
+    """Where results are written: ``$GUARDRAIL_BENCH_RESULTS``, else bench/results."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS)
+
+
+def figures_dir() -> Path:
+    """Where plots are written: docs/ for real runs, next to the results for scratch runs."""
+    return results_dir() if os.environ.get(RESULTS_ENV) else ROOT / "docs"
 
 
 def machine() -> dict[str, Any]:
@@ -42,8 +56,9 @@ def p95(xs: list[float]) -> float:
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(),
                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import write_result
+from .common import ROOT, figures_dir, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-PLOT = ROOT / "docs" / "entity-roc.png"
+PLOT_NAME = "entity-roc.png"
 NAME = "entity_eval"
 SCORERS = ("probe", "surprisal_max", "surprisal_mean", "entropy_max", "entropy_mean")
 
@@ -75,7 +74,7 @@ def _streamed(data_file: Path, limit: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m bench.entity_eval")
     parser.add_argument("--quick", action="store_true",
-                        help="60 test records, 20 paired, 8 streamed (about 2 minutes)")
+                        help="24 test records, 10 paired, 4 streamed (a smoke test)")
     parser.add_argument("--data", type=Path, default=None, help="data folder (built if missing)")
     parser.add_argument("--features", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--streamed", type=int, default=40,
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     data_dir = build_data(args.data or cache_dir() / "entity-data")
     features_dir = args.features or cache_dir() / "entity-features"
     observer = load_smollm2(ObserverSpec())
-    limits = {"test": 60, "paired": 20} if args.quick else {"test": None, "paired": None}
+    limits = {"test": 24, "paired": 10} if args.quick else {"test": None, "paired": None}
     # The trainer's layers and files, so a full run reuses the trainer's feature cache.
     layers = [probe.layer] if args.quick else list(CANDIDATE_LAYERS)
     tag = "quick" if args.quick else "sub"
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> Path:
                                        "surprisal_max": stat_scorer("surprisal"),
                                        "entropy_max": stat_scorer("entropy")})
     aucs = {k: test["all"][k]["span_auc"] for k in curves}
-    plot = _plot(curves, aucs, PLOT)
-    streamed_n = 8 if args.quick else args.streamed
+    plot = _plot(curves, aucs, figures_dir() / PLOT_NAME)
+    streamed_n = 4 if args.quick else args.streamed
     long_form_file = data_dir / f"test.longform-{streamed_n}.jsonl"
     rows = [line for line in (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()
             if json.loads(line).get("kind") in ("country", "city")][:streamed_n]
@@ -139,7 +138,8 @@ def main(argv: list[str] | None = None) -> Path:
         "long_form_records": len(long_form),
         "paired": paired,
         "streamed": streamed,
-        "plot": str(plot.relative_to(ROOT)) if plot else None,
+        "plot": str(plot.relative_to(ROOT)) if plot and plot.is_relative_to(ROOT) else
+        (str(plot) if plot else None),
         "seconds": {"features": round(t_features, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     }

@@ -1,7 +1,7 @@
 """Observer benchmark: SmolLM2-135M on torch and ONNX Runtime, text arriving in chunks.
 
     python -m bench.observer_bench            # full run (writes bench/results/observer_bench.json)
-    python -m bench.observer_bench --quick    # fewer tokens, under two minutes when cached
+    python -m bench.observer_bench --quick    # torch and ONNX, fewer tokens, no cold start
 
 For each backend (torch float32, torch bfloat16, ONNX Runtime float32) and each chunk size (1, 4,
 16 tokens) it streams a response through ``observer.extend`` after a chat context and reports
@@ -136,22 +136,23 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens, args.cold, args.states_out)))
         return None
-    tokens = 96 if args.quick else 320
+    tokens = 32 if args.quick else 320
+    backends = ["torch", "onnx"] if args.quick else BACKENDS
     results: dict[str, Any] = {"quick": args.quick, "model": "SmolLM2-135M-Instruct",
                                "profiles": PROFILES, "chunks": CHUNKS, "backends": {}}
     _spawn("torch", 8, None, cold=True)  # make sure the cached conversion exists
     with tempfile.TemporaryDirectory() as states:
-        for backend in BACKENDS:
+        for backend in backends:
             print(f"[observer_bench] {backend} ...", file=sys.stderr)
             results["backends"][backend] = _spawn(backend, tokens, None, cold=False,
                                                   states_out=f"{states}/{backend}.safetensors")
         from safetensors.torch import load_file
 
         reference = load_file(f"{states}/torch.safetensors")["layer15"]
-        for backend in BACKENDS:
+        for backend in backends:
             other = load_file(f"{states}/{backend}.safetensors")["layer15"]
             results["backends"][backend]["layer15_vs_torch_fp32"] = _drift(reference, other)
-    for backend in ("torch", "onnx"):
+    for backend in () if args.quick else ("torch", "onnx"):  # cold starts: full runs only
         with tempfile.TemporaryDirectory() as empty:
             print(f"[observer_bench] {backend} cold start ...", file=sys.stderr)
             cold = _spawn(backend, 8, empty, cold=True)

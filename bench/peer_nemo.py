@@ -22,7 +22,7 @@ from typing import Any
 from guardrail import Guard, default_policy
 from guardrail.events import Release
 
-from .common import RESULTS, median, write_result
+from .common import median, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 NEMO_VENV = ROOT / ".cache" / "peers" / "nemo"
@@ -174,5 +174,4 @@ def render(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
-    print(RESULTS / "peer_nemo.json")
+    print(main())

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS
+from .common import RESULTS, results_dir
 
 NAME = "router"
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(f"[router_eval] {path} is missing: run `guardrail train router --results {path}`",
               file=sys.stderr)
         return None
+    if results_dir() != RESULTS:  # a scratch run: the page there shows the training results too
+        results_dir().mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, results_dir() / path.name)
     print(render(json.loads(path.read_text(encoding="utf-8"))))
     return path
 
