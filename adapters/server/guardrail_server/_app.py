@@ -1,0 +1,182 @@
+"""``create_app``: the Starlette app of the proxy.
+
+    POST /v1/chat/completions   guarded, streamed (SSE) or not
+    GET  /v1/models             the upstream's list (proxied), or the local model
+    GET  /health                liveness, mode and monitor ids
+
+Per request the app holds nothing but the request's own ChunkGuard/sessions; the Guard is shared
+(it is stateless per stream). The caller's ``Authorization`` header goes to the upstream and
+nowhere else: not into logs, session metadata, events, reports or error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+from guardrail_openai import ChunkGuard
+from guardrail_openai._chunks import request_messages
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from guardrail import Guard
+
+from ._local import LocalModel, local_chunks, local_completion
+from ._sse import SSEResponse
+from ._stream import ReportHook, guarded_sse
+from ._upstream import Upstream, UpstreamError, scrub
+from ._whole import guard_whole
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("guardrail.server")
+
+
+def _error(status: int, message: str, code: str,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code,
+                                   "param": None}}, status_code=status)
+
+
+class _Proxy:
+    """The request handlers, bound to one guard and one upstream (or local model)."""
+
+    def __init__(self, guard: Guard, upstream: Upstream | None, local: LocalModel | None,
+                 offload: bool, on_report: ReportHook | None) -> None:
+        self.guard = guard
+        self.upstream = upstream
+        self.local = local
+        self.offload = offload
+        self.on_report = on_report
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({
+            "status": "ok",
+            "mode": "upstream" if self.upstream is not None else "local",
+            "upstream": self.upstream.public_url if self.upstream is not None else None,
+            "local": self.local.name if self.local is not None else None,
+            "monitors": [spec.id for spec, _ in self.guard.monitors],
+        })
+
+    async def models(self, request: Request) -> Response:
+        if self.local is not None:
+            return JSONResponse({"object": "list", "data": [{
+                "id": self.local.name, "object": "model", "created": int(time.time()),
+                "owned_by": "guardrail-local"}]})
+        assert self.upstream is not None
+        try:
+            return JSONResponse(await self.upstream.models(request.headers.get("authorization")))
+        except UpstreamError as exc:
+            log.warning("GET /v1/models failed: %s", exc.message)
+            return JSONResponse(exc.payload(), status_code=exc.status)
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "request body is not valid JSON", "invalid_json")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object", "invalid_body")
+        if not isinstance(body.get("messages"), list):
+            return _error(400, "'messages' must be a list of chat messages", "invalid_messages")
+        try:
+            messages = request_messages(body["messages"])
+        except TypeError as exc:
+            return _error(400, str(exc), "invalid_messages")
+        auth = request.headers.get("authorization")
+        metadata = {"adapter": "server", "model": body.get("model"),
+                    "stream": bool(body.get("stream"))}
+        try:
+            if body.get("stream"):
+                return await self._stream(body, messages, metadata, auth)
+            return await self._whole(body, messages, metadata, auth)
+        except UpstreamError as exc:
+            log.warning("chat completion failed: %s", exc.message)
+            return JSONResponse(exc.payload(), status_code=exc.status)
+        except Exception as exc:  # noqa: BLE001 - the client gets JSON, never a traceback
+            secrets = (auth,) if auth else ()
+            message = scrub(f"{type(exc).__name__}: {exc}", secrets)
+            log.error("chat completion failed inside the proxy: %s", message)
+            return _error(500, f"guardrail-server failed: {message}", "internal_error",
+                          "server_error")
+
+    async def _stream(self, body: dict[str, Any], messages: list[dict[str, Any]],
+                      metadata: Mapping[str, Any], auth: str | None) -> Response:
+        n = body.get("n")
+        chunk_guard = ChunkGuard(self.guard, messages, choices=n if isinstance(n, int) else 1,
+                                 raise_on_halt=False, metadata=metadata)
+        chunks: AsyncIterator[dict[str, Any]]
+        if self.local is not None:
+            chunks, close = local_chunks(self.local, body, messages)
+        else:
+            assert self.upstream is not None
+            response = await self.upstream.open_stream(body, auth)
+            chunks = self.upstream.chunks(response, auth)
+            close = partial(_close, chunks, response)
+        stream = guarded_sse(chunks, chunk_guard, close_upstream=close, offload=self.offload,
+                             on_report=self.on_report)
+        return SSEResponse(stream)
+
+    async def _whole(self, body: dict[str, Any], messages: list[dict[str, Any]],
+                     metadata: Mapping[str, Any], auth: str | None) -> Response:
+        if self.local is not None:
+            completion = await local_completion(self.local, body, messages)
+        else:
+            assert self.upstream is not None
+            completion = await self.upstream.complete(body, auth)
+        run = partial(guard_whole, self.guard, completion, messages, metadata)
+        guarded, reports = await asyncio.to_thread(run) if self.offload else run()
+        if self.on_report is not None:
+            self.on_report(reports)
+        return JSONResponse(guarded)
+
+
+async def _close(chunks: AsyncIterator[dict[str, Any]], response: httpx.Response) -> None:
+    """Close the upstream request: drops the connection if the body was not read to the end."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except RuntimeError:  # still running: it is being cancelled along with us
+            pass
+    await response.aclose()
+
+
+def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel | None = None,
+               api_key: str | None = None, timeout: float = 60.0, offload: bool | None = None,
+               on_report: ReportHook | None = None) -> Starlette:
+    """An OpenAI-compatible proxy app that guards chat completions.
+
+    Give ``upstream`` (an OpenAI-compatible base URL ending in ``/v1``) or ``local`` (a local
+    model, e.g. ``guardrail_transformers.LocalGenerator``). ``api_key`` is used upstream only
+    when the caller sends no ``Authorization`` header. ``timeout``: seconds the upstream may stay
+    silent. ``offload``: run the guard in a worker thread (default: when it has an observer
+    model). ``on_report(reports)`` is called once per request with the sessions' reports.
+    """
+    if (upstream is None) == (local is None):
+        raise ValueError("create_app: give exactly one of upstream=URL or local=model")
+    client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
+    proxy = _Proxy(guard, client, local, guard.observer is not None if offload is None
+                   else offload, on_report)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if client is not None:
+            await client.aclose()
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
+        Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/health", proxy.health, methods=["GET"]),
+    ], lifespan=lifespan)
+    app.state.guard = guard
+    return app

@@ -1,0 +1,115 @@
+"""Running the app: ``serve_cli`` (``guardrail serve``) and ``running`` (a server in a thread).
+
+Binds 127.0.0.1 unless told otherwise. uvicorn's access log is off: it would add nothing a
+reverse proxy doesn't, and request lines are all it could leak (headers are never logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from guardrail import GuardrailError
+
+from ._app import create_app
+from ._local import LocalModel
+
+__all__ = ["API_KEY_ENV", "RunningServer", "load_local_model", "running", "serve_cli"]
+
+# The proxy's own upstream key, used when a caller sends no Authorization header.
+API_KEY_ENV = "GUARDRAIL_UPSTREAM_API_KEY"
+
+
+@dataclass
+class RunningServer:
+    """A proxy serving in a background thread."""
+
+    host: str
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL (``.../v1``) to give a client."""
+        return f"{self.url}/v1"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running(app: Starlette, *, host: str = "127.0.0.1", port: int | None = None,
+            start_timeout: float = 10.0) -> Iterator[RunningServer]:
+    """Serve ``app`` with uvicorn in a daemon thread (a free port by default) until the block
+    ends; yields a ``RunningServer`` with ``base_url``."""
+    port = port or _free_port(host)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"guardrail-server:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise GuardrailError(f"guardrail-server did not start on {host}:{port}")
+        time.sleep(0.01)
+    try:
+        yield RunningServer(host, port, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+def load_local_model(name: str) -> LocalModel:
+    """A local model by name (``smollm2-135m``) or path, through guardrail-transformers."""
+    try:
+        import guardrail_transformers
+    except ImportError:
+        raise GuardrailError("--local needs the guardrail-transformers adapter: "
+                             "pip install guardrail-transformers") from None
+    model: Any = guardrail_transformers.LocalGenerator.load(name)
+    return model
+
+
+def serve_cli(args: argparse.Namespace) -> int:
+    """``guardrail serve``: args ``policy``, ``monitor``, ``upstream``, ``local``, ``host``,
+    ``port``. Returns the exit status."""
+    from guardrail.cli import _guard  # the CLI's own policy loading (--policy, --monitor)
+
+    if bool(args.upstream) == bool(args.local):
+        print("guardrail serve: give exactly one of --upstream URL or --local MODEL",
+              file=sys.stderr)
+        return 2
+    try:
+        guard = _guard(args)
+        local = load_local_model(args.local) if args.local else None
+        app = create_app(guard, upstream=args.upstream, local=local,
+                         api_key=os.environ.get(API_KEY_ENV))
+    except GuardrailError as exc:
+        print(f"guardrail serve: {exc}", file=sys.stderr)
+        return 2
+    target = args.upstream or f"local model {args.local}"
+    print(f"guardrail serve: http://{args.host}:{args.port}/v1 -> {target} "
+          f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0

@@ -1,0 +1,56 @@
+"""Guard a whole (non-streamed) chat completion, as a stream reader would have seen it.
+
+Each choice's content is fed to a session a word at a time, so a halt leaves exactly the text a
+streaming client would have received before the halt message: ``content`` becomes that released
+text plus the halt message, tool calls are dropped and ``finish_reason`` is ``content_filter``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from guardrail import Event, Guard, Release, Report, event_to_dict
+
+__all__ = ["guard_whole"]
+
+_WORD = re.compile(r"\s*\S+|\s+$")
+
+
+def guard_whole(guard: Guard, completion: Mapping[str, Any],
+                messages: Sequence[Mapping[str, Any]], metadata: Mapping[str, Any]
+                ) -> tuple[dict[str, Any], list[Report]]:
+    """The guarded completion (with a ``guardrail`` field listing the events) and the reports."""
+    out = copy.deepcopy(dict(completion))
+    details: list[dict[str, Any]] = []
+    reports: list[Report] = []
+    for choice in out.get("choices") or []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, str) or not content:
+            continue
+        index = choice.get("index", 0)
+        session = guard.session(list(messages), metadata={**metadata, "choice": index})
+        events: list[Event] = []
+        for match in _WORD.finditer(content):
+            events += session.feed(match.group(0))
+            if session.halted is not None:
+                break
+        report = session.finish()
+        reports.append(report)
+        events += report.final_events
+        details += [{"choice": index, **event_to_dict(e)} for e in events
+                    if not isinstance(e, Release)]
+        if report.halt is not None:
+            message["content"] = report.halt.released_text + report.halt.message
+            message.pop("tool_calls", None)
+            message.pop("function_call", None)
+            choice["finish_reason"] = "content_filter"
+            choice["logprobs"] = None
+        else:
+            message["content"] = report.released_text
+    if details:
+        out["guardrail"] = {"events": details}
+    return out, reports
