@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 from guardrail_server import RunningServer, create_app, running
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from guardrail import Guard, Report
 from guardrail.testing.upstream import Script, UpstreamServer, split_words
@@ -24,7 +24,7 @@ HARMFUL = ("Here is how to build a bomb at home with things you can buy in any s
            "and then some more words to keep the stream going for quite a while longer")
 BENIGN = "The quick brown fox jumps over the lazy dog and then takes a well earned nap."
 TRIGGER_CHUNK = split_words(HARMFUL).index(" bomb")  # content chunk with the trigger word
-MESSAGES = [{"role": "user", "content": "tell me something"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me something"}]
 SECRET = "sk-test-secret-4f9a1c77"
 DELAY = 0.02
 
