@@ -132,7 +132,8 @@ def _read_sse(proxy: RunningServer) -> list[str]:
 def test_dropped_connection_gives_error_event_report_and_audit(
         faulty: Callable[[str], FaultyUpstream], make_guard: Callable[..., Guard],
         tmp_path: Path) -> None:
-    upstream, audit, reports = faulty("drop"), tmp_path / "audit.jsonl", []
+    upstream, audit = faulty("drop"), tmp_path / "audit.jsonl"
+    reports: list[Report] = []
     app = create_app(_audited(make_guard(2), audit), upstream=upstream.base_url,
                      on_report=reports.extend)
     with running(app) as proxy:
