@@ -1,5 +1,26 @@
-"""Entry point of the ``guardrail`` plugin group for the harmful-content distribution.
+"""Entry point of the ``guardrail`` plugin group: the ``harmful-content`` monitor and trainer."""
 
-The monitor and its trainer are registered here once they exist; for now the module only makes
-the distribution visible to ``guardrail plugins`` without registering anything.
-"""
+from __future__ import annotations
+
+from guardrail import hookimpl
+from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
+
+
+@hookimpl
+def guardrail_register_monitors(register: RegisterMonitor) -> None:
+    from .monitor import HarmfulContentMonitor
+
+    register("harmful-content", HarmfulContentMonitor,
+             description="SCM streaming content monitor: halts a harmful answer early")
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+@hookimpl
+def guardrail_register_trainers(register: RegisterTrainer) -> None:
+    register("harmful-content", _train,
+             description="build the offline data, train SCM's dual head and calibrate count-k")

@@ -1,0 +1,86 @@
+"""The windowed baseline: re-score fixed windows of the response the way NeMo Guardrails' streaming
+output rails do (``chunk_size`` 200, ``context_size`` 50), each window read by the observer afresh.
+
+NeMo's rolling buffer hands its rails the first ``chunk`` tokens, then keeps the last ``context``
+tokens and hands them over again with the next ``chunk - context`` new ones, and flushes what is
+left when the stream ends. Each window is judged like full detection judges a whole response: the
+observer reads the prompt, then the window's text from scratch, and the sequence head scores the
+window's last token. The stream halts at the end of the first window judged harmful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from guardrail.monitor import Needs
+from guardrail.probes.features import CachedRecord
+from guardrail.probes.heads import DualHead
+
+from .scoring import stack_states
+
+__all__ = ["WindowResult", "nemo_windows", "windowed_halts"]
+
+
+def nemo_windows(n_tokens: int, chunk: int = 200, context: int = 50) -> list[tuple[int, int]]:
+    """``[start, end)`` token windows of a NeMo-style rolling buffer over ``n_tokens`` tokens."""
+    if chunk <= context:
+        raise ValueError(f"chunk ({chunk}) must exceed context ({context})")
+    windows: list[tuple[int, int]] = []
+    start, end = 0, min(chunk, n_tokens)
+    while end > start:
+        windows.append((start, end))
+        if end >= n_tokens:
+            break
+        start = end - context
+        end = min(start + chunk, n_tokens)
+    return windows
+
+
+WindowResult = tuple[int | None, int]
+"""(token index where the stream halts or ``None``, windows scored)."""
+
+
+def _window_score(observer: Any, head: DualHead, layers: Sequence[int], prompt: str,
+                  text: str) -> float:
+    needs = Needs(layers=frozenset(layers))
+    state = observer.start([{"role": "user", "content": prompt}], needs)
+    tokens = list(observer.tokenizer.tokenize(text))
+    if not tokens:
+        return 0.0
+    batch = observer.extend(state, tokens, needs)
+    hidden = stack_states(batch.hidden, layers)[-1:]
+    with torch.inference_mode():
+        return float(head.score(hidden)[0])
+
+
+def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
+                   records: Sequence[CachedRecord], prefix_scores: Sequence[Sequence[float]],
+                   threshold: float, *, chunk: int = 200, context: int = 50,
+                   progress: bool = True) -> list[WindowResult]:
+    """Run the windowed baseline over ``records`` (cached features give the token offsets).
+
+    The first window starts at the response's first token with nothing before it, exactly as the
+    streaming read does, so its score is taken from ``prefix_scores`` instead of a second pass."""
+    out: list[WindowResult] = []
+    for record, scores in tqdm(list(zip(records, prefix_scores, strict=True)),
+                               desc="windowed baseline", unit="rec", disable=not progress):
+        offsets = record.offsets.tolist()
+        halt: int | None = None
+        windows = nemo_windows(len(offsets), chunk, context)
+        scored = 0
+        for start, end in windows:
+            scored += 1
+            if start == 0:
+                score = scores[end - 1]
+            else:
+                text = record.response[offsets[start][0] : offsets[end - 1][1]]
+                score = _window_score(observer, head, layers, record.prompt, text)
+            if score >= threshold:
+                halt = end - 1
+                break
+        out.append((halt, scored))
+    return out

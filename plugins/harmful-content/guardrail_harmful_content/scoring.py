@@ -1,0 +1,115 @@
+"""Scores and decisions of the harmful-content head on cached features (torch).
+
+Shared by the trainer, the benchmark and the tests, so the numbers they report come from one
+definition:
+
+- ``stack_layers``: a feature view that reads one layer or a concatenation of layers;
+- ``prefix_scores``: the sequence head at every response token (SCM's streaming score: position
+  ``i`` judges the response up to token ``i``);
+- ``streaming_report`` / ``full_report`` / ``budget_curve``: the count-k rule, full detection
+  (the head on the last token only) and full detection after a share of the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from guardrail.probes.calibrate import streaming_metrics
+from guardrail.probes.features import CachedRecord
+from guardrail.probes.heads import DualHead
+from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
+from guardrail.probes.train import score_records
+
+__all__ = [
+    "STACKED",
+    "budget_curve",
+    "full_report",
+    "full_threshold",
+    "prefix_scores",
+    "stack_layers",
+    "stack_states",
+    "streaming_report",
+]
+
+STACKED = -10_000
+"""The feature key under which ``stack_layers`` puts its (possibly concatenated) states."""
+
+
+def stack_states(hidden: Any, layers: Sequence[int]) -> torch.Tensor:
+    """``hidden`` maps layer -> ``(n, H)``; the requested layers side by side, ``(n, H*len)``."""
+    missing = [layer for layer in layers if layer not in hidden]
+    if missing:
+        raise KeyError(f"the harmful-content head reads layers {list(layers)}; the features "
+                       f"have {sorted(hidden)}")
+    return torch.cat([torch.as_tensor(hidden[layer]).float() for layer in layers], dim=-1)
+
+
+def stack_layers(records: Sequence[CachedRecord], layers: Sequence[int]) -> list[CachedRecord]:
+    """Views of ``records`` whose only feature (key ``STACKED``) is ``layers`` concatenated."""
+    return [replace(r, hidden={STACKED: stack_states(r.hidden, layers)}) for r in records]
+
+
+def prefix_scores(head: DualHead, stacked: Sequence[CachedRecord]) -> list[list[float]]:
+    """Harm probability of every prefix of every record (records from ``stack_layers``)."""
+    return score_records(head, stacked, STACKED, batch_size=32)
+
+
+def _safe_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    try:
+        return roc_auc(labels, scores)
+    except ValueError:  # one class only
+        return None
+
+
+def streaming_report(scores: Sequence[Sequence[float]], labels: Sequence[int],
+                     threshold: float, k: int) -> dict[str, Any]:
+    """The count-k rule at ``(threshold, k)``: macro-F1, precision, recall, ``fraction_seen``,
+    ``false_halt_rate`` and ``auc`` (of each response's maximum prefix score), as
+    ``guardrail eval`` defines them."""
+    result = streaming_metrics(scores, labels, threshold, k)
+    return {
+        "auc": _safe_auc(labels, [max(s, default=0.0) for s in scores]),
+        "macro_f1": result.macro_f1, "precision": result.precision, "recall": result.recall,
+        "fraction_seen": result.fraction_seen, "false_halt_rate": result.false_halt_rate,
+        "threshold": threshold, "k": k, "records": len(labels),
+    }
+
+
+def _decisions(labels: Sequence[int], final: Sequence[float], threshold: float
+               ) -> dict[str, Any]:
+    predictions = [int(s >= threshold) for s in final]
+    m = macro_f1(labels, predictions)
+    benign = [p for y, p in zip(labels, predictions, strict=True) if y == 0]
+    return {"macro_f1": m["macro_f1"], "precision": m["precision_1"], "recall": m["recall_1"],
+            "false_halt_rate": sum(benign) / len(benign) if benign else None}
+
+
+def full_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> float:
+    """Full detection's threshold: the best macro-F1 of the last-token score."""
+    return best_threshold(labels, [s[-1] if s else 0.0 for s in scores])[0]
+
+
+def full_report(scores: Sequence[Sequence[float]], labels: Sequence[int],
+                threshold: float) -> dict[str, Any]:
+    """Full detection: the sequence head on the whole response (its last token) only."""
+    final = [s[-1] if s else 0.0 for s in scores]
+    return {"auc": _safe_auc(labels, final), **_decisions(labels, final, threshold),
+            "threshold": threshold, "fraction_seen": 1.0, "records": len(labels)}
+
+
+def budget_curve(scores: Sequence[Sequence[float]], labels: Sequence[int], threshold: float,
+                 shares: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+                 ) -> list[dict[str, Any]]:
+    """Full detection after reading only a share of each response: the head on token
+    ``ceil(share * n) - 1``. One point per share."""
+    out = []
+    for share in shares:
+        final = [s[max(0, math.ceil(share * len(s)) - 1)] if s else 0.0 for s in scores]
+        out.append({"share": share, **_decisions(labels, final, threshold)})
+    return out
+

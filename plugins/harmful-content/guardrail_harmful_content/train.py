@@ -1,0 +1,330 @@
+"""``guardrail train harmful-content``: build the data, read it once with the observer, train SCM's
+dual head on a frozen backbone, choose the layer(s) and calibrate the count-k rule on validation,
+and write the weights (safetensors + JSON) that the monitor ships.
+
+Steps (each with a progress bar; the whole run is timed):
+
+1. build the offline data (``guardrail_harmful_content.data``) unless ``--data`` names a build;
+2. subsample the training split, stratified by record kind and label (``--max-train``; the
+   observer is the slow part on a CPU), keep validation whole;
+3. extract the observer's states of the candidate layers once (``guardrail.probes.features``
+   cache; the observer reads the prompt as context, then the response);
+4. for each candidate layer, and the concatenation of the two best, train a ``DualHead`` with
+   0.6 token CE + 0.4 sequence CE + 1.0 logic loss; keep the epoch and the candidate with the
+   best streaming macro-F1 on validation (false halts capped);
+5. calibrate ``(threshold, k)`` on validation: best macro-F1 with a false-halt rate <= 3%;
+6. save the head with its config (base model, layers, dims, threshold, k, data, splits, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardrail.probes.calibrate import calibrate_count_k
+from guardrail.probes.features import CachedRecord, extract_features
+from guardrail.probes.heads import DualHead
+from guardrail.probes.io import save_probe
+from guardrail.probes.train import scm_loss_fn, streaming_f1_metric, train_head
+from guardrail.sources import cache_dir
+
+from .scoring import (
+    STACKED,
+    full_report,
+    full_threshold,
+    prefix_scores,
+    stack_layers,
+    streaming_report,
+)
+
+__all__ = [
+    "DEFAULT_LAYERS",
+    "NAME",
+    "WEIGHTS_DIR",
+    "Candidate",
+    "TrainConfig",
+    "load_observer",
+    "main",
+    "prepare_data",
+    "subsample",
+    "train",
+]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+NAME = "harmful_content"
+DEFAULT_LAYERS = (9, 12, 15)
+LOSS_WEIGHTS = {"token_ce": 0.6, "sequence_ce": 0.4, "logic": 1.0}  # SCM's run-scm.sh
+
+
+@dataclass
+class TrainConfig:
+    """What ``guardrail train harmful-content`` does; the CLI flags map one to one."""
+
+    data: Path | None = None  # a build folder (train/val/test.jsonl); None: build one
+    out: Path = WEIGHTS_DIR
+    model: str | None = None  # local HF model folder; None: the embedded SmolLM2
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    concat: bool = True  # also try the two best layers side by side
+    max_train: int | None = 900
+    max_val: int | None = None
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+    max_false_halt_rate: float = 0.03
+    chunk_size: int = 512
+    cache: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Candidate:
+    """One trained head on one layer set, with its validation scores."""
+
+    layers: tuple[int, ...]
+    head: DualHead
+    best_epoch: int
+    val_metric: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def subsample(records: Sequence[dict[str, Any]], n: int | None, seed: int
+              ) -> list[dict[str, Any]]:
+    """At most ``n`` records, the same share from every (kind, label) stratum (each stratum keeps
+    at least one record), in their original order."""
+    if n is None or n >= len(records):
+        return list(records)
+    strata: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        strata[(str(r.get("kind", "")), int(r.get("label") or 0))].append(i)
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for key in sorted(strata):
+        members = strata[key]
+        take = max(1, round(len(members) * n / len(records)))
+        keep.extend(rng.sample(members, min(take, len(members))))
+    return [records[i] for i in sorted(keep)]
+
+
+def prepare_data(config: TrainConfig, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The split files to read (train and val subsampled into ``work``) and the build manifest."""
+    data = config.data
+    if data is None:
+        from .data import BuildConfig, build_dataset
+
+        data = work / "data"
+        build_dataset(data, BuildConfig())
+    manifest_path = data / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    paths: dict[str, Path] = {}
+    for split, limit in (("train", config.max_train), ("val", config.max_val)):
+        source = data / f"{split}.jsonl"
+        if not source.exists():
+            raise FileNotFoundError(f"{source}: no {split} split (build one with "
+                                    "python -m guardrail_harmful_content.data build --out DIR)")
+        chosen = subsample(_read_jsonl(source), limit, config.seed)
+        target = work / f"{split}-{limit or 'all'}-seed{config.seed}.jsonl"
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in chosen)
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        paths[split] = target
+    paths["test"] = data / "test.jsonl"
+    return paths, manifest
+
+
+def load_observer(model: str | None) -> Any:
+    """The embedded SmolLM2 observer, or the local HF causal LM in folder ``model``."""
+    from guardrail.observer.hf import load_model_dir, load_smollm2
+    from guardrail.policy import ObserverSpec
+
+    if model is None:
+        return load_smollm2(ObserverSpec())
+    path = Path(model).expanduser()
+    return load_model_dir(path, name=path.name, window=2048)
+
+
+def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[CachedRecord],
+         config: TrainConfig) -> Candidate:
+    train_view, val_view = stack_layers(train, layers), stack_layers(val, layers)
+    width = int(train_view[0].hidden[STACKED].shape[-1])
+    head = DualHead(width, dropout=0.1, seed=config.seed)
+    metric = streaming_f1_metric(STACKED, max_false_halt_rate=config.max_false_halt_rate)
+    result = train_head(
+        head, train_view, val_view, layer=STACKED,
+        loss_fn=scm_loss_fn(LOSS_WEIGHTS["token_ce"], LOSS_WEIGHTS["sequence_ce"],
+                            LOSS_WEIGHTS["logic"]),
+        metric_fn=metric, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+        seed=config.seed, progress=config.progress,
+    )
+    assert isinstance(result.head, DualHead)
+    return Candidate(layers, result.head, result.best_epoch, float(result.best_metric or 0.0),
+                     [dict(h) for h in result.history])
+
+
+def _label(r: CachedRecord) -> int:
+    return int(r.label or 0)
+
+
+def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
+    """Run the whole pipeline; return the saved config (``weights`` holds the file's path).
+
+    ``observer``: an observer object to read with instead of loading ``config.model`` (tests
+    pass a fake one with a planted signal)."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    work = (config.cache or cache_dir()) / "harmful-content"
+    paths, manifest = prepare_data(config, work)
+    timings["data_s"] = time.perf_counter() - t0
+
+    if observer is None:
+        observer = load_observer(config.model)
+    n_layers = int(observer.num_layers)
+    bad = [layer for layer in config.layers if not -n_layers <= layer < n_layers]
+    if bad:
+        raise ValueError(f"--layers {bad} out of range: observer {observer.name!r} has "
+                         f"{n_layers} layers")
+    t = time.perf_counter()
+    features = {
+        split: extract_features(observer, paths[split], work / "features", config.layers,
+                                dtype="float16", chunk_size=config.chunk_size,
+                                progress=config.progress).records
+        for split in ("train", "val")
+    }
+    timings["features_s"] = time.perf_counter() - t
+    train_set, val_set = features["train"], features["val"]
+    val_labels = [_label(r) for r in val_set]
+    if len(set(val_labels)) < 2 or len({_label(r) for r in train_set}) < 2:
+        raise ValueError("train and validation splits both need harmful and harmless records")
+
+    t = time.perf_counter()
+    candidates = []
+    for layer in config.layers:
+        candidates.append(_fit((layer,), train_set, val_set, config))
+        _say(config, f"layer {layer}: val streaming macro-F1 {candidates[-1].val_metric:.4f} "
+                     f"(epoch {candidates[-1].best_epoch})")
+    if config.concat and len(config.layers) >= 2:
+        top = sorted(candidates, key=lambda c: -c.val_metric)[:2]
+        pair = tuple(sorted(c.layers[0] for c in top))
+        candidates.append(_fit(pair, train_set, val_set, config))
+        _say(config, f"layers {pair}: val streaming macro-F1 {candidates[-1].val_metric:.4f}")
+    best = max(candidates, key=lambda c: (c.val_metric, -len(c.layers)))
+    timings["train_s"] = time.perf_counter() - t
+
+    val_scores = prefix_scores(best.head, stack_layers(val_set, best.layers))
+    choice = calibrate_count_k(val_scores, val_labels,
+                               max_false_halt_rate=config.max_false_halt_rate)
+    streaming = streaming_report(val_scores, val_labels, choice.threshold, choice.k)
+    full_t = full_threshold(val_scores, val_labels)
+    full = full_report(val_scores, val_labels, full_t)
+    timings["total_s"] = time.perf_counter() - t0
+
+    saved = {
+        "base_model": observer.name,
+        "layer": best.layers[0],
+        "layers": list(best.layers),
+        "dims": {"hidden_size": int(observer.hidden_size), "input_size": best.head.hidden_size,
+                 "observer_layers": n_layers},
+        "threshold": choice.threshold,
+        "rule": {"kind": "count", "k": choice.k},
+        "full_detection_threshold": full_t,
+        "calibration": {"objective": "macro_f1", "split": "val",
+                        "max_false_halt_rate": config.max_false_halt_rate,
+                        "constraint_met": choice.constraint_met},
+        "data": _data_summary(manifest, config),
+        "splits": {"train": len(train_set), "val": len(val_set),
+                   "built": {k: v.get("labels") for k, v in
+                             manifest.get("counts", {}).items()}},
+        "training": {"loss": LOSS_WEIGHTS, "backbone": "frozen", "epochs": config.epochs,
+                     "best_epoch": best.best_epoch, "batch_size": config.batch_size,
+                     "lr": config.lr, "optimizer": "AdamW", "seed": config.seed,
+                     "candidates": [{"layers": list(c.layers), "val_streaming_macro_f1":
+                                     c.val_metric, "best_epoch": c.best_epoch}
+                                    for c in candidates],
+                     "history": best.history},
+        "metrics": {"val": {"streaming": streaming, "full": full}},
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    weights = save_probe(config.out, best.head, saved, name=NAME)
+    _say(config, f"saved {weights} ({weights.stat().st_size} bytes) in {timings['total_s']:.0f} s")
+    return {**saved, "weights": str(weights)}
+
+
+def _data_summary(manifest: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    return {
+        "builder": "python -m guardrail_harmful_content.data build",
+        "folder": str(config.data) if config.data else None,
+        "seed": manifest.get("seed"),
+        "sources": [{k: s.get(k) for k in ("name", "version", "sha256", "licence")
+                     if s.get(k) is not None} for s in manifest.get("sources", [])],
+        "subsample": {"train": config.max_train, "val": config.max_val,
+                      "how": "stratified by (kind, label), seeded"},
+    }
+
+
+def _say(config: TrainConfig, message: str) -> None:
+    if config.progress:
+        print(f"[harmful-content] {message}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="guardrail train harmful-content",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--data", type=Path, help="a data build folder (default: build one)")
+    p.add_argument("--out", type=Path, default=d.out, help="where to write the weights")
+    p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2)")
+    p.add_argument("--layers", type=int, nargs="+", default=list(d.layers),
+                   help="candidate layers (decoder blocks, as in Needs.layers)")
+    p.add_argument("--no-concat", action="store_true", help="do not try two layers together")
+    p.add_argument("--max-train", type=int, default=d.max_train,
+                   help="training records kept (stratified); 0: all")
+    p.add_argument("--max-val", type=int, default=0, help="validation records kept; 0: all")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-false-halt-rate", type=float, default=d.max_false_halt_rate)
+    p.add_argument("--cache", type=Path, help="work folder (default: the guardrail cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = TrainConfig(
+        data=args.data, out=args.out, model=args.model, layers=tuple(args.layers),
+        concat=not args.no_concat, max_train=args.max_train or None,
+        max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, max_false_halt_rate=args.max_false_halt_rate,
+        cache=args.cache, progress=not args.quiet,
+    )
+    try:
+        saved = train(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {"weights": saved["weights"], "layers": saved["layers"],
+               "threshold": saved["threshold"], "k": saved["rule"]["k"],
+               "val": saved["metrics"]["val"], "timings": saved["timings"],
+               "config": asdict(config) | {"out": str(config.out), "data": str(config.data),
+                                           "cache": str(config.cache)}}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""What the trainer learns and what the monitor does with it, on a fake observer with a planted
+signal (``guardrail.probes.fake``): harmful records contain planted words, and from the first one
+on every state of layer 2 carries a "harm so far" direction, as a real LM's residual stream does.
+
+The head must find layer 2 (not layer 0), the shipped count-k rule must halt a harmful stream at
+its k-th flagged token and pass a benign one, and the saved weights must score a streamed answer
+exactly as the trainer scored its cached features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guardrail_harmful_content.scoring import prefix_scores, stack_layers
+from guardrail_harmful_content.train import TrainConfig, train
+
+from guardrail import Guard
+from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.probes.features import extract_features
+from guardrail.probes.heads import DualHead
+from guardrail.probes.io import load_probe
+
+Run = tuple[PlantedObserver, Path, dict[str, Any], Path]
+
+
+def _observer() -> PlantedObserver:
+    return PlantedObserver(hidden_size=16, num_layers=4, signal_words=PLANTED_WORDS,
+                           signal_layer=2, strength=3.0, prefix_strength=3.0)
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("harm-planted")
+    data = root / "data"
+    data.mkdir()
+    rows = planted_records(200, seed=3)
+    for split, part in (("train", rows[:120]), ("val", rows[120:160]), ("test", rows[160:])):
+        write_jsonl(data / f"{split}.jsonl", part)
+    config = TrainConfig(data=data, out=root / "weights", layers=(0, 2), epochs=6, lr=1e-2,
+                         cache=root / "cache", progress=False, max_train=None)
+    saved = train(config, observer=_observer())
+    return _observer(), Path(saved["weights"]), saved, data / "test.jsonl"
+
+
+def _guard(run: Run) -> Guard:
+    observer, weights, saved, _ = run
+    policy = {"version": 1, "monitors": [{
+        "id": "harm", "use": "harmful-content", "action": "halt",
+        "threshold": saved["threshold"], "rule": saved["rule"],
+        "options": {"weights": str(weights)}}]}
+    return Guard.from_policy(policy, observer=observer)
+
+
+def _test_rows(run: Run) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run[3].read_text().splitlines()]
+
+
+def test_the_head_finds_the_planted_layer_and_separates_the_streams(planted_run: Run) -> None:
+    _, _, saved, _ = planted_run
+    assert 2 in saved["layers"]
+    by_layers = {tuple(c["layers"]): c["val_streaming_macro_f1"]
+                 for c in saved["training"]["candidates"]}
+    assert by_layers[(2,)] >= 0.9 > by_layers[(0,)] + 0.15
+    val = saved["metrics"]["val"]["streaming"]
+    assert val["macro_f1"] >= 0.9 and val["false_halt_rate"] <= 0.03
+
+
+def test_count_rule_halts_harmful_streams_at_the_kth_flag_and_passes_benign_ones(
+        planted_run: Run) -> None:
+    threshold, k = planted_run[2]["threshold"], planted_run[2]["rule"]["k"]
+    guard = _guard(planted_run)
+    outcomes = {0: [], 1: []}  # type: dict[int, list[bool]]
+    for row in _test_rows(planted_run):
+        session = guard.session(prompt=row["prompt"], record_scores=True)
+        session.feed(row["response"])
+        report = session.finish()
+        outcomes[row["label"]].append(report.halted)
+        if report.halted:
+            assert report.halt is not None and report.halt.monitor == "harm"
+            flagged = [i for i, s in report.scores["harm"] if s >= threshold]
+            assert report.halt.at == flagged[k - 1]
+            assert report.released_tokens <= report.halt.at
+    assert sum(outcomes[1]) / len(outcomes[1]) >= 0.9
+    assert sum(outcomes[0]) / len(outcomes[0]) <= 0.1
+
+
+def test_streamed_scores_equal_the_trainers_scores_on_cached_features(planted_run: Run,
+                                                                       tmp_path: Path) -> None:
+    observer, weights, saved, test = planted_run
+    head = load_probe(weights).head
+    assert isinstance(head, DualHead)
+    cached = extract_features(observer, test, tmp_path, saved["layers"]).records[:6]
+    offline = prefix_scores(head, stack_layers(cached, saved["layers"]))
+    guard = _guard(planted_run)
+    for record, expected in zip(cached, offline, strict=True):
+        session = guard.session(prompt=record.prompt, record_scores=True, dry_run=True)
+        for piece in (record.response[:7], record.response[7:]):  # chunking must not matter
+            session.feed(piece)
+        streamed = [s for _, s in session.finish().scores["harm"]]
+        assert streamed == pytest.approx(expected, abs=2e-3)
