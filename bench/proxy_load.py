@@ -1,0 +1,331 @@
+"""Load on the proxy: 50 concurrent streams through ``guardrail serve`` for a bounded run.
+
+Setup, all on loopback: the scripted SSE upstream (``guardrail.testing.upstream``, in this
+process, a thread per connection, ``DELAY`` seconds between chunks like a model generating
+~20 tokens/s) and the proxy as a real ``guardrail serve`` subprocess (so its memory is its own).
+Clients are async ``httpx`` streams in this process.
+
+Per policy (``flag_only``: keyword and regex flags, no hold-back; ``halting``: halts on a
+keyword, hold-back 4):
+1. solo: every script once, alone, through the proxy: its verdicts (content shown, finish
+   reason, guard events) are the reference;
+2. load: ``--streams`` workers stream scripts back to back for ``--seconds``; every stream's
+   verdicts must equal its script's solo run (no state crossing), with no errors.
+Beforehand the same load runs straight against the upstream for a third of the time: the
+direct baseline. Latencies: time to first content, gaps between content chunks, whole stream;
+p50/p95, proxy minus direct. Peak RSS of the proxy process from /proc (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+import guardrail.testing.upstream as loopback
+from guardrail.testing.upstream import Script, UpstreamServer
+
+from .common import median, p95, write_result
+
+NAME = "proxy_load"
+DELAY = 0.05  # seconds between upstream chunks
+
+# Scripts the upstream replays, chosen by the prompt "script-<k>". Some flag, some halt.
+TEXTS = [
+    "The museum opens at nine and closes at five, with free entry on the first Sunday.",
+    "To build a bookshelf you need six boards, a saw, screws and a little patience.",
+    "Call the front desk at 555-0199 if the heating fails again during the night.",
+    "Here is how to build a bomb at home, which I will not explain any further here.",
+    "Rivers carry sediment to the sea, where deltas slowly build up over many centuries.",
+    "A pipe bomb is illegal to make and possessing one can bring a very long sentence.",
+    "Bake the bread for forty minutes, then let it cool on a rack before slicing it.",
+    "The team will build the bridge first and then test it with heavy trucks at 555-0123.",
+]
+
+POLICIES: dict[str, dict[str, Any]] = {
+    "flag_only": {"version": 1, "release": {"hold_back_tokens": 0}, "monitors": [
+        {"id": "verbs", "use": "keywords", "options": {"words": ["build"]}, "action": "flag"},
+        {"id": "phone", "use": "regex", "options": {"patterns": [r"\b555-\d{4}\b"]},
+         "action": "flag"}]},
+    "halting": {"version": 1, "release": {"hold_back_tokens": 4}, "monitors": [
+        {"id": "weapons", "use": "keywords", "options": {"words": ["bomb"]}, "action": "halt",
+         "message": "I can't help with that."},
+        {"id": "verbs", "use": "keywords", "options": {"words": ["build"]}, "action": "flag"}]},
+}
+
+
+def _roomy_backlog() -> None:
+    """The loopback upstream is a stdlib server whose listen backlog is 5: 50 clients connecting
+    at once overflow it and the kernel resets connections (ReadError). Real upstreams listen
+    with a backlog in the hundreds; give the test server the same."""
+    server_class: Any = getattr(loopback, "_QuietServer", None)
+    if server_class is not None and server_class.request_queue_size < 256:
+        server_class.request_queue_size = 256
+
+
+def responder(delay: float) -> Callable[[Mapping[str, Any]], Script]:
+    """The upstream's answer to a request whose prompt is "script-<k>"."""
+
+    def script_for(body: Mapping[str, Any]) -> Script:
+        prompt = str((body.get("messages") or [{}])[-1].get("content", ""))
+        k = int(prompt.rsplit("-", 1)[-1]) if prompt.startswith("script-") else 0
+        return Script(text=TEXTS[k % len(TEXTS)], delay=delay)
+
+    return script_for
+
+
+@dataclass
+class StreamResult:
+    script: int
+    ok: bool
+    error: str | None = None
+    content: str = ""
+    finish: str | None = None
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    total: float = 0.0
+
+    @property
+    def verdicts(self) -> tuple[Any, ...]:
+        return (self.content, self.finish, tuple(self.events))
+
+
+async def one_stream(client: httpx.AsyncClient, base_url: str, script: int) -> StreamResult:
+    """Stream one request; record what the client saw and when."""
+    result = StreamResult(script, ok=False)
+    body = {"model": "m", "stream": True,
+            "messages": [{"role": "user", "content": f"script-{script}"}]}
+    t0 = last = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{base_url}/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    result.ok = result.error is None
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"].get("code"))
+                    continue
+                for event in (chunk.get("guardrail") or {}).get("events", []):
+                    result.events.append((event["kind"], event["monitor"],
+                                          tuple(event.get("span") or ()), event.get("at")))
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    result.finish = choice.get("finish_reason") or result.finish
+                    if text:
+                        now = time.perf_counter()
+                        if result.ttft is None:
+                            result.ttft = now - t0
+                        else:
+                            result.gaps.append(now - last)
+                        last = now
+                        result.content += text
+    except (httpx.HTTPError, ValueError) as exc:
+        result.error = type(exc).__name__
+    result.total = time.perf_counter() - t0
+    if not result.ok and result.error is None:
+        result.error = "no [DONE]"
+    return result
+
+
+async def load(base_url: str, streams: int, seconds: float) -> list[StreamResult]:
+    """``streams`` workers run streams back to back until ``seconds`` have passed."""
+    counter = iter(range(10**9))
+    deadline = time.perf_counter() + seconds
+    results: list[StreamResult] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                results.append(await one_stream(client, base_url, next(counter) % len(TEXTS)))
+
+        await asyncio.gather(*(worker() for _ in range(streams)))
+    return results
+
+
+async def solo(base_url: str) -> dict[int, StreamResult]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return {k: await one_stream(client, base_url, k) for k in range(len(TEXTS))}
+
+
+# -- the proxy process ---------------------------------------------------------------------
+
+
+class ProxyProcess:
+    """``guardrail serve`` in a subprocess, on a free port."""
+
+    def __init__(self, policy: dict[str, Any], upstream: str, workdir: Path) -> None:
+        path = workdir / f"policy-{id(policy)}.yaml"
+        path.write_text(yaml.safe_dump(policy))
+        from guardrail_server._serve import _free_port
+        self.port = _free_port("127.0.0.1")
+        code = "import sys; from guardrail.cli import main; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", "--policy", str(path), "--upstream", upstream,
+             "--port", str(self.port)],
+            # Built-in monitors only: no third-party plugin (and its imports) in the footprint.
+            env={**os.environ, "OMP_NUM_THREADS": "1", "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD": "1"},
+            stderr=subprocess.DEVNULL)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"guardrail serve did not start (exit {self.proc.poll()})")
+            time.sleep(0.1)
+
+    def memory_mb(self, field_name: str) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def _latency(results: list[StreamResult]) -> dict[str, float]:
+    ttft = [r.ttft * 1000 for r in results if r.ttft is not None]
+    gaps = [g * 1000 for r in results for g in r.gaps]
+    total = [r.total * 1000 for r in results if r.ok]
+    return {"ttft_p50": median(ttft), "ttft_p95": p95(ttft), "gap_p50": median(gaps),
+            "gap_p95": p95(gaps), "stream_p50": median(total), "stream_p95": p95(total)}
+
+
+def _added(proxy: dict[str, float], direct: dict[str, float]) -> dict[str, float]:
+    return {k: round(proxy[k] - direct[k], 2) for k in proxy}
+
+
+def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
+        policies: tuple[str, ...] = tuple(POLICIES), verbose: bool = True) -> dict[str, Any]:
+    """The whole measurement; returns the result mapping (see the module docstring)."""
+
+    def say(message: str) -> None:
+        if verbose:
+            print(f"[proxy_load] {message}", file=sys.stderr, flush=True)
+
+    out: dict[str, Any] = {"streams": streams, "seconds": seconds, "upstream_delay_s": delay,
+                           "scripts": len(TEXTS), "policies": {}}
+    _roomy_backlog()
+    with UpstreamServer(responder=responder(delay)) as upstream, \
+            tempfile.TemporaryDirectory() as tmp:
+        say(f"direct: {streams} streams for {seconds / 3:.0f} s")
+        direct_results = asyncio.run(load(upstream.base_url, streams, seconds / 3))
+        direct = _latency(direct_results)
+        out["direct"] = {"completed": sum(r.ok for r in direct_results),
+                         "errors": sum(not r.ok for r in direct_results),
+                         **{k: round(v, 2) for k, v in direct.items()}}
+        for name in policies:
+            proxy = ProxyProcess(POLICIES[name], upstream.base_url, Path(tmp))
+            try:
+                idle_mb = proxy.memory_mb("VmRSS")
+                reference = asyncio.run(solo(proxy.base_url))
+                say(f"{name}: {streams} streams through the proxy for {seconds:.0f} s")
+                before = len(upstream.completions())
+                results = asyncio.run(load(proxy.base_url, streams, seconds))
+                peak_mb = proxy.memory_mb("VmHWM")
+            finally:
+                proxy.stop()
+            records = upstream.completions()[before:]
+            crossed = [r for r in results if r.ok and r.verdicts != reference[r.script].verdicts]
+            halted = [r for r in results if r.finish == "content_filter"]
+            stopped = sum(1 for rec in records if rec.wait(5) and rec.disconnected)
+            latency = _latency(results)
+            errors: dict[str, int] = {}
+            for r in results:
+                if not r.ok:
+                    errors[str(r.error)] = errors.get(str(r.error), 0) + 1
+            out["policies"][name] = {
+                "completed": sum(r.ok for r in results),
+                "errors": sum(errors.values()),
+                "error_kinds": errors,
+                "state_crossings": len(crossed),
+                "solo_ok": all(r.ok for r in reference.values()),
+                "halted_streams": len(halted),
+                "upstream_closed_early": stopped,
+                "flags_per_stream": round(sum(len(r.events) for r in results)
+                                          / max(1, len(results)), 2),
+                **{k: round(v, 2) for k, v in latency.items()},
+                "added": _added(latency, direct),
+                "rss_idle_mb": round(idle_mb, 1),
+                "rss_peak_mb": round(peak_mb, 1),
+            }
+            say(f"{name}: {out['policies'][name]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a ~15 s run")
+    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--seconds", type=float, help="load time per policy (default 60; 5 quick)")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (5.0 if args.quick else 60.0)
+    result = run(streams=args.streams, seconds=seconds)
+    result["quick"] = bool(args.quick)
+    write_result(NAME, result)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    d = result["direct"]
+    lines = [
+        "## Proxy under load", "",
+        f"`guardrail serve` (a subprocess) between {result['streams']} concurrent async clients "
+        f"and the loopback SSE upstream ({result['upstream_delay_s'] * 1000:.0f} ms between "
+        f"chunks), streams back to back for {result['seconds']:.0f} s per policy "
+        "(bench/proxy_load.py). *Crossings*: streams whose verdicts (text shown, finish reason, "
+        "guard events) differ from the same script's solo run. *Added*: proxy minus direct "
+        "upstream under the same load, p50 / p95. Time to first content includes the policy's "
+        "hold-back (tokens held x upstream pace) and the one-token stable tail.", "",
+        "| policy | streams | errors | crossings | halted (upstream closed) | first content, "
+        "ms | added | chunk gap, ms | added | RSS idle / peak, MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| direct upstream | {d['completed']} | {d['errors']} | - | - | "
+        f"{d['ttft_p50']:.0f} / {d['ttft_p95']:.0f} | - | {d['gap_p50']:.0f} / "
+        f"{d['gap_p95']:.0f} | - | - |",
+    ]
+    for name, p in result["policies"].items():
+        a = p["added"]
+        lines.append(
+            f"| {name} | {p['completed']} | {p['errors']} | {p['state_crossings']} | "
+            f"{p['halted_streams']} ({p['upstream_closed_early']}) | {p['ttft_p50']:.0f} / "
+            f"{p['ttft_p95']:.0f} | {a['ttft_p50']:+.0f} / {a['ttft_p95']:+.0f} | "
+            f"{p['gap_p50']:.0f} / {p['gap_p95']:.0f} | {a['gap_p50']:+.0f} / "
+            f"{a['gap_p95']:+.0f} | {p['rss_idle_mb']:.0f} / {p['rss_peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
