@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from guardrail_openai import ChunkGuard
 from openai.types.chat import ChatCompletionChunk
+from pydantic import ValidationError
 
 from guardrail import Report
 
@@ -27,6 +28,15 @@ __all__ = ["ReportHook", "guarded_sse"]
 log = logging.getLogger("guardrail.server")
 
 ReportHook = Callable[[list[Report]], None]
+
+
+def to_chunk(data: dict[str, Any]) -> ChatCompletionChunk:
+    """Validate (fast) and fall back to openai's lenient construction for upstreams whose
+    chunks bend the schema (missing ``created``, odd ``finish_reason`` values)."""
+    try:
+        return ChatCompletionChunk.model_validate(data)
+    except ValidationError:
+        return ChatCompletionChunk.construct(**data)
 
 
 async def guarded_sse(
@@ -47,7 +57,7 @@ async def guarded_sse(
     try:
         try:
             async for data in chunks:
-                outs = await run(chunk_guard.on_chunk, ChatCompletionChunk.construct(**data))
+                outs = await run(chunk_guard.on_chunk, to_chunk(data))
                 if chunk_guard.halted_all:
                     await close_upstream()  # stop the model before the client sees the halt
                 for out in outs:
