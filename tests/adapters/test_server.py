@@ -77,13 +77,13 @@ def _assert_halted(chunks: list[ChatCompletionChunk], halt_message: str) -> None
 # -- streaming -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hold_back", [2, 6])
+@pytest.mark.parametrize("hold_back,offload", [(2, False), (6, False), (2, True)])
 def test_sync_stream_halts_and_stops_upstream(upstream_server: UpstreamServer, serve: Serve,
                                               make_guard: Callable[..., Guard],
                                               halt_message: str, reports: list[Report],
-                                              hold_back: int) -> None:
+                                              hold_back: int, offload: bool) -> None:
     upstream_server.enqueue(Script(text=HARMFUL, delay=DELAY))
-    with serve(make_guard(hold_back)) as proxy:
+    with serve(make_guard(hold_back), offload=offload) as proxy:
         stream = _client(proxy).chat.completions.create(model="m", messages=MESSAGES,
                                                         stream=True)
         chunks = list(stream)
@@ -183,13 +183,13 @@ async def test_async_whole_completion(upstream_server: UpstreamServer, serve: Se
 # -- the client hangs up ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hold_back", [1, 200])
+@pytest.mark.parametrize("hold_back,offload", [(1, False), (200, False), (1, True)])
 def test_client_disconnect_closes_upstream_within_a_second(
         upstream_server: UpstreamServer, serve: Serve, make_guard: Callable[..., Guard],
-        reports: list[Report], hold_back: int) -> None:
+        reports: list[Report], hold_back: int, offload: bool) -> None:
     # hold_back=200: nothing is released, so only a watch on the connection can notice.
     upstream_server.enqueue(Script(text=BENIGN * 20, delay=0.05))
-    with serve(make_guard(hold_back)) as proxy:
+    with serve(make_guard(hold_back), offload=offload) as proxy:
         with httpx.stream("POST", f"{proxy.base_url}/chat/completions", timeout=10,
                           json={"model": "m", "messages": MESSAGES, "stream": True}) as resp:
             assert resp.status_code == 200

@@ -122,3 +122,16 @@ def test_cli_defaults_to_loopback_and_the_doc_line_parses() -> None:
     assert found is not None
     args = build_parser().parse_args(found.group(1).split()[1:])
     assert args.upstream and args.policy and args.port == 8000
+
+
+def test_client_leaving_a_whole_answer_stops_local_generation(
+        make_guard: Callable[..., Guard]) -> None:
+    model = WordModel(HARMFUL * 5, delay=0.05)
+    with running(create_app(make_guard(1), local=model)) as proxy:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{proxy.base_url}/chat/completions", timeout=0.3,
+                       json={"model": "m", "messages": MESSAGES})
+        left_at = time.monotonic()
+        assert model.stopped.wait(2)
+        stopped_after = time.monotonic() - left_at
+    assert stopped_after < 1.0 and not model.finished.is_set()

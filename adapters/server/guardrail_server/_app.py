@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import anyio
 import httpx
 from guardrail_openai import ChunkGuard
 from guardrail_openai._chunks import request_messages
@@ -97,7 +98,7 @@ class _Proxy:
         try:
             if body.get("stream"):
                 return await self._stream(body, messages, metadata, auth)
-            return await self._whole(body, messages, metadata, auth)
+            return await self._whole(request, body, messages, metadata, auth)
         except UpstreamError as exc:
             log.warning("chat completion failed: %s", exc.message)
             return JSONResponse(exc.payload(), status_code=exc.status)
@@ -125,18 +126,48 @@ class _Proxy:
                              on_report=self.on_report)
         return SSEResponse(stream)
 
-    async def _whole(self, body: dict[str, Any], messages: list[dict[str, Any]],
-                     metadata: Mapping[str, Any], auth: str | None) -> Response:
+    async def _whole(self, request: Request, body: dict[str, Any],
+                     messages: list[dict[str, Any]], metadata: Mapping[str, Any],
+                     auth: str | None) -> Response:
         if self.local is not None:
-            completion = await local_completion(self.local, body, messages)
+            work = local_completion(self.local, body, messages)
         else:
             assert self.upstream is not None
-            completion = await self.upstream.complete(body, auth)
+            work = self.upstream.complete(body, auth)
+        completion = await _unless_disconnected(request, work)
+        if completion is None:  # the client left; the upstream request was cancelled
+            return Response(status_code=499)
         run = partial(guard_whole, self.guard, completion, messages, metadata)
         guarded, reports = await asyncio.to_thread(run) if self.offload else run()
         if self.on_report is not None:
             self.on_report(reports)
         return JSONResponse(guarded)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]
+                                ) -> dict[str, Any] | None:
+    """Await ``work`` unless the client hangs up first (then cancel it and return None)."""
+    outcome: list[dict[str, Any]] = []
+    failure: list[BaseException] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        async def do() -> None:
+            try:
+                outcome.append(await work)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the group
+                failure.append(exc)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        group.start_soon(do)
+    if failure:
+        raise failure[0]
+    return outcome[0] if outcome else None
 
 
 async def _close(chunks: AsyncIterator[dict[str, Any]], response: httpx.Response) -> None:

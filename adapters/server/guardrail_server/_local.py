@@ -14,6 +14,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import anyio
+
 __all__ = ["LocalModel", "local_chunks", "local_completion"]
 
 # Request fields handed to the local model when present.
@@ -45,7 +47,7 @@ class _Pieces:
 
     async def next(self) -> Any:
         self.step = asyncio.ensure_future(asyncio.to_thread(next, self.iterator, None))
-        return await self.step
+        return await asyncio.shield(self.step)  # a cancelled wait must not orphan the thread
 
     async def close(self) -> None:
         if self.closed:
@@ -85,13 +87,16 @@ def local_chunks(model: LocalModel, body: Mapping[str, Any], messages: list[dict
 
 async def local_completion(model: LocalModel, body: Mapping[str, Any],
                            messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """A whole chat completion from the local model."""
-
-    def generate() -> str:
-        return "".join(_piece_text(p) for p in model.stream(messages, **_params(body)))
-
-    text = await asyncio.to_thread(generate)
+    """A whole chat completion from the local model (cancelling it stops generation)."""
+    chunks, close = local_chunks(model, body, messages)
+    parts: list[str] = []
+    try:
+        async for chunk in chunks:
+            parts += [c["delta"].get("content") or "" for c in chunk["choices"]]
+    finally:
+        with anyio.CancelScope(shield=True):
+            await close()
     return {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion",
             "created": int(time.time()), "model": model.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                          "logprobs": None, "finish_reason": "stop"}]}

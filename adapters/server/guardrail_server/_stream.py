@@ -48,10 +48,15 @@ async def guarded_sse(
     on_report: ReportHook | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """SSE bytes for the guarded stream. ``close_upstream`` stops the upstream (idempotent)."""
+    in_flight: asyncio.Future[list[ChatCompletionChunk]] | None = None
 
     async def run(fn: Callable[..., list[ChatCompletionChunk]], *args: Any
                   ) -> list[ChatCompletionChunk]:
-        return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+        nonlocal in_flight
+        if not offload:
+            return fn(*args)
+        in_flight = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        return await asyncio.shield(in_flight)  # the worker thread cannot be cancelled
 
     ended = "client went away"
     try:
@@ -67,17 +72,25 @@ async def guarded_sse(
             else:
                 for out in await run(chunk_guard.on_end):
                     yield sse_data(out.to_dict(mode="json"))
+            ended = "stream ended"
         except UpstreamError as exc:
             ended = f"upstream error: {exc.code}"
             log.warning("stream ended by an upstream error: %s", exc.message)
             await close_upstream()
-            chunk_guard.abort(ended)
             yield sse_data(exc.payload())
-        ended = "stream ended"
+        except Exception as exc:  # noqa: BLE001 - a bug of ours still ends the stream cleanly
+            ended = f"proxy error: {type(exc).__name__}"
+            log.error("stream failed inside the proxy: %s: %s", type(exc).__name__, exc)
+            await close_upstream()
+            yield sse_data({"error": {"message": f"guardrail-server failed: {type(exc).__name__}",
+                                      "type": "server_error", "code": "internal_error",
+                                      "param": None}})
         yield DONE
     finally:
         with anyio.CancelScope(shield=True):
             await close_upstream()
-        chunk_guard.abort(ended)  # sessions still open (client gone) end with a report
+            if in_flight is not None and not in_flight.done():
+                await asyncio.wait([in_flight])  # the worker still holds the sessions
+        chunk_guard.abort(ended)  # sessions still open (client gone, error) end with a report
         if on_report is not None:
             on_report([r for _, r in sorted(chunk_guard.reports.items())])
