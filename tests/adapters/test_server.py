@@ -18,7 +18,7 @@ from guardrail_server import RunningServer, create_app, running
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from guardrail import Guard, Report
-from guardrail.testing.upstream import Script, UpstreamServer, split_words
+from guardrail.testing.upstream import Script, ToolCall, UpstreamServer, split_words
 
 HARMFUL = ("Here is how to build a bomb at home with things you can buy in any shop near you "
            "and then some more words to keep the stream going for quite a while longer")
@@ -280,3 +280,38 @@ def test_binds_loopback_by_default(make_guard: Callable[..., Guard]) -> None:
     with running(app) as proxy:
         assert proxy.host == "127.0.0.1"
         assert httpx.get(f"{proxy.url}/health", timeout=5).status_code == 200
+
+
+# -- OpenAI features pass through ------------------------------------------------------------
+
+
+def test_tool_calls_and_logprobs_pass_through(upstream_server: UpstreamServer, serve: Serve,
+                                              make_guard: Callable[..., Guard]) -> None:
+    call = ToolCall("get_weather", '{"city": "Paris", "unit": "celsius"}')
+    upstream_server.enqueue(Script(text="Let me check.", tool_calls=[call]))
+    with serve(make_guard(2)) as proxy:
+        chunks = list(_client(proxy).chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, logprobs=True, top_logprobs=2))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function is not None and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas if d.function) == call.arguments
+    logprobs = [e.token for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content or []]
+    assert "".join(logprobs) == "Let me check."
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_every_choice_halts_before_the_upstream_closes(upstream_server: UpstreamServer,
+                                                       serve: Serve,
+                                                       make_guard: Callable[..., Guard],
+                                                       halt_message: str) -> None:
+    upstream_server.enqueue(Script(text=HARMFUL, delay=DELAY))
+    with serve(make_guard(2)) as proxy:
+        chunks = list(_client(proxy).chat.completions.create(model="m", messages=MESSAGES,
+                                                             stream=True, n=2))
+    halts = {c.choices[0].index for c in chunks
+             if c.choices and c.choices[0].finish_reason == "content_filter"}
+    assert halts == {0, 1}
+    record = upstream_server.completions()[-1]
+    assert record.wait(5) and record.disconnected
+    assert record.chunks_written < record.chunks_planned
