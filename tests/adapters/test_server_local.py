@@ -5,6 +5,7 @@ it got and whether it was stopped: a halt or a hang-up must stop generation, not
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import threading
 import time
@@ -135,3 +136,32 @@ def test_client_leaving_a_whole_answer_stops_local_generation(
         assert model.stopped.wait(2)
         stopped_after = time.monotonic() - left_at
     assert stopped_after < 1.0 and not model.finished.is_set()
+
+
+class EchoModel:
+    """Streams the user's message back a word at a time (slowly, so streams overlap)."""
+
+    name = "echo"
+
+    def stream(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[str]:
+        for word in split_words(str(messages[-1]["content"])):
+            time.sleep(0.01)
+            yield word
+
+
+async def test_concurrent_local_streams_interleave_without_mixing(
+        make_guard: Callable[..., Guard]) -> None:
+    prompts = [f"stream {k} says " + " ".join(f"w{k}{i}" for i in range(15)) for k in range(4)]
+    with running(create_app(make_guard(2), local=EchoModel())) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="-", max_retries=0,
+                                    timeout=10)
+
+        async def ask(prompt: str) -> str:
+            stream = await client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": prompt}], stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream
+                            if c.choices])
+
+        answers = await asyncio.gather(*(ask(p) for p in prompts))
+        await client.close()
+    assert answers == prompts

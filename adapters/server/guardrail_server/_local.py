@@ -3,14 +3,17 @@
 A local model is anything with a ``name`` and ``stream(messages, **params)`` returning an
 iterator of text pieces (``str``) or objects with a ``text`` attribute (``StreamStep``). Its
 generation runs in a worker thread one piece at a time; closing stops the iterator between
-pieces, so a halt or a hang-up stops generation for real.
+pieces, so a halt or a hang-up stops generation for real. Concurrent requests interleave: one
+lock per model lets a single step run at a time (a model is not assumed to be thread-safe).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,6 +32,18 @@ class LocalModel(Protocol):
     def stream(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[Any]: ...
 
 
+_step_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_locks_lock = threading.Lock()
+
+
+def _step_lock(model: LocalModel) -> threading.Lock:
+    with _locks_lock:
+        lock = _step_locks.get(model)
+        if lock is None:
+            lock = _step_locks[model] = threading.Lock()
+        return lock
+
+
 def _params(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: body[k] for k in PARAMS if body.get(k) is not None}
 
@@ -40,13 +55,15 @@ def _piece_text(piece: Any) -> str:
 class _Pieces:
     """Pulls pieces from a sync iterator in a worker thread, one at a time."""
 
-    def __init__(self, iterator: Iterator[Any]) -> None:
+    def __init__(self, iterator: Iterator[Any], lock: threading.Lock) -> None:
         self.iterator = iterator
+        self.lock = lock
         self.step: asyncio.Future[Any] | None = None
         self.closed = False
 
     async def next(self) -> Any:
-        self.step = asyncio.ensure_future(asyncio.to_thread(next, self.iterator, None))
+        step = asyncio.to_thread(self._locked, lambda: next(self.iterator, None))
+        self.step = asyncio.ensure_future(step)
         return await asyncio.shield(self.step)  # a cancelled wait must not orphan the thread
 
     async def close(self) -> None:
@@ -57,13 +74,17 @@ class _Pieces:
             await asyncio.wait([self.step])  # the running piece finishes; then it stops
         close = getattr(self.iterator, "close", None)
         if close is not None:
-            close()
+            await asyncio.to_thread(self._locked, close)  # another stream may hold the lock
+
+    def _locked(self, fn: Callable[[], Any]) -> Any:
+        with self.lock:
+            return fn()
 
 
 def local_chunks(model: LocalModel, body: Mapping[str, Any], messages: list[dict[str, Any]]
                  ) -> tuple[AsyncIterator[dict[str, Any]], Callable[[], Awaitable[None]]]:
     """Chunk dicts in OpenAI's shape for one streamed request, and the function that stops it."""
-    pieces = _Pieces(iter(model.stream(messages, **_params(body))))
+    pieces = _Pieces(iter(model.stream(messages, **_params(body))), _step_lock(model))
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
