@@ -7,7 +7,7 @@ Clients are async ``httpx`` streams in this process.
 
 Per policy (``flag_only``: keyword and regex flags, no hold-back; ``halting``: halts on a
 keyword, hold-back 4):
-1. solo: every script once, alone, through the proxy: its verdicts (content shown, finish
+1. solo: every script once, alone and without pauses, through the proxy: its verdicts (text, finish
    reason, guard events) are the reference;
 2. load: ``--streams`` workers stream scripts back to back for ``--seconds``; every stream's
    verdicts must equal its script's solo run (no state crossing), with no errors.
@@ -76,12 +76,14 @@ def _roomy_backlog() -> None:
 
 
 def responder(delay: float) -> Callable[[Mapping[str, Any]], Script]:
-    """The upstream's answer to a request whose prompt is "script-<k>"."""
+    """The upstream's answer to a request whose prompt is "script-<k>" ("script-<k>-solo": the
+    same text without pauses; verdicts depend on the text and its split, not on timing)."""
 
     def script_for(body: Mapping[str, Any]) -> Script:
         prompt = str((body.get("messages") or [{}])[-1].get("content", ""))
-        k = int(prompt.rsplit("-", 1)[-1]) if prompt.startswith("script-") else 0
-        return Script(text=TEXTS[k % len(TEXTS)], delay=delay)
+        parts = prompt.split("-")
+        k = int(parts[1]) if parts[0] == "script" and len(parts) > 1 else 0
+        return Script(text=TEXTS[k % len(TEXTS)], delay=0.0 if parts[-1] == "solo" else delay)
 
     return script_for
 
@@ -103,11 +105,12 @@ class StreamResult:
         return (self.content, self.finish, tuple(self.events))
 
 
-async def one_stream(client: httpx.AsyncClient, base_url: str, script: int) -> StreamResult:
+async def one_stream(client: httpx.AsyncClient, base_url: str, script: int,
+                     solo: bool = False) -> StreamResult:
     """Stream one request; record what the client saw and when."""
     result = StreamResult(script, ok=False)
-    body = {"model": "m", "stream": True,
-            "messages": [{"role": "user", "content": f"script-{script}"}]}
+    prompt = f"script-{script}-solo" if solo else f"script-{script}"
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": prompt}]}
     t0 = last = time.perf_counter()
     try:
         async with client.stream("POST", f"{base_url}/chat/completions", json=body) as resp:
@@ -165,7 +168,7 @@ async def load(base_url: str, streams: int, seconds: float) -> list[StreamResult
 
 async def solo(base_url: str) -> dict[int, StreamResult]:
     async with httpx.AsyncClient(timeout=30) as client:
-        return {k: await one_stream(client, base_url, k) for k in range(len(TEXTS))}
+        return {k: await one_stream(client, base_url, k, solo=True) for k in range(len(TEXTS))}
 
 
 # -- the proxy process ---------------------------------------------------------------------
@@ -293,9 +296,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a ~15 s run")
     parser.add_argument("--streams", type=int, default=50)
-    parser.add_argument("--seconds", type=float, help="load time per policy (default 60; 5 quick)")
+    parser.add_argument("--seconds", type=float, help="load time per policy (default 60; 4 quick)")
     args = parser.parse_args(argv)
-    seconds = args.seconds or (5.0 if args.quick else 60.0)
+    seconds = args.seconds or (4.0 if args.quick else 60.0)
     result = run(streams=args.streams, seconds=seconds)
     result["quick"] = bool(args.quick)
     write_result(NAME, result)
