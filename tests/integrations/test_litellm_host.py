@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
-from .hosts import HALT_MESSAGE, TRIGGER, harmful_and_benign, keyword_policy, run_replays
+from .hosts import HALT_MESSAGE, ROOT, TRIGGER, harmful_and_benign, keyword_policy, run_replays
+
+EXAMPLE = ROOT / "adapters" / "litellm" / "examples" / "config.yaml"
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, Any]]:
-    job = {"replays": harmful_and_benign(), "runs": [{"name": "ours", "guardrail": {
-        "guardrail_name": "guardrail-stream",
-        "litellm_params": {"guardrail": "guardrail_litellm.GuardrailLiteLLM",
-                           "mode": "post_call", "policy": keyword_policy()}}}]}
+    # The guardrail entry of the copy-paste config.yaml, with the test's policy swapped in.
+    entry = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))["guardrails"][0]
+    entry["litellm_params"]["policy"] = keyword_policy()
+    job = {"replays": harmful_and_benign(), "runs": [{"name": "ours", "guardrail": entry}]}
     return list(run_replays("litellm", "guardrail_litellm.replay", job)["rows"])
 
 

@@ -4,7 +4,8 @@
 
 The job (JSON on stdin): ``{"replays": [{"prompt", "response", "label"?}], "runs": [{"name",
 "mode": "rail" | "model" | "regex", "policy": <guardrail policy mapping>, "patterns": [regex,
-...] (mode regex), "chunk_size", "context_size", "stream_first"}]}``.
+...] (mode regex), "chunk_size", "context_size", "stream_first", "config_path"?: a NeMo config
+directory to load instead (its config.py registers the action)}]}``.
 
 - ``rail``: our action as a streaming output rail (NeMo's windows decide when it runs);
 - ``model``: ``GuardedChatModel`` in front of NeMo (per-token halting), no output rail;
@@ -80,6 +81,9 @@ class ReplayChatModel(BaseChatModel):
 def _config(run: dict[str, Any]) -> Any:
     from nemoguardrails import RailsConfig
 
+    if run.get("config_path"):  # a config directory as users write it (config.py registers)
+        return RailsConfig.from_path(run["config_path"])
+
     flows = {"rail": ["guardrail check output"], "regex": ["regex check output"]}.get(
         run["mode"], [])
     rails: dict[str, Any] = {"output": {"flows": flows, "streaming": {
@@ -104,7 +108,7 @@ async def _one(run: dict[str, Any], replay: dict[str, Any]) -> dict[str, Any]:
         assert guard is not None, "mode 'model' needs a policy"
         llm = GuardedChatModel(inner=inner, guard=guard)
     rails = LLMRails(_config(run), llm=llm)
-    if run["mode"] == "rail":
+    if run["mode"] == "rail" and not run.get("config_path"):
         register(rails, guard)
     shown, blocked, first = "", None, None
     t0 = time.perf_counter()
