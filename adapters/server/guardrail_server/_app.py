@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from guardrail import Guard
 
+from ._generation import generator_completion, generator_sse, is_generator
 from ._local import LocalModel, local_chunks, local_completion
 from ._sse import SSEResponse
 from ._stream import ReportHook, guarded_sse
@@ -55,6 +56,8 @@ class _Proxy:
         self.guard = guard
         self.upstream = upstream
         self.local = local
+        # A guardrail-transformers generator feeds monitors its own states (no observer pass).
+        self.generator = local if local is not None and is_generator(local) else None
         self.offload = offload
         self.on_report = on_report
 
@@ -111,6 +114,9 @@ class _Proxy:
 
     async def _stream(self, body: dict[str, Any], messages: list[dict[str, Any]],
                       metadata: Mapping[str, Any], auth: str | None) -> Response:
+        if self.generator is not None:
+            return SSEResponse(generator_sse(self.guard, self.generator, body, messages,
+                                             metadata, self.on_report))
         n = body.get("n")
         chunk_guard = ChunkGuard(self.guard, messages, choices=n if isinstance(n, int) else 1,
                                  raise_on_halt=False, metadata=metadata)
@@ -129,6 +135,9 @@ class _Proxy:
     async def _whole(self, request: Request, body: dict[str, Any],
                      messages: list[dict[str, Any]], metadata: Mapping[str, Any],
                      auth: str | None) -> Response:
+        if self.generator is not None:
+            answer = await _unless_disconnected(request, self._generate(body, messages, metadata))
+            return JSONResponse(answer) if answer is not None else Response(status_code=499)
         if self.local is not None:
             work = local_completion(self.local, body, messages)
         else:
@@ -142,6 +151,14 @@ class _Proxy:
         if self.on_report is not None:
             self.on_report(reports)
         return JSONResponse(guarded)
+
+    async def _generate(self, body: dict[str, Any], messages: list[dict[str, Any]],
+                        metadata: Mapping[str, Any]) -> dict[str, Any]:
+        completion, reports = await generator_completion(self.guard, self.generator, body,
+                                                         messages, metadata)
+        if self.on_report is not None:
+            self.on_report(reports)
+        return completion
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]

@@ -20,7 +20,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from guardrail import GuardrailError
+from guardrail import Guard, GuardrailError, Policy
 
 from ._app import create_app
 from ._local import LocalModel
@@ -91,18 +91,29 @@ def load_local_model(name: str) -> LocalModel:
     return model
 
 
+def _shared_observer(policy: Policy, local: LocalModel | None) -> Any:
+    """The local generator's own observer when the policy observes that same model: the weights
+    load once, and monitors read the generator's states."""
+    observer = getattr(local, "observer", None)
+    wanted = policy.observer.model if policy.observer is not None else None
+    if observer is None or wanted not in (None, getattr(local, "name", None)):
+        return None
+    return observer
+
+
 def serve_cli(args: argparse.Namespace) -> int:
     """``guardrail serve``: args ``policy``, ``monitor``, ``upstream``, ``local``, ``host``,
     ``port``. Returns the exit status."""
-    from guardrail.cli import _guard  # the CLI's own policy loading (--policy, --monitor)
+    from guardrail.cli import _policy  # the CLI's own policy loading (--policy, --monitor)
 
     if bool(args.upstream) == bool(args.local):
         print("guardrail serve: give exactly one of --upstream URL or --local MODEL",
               file=sys.stderr)
         return 2
     try:
-        guard = _guard(args)
+        policy = _policy(args)
         local = load_local_model(args.local) if args.local else None
+        guard = Guard(policy, observer=_shared_observer(policy, local))
         app = create_app(guard, upstream=args.upstream, local=local,
                          api_key=os.environ.get(API_KEY_ENV))
     except GuardrailError as exc:
