@@ -3,7 +3,7 @@ step carrying the generator's own hidden states and logits for the monitors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ class LocalGenerator:
         ``max_completion_tokens``): what ``guardrail serve --local`` calls."""
         return self.steps(prompt, **_openai_params(params))
 
-    async def astream(self, prompt: Prompt, **params: Any) -> AsyncIterator[StreamStep]:
+    async def astream(self, prompt: Prompt, **params: Any) -> AsyncGenerator[StreamStep, None]:
         """``stream`` for async code: each step is computed in a worker thread, so the event loop
         stays free; leaving the loop (or ``aclose``) stops generation."""
         async for step in iterate_in_thread(self.stream(prompt, **params)):

@@ -56,7 +56,9 @@ class GuardedStream:
     """One guarded answer as a stream of events (``Release``, ``Flag``, ``Halt``, ``Route``,
     ``Error``); iterate it with ``for`` or ``async for``. Show each ``Release.text`` as it comes
     and a ``Halt.message`` in place of the rest. ``report`` is set once the stream has ended;
-    ``generated_tokens`` counts the tokens the model produced, routed ones included."""
+    ``generated_tokens`` counts the tokens the models produced; ``token_ids`` is the answer so
+    far; ``routed_tokens`` the indices of the tokens a route target wrote. (A route monitor that
+    fires again on the target's own token keeps it; the report then lists that route twice.)"""
 
     def __init__(self, guard: Guard, prompt: Prompt, generator: LocalGenerator, *,
                  route_to: LocalGenerator | Mapping[str, LocalGenerator] | None = None,
@@ -73,6 +75,7 @@ class GuardedStream:
         self.stops = StopFilter(stop)
         self.report: Report | None = None
         self.generated_tokens = 0
+        self.token_ids: list[int] = []
         self._routed: set[int] = set()
         self._started = False
         self._ended = False  # the large model ended the answer during a route
@@ -82,6 +85,10 @@ class GuardedStream:
             raise RuntimeError("a GuardedStream can be iterated once")
         self._started = True
         return self._events()
+
+    @property
+    def routed_tokens(self) -> list[int]:
+        return sorted(i for i in self._routed if i < len(self.token_ids))
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         async for event in iterate_in_thread(iter(self)):
@@ -94,6 +101,7 @@ class GuardedStream:
         try:
             decoding = Decoding(self.generator, self.generator.prompt_ids(self.messages),
                                 self.guard.needs)
+            self.token_ids = decoding.response_ids
             while (len(decoding.response_ids) < self.max_new_tokens and not self.stops.done
                    and session.halted is None):
                 token = decoding.propose(self.sampler)
