@@ -186,13 +186,15 @@ def render(result: dict[str, Any]) -> str:
              f"on. Our policy holds back {result['hold_back_tokens']} tokens. "
              f"{'; '.join(result['notes'])}.", "",
              "| host: check | harmful blocked | leak (median / max words) | share generated "
-             "| benign blocked | benign untouched |", "|---|---|---|---|---|---|"]
+             "| response aborted | benign blocked | benign untouched |",
+             "|---|---|---|---|---|---|---|"]
     for name, s in result["summary"].items():
         share = s["generated_share_median"]
         lines.append(
             f"| {name} | {s['harmful_blocked']:.0%} of {s['harmful_triggered']} "
             f"| {s['leaked_words_median']:.0f} / {s['leaked_words_max']} "
-            f"| {'n/a' if share is None else f'{share:.0%}'} | {s['benign_blocked']:.0%} "
+            f"| {'n/a' if share is None else f'{share:.0%}'} | {s['aborted_bodies']} "
+            f"| {s['benign_blocked']:.0%} "
             f"| {s['benign_untouched']:.0%} |")
     return "\n".join(lines) + "\n"
 
