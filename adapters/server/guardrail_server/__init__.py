@@ -1,6 +1,7 @@
 """guardrail-server: an OpenAI-compatible proxy with the guard in front.
 
     guardrail serve --policy policy.yaml --upstream http://127.0.0.1:8080/v1
+    guardrail serve --local smollm2-135m        # a guardrail-transformers LocalGenerator
 
 or from Python::
 
