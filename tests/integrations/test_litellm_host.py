@@ -34,6 +34,8 @@ def test_harmful_stream_is_stopped_with_litellms_error_frame(rows: list[dict[str
     shown = row["shown"]
     assert shown and harmful.startswith(shown)  # what was shown is the answer up to the halt
     assert TRIGGER not in shown
+    # the hook closed LiteLLM's upstream stream: the model server saw the proxy hang up
+    assert row["upstream_closed_early"] and row["words_generated"] < row["words_total"]
 
 
 def test_benign_stream_passes_untouched(rows: list[dict[str, Any]]) -> None:

@@ -6,9 +6,10 @@ The job (JSON on stdin): ``{"replays": [{"prompt", "response", "label"?}], "runs
 "guardrail": <one entry of config.yaml's guardrails: list>}]}``; a ``policy`` key inside
 ``litellm_params`` may be a policy mapping (written to a temporary YAML file). The proxy runs
 in-process (its FastAPI app behind Starlette's test client, config loaded at startup as
-``litellm --config`` does); each replay is a model that answers with LiteLLM's
-``mock_response``, which LiteLLM streams in 3-character chunks. Prints one JSON object:
-``{"litellm": version, "rows": [...]}``.
+``litellm --config`` does); its model is guardrail's loopback OpenAI-compatible server
+(``guardrail.testing.upstream``), which streams each replay word by word (``delay`` seconds
+apart, default 0.005) and records how many words it sent before the proxy hung up. Prints one
+JSON object: ``{"litellm": version, "rows": [...]}``.
 Needs LiteLLM with its proxy extra; offline-safe (the cost map is read from the package).
 """
 
@@ -25,11 +26,12 @@ from typing import Any
 
 import yaml
 
+from guardrail.testing.upstream import Script, UpstreamServer
+
 __all__ = ["main", "run_job"]
 
 
-def _config(runs: list[dict[str, Any]], replays: list[dict[str, Any]], tmp: Path,
-            master_key: str) -> Path:
+def _config(runs: list[dict[str, Any]], base_url: str, tmp: Path, master_key: str) -> Path:
     guardrails: list[dict[str, Any]] = []
     for run in runs:
         entry = json.loads(json.dumps(run["guardrail"]))
@@ -41,11 +43,10 @@ def _config(runs: list[dict[str, Any]], replays: list[dict[str, Any]], tmp: Path
         params["default_on"] = False  # each request names the one guardrail it runs
         guardrails.append(entry)
     config = {
-        # One model per replay, answering with the recorded text (the proxy ignores a
-        # mock_response in the request body, so it lives in the model's litellm_params).
-        "model_list": [{"model_name": f"replay-{i}", "litellm_params": {
-            "model": "openai/replay", "api_key": "sk-replay", "mock_response": r["response"]}}
-            for i, r in enumerate(replays)],
+        # The loopback upstream replays the recorded answers as an OpenAI-compatible server.
+        "model_list": [{"model_name": "replay", "litellm_params": {
+            "model": "openai/replay", "api_key": "sk-replay", "api_base": base_url,
+            "max_retries": 0}}],
         "guardrails": guardrails,
         "general_settings": {"master_key": master_key},
     }
@@ -97,9 +98,10 @@ def _stream(client: Any, body: dict[str, Any]) -> dict[str, Any]:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run every replay through every configured guardrail, streamed and not streamed."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    with tempfile.TemporaryDirectory() as tmp:
+    delay = float(job.get("delay", 0.005))
+    with tempfile.TemporaryDirectory() as tmp, UpstreamServer() as upstream:
         master_key = "sk-" + secrets.token_hex(24)  # the proxy refuses to start without one
-        config = _config(job["runs"], job["replays"], Path(tmp), master_key)
+        config = _config(job["runs"], upstream.base_url, Path(tmp), master_key)
         os.environ["CONFIG_FILE_PATH"] = str(config)
         from fastapi.testclient import TestClient
         from litellm.proxy.proxy_server import app
@@ -109,14 +111,23 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             for run in job["runs"]:
                 name = run["guardrail"]["guardrail_name"]
                 for i, replay in enumerate(job["replays"]):
-                    body = {"model": f"replay-{i}", "stream": True, "guardrails": [name],
+                    body = {"model": "replay", "stream": True, "guardrails": [name],
                             "messages": [{"role": "user", "content": replay["prompt"]}]}
+                    upstream.enqueue(Script(text=replay["response"], delay=delay))
                     t0 = time.perf_counter()
                     seen = _stream(client, body)
+                    record = upstream.completions()[-1]
+                    record.wait(timeout=30)
                     row = {"run": run["name"], "index": i, "label": replay.get("label"),
-                           "stream": True, "total_s": time.perf_counter() - t0, **seen}
+                           "stream": True, "total_s": time.perf_counter() - t0,
+                           # SSE events the upstream planned / wrote (words, plus the role,
+                           # finish and [DONE] events)
+                           "words_total": record.chunks_planned,
+                           "words_generated": record.chunks_written,
+                           "upstream_closed_early": record.disconnected, **seen}
                     rows.append(row)
                     if job.get("non_streaming", True):
+                        upstream.enqueue(Script(text=replay["response"]))
                         resp2 = client.post("/v1/chat/completions", json={**body, "stream": False})
                         data = resp2.json()
                         choice = (data.get("choices") or [{}])[0]
