@@ -315,3 +315,16 @@ def test_every_choice_halts_before_the_upstream_closes(upstream_server: Upstream
     record = upstream_server.completions()[-1]
     assert record.wait(5) and record.disconnected
     assert record.chunks_written < record.chunks_planned
+
+
+def test_credentials_in_the_upstream_url_are_never_shown(make_guard: Callable[..., Guard],
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = create_app(make_guard(2), upstream=f"http://user:{SECRET}@127.0.0.1:9/v1")
+    with running(app) as proxy:
+        health = httpx.get(f"{proxy.url}/health", timeout=5).text
+        failed = httpx.post(f"{proxy.base_url}/chat/completions", timeout=10,
+                            json={"model": "m", "messages": MESSAGES, "stream": True})
+    assert failed.status_code == 502 and "127.0.0.1:9" in failed.text
+    assert SECRET not in health + failed.text + caplog.text
