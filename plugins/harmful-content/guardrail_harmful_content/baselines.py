@@ -6,10 +6,13 @@ tokens and hands them over again with the next ``chunk - context`` new ones, and
 left when the stream ends. Each window is judged like full detection judges a whole response: the
 observer reads the prompt, then the window's text from scratch, and the sequence head scores the
 window's last token. The stream halts at the end of the first window judged harmful.
+
+``keyword_halt`` is the simplest streaming baseline: halt at the first blocklisted word.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +25,7 @@ from guardrail.probes.heads import DualHead
 
 from .scoring import stack_states
 
-__all__ = ["WindowResult", "nemo_windows", "windowed_halts"]
+__all__ = ["HARM_KEYWORDS", "WindowResult", "keyword_halt", "nemo_windows", "windowed_halts"]
 
 
 def nemo_windows(n_tokens: int, chunk: int = 200, context: int = 50) -> list[tuple[int, int]]:
@@ -84,3 +87,30 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                 break
         out.append((halt, scored))
     return out
+
+
+# A blocklist of the words a simple keyword filter would use for the harm areas in the data
+# (weapons, drugs, cyber abuse, violence, self-harm, fraud, hate). Written by hand for the
+# baseline; it is meant to show what a topic-level filter does on hard negatives.
+HARM_KEYWORDS: tuple[str, ...] = (
+    "bomb", "explosive", "detonat", "weapon", "gun", "ammunition", "poison", "toxic gas",
+    "nerve agent", "ricin", "anthrax", "meth", "cocaine", "heroin", "fentanyl", "overdose",
+    "malware", "ransomware", "keylogger", "phishing", "exploit", "hack", "ddos", "botnet",
+    "steal", "launder", "counterfeit", "fraud", "scam", "kill", "murder", "stab", "shoot",
+    "kidnap", "torture", "suicide", "self-harm", "cut yourself", "starve", "trafficking",
+    "arson", "stalk", "dox", "slur", "inferior race",
+)
+_KEYWORD_RE = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in HARM_KEYWORDS) + r")",
+                         re.IGNORECASE)
+
+
+def keyword_halt(text: str, offsets: Sequence[tuple[int, int]]) -> int | None:
+    """The keyword baseline on one streamed response: the index of the token that completes the
+    first blocklisted word (where a streaming keyword filter halts), or ``None``."""
+    match = _KEYWORD_RE.search(text)
+    if match is None:
+        return None
+    for i, (_, end) in enumerate(offsets):
+        if end >= match.end():
+            return i
+    return len(offsets) - 1 if offsets else None

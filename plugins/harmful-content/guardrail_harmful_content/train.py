@@ -62,6 +62,11 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 NAME = "harmful_content"
 DEFAULT_LAYERS = (9, 12, 15)
 LOSS_WEIGHTS = {"token_ce": 0.6, "sequence_ce": 0.4, "logic": 1.0}  # SCM's run-scm.sh
+# The calibration grid reaches far into the tail: on SmolLM2 the prefix scores of benign answers
+# pass 0.95 often enough that a 3% false-halt budget needs thresholds near 1 and large k.
+THRESHOLDS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.96, 0.97, 0.98, 0.99, 0.995,
+              0.998, 0.999)
+MAX_K = 100
 
 
 @dataclass
@@ -72,6 +77,9 @@ class TrainConfig:
     out: Path = WEIGHTS_DIR
     model: str | None = None  # local HF model folder; None: the embedded SmolLM2
     layers: tuple[int, ...] = DEFAULT_LAYERS
+    # Heads are trained on these of ``layers`` only (None: all); the features are still read
+    # for all of ``layers``, so a cache written by a wider run is reused.
+    train_layers: tuple[int, ...] | None = None
     concat: bool = True  # also try the two best layers side by side
     max_train: int | None = 900
     max_val: int | None = None
@@ -210,13 +218,17 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     if len(set(val_labels)) < 2 or len({_label(r) for r in train_set}) < 2:
         raise ValueError("train and validation splits both need harmful and harmless records")
 
+    fit_layers = config.train_layers or config.layers
+    stray = sorted(set(fit_layers) - set(config.layers))
+    if stray:
+        raise ValueError(f"--train-layers {stray} are not among --layers {list(config.layers)}")
     t = time.perf_counter()
     candidates = []
-    for layer in config.layers:
+    for layer in fit_layers:
         candidates.append(_fit((layer,), train_set, val_set, config))
         _say(config, f"layer {layer}: val streaming macro-F1 {candidates[-1].val_metric:.4f} "
                      f"(epoch {candidates[-1].best_epoch})")
-    if config.concat and len(config.layers) >= 2:
+    if config.concat and len(fit_layers) >= 2:
         top = sorted(candidates, key=lambda c: -c.val_metric)[:2]
         pair = tuple(sorted(c.layers[0] for c in top))
         candidates.append(_fit(pair, train_set, val_set, config))
@@ -225,7 +237,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     timings["train_s"] = time.perf_counter() - t
 
     val_scores = prefix_scores(best.head, stack_layers(val_set, best.layers))
-    choice = calibrate_count_k(val_scores, val_labels,
+    choice = calibrate_count_k(val_scores, val_labels, thresholds=THRESHOLDS,
+                               ks=range(1, MAX_K + 1),
                                max_false_halt_rate=config.max_false_halt_rate)
     streaming = streaming_report(val_scores, val_labels, choice.threshold, choice.k)
     full_t = full_threshold(val_scores, val_labels)
@@ -241,7 +254,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         "threshold": choice.threshold,
         "rule": {"kind": "count", "k": choice.k},
         "full_detection_threshold": full_t,
-        "calibration": {"objective": "macro_f1", "split": "val",
+        "calibration": {"objective": "macro_f1", "split": "val", "max_k": MAX_K,
+                        "thresholds": list(THRESHOLDS),
                         "max_false_halt_rate": config.max_false_halt_rate,
                         "constraint_met": choice.constraint_met},
         "data": _data_summary(manifest, config),
@@ -289,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--layers", type=int, nargs="+", default=list(d.layers),
                    help="candidate layers (decoder blocks, as in Needs.layers)")
+    p.add_argument("--train-layers", type=int, nargs="+",
+                   help="train heads on these of --layers only (default: all)")
     p.add_argument("--no-concat", action="store_true", help="do not try two layers together")
     p.add_argument("--max-train", type=int, default=d.max_train,
                    help="training records kept (stratified); 0: all")
@@ -307,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = TrainConfig(
         data=args.data, out=args.out, model=args.model, layers=tuple(args.layers),
+        train_layers=tuple(args.train_layers) if args.train_layers else None,
         concat=not args.no_concat, max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, max_false_halt_rate=args.max_false_halt_rate,
