@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from guardrail import Features, Guard, Monitor, Needs, Score
 from guardrail.events import Halt, Release
+from guardrail.stream import StreamStep
 from guardrail.testing import plugin_monitors
 from guardrail.testing.tiny_models import build_tiny_model
 
@@ -90,6 +91,16 @@ def _reference(gen: LocalGenerator, response: list[int]) -> tuple[Any, torch.Ten
     return out.hidden_states, out.logits[0], len(prompt)
 
 
+def _hidden(step: StreamStep, layer: int) -> torch.Tensor:
+    assert step.hidden is not None
+    return torch.as_tensor(step.hidden[layer])
+
+
+def _token_id(step: StreamStep) -> int:
+    assert step.tokens is not None and len(step.tokens) == 1
+    return step.tokens[0].id
+
+
 class _Forwards:
     """Counts the model's forward passes."""
 
@@ -141,10 +152,10 @@ def test_layer_numbering_matches_the_observer(tiny: LocalGenerator) -> None:
     observer = tiny.observer
     state = observer.start([{"role": "user", "content": PROMPT}], needs)
     spans = observer.tokenizer.tokenize("".join(s.text for s in steps))
-    assert [t.id for t in spans] == [s.tokens[0].id for s in steps]  # type: ignore[index]
+    assert [t.id for t in spans] == [_token_id(s) for s in steps]
     batch = observer.extend(state, spans, needs)
     for layer in (1, -1):
-        generated = torch.cat([torch.as_tensor(s.hidden[layer]) for s in steps])  # type: ignore[index]
+        generated = torch.cat([_hidden(s, layer) for s in steps])
         torch.testing.assert_close(generated[1:], batch.hidden[layer][:-1], atol=1e-4, rtol=1e-4)
 
 
@@ -199,17 +210,23 @@ async def test_async_states_equal_the_sync_ones(tiny: LocalGenerator) -> None:
     got = [s async for s in tiny.astream(PROMPT, needs=needs, max_tokens=6)]
     assert [s.text for s in got] == [s.text for s in sync]
     for a, b in zip(got, sync, strict=True):
-        torch.testing.assert_close(a.hidden[-1], b.hidden[-1])  # type: ignore[index]
+        torch.testing.assert_close(_hidden(a, -1), _hidden(b, -1))
+    recorder = Recorder(needs)  # and the async guarded driver hands monitors the same states
+    with plugin_monitors(recorder=lambda: recorder) as host:
+        guard = _guard(host, 2, {"id": "rec", "use": "recorder", "action": "flag"})
+        await aguarded_generate(guard, PROMPT, generator=tiny, max_new_tokens=6)
+    handed = torch.cat([torch.as_tensor(f.hidden[-1]) for f in recorder.seen])
+    torch.testing.assert_close(handed, torch.cat([_hidden(s, -1) for s in sync]))
 
 
 def test_leaving_the_stream_early_stops_generation(tiny: LocalGenerator) -> None:
     with plugin_monitors(fire_at=FireAt) as host, _Forwards(tiny.model) as forwards:
         stream = guarded_stream(_fire_guard(host, 0, 99, action="flag"), PROMPT,
                                 generator=tiny, max_new_tokens=30)
-        events = iter(stream)
+        events = stream.__iter__()
         next(events)
         before = forwards.count
-        events.close()  # type: ignore[attr-defined]
+        events.close()  # what leaving a for loop does once the stream is collected
     assert forwards.count == before
     assert stream.report is not None and stream.report.aborted
 
@@ -239,7 +256,7 @@ def test_route_hands_one_token_to_the_large_model(tiny_dir: Callable[[str, int],
     report = stream.report
     assert report is not None and report.routes and not report.halted
     assert stream.routed_tokens == [at]
-    small_only = [s.tokens[0].id for s in small.steps(PROMPT, max_new_tokens=10)]  # type: ignore[index]
+    small_only = [_token_id(s) for s in small.steps(PROMPT, max_new_tokens=10)]
     prompt = small.prompt_ids(PROMPT)
     with torch.no_grad():
         large_next = int(large.model(torch.tensor([prompt + small_only[:at]])).logits[0, -1]

@@ -8,7 +8,7 @@ a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,7 @@ class GuardedStream:
         self._started = False
         self._ended = False  # the large model ended the answer during a route
 
-    def __iter__(self) -> Iterator[Event]:
+    def __iter__(self) -> Generator[Event, None, None]:
         if self._started:
             raise RuntimeError("a GuardedStream can be iterated once")
         self._started = True
@@ -96,7 +96,7 @@ class GuardedStream:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _events(self) -> Iterator[Event]:
+    def _events(self) -> Generator[Event, None, None]:
         session = self.session
         try:
             decoding = Decoding(self.generator, self.generator.prompt_ids(self.messages),
