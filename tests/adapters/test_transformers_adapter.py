@@ -4,7 +4,7 @@ Tiny random Llama/GPT-2 models (no download); one test runs the real SmolLM2 fro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,14 +316,20 @@ def test_chat_messages_go_through_the_chat_template(tiny: LocalGenerator) -> Non
     assert rendered.endswith("<|im_start|>assistant\n") and "Be brief." in rendered
 
 
-def test_server_protocol(tiny: LocalGenerator) -> None:
-    """What ``guardrail serve --local`` calls: a name and ``stream(messages, **openai_params)``."""
-    from guardrail_server import LocalModel
+def test_served_by_the_proxy(tiny: LocalGenerator, make_guard: Callable[..., Guard]) -> None:
+    """``guardrail serve --local``: the proxy streams the generator's answer to an OpenAI client,
+    with the request's sampling parameters."""
+    import openai
+    from guardrail_server import LocalModel, create_app, running
 
     assert isinstance(tiny, LocalModel)
-    pieces: Iterator[Any] = tiny.stream([{"role": "user", "content": PROMPT}], max_tokens=5,
-                                        temperature=None, top_p=None)
-    assert 0 < len(list(pieces)) <= 5
+    with running(create_app(make_guard(2), local=tiny)) as proxy:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="-", max_retries=0, timeout=20)
+        chunks = client.chat.completions.create(
+            model=tiny.name, messages=[{"role": "user", "content": PROMPT}], stream=True,
+            max_tokens=12, temperature=1.0, seed=7)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == tiny.generate(PROMPT, max_new_tokens=12, **VARIED)
 
 
 # -- the real model -----------------------------------------------------------------------------
