@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.real_model,
 
 def _replay(name: str, index: int) -> dict[str, str]:
     text = (files("guardrail_harmful_content") / "replays" / name).read_text("utf-8")
-    return json.loads(text.splitlines()[index])  # type: ignore[no-any-return]
+    return json.loads(text.splitlines()[index])
 
 
 @pytest.fixture(scope="module")
