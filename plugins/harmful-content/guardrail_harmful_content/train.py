@@ -36,6 +36,7 @@ from guardrail.probes.io import save_probe
 from guardrail.probes.train import scm_loss_fn, streaming_f1_metric, train_head
 from guardrail.sources import cache_dir
 
+from .prefixes import prefix_views
 from .scoring import (
     STACKED,
     full_report,
@@ -81,6 +82,7 @@ class TrainConfig:
     # for all of ``layers``, so a cache written by a wider run is reused.
     train_layers: tuple[int, ...] | None = None
     concat: bool = True  # also try the two best layers side by side
+    prefixes: int = 2  # truncated copies of each training record added to the training set
     max_train: int | None = 900
     max_val: int | None = None
     epochs: int = 12
@@ -214,6 +216,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     }
     timings["features_s"] = time.perf_counter() - t
     train_set, val_set = features["train"], features["val"]
+    train_set = list(train_set) + prefix_views(train_set, config.prefixes, config.seed)
     val_labels = [_label(r) for r in val_set]
     if len(set(val_labels)) < 2 or len({_label(r) for r in train_set}) < 2:
         raise ValueError("train and validation splits both need harmful and harmless records")
@@ -259,10 +262,12 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
                         "max_false_halt_rate": config.max_false_halt_rate,
                         "constraint_met": choice.constraint_met},
         "data": _data_summary(manifest, config),
-        "splits": {"train": len(train_set), "val": len(val_set),
+        "splits": {"train": len(features["train"]), "val": len(val_set),
+                   "train_prefix_views": len(train_set) - len(features["train"]),
                    "built": {k: v.get("labels") for k, v in
                              manifest.get("counts", {}).items()}},
         "training": {"loss": LOSS_WEIGHTS, "backbone": "frozen", "epochs": config.epochs,
+                     "prefix_views_per_record": config.prefixes,
                      "best_epoch": best.best_epoch, "batch_size": config.batch_size,
                      "lr": config.lr, "optimizer": "AdamW", "seed": config.seed,
                      "candidates": [{"layers": list(c.layers), "val_streaming_macro_f1":
@@ -309,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=d.max_train,
                    help="training records kept (stratified); 0: all")
     p.add_argument("--max-val", type=int, default=0, help="validation records kept; 0: all")
+    p.add_argument("--prefixes", type=int, default=d.prefixes,
+                   help="truncated copies of each training record to train on too (0: none)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         data=args.data, out=args.out, model=args.model, layers=tuple(args.layers),
         train_layers=tuple(args.train_layers) if args.train_layers else None,
-        concat=not args.no_concat, max_train=args.max_train or None,
+        concat=not args.no_concat, prefixes=args.prefixes, max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, max_false_halt_rate=args.max_false_halt_rate,
         cache=args.cache, progress=not args.quiet,
