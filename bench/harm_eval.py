@@ -304,7 +304,7 @@ def render(result: dict[str, Any]) -> str:
     s, f, w = result["streaming"], result["full_detection"], result["windowed"]
     t = result["test"]
     lines = [
-        "## Harmful content: streaming vs full detection vs windowed",
+        "## Harmful content: streaming vs full detection, windowed and keyword baselines",
         "",
         f"Held-out test split: {t['records']} records"
         + (f" (stratified by kind and label from {t['of']})" if t.get("subset") else "")
