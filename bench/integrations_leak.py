@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".cache" / "peers"
 REPLAYS = ROOT / "plugins" / "harmful-content" / "guardrail_harmful_content" / "replays"
 HOLD_BACK = 8  # the default policy's hold-back
+NAME = "integrations"
 
 # Words that occur in harmful replays and in no benign one (checked in load_replays).
 WORDS = ["steal", "exterminated", "eliminated", "torture", "chainsaw", "abduct", "organs",
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = {"quick": args.quick, "words": WORDS, "hold_back_tokens": HOLD_BACK,
               "replays": len(replays), "notes": notes, "rows": rows,
               "summary": summarise(rows)}
-    return write_result("integrations", result)
+    return write_result(NAME, result)
 
 
 def render(result: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ QUICK_RESULTS = ROOT / ".cache" / "bench-quick"
 # Benchmark modules in report order; each has main(argv) and render(result), and writes
 # bench/results/<NAME>.json (NAME defaults to the module name).
 MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval", "router_eval",
-           "observer_bench", "proxy_load", "local_overhead"]
+           "observer_bench", "proxy_load", "local_overhead", "integrations_leak"]
 
 
 def _load(name: str) -> Any | None:

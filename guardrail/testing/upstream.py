@@ -205,6 +205,9 @@ class UpstreamServer:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    # load tests open dozens of streams at once; the default backlog of 5 refuses some
+    request_queue_size = 128
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], ConnectionError):
             return  # a client dropping an idle keep-alive connection is normal

@@ -14,7 +14,7 @@ with the halt message and ``finish_reason="content_filter"`` and closes the upst
 
 from __future__ import annotations
 
-from ._chunks import ChunkGuard, guard_completion
+from ._chunks import ChunkGuard, guard_completion, request_messages
 from ._client import AsyncGuardedCompletions, GuardedClient, GuardedCompletions, wrap
 from ._stream import AsyncGuardedStream, GuardedStream
 
@@ -26,5 +26,6 @@ __all__ = [
     "GuardedCompletions",
     "GuardedStream",
     "guard_completion",
+    "request_messages",
     "wrap",
 ]

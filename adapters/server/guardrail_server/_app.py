@@ -21,8 +21,7 @@ from typing import Any
 
 import anyio
 import httpx
-from guardrail_openai import ChunkGuard
-from guardrail_openai._chunks import request_messages
+from guardrail_openai import ChunkGuard, request_messages
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
