@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,10 +46,15 @@ FALLBACK_POLICY: dict[str, Any] = {
 
 @dataclass
 class DemoStream:
+    """A stream to show: text ``deltas`` fed to a session (replays, or text from a model the
+    guard does not share), or ``events`` from a driver that feeds the session itself (local
+    generation whose own hidden states reach the monitors)."""
+
     title: str
     prompt: str
-    deltas: Iterator[str]
     source: str
+    deltas: Iterator[str] | None = None
+    events: Callable[[GuardSession], Iterable[Any]] | None = None
 
 
 class _Term:
@@ -67,16 +72,46 @@ def _replays() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _generated_streams(guard: Guard, prompts: list[str], max_tokens: int) -> list[DemoStream]:
-    """Real SmolLM2 streams through the transformers adapter, when it is installed."""
+def _local_generator(policy: Policy) -> Any | None:
+    """The embedded SmolLM2 generator, when the transformers adapter is installed. Its states
+    are the monitors' own only when the policy observes the same model with torch; otherwise its
+    answers are streamed as text through the policy's observer like any upstream's."""
     try:
         import guardrail_transformers  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
+        return None
+    return guardrail_transformers.default_generator()
+
+
+def _shares_states(policy: Policy) -> bool:
+    observer = policy.observer
+    return observer is None or (observer.model == "smollm2-135m" and observer.backend == "torch")
+
+
+def _generated_streams(generator: Any, shared: bool, prompts: list[str],
+                       max_tokens: int) -> list[DemoStream]:
+    """Real SmolLM2 answers: guarded on the generator's own states when ``shared`` (one forward
+    per token, a halt stops generation), else as text deltas."""
+    if generator is None:
         return []
+    from guardrail_transformers import (  # type: ignore[import-not-found,unused-ignore]
+        guarded_stream,
+    )
+
     streams = []
     for prompt in prompts:
-        deltas = guardrail_transformers.stream_text(prompt, max_new_tokens=max_tokens)
-        streams.append(DemoStream(f"SmolLM2: {prompt}", prompt, deltas, "generated"))
+        if shared:
+            def events(session: GuardSession, prompt: str = prompt) -> Iterable[Any]:
+                return guarded_stream(session.guard, prompt, generator=generator,
+                                      session=session, max_new_tokens=max_tokens)
+            streams.append(DemoStream(f"SmolLM2: {prompt}", prompt,
+                                      "generated (monitors read the generator's own states)",
+                                      events=events))
+        else:
+            deltas = (step.text for step in generator.stream(prompt, max_new_tokens=max_tokens)
+                      if step.text)
+            streams.append(DemoStream(f"SmolLM2: {prompt}", prompt, "generated (as text)",
+                                      deltas=deltas))
     return streams
 
 
@@ -108,14 +143,19 @@ def _run_stream(guard: Guard, stream: DemoStream, term: _Term, delay: float) -> 
             elif isinstance(e, Route):
                 print(term(f" ⇢ route to {e.target.get('model')}", "1;34"), end="")
 
-    for delta in stream.deltas:
-        show(session.feed(delta))
-        if session.halted is not None:
-            break
-        if delay:
-            time.sleep(delay)
-    report = session.finish()
-    show(report.final_events)
+    if stream.events is not None:
+        for event in stream.events(session):  # the driver feeds and finishes the session
+            show([event])
+        report = session.report or session.finish()
+    else:
+        for delta in stream.deltas or ():
+            show(session.feed(delta))
+            if session.halted is not None:
+                break
+            if delay:
+                time.sleep(delay)
+        report = session.finish()
+        show(report.final_events)
     print()
     offsets = session.token_offsets()
     guard_seconds = sum(report.monitor_seconds.values()) + report.observer_seconds
@@ -166,17 +206,21 @@ def run_demo(args: argparse.Namespace) -> int:
     if getattr(args, "monitor", None):
         policy = policy.narrowed(args.monitor)
     t0 = time.perf_counter()
-    guard = Guard(policy)
+    generator = _local_generator(policy)
+    shared = generator is not None and _shares_states(policy)
+    guard = Guard(policy, observer=generator.observer if generator is not None and shared
+                  else None)
     load_s = time.perf_counter() - t0
     print(term("guardrail demo", "1") + f" — policy: {origin}")
     print(f"  monitors: {', '.join(f'{s.id} ({s.use}, {s.action})' for s, _ in guard.monitors)}"
           f" · hold-back {policy.release.hold_back_tokens} tokens · loaded in {load_s:.1f}s")
     quick = bool(getattr(args, "quick", False))
     prompts = ["Tell me about Marie Curie.", "What is the capital of Australia?"]
-    streams = _generated_streams(guard, prompts[:1] if quick else prompts, 48 if quick else 96)
+    streams = _generated_streams(generator, shared, prompts[:1] if quick else prompts,
+                                 48 if quick else 96)
     for k, r in enumerate(_replays()):
-        streams.append(DemoStream(f"replay: {r['title']}", r["prompt"],
-                                  iter(random_splits(r["response"], seed=k)), "recorded replay"))
+        streams.append(DemoStream(f"replay: {r['title']}", r["prompt"], "recorded replay",
+                                  deltas=iter(random_splits(r["response"], seed=k))))
     out_dir = Path(args.out)
     rows = []
     for n, stream in enumerate(streams):

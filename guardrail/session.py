@@ -126,6 +126,7 @@ class GuardSession:
         self.text = ""
         self.halted: Halt | None = None
         self.closed = False
+        self.report: Report | None = None  # set when the session ends (finish or abort)
         self._aligner = Aligner(guard.tokenizer)
         self._token_starts = array("q")
         self._token_ends = array("q")
@@ -465,6 +466,7 @@ class GuardSession:
             final_events=final_events,
             scores={r.spec.id: r.scores for r in self._runs if r.scores is not None},
         )
+        self.report = report
         try:
             self.guard.host.session_end(self, report)
         except Exception:
