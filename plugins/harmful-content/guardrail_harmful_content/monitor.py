@@ -11,6 +11,11 @@ The head reads the observer's hidden states of the layer(s) named in its config 
 generator's own states when an adapter sends them under the same layer numbers). Weights are
 loaded once per monitor object and shared by all its streams; a missing, unreadable or pickle
 weights file raises ``ProbeFileError`` naming the file.
+
+Per token the monitor runs on the generator's or observer's rows with numpy: the harm
+probability of a two-class softmax is the sigmoid of the logit difference, so the head reduces to
+one dot product per layer (a handful of small numpy calls instead of torch ops, whose dispatch
+dominates at one row per step).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,8 +91,9 @@ class HarmfulContentMonitor(Monitor):
             raise ProbeFileError(f"harmful-content weights not found: {DEFAULT_WEIGHTS} (train "
                                  "them: guardrail train harmful-content)")
         self.probe: LoadedProbe = load_probe(self.weights)
-        if not isinstance(self.probe.head, DualHead):
-            raise ProbeFileError(f"{self.weights}: a {self.probe.head.kind!r} head, the "
+        head = self.probe.head
+        if not isinstance(head, DualHead):
+            raise ProbeFileError(f"{self.weights}: a {head.kind!r} head, the "
                                  "harmful-content monitor needs a 'dual' (SCM) head")
         layers = self.probe.config.get("layers", [self.probe.layer])
         if not isinstance(layers, list) or not layers or not all(
@@ -94,6 +101,11 @@ class HarmfulContentMonitor(Monitor):
             raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'layers' must be a "
                                  f"non-empty list of layer numbers, got {layers!r}")
         self.layers: tuple[int, ...] = tuple(layers)
+        # softmax(W h)[1] = sigmoid((W[1] - W[0]) h): the difference row, cut per layer
+        weight = head.sequence_head.weight.detach().double()
+        diff = (weight[1] - weight[0]).float().numpy()
+        width = diff.shape[0] // len(self.layers)
+        self._diff = [diff[i * width:(i + 1) * width] for i in range(len(self.layers))]
         threshold = options.threshold
         if threshold is None:
             threshold = self.probe.threshold
@@ -130,8 +142,18 @@ class HarmfulContentMonitor(Monitor):
     def update(self, state: None, features: Features) -> Sequence[Score]:
         if not features.tokens:
             return []
-        hidden = stack_states(features.hidden, self.layers)
-        with torch.inference_mode():
-            scores = self.probe.head.score(hidden)  # type: ignore[operator]
-        return [Score(i, float(s)) for i, s in zip(features.indices, scores.tolist(),
-                                                   strict=True)]
+        hidden = features.hidden
+        if any(layer not in hidden for layer in self.layers):
+            stack_states(hidden, self.layers)  # raises, naming the layers
+        logit = _rows(hidden[self.layers[0]]) @ self._diff[0]
+        for layer, diff in zip(self.layers[1:], self._diff[1:], strict=True):
+            logit = logit + _rows(hidden[layer]) @ diff
+        scores = 0.5 + 0.5 * np.tanh(0.5 * logit.astype(np.float64))  # the sigmoid, no overflow
+        return [Score(i, s) for i, s in zip(features.indices, scores.tolist(), strict=True)]
+
+
+def _rows(x: Any) -> np.ndarray:
+    """States ``(n, H)`` (torch or array-like) as a float32 array, without a copy when possible."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
