@@ -26,10 +26,12 @@ paper's format (``probe_dir``, see ``paper_probe``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,19 +58,37 @@ class _State:
     pending: list[_Token] = field(default_factory=list)  # not yet resolved, in order
     emitted_until: int = 0  # char end of the last entity handed out
     next_index: int = 0
-    previous_logp: torch.Tensor | None = None  # observer: last row's log-distribution
+    previous_logits: np.ndarray | None = None  # observer: last row's logits
     waiting: _Token | None = None  # generator: the token whose state comes with the next step
     waiting_extras: dict[str, float] = field(default_factory=dict)
 
 
-def _stats_from_logp(logp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Surprisal and entropy of tokens ``ids`` under log-distributions ``logp`` (row-aligned)."""
-    surprisal = torch.full((ids.shape[0],), math.nan)
-    known = ids >= 0
-    if bool(known.any()):
-        rows = torch.nonzero(known).flatten()
-        surprisal[rows] = -logp[rows].gather(1, ids[rows, None]).squeeze(1)
-    entropy = -(logp.exp() * logp).sum(-1)
+def _rows(x: Any) -> np.ndarray:
+    """An array of rows (torch or array-like) as float32 numpy, without a copy when possible."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Surprisal and entropy (nats, float64) of tokens ``ids`` (-1: unknown, NaN surprisal)
+    under the distributions of the row-aligned ``logits (n, vocab)``.
+
+    Numpy on the max-shifted logits ``z``: with ``s = sum(exp z)``, ``log p = z - log s``, so the
+    surprisal is ``log s - z[id]`` and the entropy ``log s - sum(exp(z) z) / s`` (every term of
+    that sum is small: no cancellation). One pass fewer than a log-softmax followed by ``exp``."""
+    n = len(ids)
+    surprisal = np.full(n, np.nan)
+    entropy = np.empty(n)
+    for r in range(n):
+        row = logits[r]
+        z = row - row.max()
+        e = np.exp(z)
+        total = float(e.sum())
+        log_total = math.log(total)
+        entropy[r] = log_total - float(np.dot(e, z)) / total
+        if ids[r] >= 0:
+            surprisal[r] = log_total - float(z[ids[r]])
     return {"surprisal": surprisal, "entropy": entropy}
 
 
@@ -135,22 +155,22 @@ class EntityHallucinationMonitor(Monitor):
         return features.top_logits is None
 
     def _extras(self, state: _State, features: Features, generator: bool
-                ) -> dict[str, torch.Tensor] | None:
+                ) -> dict[str, np.ndarray] | None:
         if not self.probe.features:
             return None
         if features.logits is None:
             raise ValueError("this entity probe reads surprisal and entropy: it needs logits")
-        logp = torch.log_softmax(torch.as_tensor(features.logits).float(), dim=-1)
-        ids = torch.tensor([-1 if t.id is None else t.id for t in features.tokens])
+        logits = _rows(features.logits)
+        ids = [-1 if t.id is None else t.id for t in features.tokens]
         if generator:  # row i is the distribution token i was drawn from
-            return _stats_from_logp(logp, ids)
+            return _token_stats(logits, ids)
         # observer: row i predicts token i + 1
-        first = state.previous_logp
-        state.previous_logp = logp[-1]
-        before = logp[:-1] if first is None else torch.cat([first[None], logp[:-1]])
-        stats = _stats_from_logp(before, ids[len(ids) - len(before):])
+        first = state.previous_logits
+        state.previous_logits = logits[-1].copy()
+        before = logits[:-1] if first is None else np.concatenate([first[None], logits[:-1]])
+        stats = _token_stats(before, ids[len(ids) - len(before):])
         if len(before) < len(ids):  # the first response token: no distribution here
-            stats = {k: torch.cat([torch.tensor([math.nan]), v]) for k, v in stats.items()}
+            stats = {k: np.concatenate([[math.nan], v]) for k, v in stats.items()}
         return stats
 
     def _score_new(self, state: _State, features: Features, tokens: list[_Token]) -> None:
@@ -158,13 +178,13 @@ class EntityHallucinationMonitor(Monitor):
         if hidden is None:
             raise ValueError(f"the entity probe needs hidden layer {self.probe.layer}; the "
                              f"features have layers {sorted(features.hidden)}")
-        rows = torch.as_tensor(hidden).float()
+        rows = _rows(hidden)
         generator = self._generator(features)
         extras = self._extras(state, features, generator)
         if not generator:
-            scores = self.probe.score(rows, extras).tolist()
+            scores = self.probe.score_rows(rows, extras).tolist()
             for token, value in zip(tokens, scores, strict=True):
-                token.score = float(value)
+                token.score = value
             return
         # Generator: row j is the state after the token before tokens[j].
         targets = ([state.waiting] if state.waiting is not None else []) + tokens[:-1]
@@ -173,19 +193,17 @@ class EntityHallucinationMonitor(Monitor):
         target_extras = None
         if extras is not None:
             names = self.probe.features
-            previous = [state.waiting_extras.get(n, math.nan) for n in names] \
-                if state.waiting is not None else None
             target_extras = {}
-            for k, name in enumerate(names):
+            for name in names:
                 column = extras[name][: len(tokens) - 1]
-                if previous is not None:
-                    column = torch.cat([torch.tensor([previous[k]]), column])
+                if state.waiting is not None:
+                    column = np.concatenate([[state.waiting_extras.get(name, math.nan)], column])
                 target_extras[name] = column
             state.waiting_extras = {n: float(extras[n][-1]) for n in names}
         if targets:
-            for token, value in zip(targets, self.probe.score(target_rows, target_extras)
+            for token, value in zip(targets, self.probe.score_rows(target_rows, target_extras)
                                     .tolist(), strict=True):
-                token.score = float(value)
+                token.score = value
         state.waiting = tokens[-1]
 
     # -- entity resolution ---------------------------------------------------------------------
@@ -235,7 +253,7 @@ class EntityHallucinationMonitor(Monitor):
     def update(self, state: _State, features: Features) -> list[Score]:
         if features.first_index < state.next_index:  # the stream was cut back (a reroute)
             state.pending = [t for t in state.pending if t.index < features.first_index]
-            state.previous_logp, state.waiting = None, None
+            state.previous_logits, state.waiting = None, None
         new = [_Token(features.first_index + n, t.start, t.end)
                for n, t in enumerate(features.tokens)]
         state.next_index = features.first_index + len(new)
