@@ -14,6 +14,11 @@ top-k logit values *before* token ``i`` and the embedding of token ``i``.
 
 The trained weights ship in ``guardrail_router/weights`` (``guardrail train router`` rebuilds
 them); the frozen token embedding is taken from the observer model when the monitor loads.
+
+Per step the head runs in numpy (``_NumpyRouter``), not as the torch module: at one row per
+token the dispatch of a dozen torch ops costs more than their arithmetic. The top-k logit values
+come from a block-max filter (``top_values``) instead of a full-vocabulary ``torch.topk``. Both
+give the torch head's scores up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
+from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
-__all__ = ["DEFAULT_WEIGHTS", "RouterMonitor", "embedding_table"]
+__all__ = ["DEFAULT_WEIGHTS", "RouterMonitor", "embedding_table", "top_values"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "router.safetensors"
 LAYER = -1  # R2R reads the last layer
@@ -66,6 +74,85 @@ def embedding_table(observer: Any) -> torch.Tensor:
 
 
 _SHIPPED = _shipped_threshold()
+_BLOCK = 128  # top_values: vocabulary block whose maximum is taken in the first pass
+
+
+def _as_array(x: Any) -> np.ndarray:
+    """Rows (torch or array-like) as float32 numpy, without a copy when possible."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def top_values(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest values of each row of ``logits (n, vocab)``, descending: the values of
+    ``torch.topk(logits, k)``.
+
+    Each element of a row's top k is at least the k-th largest block maximum (the k largest block
+    maxima are k distinct elements), so one pass takes the maxima of blocks of 128, a second keeps
+    the elements at or above that bound (a few hundred), and only those are sorted. Rows with NaN,
+    and vocabularies of fewer than k blocks, go to ``torch.topk``."""
+    out = np.empty((logits.shape[0], k), dtype=np.float32)
+    for r in range(logits.shape[0]):
+        row = np.ascontiguousarray(logits[r], dtype=np.float32)
+        full = row.shape[0] // _BLOCK
+        candidates = None
+        if full >= k:
+            maxima = row[: full * _BLOCK].reshape(full, _BLOCK).max(axis=1)
+            if row.shape[0] > full * _BLOCK:
+                maxima = np.append(maxima, row[full * _BLOCK:].max())
+            if not np.isnan(maxima).any():
+                bound = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
+                candidates = row[row >= bound]
+                candidates.sort()
+        if candidates is None or len(candidates) < k:
+            out[r] = torch.topk(torch.from_numpy(row), k).values.numpy()
+        else:
+            out[r] = candidates[: -k - 1: -1]
+    return out
+
+
+class _NumpyRouter:
+    """A ``RouterHead`` in eval mode as numpy arrays, with ``logit_proj`` folded into the input
+    layer (``W_top (P t + b) = (W_top P) t + W_top b``). GELU stays torch's exact one."""
+
+    def __init__(self, head: RouterHead) -> None:
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().cpu().float().numpy())
+
+        h, e = head.hidden_size, head.embed_dim
+        weight = head.input.weight.detach().double()
+        w_top = weight[:, h + e:]  # reads logit_proj's output
+        proj = head.logit_proj
+        self.w_in = arr(weight[:, : h + e]).T  # (H + E, W)
+        self.w_top = arr(w_top @ proj.weight.detach().double()).T  # (k, W)
+        self.b_in = arr(head.input.bias.detach().double() + w_top @ proj.bias.detach().double())
+        table: torch.Tensor = head.embedding  # type: ignore[assignment]
+        self.embedding = table.detach().cpu().float().numpy()
+        self.blocks = [(arr(b.norm.weight), arr(b.norm.bias), float(b.norm.eps),
+                        arr(b.up.weight).T, arr(b.up.bias), arr(b.down.weight).T,
+                        arr(b.down.bias)) for b in cast(Any, head.blocks)]
+        self.norm = (arr(head.norm.weight), arr(head.norm.bias), float(head.norm.eps))
+        self.w_out = arr(head.out.weight)[0]
+        self.b_out = float(head.out.bias.detach()[0])
+
+    @staticmethod
+    def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
+                    ) -> np.ndarray:
+        centred = x - x.mean(axis=-1, keepdims=True)
+        var = (centred * centred).mean(axis=-1, keepdims=True)
+        return centred / np.sqrt(var + eps) * weight + bias
+
+    def score(self, hidden: np.ndarray, token_ids: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """Probabilities (float64) for ``hidden (n, H)``, ``token_ids (n,)``, ``top (n, k)``."""
+        x = np.concatenate([hidden, self.embedding[token_ids]], axis=1)
+        x = x @ self.w_in + top @ self.w_top + self.b_in
+        for norm_w, norm_b, eps, up_w, up_b, down_w, down_b in self.blocks:
+            u = self._layer_norm(x, norm_w, norm_b, eps) @ up_w + up_b
+            u = F.gelu(torch.from_numpy(u)).numpy()
+            x = x + (u @ down_w + down_b)
+        logit = self._layer_norm(x, *self.norm) @ self.w_out
+        return 0.5 + 0.5 * np.tanh(0.5 * (logit.astype(np.float64) + self.b_out))
 
 
 @dataclass
@@ -73,8 +160,8 @@ class _State:
     """The small model's last step not yet used: state and top-k logits of the latest token,
     and the index the next token should have (a smaller one means the stream was cut back)."""
 
-    hidden: torch.Tensor | None = None
-    top_logits: torch.Tensor | None = None
+    hidden: np.ndarray | None = None
+    top_logits: np.ndarray | None = None
     next_index: int = 0
 
 
@@ -98,6 +185,7 @@ class RouterMonitor(Monitor):
         config = json.loads(self.weights.with_suffix(".json").read_text(encoding="utf-8"))
         self.top_k = int(config.get("head", {}).get("top_k", 100))
         self._loaded: LoadedProbe | None = None
+        self._numpy: _NumpyRouter | None = None
         self._lock = threading.Lock()
 
     def needs(self) -> Needs:
@@ -110,6 +198,10 @@ class RouterMonitor(Monitor):
                 loaded = load_probe(self.weights, embedding=embedding_table(observer))
                 if observer is not None:
                     check_observer(loaded, observer)
+                if not isinstance(loaded.head, RouterHead):
+                    raise ProbeFileError(f"{self.weights}: a {loaded.head.kind!r} head, the "
+                                         "router monitor needs a 'router' head")
+                self._numpy = _NumpyRouter(loaded.head)
                 self._loaded = loaded
             return self._loaded
 
@@ -120,39 +212,40 @@ class RouterMonitor(Monitor):
     def update(self, state: _State, features: Features) -> list[Score]:
         if not features.tokens:
             return []
-        probe = self._loaded
-        assert probe is not None, "start() loads the router"
+        head = self._numpy
+        assert head is not None, "start() loads the router"
         hidden = features.hidden.get(LAYER)
         if hidden is None:
             raise ValueError(f"the router needs hidden layer {LAYER} (the last); the features "
                              f"have layers {sorted(features.hidden)}")
-        hidden = torch.as_tensor(hidden).float()
-        ids = torch.tensor([-1 if t.id is None else t.id for t in features.tokens])
+        rows = _as_array(hidden)
+        ids = np.array([-1 if t.id is None else t.id for t in features.tokens], dtype=np.int64)
         if features.first_index != state.next_index:  # rerouted: the kept row is stale
             state.hidden = state.top_logits = None
         state.next_index = features.first_index + len(features.tokens)
         if features.top_logits is not None:  # observer: row r predicts token r + 1
-            top = torch.as_tensor(features.top_logits).float()[:, : self.top_k]
-            prev_hidden = _prepend(state.hidden, hidden[:-1])
+            top = _as_array(features.top_logits)[:, : self.top_k]
+            prev_hidden = _prepend(state.hidden, rows[:-1])
             prev_top = _prepend(state.top_logits, top[:-1])
-            state.hidden, state.top_logits = hidden[-1:], top[-1:]
+            state.hidden, state.top_logits = rows[-1:].copy(), top[-1:].copy()
             first = len(features.tokens) - len(prev_hidden)  # 1 with no earlier row, else 0
             ids = ids[first:]
         elif features.logits is not None:  # generator: row i is the step that produced token i
-            logits = torch.as_tensor(features.logits).float()
-            prev_hidden, first = hidden, 0
-            prev_top = torch.topk(logits, self.top_k, dim=-1).values
+            prev_hidden, first = rows, 0
+            prev_top = top_values(_as_array(features.logits), self.top_k)
         else:
             raise ValueError("the router needs top-k logits (observer) or logits (generator)")
-        known = ids >= 0
-        if not bool(known.any()):
+        if prev_top.shape[-1] != self.top_k:
+            raise ValueError(f"router expects {self.top_k} top logits, got {prev_top.shape[-1]}")
+        known = np.flatnonzero(ids >= 0)
+        if not len(known):
             return []
-        with torch.inference_mode():
-            scores = probe.head.score(prev_hidden[known], ids[known],  # type: ignore[operator]
-                                      prev_top[known])
-        indices = [features.first_index + first + int(i) for i in known.nonzero().flatten()]
-        return [Score(i, float(s)) for i, s in zip(indices, scores.tolist(), strict=True)]
+        if len(known) < len(ids):
+            prev_hidden, prev_top, ids = prev_hidden[known], prev_top[known], ids[known]
+        scores = head.score(prev_hidden, ids, prev_top)
+        base = features.first_index + first
+        return [Score(base + i, s) for i, s in zip(known.tolist(), scores.tolist(), strict=True)]
 
 
-def _prepend(previous: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    return rows if previous is None else torch.cat([previous, rows])
+def _prepend(previous: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    return rows if previous is None else np.concatenate([previous, rows])
