@@ -66,6 +66,8 @@ class _State:
 def _rows(x: Any) -> np.ndarray:
     """An array of rows (torch or array-like) as float32 numpy, without a copy when possible."""
     if isinstance(x, torch.Tensor):
+        if x.dtype == torch.float32 and not x.requires_grad and x.device.type == "cpu":
+            return x.numpy()
         return x.detach().cpu().float().numpy()
     return np.asarray(x, dtype=np.float32)
 

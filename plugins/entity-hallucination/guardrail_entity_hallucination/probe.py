@@ -82,7 +82,7 @@ class EntityProbe:
                                  "missing")
             for k, name in enumerate(self.features):
                 z = (np.asarray(extras[name], dtype=np.float64) - mean[k]) / std[k]
-                logit = logit + w_extra[k] * np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+                logit = logit + w_extra[k] * np.where(np.isfinite(z), z, 0.0)  # NaN, inf: 0
         return 0.5 + 0.5 * np.tanh(0.5 * logit)  # the sigmoid, without overflow
 
     @cached_property

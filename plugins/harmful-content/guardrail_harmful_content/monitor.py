@@ -155,5 +155,7 @@ class HarmfulContentMonitor(Monitor):
 def _rows(x: Any) -> np.ndarray:
     """States ``(n, H)`` (torch or array-like) as a float32 array, without a copy when possible."""
     if isinstance(x, torch.Tensor):
+        if x.dtype == torch.float32 and not x.requires_grad and x.device.type == "cpu":
+            return x.numpy()
         return x.detach().cpu().float().numpy()
     return np.asarray(x, dtype=np.float32)
