@@ -82,10 +82,12 @@ def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, np.ndarray
     n = len(ids)
     surprisal = np.full(n, np.nan)
     entropy = np.empty(n)
+    z = np.empty(logits.shape[-1], dtype=np.float32)
+    e = np.empty_like(z)
     for r in range(n):
         row = logits[r]
-        z = row - row.max()
-        e = np.exp(z)
+        np.subtract(row, row.max(), out=z)
+        np.exp(z, out=e)
         total = float(e.sum())
         log_total = math.log(total)
         entropy[r] = log_total - float(np.dot(e, z)) / total
@@ -184,7 +186,7 @@ class EntityHallucinationMonitor(Monitor):
         generator = self._generator(features)
         extras = self._extras(state, features, generator)
         if not generator:
-            scores = self.probe.score_rows(rows, extras).tolist()
+            scores = self.probe.score_rows(rows, extras)
             for token, value in zip(tokens, scores, strict=True):
                 token.score = value
             return
@@ -203,8 +205,8 @@ class EntityHallucinationMonitor(Monitor):
                 target_extras[name] = column
             state.waiting_extras = {n: float(extras[n][-1]) for n in names}
         if targets:
-            for token, value in zip(targets, self.probe.score_rows(target_rows, target_extras)
-                                    .tolist(), strict=True):
+            for token, value in zip(targets, self.probe.score_rows(target_rows, target_extras),
+                                    strict=True):
                 token.score = value
         state.waiting = tokens[-1]
 

@@ -10,6 +10,7 @@ replaced by the mean, i.e. 0 after standardising).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -69,33 +70,35 @@ class EntityProbe:
         return self.head.score(inputs)
 
     def score_rows(self, hidden: np.ndarray, extras: Mapping[str, np.ndarray] | None = None
-                   ) -> np.ndarray:
-        """``score`` for the monitor's per-step rows, in numpy (a few small calls instead of
-        torch ops, whose dispatch dominates at one row per step): float64 scores ``(n,)`` for
-        float32 states ``(n, H)`` and the extra features ``(n,)``; equal to ``score`` up to
+                   ) -> list[float]:
+        """``score`` for the monitor's per-step rows, in numpy and Python floats (a few calls
+        instead of torch ops, whose dispatch dominates at one row per step): the scores of
+        float32 states ``(n, H)`` with the extra features ``(n,)``; equal to ``score`` up to
         float32 rounding."""
         w_hidden, w_extra, bias, mean, std = self._numpy_weights
-        logit = (hidden @ w_hidden).astype(np.float64) + bias
+        logits = [v + bias for v in (hidden @ w_hidden).tolist()]
         if self.features:
             if extras is None:
                 raise ValueError(f"this probe also reads {', '.join(self.features)}: they are "
                                  "missing")
             for k, name in enumerate(self.features):
-                z = (np.asarray(extras[name], dtype=np.float64) - mean[k]) / std[k]
-                logit = logit + w_extra[k] * np.where(np.isfinite(z), z, 0.0)  # NaN, inf: 0
-        return 0.5 + 0.5 * np.tanh(0.5 * logit)  # the sigmoid, without overflow
+                column = np.asarray(extras[name], dtype=np.float64).tolist()
+                for r, value in enumerate(column):
+                    z = (value - mean[k]) / std[k]
+                    if math.isfinite(z):  # NaN (no distribution) and inf: the mean, 0
+                        logits[r] += w_extra[k] * z
+        return [0.5 + 0.5 * math.tanh(0.5 * v) for v in logits]  # the sigmoid, no overflow
 
     @cached_property
-    def _numpy_weights(self) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
+    def _numpy_weights(self) -> tuple[np.ndarray, list[float], float, list[float], list[float]]:
         """The head's weight row cut into states and extra features, its bias, and the features'
         mean and std (as ``stack_inputs`` reads them, float32 values)."""
         weight = self.head.linear.weight.detach().float()[0]
         size = self.hidden_size
         bias = self.head.linear.bias
-        return (weight[:size].contiguous().numpy().copy(),
-                weight[size:].double().numpy().copy(),
+        return (weight[:size].contiguous().numpy().copy(), weight[size:].tolist(),
                 float(bias.detach()[0]) if bias is not None else 0.0,
-                self.mean.double().numpy().copy(), self.std.double().numpy().copy())
+                self.mean.tolist(), self.std.tolist())
 
 
 def _from_loaded(loaded: LoadedProbe) -> EntityProbe:

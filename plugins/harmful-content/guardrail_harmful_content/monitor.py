@@ -21,6 +21,7 @@ dominates at one row per step).
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,8 +149,9 @@ class HarmfulContentMonitor(Monitor):
         logit = _rows(hidden[self.layers[0]]) @ self._diff[0]
         for layer, diff in zip(self.layers[1:], self._diff[1:], strict=True):
             logit = logit + _rows(hidden[layer]) @ diff
-        scores = 0.5 + 0.5 * np.tanh(0.5 * logit.astype(np.float64))  # the sigmoid, no overflow
-        return [Score(i, s) for i, s in zip(features.indices, scores.tolist(), strict=True)]
+        # the sigmoid, as tanh: no overflow
+        return [Score(i, 0.5 + 0.5 * math.tanh(0.5 * v))
+                for i, v in zip(features.indices, logit.tolist(), strict=True)]
 
 
 def _rows(x: Any) -> np.ndarray:

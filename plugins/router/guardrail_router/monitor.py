@@ -24,6 +24,7 @@ give the torch head's scores up to float32 rounding.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def embedding_table(observer: Any) -> torch.Tensor:
 
 _SHIPPED = _shipped_threshold()
 _SQRT_HALF = 0.7071067811865476
-_BLOCK = 128  # top_values: vocabulary block whose maximum is taken in the first pass
+_GROUP = 128  # top_values: elements per group whose maximum is taken in the first pass
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -109,19 +110,23 @@ def top_values(logits: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` largest values of each row of ``logits (n, vocab)``, descending: the values of
     ``torch.topk(logits, k)``.
 
-    Each element of a row's top k is at least the k-th largest block maximum (the k largest block
-    maxima are k distinct elements), so one pass takes the maxima of blocks of 128, a second keeps
-    the elements at or above that bound (a few hundred), and only those are sorted. Rows with NaN,
-    and vocabularies of fewer than k blocks, go to ``torch.topk``."""
+    The row is cut into groups of 128 elements (a group is a column of the row seen as a
+    ``(128, vocab / 128)`` matrix, so one vectorised pass gives every group's maximum). Each
+    element of the top k is at least the k-th largest group maximum (the k largest maxima are k
+    distinct elements): a second pass keeps the elements at or above that bound (a few hundred),
+    and only those are sorted. Rows with NaN, and vocabularies of fewer than k groups, go to
+    ``torch.topk``."""
     out = np.empty((logits.shape[0], k), dtype=np.float32)
     for r in range(logits.shape[0]):
         row = np.ascontiguousarray(logits[r], dtype=np.float32)
-        full = row.shape[0] // _BLOCK
+        groups = row.shape[0] // _GROUP
         candidates = None
-        if full >= k:
-            maxima = row[: full * _BLOCK].reshape(full, _BLOCK).max(axis=1)
-            if row.shape[0] > full * _BLOCK:
-                maxima = np.append(maxima, row[full * _BLOCK:].max())
+        if groups >= k:
+            matrix = row[: groups * _GROUP].reshape(_GROUP, groups)
+            maxima = matrix.max(axis=0)
+            tail = row[groups * _GROUP:]
+            if len(tail):
+                maxima = np.append(maxima, tail.max())
             if not np.isnan(maxima).any():
                 bound = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
                 candidates = row[row >= bound]
@@ -165,8 +170,9 @@ class _NumpyRouter:
         var = (centred * centred).sum(axis=-1, keepdims=True) / width
         return centred / np.sqrt(var + eps) * weight + bias
 
-    def score(self, hidden: np.ndarray, token_ids: np.ndarray, top: np.ndarray) -> np.ndarray:
-        """Probabilities (float64) for ``hidden (n, H)``, ``token_ids (n,)``, ``top (n, k)``."""
+    def score(self, hidden: np.ndarray, token_ids: np.ndarray, top: np.ndarray) -> list[float]:
+        """Probabilities for ``hidden (n, H)``, ``token_ids (n,)``, ``top (n, k)`` (the sigmoid
+        taken as a tanh: no overflow)."""
         x = np.concatenate([hidden, self.embedding[token_ids]], axis=1)
         x = x @ self.w_in + top @ self.w_top + self.b_in
         for norm_w, norm_b, eps, up_w, up_b, down_w, down_b in self.blocks:
@@ -174,7 +180,7 @@ class _NumpyRouter:
             u = _gelu(u)
             x = x + (u @ down_w + down_b)
         logit = self._layer_norm(x, *self.norm) @ self.w_out
-        return 0.5 + 0.5 * np.tanh(0.5 * (logit.astype(np.float64) + self.b_out))
+        return [0.5 + 0.5 * math.tanh(0.5 * (v + self.b_out)) for v in logit.tolist()]
 
 
 @dataclass
@@ -266,7 +272,7 @@ class RouterMonitor(Monitor):
             prev_hidden, prev_top, ids = prev_hidden[known], prev_top[known], ids[known]
         scores = head.score(prev_hidden, ids, prev_top)
         base = features.first_index + first
-        return [Score(base + i, s) for i, s in zip(known.tolist(), scores.tolist(), strict=True)]
+        return [Score(base + i, s) for i, s in zip(known.tolist(), scores, strict=True)]
 
 
 def _prepend(previous: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
