@@ -66,33 +66,33 @@ class _State:
 def _rows(x: Any) -> np.ndarray:
     """An array of rows (torch or array-like) as float32 numpy, without a copy when possible."""
     if isinstance(x, torch.Tensor):
-        if x.dtype == torch.float32 and not x.requires_grad and x.device.type == "cpu":
-            return x.numpy()
-        return x.detach().cpu().float().numpy()
+        try:  # a CPU tensor without grad: shared memory (fewer checks than asking first)
+            array = x.numpy()
+        except (RuntimeError, TypeError):  # needs grad, on a GPU, or bfloat16
+            return x.detach().cpu().float().numpy()
+        return array if array.dtype == np.float32 else array.astype(np.float32)
     return np.asarray(x, dtype=np.float32)
 
 
-def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Surprisal and entropy (nats, float64) of tokens ``ids`` (-1: unknown, NaN surprisal)
-    under the distributions of the row-aligned ``logits (n, vocab)``.
+def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, list[float]]:
+    """Surprisal and entropy (nats) of tokens ``ids`` (-1: unknown, NaN surprisal) under the
+    distributions of the row-aligned ``logits (n, vocab)``.
 
     Numpy on the max-shifted logits ``z``: with ``s = sum(exp z)``, ``log p = z - log s``, so the
     surprisal is ``log s - z[id]`` and the entropy ``log s - sum(exp(z) z) / s`` (every term of
     that sum is small: no cancellation). One pass fewer than a log-softmax followed by ``exp``."""
-    n = len(ids)
-    surprisal = np.full(n, np.nan)
-    entropy = np.empty(n)
+    surprisal: list[float] = []
+    entropy: list[float] = []
     z = np.empty(logits.shape[-1], dtype=np.float32)
     e = np.empty_like(z)
-    for r in range(n):
+    for r, token_id in enumerate(ids):
         row = logits[r]
         np.subtract(row, row.max(), out=z)
         np.exp(z, out=e)
         total = float(e.sum())
         log_total = math.log(total)
-        entropy[r] = log_total - float(np.dot(e, z)) / total
-        if ids[r] >= 0:
-            surprisal[r] = log_total - float(z[ids[r]])
+        entropy.append(log_total - float(np.dot(e, z)) / total)
+        surprisal.append(log_total - float(z[token_id]) if token_id >= 0 else math.nan)
     return {"surprisal": surprisal, "entropy": entropy}
 
 
@@ -159,7 +159,7 @@ class EntityHallucinationMonitor(Monitor):
         return features.top_logits is None
 
     def _extras(self, state: _State, features: Features, generator: bool
-                ) -> dict[str, np.ndarray] | None:
+                ) -> dict[str, list[float]] | None:
         if not self.probe.features:
             return None
         if features.logits is None:
@@ -174,7 +174,7 @@ class EntityHallucinationMonitor(Monitor):
         before = logits[:-1] if first is None else np.concatenate([first[None], logits[:-1]])
         stats = _token_stats(before, ids[len(ids) - len(before):])
         if len(before) < len(ids):  # the first response token: no distribution here
-            stats = {k: np.concatenate([[math.nan], v]) for k, v in stats.items()}
+            stats = {k: [math.nan, *v] for k, v in stats.items()}
         return stats
 
     def _score_new(self, state: _State, features: Features, tokens: list[_Token]) -> None:
@@ -197,13 +197,11 @@ class EntityHallucinationMonitor(Monitor):
         target_extras = None
         if extras is not None:
             names = self.probe.features
-            target_extras = {}
-            for name in names:
-                column = extras[name][: len(tokens) - 1]
-                if state.waiting is not None:
-                    column = np.concatenate([[state.waiting_extras.get(name, math.nan)], column])
-                target_extras[name] = column
-            state.waiting_extras = {n: float(extras[n][-1]) for n in names}
+            before = [[state.waiting_extras.get(n, math.nan)] if state.waiting is not None
+                      else [] for n in names]
+            target_extras = {n: b + extras[n][: len(tokens) - 1]
+                             for n, b in zip(names, before, strict=True)}
+            state.waiting_extras = {n: extras[n][-1] for n in names}
         if targets:
             for token, value in zip(targets, self.probe.score_rows(target_rows, target_extras),
                                     strict=True):

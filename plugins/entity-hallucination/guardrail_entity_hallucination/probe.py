@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -69,12 +69,12 @@ class EntityProbe:
         inputs = stack_inputs(hidden, extras, self.features, self.mean, self.std)
         return self.head.score(inputs)
 
-    def score_rows(self, hidden: np.ndarray, extras: Mapping[str, np.ndarray] | None = None
+    def score_rows(self, hidden: np.ndarray, extras: Mapping[str, Sequence[float]] | None = None
                    ) -> list[float]:
         """``score`` for the monitor's per-step rows, in numpy and Python floats (a few calls
         instead of torch ops, whose dispatch dominates at one row per step): the scores of
-        float32 states ``(n, H)`` with the extra features ``(n,)``; equal to ``score`` up to
-        float32 rounding."""
+        float32 states ``(n, H)`` with the extra features (``n`` values each); equal to
+        ``score`` up to float32 rounding."""
         w_hidden, w_extra, bias, mean, std = self._numpy_weights
         logits = [v + bias for v in (hidden @ w_hidden).tolist()]
         if self.features:
@@ -82,8 +82,7 @@ class EntityProbe:
                 raise ValueError(f"this probe also reads {', '.join(self.features)}: they are "
                                  "missing")
             for k, name in enumerate(self.features):
-                column = np.asarray(extras[name], dtype=np.float64).tolist()
-                for r, value in enumerate(column):
+                for r, value in enumerate(extras[name]):
                     z = (value - mean[k]) / std[k]
                     if math.isfinite(z):  # NaN (no distribution) and inf: the mean, 0
                         logits[r] += w_extra[k] * z

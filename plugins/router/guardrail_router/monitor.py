@@ -81,9 +81,11 @@ _GROUP = 128  # top_values: elements per group whose maximum is taken in the fir
 def _as_array(x: Any) -> np.ndarray:
     """Rows (torch or array-like) as float32 numpy, without a copy when possible."""
     if isinstance(x, torch.Tensor):
-        if x.dtype == torch.float32 and not x.requires_grad and x.device.type == "cpu":
-            return x.numpy()
-        return x.detach().cpu().float().numpy()
+        try:  # a CPU tensor without grad: shared memory (fewer checks than asking first)
+            array = x.numpy()
+        except (RuntimeError, TypeError):  # needs grad, on a GPU, or bfloat16
+            return x.detach().cpu().float().numpy()
+        return array if array.dtype == np.float32 else array.astype(np.float32)
     return np.asarray(x, dtype=np.float32)
 
 
