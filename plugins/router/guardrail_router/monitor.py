@@ -17,8 +17,8 @@ them); the frozen token embedding is taken from the observer model when the moni
 
 Per step the head runs in numpy (``_NumpyRouter``), not as the torch module: at one row per
 token the dispatch of a dozen torch ops costs more than their arithmetic. The top-k logit values
-come from a block-max filter (``top_values``) instead of a full-vocabulary ``torch.topk``. Both
-give the torch head's scores up to float32 rounding.
+come from a group-maximum bound and one filter pass (``top_values``, the same values as
+``torch.topk``). Scores equal the torch head's up to float32 rounding (1e-6).
 """
 
 from __future__ import annotations
