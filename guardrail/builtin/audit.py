@@ -61,8 +61,8 @@ def guardrail_session_start(session: GuardSession) -> None:
 
 @hookimpl
 def guardrail_on_event(event: Event, session: GuardSession) -> None:
-    if isinstance(event, Release):
-        return
+    if isinstance(event, Release) or session.policy.audit is None:
+        return  # cheap exit first: this runs for every flag of every stream
     record = event_to_dict(event)
     released = record.pop("released_text", None)  # decisions, not the user's text
     if released is not None:
@@ -72,6 +72,8 @@ def guardrail_on_event(event: Event, session: GuardSession) -> None:
 
 @hookimpl
 def guardrail_session_end(session: GuardSession, report: Report) -> None:
+    if session.policy.audit is None:
+        return
     summary = report.to_dict()
     summary.pop("released_text", None)
     for key in ("flags", "routes", "errors", "halt"):  # already recorded one by one
