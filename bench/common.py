@@ -44,6 +44,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+def describe_monitors(policy: dict[str, Any]) -> str:
+    """"`harmful-content` on the onnx observer": a policy's monitors, for result pages."""
+    names = ", ".join(f"`{m['use']}`" for m in policy.get("monitors", []))
+    observer = policy.get("observer")
+    return f"{names} on the {observer['backend']} observer" if observer else names
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

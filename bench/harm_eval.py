@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"{QUICK_RECORDS} test records, {QUICK_EVAL_RECORDS} streamed")
     parser.add_argument("--weights", type=Path, help="default: the shipped weights")
     parser.add_argument("--data", type=Path, help="a data build folder (default: build one)")
-    parser.add_argument("--eval-records", type=int, default=8,
+    parser.add_argument("--eval-records", type=int, default=4,
                         help="records streamed through guardrail eval as a check (0: skip)")
     parser.add_argument("--max-test", type=int, default=MAX_TEST,
                         help="stratified test records read (0: all)")

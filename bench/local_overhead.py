@@ -1,6 +1,6 @@
 """Local generation: what guarding costs when the monitors ride the generator's own states.
 
-    python -m bench.local_overhead            # 6 prompts x 64 tokens, 2 rounds
+    python -m bench.local_overhead            # 6 prompts x 64 tokens
     python -m bench.local_overhead --quick    # 2 prompts x 24 tokens, 1 round (< 40 s)
 
 SmolLM2-135M-Instruct generates greedily on one CPU thread, the default policy's monitors
@@ -98,7 +98,7 @@ def run(quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     prompts = PROMPTS[:2] if quick else PROMPTS
     tokens = 24 if quick else 64
-    rounds = 1 if quick else 2
+    rounds = 1  # each mode is interleaved per prompt; 6 x 64 steps give steady medians
     gen = LocalGenerator()
     guard = Guard.default(observer=gen.observer)
     monitors = [f"{spec.id} ({spec.use})" for spec, _ in guard.monitors]

@@ -11,6 +11,7 @@ network to PyPI) the NeMo rows are skipped and the results say why.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 from guardrail import Guard, default_policy
 from guardrail.events import Release
 
-from .common import median, write_result
+from .common import describe_monitors, median, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 NEMO_VENV = ROOT / ".cache" / "peers" / "nemo"
@@ -49,12 +50,17 @@ def load_replays(limit: int | None) -> list[dict[str, Any]]:
 
 
 def policy_mapping() -> dict[str, Any]:
-    """The default policy narrowed to harmful content when it is installed, else a keyword list."""
+    """The default policy narrowed to harmful content when it is installed, else a keyword list.
+    The observer runs on ONNX Runtime when it is installed: the same model and monitors, about
+    twice as fast on this CPU, which keeps `make bench` within its time budget."""
     policy = default_policy()
     harm = [m for m in policy.monitors if m.use == "harmful-content"]
-    if harm:
-        return policy.narrowed([harm[0].id]).model_dump(mode="json")
-    return FALLBACK_POLICY
+    if not harm:
+        return FALLBACK_POLICY
+    mapping = policy.narrowed([harm[0].id]).model_dump(mode="json")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        mapping["observer"]["backend"] = "onnx"
+    return mapping
 
 
 def ensure_venv(build: bool) -> str | None:
@@ -161,7 +167,7 @@ def render(result: dict[str, Any]) -> str:
              f"{result['replays']} replayed answers (harmful and benign, from the harmful-content "
              "replay sets), streamed word by word; the same monitors judge in both systems "
              "(NeMo's output rail is an action that runs them over the rail's text). "
-             f"{result.get('note') or ''}", "",
+             f"Monitors: {describe_monitors(result['policy'])}. {result.get('note') or ''}", "",
              "| scheme | harmful blocked | words of a harmful answer shown (median) | share of "
              "it generated (median) | benign blocked | time to first text (median) |",
              "|---|---|---|---|---|---|"]

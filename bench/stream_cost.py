@@ -176,7 +176,7 @@ def observer_guard() -> Guard | None:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--max-scans", type=int, default=12,
+    parser.add_argument("--max-scans", type=int, default=6,
                         help="observer guard: scans timed per peer stream (the rest estimated)")
     args = parser.parse_args(argv)
     lengths = [250, 1000] if args.quick else [250, 1000, 4000]
