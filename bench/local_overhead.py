@@ -167,8 +167,9 @@ def render(result: dict[str, Any]) -> str:
               f"{m['plain_wall_ms']:.1f} ms wall): "
               + ", ".join(f"`{k}` {v:.3f} ms ({v / m['plain_wall_ms']:.2%})"
                           for k, v in m["monitor_wall_ms"].items()) + ".", "",
-              f"Target: guard <= {result['target_share']:.0%} of a step. CPU times on a shared "
-              "machine (2 cores, other jobs running); the step-to-step spread is a few percent."]
+              f"Target: guard <= {result['target_share']:.0%} of a step. Process CPU times on "
+              "this machine's 2 cores; the step-to-step spread is a few percent, so the "
+              "guard's own time is the figure to read, not the difference of whole steps."]
     return "\n".join(lines) + "\n"
 
 
