@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
+from guardrail.probes.arrays import float32_rows
 from guardrail.probes.io import ProbeFileError
 
 from .probe import DEFAULT_WEIGHTS, EntityProbe, load_entity_probe, shipped_threshold
@@ -63,15 +63,6 @@ class _State:
     waiting_extras: dict[str, float] = field(default_factory=dict)
 
 
-def _rows(x: Any) -> np.ndarray:
-    """An array of rows (torch or array-like) as float32 numpy, without a copy when possible."""
-    if isinstance(x, torch.Tensor):
-        try:  # a CPU tensor without grad: shared memory (fewer checks than asking first)
-            array = x.numpy()
-        except (RuntimeError, TypeError):  # needs grad, on a GPU, or bfloat16
-            return x.detach().cpu().float().numpy()
-        return array if array.dtype == np.float32 else array.astype(np.float32)
-    return np.asarray(x, dtype=np.float32)
 
 
 def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, list[float]]:
@@ -164,7 +155,7 @@ class EntityHallucinationMonitor(Monitor):
             return None
         if features.logits is None:
             raise ValueError("this entity probe reads surprisal and entropy: it needs logits")
-        logits = _rows(features.logits)
+        logits = float32_rows(features.logits)
         ids = [-1 if t.id is None else t.id for t in features.tokens]
         if generator:  # row i is the distribution token i was drawn from
             return _token_stats(logits, ids)
@@ -182,7 +173,7 @@ class EntityHallucinationMonitor(Monitor):
         if hidden is None:
             raise ValueError(f"the entity probe needs hidden layer {self.probe.layer}; the "
                              f"features have layers {sorted(features.hidden)}")
-        rows = _rows(hidden)
+        rows = float32_rows(hidden)
         generator = self._generator(features)
         extras = self._extras(state, features, generator)
         if not generator:

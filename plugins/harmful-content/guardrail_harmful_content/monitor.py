@@ -27,11 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
+from guardrail.probes.arrays import float32_rows
 from guardrail.probes.heads import DualHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
@@ -146,20 +145,11 @@ class HarmfulContentMonitor(Monitor):
         hidden = features.hidden
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
-        logit = _rows(hidden[self.layers[0]]) @ self._diff[0]
+        logit = float32_rows(hidden[self.layers[0]]) @ self._diff[0]
         for layer, diff in zip(self.layers[1:], self._diff[1:], strict=True):
-            logit = logit + _rows(hidden[layer]) @ diff
+            logit = logit + float32_rows(hidden[layer]) @ diff
         # the sigmoid, as tanh: no overflow
         return [Score(i, 0.5 + 0.5 * math.tanh(0.5 * v))
                 for i, v in zip(features.indices, logit.tolist(), strict=True)]
 
 
-def _rows(x: Any) -> np.ndarray:
-    """States ``(n, H)`` (torch or array-like) as a float32 array, without a copy when possible."""
-    if isinstance(x, torch.Tensor):
-        try:  # a CPU tensor without grad: shared memory (fewer checks than asking first)
-            array = x.numpy()
-        except (RuntimeError, TypeError):  # needs grad, on a GPU, or bfloat16
-            return x.detach().cpu().float().numpy()
-        return array if array.dtype == np.float32 else array.astype(np.float32)
-    return np.asarray(x, dtype=np.float32)

@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
+from guardrail.probes.arrays import float32_rows
 from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
@@ -78,15 +79,6 @@ _SQRT_HALF = 0.7071067811865476
 _GROUP = 128  # top_values: elements per group whose maximum is taken in the first pass
 
 
-def _as_array(x: Any) -> np.ndarray:
-    """Rows (torch or array-like) as float32 numpy, without a copy when possible."""
-    if isinstance(x, torch.Tensor):
-        try:  # a CPU tensor without grad: shared memory (fewer checks than asking first)
-            array = x.numpy()
-        except (RuntimeError, TypeError):  # needs grad, on a GPU, or bfloat16
-            return x.detach().cpu().float().numpy()
-        return array if array.dtype == np.float32 else array.astype(np.float32)
-    return np.asarray(x, dtype=np.float32)
 
 
 def _erfc(x: np.ndarray) -> np.ndarray:
@@ -248,13 +240,13 @@ class RouterMonitor(Monitor):
         if hidden is None:
             raise ValueError(f"the router needs hidden layer {LAYER} (the last); the features "
                              f"have layers {sorted(features.hidden)}")
-        rows = _as_array(hidden)
+        rows = float32_rows(hidden)
         ids = np.array([-1 if t.id is None else t.id for t in features.tokens], dtype=np.int64)
         if features.first_index != state.next_index:  # rerouted: the kept row is stale
             state.hidden = state.top_logits = None
         state.next_index = features.first_index + len(features.tokens)
         if features.top_logits is not None:  # observer: row r predicts token r + 1
-            top = _as_array(features.top_logits)[:, : self.top_k]
+            top = float32_rows(features.top_logits)[:, : self.top_k]
             prev_hidden = _prepend(state.hidden, rows[:-1])
             prev_top = _prepend(state.top_logits, top[:-1])
             state.hidden, state.top_logits = rows[-1:].copy(), top[-1:].copy()
@@ -262,7 +254,7 @@ class RouterMonitor(Monitor):
             ids = ids[first:]
         elif features.logits is not None:  # generator: row i is the step that produced token i
             prev_hidden, first = rows, 0
-            prev_top = top_values(_as_array(features.logits), self.top_k)
+            prev_top = top_values(float32_rows(features.logits), self.top_k)
         else:
             raise ValueError("the router needs top-k logits (observer) or logits (generator)")
         if prev_top.shape[-1] != self.top_k:
