@@ -72,10 +72,8 @@ def _replays() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _local_generator(policy: Policy) -> Any | None:
-    """The embedded SmolLM2 generator, when the transformers adapter is installed. Its states
-    are the monitors' own only when the policy observes the same model with torch; otherwise its
-    answers are streamed as text through the policy's observer like any upstream's."""
+def _local_generator() -> Any | None:
+    """The embedded SmolLM2 generator, when the transformers adapter is installed."""
     try:
         import guardrail_transformers  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -84,6 +82,9 @@ def _local_generator(policy: Policy) -> Any | None:
 
 
 def _shares_states(policy: Policy) -> bool:
+    """Whether the generator's own states are what the policy's monitors read: the policy
+    observes the same model with torch. Otherwise its answers go through the policy's observer
+    as text, like any upstream's."""
     observer = policy.observer
     return observer is None or (observer.model == "smollm2-135m" and observer.backend == "torch")
 
@@ -96,6 +97,7 @@ def _generated_streams(generator: Any, shared: bool, prompts: list[str],
         return []
     from guardrail_transformers import (  # type: ignore[import-not-found,unused-ignore]
         guarded_stream,
+        stream_text,
     )
 
     streams = []
@@ -108,8 +110,7 @@ def _generated_streams(generator: Any, shared: bool, prompts: list[str],
                                       "generated (monitors read the generator's own states)",
                                       events=events))
         else:
-            deltas = (step.text for step in generator.stream(prompt, max_new_tokens=max_tokens)
-                      if step.text)
+            deltas = stream_text(prompt, max_new_tokens=max_tokens)
             streams.append(DemoStream(f"SmolLM2: {prompt}", prompt, "generated (as text)",
                                       deltas=deltas))
     return streams
@@ -206,7 +207,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if getattr(args, "monitor", None):
         policy = policy.narrowed(args.monitor)
     t0 = time.perf_counter()
-    generator = _local_generator(policy)
+    generator = _local_generator()
     shared = generator is not None and _shares_states(policy)
     guard = Guard(policy, observer=generator.observer if generator is not None and shared
                   else None)

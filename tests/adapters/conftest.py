@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx  # noqa: F401  (imported first so the docs examples' openai import is warm)
 import pytest
 
 from guardrail import Features, Guard, Monitor, Score
