@@ -8,6 +8,10 @@ SmolLM2 features.
   they only count pooled); the paired set (same texts, true vs fabricated entities);
 - streamed: ``guardrail eval`` over some test records, i.e. a real session with the monitor's
   own entity finder and the shipped threshold (entities the finder misses are not scored);
+- SmolLM2's own answers (``own-test.jsonl``, written next to the build by ``python -m
+  guardrail_entity_hallucination.data own``; the section is left out when it is missing): the same
+  scorers on entities the observed model generated itself, pooled, per subject kind and per fact
+  type, with the share of wrong values per type;
 - a ROC plot (docs/entity-roc.png).
 
     python -m bench.entity_eval [--quick] [--data DIR] [--features DIR]
@@ -83,9 +87,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     import torch
     from guardrail_entity_hallucination.evaluation import (
+        evaluate_by_type,
         evaluate_records,
         probe_scorer,
         roc_points,
+        span_types,
         stat_scorer,
     )
     from guardrail_entity_hallucination.features import (
@@ -113,6 +119,18 @@ def main(argv: list[str] | None = None) -> Path:
     sets = {split: extract_features(observer, subsample(data_dir, split, n, tag=tag),
                                     features_dir, layers, stats=True, chunk_size=64).records
             for split, n in limits.items()}
+    own: dict[str, Any] | None = None
+    if (data_dir / "own-test.jsonl").exists():
+        own_file = subsample(data_dir, "own-test", 24 if args.quick else None, tag=tag)
+        own_records = extract_features(observer, own_file, features_dir, layers, stats=True,
+                                       chunk_size=64).records
+        own = evaluate_records(probe, own_records, by="subject_kind")
+        own["by_type"] = evaluate_by_type(probe, own_records, span_types(own_file))
+        own_manifest = data_dir / "own-manifest.json"
+        if own_manifest.exists():
+            built = json.loads(own_manifest.read_text(encoding="utf-8"))
+            own["build"] = {"counts": built.get("counts"), "seconds": built.get("seconds"),
+                            "number_tolerance": built.get("number_tolerance")}
     t_features = time.perf_counter() - t0
     test = evaluate_records(probe, sets["test"])
     paired = evaluate_records(probe, sets["paired"], by="version")
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
         "test": test,
         "long_form_records": len(long_form),
         "paired": paired,
+        "own_answers": own,
         "streamed": streamed,
         "plot": str(plot.relative_to(ROOT)) if plot and plot.is_relative_to(ROOT) else
         (str(plot) if plot else None),
@@ -161,6 +180,43 @@ def _table(block: dict[str, Any]) -> list[str]:
              "recall at 10% FPR |", "|---|---|---|---|---|"]
     lines += [_row(name, block[name]) for name in SCORERS if name in block]
     return lines
+
+
+def _own_section(own: dict[str, Any] | None) -> list[str]:
+    if not own:
+        return []
+    spans = own["all"]["probe"]
+    built = (own.get("build") or {}).get("counts", {})
+    sizes = ", ".join(f"{name} {c['records']} texts / {c['spans']} spans "
+                      f"({c['wrong_share']:.0%} wrong)" for name, c in built.items()
+                      if c.get("spans"))
+    parts = [f"SmolLM2's own answers, held-out test topics ({own['records']} texts, "
+             f"{spans['spans']} checkable entities, {spans['fabricated_spans']} of them wrong): "
+             "each entity value was generated greedily by SmolLM2-135M-Instruct itself in "
+             "answer to a \"Tell me about X\" prompt, then checked against the fact base "
+             "(names by a closed vocabulary, numbers within a factor of "
+             f"{(own.get('build') or {}).get('number_tolerance', 1.5)})"
+             + (f"; own-answer data: {sizes}" if sizes else "") + ".", "",
+             *_table(own["all"]), ""]
+    for kind, block in sorted(own.get("by_subject_kind", {}).items()):
+        if block["probe"]["span_auc"] is not None:
+            parts += [f"Own answers, {kind} texts ({block['records']} records):", "",
+                      *_table(block), ""]
+    by_type = own.get("by_type") or {}
+    if by_type:
+        def f(x: Any) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
+        parts += ["Own answers per fact type (span-max AUC; types with both labels):", "",
+                  "| type | spans | wrong | probe | surprisal max | entropy max |",
+                  "|---|---|---|---|---|---|"]
+        for kind, block in sorted(by_type.items()):
+            p = block["probe"]
+            parts.append(f"| {kind} | {p['spans']} | {p['fabricated_spans']} | "
+                         f"{f(p['span_auc'])} | {f(block['surprisal_max']['span_auc'])} | "
+                         f"{f(block['entropy_max']['span_auc'])} |")
+        parts.append("")
+    return parts
 
 
 def render(result: dict[str, Any]) -> str:
@@ -198,6 +254,7 @@ def render(result: dict[str, Any]) -> str:
                   f"{g('token_auc')}, recall at 10% FPR {g('recall_at_10fpr')}; with the "
                   f"shipped threshold, {g('recall')} of the texts with a fabricated entity got a "
                   f"flag and {g('false_halt_rate')} of those without one did.", ""]
+    parts += _own_section(result.get("own_answers"))
     if result.get("plot"):
         parts += [f"![span-max ROC]({Path(result['plot']).name})", ""]
     return "\n".join(parts)

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from guardrail_entity_hallucination.evaluation import evaluate_records
+from guardrail_entity_hallucination.evaluation import evaluate_by_type, evaluate_records
 from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
 from guardrail_entity_hallucination.probe import load_entity_probe
 from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
@@ -86,3 +86,22 @@ def test_saved_probe_reloads_into_the_monitor(planted: dict[str, object], tmp_pa
         best.probe.score(record.hidden[2].float(), extras).tolist(), abs=1e-6)
     monitor = EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(weights)))
     assert 2 in monitor.needs().layers and monitor.needs().logits == bool(loaded.features)
+
+
+def test_per_type_metrics_split_the_spans_by_their_fact_type(planted: dict[str, object]) -> None:
+    sets = planted["sets"]
+    assert isinstance(sets, dict)
+    best, _ = select_probe(sets["train"], sets["val"], [2], epochs=12, lr=1e-2, progress=False)
+    test = sets["test"]
+    cities = {"Paris", "Rome", "Warsaw", "Tokyo"}
+    types = [["city" if r.response[s.start:s.end] in cities else "other" for s in r.spans]
+             for r in test]
+    by_type = evaluate_by_type(best.probe, test, types)
+    pooled = evaluate_records(best.probe, test, by=None)["all"]
+    assert set(by_type) == {"city", "other"}
+    assert sum(b["probe"]["spans"] for b in by_type.values()) == pooled["probe"]["spans"]
+    assert by_type["city"]["probe"]["fabricated_spans"] == sum(
+        s.label for r in test for s in r.spans if r.response[s.start:s.end] in cities)
+    assert by_type["city"]["probe"]["span_auc"] > 0.95
+    with pytest.raises(ValueError, match="type lists"):
+        evaluate_by_type(best.probe, test, types[:-1])

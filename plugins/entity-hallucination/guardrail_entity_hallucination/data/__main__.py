@@ -1,6 +1,8 @@
 """``python -m guardrail_entity_hallucination.data build --out DIR [--seed N] [--limit N]`` and
 ``python -m guardrail_entity_hallucination.data replays [--out DIR]`` and
-``python -m guardrail_entity_hallucination.data audit --data DIR [--split test]`` (needs spaCy)."""
+``python -m guardrail_entity_hallucination.data audit --data DIR [--split test]`` (needs spaCy) and
+``python -m guardrail_entity_hallucination.data own --data DIR [--limit N]`` (SmolLM2's own answers
+about a build's topics, written next to it; see ``own_answers``)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     audit = sub.add_parser("audit", help="compare a build's spans with spaCy's entities")
     audit.add_argument("--data", type=Path, required=True, help="a build folder")
     audit.add_argument("--split", default="test")
+    own = sub.add_parser("own", help="SmolLM2's own answers about a build's topics "
+                         "(own-{train,val,test}.jsonl next to the build)")
+    own.add_argument("--data", type=Path, required=True, help="a build folder")
+    own.add_argument("--limit", type=int, default=None, help="at most N countries per split")
+    own.add_argument("--seed", type=int, default=1234)
+    own.add_argument("--city-texts", type=int, default=1,
+                     help="answers about each country's N largest cities")
+    own.add_argument("--city-splits", nargs="*", default=["test"],
+                     help="splits that get city answers (default: test)")
+    own.add_argument("--threads", type=int, default=1, help="torch threads")
     replays = sub.add_parser("replays", help="write the small bench/demo replay sets")
     replays.add_argument("--out", type=Path, default=None, help="default: the package's replays/")
     replays.add_argument("--cache", type=Path, default=None)
@@ -45,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             nlp = load_spacy()
             lines = (args.data / f"{args.split}.jsonl").read_text(encoding="utf-8").splitlines()
             print(json.dumps(audit_spans([json.loads(line) for line in lines], nlp)))
+        elif args.command == "own":
+            print(json.dumps(_own(args)))
         else:
             paths = write_replays(args.out or default_replay_dir(), cache=args.cache)
             print(json.dumps({"written": [str(p) for p in paths]}))
@@ -52,6 +66,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _own(args: argparse.Namespace) -> dict[str, object]:
+    from .own_answers import GreedyWriter, OwnConfig, build_own_answers
+
+    if not (args.data / "manifest.json").exists():
+        raise FileNotFoundError(f"{args.data / 'manifest.json'}: no build there (run "
+                                "`python -m guardrail_entity_hallucination.data build` first)")
+    import torch
+
+    from guardrail.observer.hf import load_smollm2
+    from guardrail.policy import ObserverSpec
+
+    torch.set_num_threads(args.threads)
+    observer = load_smollm2(ObserverSpec())
+    manifest = build_own_answers(args.data, GreedyWriter.from_observer(observer),
+                                 OwnConfig(seed=args.seed, limit=args.limit,
+                                           city_texts=args.city_texts,
+                                           city_splits=tuple(args.city_splits)),
+                                 observer_name=observer.name)
+    return {"out": str(args.data), "seconds": manifest["seconds"],
+            "splits": {s: {k: c[k] for k in ("records", "spans", "wrong_share")}
+                       for s, c in manifest["counts"].items()}}
 
 
 if __name__ == "__main__":
