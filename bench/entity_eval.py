@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> Path:
         roc_points,
         span_types,
         stat_scorer,
+        type_prior,
+        within_type,
     )
     from guardrail_entity_hallucination.features import (
         CANDIDATE_LAYERS,
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> Path:
                                        chunk_size=64).records
         own = evaluate_records(probe, own_records, by="subject_kind")
         own["by_type"] = evaluate_by_type(probe, own_records, span_types(own_file))
+        own["within_type"] = within_type(own["by_type"])
+        if (data_dir / "own-train.jsonl").exists():
+            own["type_prior"] = type_prior(data_dir / "own-train.jsonl", own_file)
         own_manifest = data_dir / "own-manifest.json"
         if own_manifest.exists():
             built = json.loads(own_manifest.read_text(encoding="utf-8"))
@@ -197,7 +202,12 @@ def _own_section(own: dict[str, Any] | None) -> list[str]:
              "(names by a closed vocabulary, numbers within a factor of "
              f"{(own.get('build') or {}).get('number_tolerance', 1.5)})"
              + (f"; own-answer data: {sizes}" if sizes else "") + ".", "",
-             *_table(own["all"]), ""]
+             *_table(own["all"])]
+    prior = own.get("type_prior")
+    if prior:
+        parts.append(_row("type prior (own-train wrong share of the span's type; reads no "
+                          "model)", prior))
+    parts.append("")
     for kind, block in sorted(own.get("by_subject_kind", {}).items()):
         if block["probe"]["span_auc"] is not None:
             parts += [f"Own answers, {kind} texts ({block['records']} records):", "",
@@ -207,7 +217,8 @@ def _own_section(own: dict[str, Any] | None) -> list[str]:
         def f(x: Any) -> str:
             return "n/a" if x is None else f"{x:.3f}"
 
-        parts += ["Own answers per fact type (span-max AUC; types with both labels):", "",
+        parts += ["Own answers per fact type (span-max AUC; n/a: the type has one label only):",
+                  "",
                   "| type | spans | wrong | probe | surprisal max | entropy max |",
                   "|---|---|---|---|---|---|"]
         for kind, block in sorted(by_type.items()):
@@ -216,6 +227,17 @@ def _own_section(own: dict[str, Any] | None) -> list[str]:
                          f"{f(p['span_auc'])} | {f(block['surprisal_max']['span_auc'])} | "
                          f"{f(block['entropy_max']['span_auc'])} |")
         parts.append("")
+    within = own.get("within_type") or {}
+    if within.get("types"):
+        def g(name: str) -> str:
+            value = within.get(name)
+            return "n/a" if value is None else f"{value:.3f}"
+
+        parts += [f"Within type (span-weighted mean of the per-type span AUCs over the types with "
+                  f"at least {within['min_each']} right and {within['min_each']} wrong values: "
+                  f"{', '.join(within['types'])}): probe {g('probe')}, surprisal max "
+                  f"{g('surprisal_max')}, surprisal mean {g('surprisal_mean')}, entropy max "
+                  f"{g('entropy_max')}, entropy mean {g('entropy_mean')}.", ""]
     return parts
 
 

@@ -23,7 +23,8 @@ from guardrail.probes.metrics import recall_at_fpr, roc_auc, roc_curve
 from .probe import EntityProbe
 
 __all__ = ["BASELINES", "TokenScorer", "evaluate_by_type", "evaluate_records", "probe_scorer",
-           "roc_points", "score_tokens", "span_scores", "span_types", "stat_scorer"]
+           "roc_points", "score_tokens", "span_scores", "span_types", "stat_scorer",
+           "type_prior", "within_type"]
 
 TokenScorer = Callable[[CachedRecord], list[float]]
 """Per-token scores of one cached record (``nan``: no score)."""
@@ -135,6 +136,30 @@ def span_types(data_file: Path) -> list[list[str]]:
     return out
 
 
+def type_prior(train_file: Path, test_file: Path) -> dict[str, Any]:
+    """A baseline that reads no model: each test span scored by the share of wrong spans of its
+    fact type in ``train_file`` (the pooled share for a type training never saw). It measures
+    how much of a pooled AUC the mix of types alone gives."""
+    counts: dict[str, list[int]] = {}
+    for line in train_file.read_text(encoding="utf-8").splitlines():
+        for span in json.loads(line).get("spans") or [] if line.strip() else []:
+            row = counts.setdefault(str(span.get("type", "?")), [0, 0])
+            row[0] += 1
+            row[1] += int(span["label"])
+    total = sum(n for n, _ in counts.values())
+    pooled = sum(w for _, w in counts.values()) / total if total else 0.5
+    labels: list[int] = []
+    scores: list[float] = []
+    for line in test_file.read_text(encoding="utf-8").splitlines():
+        for span in json.loads(line).get("spans") or [] if line.strip() else []:
+            n, w = counts.get(str(span.get("type", "?")), (0, 0))
+            labels.append(int(span["label"]))
+            scores.append(w / n if n else pooled)
+    return {"span_auc": _safe(roc_auc, labels, scores),
+            "recall_at_10fpr": _safe(recall_at_fpr, labels, scores, 0.1),
+            "spans": len(labels), "fabricated_spans": sum(labels)}
+
+
 def evaluate_by_type(probe: EntityProbe, records: Sequence[CachedRecord],
                      types: Sequence[Sequence[str]], min_spans: int = 1) -> dict[str, Any]:
     """Span metrics of the probe and the baselines per fact type: each type's spans alone (the
@@ -162,6 +187,24 @@ def evaluate_by_type(probe: EntityProbe, records: Sequence[CachedRecord],
                                                        reduce).items()
                             if k in ("span_auc", "recall_at_10fpr", "spans", "fabricated_spans")}
                      for name, (_, reduce) in scorers.items()}
+    return out
+
+
+def within_type(by_type: Mapping[str, Any], min_each: int = 5) -> dict[str, Any]:
+    """Per scorer, the span-weighted mean of the per-type span AUCs (``evaluate_by_type``) over
+    the types with at least ``min_each`` spans of each label: how well a scorer ranks wrong
+    against right values of the same type, which a type's base rate cannot do."""
+    kept = {t: b for t, b in by_type.items()
+            if min(b["probe"]["fabricated_spans"],
+                   b["probe"]["spans"] - b["probe"]["fabricated_spans"]) >= min_each}
+    out: dict[str, Any] = {"types": sorted(kept), "min_each": min_each}
+    if not kept:
+        return out
+    for name in next(iter(kept.values())):
+        pairs = [(b[name]["spans"], b[name]["span_auc"]) for b in kept.values()
+                 if b[name]["span_auc"] is not None]
+        weight = sum(n for n, _ in pairs)
+        out[name] = round(sum(n * a for n, a in pairs) / weight, 4) if weight else None
     return out
 
 

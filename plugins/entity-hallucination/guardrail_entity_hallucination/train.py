@@ -43,6 +43,7 @@ from .evaluation import (
     score_tokens,
     span_scores,
     span_types,
+    within_type,
 )
 from .features import CANDIDATE_LAYERS, DEFAULT_LIMITS, build_data, split_features, split_sizes
 from .probe import DEFAULT_WEIGHTS, EXTRA_FEATURES, EntityProbe, stack_inputs
@@ -188,7 +189,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.report is not None and \
+            args.report.resolve() == args.out.with_suffix(".json").resolve():
+        parser.error(f"--report {args.report} would overwrite the weights' own .json; "
+                     "choose another name")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     limits: dict[str, int | None] = {"train": args.train_limit, "val": args.val_limit,
@@ -239,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         results["own-test"] = evaluate_records(probe, own.records, by="subject_kind")
         if own.path is not None:
             types = span_types(Path(own.meta["data"]["path"]))
-            results["own-test"]["by_type"] = evaluate_by_type(probe, own.records, types)
+            by_type = evaluate_by_type(probe, own.records, types)
+            results["own-test"]["by_type"] = by_type
+            results["own-test"]["within_type"] = within_type(by_type)
     manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
     config = {
         "base_model": SMOLLM2_NAME,
@@ -265,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"weights": str(weights), "layer": probe.layer, "features": list(probe.features),
                "threshold": probe.threshold, "layer_selection": table,
                "test": results["test"]["all"], "paired": results["paired"]["all"],
-               **({"own-test": results["own-test"]["all"]} if "own-test" in results else {}),
+               **({"own-test": results["own-test"]["all"],
+                   "own-test_within_type": results["own-test"].get("within_type")}
+                  if "own-test" in results else {}),
                "seconds": config["seconds"]}
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
