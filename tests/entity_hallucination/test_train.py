@@ -3,11 +3,16 @@ calibration -> saved weights -> monitor) learns a planted signal on a tiny rando
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
-from guardrail_entity_hallucination.evaluation import evaluate_by_type, evaluate_records
+from guardrail_entity_hallucination.evaluation import (
+    evaluate_by_type,
+    evaluate_records,
+    type_prior,
+)
 from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
 from guardrail_entity_hallucination.probe import load_entity_probe
 from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
@@ -105,3 +110,31 @@ def test_per_type_metrics_split_the_spans_by_their_fact_type(planted: dict[str, 
     assert by_type["city"]["probe"]["span_auc"] > 0.95
     with pytest.raises(ValueError, match="type lists"):
         evaluate_by_type(best.probe, test, types[:-1])
+
+
+def test_type_prior_scores_spans_by_their_types_training_share(tmp_path: Path) -> None:
+    def write(name: str, spans: list[tuple[str, int]]) -> Path:
+        text = "x" * len(spans)
+        record = {"prompt": "", "response": text,
+                  "spans": [{"start": i, "end": i + 1, "type": t, "label": y}
+                            for i, (t, y) in enumerate(spans)]}
+        path = tmp_path / name
+        path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        return path
+
+    train = write("train.jsonl", [("area", 1), ("area", 1), ("area", 0), ("capital", 0)])
+    test = write("test.jsonl", [("area", 1), ("capital", 0), ("area", 0), ("capital", 0)])
+    prior = type_prior(train, test)
+    assert prior["spans"] == 4 and prior["fabricated_spans"] == 1
+    # area (2/3 wrong in training) ranks above capital (0/1): the wrong area beats both capitals
+    # and ties the right area
+    assert prior["span_auc"] == pytest.approx((1 + 1 + 0.5) / 3, abs=1e-4)
+
+
+def test_report_may_not_overwrite_the_weights_json(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from guardrail_entity_hallucination.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "p.safetensors"), "--report", str(tmp_path / "p.json")])
+    assert exc.value.code == 2 and "p.json" in capsys.readouterr().err

@@ -93,6 +93,11 @@ class GreedyWriter:
                                                                    None)) if i is not None}
         self._cache: Any = None
         self._cached: list[int] = []
+        # transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes)
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._context: tuple[str, list[int]] | None = None
 
     @classmethod
@@ -127,8 +132,8 @@ class GreedyWriter:
         feed, out_ids = ids[keep:], []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                out = self.model(input_ids=torch.tensor([feed]), past_key_values=self._cache,
-                                 use_cache=True)
+                out = self.model(input_ids=torch.tensor([feed]), use_cache=True,
+                                 **{self._cache_arg: self._cache})
                 self._cached += feed
                 nxt = int(out.logits[0, -1].argmax())
                 if nxt in self.eos:
