@@ -209,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     from guardrail.policy import ObserverSpec
 
     observer = load_smollm2(ObserverSpec())
+    # A full run caches every candidate layer, so --layers picks among them without re-reading
+    extract = layers if args.quick else sorted(set(CANDIDATE_LAYERS) | set(layers))
     features = split_features(observer, data_dir, args.features or base / "entity-features",
-                              ("train", "val", "test", "paired"), limits, layers, seed=0,
+                              ("train", "val", "test", "paired"), limits, extract, seed=0,
                               tag="quick" if args.quick else "sub")
     own_splits = ["own-train", "own-val"] if args.own else []
     if args.own:
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if (data_dir / "own-test.jsonl").exists():
         own_splits.append("own-test")
     features.update(split_features(observer, data_dir, args.features or base / "entity-features",
-                                   own_splits, {}, layers, seed=0,
+                                   own_splits, {}, extract, seed=0,
                                    tag="quick" if args.quick else "sub"))
     t_features = time.perf_counter() - t0
     train_records = list(features["train"].records)
