@@ -194,6 +194,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         raise SystemExit(f"{weights}: not a dual (SCM) head")
     config = probe.config
     layers = [int(x) for x in config["layers"]]
+    pooling = str(config.get("pooling", "none"))
     threshold, k = float(config["threshold"]), int(config["rule"]["k"])
     full_t = float(config["full_detection_threshold"])
     work = cache_dir() / "harmful-content"
@@ -210,7 +211,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     records = extract_features(observer, test, work / "features", cached_layers,
                                dtype="float16", chunk_size=512, progress=progress).records
     features_s = time.perf_counter() - t
-    scores = prefix_scores(head, stack_layers(records, layers))
+    scores = prefix_scores(head, stack_layers(records, layers, pooling))
     labels = [int(r.label or 0) for r in records]
     kinds = [str(r.extra.get("kind", "")) for r in records]
     lengths = [len(s) for s in scores]
@@ -221,7 +222,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     full = full_report(scores, labels, full_t)
     t_win = time.perf_counter()
     windowed_raw = windowed_halts(observer, head, layers, records, scores,
-                                  full_t, progress=progress)
+                                  full_t, pooling=pooling, progress=progress)
     windowed_h = [h for h, _ in windowed_raw]
     windowed = {**_decisions(windowed_h, lengths, labels), **_medians(windowed_h, lengths, labels),
                 "threshold": full_t, "chunk": 200, "context": 50,

@@ -173,8 +173,12 @@ def _fill(head: ProbeHead, tensors: Mapping[str, torch.Tensor], weights: Path,
 
 def check_observer(loaded: LoadedProbe, observer: Any) -> None:
     """Raise if the probe cannot read this observer's states (hidden size, layer range)."""
-    head_config = loaded.config.get("head", {})
-    size = head_config.get("hidden_size")
+    # The observer's width the probe was trained on: ``dims.hidden_size`` when the head reads more
+    # than one row of states per token (several layers, pooled states), else the head's width.
+    dims = loaded.config.get("dims")
+    size = dims.get("hidden_size") if isinstance(dims, dict) else None
+    if size is None:
+        size = loaded.config.get("head", {}).get("hidden_size")
     if size is not None and int(size) != int(observer.hidden_size):
         raise ProbeFileError(
             f"probe {loaded.path} reads hidden size {size} but observer "

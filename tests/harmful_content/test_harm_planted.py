@@ -92,7 +92,7 @@ def test_streamed_scores_equal_the_trainers_scores_on_cached_features(planted_ru
     head = load_probe(weights).head
     assert isinstance(head, DualHead)
     cached = extract_features(observer, test, tmp_path, saved["layers"]).records[:6]
-    offline = prefix_scores(head, stack_layers(cached, saved["layers"]))
+    offline = prefix_scores(head, stack_layers(cached, saved["layers"], saved["pooling"]))
     guard = _guard(planted_run)
     for record, expected in zip(cached, offline, strict=True):
         session = guard.session(prompt=record.prompt, record_scores=True, dry_run=True)
@@ -100,3 +100,43 @@ def test_streamed_scores_equal_the_trainers_scores_on_cached_features(planted_ru
             session.feed(piece)
         streamed = [s for _, s in session.finish().scores["harm"]]
         assert streamed == pytest.approx(expected, abs=2e-3)
+
+
+
+def test_a_stream_cut_back_by_a_route_scores_like_a_fresh_one(planted_run: Run,
+                                                               tmp_path: Path) -> None:
+    """The prefix-mean head keeps a running mean per stream; when a route cuts the response back
+    (``Monitor.truncate``), the cut tokens must leave the mean: the rewritten tokens then score
+    as they would in a stream that never had the cut ones."""
+    from guardrail_harmful_content.monitor import HarmfulContentMonitor
+
+    from guardrail.monitor import Features, MonitorContext
+    from guardrail.stream import TokenSpan
+
+    observer, weights, saved, test = planted_run
+    assert saved["pooling"] == "prefix_mean"
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    records = extract_features(observer, test, tmp_path, saved["layers"]).records
+    harmful = next(r for r in records if r.label == 1 and len(r) > 12)
+    benign = next(r for r in records if r.label == 0 and len(r) > 12)
+
+    def rows(record: Any, start: int, end: int) -> dict[int, Any]:
+        return {layer: record.hidden[layer][start:end].float().numpy()
+                for layer in saved["layers"]}
+
+    def feed(state: Any, hidden: dict[int, Any], first: int) -> list[float]:
+        n = len(next(iter(hidden.values())))
+        tokens = [TokenSpan(first + i, first + i + 1) for i in range(n)]
+        features = Features(tokens=tokens, first_index=first, text="x" * (first + n),
+                            hidden=hidden)
+        return [s.value for s in monitor.update(state, features)]
+
+    context = MonitorContext("harm", observer=observer)
+    routed = monitor.start(context)
+    feed(routed, rows(benign, 0, 6), 0)
+    feed(routed, rows(harmful, 0, 10), 6)  # read, then cut away by the route
+    monitor.truncate(routed, 6)
+    after = feed(routed, rows(benign, 6, 12), 6)
+    fresh = monitor.start(context)
+    feed(fresh, rows(benign, 0, 6), 0)
+    assert after == pytest.approx(feed(fresh, rows(benign, 6, 12), 6), abs=1e-9)

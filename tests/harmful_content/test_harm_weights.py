@@ -51,6 +51,12 @@ def test_bad_layers_in_the_config_name_the_key(tmp_path: Path) -> None:
         _monitor(weights)
 
 
+def test_an_unknown_pooling_in_the_config_names_the_key(tmp_path: Path) -> None:
+    weights = save_probe(tmp_path, DualHead(16), {"layers": [1], "pooling": "max"}, name="harm")
+    with pytest.raises(ProbeFileError, match=r"harm\.json.*'pooling'.*prefix_mean"):
+        _monitor(weights)
+
+
 def test_a_policy_with_bad_weights_fails_at_load_naming_the_file(tmp_path: Path) -> None:
     policy = {"version": 1, "monitors": [{"id": "harm", "use": "harmful-content",
                                           "options": {"weights": str(tmp_path / "x.bin")}}]}

@@ -47,23 +47,23 @@ WindowResult = tuple[int | None, int]
 """(token index where the stream halts or ``None``, windows scored)."""
 
 
-def _window_score(observer: Any, head: DualHead, layers: Sequence[int], prompt: str,
-                  text: str) -> float:
+def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling: str,
+                  prompt: str, text: str) -> float:
     needs = Needs(layers=frozenset(layers))
     state = observer.start([{"role": "user", "content": prompt}], needs)
     tokens = list(observer.tokenizer.tokenize(text))
     if not tokens:
         return 0.0
     batch = observer.extend(state, tokens, needs)
-    hidden = stack_states(batch.hidden, layers)[-1:]
+    hidden = stack_states(batch.hidden, layers, pooling)[-1:]
     with torch.inference_mode():
         return float(head.score(hidden)[0])
 
 
 def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                    records: Sequence[CachedRecord], prefix_scores: Sequence[Sequence[float]],
-                   threshold: float, *, chunk: int = 200, context: int = 50,
-                   progress: bool = True) -> list[WindowResult]:
+                   threshold: float, *, pooling: str = "none", chunk: int = 200,
+                   context: int = 50, progress: bool = True) -> list[WindowResult]:
     """Run the windowed baseline over ``records`` (cached features give the token offsets).
 
     The first window starts at the response's first token with nothing before it, exactly as the
@@ -81,7 +81,7 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                 score = scores[end - 1]
             else:
                 text = record.response[offsets[start][0] : offsets[end - 1][1]]
-                score = _window_score(observer, head, layers, record.prompt, text)
+                score = _window_score(observer, head, layers, pooling, record.prompt, text)
             if score >= threshold:
                 halt = end - 1
                 break

@@ -15,7 +15,9 @@ weights file raises ``ProbeFileError`` naming the file.
 Per token the monitor runs on the generator's or observer's rows with numpy: the harm
 probability of a two-class softmax is the sigmoid of the logit difference, so the head reduces to
 one dot product per layer (a handful of small numpy calls instead of torch ops, whose dispatch
-dominates at one row per step).
+dominates at one row per step). A head trained with ``pooling: prefix_mean`` also reads the mean
+of the response's states so far; its dot product with the mean is the mean of the tokens' dot
+products, so a stream's state is one float per token (kept so a routed stream can be cut back).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from guardrail.probes.arrays import float32_rows
 from guardrail.probes.heads import DualHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
-from .scoring import stack_states
+from .scoring import POOLINGS, stack_states
 
 __all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "HarmfulContentMonitor"]
 
@@ -59,6 +61,16 @@ def _rule_of(config: dict[str, Any]) -> tuple[float | None, int | None]:
 
 
 _SHIPPED_THRESHOLD, _SHIPPED_K = _rule_of(_shipped_config())
+
+
+class _PrefixMean:
+    """Per-stream state of a ``prefix_mean`` head: each token's dot product with the mean half."""
+
+    __slots__ = ("projections", "total")
+
+    def __init__(self) -> None:
+        self.projections: list[float] = []
+        self.total = 0.0
 
 
 class HarmfulContentMonitor(Monitor):
@@ -101,11 +113,20 @@ class HarmfulContentMonitor(Monitor):
             raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'layers' must be a "
                                  f"non-empty list of layer numbers, got {layers!r}")
         self.layers: tuple[int, ...] = tuple(layers)
-        # softmax(W h)[1] = sigmoid((W[1] - W[0]) h): the difference row, cut per layer
+        pooling = self.probe.config.get("pooling", "none")
+        if pooling not in POOLINGS:
+            raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'pooling' must be "
+                                 f"one of {list(POOLINGS)}, got {pooling!r}")
+        self.pooling: str = pooling
+        # softmax(W h)[1] = sigmoid((W[1] - W[0]) h): the difference row, cut per layer (and,
+        # for a prefix_mean head, per layer again for the mean half)
         weight = head.sequence_head.weight.detach().double()
         diff = (weight[1] - weight[0]).float().numpy()
-        width = diff.shape[0] // len(self.layers)
-        self._diff = [diff[i * width:(i + 1) * width] for i in range(len(self.layers))]
+        parts = len(self.layers) * (2 if self.pooling == "prefix_mean" else 1)
+        width = diff.shape[0] // parts
+        cuts = [diff[i * width:(i + 1) * width] for i in range(parts)]
+        self._diff = cuts[:len(self.layers)]
+        self._mean_diff = cuts[len(self.layers):]
         threshold = options.threshold
         if threshold is None:
             threshold = self.probe.threshold
@@ -125,31 +146,47 @@ class HarmfulContentMonitor(Monitor):
     def needs(self) -> Needs:
         return Needs(layers=frozenset(self.layers))
 
-    def start(self, context: MonitorContext) -> None:
+    def start(self, context: MonitorContext) -> _PrefixMean | None:
         observer = context.observer
         if observer is not None and id(observer) not in self._checked:
             with self._lock:  # once per observer: the dims must fit the head
                 check_observer(self.probe, observer)
-                width = int(observer.hidden_size) * len(self.layers)
+                width = (int(observer.hidden_size) * len(self.layers)
+                         * (2 if self.pooling == "prefix_mean" else 1))
                 if width != self.probe.head.hidden_size:
                     raise ProbeFileError(
                         f"{self.weights}: the head reads {self.probe.head.hidden_size} values "
                         f"per token, observer {observer.name!r} gives {width} for layers "
                         f"{list(self.layers)}")
                 self._checked.add(id(observer))
-        return None
+        return _PrefixMean() if self.pooling == "prefix_mean" else None
 
-    def update(self, state: None, features: Features) -> Sequence[Score]:
+    def update(self, state: _PrefixMean | None, features: Features) -> Sequence[Score]:
         if not features.tokens:
             return []
         hidden = features.hidden
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
-        logit = float32_rows(hidden[self.layers[0]]) @ self._diff[0]
-        for layer, diff in zip(self.layers[1:], self._diff[1:], strict=True):
-            logit = logit + float32_rows(hidden[layer]) @ diff
+        rows = [float32_rows(hidden[layer]) for layer in self.layers]
+        logit = rows[0] @ self._diff[0]
+        for row, diff in zip(rows[1:], self._diff[1:], strict=True):
+            logit = logit + row @ diff
+        values: list[float] = logit.tolist()
+        if state is not None:
+            mean_part = rows[0] @ self._mean_diff[0]
+            for row, diff in zip(rows[1:], self._mean_diff[1:], strict=True):
+                mean_part = mean_part + row @ diff
+            for j, projection in enumerate(mean_part.tolist()):
+                state.projections.append(projection)
+                state.total += projection
+                values[j] += state.total / len(state.projections)
         # the sigmoid, as tanh: no overflow
         return [Score(i, 0.5 + 0.5 * math.tanh(0.5 * v))
-                for i, v in zip(features.indices, logit.tolist(), strict=True)]
+                for i, v in zip(features.indices, values, strict=True)]
+
+    def truncate(self, state: _PrefixMean | None, n_tokens: int) -> None:
+        if state is not None and n_tokens < len(state.projections):
+            del state.projections[n_tokens:]
+            state.total = math.fsum(state.projections)
 
 

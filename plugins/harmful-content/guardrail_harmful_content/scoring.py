@@ -3,9 +3,13 @@
 Shared by the trainer, the benchmark and the tests, so the numbers they report come from one
 definition:
 
-- ``stack_layers``: a feature view that reads one layer or a concatenation of layers;
+- ``stack_layers``: a feature view that reads one layer or a concatenation of layers, with the
+  head's pooling (``"prefix_mean"``: each token's states side by side with the mean of the
+  response's states up to it);
 - ``prefix_scores``: the sequence head at every response token (SCM's streaming score: position
-  ``i`` judges the response up to token ``i``);
+  ``i`` judges the response up to token ``i``), as float64 probabilities;
+- ``calibration_thresholds``: the count-k rule's threshold grid, fixed steps plus quantiles of the
+  benign validation prefix scores (a sharp head puts most of them near 1);
 - ``streaming_report`` / ``full_report`` / ``budget_curve``: the count-k rule, full detection
   (the head on the last token only) and full detection after a share of the tokens.
 """
@@ -23,13 +27,15 @@ from guardrail.probes.calibrate import streaming_metrics
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import DualHead
 from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
-from guardrail.probes.train import score_records
 
 __all__ = [
+    "POOLINGS",
     "STACKED",
     "budget_curve",
+    "calibration_thresholds",
     "full_report",
     "full_threshold",
+    "prefix_mean",
     "prefix_scores",
     "stack_layers",
     "stack_states",
@@ -39,24 +45,70 @@ __all__ = [
 STACKED = -10_000
 """The feature key under which ``stack_layers`` puts its (possibly concatenated) states."""
 
+POOLINGS = ("none", "prefix_mean")
+"""What the head reads per token: ``"none"``, the token's states (SCM); ``"prefix_mean"``, the
+token's states and the mean of the states of the response up to and including it. The mean is
+causal (a prefix's score never reads later tokens) and steadier than one token's states, so benign
+answers spike past the threshold less often."""
 
-def stack_states(hidden: Any, layers: Sequence[int]) -> torch.Tensor:
-    """``hidden`` maps layer -> ``(n, H)``; the requested layers side by side, ``(n, H*len)``."""
+
+def prefix_mean(states: torch.Tensor) -> torch.Tensor:
+    """``(n, H)`` -> ``(n, H)``: row ``i`` is the mean of rows ``0..i``."""
+    counts = torch.arange(1, states.shape[0] + 1, dtype=states.dtype).unsqueeze(-1)
+    return torch.cumsum(states, dim=0) / counts
+
+
+def stack_states(hidden: Any, layers: Sequence[int], pooling: str = "none") -> torch.Tensor:
+    """``hidden`` maps layer -> ``(n, H)``; the requested layers side by side, ``(n, H*len)``,
+    followed by their prefix means when ``pooling`` is ``"prefix_mean"`` (``(n, 2*H*len)``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: expected one of {list(POOLINGS)}")
     missing = [layer for layer in layers if layer not in hidden]
     if missing:
         raise KeyError(f"the harmful-content head reads layers {list(layers)}; the features "
                        f"have {sorted(hidden)}")
-    return torch.cat([torch.as_tensor(hidden[layer]).float() for layer in layers], dim=-1)
+    states = torch.cat([torch.as_tensor(hidden[layer]).float() for layer in layers], dim=-1)
+    if pooling == "prefix_mean":
+        states = torch.cat([states, prefix_mean(states)], dim=-1)
+    return states
 
 
-def stack_layers(records: Sequence[CachedRecord], layers: Sequence[int]) -> list[CachedRecord]:
-    """Views of ``records`` whose only feature (key ``STACKED``) is ``layers`` concatenated."""
-    return [replace(r, hidden={STACKED: stack_states(r.hidden, layers)}) for r in records]
+def stack_layers(records: Sequence[CachedRecord], layers: Sequence[int],
+                 pooling: str = "none") -> list[CachedRecord]:
+    """Views of ``records`` whose only feature (key ``STACKED``) is ``layers`` concatenated (and
+    pooled, see ``stack_states``)."""
+    return [replace(r, hidden={STACKED: stack_states(r.hidden, layers, pooling)})
+            for r in records]
 
 
 def prefix_scores(head: DualHead, stacked: Sequence[CachedRecord]) -> list[list[float]]:
-    """Harm probability of every prefix of every record (records from ``stack_layers``)."""
-    return score_records(head, stacked, STACKED, batch_size=32)
+    """Harm probability of every prefix of every record (records from ``stack_layers``), the
+    sigmoid of the logit difference in float64: a sharp head's benign scores sit within 1e-6 of
+    1, where float32 probabilities would tie."""
+    was_training = head.training
+    head.eval()
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for record in stacked:
+            logits = head.prefix_logits(record.hidden[STACKED].float()).double()
+            out.append(torch.sigmoid(logits[:, 1] - logits[:, 0]).tolist())
+    head.train(was_training)
+    return out
+
+
+BENIGN_QUANTILES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998,
+                    0.999, 0.9995, 0.9999)
+
+
+def calibration_thresholds(scores: Sequence[Sequence[float]], labels: Sequence[int],
+                           fixed: Sequence[float] = ()) -> tuple[float, ...]:
+    """``fixed`` plus the ``BENIGN_QUANTILES`` of the benign records' prefix scores, sorted."""
+    benign = sorted(v for s, y in zip(scores, labels, strict=True) if y == 0 for v in s)
+    grid = set(fixed)
+    if benign:
+        for q in BENIGN_QUANTILES:
+            grid.add(benign[min(len(benign) - 1, int(q * len(benign)))])
+    return tuple(sorted(grid))
 
 
 def _safe_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:

@@ -29,16 +29,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardrail.probes.calibrate import calibrate_count_k
+from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
 from guardrail.probes.features import CachedRecord, extract_features
-from guardrail.probes.heads import DualHead
+from guardrail.probes.heads import DualHead, ProbeHead
 from guardrail.probes.io import save_probe
-from guardrail.probes.train import scm_loss_fn, streaming_f1_metric, train_head
+from guardrail.probes.train import MetricFn, scm_loss_fn, train_head
 from guardrail.sources import cache_dir
 
 from .prefixes import prefix_views
 from .scoring import (
+    BENIGN_QUANTILES,
+    POOLINGS,
     STACKED,
+    calibration_thresholds,
     full_report,
     full_threshold,
     prefix_scores,
@@ -63,8 +66,9 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 NAME = "harmful_content"
 DEFAULT_LAYERS = (9, 12, 15)
 LOSS_WEIGHTS = {"token_ce": 0.6, "sequence_ce": 0.4, "logic": 1.0}  # SCM's run-scm.sh
-# The calibration grid reaches far into the tail: on SmolLM2 the prefix scores of benign answers
-# pass 0.95 often enough that a 3% false-halt budget needs thresholds near 1 and large k.
+# The calibration grid: these fixed steps plus quantiles of the benign validation prefix scores
+# (``calibration_thresholds``). On SmolLM2 benign prefixes pass 0.95 often enough that a 3%
+# false-halt budget needs thresholds near 1, where a fixed grid is too coarse.
 THRESHOLDS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.96, 0.97, 0.98, 0.99, 0.995,
               0.998, 0.999)
 MAX_K = 100
@@ -82,8 +86,9 @@ class TrainConfig:
     # for all of ``layers``, so a cache written by a wider run is reused.
     train_layers: tuple[int, ...] | None = None
     concat: bool = True  # also try the two best layers side by side
+    pooling: str = "prefix_mean"  # see scoring.POOLINGS
     prefixes: int = 2  # truncated copies of each training record added to the training set
-    max_train: int | None = 900
+    max_train: int | None = None
     max_val: int | None = None
     epochs: int = 12
     batch_size: int = 16
@@ -146,7 +151,9 @@ def prepare_data(config: TrainConfig, work: Path) -> tuple[dict[str, Path], dict
             raise FileNotFoundError(f"{source}: no {split} split (build one with "
                                     "python -m guardrail_harmful_content.data build --out DIR)")
         chosen = subsample(_read_jsonl(source), limit, config.seed)
-        target = work / f"{split}-{limit or 'all'}-seed{config.seed}.jsonl"
+        # The file's name keys the feature cache: a whole split is the same file for every seed.
+        name = f"{split}-all" if limit is None else f"{split}-{limit}-seed{config.seed}"
+        target = work / f"{name}.jsonl"
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in chosen)
         if not target.exists() or target.read_text(encoding="utf-8") != text:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,10 +176,11 @@ def load_observer(model: str | None) -> Any:
 
 def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[CachedRecord],
          config: TrainConfig) -> Candidate:
-    train_view, val_view = stack_layers(train, layers), stack_layers(val, layers)
+    train_view = stack_layers(train, layers, config.pooling)
+    val_view = stack_layers(val, layers, config.pooling)
     width = int(train_view[0].hidden[STACKED].shape[-1])
     head = DualHead(width, dropout=0.1, seed=config.seed)
-    metric = streaming_f1_metric(STACKED, max_false_halt_rate=config.max_false_halt_rate)
+    metric = _streaming_metric(config.max_false_halt_rate)
     result = train_head(
         head, train_view, val_view, layer=STACKED,
         loss_fn=scm_loss_fn(LOSS_WEIGHTS["token_ce"], LOSS_WEIGHTS["sequence_ce"],
@@ -187,6 +195,25 @@ def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[C
 
 def _label(r: CachedRecord) -> int:
     return int(r.label or 0)
+
+
+def calibrate(scores: Sequence[Sequence[float]], labels: Sequence[int],
+              max_false_halt_rate: float) -> StreamingResult:
+    """SCM's ``(threshold, k)``: the best macro-F1 on these records with false halts capped."""
+    return calibrate_count_k(scores, labels, thresholds=calibration_thresholds(
+                                 scores, labels, THRESHOLDS),
+                             ks=range(1, MAX_K + 1), max_false_halt_rate=max_false_halt_rate)
+
+
+def _streaming_metric(max_false_halt_rate: float) -> MetricFn:
+    """Epoch selection: the calibrated streaming macro-F1 on validation (the shipped decision)."""
+
+    def metric(head: ProbeHead, records: Sequence[CachedRecord]) -> float:
+        assert isinstance(head, DualHead)
+        scores = prefix_scores(head, records)
+        return calibrate(scores, [_label(r) for r in records], max_false_halt_rate).macro_f1
+
+    return metric
 
 
 def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
@@ -239,10 +266,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     best = max(candidates, key=lambda c: (c.val_metric, -len(c.layers)))
     timings["train_s"] = time.perf_counter() - t
 
-    val_scores = prefix_scores(best.head, stack_layers(val_set, best.layers))
-    choice = calibrate_count_k(val_scores, val_labels, thresholds=THRESHOLDS,
-                               ks=range(1, MAX_K + 1),
-                               max_false_halt_rate=config.max_false_halt_rate)
+    val_scores = prefix_scores(best.head, stack_layers(val_set, best.layers, config.pooling))
+    choice = calibrate(val_scores, val_labels, config.max_false_halt_rate)
     streaming = streaming_report(val_scores, val_labels, choice.threshold, choice.k)
     full_t = full_threshold(val_scores, val_labels)
     full = full_report(val_scores, val_labels, full_t)
@@ -252,6 +277,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         "base_model": observer.name,
         "layer": best.layers[0],
         "layers": list(best.layers),
+        "pooling": config.pooling,
         "dims": {"hidden_size": int(observer.hidden_size), "input_size": best.head.hidden_size,
                  "observer_layers": n_layers},
         "threshold": choice.threshold,
@@ -259,6 +285,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         "full_detection_threshold": full_t,
         "calibration": {"objective": "macro_f1", "split": "val", "max_k": MAX_K,
                         "thresholds": list(THRESHOLDS),
+                        "benign_quantiles": list(BENIGN_QUANTILES),
                         "max_false_halt_rate": config.max_false_halt_rate,
                         "constraint_met": choice.constraint_met},
         "data": _data_summary(manifest, config),
@@ -311,6 +338,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-layers", type=int, nargs="+",
                    help="train heads on these of --layers only (default: all)")
     p.add_argument("--no-concat", action="store_true", help="do not try two layers together")
+    p.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
+                   help="what the head reads per token: its states, or also the mean of the "
+                        "response's states so far (default)")
     p.add_argument("--max-train", type=int, default=d.max_train,
                    help="training records kept (stratified); 0: all")
     p.add_argument("--max-val", type=int, default=0, help="validation records kept; 0: all")
@@ -331,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         data=args.data, out=args.out, model=args.model, layers=tuple(args.layers),
         train_layers=tuple(args.train_layers) if args.train_layers else None,
-        concat=not args.no_concat, prefixes=args.prefixes, max_train=args.max_train or None,
+        concat=not args.no_concat, pooling=args.pooling, prefixes=args.prefixes,
+        max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, max_false_halt_rate=args.max_false_halt_rate,
         cache=args.cache, progress=not args.quiet,
