@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from guardrail_harmful_content.scoring import prefix_scores, stack_layers
 from guardrail_harmful_content.train import TrainConfig, train
 
@@ -140,3 +141,39 @@ def test_a_stream_cut_back_by_a_route_scores_like_a_fresh_one(planted_run: Run,
     fresh = monitor.start(context)
     feed(fresh, rows(benign, 0, 6), 0)
     assert after == pytest.approx(feed(fresh, rows(benign, 6, 12), 6), abs=1e-9)
+
+
+def test_a_seed_ensemble_scores_the_mean_of_its_members_logits(planted_run: Run,
+                                                                tmp_path: Path) -> None:
+    """``--ensemble-seeds``: the heads are linear, so averaging their weights averages their
+    logits; the saved head must score every prefix as the members' mean logit would."""
+    from guardrail_harmful_content.scoring import STACKED
+    from guardrail_harmful_content.train import average_heads
+
+    observer, weights, saved, test = planted_run
+    first = load_probe(weights).head
+    assert isinstance(first, DualHead)
+    other = DualHead(first.hidden_size, seed=7)  # a second member with other weights
+    ensemble = average_heads([first, other])
+    cached = extract_features(observer, test, tmp_path, saved["layers"]).records[:3]
+    for record in stack_layers(cached, saved["layers"], saved["pooling"]):
+        states = record.hidden[STACKED].float()
+        with torch.inference_mode():
+            mean = (first.prefix_logits(states) + other.prefix_logits(states)) / 2
+            assert torch.allclose(ensemble.prefix_logits(states), mean, atol=1e-5)
+            assert not torch.allclose(first.prefix_logits(states), mean, atol=1e-3)
+
+
+def test_the_trainer_averages_the_heads_of_its_ensemble_seeds(planted_run: Run,
+                                                              tmp_path: Path) -> None:
+    _, weights, _, test = planted_run
+    config = TrainConfig(data=test.parent, out=tmp_path / "weights", layers=(2,), epochs=6,
+                         lr=1e-2, cache=tmp_path / "cache", progress=False, max_train=None,
+                         ensemble_seeds=(1, 2))
+    ensemble = train(config, observer=_observer())
+    assert ensemble["training"]["ensemble"]["seeds"] == [0, 1, 2]
+    assert len(ensemble["training"]["ensemble"]["members_val_streaming_macro_f1"]) == 3
+    assert ensemble["metrics"]["val"]["streaming"]["macro_f1"] >= 0.8
+    single, averaged = load_probe(weights).head, load_probe(ensemble["weights"]).head
+    assert isinstance(single, DualHead) and isinstance(averaged, DualHead)
+    assert not torch.equal(single.sequence_head.weight, averaged.sequence_head.weight)

@@ -25,9 +25,11 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
 from guardrail.probes.features import CachedRecord, extract_features
@@ -55,6 +57,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "Candidate",
     "TrainConfig",
+    "average_heads",
     "load_observer",
     "main",
     "prepare_data",
@@ -94,6 +97,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 2e-3
     seed: int = 0
+    # More seeds for the chosen layers: their heads are averaged with the first seed's head.
+    ensemble_seeds: tuple[int, ...] = ()
     max_false_halt_rate: float = 0.03
     chunk_size: int = 512
     cache: Path | None = None
@@ -193,6 +198,18 @@ def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[C
                      [dict(h) for h in result.history])
 
 
+def average_heads(heads: Sequence[DualHead]) -> DualHead:
+    """One head whose parameters are the mean of ``heads``' (same width). The heads are linear
+    in the states, so its logits are the mean of theirs: a seed ensemble at one head's cost."""
+    first = heads[0]
+    if len(heads) == 1:
+        return first
+    out = DualHead(first.hidden_size, dropout=first.dropout_p, seed=first.seed)
+    states = [h.state_dict() for h in heads]
+    out.load_state_dict({k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]})
+    return out
+
+
 def _label(r: CachedRecord) -> int:
     return int(r.label or 0)
 
@@ -242,8 +259,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         for split in ("train", "val")
     }
     timings["features_s"] = time.perf_counter() - t
-    train_set, val_set = features["train"], features["val"]
-    train_set = list(train_set) + prefix_views(train_set, config.prefixes, config.seed)
+    whole, val_set = features["train"], features["val"]
+    train_set = list(whole) + prefix_views(whole, config.prefixes, config.seed)
     val_labels = [_label(r) for r in val_set]
     if len(set(val_labels)) < 2 or len({_label(r) for r in train_set}) < 2:
         raise ValueError("train and validation splits both need harmful and harmless records")
@@ -264,9 +281,18 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         candidates.append(_fit(pair, train_set, val_set, config))
         _say(config, f"layers {pair}: val streaming macro-F1 {candidates[-1].val_metric:.4f}")
     best = max(candidates, key=lambda c: (c.val_metric, -len(c.layers)))
+    members = [best]
+    for seed in config.ensemble_seeds:
+        if seed == config.seed:
+            continue
+        seeded = replace(config, seed=seed)
+        views = list(whole) + prefix_views(whole, config.prefixes, seed)
+        members.append(_fit(best.layers, views, val_set, seeded))
+        _say(config, f"seed {seed}: val streaming macro-F1 {members[-1].val_metric:.4f}")
+    head = average_heads([m.head for m in members])
     timings["train_s"] = time.perf_counter() - t
 
-    val_scores = prefix_scores(best.head, stack_layers(val_set, best.layers, config.pooling))
+    val_scores = prefix_scores(head, stack_layers(val_set, best.layers, config.pooling))
     choice = calibrate(val_scores, val_labels, config.max_false_halt_rate)
     streaming = streaming_report(val_scores, val_labels, choice.threshold, choice.k)
     full_t = full_threshold(val_scores, val_labels)
@@ -300,11 +326,18 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
                      "candidates": [{"layers": list(c.layers), "val_streaming_macro_f1":
                                      c.val_metric, "best_epoch": c.best_epoch}
                                     for c in candidates],
-                     "history": best.history},
+                     "history": best.history,
+                     "ensemble": {
+                         "seeds": [config.seed, *[m_seed for m_seed in config.ensemble_seeds
+                                                  if m_seed != config.seed]],
+                         "members_val_streaming_macro_f1": [m.val_metric for m in members],
+                         "members_best_epoch": [m.best_epoch for m in members],
+                         "how": "the heads' weights averaged: the heads are linear, so this "
+                                "averages their logits"} if len(members) > 1 else None},
         "metrics": {"val": {"streaming": streaming, "full": full}},
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
-    weights = save_probe(config.out, best.head, saved, name=NAME)
+    weights = save_probe(config.out, head, saved, name=NAME)
     _say(config, f"saved {weights} ({weights.stat().st_size} bytes) in {timings['total_s']:.0f} s")
     return {**saved, "weights": str(weights)}
 
@@ -350,6 +383,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--ensemble-seeds", type=int, nargs="+", default=[],
+                   help="also train the chosen layers with these seeds and average the heads "
+                        "(the logits of linear heads; one head's cost per token)")
     p.add_argument("--max-false-halt-rate", type=float, default=d.max_false_halt_rate)
     p.add_argument("--cache", type=Path, help="work folder (default: the guardrail cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -364,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         concat=not args.no_concat, pooling=args.pooling, prefixes=args.prefixes,
         max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, max_false_halt_rate=args.max_false_halt_rate,
+        lr=args.lr, seed=args.seed, ensemble_seeds=tuple(args.ensemble_seeds),
+        max_false_halt_rate=args.max_false_halt_rate,
         cache=args.cache, progress=not args.quiet,
     )
     try:
