@@ -5,15 +5,17 @@ and write the weights (safetensors + JSON) that the monitor ships.
 Steps (each with a progress bar; the whole run is timed):
 
 1. build the offline data (``guardrail_harmful_content.data``) unless ``--data`` names a build;
-2. subsample the training split, stratified by record kind and label (``--max-train``; the
-   observer is the slow part on a CPU), keep validation whole;
+2. optionally subsample the training split, stratified by record kind and label
+   (``--max-train``; default: all records), keep validation whole;
 3. extract the observer's states of the candidate layers once (``guardrail.probes.features``
    cache; the observer reads the prompt as context, then the response);
 4. for each candidate layer, and the concatenation of the two best, train a ``DualHead`` with
    0.6 token CE + 0.4 sequence CE + 1.0 logic loss; keep the epoch and the candidate with the
    best streaming macro-F1 on validation (false halts capped);
-5. calibrate ``(threshold, k)`` on validation: best macro-F1 with a false-halt rate <= 3%;
-6. save the head with its config (base model, layers, dims, threshold, k, data, splits, metrics).
+5. with ``--ensemble-seeds``, train the chosen layers again with those seeds and average the
+   heads (linear heads: their logits are averaged);
+6. calibrate ``(threshold, k)`` on validation: best macro-F1 with a false-halt rate <= 3%;
+7. save the head with its config (base model, layers, dims, threshold, k, data, splits, metrics).
 """
 
 from __future__ import annotations
@@ -281,10 +283,11 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         candidates.append(_fit(pair, train_set, val_set, config))
         _say(config, f"layers {pair}: val streaming macro-F1 {candidates[-1].val_metric:.4f}")
     best = max(candidates, key=lambda c: (c.val_metric, -len(c.layers)))
-    members = [best]
+    members, seeds = [best], [config.seed]
     for seed in config.ensemble_seeds:
-        if seed == config.seed:
+        if seed in seeds:
             continue
+        seeds.append(seed)
         seeded = replace(config, seed=seed)
         views = list(whole) + prefix_views(whole, config.prefixes, seed)
         members.append(_fit(best.layers, views, val_set, seeded))
@@ -328,8 +331,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
                                     for c in candidates],
                      "history": best.history,
                      "ensemble": {
-                         "seeds": [config.seed, *[m_seed for m_seed in config.ensemble_seeds
-                                                  if m_seed != config.seed]],
+                         "seeds": seeds,
                          "members_val_streaming_macro_f1": [m.val_metric for m in members],
                          "members_best_epoch": [m.best_epoch for m in members],
                          "how": "the heads' weights averaged: the heads are linear, so this "
