@@ -1,6 +1,8 @@
 """Entity-hallucination monitor on the held-out test split and the paired set: the shipped probe
 against the observer's surprisal and entropy baselines (span max and span mean), on the same
-SmolLM2 features.
+SmolLM2 features. When the shipped probe is the span head, the token probe (``weights/
+entity_probe.*``) is scored beside it, on every token (``token_probe``) and on the tokens of the
+monitor's entities only, as the monitor scores it (``token_probe_entities``).
 
 - cached features: span-max ROC-AUC (``span_auc``), ``token_auc`` (all tokens, entity tokens
   taking their span's label), ``span_token_auc`` (tokens inside spans) and span recall at 10%
@@ -29,7 +31,12 @@ from .common import ROOT, figures_dir, write_result
 
 PLOT_NAME = "entity-roc.png"
 NAME = "entity_eval"
-SCORERS = ("probe", "surprisal_max", "surprisal_mean", "entropy_max", "entropy_mean")
+SCORERS = ("probe", "token_probe", "token_probe_entities", "surprisal_max", "surprisal_mean",
+           "entropy_max", "entropy_mean")
+LABELS = {"probe": "probe (shipped)", "token_probe": "token probe, every token",
+          "token_probe_entities": "token probe, the monitor's entity tokens",
+          "surprisal_max": "surprisal, span max", "surprisal_mean": "surprisal, span mean",
+          "entropy_max": "entropy, span max", "entropy_mean": "entropy, span mean"}
 
 
 def _plot(curves: dict[str, tuple[list[float], list[float]]], aucs: dict[str, Any],
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     import torch
     from guardrail_entity_hallucination.evaluation import (
+        entity_tokens_only,
         evaluate_by_type,
         evaluate_records,
         probe_scorer,
@@ -101,7 +109,12 @@ def main(argv: list[str] | None = None) -> Path:
         build_data,
         subsample,
     )
-    from guardrail_entity_hallucination.probe import DEFAULT_WEIGHTS, load_entity_probe
+    from guardrail_entity_hallucination.probe import (
+        DEFAULT_WEIGHTS,
+        TOKEN_WEIGHTS,
+        EntityProbe,
+        load_entity_probe,
+    )
 
     from guardrail.observer.hf import load_smollm2
     from guardrail.policy import ObserverSpec
@@ -110,12 +123,20 @@ def main(argv: list[str] | None = None) -> Path:
 
     torch.set_num_threads(1)  # ten times faster than two threads on a busy two-core machine
     probe = load_entity_probe(DEFAULT_WEIGHTS)
+    token_probe = None
+    if probe.unit == "span" and TOKEN_WEIGHTS.exists():
+        loaded = load_entity_probe(TOKEN_WEIGHTS)
+        token_probe = loaded if isinstance(loaded, EntityProbe) else None
+    extra = {} if token_probe is None else {
+        "token_probe": (probe_scorer(token_probe), "max"),
+        "token_probe_entities": (entity_tokens_only(probe_scorer(token_probe)), "max")}
     data_dir = build_data(args.data or cache_dir() / "entity-data")
     features_dir = args.features or cache_dir() / "entity-features"
     observer = load_smollm2(ObserverSpec())
     limits = {"test": 24, "paired": 10} if args.quick else {"test": None, "paired": None}
     # The trainer's layers and files, so a full run reuses the trainer's feature cache.
-    layers = [probe.layer] if args.quick else list(CANDIDATE_LAYERS)
+    layers = sorted({probe.layer} | ({token_probe.layer} if token_probe else set())) \
+        if args.quick else list(CANDIDATE_LAYERS)
     tag = "quick" if args.quick else "sub"
     t0 = time.perf_counter()
     sets = {split: extract_features(observer, subsample(data_dir, split, n, tag=tag),
@@ -126,8 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
         own_file = subsample(data_dir, "own-test", 24 if args.quick else None, tag=tag)
         own_records = extract_features(observer, own_file, features_dir, layers, stats=True,
                                        chunk_size=64).records
-        own = evaluate_records(probe, own_records, by="subject_kind")
-        own["by_type"] = evaluate_by_type(probe, own_records, span_types(own_file))
+        own = evaluate_records(probe, own_records, by="subject_kind", extra=extra)
+        own["by_type"] = evaluate_by_type(probe, own_records, span_types(own_file), extra=extra)
         own["within_type"] = within_type(own["by_type"])
         if (data_dir / "own-train.jsonl").exists():
             own["type_prior"] = type_prior(data_dir / "own-train.jsonl", own_file)
@@ -137,10 +158,12 @@ def main(argv: list[str] | None = None) -> Path:
             own["build"] = {"counts": built.get("counts"), "seconds": built.get("seconds"),
                             "number_tolerance": built.get("number_tolerance")}
     t_features = time.perf_counter() - t0
-    test = evaluate_records(probe, sets["test"])
-    paired = evaluate_records(probe, sets["paired"], by="version")
+    test = evaluate_records(probe, sets["test"], extra=extra)
+    paired = evaluate_records(probe, sets["paired"], by="version", extra=extra)
     long_form = [r for r in sets["test"] if r.extra.get("kind") in ("country", "city")]
     curves = roc_points(sets["test"], {"probe": probe_scorer(probe),
+                                       **({"token_probe": extra["token_probe"][0]} if extra
+                                          else {}),
                                        "surprisal_max": stat_scorer("surprisal"),
                                        "entropy_max": stat_scorer("entropy")})
     aucs = {k: test["all"][k]["span_auc"] for k in curves}
@@ -151,12 +174,23 @@ def main(argv: list[str] | None = None) -> Path:
             if json.loads(line).get("kind") in ("country", "city")][:streamed_n]
     long_form_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
     streamed = _streamed(long_form_file, streamed_n)
+    # The same records scored on cached features, a check that the two paths agree (when the
+    # cached test set holds them all: not in a quick run).
+    by_text = {(r.prompt, r.response): r for r in sets["test"]}
+    keys = [(json.loads(line)["prompt"], json.loads(line)["response"]) for line in rows]
+    streamed["cached"] = (evaluate_records(probe, [by_text[k] for k in keys], by=None)
+                          ["all"]["probe"] if all(k in by_text for k in keys) else None)
     config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text(encoding="utf-8"))
     result = {
         "quick": args.quick,
-        "probe": {"layer": probe.layer, "features": list(probe.features),
+        "probe": {"unit": probe.unit, "layer": probe.layer, "features": list(probe.features),
                   "threshold": probe.threshold, "splits": config.get("splits"),
-                  "layer_selection": config.get("training", {}).get("layer_selection")},
+                  "weight_decay": config.get("training", {}).get("weight_decay"),
+                  "layer_selection": config.get("training", {}).get("layer_selection"),
+                  "validation_comparison": config.get("validation_comparison")},
+        "token_probe": None if token_probe is None else {
+            "layer": token_probe.layer, "features": list(token_probe.features),
+            "threshold": token_probe.threshold},
         "test": test,
         "long_form_records": len(long_form),
         "paired": paired,
@@ -183,7 +217,7 @@ def _row(name: str, m: dict[str, Any]) -> str:
 def _table(block: dict[str, Any]) -> list[str]:
     lines = ["| scorer | span AUC (span max) | token AUC | in-span token AUC | "
              "recall at 10% FPR |", "|---|---|---|---|---|"]
-    lines += [_row(name, block[name]) for name in SCORERS if name in block]
+    lines += [_row(LABELS.get(name, name), block[name]) for name in SCORERS if name in block]
     return lines
 
 
@@ -245,11 +279,30 @@ def render(result: dict[str, Any]) -> str:
     probe = result["probe"]
     test = result["test"]
     spans = test["all"]["probe"]
+    if probe.get("unit") == "span":
+        sizes = probe.get("splits") or {}
+        head = (f"Shipped probe: the span head (one score per entity the monitor finds) on "
+                f"SmolLM2-135M layer {probe['layer']}: mean of the entity's token states + "
+                "surprisal/entropy max, mean, first + log token count + kind, weight decay "
+                f"{probe.get('weight_decay')}, trained on "
+                f"{(sizes.get('train') or {}).get('used', '?')} records")
+        comparison = probe.get("validation_comparison") or {}
+        if comparison:
+            head += (f" (validation span AUC {comparison.get('span_head')} vs the token probe's "
+                     f"{comparison.get('token_probe_all_tokens')} on every token, "
+                     f"{comparison.get('token_probe_entity_tokens')} "
+                     f"on the monitor's entity tokens, {comparison.get('records')} records)")
+        token = result.get("token_probe")
+        if token:
+            head += (f"; the token probe (layer {token['layer']}"
+                     + (f" + {' and '.join(token['features'])}" if token["features"] else "")
+                     + ") is scored beside it")
+    else:
+        head = (f"Shipped probe: SmolLM2-135M layer {probe['layer']}"
+                + (f" + {' and '.join(probe['features'])}" if probe["features"] else ""))
     parts = [
         "## Entity hallucination (held-out topics and templates)", "",
-        f"Shipped probe: SmolLM2-135M layer {probe['layer']}"
-        + (f" + {' and '.join(probe['features'])}" if probe["features"] else "")
-        + f", threshold {probe['threshold']:.3f} (10% span FPR on validation). "
+        head + f", threshold {probe['threshold']:.3f} (10% span FPR on validation). "
         f"Test split: {test['records']} records, {spans['spans']} entity spans "
         f"({spans['fabricated_spans']} fabricated). Baselines are the observer's own surprisal "
         "and entropy at the entity's tokens, max or mean over the span.", "",
@@ -275,7 +328,11 @@ def render(result: dict[str, Any]) -> str:
                   f"{m.get('spans', 0)} labelled spans): span AUC {g('span_auc')}, token AUC "
                   f"{g('token_auc')}, recall at 10% FPR {g('recall_at_10fpr')}; with the "
                   f"shipped threshold, {g('recall')} of the texts with a fabricated entity got a "
-                  f"flag and {g('false_halt_rate')} of those without one did.", ""]
+                  f"flag and {g('false_halt_rate')} of those without one did."
+                  + (f" The same records on cached features: span AUC "
+                     f"{streamed['cached']['span_auc']:.3f} over {streamed['cached']['spans']} "
+                     "spans." if streamed.get("cached") and
+                     streamed["cached"].get("span_auc") is not None else ""), ""]
     parts += _own_section(result.get("own_answers"))
     if result.get("plot"):
         parts += [f"![span-max ROC]({Path(result['plot']).name})", ""]

@@ -1,6 +1,7 @@
 """The entity-hallucination monitor inside a Guard: whole-entity flags with the right char spans
 however the stream is split, generator and observer states giving the same scores, and the
-shipped weights in the default policy."""
+shipped weights in the default policy; the same for a span head, and a stream cut back by a
+reroute scoring like a fresh one."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ import pytest
 import torch
 from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
 from guardrail_entity_hallucination.probe import DEFAULT_WEIGHTS, EntityProbe
+from guardrail_entity_hallucination.span_probe import (
+    SPAN_FEATURES,
+    EntitySpanProbe,
+    save_span_probe,
+)
 from guardrail_entity_hallucination.spans import find_entities
 from guardrail_entity_hallucination.train import save_entity_probe
 
-from guardrail import Flag, Guard
+from guardrail import Flag, Guard, StepToken, StreamStep
 from guardrail.guard import default_policy
-from guardrail.monitor import Features, MonitorContext
+from guardrail.monitor import Features, MonitorContext, Score
 from guardrail.plugins import PluginHost
 from guardrail.probes.heads import LinearProbe
+from guardrail.stream import TokenSpan
 from guardrail.testing import split_text
 from guardrail.testing.tiny_models import build_tiny_model
 
@@ -47,6 +54,21 @@ def _weights(folder: Path, hidden_size: int, layer: int, extras: bool = False) -
                         torch.tensor([5.0, 3.0][: len(names)]),
                         torch.tensor([2.0, 1.0][: len(names)]))
     return save_entity_probe(probe, folder / "probe.safetensors", {"base_model": "tiny"})
+
+
+def _span_weights(folder: Path, hidden_size: int, layer: int) -> Path:
+    """A span head whose decision the entity's kind settles (numbers and dates score about 0.998,
+    names about 0.002), its small random state and surprisal/entropy weights moving the scores
+    a little."""
+    head = LinearProbe(hidden_size + len(SPAN_FEATURES), seed=5)
+    with torch.no_grad():
+        for name in ("kind_NUMBER", "kind_DATE"):
+            head.linear.weight[0, hidden_size + SPAN_FEATURES.index(name)] = 12.0
+        head.linear.bias.fill_(-6.0)
+    probe = EntitySpanProbe(head, layer, 0.5, SPAN_FEATURES,
+                            torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 0.5, 0.0, 0.0, 0.0]),
+                            torch.ones(len(SPAN_FEATURES)))
+    return save_span_probe(probe, folder / "span.safetensors", {"base_model": "tiny"})
 
 
 def _guard(model: Path, weights: Path, threshold: float = 0.0) -> Guard:
@@ -101,6 +123,130 @@ def test_split_points_do_not_change_scores(tiny_model: Path, tmp_path: Path) -> 
     assert whole.keys() == pieces.keys() and whole
     for index, value in whole.items():
         assert pieces[index] == pytest.approx(value, abs=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [[1], [1, 2, 3], [5, 17, 40, 41, 90], [33, 2, 1, 7]])
+def test_span_head_flags_the_right_entities_however_the_stream_is_split(
+        tiny_model: Path, tmp_path: Path, sizes: list[int]) -> None:
+    guard = _guard(tiny_model, _span_weights(tmp_path, 32, 1), threshold=0.5)
+    flags, scores = _run(guard, split_text(TEXT, sizes))
+    assert [TEXT[f.span[0]:f.span[1]] for f in flags if f.span] == ["66,987,244",
+                                                                     "12 March 1990"]
+    assert [f.score for f in flags] == [pytest.approx(0.998, abs=0.002)] * 2
+    _, whole = _run(guard, [TEXT])
+    assert scores.keys() == whole.keys()
+    for index, value in whole.items():
+        assert scores[index] == pytest.approx(value, abs=1e-4)
+    # every token of an entity carries the entity's one score
+    for flag in flags:
+        first, last = flag.tokens
+        assert {round(scores[i], 6) for i in range(first, last + 1)} == {round(flag.score, 6)}
+
+
+def test_span_head_in_generator_mode_flags_the_same_entities(tiny_model: Path,
+                                                             tmp_path: Path) -> None:
+    """An adapter that owns the model sends steps of tokens with the generator's rows (row i:
+    the step that produced token i); the span head flags the same entities with the same scores
+    as on the observer."""
+    weights = _span_weights(tmp_path, 32, 1)
+    guard = _guard(tiny_model, weights, threshold=0.5)
+    observed_flags, observed = _run(guard, [TEXT])
+    hidden, logits, tokens = _observer_rows(guard, 1)
+    gen_hidden = torch.cat([torch.zeros_like(hidden[:1]), hidden[:-1]])
+    gen_logits = torch.cat([torch.zeros_like(logits[:1]), logits[:-1]])
+    session = guard.session(prompt=PROMPT, record_scores=True)
+    events = []
+    for i in range(0, len(tokens), 4):
+        chunk = tokens[i:i + 4]
+        step_tokens = [StepToken(int(t.id), TEXT[t.start:t.end]) for t in chunk
+                       if t.id is not None]
+        events += session.feed(StreamStep("".join(t.text for t in step_tokens),
+                                          tokens=step_tokens, hidden={1: gen_hidden[i:i + 4]},
+                                          logits=gen_logits[i:i + 4]))
+    report = session.finish()
+    events += report.final_events
+    flags = [e for e in events if isinstance(e, Flag)]
+    assert [(f.span, f.score) for f in flags] == [
+        (f.span, pytest.approx(f.score, abs=1e-4)) for f in observed_flags]
+    assert [TEXT[f.span[0]:f.span[1]] for f in flags if f.span] == ["66,987,244",
+                                                                     "12 March 1990"]
+    generated = dict(report.scores["facts"])
+    assert generated.keys() == observed.keys() - {0}  # token 0's surprisal: unknown to both
+    for index, value in generated.items():
+        assert value == pytest.approx(observed[index], abs=1e-4)
+
+
+def _observer_rows(guard: Guard, layer: int, text: str = TEXT
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[TokenSpan]]:
+    """The observer's states after each token of ``text`` and its logits rows, one pass."""
+    observer = guard.observer
+    needs = guard.needs
+    state = observer.start([{"role": "user", "content": PROMPT}], needs)
+    tokens = observer.tokenizer.tokenize(text)
+    batch = observer.extend(state, tokens, needs)
+    return torch.as_tensor(batch.hidden[layer]), torch.as_tensor(batch.logits), tokens
+
+
+CUT = TEXT.index(" About")  # after "Argentina.": the continuation starts with a non-entity
+DETOUR = " Tokyo had 5 lakes in 1990 near Rome, and the Nile flows into Egypt past Cairo."
+
+
+@pytest.mark.parametrize("kind", ["token", "span"])
+@pytest.mark.parametrize("mode", ["observer", "generator"])
+def test_a_stream_cut_back_scores_like_a_fresh_one(tiny_model: Path, tmp_path: Path,
+                                                   kind: str, mode: str) -> None:
+    """A rerouted stream: the monitor reads TEXT[:CUT] + DETOUR (its entities handed out), is cut
+    back to TEXT[:CUT] and reads the rest of TEXT. Its scores after the cut are those of a fresh
+    stream over TEXT, entity spans included."""
+    weights = (_span_weights(tmp_path, 32, 1) if kind == "span"
+               else _weights(tmp_path, 32, 1, extras=True))
+    guard = _guard(tiny_model, weights)
+    monitor = EntityHallucinationMonitor(EntityHallucinationMonitor.Options(
+        weights=str(weights), mode=mode))
+    detour = TEXT[:CUT] + DETOUR
+
+    def rows(text: str) -> tuple[torch.Tensor, torch.Tensor, list[TokenSpan]]:
+        hidden, logits, tokens = _observer_rows(guard, 1, text)
+        if mode == "generator":  # row i: the step that produced token i
+            hidden = torch.cat([torch.zeros_like(hidden[:1]), hidden[:-1]])
+            logits = torch.cat([torch.zeros_like(logits[:1]), logits[:-1]])
+        return hidden, logits, tokens
+
+    def feed(state: object, text: str, hidden: torch.Tensor, logits: torch.Tensor,
+             tokens: list[TokenSpan], start: int, final: bool) -> list[Score]:
+        out: list[Score] = []
+        for i in range(start, len(tokens), 5):
+            j = min(i + 5, len(tokens))
+            top = logits[i:j, :1] if mode == "observer" else None
+            out += monitor.update(state, Features(tokens[i:j], i, text[: tokens[j - 1].end],
+                                                  {1: hidden[i:j]}, logits[i:j], top,
+                                                  final=final and j == len(tokens)))
+        return out + (list(monitor.finish(state)) if final else [])
+
+    fresh_state = monitor.start(MonitorContext("facts"))
+    fresh = feed(fresh_state, TEXT, *rows(TEXT), start=0, final=True)
+    d_hidden, d_logits, d_tokens = rows(detour)
+    f_hidden, f_logits, f_tokens = rows(TEXT)
+    keep = sum(1 for t in f_tokens if t.end <= CUT)
+    assert [(t.start, t.end) for t in d_tokens[:keep]] == [(t.start, t.end)
+                                                          for t in f_tokens[:keep]]
+    cut_state = monitor.start(MonitorContext("facts"))
+    before = feed(cut_state, detour, d_hidden, d_logits, d_tokens, start=0, final=False)
+    assert any(s.span and s.span[0] > CUT for s in before)  # the detour's entities went out
+    after = feed(cut_state, TEXT, f_hidden, f_logits, f_tokens, start=keep, final=True)
+    expected = [s for s in fresh if s.index >= keep]
+    assert [TEXT[s.span[0]:s.span[1]] for s in expected if s.span] and all(
+        s.span for s in expected)
+    assert [(s.index, s.span) for s in after] == [(s.index, s.span) for s in expected]
+    for got, want in zip(after, expected, strict=True):
+        assert got.value == pytest.approx(want.value, abs=1e-4)
+
+
+def test_span_head_refuses_the_tokens_option(tmp_path: Path) -> None:
+    weights = _span_weights(tmp_path, 32, 1)
+    with pytest.raises(ValueError, match="span head"):
+        EntityHallucinationMonitor(EntityHallucinationMonitor.Options(
+            weights=str(weights), spans="tokens"))
 
 
 def test_generator_states_score_like_the_observer(tiny_model: Path, tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """The trainer's real path (feature cache -> annealed span-max training -> layer choice ->
-calibration -> saved weights -> monitor) learns a planted signal on a tiny random model."""
+calibration -> saved weights -> monitor) learns a planted signal on a tiny random model; so does
+the span head's (entity rows -> logistic regression -> layer and weight decay choice), and the
+monitor streaming a saved span head scores as the cached evaluation does."""
 
 from __future__ import annotations
 
@@ -7,19 +9,26 @@ import json
 import random
 from pathlib import Path
 
+import guardrail_entity_hallucination.plugin as entity_plugin
 import pytest
 from guardrail_entity_hallucination.evaluation import (
     evaluate_by_type,
     evaluate_records,
+    probe_scorer,
     type_prior,
 )
 from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
 from guardrail_entity_hallucination.probe import load_entity_probe
+from guardrail_entity_hallucination.span_probe import EntitySpanProbe, save_span_probe
 from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
+from guardrail_entity_hallucination.train_span import select_span_probe
 
+from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
+from guardrail.plugins import PluginHost
 from guardrail.probes.fake import write_jsonl
 from guardrail.probes.features import extract_features
+from guardrail.testing import random_splits
 from guardrail.testing.tiny_models import build_tiny_model
 
 # The planted signal: which words the "model" writes when it fabricates. A tiny random model's
@@ -91,6 +100,55 @@ def test_saved_probe_reloads_into_the_monitor(planted: dict[str, object], tmp_pa
         best.probe.score(record.hidden[2].float(), extras).tolist(), abs=1e-6)
     monitor = EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(weights)))
     assert 2 in monitor.needs().layers and monitor.needs().logits == bool(loaded.features)
+
+
+def test_planted_signal_is_learned_by_the_span_head(planted: dict[str, object]) -> None:
+    sets = planted["sets"]
+    assert isinstance(sets, dict)
+    best, table = select_span_probe(sets["train"], sets["val"], [0, 2], [0.01, 0.3],
+                                    progress=False)
+    assert {(row["layer"], row["weight_decay"]) for row in table} == {
+        (0, 0.01), (0, 0.3), (2, 0.01), (2, 0.3)}
+    assert best.val_span_auc == max(row["val_span_auc"] for row in table)
+    assert isinstance(best.probe, EntitySpanProbe)
+    result = evaluate_records(best.probe, sets["test"], by=None)["all"]["probe"]
+    assert result["span_auc"] > 0.95 and result["recall_at_10fpr"] > 0.8
+    # the span head scores every labelled span here: the finder sees all the planted words
+    assert result["spans"] == sum(len(r.spans) for r in sets["test"])
+    choice = calibrate(best.probe, sets["val"])
+    assert 0.0 < choice["threshold"] < 1.0 and choice["fpr"] <= 0.1
+
+
+def test_streamed_span_head_scores_as_the_cached_evaluation(planted: dict[str, object],
+                                                            tmp_path: Path) -> None:
+    """A saved span head in a Guard over random stream splits gives each token the score the
+    cached evaluation gives it (same entities, same broadcast), up to float16 caching."""
+    sets, root = planted["sets"], planted["root"]
+    assert isinstance(sets, dict) and isinstance(root, Path)
+    best, _ = select_span_probe(sets["train"], sets["val"], [2], [0.03], progress=False)
+    weights = save_span_probe(best.probe, tmp_path / "span.safetensors", {"base_model": "tiny"})
+    loaded = load_entity_probe(weights)
+    assert isinstance(loaded, EntitySpanProbe) and loaded.layer == 2
+    host = PluginHost(autoload=False)
+    host.register(entity_plugin, name="entity-test")
+    guard = Guard.from_policy(
+        {"observer": {"model": str(root / "tiny"), "window": 512},
+         "monitors": [{"id": "facts", "use": "entity-hallucination",
+                       "options": {"weights": str(weights)}, "threshold": 0.5,
+                       "rule": {"kind": "span_max"}, "action": "flag"}]}, host=host)
+    cached = probe_scorer(loaded)
+    compared = 0
+    for n, record in enumerate(sets["test"][:12]):
+        session = guard.session(prompt=record.prompt, record_scores=True, dry_run=True)
+        for piece in random_splits(record.response, seed=n):
+            session.feed(piece)
+        streamed = dict(session.finish().scores["facts"])
+        expected = {i: v for i, v in enumerate(cached(record)) if i > 0 and v == v}
+        assert set(streamed) - {0} == set(expected)
+        for i, value in expected.items():
+            assert streamed[i] == pytest.approx(value, abs=2e-3)
+            compared += 1
+    assert compared > 24
 
 
 def test_per_type_metrics_split_the_spans_by_their_fact_type(planted: dict[str, object]) -> None:

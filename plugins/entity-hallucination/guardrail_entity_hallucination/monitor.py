@@ -1,11 +1,14 @@
 """The ``entity-hallucination`` monitor: a linear probe scores every token of an entity, and the
-``span_max`` rule flags an entity whose highest token score reaches the threshold.
+``span_max`` rule flags an entity whose highest token score reaches the threshold; or a span head
+(``span_probe``) scores the entity as a whole and every token of it gets that score.
 
 Entities are found in the streamed text as it grows (``spans.find_entities``: capitalised word
 runs, numbers, dates). A token's score is handed to the session only once the entity it belongs to
 can no longer change, each score carrying the entity's char offsets (``Score.span``), so a flag
 names the whole entity. Tokens outside every entity are not scored (option ``spans: tokens``
-scores every token as its own unit instead).
+scores every token as its own unit instead; token probes only). A span head keeps per token only
+the dot product of its state with the head's state weights, its surprisal and its entropy, and
+computes the entity's score when the entity is resolved.
 
 Two sources of states:
 
@@ -18,9 +21,13 @@ Two sources of states:
   ``i`` is row ``i + 1``: a token is scored when the next one arrives (the stream's last token
   has no state and is left out); surprisal/entropy of token ``i`` come from its own logits row.
 
-Weights: the shipped probe (``weights/entity_probe.*``, trained by ``guardrail train
-entity-hallucination``), another file of that format (``weights``), or a probe released in the
-paper's format (``probe_dir``, see ``paper_probe``).
+A stream cut back by a reroute (``first_index`` going back) drops the tokens after the cut and
+re-reads entities from the cut on. The first token after the cut has no surprisal in observer mode
+(the logits row before it is gone), like the stream's first token.
+
+Weights: the shipped probe (``probe.DEFAULT_WEIGHTS``, trained by ``guardrail train
+entity-hallucination``), another file of that format (``weights``, token probe or span head), or
+a probe released in the paper's format (``probe_dir``, see ``paper_probe``).
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
 from guardrail.probes.io import ProbeFileError
 
-from .probe import DEFAULT_WEIGHTS, EntityProbe, load_entity_probe, shipped_threshold
-from .spans import find_entities
+from .probe import DEFAULT_WEIGHTS, AnyEntityProbe, load_entity_probe, shipped_threshold
+from .span_probe import STATS, EntitySpanProbe
+from .spans import EntitySpan, find_entities
 
 __all__ = ["EntityHallucinationMonitor"]
 
@@ -49,7 +57,14 @@ class _Token:
     index: int
     start: int
     end: int
-    score: float | None = None
+    score: float | None = None  # token probe: the token's score
+    dot: float | None = None  # span head: the state's dot product with the head's weights
+    surprisal: float = math.nan  # span head: the token's surprisal and entropy
+    entropy: float = math.nan
+
+    @property
+    def ready(self) -> bool:
+        return self.score is not None or self.dot is not None
 
 
 @dataclass
@@ -88,7 +103,8 @@ def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, list[float
 
 
 class EntityHallucinationMonitor(Monitor):
-    """Flags fabricated entities with a token-level linear probe (see the module docstring)."""
+    """Flags fabricated entities with a token-level linear probe or a span head (see the module
+    docstring)."""
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -112,14 +128,22 @@ class EntityHallucinationMonitor(Monitor):
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
         try:  # a ValueError becomes a policy error that names the option
-            self.probe: EntityProbe = self._load()
+            self.probe: AnyEntityProbe = self._load()
         except ProbeFileError as exc:
             raise ValueError(str(exc)) from None
+        if isinstance(self.probe, EntitySpanProbe) and self.options.spans == "tokens":
+            raise ValueError("option 'spans: tokens' scores every token alone; the probe in "
+                             f"{self.options.weights or DEFAULT_WEIGHTS} is a span head, which "
+                             "scores whole entities (use 'spans: heuristic' or a token probe)")
+        # The per-token statistics the probe reads (surprisal, entropy), if any.
+        self._stat_names: tuple[str, ...] = (
+            (STATS if self.probe.reads_stats else ()) if isinstance(self.probe, EntitySpanProbe)
+            else self.probe.features)
         # The loaded probe's own threshold (0.5 for paper probes). The core reads the class
         # attribute today, so policies using ``weights``/``probe_dir`` should set ``threshold``.
         self.default_threshold = self.probe.threshold  # type: ignore[misc]
 
-    def _load(self) -> EntityProbe:
+    def _load(self) -> AnyEntityProbe:
         if self.options.probe_dir:
             from .paper_probe import load_paper_entity_probe
 
@@ -129,7 +153,7 @@ class EntityHallucinationMonitor(Monitor):
         return load_entity_probe(path)
 
     def needs(self) -> Needs:
-        return Needs(layers=frozenset({self.probe.layer}), logits=bool(self.probe.features),
+        return Needs(layers=frozenset({self.probe.layer}), logits=bool(self._stat_names),
                      top_k=1)
 
     def start(self, context: MonitorContext) -> _State:
@@ -151,7 +175,7 @@ class EntityHallucinationMonitor(Monitor):
 
     def _extras(self, state: _State, features: Features, generator: bool
                 ) -> dict[str, list[float]] | None:
-        if not self.probe.features:
+        if not self._stat_names:
             return None
         if features.logits is None:
             raise ValueError("this entity probe reads surprisal and entropy: it needs logits")
@@ -177,9 +201,7 @@ class EntityHallucinationMonitor(Monitor):
         generator = self._generator(features)
         extras = self._extras(state, features, generator)
         if not generator:
-            scores = self.probe.score_rows(rows, extras)
-            for token, value in zip(tokens, scores, strict=True):
-                token.score = value
+            self._assign(tokens, rows, extras)
             return
         # Generator: row j is the state after the token before tokens[j].
         targets = ([state.waiting] if state.waiting is not None else []) + tokens[:-1]
@@ -187,17 +209,30 @@ class EntityHallucinationMonitor(Monitor):
         target_rows = target_rows[: len(targets)]
         target_extras = None
         if extras is not None:
-            names = self.probe.features
+            names = self._stat_names
             before = [[state.waiting_extras.get(n, math.nan)] if state.waiting is not None
                       else [] for n in names]
             target_extras = {n: b + extras[n][: len(tokens) - 1]
                              for n, b in zip(names, before, strict=True)}
             state.waiting_extras = {n: extras[n][-1] for n in names}
         if targets:
-            for token, value in zip(targets, self.probe.score_rows(target_rows, target_extras),
-                                    strict=True):
-                token.score = value
+            self._assign(targets, target_rows, target_extras)
         state.waiting = tokens[-1]
+
+    def _assign(self, tokens: list[_Token], rows: np.ndarray,
+                extras: dict[str, list[float]] | None) -> None:
+        """Give each token what the probe keeps of it: its score (token probe), or its state's
+        dot product and its surprisal and entropy (span head)."""
+        probe = self.probe
+        if not isinstance(probe, EntitySpanProbe):
+            for token, value in zip(tokens, probe.score_rows(rows, extras), strict=True):
+                token.score = value
+            return
+        for r, (token, dot) in enumerate(zip(tokens, probe.dots(rows), strict=True)):
+            token.dot = dot
+            if extras is not None:
+                token.surprisal = extras["surprisal"][r]
+                token.entropy = extras["entropy"][r]
 
     # -- entity resolution ---------------------------------------------------------------------
 
@@ -233,20 +268,37 @@ class EntityHallucinationMonitor(Monitor):
                 members.append(tokens[j])
                 j += 1
             complete = members[-1].end >= span.end
-            scored = all(t.score is not None for t in members)
+            scored = all(t.ready for t in members)
             if not final and not (span.final and complete and scored):
                 break
-            out.extend(Score(t.index, t.score, (span.start, span.end), span.kind)
-                       for t in members if t.score is not None)
+            out.extend(self._span_scores(members, span))
             state.emitted_until = span.end
             i, k = j, k + 1
         state.pending = tokens[i:]
         return out
 
+    def _span_scores(self, members: list[_Token], span: EntitySpan) -> list[Score]:
+        """The scores of one resolved entity's tokens: each token's own (token probe), or the
+        span head's score of the entity for every token (none when no token has a state, e.g.
+        the last token of a generator stream)."""
+        where = (span.start, span.end)
+        probe = self.probe
+        if not isinstance(probe, EntitySpanProbe):
+            return [Score(t.index, t.score, where, span.kind) for t in members
+                    if t.score is not None]
+        known = [t for t in members if t.dot is not None]
+        if not known:
+            return []
+        value = probe.score([t.dot for t in known if t.dot is not None],
+                            [t.surprisal for t in known], [t.entropy for t in known], span.kind)
+        return [Score(t.index, value, where, span.kind) for t in members]
+
     def update(self, state: _State, features: Features) -> list[Score]:
         if features.first_index < state.next_index:  # the stream was cut back (a reroute)
             state.pending = [t for t in state.pending if t.index < features.first_index]
             state.previous_logits, state.waiting = None, None
+            cut = features.tokens[0].start if features.tokens else len(features.text)
+            state.emitted_until = min(state.emitted_until, cut)  # entities after it are new
         new = [_Token(features.first_index + n, t.start, t.end)
                for n, t in enumerate(features.tokens)]
         state.next_index = features.first_index + len(new)

@@ -5,6 +5,10 @@ Saved with ``guardrail.probes.io.save_probe`` (safetensors + JSON). With extra f
 reads ``hidden_size + 2`` inputs; the JSON's ``features`` key names them and holds their training
 mean and standard deviation (a missing value, e.g. the first response token's surprisal, is
 replaced by the mean, i.e. 0 after standardising).
+
+``load_entity_probe`` also reads span heads (``"unit": "span"``, see ``span_probe``): one score
+per entity instead of one per token. ``TOKEN_WEIGHTS`` and ``SPAN_WEIGHTS`` are the shipped files
+of each kind; ``DEFAULT_WEIGHTS`` is the one the monitor loads unless told otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,10 +27,15 @@ import torch
 from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import LoadedProbe, ProbeFileError, load_probe
 
-__all__ = ["DEFAULT_WEIGHTS", "EXTRA_FEATURES", "EntityProbe", "load_entity_probe",
-           "shipped_threshold", "stack_inputs"]
+from .span_probe import EntitySpanProbe, span_from_loaded
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "entity_probe.safetensors"
+__all__ = ["DEFAULT_WEIGHTS", "EXTRA_FEATURES", "SPAN_WEIGHTS", "TOKEN_WEIGHTS", "AnyEntityProbe",
+           "EntityProbe", "load_entity_probe", "shipped_threshold", "stack_inputs"]
+
+_WEIGHTS_DIR = Path(__file__).parent / "weights"
+TOKEN_WEIGHTS = _WEIGHTS_DIR / "entity_probe.safetensors"
+SPAN_WEIGHTS = _WEIGHTS_DIR / "entity_span_probe.safetensors"
+DEFAULT_WEIGHTS = TOKEN_WEIGHTS
 EXTRA_FEATURES = ("surprisal", "entropy")
 
 
@@ -57,6 +66,7 @@ class EntityProbe:
     mean: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     std: torch.Tensor = field(default_factory=lambda: torch.ones(0))
     config: dict[str, Any] = field(default_factory=dict)
+    unit: ClassVar[str] = "token"
 
     @property
     def hidden_size(self) -> int:
@@ -123,13 +133,25 @@ def _from_loaded(loaded: LoadedProbe) -> EntityProbe:
                        config)
 
 
-def load_entity_probe(path: str | Path = DEFAULT_WEIGHTS) -> EntityProbe:
-    """Load an entity probe saved by the trainer (a ``.safetensors`` with its ``.json``)."""
+AnyEntityProbe = EntityProbe | EntitySpanProbe
+"""A token probe (one score per token) or a span head (one score per entity)."""
+
+
+def load_entity_probe(path: str | Path = DEFAULT_WEIGHTS) -> AnyEntityProbe:
+    """Load an entity probe saved by the trainer (a ``.safetensors`` with its ``.json``): a token
+    probe, or a span head when the JSON says ``"unit": "span"``."""
     path = Path(path).expanduser()
     if path.suffix == ".safetensors" and not path.with_suffix(".json").exists():
         raise ProbeFileError(f"entity probe config not found: {path.with_suffix('.json')} "
                              "(train it: guardrail train entity-hallucination)")
-    return _from_loaded(load_probe(path))
+    loaded = load_probe(path)
+    unit = loaded.config.get("unit", "token")
+    if unit == "span":
+        return span_from_loaded(loaded)
+    if unit != "token":
+        raise ProbeFileError(f"{loaded.path.with_suffix('.json')}: key 'unit' is {unit!r}; "
+                             "known: 'token', 'span'")
+    return _from_loaded(loaded)
 
 
 def shipped_threshold() -> float | None:

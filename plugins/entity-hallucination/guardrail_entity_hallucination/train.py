@@ -9,6 +9,13 @@ span-max BCE (``guardrail.probes.train.entity_loss``). Candidate layers are comp
 span-max AUC. The full run subsamples the training and validation splits so that it fits about
 12 minutes on two shared CPU cores (the sizes used are saved with the weights).
 
+``--head span`` trains the span head instead (``span_probe``, ``train_span``): one logistic
+regression per entity the monitor's finder sees, on the mean of its tokens' states and its
+surprisal/entropy statistics, with the layer and weight decay chosen on validation span AUC
+(scored as the monitor scores); it trains on the whole training and validation splits by default
+(features cached as ``<split>.all.jsonl``) and records the shipped token probe's validation span
+AUC on the same records beside its own.
+
 SmolLM2's own answers (``python -m guardrail_entity_hallucination.data own``, written next to the
 build as ``own-{train,val,test}.jsonl``): when ``own-test.jsonl`` is there the probe is also
 evaluated on it (pooled, per subject kind and per fact type); ``--own`` adds ``own-train`` and
@@ -33,10 +40,12 @@ from guardrail.probes.calibrate import threshold_for_fpr
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import save_probe
+from guardrail.probes.metrics import roc_auc
 from guardrail.probes.train import entity_loss, span_auc_metric, train_head
 from guardrail.sources import cache_dir
 
 from .evaluation import (
+    entity_tokens_only,
     evaluate_by_type,
     evaluate_records,
     probe_scorer,
@@ -46,7 +55,17 @@ from .evaluation import (
     within_type,
 )
 from .features import CANDIDATE_LAYERS, DEFAULT_LIMITS, build_data, split_features, split_sizes
-from .probe import DEFAULT_WEIGHTS, EXTRA_FEATURES, EntityProbe, stack_inputs
+from .probe import (
+    EXTRA_FEATURES,
+    SPAN_WEIGHTS,
+    TOKEN_WEIGHTS,
+    AnyEntityProbe,
+    EntityProbe,
+    load_entity_probe,
+    stack_inputs,
+)
+from .span_probe import EntitySpanProbe, save_span_probe
+from .train_span import DEFAULT_WEIGHT_DECAYS, select_span_probe
 
 __all__ = ["FitResult", "fit_probe", "main", "select_probe", "with_extras"]
 
@@ -135,7 +154,7 @@ def select_probe(train: Sequence[CachedRecord], val: Sequence[CachedRecord],
     return best, table
 
 
-def calibrate(probe: EntityProbe, val: Sequence[CachedRecord], target_fpr: float = 0.1
+def calibrate(probe: AnyEntityProbe, val: Sequence[CachedRecord], target_fpr: float = 0.1
               ) -> dict[str, Any]:
     """Set ``probe.threshold`` to the one with the highest span recall at FPR <= target on
     validation; return the choice."""
@@ -164,13 +183,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="data folder (built if missing; default: <cache>/entity-data)")
     p.add_argument("--features", type=Path, default=None,
                    help="feature cache (default: <cache>/entity-features)")
-    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
-                   help="weights .safetensors to write (default: the package's shipped file)")
+    p.add_argument("--head", choices=("token", "span"), default="token",
+                   help="token: the paper's per-token probe; span: one score per entity (the "
+                   "span head)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="weights .safetensors to write (default: the package's shipped file of "
+                   "that head, weights/entity_probe.* or weights/entity_span_probe.*)")
     p.add_argument("--layers", type=int, nargs="+", default=list(CANDIDATE_LAYERS))
-    p.add_argument("--train-limit", type=int, default=DEFAULT_LIMITS["train"])
-    p.add_argument("--val-limit", type=int, default=DEFAULT_LIMITS["val"])
+    p.add_argument("--weight-decays", type=float, nargs="+", default=list(DEFAULT_WEIGHT_DECAYS),
+                   help="span head: the L2 weight decays tried (chosen on validation)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help=f"training records used (default: token {DEFAULT_LIMITS['train']}, "
+                   "span all)")
+    p.add_argument("--val-limit", type=int, default=None,
+                   help=f"validation records used (default: token {DEFAULT_LIMITS['val']}, "
+                   "span all)")
     p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15, help="token head only")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--no-extras", action="store_true",
                    help="do not try the probe with surprisal and entropy features")
@@ -191,18 +220,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    span = args.head == "span"
+    if args.out is None:
+        args.out = SPAN_WEIGHTS if span else TOKEN_WEIGHTS
     if args.report is not None and \
             args.report.resolve() == args.out.with_suffix(".json").resolve():
         parser.error(f"--report {args.report} would overwrite the weights' own .json; "
                      "choose another name")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    limits: dict[str, int | None] = {"train": args.train_limit, "val": args.val_limit,
-                                     "test": args.test_limit, "paired": None}
+    limits: dict[str, int | None] = {
+        "train": args.train_limit if args.train_limit is not None or span
+        else DEFAULT_LIMITS["train"],
+        "val": args.val_limit if args.val_limit is not None or span else DEFAULT_LIMITS["val"],
+        "test": args.test_limit, "paired": None}
     layers = list(args.layers)
+    decays = list(args.weight_decays)
     if args.quick:
         limits = {"train": 60, "val": 30, "test": 40, "paired": 20}
-        layers, args.epochs = layers[:2], 3
+        layers, args.epochs, decays = layers[:2], 3, decays[:2]
     base = cache_dir()
     data_dir = build_data(args.data or base / "entity-data")
     from guardrail.observer.hf import SMOLLM2_NAME, load_smollm2
@@ -211,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     observer = load_smollm2(ObserverSpec())
     # A full run caches every candidate layer, so --layers picks among them without re-reading
     extract = layers if args.quick else sorted(set(CANDIDATE_LAYERS) | set(layers))
-    features = split_features(observer, data_dir, args.features or base / "entity-features",
-                              ("train", "val", "test", "paired"), limits, extract, seed=0,
-                              tag="quick" if args.quick else "sub")
+    features = {}
+    for split in ("train", "val", "test", "paired"):
+        features.update(split_features(observer, data_dir,
+                                       args.features or base / "entity-features", (split,),
+                                       limits, extract, seed=0,
+                                       tag=_tag(split, limits[split], args.quick)))
     own_splits = ["own-train", "own-val"] if args.own else []
     if args.own:
         for name in own_splits:
@@ -232,10 +271,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.own:
         train_records += list(features["own-train"].records) * max(1, args.own_repeat)
         val_records += list(features["own-val"].records)
-    best, table = select_probe(train_records, val_records, layers,
-                               try_extras=not args.no_extras, epochs=args.epochs, lr=args.lr,
-                               seed=args.seed)
-    probe = best.probe
+    probe: AnyEntityProbe
+    comparison: dict[str, Any] | None = None
+    if span:
+        span_fit, table = select_span_probe(train_records, val_records, layers, decays)
+        probe = span_fit.probe
+        training: dict[str, Any] = {
+            "method": "logistic regression per entity found by spans.find_entities: mean of "
+                      "its tokens' states + surprisal/entropy max, mean, first + log token "
+                      "count + kind one-hot, standardised (states folded into the weights); "
+                      "LBFGS on mean BCE + wd * ||w||^2",
+            "weight_decay": span_fit.weight_decay, "weight_decays": decays,
+            "train_loss": span_fit.train_loss, **probe.config, "layer_selection": table}
+        comparison = _token_comparison(val_records, span_fit.val_span_auc)
+    else:
+        best, table = select_probe(train_records, val_records, layers,
+                                   try_extras=not args.no_extras, epochs=args.epochs,
+                                   lr=args.lr, seed=args.seed)
+        probe = best.probe
+        training = {"loss": "token BCE (entity weight 10) annealed into span-max BCE",
+                    "epochs": args.epochs, "lr": args.lr, "batch_size": 8, "seed": args.seed,
+                    "best_epoch_history": best.history, "layer_selection": table}
     threshold = calibrate(probe, val_records)
     results = {
         "val": evaluate_records(probe, features["val"].records),
@@ -261,9 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "splits": split_sizes(features, data_dir),
         "own_answers": ({"builder": "python -m guardrail_entity_hallucination.data own",
                          "train_repeat": max(1, args.own_repeat)} if args.own else None),
-        "training": {"loss": "token BCE (entity weight 10) annealed into span-max BCE",
-                     "epochs": args.epochs, "lr": args.lr, "batch_size": 8, "seed": args.seed,
-                     "best_epoch_history": best.history, "layer_selection": table},
+        "training": training,
+        **({"validation_comparison": comparison} if comparison is not None else {}),
         "calibration": threshold,
         "metrics": {split: {"all": r["all"]["probe"], **{
             key: {k: v["probe"] for k, v in r[key].items()}
@@ -271,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
             for split, r in results.items()},
         "seconds": {"features": round(t_features), "total": round(time.perf_counter() - t0)},
     }
-    weights = save_entity_probe(probe, args.out, config)
-    summary = {"weights": str(weights), "layer": probe.layer, "features": list(probe.features),
-               "threshold": probe.threshold, "layer_selection": table,
+    if isinstance(probe, EntitySpanProbe):
+        weights = save_span_probe(probe, args.out, config)
+    else:
+        weights = save_entity_probe(probe, args.out, config)
+    summary = {"weights": str(weights), "unit": probe.unit, "layer": probe.layer,
+               "features": list(probe.features), "threshold": probe.threshold,
+               "layer_selection": table,
+               **({"validation_comparison": comparison} if comparison is not None else {}),
                "test": results["test"]["all"], "paired": results["paired"]["all"],
                **({"own-test": results["own-test"]["all"],
                    "own-test_within_type": results["own-test"].get("within_type")}
@@ -286,6 +346,41 @@ def main(argv: list[str] | None = None) -> int:
                                encoding="utf-8")
     print(json.dumps(summary, indent=2, default=_json_default))
     return 0
+
+
+def _tag(split: str, limit: int | None, quick: bool) -> str:
+    """The name under which a split's records are written and cached: ``quick`` for smoke runs;
+    training and validation whole (``all``) or subsampled (``sub``); test and paired are always
+    whole and keep the name ``sub`` (their feature caches predate ``all``)."""
+    if quick:
+        return "quick"
+    return "all" if limit is None and split in ("train", "val") else "sub"
+
+
+def _token_comparison(val: Sequence[CachedRecord], span_auc: float | None
+                      ) -> dict[str, Any] | None:
+    """Validation span AUC of the shipped token probe on the span head's validation records,
+    with every token scored and with only the tokens of the monitor's entities scored (as the
+    monitor scores it); None when it is missing or its layer is not cached."""
+    if not TOKEN_WEIGHTS.exists() or not val:
+        return None
+    token = load_entity_probe(TOKEN_WEIGHTS)
+    if token.layer not in val[0].hidden:
+        return None
+
+    def auc(scorer: Any) -> float | None:
+        labels, scores, _ = span_scores(val, score_tokens(scorer, val), "max")
+        try:
+            return round(float(roc_auc(labels, scores)), 4)
+        except (ValueError, ZeroDivisionError):
+            return None
+
+    every = auc(probe_scorer(token))
+    entities = auc(entity_tokens_only(probe_scorer(token)))
+    best = max((v for v in (every, entities) if v is not None), default=None)
+    return {"records": len(val), "span_head": None if span_auc is None else round(span_auc, 4),
+            "token_probe_all_tokens": every, "token_probe_entity_tokens": entities,
+            "span_head_wins": span_auc is not None and best is not None and span_auc > best}
 
 
 def _json_default(value: Any) -> Any:
