@@ -31,12 +31,13 @@ from .common import ROOT, figures_dir, write_result
 
 PLOT_NAME = "entity-roc.png"
 NAME = "entity_eval"
-SCORERS = ("probe", "token_probe", "token_probe_entities", "surprisal_max", "surprisal_mean",
-           "entropy_max", "entropy_mean")
+SCORERS = ("probe", "token_probe", "token_probe_entities", "surprisal_max",
+           "surprisal_max_entities", "surprisal_mean", "entropy_max", "entropy_mean")
 LABELS = {"probe": "probe (shipped)", "token_probe": "token probe, every token",
           "token_probe_entities": "token probe, the monitor's entity tokens",
           "surprisal_max": "surprisal, span max", "surprisal_mean": "surprisal, span mean",
-          "entropy_max": "entropy, span max", "entropy_mean": "entropy, span mean"}
+          "entropy_max": "entropy, span max", "entropy_mean": "entropy, span mean",
+          "surprisal_max_entities": "surprisal, span max, the monitor's entity tokens"}
 
 
 def _plot(curves: dict[str, tuple[list[float], list[float]]], aucs: dict[str, Any],
@@ -127,9 +128,13 @@ def main(argv: list[str] | None = None) -> Path:
     if probe.unit == "span" and TOKEN_WEIGHTS.exists():
         loaded = load_entity_probe(TOKEN_WEIGHTS)
         token_probe = loaded if isinstance(loaded, EntityProbe) else None
+    # A span head scores only the entities the monitor's finder sees (lower-case ones, e.g. most
+    # garak claims, are missed); the token probe and surprisal on those tokens alone compare
+    # like with like.
     extra = {} if token_probe is None else {
         "token_probe": (probe_scorer(token_probe), "max"),
-        "token_probe_entities": (entity_tokens_only(probe_scorer(token_probe)), "max")}
+        "token_probe_entities": (entity_tokens_only(probe_scorer(token_probe)), "max"),
+        "surprisal_max_entities": (entity_tokens_only(stat_scorer("surprisal")), "max")}
     data_dir = build_data(args.data or cache_dir() / "entity-data")
     features_dir = args.features or cache_dir() / "entity-features"
     observer = load_smollm2(ObserverSpec())
@@ -279,6 +284,7 @@ def render(result: dict[str, Any]) -> str:
     probe = result["probe"]
     test = result["test"]
     spans = test["all"]["probe"]
+    labelled = test["all"].get("surprisal_max", spans)  # every labelled span has a surprisal
     if probe.get("unit") == "span":
         sizes = probe.get("splits") or {}
         head = (f"Shipped probe: the span head (one score per entity the monitor finds) on "
@@ -303,9 +309,15 @@ def render(result: dict[str, Any]) -> str:
     parts = [
         "## Entity hallucination (held-out topics and templates)", "",
         head + f", threshold {probe['threshold']:.3f} (10% span FPR on validation). "
-        f"Test split: {test['records']} records, {spans['spans']} entity spans "
-        f"({spans['fabricated_spans']} fabricated). Baselines are the observer's own surprisal "
-        "and entropy at the entity's tokens, max or mean over the span.", "",
+        f"Test split: {test['records']} records, {labelled['spans']} labelled entity spans "
+        f"({labelled['fabricated_spans']} fabricated)"
+        + (f"; the shipped probe scores the {spans['spans']} ({spans['fabricated_spans']} "
+           "fabricated) that the monitor's entity finder sees (it misses lower-case ones, most "
+           "of garak's claims), as do the rows marked 'the monitor's entity tokens'; token AUC "
+           "of those rows counts those entities' tokens only"
+           if spans["spans"] != labelled["spans"] else "")
+        + ". Baselines are the observer's own surprisal and entropy at the entity's tokens, max "
+        "or mean over the span.", "",
         "Pooled test split:", "", *_table(test["all"]), "",
     ]
     for kind, block in sorted(test.get("by_kind", {}).items()):

@@ -12,7 +12,8 @@ def guardrail_register_monitors(register: RegisterMonitor) -> None:
     from .monitor import EntityHallucinationMonitor
 
     register("entity-hallucination", EntityHallucinationMonitor,
-             description="linear probe on hidden states: flags fabricated entities (span max)")
+             description="linear head on hidden states: flags fabricated entities (one "
+             "score per entity, span max)")
 
 
 def _train(argv: list[str]) -> int:

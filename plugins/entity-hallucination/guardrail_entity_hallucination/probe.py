@@ -35,7 +35,7 @@ __all__ = ["DEFAULT_WEIGHTS", "EXTRA_FEATURES", "SPAN_WEIGHTS", "TOKEN_WEIGHTS",
 _WEIGHTS_DIR = Path(__file__).parent / "weights"
 TOKEN_WEIGHTS = _WEIGHTS_DIR / "entity_probe.safetensors"
 SPAN_WEIGHTS = _WEIGHTS_DIR / "entity_span_probe.safetensors"
-DEFAULT_WEIGHTS = TOKEN_WEIGHTS
+DEFAULT_WEIGHTS = SPAN_WEIGHTS  # the span head won on validation (docs/entity-hallucination.md)
 EXTRA_FEATURES = ("surprisal", "entropy")
 
 

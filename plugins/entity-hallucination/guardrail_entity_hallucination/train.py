@@ -2,14 +2,16 @@
 the entity probe, pick its layer and threshold on validation, evaluate it and its baselines on the
 held-out test split and the paired set, and save the weights (see docs/entity-hallucination.md).
 
-The probe is ``Linear(hidden, 1)`` (optionally ``hidden + 2`` with the token's standardised
+Two heads: the span head (``--head span``, the default since it beat the token probe on
+validation; below) and the paper's token probe (``--head token``). The token probe is
+``Linear(hidden, 1)`` (optionally ``hidden + 2`` with the token's standardised
 surprisal and entropy appended); labels: fabricated entity tokens 1, supported entity tokens 0,
 other tokens 0 with weight 1 and entity tokens weight 10; loss: token BCE annealed linearly into
 span-max BCE (``guardrail.probes.train.entity_loss``). Candidate layers are compared by validation
-span-max AUC. The full run subsamples the training and validation splits so that it fits about
+span-max AUC. Its full run subsamples the training and validation splits so that it fits about
 12 minutes on two shared CPU cores (the sizes used are saved with the weights).
 
-``--head span`` trains the span head instead (``span_probe``, ``train_span``): one logistic
+The span head (``span_probe``, ``train_span``): one logistic
 regression per entity the monitor's finder sees, on the mean of its tokens' states and its
 surprisal/entropy statistics, with the layer and weight decay chosen on validation span AUC
 (scored as the monitor scores); it trains on the whole training and validation splits by default
@@ -183,9 +185,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="data folder (built if missing; default: <cache>/entity-data)")
     p.add_argument("--features", type=Path, default=None,
                    help="feature cache (default: <cache>/entity-features)")
-    p.add_argument("--head", choices=("token", "span"), default="token",
-                   help="token: the paper's per-token probe; span: one score per entity (the "
-                   "span head)")
+    p.add_argument("--head", choices=("token", "span"), default="span",
+                   help="span (default; it beat the token probe on validation): one score per "
+                   "entity; token: the paper's per-token probe")
     p.add_argument("--out", type=Path, default=None,
                    help="weights .safetensors to write (default: the package's shipped file of "
                    "that head, weights/entity_probe.* or weights/entity_span_probe.*)")

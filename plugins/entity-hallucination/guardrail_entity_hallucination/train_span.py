@@ -35,7 +35,7 @@ from .spans import find_entities
 __all__ = ["DEFAULT_WEIGHT_DECAYS", "SpanFit", "SpanRows", "fit_span_probe", "select_span_probe",
            "span_rows"]
 
-DEFAULT_WEIGHT_DECAYS = (0.003, 0.01, 0.03, 0.1, 0.3)
+DEFAULT_WEIGHT_DECAYS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 
 
 @dataclasses.dataclass
