@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -78,6 +79,15 @@ class LinearProbe(ProbeHead):
 
     def score(self, hidden: Tensor) -> Tensor:
         return torch.sigmoid(self.forward(hidden))
+
+    def numpy_parts(self, states: int) -> tuple[np.ndarray, list[float], float]:
+        """The weight row split for per-token numpy maths: the first ``states`` weights as a
+        float32 array (the part that reads hidden states), the rest as floats (extra features
+        appended after the states), and the bias."""
+        weight = self.linear.weight.detach().float()[0]
+        bias = self.linear.bias
+        return (weight[:states].contiguous().numpy().copy(), weight[states:].tolist(),
+                float(bias.detach()[0]) if bias is not None else 0.0)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from guardrail.probes.arrays import float32_rows
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.metrics import recall_at_fpr, roc_auc, roc_curve
 
@@ -54,7 +53,7 @@ def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
         members = span_members(record.offsets.tolist(), spans)
         if not any(members):
             return values
-        dots = probe.dots(record.hidden[probe.layer].float().numpy().astype(np.float32))
+        dots = probe.dots(float32_rows(record.hidden[probe.layer]))
         nan = [math.nan] * len(record)
         surprisal = record.surprisal.tolist() if record.surprisal is not None else nan
         entropy = record.entropy.tolist() if record.entropy is not None else nan

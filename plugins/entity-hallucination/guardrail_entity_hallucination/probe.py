@@ -102,12 +102,7 @@ class EntityProbe:
     def _numpy_weights(self) -> tuple[np.ndarray, list[float], float, list[float], list[float]]:
         """The head's weight row cut into states and extra features, its bias, and the features'
         mean and std (as ``stack_inputs`` reads them, float32 values)."""
-        weight = self.head.linear.weight.detach().float()[0]
-        size = self.hidden_size
-        bias = self.head.linear.bias
-        return (weight[:size].contiguous().numpy().copy(), weight[size:].tolist(),
-                float(bias.detach()[0]) if bias is not None else 0.0,
-                self.mean.tolist(), self.std.tolist())
+        return (*self.head.numpy_parts(self.hidden_size), self.mean.tolist(), self.std.tolist())
 
 
 def _from_loaded(loaded: LoadedProbe) -> EntityProbe:

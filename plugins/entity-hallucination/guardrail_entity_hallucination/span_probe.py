@@ -120,12 +120,7 @@ class EntitySpanProbe:
 
     @cached_property
     def _weights(self) -> tuple[np.ndarray, list[float], float, list[float], list[float]]:
-        weight = self.head.linear.weight.detach().float()[0]
-        size = self.hidden_size
-        bias = self.head.linear.bias
-        return (weight[:size].contiguous().numpy().copy(), weight[size:].tolist(),
-                float(bias.detach()[0]) if bias is not None else 0.0,
-                self.mean.tolist(), self.std.tolist())
+        return (*self.head.numpy_parts(self.hidden_size), self.mean.tolist(), self.std.tolist())
 
     def dots(self, hidden: np.ndarray) -> list[float]:
         """Each state's share of a span logit, ``w . h`` for float32 rows ``(n, H)``."""
