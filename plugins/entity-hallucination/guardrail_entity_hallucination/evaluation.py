@@ -31,8 +31,9 @@ from .span_probe import EntitySpanProbe, span_members
 from .spans import find_entities
 
 __all__ = ["BASELINES", "Scorers", "TokenScorer", "entity_tokens_only", "evaluate_by_type",
-           "evaluate_records", "probe_scorer", "roc_points", "score_tokens", "span_probe_scorer",
-           "span_scores", "span_types", "stat_scorer", "type_prior", "within_type"]
+           "evaluate_records", "probe_scorer", "roc_points", "score_tokens", "span_auc",
+           "span_probe_scorer", "span_scores", "span_types", "stat_scorer", "type_prior",
+           "within_type"]
 
 TokenScorer = Callable[[CachedRecord], list[float]]
 """Per-token scores of one cached record (``nan``: no score)."""
@@ -118,6 +119,17 @@ def stat_scorer(name: str) -> TokenScorer:
 
 def score_tokens(scorer: TokenScorer, records: Sequence[CachedRecord]) -> list[list[float]]:
     return [scorer(r) for r in records]
+
+
+def span_auc(records: Sequence[CachedRecord], scorer: TokenScorer) -> float | None:
+    """Span-max ROC AUC of ``scorer`` over the labelled spans of ``records`` (None when it is
+    undefined, e.g. one label only)."""
+    labels, scores, _ = span_scores(records, score_tokens(scorer, records), "max")
+    try:
+        value = float(roc_auc(labels, scores))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None if math.isnan(value) else value
 
 
 def span_scores(records: Sequence[CachedRecord], token_scores: Sequence[Sequence[float]],

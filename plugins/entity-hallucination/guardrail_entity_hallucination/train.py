@@ -42,16 +42,17 @@ from guardrail.probes.calibrate import threshold_for_fpr
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import save_probe
-from guardrail.probes.metrics import roc_auc
 from guardrail.probes.train import entity_loss, span_auc_metric, train_head
 from guardrail.sources import cache_dir
 
 from .evaluation import (
+    TokenScorer,
     entity_tokens_only,
     evaluate_by_type,
     evaluate_records,
     probe_scorer,
     score_tokens,
+    span_auc,
     span_scores,
     span_types,
     within_type,
@@ -359,7 +360,7 @@ def _tag(split: str, limit: int | None, quick: bool) -> str:
     return "all" if limit is None and split in ("train", "val") else "sub"
 
 
-def _token_comparison(val: Sequence[CachedRecord], span_auc: float | None
+def _token_comparison(val: Sequence[CachedRecord], span_head_auc: float | None
                       ) -> dict[str, Any] | None:
     """Validation span AUC of the shipped token probe on the span head's validation records,
     with every token scored and with only the tokens of the monitor's entities scored (as the
@@ -370,19 +371,18 @@ def _token_comparison(val: Sequence[CachedRecord], span_auc: float | None
     if token.layer not in val[0].hidden:
         return None
 
-    def auc(scorer: Any) -> float | None:
-        labels, scores, _ = span_scores(val, score_tokens(scorer, val), "max")
-        try:
-            return round(float(roc_auc(labels, scores)), 4)
-        except (ValueError, ZeroDivisionError):
-            return None
+    def auc(scorer: TokenScorer) -> float | None:
+        value = span_auc(val, scorer)
+        return None if value is None else round(value, 4)
 
     every = auc(probe_scorer(token))
     entities = auc(entity_tokens_only(probe_scorer(token)))
     best = max((v for v in (every, entities) if v is not None), default=None)
-    return {"records": len(val), "span_head": None if span_auc is None else round(span_auc, 4),
+    head = None if span_head_auc is None else round(span_head_auc, 4)
+    return {"records": len(val), "span_head": head,
             "token_probe_all_tokens": every, "token_probe_entity_tokens": entities,
-            "span_head_wins": span_auc is not None and best is not None and span_auc > best}
+            "span_head_wins": span_head_auc is not None and best is not None
+            and span_head_auc > best}
 
 
 def _json_default(value: Any) -> Any:

@@ -15,7 +15,6 @@ by validation span-max AUC computed exactly as the monitor scores (``span_probe_
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +25,8 @@ from tqdm.auto import tqdm
 
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import LinearProbe
-from guardrail.probes.metrics import roc_auc
 
-from .evaluation import score_tokens, span_probe_scorer, span_scores
+from .evaluation import span_auc, span_probe_scorer
 from .span_probe import SPAN_FEATURES, EntitySpanProbe, span_features, span_members
 from .spans import find_entities
 
@@ -161,12 +159,7 @@ def fit_span_probe(rows: SpanRows, layer: int, weight_decay: float = 0.03, *,
 
 def val_span_auc(probe: EntitySpanProbe, val: Sequence[CachedRecord]) -> float | None:
     """Span-max AUC over the labelled spans of ``val``, scored as the monitor scores."""
-    labels, scores, _ = span_scores(val, score_tokens(span_probe_scorer(probe), val), "max")
-    try:
-        value = float(roc_auc(labels, scores))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None if math.isnan(value) else value
+    return span_auc(val, span_probe_scorer(probe))
 
 
 def select_span_probe(train: Sequence[CachedRecord], val: Sequence[CachedRecord],
