@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
                   "threshold": probe.threshold, "splits": config.get("splits"),
                   "weight_decay": config.get("training", {}).get("weight_decay"),
                   "layer_selection": config.get("training", {}).get("layer_selection"),
+                  "span_states": config.get("span_states"),
                   "validation_comparison": config.get("validation_comparison")},
         "token_probe": None if token_probe is None else {
             "layer": token_probe.layer, "features": list(token_probe.features),
@@ -287,10 +288,17 @@ def render(result: dict[str, Any]) -> str:
     labelled = test["all"].get("surprisal_max", spans)  # every labelled span has a surprisal
     if probe.get("unit") == "span":
         sizes = probe.get("splits") or {}
+        blocks = (probe.get("span_states") or {}).get("blocks")
+        states = (f"SmolLM2-135M layer {probe['layer']}: mean of the entity's token states"
+                  if not blocks else
+                  "SmolLM2-135M, version 2 (a logit average of logistic heads, one linear head "
+                  "over " + ", ".join(
+                      ("the mean state" if b["pool"] == "mean"
+                       else "the state of the token before") + f" on layer {b['layer']}"
+                      for b in blocks) + ")")
         head = (f"Shipped probe: the span head (one score per entity the monitor finds) on "
-                f"SmolLM2-135M layer {probe['layer']}: mean of the entity's token states + "
-                "surprisal/entropy max, mean, first + log token count + kind, weight decay "
-                f"{probe.get('weight_decay')}, trained on "
+                f"{states} + surprisal/entropy max, mean, first + log token count + kind, weight "
+                f"decay {probe.get('weight_decay')}, trained on "
                 f"{(sizes.get('train') or {}).get('used', '?')} records")
         comparison = probe.get("validation_comparison") or {}
         if comparison:

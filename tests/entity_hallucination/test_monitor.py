@@ -16,6 +16,7 @@ from guardrail_entity_hallucination.probe import DEFAULT_WEIGHTS, EntityProbe
 from guardrail_entity_hallucination.span_probe import (
     SPAN_FEATURES,
     EntitySpanProbe,
+    StateBlock,
     save_span_probe,
 )
 from guardrail_entity_hallucination.spans import find_entities
@@ -56,18 +57,27 @@ def _weights(folder: Path, hidden_size: int, layer: int, extras: bool = False) -
     return save_entity_probe(probe, folder / "probe.safetensors", {"base_model": "tiny"})
 
 
-def _span_weights(folder: Path, hidden_size: int, layer: int) -> Path:
+# A version-2 span head's blocks on the tiny model: mean states of layers 1 and 2 and the states
+# of the token before the entity on both (the fills are what an entity with none adds).
+BLOCKS = (StateBlock("mean", 1), StateBlock("mean", 2), StateBlock("prev", 1, 0.3),
+          StateBlock("prev", 2, -0.2))
+
+
+def _span_weights(folder: Path, hidden_size: int, layer: int,
+                  blocks: tuple[StateBlock, ...] = ()) -> Path:
     """A span head whose decision the entity's kind settles (numbers and dates score about 0.998,
     names about 0.002), its small random state and surprisal/entropy weights moving the scores
-    a little."""
-    head = LinearProbe(hidden_size + len(SPAN_FEATURES), seed=5)
+    a little; with ``blocks``, a version-2 head reading those blocks."""
+    states = hidden_size * max(1, len(blocks))
+    head = LinearProbe(states + len(SPAN_FEATURES), seed=5)
     with torch.no_grad():
+        head.linear.weight[0, :states].mul_(2.0 / max(1, len(blocks)))
         for name in ("kind_NUMBER", "kind_DATE"):
-            head.linear.weight[0, hidden_size + SPAN_FEATURES.index(name)] = 12.0
+            head.linear.weight[0, states + SPAN_FEATURES.index(name)] = 12.0
         head.linear.bias.fill_(-6.0)
     probe = EntitySpanProbe(head, layer, 0.5, SPAN_FEATURES,
                             torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 0.5, 0.0, 0.0, 0.0]),
-                            torch.ones(len(SPAN_FEATURES)))
+                            torch.ones(len(SPAN_FEATURES)), blocks=blocks)
     return save_span_probe(probe, folder / "span.safetensors", {"base_model": "tiny"})
 
 
@@ -125,10 +135,13 @@ def test_split_points_do_not_change_scores(tiny_model: Path, tmp_path: Path) -> 
         assert pieces[index] == pytest.approx(value, abs=1e-4)
 
 
+@pytest.mark.parametrize("blocks", [(), BLOCKS], ids=["v1", "v2"])
 @pytest.mark.parametrize("sizes", [[1], [1, 2, 3], [5, 17, 40, 41, 90], [33, 2, 1, 7]])
 def test_span_head_flags_the_right_entities_however_the_stream_is_split(
-        tiny_model: Path, tmp_path: Path, sizes: list[int]) -> None:
-    guard = _guard(tiny_model, _span_weights(tmp_path, 32, 1), threshold=0.5)
+        tiny_model: Path, tmp_path: Path, sizes: list[int],
+        blocks: tuple[StateBlock, ...]) -> None:
+    guard = _guard(tiny_model, _span_weights(tmp_path, 32, 2 if blocks else 1, blocks),
+                   threshold=0.5)
     flags, scores = _run(guard, split_text(TEXT, sizes))
     assert [TEXT[f.span[0]:f.span[1]] for f in flags if f.span] == ["66,987,244",
                                                                      "12 March 1990"]
@@ -143,16 +156,20 @@ def test_span_head_flags_the_right_entities_however_the_stream_is_split(
         assert {round(scores[i], 6) for i in range(first, last + 1)} == {round(flag.score, 6)}
 
 
-def test_span_head_in_generator_mode_flags_the_same_entities(tiny_model: Path,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [(), BLOCKS], ids=["v1", "v2"])
+def test_span_head_in_generator_mode_flags_the_same_entities(
+        tiny_model: Path, tmp_path: Path, blocks: tuple[StateBlock, ...]) -> None:
     """An adapter that owns the model sends steps of tokens with the generator's rows (row i:
     the step that produced token i); the span head flags the same entities with the same scores
-    as on the observer."""
-    weights = _span_weights(tmp_path, 32, 1)
+    as on the observer (a version-2 head too: two layers and the token before each entity)."""
+    weights = _span_weights(tmp_path, 32, 2 if blocks else 1, blocks)
     guard = _guard(tiny_model, weights, threshold=0.5)
     observed_flags, observed = _run(guard, [TEXT])
-    hidden, logits, tokens = _observer_rows(guard, 1)
-    gen_hidden = torch.cat([torch.zeros_like(hidden[:1]), hidden[:-1]])
+    layers = sorted({b.layer for b in blocks} or {1})
+    rows = {layer: _observer_rows(guard, layer) for layer in layers}
+    _, logits, tokens = rows[layers[0]]
+    gen_hidden = {layer: torch.cat([torch.zeros_like(h[:1]), h[:-1]])
+                  for layer, (h, _, _) in rows.items()}
     gen_logits = torch.cat([torch.zeros_like(logits[:1]), logits[:-1]])
     session = guard.session(prompt=PROMPT, record_scores=True)
     events = []
@@ -161,7 +178,8 @@ def test_span_head_in_generator_mode_flags_the_same_entities(tiny_model: Path,
         step_tokens = [StepToken(int(t.id), TEXT[t.start:t.end]) for t in chunk
                        if t.id is not None]
         events += session.feed(StreamStep("".join(t.text for t in step_tokens),
-                                          tokens=step_tokens, hidden={1: gen_hidden[i:i + 4]},
+                                          tokens=step_tokens,
+                                          hidden={k: h[i:i + 4] for k, h in gen_hidden.items()},
                                           logits=gen_logits[i:i + 4]))
     report = session.finish()
     events += report.final_events
@@ -191,7 +209,7 @@ CUT = TEXT.index(" About")  # after "Argentina.": the continuation starts with a
 DETOUR = " Tokyo had 5 lakes in 1990 near Rome, and the Nile flows into Egypt past Cairo."
 
 
-@pytest.mark.parametrize("kind", ["token", "span"])
+@pytest.mark.parametrize("kind", ["token", "span", "span-v2"])
 @pytest.mark.parametrize("mode", ["observer", "generator"])
 def test_a_stream_cut_back_scores_like_a_fresh_one(tiny_model: Path, tmp_path: Path,
                                                    kind: str, mode: str) -> None:
@@ -199,27 +217,31 @@ def test_a_stream_cut_back_scores_like_a_fresh_one(tiny_model: Path, tmp_path: P
     back to TEXT[:CUT] and reads the rest of TEXT. Its scores after the cut are those of a fresh
     stream over TEXT, entity spans included."""
     weights = (_span_weights(tmp_path, 32, 1) if kind == "span"
+               else _span_weights(tmp_path, 32, 2, BLOCKS) if kind == "span-v2"
                else _weights(tmp_path, 32, 1, extras=True))
     guard = _guard(tiny_model, weights)
     monitor = EntityHallucinationMonitor(EntityHallucinationMonitor.Options(
         weights=str(weights), mode=mode))
     detour = TEXT[:CUT] + DETOUR
 
-    def rows(text: str) -> tuple[torch.Tensor, torch.Tensor, list[TokenSpan]]:
-        hidden, logits, tokens = _observer_rows(guard, 1, text)
+    def rows(text: str) -> tuple[dict[int, torch.Tensor], torch.Tensor, list[TokenSpan]]:
+        hidden: dict[int, torch.Tensor] = {}
+        for layer in sorted(monitor.needs().layers):
+            hidden[layer], logits, tokens = _observer_rows(guard, layer, text)
         if mode == "generator":  # row i: the step that produced token i
-            hidden = torch.cat([torch.zeros_like(hidden[:1]), hidden[:-1]])
+            hidden = {k: torch.cat([torch.zeros_like(h[:1]), h[:-1]]) for k, h in hidden.items()}
             logits = torch.cat([torch.zeros_like(logits[:1]), logits[:-1]])
         return hidden, logits, tokens
 
-    def feed(state: object, text: str, hidden: torch.Tensor, logits: torch.Tensor,
+    def feed(state: object, text: str, hidden: dict[int, torch.Tensor], logits: torch.Tensor,
              tokens: list[TokenSpan], start: int, final: bool) -> list[Score]:
         out: list[Score] = []
         for i in range(start, len(tokens), 5):
             j = min(i + 5, len(tokens))
             top = logits[i:j, :1] if mode == "observer" else None
             out += monitor.update(state, Features(tokens[i:j], i, text[: tokens[j - 1].end],
-                                                  {1: hidden[i:j]}, logits[i:j], top,
+                                                  {k: h[i:j] for k, h in hidden.items()},
+                                                  logits[i:j], top,
                                                   final=final and j == len(tokens)))
         return out + (list(monitor.finish(state)) if final else [])
 

@@ -1,5 +1,6 @@
 """Span-head files: a saved head reloads with the same scores, and a malformed one fails to load
-with a ProbeFileError that names the key at fault (the monitor turns it into a policy error)."""
+with a ProbeFileError that names the key at fault (the monitor turns it into a policy error); the
+same for a version-2 head (``span_states``: several layers and the token before the entity)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from guardrail_entity_hallucination.probe import EntityProbe, load_entity_probe
 from guardrail_entity_hallucination.span_probe import (
     SPAN_FEATURES,
     EntitySpanProbe,
+    StateBlock,
     save_span_probe,
     span_features,
 )
@@ -110,3 +112,79 @@ def test_a_head_too_narrow_for_its_span_features_names_the_key(saved: Path) -> N
     _edit(saved, narrow)
     with pytest.raises(ProbeFileError, match="key 'head.hidden_size'"):
         load_entity_probe(saved)
+
+
+BLOCKS = (StateBlock("mean", 3), StateBlock("mean", 5), StateBlock("prev", 5, 0.7))
+
+
+def _probe_v2() -> EntitySpanProbe:
+    head = LinearProbe(len(BLOCKS) * HIDDEN + len(SPAN_FEATURES), seed=2)
+    with torch.no_grad():
+        head.linear.weight.mul_(10.0)
+        head.linear.bias.fill_(-0.5)
+    return EntitySpanProbe(head, 5, 0.4, SPAN_FEATURES,
+                           torch.linspace(0.5, 2.0, len(SPAN_FEATURES)),
+                           torch.linspace(1.0, 3.0, len(SPAN_FEATURES)), blocks=BLOCKS)
+
+
+@pytest.fixture
+def saved_v2(tmp_path: Path) -> Path:
+    return save_span_probe(_probe_v2(), tmp_path / "span2.safetensors", {"base_model": "tiny"})
+
+
+def test_a_version_2_span_head_reloads_and_reads_its_blocks(saved_v2: Path) -> None:
+    config = json.loads(saved_v2.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["span_states"] == {"version": 2, "width": HIDDEN, "blocks": [
+        {"pool": "mean", "layer": 3}, {"pool": "mean", "layer": 5},
+        {"pool": "prev", "layer": 5, "fill": 0.7}]}
+    loaded = load_entity_probe(saved_v2)
+    assert isinstance(loaded, EntitySpanProbe)
+    assert (loaded.version, loaded.layers, loaded.hidden_size, loaded.state_blocks) == (
+        2, (3, 5), HIDDEN, BLOCKS)
+    monitor = EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(saved_v2)))
+    assert monitor.needs().layers == frozenset({3, 5})
+    rng = np.random.default_rng(1)
+    h3, h5 = (rng.normal(size=(4, HIDDEN)).astype(np.float32) for _ in range(2))
+    dots, prevs = loaded.token_dots({3: h3, 5: h5})
+    members, args = [1, 2, 3], ([1.0, math.nan, 4.0], [2.0, 2.5, 0.5], "NAME")
+    # the logit: mean of the members' mean-block dots + the prev block's dot of token 0
+    w = _probe_v2().head.linear.weight.detach()[0].double().numpy()
+    raw = span_features(*args)
+    z = [(raw[n] - m) / s for n, m, s in zip(SPAN_FEATURES, _probe_v2().mean.tolist(),
+                                              _probe_v2().std.tolist(), strict=True)]
+    states = float(h3[members].mean(0) @ w[:HIDDEN] + h5[members].mean(0) @ w[HIDDEN:2 * HIDDEN])
+    features = float(np.dot(w[3 * HIDDEN:], z)) - 0.5
+    value = loaded.score([dots[i] for i in members], *args, prevs[0])
+    logit = states + float(h5[0] @ w[2 * HIDDEN:3 * HIDDEN]) + features
+    assert value == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-5)
+    # no token before the entity: the prev block adds its fill
+    alone = loaded.score([dots[i] for i in members], *args, None)
+    assert alone == pytest.approx(1 / (1 + math.exp(-(states + 0.7 + features))), abs=1e-5)
+    with pytest.raises(ValueError, match="token_dots"):
+        loaded.dots(h3)
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda c: c["span_states"].__setitem__("version", 3), "span_states.version"),
+    (lambda c: c["span_states"].__setitem__("width", HIDDEN + 1), "span_states.width"),
+    (lambda c: c["span_states"].__setitem__("width", "wide"), "span_states.width"),
+    (lambda c: c["span_states"].__setitem__("blocks", []), "span_states.blocks"),
+    (lambda c: c["span_states"]["blocks"][1].__setitem__("pool", "max"),
+     r"span_states.blocks\[1\].pool"),
+    (lambda c: c["span_states"]["blocks"][0].pop("layer"), r"span_states.blocks\[0\].layer"),
+    (lambda c: c["span_states"]["blocks"][2].pop("fill"), r"span_states.blocks\[2\].fill"),
+    (lambda c: c["span_states"]["blocks"][2].__setitem__("fill", "x"),
+     r"span_states.blocks\[2\].fill"),
+    (lambda c: c["span_states"]["blocks"].pop(), "span_states.width"),
+    (lambda c: c["span_states"].__setitem__("blocks", [
+        {"pool": "prev", "layer": 5, "fill": 0.0}] * 3), "span_states.blocks"),
+    (lambda c: c.__setitem__("span_states", [1]), "span_states"),
+])
+def test_a_malformed_span_states_block_names_the_key(saved_v2: Path,
+                                                     change: Callable[..., None],
+                                                     key: str) -> None:
+    _edit(saved_v2, change)
+    with pytest.raises(ProbeFileError, match=f"key '{key}'"):
+        load_entity_probe(saved_v2)
+    with pytest.raises(ValueError, match=f"key '{key}'"):
+        EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(saved_v2)))

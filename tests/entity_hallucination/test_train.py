@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import guardrail_entity_hallucination.plugin as entity_plugin
+import numpy as np
 import pytest
 from guardrail_entity_hallucination.evaluation import (
     evaluate_by_type,
@@ -19,9 +20,15 @@ from guardrail_entity_hallucination.evaluation import (
 )
 from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
 from guardrail_entity_hallucination.probe import load_entity_probe
-from guardrail_entity_hallucination.span_probe import EntitySpanProbe, save_span_probe
+from guardrail_entity_hallucination.span_probe import EntitySpanProbe, save_span_probe, span_members
+from guardrail_entity_hallucination.spans import find_entities
 from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
-from guardrail_entity_hallucination.train_span import select_span_probe
+from guardrail_entity_hallucination.train_span import (
+    fit_span_ensemble,
+    parse_member,
+    select_span_probe,
+    span_rows,
+)
 
 from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
@@ -119,16 +126,26 @@ def test_planted_signal_is_learned_by_the_span_head(planted: dict[str, object]) 
     assert 0.0 < choice["threshold"] < 1.0 and choice["fpr"] <= 0.1
 
 
-def test_streamed_span_head_scores_as_the_cached_evaluation(planted: dict[str, object],
-                                                            tmp_path: Path) -> None:
+ENSEMBLE = ("mean:2", "mean:0+mean:2+prev:0", "mean:2+prev:2")
+
+
+@pytest.mark.parametrize("members", [None, ENSEMBLE], ids=["v1", "ensemble"])
+def test_streamed_span_head_scores_as_the_cached_evaluation(
+        planted: dict[str, object], tmp_path: Path, members: tuple[str, ...] | None) -> None:
     """A saved span head in a Guard over random stream splits gives each token the score the
-    cached evaluation gives it (same entities, same broadcast), up to float16 caching."""
+    cached evaluation gives it (same entities, same broadcast), up to float16 caching; also an
+    ensemble reading two layers and the token before each entity (a version-2 file)."""
     sets, root = planted["sets"], planted["root"]
     assert isinstance(sets, dict) and isinstance(root, Path)
-    best, _ = select_span_probe(sets["train"], sets["val"], [2], [0.03], progress=False)
+    best, _ = select_span_probe(
+        sets["train"], sets["val"], [2], [0.03], progress=False,
+        members=None if members is None else [parse_member(m) for m in members])
     weights = save_span_probe(best.probe, tmp_path / "span.safetensors", {"base_model": "tiny"})
     loaded = load_entity_probe(weights)
     assert isinstance(loaded, EntitySpanProbe) and loaded.layer == 2
+    assert loaded.version == (1 if members is None else 2)
+    if members is not None:
+        assert loaded.layers == (0, 2) and loaded.reads_prev
     host = PluginHost(autoload=False)
     host.register(entity_plugin, name="entity-test")
     guard = Guard.from_policy(
@@ -149,6 +166,37 @@ def test_streamed_span_head_scores_as_the_cached_evaluation(planted: dict[str, o
             assert streamed[i] == pytest.approx(value, abs=2e-3)
             compared += 1
     assert compared > 24
+
+
+def test_an_ensemble_is_the_mean_of_its_members_logits(planted: dict[str, object]) -> None:
+    """The ensemble's one linear head gives each entity the mean of its members' logits, also
+    for an entity that starts the response (no token before it: each prev block's fill)."""
+    sets = planted["sets"]
+    assert isinstance(sets, dict)
+    members = [parse_member(m) for m in ENSEMBLE]
+    rows = span_rows(sets["train"], [0, 2], prev_layers=[0, 2], progress=False)
+    assert np.isnan(rows.prev[2]).all(axis=1).any()  # some entity starts its response
+    ensemble, heads, _ = fit_span_ensemble(rows, members, 0.03)
+    assert [b.pool for b in ensemble.state_blocks] == ["mean", "mean", "prev", "prev"]
+    checked = first = 0
+    for record in sets["test"][:20]:
+        hidden = {k: record.hidden[k].float().numpy() for k in (0, 2)}
+        spans = find_entities(record.response, 0, final=True)
+        for span, rows_ in zip(spans, span_members(record.offsets.tolist(), spans), strict=True):
+            if not rows_:
+                continue
+            stats = ([float(record.surprisal[i]) for i in rows_],
+                     [float(record.entropy[i]) for i in rows_], span.kind)
+
+            values = []
+            for probe in (*heads, ensemble):
+                dots, prevs = probe.token_dots(hidden)
+                values.append(probe.logit([dots[i] for i in rows_], *stats,
+                                          prevs[rows_[0] - 1] if rows_[0] > 0 else None))
+            assert values[-1] == pytest.approx(sum(values[:-1]) / len(heads), abs=1e-4)
+            checked += 1
+            first += rows_[0] == 0
+    assert checked > 20 and first > 0
 
 
 def test_per_type_metrics_split_the_spans_by_their_fact_type(planted: dict[str, object]) -> None:

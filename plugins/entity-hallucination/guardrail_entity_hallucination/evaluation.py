@@ -9,8 +9,9 @@ from; the first response token has neither and is left out of every scorer's num
 
 A span head (``span_probe``) is scored as the monitor scores it: the entities the monitor's finder
 sees in the whole response (``find_entities(response, final=True)``), each scored as a unit, and
-every token of an entity given the entity's score; tokens outside them have no score. A labelled
-span's score is then the max over its tokens, as for any scorer.
+every token of an entity given the entity's score; tokens outside them have no score. A head with
+``prev`` blocks reads the token before the entity's first member (none for an entity that starts
+the response). A labelled span's score is then the max over its tokens, as for any scorer.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ BASELINES = ("surprisal", "entropy")
 def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
     """Per-token scores of a span head, the monitor's way (see the module docstring)."""
     def score(record: CachedRecord) -> list[float]:
-        if probe.layer not in record.hidden:
-            raise KeyError(f"record {record.index} has no cached layer {probe.layer}")
+        for layer in probe.layers:
+            if layer not in record.hidden:
+                raise KeyError(f"record {record.index} has no cached layer {layer}")
         if probe.reads_stats and (record.surprisal is None or record.entropy is None):
             raise ValueError("this span head reads surprisal and entropy: extract features "
                              "with stats=True")
@@ -54,7 +56,8 @@ def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
         members = span_members(record.offsets.tolist(), spans)
         if not any(members):
             return values
-        dots = probe.dots(float32_rows(record.hidden[probe.layer]))
+        dots, prevs = probe.token_dots({layer: float32_rows(record.hidden[layer])
+                                        for layer in probe.layers})
         nan = [math.nan] * len(record)
         surprisal = record.surprisal.tolist() if record.surprisal is not None else nan
         entropy = record.entropy.tolist() if record.entropy is not None else nan
@@ -62,7 +65,8 @@ def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
             if not rows:
                 continue
             value = probe.score([dots[i] for i in rows], [surprisal[i] for i in rows],
-                                [entropy[i] for i in rows], span.kind)
+                                [entropy[i] for i in rows], span.kind,
+                                prevs[rows[0] - 1] if rows[0] > 0 else None)
             for i in rows:
                 values[i] = value
         if record.surprisal is not None and len(record) and math.isnan(float(record.surprisal[0])):

@@ -7,8 +7,10 @@ runs, numbers, dates). A token's score is handed to the session only once the en
 can no longer change, each score carrying the entity's char offsets (``Score.span``), so a flag
 names the whole entity. Tokens outside every entity are not scored (option ``spans: tokens``
 scores every token as its own unit instead; token probes only). A span head keeps per token only
-the dot product of its state with the head's state weights, its surprisal and its entropy, and
-computes the entity's score when the entity is resolved.
+the dot products of its states (on every layer the head reads) with the head's state weights (two
+floats: the part its ``mean`` blocks read and the part its ``prev`` blocks read), its surprisal
+and its entropy, and computes the entity's score when the entity is resolved, from its members'
+values and the ``prev`` part of the token just before it (kept after that token is resolved).
 
 Two sources of states:
 
@@ -59,6 +61,7 @@ class _Token:
     end: int
     score: float | None = None  # token probe: the token's score
     dot: float | None = None  # span head: the state's dot product with the head's weights
+    prev: float = 0.0  # span head: its dot product with the "prev" blocks' weights
     surprisal: float = math.nan  # span head: the token's surprisal and entropy
     entropy: float = math.nan
 
@@ -76,6 +79,7 @@ class _State:
     previous_logits: np.ndarray | None = None  # observer: last row's logits
     waiting: _Token | None = None  # generator: the token whose state comes with the next step
     waiting_extras: dict[str, float] = field(default_factory=dict)
+    before: _Token | None = None  # the last token resolved out of ``pending`` (a span's "prev")
 
 
 
@@ -153,7 +157,7 @@ class EntityHallucinationMonitor(Monitor):
         return load_entity_probe(path)
 
     def needs(self) -> Needs:
-        return Needs(layers=frozenset({self.probe.layer}), logits=bool(self._stat_names),
+        return Needs(layers=frozenset(self.probe.layers), logits=bool(self._stat_names),
                      top_k=1)
 
     def start(self, context: MonitorContext) -> _State:
@@ -193,20 +197,22 @@ class EntityHallucinationMonitor(Monitor):
         return stats
 
     def _score_new(self, state: _State, features: Features, tokens: list[_Token]) -> None:
-        hidden = features.hidden.get(self.probe.layer)
-        if hidden is None:
-            raise ValueError(f"the entity probe needs hidden layer {self.probe.layer}; the "
-                             f"features have layers {sorted(features.hidden)}")
-        rows = float32_rows(hidden)
+        all_rows: dict[int, np.ndarray] = {}
+        for layer in self.probe.layers:
+            hidden = features.hidden.get(layer)
+            if hidden is None:
+                raise ValueError(f"the entity probe needs hidden layer {layer}; the features "
+                                 f"have layers {sorted(features.hidden)}")
+            all_rows[layer] = float32_rows(hidden)
         generator = self._generator(features)
         extras = self._extras(state, features, generator)
         if not generator:
-            self._assign(tokens, rows, extras)
+            self._assign(tokens, all_rows, extras)
             return
         # Generator: row j is the state after the token before tokens[j].
         targets = ([state.waiting] if state.waiting is not None else []) + tokens[:-1]
-        target_rows = rows[len(rows) - len(targets):] if state.waiting is None else rows
-        target_rows = target_rows[: len(targets)]
+        target_rows = {layer: (rows[len(rows) - len(targets):] if state.waiting is None
+                               else rows)[: len(targets)] for layer, rows in all_rows.items()}
         target_extras = None
         if extras is not None:
             names = self._stat_names
@@ -219,17 +225,20 @@ class EntityHallucinationMonitor(Monitor):
             self._assign(targets, target_rows, target_extras)
         state.waiting = tokens[-1]
 
-    def _assign(self, tokens: list[_Token], rows: np.ndarray,
+    def _assign(self, tokens: list[_Token], rows: dict[int, np.ndarray],
                 extras: dict[str, list[float]] | None) -> None:
         """Give each token what the probe keeps of it: its score (token probe), or its state's
-        dot product and its surprisal and entropy (span head)."""
+        dot products (the ``mean`` and ``prev`` parts) and its surprisal and entropy (span
+        head)."""
         probe = self.probe
         if not isinstance(probe, EntitySpanProbe):
-            for token, value in zip(tokens, probe.score_rows(rows, extras), strict=True):
+            for token, value in zip(tokens, probe.score_rows(rows[probe.layer], extras),
+                                    strict=True):
                 token.score = value
             return
-        for r, (token, dot) in enumerate(zip(tokens, probe.dots(rows), strict=True)):
-            token.dot = dot
+        dots, prevs = probe.token_dots(rows)
+        for r, (token, dot, prev) in enumerate(zip(tokens, dots, prevs, strict=True)):
+            token.dot, token.prev = dot, prev
             if extras is not None:
                 token.surprisal = extras["surprisal"][r]
                 token.entropy = extras["entropy"][r]
@@ -271,16 +280,22 @@ class EntityHallucinationMonitor(Monitor):
             scored = all(t.ready for t in members)
             if not final and not (span.final and complete and scored):
                 break
-            out.extend(self._span_scores(members, span))
+            before = tokens[i - 1] if i > 0 else state.before
+            out.extend(self._span_scores(members, span, before))
             state.emitted_until = span.end
             i, k = j, k + 1
+        if i > 0:
+            state.before = tokens[i - 1]
         state.pending = tokens[i:]
         return out
 
-    def _span_scores(self, members: list[_Token], span: EntitySpan) -> list[Score]:
+    def _span_scores(self, members: list[_Token], span: EntitySpan,
+                     before: _Token | None = None) -> list[Score]:
         """The scores of one resolved entity's tokens: each token's own (token probe), or the
         span head's score of the entity for every token (none when no token has a state, e.g.
-        the last token of a generator stream)."""
+        the last token of a generator stream). ``before`` is the token resolved just before
+        the entity's tokens, if known: a span head's ``prev`` blocks read it when it is the
+        token right before the first member and has a state."""
         where = (span.start, span.end)
         probe = self.probe
         if not isinstance(probe, EntitySpanProbe):
@@ -289,14 +304,19 @@ class EntityHallucinationMonitor(Monitor):
         known = [t for t in members if t.dot is not None]
         if not known:
             return []
+        prev = before.prev if (before is not None and before.dot is not None
+                               and before.index == members[0].index - 1) else None
         value = probe.score([t.dot for t in known if t.dot is not None],
-                            [t.surprisal for t in known], [t.entropy for t in known], span.kind)
+                            [t.surprisal for t in known], [t.entropy for t in known], span.kind,
+                            prev)
         return [Score(t.index, value, where, span.kind) for t in members]
 
     def update(self, state: _State, features: Features) -> list[Score]:
         if features.first_index < state.next_index:  # the stream was cut back (a reroute)
             state.pending = [t for t in state.pending if t.index < features.first_index]
             state.previous_logits, state.waiting = None, None
+            if state.before is not None and state.before.index >= features.first_index:
+                state.before = None
             cut = features.tokens[0].start if features.tokens else len(features.text)
             state.emitted_until = min(state.emitted_until, cut)  # entities after it are new
         new = [_Token(features.first_index + n, t.start, t.end)

@@ -72,6 +72,11 @@ class EntityProbe:
     def hidden_size(self) -> int:
         return self.head.hidden_size - len(self.features)
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers the probe reads (one)."""
+        return (self.layer,)
+
     @torch.inference_mode()
     def score(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor] | None = None
               ) -> torch.Tensor:

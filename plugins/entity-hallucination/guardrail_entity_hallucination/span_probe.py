@@ -20,6 +20,19 @@ kind. Every member token gets the span's score.
 On disk it is a ``LinearProbe`` over ``hidden_size + len(features)`` inputs (``guardrail.probes.io``
 safetensors + JSON); the JSON says ``"unit": "span"`` and holds the feature names with their
 training mean and std under ``span_features``.
+
+**State blocks (span-state version 2).** A head may read more than one block of states
+(``StateBlock``): ``mean`` blocks (the members' mean state on a layer, as above) and ``prev``
+blocks (the state of the token just before the entity, the one the model predicted the entity
+from, on a layer). Its weights are then ``len(blocks) * width + len(features)`` wide, the blocks
+in order, each folded like the single state above, and the logit gains
+``sum_{prev blocks} w_b . h_{t0 - 1}``. When no token precedes the entity (it starts the
+response) each ``prev`` block adds its ``fill`` instead, the folded dot product of the training
+mean, so that it contributes what a standardised zero did in training. The JSON records the
+blocks as ``"span_states": {"version": 2, "width": H, "blocks": [{"pool": "mean", "layer": 15},
+..., {"pool": "prev", "layer": 18, "fill": f}]}``; a file without the key is version 1 (one
+``mean`` block on ``layer``). The monitor still keeps two floats per token (the ``mean`` and the
+``prev`` part of its dot products), never the states.
 """
 
 from __future__ import annotations
@@ -39,14 +52,31 @@ from guardrail.probes.io import LoadedProbe, ProbeFileError, save_probe
 
 from .spans import EntitySpan
 
-__all__ = ["KINDS", "SPAN_FEATURES", "EntitySpanProbe", "save_span_probe", "span_features",
-           "span_from_loaded", "span_members"]
+__all__ = ["KINDS", "POOLS", "SPAN_FEATURES", "SPAN_STATES_VERSION", "EntitySpanProbe",
+           "StateBlock", "save_span_probe", "span_features", "span_from_loaded", "span_members"]
 
 KINDS = ("NAME", "NUMBER", "DATE")
 SPAN_FEATURES = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max",
                  "entropy_mean", "entropy_first", "log_tokens",
                  *(f"kind_{k}" for k in KINDS))
 STATS = ("surprisal", "entropy")
+POOLS = ("mean", "prev")
+SPAN_STATES_VERSION = 2
+
+
+@dataclass(frozen=True)
+class StateBlock:
+    """One block of states a span head reads: ``pool`` ``"mean"`` (the mean of the entity's
+    member states) or ``"prev"`` (the state of the token before the entity) on ``layer``;
+    ``fill`` is a ``prev`` block's dot product when there is no such token."""
+
+    pool: str
+    layer: int
+    fill: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pool": self.pool, "layer": self.layer,
+                **({"fill": self.fill} if self.pool == "prev" else {})}
 
 
 def span_features(surprisal: Sequence[float], entropy: Sequence[float], kind: str
@@ -107,11 +137,32 @@ class EntitySpanProbe:
     mean: torch.Tensor = field(default_factory=lambda: torch.zeros(len(SPAN_FEATURES)))
     std: torch.Tensor = field(default_factory=lambda: torch.ones(len(SPAN_FEATURES)))
     config: dict[str, Any] = field(default_factory=dict)
+    blocks: tuple[StateBlock, ...] = ()  # empty: one "mean" block on ``layer`` (version 1)
     unit: ClassVar[str] = "span"
 
     @property
+    def state_blocks(self) -> tuple[StateBlock, ...]:
+        return self.blocks or (StateBlock("mean", self.layer),)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every layer the head reads, ascending."""
+        return tuple(sorted({b.layer for b in self.state_blocks}))
+
+    @property
+    def reads_prev(self) -> bool:
+        return any(b.pool == "prev" for b in self.state_blocks)
+
+    @property
+    def version(self) -> int:
+        """1: one mean block on ``layer`` (the original format); else ``SPAN_STATES_VERSION``."""
+        return 1 if self.state_blocks == (StateBlock("mean", self.layer),) \
+            else SPAN_STATES_VERSION
+
+    @property
     def hidden_size(self) -> int:
-        return self.head.hidden_size - len(self.features)
+        """The width of one block of states (the observer's hidden size)."""
+        return (self.head.hidden_size - len(self.features)) // len(self.state_blocks)
 
     @property
     def reads_stats(self) -> bool:
@@ -120,20 +171,57 @@ class EntitySpanProbe:
 
     @cached_property
     def _weights(self) -> tuple[np.ndarray, list[float], float, list[float], list[float]]:
-        return (*self.head.numpy_parts(self.hidden_size), self.mean.tolist(), self.std.tolist())
+        width = self.hidden_size * len(self.state_blocks)
+        return (*self.head.numpy_parts(width), self.mean.tolist(), self.std.tolist())
+
+    @cached_property
+    def _layer_weights(self) -> dict[int, np.ndarray]:
+        """Per layer, a ``(H, 2)`` float32 matrix: column 0 sums the weights of the layer's
+        ``mean`` blocks, column 1 those of its ``prev`` blocks."""
+        w_states, h = self._weights[0], self.hidden_size
+        out = {layer: np.zeros((h, 2), dtype=np.float32) for layer in self.layers}
+        for k, block in enumerate(self.state_blocks):
+            out[block.layer][:, POOLS.index(block.pool)] += w_states[k * h:(k + 1) * h]
+        return out
+
+    @property
+    def prev_fill(self) -> float:
+        """The ``prev`` part of the logit when no token precedes the entity."""
+        return math.fsum(b.fill for b in self.state_blocks if b.pool == "prev")
 
     def dots(self, hidden: np.ndarray) -> list[float]:
-        """Each state's share of a span logit, ``w . h`` for float32 rows ``(n, H)``."""
+        """Each state's share of a span logit, ``w . h`` for float32 rows ``(n, H)``, for a head
+        with one ``mean`` block (version 1); ``token_dots`` reads any head."""
+        if self.version != 1:
+            raise ValueError("this span head reads several blocks of states: use token_dots")
         return [float(v) for v in (hidden @ self._weights[0]).tolist()]
 
+    def token_dots(self, hidden: Mapping[int, np.ndarray]) -> tuple[list[float], list[float]]:
+        """Each token's ``mean`` part and ``prev`` part of a span logit from its float32 states
+        ``hidden[layer] (n, H)`` on every layer the head reads: what the monitor keeps per
+        token. The ``prev`` part is 0 for a head without ``prev`` blocks."""
+        total: np.ndarray | None = None
+        for layer, weights in self._layer_weights.items():
+            if layer not in hidden:
+                raise KeyError(f"the span head reads layer {layer}; the states have layers "
+                               f"{sorted(hidden)}")
+            part = hidden[layer] @ weights
+            total = part if total is None else total + part
+        assert total is not None
+        return ([float(v) for v in total[:, 0].tolist()],
+                [float(v) for v in total[:, 1].tolist()])
+
     def logit(self, dots: Sequence[float], surprisal: Sequence[float],
-              entropy: Sequence[float], kind: str) -> float:
-        """The span's logit from its members' dot products (``dots``) and their surprisal and
-        entropy (as many values as ``dots``)."""
+              entropy: Sequence[float], kind: str, prev: float | None = None) -> float:
+        """The span's logit from its members' dot products (``dots``, the ``mean`` part), their
+        surprisal and entropy (as many values as ``dots``) and the ``prev`` part of the token
+        before the entity (None: no such token, the blocks' ``fill``)."""
         if not dots:
             raise ValueError("a span needs at least one token with a state")
         _, w_features, bias, mean, std = self._weights
         value = math.fsum(dots) / len(dots) + bias
+        if self.reads_prev:
+            value += self.prev_fill if prev is None else prev
         raw = span_features(surprisal, entropy, kind)
         for k, name in enumerate(self.features):
             z = (raw[name] - mean[k]) / std[k]
@@ -142,9 +230,9 @@ class EntitySpanProbe:
         return value
 
     def score(self, dots: Sequence[float], surprisal: Sequence[float],
-              entropy: Sequence[float], kind: str) -> float:
+              entropy: Sequence[float], kind: str, prev: float | None = None) -> float:
         """The span's sigmoid score (see ``logit``)."""
-        return _sigmoid(self.logit(dots, surprisal, entropy, kind))
+        return _sigmoid(self.logit(dots, surprisal, entropy, kind, prev))
 
 
 def save_span_probe(probe: EntitySpanProbe, weights: Path, config: Mapping[str, Any]) -> Path:
@@ -154,6 +242,9 @@ def save_span_probe(probe: EntitySpanProbe, weights: Path, config: Mapping[str, 
         "rule": {"kind": "span_max"}, "hidden_size": probe.hidden_size,
         "span_features": {"names": list(probe.features), "mean": probe.mean.tolist(),
                           "std": probe.std.tolist()},
+        **({"span_states": {"version": SPAN_STATES_VERSION, "width": probe.hidden_size,
+                            "blocks": [b.to_json() for b in probe.state_blocks]}}
+           if probe.version != 1 else {}),
         **config,
     }
     return save_probe(weights.parent, probe.head, document, name=weights.stem)
@@ -185,15 +276,60 @@ def span_from_loaded(loaded: LoadedProbe) -> EntitySpanProbe:
             raise ProbeFileError(f"{where}: key 'span_features.{key}' needs one number per name "
                                  f"in 'span_features.names' ({len(names)})")
         stats[key] = torch.tensor(values, dtype=torch.float32)
-    width = loaded.head.hidden_size - len(names)
+    blocks = _blocks_from_config(config, where)
+    states = loaded.head.hidden_size - len(names)
+    if states <= 0:
+        raise ProbeFileError(f"{where}: key 'head.hidden_size' ({loaded.head.hidden_size}) "
+                             f"leaves no room for states beside {len(names)} span features")
+    count = len(blocks) if blocks else 1
+    width = states // count
+    if blocks and (states % count or width != int(config["span_states"]["width"])):
+        raise ProbeFileError(f"{where}: key 'span_states.width' says "
+                             f"{config['span_states']['width']}, but the head reads {states} "
+                             f"state inputs for {count} blocks")
     declared = config.get("hidden_size")
     if declared is not None and int(declared) != width:
         raise ProbeFileError(f"{where}: key 'hidden_size' says {declared}, but the head reads "
-                             f"{loaded.head.hidden_size} inputs for {len(names)} span features, "
-                             f"i.e. states of width {width}")
-    if width <= 0:
-        raise ProbeFileError(f"{where}: key 'head.hidden_size' ({loaded.head.hidden_size}) "
-                             f"leaves no room for states beside {len(names)} span features")
+                             f"{loaded.head.hidden_size} inputs for {len(names)} span features "
+                             f"and {count} block(s) of states, i.e. states of width {width}")
     threshold = loaded.threshold if loaded.threshold is not None else 0.5
     return EntitySpanProbe(loaded.head, loaded.layer, threshold, names, stats["mean"],
-                           stats["std"].clamp(min=1e-6), dict(config))
+                           stats["std"].clamp(min=1e-6), dict(config), blocks)
+
+
+def _blocks_from_config(config: Mapping[str, Any], where: Path) -> tuple[StateBlock, ...]:
+    """The ``span_states`` blocks of a span head's JSON (empty when the key is absent: a
+    version-1 head), each error naming its key."""
+    if "span_states" not in config:
+        return ()
+    block = config["span_states"]
+    if not isinstance(block, dict):
+        raise ProbeFileError(f"{where}: key 'span_states' must be an object")
+    if block.get("version") != SPAN_STATES_VERSION:
+        raise ProbeFileError(f"{where}: key 'span_states.version' is {block.get('version')!r}; "
+                             f"this guardrail reads version {SPAN_STATES_VERSION}")
+    width = block.get("width")
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise ProbeFileError(f"{where}: key 'span_states.width' needs a positive integer (the "
+                             "observer's hidden size)")
+    items = block.get("blocks")
+    if not isinstance(items, list) or not items:
+        raise ProbeFileError(f"{where}: key 'span_states.blocks' needs a non-empty list")
+    out = []
+    for k, item in enumerate(items):
+        key = f"span_states.blocks[{k}]"
+        if not isinstance(item, dict):
+            raise ProbeFileError(f"{where}: key '{key}' must be an object")
+        pool, layer, fill = item.get("pool"), item.get("layer"), item.get("fill", 0.0)
+        if pool not in POOLS:
+            raise ProbeFileError(f"{where}: key '{key}.pool' is {pool!r}; known: {list(POOLS)}")
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ProbeFileError(f"{where}: key '{key}.layer' needs an integer")
+        if not isinstance(fill, (int, float)) or isinstance(fill, bool) or \
+                not math.isfinite(fill) or (pool == "prev" and "fill" not in item):
+            raise ProbeFileError(f"{where}: key '{key}.fill' needs a finite number (a 'prev' "
+                                 "block's dot product when no token precedes the entity)")
+        out.append(StateBlock(str(pool), int(layer), float(fill)))
+    if not any(b.pool == "mean" for b in out):
+        raise ProbeFileError(f"{where}: key 'span_states.blocks' needs a 'mean' block")
+    return tuple(out)

@@ -68,7 +68,13 @@ from .probe import (
     stack_inputs,
 )
 from .span_probe import EntitySpanProbe, save_span_probe
-from .train_span import DEFAULT_WEIGHT_DECAYS, select_span_probe
+from .train_span import (
+    DEFAULT_WEIGHT_DECAYS,
+    SHIPPED_MEMBERS,
+    SHIPPED_WEIGHT_DECAY,
+    parse_member,
+    select_span_probe,
+)
 
 __all__ = ["FitResult", "fit_probe", "main", "select_probe", "with_extras"]
 
@@ -193,8 +199,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights .safetensors to write (default: the package's shipped file of "
                    "that head, weights/entity_probe.* or weights/entity_span_probe.*)")
     p.add_argument("--layers", type=int, nargs="+", default=list(CANDIDATE_LAYERS))
-    p.add_argument("--weight-decays", type=float, nargs="+", default=list(DEFAULT_WEIGHT_DECAYS),
-                   help="span head: the L2 weight decays tried (chosen on validation)")
+    p.add_argument("--weight-decays", type=float, nargs="+", default=None,
+                   help="span head: the L2 weight decays tried (chosen on validation; default: "
+                   f"{SHIPPED_WEIGHT_DECAY} for the ensemble, {list(DEFAULT_WEIGHT_DECAYS)} "
+                   "with --single-layer)")
+    p.add_argument("--members", nargs="+", default=list(SHIPPED_MEMBERS),
+                   help="span head: the ensemble's members, each POOL:LAYER blocks joined by "
+                   "'+' (pool 'mean': the entity's mean state; 'prev': the state of the token "
+                   "before it); their logits are averaged into one head")
+    p.add_argument("--single-layer", action="store_true",
+                   help="span head: one mean block per candidate layer (--layers), the layer "
+                   "and weight decay chosen on validation, instead of the ensemble")
     p.add_argument("--train-limit", type=int, default=None,
                    help=f"training records used (default: token {DEFAULT_LIMITS['train']}, "
                    "span all)")
@@ -238,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "val": args.val_limit if args.val_limit is not None or span else DEFAULT_LIMITS["val"],
         "test": args.test_limit, "paired": None}
     layers = list(args.layers)
-    decays = list(args.weight_decays)
+    ensemble = span and not args.single_layer
+    try:
+        members = [parse_member(m) for m in args.members] if ensemble else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    decays = list(args.weight_decays) if args.weight_decays is not None else (
+        [SHIPPED_WEIGHT_DECAY] if ensemble else list(DEFAULT_WEIGHT_DECAYS))
+    member_layers = {layer for m in members or [] for _, layer in m}
     if args.quick:
         limits = {"train": 60, "val": 30, "test": 40, "paired": 20}
         layers, args.epochs, decays = layers[:2], 3, decays[:2]
@@ -249,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     observer = load_smollm2(ObserverSpec())
     # A full run caches every candidate layer, so --layers picks among them without re-reading
-    extract = layers if args.quick else sorted(set(CANDIDATE_LAYERS) | set(layers))
+    extract = sorted(set(layers) | member_layers) if args.quick \
+        else sorted(set(CANDIDATE_LAYERS) | set(layers) | member_layers)
     features = {}
     for split in ("train", "val", "test", "paired"):
         features.update(split_features(observer, data_dir,
@@ -277,13 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     probe: AnyEntityProbe
     comparison: dict[str, Any] | None = None
     if span:
-        span_fit, table = select_span_probe(train_records, val_records, layers, decays)
+        span_fit, table = select_span_probe(train_records, val_records, layers, decays,
+                                            members=members)
         probe = span_fit.probe
         training: dict[str, Any] = {
             "method": "logistic regression per entity found by spans.find_entities: mean of "
                       "its tokens' states + surprisal/entropy max, mean, first + log token "
                       "count + kind one-hot, standardised (states folded into the weights); "
-                      "LBFGS on mean BCE + wd * ||w||^2",
+                      "LBFGS on mean BCE + wd * ||w||^2" + (
+                          "; an ensemble: each member (blocks of mean states and states of the "
+                          "token before the entity, on the named layers) fitted alone, their "
+                          "logits averaged into one linear head" if ensemble else ""),
             "weight_decay": span_fit.weight_decay, "weight_decays": decays,
             "train_loss": span_fit.train_loss, **probe.config, "layer_selection": table}
         comparison = _token_comparison(val_records, span_fit.val_span_auc)
