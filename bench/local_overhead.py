@@ -2,6 +2,8 @@
 
     python -m bench.local_overhead            # 6 prompts x 64 tokens
     python -m bench.local_overhead --quick    # 2 prompts x 24 tokens, 1 round (< 40 s)
+    python -m bench.local_overhead --device cuda   # the generator on a GPU (not in make bench:
+                                                   # CI and this machine have none)
 
 SmolLM2-135M-Instruct generates greedily on one CPU thread, the default policy's monitors
 (entity hallucination, router, harmful content when its weights are installed) reading its hidden
@@ -15,7 +17,8 @@ states and logits. Per token, medians over prompts:
 The share that matters is ``guard / plain`` (the issue's target: <= 2% per token). The same
 prompts give the same tokens in every mode (greedy), so the modes time the same work. Times are
 CPU time of this process (one thread), which a busy neighbour on a shared machine disturbs far
-less than wall time; wall-clock medians are recorded beside them.
+less than wall time; wall-clock medians are recorded beside them. On a GPU the step's own time
+is spent on the device, so there the shares are of wall time (``local_overhead_cuda.json``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from .common import median, write_result
 
 NAME = "local_overhead"
+GPU_NAME = "local_overhead_cuda"
 PROMPTS = [
     "Tell me about Marie Curie.",
     "What is the capital of Australia?",
@@ -60,18 +64,19 @@ def _guarded(gen: Any, guard: Any, prompt: str, tokens: int) -> dict[str, Any]:
 
     session = guard.session(prompt=prompt)
     feed: Callable[..., Any] = session.feed
-    inside = [0.0]
+    inside = [0.0, 0.0]  # CPU seconds, wall seconds
     cpu_stamps: list[float] = []
     wall_stamps: list[float] = []
 
     def timed_feed(step: Any) -> Any:
-        t0 = time.process_time()
+        t0, w0 = time.process_time(), time.perf_counter()
         cpu_stamps.append(t0)
-        wall_stamps.append(time.perf_counter())
+        wall_stamps.append(w0)
         try:
             return feed(step)
         finally:
             inside[0] += time.process_time() - t0
+            inside[1] += time.perf_counter() - w0
 
     session.feed = timed_feed
     stream = guarded_stream(guard, prompt, generator=gen, session=session,
@@ -82,6 +87,7 @@ def _guarded(gen: Any, guard: Any, prompt: str, tokens: int) -> dict[str, Any]:
     assert report is not None
     n = max(1, stream.generated_tokens)
     return {"tokens": stream.generated_tokens, "guard_ms": inside[0] * 1000 / n,
+            "guard_wall_ms": inside[1] * 1000 / n,
             "step_ms": _per_token_ms(cpu_stamps), "step_wall_ms": _per_token_ms(wall_stamps),
             "halted": report.halted,
             # the session times monitors in wall time: kept as a breakdown, not for the share
@@ -89,7 +95,7 @@ def _guarded(gen: Any, guard: Any, prompt: str, tokens: int) -> dict[str, Any]:
             "observer_seconds": report.observer_seconds}
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, device: str | None = None) -> dict[str, Any]:
     import torch
     from guardrail_transformers import LocalGenerator
 
@@ -99,7 +105,8 @@ def run(quick: bool) -> dict[str, Any]:
     prompts = PROMPTS[:2] if quick else PROMPTS
     tokens = 24 if quick else 64
     rounds = 1  # each mode is interleaved per prompt; 6 x 64 steps give steady medians
-    gen = LocalGenerator()
+    gen = LocalGenerator(device=device)
+    on = next(gen.model.parameters()).device
     guard = Guard.default(observer=gen.observer)
     monitors = [f"{spec.id} ({spec.use})" for spec, _ in guard.monitors]
     gen.generate(prompts[0], max_new_tokens=4)  # warm up
@@ -115,17 +122,22 @@ def run(quick: bool) -> dict[str, Any]:
                "plain_wall_ms": min(p[1] for p in plain), "states_ms": min(p[0] for p in states),
                "guarded_step_ms": min(g["step_ms"] for g in guarded),
                "guarded_step_wall_ms": min(g["step_wall_ms"] for g in guarded),
-               "guard_ms": best["guard_ms"], "monitor_wall_ms": best["monitor_wall_ms"],
+               "guard_ms": best["guard_ms"], "guard_wall_ms": best["guard_wall_ms"],
+               "monitor_wall_ms": best["monitor_wall_ms"],
                "halted": best["halted"], "observer_seconds": best["observer_seconds"]}
         row["guard_share"] = row["guard_ms"] / row["plain_ms"]
+        row["guard_wall_share"] = row["guard_wall_ms"] / row["plain_wall_ms"]
         row["states_share"] = (row["states_ms"] - row["plain_ms"]) / row["plain_ms"]
         rows.append(row)
-        print(f"[local_overhead] {prompt[:40]!r}: plain {row['plain_ms']:.2f} ms, guard "
-              f"{row['guard_ms']:.3f} ms ({row['guard_share']:.2%})", flush=True)
+        print(f"[local_overhead] {prompt[:40]!r}: plain {row['plain_ms']:.2f} ms "
+              f"({row['plain_wall_ms']:.2f} wall), guard {row['guard_ms']:.3f} ms "
+              f"({row['guard_share']:.2%}; wall {row['guard_wall_share']:.2%})", flush=True)
     ids = list(rows[0]["monitor_wall_ms"])
     return {
         "quick": quick,
         "model": gen.name,
+        "device": str(on),
+        "device_name": torch.cuda.get_device_name(on) if on.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "monitors": monitors,
         "needs": {"layers": sorted(guard.needs.layers), "logits": guard.needs.logits,
@@ -138,7 +150,9 @@ def run(quick: bool) -> dict[str, Any]:
             "states_ms": median([r["states_ms"] for r in rows]),
             "guarded_step_ms": median([r["guarded_step_ms"] for r in rows]),
             "guard_ms": median([r["guard_ms"] for r in rows]),
+            "guard_wall_ms": median([r["guard_wall_ms"] for r in rows]),
             "guard_share": median([r["guard_share"] for r in rows]),
+            "guard_wall_share": median([r["guard_wall_share"] for r in rows]),
             "states_share": median([r["states_share"] for r in rows]),
             "monitor_wall_ms": {m: median([r["monitor_wall_ms"][m] for r in rows])
                                 for m in ids},
@@ -173,17 +187,48 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_gpu(result: dict[str, Any]) -> str:
+    """The same run with the generator on a GPU (wall times: the step's work is on the GPU)."""
+    m = result["median"]
+    return "\n".join([
+        f"### The same on a GPU ({result.get('device_name') or result['device']})", "",
+        f"Run by hand on a lent machine (`python -m bench.local_overhead --device cuda`), "
+        f"{len(result['prompts'])} prompts x {result['tokens_per_prompt']} tokens; the "
+        "monitors run on its CPU as everywhere, on rows copied off the GPU once per step.", "",
+        "| per token (wall time) | ms | share of a plain step |", "|---|---:|---:|",
+        f"| plain generation step | {m['plain_wall_ms']:.2f} | |",
+        f"| guard (`session.feed`) | {m['guard_wall_ms']:.3f} | "
+        f"{m['guard_wall_share']:.2%} |",
+        f"| whole guarded step | {m['guarded_step_wall_ms']:.2f} | "
+        f"{m['guarded_step_wall_ms'] / m['plain_wall_ms'] - 1:+.1%} |", "",
+        "Per monitor: " + ", ".join(f"`{k}` {v:.3f} ms" for k, v in
+                                    m["monitor_wall_ms"].items()) + ".", "",
+        f"Against the {result['target_share']:.0%} target: "
+        + ("met." if m["guard_wall_share"] <= result["target_share"] else
+           "missed. A GPU makes the step shorter than this machine's CPU step but not the "
+           "guard, which runs on the CPU; SmolLM2-135M is too small to keep a GPU busy, so "
+           "its step is mostly one CPU thread issuing kernels."),
+        "", f"_Written {result.get('written', '?')}._",
+    ]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", help="put the generator there (cuda, cuda:1; default: cpu); "
+                                         "results go to local_overhead_cuda.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    result = run(args.quick)
+    result = run(args.quick, args.device)
     result["seconds"] = time.perf_counter() - t0
-    path = write_result(NAME, result)
-    print(render(result))
+    on_gpu = result["device"] != "cpu"
+    path = write_result(GPU_NAME if on_gpu else NAME, result)
+    print(render_gpu(result) if on_gpu else render(result))
     print(f"[local_overhead] wrote {path} in {result['seconds']:.0f} s")
+
+
+EXTRA_RESULTS = {GPU_NAME: render_gpu}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
     python -m bench.observer_bench            # full run (writes bench/results/observer_bench.json)
     python -m bench.observer_bench --quick    # torch and ONNX, fewer tokens, no cold start
+    python -m bench.observer_bench --backends torch torch-cuda torch-cuda-bf16
+                                              # on a GPU machine, by hand (CI and this machine
+                                              # have none): writes observer_bench_cuda.json
 
 For each backend (torch float32, torch bfloat16, ONNX Runtime float32) and each chunk size (1, 4,
 16 tokens) it streams a response through ``observer.extend`` after a chat context and reports
@@ -30,7 +33,9 @@ from typing import Any
 from .common import median, p95, write_result
 
 NAME = "observer_bench"
+GPU_NAME = "observer_bench_cuda"
 BACKENDS = ["torch", "torch-bf16", "onnx", "onnx-int8"]
+GPU_BACKENDS = ["torch-cuda", "torch-cuda-bf16"]  # observer.options.device: cuda
 CHUNKS = [1, 4, 16]
 PROFILES: dict[str, dict[str, Any]] = {
     "mid": {"layers": [15], "top_k": 0},
@@ -57,7 +62,9 @@ def worker(backend: str, tokens_per_run: int, cold: bool,
 
     t0 = time.perf_counter()
     options = {"torch-bf16": {"dtype": "bfloat16"},
-               "onnx-int8": {"quantize": "int8"}}.get(backend, {})
+               "onnx-int8": {"quantize": "int8"},
+               "torch-cuda": {"device": "cuda"},
+               "torch-cuda-bf16": {"device": "cuda", "dtype": "bfloat16"}}.get(backend, {})
     spec = ObserverSpec(backend="onnx" if backend.startswith("onnx") else "torch",
                         options=options)
     observer = load_smollm2(spec)
@@ -134,7 +141,10 @@ def _spawn(backend: str, tokens: int, cache: str | None, cold: bool,
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=BACKENDS + GPU_BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS + GPU_BACKENDS,
+                        help="these backends only (default: the CPU ones); naming a GPU one "
+                             f"writes {GPU_NAME}.json")
     parser.add_argument("--tokens", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--states-out", help=argparse.SUPPRESS)
@@ -143,7 +153,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(json.dumps(worker(args.worker, args.tokens, args.cold, args.states_out)))
         return None
     tokens = 32 if args.quick else 320
-    backends = ["torch", "onnx"] if args.quick else BACKENDS
+    backends = args.backends or (["torch", "onnx"] if args.quick else BACKENDS)
+    on_gpu = any(b in GPU_BACKENDS for b in backends)
+    if "torch" not in backends:  # the reference the others' drift is measured against
+        backends = ["torch", *backends]
     results: dict[str, Any] = {"quick": args.quick, "model": "SmolLM2-135M-Instruct",
                                "profiles": PROFILES, "chunks": CHUNKS, "backends": {}}
     _spawn("torch", 8, None, cold=True)  # make sure the cached conversion exists
@@ -158,12 +171,17 @@ def main(argv: list[str] | None = None) -> Path | None:
         for backend in backends:
             other = load_file(f"{states}/{backend}.safetensors")["layer15"]
             results["backends"][backend]["layer15_vs_torch_fp32"] = _drift(reference, other)
-    for backend in () if args.quick else ("torch", "onnx"):  # cold starts: full runs only
+    if on_gpu:
+        import torch
+
+        results["device_name"] = torch.cuda.get_device_name(0)
+    for backend in () if args.quick else [b for b in ("torch", "onnx") if b in backends]:
+        # cold starts: full runs only
         with tempfile.TemporaryDirectory() as empty:
             print(f"[observer_bench] {backend} cold start ...", file=sys.stderr)
             cold = _spawn(backend, 8, empty, cold=True)
             results["backends"][backend]["cold_first_state_s"] = cold["first_state_s"]
-    path = write_result(NAME, results)
+    path = write_result(GPU_NAME if on_gpu else NAME, results)
     print(render(json.loads(path.read_text())))
     return path
 
@@ -175,8 +193,31 @@ def render(result: dict[str, Any]) -> str:
              "probes); `full` reads layers 15 and -1 plus top-10 logits (router). Time to first "
              "state = load + reading the conversation + the first chunk. `mid` with chunks of 4 "
              "and 16: median tokens/s of 3 passes (the passes' range in brackets), latencies "
-             "pooled; other rows one pass of 320 tokens (80 for chunks of 1).", "",
-             "| backend | profile | chunk | tokens/s | median ms | p95 ms |",
+             "pooled; other rows one pass of 320 tokens (80 for chunks of 1).", ""]
+    lines += _tables(result)
+    lines += ["", "`onnx-int8` is ONNX Runtime with dynamic int8 weights (`options: {quantize: "
+              "int8}`): the fastest, but its states drift from the float32 states the shipped "
+              "probes were trained on (the last column), so it is opt-in."]
+    return "\n".join(lines) + "\n"
+
+
+def render_gpu(result: dict[str, Any]) -> str:
+    """The run on a lent GPU machine: torch on its CPU beside ``observer.options.device: cuda``."""
+    lines = [f"### The observer on a GPU ({result.get('device_name', 'CUDA')})", "",
+             "Run by hand on a lent machine (`python -m bench.observer_bench --backends torch "
+             "torch-cuda torch-cuda-bf16`); `torch` is that machine's CPU "
+             "(the drift column compares the GPU's states with it).", ""]
+    lines += _tables(result)
+    lines += ["", "Float32 on the GPU gives the CPU's states (the drift column), so the shipped "
+              "probes apply unchanged. SmolLM2-135M is too small to keep a GPU busy: one token "
+              "at a time the GPU is no faster than 16 CPU threads, and the gain grows with the "
+              "chunk. `torch-cuda-bf16` was slow on its first passes (the ranges in brackets) "
+              "and drifts like bf16 on the CPU.", "", f"_Written {result.get('written', '?')}._"]
+    return "\n".join(lines) + "\n"
+
+
+def _tables(result: dict[str, Any]) -> list[str]:
+    lines = ["| backend | profile | chunk | tokens/s | median ms | p95 ms |",
              "|---|---|---:|---:|---:|---:|"]
     for backend, data in result["backends"].items():
         for profile in PROFILES:
@@ -195,10 +236,10 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {backend} | {data['threads']} | {data['peak_rss_mib']:.0f} | "
                      f"{data['first_state_s']:.1f} | "
                      f"{'' if cold is None else f'{cold:.1f}'} | {err} |")
-    lines += ["", "`onnx-int8` is ONNX Runtime with dynamic int8 weights (`options: {quantize: "
-              "int8}`): the fastest, but its states drift from the float32 states the shipped "
-              "probes were trained on (the last column), so it is opt-in."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+EXTRA_RESULTS = {GPU_NAME: render_gpu}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 QUICK_RESULTS = ROOT / ".cache" / "bench-quick"
 
 # Benchmark modules in report order; each has main(argv) and render(result), and writes
-# bench/results/<NAME>.json (NAME defaults to the module name).
+# bench/results/<NAME>.json (NAME defaults to the module name). EXTRA_RESULTS, where a module has
+# it, maps other result names (runs on a GPU machine) to their render functions.
 MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval", "router_eval",
            "observer_bench", "proxy_load", "local_overhead", "integrations_leak"]
 
@@ -53,6 +54,12 @@ def render_doc(doc: Path = DOC) -> Path:
         parts += [module.render(result).rstrip() + "\n"]
         if result.get("written"):
             parts += [f"_Written {result['written']}{quick}._", ""]
+        # Results from another machine (a lent GPU), run by hand, follow their CPU section.
+        for extra in getattr(module, "EXTRA_RESULTS", {}).items():
+            extra_name, extra_render = extra
+            extra_path = results_dir() / f"{extra_name}.json"
+            if extra_path.exists():
+                parts += [extra_render(json.loads(extra_path.read_text())).rstrip() + "\n"]
     if machines and machines[0]:
         m = machines[0]
         parts[4:4] = [f"Machine: {m['cpu_count']} CPU cores, {m['platform']}, "

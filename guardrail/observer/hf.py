@@ -29,6 +29,7 @@ __all__ = [
     "load_local",
     "load_model_dir",
     "load_smollm2",
+    "resolve_device",
     "smollm2_dir",
     "smollm2_gguf",
 ]
@@ -145,12 +146,19 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
         raise ObserverError(f"observer {name!r}: no .safetensors weights in {path}; "
                             "observers load safetensors only (save with safe_serialization)")
     dtype = getattr(torch, str(options.pop("dtype", "float32")))
+    device = resolve_device(name, options.pop("device", None))
+    if backend == "onnx" and device.type != "cpu":
+        raise ObserverError(f"observer {name!r}: the onnx backend runs on the CPU; drop "
+                            f"observer.options.device ({device}) or set observer.backend to "
+                            "'torch'")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ObserverError(
             f"observer {name!r}: could not load the model in {path} ({exc})"
         ) from exc
+    if device.type != "cpu":
+        model = model.to(device)
     if backend == "onnx":
         from .onnx_backend import OnnxObserver
 
@@ -160,6 +168,29 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     from .model import TorchObserver
 
     return TorchObserver(name, model, tokenizer, window)
+
+
+def resolve_device(name: str, value: Any) -> Any:
+    """``observer.options.device`` as a torch device: absent or ``"cpu"`` is the CPU, ``"auto"``
+    the first CUDA GPU when there is one, else any device string torch knows (``"cuda:1"``)."""
+    import torch
+
+    if value is None or (value == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    text = "cuda" if value == "auto" else str(value)
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise ObserverError(f"observer {name!r}: observer.options.device {value!r} is not a "
+                            "device torch knows (cpu, cuda, cuda:1, auto)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ObserverError(f"observer {name!r}: observer.options.device is {value!r} but "
+                                "torch sees no CUDA GPU (set it to cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ObserverError(f"observer {name!r}: observer.options.device {value!r}: torch "
+                                f"sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def load_smollm2(spec: ObserverSpec) -> Any:

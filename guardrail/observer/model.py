@@ -109,8 +109,10 @@ class TorchKV:
 class TensorKV:
     """A KV cache as one ``(1, kv_heads, length, head_dim)`` tensor per block and kind."""
 
-    def __init__(self, depth: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.tensors = [torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype)] * (2 * depth)
+    def __init__(self, depth: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.tensors = [torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
+                        ] * (2 * depth)
 
     def length(self) -> int:
         return int(self.tensors[0].shape[2]) if self.tensors else 0
@@ -130,6 +132,10 @@ class TorchObserver(BaseObserver):
 
     Llama-family models (Llama, Mistral, Qwen2, SmolLM2) run a written-out step that stops after
     the deepest block the monitors read; other models (GPT-2, ...) run the HF forward.
+
+    The model may sit on any device (its first parameter's): inputs and the KV cache are made
+    there, and every batch comes back on the CPU, once per forward, because the monitors'
+    per-token maths runs in numpy.
     """
 
     def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int) -> None:
@@ -138,7 +144,8 @@ class TorchObserver(BaseObserver):
         super().__init__(name, hf_tokenizer, model.config, window)
         self.model = model.eval()
         self.backend = "torch"
-        self.dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
         self.fast = is_llama_family(model)
         cfg = model.config
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -151,7 +158,7 @@ class TorchObserver(BaseObserver):
         kv: Any
         if self.fast:
             depth = self.signature(needs)[0]
-            kv = TensorKV(depth, self.kv_heads, self.head_dim, self.dtype)
+            kv = TensorKV(depth, self.kv_heads, self.head_dim, self.dtype, self.device)
         else:
             from transformers import DynamicCache
 
@@ -179,8 +186,8 @@ class TorchObserver(BaseObserver):
 
     def _forward(self, state: StreamState, ids: list[int], positions: range,
                  needs: Needs, *, context: Needs | None = None) -> ObservedBatch:
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        position_ids = torch.tensor([list(positions)], dtype=torch.long)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([list(positions)], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             if self.fast:
                 signature = self.signature(needs)
@@ -211,8 +218,8 @@ class TorchObserver(BaseObserver):
             step = self._steps[signature] = LlamaStep(self.model, depth, list(indices),
                                                       with_logits)
         past, n = kv.length(), input_ids.shape[1]
-        mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
-        mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
+        mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=self.device)
+        mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         outs = step(input_ids, position_ids, mask, *kv.tensors[: 2 * depth])
         n_out = len(indices) + (1 if with_logits else 0)
         kv.append(outs[n_out:])
@@ -223,10 +230,13 @@ class TorchObserver(BaseObserver):
 
 def _batch(hidden: dict[int, torch.Tensor], logits: torch.Tensor | None,
            needs: Needs) -> ObservedBatch:
+    """The batch the monitors get, on the CPU (top-k taken first, where the logits are)."""
     top = None
     if logits is not None and needs.top_k:
-        top = torch.topk(logits, min(needs.top_k, logits.shape[-1]), dim=-1).values
-    return ObservedBatch(hidden=hidden, logits=logits if needs.logits else None, top_logits=top)
+        top = torch.topk(logits, min(needs.top_k, logits.shape[-1]), dim=-1).values.cpu()
+    return ObservedBatch(hidden={layer: h.cpu() for layer, h in hidden.items()},
+                         logits=logits.cpu() if logits is not None and needs.logits else None,
+                         top_logits=top)
 
 
 def _without(t: torch.Tensor, start: int, count: int) -> torch.Tensor:

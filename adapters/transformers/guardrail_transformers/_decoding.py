@@ -45,6 +45,7 @@ class Decoding:
 
         self.generator = generator
         self.model = generator.model
+        self.device = next(self.model.parameters()).device
         self.prompt_ids = list(prompt_ids)
         self.layers = {layer: generator.hidden_index(layer) for layer in sorted(needs.layers)}
         self.send_logits = bool(needs.logits or needs.top_k)
@@ -102,10 +103,11 @@ class Decoding:
 
     def _forward(self, ids: list[int]) -> _Output:
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long),
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                              past_key_values=self.cache, use_cache=True,
                              output_hidden_states=bool(self.layers), logits_to_keep=1)
+        # To the CPU once per step: the sampler and the monitors' numpy maths read it there.
         hidden: dict[int, Any] = {}
         for layer, index in self.layers.items():
-            hidden[layer] = out.hidden_states[index][0, -1].float()
-        return _Output(hidden, out.logits[0, -1].float())
+            hidden[layer] = out.hidden_states[index][0, -1].float().cpu()
+        return _Output(hidden, out.logits[0, -1].float().cpu())

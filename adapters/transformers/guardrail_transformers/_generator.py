@@ -32,7 +32,9 @@ class LocalGenerator:
 
     ``LocalGenerator()`` loads SmolLM2 (converted once into the guardrail cache by the observer's
     loader); ``LocalGenerator("path/to/model")`` a local directory; ``LocalGenerator(model,
-    tokenizer)`` takes an already loaded model and tokenizer. The object holds no per-answer state:
+    tokenizer)`` takes an already loaded model and tokenizer, on whatever device it sits. Loading
+    by name, ``device="cuda"`` (or ``"auto"``: a GPU when there is one) puts it on a GPU; the
+    monitors get every step's states on the CPU. The object holds no per-answer state:
     one generator serves any number of answers, one at a time per thread.
 
     ``observer`` is a guardrail observer over the same weights: ``Guard.default(
@@ -40,14 +42,18 @@ class LocalGenerator:
     """
 
     def __init__(self, model: str | Path | Any = DEFAULT_MODEL, tokenizer: Any = None, *,
-                 name: str | None = None, window: int = 2048) -> None:
+                 name: str | None = None, window: int = 2048, device: str | None = None) -> None:
         from guardrail.observer.model import TorchObserver
 
         if isinstance(model, (str, Path)):
-            observer = _load_observer(model, window)
+            observer = _load_observer(model, window, device)
             self.model, self.hf_tokenizer = observer.model, observer.hf_tokenizer
             self.name = name or observer.name
         else:
+            if device is not None:
+                raise GuardrailError("LocalGenerator(model, tokenizer, device=...): move a loaded "
+                                     "model yourself (model.to(device)); device= applies when "
+                                     "loading by name")
             if tokenizer is None:
                 raise GuardrailError("LocalGenerator(model, tokenizer): a loaded model needs its "
                                      "tokenizer")
@@ -141,18 +147,19 @@ def _openai_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _load_observer(model: str | Path, window: int) -> Any:
+def _load_observer(model: str | Path, window: int, device: str | None) -> Any:
     """The observer loader (SmolLM2 from its cached conversion, or a local directory): it checks
     the files and gives clear errors; the generator reuses its model and tokenizer."""
     from guardrail.observer.hf import SMOLLM2_NAME, load_model_dir, smollm2_dir
 
+    options = {"device": device} if device is not None else {}
     if str(model) == SMOLLM2_NAME:
-        return load_model_dir(smollm2_dir(), name=SMOLLM2_NAME, window=window)
+        return load_model_dir(smollm2_dir(), name=SMOLLM2_NAME, window=window, options=options)
     path = Path(model).expanduser()
     if not path.exists():
         raise GuardrailError(f"LocalGenerator: {str(model)!r} is neither {SMOLLM2_NAME!r} nor an "
                              "existing model directory")
-    return load_model_dir(path, name=path.name or str(path), window=window)
+    return load_model_dir(path, name=path.name or str(path), window=window, options=options)
 
 
 def _eos_ids(model: Any, hf_tokenizer: Any) -> frozenset[int]:
