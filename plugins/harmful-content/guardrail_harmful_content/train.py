@@ -16,6 +16,13 @@ Steps (each with a progress bar; the whole run is timed):
    heads (linear heads: their logits are averaged);
 6. calibrate ``(threshold, k)`` on validation: best macro-F1 with a false-halt rate <= 3%;
 7. save the head with its config (base model, layers, dims, threshold, k, data, splits, metrics).
+
+With ``--calibration crossfit`` steps 4-6 are replaced (``crossfit.py``): train+val are cut into
+``--folds`` folds by prompt group; each fold is scored by the seed heads (``--seed`` and
+``--ensemble-seeds``, averaged) trained on the other folds; the epoch count and ``(threshold, k)``
+are chosen on these out-of-fold scores of all train+val records, and the shipped heads are trained
+on train+val for that many epochs. The JSON records the folds, their sizes and two honest
+estimates (each fold decided by a calibration on the other folds, or on one fold).
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -37,6 +44,7 @@ from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
 from guardrail.probes.features import CachedRecord, extract_features
 from guardrail.probes.heads import DualHead, ProbeHead
 from guardrail.probes.io import save_probe
+from guardrail.probes.metrics import count_k_halt, fraction_seen, macro_f1
 from guardrail.probes.train import MetricFn, scm_loss_fn, train_head
 from guardrail.sources import cache_dir
 
@@ -102,6 +110,13 @@ class TrainConfig:
     # More seeds for the chosen layers: their heads are averaged with the first seed's head.
     ensemble_seeds: tuple[int, ...] = ()
     max_false_halt_rate: float = 0.03
+    # "val": (threshold, k) and the epoch chosen on validation (the heads train on train);
+    # "crossfit": grouped K-fold over train+val, (threshold, k) and the epoch count chosen on
+    # out-of-fold scores, the shipped heads trained on train+val (see crossfit.py).
+    calibration: str = "val"
+    folds: int = 5
+    # Loss weight of pyrit's human-scored records (records with a human_score), crossfit only.
+    scored_weight: float = 1.0
     chunk_size: int = 512
     cache: Path | None = None
     progress: bool = True
@@ -240,6 +255,10 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
 
     ``observer``: an observer object to read with instead of loading ``config.model`` (tests
     pass a fake one with a planted signal)."""
+    if config.calibration not in ("val", "crossfit"):
+        raise ValueError(f"calibration {config.calibration!r}: expected 'val' or 'crossfit'")
+    if config.scored_weight != 1.0 and config.calibration != "crossfit":
+        raise ValueError("--scored-weight needs --calibration crossfit")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     work = (config.cache or cache_dir()) / "harmful-content"
@@ -261,6 +280,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         for split in ("train", "val")
     }
     timings["features_s"] = time.perf_counter() - t
+    if config.calibration == "crossfit":
+        return _train_crossfit(config, observer, features, manifest, timings, t0)
     whole, val_set = features["train"], features["val"]
     train_set = list(whole) + prefix_views(whole, config.prefixes, config.seed)
     val_labels = [_label(r) for r in val_set]
@@ -344,6 +365,174 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     return {**saved, "weights": str(weights)}
 
 
+def _group(r: CachedRecord) -> str:
+    return str(r.extra.get("group") or r.prompt)
+
+
+def _train_crossfit(config: TrainConfig, observer: Any,
+                    features: Mapping[str, Sequence[CachedRecord]], manifest: dict[str, Any],
+                    timings: dict[str, float], t0: float) -> dict[str, Any]:
+    """``--calibration crossfit``: grouped K-fold over train+val. Every record gets out-of-fold
+    prefix scores after each epoch (seed heads averaged); the epoch count with the best
+    calibrated macro-F1 on them is kept, ``(threshold, k)`` is calibrated on all of them, and
+    the shipped heads are trained on train+val for that many epochs."""
+    from tqdm.auto import tqdm
+
+    from .crossfit import (
+        average_states,
+        count_k_grid,
+        cross_fit,
+        fit_packed,
+        grouped_folds,
+        pack,
+        packed_scores,
+        prefix_items,
+    )
+
+    layers = tuple(config.train_layers or config.layers)
+    if len(layers) != 1:
+        raise ValueError(f"--calibration crossfit trains one layer: give one --train-layers "
+                         f"(got {list(layers)})")
+    records = [*features["train"], *features["val"]]
+    labels = [_label(r) for r in records]
+    folds = grouped_folds([_group(r) for r in records], labels, config.folds, config.seed)
+    if any(len({labels[i] for i, f in enumerate(folds) if f == k}) < 2
+           for k in range(config.folds)):
+        raise ValueError(f"--folds {config.folds}: every fold needs harmful and harmless "
+                         "records; use fewer folds")
+    packed = pack(records, layers[0], config.pooling)
+    seeds = list(dict.fromkeys([config.seed, *config.ensemble_seeds]))
+    record_weights = [config.scored_weight if r.extra.get("human_score") is not None else 1.0
+                      for r in records]
+    t = time.perf_counter()
+    bar = tqdm(total=(config.folds + 1) * len(seeds) * config.epochs, unit="epoch",
+               desc=f"cross-fit {config.folds} folds x {len(seeds)} seeds",
+               disable=not config.progress)
+    fitted = cross_fit(packed, folds, seeds=seeds, epochs=config.epochs,
+                       prefixes=config.prefixes, batch_size=config.batch_size, lr=config.lr,
+                       record_weights=record_weights, on_fit=lambda: bar.update(1))
+
+    def choose(idx: Sequence[int], epoch: int) -> StreamingResult:
+        scores = [fitted.oof[epoch][i] for i in idx]
+        y = [labels[i] for i in idx]
+        grid = calibration_thresholds(cast(list[Sequence[float]], scores), y, THRESHOLDS)
+        return count_k_grid(scores, y, grid,
+                            range(1, MAX_K + 1), config.max_false_halt_rate)
+
+    everyone = list(range(len(records)))
+    per_epoch = {e: choose(everyone, e) for e in fitted.oof}
+    epochs = min(per_epoch, key=lambda e: (-per_epoch[e].macro_f1, e))
+    choice = per_epoch[epochs]
+    # Honest estimate of the whole recipe: each fold decided by (threshold, k) calibrated on
+    # the other folds' out-of-fold scores.
+    # The same with validation-sized calibration data (the next fold only), the shipped
+    # protocol's counterpart.
+    lengths = [len(s) for s in fitted.oof[epochs]]
+    estimates = {}
+    for name, calibration_folds in (
+            ("cross_calibrated", lambda k: [f for f in range(config.folds) if f != k]),
+            ("one_fold_calibrated", lambda k: [(k + 1) % config.folds])):
+        halts: list[int | None] = [None] * len(records)
+        fold_choices = []
+        for k in range(config.folds):
+            c = choose([i for i, f in enumerate(folds) if f in calibration_folds(k)], epochs)
+            fold_choices.append({"threshold": c.threshold, "k": c.k})
+            for i in fitted.fold_rows(k):
+                halts[i] = count_k_halt(fitted.oof[epochs][i].tolist(), c.threshold, c.k)
+        estimates[name] = {**_halt_summary(halts, labels, lengths),
+                           "fold_choices": fold_choices}
+    cross = estimates["cross_calibrated"]
+    members = []
+    for seed in seeds:
+        items = prefix_items(packed, everyone, config.prefixes, seed)
+        weights = [record_weights[i] for i, _, _ in items]
+        head = fit_packed(packed, items, seed=seed, epochs=epochs, batch_size=config.batch_size,
+                          lr=config.lr, item_weights=weights, on_epoch=lambda e, h: bar.update(1))
+        members.append(head.state_dict())
+    bar.close()
+    width = int(packed.x.shape[1])
+    head = average_states(members, width, 0.1, config.seed)
+    timings["train_s"] = time.perf_counter() - t
+    oof = [s.tolist() for s in fitted.oof[epochs]]
+    streaming = streaming_report(oof, labels, choice.threshold, choice.k)
+    full_t = full_threshold(oof, labels)
+    full = full_report(oof, labels, full_t)
+    final_scores = packed_scores(head, packed, everyone)
+    timings["total_s"] = time.perf_counter() - t0
+    _say(config, f"cross-fit: {epochs} epochs, threshold {choice.threshold:.6g}, k {choice.k}: "
+                 f"out-of-fold macro-F1 {choice.macro_f1:.4f} (cross-calibrated "
+                 f"{cross['macro_f1']:.4f}, false halts {cross['false_halt_rate']:.4f})")
+    kinds = [str(r.extra.get("kind", "")) for r in records]
+    fold_sizes = [sum(1 for f in folds if f == k) for k in range(config.folds)]
+    saved = {
+        "base_model": observer.name,
+        "layer": layers[0],
+        "layers": list(layers),
+        "pooling": config.pooling,
+        "dims": {"hidden_size": int(observer.hidden_size), "input_size": width,
+                 "observer_layers": int(observer.num_layers)},
+        "threshold": choice.threshold,
+        "rule": {"kind": "count", "k": choice.k},
+        "full_detection_threshold": full_t,
+        "calibration": {
+            "objective": "macro_f1", "split": "train+val out-of-fold",
+            "protocol": "grouped K-fold by prompt group (no group in two folds; groups dealt "
+                        "round-robin in a seeded shuffle inside harmful / harmless strata); "
+                        "each fold scored by the average of the seed heads trained on the "
+                        "other folds; epochs and (threshold, k) chosen on all out-of-fold "
+                        "scores; the shipped heads are trained on train+val",
+            "folds": config.folds, "fold_records": fold_sizes,
+            "fold_harmful": [sum(labels[i] for i, f in enumerate(folds) if f == k)
+                             for k in range(config.folds)],
+            "records": len(records), "harmful": sum(labels),
+            "pyrit_harmless_responses": kinds.count("harmless_response"),
+            "max_k": MAX_K, "thresholds": list(THRESHOLDS),
+            "benign_quantiles": list(BENIGN_QUANTILES),
+            "max_false_halt_rate": config.max_false_halt_rate,
+            "constraint_met": choice.constraint_met,
+            "epochs_chosen": epochs,
+            "per_epoch_oof_macro_f1": {str(e): r.macro_f1 for e, r in per_epoch.items()},
+            "estimates": {**estimates,
+                          "how": "each fold decided by (threshold, k) calibrated on the other "
+                                 "folds' out-of-fold scores (cross_calibrated) or on the next "
+                                 "fold's only (one_fold_calibrated: validation-sized)"}},
+        "data": _data_summary(manifest, config),
+        "splits": {"train": len(features["train"]), "val": len(features["val"]),
+                   "trained_on": "train+val", "train_prefix_views_per_record": config.prefixes,
+                   "built": {k: v.get("labels") for k, v in
+                             manifest.get("counts", {}).items()}},
+        "training": {"loss": LOSS_WEIGHTS, "backbone": "frozen", "epochs": epochs,
+                     "epochs_tried": config.epochs,
+                     "prefix_views_per_record": config.prefixes,
+                     "batch_size": config.batch_size, "lr": config.lr, "optimizer": "AdamW",
+                     "trainer": "crossfit.fit_packed (packed rows; the same loss as "
+                                "guardrail.probes.train.train_head's, no epoch selection)",
+                     "seed": config.seed, "scored_weight": config.scored_weight,
+                     "ensemble": {"seeds": seeds,
+                                  "how": "the heads' weights averaged: the heads are linear, "
+                                         "so this averages their logits"}},
+        "metrics": {"oof": {"streaming": streaming, "full": full, **estimates},
+                    "train+val_in_sample": streaming_report(
+                        [s.tolist() for s in final_scores], labels, choice.threshold,
+                        choice.k)},
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    path = save_probe(config.out, head, saved, name=NAME)
+    _say(config, f"saved {path} ({path.stat().st_size} bytes) in {timings['total_s']:.0f} s")
+    return {**saved, "weights": str(path)}
+
+
+def _halt_summary(halts: Sequence[int | None], labels: Sequence[int], lengths: Sequence[int]
+                  ) -> dict[str, Any]:
+    predictions = [int(h is not None) for h in halts]
+    m = macro_f1(labels, predictions)
+    benign = [p for p, y in zip(predictions, labels, strict=True) if y == 0]
+    return {"macro_f1": m["macro_f1"], "precision": m["precision_1"], "recall": m["recall_1"],
+            "fraction_seen": fraction_seen(labels, halts, lengths),
+            "false_halt_rate": sum(benign) / len(benign) if benign else None,
+            "records": len(labels)}
+
+
 def _data_summary(manifest: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
     return {
         "builder": "python -m guardrail_harmful_content.data build",
@@ -389,6 +578,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train the chosen layers with these seeds and average the heads "
                         "(the logits of linear heads; one head's cost per token)")
     p.add_argument("--max-false-halt-rate", type=float, default=d.max_false_halt_rate)
+    p.add_argument("--calibration", choices=("val", "crossfit"), default=d.calibration,
+                   help="val: choose the epoch and (threshold, k) on validation (default); "
+                        "crossfit: grouped K-fold over train+val, choose them on out-of-fold "
+                        "scores and train the shipped heads on train+val")
+    p.add_argument("--folds", type=int, default=d.folds, help="folds of --calibration crossfit")
+    p.add_argument("--scored-weight", type=float, default=d.scored_weight,
+                   help="loss weight of pyrit's human-scored records (crossfit only; "
+                        "default 1)")
     p.add_argument("--cache", type=Path, help="work folder (default: the guardrail cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -403,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, ensemble_seeds=tuple(args.ensemble_seeds),
-        max_false_halt_rate=args.max_false_halt_rate,
-        cache=args.cache, progress=not args.quiet,
+        max_false_halt_rate=args.max_false_halt_rate, calibration=args.calibration,
+        folds=args.folds, scored_weight=args.scored_weight, cache=args.cache,
+        progress=not args.quiet,
     )
     try:
         saved = train(config)
@@ -413,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {"weights": saved["weights"], "layers": saved["layers"],
                "threshold": saved["threshold"], "k": saved["rule"]["k"],
-               "val": saved["metrics"]["val"], "timings": saved["timings"],
+               "metrics": saved["metrics"], "timings": saved["timings"],
                "config": asdict(config) | {"out": str(config.out), "data": str(config.data),
                                            "cache": str(config.cache)}}
     print(json.dumps(summary, indent=2, default=str))

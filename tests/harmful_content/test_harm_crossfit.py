@@ -1,0 +1,130 @@
+"""Cross-fitted calibration (``crossfit.py``): folds keep prompt groups whole, the packed trainer
+computes SCM's loss and the trainer's prefix cuts, the numpy count-k grid chooses what
+``calibrate_count_k`` chooses, and ``--calibration crossfit`` writes a loadable head whose config
+records the protocol."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from guardrail_harmful_content.crossfit import (
+    count_k_grid,
+    fit_packed,
+    grouped_folds,
+    pack,
+    packed_loss,
+    prefix_items,
+)
+from guardrail_harmful_content.prefixes import prefix_views
+from guardrail_harmful_content.scoring import STACKED, stack_layers
+
+from guardrail.plugins import get_host
+from guardrail.probes.calibrate import calibrate_count_k
+from guardrail.probes.features import CachedRecord
+from guardrail.probes.heads import DualHead
+from guardrail.probes.train import collate, scm_loss_fn
+from guardrail.records import SpanLabel
+from guardrail.testing.tiny_models import build_tiny_model
+
+
+def _record(i: int, label: int) -> dict[str, Any]:
+    text = "Mix flour, water, salt and yeast; knead it." if label else "The river flows north."
+    response = text + f" Step {i}."
+    spans = [{"start": 0, "end": len(text), "label": 1}] if label else []
+    return {"prompt": f"Question number {i}?", "response": response, "label": label,
+            "spans": spans, "kind": "harmful_compliance" if label else "benign_compliance"}
+
+
+def _cached(i: int, label: int, n: int, rng: torch.Generator) -> CachedRecord:
+    text = "x" * n
+    spans = (SpanLabel(n // 2, n, 1),) if label else ()
+    return CachedRecord(index=i, prompt=f"p{i}", response=text, label=label, spans=spans,
+                        offsets=torch.tensor([(j, j + 1) for j in range(n)]),
+                        ids=torch.arange(n), hidden={3: torch.randn(n, 4, generator=rng)})
+
+
+def test_folds_keep_every_group_in_one_fold_and_mix_labels() -> None:
+    rng = random.Random(0)
+    groups = [f"g{rng.randrange(40)}" for _ in range(300)]
+    labels = [int(g[-1]) % 2 for g in groups]
+    folds = grouped_folds(groups, labels, 5, seed=3)
+    assert set(folds) == set(range(5))
+    for g in set(groups):
+        assert len({f for f, h in zip(folds, groups, strict=True) if h == g}) == 1
+    for k in range(5):
+        assert {y for y, f in zip(labels, folds, strict=True) if f == k} == {0, 1}
+    assert folds == grouped_folds(groups, labels, 5, seed=3)
+    with pytest.raises(ValueError, match="n_folds"):
+        grouped_folds(groups, labels, 1, seed=3)
+
+
+def test_packed_items_and_loss_match_the_trainer() -> None:
+    gen = torch.Generator().manual_seed(0)
+    records = [_cached(i, i % 2, 5 + i, gen) for i in range(6)]
+    packed = pack(records, 3)
+    items = prefix_items(packed, range(len(records)), 2, seed=4)
+    views = [*records, *prefix_views(records, 2, 4)]
+    assert [(n, y) for _, n, y in items] == [(len(v), int(v.label or 0)) for v in views]
+    # SCM's loss on a padded batch equals the packed computation (no dropout: same rows).
+    head = DualHead(8, dropout=0.0, seed=1)
+    batch = collate(stack_layers(views[:4], [3], "prefix_mean"), STACKED)
+    expected = scm_loss_fn(0.6, 0.4, 1.0)(head, batch, 0.0)
+    ones = torch.ones(4)
+    assert torch.allclose(packed_loss(head, packed, items[:4], ones, 0.0), expected)
+    # weights: an item weighted 2 counts as two copies of it
+    doubled = packed_loss(head, packed, [items[0], *items[:4]], torch.ones(5), 0.0)
+    weighted = packed_loss(head, packed, items[:4], torch.tensor([2.0, 1, 1, 1]), 0.0)
+    assert torch.allclose(doubled, weighted)
+    seen: list[int] = []
+    trained = fit_packed(packed, items, seed=1, epochs=2, batch_size=4,
+                         on_epoch=lambda epoch, _: seen.append(epoch))
+    assert seen == [1, 2] and not trained.training
+
+
+@pytest.mark.parametrize("cap", [None, 0.2, 0.0])
+def test_count_k_grid_chooses_what_calibrate_count_k_chooses(cap: float | None) -> None:
+    rng = np.random.default_rng(7)
+    labels = [int(x) for x in rng.integers(0, 2, 60)]
+    scores = [np.clip(rng.normal(0.45 + 0.25 * y, 0.25, int(rng.integers(3, 40))), 0, 1)
+              for y in labels]
+    thresholds = [0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    ours = count_k_grid(scores, labels, thresholds, range(1, 21), cap)
+    reference = calibrate_count_k([s.tolist() for s in scores], labels, thresholds,
+                                  range(1, 21), cap)
+    assert ours.threshold == reference.threshold and ours.k == reference.k
+    assert ours.constraint_met == reference.constraint_met
+    assert ours.macro_f1 == pytest.approx(reference.macro_f1)
+    assert ours.false_halt_rate == pytest.approx(reference.false_halt_rate)
+    assert ours.fraction_seen == pytest.approx(reference.fraction_seen)
+
+
+def test_crossfit_training_records_the_protocol(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "tiny", arch="llama", num_layers=3, hidden_size=32)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 24), ("val", 12), ("test", 6)):
+        rows = [_record(100 * len(split) + i, i % 2) for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "weights"
+    trainer = get_host().trainers()["harmful-content"].factory
+    args = ["--data", str(data), "--model", str(model), "--layers", "0", "2", "--epochs", "2",
+            "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet",
+            "--calibration", "crossfit", "--folds", "3", "--ensemble-seeds", "1"]
+    assert trainer([*args, "--train-layers", "0", "2"]) == 2  # one layer only
+    assert trainer([*args[:-6], "--scored-weight", "3"]) == 2  # crossfit only
+    assert trainer([*args, "--train-layers", "2"]) == 0
+    config = json.loads((out / "harmful_content.json").read_text())
+    cal = config["calibration"]
+    assert cal["split"] == "train+val out-of-fold" and cal["folds"] == 3
+    assert sum(cal["fold_records"]) == cal["records"] == 36
+    assert cal["epochs_chosen"] in (1, 2) and config["training"]["epochs"] == cal["epochs_chosen"]
+    assert config["layers"] == [2] and config["rule"]["k"] >= 1
+    assert config["training"]["ensemble"]["seeds"] == [0, 1]
+    assert set(config["metrics"]["oof"]) == {"streaming", "full", "cross_calibrated",
+                                             "one_fold_calibrated"}
