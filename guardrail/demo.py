@@ -55,6 +55,10 @@ class DemoStream:
     source: str
     deltas: Iterator[str] | None = None
     events: Callable[[GuardSession], Iterable[Any]] | None = None
+    # What a replay should get: "halt" or "flag" (by a monitor of plugin ``expect_monitor``,
+    # any monitor when None) or "pass" (no halt); None for generated text.
+    expect: str | None = None
+    expect_monitor: str | None = None
 
 
 class _Term:
@@ -221,7 +225,8 @@ def run_demo(args: argparse.Namespace) -> int:
                                  48 if quick else 96)
     for k, r in enumerate(_replays()):
         streams.append(DemoStream(f"replay: {r['title']}", r["prompt"], "recorded replay",
-                                  deltas=iter(random_splits(r["response"], seed=k))))
+                                  deltas=iter(random_splits(r["response"], seed=k)),
+                                  expect=r.get("expect"), expect_monitor=r.get("monitor")))
     out_dir = Path(args.out)
     rows = []
     for n, stream in enumerate(streams):
@@ -231,6 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
         rep = rec.report
         rows.append({
             "stream": stream.title,
+            "expected": _verdict(stream, rep, guard),
             "tokens read": rep.tokens,
             "released": rep.released_tokens,
             "held back": rep.tokens - rep.released_tokens,
@@ -241,9 +247,34 @@ def run_demo(args: argparse.Namespace) -> int:
         })
     index = write_index(out_dir, rows)
     _print_table(rows, term)
+    judged = [str(r["expected"]) for r in rows if r["expected"] != "-"]
+    if judged:
+        met = sum(v.endswith("✓") for v in judged)
+        print(f"\n{met} of {len(judged)} replays got what their label expects"
+              + ("" if met == len(judged) else
+                 " (the monitors' measured limits: docs/harmful-content.md, "
+                 "docs/entity-hallucination.md)"))
     print(f"\nreports: {index.resolve()} (one HTML page and PNG plot per stream in "
           f"{out_dir.resolve()})")
     return 0
+
+
+def _verdict(stream: DemoStream, report: Any, guard: Guard) -> str:
+    """``halt ✓``, ``flag ✗ missed``, ``pass ✗ halted``...: whether a replay got what its label
+    expects; ``-`` for generated text, ``<expect> (no <plugin>)`` when the policy lacks it."""
+    if stream.expect is None:
+        return "-"
+    ids = {spec.id for spec, _ in guard.monitors
+           if stream.expect_monitor is None or spec.use == stream.expect_monitor}
+    if stream.expect == "pass":
+        return "pass ✓" if report.halt is None else "pass ✗ halted"
+    if not ids:
+        return f"{stream.expect} (no {stream.expect_monitor})"
+    halted = report.halt is not None and report.halt.monitor in ids
+    if stream.expect == "halt":
+        return "halt ✓" if halted else "halt ✗ missed"
+    flagged = halted or any(isinstance(f, Flag) and f.monitor in ids for f in report.flags)
+    return "flag ✓" if flagged else "flag ✗ missed"
 
 
 def _flag_counts(flags: Sequence[Any]) -> str:

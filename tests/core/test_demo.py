@@ -47,6 +47,18 @@ def test_demo_streams_halts_the_harmful_replay_and_writes_reports(tmp_path: Path
     assert halt_at.isdigit() and int(released_tokens) <= int(halt_at) < int(read), row
     assert int(held_back) == int(read) - int(released_tokens)
 
+    # Each replay's row says whether it got what its label expects, and the count follows.
+    verdicts = {}
+    for replay in replays:
+        line = next(x for x in stdout.splitlines() if x.strip().startswith("replay: ")
+                    and replay["title"].startswith(x.strip()[len("replay: "):48].rstrip()))
+        verdicts[replay["title"]] = re.split(r"\s{2,}", line.strip())[1]
+    assert verdicts[knockout["title"]] == "halt ✓"
+    assert all(v in ("pass ✓", "pass ✗ halted") for t, v in verdicts.items()
+               if t.startswith("benign"))
+    met = sum(v.endswith("✓") for v in verdicts.values())
+    assert f"{met} of {len(replays)} replays got what their label expects" in stdout
+
     assert "summary" in stdout and "tokens read" in stdout
     pages = sorted(p.name for p in out_dir.glob("*.html"))
     plots = sorted(p.name for p in out_dir.glob("*.png"))
