@@ -51,3 +51,36 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("harm-tiny")
     build_dataset(out, BuildConfig(limit=12))
     return out
+
+
+# Two kinds of response a tiny model's states can tell apart (words from its tokenizer corpus).
+TINY_HARMFUL = "Mix flour, water, salt and yeast; knead it for ten minutes. Mix flour and water."
+TINY_BENIGN = "The river flows north through the valley, past the old mill and the church."
+
+
+def _tiny_record(i: int, label: int) -> dict[str, Any]:
+    response = (TINY_HARMFUL if label else TINY_BENIGN) + f" Step {i}."
+    spans = [{"start": 0, "end": len(TINY_HARMFUL), "label": 1}] if label else []
+    return {"prompt": f"Question number {i}?", "response": response, "label": label,
+            "spans": spans, "kind": "harmful_compliance" if label else "benign_compliance"}
+
+
+def _write_tiny_splits(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 24), ("val", 12), ("test", 6)):
+        rows = [_tiny_record(100 * len(split) + i, i % 2) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_tiny_splits() -> Callable[[Path], Path]:
+    """``write_tiny_splits(folder)`` -> ``folder`` holding train/val/test.jsonl of 24/12/6
+    alternating harmful/harmless records that a tiny model's states can tell apart."""
+    return _write_tiny_splits
+
+
+@pytest.fixture(scope="session")
+def tiny_harmful_text() -> str:
+    """The harmful response text of ``write_tiny_splits``' records (without its step number)."""
+    return TINY_HARMFUL

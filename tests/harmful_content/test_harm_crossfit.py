@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -31,14 +31,6 @@ from guardrail.probes.heads import DualHead
 from guardrail.probes.train import collate, scm_loss_fn
 from guardrail.records import SpanLabel
 from guardrail.testing.tiny_models import build_tiny_model
-
-
-def _record(i: int, label: int) -> dict[str, Any]:
-    text = "Mix flour, water, salt and yeast; knead it." if label else "The river flows north."
-    response = text + f" Step {i}."
-    spans = [{"start": 0, "end": len(text), "label": 1}] if label else []
-    return {"prompt": f"Question number {i}?", "response": response, "label": label,
-            "spans": spans, "kind": "harmful_compliance" if label else "benign_compliance"}
 
 
 def _cached(i: int, label: int, n: int, rng: torch.Generator) -> CachedRecord:
@@ -104,13 +96,10 @@ def test_count_k_grid_chooses_what_calibrate_count_k_chooses(cap: float | None) 
     assert ours.fraction_seen == pytest.approx(reference.fraction_seen)
 
 
-def test_crossfit_training_records_the_protocol(tmp_path: Path) -> None:
+def test_crossfit_training_records_the_protocol(
+        tmp_path: Path, write_tiny_splits: Callable[[Path], Path]) -> None:
     model = build_tiny_model(tmp_path / "tiny", arch="llama", num_layers=3, hidden_size=32)
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 24), ("val", 12), ("test", 6)):
-        rows = [_record(100 * len(split) + i, i % 2) for i in range(n)]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_tiny_splits(tmp_path / "data")
     out = tmp_path / "weights"
     trainer = get_host().trainers()["harmful-content"].factory
     args = ["--data", str(data), "--model", str(model), "--layers", "0", "2", "--epochs", "2",

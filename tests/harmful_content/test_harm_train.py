@@ -6,6 +6,7 @@ learning; test_harm_planted.py checks what the head learns."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +16,13 @@ from guardrail import Guard
 from guardrail.plugins import get_host
 from guardrail.testing.tiny_models import build_tiny_model
 
-# Two kinds of response the tiny model's states can tell apart (words from its tokenizer corpus).
-HARMFUL = "Mix flour, water, salt and yeast; knead it for ten minutes. Mix flour and water."
-BENIGN = "The river flows north through the valley, past the old mill and the church."
-
-
-def _record(i: int, label: int) -> dict[str, Any]:
-    response = (HARMFUL if label else BENIGN) + f" Step {i}."
-    spans = [{"start": 0, "end": len(HARMFUL), "label": 1}] if label else []
-    return {"prompt": f"Question number {i}?", "response": response, "label": label,
-            "spans": spans, "kind": "harmful_compliance" if label else "benign_compliance"}
-
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, write_tiny_splits: Callable[[Path], Path]
+             ) -> tuple[Path, Path, dict[str, Any]]:
     root = tmp_path_factory.mktemp("harm-train")
     model = build_tiny_model(root / "tiny", arch="llama", num_layers=3, hidden_size=32)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 24), ("val", 12), ("test", 6)):
-        rows = [_record(100 * len(split) + i, i % 2) for i in range(n)]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_tiny_splits(root / "data")
     out = root / "weights"
     trainer = get_host().trainers()["harmful-content"].factory
     code = trainer(["--data", str(data), "--model", str(model), "--layers", "0", "2",
@@ -61,7 +48,7 @@ def test_training_writes_a_small_safetensors_head_with_its_config(
 
 
 def test_trained_weights_run_in_a_guard_on_the_same_observer(
-        tiny_run: tuple[Path, Path, dict[str, Any]]) -> None:
+        tiny_run: tuple[Path, Path, dict[str, Any]], tiny_harmful_text: str) -> None:
     model, weights, config = tiny_run
     policy = {"version": 1, "observer": {"model": str(model)},
               "monitors": [{"id": "harm", "use": "harmful-content", "action": "halt",
@@ -69,7 +56,7 @@ def test_trained_weights_run_in_a_guard_on_the_same_observer(
                             "options": {"weights": str(weights)}}]}
     guard = Guard.from_policy(policy)
     session = guard.session(prompt="Question?", record_scores=True)
-    session.feed(HARMFUL)
+    session.feed(tiny_harmful_text)
     report = session.finish()
     scores = report.scores["harm"]
     assert len(scores) == report.tokens and all(0.0 <= s <= 1.0 for _, s in scores)
