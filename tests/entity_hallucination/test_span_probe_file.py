@@ -71,6 +71,15 @@ def _edit(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     config_path.write_text(json.dumps(config), encoding="utf-8")
 
 
+def _assert_load_errors_name(path: Path, key: str) -> None:
+    """Loading ``path`` fails with a message naming ``key``, and in a policy the same message
+    reaches the user."""
+    with pytest.raises(ProbeFileError, match=f"key '{key}'"):
+        load_entity_probe(path)
+    with pytest.raises(ValueError, match=f"key '{key}'"):
+        EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(path)))
+
+
 @pytest.mark.parametrize(("change", "key"), [
     (lambda c: c["span_features"]["names"].__setitem__(2, "surprisal_median"),
      "span_features.names"),
@@ -84,11 +93,7 @@ def _edit(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
 def test_a_malformed_span_head_json_names_the_key(saved: Path, change: Callable[..., None],
                                                   key: str) -> None:
     _edit(saved, change)
-    with pytest.raises(ProbeFileError, match=f"key '{key}'"):
-        load_entity_probe(saved)
-    # in a policy, the same message reaches the user
-    with pytest.raises(ValueError, match=f"key '{key}'"):
-        EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(saved)))
+    _assert_load_errors_name(saved, key)
 
 
 def test_a_span_head_tensor_of_the_wrong_shape_names_the_key(saved: Path) -> None:
@@ -184,7 +189,4 @@ def test_a_malformed_span_states_block_names_the_key(saved_v2: Path,
                                                      change: Callable[..., None],
                                                      key: str) -> None:
     _edit(saved_v2, change)
-    with pytest.raises(ProbeFileError, match=f"key '{key}'"):
-        load_entity_probe(saved_v2)
-    with pytest.raises(ValueError, match=f"key '{key}'"):
-        EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(saved_v2)))
+    _assert_load_errors_name(saved_v2, key)
