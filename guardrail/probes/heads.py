@@ -13,7 +13,7 @@ them), and ``score(...)`` that returns probabilities in [0, 1] for the monitors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -101,20 +101,36 @@ class LinearProbe(ProbeHead):
 
 class DualHead(ProbeHead):
     """SCM's heads on one layer: ``token_head = Linear(H, 2)`` after dropout, applied to every
-    token, and ``sequence_head = Linear(H, 2, bias=False)`` on the last real token in training.
-    Class 1 is harmful."""
+    token, and a sequence head on the last real token in training. Class 1 is harmful.
+
+    The sequence head is ``Linear(H, 2, bias=False)`` (SCM's), or with ``sequence_hidden = m > 0``
+    a one-hidden-layer MLP ``Linear(H, m) -> GELU (tanh form) -> Linear(m, 2)``: the tanh form
+    has a closed form the monitor computes in numpy. ``DualHead.ensemble`` folds several heads
+    into one whose logits are the mean of theirs (linear heads: mean weights; MLP heads: hidden
+    units side by side)."""
 
     kind = "dual"
 
-    def __init__(self, hidden_size: int, dropout: float = 0.1, seed: int = 42) -> None:
+    def __init__(self, hidden_size: int, dropout: float = 0.1, seed: int = 42,
+                 sequence_hidden: int = 0) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.dropout_p = float(dropout)
         self.seed = int(seed)
+        self.sequence_hidden = int(sequence_hidden)
+        if self.sequence_hidden < 0:
+            raise ValueError(f"sequence_hidden must be >= 0, got {sequence_hidden}")
+        self.sequence_head: nn.Module
         with _seeded(self.seed):
             self.dropout = nn.Dropout(self.dropout_p)
             self.token_head = nn.Linear(self.hidden_size, 2)
-            self.sequence_head = nn.Linear(self.hidden_size, 2, bias=False)
+            if self.sequence_hidden:
+                self.sequence_head = nn.Sequential(
+                    nn.Linear(self.hidden_size, self.sequence_hidden),
+                    nn.GELU(approximate="tanh"),
+                    nn.Linear(self.sequence_hidden, 2))
+            else:
+                self.sequence_head = nn.Linear(self.hidden_size, 2, bias=False)
 
     def forward(self, hidden: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``hidden (B, T, H)``, ``mask (B, T)`` (1 = real token) -> token logits ``(B, T, 2)``
@@ -129,6 +145,13 @@ class DualHead(ProbeHead):
         sequence_logits = self.sequence_head(hidden[rows, last])
         return token_logits, sequence_logits
 
+    def sequence_layers(self) -> list[nn.Linear]:
+        """The sequence head's linear layers, first to last: one for SCM's head, two for the MLP
+        (GELU between them)."""
+        if isinstance(self.sequence_head, nn.Linear):
+            return [self.sequence_head]
+        return [m for m in self.sequence_head.modules() if isinstance(m, nn.Linear)]
+
     def prefix_logits(self, hidden: Tensor) -> Tensor:
         """The sequence head at every position: ``(..., H)`` -> ``(..., 2)``. Position ``i`` judges
         the response up to token ``i`` (the backbone is causal)."""
@@ -140,14 +163,56 @@ class DualHead(ProbeHead):
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "hidden_size": self.hidden_size, "dropout": self.dropout_p,
-                "seed": self.seed}
+        config: dict[str, Any] = {"kind": self.kind, "hidden_size": self.hidden_size,
+                                  "dropout": self.dropout_p, "seed": self.seed}
+        if self.sequence_hidden:
+            config["sequence_hidden"] = self.sequence_hidden
+        return config
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> DualHead:
         args = _fields(config, cls.kind, ("hidden_size",))
+        sequence_hidden = config.get("sequence_hidden", 0)
+        if isinstance(sequence_hidden, bool) or not isinstance(sequence_hidden, int) \
+                or sequence_hidden < 0:
+            raise ValueError(f"dual head config: 'sequence_hidden' must be a whole number >= 0, "
+                             f"got {sequence_hidden!r}")
         return cls(int(args["hidden_size"]), dropout=float(config.get("dropout", 0.1)),
-                   seed=int(config.get("seed", 42)))
+                   seed=int(config.get("seed", 42)), sequence_hidden=sequence_hidden)
+
+    @classmethod
+    def ensemble(cls, heads: Sequence[DualHead]) -> DualHead:
+        """One head whose token and sequence logits are the mean of ``heads``' (same width and
+        kind of sequence head). Linear heads: the mean of their weights. MLP heads: their hidden
+        units side by side (``sequence_hidden`` adds up) and their output weights divided by
+        the number of heads, so the fold is exact."""
+        if not heads:
+            raise ValueError("ensemble of no heads")
+        first = heads[0]
+        if any(h.hidden_size != first.hidden_size or h.sequence_hidden != first.sequence_hidden
+               for h in heads):
+            raise ValueError("ensemble members differ in hidden_size or sequence_hidden")
+        n = len(heads)
+        out = cls(first.hidden_size, dropout=first.dropout_p, seed=first.seed,
+                  sequence_hidden=first.sequence_hidden * n)
+        states = [h.state_dict() for h in heads]
+        merged = {k: torch.stack([s[k] for s in states]).mean(dim=0)
+                  for k in states[0] if k.startswith("token_head.")}
+        if first.sequence_hidden:
+            merged["sequence_head.0.weight"] = torch.cat(
+                [s["sequence_head.0.weight"] for s in states], dim=0)
+            merged["sequence_head.0.bias"] = torch.cat(
+                [s["sequence_head.0.bias"] for s in states], dim=0)
+            merged["sequence_head.2.weight"] = torch.cat(
+                [s["sequence_head.2.weight"] for s in states], dim=1) / n
+            merged["sequence_head.2.bias"] = torch.stack(
+                [s["sequence_head.2.bias"] for s in states]).mean(dim=0)
+        else:
+            merged["sequence_head.weight"] = torch.stack(
+                [s["sequence_head.weight"] for s in states]).mean(dim=0)
+        out.load_state_dict(merged)
+        out.eval()
+        return out
 
 
 class _ResidualBlock(nn.Module):

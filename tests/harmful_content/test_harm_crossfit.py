@@ -28,6 +28,7 @@ from guardrail.plugins import get_host
 from guardrail.probes.calibrate import calibrate_count_k
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import DualHead
+from guardrail.probes.io import load_probe
 from guardrail.probes.train import collate, scm_loss_fn
 from guardrail.records import SpanLabel
 from guardrail.testing.tiny_models import build_tiny_model
@@ -117,3 +118,7 @@ def test_crossfit_training_records_the_protocol(
     assert config["training"]["ensemble"]["seeds"] == [0, 1]
     assert set(config["metrics"]["oof"]) == {"streaming", "full", "cross_calibrated",
                                              "one_fold_calibrated"}
+    # an MLP sequence head goes through the folds and the final fit: two seeds' units kept
+    assert trainer([*args, "--train-layers", "2", "--sequence-hidden", "4"]) == 0
+    head = load_probe(out / "harmful_content.safetensors").head
+    assert isinstance(head, DualHead) and head.sequence_hidden == 8

@@ -45,6 +45,33 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return _observer(), Path(saved["weights"]), saved, data / "test.jsonl"
 
 
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory: pytest.TempPathFactory, planted_run: Run) -> Run:
+    """``--sequence-hidden 8 --ensemble-seeds 1`` on the planted layer: two MLP heads whose
+    hidden units the saved head keeps side by side."""
+    root = tmp_path_factory.mktemp("harm-planted-mlp")
+    data = planted_run[3].parent
+    config = TrainConfig(data=data, out=root / "weights", layers=(2,), epochs=10, lr=1e-2,
+                         cache=root / "cache", progress=False, max_train=None,
+                         sequence_hidden=8, ensemble_seeds=(1,))
+    saved = train(config, observer=_observer())
+    return _observer(), Path(saved["weights"]), saved, planted_run[3]
+
+
+@pytest.fixture(params=["linear", "mlp"])
+def any_run(request: pytest.FixtureRequest) -> Run:
+    """Each of the shipped head shapes: SCM's linear sequence head, and the MLP one."""
+    run: Run = request.getfixturevalue("planted_run" if request.param == "linear" else "mlp_run")
+    return run
+
+
+def test_an_mlp_head_is_saved_with_its_units_and_separates_the_streams(mlp_run: Run) -> None:
+    _, weights, saved, _ = mlp_run
+    head = load_probe(weights).head
+    assert isinstance(head, DualHead) and head.sequence_hidden == 16
+    assert saved["metrics"]["val"]["streaming"]["macro_f1"] >= 0.8
+
+
 def _guard(run: Run) -> Guard:
     observer, weights, saved, _ = run
     policy = {"version": 1, "monitors": [{
@@ -69,11 +96,11 @@ def test_the_head_finds_the_planted_layer_and_separates_the_streams(planted_run:
 
 
 def test_count_rule_halts_harmful_streams_at_the_kth_flag_and_passes_benign_ones(
-        planted_run: Run) -> None:
-    threshold, k = planted_run[2]["threshold"], planted_run[2]["rule"]["k"]
-    guard = _guard(planted_run)
+        any_run: Run) -> None:
+    threshold, k = any_run[2]["threshold"], any_run[2]["rule"]["k"]
+    guard = _guard(any_run)
     outcomes = {0: [], 1: []}  # type: dict[int, list[bool]]
-    for row in _test_rows(planted_run):
+    for row in _test_rows(any_run):
         session = guard.session(prompt=row["prompt"], record_scores=True)
         session.feed(row["response"])
         report = session.finish()
@@ -87,14 +114,14 @@ def test_count_rule_halts_harmful_streams_at_the_kth_flag_and_passes_benign_ones
     assert sum(outcomes[0]) / len(outcomes[0]) <= 0.1
 
 
-def test_streamed_scores_equal_the_trainers_scores_on_cached_features(planted_run: Run,
+def test_streamed_scores_equal_the_trainers_scores_on_cached_features(any_run: Run,
                                                                        tmp_path: Path) -> None:
-    observer, weights, saved, test = planted_run
+    observer, weights, saved, test = any_run
     head = load_probe(weights).head
     assert isinstance(head, DualHead)
     cached = extract_features(observer, test, tmp_path, saved["layers"]).records[:6]
     offline = prefix_scores(head, stack_layers(cached, saved["layers"], saved["pooling"]))
-    guard = _guard(planted_run)
+    guard = _guard(any_run)
     for record, expected in zip(cached, offline, strict=True):
         session = guard.session(prompt=record.prompt, record_scores=True, dry_run=True)
         for piece in (record.response[:7], record.response[7:]):  # chunking must not matter
@@ -104,7 +131,7 @@ def test_streamed_scores_equal_the_trainers_scores_on_cached_features(planted_ru
 
 
 
-def test_a_stream_cut_back_by_a_route_scores_like_a_fresh_one(planted_run: Run,
+def test_a_stream_cut_back_by_a_route_scores_like_a_fresh_one(any_run: Run,
                                                                tmp_path: Path) -> None:
     """The prefix-mean head keeps a running mean per stream; when a route cuts the response back
     (``Monitor.truncate``), the cut tokens must leave the mean: the rewritten tokens then score
@@ -114,7 +141,7 @@ def test_a_stream_cut_back_by_a_route_scores_like_a_fresh_one(planted_run: Run,
     from guardrail.monitor import Features, MonitorContext
     from guardrail.stream import TokenSpan
 
-    observer, weights, saved, test = planted_run
+    observer, weights, saved, test = any_run
     assert saved["pooling"] == "prefix_mean"
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
     records = extract_features(observer, test, tmp_path, saved["layers"]).records
@@ -141,27 +168,6 @@ def test_a_stream_cut_back_by_a_route_scores_like_a_fresh_one(planted_run: Run,
     fresh = monitor.start(context)
     feed(fresh, rows(benign, 0, 6), 0)
     assert after == pytest.approx(feed(fresh, rows(benign, 6, 12), 6), abs=1e-9)
-
-
-def test_a_seed_ensemble_scores_the_mean_of_its_members_logits(planted_run: Run,
-                                                                tmp_path: Path) -> None:
-    """``--ensemble-seeds``: the heads are linear, so averaging their weights averages their
-    logits; the saved head must score every prefix as the members' mean logit would."""
-    from guardrail_harmful_content.scoring import STACKED
-    from guardrail_harmful_content.train import average_heads
-
-    observer, weights, saved, test = planted_run
-    first = load_probe(weights).head
-    assert isinstance(first, DualHead)
-    other = DualHead(first.hidden_size, seed=7)  # a second member with other weights
-    ensemble = average_heads([first, other])
-    cached = extract_features(observer, test, tmp_path, saved["layers"]).records[:3]
-    for record in stack_layers(cached, saved["layers"], saved["pooling"]):
-        states = record.hidden[STACKED].float()
-        with torch.inference_mode():
-            mean = (first.prefix_logits(states) + other.prefix_logits(states)) / 2
-            assert torch.allclose(ensemble.prefix_logits(states), mean, atol=1e-5)
-            assert not torch.allclose(first.prefix_logits(states), mean, atol=1e-3)
 
 
 def test_the_trainer_averages_the_heads_of_its_ensemble_seeds(planted_run: Run,

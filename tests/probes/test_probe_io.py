@@ -43,6 +43,7 @@ def _trained(head: H) -> H:
 @pytest.mark.parametrize("make", [
     lambda: LinearProbe(16),
     lambda: DualHead(16),
+    lambda: DualHead(16, sequence_hidden=5),
 ])
 def test_round_trip_is_exact(tmp_path: Path, make: Callable[[], ProbeHead]) -> None:
     head = _trained(make())

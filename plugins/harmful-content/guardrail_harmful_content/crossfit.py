@@ -163,14 +163,16 @@ def fit_packed(packed: Packed, items: Sequence[tuple[int, int, int]], *, seed: i
                batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 0.01,
                grad_clip: float = 1.0, dropout: float = 0.1,
                loss_weights: tuple[float, float, float] = (0.6, 0.4, 1.0),
-               item_weights: Sequence[float] | None = None,
+               item_weights: Sequence[float] | None = None, sequence_hidden: int = 0,
                on_epoch: Callable[[int, DualHead], None] | None = None) -> DualHead:
     """Train a ``DualHead`` on ``items`` (see ``prefix_items``) with SCM's loss for ``epochs``
     epochs (no selection: ``on_epoch(epoch, head)`` sees the head after each one).
-    ``item_weights`` weighs each item's terms of the loss (default: all 1, SCM's loss)."""
+    ``item_weights`` weighs each item's terms of the loss (default: all 1, SCM's loss);
+    ``sequence_hidden`` > 0 gives the head an MLP sequence head (see ``DualHead``)."""
     torch.manual_seed(seed)
     order_rng = random.Random(seed)
-    head = DualHead(packed.x.shape[1], dropout=dropout, seed=seed)
+    head = DualHead(packed.x.shape[1], dropout=dropout, seed=seed,
+                    sequence_hidden=sequence_hidden)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     weights = torch.tensor(list(item_weights) if item_weights is not None
@@ -266,14 +268,15 @@ def count_k_grid(scores: Sequence[np.ndarray], labels: Sequence[int],
 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]], width: int, dropout: float,
-                   seed: int) -> DualHead:
-    """A ``DualHead`` whose parameters are the mean of ``states`` (a seed ensemble; the heads
-    are linear, so its logits are the mean of theirs)."""
-    head = DualHead(width, dropout=dropout, seed=seed)
-    head.load_state_dict({k: torch.stack([s[k] for s in states]).mean(dim=0)
-                          for k in states[0]})
-    head.eval()
-    return head
+                   seed: int, sequence_hidden: int = 0) -> DualHead:
+    """The seed ensemble of heads saved as ``states`` (``DualHead.ensemble``: its logits are
+    the mean of theirs)."""
+    heads = []
+    for state in states:
+        head = DualHead(width, dropout=dropout, seed=seed, sequence_hidden=sequence_hidden)
+        head.load_state_dict(state)
+        heads.append(head)
+    return DualHead.ensemble(heads)
 
 
 @dataclass
@@ -290,7 +293,7 @@ class CrossFit:
 
 def cross_fit(packed: Packed, folds: Sequence[int], *, seeds: Sequence[int], epochs: int,
               prefixes: int, batch_size: int = 16, lr: float = 2e-3,
-              record_weights: Sequence[float] | None = None,
+              record_weights: Sequence[float] | None = None, sequence_hidden: int = 0,
               on_fit: Callable[[], None] | None = None) -> CrossFit:
     """For each fold, train one head per seed on the other folds' records (and ``prefixes``
     prefix views of each), average the seeds' heads after every epoch and score the held-out
@@ -314,9 +317,10 @@ def cross_fit(packed: Packed, folds: Sequence[int], *, seeds: Sequence[int], epo
                     on_fit()
 
             fit_packed(packed, items, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                       item_weights=weights, on_epoch=keep)
+                       item_weights=weights, sequence_hidden=sequence_hidden, on_epoch=keep)
         for epoch, states in snaps.items():
-            head = average_states(states, int(packed.x.shape[1]), 0.1, seeds[0])
+            head = average_states(states, int(packed.x.shape[1]), 0.1, seeds[0],
+                                  sequence_hidden)
             for i, scores in zip(held, packed_scores(head, packed, held), strict=True):
                 oof[epoch][i] = scores
     return CrossFit(list(folds), oof)

@@ -13,11 +13,14 @@ loaded once per monitor object and shared by all its streams; a missing, unreada
 weights file raises ``ProbeFileError`` naming the file.
 
 Per token the monitor runs on the generator's or observer's rows with numpy: the harm
-probability of a two-class softmax is the sigmoid of the logit difference, so the head reduces to
-one dot product per layer (a handful of small numpy calls instead of torch ops, whose dispatch
-dominates at one row per step). A head trained with ``pooling: prefix_mean`` also reads the mean
-of the response's states so far; its dot product with the mean is the mean of the tokens' dot
-products, so a stream's state is one float per token (kept so a routed stream can be cut back).
+probability of a two-class softmax is the sigmoid of the logit difference, so a linear head
+reduces to one dot product per layer (a handful of small numpy calls instead of torch ops, whose
+dispatch dominates at one row per step). A head trained with ``pooling: prefix_mean`` also reads
+the mean of the response's states so far; its projection of the mean is the mean of the tokens'
+projections, so a stream's state is one float per token (kept so a routed stream can be cut
+back). An MLP sequence head (``sequence_hidden = m``) projects each state to its ``m`` hidden
+units the same way, so its stream keeps ``m`` floats per token, then applies GELU and the output
+row.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
@@ -64,13 +68,20 @@ _SHIPPED_THRESHOLD, _SHIPPED_K = _rule_of(_shipped_config())
 
 
 class _PrefixMean:
-    """Per-stream state of a ``prefix_mean`` head: each token's dot product with the mean half."""
+    """Per-stream state of a ``prefix_mean`` head: each token's projection by the mean half of
+    the head's first layer (one float per output: 1 for a linear head, ``m`` for an MLP) and
+    their running sum."""
 
     __slots__ = ("projections", "total")
 
-    def __init__(self) -> None:
-        self.projections: list[float] = []
-        self.total = 0.0
+    def __init__(self, width: int) -> None:
+        self.projections: list[np.ndarray] = []
+        self.total = np.zeros(width)
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """``nn.GELU(approximate="tanh")``."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 class HarmfulContentMonitor(Monitor):
@@ -118,15 +129,27 @@ class HarmfulContentMonitor(Monitor):
             raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'pooling' must be "
                                  f"one of {list(POOLINGS)}, got {pooling!r}")
         self.pooling: str = pooling
-        # softmax(W h)[1] = sigmoid((W[1] - W[0]) h): the difference row, cut per layer (and,
-        # for a prefix_mean head, per layer again for the mean half)
-        weight = head.sequence_head.weight.detach().double()
-        diff = (weight[1] - weight[0]).float().numpy()
+        # softmax(z)[1] = sigmoid(z[1] - z[0]). A linear head's first (and only) layer is then
+        # the difference row; an MLP's is Linear(H, m), then GELU and the output difference row.
+        # Its columns are cut per layer (and, for a prefix_mean head, per layer again for the
+        # mean half): (H, outputs) float32 blocks.
+        self._mlp: tuple[np.ndarray, np.ndarray, float] | None = None
+        linears = head.sequence_layers()
+        if len(linears) == 2:
+            first, out = linears
+            w1 = first.weight.detach().float().T.contiguous().numpy()
+            w_out = out.weight.detach().double()
+            b_out = out.bias.detach().double()
+            self._mlp = (first.bias.detach().double().numpy(),
+                         (w_out[1] - w_out[0]).numpy(), float(b_out[1] - b_out[0]))
+        else:
+            weight = linears[0].weight.detach().double()
+            w1 = (weight[1] - weight[0]).float().numpy()[:, None]
         parts = len(self.layers) * (2 if self.pooling == "prefix_mean" else 1)
-        width = diff.shape[0] // parts
-        cuts = [diff[i * width:(i + 1) * width] for i in range(parts)]
-        self._diff = cuts[:len(self.layers)]
-        self._mean_diff = cuts[len(self.layers):]
+        width = w1.shape[0] // parts
+        cuts = [w1[i * width:(i + 1) * width] for i in range(parts)]
+        self._proj = cuts[:len(self.layers)]
+        self._mean_proj = cuts[len(self.layers):]
         threshold = options.threshold
         if threshold is None:
             threshold = self.probe.threshold
@@ -159,7 +182,8 @@ class HarmfulContentMonitor(Monitor):
                         f"per token, observer {observer.name!r} gives {width} for layers "
                         f"{list(self.layers)}")
                 self._checked.add(id(observer))
-        return _PrefixMean() if self.pooling == "prefix_mean" else None
+        return (_PrefixMean(self._proj[0].shape[1]) if self.pooling == "prefix_mean"
+                else None)
 
     def update(self, state: _PrefixMean | None, features: Features) -> Sequence[Score]:
         if not features.tokens:
@@ -168,25 +192,29 @@ class HarmfulContentMonitor(Monitor):
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
         rows = [float32_rows(hidden[layer]) for layer in self.layers]
-        logit = rows[0] @ self._diff[0]
-        for row, diff in zip(rows[1:], self._diff[1:], strict=True):
-            logit = logit + row @ diff
-        values: list[float] = logit.tolist()
+        z = sum((row @ w for row, w in zip(rows, self._proj, strict=True)),
+                start=np.zeros(1)).astype(np.float64)
         if state is not None:
-            mean_part = rows[0] @ self._mean_diff[0]
-            for row, diff in zip(rows[1:], self._mean_diff[1:], strict=True):
-                mean_part = mean_part + row @ diff
-            for j, projection in enumerate(mean_part.tolist()):
-                state.projections.append(projection)
-                state.total += projection
-                values[j] += state.total / len(state.projections)
+            projected = sum((row @ w for row, w in zip(rows, self._mean_proj, strict=True)),
+                            start=np.zeros(1)).astype(np.float64)
+            seen = len(state.projections)
+            running = state.total + np.cumsum(projected, axis=0)
+            z = z + running / np.arange(seen + 1, seen + len(projected) + 1)[:, None]
+            state.projections.extend(projected)
+            state.total = running[-1]
+        if self._mlp is None:
+            values = z[:, 0]
+        else:
+            bias, w_out, b_out = self._mlp
+            values = _gelu_tanh(z + bias) @ w_out + b_out
         # the sigmoid, as tanh: no overflow
         return [Score(i, 0.5 + 0.5 * math.tanh(0.5 * v))
-                for i, v in zip(features.indices, values, strict=True)]
+                for i, v in zip(features.indices, values.tolist(), strict=True)]
 
     def truncate(self, state: _PrefixMean | None, n_tokens: int) -> None:
         if state is not None and n_tokens < len(state.projections):
             del state.projections[n_tokens:]
-            state.total = math.fsum(state.projections)
+            state.total = (np.sum(state.projections, axis=0) if state.projections
+                           else np.zeros_like(state.total))
 
 

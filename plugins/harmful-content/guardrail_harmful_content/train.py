@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-import torch
-
 from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
 from guardrail.probes.features import CachedRecord, extract_features
 from guardrail.probes.heads import DualHead, ProbeHead
@@ -100,6 +98,8 @@ class TrainConfig:
     train_layers: tuple[int, ...] | None = None
     concat: bool = True  # also try the two best layers side by side
     pooling: str = "prefix_mean"  # see scoring.POOLINGS
+    # 0: SCM's linear sequence head; m > 0: a one-hidden-layer MLP with m units per seed
+    sequence_hidden: int = 0
     prefixes: int = 2  # truncated copies of each training record added to the training set
     max_train: int | None = None
     max_val: int | None = None
@@ -201,7 +201,8 @@ def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[C
     train_view = stack_layers(train, layers, config.pooling)
     val_view = stack_layers(val, layers, config.pooling)
     width = int(train_view[0].hidden[STACKED].shape[-1])
-    head = DualHead(width, dropout=0.1, seed=config.seed)
+    head = DualHead(width, dropout=0.1, seed=config.seed,
+                    sequence_hidden=config.sequence_hidden)
     metric = _streaming_metric(config.max_false_halt_rate)
     result = train_head(
         head, train_view, val_view, layer=STACKED,
@@ -218,13 +219,7 @@ def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[C
 def average_heads(heads: Sequence[DualHead]) -> DualHead:
     """One head whose parameters are the mean of ``heads``' (same width). The heads are linear
     in the states, so its logits are the mean of theirs: a seed ensemble at one head's cost."""
-    first = heads[0]
-    if len(heads) == 1:
-        return first
-    out = DualHead(first.hidden_size, dropout=first.dropout_p, seed=first.seed)
-    states = [h.state_dict() for h in heads]
-    out.load_state_dict({k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]})
-    return out
+    return heads[0] if len(heads) == 1 else DualHead.ensemble(heads)
 
 
 def _label(r: CachedRecord) -> int:
@@ -410,7 +405,8 @@ def _train_crossfit(config: TrainConfig, observer: Any,
                disable=not config.progress)
     fitted = cross_fit(packed, folds, seeds=seeds, epochs=config.epochs,
                        prefixes=config.prefixes, batch_size=config.batch_size, lr=config.lr,
-                       record_weights=record_weights, on_fit=lambda: bar.update(1))
+                       record_weights=record_weights, sequence_hidden=config.sequence_hidden,
+                       on_fit=lambda: bar.update(1))
 
     def choose(idx: Sequence[int], epoch: int) -> StreamingResult:
         scores = [fitted.oof[epoch][i] for i in idx]
@@ -447,11 +443,13 @@ def _train_crossfit(config: TrainConfig, observer: Any,
         items = prefix_items(packed, everyone, config.prefixes, seed)
         weights = [record_weights[i] for i, _, _ in items]
         head = fit_packed(packed, items, seed=seed, epochs=epochs, batch_size=config.batch_size,
-                          lr=config.lr, item_weights=weights, on_epoch=lambda e, h: bar.update(1))
+                          lr=config.lr, item_weights=weights,
+                          sequence_hidden=config.sequence_hidden,
+                          on_epoch=lambda e, h: bar.update(1))
         members.append(head.state_dict())
     bar.close()
     width = int(packed.x.shape[1])
-    head = average_states(members, width, 0.1, config.seed)
+    head = average_states(members, width, 0.1, config.seed, config.sequence_hidden)
     timings["train_s"] = time.perf_counter() - t
     oof = [s.tolist() for s in fitted.oof[epochs]]
     streaming = streaming_report(oof, labels, choice.threshold, choice.k)
@@ -565,6 +563,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
                    help="what the head reads per token: its states, or also the mean of the "
                         "response's states so far (default)")
+    p.add_argument("--sequence-hidden", type=int, default=d.sequence_hidden, metavar="M",
+                   help="0: SCM's linear sequence head (default); M > 0: a one-hidden-layer MLP "
+                        "with M GELU units (an ensemble keeps every seed's units)")
     p.add_argument("--max-train", type=int, default=d.max_train,
                    help="training records kept (stratified); 0: all")
     p.add_argument("--max-val", type=int, default=0, help="validation records kept; 0: all")
@@ -596,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         data=args.data, out=args.out, model=args.model, layers=tuple(args.layers),
         train_layers=tuple(args.train_layers) if args.train_layers else None,
-        concat=not args.no_concat, pooling=args.pooling, prefixes=args.prefixes,
+        concat=not args.no_concat, pooling=args.pooling,
+        sequence_hidden=args.sequence_hidden, prefixes=args.prefixes,
         max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, ensemble_seeds=tuple(args.ensemble_seeds),
