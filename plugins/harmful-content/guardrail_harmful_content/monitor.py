@@ -69,14 +69,23 @@ _SHIPPED_THRESHOLD, _SHIPPED_K = _rule_of(_shipped_config())
 
 class _PrefixMean:
     """Per-stream state of a ``prefix_mean`` head: each token's projection by the mean half of
-    the head's first layer (one float per output: 1 for a linear head, ``m`` for an MLP) and
-    their running sum."""
+    the head's first layer (a float for a linear head, ``m`` floats for an MLP) and their
+    running sum."""
 
     __slots__ = ("projections", "total")
 
-    def __init__(self, width: int) -> None:
-        self.projections: list[np.ndarray] = []
-        self.total = np.zeros(width)
+    def __init__(self, total: float | np.ndarray) -> None:
+        self.projections: list[Any] = []
+        self.total = total
+
+
+def _project(rows: Sequence[np.ndarray], blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """The layers' rows times their blocks of the head's first layer, summed: ``(n,)`` for a
+    linear head's vectors, ``(n, m)`` for an MLP's matrices."""
+    out = rows[0] @ blocks[0]
+    for row, block in zip(rows[1:], blocks[1:], strict=True):
+        out = out + row @ block
+    return out
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -132,7 +141,8 @@ class HarmfulContentMonitor(Monitor):
         # softmax(z)[1] = sigmoid(z[1] - z[0]). A linear head's first (and only) layer is then
         # the difference row; an MLP's is Linear(H, m), then GELU and the output difference row.
         # Its columns are cut per layer (and, for a prefix_mean head, per layer again for the
-        # mean half): (H, outputs) float32 blocks.
+        # mean half): float32 blocks, (H,) for a linear head (the hot path: one dot product per
+        # layer, the running mean in Python floats), (H, m) for an MLP.
         self._mlp: tuple[np.ndarray, np.ndarray, float] | None = None
         linears = head.sequence_layers()
         if len(linears) == 2:
@@ -144,7 +154,7 @@ class HarmfulContentMonitor(Monitor):
                          (w_out[1] - w_out[0]).numpy(), float(b_out[1] - b_out[0]))
         else:
             weight = linears[0].weight.detach().double()
-            w1 = (weight[1] - weight[0]).float().numpy()[:, None]
+            w1 = (weight[1] - weight[0]).float().numpy()
         parts = len(self.layers) * (2 if self.pooling == "prefix_mean" else 1)
         width = w1.shape[0] // parts
         cuts = [w1[i * width:(i + 1) * width] for i in range(parts)]
@@ -182,8 +192,9 @@ class HarmfulContentMonitor(Monitor):
                         f"per token, observer {observer.name!r} gives {width} for layers "
                         f"{list(self.layers)}")
                 self._checked.add(id(observer))
-        return (_PrefixMean(self._proj[0].shape[1]) if self.pooling == "prefix_mean"
-                else None)
+        if self.pooling != "prefix_mean":
+            return None
+        return _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]))
 
     def update(self, state: _PrefixMean | None, features: Features) -> Sequence[Score]:
         if not features.tokens:
@@ -192,29 +203,37 @@ class HarmfulContentMonitor(Monitor):
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
         rows = [float32_rows(hidden[layer]) for layer in self.layers]
-        z = sum((row @ w for row, w in zip(rows, self._proj, strict=True)),
-                start=np.zeros(1)).astype(np.float64)
-        if state is not None:
-            projected = sum((row @ w for row, w in zip(rows, self._mean_proj, strict=True)),
-                            start=np.zeros(1)).astype(np.float64)
-            seen = len(state.projections)
-            running = state.total + np.cumsum(projected, axis=0)
-            z = z + running / np.arange(seen + 1, seen + len(projected) + 1)[:, None]
-            state.projections.extend(projected)
-            state.total = running[-1]
         if self._mlp is None:
-            values = z[:, 0]
+            values: list[float] = _project(rows, self._proj).tolist()
+            if state is not None:
+                total = float(state.total)
+                for j, p in enumerate(_project(rows, self._mean_proj).tolist()):
+                    state.projections.append(p)
+                    total += p
+                    values[j] += total / len(state.projections)
+                state.total = total
         else:
+            z = _project(rows, self._proj).astype(np.float64)
+            if state is not None:
+                projected = _project(rows, self._mean_proj)
+                seen = len(state.projections)
+                running = state.total + np.cumsum(projected, axis=0, dtype=np.float64)
+                z = z + running / np.arange(seen + 1, seen + len(projected) + 1)[:, None]
+                state.projections.extend(projected)
+                state.total = running[-1]
             bias, w_out, b_out = self._mlp
-            values = _gelu_tanh(z + bias) @ w_out + b_out
+            values = (_gelu_tanh(z + bias) @ w_out + b_out).tolist()
         # the sigmoid, as tanh: no overflow
         return [Score(i, 0.5 + 0.5 * math.tanh(0.5 * v))
-                for i, v in zip(features.indices, values.tolist(), strict=True)]
+                for i, v in zip(features.indices, values, strict=True)]
 
     def truncate(self, state: _PrefixMean | None, n_tokens: int) -> None:
         if state is not None and n_tokens < len(state.projections):
             del state.projections[n_tokens:]
-            state.total = (np.sum(state.projections, axis=0) if state.projections
-                           else np.zeros_like(state.total))
+            if self._mlp is None:
+                state.total = math.fsum(state.projections)
+            else:
+                state.total = (np.sum(state.projections, axis=0) if state.projections
+                               else np.zeros_like(state.total))
 
 
