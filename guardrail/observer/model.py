@@ -11,6 +11,7 @@ from ..errors import ObserverError
 from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
+from .hf import cache_kwarg
 from .tokenization import HFTokenizer
 from .window import StreamState, context_budget
 
@@ -143,6 +144,7 @@ class TorchObserver(BaseObserver):
 
         super().__init__(name, hf_tokenizer, model.config, window)
         self.model = model.eval()
+        self._cache_kwarg = cache_kwarg(model.base_model)
         self.backend = "torch"
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
@@ -196,8 +198,8 @@ class TorchObserver(BaseObserver):
                 return self._step(state, input_ids, position_ids, signature, needs)
             index = {layer: self.hidden_index(layer) for layer in needs.layers}
             out = self.model.base_model(
-                input_ids=input_ids, position_ids=position_ids, past_key_values=state.kv.cache,
-                use_cache=True, output_hidden_states=bool(index),
+                input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                output_hidden_states=bool(index), **{self._cache_kwarg: state.kv.cache},
             )
             hidden = {layer: out.hidden_states[i][0].float() for layer, i in index.items()}
             logits = None

@@ -303,6 +303,19 @@ def test_stop_string_ends_the_answer_before_it(tiny: LocalGenerator) -> None:
     assert tiny.generate(PROMPT, max_new_tokens=16, stop=["\x00", stop], **VARIED) == full[:start]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_prints_no_transformers_deprecation_warning(
+        tiny_dir: Callable[[str, int], Path], arch: str) -> None:
+    """transformers renamed ``past_key_values`` to ``cache``; the old name printed a
+    FutureWarning in the middle of every user's output (``make demo`` showed it)."""
+    import warnings
+
+    generator = LocalGenerator(tiny_dir(arch, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert generator.generate(PROMPT, max_new_tokens=4, **VARIED)
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny: LocalGenerator) -> None:
     a = tiny.generate(PROMPT, max_new_tokens=12, temperature=1.5, top_p=0.9, seed=3)
     b = tiny.generate(PROMPT, max_new_tokens=12, temperature=1.5, top_p=0.9, seed=3)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from guardrail.monitor import Message
+from guardrail.observer.hf import cache_kwarg
 from guardrail.observer.model import render_context
 
 __all__ = ["ChatLM", "PositionFeatures", "StepOutput", "load_chat_lm", "sentence_end"]
@@ -58,6 +59,7 @@ class ChatLM:
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "model") -> None:
         self.model = model.eval()
+        self._cache_kwarg = cache_kwarg(model)
         self.tokenizer = tokenizer
         self.name = name
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -86,8 +88,8 @@ class ChatLM:
                  hidden_states: bool) -> Any:
         with torch.inference_mode():
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=cache is not None,
-                              output_hidden_states=hidden_states)
+                              use_cache=cache is not None, output_hidden_states=hidden_states,
+                              **{self._cache_kwarg: cache})
 
     def start(self, prompts: Sequence[Sequence[int]]) -> tuple[BatchCache, StepOutput]:
         """Read left-padded ``prompts``; return the batch cache and the last position's output."""

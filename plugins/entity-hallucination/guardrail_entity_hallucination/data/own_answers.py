@@ -93,11 +93,9 @@ class GreedyWriter:
                                                                    None)) if i is not None}
         self._cache: Any = None
         self._cached: list[int] = []
-        # transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes)
-        import inspect
+        from guardrail.observer.hf import cache_kwarg
 
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_kwarg(model)
         self._context: tuple[str, list[int]] | None = None
 
     @classmethod
