@@ -195,22 +195,21 @@ class DualHead(ProbeHead):
         n = len(heads)
         out = cls(first.hidden_size, dropout=first.dropout_p, seed=first.seed,
                   sequence_hidden=first.sequence_hidden * n)
-        states = [h.state_dict() for h in heads]
-        merged = {k: torch.stack([s[k] for s in states]).mean(dim=0)
-                  for k in states[0] if k.startswith("token_head.")}
-        if first.sequence_hidden:
-            merged["sequence_head.0.weight"] = torch.cat(
-                [s["sequence_head.0.weight"] for s in states], dim=0)
-            merged["sequence_head.0.bias"] = torch.cat(
-                [s["sequence_head.0.bias"] for s in states], dim=0)
-            merged["sequence_head.2.weight"] = torch.cat(
-                [s["sequence_head.2.weight"] for s in states], dim=1) / n
-            merged["sequence_head.2.bias"] = torch.stack(
-                [s["sequence_head.2.bias"] for s in states]).mean(dim=0)
-        else:
-            merged["sequence_head.weight"] = torch.stack(
-                [s["sequence_head.weight"] for s in states]).mean(dim=0)
-        out.load_state_dict(merged)
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                getattr(out.token_head, name).copy_(
+                    torch.stack([getattr(h.token_head, name) for h in heads]).mean(dim=0))
+            members = [h.sequence_layers() for h in heads]
+            if first.sequence_hidden:
+                up, down = out.sequence_layers()
+                ups, downs = [m[0] for m in members], [m[1] for m in members]
+                up.weight.copy_(torch.cat([u.weight for u in ups], dim=0))
+                up.bias.copy_(torch.cat([u.bias for u in ups], dim=0))
+                down.weight.copy_(torch.cat([d.weight for d in downs], dim=1) / n)
+                down.bias.copy_(torch.stack([d.bias for d in downs]).mean(dim=0))
+            else:
+                out.sequence_layers()[0].weight.copy_(
+                    torch.stack([m[0].weight for m in members]).mean(dim=0))
         out.eval()
         return out
 

@@ -51,7 +51,7 @@ class Decoding:
         self.layers = {layer: generator.hidden_index(layer) for layer in sorted(needs.layers)}
         self.send_logits = bool(needs.logits or needs.top_k)
         self.cache = DynamicCache(config=self.model.config)
-        self.cache_kwarg = cache_kwarg(self.model)
+        self._cache_kwarg = cache_kwarg(self.model)
         self.response_ids: list[int] = []
         self.decoder = IncrementalDecoder(generator.hf_tokenizer)
         self._unread: int | None = None  # the last token, not yet read by the model
@@ -106,7 +106,7 @@ class Decoding:
     def _forward(self, ids: list[int]) -> _Output:
         with torch.no_grad():
             out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
-                             **{self.cache_kwarg: self.cache}, use_cache=True,
+                             **{self._cache_kwarg: self.cache}, use_cache=True,
                              output_hidden_states=bool(self.layers), logits_to_keep=1)
         # To the CPU once per step: the sampler and the monitors' numpy maths read it there.
         hidden: dict[int, Any] = {}

@@ -65,7 +65,6 @@ __all__ = [
     "WEIGHTS_DIR",
     "Candidate",
     "TrainConfig",
-    "average_heads",
     "load_observer",
     "main",
     "prepare_data",
@@ -216,12 +215,6 @@ def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[C
                      [dict(h) for h in result.history])
 
 
-def average_heads(heads: Sequence[DualHead]) -> DualHead:
-    """One head whose parameters are the mean of ``heads``' (same width). The heads are linear
-    in the states, so its logits are the mean of theirs: a seed ensemble at one head's cost."""
-    return heads[0] if len(heads) == 1 else DualHead.ensemble(heads)
-
-
 def _label(r: CachedRecord) -> int:
     return int(r.label or 0)
 
@@ -308,7 +301,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         views = list(whole) + prefix_views(whole, config.prefixes, seed)
         members.append(_fit(best.layers, views, val_set, seeded))
         _say(config, f"seed {seed}: val streaming macro-F1 {members[-1].val_metric:.4f}")
-    head = average_heads([m.head for m in members])
+    head = DualHead.ensemble([m.head for m in members])
     timings["train_s"] = time.perf_counter() - t
 
     val_scores = prefix_scores(head, stack_layers(val_set, best.layers, config.pooling))
