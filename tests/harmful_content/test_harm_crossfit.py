@@ -80,6 +80,47 @@ def test_packed_items_and_loss_match_the_trainer() -> None:
     assert seen == [1, 2] and not trained.training
 
 
+def test_soft_targets_follow_the_human_score_except_a_harmful_answers_benign_opening() -> None:
+    gen = torch.Generator().manual_seed(0)
+    records = [_cached(i, i % 2, 8 + i, gen) for i in range(4)]
+    packed = pack(records, 3)
+    soft = [0.25, 0.5, None, None]  # records 0 (harmless) and 1 (harmful) were human-scored
+    hard = prefix_items(packed, range(4), 3, seed=2)
+    items = prefix_items(packed, range(4), 3, seed=2, soft_targets=soft)
+    assert [(i, n) for i, n, _ in items] == [(i, n) for i, n, _ in hard]  # same cuts
+    for (i, n, y), (_, _, y_hard) in zip(items, hard, strict=True):
+        if soft[i] is None:
+            assert y == y_hard and isinstance(y, int)
+        elif i == 0:
+            assert y == 0.25  # whole answer and every prefix
+        else:  # harmful: the score once a harmful token is in, 0 before (the span starts at n/2)
+            assert y == (0.5 if n > packed.lengths[1] // 2 else 0)
+    # soft targets of exactly 0 and 1 give the hard loss; 0.5 a different one
+    head = DualHead(8, dropout=0.0, seed=1)
+    ones = torch.ones(len(hard))
+    as_floats = [(i, n, float(y)) for i, n, y in hard]
+    assert torch.allclose(packed_loss(head, packed, as_floats, ones, 0.0),
+                          packed_loss(head, packed, hard, ones, 0.0))
+    assert not torch.allclose(packed_loss(head, packed, items, ones, 0.0),
+                              packed_loss(head, packed, hard, ones, 0.0))
+
+
+def test_a_soft_target_trains_the_sequence_head_towards_it() -> None:
+    gen = torch.Generator().manual_seed(0)
+    records = [_cached(i, 1, 12, gen) for i in range(8)]
+    packed = pack(records, 3)
+    whole = [(i, 12, 1) for i in range(8)]
+    halves = [(i, 12, 0.5) for i in range(8)]
+    scores = {}
+    for name, items in (("hard", whole), ("soft", halves)):
+        head = fit_packed(packed, items, seed=0, epochs=150, batch_size=8, lr=0.05)
+        with torch.no_grad():
+            logits = head.sequence_head(packed.x[torch.tensor(packed.starts + 11)])
+        scores[name] = torch.softmax(logits, -1)[:, 1].mean().item()
+    assert scores["hard"] > 0.9
+    assert 0.35 < scores["soft"] < 0.65
+
+
 @pytest.mark.parametrize("cap", [None, 0.2, 0.0])
 def test_count_k_grid_chooses_what_calibrate_count_k_chooses(cap: float | None) -> None:
     rng = np.random.default_rng(7)
@@ -108,6 +149,7 @@ def test_crossfit_training_records_the_protocol(
             "--calibration", "crossfit", "--folds", "3", "--ensemble-seeds", "1"]
     assert trainer([*args, "--train-layers", "0", "2"]) == 2  # one layer only
     assert trainer([*args[:-6], "--scored-weight", "3"]) == 2  # crossfit only
+    assert trainer([*args[:-6], "--soft-scored"]) == 2  # crossfit only
     assert trainer([*args, "--train-layers", "2"]) == 0
     config = json.loads((out / "harmful_content.json").read_text())
     cal = config["calibration"]

@@ -98,12 +98,26 @@ def pack(records: Sequence[CachedRecord], layer: int, pooling: str = "prefix_mea
     return Packed(x, tokens, starts, lengths, np.array([int(r.label or 0) for r in records]))
 
 
-def prefix_items(packed: Packed, rows: Sequence[int], per_record: int, seed: int
-                 ) -> list[tuple[int, int, int]]:
-    """Training items ``(record, tokens, label)``: each of ``rows`` whole, then ``per_record``
+Item = tuple[int, int, float]  # (record, tokens, sequence target): int 0/1, or a soft float
+
+
+def prefix_items(packed: Packed, rows: Sequence[int], per_record: int, seed: int,
+                 soft_targets: Sequence[float | None] | None = None) -> list[Item]:
+    """Training items ``(record, tokens, target)``: each of ``rows`` whole, then ``per_record``
     prefixes of each (seeded cuts, labelled as ``prefixes.prefix_view`` labels them: harmful once
-    the prefix holds a token of a harmful span). Same cuts as ``prefixes.prefix_views``."""
-    items = [(int(i), int(packed.lengths[i]), int(packed.labels[i])) for i in rows]
+    the prefix holds a token of a harmful span). Same cuts as ``prefixes.prefix_views``.
+
+    ``soft_targets[i]`` (a probability, or None for a hard label) replaces record ``i``'s 0/1
+    target on its whole view and on every prefix of it, except a harmful record's prefix that
+    holds no harmful token yet: that one stays 0, as a hard-labelled one would."""
+    def target(i: int, harmful: bool) -> float:
+        soft = soft_targets[i] if soft_targets is not None else None
+        if soft is None or (int(packed.labels[i]) == 1 and not harmful):
+            return int(harmful)
+        return float(soft)
+
+    items: list[Item] = [(int(i), int(packed.lengths[i]), target(int(i), packed.labels[i] == 1))
+                         for i in rows]
     rng = random.Random(seed)
     for i in rows:
         n_all = int(packed.lengths[i])
@@ -113,7 +127,7 @@ def prefix_items(packed: Packed, rows: Sequence[int], per_record: int, seed: int
         for _ in range(per_record):
             n = rng.randint(1, n_all - 1)
             harmful = int(packed.labels[i]) == 1 and bool(packed.tokens[s:s + n].any())
-            items.append((int(i), n, int(harmful)))
+            items.append((int(i), n, target(int(i), harmful)))
     return items
 
 
@@ -130,7 +144,7 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * keep / (1.0 - p)
 
 
-def packed_loss(head: DualHead, packed: Packed, chosen: Sequence[tuple[int, int, int]],
+def packed_loss(head: DualHead, packed: Packed, chosen: Sequence[Item],
                 weights: torch.Tensor, dropout: float,
                 loss_weights: tuple[float, float, float] = (0.6, 0.4, 1.0)) -> torch.Tensor:
     """SCM's loss of one batch of items, their token rows packed: ``alpha`` x token CE (mean
@@ -147,8 +161,13 @@ def packed_loss(head: DualHead, packed: Packed, chosen: Sequence[tuple[int, int,
     ce = F.cross_entropy(token_logits, packed.tokens[rows], reduction="none")
     token = (ce * w_rows).sum() / w_rows.sum()
     seq_logits = head.sequence_head(x[torch.cumsum(lens, 0) - 1])
-    y = torch.tensor([label for _, _, label in chosen])
-    sequence = (F.cross_entropy(seq_logits, y, reduction="none") * weights).sum() / weights.sum()
+    targets = [label for _, _, label in chosen]
+    if all(isinstance(t, int) for t in targets):  # hard labels: SCM's loss, bit for bit
+        seq_ce = F.cross_entropy(seq_logits, torch.tensor(targets), reduction="none")
+    else:  # soft targets: cross-entropy against (1 - p, p)
+        p = torch.tensor(targets, dtype=torch.float32)
+        seq_ce = F.cross_entropy(seq_logits, torch.stack([1.0 - p, p], dim=1), reduction="none")
+    sequence = (seq_ce * weights).sum() / weights.sum()
     p_seq = torch.softmax(seq_logits, dim=-1)[:, 1]
     p_tok = torch.softmax(token_logits, dim=-1)[:, 1]
     owner = torch.repeat_interleave(torch.arange(len(chosen)), lens)
@@ -159,7 +178,7 @@ def packed_loss(head: DualHead, packed: Packed, chosen: Sequence[tuple[int, int,
     return alpha * token + beta * sequence + gamma * logic
 
 
-def fit_packed(packed: Packed, items: Sequence[tuple[int, int, int]], *, seed: int, epochs: int,
+def fit_packed(packed: Packed, items: Sequence[Item], *, seed: int, epochs: int,
                batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 0.01,
                grad_clip: float = 1.0, dropout: float = 0.1,
                loss_weights: tuple[float, float, float] = (0.6, 0.4, 1.0),
@@ -294,10 +313,12 @@ class CrossFit:
 def cross_fit(packed: Packed, folds: Sequence[int], *, seeds: Sequence[int], epochs: int,
               prefixes: int, batch_size: int = 16, lr: float = 2e-3,
               record_weights: Sequence[float] | None = None, sequence_hidden: int = 0,
+              soft_targets: Sequence[float | None] | None = None,
               on_fit: Callable[[], None] | None = None) -> CrossFit:
     """For each fold, train one head per seed on the other folds' records (and ``prefixes``
     prefix views of each), average the seeds' heads after every epoch and score the held-out
-    fold. ``on_fit`` is called after each epoch of each fit (progress bars)."""
+    fold. ``soft_targets``: see ``prefix_items``. ``on_fit`` is called after each epoch of each
+    fit (progress bars)."""
     n_folds = max(folds) + 1
     oof: dict[int, list[np.ndarray]] = {e: [np.empty(0)] * len(packed)
                                         for e in range(1, epochs + 1)}
@@ -306,7 +327,7 @@ def cross_fit(packed: Packed, folds: Sequence[int], *, seeds: Sequence[int], epo
         held = [i for i, f in enumerate(folds) if f == fold]
         snaps: dict[int, list[dict[str, torch.Tensor]]] = {e: [] for e in range(1, epochs + 1)}
         for seed in seeds:
-            items = prefix_items(packed, rows, prefixes, seed)
+            items = prefix_items(packed, rows, prefixes, seed, soft_targets)
             weights = ([float(record_weights[i]) for i, _, _ in items]
                        if record_weights is not None else None)
 

@@ -116,6 +116,9 @@ class TrainConfig:
     folds: int = 5
     # Loss weight of pyrit's human-scored records (records with a human_score), crossfit only.
     scored_weight: float = 1.0
+    # Their human score as the sequence target instead of 0/1 (crossfit only; see
+    # crossfit.prefix_items). Evaluation labels stay score >= 0.5.
+    soft_scored: bool = False
     chunk_size: int = 512
     cache: Path | None = None
     progress: bool = True
@@ -247,6 +250,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         raise ValueError(f"calibration {config.calibration!r}: expected 'val' or 'crossfit'")
     if config.scored_weight != 1.0 and config.calibration != "crossfit":
         raise ValueError("--scored-weight needs --calibration crossfit")
+    if config.soft_scored and config.calibration != "crossfit":
+        raise ValueError("--soft-scored needs --calibration crossfit")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     work = (config.cache or cache_dir()) / "harmful-content"
@@ -353,6 +358,17 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     return {**saved, "weights": str(weights)}
 
 
+def _human_score(r: CachedRecord) -> float | None:
+    """A pyrit record's human score (0-1), None for every other record."""
+    score = r.extra.get("human_score")
+    if score is None:
+        return None
+    if not isinstance(score, (int, float)) or not 0.0 <= float(score) <= 1.0:
+        raise ValueError(f"human_score {score!r} of a record of {r.prompt[:40]!r}: expected a "
+                         "number in [0, 1]")
+    return float(score)
+
+
 def _group(r: CachedRecord) -> str:
     return str(r.extra.get("group") or r.prompt)
 
@@ -392,6 +408,7 @@ def _train_crossfit(config: TrainConfig, observer: Any,
     seeds = list(dict.fromkeys([config.seed, *config.ensemble_seeds]))
     record_weights = [config.scored_weight if r.extra.get("human_score") is not None else 1.0
                       for r in records]
+    soft_targets = ([_human_score(r) for r in records] if config.soft_scored else None)
     t = time.perf_counter()
     bar = tqdm(total=(config.folds + 1) * len(seeds) * config.epochs, unit="epoch",
                desc=f"cross-fit {config.folds} folds x {len(seeds)} seeds",
@@ -399,7 +416,7 @@ def _train_crossfit(config: TrainConfig, observer: Any,
     fitted = cross_fit(packed, folds, seeds=seeds, epochs=config.epochs,
                        prefixes=config.prefixes, batch_size=config.batch_size, lr=config.lr,
                        record_weights=record_weights, sequence_hidden=config.sequence_hidden,
-                       on_fit=lambda: bar.update(1))
+                       soft_targets=soft_targets, on_fit=lambda: bar.update(1))
 
     def choose(idx: Sequence[int], epoch: int) -> StreamingResult:
         scores = [fitted.oof[epoch][i] for i in idx]
@@ -433,7 +450,7 @@ def _train_crossfit(config: TrainConfig, observer: Any,
     cross = estimates["cross_calibrated"]
     members = []
     for seed in seeds:
-        items = prefix_items(packed, everyone, config.prefixes, seed)
+        items = prefix_items(packed, everyone, config.prefixes, seed, soft_targets)
         weights = [record_weights[i] for i, _, _ in items]
         head = fit_packed(packed, items, seed=seed, epochs=epochs, batch_size=config.batch_size,
                           lr=config.lr, item_weights=weights,
@@ -499,6 +516,7 @@ def _train_crossfit(config: TrainConfig, observer: Any,
                      "trainer": "crossfit.fit_packed (packed rows; the same loss as "
                                 "guardrail.probes.train.train_head's, no epoch selection)",
                      "seed": config.seed, "scored_weight": config.scored_weight,
+                     "soft_scored": config.soft_scored,
                      "ensemble": {"seeds": seeds,
                                   "how": "the heads' weights averaged: the heads are linear, "
                                          "so this averages their logits"}},
@@ -580,6 +598,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scored-weight", type=float, default=d.scored_weight,
                    help="loss weight of pyrit's human-scored records (crossfit only; "
                         "default 1)")
+    p.add_argument("--soft-scored", action="store_true",
+                   help="train on pyrit's human scores as soft sequence targets (crossfit "
+                        "only; evaluation labels stay score >= 0.5)")
     p.add_argument("--cache", type=Path, help="work folder (default: the guardrail cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -596,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, ensemble_seeds=tuple(args.ensemble_seeds),
         max_false_halt_rate=args.max_false_halt_rate, calibration=args.calibration,
-        folds=args.folds, scored_weight=args.scored_weight, cache=args.cache,
+        folds=args.folds, scored_weight=args.scored_weight, soft_scored=args.soft_scored,
+        cache=args.cache,
         progress=not args.quiet,
     )
     try:
