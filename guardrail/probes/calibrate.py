@@ -5,6 +5,8 @@ trainers use it without numpy).
   that predicts the fewest positives (routes the fewest tokens).
 - ``threshold_for_fpr``: the threshold with the most recall whose false-positive rate stays under
   a target (recall at a fixed FPR, as the entity-hallucination paper reports).
+- ``threshold_for_f1``: the threshold with the best F1 (flags about as often right as the
+  positives they catch: an operating point for flags a person reads).
 - ``calibrate_count_k``: SCM's streaming rule: a prefix is flagged when its score reaches the
   threshold and the stream halts when ``k`` prefixes have been flagged; choose ``(threshold, k)``
   for the best response-level macro-F1, optionally under a cap on false halts.
@@ -26,6 +28,7 @@ __all__ = [
     "ThresholdChoice",
     "calibrate_count_k",
     "streaming_metrics",
+    "threshold_for_f1",
     "threshold_for_fpr",
     "threshold_for_recall",
 ]
@@ -90,6 +93,23 @@ def threshold_for_recall(
         return min(reaching, key=lambda p: (p.positive_rate, -p.threshold))
     best = max(points, key=lambda p: (p.recall, p.threshold))
     return ThresholdChoice(best.threshold, best.recall, best.fpr, best.positive_rate, met=False)
+
+
+def threshold_for_f1(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    candidates: Sequence[float] | None = None,
+) -> ThresholdChoice:
+    """The threshold with the best F1 of the positive class (ties: the higher threshold, fewer
+    positives). Candidates default to every distinct score."""
+    n_pos = sum(1 for y in labels if y == 1)
+
+    def f1(p: ThresholdChoice) -> float:
+        predicted = p.positive_rate * len(labels)
+        tp = p.recall * n_pos
+        return 2 * tp / (predicted + n_pos) if predicted + n_pos else 0.0
+
+    return max(_sweep(labels, scores, candidates), key=lambda p: (f1(p), p.threshold))
 
 
 def threshold_for_fpr(

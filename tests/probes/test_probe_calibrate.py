@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from guardrail.probes.calibrate import (
     calibrate_count_k,
     streaming_metrics,
+    threshold_for_f1,
     threshold_for_fpr,
     threshold_for_recall,
 )
@@ -30,6 +31,15 @@ def test_threshold_for_recall_reports_an_unreachable_target() -> None:
     choice = threshold_for_recall(LABELS, SCORES, target=0.95, candidates=[0.9, 0.5])
     assert not choice.met
     assert (choice.threshold, choice.recall) == (0.5, 0.5)
+
+
+def test_threshold_for_f1() -> None:
+    # F1 at 0.8: 2/3; at 0.4: 1/2; at 0.35: 4/5; at 0.1: 2/3
+    choice = threshold_for_f1(LABELS, SCORES)
+    assert (choice.threshold, choice.recall, choice.positive_rate) == (0.35, 1.0, 0.75)
+    # ties go to the higher threshold: 0.9 and 0.3 both give F1 2/3 here
+    assert threshold_for_f1([1, 0, 0, 1], [0.9, 0.5, 0.4, 0.3],
+                            candidates=[0.9, 0.3]).threshold == 0.9
 
 
 def test_threshold_for_fpr() -> None:

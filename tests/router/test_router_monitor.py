@@ -10,7 +10,7 @@ import guardrail_router.plugin as router_plugin
 import pytest
 import torch
 from guardrail_router.lm import load_chat_lm
-from guardrail_router.monitor import DEFAULT_WEIGHTS
+from guardrail_router.monitor import DEFAULT_WEIGHTS, RouterMonitor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from guardrail import Guard, Route
@@ -98,10 +98,18 @@ def test_missing_weights_name_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="no shipped router weights")
-def test_default_policy_flags_with_the_shipped_threshold() -> None:
+def test_default_policy_flags_with_the_shipped_flag_threshold() -> None:
     spec = next(m for m in default_policy(_host()).monitors if m.use == "router")
     config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
-    assert spec.action == "flag" and spec.threshold == pytest.approx(config["threshold"])
+    assert spec.action == "flag" and spec.threshold == pytest.approx(config["flag_threshold"])
+    # on the held-out tokens flags are rarer than routes and more often right
+    flag, route = config["metrics"]["flag"]["test"], config["metrics"]["test"]
+    positives = config["splits"]["test"]["positives"] / config["splits"]["test"]["tokens"]
+    route_precision = route["test_recall"] * positives / route["test_route_rate"]
+    assert flag["positive_rate"] < route["test_route_rate"] / 2
+    assert flag["precision"] > route_precision
+    # a policy entry without a threshold routes at the routing one
+    assert RouterMonitor.default_threshold == pytest.approx(config["threshold"])
     assert DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
     assert config["splits"]["test"]["questions"] > 0 and "test" in config["metrics"]
 

@@ -45,11 +45,12 @@ DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "router.safetensors"
 LAYER = -1  # R2R reads the last layer
 
 
-def _shipped_threshold() -> float | None:
-    """The threshold saved with the shipped weights (chosen for recall >= 0.95 on validation)."""
+def _shipped_threshold(key: str = "threshold") -> float | None:
+    """A threshold saved with the shipped weights: ``threshold`` routes (recall >= 0.95 on
+    validation), ``flag_threshold`` flags (best F1 on validation)."""
     try:
         config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text(encoding="utf-8"))
-        return float(config["threshold"])
+        return float(config[key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -75,6 +76,7 @@ def embedding_table(observer: Any) -> torch.Tensor:
 
 
 _SHIPPED = _shipped_threshold()
+_SHIPPED_FLAG = _shipped_threshold("flag_threshold")
 _SQRT_HALF = 0.7071067811865476
 _GROUP = 128  # top_values: elements per group whose maximum is taken in the first pass
 
@@ -194,9 +196,12 @@ class RouterMonitor(Monitor):
         model_config = ConfigDict(extra="forbid")
         weights: str | None = Field(None, description="router .safetensors (default: shipped)")
 
+    # A policy entry without a threshold routes at the routing threshold; the default policy has
+    # no model to route to and flags, at the flag threshold (fewer, surer flags).
     default_threshold: ClassVar[float] = _SHIPPED if _SHIPPED is not None else 0.5
-    default_spec: ClassVar[dict[str, Any]] = {"id": "router", "action": "flag",
-                                              "threshold": default_threshold}
+    default_spec: ClassVar[dict[str, Any]] = {
+        "id": "router", "action": "flag",
+        "threshold": _SHIPPED_FLAG if _SHIPPED_FLAG is not None else default_threshold}
 
     def __init__(self, options: Options | None = None) -> None:
         options = options or self.Options()

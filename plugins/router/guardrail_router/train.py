@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from guardrail.probes.calibrate import threshold_for_recall
+from guardrail.probes.calibrate import ThresholdChoice, threshold_for_f1, threshold_for_recall
 from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import save_probe
 from guardrail.probes.losses import positive_weight, weighted_bce
@@ -101,6 +101,24 @@ def fit_router(train: dict[str, torch.Tensor], val: dict[str, torch.Tensor],
 def score_tokens(head: RouterHead, data: dict[str, torch.Tensor]) -> torch.Tensor:
     head.eval()
     return head.score(data["hidden"], data["predicted"], data["top_logits"])
+
+
+def _with_precision(choice: ThresholdChoice, labels: torch.Tensor) -> dict[str, float]:
+    n, positives = len(labels), int(labels.sum())
+    flagged = choice.positive_rate * n
+    precision = choice.recall * positives / flagged if flagged else 0.0
+    return {**choice.as_dict(), "precision": precision}
+
+
+def _at_threshold(head: RouterHead, data: dict[str, torch.Tensor], threshold: float
+                  ) -> dict[str, float]:
+    """Recall, precision and flag rate of ``score >= threshold`` on a split's tokens."""
+    flagged = score_tokens(head, data) >= threshold
+    positive = data["labels"].bool()
+    tp = int((flagged & positive).sum())
+    return {"threshold": threshold, "recall": tp / max(1, int(positive.sum())),
+            "precision": tp / max(1, int(flagged.sum())),
+            "positive_rate": float(flagged.float().mean())}
 
 
 def _subset(responses: Sequence[LabelledResponse], indices: Sequence[int]) -> dict[str, Any]:
@@ -254,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     # Every distinct validation score is a candidate: R2R's grid (0.01 ... 0.99) bottoms out
     # above the scores of this router's hardest positives and misses the recall target.
     choice = threshold_for_recall(data["val"]["labels"].tolist(), val_scores, args.recall)
+    # Without a model to route to (Guard.default()), the router can only flag; at the routing
+    # threshold it flags most tokens, so flags get their own operating point: best F1.
+    flag = threshold_for_f1(data["val"]["labels"].tolist(), val_scores)
     t_train = time.perf_counter() - t_fit
     config: dict[str, Any] = {
         "base_model": "smollm2-135m",
         "layer": -1,
         "threshold": choice.threshold,
+        "flag_threshold": flag.threshold,
         "rule": {"kind": "threshold"},
         "inputs": "state that predicts each token (last layer), embedding of that token, "
                   f"top-{head.top_k} logit values",
@@ -277,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                      "lr": args.lr, "optimizer": "AdamW, weight decay 5e-4",
                      "loss": "BCE, pos_weight n0/n1", "best_val_auc": max(h["val_auc"]
                                                                         for h in history)},
-        "metrics": {"val": choice.as_dict()},
+        "metrics": {"val": choice.as_dict(),
+                    "flag": {"rule": "best F1 on validation tokens",
+                             "val": _with_precision(flag, data["val"]["labels"]),
+                             "test": _at_threshold(head, data["test"], flag.threshold)}},
         "seconds": {"labels": round(t_labels, 1), "training": round(t_train, 1)},
     }
     if not args.no_eval:
