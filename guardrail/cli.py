@@ -17,15 +17,15 @@ from typing import Any, TextIO
 
 from .errors import GuardrailError, PolicyError
 from .events import Event, Halt, Release, event_to_dict
-from .guard import Guard, build_monitors, default_policy
+from .guard import Guard, build_monitors, default_policy, load_checked
 from .plugins import MonitorEntry, ObserverEntry, get_host
-from .policy import Policy, load_policy, policy_json_schema, policy_markdown
+from .policy import Policy, policy_json_schema, policy_markdown
 
 __all__ = ["main"]
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    policy = load_policy(Path(args.policy)) if args.policy else default_policy()
+    policy = load_checked(Path(args.policy)) if args.policy else default_policy()
     if getattr(args, "monitor", None):
         policy = policy.narrowed(args.monitor)
     return policy
@@ -77,7 +77,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        policy = load_policy(Path(args.policy))
+        policy = load_checked(Path(args.policy))
         built = build_monitors(policy)
     except PolicyError as exc:
         print(str(exc), file=sys.stderr)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import Flag, Halt, Release, Route
-from .guard import Guard, default_policy
+from .guard import Guard, default_policy, load_checked
 from .policy import Policy, load_policy
 from .reports import StreamRecord, write_index, write_stream_report
 from .session import GuardSession
@@ -126,7 +126,7 @@ def _slug(text: str) -> str:
 
 def _policy(args: argparse.Namespace) -> tuple[Policy, str]:
     if getattr(args, "policy", None):
-        return load_policy(Path(args.policy)), args.policy
+        return load_checked(Path(args.policy)), args.policy
     policy = default_policy()
     if policy.monitors:
         return policy, "the built-in default policy"

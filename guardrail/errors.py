@@ -46,11 +46,17 @@ class PolicyIssue:
 
 
 class PolicyError(GuardrailError):
-    """A policy file or mapping is invalid. ``issues`` lists every problem found."""
+    """A policy file or mapping is invalid. ``issues`` lists every problem found. ``data`` and
+    ``lines`` (path -> line) are the parsed policy when it parsed but failed validation, so a
+    caller can look for more problems (``guard.load_checked`` adds unknown monitor names)."""
 
-    def __init__(self, issues: list[PolicyIssue], source: str | None = None) -> None:
+    def __init__(self, issues: list[PolicyIssue], source: str | None = None, *,
+                 data: Any = None, lines: dict[tuple[str | int, ...], int] | None = None
+                 ) -> None:
         self.issues = issues
         self.source = source
+        self.data = data
+        self.lines = lines or {}
         head = f"invalid policy {source}" if source else "invalid policy"
         lines = "\n".join(f"  - {issue}" for issue in issues)
         super().__init__(f"{head}:\n{lines}")

@@ -18,7 +18,7 @@ from .policy import MonitorSpec, ObserverSpec, Policy, load_policy
 from .session import GuardSession
 from .stream import Tokenizer, WordTokenizer
 
-__all__ = ["BUILTIN_MONITORS", "Guard", "build_monitors", "default_policy"]
+__all__ = ["BUILTIN_MONITORS", "Guard", "build_monitors", "default_policy", "load_checked"]
 
 log = logging.getLogger("guardrail.guard")
 
@@ -48,13 +48,13 @@ class Guard:
     @classmethod
     def from_yaml(cls, path: str | Path, **kwargs: Any) -> Guard:
         """Load a policy file; raises ``PolicyError`` naming each bad field and its line."""
-        return cls(load_policy(Path(path)), **kwargs)
+        return cls(load_checked(Path(path), kwargs.get("host")), **kwargs)
 
     @classmethod
     def from_policy(cls, policy: Policy | Mapping[str, Any] | str, **kwargs: Any) -> Guard:
         """From a ``Policy``, a mapping, or YAML text."""
         if not isinstance(policy, Policy):
-            policy = load_policy(policy)
+            policy = load_checked(policy, kwargs.get("host"))
         return cls(policy, **kwargs)
 
     @classmethod
@@ -148,6 +148,36 @@ class Guard:
     def __repr__(self) -> str:
         ids = ", ".join(spec.id for spec, _ in self.monitors)
         return f"Guard(monitors=[{ids}], observer={getattr(self.observer, 'name', None)!r})"
+
+
+def load_checked(source: str | Path | Mapping[str, Any], host: PluginHost | None = None
+                 ) -> Policy:
+    """``load_policy``, except that a policy failing validation is also checked for monitor
+    names no installed plugin registers, so one ``PolicyError`` lists both kinds of mistake
+    (valid policies get that check from ``build_monitors``)."""
+    try:
+        return load_policy(source)
+    except PolicyError as exc:
+        monitors = exc.data.get("monitors") if isinstance(exc.data, Mapping) else None
+        if not isinstance(monitors, list):
+            raise
+        host = host or get_host()
+        reported = {issue.path for issue in exc.issues}
+        issues = list(exc.issues)
+        for i, entry in enumerate(monitors):
+            path = f"monitors[{i}].use"
+            use = entry.get("use") if isinstance(entry, Mapping) else None
+            if not isinstance(use, str) or path in reported:
+                continue
+            try:
+                host.monitor(use)
+            except MonitorNotFound as missing:
+                issues.append(PolicyIssue(path, str(missing),
+                                          exc.lines.get(("monitors", i, "use"))))
+        if len(issues) == len(exc.issues):
+            raise
+        issues.sort(key=lambda issue: (issue.line is None, issue.line or 0))
+        raise PolicyError(issues, exc.source, data=exc.data, lines=exc.lines) from None
 
 
 def build_monitors(

@@ -237,7 +237,7 @@ def _validate(data: Any, lines: dict[tuple[str | int, ...], int], source: str | 
                     line = lines[loc[:n]]
                     break
             issues.append(PolicyIssue(format_path(loc), msg, line))
-        raise PolicyError(issues, source) from None
+        raise PolicyError(issues, source, data=data, lines=lines) from None
     policy._lines = lines
     policy._source = source
     return policy

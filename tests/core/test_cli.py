@@ -65,6 +65,26 @@ def test_check_accepts_a_good_policy_and_names_errors(policy: Path, tmp_path: Pa
         in out.stderr
 
 
+def test_check_lists_a_misspelt_monitor_beside_schema_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(POLICY.replace("action: halt", "action: stop").replace("use: regex",
+                                                                         "use: regexp"))
+    out = run_cli("check", str(bad))
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert lines[1] == ("  - line 6: monitors[0].action: Input should be 'flag', 'halt', "
+                        "'route' or 'redact'")
+    assert lines[2].startswith("  - line 10: monitors[1].use: unknown monitor 'regexp'; "
+                               "installed: ")
+    # the Python API reports the same two
+    from guardrail import Guard, PolicyError
+
+    with pytest.raises(PolicyError) as caught:
+        Guard.from_yaml(bad)
+    assert [(i.path, i.line) for i in caught.value.issues] == [("monitors[0].action", 6),
+                                                               ("monitors[1].use", 10)]
+
+
 def test_schema_is_json() -> None:
     out = run_cli("schema")
     assert json.loads(out.stdout)["title"] == "guardrail policy"
