@@ -58,8 +58,8 @@ class PolicyError(GuardrailError):
         self.data = data
         self.lines = lines or {}
         head = f"invalid policy {source}" if source else "invalid policy"
-        lines = "\n".join(f"  - {issue}" for issue in issues)
-        super().__init__(f"{head}:\n{lines}")
+        listing = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(f"{head}:\n{listing}")
 
 
 class MonitorNotFound(GuardrailError, KeyError):
