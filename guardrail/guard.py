@@ -208,7 +208,7 @@ def _build(policy: Policy, host: PluginHost, i: int, spec: MonitorSpec,
         issues.append(PolicyIssue(f"monitors[{i}].use", str(exc), policy.line_of(path)))
         return None
     try:
-        return build_monitor(entry, spec.options)
+        monitor = build_monitor(entry, spec.options)
     except _OptionsError as exc:
         for rel, message in exc.errors:
             sub = ("monitors", i, "options", *rel)
@@ -218,6 +218,19 @@ def _build(policy: Policy, host: PluginHost, i: int, spec: MonitorSpec,
     except ValueError as exc:
         issues.append(PolicyIssue(f"monitors[{i}].options", str(exc),
                                   policy.line_of(("monitors", i, "options"))))
+    else:
+        low_high = getattr(monitor, "score_range", None)
+        if spec.threshold is None or low_high is None:
+            return monitor
+        low, high = low_high
+        if low <= spec.threshold <= high:
+            return monitor
+        never = spec.threshold > high
+        issues.append(PolicyIssue(
+            f"monitors[{i}].threshold",
+            f"{spec.threshold:g} is outside the scores {spec.use!r} gives ({low:g} to {high:g}): "
+            f"it would {'never fire' if never else 'fire on every token'}",
+            policy.line_of(("monitors", i, "threshold"))))
     return None
 
 

@@ -143,6 +143,9 @@ class Monitor(ABC):
     # The threshold when the policy gives none. A monitor that loads calibrated weights may set
     # it on the instance (``setattr(self, "default_threshold", t)``); the guard reads the instance.
     default_threshold: ClassVar[float] = 0.5
+    # The scores ``update`` gives, inclusive, when known: a policy threshold outside them could
+    # never fire (or would fire on every token) and is reported as a policy error. None: any.
+    score_range: ClassVar[tuple[float, float] | None] = None
 
     def needs(self) -> Needs:
         """What this monitor reads besides text. Default: text only."""

@@ -59,6 +59,7 @@ class RegexMonitor(Monitor):
 
     Options = RegexOptions
     default_threshold = 0.5
+    score_range = (0.0, 1.0)
 
     def __init__(self, options: RegexOptions) -> None:
         flags = re.IGNORECASE if options.ignore_case else 0

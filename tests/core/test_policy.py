@@ -69,6 +69,20 @@ def test_bad_monitor_option_names_the_option(tmp_path: Path) -> None:
     assert any(f.startswith("line 11: monitors[0].options.words: Field required") for f in found)
 
 
+@pytest.mark.parametrize(("threshold", "outcome"), [("80", "never fire"),
+                                                     ("-0.5", "fire on every token")])
+def test_a_threshold_outside_the_monitors_scores_is_an_error(tmp_path: Path, threshold: str,
+                                                             outcome: str) -> None:
+    found = issues(tmp_path, GOOD.replace("threshold: 0.5", f"threshold: {threshold}"))
+    assert found == [f"line 7: monitors[0].threshold: {float(threshold):g} is outside the "
+                     f"scores 'keywords' gives (0 to 1): it would {outcome}"]
+    for edge in ("0", "1"):  # the ends are scores it gives
+        guard = Guard.from_yaml(write(tmp_path, GOOD.replace("threshold: 0.5",
+                                                             f"threshold: {edge}")),
+                                host=PluginHost(autoload=False))
+        assert guard.policy.monitors[0].threshold == float(edge)
+
+
 def test_bad_yaml_syntax_gives_the_line(tmp_path: Path) -> None:
     found = issues(tmp_path, GOOD.replace("words: [bomb, napalm]", "words: [bomb, napalm"))
     assert len(found) == 1 and found[0].startswith("line 13: <policy>: YAML syntax error")

@@ -34,6 +34,7 @@ class ShoutingMonitor(guardrail.Monitor):
 
     Options = ShoutingOptions
     default_threshold = 0.5
+    score_range = (0.0, 1.0)  # a policy threshold outside it is reported as an error
 
     def __init__(self, options: ShoutingOptions) -> None:
         self.min_letters = options.min_letters

@@ -125,6 +125,7 @@ class EntityHallucinationMonitor(Monitor):
             "logits, else the generator")
 
     _shipped: ClassVar[float | None] = shipped_threshold()
+    score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
     default_threshold: ClassVar[float] = _shipped if _shipped is not None else 0.5
     default_spec: ClassVar[dict[str, Any]] = {"id": "facts", "threshold": default_threshold,
                                               "rule": {"kind": "span_max"}, "action": "flag"}

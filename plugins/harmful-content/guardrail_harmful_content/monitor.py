@@ -105,6 +105,7 @@ class HarmfulContentMonitor(Monitor):
             description="default threshold (default: the one calibrated with the weights); a "
                         "policy's threshold: field still wins")
 
+    score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
     default_threshold: ClassVar[float] = (_SHIPPED_THRESHOLD if _SHIPPED_THRESHOLD is not None
                                           else 0.5)
     default_spec: ClassVar[dict[str, Any]] = {

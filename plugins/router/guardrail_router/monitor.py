@@ -196,6 +196,7 @@ class RouterMonitor(Monitor):
         model_config = ConfigDict(extra="forbid")
         weights: str | None = Field(None, description="router .safetensors (default: shipped)")
 
+    score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
     # A policy entry without a threshold routes at the routing threshold; the default policy has
     # no model to route to and flags, at the flag threshold (fewer, surer flags).
     default_threshold: ClassVar[float] = _SHIPPED if _SHIPPED is not None else 0.5
