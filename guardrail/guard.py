@@ -11,16 +11,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .errors import GuardrailError, MonitorNotFound, ObserverError, PolicyError, PolicyIssue
 from .monitor import Message, Monitor, Needs
 from .plugins import PluginHost, _OptionsError, build_monitor, get_host
 from .policy import MonitorSpec, ObserverSpec, Policy, load_policy
+from .rules import RuleSpec
 from .session import GuardSession
 from .stream import Tokenizer, WordTokenizer
 
 __all__ = ["BUILTIN_MONITORS", "Guard", "build_monitors", "default_policy", "load_checked"]
 
 log = logging.getLogger("guardrail.guard")
+_RULE: TypeAdapter[RuleSpec] = TypeAdapter(RuleSpec)
 
 # The built-in monitor plugins, in the order the default policy lists them.
 BUILTIN_MONITORS = ("harmful-content", "entity-hallucination", "router")
@@ -193,7 +197,7 @@ def build_monitors(
             continue
         monitor = _build(policy, host, i, spec, issues)
         if monitor is not None:
-            built.append((spec, monitor))
+            built.append((_with_default_rule(policy, i, spec, monitor, issues), monitor))
     if issues:
         raise PolicyError(issues, policy.source)
     return built
@@ -232,6 +236,24 @@ def _build(policy: Policy, host: PluginHost, i: int, spec: MonitorSpec,
             f"it would {'never fire' if never else 'fire on every token'}",
             policy.line_of(("monitors", i, "threshold"))))
     return None
+
+
+def _with_default_rule(policy: Policy, i: int, spec: MonitorSpec, monitor: Monitor,
+                       issues: list[PolicyIssue]) -> MonitorSpec:
+    """``spec`` with the monitor's own default rule when the policy entry names no ``rule``
+    (a harm head calibrated for count-k would otherwise halt on its first flagged token)."""
+    default = getattr(monitor, "default_rule", None)
+    if default is None or "rule" in spec.model_fields_set:
+        return spec
+    try:
+        rule = _RULE.validate_python(default)
+    except ValidationError as exc:
+        issues.append(PolicyIssue(f"monitors[{i}].rule",
+                                  f"{spec.use!r} has an invalid default rule {default!r}: "
+                                  f"{exc.errors()[0]['msg']}",
+                                  policy.line_of(("monitors", i))))
+        return spec
+    return spec.model_copy(update={"rule": rule})
 
 
 def _adapter(module: str, dist: str) -> Any:

@@ -143,6 +143,10 @@ class Monitor(ABC):
     # The threshold when the policy gives none. A monitor that loads calibrated weights may set
     # it on the instance (``setattr(self, "default_threshold", t)``); the guard reads the instance.
     default_threshold: ClassVar[float] = 0.5
+    # The decision rule (a policy ``rule:`` mapping) when the policy gives none; None: the
+    # threshold rule. Like ``default_threshold``, a monitor whose weights were calibrated with a
+    # rule (SCM's count-k) may set it on the instance.
+    default_rule: ClassVar[dict[str, Any] | None] = None
     # The scores ``update`` gives, inclusive, when known: a policy threshold outside them could
     # never fire (or would fire on every token) and is reported as a policy error. None: any.
     score_range: ClassVar[tuple[float, float] | None] = None

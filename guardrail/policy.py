@@ -81,7 +81,11 @@ class MonitorSpec(_Strict):
     threshold: float | None = Field(
         None, description="score at or above which a token counts; None: the monitor's default"
     )
-    rule: RuleSpec = Field(default_factory=ThresholdRule, description="decision rule")
+    rule: RuleSpec = Field(
+        default_factory=ThresholdRule,
+        description="decision rule; when omitted, the monitor's own default (harmful-content: "
+                    "the count rule calibrated with its weights; entity-hallucination: span_max), "
+                    "else threshold")
     action: Action = Field("flag", description="what a verdict does")
     message: str | None = Field(None, description="shown to the reader on halt")
     route_to: RouteTarget | None = Field(None, description="target of the route action")

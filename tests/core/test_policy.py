@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
-from guardrail import Guard, PolicyError, load_policy
+from guardrail import Features, Guard, Monitor, PolicyError, Score, load_policy
 from guardrail.plugins import PluginHost
+from guardrail.testing import plugin_monitors
 
 GOOD = """\
 version: 1
@@ -81,6 +83,41 @@ def test_a_threshold_outside_the_monitors_scores_is_an_error(tmp_path: Path, thr
                                                              f"threshold: {edge}")),
                                 host=PluginHost(autoload=False))
         assert guard.policy.monitors[0].threshold == float(edge)
+
+
+class _EveryTokenScoresOne(Monitor):
+    """Scores 1.0 on every token; its own default rule halts at the third."""
+
+    default_rule: ClassVar[dict[str, Any] | None] = {"kind": "count", "k": 3}
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
+
+    def update(self, state: Any, features: Features) -> list[Score]:
+        return [Score(i, 1.0) for i in features.indices]
+
+
+@pytest.mark.parametrize(("rule", "halt_at"), [(None, 2), ({"kind": "threshold"}, 0),
+                                               ({"kind": "count", "k": 2}, 1)])
+def test_a_monitors_default_rule_applies_when_the_policy_gives_none(
+        rule: dict[str, Any] | None, halt_at: int) -> None:
+    spec: dict[str, Any] = {"id": "m", "use": "ones", "action": "halt"}
+    if rule is not None:
+        spec["rule"] = rule
+    with plugin_monitors(ones=_EveryTokenScoresOne) as host:
+        guard = Guard.from_policy({"version": 1, "monitors": [spec]}, host=host)
+        report = guard.check("one two three four five")
+    assert report.halt is not None and report.halt.at == halt_at
+
+
+def test_an_invalid_default_rule_is_a_policy_error() -> None:
+    class Broken(_EveryTokenScoresOne):
+        default_rule = {"kind": "count", "k": 0}
+
+    with plugin_monitors(broken=Broken) as host, pytest.raises(PolicyError) as info:
+        Guard.from_policy({"version": 1, "monitors": [{"id": "b", "use": "broken"}]}, host=host)
+    assert [i.path for i in info.value.issues] == ["monitors[0].rule"]
+    assert "'broken' has an invalid default rule" in str(info.value)
 
 
 def test_bad_yaml_syntax_gives_the_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from guardrail_harmful_content.monitor import HarmfulContentMonitor
 from guardrail import Guard
 from guardrail.probes.heads import DualHead, LinearProbe
 from guardrail.probes.io import ProbeFileError, save_probe
+from guardrail.rules import CountRule, ThresholdRule
 
 
 def _monitor(path: Path) -> HarmfulContentMonitor:
@@ -73,6 +74,19 @@ def test_weights_carry_their_own_threshold(tmp_path: Path) -> None:
     override = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights),
                                                                    threshold=0.9))
     assert override.default_threshold == pytest.approx(0.9)
+
+
+def test_a_policy_without_a_rule_halts_by_the_weights_count_rule(tmp_path: Path) -> None:
+    weights = save_probe(tmp_path, DualHead(8), {"layers": [3], "threshold": 0.42,
+                                                 "rule": {"kind": "count", "k": 7}}, name="h")
+    entry = {"id": "harm", "use": "harmful-content", "action": "halt",
+             "options": {"weights": str(weights)}}
+    guard = Guard.from_policy({"version": 1, "monitors": [entry]}, observer=object())
+    assert guard.monitors[0][0].rule == CountRule(k=7)
+    # a rule the policy names wins
+    named_rule = {**entry, "rule": {"kind": "threshold"}}
+    named = Guard.from_policy({"version": 1, "monitors": [named_rule]}, observer=object())
+    assert named.monitors[0][0].rule == ThresholdRule()
 
 
 @pytest.mark.parametrize("n", [0, 1, 199, 200, 201, 350, 351, 1000])

@@ -127,8 +127,10 @@ class EntityHallucinationMonitor(Monitor):
     _shipped: ClassVar[float | None] = shipped_threshold()
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
     default_threshold: ClassVar[float] = _shipped if _shipped is not None else 0.5
+    # One verdict per entity (its highest-scoring token) unless the policy says otherwise.
+    default_rule: ClassVar[dict[str, Any] | None] = {"kind": "span_max"}
     default_spec: ClassVar[dict[str, Any]] = {"id": "facts", "threshold": default_threshold,
-                                              "rule": {"kind": "span_max"}, "action": "flag"}
+                                              "rule": default_rule, "action": "flag"}
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
