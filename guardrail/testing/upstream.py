@@ -7,8 +7,9 @@ when the client hung up before the end. That is how tests prove that a halt stop
 
 Serves ``POST /v1/chat/completions`` (SSE with ``data: [DONE]`` when ``stream`` is true, one JSON
 body otherwise; logprobs when the request asks for them; tool-call deltas; a usage chunk with
-``stream_options.include_usage``; ``n`` choices that all replay the script) and
-``GET /v1/models``.
+``stream_options.include_usage``; ``n`` choices that all replay the script),
+``POST /v1/completions`` (the legacy text API: the script's text continues the ``prompt``;
+streamed or whole) and ``GET /v1/models``.
 
 Usage::
 
@@ -263,7 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         record = self._record(body)
         try:
-            if self.path.rstrip("/") != "/v1/chat/completions":
+            route = self.path.rstrip("/")
+            if route not in ("/v1/chat/completions", "/v1/completions"):
                 self._send_json(404, _error(f"no route {self.path}", "not_found"))
                 record.completed = True
                 return
@@ -276,7 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(script.status, _error(script.error_message, "scripted"))
                 record.completed = True
                 return
-            completion = _Completion(script, body, self.upstream.model)
+            builder = _TextCompletion if route == "/v1/completions" else _Completion
+            completion = builder(script, body, self.upstream.model)
             if body.get("stream"):
                 record.stream = True
                 self._stream(completion, script.delay, record)
@@ -440,6 +443,24 @@ class _Completion:
                          "finish_reason": self.finish_reason} for c in range(self.n)],
             "usage": self._usage(),
         }
+
+
+class _TextCompletion(_Completion):
+    """The legacy ``/v1/completions`` shapes: the script's text as ``choices[0].text``."""
+
+    def _text_chunk(self, text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        for piece in self.pieces:
+            yield self._text_chunk(piece)
+        yield self._text_chunk("", self.finish_reason)
+
+    def whole(self) -> dict[str, Any]:
+        return {**self._text_chunk("".join(self.pieces), self.finish_reason),
+                "usage": self._usage()}
 
 
 # -- pytest fixture (only when pytest is importable) ---------------------------------------

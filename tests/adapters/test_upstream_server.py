@@ -76,3 +76,14 @@ def test_responder_builds_scripts_from_the_request() -> None:
         client = openai.OpenAI(base_url=server.base_url, api_key="k")
         reply = client.chat.completions.create(model="tiny", messages=[])
     assert reply.choices[0].message.content == "model tiny"
+
+
+def test_text_completions_continue_the_prompt(upstream_server: UpstreamServer) -> None:
+    upstream_server.enqueue(Script(text=" Canberra. It is"), Script(text=" Canberra."))
+    client = openai.OpenAI(base_url=upstream_server.base_url, api_key="k")
+    stream = client.completions.create(model="m", prompt="The capital is", stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == " Canberra. It is"
+    whole = client.completions.create(model="m", prompt="The capital is")
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (" Canberra.", "stop")
+    assert [r.body["prompt"] for r in upstream_server.requests] == ["The capital is"] * 2
+    assert upstream_server.completions() == []  # chat-completion records only

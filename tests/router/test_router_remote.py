@@ -4,6 +4,7 @@ upstream closed when the route fires, the large one asked to continue the releas
 from __future__ import annotations
 
 import openai
+import pytest
 from guardrail_router.remote import RemoteRouter
 
 from guardrail import Guard
@@ -61,3 +62,44 @@ def test_without_a_route_the_small_stream_passes_through() -> None:
         text = "".join(router.stream(QUESTION))
         assert large.completions() == []
     assert text == "The capital of Chad is N'Djamena." and router.segments == []
+
+
+def _render(messages: list[dict[str, str]]) -> str:
+    return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+
+def test_completions_prefill_continues_the_rendered_prompt_with_the_answer_so_far() -> None:
+    """Servers that start a new answer after a final assistant message (llama-cpp-python's,
+    OpenAI) continue text exactly through /v1/completions."""
+    with UpstreamServer(model="small") as small, UpstreamServer(model="large") as large, \
+            plugin_monitors(unsure=ScriptedMonitor.factory({"kouile": 1.0})) as host:
+        small.enqueue(Script(text="The capital of Chad is Kouile, a small town near the lake. "
+                                  "It is in Africa.", delay=0.02),
+                      Script(text=" It is in Africa."))
+        large.enqueue(Script(text=" N'Djamena. It has about a million people.", delay=0.02))
+        router = RemoteRouter(_guard(host),
+                              openai.OpenAI(base_url=small.base_url, api_key="test"), "small",
+                              openai.OpenAI(base_url=large.base_url, api_key="test"), "large",
+                              prefill="completions", render=_render)
+        text = "".join(router.stream(QUESTION))
+        first_small, resumed_small, segment = (*small.requests, *large.requests)
+        for record in (first_small, resumed_small, segment):
+            record.wait()
+
+    assert text == "The capital of Chad is N'Djamena. It is in Africa."
+    assert [r.path for r in (first_small, resumed_small, segment)] == ["/v1/completions"] * 3
+    prompt = "<user>What is the capital of Chad?\n<assistant>"
+    assert first_small.body["prompt"] == prompt
+    assert segment.body["prompt"] == prompt + "The capital of Chad is"
+    assert segment.body["max_tokens"] == 32 and segment.disconnected
+    assert resumed_small.body["prompt"] == prompt + "The capital of Chad is N'Djamena."
+    assert [s.text for s in router.segments] == [" N'Djamena."]
+
+
+def test_completions_prefill_needs_a_chat_template() -> None:
+    with plugin_monitors(unsure=ScriptedMonitor.factory({})) as host:
+        guard = _guard(host)  # no observer: nothing to render the conversation with
+        with pytest.raises(ValueError, match="render="):
+            RemoteRouter(guard, None, "small", None, "large", prefill="completions")
+        with pytest.raises(ValueError, match="'chat' or 'completions'"):
+            RemoteRouter(guard, None, "small", None, "large", prefill="prefix")

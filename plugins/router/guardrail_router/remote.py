@@ -6,8 +6,17 @@ generating), the large endpoint continues the same answer from the released pref
 segment (to the end of the sentence, or ``max_tokens``, as the policy's ``route_to`` says), and the
 small model resumes from the new prefix. The reader sees one stream of text.
 
-Continuing "from the prefix" sends the conversation with the answer so far as a final assistant
-message, which llama.cpp's server and vLLM (``continue_final_message``) treat as a prefill.
+Continuing "from the prefix" needs the server to prefill the answer so far. Two ways:
+
+- ``prefill="chat"`` (default): the conversation with the answer so far as a final assistant
+  message. Only servers that continue that message prefill (vLLM with ``continue_final_message``
+  and ``add_generation_prompt`` false); llama-cpp-python's server and OpenAI start a new answer
+  instead, and each segment then repeats the answer from its start (seen on a real
+  llama-cpp-python server, 0.3.36).
+- ``prefill="completions"``: the legacy ``/v1/completions`` API with the conversation rendered by
+  the model's chat template (``render``; default: the guard's observer tokenizer, right when the
+  upstream serves the observer's model) and the answer so far appended. Any server with that
+  endpoint continues the text exactly.
 
 Routes the session proposes while the large model writes its segment are not acted on (the
 session's ``can_route`` is off during a segment), and ``max_routes`` bounds the segments of one
@@ -16,7 +25,7 @@ answer.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +55,8 @@ class RemoteRouter:
     """Drive a small and a large OpenAI-compatible client for one answer at a time.
 
     ``stream(messages)`` yields the released text; afterwards ``report`` is the session's report
-    and ``segments`` lists what the large model wrote."""
+    and ``segments`` lists what the large model wrote. ``prefill`` and ``render``: see the
+    module docstring."""
 
     guard: Guard
     small_client: Any
@@ -57,6 +67,20 @@ class RemoteRouter:
     request_options: dict[str, Any] = field(default_factory=dict)
     report: Report | None = None
     segments: list[RoutedSegment] = field(default_factory=list)
+    prefill: str = "chat"
+    render: Callable[[Sequence[Message]], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefill not in ("chat", "completions"):
+            raise ValueError(f"prefill {self.prefill!r}: expected 'chat' or 'completions'")
+        if self.prefill == "completions" and self.render is None:
+            tokenizer = getattr(self.guard.observer, "hf_tokenizer", None)
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError("prefill='completions' needs render=: a function from the "
+                                 "messages to the prompt text (the served model's chat template);"
+                                 " the guard's observer has no chat template to default to")
+            self.render = lambda messages: str(tokenizer.apply_chat_template(
+                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False))
 
     def stream(self, messages: Sequence[Message]) -> Iterator[str]:
         self.segments = []
@@ -84,11 +108,16 @@ class RemoteRouter:
 
     def _request(self, client: Any, model: str, messages: Sequence[Message], prefix: str,
                  **options: Any) -> Any:
+        options = {**self.request_options, **options}
+        if self.prefill == "completions":
+            assert self.render is not None, "__post_init__ sets it"
+            return client.completions.create(model=model, prompt=self.render(messages) + prefix,
+                                             stream=True, **options)
         conversation = list(messages)
         if prefix:
             conversation.append({"role": "assistant", "content": prefix})
         return client.chat.completions.create(model=model, messages=conversation, stream=True,
-                                              **{**self.request_options, **options})
+                                              **options)
 
     def _small_part(self, session: GuardSession,
                     messages: Sequence[Message]) -> Generator[str, None, Route | None]:
@@ -140,10 +169,14 @@ class RemoteRouter:
 
 
 def _delta(chunk: Any) -> str:
+    """The new text of a chat chunk (``delta.content``) or a text-completion chunk (``text``)."""
     choices = getattr(chunk, "choices", None) or []
     if not choices:
         return ""
-    return getattr(choices[0].delta, "content", None) or ""
+    delta = getattr(choices[0], "delta", None)
+    if delta is not None:
+        return getattr(delta, "content", None) or ""
+    return getattr(choices[0], "text", None) or ""
 
 
 def _sentence_cut(delta: str) -> int | None:
