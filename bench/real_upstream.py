@@ -117,18 +117,20 @@ def _read_stream(stream: Any) -> dict[str, Any]:
     return {"text": text, "finish": finish, "events": [e.get("kind") for e in events]}
 
 
-def check_wrap(base: str) -> dict[str, Any]:
-    from openai import AsyncOpenAI, OpenAI
+def _guarded_sync(guard: Any, base: str) -> tuple[dict[str, Any], Any]:
+    """The question through ``guard.wrap(OpenAI(...))``: what the reader got, and the report."""
+    from openai import OpenAI
 
-    from guardrail import Guard
-
-    guard = Guard.default()
     stream = guard.wrap(OpenAI(base_url=base, api_key=KEY)).chat.completions.create(
         model="smollm2", messages=_messages(), stream=True, temperature=0, max_tokens=80)
-    got = _read_stream(stream)
-    report = stream.reports[0]
+    return _read_stream(stream), stream.reports[0]
 
-    async def run_async() -> str:
+
+def _guarded_async(guard: Any, base: str) -> tuple[str, Any]:
+    """The same through ``guard.wrap(AsyncOpenAI(...))``: the text shown and the report."""
+    from openai import AsyncOpenAI
+
+    async def run() -> tuple[str, Any]:
         client = guard.wrap(AsyncOpenAI(base_url=base, api_key=KEY))
         s = await client.chat.completions.create(model="smollm2", messages=_messages(),
                                                  stream=True, temperature=0, max_tokens=80)
@@ -136,9 +138,17 @@ def check_wrap(base: str) -> dict[str, Any]:
         async with s:
             async for chunk in s:
                 text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
-        return text
+        return text, s.reports[0]
 
-    async_text = asyncio.run(run_async())
+    return asyncio.run(run())
+
+
+def check_wrap(base: str) -> dict[str, Any]:
+    from guardrail import Guard
+
+    guard = Guard.default()
+    got, report = _guarded_sync(guard, base)
+    async_text, _ = _guarded_async(guard, base)
     return {"text": got["text"], "finish": got["finish"], "halted": report.halted,
             "errors": [e.error for e in report.errors],
             "flags": {m: sum(1 for f in report.flags if f.monitor == m)
@@ -149,29 +159,14 @@ def check_wrap(base: str) -> dict[str, Any]:
 
 
 def check_halt(base: str) -> dict[str, Any]:
-    from openai import AsyncOpenAI, OpenAI
-
     from guardrail import Guard
 
     guard = Guard.from_policy({"version": 1, "release": {"hold_back_tokens": 3}, "monitors": [
         {"id": "stop", "use": "keywords", "action": "halt", "message": "[stopped]",
          "options": {"words": ["Canberra"]}}]})
-    stream = guard.wrap(OpenAI(base_url=base, api_key=KEY)).chat.completions.create(
-        model="smollm2", messages=_messages(), stream=True, temperature=0, max_tokens=80)
-    got = _read_stream(stream)
-    report = stream.reports[0]
-
-    async def run_async() -> tuple[str, int]:
-        client = guard.wrap(AsyncOpenAI(base_url=base, api_key=KEY))
-        s = await client.chat.completions.create(model="smollm2", messages=_messages(),
-                                                 stream=True, temperature=0, max_tokens=80)
-        text = ""
-        async with s:
-            async for chunk in s:
-                text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
-        return text, s.reports[0].leaked_tokens
-
-    async_text, async_leaked = asyncio.run(run_async())
+    got, report = _guarded_sync(guard, base)
+    async_text, async_report = _guarded_async(guard, base)
+    async_leaked = async_report.leaked_tokens
     return {"shown": got["text"], "finish": got["finish"], "leaked_tokens": report.leaked_tokens,
             "async_shown": async_text, "async_leaked_tokens": async_leaked,
             "ok": report.halted and got["finish"] == "content_filter"

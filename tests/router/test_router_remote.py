@@ -3,6 +3,8 @@ upstream closed when the route fires, the large one asked to continue the releas
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 from guardrail_router.remote import RemoteRouter
@@ -10,7 +12,7 @@ from guardrail_router.remote import RemoteRouter
 from guardrail import Guard
 from guardrail.plugins import PluginHost
 from guardrail.testing import ScriptedMonitor, plugin_monitors
-from guardrail.testing.upstream import Script, UpstreamServer
+from guardrail.testing.upstream import RequestRecord, Script, UpstreamServer
 
 QUESTION = [{"role": "user", "content": "What is the capital of Chad?"}]
 
@@ -21,7 +23,10 @@ def _guard(host: PluginHost, max_tokens: int = 32) -> Guard:
     return Guard.from_policy(policy, host=host)
 
 
-def test_route_hands_one_sentence_to_the_large_model_and_resumes_the_small_one() -> None:
+def _route_chad(**options: Any) -> tuple[str, RemoteRouter, list[RequestRecord],
+                                          list[RequestRecord]]:
+    """The small model names a wrong capital; the scripted router fires on it. Returns the text,
+    the router and the small and large servers' requests (finished)."""
     with UpstreamServer(model="small") as small, UpstreamServer(model="large") as large, \
             plugin_monitors(unsure=ScriptedMonitor.factory({"kouile": 1.0})) as host:
         small.enqueue(Script(text="The capital of Chad is Kouile, a small town near the lake. "
@@ -30,12 +35,17 @@ def test_route_hands_one_sentence_to_the_large_model_and_resumes_the_small_one()
         large.enqueue(Script(text=" N'Djamena. It has about a million people.", delay=0.02))
         router = RemoteRouter(_guard(host),
                               openai.OpenAI(base_url=small.base_url, api_key="test"), "small",
-                              openai.OpenAI(base_url=large.base_url, api_key="test"), "large")
+                              openai.OpenAI(base_url=large.base_url, api_key="test"), "large",
+                              **options)
         text = "".join(router.stream(QUESTION))
-        first_small, resumed_small = small.completions()
-        (segment,) = large.completions()
-        for record in (first_small, resumed_small, segment):
+        smalls, larges = list(small.requests), list(large.requests)
+        for record in (*smalls, *larges):
             record.wait()
+    return text, router, smalls, larges
+
+
+def test_route_hands_one_sentence_to_the_large_model_and_resumes_the_small_one() -> None:
+    text, router, (first_small, resumed_small), (segment,) = _route_chad()
 
     assert text == "The capital of Chad is N'Djamena. It is in Africa."
     # the small model stopped generating when the route fired
@@ -71,20 +81,8 @@ def _render(messages: list[dict[str, str]]) -> str:
 def test_completions_prefill_continues_the_rendered_prompt_with_the_answer_so_far() -> None:
     """Servers that start a new answer after a final assistant message (llama-cpp-python's,
     OpenAI) continue text exactly through /v1/completions."""
-    with UpstreamServer(model="small") as small, UpstreamServer(model="large") as large, \
-            plugin_monitors(unsure=ScriptedMonitor.factory({"kouile": 1.0})) as host:
-        small.enqueue(Script(text="The capital of Chad is Kouile, a small town near the lake. "
-                                  "It is in Africa.", delay=0.02),
-                      Script(text=" It is in Africa."))
-        large.enqueue(Script(text=" N'Djamena. It has about a million people.", delay=0.02))
-        router = RemoteRouter(_guard(host),
-                              openai.OpenAI(base_url=small.base_url, api_key="test"), "small",
-                              openai.OpenAI(base_url=large.base_url, api_key="test"), "large",
-                              prefill="completions", render=_render)
-        text = "".join(router.stream(QUESTION))
-        first_small, resumed_small, segment = (*small.requests, *large.requests)
-        for record in (first_small, resumed_small, segment):
-            record.wait()
+    text, router, (first_small, resumed_small), (segment,) = _route_chad(
+        prefill="completions", render=_render)
 
     assert text == "The capital of Chad is N'Djamena. It is in Africa."
     assert [r.path for r in (first_small, resumed_small, segment)] == ["/v1/completions"] * 3
