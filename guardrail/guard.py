@@ -196,8 +196,13 @@ def build_monitors(
         if not spec.enabled:
             continue
         monitor = _build(policy, host, i, spec, issues)
-        if monitor is not None:
-            built.append((_with_default_rule(policy, i, spec, monitor, issues), monitor))
+        if monitor is None:
+            continue
+        outside = _threshold_outside_scores(policy, i, spec, monitor)
+        if outside is not None:
+            issues.append(outside)
+            continue
+        built.append((_with_default_rule(policy, i, spec, monitor, issues), monitor))
     if issues:
         raise PolicyError(issues, policy.source)
     return built
@@ -212,7 +217,7 @@ def _build(policy: Policy, host: PluginHost, i: int, spec: MonitorSpec,
         issues.append(PolicyIssue(f"monitors[{i}].use", str(exc), policy.line_of(path)))
         return None
     try:
-        monitor = build_monitor(entry, spec.options)
+        return build_monitor(entry, spec.options)
     except _OptionsError as exc:
         for rel, message in exc.errors:
             sub = ("monitors", i, "options", *rel)
@@ -222,20 +227,24 @@ def _build(policy: Policy, host: PluginHost, i: int, spec: MonitorSpec,
     except ValueError as exc:
         issues.append(PolicyIssue(f"monitors[{i}].options", str(exc),
                                   policy.line_of(("monitors", i, "options"))))
-    else:
-        low_high = getattr(monitor, "score_range", None)
-        if spec.threshold is None or low_high is None:
-            return monitor
-        low, high = low_high
-        if low <= spec.threshold <= high:
-            return monitor
-        never = spec.threshold > high
-        issues.append(PolicyIssue(
-            f"monitors[{i}].threshold",
-            f"{spec.threshold:g} is outside the scores {spec.use!r} gives ({low:g} to {high:g}): "
-            f"it would {'never fire' if never else 'fire on every token'}",
-            policy.line_of(("monitors", i, "threshold"))))
     return None
+
+
+def _threshold_outside_scores(policy: Policy, i: int, spec: MonitorSpec,
+                              monitor: Monitor) -> PolicyIssue | None:
+    """The issue when the policy's threshold lies outside the scores the monitor declares
+    (``Monitor.score_range``): such a rule never fires, or fires on every token."""
+    low_high = getattr(monitor, "score_range", None)
+    if spec.threshold is None or low_high is None:
+        return None
+    low, high = low_high
+    if low <= spec.threshold <= high:
+        return None
+    outcome = "never fire" if spec.threshold > high else "fire on every token"
+    return PolicyIssue(
+        f"monitors[{i}].threshold",
+        f"{spec.threshold:g} is outside the scores {spec.use!r} gives ({low:g} to {high:g}): "
+        f"it would {outcome}", policy.line_of(("monitors", i, "threshold")))
 
 
 def _with_default_rule(policy: Policy, i: int, spec: MonitorSpec, monitor: Monitor,
