@@ -141,13 +141,26 @@ class Guard:
 
         Needs the ``guardrail-langchain`` distribution."""
         module = _adapter("guardrail_langchain", "guardrail-langchain")
+        self.warn_routes_recorded("the LangChain runnable")
         return module.GuardRunnable(guard=self, **kwargs)
 
     def wrap(self, client: Any, **kwargs: Any) -> Any:
         """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client so its chat completions are
         guarded. Needs the ``guardrail-openai`` distribution."""
         module = _adapter("guardrail_openai", "guardrail-openai")
+        self.warn_routes_recorded("the OpenAI client wrapper")
         return module.wrap(client, guard=self, **kwargs)
+
+    def warn_routes_recorded(self, driver: str) -> None:
+        """Log a warning when this guard has ``route`` actions and ``driver`` (an adapter that
+        owns no second model) can only record them as events. ``RemoteRouter`` and
+        ``LocalGenerator(route_to=...)`` carry routes out."""
+        ids = [spec.id for spec, _ in self.monitors if spec.action == "route"]
+        if ids:
+            log.warning("%s records the route actions of %s as events and does not carry them "
+                        "out; guardrail_router.remote.RemoteRouter (OpenAI-compatible endpoints) "
+                        "or guardrail_transformers.LocalGenerator(route_to=...) does", driver,
+                        ", ".join(repr(i) for i in ids))
 
     def __repr__(self) -> str:
         ids = ", ".join(spec.id for spec, _ in self.monitors)

@@ -345,3 +345,30 @@ async def test_the_api_key_reaches_no_event_report_audit_log_or_error(
                          audit.read_text(), caplog.text])
     assert "halt" in audit.read_text()
     assert SECRET not in visible and SECRET[:12] not in visible
+
+
+def test_drivers_that_cannot_route_say_so_when_the_policy_routes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from guardrail_server import create_app
+
+    from guardrail.testing import ScriptedMonitor, plugin_monitors
+
+    route = {"id": "escalate", "use": "unsure", "action": "route",
+             "route_to": {"model": "large", "base_url": "http://127.0.0.1:9/v1"}}
+    flag = {"id": "note", "use": "unsure", "action": "flag"}
+    with plugin_monitors(unsure=ScriptedMonitor.factory({"x": 1.0})) as host:
+        routing = Guard.from_policy({"version": 1, "monitors": [route, flag]}, host=host)
+        flagging = Guard.from_policy({"version": 1, "monitors": [flag]}, host=host)
+        client = openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="k")
+        with caplog.at_level("WARNING", logger="guardrail.guard"):
+            flagging.wrap(client)
+            flagging.as_runnable()
+            create_app(flagging, upstream="http://127.0.0.1:9/v1")
+            assert caplog.records == []
+            routing.wrap(client)
+            routing.as_runnable()
+            create_app(routing, upstream="http://127.0.0.1:9/v1")
+    drivers = [r.getMessage().split(" records")[0] for r in caplog.records]
+    assert drivers == ["the OpenAI client wrapper", "the LangChain runnable", "the proxy server"]
+    assert all("'escalate'" in r.getMessage() and "'note'" not in r.getMessage()
+               for r in caplog.records)

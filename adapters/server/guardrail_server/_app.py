@@ -210,6 +210,7 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     """
     if (upstream is None) == (local is None):
         raise ValueError("create_app: give exactly one of upstream=URL or local=model")
+    guard.warn_routes_recorded("the proxy server")
     client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
     proxy = _Proxy(guard, client, local, guard.observer is not None if offload is None
                    else offload, on_report)
