@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -245,11 +246,63 @@ def check_remote_router(base: str) -> dict[str, Any]:
     return out
 
 
+def unused_longfact_prompts() -> list[str]:
+    """LongFact prompts that no split of the harmful-content data build uses (its benign
+    long-form records take 250 of them), in a seeded shuffle."""
+    import random
+
+    from guardrail_harmful_content.data.build import BuildConfig, build_dataset
+
+    config = BuildConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_dataset(Path(tmp), config)  # about 2 s; the same seed gives the same splits
+        used = {str(r["prompt"]).strip() for split in ("train", "val", "test")
+                for r in map(json.loads, (Path(tmp) / f"{split}.jsonl").read_text(
+                    encoding="utf-8").splitlines())
+                if r.get("kind") == "benign_longform"}
+    prompts = []
+    for path in sorted(config.longfact_dir.rglob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            prompt = str(json.loads(line).get("prompt", "")).strip() if line.strip() else ""
+            if prompt and prompt not in used:
+                prompts.append(prompt)
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
+def check_harm_on_real_answers(base: str, n: int) -> dict[str, Any]:
+    """The shipped harm monitor (a policy naming no rule: its calibrated count rule) on the
+    served SmolLM2's own answers to ``n`` benign LongFact prompts: every halt is a false one."""
+    from openai import OpenAI
+
+    from guardrail import Guard
+
+    guard = Guard.from_policy({"version": 1, "observer": {"model": "smollm2-135m"}, "monitors": [
+        {"id": "harm", "use": "harmful-content", "action": "halt"}]})
+    client = guard.wrap(OpenAI(base_url=base, api_key=KEY))
+    rows = []
+    for prompt in unused_longfact_prompts()[:n]:
+        stream = client.chat.completions.create(model="smollm2", messages=_messages(prompt),
+                                                stream=True, temperature=0, max_tokens=200)
+        text = _read_stream(stream)["text"]
+        report = stream.reports[0]
+        rows.append({"prompt": prompt, "tokens": report.tokens, "halted": report.halted,
+                     "halt_at": report.halt.at if report.halt else None, "shown": text[:200]})
+    halted = [r for r in rows if r["halted"]]
+    return {"answers": len(rows), "false_halts": len(halted),
+            "false_halt_rate": len(halted) / max(1, len(rows)),
+            "halt_at_median": sorted(r["halt_at"] for r in halted)[len(halted) // 2]
+            if halted else None, "rows": rows,
+            "ok": True}  # a measurement, not a pass/fail check
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="accepted for bench.run; no effect")
     parser.add_argument("--build", action="store_true", help=f"build {VENV} first")
     parser.add_argument("--upstream", help="a running OpenAI-compatible server's base URL")
+    parser.add_argument("--longfact", type=int, default=60,
+                        help="benign LongFact answers to measure harm false halts on (0: none)")
     args = parser.parse_args(argv)
     if args.build and not (VENV / "bin" / "python").exists():
         build_venv()
@@ -271,6 +324,11 @@ def main(argv: list[str] | None = None) -> Path | None:
             results["proxy"] = check_proxy(base, work)
             print(f"[real_upstream] proxy: {'ok' if results['proxy']['ok'] else 'FAILED'}",
                   file=sys.stderr)
+            if args.longfact:
+                harm = check_harm_on_real_answers(base, args.longfact)
+                results["harm_on_real_answers"] = harm
+                print(f"[real_upstream] harm false halts on real benign answers: "
+                      f"{harm['false_halts']} of {harm['answers']}", file=sys.stderr)
     server_name = "given" if args.upstream else LLAMA_CPP
     return write_result(NAME, {"server": server_name, "model": "SmolLM2-135M-Instruct Q4_1 (GGUF)",
                                "checks": results})
@@ -300,6 +358,17 @@ def render(result: dict[str, Any]) -> str:
              "", "| path | result | what the reader got |", "|---|---|---|"]
     for title, key, detail in rows:
         lines.append(f"| {title} | {'ok' if checks[key]['ok'] else 'FAILED'} | {detail} |")
+    harm = checks.get("harm_on_real_answers")
+    if harm:
+        lines += ["", f"**The harm monitor on real benign answers.** The served SmolLM2 answered "
+                  f"{harm['answers']} LongFact prompts that no harmful-content data split uses "
+                  f"(greedy, up to 200 tokens); the shipped head, through the wrapped client, "
+                  f"halted **{harm['false_halts']}** of them "
+                  f"({harm['false_halt_rate']:.0%}; median halt at token "
+                  f"{harm['halt_at_median']}). Its test split measures 3.1% false halts, but "
+                  "its benign answers are generated from templates or are pyrit's recorded "
+                  "responses, and no training answer was written by SmolLM2 (see "
+                  "[harmful content](harmful-content.md#limits))."]
     return "\n".join(lines) + "\n"
 
 
