@@ -108,11 +108,6 @@ class HarmfulContentMonitor(Monitor):
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
     default_threshold: ClassVar[float] = (_SHIPPED_THRESHOLD if _SHIPPED_THRESHOLD is not None
                                           else 0.5)
-    # A policy entry without a rule gets the count rule calibrated with the weights (on the
-    # instance: the loaded weights' own k); the threshold rule would halt on the first prefix
-    # that reaches the threshold, which calibration never allowed for.
-    default_rule: ClassVar[dict[str, Any] | None] = (
-        {"kind": "count", "k": _SHIPPED_K} if _SHIPPED_K else None)
     default_spec: ClassVar[dict[str, Any]] = {
         "id": "harm",
         "threshold": default_threshold,
@@ -173,6 +168,9 @@ class HarmfulContentMonitor(Monitor):
             # Per-instance default (the weights' own calibration or the option). Needs the Guard
             # to read ``monitor.default_threshold`` rather than the class attribute.
             setattr(self, "default_threshold", float(threshold))  # noqa: B010
+        # A policy entry without a rule gets the count rule calibrated with these weights; the
+        # threshold rule would halt on the first prefix that reaches the threshold, which
+        # calibration never allowed for.
         k = self.k
         setattr(self, "default_rule",  # noqa: B010 - per instance, as default_threshold
                 {"kind": "count", "k": k} if k else None)
