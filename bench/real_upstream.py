@@ -252,6 +252,7 @@ def unused_longfact_prompts() -> list[str]:
     import random
 
     from guardrail_harmful_content.data.build import BuildConfig, build_dataset
+    from guardrail_harmful_content.data.longform import read_longfact
 
     config = BuildConfig()
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,12 +261,7 @@ def unused_longfact_prompts() -> list[str]:
                 for r in map(json.loads, (Path(tmp) / f"{split}.jsonl").read_text(
                     encoding="utf-8").splitlines())
                 if r.get("kind") == "benign_longform"}
-    prompts = []
-    for path in sorted(config.longfact_dir.rglob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            prompt = str(json.loads(line).get("prompt", "")).strip() if line.strip() else ""
-            if prompt and prompt not in used:
-                prompts.append(prompt)
+    prompts = [p.prompt for p in read_longfact(config.longfact_dir) if p.prompt not in used]
     random.Random(0).shuffle(prompts)
     return prompts
 
