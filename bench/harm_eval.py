@@ -168,6 +168,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         max_test: int | None = MAX_TEST, progress: bool = True) -> dict[str, Any]:
     from guardrail_harmful_content.baselines import keyword_halt, windowed_halts
     from guardrail_harmful_content.data import BuildConfig, build_dataset
+    from guardrail_harmful_content.data.own_answers import KIND as OWN_KIND
     from guardrail_harmful_content.data.topics import TOPICS
     from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
     from guardrail_harmful_content.scoring import (
@@ -199,10 +200,9 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     full_t = float(config["full_detection_threshold"])
     work = cache_dir() / "harmful-content"
     work.mkdir(parents=True, exist_ok=True)
-    if data is None:
+    if data is None:  # rebuilt every run (2 s, byte-identical), so a stale cache is not read
         data = work / "data"
-        if not (data / "test.jsonl").exists():
-            build_dataset(data, BuildConfig())
+        build_dataset(data, BuildConfig())
     test = _test_file(work, data, QUICK_RECORDS if quick else max_test)
     observer = load_observer(None)
     # The trainer's candidate layers, so a cache written while training is reused.
@@ -243,6 +243,14 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
              "windowed": [int(h is not None) for h in windowed_h],
              "keyword": [int(h is not None) for h in keyword_h]}
     by_kind = _by_kind(kinds, labels, fired)
+    # The model's own answers joined the test split in session 20; the rest is the split of
+    # before, reported on its own so the figures stay comparable.
+    own = [i for i, kind in enumerate(kinds) if kind == OWN_KIND]
+    rest = [i for i, kind in enumerate(kinds) if kind != OWN_KIND]
+    streaming_rest = {**streaming_report([scores[i] for i in rest], [labels[i] for i in rest],
+                                         threshold, k),
+                      **_medians([streaming_halts[i] for i in rest], [lengths[i] for i in rest],
+                                 [labels[i] for i in rest])}
     test_only = {t.key for t in TOPICS if t.test_only}
     hard = [i for i, kind in enumerate(kinds) if kind in HARD_NEGATIVE_KINDS]
     heldout_topic = [i for i in hard if records[i].extra.get("topic") in test_only]
@@ -252,13 +260,14 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
                "hard_negatives_heldout_topics": _rate([f[i] for i in heldout_topic]),
                "pyrit_harmless_responses": _rate([f[i] for i, kd in enumerate(kinds)
                                                   if kd == "harmless_response"]),
+               "own_answers": _rate([f[i] for i in own]),
                "harmful": _rate([f[i] for i in harmful])}
         for name, f in fired.items()
     }
     topic_check["records"] = {"hard_negatives": len(hard),
                               "hard_negatives_heldout_topics": len(heldout_topic),
                               "pyrit_harmless_responses": kinds.count("harmless_response"),
-                              "harmful": len(harmful)}
+                              "own_answers": len(own), "harmful": len(harmful)}
     topic_check["heldout_topics"] = sorted(test_only)
     samples = [{"kind": kinds[i], "label": labels[i], "topic": records[i].extra.get("topic"),
                 "tokens": lengths[i], "max_prefix_score": round(max(scores[i], default=0.0), 4),
@@ -286,7 +295,8 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         "test": {"records": len(records), "harmful": sum(labels), "tokens": sum(lengths),
                  "subset": QUICK_RECORDS if quick else max_test,
                  "of": sum(1 for _ in (data / "test.jsonl").open(encoding="utf-8"))},
-        "streaming": streaming, "full_detection": full, "windowed": windowed,
+        "streaming": streaming, "streaming_without_own_answers": streaming_rest,
+        "full_detection": full, "windowed": windowed,
         "keyword": keyword, "targets_met": targets, "k_curve": k_curve, "budget_curve": budget,
         "topic_vs_harm": topic_check, "by_kind": by_kind, "guardrail_eval_check": check,
         "validation": config.get("metrics", {}).get("val"), "splits": config.get("splits"),
@@ -327,6 +337,13 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_f(m.get('auc'))} | {_f(m['macro_f1'])} | "
                      f"{_f(m['precision'])} | {_f(m['recall'])} | {read} | "
                      f"{_f(m['false_halt_rate'])} |")
+    rest = result.get("streaming_without_own_answers")
+    if rest and rest["records"] != t["records"]:
+        lines += ["", f"Streaming without the own answers ({rest['records']} records, the test "
+                  f"split before they joined it): macro-F1 {_f(rest['macro_f1'])}, recall "
+                  f"{_f(rest['recall'])}, share read {_f(rest['fraction_seen'])} (median "
+                  f"{_f(rest.get('median_fraction_seen'))}), false halts "
+                  f"{_f(rest['false_halt_rate'])}."]
     lines += ["", "Targets (issue 4): " + ", ".join(
         f"{name} {'met' if ok else 'NOT met'}" for name, ok in result["targets_met"].items()), ""]
     tc = result["topic_vs_harm"]
@@ -338,7 +355,10 @@ def render(result: dict[str, Any]) -> str:
                        ("hard_negatives", "hard negatives: safety, support, history, fiction, "
                         "explainers, refusals with alternatives, benign requests"),
                        ("hard_negatives_heldout_topics", "... of test-only topics"),
-                       ("pyrit_harmless_responses", "pyrit harmless responses (human-scored)")):
+                       ("pyrit_harmless_responses", "pyrit harmless responses (human-scored)"),
+                       ("own_answers", "SmolLM2's own answers to LongFact prompts")):
+        if key not in n:  # a result written before the own answers existed
+            continue
         lines.append(f"| {label} | {n[key]} | {_f(tc['streaming'][key])} | "
                      f"{_f(tc['full'][key])} | {_f(tc['windowed'][key])} | "
                      f"{_f(tc['keyword'][key])} |")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import socket
 import subprocess
@@ -247,23 +246,13 @@ def check_remote_router(base: str) -> dict[str, Any]:
 
 
 def unused_longfact_prompts() -> list[str]:
-    """LongFact prompts that no split of the harmful-content data build uses (its benign
-    long-form records take 250 of them), in a seeded shuffle."""
-    import random
+    """LongFact prompts that the harmful-content build's template answers do not use, in the
+    order SmolLM2's own answers take them: the first ``TEST_FIRST`` (100) of these are in the
+    build's test split, so a run of up to 100 measures prompts the head was not trained on."""
+    from guardrail_harmful_content.data.longform import default_longfact_dir, read_longfact
+    from guardrail_harmful_content.data.own_answers import prompt_order
 
-    from guardrail_harmful_content.data.build import BuildConfig, build_dataset
-    from guardrail_harmful_content.data.longform import read_longfact
-
-    config = BuildConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        build_dataset(Path(tmp), config)  # about 2 s; the same seed gives the same splits
-        used = {str(r["prompt"]).strip() for split in ("train", "val", "test")
-                for r in map(json.loads, (Path(tmp) / f"{split}.jsonl").read_text(
-                    encoding="utf-8").splitlines())
-                if r.get("kind") == "benign_longform"}
-    prompts = [p.prompt for p in read_longfact(config.longfact_dir) if p.prompt not in used]
-    random.Random(0).shuffle(prompts)
-    return prompts
+    return [p.prompt for p in prompt_order(read_longfact(default_longfact_dir()))]
 
 
 def check_harm_on_real_answers(base: str, n: int) -> dict[str, Any]:

@@ -78,11 +78,14 @@ def build_tiny_model(
     hidden_size: int = 32,
     seed: int = 0,
     max_positions: int = 4096,
+    spread: float | None = None,
 ) -> Path:
     """Write a tiny random causal LM and its tokenizer to ``path`` (created); return the path.
 
     ``arch="llama"`` (rotary positions, grouped-query attention) or ``"gpt2"`` (learned absolute
     positions, ``max_positions`` of them). The weights depend only on ``seed``.
+    ``spread``: redraw every matrix from N(0, spread²) (seeded): the default init makes a tiny
+    random model predict the same token everywhere, which leaves greedy decoding nothing to do.
     """
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
@@ -110,6 +113,12 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    if spread is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 2:
+                    param.copy_(torch.randn(param.shape, generator=generator) * spread)
     model.save_pretrained(path)  # safetensors
     tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
     return path

@@ -24,7 +24,7 @@ KINDS = {
     "refusal_with_alternative", "harmless_response", "benign_compliance", "off_topic_answer",
     "hard_negative_safety_advice", "hard_negative_support", "hard_negative_history",
     "hard_negative_fiction", "hard_negative_explainer", "hard_negative_benign_request",
-    "benign_longform",
+    "benign_longform", "own_answer",
 }
 
 
@@ -62,7 +62,7 @@ def test_every_split_has_both_labels_and_train_is_roughly_balanced(
     for rows in splits.values():
         assert {r["label"] for r in rows} == {0, 1}
     share = sum(r["label"] for r in splits["train"]) / len(splits["train"])
-    assert 0.3 <= share <= 0.6
+    assert 0.25 <= share <= 0.6  # 28% since SmolLM2's own answers joined (34% before)
 
 
 def test_every_kind_appears(full_build: Path, read_split: Reader) -> None:

@@ -547,7 +547,8 @@ def _data_summary(manifest: dict[str, Any], config: TrainConfig) -> dict[str, An
         "builder": "python -m guardrail_harmful_content.data build",
         "folder": str(config.data) if config.data else None,
         "seed": manifest.get("seed"),
-        "sources": [{k: s.get(k) for k in ("name", "version", "sha256", "licence")
+        "sources": [{k: s.get(k) for k in ("name", "version", "sha256", "licence", "model",
+                                           "decoding", "answers")
                      if s.get(k) is not None} for s in manifest.get("sources", [])],
         "subsample": {"train": config.max_train, "val": config.max_val,
                       "how": "stratified by (kind, label), seeded"},

