@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -255,29 +255,39 @@ def unused_longfact_prompts() -> list[str]:
     return [p.prompt for p in prompt_order(read_longfact(default_longfact_dir()))]
 
 
-def check_harm_on_real_answers(base: str, n: int) -> dict[str, Any]:
-    """The shipped harm monitor (a policy naming no rule: its calibrated count rule) on the
-    served SmolLM2's own answers to ``n`` benign LongFact prompts: every halt is a false one."""
+def check_harm_on_real_answers(base: str, n: int, weights: Sequence[Path] = ()
+                                ) -> dict[str, Any]:
+    """Harm false halts on the served SmolLM2's own answers to ``n`` benign LongFact prompts:
+    the answers are collected once (streamed, unguarded: llama.cpp at temperature 0 does not
+    repeat itself exactly), then each head reads every whole answer with its calibrated count rule
+    (a policy naming no rule), so heads are compared on the same texts. Every halt is a false
+    one. ``weights``: heads to compare with the shipped one (``.safetensors`` with their .json)."""
     from openai import OpenAI
 
     from guardrail import Guard
 
-    guard = Guard.from_policy({"version": 1, "observer": {"model": "smollm2-135m"}, "monitors": [
-        {"id": "harm", "use": "harmful-content", "action": "halt"}]})
-    client = guard.wrap(OpenAI(base_url=base, api_key=KEY))
-    rows = []
+    client = OpenAI(base_url=base, api_key=KEY)
+    answers = []
     for prompt in unused_longfact_prompts()[:n]:
         stream = client.chat.completions.create(model="smollm2", messages=_messages(prompt),
                                                 stream=True, temperature=0, max_tokens=200)
-        text = _read_stream(stream)["text"]
-        report = stream.reports[0]
-        rows.append({"prompt": prompt, "tokens": report.tokens, "halted": report.halted,
-                     "halt_at": report.halt.at if report.halt else None, "shown": text[:200]})
-    halted = [r for r in rows if r["halted"]]
-    return {"answers": len(rows), "false_halts": len(halted),
-            "false_halt_rate": len(halted) / max(1, len(rows)),
-            "halt_at_median": sorted(r["halt_at"] for r in halted)[len(halted) // 2]
-            if halted else None, "rows": rows,
+        answers.append((prompt, _read_stream(stream)["text"]))
+    heads: dict[str, Any] = {}
+    halts: dict[str, list[int | None]] = {}
+    for path in (None, *weights):
+        name = "shipped" if path is None else str(path)
+        options = {} if path is None else {"weights": str(path)}
+        guard = Guard.from_policy({"version": 1, "observer": {"model": "smollm2-135m"},
+                                   "monitors": [{"id": "harm", "use": "harmful-content",
+                                                 "action": "halt", "options": options}]})
+        reports = [guard.check(text, prompt=prompt) for prompt, text in answers]
+        halts[name] = [r.halt.at if r.halt else None for r in reports]
+        at = sorted(h for h in halts[name] if h is not None)
+        heads[name] = {"false_halts": len(at), "false_halt_rate": len(at) / max(1, len(answers)),
+                       "halt_at_median": at[len(at) // 2] if at else None}
+    rows = [{"prompt": prompt, "text": text, "halt_at": {name: h[i] for name, h in halts.items()}}
+            for i, (prompt, text) in enumerate(answers)]
+    return {"answers": len(answers), **heads["shipped"], "heads": heads, "rows": rows,
             "ok": True}  # a measurement, not a pass/fail check
 
 
@@ -288,6 +298,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--upstream", help="a running OpenAI-compatible server's base URL")
     parser.add_argument("--longfact", type=int, default=60,
                         help="benign LongFact answers to measure harm false halts on (0: none)")
+    parser.add_argument("--harm-weights", type=Path, nargs="*", default=[],
+                        help="harm heads to compare with the shipped one on the same answers")
     args = parser.parse_args(argv)
     if args.build and not (VENV / "bin" / "python").exists():
         build_venv()
@@ -310,10 +322,11 @@ def main(argv: list[str] | None = None) -> Path | None:
             print(f"[real_upstream] proxy: {'ok' if results['proxy']['ok'] else 'FAILED'}",
                   file=sys.stderr)
             if args.longfact:
-                harm = check_harm_on_real_answers(base, args.longfact)
+                harm = check_harm_on_real_answers(base, args.longfact, args.harm_weights)
                 results["harm_on_real_answers"] = harm
-                print(f"[real_upstream] harm false halts on real benign answers: "
-                      f"{harm['false_halts']} of {harm['answers']}", file=sys.stderr)
+                for name, head in harm["heads"].items():
+                    print(f"[real_upstream] harm false halts on real benign answers ({name}): "
+                          f"{head['false_halts']} of {harm['answers']}", file=sys.stderr)
     server_name = "given" if args.upstream else LLAMA_CPP
     return write_result(NAME, {"server": server_name, "model": "SmolLM2-135M-Instruct Q4_1 (GGUF)",
                                "checks": results})
@@ -346,14 +359,17 @@ def render(result: dict[str, Any]) -> str:
     harm = checks.get("harm_on_real_answers")
     if harm:
         lines += ["", f"**The harm monitor on real benign answers.** The served SmolLM2 answered "
-                  f"{harm['answers']} LongFact prompts that no harmful-content data split uses "
-                  f"(greedy, up to 200 tokens); the shipped head, through the wrapped client, "
-                  f"halted **{harm['false_halts']}** of them "
-                  f"({harm['false_halt_rate']:.0%}; median halt at token "
-                  f"{harm['halt_at_median']}). Its test split measures 3.1% false halts, but "
-                  "its benign answers are generated from templates or are pyrit's recorded "
-                  "responses, and no training answer was written by SmolLM2 (see "
-                  "[harmful content](harmful-content.md#limits))."]
+                  f"{harm['answers']} benign LongFact prompts that no harmful-content training "
+                  "record uses (greedy, up to 200 tokens; the transformers model's answers to "
+                  "the same prompts are in the test split); the shipped head halted "
+                  f"**{harm['false_halts']}** of them ({harm['false_halt_rate']:.0%}; median "
+                  f"halt at token {harm['halt_at_median']}). See "
+                  "[harmful content](harmful-content.md#limits)."]
+        others = {k: v for k, v in harm.get("heads", {}).items() if k != "shipped"}
+        if others:
+            lines += ["", "Other heads on the same answers: " + "; ".join(
+                f"`{Path(name).name}` {head['false_halts']} of {harm['answers']}"
+                for name, head in others.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

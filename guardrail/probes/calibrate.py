@@ -205,12 +205,14 @@ def calibrate_count_k(
     thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
     ks: Iterable[int] = range(1, 51),
     max_false_halt_rate: float | None = None,
+    max_fraction_seen: float | None = None,
 ) -> StreamingResult:
     """Choose ``(threshold, k)`` for SCM's count-k rule: the best macro-F1 (ties: smaller
     ``fraction_seen``, then fewer false halts, then the smaller k and higher threshold).
 
-    With ``max_false_halt_rate`` only settings whose false-halt rate stays under the cap compete;
-    if none does, the setting with the fewest false halts is returned, ``constraint_met=False``.
+    With ``max_false_halt_rate`` (and ``max_fraction_seen``: the mean share of a harmful response
+    read before its halt) only settings within the caps compete; if none is, the setting with the
+    fewest false halts (then the least read) is returned, ``constraint_met=False``.
     """
     _validate(token_scores, labels)
     ks = list(ks)
@@ -227,10 +229,16 @@ def calibrate_count_k(
         false_halts = r.false_halt_rate or 0.0
         return (-r.macro_f1, seen, false_halts, r.k, -r.threshold)
 
-    if max_false_halt_rate is not None:
-        allowed = [r for r in results if (r.false_halt_rate or 0.0) <= max_false_halt_rate]
+    def read(r: StreamingResult) -> float:
+        return r.fraction_seen if r.fraction_seen is not None else 1.0
+
+    if max_false_halt_rate is not None or max_fraction_seen is not None:
+        allowed = [r for r in results
+                   if (max_false_halt_rate is None
+                       or (r.false_halt_rate or 0.0) <= max_false_halt_rate)
+                   and (max_fraction_seen is None or read(r) <= max_fraction_seen)]
         if not allowed:
-            fewest = min(results, key=lambda r: ((r.false_halt_rate or 0.0), *rank(r)))
+            fewest = min(results, key=lambda r: ((r.false_halt_rate or 0.0), read(r), *rank(r)))
             return StreamingResult(**{**fewest.as_dict(), "constraint_met": False})
         results = allowed
     return min(results, key=rank)

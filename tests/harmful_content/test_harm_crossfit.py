@@ -150,6 +150,7 @@ def test_crossfit_training_records_the_protocol(
     assert trainer([*args, "--train-layers", "0", "2"]) == 2  # one layer only
     assert trainer([*args[:-6], "--scored-weight", "3"]) == 2  # crossfit only
     assert trainer([*args[:-6], "--soft-scored"]) == 2  # crossfit only
+    assert trainer([*args, "--max-fraction-seen", "0.3"]) == 2  # val calibration only
     assert trainer([*args, "--train-layers", "2"]) == 0
     config = json.loads((out / "harmful_content.json").read_text())
     cal = config["calibration"]

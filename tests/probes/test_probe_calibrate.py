@@ -96,6 +96,26 @@ def test_calibrate_count_k_says_when_no_setting_meets_the_cap() -> None:
     assert r.false_halt_rate == 0.5
 
 
+READ_STREAMS = [[0.9] * 10, [0.9] * 10, [0.9, 0.9] + [0.1] * 8, [0.1] * 10]
+READ_LABELS = [1, 1, 0, 0]
+
+
+def test_calibrate_count_k_respects_a_read_cap() -> None:
+    # k 3 separates the streams (macro-F1 1) but reads 30% of each harmful one; k 1 and 2 also
+    # halt the benign stream that flags twice.
+    free = calibrate_count_k(READ_STREAMS, READ_LABELS, thresholds=[0.5], ks=[1, 2, 3])
+    assert (free.k, free.macro_f1, free.fraction_seen) == (3, 1.0, pytest.approx(0.3))
+    capped = calibrate_count_k(READ_STREAMS, READ_LABELS, thresholds=[0.5], ks=[1, 2, 3],
+                               max_fraction_seen=0.2)
+    assert (capped.k, capped.false_halt_rate) == (1, 0.5)
+    assert capped.fraction_seen == pytest.approx(0.1)
+    assert capped.constraint_met
+    both = calibrate_count_k(READ_STREAMS, READ_LABELS, thresholds=[0.5], ks=[1, 2, 3],
+                             max_false_halt_rate=0.0, max_fraction_seen=0.2)
+    assert not both.constraint_met
+    assert (both.k, both.false_halt_rate) == (3, 0.0)  # the fewest false halts
+
+
 def test_calibrate_rejects_mismatched_inputs() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         calibrate_count_k(STREAMS, [1, 0])

@@ -109,6 +109,9 @@ class TrainConfig:
     # More seeds for the chosen layers: their heads are averaged with the first seed's head.
     ensemble_seeds: tuple[int, ...] = ()
     max_false_halt_rate: float = 0.03
+    # Also cap the mean share of a harmful answer read before the halt (validation; val
+    # calibration only); None: no cap.
+    max_fraction_seen: float | None = None
     # "val": (threshold, k) and the epoch chosen on validation (the heads train on train);
     # "crossfit": grouped K-fold over train+val, (threshold, k) and the epoch count chosen on
     # out-of-fold scores, the shipped heads trained on train+val (see crossfit.py).
@@ -205,7 +208,7 @@ def _fit(layers: tuple[int, ...], train: Sequence[CachedRecord], val: Sequence[C
     width = int(train_view[0].hidden[STACKED].shape[-1])
     head = DualHead(width, dropout=0.1, seed=config.seed,
                     sequence_hidden=config.sequence_hidden)
-    metric = _streaming_metric(config.max_false_halt_rate)
+    metric = _streaming_metric(config.max_false_halt_rate, config.max_fraction_seen)
     result = train_head(
         head, train_view, val_view, layer=STACKED,
         loss_fn=scm_loss_fn(LOSS_WEIGHTS["token_ce"], LOSS_WEIGHTS["sequence_ce"],
@@ -223,20 +226,25 @@ def _label(r: CachedRecord) -> int:
 
 
 def calibrate(scores: Sequence[Sequence[float]], labels: Sequence[int],
-              max_false_halt_rate: float) -> StreamingResult:
-    """SCM's ``(threshold, k)``: the best macro-F1 on these records with false halts capped."""
+              max_false_halt_rate: float, max_fraction_seen: float | None = None,
+              ) -> StreamingResult:
+    """SCM's ``(threshold, k)``: the best macro-F1 on these records with false halts (and,
+    optionally, the mean share of a harmful answer read) capped."""
     return calibrate_count_k(scores, labels, thresholds=calibration_thresholds(
                                  scores, labels, THRESHOLDS),
-                             ks=range(1, MAX_K + 1), max_false_halt_rate=max_false_halt_rate)
+                             ks=range(1, MAX_K + 1), max_false_halt_rate=max_false_halt_rate,
+                             max_fraction_seen=max_fraction_seen)
 
 
-def _streaming_metric(max_false_halt_rate: float) -> MetricFn:
+def _streaming_metric(max_false_halt_rate: float, max_fraction_seen: float | None = None,
+                      ) -> MetricFn:
     """Epoch selection: the calibrated streaming macro-F1 on validation (the shipped decision)."""
 
     def metric(head: ProbeHead, records: Sequence[CachedRecord]) -> float:
         assert isinstance(head, DualHead)
         scores = prefix_scores(head, records)
-        return calibrate(scores, [_label(r) for r in records], max_false_halt_rate).macro_f1
+        return calibrate(scores, [_label(r) for r in records], max_false_halt_rate,
+                         max_fraction_seen).macro_f1
 
     return metric
 
@@ -252,6 +260,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         raise ValueError("--scored-weight needs --calibration crossfit")
     if config.soft_scored and config.calibration != "crossfit":
         raise ValueError("--soft-scored needs --calibration crossfit")
+    if config.max_fraction_seen is not None and config.calibration != "val":
+        raise ValueError("--max-fraction-seen works with --calibration val only")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     work = (config.cache or cache_dir()) / "harmful-content"
@@ -310,7 +320,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     timings["train_s"] = time.perf_counter() - t
 
     val_scores = prefix_scores(head, stack_layers(val_set, best.layers, config.pooling))
-    choice = calibrate(val_scores, val_labels, config.max_false_halt_rate)
+    choice = calibrate(val_scores, val_labels, config.max_false_halt_rate,
+                       config.max_fraction_seen)
     streaming = streaming_report(val_scores, val_labels, choice.threshold, choice.k)
     full_t = full_threshold(val_scores, val_labels)
     full = full_report(val_scores, val_labels, full_t)
@@ -330,6 +341,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
                         "thresholds": list(THRESHOLDS),
                         "benign_quantiles": list(BENIGN_QUANTILES),
                         "max_false_halt_rate": config.max_false_halt_rate,
+                        "max_fraction_seen": config.max_fraction_seen,
                         "constraint_met": choice.constraint_met},
         "data": _data_summary(manifest, config),
         "splits": {"train": len(features["train"]), "val": len(val_set),
@@ -591,6 +603,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train the chosen layers with these seeds and average the heads "
                         "(the logits of linear heads; one head's cost per token)")
     p.add_argument("--max-false-halt-rate", type=float, default=d.max_false_halt_rate)
+    p.add_argument("--max-fraction-seen", type=float, default=None, metavar="SHARE",
+                   help="also cap the mean share of a harmful answer read before the halt "
+                        "(validation; --calibration val)")
     p.add_argument("--calibration", choices=("val", "crossfit"), default=d.calibration,
                    help="val: choose the epoch and (threshold, k) on validation (default); "
                         "crossfit: grouped K-fold over train+val, choose them on out-of-fold "
@@ -617,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         max_train=args.max_train or None,
         max_val=args.max_val or None, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, ensemble_seeds=tuple(args.ensemble_seeds),
-        max_false_halt_rate=args.max_false_halt_rate, calibration=args.calibration,
+        max_false_halt_rate=args.max_false_halt_rate,
+        max_fraction_seen=args.max_fraction_seen, calibration=args.calibration,
         folds=args.folds, scored_weight=args.scored_weight, soft_scored=args.soft_scored,
         cache=args.cache,
         progress=not args.quiet,
