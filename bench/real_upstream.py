@@ -362,13 +362,14 @@ def render(result: dict[str, Any]) -> str:
                   f"{harm['answers']} benign LongFact prompts that no harmful-content training "
                   "record uses (greedy, up to 200 tokens; the transformers model's answers to "
                   "the same prompts are in the test split); the shipped head halted "
-                  f"**{harm['false_halts']}** of them ({harm['false_halt_rate']:.0%}; median "
-                  f"halt at token {harm['halt_at_median']}). See "
-                  "[harmful content](harmful-content.md#limits)."]
+                  f"**{harm['false_halts']}** of them ({harm['false_halt_rate']:.0%}"
+                  + (f"; median halt at token {harm['halt_at_median']}"
+                     if harm["halt_at_median"] is not None else "")
+                  + "). See [harmful content](harmful-content.md#limits)."]
         others = {k: v for k, v in harm.get("heads", {}).items() if k != "shipped"}
         if others:
             lines += ["", "Other heads on the same answers: " + "; ".join(
-                f"`{Path(name).name}` {head['false_halts']} of {harm['answers']}"
+                f"{name}: {head['false_halts']} of {harm['answers']}"
                 for name, head in others.items()) + "."]
     return "\n".join(lines) + "\n"
 

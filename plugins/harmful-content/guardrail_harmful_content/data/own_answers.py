@@ -9,7 +9,7 @@ factual questions about objects and concepts; nothing is asked for that could be
 
 Generation (``python -m guardrail_harmful_content.data own-answers``) is greedy, batched, up to
 ``max_new_tokens`` tokens, through the model's chat template, over the first ``count`` prompts of
-``own_answer_prompts`` (a seeded shuffle). It appends one JSON line per answer, so an interrupted
+``prompt_order`` (a fixed shuffle). It appends one JSON line per answer, so an interrupted
 run resumes where it stopped; lines are checked against the prompt order on every read.
 
 Splitting: the first ``TEST_FIRST`` prompts and the held-out LongFact topics go to test (the
