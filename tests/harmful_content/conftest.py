@@ -84,3 +84,18 @@ def write_tiny_splits() -> Callable[[Path], Path]:
 def tiny_harmful_text() -> str:
     """The harmful response text of ``write_tiny_splits``' records (without its step number)."""
     return TINY_HARMFUL
+
+
+@pytest.fixture
+def tiny_trainer(tmp_path: Path) -> tuple[Callable[[list[str]], int], list[str], Path]:
+    """The ``harmful-content`` trainer, the arguments of a run on a tiny random Llama and the
+    tiny splits (its own cache, no progress bars), and the folder that run writes to."""
+    from guardrail.plugins import get_host
+    from guardrail.testing.tiny_models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", arch="llama", num_layers=3, hidden_size=32)
+    data = _write_tiny_splits(tmp_path / "data")
+    out = tmp_path / "weights"
+    trainer = get_host().trainers()["harmful-content"].factory
+    return trainer, ["--data", str(data), "--model", str(model), "--out", str(out),
+                     "--cache", str(tmp_path / "cache"), "--quiet"], out

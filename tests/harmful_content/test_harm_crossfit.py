@@ -24,14 +24,12 @@ from guardrail_harmful_content.crossfit import (
 from guardrail_harmful_content.prefixes import prefix_views
 from guardrail_harmful_content.scoring import STACKED, stack_layers
 
-from guardrail.plugins import get_host
 from guardrail.probes.calibrate import calibrate_count_k
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import DualHead
 from guardrail.probes.io import load_probe
 from guardrail.probes.train import collate, scm_loss_fn
 from guardrail.records import SpanLabel
-from guardrail.testing.tiny_models import build_tiny_model
 
 
 def _cached(i: int, label: int, n: int, rng: torch.Generator) -> CachedRecord:
@@ -139,13 +137,9 @@ def test_count_k_grid_chooses_what_calibrate_count_k_chooses(cap: float | None) 
 
 
 def test_crossfit_training_records_the_protocol(
-        tmp_path: Path, write_tiny_splits: Callable[[Path], Path]) -> None:
-    model = build_tiny_model(tmp_path / "tiny", arch="llama", num_layers=3, hidden_size=32)
-    data = write_tiny_splits(tmp_path / "data")
-    out = tmp_path / "weights"
-    trainer = get_host().trainers()["harmful-content"].factory
-    args = ["--data", str(data), "--model", str(model), "--layers", "0", "2", "--epochs", "2",
-            "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet",
+        tiny_trainer: tuple[Callable[[list[str]], int], list[str], Path]) -> None:
+    trainer, base, out = tiny_trainer
+    args = [*base, "--layers", "0", "2", "--epochs", "2",
             "--calibration", "crossfit", "--folds", "3", "--ensemble-seeds", "1"]
     assert trainer([*args, "--train-layers", "0", "2"]) == 2  # one layer only
     assert trainer([*args[:-6], "--scored-weight", "3"]) == 2  # crossfit only

@@ -63,14 +63,9 @@ def test_trained_weights_run_in_a_guard_on_the_same_observer(
 
 
 def test_a_read_cap_bounds_the_calibrated_share_read(
-        tmp_path: Path, write_tiny_splits: Callable[[Path], Path]) -> None:
-    model = build_tiny_model(tmp_path / "tiny", arch="llama", num_layers=3, hidden_size=32)
-    data = write_tiny_splits(tmp_path / "data")
-    out = tmp_path / "weights"
-    trainer = get_host().trainers()["harmful-content"].factory
-    assert trainer(["--data", str(data), "--model", str(model), "--layers", "2", "--epochs", "2",
-                    "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet",
-                    "--max-fraction-seen", "0.25"]) == 0
+        tiny_trainer: tuple[Callable[[list[str]], int], list[str], Path]) -> None:
+    trainer, args, out = tiny_trainer
+    assert trainer([*args, "--layers", "2", "--epochs", "2", "--max-fraction-seen", "0.25"]) == 0
     config = json.loads((out / "harmful_content.json").read_text())
     assert config["calibration"]["max_fraction_seen"] == 0.25
     assert config["calibration"]["constraint_met"]
