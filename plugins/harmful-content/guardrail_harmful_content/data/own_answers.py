@@ -126,6 +126,8 @@ def generate_own_answers(path: Path, prompts: Sequence[LongFactPrompt], model: A
     have = {int(row["index"]) for row in done}
     todo = [i for i in range(len(chosen)) if i not in have]
     eos = end_of_turn_ids(tokenizer)
+    if not eos:  # greedy decoding would never end a turn, and there is nothing to pad with
+        raise OwnAnswersError("the tokenizer has no end-of-turn or end-of-sequence token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
