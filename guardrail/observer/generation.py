@@ -35,10 +35,9 @@ def end_of_turn_ids(tokenizer: Any) -> set[int]:
     """Token ids that end an assistant turn: ChatML's ``<|im_end|>`` where the vocabulary has
     it, and the tokenizer's end-of-sequence token."""
     ids = set()
-    for token in ("<|im_end|>",):
-        found = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(found, int) and found >= 0 and found != tokenizer.unk_token_id:
-            ids.add(found)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end >= 0 and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
     if isinstance(tokenizer.eos_token_id, int):
         ids.add(tokenizer.eos_token_id)
     return ids

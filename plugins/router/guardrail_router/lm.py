@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from guardrail.monitor import Message
-from guardrail.observer.generation import greedy_batch, left_pad
+from guardrail.observer.generation import end_of_turn_ids, greedy_batch, left_pad
 from guardrail.observer.hf import cache_kwarg
 from guardrail.observer.model import render_context
 
@@ -63,8 +63,7 @@ class ChatLM:
         self._cache_kwarg = cache_kwarg(model)
         self.tokenizer = tokenizer
         self.name = name
-        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.eos_ids = {i for i in (eos, tokenizer.eos_token_id) if isinstance(i, int) and i >= 0}
+        self.eos_ids = end_of_turn_ids(tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids)))
 
