@@ -82,6 +82,11 @@ LOSS_WEIGHTS = {"token_ce": 0.6, "sequence_ce": 0.4, "logic": 1.0}  # SCM's run-
 THRESHOLDS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.96, 0.97, 0.98, 0.99, 0.995,
               0.998, 0.999)
 MAX_K = 100
+ENSEMBLE_HOW = {  # how DualHead.ensemble folds the members into one head, as the weights record
+    False: "the heads' weights averaged: the heads are linear, so this averages their logits",
+    True: "the members' hidden units side by side and their output weights divided by their "
+          "number: the mean of their logits, exactly",
+}
 
 
 @dataclass
@@ -360,8 +365,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
                          "seeds": seeds,
                          "members_val_streaming_macro_f1": [m.val_metric for m in members],
                          "members_best_epoch": [m.best_epoch for m in members],
-                         "how": "the heads' weights averaged: the heads are linear, so this "
-                                "averages their logits"} if len(members) > 1 else None},
+                         "how": ENSEMBLE_HOW[bool(config.sequence_hidden)]}
+                     if len(members) > 1 else None},
         "metrics": {"val": {"streaming": streaming, "full": full}},
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -530,8 +535,7 @@ def _train_crossfit(config: TrainConfig, observer: Any,
                      "seed": config.seed, "scored_weight": config.scored_weight,
                      "soft_scored": config.soft_scored,
                      "ensemble": {"seeds": seeds,
-                                  "how": "the heads' weights averaged: the heads are linear, "
-                                         "so this averages their logits"}},
+                                  "how": ENSEMBLE_HOW[bool(config.sequence_hidden)]}},
         "metrics": {"oof": {"streaming": streaming, "full": full, **estimates},
                     "train+val_in_sample": streaming_report(
                         [s.tolist() for s in final_scores], labels, choice.threshold,
