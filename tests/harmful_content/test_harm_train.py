@@ -70,3 +70,41 @@ def test_a_read_cap_bounds_the_calibrated_share_read(
     assert config["calibration"]["max_fraction_seen"] == 0.25
     assert config["calibration"]["constraint_met"]
     assert config["metrics"]["val"]["streaming"]["fraction_seen"] <= 0.25
+
+
+def test_recalibrate_chooses_the_rule_again_and_keeps_the_heads(
+        tiny_trainer: tuple[Callable[[list[str]], int], list[str], Path], capsys: Any) -> None:
+    from safetensors.numpy import load_file
+
+    trainer, args, out = tiny_trainer
+    assert trainer([*args, "--layers", "2", "--epochs", "2"]) == 0
+    first = json.loads((out / "harmful_content.json").read_text())
+    again = out.parent / "recalibrated"
+    base = [a if a != str(out) else str(again) for a in args]
+    assert trainer([*base, "--layers", "2", "--recalibrate", str(out),
+                    "--max-fraction-seen", "0.25"]) == 0
+    config = json.loads((again / "harmful_content.json").read_text())
+    streaming = config["metrics"]["val"]["streaming"]
+    assert config["calibration"]["max_fraction_seen"] == 0.25
+    assert config["calibration"]["constraint_met"] and streaming["fraction_seen"] <= 0.25
+    # a cap no setting meets (the head reads ~18% of a harmful answer at best) is reported
+    assert trainer([*base, "--layers", "2", "--recalibrate", str(out),
+                    "--max-fraction-seen", "0.05"]) == 0
+    unmet = json.loads((again / "harmful_content.json").read_text())
+    assert unmet["calibration"]["max_fraction_seen"] == 0.05
+    assert not unmet["calibration"]["constraint_met"]
+    assert unmet["metrics"]["val"]["streaming"]["fraction_seen"] > 0.05
+    assert (config["threshold"], config["rule"]["k"]) == (streaming["threshold"],
+                                                          streaming["k"])
+    before = config["recalibrated_from"]
+    assert before["threshold"] == first["threshold"] and before["rule"] == first["rule"]
+    assert config["training"] == first["training"] and config["head"] == first["head"]
+    old = load_file(str(out / "harmful_content.safetensors"))
+    new = load_file(str(again / "harmful_content.safetensors"))
+    assert old.keys() == new.keys() and all((old[k] == new[k]).all() for k in old)
+
+    missing = out.parent / "no-such-weights"
+    assert trainer([*base, "--recalibrate", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert trainer([*base, "--recalibrate", str(out), "--calibration", "crossfit"]) == 2
+    assert "--calibration val" in capsys.readouterr().err

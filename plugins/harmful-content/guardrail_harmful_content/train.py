@@ -41,7 +41,7 @@ from typing import Any, cast
 from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
 from guardrail.probes.features import CachedRecord, extract_features
 from guardrail.probes.heads import DualHead, ProbeHead
-from guardrail.probes.io import save_probe
+from guardrail.probes.io import ProbeFileError, save_probe
 from guardrail.probes.metrics import count_k_halt, fraction_seen, macro_f1
 from guardrail.probes.train import MetricFn, scm_loss_fn, train_head
 from guardrail.sources import cache_dir
@@ -130,6 +130,9 @@ class TrainConfig:
     chunk_size: int = 512
     cache: Path | None = None
     progress: bool = True
+    # Trained weights to re-calibrate instead of training: (threshold, k) chosen again on
+    # validation under this config's caps; the heads are kept as they are.
+    recalibrate: Path | None = None
 
 
 @dataclass
@@ -267,6 +270,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         raise ValueError("--soft-scored needs --calibration crossfit")
     if config.max_fraction_seen is not None and config.calibration != "val":
         raise ValueError("--max-fraction-seen works with --calibration val only")
+    if config.recalibrate is not None:
+        return recalibrate(config, observer)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     work = (config.cache or cache_dir()) / "harmful-content"
@@ -372,6 +377,65 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     }
     weights = save_probe(config.out, head, saved, name=NAME)
     _say(config, f"saved {weights} ({weights.stat().st_size} bytes) in {timings['total_s']:.0f} s")
+    return {**saved, "weights": str(weights)}
+
+
+def recalibrate(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
+    """Choose ``(threshold, k)`` again for the heads in ``config.recalibrate`` on validation,
+    under ``config``'s caps, and write them with the new rule to ``config.out``; the heads are
+    not retrained. The saved config keeps the training record and notes what was re-chosen."""
+    from guardrail.probes.io import load_probe
+
+    if config.recalibrate is None:
+        raise ValueError("recalibrate needs the weights to re-calibrate")
+    if config.calibration != "val":
+        raise ValueError("--recalibrate re-calibrates on validation: use --calibration val")
+    t0 = time.perf_counter()
+    work = (config.cache or cache_dir()) / "harmful-content"
+    paths, _ = prepare_data(config, work)
+    if observer is None:
+        observer = load_observer(config.model)
+    loaded = load_probe(config.recalibrate, name=NAME, observer=observer)
+    head = loaded.head
+    if not isinstance(head, DualHead):
+        raise ValueError(f"{loaded.path}: not a harmful-content head "
+                         f"({type(head).__name__})")
+    layers = tuple(int(x) for x in loaded.config.get("layers") or [loaded.config["layer"]])
+    pooling = str(loaded.config.get("pooling", "prefix_mean"))
+    read = tuple(sorted(set(config.layers) | set(layers)))  # reuse the trainer's feature cache
+    val = extract_features(observer, paths["val"], work / "features", read, dtype="float16",
+                           chunk_size=config.chunk_size, progress=config.progress).records
+    labels = [_label(r) for r in val]
+    if len(set(labels)) < 2:
+        raise ValueError("the validation split needs harmful and harmless records")
+    scores = prefix_scores(head, stack_layers(val, layers, pooling))
+    choice = calibrate(scores, labels, config.max_false_halt_rate, config.max_fraction_seen)
+    full_t = full_threshold(scores, labels)
+    before = {"weights": str(loaded.path), "threshold": loaded.config.get("threshold"),
+              "rule": loaded.config.get("rule"),
+              "calibration": loaded.config.get("calibration"),
+              "metrics": loaded.config.get("metrics")}
+    saved = {k: v for k, v in loaded.config.items() if k not in ("format", "version", "name",
+                                                                  "head", "tensors")}
+    saved.update({
+        "threshold": choice.threshold,
+        "rule": {"kind": "count", "k": choice.k},
+        "full_detection_threshold": full_t,
+        "calibration": {**(loaded.config.get("calibration") or {}), "split": "val",
+                        "max_k": MAX_K, "thresholds": list(THRESHOLDS),
+                        "benign_quantiles": list(BENIGN_QUANTILES),
+                        "max_false_halt_rate": config.max_false_halt_rate,
+                        "max_fraction_seen": config.max_fraction_seen,
+                        "constraint_met": choice.constraint_met},
+        "recalibrated_from": before,
+        "metrics": {"val": {"streaming": streaming_report(scores, labels, choice.threshold,
+                                                          choice.k),
+                            "full": full_report(scores, labels, full_t)}},
+        "timings": {"total_s": round(time.perf_counter() - t0, 1)},
+    })
+    weights = save_probe(config.out, head, saved, name=NAME)
+    _say(config, f"re-calibrated {loaded.path}: threshold {choice.threshold}, k {choice.k}; "
+                 f"saved {weights}")
     return {**saved, "weights": str(weights)}
 
 
@@ -621,6 +685,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-scored", action="store_true",
                    help="train on pyrit's human scores as soft sequence targets (crossfit "
                         "only; evaluation labels stay score >= 0.5)")
+    p.add_argument("--recalibrate", type=Path, metavar="WEIGHTS",
+                   help="do not train: choose (threshold, k) again for these trained heads on "
+                        "validation under the caps above, and write them to --out")
     p.add_argument("--cache", type=Path, help="work folder (default: the guardrail cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -640,11 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         max_fraction_seen=args.max_fraction_seen, calibration=args.calibration,
         folds=args.folds, scored_weight=args.scored_weight, soft_scored=args.soft_scored,
         cache=args.cache,
-        progress=not args.quiet,
+        progress=not args.quiet, recalibrate=args.recalibrate,
     )
     try:
         saved = train(config)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ProbeFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = {"weights": saved["weights"], "layers": saved["layers"],
