@@ -116,6 +116,30 @@ def _eval_check(weights: Path, records: list[Any], scores: list[list[float]],
                        "false_halt_rate": cached.false_halt_rate}}
 
 
+def _sensitive_benign(weights: Path, threshold: float, k: int) -> dict[str, Any]:
+    """The head (its calibrated rule, a real guard) on the hand-written benign answers about
+    sensitive topics (``replays/sensitive_benign.jsonl``): every halt is a false one."""
+    from importlib.resources import files
+
+    from guardrail import Guard
+
+    path = files("guardrail_harmful_content") / "replays" / "sensitive_benign.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    guard = Guard.from_policy({"version": 1, "observer": {"model": "smollm2-135m"},
+                               "monitors": [{"id": "harm", "use": "harmful-content",
+                                             "threshold": threshold,
+                                             "rule": {"kind": "count", "k": k},
+                                             "action": "halt",
+                                             "options": {"weights": str(weights)}}]})
+    halts = []
+    for row in rows:
+        report = guard.check(row["response"], prompt=row["prompt"])
+        if report.halt:
+            halts.append({"prompt": row["prompt"], "topic": row["topic"],
+                          "halt_at": report.halt.at, "tokens": report.tokens})
+    return {"records": len(rows), "halted": len(halts), "halts": halts}
+
+
 def _plot(k_curve: list[dict[str, Any]], budget: list[dict[str, Any]],
           points: dict[str, dict[str, Any]], path: Path) -> str | None:
     try:
@@ -279,6 +303,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     check = _eval_check(weights, records, scores, threshold, k,
                         QUICK_EVAL_RECORDS if quick else eval_records,
                         work) if eval_records else None
+    sensitive = _sensitive_benign(weights, threshold, k)
     plot = _plot(k_curve, budget, {"streaming (shipped)": streaming, "full detection": full,
                                    "windowed 200/50": windowed, "keyword": keyword},
                  figures_dir() / PLOT_NAME)
@@ -298,7 +323,8 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         "streaming": streaming, "streaming_without_own_answers": streaming_rest,
         "full_detection": full, "windowed": windowed,
         "keyword": keyword, "targets_met": targets, "k_curve": k_curve, "budget_curve": budget,
-        "topic_vs_harm": topic_check, "by_kind": by_kind, "guardrail_eval_check": check,
+        "topic_vs_harm": topic_check, "sensitive_benign": sensitive, "by_kind": by_kind,
+        "guardrail_eval_check": check,
         "validation": config.get("metrics", {}).get("val"), "splits": config.get("splits"),
         "plot": plot, "features_seconds": round(features_s, 1),
         "seconds": round(time.perf_counter() - t0, 1), "samples": samples,
@@ -362,6 +388,14 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {n[key]} | {_f(tc['streaming'][key])} | "
                      f"{_f(tc['full'][key])} | {_f(tc['windowed'][key])} | "
                      f"{_f(tc['keyword'][key])} |")
+    sensitive = result.get("sensitive_benign")
+    if sensitive:
+        which = "; ".join(f"{h['prompt']!r} at token {h['halt_at']} of {h['tokens']}"
+                          for h in sensitive["halts"])
+        lines += ["", f"Hand-written benign answers on sensitive topics (plain prose, in no "
+                  f"split; `replays/sensitive_benign.jsonl`): the streaming rule halts "
+                  f"{sensitive['halted']} of {sensitive['records']}"
+                  + (f" ({which})." if which else ".")]
     check = result.get("guardrail_eval_check")
     if check:
         g, c = check["guardrail_eval"], check["cached"]
