@@ -84,10 +84,21 @@ def _by_kind(kinds: list[str], labels: list[int], fired: dict[str, list[int]]
     return out
 
 
+def _guard(weights: Path, threshold: float, k: int) -> Any:
+    """A guard running the head with the rule under test, as a user's policy would."""
+    from guardrail import Guard
+
+    return Guard.from_policy({"version": 1, "observer": {"model": "smollm2-135m"},
+                              "monitors": [{"id": "harm", "use": "harmful-content",
+                                            "threshold": threshold,
+                                            "rule": {"kind": "count", "k": k},
+                                            "action": "halt",
+                                            "options": {"weights": str(weights)}}]})
+
+
 def _eval_check(weights: Path, records: list[Any], scores: list[list[float]],
                 threshold: float, k: int, n: int, work: Path) -> dict[str, Any]:
     """``guardrail eval`` (real streamed sessions) on ``n`` records vs the cached computation."""
-    from guardrail import Guard
     from guardrail.evaluate import evaluate
     from guardrail.probes.calibrate import streaming_metrics
 
@@ -101,12 +112,8 @@ def _eval_check(weights: Path, records: list[Any], scores: list[list[float]],
                                         "response": records[i].response,
                                         "label": records[i].label}) + "\n" for i in chosen),
                     encoding="utf-8")
-    policy = {"version": 1, "observer": {"model": "smollm2-135m"},
-              "monitors": [{"id": "harm", "use": "harmful-content", "threshold": threshold,
-                            "rule": {"kind": "count", "k": k}, "action": "halt",
-                            "options": {"weights": str(weights)}}]}
     t0 = time.perf_counter()
-    result = evaluate(Guard.from_policy(policy), path)
+    result = evaluate(_guard(weights, threshold, k), path)
     seconds = time.perf_counter() - t0
     cached = streaming_metrics([scores[i] for i in chosen], [int(records[i].label or 0)
                                                               for i in chosen], threshold, k)
@@ -121,16 +128,9 @@ def _sensitive_benign(weights: Path, threshold: float, k: int) -> dict[str, Any]
     sensitive topics (``replays/sensitive_benign.jsonl``): every halt is a false one."""
     from importlib.resources import files
 
-    from guardrail import Guard
-
     path = files("guardrail_harmful_content") / "replays" / "sensitive_benign.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    guard = Guard.from_policy({"version": 1, "observer": {"model": "smollm2-135m"},
-                               "monitors": [{"id": "harm", "use": "harmful-content",
-                                             "threshold": threshold,
-                                             "rule": {"kind": "count", "k": k},
-                                             "action": "halt",
-                                             "options": {"weights": str(weights)}}]})
+    guard = _guard(weights, threshold, k)
     halts = []
     for row in rows:
         report = guard.check(row["response"], prompt=row["prompt"])

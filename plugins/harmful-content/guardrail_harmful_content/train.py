@@ -244,6 +244,28 @@ def calibrate(scores: Sequence[Sequence[float]], labels: Sequence[int],
                              max_fraction_seen=max_fraction_seen)
 
 
+def _val_decision(scores: Sequence[Sequence[float]], labels: Sequence[int],
+                  config: TrainConfig) -> dict[str, Any]:
+    """The shipped rule chosen on validation scores under ``config``'s caps, as the weights'
+    JSON records it: threshold, rule, full-detection threshold, calibration and metrics."""
+    choice = calibrate(scores, labels, config.max_false_halt_rate, config.max_fraction_seen)
+    full_t = full_threshold(scores, labels)
+    return {
+        "threshold": choice.threshold,
+        "rule": {"kind": "count", "k": choice.k},
+        "full_detection_threshold": full_t,
+        "calibration": {"objective": "macro_f1", "split": "val", "max_k": MAX_K,
+                        "thresholds": list(THRESHOLDS),
+                        "benign_quantiles": list(BENIGN_QUANTILES),
+                        "max_false_halt_rate": config.max_false_halt_rate,
+                        "max_fraction_seen": config.max_fraction_seen,
+                        "constraint_met": choice.constraint_met},
+        "metrics": {"val": {"streaming": streaming_report(scores, labels, choice.threshold,
+                                                          choice.k),
+                            "full": full_report(scores, labels, full_t)}},
+    }
+
+
 def _streaming_metric(max_false_halt_rate: float, max_fraction_seen: float | None = None,
                       ) -> MetricFn:
     """Epoch selection: the calibrated streaming macro-F1 on validation (the shipped decision)."""
@@ -329,12 +351,9 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     head = DualHead.ensemble([m.head for m in members])
     timings["train_s"] = time.perf_counter() - t
 
-    val_scores = prefix_scores(head, stack_layers(val_set, best.layers, config.pooling))
-    choice = calibrate(val_scores, val_labels, config.max_false_halt_rate,
-                       config.max_fraction_seen)
-    streaming = streaming_report(val_scores, val_labels, choice.threshold, choice.k)
-    full_t = full_threshold(val_scores, val_labels)
-    full = full_report(val_scores, val_labels, full_t)
+    decision = _val_decision(
+        prefix_scores(head, stack_layers(val_set, best.layers, config.pooling)), val_labels,
+        config)
     timings["total_s"] = time.perf_counter() - t0
 
     saved = {
@@ -344,15 +363,8 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
         "pooling": config.pooling,
         "dims": {"hidden_size": int(observer.hidden_size), "input_size": best.head.hidden_size,
                  "observer_layers": n_layers},
-        "threshold": choice.threshold,
-        "rule": {"kind": "count", "k": choice.k},
-        "full_detection_threshold": full_t,
-        "calibration": {"objective": "macro_f1", "split": "val", "max_k": MAX_K,
-                        "thresholds": list(THRESHOLDS),
-                        "benign_quantiles": list(BENIGN_QUANTILES),
-                        "max_false_halt_rate": config.max_false_halt_rate,
-                        "max_fraction_seen": config.max_fraction_seen,
-                        "constraint_met": choice.constraint_met},
+        **{k: decision[k] for k in ("threshold", "rule", "full_detection_threshold",
+                                    "calibration")},
         "data": _data_summary(manifest, config),
         "splits": {"train": len(features["train"]), "val": len(val_set),
                    "train_prefix_views": len(train_set) - len(features["train"]),
@@ -372,7 +384,7 @@ def train(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
                          "members_best_epoch": [m.best_epoch for m in members],
                          "how": ENSEMBLE_HOW[bool(config.sequence_hidden)]}
                      if len(members) > 1 else None},
-        "metrics": {"val": {"streaming": streaming, "full": full}},
+        "metrics": decision["metrics"],
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     weights = save_probe(config.out, head, saved, name=NAME)
@@ -408,34 +420,19 @@ def recalibrate(config: TrainConfig, observer: Any = None) -> dict[str, Any]:
     labels = [_label(r) for r in val]
     if len(set(labels)) < 2:
         raise ValueError("the validation split needs harmful and harmless records")
-    scores = prefix_scores(head, stack_layers(val, layers, pooling))
-    choice = calibrate(scores, labels, config.max_false_halt_rate, config.max_fraction_seen)
-    full_t = full_threshold(scores, labels)
+    decision = _val_decision(prefix_scores(head, stack_layers(val, layers, pooling)), labels,
+                             config)
     before = {"weights": str(loaded.path), "threshold": loaded.config.get("threshold"),
               "rule": loaded.config.get("rule"),
               "calibration": loaded.config.get("calibration"),
               "metrics": loaded.config.get("metrics")}
     saved = {k: v for k, v in loaded.config.items() if k not in ("format", "version", "name",
                                                                   "head", "tensors")}
-    saved.update({
-        "threshold": choice.threshold,
-        "rule": {"kind": "count", "k": choice.k},
-        "full_detection_threshold": full_t,
-        "calibration": {**(loaded.config.get("calibration") or {}), "split": "val",
-                        "max_k": MAX_K, "thresholds": list(THRESHOLDS),
-                        "benign_quantiles": list(BENIGN_QUANTILES),
-                        "max_false_halt_rate": config.max_false_halt_rate,
-                        "max_fraction_seen": config.max_fraction_seen,
-                        "constraint_met": choice.constraint_met},
-        "recalibrated_from": before,
-        "metrics": {"val": {"streaming": streaming_report(scores, labels, choice.threshold,
-                                                          choice.k),
-                            "full": full_report(scores, labels, full_t)}},
-        "timings": {"total_s": round(time.perf_counter() - t0, 1)},
-    })
+    saved.update({**decision, "recalibrated_from": before,
+                  "timings": {"total_s": round(time.perf_counter() - t0, 1)}})
     weights = save_probe(config.out, head, saved, name=NAME)
-    _say(config, f"re-calibrated {loaded.path}: threshold {choice.threshold}, k {choice.k}; "
-                 f"saved {weights}")
+    _say(config, f"re-calibrated {loaded.path}: threshold {saved['threshold']}, k "
+                 f"{saved['rule']['k']}; saved {weights}")
     return {**saved, "weights": str(weights)}
 
 
