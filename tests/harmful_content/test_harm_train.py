@@ -73,7 +73,8 @@ def test_a_read_cap_bounds_the_calibrated_share_read(
 
 
 def test_recalibrate_chooses_the_rule_again_and_keeps_the_heads(
-        tiny_trainer: tuple[Callable[[list[str]], int], list[str], Path], capsys: Any) -> None:
+        tiny_trainer: tuple[Callable[[list[str]], int], list[str], Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.numpy import load_file
 
     trainer, args, out = tiny_trainer

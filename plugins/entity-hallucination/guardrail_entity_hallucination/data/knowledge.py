@@ -86,10 +86,11 @@ def _row(n: int, k: int, record: dict[str, Any], span: dict[str, Any], writer: T
     return row
 
 
-def _done(path: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _done(path: Path, records: Sequence[dict[str, Any]],
+          expected: Sequence[tuple[int, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows already in ``path``, checked against the ``expected`` spans in order."""
     if not path.exists():
         return []
-    expected = list(_spans(records))
     rows: list[dict[str, Any]] = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
@@ -113,8 +114,9 @@ def observer_knowledge(data_file: Path, writer: TextWriter, facts: FactBase,
     records = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()
                if line.strip()]
     path = knowledge_file(data_file)
-    rows = _done(path, records)
-    todo = list(_spans(records))[len(rows):]
+    spans = list(_spans(records))
+    rows = _done(path, records, spans)
+    todo = spans[len(rows):]
     checker = Checker(facts)
     with path.open("a", encoding="utf-8") as fh:
         for n, k, span in tqdm(todo, desc="observer knowledge", unit="span",
