@@ -9,6 +9,12 @@ Per batch of newly final tokens:
   2. every monitor scores the new tokens from its per-stream state;
   3. rules turn scores into verdicts; the policy maps verdicts to actions;
   4. release: text older than the hold-back window is released; a halt retracts the rest.
+
+Text streams read by an observer gather their batches and read them in one forward when a
+decision is due (``_read_due``): before an unread token would be released, once
+``observer.max_delay_ms`` has passed since text was waiting on the read, or at the end. The
+gathered batches are then scored and released one by one, as they arrived, so what is released
+and where each verdict lands are those of reading every batch at once; only the release waits.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 from .errors import GuardrailError
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, Score
-from .policy import MonitorSpec
+from .policy import MonitorSpec, ObserverSpec
 from .rules import RuleState, Verdict
-from .stream import Aligner, StreamStep, TokenSpan
+from .stream import Aligner, StreamStep, TokenLogprob, TokenSpan
 
 if TYPE_CHECKING:
     from .guard import Guard
+    from .observer import ObservedBatch
 
 __all__ = ["GuardSession", "Report"]
 
@@ -55,6 +62,16 @@ class _Run:
 
 
 @dataclass
+class _Unread:
+    """A batch of final tokens waiting for the observer, with what its monitors will see."""
+
+    tokens: list[TokenSpan]
+    text_len: int  # the response's length when the batch arrived (Features.text)
+    logprobs: Sequence[TokenLogprob] | None
+    final: bool
+
+
+@dataclass
 class Report:
     """What happened to one stream."""
 
@@ -73,6 +90,7 @@ class Report:
     aborted: str | None = None
     final_events: list[Event] = field(default_factory=list)
     scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    observer_reads: int = 0  # observer forwards over this stream's response
 
     @property
     def leaked_tokens(self) -> int:
@@ -96,6 +114,7 @@ class Report:
             "monitor_seconds": self.monitor_seconds,
             "observer_seconds": self.observer_seconds,
             "wall_seconds": self.wall_seconds,
+            "observer_reads": self.observer_reads,
             "aborted": self.aborted,
         }
 
@@ -141,6 +160,15 @@ class GuardSession:
         self._observer_seconds = 0.0
         self._observer_state: Any = None
         self._observer_failed = False
+        self._observer_reads = 0
+        # Reads wait for a decision to be due (module docstring); hold-back 0 or max_delay_ms 0
+        # reads every batch at once.
+        max_delay_ms = (self.policy.observer or ObserverSpec()).max_delay_ms
+        self._max_delay = max_delay_ms / 1000
+        self._defer = self.hold_back > 0 and max_delay_ms > 0
+        self._unread: list[_Unread] = []
+        self._unread_count = 0
+        self._waiting_since: float | None = None  # when text first waited on the next read
         self._t0 = time.perf_counter()
         self._generator_mode: bool | None = None
         self._runs: list[_Run] = []
@@ -221,6 +249,8 @@ class GuardSession:
             self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, final=True)
+            elif self._unread:
+                self._read(events)
         if self.halted is None:
             for run in self._active_runs():
                 try:
@@ -280,20 +310,84 @@ class GuardSession:
         self, tokens: list[TokenSpan], events: list[Event], *, step: StreamStep | None = None,
         final: bool = False,
     ) -> None:
+        """Newly final tokens: scored at once, or, when the observer must read them, gathered
+        until a read is due."""
+        logprobs = step.logprobs if step is not None else None
+        generated = step is not None and step.tokens is not None
+        if not generated and self.guard.needs.observer and not self._observer_failed:
+            self._unread.append(_Unread(tokens, len(self.text), logprobs, final))
+            self._unread_count += len(tokens)
+            if final or self._read_due():
+                self._read(events)
+            return
+        features = self._features(tokens, len(self.text), logprobs, final)
+        if step is not None and generated:
+            features.hidden = step.hidden or {}
+            features.logits = step.logits
+        self._score(features, events)
+
+    def _read_due(self) -> bool:
+        """Whether the unread tokens must be read now: reading later would release an unread
+        token, or text has waited on this read for ``max_delay_ms``."""
+        if not self._defer:
+            return True
+        first_unread = self.tokens
+        releasable = first_unread + self._unread_count - self.hold_back
+        if releasable > first_unread:
+            return True
+        if releasable <= self._released_tokens:
+            return False  # reading now would release nothing more: no reader is waiting
+        now = time.perf_counter()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - self._waiting_since >= self._max_delay
+
+    def _read(self, events: list[Event]) -> None:
+        """One observer forward over every unread batch; then each batch is scored and released
+        in arrival order, exactly as if it had been read alone."""
+        unread, self._unread = self._unread, []
+        self._unread_count, self._waiting_since = 0, None
+        tokens = [t for u in unread for t in u.tokens]
+        batch: ObservedBatch | None = None
+        error: Exception | None = None
+        t0 = time.perf_counter()
+        try:
+            if self._observer_state is None:
+                self._observer_state = self.guard.observer.start(self.messages, self.guard.needs)
+            batch = self.guard.observer.extend(self._observer_state, tokens, self.guard.needs)
+            self._observer_reads += 1
+        except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
+            error = exc
+        self._observer_seconds += time.perf_counter() - t0
+        offset = 0
+        for u in unread:
+            features = self._features(u.tokens, u.text_len, u.logprobs, u.final)
+            if error is not None:
+                self._observer_failure(error, events)
+                error = None
+                if self.halted is not None:
+                    return
+            elif batch is not None:
+                _fill(features, batch, offset, len(u.tokens), whole=len(unread) == 1)
+            offset += len(u.tokens)
+            self._score(features, events)
+            if self.halted is not None or self.route_pending is not None:
+                return  # like upstream text after a halt or a route, the later batches drop
+
+    def _features(self, tokens: list[TokenSpan], text_len: int,
+                  logprobs: Sequence[TokenLogprob] | None, final: bool) -> Features:
+        """The tokens become read (their offsets recorded) and their features start."""
         first = self.tokens
         for t in tokens:
             self._token_starts.append(t.start)
             self._token_ends.append(t.end)
-        features = Features(tokens, first, self.text, final=final)
-        if step is not None and step.logprobs:
-            features.logprobs = step.logprobs
-        if step is not None and step.tokens is not None:
-            features.hidden = step.hidden or {}
-            features.logits = step.logits
-        elif self.guard.needs.observer and not self._observer_failed:
-            self._observe(features, events)
-            if self.halted is not None:
-                return
+        text = self.text if text_len == len(self.text) else self.text[:text_len]
+        features = Features(tokens, first, text, final=final)
+        if logprobs:
+            features.logprobs = logprobs
+        return features
+
+    def _score(self, features: Features, events: list[Event]) -> None:
         for run in self._active_runs():
             t0 = time.perf_counter()
             try:
@@ -316,26 +410,13 @@ class GuardSession:
         if releasable > self._released_tokens:
             self._release(self._token_ends[releasable - 1], releasable, events)
 
-    def _observe(self, features: Features, events: list[Event]) -> None:
-        observer = self.guard.observer
-        t0 = time.perf_counter()
-        try:
-            if self._observer_state is None:
-                self._observer_state = observer.start(self.messages, self.guard.needs)
-            batch = observer.extend(self._observer_state, features.tokens, self.guard.needs)
-        except Exception as exc:  # noqa: BLE001
-            self._observer_failed = True
-            self._observer_seconds += time.perf_counter() - t0
-            dependants = [r for r in self._active_runs() if r.needs.observer]
-            for run in dependants:
-                self._fail(run, exc, events, source="observer")
-                if self.halted is not None:
-                    return
-            return
-        self._observer_seconds += time.perf_counter() - t0
-        features.hidden = batch.hidden
-        features.logits = batch.logits
-        features.top_logits = batch.top_logits
+    def _observer_failure(self, exc: Exception, events: list[Event]) -> None:
+        self._observer_failed = True
+        dependants = [r for r in self._active_runs() if r.needs.observer]
+        for run in dependants:
+            self._fail(run, exc, events, source="observer")
+            if self.halted is not None:
+                return
 
     def _judge(self, run: _Run, scores: list[Score], events: list[Event]) -> None:
         if run.scores is not None:
@@ -465,6 +546,7 @@ class GuardSession:
             aborted=aborted,
             final_events=final_events,
             scores={r.spec.id: r.scores for r in self._runs if r.scores is not None},
+            observer_reads=self._observer_reads,
         )
         self.report = report
         try:
@@ -472,3 +554,14 @@ class GuardSession:
         except Exception:
             log.exception("a guardrail_session_end hook failed")
         return report
+
+
+def _fill(features: Features, batch: ObservedBatch, start: int, count: int, *,
+          whole: bool) -> None:
+    """Give ``features`` rows ``start .. start + count`` of a read (all of it when ``whole``)."""
+    def rows(array: Any) -> Any:
+        return array if whole or array is None else array[start:start + count]
+
+    features.hidden = {layer: rows(h) for layer, h in batch.hidden.items()}
+    features.logits = rows(batch.logits)
+    features.top_logits = rows(batch.top_logits)
