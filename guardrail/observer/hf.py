@@ -30,6 +30,7 @@ __all__ = [
     "load_model_dir",
     "load_smollm2",
     "resolve_device",
+    "resolve_threads",
     "smollm2_dir",
     "smollm2_gguf",
 ]
@@ -160,6 +161,7 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
                             "observers load safetensors only (save with safe_serialization)")
     dtype = getattr(torch, str(options.pop("dtype", "float32")))
     device = resolve_device(name, options.pop("device", None))
+    threads = resolve_threads(name, options.pop("threads", None))
     if backend == "onnx" and device.type != "cpu":
         raise ObserverError(f"observer {name!r}: the onnx backend runs on the CPU; drop "
                             f"observer.options.device ({device}) or set observer.backend to "
@@ -175,10 +177,14 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if backend == "onnx":
         from .onnx_backend import OnnxObserver
 
-        return OnnxObserver.from_torch(name, model, tokenizer, window, path, options)
+        return OnnxObserver.from_torch(name, model, tokenizer, window, path,
+                                       {**options, "threads": threads})
     if backend != "torch":
         raise ObserverError(f"observer.backend must be 'torch' or 'onnx', got {backend!r}")
     from .model import TorchObserver
+
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
 
     return TorchObserver(name, model, tokenizer, window)
 
@@ -204,6 +210,30 @@ def resolve_device(name: str, value: Any) -> Any:
             raise ObserverError(f"observer {name!r}: observer.options.device {value!r}: torch "
                                 f"sees {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+def resolve_threads(name: str, value: Any) -> int | None:
+    """``observer.options.threads``: CPU threads per forward (torch intra-op, ONNX Runtime).
+
+    A positive integer, or ``"auto"`` (the default): the ``OMP_NUM_THREADS`` the process was
+    started with when set, else 1 when fewer than two cores are idle, else 2. One stream's read of
+    a few tokens gains little past two threads, and a thread that waits for a busy core stalls
+    every forward (docs/observer.md has the measurements). ``None``: leave the process's setting
+    (only when ``OMP_NUM_THREADS`` is set to something that is not a number)."""
+    if value is None or value == "auto":
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if env:
+            return int(env) if env.isdigit() and int(env) > 0 else None
+        cores = os.cpu_count() or 1
+        try:
+            idle = cores - os.getloadavg()[0]
+        except OSError:  # no load average on this platform
+            idle = float(cores)
+        return 1 if idle < 2 else 2
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ObserverError(f"observer {name!r}: observer.options.threads must be a positive "
+                            f"integer or 'auto', got {value!r}")
+    return value
 
 
 def load_smollm2(spec: ObserverSpec) -> Any:
