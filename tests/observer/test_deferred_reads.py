@@ -14,7 +14,7 @@ import torch
 
 from guardrail import Features, Guard, Monitor, Needs, Score
 from guardrail.errors import GuardrailError
-from guardrail.events import Event, Flag, Halt, Release
+from guardrail.events import Event, Flag, Halt, Release, Route
 from guardrail.observer.hf import load_model_dir
 from guardrail.policy import Policy
 from guardrail.session import Report
@@ -215,3 +215,43 @@ def test_default_guard_gathered_reads_match_per_delta_reads() -> None:
             seen.append((_seen(events + report.final_events, report), report.observer_reads))
         assert seen[0][0] == seen[1][0]
         assert seen[1][1] < seen[0][1]
+
+
+def _route_run(observer: Any, max_delay_ms: float) -> tuple[list[Event], Report]:
+    policy = {
+        "observer": {"max_delay_ms": max_delay_ms},
+        "release": {"hold_back_tokens": 4},
+        "monitors": [
+            {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
+            {"id": "to-large", "use": "word-end", "threshold": 0.5, "action": "route",
+             "route_to": {"model": "large"}},
+        ],
+    }
+    with plugin_monitors(row_norm=RowNormMonitor, word_end=WordEndMonitor) as host:
+        guard = Guard.from_policy(policy, host=host, observer=observer)
+        session = guard.session(prompt="Tell me about France.", record_scores=True,
+                                can_route=True)
+        events: list[Event] = []
+        upstream = iter(w + " " for w in TEXT.split(" "))
+        for delta in upstream:
+            out = session.feed(delta)
+            events += out
+            route = next((e for e in out if isinstance(e, Route)), None)
+            if route is not None:  # the driver continues with the target from the prefix
+                session.reroute(route.at_char)
+                for word in "Lyon, said the large model, and then the stream ends.".split(" "):
+                    events += session.feed(" " + word)
+                break
+        report = session.finish()
+    return events + report.final_events, report
+
+
+def test_a_route_found_by_a_gathered_read_cuts_back_like_a_read_per_delta(observer: Any) -> None:
+    """The route lands on the same token; the tokens read past it are forgotten by the observer
+    too (the states of the target's text match a read per delta)."""
+    every_events, every = _route_run(observer, 0)
+    gathered_events, gathered = _route_run(observer, 1e9)
+    assert [r.at for r in gathered.routes] == [r.at for r in every.routes] != []
+    assert _seen(gathered_events, gathered) == _seen(every_events, every)
+    assert gathered.released_text.endswith("and then the stream ends.")
+    _scores_close(gathered, every)

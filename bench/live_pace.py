@@ -1,0 +1,245 @@
+"""One live stream: can the default guard keep pace with an API stream fed word by word?
+
+    python -m bench.live_pace            # full run (writes bench/results/live_pace.json)
+    python -m bench.live_pace --quick    # torch, one thread, idle, 40 tokens (a smoke test)
+
+The default policy (every built-in monitor on SmolLM2-135M) guards SmolLM2's own answers
+(plugins/harmful-content/.../data/own_answers.jsonl, the first ``TOKENS`` tokens of them), one word
+per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
+``observer.options.threads``), load (idle, or with another process keeping one core busy: a
+``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
+0``, the scheme before) or a read when a decision is due (the default). Each configuration runs in
+its own process.
+
+- *tokens/s*: the stream fed as fast as the guard takes it (feed calls back to back, then finish).
+- *added latency*: the stream paced at ``PACE`` tokens/s (word deltas scheduled at the answer's
+  token rate); per released token, when the reader got it minus when an instant guard with the
+  same hold-back would have released it (the arrival of the delta that put it outside the
+  hold-back window, or the end of the stream). A guard that falls behind the pace piles latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import median, p95, write_result
+
+NAME = "live_pace"
+TOKENS = 354
+QUICK_TOKENS = 40
+PACE = 50.0  # tokens/s of the paced upstream (LLM APIs stream 30-100)
+BACKENDS = ["torch", "onnx"]
+THREADS = [1, 2]
+READS = {"per delta": 0.0, "when due": None}  # observer.max_delay_ms; None: the policy default
+
+
+def _answers(tokenizer: Any, budget: int) -> list[tuple[str, list[str]]]:
+    """(prompt, word deltas) of SmolLM2's own answers, cut to ``budget`` tokens in all."""
+    from importlib import resources
+
+    text = resources.files("guardrail_harmful_content").joinpath(
+        "data/own_answers.jsonl").read_text("utf-8")
+    streams: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        row = json.loads(line)
+        words = row["response"].split(" ")
+        deltas = [w + " " for w in words[:-1]] + words[-1:]
+        n = len(tokenizer.tokenize(row["response"]))
+        if n > budget:
+            m = len(deltas)
+            while m > 0 and len(tokenizer.tokenize("".join(deltas[:m]))) > budget:
+                m -= 1
+            deltas = deltas[:m]
+            n = len(tokenizer.tokenize("".join(deltas)))
+        if deltas:
+            streams.append((row["prompt"], deltas))
+        budget -= n
+        if budget <= 0:
+            break
+    return streams
+
+
+def _stream(guard: Any, prompt: str, deltas: list[str], pace: float | None) -> dict[str, Any]:
+    """Feed one answer; per released token, added latency; tokens and wall time."""
+    from guardrail.events import Release
+    from guardrail.stream import Aligner
+
+    hold = guard.policy.release.hold_back_tokens
+    aligner = Aligner(guard.tokenizer)
+    ends: list[int] = []
+    counts: list[int] = []  # final tokens after each delta
+    for d in deltas:
+        ends += [t.end for t in aligner.feed(d)]
+        counts.append(len(ends))
+    ends += [t.end for t in aligner.flush()]
+    per_token = len(ends) / max(1, len(deltas))  # tokens per delta, for the pace
+    session = guard.session(prompt=prompt)
+    marks: list[tuple[int, float]] = []  # (release end char, time the reader got it)
+    arrivals: list[float] = []
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for k, delta in enumerate(deltas):
+        if pace:
+            due = t0 + k * per_token / pace
+            now = time.perf_counter()
+            if now < due:
+                time.sleep(due - now)
+            arrivals.append(due)  # an instant guard would have it now, however late we are
+        else:
+            arrivals.append(time.perf_counter())
+        events = session.feed(delta)
+        t = time.perf_counter()
+        marks += [(e.end, t) for e in events if isinstance(e, Release)]
+        if session.halted is not None:
+            break
+    end = t0 + len(deltas) * per_token / pace if pace else time.perf_counter()
+    report = session.finish()
+    t_end = time.perf_counter()
+    marks += [(e.end, t_end) for e in report.final_events if isinstance(e, Release)]
+    latencies = []
+    for i, char_end in enumerate(ends):
+        got = next((t for e, t in marks if e >= char_end), None)
+        if got is None:
+            continue  # never released (halted)
+        at = next((k for k, c in enumerate(counts) if c - hold > i), None)
+        ideal = arrivals[at] if at is not None and at < len(arrivals) else end
+        latencies.append(got - ideal)
+    return {"tokens": report.tokens, "wall": t_end - t0, "cpu": time.process_time() - c0,
+            "latencies": latencies, "reads": report.observer_reads, "halted": report.halted}
+
+
+def worker(config: dict[str, Any]) -> dict[str, Any]:
+    """In a child process: one guard, the answers fed back to back, then paced."""
+    from guardrail import Guard
+    from guardrail.guard import default_policy
+
+    policy = default_policy()
+    assert policy.observer is not None
+    update: dict[str, Any] = {"backend": config["backend"],
+                              "options": {**policy.observer.options,
+                                          "threads": config["threads"]}}
+    if config["max_delay_ms"] is not None:
+        update["max_delay_ms"] = config["max_delay_ms"]
+    policy = policy.model_copy(update={"observer": policy.observer.model_copy(update=update)})
+    guard = Guard(policy)
+    streams = _answers(guard.tokenizer, config["tokens"])
+    _stream(guard, streams[0][0], streams[0][1][:12], None)  # warm-up: first forward, sessions
+    out: dict[str, Any] = {}
+    for mode, pace in (("fast", None), ("paced", PACE)):
+        runs = [_stream(guard, p, d, pace) for p, d in streams]
+        tokens = sum(r["tokens"] for r in runs)
+        wall = sum(r["wall"] for r in runs)
+        latencies = [x * 1000 for r in runs for x in r["latencies"]]
+        out[mode] = {"tokens": tokens, "tokens_per_s": tokens / wall,
+                     "cpu_ms_per_token": 1000 * sum(r["cpu"] for r in runs) / tokens,
+                     "latency_p50_ms": median(latencies), "latency_p95_ms": p95(latencies),
+                     "reads": sum(r["reads"] for r in runs),
+                     "halted": sum(bool(r["halted"]) for r in runs)}
+    import torch
+
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def _run_worker(config: dict[str, Any]) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    env.pop("OMP_NUM_THREADS", None)  # the policy's observer.options.threads decides
+    hog = None
+    if config["busy"]:
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.live_pace", "--worker",
+                              json.dumps(config)], env=env, cwd=root, capture_output=True,
+                             text=True, check=False)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    if out.returncode != 0:
+        raise RuntimeError(f"live_pace worker {config} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS)
+    parser.add_argument("--tokens", type=int, default=None, help="answer tokens per run")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return None
+    backends = args.backends or (["torch"] if args.quick else BACKENDS)
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    rows = []
+    load_before = os.getloadavg()[0]
+    for backend in backends:
+        for threads in THREADS[:1] if args.quick else THREADS:
+            for busy in (False,) if args.quick else (False, True):
+                for reads, delay in READS.items():
+                    config = {"backend": backend, "threads": threads, "busy": busy,
+                              "max_delay_ms": delay, "tokens": tokens}
+                    result = _run_worker(config)
+                    rows.append({**config, "reads_scheme": reads, **result})
+                    print(f"[live_pace] {backend} {threads}t busy={busy} {reads}: "
+                          f"{result['fast']['tokens_per_s']:.1f} tok/s, p95 "
+                          f"{result['paced']['latency_p95_ms']:.0f} ms", file=sys.stderr)
+    return write_result(NAME, {"quick": args.quick, "tokens": tokens, "pace": PACE,
+                               "load_average_before": load_before,
+                               "load_average_after": os.getloadavg()[0], "rows": rows})
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+
+    def find(backend: str, threads: int, busy: bool, reads: str) -> dict[str, Any] | None:
+        return next((r for r in rows if (r["backend"], r["threads"], r["busy"],
+                                         r["reads_scheme"]) == (backend, threads, busy, reads)),
+                    None)
+
+    out = [
+        "## One live stream: the default guard fed word by word",
+        "",
+        f"The default policy on SmolLM2's own answers ({result['tokens']} tokens, one word per "
+        "delta; bench/live_pace.py), each configuration in its own process. *tokens/s*: fed as "
+        "fast as the guard takes it. *Added latency*: paced at "
+        f"{result['pace']:g} tokens/s, per released token, when the reader got it minus when an "
+        "instant guard with the same hold-back would have (p50 / p95). *Reads*: observer "
+        "forwards. *Per delta*: `observer.max_delay_ms: 0` (a read per delta, the scheme "
+        "before); *when due*: the default (reads gathered until a decision is due). *Busy*: "
+        "another process keeps one core busy. Ratio: when due / per delta, same configuration. "
+        f"Load average {result['load_average_before']:.1f} before the run and "
+        f"{result['load_average_after']:.1f} after: the machine was shared, so absolute "
+        "figures are noisy; compare rows of one run.",
+        "",
+        "| backend | threads | load | reads | tokens/s | ratio | added latency ms | reads | "
+        "CPU ms/token |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = find(r["backend"], r["threads"], r["busy"], "per delta")
+        ratio = (f"{r['fast']['tokens_per_s'] / base['fast']['tokens_per_s']:.1f}x"
+                 if base is not None and r["reads_scheme"] != "per delta" else "")
+        out.append(
+            f"| {r['backend']} | {r['threads']} | {'busy' if r['busy'] else 'idle'} | "
+            f"{r['reads_scheme']} | {r['fast']['tokens_per_s']:.1f} | {ratio} | "
+            f"{r['paced']['latency_p50_ms']:.0f} / {r['paced']['latency_p95_ms']:.0f} | "
+            f"{r['fast']['reads']} | {r['fast']['cpu_ms_per_token']:.1f} |")
+    out += ["", "Targets (issue 24): >= 100 tokens/s on torch (>= 200 on ONNX), p95 added "
+            "latency <= 50 ms, and within 2x of that while another process keeps one core busy.",
+            ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
