@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     backends = args.backends or (["torch"] if args.quick else BACKENDS)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-    rows = []
-    load_before = os.getloadavg()[0]
+    header = {"quick": args.quick, "tokens": tokens, "pace": PACE,
+              "load_average_before": os.getloadavg()[0]}
+    rows: list[dict[str, Any]] = []
+    path = None
     for backend in backends:
         for threads in THREADS[:1] if args.quick else THREADS:
             for busy in (False,) if args.quick else (False, True):
@@ -194,9 +196,10 @@ def main(argv: list[str] | None = None) -> Path | None:
                     print(f"[live_pace] {backend} {threads}t busy={busy} {reads}: "
                           f"{result['fast']['tokens_per_s']:.1f} tok/s, p95 "
                           f"{result['paced']['latency_p95_ms']:.0f} ms", file=sys.stderr)
-    return write_result(NAME, {"quick": args.quick, "tokens": tokens, "pace": PACE,
-                               "load_average_before": load_before,
-                               "load_average_after": os.getloadavg()[0], "rows": rows})
+                    # written after every configuration: a long run stopped early keeps its rows
+                    path = write_result(NAME, {**header, "load_average_after": os.getloadavg()[0],
+                                               "rows": rows})
+    return path
 
 
 def render(result: dict[str, Any]) -> str:

@@ -50,8 +50,8 @@ class ObserverSpec(_Strict):
     window: int = Field(2048, ge=16, description="tokens of context kept (KV cache bound)")
     max_delay_ms: float = Field(
         50, ge=0, description="a text stream's new tokens are read in one forward when a "
-        "decision is due: before an unread token would be released, or once released text has "
-        "waited this long (checked as deltas arrive); 0: read every delta")
+        "decision is due: before an unread token would be released, or once text that could be "
+        "released has waited this long (checked as deltas arrive); 0: read every delta")
     options: dict[str, Any] = Field(default_factory=dict, description="observer-specific options")
 
 
