@@ -9,7 +9,7 @@ per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
 ``observer.options.threads``), load (idle, or with another process keeping one core busy: a
 ``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
 0``, the scheme before) or a read when a decision is due (the default). Each configuration runs in
-its own process.
+its own process, the two read schemes in it taking turns stream by stream on one observer.
 
 - *tokens/s*: the stream fed as fast as the guard takes it (feed calls back to back, then finish).
 - *added latency*: the stream paced at ``PACE`` tokens/s (word deltas scheduled at the answer's
@@ -116,35 +116,48 @@ def _stream(guard: Any, prompt: str, deltas: list[str], pace: float | None) -> d
 
 
 def worker(config: dict[str, Any]) -> dict[str, Any]:
-    """In a child process: one guard, the answers fed back to back, then paced."""
+    """In a child process: the answers fed back to back, then paced, through one guard per read
+    scheme on one shared observer; the schemes take turns stream by stream, so both see the same
+    machine load."""
     from guardrail import Guard
     from guardrail.guard import default_policy
 
-    policy = default_policy()
-    assert policy.observer is not None
-    update: dict[str, Any] = {"backend": config["backend"],
-                              "options": {**policy.observer.options,
-                                          "threads": config["threads"]}}
-    if config["max_delay_ms"] is not None:
-        update["max_delay_ms"] = config["max_delay_ms"]
-    policy = policy.model_copy(update={"observer": policy.observer.model_copy(update=update)})
-    guard = Guard(policy)
-    streams = _answers(guard.tokenizer, config["tokens"])
-    _stream(guard, streams[0][0], streams[0][1][:12], None)  # warm-up: first forward, sessions
-    out: dict[str, Any] = {}
-    for mode, pace in (("fast", None), ("paced", PACE)):
-        runs = [_stream(guard, p, d, pace) for p, d in streams]
-        tokens = sum(r["tokens"] for r in runs)
-        wall = sum(r["wall"] for r in runs)
-        latencies = [x * 1000 for r in runs for x in r["latencies"]]
-        out[mode] = {"tokens": tokens, "tokens_per_s": tokens / wall,
-                     "cpu_ms_per_token": 1000 * sum(r["cpu"] for r in runs) / tokens,
-                     "latency_p50_ms": median(latencies), "latency_p95_ms": p95(latencies),
-                     "reads": sum(r["reads"] for r in runs),
-                     "halted": sum(bool(r["halted"]) for r in runs)}
+    base = default_policy()
+    assert base.observer is not None
+    guards: dict[str, Any] = {}
+    for scheme, delay in READS.items():
+        update: dict[str, Any] = {"backend": config["backend"],
+                                  "options": {**base.observer.options,
+                                              "threads": config["threads"]}}
+        if delay is not None:
+            update["max_delay_ms"] = delay
+        policy = base.model_copy(update={"observer": base.observer.model_copy(update=update)})
+        first = next(iter(guards.values()), None)
+        guards[scheme] = Guard(policy, observer=first.observer if first else None)
+    streams = _answers(next(iter(guards.values())).tokenizer, config["tokens"])
+    for guard in guards.values():  # warm-up: first forward, ONNX sessions
+        _stream(guard, streams[0][0], streams[0][1][:12], None)
+    out: dict[str, Any] = {scheme: {} for scheme in guards}
+    for m, (mode, pace) in enumerate((("fast", None), ("paced", PACE))):
+        runs: dict[str, list[dict[str, Any]]] = {scheme: [] for scheme in guards}
+        for k, (prompt, deltas) in enumerate(streams):
+            order = list(guards) if (k + m) % 2 == 0 else list(reversed(guards))
+            for scheme in order:
+                runs[scheme].append(_stream(guards[scheme], prompt, deltas, pace))
+        for scheme, done in runs.items():
+            tokens = sum(r["tokens"] for r in done)
+            wall = sum(r["wall"] for r in done)
+            latencies = [x * 1000 for r in done for x in r["latencies"]]
+            out[scheme][mode] = {
+                "tokens": tokens, "tokens_per_s": tokens / wall,
+                "cpu_ms_per_token": 1000 * sum(r["cpu"] for r in done) / tokens,
+                "latency_p50_ms": median(latencies), "latency_p95_ms": p95(latencies),
+                "reads": sum(r["reads"] for r in done),
+                "halted": sum(bool(r["halted"]) for r in done)}
     import torch
 
-    out["torch_threads"] = torch.get_num_threads()
+    for scheme in out:
+        out[scheme]["torch_threads"] = torch.get_num_threads()
     return out
 
 
@@ -188,17 +201,17 @@ def main(argv: list[str] | None = None) -> Path | None:
     for backend in backends:
         for threads in THREADS[:1] if args.quick else THREADS:
             for busy in (False,) if args.quick else (False, True):
-                for reads, delay in READS.items():
-                    config = {"backend": backend, "threads": threads, "busy": busy,
-                              "max_delay_ms": delay, "tokens": tokens}
-                    result = _run_worker(config)
-                    rows.append({**config, "reads_scheme": reads, **result})
+                config = {"backend": backend, "threads": threads, "busy": busy, "tokens": tokens}
+                results = _run_worker(config)
+                for reads, result in results.items():
+                    rows.append({**config, "reads_scheme": reads,
+                                 "max_delay_ms": READS[reads], **result})
                     print(f"[live_pace] {backend} {threads}t busy={busy} {reads}: "
                           f"{result['fast']['tokens_per_s']:.1f} tok/s, p95 "
                           f"{result['paced']['latency_p95_ms']:.0f} ms", file=sys.stderr)
-                    # written after every configuration: a long run stopped early keeps its rows
-                    path = write_result(NAME, {**header, "load_average_after": os.getloadavg()[0],
-                                               "rows": rows})
+                # written after every configuration: a long run stopped early keeps its rows
+                path = write_result(NAME, {**header, "load_average_after": os.getloadavg()[0],
+                                           "rows": rows})
     return path
 
 
@@ -214,7 +227,8 @@ def render(result: dict[str, Any]) -> str:
         "## One live stream: the default guard fed word by word",
         "",
         f"The default policy on SmolLM2's own answers ({result['tokens']} tokens, one word per "
-        "delta; bench/live_pace.py), each configuration in its own process. *tokens/s*: fed as "
+        "delta; bench/live_pace.py), each configuration in its own process, its two read schemes "
+        "taking turns stream by stream on one observer. *tokens/s*: fed as "
         "fast as the guard takes it. *Added latency*: paced at "
         f"{result['pace']:g} tokens/s, per released token, when the reader got it minus when an "
         "instant guard with the same hold-back would have (p50 / p95). *Reads*: observer "
