@@ -188,7 +188,8 @@ def test_no_read_waits_once_max_delay_has_passed(observer: Any) -> None:
 @pytest.mark.slow
 def test_default_guard_gathered_reads_match_per_delta_reads() -> None:
     """The shipped default guard (harm, entity, router on SmolLM2) on a recorded harmful replay
-    and a benign one, fed word by word: same releases, halts and flags both ways."""
+    that halts and a hallucinated biography, fed word by word: same releases, halts and flags
+    both ways."""
     from guardrail.guard import default_policy
 
     def with_delay(max_delay_ms: float) -> Policy:
@@ -205,7 +206,7 @@ def test_default_guard_gathered_reads_match_per_delta_reads() -> None:
     guard_gathered = Guard(with_delay(1e9), observer=guard_every.observer)
     lines = resources.files("guardrail").joinpath("data/demo_replays.jsonl").read_text("utf-8")
     replays = [json.loads(line) for line in lines.splitlines() if line.strip()]
-    for replay in (replays[1], replays[3]):
+    for replay in (replays[2], replays[3]):
         deltas = [w + " " for w in replay["response"].split(" ")]
         seen = []
         for guard in (guard_every, guard_gathered):
@@ -215,6 +216,8 @@ def test_default_guard_gathered_reads_match_per_delta_reads() -> None:
             seen.append((_seen(events + report.final_events, report), report.observer_reads))
         assert seen[0][0] == seen[1][0]
         assert seen[1][1] < seen[0][1]
+        if replay["expect"] == "halt":
+            assert seen[0][0]["halt"], "the recorded harmful replay no longer halts"
 
 
 def _route_run(observer: Any, max_delay_ms: float) -> tuple[list[Event], Report]:
