@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ._chunks import ChunkGuard, guard_completion, request_messages
 from ._client import AsyncGuardedCompletions, GuardedClient, GuardedCompletions, wrap
+from ._logprobs import LogprobFilter
 from ._stream import AsyncGuardedStream, GuardedStream
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "GuardedClient",
     "GuardedCompletions",
     "GuardedStream",
+    "LogprobFilter",
     "guard_completion",
     "request_messages",
     "wrap",

@@ -3,6 +3,7 @@
 Each choice's content is fed to a session a word at a time, so a halt leaves exactly the text a
 streaming client would have received before the halt message: ``content`` becomes that released
 text plus the halt message, tool calls are dropped and ``finish_reason`` is ``content_filter``.
+Logprob entries are kept only for tokens shown verbatim (see ``guardrail_openai.LogprobFilter``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from guardrail_openai import LogprobFilter
 
 from guardrail import Event, Guard, Release, Report, event_to_dict
 
@@ -51,6 +54,19 @@ def guard_whole(guard: Guard, completion: Mapping[str, Any],
             choice["logprobs"] = None
         else:
             message["content"] = report.released_text
+            _filter_logprobs(choice, content, events)
     if details:
         out["guardrail"] = {"events": details}
     return out, reports
+
+
+def _filter_logprobs(choice: dict[str, Any], content: str, events: list[Event]) -> None:
+    """Keep the logprob entries of tokens the reader sees verbatim (none of a redacted one)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return
+    entries = logprobs.get("content")
+    released = LogprobFilter()
+    released.add(content, entries if isinstance(entries, list) else None)
+    released.see(events)
+    logprobs["content"] = released.take() or None
