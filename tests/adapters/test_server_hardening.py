@@ -7,9 +7,15 @@ clients (openai, httpx)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -142,3 +148,61 @@ def test_wrapper_whole_logprobs_skip_redacted_tokens(upstream_server: UpstreamSe
     logprobs = completion.choices[0].logprobs
     assert logprobs is not None
     assert [e.token for e in logprobs.content or []] == CLEAN_TOKENS
+
+
+# -- Medium 6: credentials in the upstream URL ----------------------------------------------
+
+URL_USER, URL_PASSWORD = "alice", "pw-5e1f0c2b9d"
+URL_BASIC = base64.b64encode(f"{URL_USER}:{URL_PASSWORD}".encode()).decode()
+KEYWORD_POLICY = """\
+release: {hold_back_tokens: 2}
+monitors:
+  - {id: weapons, use: keywords, options: {words: [bomb]}, action: halt}
+"""
+
+
+def _with_credentials(url: str) -> str:
+    return url.replace("http://", f"http://{URL_USER}:{URL_PASSWORD}@")
+
+
+def test_upstream_url_credentials_never_reach_client_or_logs(
+        upstream_server: UpstreamServer, make_guard: Callable[..., Guard],
+        caplog: pytest.LogCaptureFixture) -> None:
+    echoed = (f"bad credentials: Authorization: Basic {URL_BASIC} "
+              f"(user {URL_USER}:{URL_PASSWORD})")
+    upstream_server.enqueue(Script(status=401, error_message=echoed),
+                            Script(status=500, error_message=echoed))
+    caplog.set_level(logging.DEBUG)
+    app = create_app(make_guard(2), upstream=_with_credentials(upstream_server.base_url))
+    with running(app) as proxy:
+        health = httpx.get(f"{proxy.url}/health", timeout=5).text
+        streamed, _ = _sse(proxy, {})
+        whole = httpx.post(f"{proxy.base_url}/chat/completions", timeout=10,
+                           json={"model": "m", "messages": MESSAGES})
+    assert "Authorization: Basic [REDACTED]" in streamed  # the error did reach the client
+    assert whole.status_code == 502 and "[REDACTED]" in whole.text
+    # The credentials still work upstream, as Basic auth (as httpx sends URL user-info).
+    assert upstream_server.requests[-1].headers["authorization"] == f"Basic {URL_BASIC}"
+    seen = health + streamed + whole.text + caplog.text
+    assert URL_PASSWORD not in seen and URL_BASIC not in seen
+
+
+def test_start_up_banner_hides_url_credentials(upstream_server: UpstreamServer,
+                                               tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(KEYWORD_POLICY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail.cli", "serve", "--policy", str(policy),
+         "--upstream", _with_credentials(upstream_server.base_url), "--port", str(port)],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        banner = process.stderr.readline()
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert f"127.0.0.1:{upstream_server.port}/v1" in banner
+    assert URL_PASSWORD not in banner and URL_USER not in banner

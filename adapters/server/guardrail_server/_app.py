@@ -105,7 +105,8 @@ class _Proxy:
             log.warning("chat completion failed: %s", exc.message)
             return JSONResponse(exc.payload(), status_code=exc.status)
         except Exception as exc:  # noqa: BLE001 - the client gets JSON, never a traceback
-            secrets = (auth,) if auth else ()
+            secrets = (self.upstream.secrets(auth) if self.upstream is not None
+                       else (auth,) if auth else ())
             message = scrub(f"{type(exc).__name__}: {exc}", secrets)
             log.error("chat completion failed inside the proxy: %s", message)
             return _error(500, f"guardrail-server failed: {message}", "internal_error",

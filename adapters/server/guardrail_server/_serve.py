@@ -24,6 +24,7 @@ from guardrail import Guard, GuardrailError, Policy
 
 from ._app import create_app
 from ._local import LocalModel
+from ._upstream import public_url
 
 __all__ = ["API_KEY_ENV", "RunningServer", "load_local_model", "running", "serve_cli"]
 
@@ -119,7 +120,7 @@ def serve_cli(args: argparse.Namespace) -> int:
     except GuardrailError as exc:
         print(f"guardrail serve: {exc}", file=sys.stderr)
         return 2
-    target = args.upstream or f"local model {args.local}"
+    target = public_url(args.upstream) if args.upstream else f"local model {args.local}"
     print(f"guardrail serve: http://{args.host}:{args.port}/v1 -> {target} "
           f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
