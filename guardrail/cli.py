@@ -326,8 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8011/v1")
     p.add_argument("--local", help="serve a local model instead, e.g. smollm2-135m")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; one other than loopback needs client keys or "
+                        "--allow-unauthenticated")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="a client key callers must send as 'Authorization: Bearer KEY' "
+                        "(repeatable; also GUARDRAIL_API_KEYS=KEY1,KEY2, which keeps keys out "
+                        "of the process list); never forwarded upstream")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="N",
+                   help="refuse larger request bodies with 413 (default: 4 MiB)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen on a non-loopback --host without client keys")
     p.set_defaults(func=cmd_serve)
     return parser
 

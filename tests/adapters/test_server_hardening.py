@@ -7,12 +7,15 @@ clients (openai, httpx)."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -21,10 +24,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from guardrail_server import RunningServer, create_app, running
+from guardrail_server import CLIENT_KEYS_ENV, RunningServer, create_app, running, serve_cli
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from guardrail import Guard
+from guardrail.cli import build_parser
 from guardrail.testing.upstream import Script, UpstreamServer
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "call me"}]
@@ -206,3 +210,110 @@ def test_start_up_banner_hides_url_credentials(upstream_server: UpstreamServer,
         process.wait(10)
     assert f"127.0.0.1:{upstream_server.port}/v1" in banner
     assert URL_PASSWORD not in banner and URL_USER not in banner
+
+
+# -- Medium 9: not an open relay ------------------------------------------------------------
+
+CLIENT_KEYS = ["client-key-one-7d1e", "client-key-two-93ab"]
+UPSTREAM_KEY = "sk-upstream-key-0c4f"
+
+
+def _post(proxy: RunningServer, key: str | None, **body: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{proxy.base_url}/chat/completions", timeout=10, headers=headers,
+                      json={"model": "m", "messages": MESSAGES, **body})
+
+
+def test_client_keys_are_required_and_stay_in_the_proxy(upstream_server: UpstreamServer,
+                                                        serve: Serve,
+                                                        make_guard: Callable[..., Guard]
+                                                        ) -> None:
+    with serve(make_guard(2), client_keys=CLIENT_KEYS, api_key=UPSTREAM_KEY) as proxy:
+        refused = [_post(proxy, None), _post(proxy, "client-key-one-7d1"),
+                   _post(proxy, CLIENT_KEYS[0] + "x"),
+                   httpx.get(f"{proxy.base_url}/models", timeout=5)]
+        answered = _post(proxy, CLIENT_KEYS[1])
+        streamed, _ = _sse(proxy, {}, headers={"Authorization": f"Bearer {CLIENT_KEYS[0]}"})
+        models = httpx.get(f"{proxy.base_url}/models", timeout=5,
+                           headers={"Authorization": f"Bearer {CLIENT_KEYS[0]}"})
+    for response in refused:
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"]
+    assert streamed.rstrip().endswith("data: [DONE]") and '"error"' not in streamed
+    assert models.status_code == 200
+    # Only allowed requests reached the upstream, each with the proxy's upstream key.
+    seen = [r.headers.get("authorization") for r in upstream_server.requests]
+    assert seen == [f"Bearer {UPSTREAM_KEY}"] * 3
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(upstream_server: UpstreamServer,
+                                                          serve: Serve,
+                                                          make_guard: Callable[..., Guard]
+                                                          ) -> None:
+    padding = "x" * 64 * 1024
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        body = json.dumps({"model": "m", "messages": MESSAGES, "pad": padding}).encode()
+        for i in range(0, len(body), 1024):
+            yield body[i:i + 1024]
+
+    with serve(make_guard(2), max_body_bytes=16 * 1024) as proxy:
+        declared = _post(proxy, None, pad=padding)
+        streamed = httpx.post(f"{proxy.base_url}/chat/completions", content=chunked(),
+                              timeout=10)
+        small = _post(proxy, None)
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["code"] == "request_too_large" and "16384 bytes" in error["message"]
+    assert small.status_code == 200
+    assert len(upstream_server.completions()) == 1
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_cli_refuses_a_public_host_without_client_keys(upstream_server: UpstreamServer,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    monkeypatch.delenv(CLIENT_KEYS_ENV, raising=False)
+    args = _serve_args("--upstream", upstream_server.base_url, "--host", "0.0.0.0")
+    assert serve_cli(args) == 2
+    error = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0" in error and "--api-key" in error
+    assert "--allow-unauthenticated" in error
+    assert _serve_args("--upstream", "u").max_body_bytes == 4 * 1024 * 1024
+
+
+def test_cli_reads_client_keys_from_the_environment(upstream_server: UpstreamServer,
+                                                    tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(KEYWORD_POLICY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, CLIENT_KEYS_ENV: ",".join(CLIENT_KEYS)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail.cli", "serve", "--policy", str(policy),
+         "--upstream", upstream_server.base_url, "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "m", "messages": MESSAGES}
+    try:
+        assert process.stderr is not None
+        assert "client keys: 2" in process.stderr.readline()
+        for _ in range(100):  # the banner comes just before uvicorn binds
+            try:
+                refused = httpx.post(url, json=body, timeout=5)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        allowed = httpx.post(url, json=body, timeout=10,
+                             headers={"Authorization": f"Bearer {CLIENT_KEYS[1]}"})
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert refused.status_code == 401 and allowed.status_code == 200

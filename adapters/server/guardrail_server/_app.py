@@ -6,15 +6,17 @@
 
 Per request the app holds nothing but the request's own ChunkGuard/sessions; the Guard is shared
 (it is stateless per stream). The caller's ``Authorization`` header goes to the upstream and
-nowhere else: not into logs, session metadata, events, reports or error messages.
+nowhere else: not into logs, session metadata, events, reports or error messages. With client
+keys (``client_keys=``) that header is the caller's proxy key instead: checked, never forwarded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -29,6 +31,7 @@ from starlette.routing import Route
 
 from guardrail import Guard
 
+from ._access import DEFAULT_MAX_BODY_BYTES, BodyTooLarge, ClientKeys, read_body
 from ._generation import generator_completion, generator_sse, is_generator
 from ._local import LocalModel, local_chunks, local_completion
 from ._sse import SSEResponse
@@ -51,7 +54,8 @@ class _Proxy:
     """The request handlers, bound to one guard and one upstream (or local model)."""
 
     def __init__(self, guard: Guard, upstream: Upstream | None, local: LocalModel | None,
-                 offload: bool, on_report: ReportHook | None) -> None:
+                 offload: bool, on_report: ReportHook | None, keys: ClientKeys,
+                 max_body_bytes: int) -> None:
         self.guard = guard
         self.upstream = upstream
         self.local = local
@@ -59,6 +63,20 @@ class _Proxy:
         self.generator = local if local is not None and is_generator(local) else None
         self.offload = offload
         self.on_report = on_report
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+
+    def _caller(self, request: Request) -> tuple[Response | None, str | None]:
+        """(a 401 for a caller without a valid client key, else None; the Authorization value
+        to send upstream: the caller's own, unless it was a proxy client key)."""
+        auth = request.headers.get("authorization")
+        if not self.keys:
+            return None, auth
+        if not self.keys.allows(auth):
+            return _error(401, "missing or invalid API key for this guardrail proxy: send "
+                          "'Authorization: Bearer KEY' with one of its client keys",
+                          "invalid_api_key"), None
+        return None, None
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({
@@ -70,20 +88,28 @@ class _Proxy:
         })
 
     async def models(self, request: Request) -> Response:
+        denied, auth = self._caller(request)
+        if denied is not None:
+            return denied
         if self.local is not None:
             return JSONResponse({"object": "list", "data": [{
                 "id": self.local.name, "object": "model", "created": int(time.time()),
                 "owned_by": "guardrail-local"}]})
         assert self.upstream is not None
         try:
-            return JSONResponse(await self.upstream.models(request.headers.get("authorization")))
+            return JSONResponse(await self.upstream.models(auth))
         except UpstreamError as exc:
             log.warning("GET /v1/models failed: %s", exc.message)
             return JSONResponse(exc.payload(), status_code=exc.status)
 
     async def chat_completions(self, request: Request) -> Response:
+        denied, auth = self._caller(request)
+        if denied is not None:
+            return denied
         try:
-            body = await request.json()
+            body = json.loads(await read_body(request, self.max_body_bytes))
+        except BodyTooLarge as exc:
+            return _error(413, str(exc), "request_too_large")
         except ValueError:
             return _error(400, "request body is not valid JSON", "invalid_json")
         if not isinstance(body, dict):
@@ -94,7 +120,6 @@ class _Proxy:
             messages = request_messages(body["messages"])
         except TypeError as exc:
             return _error(400, str(exc), "invalid_messages")
-        auth = request.headers.get("authorization")
         metadata = {"adapter": "server", "model": body.get("model"),
                     "stream": bool(body.get("stream"))}
         try:
@@ -200,7 +225,8 @@ async def _close(chunks: AsyncIterator[dict[str, Any]], response: httpx.Response
 
 def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel | None = None,
                api_key: str | None = None, timeout: float = 60.0, offload: bool | None = None,
-               on_report: ReportHook | None = None) -> Starlette:
+               on_report: ReportHook | None = None, client_keys: Iterable[str] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     """An OpenAI-compatible proxy app that guards chat completions.
 
     Give ``upstream`` (an OpenAI-compatible base URL ending in ``/v1``) or ``local`` (a local
@@ -208,13 +234,16 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     when the caller sends no ``Authorization`` header. ``timeout``: seconds the upstream may stay
     silent. ``offload``: run the guard in a worker thread (default: when it has an observer
     model). ``on_report(reports)`` is called once per request with the sessions' reports.
+    ``client_keys``: when given, callers must send ``Authorization: Bearer KEY`` with one of them
+    (else 401); the key stays here and the upstream gets ``api_key``. ``max_body_bytes``: larger
+    request bodies are refused with 413 before they are read.
     """
     if (upstream is None) == (local is None):
         raise ValueError("create_app: give exactly one of upstream=URL or local=model")
     guard.warn_routes_recorded("the proxy server")
     client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
     proxy = _Proxy(guard, client, local, guard.observer is not None if offload is None
-                   else offload, on_report)
+                   else offload, on_report, ClientKeys(client_keys), max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

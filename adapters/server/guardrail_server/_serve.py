@@ -1,7 +1,9 @@
 """Running the app: ``serve_cli`` (``guardrail serve``) and ``running`` (a server in a thread).
 
-Binds 127.0.0.1 unless told otherwise. uvicorn's access log is off: it would add nothing a
-reverse proxy doesn't, and request lines are all it could leak (headers are never logged).
+Binds 127.0.0.1 unless told otherwise, and refuses any other address without client keys unless
+``--allow-unauthenticated`` says so (an open proxy lends its upstream key to anyone). uvicorn's
+access log is off: it would add nothing a reverse proxy doesn't, and request lines are all it
+could leak (headers are never logged).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from starlette.applications import Starlette
 
 from guardrail import Guard, GuardrailError, Policy
 
+from ._access import CLIENT_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, is_loopback, keys_from_env
 from ._app import create_app
 from ._local import LocalModel
 from ._upstream import public_url
 
-__all__ = ["API_KEY_ENV", "RunningServer", "load_local_model", "running", "serve_cli"]
+__all__ = ["API_KEY_ENV", "CLIENT_KEYS_ENV", "RunningServer", "load_local_model", "running",
+           "serve_cli"]
 
 # The proxy's own upstream key, used when a caller sends no Authorization header.
 API_KEY_ENV = "GUARDRAIL_UPSTREAM_API_KEY"
@@ -104,24 +108,37 @@ def _shared_observer(policy: Policy, local: LocalModel | None) -> Any:
 
 def serve_cli(args: argparse.Namespace) -> int:
     """``guardrail serve``: args ``policy``, ``monitor``, ``upstream``, ``local``, ``host``,
-    ``port``. Returns the exit status."""
+    ``port``, ``api_key`` (a list), ``max_body_bytes``, ``allow_unauthenticated``. Returns the
+    exit status."""
     from guardrail.cli import _policy  # the CLI's own policy loading (--policy, --monitor)
 
     if bool(args.upstream) == bool(args.local):
         print("guardrail serve: give exactly one of --upstream URL or --local MODEL",
               file=sys.stderr)
         return 2
+    keys = [*(getattr(args, "api_key", None) or ()),
+            *keys_from_env(os.environ.get(CLIENT_KEYS_ENV))]
+    if not keys and not is_loopback(args.host) and not getattr(args, "allow_unauthenticated",
+                                                                 False):
+        print(f"guardrail serve: refusing to listen on {args.host} without client keys: anyone "
+              "who reaches it could use the upstream (and its key). Set --api-key KEY or "
+              f"{CLIENT_KEYS_ENV}=KEY1,KEY2, or pass --allow-unauthenticated if something in "
+              "front of the proxy checks callers", file=sys.stderr)
+        return 2
+    max_body = getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
     try:
         policy = _policy(args)
         local = load_local_model(args.local) if args.local else None
         guard = Guard(policy, observer=_shared_observer(policy, local))
         app = create_app(guard, upstream=args.upstream, local=local,
-                         api_key=os.environ.get(API_KEY_ENV))
+                         api_key=os.environ.get(API_KEY_ENV), client_keys=keys,
+                         max_body_bytes=max_body)
     except GuardrailError as exc:
         print(f"guardrail serve: {exc}", file=sys.stderr)
         return 2
     target = public_url(args.upstream) if args.upstream else f"local model {args.local}"
     print(f"guardrail serve: http://{args.host}:{args.port}/v1 -> {target} "
-          f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'})", file=sys.stderr)
+          f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'}; client keys: "
+          f"{len(keys) or 'none'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
