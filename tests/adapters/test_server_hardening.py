@@ -15,8 +15,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ import pytest
 from guardrail_server import CLIENT_KEYS_ENV, RunningServer, create_app, running, serve_cli
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from guardrail import Guard
+from guardrail import Features, Guard, Monitor, Score
 from guardrail.cli import build_parser
+from guardrail.testing import plugin_monitors
 from guardrail.testing.upstream import Script, UpstreamServer
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "call me"}]
+BENIGN_TEXT = "The quick brown fox jumps over the lazy dog."
 
 Serve = Callable[..., AbstractContextManager[RunningServer]]
 
@@ -317,3 +320,87 @@ def test_cli_reads_client_keys_from_the_environment(upstream_server: UpstreamSer
         process.terminate()
         process.wait(10)
     assert refused.status_code == 401 and allowed.status_code == 200
+
+
+# -- Medium 5: a slow monitor stalls only its own stream ------------------------------------
+
+
+class BlockingMonitor(Monitor):
+    """Blocks inside ``update`` once the text says "slowly", until the test releases it (like a
+    monitor that sleeps for seconds); scores 0 otherwise."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered, self.release = entered, release
+
+    def update(self, state: Any, features: Features) -> Sequence[Score]:
+        if "slowly" in features.text and not self.release.is_set():
+            self.entered.set()
+            self.release.wait(30)
+        return [Score(i, 0.0) for i in features.indices]
+
+
+def test_slow_monitor_leaves_health_and_other_streams_alone(upstream_server: UpstreamServer,
+                                                            serve: Serve,
+                                                            make_guard: Callable[..., Guard]
+                                                            ) -> None:
+    entered, release = threading.Event(), threading.Event()
+    spec = {"id": "slow", "use": "blocking", "action": "flag"}
+    with plugin_monitors(blocking=lambda: BlockingMonitor(entered, release)) as host:
+        guard = make_guard(2, extra=[spec], host=host)
+    upstream_server.enqueue(Script(text="We go slowly over the old bridge today."),
+                            Script(text="A quick answer for the second client."))
+    with serve(guard) as proxy:
+        slow: list[str] = []
+        worker = threading.Thread(target=lambda: slow.append(_sse(proxy, {})[0]))
+        worker.start()
+        try:
+            assert entered.wait(10)  # the slow stream is inside its monitor now
+            health = httpx.get(f"{proxy.url}/health", timeout=10)
+            _, events = _sse(proxy, {})  # another client's whole stream
+            still_open = not slow
+        finally:
+            release.set()
+            worker.join(20)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    other = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert other == "A quick answer for the second client."
+    assert still_open  # both answered while the slow stream was still blocked
+    assert slow and slow[0].rstrip().endswith("data: [DONE]")
+    assert "We go slowly over the old bridge today." in "".join(
+        c["delta"].get("content") or "" for line in slow[0].splitlines()
+        if line.startswith("data: {") for c in json.loads(line[6:])["choices"])
+
+
+# -- Low: a monitor raising SystemExit ends its stream, not the server ----------------------
+
+
+class ExitingMonitor(Monitor):
+    """Raises ``SystemExit`` on the word "exit" (a plugin calling ``sys.exit``)."""
+
+    def update(self, state: Any, features: Features) -> Sequence[Score]:
+        if "exit" in features.text:
+            raise SystemExit("plugin called sys.exit")
+        return [Score(i, 0.0) for i in features.indices]
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_monitor_system_exit_ends_stream_with_error_and_done(upstream_server: UpstreamServer,
+                                                             serve: Serve,
+                                                             make_guard: Callable[..., Guard],
+                                                             offload: bool) -> None:
+    spec = {"id": "exiting", "use": "exiting", "action": "flag"}
+    with plugin_monitors(exiting=lambda: ExitingMonitor()) as host:
+        guard = make_guard(2, extra=[spec], host=host)
+    upstream_server.enqueue(Script(text="Please exit the building by the north door now."),
+                            Script(text="Please exit quietly."), Script(text=BENIGN_TEXT))
+    with serve(guard, offload=offload) as proxy:
+        raw, events = _sse(proxy, {})
+        whole = _post(proxy, None)
+        after, _ = _sse(proxy, {})  # the server still serves
+    assert raw.rstrip().endswith("data: [DONE]")
+    error = events[-1]["error"]
+    assert "SystemExit" in error["message"] and error["code"] == "internal_error"
+    assert whole.status_code == 500 and "SystemExit" in whole.json()["error"]["message"]
+    assert BENIGN_TEXT.split()[0] in after and after.rstrip().endswith("data: [DONE]")
+    record = upstream_server.completions()[0]
+    assert record.wait(5)

@@ -35,7 +35,7 @@ from ._access import DEFAULT_MAX_BODY_BYTES, BodyTooLarge, ClientKeys, read_body
 from ._generation import generator_completion, generator_sse, is_generator
 from ._local import LocalModel, local_chunks, local_completion
 from ._sse import SSEResponse
-from ._stream import ReportHook, guarded_sse
+from ._stream import ReportHook, contained, guarded_sse
 from ._upstream import Upstream, UpstreamError, scrub
 from ._whole import guard_whole
 
@@ -172,7 +172,8 @@ class _Proxy:
         if completion is None:  # the client left; the upstream request was cancelled
             return Response(status_code=499)
         run = partial(guard_whole, self.guard, completion, messages, metadata)
-        guarded, reports = await asyncio.to_thread(run) if self.offload else run()
+        guarded, reports = (await asyncio.to_thread(contained, run) if self.offload
+                            else contained(run))
         if self.on_report is not None:
             self.on_report(reports)
         return JSONResponse(guarded)
@@ -232,8 +233,9 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     Give ``upstream`` (an OpenAI-compatible base URL ending in ``/v1``) or ``local`` (a local
     model, e.g. ``guardrail_transformers.LocalGenerator``). ``api_key`` is used upstream only
     when the caller sends no ``Authorization`` header. ``timeout``: seconds the upstream may stay
-    silent. ``offload``: run the guard in a worker thread (default: when it has an observer
-    model). ``on_report(reports)`` is called once per request with the sessions' reports.
+    silent. ``offload``: run the guard in a worker thread (default: always, so a slow monitor
+    stalls only its own request, never other streams or ``/health``). ``on_report(reports)`` is
+    called once per request with the sessions' reports.
     ``client_keys``: when given, callers must send ``Authorization: Bearer KEY`` with one of them
     (else 401); the key stays here and the upstream gets ``api_key``. ``max_body_bytes``: larger
     request bodies are refused with 413 before they are read.
@@ -242,8 +244,8 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
         raise ValueError("create_app: give exactly one of upstream=URL or local=model")
     guard.warn_routes_recorded("the proxy server")
     client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
-    proxy = _Proxy(guard, client, local, guard.observer is not None if offload is None
-                   else offload, on_report, ClientKeys(client_keys), max_body_bytes)
+    proxy = _Proxy(guard, client, local, True if offload is None else offload, on_report,
+                   ClientKeys(client_keys), max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
