@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from guardrail import Features, Guard, Monitor, Score
 from guardrail.cli import build_parser
 from guardrail.testing import plugin_monitors
-from guardrail.testing.upstream import Script, UpstreamServer
+from guardrail.testing.upstream import Script, UpstreamServer, split_words
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "call me"}]
 BENIGN_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -404,3 +405,149 @@ def test_monitor_system_exit_ends_stream_with_error_and_done(upstream_server: Up
     assert BENIGN_TEXT.split()[0] in after and after.rstrip().endswith("data: [DONE]")
     record = upstream_server.completions()[0]
     assert record.wait(5)
+
+
+# -- Low: an upstream that ignores n, rate-limits, or sends reasoning text ------------------
+
+HARMFUL_WORDS = ["Here", " is", " how", " to", " build", " a", " bomb", " at", " home"] + [
+    f" word{i}" for i in range(40)]
+REASONING = ["Let", " me", " think", " about", " the", " bomb", " first."]
+
+
+class OddUpstream:
+    """A loopback upstream with one behaviour: ``one_choice`` (streams a single choice whatever
+    ``n`` says, and records how many chunks it wrote before the peer left), ``rate_limited``
+    (429 with ``Retry-After``) or ``reasoning`` (``reasoning_content`` before the content)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.written = 0
+        self.planned = 0
+        self.peer_left = threading.Event()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                upstream.serve(self, body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def serve(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        if self.mode == "rate_limited":
+            payload = json.dumps({"error": {"message": "slow down", "type": "rate_limit"}})
+            handler.send_response(429)
+            handler.send_header("Retry-After", "7")
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload.encode())
+            return
+        if self.mode == "reasoning" and not body.get("stream"):
+            payload = json.dumps({
+                "id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": BENIGN_TEXT,
+                    "reasoning_content": "".join(REASONING)}}]})
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload.encode())
+            return
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if self.mode == "reasoning":
+            deltas += [{"reasoning_content": r} for r in REASONING]
+            deltas += [{"content": w} for w in split_words(BENIGN_TEXT)]
+        else:
+            deltas += [{"content": w} for w in HARMFUL_WORDS]
+        self.planned = len(deltas)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        chunks = [{"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                   "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+                  for d in deltas]
+        try:
+            for chunk in chunks:
+                data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                handler.wfile.flush()
+                self.written += 1
+                time.sleep(0.02)
+            done = b"data: [DONE]\n\n"
+            handler.wfile.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+            handler.wfile.flush()
+        except OSError:
+            self.peer_left.set()
+
+
+@pytest.fixture
+def odd_upstream() -> Iterator[Callable[[str], OddUpstream]]:
+    made: list[OddUpstream] = []
+
+    def make(mode: str) -> OddUpstream:
+        made.append(OddUpstream(mode))
+        return made[-1]
+
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+def test_n2_upstream_with_one_choice_is_closed_after_the_halt(
+        odd_upstream: Callable[[str], OddUpstream], make_guard: Callable[..., Guard]) -> None:
+    upstream = odd_upstream("one_choice")
+    with running(create_app(make_guard(2), upstream=upstream.base_url)) as proxy:
+        raw, events = _sse(proxy, {"n": 2})
+    finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["content_filter"] and raw.rstrip().endswith("data: [DONE]")
+    assert upstream.peer_left.wait(5)  # the proxy hung up ...
+    assert upstream.written < upstream.planned  # ... long before the answer's end
+
+
+def test_retry_after_is_forwarded_on_429(odd_upstream: Callable[[str], OddUpstream],
+                                         make_guard: Callable[..., Guard]) -> None:
+    upstream = odd_upstream("rate_limited")
+    with running(create_app(make_guard(2), upstream=upstream.base_url)) as proxy:
+        streamed = _post(proxy, None, stream=True)
+        whole = _post(proxy, None)
+    for response in (streamed, whole):
+        assert response.status_code == 429 and response.headers["retry-after"] == "7"
+        assert response.json()["error"]["code"] == "upstream_http_429"
+
+
+def test_reasoning_text_is_not_passed_on_unjudged(odd_upstream: Callable[[str], OddUpstream],
+                                                  make_guard: Callable[..., Guard]) -> None:
+    upstream = odd_upstream("reasoning")
+    with running(create_app(make_guard(2), upstream=upstream.base_url)) as proxy:
+        raw, events = _sse(proxy, {})
+        whole = _post(proxy, None)
+    content = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert content == BENIGN_TEXT
+    assert "think" not in raw and "bomb" not in raw
+    assert whole.json()["choices"][0]["message"]["content"] == BENIGN_TEXT
+    assert "think" not in whole.text and "reasoning" not in whole.text
+    # The wrapper does the same.
+    client = make_guard(2).wrap(openai.OpenAI(base_url=upstream.base_url, api_key="k",
+                                              max_retries=0))
+    chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+    completion = client.chat.completions.create(model="m", messages=MESSAGES)
+    dumped = json.dumps([c.model_dump(mode="json") for c in chunks])
+    assert "think" not in dumped and "think" not in completion.model_dump_json()

@@ -33,6 +33,15 @@ from ._logprobs import LogprobFilter
 __all__ = ["ChunkGuard", "guard_completion", "request_messages"]
 
 CONTENT_FILTER: Literal["content_filter"] = "content_filter"
+# Reasoning text (DeepSeek, vLLM, llama.cpp) is not judged by the guard, so it is never passed on.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def _drop_reasoning(model: Any) -> None:
+    extra = getattr(model, "model_extra", None)
+    for name in REASONING_FIELDS:
+        if extra:
+            extra.pop(name, None)
 
 
 def request_messages(messages: Iterable[Any] | None) -> list[dict[str, Any]]:
@@ -99,9 +108,15 @@ class ChunkGuard:
 
     @property
     def halted_all(self) -> bool:
-        """Every choice the request asked for has halted: the upstream can be closed."""
+        """Nothing more from the upstream can reach the reader: the upstream can be closed.
+
+        True once every choice the request asked for has halted, or once a choice halted and
+        every choice seen so far has ended (halted or finished): choices stream interleaved, so
+        one not seen by then is not coming (servers such as llama.cpp ignore ``n``)."""
         halted = sum(1 for s in self.states.values() if s.halt is not None)
-        return halted >= self.expected_choices
+        if halted >= self.expected_choices:
+            return True
+        return halted > 0 and all(s.done for s in self.states.values())
 
     @property
     def reports(self) -> dict[int, Report]:
@@ -200,6 +215,7 @@ class ChunkGuard:
     def _rewrite(self, state: _ChoiceState, choice: Choice, events: list[Event]) -> Choice | None:
         released = "".join(e.text for e in events if isinstance(e, Release))
         out = choice.model_copy(deep=True)
+        _drop_reasoning(out.delta)
         original = choice.delta.content
         out.delta.content = released or (None if original is None else "")
         entries = self._released_logprobs(state, events)
@@ -247,6 +263,7 @@ def guard_completion(guard: Guard, completion: ChatCompletion,
     out = completion.model_copy(deep=True)
     details: list[dict[str, Any]] = []
     for choice in out.choices:
+        _drop_reasoning(choice.message)
         content = choice.message.content
         if not content:
             continue

@@ -100,7 +100,7 @@ class _Proxy:
             return JSONResponse(await self.upstream.models(auth))
         except UpstreamError as exc:
             log.warning("GET /v1/models failed: %s", exc.message)
-            return JSONResponse(exc.payload(), status_code=exc.status)
+            return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
 
     async def chat_completions(self, request: Request) -> Response:
         denied, auth = self._caller(request)
@@ -128,7 +128,7 @@ class _Proxy:
             return await self._whole(request, body, messages, metadata, auth)
         except UpstreamError as exc:
             log.warning("chat completion failed: %s", exc.message)
-            return JSONResponse(exc.payload(), status_code=exc.status)
+            return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
         except Exception as exc:  # noqa: BLE001 - the client gets JSON, never a traceback
             secrets = (self.upstream.secrets(auth) if self.upstream is not None
                        else (auth,) if auth else ())

@@ -18,15 +18,18 @@ import httpx
 __all__ = ["Upstream", "UpstreamError", "public_url", "scrub", "url_secrets"]
 
 REDACTED = "[REDACTED]"
+# Upstream response headers the client needs to back off properly (429, 503).
+FORWARDED_HEADERS = ("retry-after", "retry-after-ms")
 
 
 class UpstreamError(Exception):
     """The upstream failed; ``status`` is what the proxy answers, ``code`` a stable error code."""
 
     def __init__(self, message: str, *, status: int = 502, code: str = "upstream_error",
-                 kind: str = "upstream_error") -> None:
+                 kind: str = "upstream_error", headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = dict(headers or {})  # for the client, e.g. Retry-After
         self.status = status
         self.code = code
         self.kind = kind
@@ -133,7 +136,7 @@ class Upstream:
                 raw = b""
             finally:
                 await response.aclose()
-            raise self._status_error(response.status_code, raw, authorization)
+            raise self._status_error(response.status_code, raw, authorization, response.headers)
         return response
 
     async def complete(self, body: Mapping[str, Any], authorization: str | None
@@ -153,7 +156,8 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, authorization) from None
         if response.status_code != 200:
-            raise self._status_error(response.status_code, response.content, authorization)
+            raise self._status_error(response.status_code, response.content, authorization,
+                                     response.headers)
         try:
             data = response.json()
         except ValueError:
@@ -233,8 +237,8 @@ class Upstream:
         return UpstreamError(f"upstream {self.public_url} failed ({type(exc).__name__})",
                              code="upstream_disconnected")
 
-    def _status_error(self, status: int, raw: bytes, authorization: str | None
-                      ) -> UpstreamError:
+    def _status_error(self, status: int, raw: bytes, authorization: str | None,
+                      headers: Mapping[str, str]) -> UpstreamError:
         detail = ""
         try:
             body = json.loads(raw)
@@ -248,4 +252,5 @@ class Upstream:
         # The client's own mistakes (4xx) keep their status; upstream failures become 502.
         return UpstreamError(f"{text}: {detail}" if detail else text,
                              status=status if 400 <= status < 500 else 502,
-                             code=f"upstream_http_{status}")
+                             code=f"upstream_http_{status}",
+                             headers={k: headers[k] for k in FORWARDED_HEADERS if k in headers})

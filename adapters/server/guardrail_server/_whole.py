@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from guardrail_openai import LogprobFilter
+from guardrail_openai import REASONING_FIELDS, LogprobFilter
 
 from guardrail import Event, Guard, Release, Report, event_to_dict
 
@@ -31,6 +31,9 @@ def guard_whole(guard: Guard, completion: Mapping[str, Any],
     reports: list[Report] = []
     for choice in out.get("choices") or []:
         message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):  # reasoning text is not judged, so never passed on
+            for name in REASONING_FIELDS:
+                message.pop(name, None)
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(message, dict) or not isinstance(content, str) or not content:
             continue
