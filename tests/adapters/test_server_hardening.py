@@ -328,48 +328,60 @@ def test_cli_reads_client_keys_from_the_environment(upstream_server: UpstreamSer
 
 class BlockingMonitor(Monitor):
     """Blocks inside ``update`` once the text says "slowly", until the test releases it (like a
-    monitor that sleeps for seconds); scores 0 otherwise."""
+    monitor that sleeps for seconds, or waits on a remote judge); scores 0 otherwise."""
 
-    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+    def __init__(self, entered: threading.Semaphore, release: threading.Event) -> None:
         self.entered, self.release = entered, release
 
     def update(self, state: Any, features: Features) -> Sequence[Score]:
         if "slowly" in features.text and not self.release.is_set():
-            self.entered.set()
+            self.entered.release()
             self.release.wait(30)
         return [Score(i, 0.0) for i in features.indices]
 
 
-def test_slow_monitor_leaves_health_and_other_streams_alone(upstream_server: UpstreamServer,
+SLOW_TEXT = "We go slowly over the old bridge today."
+QUICK_TEXT = "A quick answer for another client."
+SLOW_STREAMS = 7  # more than asyncio's default pool has threads on a small machine
+
+
+def test_slow_monitors_leave_health_and_other_streams_alone(upstream_server: UpstreamServer,
                                                             serve: Serve,
                                                             make_guard: Callable[..., Guard]
                                                             ) -> None:
-    entered, release = threading.Event(), threading.Event()
+    entered, release = threading.Semaphore(0), threading.Event()
     spec = {"id": "slow", "use": "blocking", "action": "flag"}
     with plugin_monitors(blocking=lambda: BlockingMonitor(entered, release)) as host:
         guard = make_guard(2, extra=[spec], host=host)
-    upstream_server.enqueue(Script(text="We go slowly over the old bridge today."),
-                            Script(text="A quick answer for the second client."))
+    upstream_server.responder = lambda body: Script(
+        text=SLOW_TEXT if body["messages"][-1]["content"] == "slow" else QUICK_TEXT)
+    slow_body = {"messages": [{"role": "user", "content": "slow"}]}
     with serve(guard) as proxy:
         slow: list[str] = []
-        worker = threading.Thread(target=lambda: slow.append(_sse(proxy, {})[0]))
-        worker.start()
+        workers = [threading.Thread(target=lambda: slow.append(_sse(proxy, slow_body)[0]))
+                   for _ in range(SLOW_STREAMS)]
+        for worker in workers:
+            worker.start()
         try:
-            assert entered.wait(10)  # the slow stream is inside its monitor now
+            # Every slow stream is inside its monitor now.
+            assert all(entered.acquire(timeout=10) for _ in range(SLOW_STREAMS))
             health = httpx.get(f"{proxy.url}/health", timeout=10)
             _, events = _sse(proxy, {})  # another client's whole stream
             still_open = not slow
         finally:
             release.set()
-            worker.join(20)
+            for worker in workers:
+                worker.join(20)
     assert health.status_code == 200 and health.json()["status"] == "ok"
     other = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
-    assert other == "A quick answer for the second client."
-    assert still_open  # both answered while the slow stream was still blocked
-    assert slow and slow[0].rstrip().endswith("data: [DONE]")
-    assert "We go slowly over the old bridge today." in "".join(
-        c["delta"].get("content") or "" for line in slow[0].splitlines()
-        if line.startswith("data: {") for c in json.loads(line[6:])["choices"])
+    assert other == QUICK_TEXT
+    assert still_open  # both answered while every slow stream was still blocked
+    assert len(slow) == SLOW_STREAMS
+    for raw in slow:
+        assert raw.rstrip().endswith("data: [DONE]")
+        shown = "".join(c["delta"].get("content") or "" for line in raw.splitlines()
+                        if line.startswith("data: {") for c in json.loads(line[6:])["choices"])
+        assert shown == SLOW_TEXT
 
 
 # -- Low: a monitor raising SystemExit ends its stream, not the server ----------------------

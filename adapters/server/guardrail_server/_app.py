@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -43,6 +44,10 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("guardrail.server")
 
+# Guard work runs in its own pool, sized for many streams whose monitors may block (I/O, a
+# remote judge): asyncio's default pool has only a few threads per core.
+GUARD_THREADS = 64
+
 
 def _error(status: int, message: str, code: str,
            kind: str = "invalid_request_error") -> JSONResponse:
@@ -62,6 +67,7 @@ class _Proxy:
         # A guardrail-transformers generator feeds monitors its own states (no observer pass).
         self.generator = local if local is not None and is_generator(local) else None
         self.offload = offload
+        self.executor = ThreadPoolExecutor(GUARD_THREADS, thread_name_prefix="guardrail-guard")
         self.on_report = on_report
         self.keys = keys
         self.max_body_bytes = max_body_bytes
@@ -154,6 +160,7 @@ class _Proxy:
             chunks = self.upstream.chunks(response, auth)
             close = partial(_close, chunks, response)
         stream = guarded_sse(chunks, chunk_guard, close_upstream=close, offload=self.offload,
+                             executor=self.executor,
                              on_report=self.on_report)
         return SSEResponse(stream)
 
@@ -172,8 +179,8 @@ class _Proxy:
         if completion is None:  # the client left; the upstream request was cancelled
             return Response(status_code=499)
         run = partial(guard_whole, self.guard, completion, messages, metadata)
-        guarded, reports = (await asyncio.to_thread(contained, run) if self.offload
-                            else contained(run))
+        guarded, reports = (await asyncio.get_running_loop().run_in_executor(
+            self.executor, partial(contained, run)) if self.offload else contained(run))
         if self.on_report is not None:
             self.on_report(reports)
         return JSONResponse(guarded)
@@ -250,6 +257,7 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        proxy.executor.shutdown(wait=False)
         if client is not None:
             await client.aclose()
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -67,9 +69,11 @@ async def guarded_sse(
     *,
     close_upstream: Callable[[], Awaitable[None]],
     offload: bool = False,
+    executor: Executor | None = None,
     on_report: ReportHook | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """SSE bytes for the guarded stream. ``close_upstream`` stops the upstream (idempotent)."""
+    """SSE bytes for the guarded stream. ``close_upstream`` stops the upstream (idempotent).
+    With ``offload`` the guard runs in ``executor`` (default: the loop's own pool)."""
     in_flight: asyncio.Future[list[ChatCompletionChunk]] | None = None
 
     async def run(fn: Callable[..., list[ChatCompletionChunk]], *args: Any
@@ -77,7 +81,9 @@ async def guarded_sse(
         nonlocal in_flight
         if not offload:
             return contained(fn, *args)
-        in_flight = asyncio.ensure_future(asyncio.to_thread(contained, fn, *args))
+        work = partial(contained, fn, *args)
+        in_flight = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(executor, work))
         return await asyncio.shield(in_flight)  # the worker thread cannot be cancelled
 
     ended = "client went away"
