@@ -81,7 +81,8 @@ def _lp_tokens(entries: Any) -> list[str]:
 def _assert_no_number(text: str) -> None:
     assert "555" not in text and "9876" not in text
     # bytes are sent as lists of ints: the number's bytes never appear either
-    assert json.dumps(list(b"9876"))[1:-1] not in text.replace(" ", "")
+    packed = text.replace(" ", "")
+    assert ",".join(map(str, b"9876")) not in packed and ",".join(map(str, b"555")) not in packed
 
 
 @pytest.mark.parametrize("hold_back", [0, 3, 20])
@@ -424,6 +425,12 @@ def test_monitor_system_exit_ends_stream_with_error_and_done(upstream_server: Up
 HARMFUL_WORDS = ["Here", " is", " how", " to", " build", " a", " bomb", " at", " home"] + [
     f" word{i}" for i in range(40)]
 REASONING = ["Let", " me", " think", " about", " the", " bomb", " first."]
+# Deltas whose logprob tokens do not spell them (byte-level tokens as some servers send them).
+BYTE_TOKEN_DELTAS = [("Call me", ["Call", "bytes:\\x20me"]),
+                     (" at 555-", ["bytes:\\x20at", " 555-"]),
+                     ("9876 now", ["9876", "bytes:\\x20now"]),
+                     (" please", ["bytes:\\x20please"]),
+                     (" and thanks.", ["bytes:\\x20and", " thanks."])]
 
 
 class OddUpstream:
@@ -483,9 +490,15 @@ class OddUpstream:
             handler.wfile.write(payload.encode())
             return
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        logprobs: list[Any] = [None]
         if self.mode == "reasoning":
             deltas += [{"reasoning_content": r} for r in REASONING]
             deltas += [{"content": w} for w in split_words(BENIGN_TEXT)]
+        elif self.mode == "byte_tokens":
+            deltas += [{"content": text} for text, _ in BYTE_TOKEN_DELTAS]
+            logprobs += [{"content": [{"token": t, "logprob": -0.5, "bytes": list(t.encode()),
+                                       "top_logprobs": []} for t in tokens]}
+                         for _, tokens in BYTE_TOKEN_DELTAS]
         else:
             deltas += [{"content": w} for w in HARMFUL_WORDS]
         self.planned = len(deltas)
@@ -494,8 +507,9 @@ class OddUpstream:
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
         chunks = [{"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                   "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
-                  for d in deltas]
+                   "choices": [{"index": 0, "delta": d, "finish_reason": None,
+                                "logprobs": lp}]}
+                  for d, lp in zip(deltas, logprobs + [None] * len(deltas), strict=False)]
         try:
             for chunk in chunks:
                 data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
@@ -563,3 +577,19 @@ def test_reasoning_text_is_not_passed_on_unjudged(odd_upstream: Callable[[str], 
     completion = client.chat.completions.create(model="m", messages=MESSAGES)
     dumped = json.dumps([c.model_dump(mode="json") for c in chunks])
     assert "think" not in dumped and "think" not in completion.model_dump_json()
+
+
+def test_logprobs_that_do_not_spell_their_delta_go_with_the_whole_delta(
+        odd_upstream: Callable[[str], OddUpstream], make_guard: Callable[..., Guard]) -> None:
+    upstream = odd_upstream("byte_tokens")
+    with running(create_app(make_guard(1, extra=[REDACT]), upstream=upstream.base_url)) as proxy:
+        raw, events = _sse(proxy, {"logprobs": True})
+    content = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert content == "Call me at [REDACTED] now please and thanks."
+    _assert_no_number(raw)
+    tokens = [t for e in events for c in e["choices"] for t in
+              _lp_tokens((c.get("logprobs") or {}).get("content"))]
+    # The two deltas that touch the number lose every entry; the others keep theirs.
+    kept = [t for text, ts in BYTE_TOKEN_DELTAS for t in ts if "555" not in text + "".join(ts)
+            and "9876" not in text]
+    assert tokens == kept
