@@ -291,6 +291,8 @@ def test_cli_refuses_a_public_host_without_client_keys(upstream_server: Upstream
     assert "refusing to listen on 0.0.0.0" in error and "--api-key" in error
     assert "--allow-unauthenticated" in error
     assert _serve_args("--upstream", "u").max_body_bytes == 4 * 1024 * 1024
+    assert serve_cli(_serve_args("--upstream", "u", "--max-body-bytes", "0")) == 2
+    assert "--max-body-bytes must be at least 1" in capsys.readouterr().err
 
 
 def test_cli_reads_client_keys_from_the_environment(upstream_server: UpstreamServer,

@@ -125,7 +125,11 @@ def serve_cli(args: argparse.Namespace) -> int:
               f"{CLIENT_KEYS_ENV}=KEY1,KEY2, or pass --allow-unauthenticated if something in "
               "front of the proxy checks callers", file=sys.stderr)
         return 2
-    max_body = getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
+    max_body = getattr(args, "max_body_bytes", None)
+    max_body = DEFAULT_MAX_BODY_BYTES if max_body is None else max_body
+    if max_body < 1:
+        print("guardrail serve: --max-body-bytes must be at least 1", file=sys.stderr)
+        return 2
     try:
         policy = _policy(args)
         local = load_local_model(args.local) if args.local else None
