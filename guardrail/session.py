@@ -123,7 +123,6 @@ class GuardSession:
         self.messages = list(messages)
         self.metadata = dict(metadata or {})
         self.hold_back = self.policy.release.hold_back_tokens
-        self.text = ""
         self.halted: Halt | None = None
         self.closed = False
         self.report: Report | None = None  # set when the session ends (finish or abort)
@@ -162,6 +161,11 @@ class GuardSession:
     # -- public API ------------------------------------------------------------------------
 
     @property
+    def text(self) -> str:
+        """The response so far. The aligner holds the only reference, so appending stays cheap."""
+        return self._aligner.text
+
+    @property
     def tokens(self) -> int:
         """Tokens read so far."""
         return len(self._token_ends)
@@ -194,15 +198,13 @@ class GuardSession:
             for tok in step.tokens:
                 tokens.append(TokenSpan(base, base + len(tok.text), tok.id))
                 base += len(tok.text)
-            self.text += step.text
-            self._aligner.text = self.text
-            self._aligner.committed = len(self.text)
+            self._aligner.append(step.text)
+            self._aligner.committed = base
             if tokens:
                 self._process(tokens, events, step=step)
         elif step.text:
             self._set_mode(generator=False)
             tokens = self._aligner.feed(step.text)
-            self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, step=step)
         return self._emit(events)
@@ -218,7 +220,6 @@ class GuardSession:
             self.reroute(self.route_pending.at_char)
         if self.halted is None:
             tokens = self._aligner.flush()
-            self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, final=True)
         if self.halted is None:
@@ -255,9 +256,7 @@ class GuardSession:
         keep = sum(1 for e in self._token_ends if e <= at_char)
         del self._token_starts[keep:]
         del self._token_ends[keep:]
-        self.text = self.text[:at_char]
-        self._aligner.text = self.text
-        self._aligner.committed = at_char
+        self._aligner.reset(self.text[:at_char], at_char)
         if self._observer_state is not None and self.guard.observer is not None:
             self.guard.observer.truncate(self._observer_state, keep)
         for run in self._active_runs():
