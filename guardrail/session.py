@@ -13,6 +13,7 @@ Per batch of newly final tokens:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 import uuid
@@ -152,7 +153,8 @@ class GuardSession:
         for run in self._runs:
             try:
                 run.state = run.monitor.start(
-                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata)
+                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata,
+                                   timeout_ms=run.spec.timeout_ms)
                 )
                 run.rule_state = run.spec.rule.start()
             except Exception as exc:  # noqa: BLE001 - a monitor's bug must follow on_error
@@ -311,9 +313,29 @@ class GuardSession:
                 self._fail(run, exc, events)
             if self.halted is not None or self.route_pending is not None:
                 return
-        releasable = self.tokens - self.hold_back
+        releasable = self._releasable(events)
         if releasable > self._released_tokens:
             self._release(self._token_ends[releasable - 1], releasable, events)
+
+    def _releasable(self, events: list[Event]) -> int:
+        """Tokens that may be released: all but the hold-back window, and none from where a
+        redact monitor holds text (a match that may still be growing, ``Monitor.hold_from``)."""
+        n = self.tokens - self.hold_back
+        if self.dry_run:
+            return n
+        for run in self._active_runs():
+            if run.spec.action != "redact":
+                continue
+            try:
+                at = run.monitor.hold_from(run.state)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(run, exc, events)
+                if self.halted is not None:
+                    return self._released_tokens
+                continue
+            if at is not None:
+                n = min(n, bisect.bisect_right(self._token_ends, at))
+        return n
 
     def _observe(self, features: Features, events: list[Event]) -> None:
         observer = self.guard.observer
@@ -421,6 +443,8 @@ class GuardSession:
         self._released_tokens = max(self._released_tokens, end_tokens)
         self._released_parts.append(text)
         events.append(Release(text, start, end_char))
+        if self._redactions:  # spans wholly released are done with; keep the list short
+            self._redactions = [r for r in self._redactions if r[1] > end_char]
 
     def _redacted(self, start: int, end: int) -> str:
         raw = self.text[start:end]
