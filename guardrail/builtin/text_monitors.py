@@ -141,9 +141,10 @@ class RegexMonitor(Monitor):
     ) -> tuple[list[tuple[int, int]], int | None]:
         """Match spans in ``text[begin:end]`` as offsets into ``text``, and where a match that
         the text after ``end`` could still complete (or extend) starts."""
-        views = normalized_views(text, begin, end) if self.normalize else [
-            (text[begin:end], range(begin, end))
-        ]
+        views: list[tuple[str, Sequence[int]]] = (
+            normalized_views(text, begin, end) if self.normalize
+            else [(text[begin:end], range(begin, end))]
+        )
         deadline = time.monotonic() + timeout
         spans: list[tuple[int, int]] = []
         hold: int | None = None
@@ -194,40 +195,58 @@ def _invisible(ch: str) -> bool:
     return any(lo <= code <= hi for lo, hi in _IGNORABLE_RANGES)
 
 
-def normalized_views(text: str, begin: int, end: int) -> list[tuple[str, list[int]]]:
+# Characters the view must look at one by one: all but printable ASCII and ASCII whitespace.
+_SPECIAL = re.compile(r"[^\t-\r\x1c-\x1f -~]+")
+
+
+def normalized_views(text: str, begin: int, end: int) -> list[tuple[str, Sequence[int]]]:
     """``text[begin:end]`` folded for matching, with the original offset of every folded char.
 
     Invisible characters are dropped, so 'pi\u200dpe' reads 'pipe'. When there were any, a second
     view reads each run of them as a space, so 'pipe\u200bbomb' also reads 'pipe bomb' (what a
-    reader sees) without making 'pipebomb' match. Linear in ``end - begin``."""
+    reader sees) without making 'pipebomb' match. Linear in ``end - begin``; runs of plain ASCII
+    are copied whole."""
+    window = text[begin:end]
+    specials = list(_SPECIAL.finditer(window))
+    if not specials:
+        return [(window, range(begin, end))]
     dropped: list[str] = []
     spaced: list[str] = []
     d_index: list[int] = []
     s_index: list[int] = []
     last_invisible = -2  # offset of the last invisible character seen
-    for pos in range(begin, end):
-        ch = text[pos]
-        if " " <= ch < "\x7f":
-            folded = ch
-        elif _invisible(ch):
-            if last_invisible != pos - 1:  # a run of them reads as one space
-                spaced.append(" ")
-                s_index.append(pos)
-            last_invisible = pos
-            continue
-        else:
+    done = 0
+    for m in [*specials, None]:
+        plain_end = m.start() if m is not None else len(window)
+        if plain_end > done:
+            run = window[done:plain_end]
+            dropped.append(run)
+            spaced.append(run)
+            d_index.extend(range(begin + done, begin + plain_end))
+            s_index.extend(range(begin + done, begin + plain_end))
+        if m is None:
+            break
+        done = m.end()
+        for pos in range(begin + m.start(), begin + m.end()):
+            ch = text[pos]
+            if _invisible(ch):
+                if last_invisible != pos - 1:  # a run of them reads as one space
+                    spaced.append(" ")
+                    s_index.append(pos)
+                last_invisible = pos
+                continue
             folded = unicodedata.normalize("NFKC", ch).translate(_LOOKALIKES)
-        dropped.append(folded)
-        d_index.extend([pos] * len(folded))
-        spaced.append(folded)
-        s_index.extend([pos] * len(folded))
-    views = [("".join(dropped), d_index)]
+            dropped.append(folded)
+            d_index.extend([pos] * len(folded))
+            spaced.append(folded)
+            s_index.extend([pos] * len(folded))
+    views: list[tuple[str, Sequence[int]]] = [("".join(dropped), d_index)]
     if last_invisible >= 0:
         views.append(("".join(spaced), s_index))
     return views
 
 
-def normalized(text: str, begin: int, end: int) -> tuple[str, list[int]]:
+def normalized(text: str, begin: int, end: int) -> tuple[str, Sequence[int]]:
     """``text[begin:end]`` folded for matching (invisible characters dropped), with the original
     offset of every folded char."""
     return normalized_views(text, begin, end)[0]
