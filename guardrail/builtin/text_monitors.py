@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import re
-import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ class RegexOptions(BaseModel):
         "into a match (a card number half streamed), up to this many characters",
     )
     scan_timeout_ms: float = Field(
-        100, gt=0, description="longest one scan may run (the monitor's timeout_ms, when "
+        250, gt=0, description="longest one scan may run (the monitor's timeout_ms, when "
         "smaller, wins); a pattern that backtracks past it fails the monitor, which then "
         "follows on_error",
     )
@@ -78,8 +77,10 @@ def _compile(pattern: str, flags: int) -> Any:
 class _ScanState:
     scanned_to: int = 0  # matches ending at or before this offset were already reported
     reported: set[tuple[int, int]] = field(default_factory=set)
-    hold: int | None = None  # where a match that may still be growing starts
-    timeout: float = 1.0  # seconds one scan may take
+    timeout: float = 0.1  # seconds one scan may take
+    # The views of the last scan, kept until ``hold_from`` asks where a possible match starts.
+    views: list[tuple[str, Sequence[int]]] | None = None
+    hold: int | None = None  # its answer for the last scan
 
 
 class RegexMonitor(Monitor):
@@ -115,15 +116,21 @@ class RegexMonitor(Monitor):
             return []
         end = features.tokens[-1].end
         begin = max(0, min(state.scanned_to, features.tokens[0].start) - self.lookback)
+        views: list[tuple[str, Sequence[int]]] = (
+            normalized_views(features.text, begin, end) if self.normalize
+            else [(features.text[begin:end], range(begin, end))]
+        )
         hits: list[tuple[int, int]] = []
-        spans, state.hold = self._scan(features.text, begin, end, state.timeout)
-        for span in spans:
-            if span[1] > span[0] and span[1] > state.scanned_to and span not in state.reported:
-                state.reported.add(span)
-                hits.append(span)
-        if state.hold is not None and end - state.hold > self.hold_chars:
-            state.hold = None  # held long enough: a match this long is not what we wait for
+        for view, index in views:
+            for m in self._finditer(view, state.timeout):
+                if m.end() <= m.start():
+                    continue
+                span = (index[m.start()], index[m.end() - 1] + 1)
+                if span[1] > state.scanned_to and span not in state.reported:
+                    state.reported.add(span)
+                    hits.append(span)
         state.scanned_to = end
+        state.views = views
         hits.sort(key=lambda s: s[1])
         ends = [s[1] for s in hits]
         scores = []
@@ -134,42 +141,31 @@ class RegexMonitor(Monitor):
         return scores
 
     def hold_from(self, state: _ScanState) -> int | None:
+        """Where a match that the text after the last scan could complete or extend starts, when
+        that is at most ``hold_chars`` back (``regex`` partial matching; ``None`` without it)."""
+        if _regex is None or not self.hold_chars:
+            return None
+        if state.views is not None:  # first call since the last scan
+            hold: int | None = None
+            for view, index in state.views:
+                for m in self._finditer(view, state.timeout, partial=True):
+                    if m.end() == len(view) and m.end() > m.start():
+                        hold = index[m.start()] if hold is None else min(hold, index[m.start()])
+            state.views = None
+            if hold is not None and state.scanned_to - hold > self.hold_chars:
+                hold = None  # held long enough: a match this long is not what we wait for
+            state.hold = hold
         return state.hold
 
-    def _scan(
-        self, text: str, begin: int, end: int, timeout: float
-    ) -> tuple[list[tuple[int, int]], int | None]:
-        """Match spans in ``text[begin:end]`` as offsets into ``text``, and where a match that
-        the text after ``end`` could still complete (or extend) starts."""
-        views: list[tuple[str, Sequence[int]]] = (
-            normalized_views(text, begin, end) if self.normalize
-            else [(text[begin:end], range(begin, end))]
-        )
-        deadline = time.monotonic() + timeout
-        spans: list[tuple[int, int]] = []
-        hold: int | None = None
-        for view, index in views:
-            for m in self._finditer(view, deadline):
-                if m.end() <= m.start():
-                    continue
-                a, b = index[m.start()], index[m.end() - 1] + 1
-                if m.end() == len(view) and self.hold_chars:
-                    hold = a if hold is None else min(hold, a)
-                if not getattr(m, "partial", False):
-                    spans.append((a, b))
-        return spans, hold
-
-    def _finditer(self, view: str, deadline: float) -> list[Any]:
+    def _finditer(self, view: str, timeout: float, partial: bool = False) -> list[Any]:
         if _regex is None:
             return list(self.pattern.finditer(view))
-        remaining = deadline - time.monotonic()
         try:
-            return list(self.pattern.finditer(view, partial=bool(self.hold_chars),
-                                              timeout=max(remaining, 1e-3)))
+            return list(self.pattern.finditer(view, partial=partial, timeout=timeout))
         except TimeoutError:
             raise TimeoutError(
-                f"a pattern scan ran past {self.timeout * 1000:g} ms (catastrophic "
-                "backtracking?); simplify the pattern or raise scan_timeout_ms"
+                f"a pattern scan ran past {timeout * 1000:g} ms (catastrophic backtracking?); "
+                "simplify the pattern or raise scan_timeout_ms"
             ) from None
 
 
