@@ -160,7 +160,10 @@ class Aligner:
             else:  # nothing final yet: look again once the pending text has doubled
                 self._retry = 2 * n_pending
         while len(self.text) - self.committed > self.max_chars:
-            out += self._cut()
+            piece = self._cut()
+            if not piece:  # cannot happen with a tokenizer that covers its text; never spin
+                break
+            out += piece
         return out
 
     def flush(self) -> list[TokenSpan]:
@@ -188,6 +191,10 @@ class Aligner:
         return self._commit(final)
 
     def _commit(self, tokens: list[TokenSpan]) -> list[TokenSpan]:
+        # A character split over several byte tokens gives zero-width spans for all but its last
+        # piece: never commit such pieces without the piece that ends the character.
+        while tokens and tokens[-1].end == tokens[-1].start:
+            tokens = tokens[:-1]
         if not tokens:
             return []
         base = self.committed
