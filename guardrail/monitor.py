@@ -113,6 +113,7 @@ class MonitorContext:
     messages: Sequence[Message] = ()
     observer: Any = None  # the shared observer, when the policy has one
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    timeout_ms: float | None = None  # the policy's per-chunk budget for this monitor
 
     @property
     def prompt(self) -> str:
@@ -167,6 +168,13 @@ class Monitor(ABC):
     def finish(self, state: Any) -> Sequence[Score]:
         """Called once at the end of the stream, after the last ``update``."""
         return ()
+
+    def hold_from(self, state: Any) -> int | None:
+        """A char offset the session must not release text from yet (asked of redact monitors
+        after each ``update``): where a match that may still be growing starts, so no prefix of
+        it reaches the reader before it is redacted. ``None``: hold nothing beyond the hold-back
+        window. The monitor bounds how long it holds; the stream's end releases everything."""
+        return None
 
     def truncate(self, state: Any, n_tokens: int) -> None:
         """The response was cut back to its first ``n_tokens`` tokens (a routed stream: the

@@ -13,6 +13,7 @@ Per batch of newly final tokens:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 import uuid
@@ -123,7 +124,6 @@ class GuardSession:
         self.messages = list(messages)
         self.metadata = dict(metadata or {})
         self.hold_back = self.policy.release.hold_back_tokens
-        self.text = ""
         self.halted: Halt | None = None
         self.closed = False
         self.report: Report | None = None  # set when the session ends (finish or abort)
@@ -153,13 +153,19 @@ class GuardSession:
         for run in self._runs:
             try:
                 run.state = run.monitor.start(
-                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata)
+                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata,
+                                   timeout_ms=run.spec.timeout_ms)
                 )
                 run.rule_state = run.spec.rule.start()
             except Exception as exc:  # noqa: BLE001 - a monitor's bug must follow on_error
                 self._fail(run, exc, self._pending)
 
     # -- public API ------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The response so far. The aligner holds the only reference, so appending stays cheap."""
+        return self._aligner.text
 
     @property
     def tokens(self) -> int:
@@ -194,15 +200,13 @@ class GuardSession:
             for tok in step.tokens:
                 tokens.append(TokenSpan(base, base + len(tok.text), tok.id))
                 base += len(tok.text)
-            self.text += step.text
-            self._aligner.text = self.text
-            self._aligner.committed = len(self.text)
+            self._aligner.append(step.text)
+            self._aligner.committed = base
             if tokens:
                 self._process(tokens, events, step=step)
         elif step.text:
             self._set_mode(generator=False)
             tokens = self._aligner.feed(step.text)
-            self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, step=step)
         return self._emit(events)
@@ -218,7 +222,6 @@ class GuardSession:
             self.reroute(self.route_pending.at_char)
         if self.halted is None:
             tokens = self._aligner.flush()
-            self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, final=True)
         if self.halted is None:
@@ -255,9 +258,7 @@ class GuardSession:
         keep = sum(1 for e in self._token_ends if e <= at_char)
         del self._token_starts[keep:]
         del self._token_ends[keep:]
-        self.text = self.text[:at_char]
-        self._aligner.text = self.text
-        self._aligner.committed = at_char
+        self._aligner.reset(self.text[:at_char], at_char)
         if self._observer_state is not None and self.guard.observer is not None:
             self.guard.observer.truncate(self._observer_state, keep)
         for run in self._active_runs():
@@ -312,9 +313,29 @@ class GuardSession:
                 self._fail(run, exc, events)
             if self.halted is not None or self.route_pending is not None:
                 return
-        releasable = self.tokens - self.hold_back
+        releasable = self._releasable(events)
         if releasable > self._released_tokens:
             self._release(self._token_ends[releasable - 1], releasable, events)
+
+    def _releasable(self, events: list[Event]) -> int:
+        """Tokens that may be released: all but the hold-back window, and none from where a
+        redact monitor holds text (a match that may still be growing, ``Monitor.hold_from``)."""
+        n = self.tokens - self.hold_back
+        if self.dry_run:
+            return n
+        for run in self._active_runs():
+            if run.spec.action != "redact":
+                continue
+            try:
+                at = run.monitor.hold_from(run.state)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(run, exc, events)
+                if self.halted is not None:
+                    return self._released_tokens
+                continue
+            if at is not None:
+                n = min(n, bisect.bisect_right(self._token_ends, at))
+        return n
 
     def _observe(self, features: Features, events: list[Event]) -> None:
         observer = self.guard.observer
@@ -422,6 +443,8 @@ class GuardSession:
         self._released_tokens = max(self._released_tokens, end_tokens)
         self._released_parts.append(text)
         events.append(Release(text, start, end_char))
+        if self._redactions:  # spans wholly released are done with; keep the list short
+            self._redactions = [r for r in self._redactions if r[1] > end_char]
 
     def _redacted(self, start: int, end: int) -> str:
         raw = self.text[start:end]
