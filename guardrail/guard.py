@@ -115,8 +115,10 @@ class Guard:
         can_route: bool = False,
         dry_run: bool = False,
     ) -> GuardSession:
-        """A new session for one stream. Pass the conversation as ``messages`` (OpenAI shape) or
-        a single user ``prompt``; observers read it as context before the response.
+        """A new session for one stream. Pass the conversation as ``messages`` (any OpenAI or
+        LangChain shape: content parts, tool calls, ``BaseMessage`` objects; see
+        ``guardrail.normalize_messages``) or a single user ``prompt``; observers read it as context
+        before the response. An unreadable message raises ``MessageError`` naming it.
 
         ``can_route``: the driver carries out ``route`` actions (it calls ``session.reroute`` and
         feeds the target's text); otherwise routes are only recorded, like flags.

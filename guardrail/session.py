@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import GuardrailError
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
+from .messages import normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, Score
 from .policy import MonitorSpec
 from .rules import RuleState, Verdict
@@ -120,7 +121,7 @@ class GuardSession:
         self.route_pending: Route | None = None
         self.policy = guard.policy
         self.id = uuid.uuid4().hex[:12]
-        self.messages = list(messages)
+        self.messages: list[Message] = list(normalize_messages(messages))
         self.metadata = dict(metadata or {})
         self.hold_back = self.policy.release.hold_back_tokens
         self.text = ""
