@@ -18,11 +18,14 @@ from ..monitor import Features, Monitor, MonitorContext, Score
 
 __all__ = ["KeywordMonitor", "RegexMonitor"]
 
+MAX_WORDS = 10_000  # words (or patterns) in one monitor: one regex holds them all
+
 
 class RegexOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    patterns: list[str] = Field(min_length=1, description="regular expressions (Python syntax)")
+    patterns: list[str] = Field(min_length=1, max_length=MAX_WORDS,
+                                description="regular expressions (Python syntax)")
     ignore_case: bool = True
     label: str | None = Field(None, description="label shown on flags")
     lookback_chars: int = Field(
@@ -124,7 +127,8 @@ def normalized(text: str, begin: int, end: int) -> tuple[str, list[int]]:
 class KeywordOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    words: list[str] = Field(min_length=1, description="words or phrases, matched whole")
+    words: list[str] = Field(min_length=1, max_length=MAX_WORDS,
+                             description="words or phrases, matched whole")
     ignore_case: bool = True
     label: str | None = None
     normalize: bool = True
