@@ -396,6 +396,14 @@ def policy_markdown() -> str:
         "A policy is YAML, read with `yaml.safe_load`; `guardrail check FILE` validates one and",
         "names every error with its field path and line.",
         "",
+        f"Limits, each refused with the line it stops at: a file of at most {MAX_POLICY_BYTES:,}",
+        f"bytes, nesting at most {MAX_NESTING} levels deep, aliases adding at most "
+        f"{MAX_ALIAS_NODES:,} nodes in all",
+        f"(no YAML bombs) and none inside its own anchor, lists of at most {MAX_LIST_ITEMS:,} "
+        "items (a keyword",
+        "or regex monitor's words too). `Policy.to_yaml()` writes a policy that loads back the "
+        "same.",
+        "",
     ]
 
     def type_of(prop: dict[str, Any]) -> str:
