@@ -74,7 +74,7 @@ def test_langchain_chain_with_content_parts_messages(guard: Guard) -> None:
                                            {"type": "image", "url": "https://x.test/a.png"}])]):
         model = GenericFakeChatModel(messages=iter([AIMessage(content=HARMFUL)]))
         chain = model | StrOutputParser() | GuardRunnable(guard=guard, messages=context)
-        shown.append("".join(chain.stream("hi")))
+        shown.append("".join(str(chunk) for chunk in chain.stream("hi")))
     assert shown[0] == shown[1] and shown[1].endswith(HALTED) and "knead" not in shown[1]
 
 

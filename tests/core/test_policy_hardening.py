@@ -109,7 +109,7 @@ def test_a_word_list_past_the_cap_is_refused_with_its_line() -> None:
 
 # -- to_yaml round trip -----------------------------------------------------------------------
 
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_text = st.text(st.characters(codec="utf-8"), max_size=12)
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-10**9, 10**9)
     | st.floats(allow_nan=False, allow_infinity=False) | _text,
@@ -130,7 +130,7 @@ _target = st.fixed_dictionaries({"model": _text}, optional={
 @st.composite
 def _monitor(draw: st.DrawFn, index: int) -> dict[str, Any]:
     action = draw(st.sampled_from(["flag", "halt", "route", "redact"]))
-    spec = draw(st.fixed_dictionaries({}, optional={
+    spec: dict[str, Any] = draw(st.fixed_dictionaries({}, optional={
         "threshold": st.none() | st.floats(allow_nan=False),
         "rule": _rules, "message": st.none() | _text,
         "on_error": st.none() | st.sampled_from(["fail_open", "fail_closed"]),
