@@ -107,7 +107,7 @@ class Guard:
 
     def session(
         self,
-        messages: Sequence[Message] | None = None,
+        messages: Sequence[Message | Any] | None = None,  # any shape normalize_messages reads
         *,
         prompt: str | None = None,
         metadata: dict[str, Any] | None = None,
@@ -132,7 +132,7 @@ class Guard:
                             can_route=can_route, dry_run=dry_run)
 
     def check(self, text: str, *, prompt: str | None = None,
-              messages: Sequence[Message] | None = None) -> Any:
+              messages: Sequence[Message | Any] | None = None) -> Any:
         """Guard a complete text in one go; returns the session's ``Report``."""
         session = self.session(messages, prompt=prompt)
         session.feed(text)

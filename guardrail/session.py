@@ -108,7 +108,7 @@ class GuardSession:
     def __init__(
         self,
         guard: Guard,
-        messages: Sequence[Message] = (),
+        messages: Sequence[Message | Any] = (),  # normalised here (normalize_messages)
         *,
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
