@@ -107,7 +107,7 @@ class Guard:
 
     def session(
         self,
-        messages: Sequence[Message] | None = None,
+        messages: Sequence[Message | Any] | None = None,  # any shape normalize_messages reads
         *,
         prompt: str | None = None,
         metadata: dict[str, Any] | None = None,
@@ -115,8 +115,10 @@ class Guard:
         can_route: bool = False,
         dry_run: bool = False,
     ) -> GuardSession:
-        """A new session for one stream. Pass the conversation as ``messages`` (OpenAI shape) or
-        a single user ``prompt``; observers read it as context before the response.
+        """A new session for one stream. Pass the conversation as ``messages`` (any OpenAI or
+        LangChain shape: content parts, tool calls, ``BaseMessage`` objects; see
+        ``guardrail.normalize_messages``) or a single user ``prompt``; observers read it as context
+        before the response. An unreadable message raises ``MessageError`` naming it.
 
         ``can_route``: the driver carries out ``route`` actions (it calls ``session.reroute`` and
         feeds the target's text); otherwise routes are only recorded, like flags.
@@ -130,7 +132,7 @@ class Guard:
                             can_route=can_route, dry_run=dry_run)
 
     def check(self, text: str, *, prompt: str | None = None,
-              messages: Sequence[Message] | None = None) -> Any:
+              messages: Sequence[Message | Any] | None = None) -> Any:
         """Guard a complete text in one go; returns the session's ``Report``."""
         session = self.session(messages, prompt=prompt)
         session.feed(text)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import GuardrailError
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
+from .messages import normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, Score
 from .policy import MonitorSpec
 from .rules import RuleState, Verdict
@@ -108,7 +109,7 @@ class GuardSession:
     def __init__(
         self,
         guard: Guard,
-        messages: Sequence[Message] = (),
+        messages: Sequence[Message | Any] = (),  # normalised here (normalize_messages)
         *,
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
@@ -121,7 +122,7 @@ class GuardSession:
         self.route_pending: Route | None = None
         self.policy = guard.policy
         self.id = uuid.uuid4().hex[:12]
-        self.messages = list(messages)
+        self.messages: list[Message] = list(normalize_messages(messages))
         self.metadata = dict(metadata or {})
         self.hold_back = self.policy.release.hold_back_tokens
         self.halted: Halt | None = None

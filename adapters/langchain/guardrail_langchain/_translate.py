@@ -26,6 +26,7 @@ from guardrail import (
     StreamStep,
     TokenLogprob,
     event_to_dict,
+    normalize_messages,
 )
 
 __all__ = ["CONTENT_FILTER", "StreamTranslator", "item_text", "session_messages"]
@@ -47,18 +48,9 @@ def item_text(item: Any) -> str:
 
 
 def session_messages(messages: Sequence[Any] | None) -> list[dict[str, Any]]:
-    """Conversation context for the session: OpenAI-shaped dicts from dicts or LangChain
-    messages."""
-    out: list[dict[str, Any]] = []
-    for message in messages or ():
-        if isinstance(message, BaseMessage):
-            role = {"human": "user", "ai": "assistant"}.get(message.type, message.type)
-            out.append({"role": role, "content": str(message.text)})
-        elif isinstance(message, Mapping):
-            out.append(dict(message))
-        else:
-            raise TypeError(f"guardrail messages: cannot read a {type(message).__name__}")
-    return out
+    """Conversation context for the session, from dicts or LangChain messages (content parts
+    and tool calls included): ``guardrail.normalize_messages``."""
+    return list(normalize_messages(messages))
 
 
 def _logprob_entries(item: Any) -> list[Mapping[str, Any]]:

@@ -16,11 +16,10 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.messages.utils import convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
-from guardrail import Event, Guard, GuardSession, Halt, Release, event_to_dict
+from guardrail import Event, Guard, GuardSession, Halt, Release, event_to_dict, normalize_messages
 
 __all__ = ["GuardedChatModel"]
 
@@ -48,7 +47,7 @@ class GuardedChatModel(BaseChatModel):
         return f"guarded-{self.inner._llm_type}"
 
     def _session(self, messages: list[BaseMessage]) -> GuardSession:
-        return self.guard.session(convert_to_openai_messages(messages))
+        return self.guard.session(normalize_messages(messages))
 
     # -- whole answers ---------------------------------------------------------------------
 
