@@ -138,11 +138,21 @@ class Guard:
 
     def as_runnable(self, **kwargs: Any) -> Any:
         """A LangChain Runnable that guards a stream: ``prompt | model | guard.as_runnable()``.
+        A stream reads the prompt from the model that feeds it; ``invoke`` cannot (the model has
+        finished before the guard runs): use ``wrap_model`` or ``messages=`` there.
 
         Needs the ``guardrail-langchain`` distribution."""
         module = _adapter("guardrail_langchain", "guardrail-langchain")
         self.warn_routes_recorded("the LangChain runnable")
         return module.GuardRunnable(guard=self, **kwargs)
+
+    def wrap_model(self, model: Any, **kwargs: Any) -> Any:
+        """A LangChain chat model and this guard as one Runnable, ``prompt | guard.wrap_model(m)``:
+        the monitors read the model's input as the conversation in every mode (``invoke``,
+        ``batch``, ``stream``). ``kwargs`` as for ``as_runnable``."""
+        module = _adapter("guardrail_langchain", "guardrail-langchain")
+        self.warn_routes_recorded("the LangChain runnable")
+        return module.wrap_model(model, guard=self, **kwargs)
 
     def wrap(self, client: Any, **kwargs: Any) -> Any:
         """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client so its chat completions are
