@@ -267,10 +267,10 @@ class StreamTranslator:
         if self.halt is None or self.raise_on_halt:
             return
         if self._strings or self._template is None:
-            step.outputs.append(self.halt.message)
+            step.outputs.append(self.halt.notice)
             return
         step.outputs.append(AIMessageChunk(
-            content=self.halt.message,
+            content=self.halt.notice,
             id=self._template.id,
             response_metadata={"finish_reason": CONTENT_FILTER,
                                "guardrail": {"halt": event_to_dict(self.halt)}},

@@ -94,7 +94,7 @@ class GuardedChatModel(BaseChatModel):
                 halt = _halt_of(events)
                 out = [self._chunk(t) for t in (_released(events),) if t]
                 if halt is not None:
-                    out.append(self._chunk(halt.message, halt))
+                    out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
                     if run_manager:
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -104,7 +104,7 @@ class GuardedChatModel(BaseChatModel):
             report = session.finish()
             tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
             if report.halt is not None:
-                tail.append(self._chunk(report.halt.message, report.halt))
+                tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -127,7 +127,7 @@ class GuardedChatModel(BaseChatModel):
                 halt = _halt_of(events)
                 out = [self._chunk(t) for t in (_released(events),) if t]
                 if halt is not None:
-                    out.append(self._chunk(halt.message, halt))
+                    out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
                     if run_manager:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -137,7 +137,7 @@ class GuardedChatModel(BaseChatModel):
             report = session.finish()
             tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
             if report.halt is not None:
-                tail.append(self._chunk(report.halt.message, report.halt))
+                tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
