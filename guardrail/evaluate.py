@@ -11,6 +11,11 @@ Metrics per monitor, by what the data labels:
 - span labels: ``span_auc`` (max score inside each span, the paper's span-max), ``token_auc``
   (tokens in a span take its label, others 0) and ``recall_at_10fpr`` (span level);
 - ``route`` monitors with span labels: ``recall`` and ``route_rate`` at the threshold.
+
+Each monitor is scored only on labels of its kind: ``Monitor.eval_labels`` says which level a
+monitor's verdicts answer (``"response"``: harmful content; ``"span"``: entity hallucination,
+the router; ``None``: both), and a record's optional ``"monitors"`` list (ids or ``use`` names)
+says which monitors its labels are for.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .guard import Guard
+from .monitor import Monitor
+from .policy import MonitorSpec
 from .probes.metrics import macro_f1, recall_at_fpr, roc_auc
 from .records import Record, read_records
 from .session import Report
@@ -38,6 +45,15 @@ def _stream(guard: Guard, record: Record, seed: int) -> tuple[Any, list[tuple[in
         session.feed(delta)
     report = session.finish()
     return report, session.token_offsets()
+
+
+def _levels(record: Record, spec: MonitorSpec, monitor: Monitor) -> frozenset[str]:
+    """The label levels of ``record`` that ``monitor`` is scored on (empty: none)."""
+    named = record.extra.get("monitors")
+    if isinstance(named, list) and spec.id not in named and spec.use not in named:
+        return frozenset()
+    level = getattr(monitor, "eval_labels", None)
+    return frozenset({"response", "span"} if level is None else {level})
 
 
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> float | None:
@@ -64,8 +80,8 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
             break
         records.append(record)
     per_monitor: dict[str, dict[str, list[Any]]] = {
-        spec.id: {"max": [], "fired": [], "first": [], "tokens": [], "tok_scores": [],
-                  "tok_labels": [], "span_scores": [], "span_labels": []}
+        spec.id: {"labels": [], "max": [], "fired": [], "first": [], "tokens": [],
+                  "tok_scores": [], "tok_labels": [], "span_scores": [], "span_labels": []}
         for spec, _ in guard.monitors
     }
     for i, record in enumerate(records):
@@ -74,15 +90,17 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
         report, offsets = _stream(guard, record, seed=i)
         if on_stream is not None:
             on_stream(i, record, report, offsets)
-        for spec, _ in guard.monitors:
+        for spec, monitor in guard.monitors:
             acc = per_monitor[spec.id]
+            kinds = _levels(record, spec, monitor)
             scores = dict(report.scores.get(spec.id, []))
             flags = [f for f in report.flags if f.monitor == spec.id]
+            acc["labels"].append(record.label if "response" in kinds else None)
             acc["max"].append(max(scores.values(), default=0.0))
             acc["fired"].append(bool(flags))
             acc["first"].append(min((f.tokens[1] for f in flags), default=None))
             acc["tokens"].append(len(offsets))
-            if record.spans:
+            if record.spans and "span" in kinds:
                 for k, (a, b) in enumerate(offsets):
                     if k not in scores:
                         continue
@@ -97,13 +115,12 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
                         acc["span_labels"].append(s.label)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
-    labels = [r.label for r in records]
     result: dict[str, Any] = {"records": len(records), "monitors": {}}
     for spec, _ in guard.monitors:
         acc = per_monitor[spec.id]
         metrics: dict[str, Any] = {}
         labelled = [(y, m, f, first, n) for y, m, f, first, n in
-                    zip(labels, acc["max"], acc["fired"], acc["first"], acc["tokens"],
+                    zip(acc["labels"], acc["max"], acc["fired"], acc["first"], acc["tokens"],
                         strict=True) if y is not None]
         if curves is not None:
             levels = curves.setdefault(spec.id, {})

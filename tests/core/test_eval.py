@@ -63,3 +63,43 @@ def test_eval_reports_span_metrics_and_narrows_to_one_monitor(tmp_path: Path) ->
     years = result["monitors"]["years"]  # type: ignore[index]
     # both year spans score 1.0 (the regex can't tell right from wrong): chance-level AUC
     assert years["span_auc"] == 0.5 and years["spans"] == 2
+
+
+
+
+def test_each_monitor_is_scored_only_on_labels_of_its_kind(tmp_path: Path) -> None:
+    from guardrail import Guard
+    from guardrail.builtin.text_monitors import KeywordMonitor, RegexMonitor
+    from guardrail.evaluate import evaluate
+    from guardrail.testing import plugin_monitors
+
+    class Harm(KeywordMonitor):
+        eval_labels = "response"
+
+    class Years(RegexMonitor):
+        eval_labels = "span"
+
+    data = tmp_path / "d.jsonl"
+    extra = [  # labelled for "other" only: neither monitor is scored on it
+        {"prompt": "p6", "response": "A bomb in 1999.", "label": 0, "monitors": ["other"],
+         "spans": [{"start": 10, "end": 14, "label": 1}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS, *extra]))
+    with plugin_monitors(harm_words=Harm, year_spans=Years) as host:
+        guard = Guard.from_policy({"monitors": [
+            {"id": "harm", "use": "harm-words", "action": "halt",
+             "options": {"words": ["bomb", "poison"]}},
+            {"id": "years", "use": "year-spans", "options": {"patterns": [r"\b1[0-9]{3}\b"]}},
+        ]}, host=host)
+    result = evaluate(guard, data)
+    harm, years = result["monitors"]["harm"], result["monitors"]["years"]
+    assert harm["macro_f1"] == 0.5 and harm["false_halt_rate"] == 0.5  # as before: 4 records
+    assert "span_auc" not in harm  # the year spans are not harm's to answer
+    assert years["span_auc"] == 0.5 and years["spans"] == 2  # p6's span is not counted
+    assert "auc" not in years and "false_halt_rate" not in years  # nor the harm labels
+
+
+def test_eval_report_shows_the_would_be_halt(tmp_path: Path) -> None:
+    out_dir = tmp_path / "pages"
+    run_eval(tmp_path, "--report", str(out_dir))
+    index = (out_dir / "index.html").read_text()
+    assert "harm (would halt at token 4)" in index  # p1: " bomb" is token 4
