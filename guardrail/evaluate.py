@@ -12,10 +12,9 @@ Metrics per monitor, by what the data labels:
   (tokens in a span take its label, others 0) and ``recall_at_10fpr`` (span level);
 - ``route`` monitors with span labels: ``recall`` and ``route_rate`` at the threshold.
 
-Each monitor is scored only on labels of its kind: ``Monitor.eval_labels`` says which level a
-monitor's verdicts answer (``"response"``: harmful content; ``"span"``: entity hallucination,
-the router; ``None``: both), and a record's optional ``"monitors"`` list (ids or ``use`` names)
-says which monitors its labels are for.
+Each monitor is scored only on labels meant for it: a record's optional ``"monitors"`` list
+(policy ids or ``use`` names, e.g. ``["harmful-content"]``) says which monitors its labels are
+for; a record without it labels every monitor. The shipped replay sets say which.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from .guard import Guard
-from .monitor import Monitor
 from .policy import MonitorSpec
 from .probes.metrics import macro_f1, recall_at_fpr, roc_auc
 from .records import Record, read_records
@@ -47,13 +45,10 @@ def _stream(guard: Guard, record: Record, seed: int) -> tuple[Any, list[tuple[in
     return report, session.token_offsets()
 
 
-def _levels(record: Record, spec: MonitorSpec, monitor: Monitor) -> frozenset[str]:
-    """The label levels of ``record`` that ``monitor`` is scored on (empty: none)."""
+def _labels_for(record: Record, spec: MonitorSpec) -> bool:
+    """Whether ``record``'s labels are meant for the monitor of ``spec``."""
     named = record.extra.get("monitors")
-    if isinstance(named, list) and spec.id not in named and spec.use not in named:
-        return frozenset()
-    level = getattr(monitor, "eval_labels", None)
-    return frozenset({"response", "span"} if level is None else {level})
+    return not isinstance(named, list) or spec.id in named or spec.use in named
 
 
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> float | None:
@@ -90,17 +85,17 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
         report, offsets = _stream(guard, record, seed=i)
         if on_stream is not None:
             on_stream(i, record, report, offsets)
-        for spec, monitor in guard.monitors:
+        for spec, _ in guard.monitors:
             acc = per_monitor[spec.id]
-            kinds = _levels(record, spec, monitor)
+            mine = _labels_for(record, spec)
             scores = dict(report.scores.get(spec.id, []))
             flags = [f for f in report.flags if f.monitor == spec.id]
-            acc["labels"].append(record.label if "response" in kinds else None)
+            acc["labels"].append(record.label if mine else None)
             acc["max"].append(max(scores.values(), default=0.0))
             acc["fired"].append(bool(flags))
             acc["first"].append(min((f.tokens[1] for f in flags), default=None))
             acc["tokens"].append(len(offsets))
-            if record.spans and "span" in kinds:
+            if record.spans and mine:
                 for k, (a, b) in enumerate(offsets):
                     if k not in scores:
                         continue

@@ -153,9 +153,6 @@ class Monitor(ABC):
     # "flag": 0.305}`` (route at high recall, flag at best F1); an action not listed takes
     # ``default_threshold``. Read for every policy, the default one and a user's alike.
     default_thresholds: ClassVar[Mapping[str, float]] = {}
-    # Which labels ``guardrail eval`` scores this monitor on: "response" (a label per answer),
-    # "span" (labelled char spans) or None (both).
-    eval_labels: ClassVar[str | None] = None
     # The decision rule (a policy ``rule:`` mapping) when the policy gives none; None: the
     # threshold rule. Like ``default_threshold``, a monitor whose weights were calibrated with a
     # rule (SCM's count-k) may set it on the instance.

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 POLICY = """\
 version: 1
@@ -67,35 +68,29 @@ def test_eval_reports_span_metrics_and_narrows_to_one_monitor(tmp_path: Path) ->
 
 
 
-def test_each_monitor_is_scored_only_on_labels_of_its_kind(tmp_path: Path) -> None:
-    from guardrail import Guard
-    from guardrail.builtin.text_monitors import KeywordMonitor, RegexMonitor
-    from guardrail.evaluate import evaluate
-    from guardrail.testing import plugin_monitors
-
-    class Harm(KeywordMonitor):
-        eval_labels = "response"
-
-    class Years(RegexMonitor):
-        eval_labels = "span"
-
+def test_each_monitor_is_scored_only_on_labels_meant_for_it(tmp_path: Path) -> None:
+    """A record's "monitors" (ids or use names) says whose labels it carries: the other
+    monitors are not scored on it (facts on harm labels gave "auc 0.000")."""
+    records: list[dict[str, Any]] = RECORDS  # type: ignore[assignment]
+    tagged = [{**r, "monitors": ["keywords"] if "label" in r else ["years"]} for r in records]
+    extra = [{"prompt": "p6", "response": "A bomb in 1999.", "label": 0, "monitors": ["other"],
+              "spans": [{"start": 10, "end": 14, "label": 1}]}]
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
     data = tmp_path / "d.jsonl"
-    extra = [  # labelled for "other" only: neither monitor is scored on it
-        {"prompt": "p6", "response": "A bomb in 1999.", "label": 0, "monitors": ["other"],
-         "spans": [{"start": 10, "end": 14, "label": 1}]}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS, *extra]))
-    with plugin_monitors(harm_words=Harm, year_spans=Years) as host:
-        guard = Guard.from_policy({"monitors": [
-            {"id": "harm", "use": "harm-words", "action": "halt",
-             "options": {"words": ["bomb", "poison"]}},
-            {"id": "years", "use": "year-spans", "options": {"patterns": [r"\b1[0-9]{3}\b"]}},
-        ]}, host=host)
-    result = evaluate(guard, data)
-    harm, years = result["monitors"]["harm"], result["monitors"]["years"]
-    assert harm["macro_f1"] == 0.5 and harm["false_halt_rate"] == 0.5  # as before: 4 records
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*tagged, *extra]))
+    out = subprocess.run([sys.executable, "-m", "guardrail.cli", "eval", "--policy", str(policy),
+                          "--data", str(data), "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    monitors = json.loads(out.stdout)["monitors"]
+    harm, years = monitors["harm"], monitors["years"]
+    assert harm["macro_f1"] == 0.5 and harm["false_halt_rate"] == 0.5  # its 4 records, as before
     assert "span_auc" not in harm  # the year spans are not harm's to answer
     assert years["span_auc"] == 0.5 and years["spans"] == 2  # p6's span is not counted
     assert "auc" not in years and "false_halt_rate" not in years  # nor the harm labels
+    untagged: Any = run_eval(tmp_path)["monitors"]
+    assert "auc" in untagged["years"]  # a record without "monitors" labels every monitor
 
 
 def test_eval_report_shows_the_would_be_halt(tmp_path: Path) -> None:

@@ -110,8 +110,6 @@ class EntityHallucinationMonitor(Monitor):
     """Flags fabricated entities with a token-level linear probe or a span head (see the module
     docstring)."""
 
-    eval_labels: ClassVar[str | None] = "span"  # fabricated entities are labelled spans
-
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
         weights: str | None = Field(

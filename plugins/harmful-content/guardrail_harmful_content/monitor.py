@@ -96,8 +96,6 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
 class HarmfulContentMonitor(Monitor):
     """Per-token harm probability of the response so far (see the module docstring)."""
 
-    eval_labels: ClassVar[str | None] = "response"  # a harmful answer, not a span, is labelled
-
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
         weights: str | None = Field(

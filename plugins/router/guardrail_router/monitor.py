@@ -198,7 +198,6 @@ class RouterMonitor(Monitor):
         weights: str | None = Field(None, description="router .safetensors (default: shipped)")
 
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
-    eval_labels: ClassVar[str | None] = "span"  # tokens the small model gets wrong
     # A policy entry without a threshold routes at the routing threshold (recall >= 0.95) and
     # flags, redacts or halts at the flag threshold (best F1: fewer, surer verdicts), in any
     # policy; the default policy has no model to route to and flags.
