@@ -38,6 +38,7 @@ __all__ = ["GuardSession", "Report"]
 log = logging.getLogger("guardrail.session")
 
 REDACTION = "[REDACTED]"
+WORD_TOKENS = 16  # the most tokens a release waits for a word to end
 
 
 @dataclass
@@ -120,6 +121,7 @@ class GuardSession:
         self.dry_run = dry_run
         self.can_route = can_route
         self.route_pending: Route | None = None
+        self._target_starts: set[int] = set()  # token indices a route target wrote after reroute
         self.policy = guard.policy
         self.id = uuid.uuid4().hex[:12]
         self.messages: list[Message] = list(normalize_messages(messages))
@@ -257,6 +259,7 @@ class GuardSession:
         if at_char < self._released_chars:
             raise GuardrailError("cannot reroute before text that was already released")
         keep = sum(1 for e in self._token_ends if e <= at_char)
+        self._target_starts.add(keep)
         del self._token_starts[keep:]
         del self._token_ends[keep:]
         self._aligner.reset(self.text[:at_char], at_char)
@@ -291,12 +294,14 @@ class GuardSession:
             features.logprobs = step.logprobs
         if step is not None and step.tokens is not None:
             features.hidden = step.hidden or {}
+            features.generated = True
             features.logits = step.logits
         elif self.guard.needs.observer and not self._observer_failed:
             self._observe(features, events)
             if self.halted is not None:
                 return
-        for run in self._active_runs():
+        runs = self._active_runs()
+        for n, run in enumerate(runs):
             t0 = time.perf_counter()
             try:
                 scores = list(run.monitor.update(run.state, features))
@@ -312,9 +317,11 @@ class GuardSession:
                 self._judge(run, scores, events)
             except Exception as exc:  # noqa: BLE001
                 self._fail(run, exc, events)
+            if self.halted is not None:
+                self._flags_before_halt(runs[n + 1:], features, events)
             if self.halted is not None or self.route_pending is not None:
                 return
-        releasable = self._releasable(events)
+        releasable = self._word_end(self._releasable(events))
         if releasable > self._released_tokens:
             self._release(self._token_ends[releasable - 1], releasable, events)
 
@@ -337,6 +344,38 @@ class GuardSession:
             if at is not None:
                 n = min(n, bisect.bisect_right(self._token_ends, at))
         return n
+
+    def _word_end(self, n: int) -> int:
+        """``n``, or fewer tokens so the release does not end inside a word: a halt right after
+        would leave half a word on screen ("buy pseudoep"). A run of word characters longer than
+        ``WORD_TOKENS`` tokens (a URL, CJK text) is released as it comes."""
+        floor = max(self._released_tokens, n - WORD_TOKENS)
+        for k in range(n, floor, -1):
+            end = self._token_ends[k - 1]
+            after = self.text[end:end + 1]  # "" when the next character has not arrived yet
+            if not self.text[end - 1:end].isalnum() or (after and not after.isalnum()):
+                return k
+        return n if floor > self._released_tokens else self._released_tokens
+
+    def _flags_before_halt(self, runs: list[_Run], features: Features,
+                           events: list[Event]) -> None:
+        """The monitors after the one that halted still read this batch, so flags on tokens
+        before the halt are kept (a whole answer arrives as one batch); nothing else acts."""
+        assert self.halted is not None
+        for run in runs:
+            if run.spec.action not in ("flag", "redact"):
+                continue
+            try:
+                scores = [s for s in run.monitor.update(run.state, features)
+                          if s.index < self.halted.at]
+                for verdict in run.spec.rule.update(run.rule_state, scores, run.threshold):
+                    span = self._char_span(verdict)
+                    flag = Flag(run.spec.id, verdict.score, span, verdict.tokens, verdict.rule,
+                                action=run.spec.action, label=verdict.label)
+                    self._flags.append(flag)
+                    events.insert(events.index(self.halted), flag)  # before the halt
+            except Exception as exc:  # noqa: BLE001 - the stream has halted; just record it
+                log.warning("monitor %r failed after a halt: %s", run.spec.id, exc)
 
     def _observe(self, features: Features, events: list[Event]) -> None:
         observer = self.guard.observer
@@ -394,6 +433,8 @@ class GuardSession:
             at_char = self._token_starts[at]
             if self.can_route and at_char < self._released_chars:
                 return  # that token reached the reader already; later ones may still route
+            if self.can_route and at in self._target_starts:
+                return  # the route target wrote this token: routing it again would repeat it
             assert spec.route_to is not None
             route = Route(spec.id, at, at_char, spec.route_to.model_dump(mode="json"),
                           self.text[:at_char], verdict.score)

@@ -14,6 +14,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "load_local",
     "load_model_dir",
     "load_smollm2",
+    "quiet_loading",
     "resolve_device",
     "smollm2_dir",
     "smollm2_gguf",
@@ -100,10 +103,11 @@ def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         bar.update()
         bar.set_postfix_str("weights")
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, _STORED_DTYPE),
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        with quiet_loading():  # the conversion's own bar above says where it is
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, _STORED_DTYPE),
+                quantization_config=GgufConfig(dequantize=True),
+            )
         bar.update()
         bar.set_postfix_str("save")
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
@@ -129,6 +133,22 @@ def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
     if progress:
         print(f"[guardrail] converted {gguf.name} to {target} in "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' per-load progress bars ("Loading weights") off for the block: a load from
+    the local cache takes a second or two, and every Guard load printed one. Long work keeps a
+    bar of its own (the one-time conversion of the embedded model)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "torch",
@@ -171,7 +191,8 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
                             f"observer.options.device ({device}) or set observer.backend to "
                             "'torch'")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ObserverError(
             f"observer {name!r}: could not load the model in {path} ({exc})"

@@ -93,7 +93,7 @@ class GuardedChatModel(BaseChatModel):
                 halt = _halt_of(events)
                 out = [self._chunk(t) for t in (_released(events),) if t]
                 if halt is not None:
-                    out.append(self._chunk(halt.message, halt))
+                    out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
                     if run_manager:
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -103,7 +103,7 @@ class GuardedChatModel(BaseChatModel):
             report = session.finish()
             tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
             if report.halt is not None:
-                tail.append(self._chunk(report.halt.message, report.halt))
+                tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -126,7 +126,7 @@ class GuardedChatModel(BaseChatModel):
                 halt = _halt_of(events)
                 out = [self._chunk(t) for t in (_released(events),) if t]
                 if halt is not None:
-                    out.append(self._chunk(halt.message, halt))
+                    out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
                     if run_manager:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -136,7 +136,7 @@ class GuardedChatModel(BaseChatModel):
             report = session.finish()
             tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
             if report.halt is not None:
-                tail.append(self._chunk(report.halt.message, report.halt))
+                tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
