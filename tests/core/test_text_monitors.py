@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from guardrail import Flag, Guard, Release
+from guardrail.cli import EXIT_HALTED
 from guardrail.plugins import PluginHost
 from guardrail.testing import random_splits, split_text
 
@@ -116,8 +117,10 @@ def _run_cli(policy: dict[str, Any], tmp_path: Path, text: str) -> list[dict[str
         [sys.executable, "-m", "guardrail.cli", "run", "--policy", str(path), "--json"],
         input=text, capture_output=True, text=True, timeout=120,
     )
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines()]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    halted = bool(lines) and lines[-1].get("halted")
+    assert out.returncode == (EXIT_HALTED if halted else 0), out.stderr
+    return lines
 
 
 @pytest.mark.parametrize(("on_error", "timeout_ms"), [("fail_open", None), ("fail_closed", 50)])
