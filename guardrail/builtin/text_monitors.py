@@ -49,7 +49,7 @@ class RegexOptions(BaseModel):
         "into a match (a card number half streamed), up to this many characters",
     )
     scan_timeout_ms: float = Field(
-        250, gt=0, description="longest one scan may run (the monitor's timeout_ms, when "
+        1000, gt=0, description="longest one scan may run (the monitor's timeout_ms, when "
         "smaller, wins); a pattern that backtracks past it fails the monitor, which then "
         "follows on_error",
     )
