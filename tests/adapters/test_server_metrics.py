@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -200,3 +205,44 @@ def _dropping_upstream() -> Iterator[str]:
     finally:
         server.close()
         thread.join(timeout=5)
+
+
+def test_cli_serves_metrics_and_writes_traces(upstream_server: UpstreamServer,
+                                              tmp_path: Path) -> None:
+    """``guardrail serve --traces --no-dashboard``: /metrics on, /dashboard off, and spans on
+    stderr (no OTLP exporter here) by the time the server exits."""
+    pytest.importorskip("opentelemetry.sdk")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("release: {hold_back_tokens: 2}\nmonitors:\n"
+                      "  - {id: weapons, use: keywords, options: {words: [bomb]}, "
+                      "action: halt}\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDRAIL_API_KEYS")}
+    upstream_server.enqueue(Script(text=HARMFUL))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail.cli", "serve", "--policy", str(policy), "--upstream",
+         upstream_server.base_url, "--port", str(port), "--traces", "--no-dashboard"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    proxy = RunningServer("127.0.0.1", port, None, None)  # type: ignore[arg-type]
+    try:
+        assert process.stderr is not None
+        banner = process.stderr.readline()
+        assert "operators: /metrics, traces" in banner
+        for _ in range(100):  # the banner comes just before uvicorn binds
+            try:
+                httpx.get(f"{proxy.url}/health", timeout=5)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        shown, events = stream_text(proxy)
+        families = scrape(proxy)
+        dashboard = httpx.get(f"{proxy.url}/dashboard", timeout=5)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=20)
+    assert any(e["kind"] == "halt" for e in events) and "bomb" not in shown
+    assert value(families, "guardrail_halts_total", monitor="weapons", cause="verdict") == 1
+    assert dashboard.status_code == 404
+    assert '"name": "chat scripted-model"' in err and '"guardrail.halt"' in err

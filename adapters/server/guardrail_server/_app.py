@@ -288,4 +288,5 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
         *ops.routes(),
     ], lifespan=lifespan)
     app.state.guard = guard
+    app.state.operations = ops
     return app

@@ -42,12 +42,12 @@ class Operations:
         self.metrics = ServerMetrics() if metrics or (metrics is None and
                                                        metrics_available()) else None
         self.live = LiveView() if dashboard else None
-        tracing = None
+        self.tracing: GuardListener | None = None
         if traces:
             from guardrail.telemetry.otel import OtelTracing
 
-            tracing = OtelTracing(None if traces is True else traces)
-        for listener in (self.metrics, self.live, tracing):
+            self.tracing = OtelTracing(None if traces is True else traces)
+        for listener in (self.metrics, self.live, self.tracing):
             if listener is not None:
                 self.listeners.append(listener.attach(guard))
 
