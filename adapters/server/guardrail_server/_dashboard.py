@@ -43,9 +43,10 @@ class _Stream:
     flags: int = 0
     flagged_by: set[str] = field(default_factory=set)
 
-    def released(self, a: int, b: int) -> str:
-        """Released text for raw offsets ``[a, b)``; a release whose text a redaction changed
-        is shown whole (its text is already masked, its offsets no longer line up)."""
+    def released(self, a: int, b: int, skip: tuple[int, int] | None = None) -> str:
+        """Released text for raw offsets ``[a, b)``. A release whose text a redaction changed
+        is shown whole (its text is already masked, its offsets no longer line up), except
+        when it overlaps ``skip`` (the verdict's own span shows it)."""
         out: list[str] = []
         i = max(0, bisect.bisect_right(self.starts, a) - 1)
         for start, end, text in self.releases[i:]:
@@ -55,7 +56,7 @@ class _Stream:
                 continue
             if len(text) == end - start:
                 out.append(text[max(a, start) - start:min(b, end) - start])
-            else:
+            elif skip is None or not (start < skip[1] and end > skip[0]):
                 out.append(text)
         return "".join(out)
 
@@ -87,11 +88,13 @@ class _Item:
         if stream is None or self.span is None:
             return
         a, b = self.span
-        self.before = stream.released(max(0, a - CONTEXT_CHARS), a)[-CONTEXT_CHARS:]
-        # A halt's own "text" is what readers got at or after its token (released before it).
-        text = stream.released(a, stream.released_to if self.kind == "halt" else b)
+        if self.kind == "halt":  # its "text": what readers got at or after its token
+            b = max(a, stream.released_to)
+        self.before = stream.released(max(0, a - CONTEXT_CHARS), a, (a, b))[-CONTEXT_CHARS:]
+        text = stream.released(a, b)
         self.text = text if len(text) <= CONTEXT_CHARS else text[:CONTEXT_CHARS] + "…"
-        self.after = stream.released(b, b + CONTEXT_CHARS)[:CONTEXT_CHARS]
+        self.after = ("" if self.kind == "halt" else
+                      stream.released(b, b + CONTEXT_CHARS, (a, b))[:CONTEXT_CHARS])
         if self.kind == "halt":
             self.hidden = "withheld from the reader"
         elif stream.released_to < b:
@@ -255,7 +258,8 @@ class LiveView(GuardListener):
                 "time": now, "uptime_seconds": round(now - self._started_at, 1),
                 "totals": {"started": self.started_total, "ended": ended,
                            "active": len(self._streams), "halted": self.halted_total,
-                           "aborted": self.aborted_total, "tokens": self.tokens_total},
+                           "aborted": self.aborted_total,
+                           "tokens": self.tokens_total + sum(s.session.tokens for s in streams)},
                 "streams": live, "recent": recent, "monitors": monitors,
             }
 
@@ -284,6 +288,7 @@ th,td{text-align:left;padding:4px 6px;border-bottom:1px solid var(--line);vertic
 th{color:var(--dim);font-weight:500;font-size:12px}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .mono{font-family:ui-monospace,monospace;font-size:12px}
+.nowrap,.mono,td.num{white-space:nowrap}
 .kind{font-weight:700;text-transform:uppercase;font-size:11px}
 .halt{color:var(--halt)}.flag{color:var(--flag)}.route{color:var(--route)}.error{color:var(--dim)}
 .ctx{font-family:ui-monospace,monospace;font-size:12px;color:var(--dim);white-space:pre-wrap;
@@ -298,7 +303,7 @@ word-break:break-word}
 <main>
 <section class="wide"><div class="totals" id="totals"></div></section>
 <section><h2>Live streams</h2><table><thead><tr><th>session</th><th>model</th>
-<th class="num">age s</th><th class="num">read</th><th class="num">released</th>
+<th class="num">age</th><th class="num">read</th><th class="num">released</th>
 <th class="num">flags</th><th>latest released text</th></tr></thead><tbody id="streams"></tbody>
 </table></section>
 <section><h2>Per monitor</h2><table><thead><tr><th>monitor</th><th>action</th>
@@ -334,11 +339,12 @@ function render(d){
       ["halted",t.halted],["aborted",t.aborted],["tokens read",t.tokens]]){
     const box=el("div");box.appendChild(el("b",v));box.appendChild(el("span",k));
     tot.appendChild(box);}
-  fill("streams",d.streams.map(s=>row([el("td",s.session,"mono"),s.model||"",num(s.age_seconds),
+  fill("streams",d.streams.map(s=>row([el("td",s.session,"mono"),el("td",s.model||"","nowrap"),
+    num(s.age_seconds.toFixed(1)+" s"),
     num(s.tokens),num(s.released_tokens),num(s.flags),el("td",s.tail,"ctx")])),7);
   fill("monitors",d.monitors.map(m=>row([el("td",m.id,"mono"),m.action,num(m.flags),num(m.halts),
     num(pct(m.flag_rate)),num(pct(m.halt_rate)),num(m.flags_per_min),num(m.halts_per_min)])),8);
-  fill("recent",d.recent.map(i=>row([new Date(i.time*1000).toLocaleTimeString(),
+  fill("recent",d.recent.map(i=>row([el("td",new Date(i.time*1000).toLocaleTimeString(),"nowrap"),
     el("td",i.kind,"kind "+i.kind),el("td",i.monitor,"mono"),
     num(i.score===null?"":i.score.toFixed(3)),el("td",i.session,"mono"),i.detail,context(i)])),7);
   document.getElementById("status").textContent="up "+Math.round(d.uptime_seconds)+" s · updated "
