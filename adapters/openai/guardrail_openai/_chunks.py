@@ -244,7 +244,7 @@ class ChunkGuard:
 
     def _halt_chunk(self, index: int, state: _ChoiceState) -> ChatCompletionChunk:
         assert state.halt is not None and self._template is not None
-        choice = Choice(index=index, delta=ChoiceDelta(content=state.halt.message),
+        choice = Choice(index=index, delta=ChoiceDelta(content=state.halt.notice),
                         finish_reason=CONTENT_FILTER, logprobs=None)
         self._details += _details(index, [state.halt])
         return self._make_chunk(self._template, choice)

@@ -26,13 +26,13 @@ from typing import Any
 
 import anyio
 import httpx
-from guardrail_openai import ChunkGuard, request_messages
+from guardrail_openai import ChunkGuard
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from guardrail import Guard, Report
+from guardrail import Guard, MessageError, Report, normalize_messages
 
 from ._access import DEFAULT_MAX_BODY_BYTES, BodyTooLarge, ClientKeys, read_body
 from ._generation import generator_completion, generator_sse, is_generator
@@ -134,8 +134,8 @@ class _Proxy:
         if not isinstance(body.get("messages"), list):
             return _error(400, "'messages' must be a list of chat messages", "invalid_messages")
         try:
-            messages = request_messages(body["messages"])
-        except TypeError as exc:
+            messages = normalize_messages(body["messages"])  # the guard's view; upstream gets body
+        except MessageError as exc:
             return _error(400, str(exc), "invalid_messages")
         metadata = {"adapter": "server", "model": body.get("model"),
                     "stream": bool(body.get("stream"))}

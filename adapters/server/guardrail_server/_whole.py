@@ -50,7 +50,7 @@ def guard_whole(guard: Guard, completion: Mapping[str, Any],
         details += [{"choice": index, **event_to_dict(e)} for e in events
                     if not isinstance(e, Release)]
         if report.halt is not None:
-            message["content"] = report.halt.released_text + report.halt.message
+            message["content"] = report.halt.released_text + report.halt.notice
             message.pop("tool_calls", None)
             message.pop("function_call", None)
             choice["finish_reason"] = "content_filter"
