@@ -391,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger request bodies with 413 (default: 4 MiB)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="listen on a non-loopback --host without client keys")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="no /metrics (on by default when prometheus-client is installed)")
+    p.add_argument("--no-dashboard", action="store_true", help="no /dashboard live view")
+    p.add_argument("--traces", action="store_true",
+                   help="OpenTelemetry spans per stream (needs guardrail-server[otel]): to the "
+                        "configured tracer provider, else OTLP when the OTLP exporter is "
+                        "installed, else stderr")
     p.set_defaults(func=cmd_serve)
     return parser
 

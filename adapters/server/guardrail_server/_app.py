@@ -3,6 +3,8 @@
     POST /v1/chat/completions   guarded, streamed (SSE) or not
     GET  /v1/models             the upstream's list (proxied), or the local model
     GET  /health                liveness, mode and monitor ids
+    GET  /metrics               Prometheus metrics (with prometheus-client installed)
+    GET  /dashboard             the operators' live view (polls /dashboard.json)
 
 Per request the app holds nothing but the request's own ChunkGuard/sessions; the Guard is shared
 (it is stateless per stream). The caller's ``Authorization`` header goes to the upstream and
@@ -30,11 +32,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from guardrail import Guard, MessageError, normalize_messages
+from guardrail import Guard, MessageError, Report, normalize_messages
 
 from ._access import DEFAULT_MAX_BODY_BYTES, BodyTooLarge, ClientKeys, read_body
 from ._generation import generator_completion, generator_sse, is_generator
 from ._local import LocalModel, local_chunks, local_completion
+from ._ops import Operations
 from ._sse import SSEResponse
 from ._stream import ReportHook, contained, guarded_sse
 from ._upstream import Upstream, UpstreamError, scrub
@@ -60,7 +63,7 @@ class _Proxy:
 
     def __init__(self, guard: Guard, upstream: Upstream | None, local: LocalModel | None,
                  offload: bool, on_report: ReportHook | None, keys: ClientKeys,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, ops: Operations) -> None:
         self.guard = guard
         self.upstream = upstream
         self.local = local
@@ -68,9 +71,16 @@ class _Proxy:
         self.generator = local if local is not None and is_generator(local) else None
         self.offload = offload
         self.executor = ThreadPoolExecutor(GUARD_THREADS, thread_name_prefix="guardrail-guard")
-        self.on_report = on_report
+        self.ops = ops
+        self.on_report = self._reported if on_report is None else partial(self._reported,
+                                                                            then=on_report)
         self.keys = keys
         self.max_body_bytes = max_body_bytes
+
+    def _reported(self, reports: list[Report], then: ReportHook | None = None) -> None:
+        self.ops.reports(reports)
+        if then is not None:
+            then(reports)
 
     def _caller(self, request: Request) -> tuple[Response | None, str | None]:
         """(a 401 for a caller without a valid client key, else None; the Authorization value
@@ -105,6 +115,7 @@ class _Proxy:
         try:
             return JSONResponse(await self.upstream.models(auth))
         except UpstreamError as exc:
+            self.ops.upstream_error(exc.code)
             log.warning("GET /v1/models failed: %s", exc.message)
             return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
 
@@ -133,6 +144,7 @@ class _Proxy:
                 return await self._stream(body, messages, metadata, auth)
             return await self._whole(request, body, messages, metadata, auth)
         except UpstreamError as exc:
+            self.ops.upstream_error(exc.code)
             log.warning("chat completion failed: %s", exc.message)
             return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
         except Exception as exc:  # noqa: BLE001 - the client gets JSON, never a traceback
@@ -234,7 +246,8 @@ async def _close(chunks: AsyncIterator[dict[str, Any]], response: httpx.Response
 def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel | None = None,
                api_key: str | None = None, timeout: float = 60.0, offload: bool | None = None,
                on_report: ReportHook | None = None, client_keys: Iterable[str] = (),
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: bool | None = None,
+               dashboard: bool = True, traces: Any = False) -> Starlette:
     """An OpenAI-compatible proxy app that guards chat completions.
 
     Give ``upstream`` (an OpenAI-compatible base URL ending in ``/v1``) or ``local`` (a local
@@ -246,17 +259,24 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     ``client_keys``: when given, callers must send ``Authorization: Bearer KEY`` with one of them
     (else 401); the key stays here and the upstream gets ``api_key``. ``max_body_bytes``: larger
     request bodies are refused with 413 before they are read.
+    ``metrics``: serve ``/metrics`` (None: when prometheus-client is installed); ``dashboard``:
+    serve ``/dashboard``; ``traces``: OpenTelemetry spans per stream (True: the global tracer
+    provider, or a provider). Each app has its own metrics registry; all three want a client key
+    when there are client keys.
     """
     if (upstream is None) == (local is None):
         raise ValueError("create_app: give exactly one of upstream=URL or local=model")
     guard.warn_routes_recorded("the proxy server")
     client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
+    keys = ClientKeys(client_keys)
+    ops = Operations(guard, keys, metrics=metrics, dashboard=dashboard, traces=traces)
     proxy = _Proxy(guard, client, local, True if offload is None else offload, on_report,
-                   ClientKeys(client_keys), max_body_bytes)
+                   keys, max_body_bytes, ops)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        ops.close()
         proxy.executor.shutdown(wait=False)
         if client is not None:
             await client.aclose()
@@ -265,6 +285,8 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
         Route("/health", proxy.health, methods=["GET"]),
+        *ops.routes(),
     ], lifespan=lifespan)
     app.state.guard = guard
+    app.state.operations = ops
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -106,6 +107,38 @@ def _shared_observer(policy: Policy, local: LocalModel | None) -> Any:
     return observer
 
 
+def tracer_provider() -> Any:
+    """The tracer provider for ``--traces``: the global one when something configured it
+    (``opentelemetry-instrument``), else an SDK provider exporting over OTLP (with
+    opentelemetry-exporter-otlp installed; ``OTEL_EXPORTER_OTLP_*`` configure it) or to stderr."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        raise GuardrailError("--traces needs OpenTelemetry: "
+                             "pip install 'guardrail-server[otel]'") from None
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return trace.get_tracer_provider()
+    exporter: Any
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    except ImportError:
+        exporter = ConsoleSpanExporter(out=sys.stderr)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def _operator_paths(app: Starlette) -> str:
+    ops = app.state.operations
+    shown = [path for path, on in (("/metrics", ops.metrics is not None),
+                                   ("/dashboard", ops.live is not None),
+                                   ("traces", ops.tracing is not None)) if on]
+    return ", ".join(shown) or "none"
+
+
 def serve_cli(args: argparse.Namespace) -> int:
     """``guardrail serve``: args ``policy``, ``monitor``, ``upstream``, ``local``, ``host``,
     ``port``, ``api_key`` (a list), ``max_body_bytes``, ``allow_unauthenticated``. Returns the
@@ -136,13 +169,24 @@ def serve_cli(args: argparse.Namespace) -> int:
         guard = Guard(policy, observer=_shared_observer(policy, local))
         app = create_app(guard, upstream=args.upstream, local=local,
                          api_key=os.environ.get(API_KEY_ENV), client_keys=keys,
-                         max_body_bytes=max_body)
+                         max_body_bytes=max_body,
+                         metrics=False if getattr(args, "no_metrics", False) else None,
+                         dashboard=not getattr(args, "no_dashboard", False),
+                         traces=tracer_provider() if getattr(args, "traces", False) else False)
     except GuardrailError as exc:
         print(f"guardrail serve: {exc}", file=sys.stderr)
         return 2
     target = public_url(args.upstream) if args.upstream else f"local model {args.local}"
     print(f"guardrail serve: http://{args.host}:{args.port}/v1 -> {target} "
           f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'}; client keys: "
-          f"{len(keys) or 'none'})", file=sys.stderr)
+          f"{len(keys) or 'none'}; operators: {_operator_paths(app)})", file=sys.stderr)
+    if getattr(args, "traces", False):
+        # uvicorn re-raises SIGTERM after its graceful shutdown; by default that kills the
+        # process before exit handlers run, and the tracer provider's last batch is lost.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
