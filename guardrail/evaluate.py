@@ -11,6 +11,10 @@ Metrics per monitor, by what the data labels:
 - span labels: ``span_auc`` (max score inside each span, the paper's span-max), ``token_auc``
   (tokens in a span take its label, others 0) and ``recall_at_10fpr`` (span level);
 - ``route`` monitors with span labels: ``recall`` and ``route_rate`` at the threshold.
+
+Each monitor is scored only on labels meant for it: a record's optional ``"monitors"`` list
+(policy ids or ``use`` names, e.g. ``["harmful-content"]``) says which monitors its labels are
+for; a record without it labels every monitor. The shipped replay sets say which.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .guard import Guard
+from .policy import MonitorSpec
 from .probes.metrics import macro_f1, recall_at_fpr, roc_auc
 from .records import Record, read_records
 from .session import Report
@@ -38,6 +43,12 @@ def _stream(guard: Guard, record: Record, seed: int) -> tuple[Any, list[tuple[in
         session.feed(delta)
     report = session.finish()
     return report, session.token_offsets()
+
+
+def _labels_for(record: Record, spec: MonitorSpec) -> bool:
+    """Whether ``record``'s labels are meant for the monitor of ``spec``."""
+    named = record.extra.get("monitors")
+    return not isinstance(named, list) or spec.id in named or spec.use in named
 
 
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> float | None:
@@ -64,8 +75,8 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
             break
         records.append(record)
     per_monitor: dict[str, dict[str, list[Any]]] = {
-        spec.id: {"max": [], "fired": [], "first": [], "tokens": [], "tok_scores": [],
-                  "tok_labels": [], "span_scores": [], "span_labels": []}
+        spec.id: {"labels": [], "max": [], "fired": [], "first": [], "tokens": [],
+                  "tok_scores": [], "tok_labels": [], "span_scores": [], "span_labels": []}
         for spec, _ in guard.monitors
     }
     for i, record in enumerate(records):
@@ -76,13 +87,15 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
             on_stream(i, record, report, offsets)
         for spec, _ in guard.monitors:
             acc = per_monitor[spec.id]
+            mine = _labels_for(record, spec)
             scores = dict(report.scores.get(spec.id, []))
             flags = [f for f in report.flags if f.monitor == spec.id]
+            acc["labels"].append(record.label if mine else None)
             acc["max"].append(max(scores.values(), default=0.0))
             acc["fired"].append(bool(flags))
             acc["first"].append(min((f.tokens[1] for f in flags), default=None))
             acc["tokens"].append(len(offsets))
-            if record.spans:
+            if record.spans and mine:
                 for k, (a, b) in enumerate(offsets):
                     if k not in scores:
                         continue
@@ -97,13 +110,12 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
                         acc["span_labels"].append(s.label)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
-    labels = [r.label for r in records]
     result: dict[str, Any] = {"records": len(records), "monitors": {}}
     for spec, _ in guard.monitors:
         acc = per_monitor[spec.id]
         metrics: dict[str, Any] = {}
         labelled = [(y, m, f, first, n) for y, m, f, first, n in
-                    zip(labels, acc["max"], acc["fired"], acc["first"], acc["tokens"],
+                    zip(acc["labels"], acc["max"], acc["fired"], acc["first"], acc["tokens"],
                         strict=True) if y is not None]
         if curves is not None:
             levels = curves.setdefault(spec.id, {})

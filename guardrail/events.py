@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Error", "Event", "Flag", "Halt", "Release", "Route", "event_to_dict"]
+__all__ = ["Error", "Event", "Flag", "Halt", "Release", "Route", "event_to_dict", "halt_notice"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,19 @@ class Halt:
     retracted_tokens: int
     score: float | None = None
     kind: Literal["halt"] = field(default="halt", init=False)
+
+    @property
+    def notice(self) -> str:
+        """``message`` as it follows ``released_text`` on screen: after a blank line, so it never
+        runs into the last released word. Adapters that append the halt to the text show this."""
+        return halt_notice(self.released_text, self.message)
+
+
+def halt_notice(released_text: str, message: str) -> str:
+    """``message`` set apart from ``released_text`` (nothing before it when nothing was shown)."""
+    if not released_text or released_text.endswith("\n\n"):
+        return message
+    return ("\n" if released_text.endswith("\n") else "\n\n") + message
 
 
 @dataclass(frozen=True)

@@ -96,18 +96,20 @@ class Guard:
     # -- use -------------------------------------------------------------------------------
 
     def threshold_of(self, spec: MonitorSpec) -> float:
-        """The spec's threshold, else the monitor's own default (read from the instance: a
+        """The spec's threshold, else the monitor's own default for the spec's action
+        (``default_thresholds``), else its ``default_threshold`` (read from the instance: a
         monitor whose weights carry a calibrated threshold sets it when it loads them)."""
         if spec.threshold is not None:
             return spec.threshold
         for s, monitor in self.monitors:
             if s.id == spec.id:
-                return float(monitor.default_threshold)
+                by_action = getattr(monitor, "default_thresholds", None) or {}
+                return float(by_action.get(spec.action, monitor.default_threshold))
         raise KeyError(spec.id)
 
     def session(
         self,
-        messages: Sequence[Message] | None = None,
+        messages: Sequence[Message | Any] | None = None,  # any shape normalize_messages reads
         *,
         prompt: str | None = None,
         metadata: dict[str, Any] | None = None,
@@ -115,8 +117,10 @@ class Guard:
         can_route: bool = False,
         dry_run: bool = False,
     ) -> GuardSession:
-        """A new session for one stream. Pass the conversation as ``messages`` (OpenAI shape) or
-        a single user ``prompt``; observers read it as context before the response.
+        """A new session for one stream. Pass the conversation as ``messages`` (any OpenAI or
+        LangChain shape: content parts, tool calls, ``BaseMessage`` objects; see
+        ``guardrail.normalize_messages``) or a single user ``prompt``; observers read it as context
+        before the response. An unreadable message raises ``MessageError`` naming it.
 
         ``can_route``: the driver carries out ``route`` actions (it calls ``session.reroute`` and
         feeds the target's text); otherwise routes are only recorded, like flags.
@@ -130,7 +134,7 @@ class Guard:
                             can_route=can_route, dry_run=dry_run)
 
     def check(self, text: str, *, prompt: str | None = None,
-              messages: Sequence[Message] | None = None) -> Any:
+              messages: Sequence[Message | Any] | None = None) -> Any:
         """Guard a complete text in one go; returns the session's ``Report``."""
         session = self.session(messages, prompt=prompt)
         session.feed(text)
@@ -138,11 +142,21 @@ class Guard:
 
     def as_runnable(self, **kwargs: Any) -> Any:
         """A LangChain Runnable that guards a stream: ``prompt | model | guard.as_runnable()``.
+        A stream reads the prompt from the model that feeds it; ``invoke`` cannot (the model has
+        finished before the guard runs): use ``wrap_model`` or ``messages=`` there.
 
         Needs the ``guardrail-langchain`` distribution."""
         module = _adapter("guardrail_langchain", "guardrail-langchain")
         self.warn_routes_recorded("the LangChain runnable")
         return module.GuardRunnable(guard=self, **kwargs)
+
+    def wrap_model(self, model: Any, **kwargs: Any) -> Any:
+        """A LangChain chat model and this guard as one Runnable, ``prompt | guard.wrap_model(m)``:
+        the monitors read the model's input as the conversation in every mode (``invoke``,
+        ``batch``, ``stream``). ``kwargs`` as for ``as_runnable``."""
+        module = _adapter("guardrail_langchain", "guardrail-langchain")
+        self.warn_routes_recorded("the LangChain runnable")
+        return module.wrap_model(model, guard=self, **kwargs)
 
     def wrap(self, client: Any, **kwargs: Any) -> Any:
         """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client so its chat completions are
@@ -154,12 +168,12 @@ class Guard:
     def warn_routes_recorded(self, driver: str) -> None:
         """Log a warning when this guard has ``route`` actions and ``driver`` (an adapter that
         owns no second model) can only record them as events. ``RemoteRouter`` and
-        ``LocalGenerator(route_to=...)`` carry routes out."""
+        ``guarded_stream(..., route_to=...)`` (guardrail-transformers) carry routes out."""
         ids = [spec.id for spec, _ in self.monitors if spec.action == "route"]
         if ids:
             log.warning("%s records the route actions of %s as events and does not carry them "
                         "out; guardrail_router.remote.RemoteRouter (OpenAI-compatible endpoints) "
-                        "or guardrail_transformers.LocalGenerator(route_to=...) does", driver,
+                        "or guardrail_transformers.guarded_stream(..., route_to=...) does", driver,
                         ", ".join(repr(i) for i in ids))
 
     def __repr__(self) -> str:

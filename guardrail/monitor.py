@@ -84,6 +84,11 @@ class Features:
     ``(len(tokens), hidden_size)``; ``logits`` is ``(len(tokens), vocab)`` or ``None``;
     ``top_logits`` is ``(len(tokens), top_k)``. All arrays are whatever the observer produces
     (numpy or torch); monitors convert as they need. ``text`` is the whole response so far.
+
+    Rows line up with ``tokens`` one to one, but what a row holds depends on who computed it:
+    an observer (``generated`` False) reads token ``i`` and gives the state after it, whose
+    logits predict token ``i + 1``; a generator that feeds its own steps (``generated`` True)
+    gives the step that produced token ``i``, whose logits token ``i`` was sampled from.
     """
 
     tokens: Sequence[TokenSpan]
@@ -94,6 +99,7 @@ class Features:
     top_logits: Any = None
     logprobs: Sequence[TokenLogprob] = ()
     final: bool = False  # True on the last call of a stream
+    generated: bool = False  # rows come from the generator's own steps (see above)
 
     def token_text(self, i: int) -> str:
         """Text of ``tokens[i]``."""
@@ -113,6 +119,7 @@ class MonitorContext:
     messages: Sequence[Message] = ()
     observer: Any = None  # the shared observer, when the policy has one
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    timeout_ms: float | None = None  # the policy's per-chunk budget for this monitor
 
     @property
     def prompt(self) -> str:
@@ -143,6 +150,10 @@ class Monitor(ABC):
     # The threshold when the policy gives none. A monitor that loads calibrated weights may set
     # it on the instance (``setattr(self, "default_threshold", t)``); the guard reads the instance.
     default_threshold: ClassVar[float] = 0.5
+    # Thresholds that depend on the policy entry's action, e.g. the router's ``{"route": 0.00224,
+    # "flag": 0.305}`` (route at high recall, flag at best F1); an action not listed takes
+    # ``default_threshold``. Read for every policy, the default one and a user's alike.
+    default_thresholds: ClassVar[Mapping[str, float]] = {}
     # The decision rule (a policy ``rule:`` mapping) when the policy gives none; None: the
     # threshold rule. Like ``default_threshold``, a monitor whose weights were calibrated with a
     # rule (SCM's count-k) may set it on the instance.
@@ -167,6 +178,13 @@ class Monitor(ABC):
     def finish(self, state: Any) -> Sequence[Score]:
         """Called once at the end of the stream, after the last ``update``."""
         return ()
+
+    def hold_from(self, state: Any) -> int | None:
+        """A char offset the session must not release text from yet (asked of redact monitors
+        after each ``update``): where a match that may still be growing starts, so no prefix of
+        it reaches the reader before it is redacted. ``None``: hold nothing beyond the hold-back
+        window. The monitor bounds how long it holds; the stream's end releases everything."""
+        return None
 
     def truncate(self, state: Any, n_tokens: int) -> None:
         """The response was cut back to its first ``n_tokens`` tokens (a routed stream: the

@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import PolicyError, PolicyIssue
 from .rules import RuleSpec, ThresholdRule
@@ -33,6 +41,13 @@ __all__ = [
 ]
 
 DEFAULT_HALT_MESSAGE = "I can't continue with this answer."
+
+# Bounds on what a policy file may make the loader do (a YAML "billion laughs" in 575 bytes
+# expands to gigabytes): its size, its nesting, the nodes its aliases add, any one list's length.
+MAX_POLICY_BYTES = 1_000_000
+MAX_NESTING = 50
+MAX_ALIAS_NODES = 10_000
+MAX_LIST_ITEMS = 10_000
 
 Action = Literal["flag", "halt", "route", "redact"]
 OnError = Literal["fail_open", "fail_closed"]
@@ -110,10 +125,22 @@ class MonitorSpec(_Strict):
 class AuditSpec(_Strict):
     """Opt-in audit trail: every flag, halt, route and error as JSON Lines."""
 
-    path: str = Field(description="JSON Lines file to append to")
+    path: str = Field(
+        min_length=1,
+        description="JSON Lines file to append to (missing folders are created); no '..' parts",
+    )
     fsync: bool = Field(
         False, description="also fsync each line (survives power loss, not just a killed process)"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _no_parent_parts(cls, path: str) -> str:
+        # The file lands where the path says: a '..' could walk out of the folder it names
+        # (and have folders created there); write the real folder instead.
+        if ".." in PurePath(path).parts or ".." in PureWindowsPath(path).parts:
+            raise ValueError("the audit path may not contain '..' parts; give the folder itself")
+        return path
 
 
 class Policy(_Strict):
@@ -173,7 +200,15 @@ class Policy(_Strict):
         return copy
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        """The policy as YAML that loads back to the same policy: every field that was set (a
+        field left out keeps meaning "the default", e.g. a monitor's own rule), and each rule in
+        full, its ``kind`` included."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        for spec, out in zip(self.monitors, data.get("monitors") or (), strict=False):
+            if "rule" in spec.model_fields_set:
+                out["rule"] = spec.rule.model_dump(mode="json")
+        # non-ASCII stays escaped: PyYAML writes some (U+0085) raw and reads them back as breaks
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def format_path(loc: tuple[str | int, ...]) -> str:
@@ -264,6 +299,9 @@ def load_policy(source: str | Path | Mapping[str, Any]) -> Policy:
         path = Path(source)
         name = str(path)
         try:
+            if path.stat().st_size > MAX_POLICY_BYTES:  # don't read a huge file to refuse it
+                raise PolicyError([PolicyIssue("", f"the policy is larger than "
+                                                   f"{MAX_POLICY_BYTES} bytes")], name)
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise PolicyError([PolicyIssue("", f"file not found: {path}")], name) from None
@@ -271,7 +309,11 @@ def load_policy(source: str | Path | Mapping[str, Any]) -> Policy:
             raise PolicyError([PolicyIssue("", f"not UTF-8 text: {exc}")], name) from None
     else:
         text, name = str(source), None
+    if len(text) > MAX_POLICY_BYTES // 4 and len(text.encode("utf-8")) > MAX_POLICY_BYTES:
+        raise PolicyError([PolicyIssue("", f"the policy is larger than {MAX_POLICY_BYTES} "
+                                           "bytes")], name)
     try:
+        _check_shape(text)  # before building anything: the checks below are linear in the text
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -279,8 +321,60 @@ def load_policy(source: str | Path | Mapping[str, Any]) -> Policy:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError([PolicyIssue("", f"YAML syntax error: {problem}", line)], name) from None
+    except _ShapeError as exc:
+        raise PolicyError([PolicyIssue("", exc.message, exc.line)], name) from None
     lines = _line_map(node) if node is not None else {}
     return _validate(data, lines, name)
+
+
+class _ShapeError(Exception):
+    def __init__(self, message: str, line: int) -> None:
+        self.message, self.line = message, line
+
+
+def _check_shape(text: str) -> None:
+    """Refuse, from the YAML event stream (iterative, nothing built yet), nesting deeper than
+    ``MAX_NESTING``, lists longer than ``MAX_LIST_ITEMS`` and aliases that would add more than
+    ``MAX_ALIAS_NODES`` nodes in all: each anchor's expanded size is known when it closes, and
+    each alias adds it."""
+    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
+    stack: list[list[Any]] = []  # open collections: [anchor, nodes so far, items, is a list]
+    aliased = 0
+
+    def add(n: int, line: int) -> None:
+        if stack:
+            stack[-1][1] += n
+            stack[-1][2] += 1
+            if stack[-1][2] > (MAX_LIST_ITEMS if stack[-1][3] else 2 * MAX_LIST_ITEMS):
+                what = "list" if stack[-1][3] else "mapping"
+                raise _ShapeError(f"a {what} with more than {MAX_LIST_ITEMS} items", line)
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if isinstance(event, yaml.AliasEvent):
+            if any(frame[0] == event.anchor for frame in stack):
+                raise _ShapeError(f"alias *{event.anchor} refers to a value that contains it",
+                                  line)
+            size = sizes.get(event.anchor or "", 1)
+            aliased += size
+            if aliased > MAX_ALIAS_NODES:
+                raise _ShapeError(
+                    f"aliases expand past {MAX_ALIAS_NODES} nodes (alias *{event.anchor}); "
+                    "write the values out instead", line)
+            add(size, line)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor:
+                sizes[event.anchor] = 1
+            add(1, line)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_NESTING:
+                raise _ShapeError(f"nested deeper than {MAX_NESTING} levels", line)
+            stack.append([event.anchor, 1, 0, isinstance(event, yaml.SequenceStartEvent)])
+        elif isinstance(event, yaml.CollectionEndEvent) and stack:
+            anchor, size, _, _ = stack.pop()
+            if anchor:
+                sizes[anchor] = size
+            add(size, line)
 
 
 def policy_json_schema() -> dict[str, Any]:
@@ -305,6 +399,14 @@ def policy_markdown() -> str:
         "Generated from the schema by `guardrail schema --markdown`; do not edit by hand.",
         "A policy is YAML, read with `yaml.safe_load`; `guardrail check FILE` validates one and",
         "names every error with its field path and line.",
+        "",
+        f"Limits, each refused with the line it stops at: a file of at most {MAX_POLICY_BYTES:,}",
+        f"bytes, nesting at most {MAX_NESTING} levels deep, aliases adding at most "
+        f"{MAX_ALIAS_NODES:,} nodes in all",
+        f"(no YAML bombs) and none inside its own anchor, lists of at most {MAX_LIST_ITEMS:,} "
+        "items (a keyword",
+        "or regex monitor's words too). `Policy.to_yaml()` writes a policy that loads back the "
+        "same.",
         "",
     ]
 

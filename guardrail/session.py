@@ -19,6 +19,7 @@ and where each verdict lands are those of reading every batch at once; only the 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 import uuid
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import GuardrailError
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
+from .messages import normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, Score
 from .policy import MonitorSpec, ObserverSpec
 from .rules import RuleState, Verdict
@@ -43,6 +45,7 @@ __all__ = ["GuardSession", "Report"]
 log = logging.getLogger("guardrail.session")
 
 REDACTION = "[REDACTED]"
+WORD_TOKENS = 16  # the most tokens a release waits for a word to end
 
 
 @dataclass
@@ -126,7 +129,7 @@ class GuardSession:
     def __init__(
         self,
         guard: Guard,
-        messages: Sequence[Message] = (),
+        messages: Sequence[Message | Any] = (),  # normalised here (normalize_messages)
         *,
         metadata: dict[str, Any] | None = None,
         record_scores: bool = False,
@@ -137,12 +140,12 @@ class GuardSession:
         self.dry_run = dry_run
         self.can_route = can_route
         self.route_pending: Route | None = None
+        self._target_starts: set[int] = set()  # token indices a route target wrote after reroute
         self.policy = guard.policy
         self.id = uuid.uuid4().hex[:12]
-        self.messages = list(messages)
+        self.messages: list[Message] = list(normalize_messages(messages))
         self.metadata = dict(metadata or {})
         self.hold_back = self.policy.release.hold_back_tokens
-        self.text = ""
         self.halted: Halt | None = None
         self.closed = False
         self.report: Report | None = None  # set when the session ends (finish or abort)
@@ -181,13 +184,19 @@ class GuardSession:
         for run in self._runs:
             try:
                 run.state = run.monitor.start(
-                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata)
+                    MonitorContext(run.spec.id, self.messages, guard.observer, self.metadata,
+                                   timeout_ms=run.spec.timeout_ms)
                 )
                 run.rule_state = run.spec.rule.start()
             except Exception as exc:  # noqa: BLE001 - a monitor's bug must follow on_error
                 self._fail(run, exc, self._pending)
 
     # -- public API ------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The response so far. The aligner holds the only reference, so appending stays cheap."""
+        return self._aligner.text
 
     @property
     def tokens(self) -> int:
@@ -222,15 +231,13 @@ class GuardSession:
             for tok in step.tokens:
                 tokens.append(TokenSpan(base, base + len(tok.text), tok.id))
                 base += len(tok.text)
-            self.text += step.text
-            self._aligner.text = self.text
-            self._aligner.committed = len(self.text)
+            self._aligner.append(step.text)
+            self._aligner.committed = base
             if tokens:
                 self._process(tokens, events, step=step)
         elif step.text:
             self._set_mode(generator=False)
             tokens = self._aligner.feed(step.text)
-            self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, step=step)
         return self._emit(events)
@@ -246,7 +253,6 @@ class GuardSession:
             self.reroute(self.route_pending.at_char)
         if self.halted is None:
             tokens = self._aligner.flush()
-            self.text = self._aligner.text
             if tokens:
                 self._process(tokens, events, final=True)
             elif self._unread:
@@ -283,11 +289,10 @@ class GuardSession:
         if at_char < self._released_chars:
             raise GuardrailError("cannot reroute before text that was already released")
         keep = sum(1 for e in self._token_ends if e <= at_char)
+        self._target_starts.add(keep)
         del self._token_starts[keep:]
         del self._token_ends[keep:]
-        self.text = self.text[:at_char]
-        self._aligner.text = self.text
-        self._aligner.committed = at_char
+        self._aligner.reset(self.text[:at_char], at_char)
         if self._observer_state is not None and self.guard.observer is not None:
             self.guard.observer.truncate(self._observer_state, keep)
         for run in self._active_runs():
@@ -323,6 +328,7 @@ class GuardSession:
         features = self._features(tokens, len(self.text), logprobs, final)
         if step is not None and generated:
             features.hidden = step.hidden or {}
+            features.generated = True
             features.logits = step.logits
         self._score(features, events)
 
@@ -388,7 +394,8 @@ class GuardSession:
         return features
 
     def _score(self, features: Features, events: list[Event]) -> None:
-        for run in self._active_runs():
+        runs = self._active_runs()
+        for n, run in enumerate(runs):
             t0 = time.perf_counter()
             try:
                 scores = list(run.monitor.update(run.state, features))
@@ -404,11 +411,67 @@ class GuardSession:
                 self._judge(run, scores, events)
             except Exception as exc:  # noqa: BLE001
                 self._fail(run, exc, events)
+            if self.halted is not None:
+                self._flags_before_halt(runs[n + 1:], features, events)
             if self.halted is not None or self.route_pending is not None:
                 return
-        releasable = self.tokens - self.hold_back
+        # the text this batch arrived with: a gathered read must not see later text
+        releasable = self._word_end(self._releasable(events), features.text)
         if releasable > self._released_tokens:
             self._release(self._token_ends[releasable - 1], releasable, events)
+
+    def _releasable(self, events: list[Event]) -> int:
+        """Tokens that may be released: all but the hold-back window, and none from where a
+        redact monitor holds text (a match that may still be growing, ``Monitor.hold_from``)."""
+        n = self.tokens - self.hold_back
+        if self.dry_run:
+            return n
+        for run in self._active_runs():
+            if run.spec.action != "redact":
+                continue
+            try:
+                at = run.monitor.hold_from(run.state)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(run, exc, events)
+                if self.halted is not None:
+                    return self._released_tokens
+                continue
+            if at is not None:
+                n = min(n, bisect.bisect_right(self._token_ends, at))
+        return n
+
+    def _word_end(self, n: int, text: str) -> int:
+        """``n``, or fewer tokens so the release does not end inside a word: a halt right after
+        would leave half a word on screen ("buy pseudoep"). A run of word characters longer than
+        ``WORD_TOKENS`` tokens (a URL, CJK text) is released as it comes. ``text``: the response
+        as the batch being scored saw it."""
+        floor = max(self._released_tokens, n - WORD_TOKENS)
+        for k in range(n, floor, -1):
+            end = self._token_ends[k - 1]
+            after = text[end:end + 1]  # "" when the next character has not arrived yet
+            if not text[end - 1:end].isalnum() or (after and not after.isalnum()):
+                return k
+        return n if floor > self._released_tokens else self._released_tokens
+
+    def _flags_before_halt(self, runs: list[_Run], features: Features,
+                           events: list[Event]) -> None:
+        """The monitors after the one that halted still read this batch, so flags on tokens
+        before the halt are kept (a whole answer arrives as one batch); nothing else acts."""
+        assert self.halted is not None
+        for run in runs:
+            if run.spec.action not in ("flag", "redact"):
+                continue
+            try:
+                scores = [s for s in run.monitor.update(run.state, features)
+                          if s.index < self.halted.at]
+                for verdict in run.spec.rule.update(run.rule_state, scores, run.threshold):
+                    span = self._char_span(verdict)
+                    flag = Flag(run.spec.id, verdict.score, span, verdict.tokens, verdict.rule,
+                                action=run.spec.action, label=verdict.label)
+                    self._flags.append(flag)
+                    events.insert(events.index(self.halted), flag)  # before the halt
+            except Exception as exc:  # noqa: BLE001 - the stream has halted; just record it
+                log.warning("monitor %r failed after a halt: %s", run.spec.id, exc)
 
     def _observer_failure(self, exc: Exception, events: list[Event]) -> None:
         self._observer_failed = True
@@ -453,6 +516,8 @@ class GuardSession:
             at_char = self._token_starts[at]
             if self.can_route and at_char < self._released_chars:
                 return  # that token reached the reader already; later ones may still route
+            if self.can_route and at in self._target_starts:
+                return  # the route target wrote this token: routing it again would repeat it
             assert spec.route_to is not None
             route = Route(spec.id, at, at_char, spec.route_to.model_dump(mode="json"),
                           self.text[:at_char], verdict.score)
@@ -503,6 +568,8 @@ class GuardSession:
         self._released_tokens = max(self._released_tokens, end_tokens)
         self._released_parts.append(text)
         events.append(Release(text, start, end_char))
+        if self._redactions:  # spans wholly released are done with; keep the list short
+            self._redactions = [r for r in self._redactions if r[1] > end_char]
 
     def _redacted(self, start: int, end: int) -> str:
         raw = self.text[start:end]

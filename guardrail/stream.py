@@ -100,34 +100,71 @@ class WordTokenizer:
 
 
 class Aligner:
-    """Turns text deltas into final tokens.
+    """Turns text deltas into final tokens, in time linear in the text.
 
     A token is final once the text after it cannot change how it tokenizes. With the tokenizers we
     support (a pre-tokenizer that splits before whitespace), that holds for every token that ends at
     or before the start of the last whitespace run of the pending text. Pending text with no such
-    break (very long words, scripts without spaces) is committed once it exceeds ``max_pending``
-    tokens, keeping ``tail`` tokens back, so memory stays bounded.
+    break (very long words, runs of spaces, scripts without spaces) is committed once it tokenizes
+    to more than ``max_pending`` tokens, keeping ``tail`` tokens back; a word longer than
+    ``max_chars`` is cut, and only its first ``max_chars`` characters are tokenized to do so.
+
+    Work per delta is bounded: the break is found in the new text only, pending text without a
+    break is re-tokenized only each time it doubles, and it never grows past ``max_chars``. So the
+    characters handed to the tokenizer stay a small multiple of the text's length.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, max_pending: int = 64, tail: int = 4) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, max_pending: int = 64, tail: int = 4, max_chars: int = 1024
+    ) -> None:
+        if max_chars < 2 * max(1, max_pending):
+            raise ValueError("max_chars must be at least twice max_pending")
         self.tokenizer = tokenizer
         self.max_pending = max_pending
         self.tail = tail
+        self.max_chars = max_chars
         self.text = ""
         self.committed = 0  # char offset up to which tokens are final
+        self._break = 0  # offset of the last whitespace run that follows non-space text
+        self._retry = 0  # pending length at which break-less pending text is tokenized again
+
+    def append(self, delta: str) -> None:
+        """Add ``delta`` to the text without tokenizing it.
+
+        The aligner holds the only reference to its text, so CPython can grow it in place rather
+        than copy it on every delta (a copy per delta is quadratic on a long stream)."""
+        text = self.text
+        self.text = ""
+        text += delta
+        self.text = text
 
     def feed(self, delta: str) -> list[TokenSpan]:
         """Add ``delta`` to the text; return tokens that just became final (absolute offsets)."""
-        self.text += delta
-        pending = self.text[self.committed :]
-        if not pending:
+        old_end = len(self.text)
+        self.append(delta)
+        if not delta:
             return []
-        cut = _last_break(pending)
-        tokens = self.tokenizer.tokenize(pending)
-        final = [t for t in tokens if t.end <= cut] if cut > 0 else []
-        if not final and len(tokens) > self.max_pending:
-            final = tokens[: len(tokens) - self.tail]
-        return self._commit(final)
+        found = _last_break(self.text, max(self.committed, old_end - 1))
+        if found:
+            self._break = found
+        out: list[TokenSpan] = []
+        n_pending = len(self.text) - self.committed
+        if found > self.committed or n_pending >= self._retry:
+            cut = self._break - self.committed
+            tokens = self.tokenizer.tokenize(self.text[self.committed :])
+            final = [t for t in tokens if t.end <= cut] if cut > 0 else []
+            if not final and len(tokens) > self.max_pending:
+                final = tokens[: len(tokens) - self.tail]
+            if final:
+                out += self._commit(final)
+            else:  # nothing final yet: look again once the pending text has doubled
+                self._retry = 2 * n_pending
+        while len(self.text) - self.committed > self.max_chars:
+            piece = self._cut()
+            if not piece:  # cannot happen with a tokenizer that covers its text; never spin
+                break
+            out += piece
+        return out
 
     def flush(self) -> list[TokenSpan]:
         """End of stream: every remaining token is final."""
@@ -136,21 +173,44 @@ class Aligner:
             return []
         return self._commit(self.tokenizer.tokenize(pending))
 
+    def reset(self, text: str, committed: int) -> None:
+        """Replace the text (a rerouted or generator-driven stream); ``committed`` is final."""
+        self.text = text
+        self.committed = committed
+        self._break = 0
+        self._retry = 0
+
+    def _cut(self) -> list[TokenSpan]:
+        """Commit the start of pending text longer than ``max_chars`` from a bounded window."""
+        window = self.text[self.committed : self.committed + self.max_chars]
+        tokens = self.tokenizer.tokenize(window)
+        final = tokens[: len(tokens) - self.tail] if len(tokens) > self.tail else []
+        if not final or final[-1].end < self.max_chars // 4:
+            # A word longer than the cap: cut it and take the tokens of its first half as they are.
+            final = self.tokenizer.tokenize(window[: self.max_chars // 2])
+        return self._commit(final)
+
     def _commit(self, tokens: list[TokenSpan]) -> list[TokenSpan]:
+        # A character split over several byte tokens gives zero-width spans for all but its last
+        # piece: never commit such pieces without the piece that ends the character.
+        while tokens and tokens[-1].end == tokens[-1].start:
+            tokens = tokens[:-1]
         if not tokens:
             return []
         base = self.committed
         out = [TokenSpan(base + t.start, base + t.end, t.id) for t in tokens]
         self.committed = out[-1].end
+        self._retry = 0
         return out
 
 
-def _last_break(text: str) -> int:
-    """Offset where the last whitespace run that follows non-space text starts, or 0."""
-    i = len(text)
-    # Walk back over the trailing word (if any), then over the whitespace before it.
-    while i > 0 and not text[i - 1].isspace():
-        i -= 1
-    while i > 0 and text[i - 1].isspace():
-        i -= 1
-    return i
+_BREAK = re.compile(r"\S(?=\s)")
+
+
+def _last_break(text: str, begin: int) -> int:
+    """Offset of the last whitespace run that follows non-space text, searched in
+    ``text[begin:]`` only; 0 when there is none there."""
+    found = 0
+    for m in _BREAK.finditer(text, begin):
+        found = m.end()
+    return found

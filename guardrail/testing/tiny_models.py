@@ -18,10 +18,11 @@ from typing import Literal
 
 __all__ = ["CHAT_TEMPLATE", "CORPUS", "build_tiny_model", "train_tokenizer"]
 
-# ChatML, as SmolLM2 uses it; the tiny models read conversations the same way.
+# ChatML, as SmolLM2 uses it; the tiny models read conversations the same way, and like SmolLM2's
+# template this one concatenates strings, so content that is not a string fails as it would there.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

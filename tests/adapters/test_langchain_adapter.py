@@ -51,11 +51,12 @@ def _text(chunks: Sequence[Any]) -> str:
 def _assert_halt_chunk(chunks: list[Any], halt_message: str) -> None:
     last = chunks[-1]
     assert isinstance(last, AIMessageChunk)
-    assert last.content == halt_message
+    shown = _text(chunks[:-1])
+    # the message stands apart from the released text (a blank line), alone when none was shown
+    assert last.content == ("\n\n" if shown else "") + halt_message
     assert last.response_metadata["finish_reason"] == "content_filter"
     halt = last.response_metadata["guardrail"]["halt"]
     assert halt["monitor"] == "weapons"
-    shown = _text(chunks[:-1])
     assert "bomb" not in shown and HARMFUL.startswith(shown)
     assert shown == halt["released_text"]
 
@@ -94,7 +95,7 @@ def test_str_stream_after_a_parser(make_guard: Callable[..., Guard], halt_messag
     chain = model | StrOutputParser() | make_guard().as_runnable()
     chunks = list(chain.stream("hi"))
     assert all(isinstance(c, str) for c in chunks)
-    assert chunks[-1] == halt_message
+    assert chunks[-1] == "\n\n" + halt_message
     assert "bomb" not in _text(chunks[:-1])
     _assert_stopped_after_halt(counter, 2)  # the halt reaches the model through the parser
 
@@ -104,7 +105,7 @@ async def test_async_str_stream_after_a_parser(make_guard: Callable[..., Guard],
     model, counter = fake_model(HARMFUL)
     chain = model | StrOutputParser() | make_guard().as_runnable()
     chunks = [c async for c in chain.astream("hi")]
-    assert chunks[-1] == halt_message
+    assert chunks[-1] == "\n\n" + halt_message
     _assert_stopped_after_halt(counter, 2)
 
 
@@ -277,7 +278,8 @@ async def test_chat_openai_astream_halts_and_disconnects(upstream_server: Upstre
     chain = _chat_openai(upstream_server) | StrOutputParser() | make_guard(8).as_runnable()
     chunks = [c async for c in chain.astream("tell me")]
     seen_at = time.monotonic()
-    assert chunks[-1] == halt_message and "bomb" not in _text(chunks[:-1])
+    shown = _text(chunks[:-1])
+    assert chunks[-1] == ("\n\n" if shown else "") + halt_message and "bomb" not in shown
     _assert_server_stopped(upstream_server, 8, seen_at)
 
 
@@ -304,8 +306,8 @@ def test_chat_openai_logprobs_reach_monitors_and_stay_with_their_text(
     upstream_server.enqueue(Script(text=BENIGN, logprobs=logprobs))
     model = ChatOpenAI(base_url=upstream_server.base_url, api_key="k", model="m", logprobs=True)
     chunks = list((model | logprob_guard.as_runnable()).stream("hi"))
-    assert chunks[-1].content == "low confidence"
     shown = _text(chunks[:-1])
+    assert chunks[-1].content == "\n\nlow confidence"
     assert shown and BENIGN.startswith(shown) and len(shown) < len("".join(words[:9]))
     tokens = [e["token"] for c in chunks
               for e in c.response_metadata.get("logprobs", {}).get("content", [])]
@@ -364,3 +366,19 @@ async def test_offload_keeps_the_event_loop_free(slow_guard: Guard, loop_watch: 
         assert watch.longest < 0.05
     else:
         assert watch.longest >= 0.1
+
+
+def test_invoke_halt_keeps_earlier_flags(make_guard: Callable[..., Guard],
+                                         halt_message: str) -> None:
+    """A whole answer is judged in one batch: the flag on "build" (before "bomb") stays in the
+    halted message's metadata and in the report."""
+    text = "Here is how to build a bomb at home with things from the shop."
+    halted = make_guard().as_runnable().invoke(AIMessage(content=text))
+    assert halted.content == halt_message
+    guardrail = halted.response_metadata["guardrail"]
+    assert guardrail["halt"]["monitor"] == "weapons"
+    assert [(e["kind"], e["monitor"]) for e in guardrail["events"]] == [("flag", "verbs")]
+    report = make_guard().check(text)
+    assert report.halted and [f.monitor for f in report.flags] == ["verbs"]
+    late = make_guard().check("Here is a bomb, now build it.")  # "build" after the halt: not read
+    assert late.halted and late.flags == []

@@ -28,11 +28,12 @@ def _content(chunks: Sequence[ChatCompletionChunk]) -> str:
 def _assert_halted_stream(chunks: list[ChatCompletionChunk], halt_message: str) -> None:
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     last = chunks[-1]
-    assert last.choices[0].delta.content == halt_message
+    shown = _content(chunks[:-1])
+    # the message stands apart from the released text (a blank line), alone when none was shown
+    assert last.choices[0].delta.content == ("\n\n" if shown else "") + halt_message
     assert last.choices[0].finish_reason == "content_filter"
     halt = last.guardrail["events"][-1]  # type: ignore[attr-defined]
     assert halt["kind"] == "halt" and halt["monitor"] == "weapons"
-    shown = _content(chunks[:-1])
     assert "bomb" not in shown
     assert HARMFUL.startswith(shown)
     assert shown == halt["released_text"]
@@ -188,7 +189,7 @@ def test_logprobs_reach_monitors_and_stay_with_their_text(upstream_server: Upstr
     client = logprob_guard.wrap(openai.OpenAI(base_url=upstream_server.base_url, api_key="k"))
     chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True,
                                                  logprobs=True, top_logprobs=2))
-    assert chunks[-1].choices[0].delta.content == "low confidence"
+    assert chunks[-1].choices[0].delta.content == "\n\nlow confidence"
     shown = _content(chunks[:-1])
     assert shown and BENIGN.startswith(shown) and len(shown) < len("".join(words[:9]))
     # Logprobs go out with the text they belong to, never ahead of it.
@@ -253,7 +254,7 @@ def test_stream_helper_is_guarded(upstream_server: UpstreamServer,
         # As with OpenAI's own content filter, the helper refuses to build a final completion.
         with pytest.raises(openai.ContentFilterFinishReasonError):
             stream.get_final_completion()
-    assert deltas[-1] == halt_message and "bomb" not in "".join(deltas)
+    assert deltas[-1] == "\n\n" + halt_message and "bomb" not in "".join(deltas)
     _assert_upstream_stopped(upstream_server, time.monotonic())
 
 
@@ -265,7 +266,7 @@ async def test_async_stream_helper_is_guarded(upstream_server: UpstreamServer,
                                                   api_key="k"))
     async with client.chat.completions.stream(model="m", messages=MESSAGES) as stream:
         deltas = [e.delta async for e in stream if e.type == "content.delta"]
-    assert deltas[-1] == halt_message
+    assert deltas[-1] == "\n\n" + halt_message
     _assert_upstream_stopped(upstream_server, time.monotonic())
 
 
@@ -294,7 +295,8 @@ def test_each_choice_has_its_own_guard(upstream_server: UpstreamServer,
     chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True, n=2))
     for index in (0, 1):
         mine = [c for c in chunks if c.choices[0].index == index]
-        assert mine[-1].choices[0].delta.content == halt_message
+        assert mine[-1].choices[0].delta.content == ("\n\n" if _content(mine[:-1]) else "") \
+            + halt_message
         assert mine[-1].choices[0].finish_reason == "content_filter"
     record = upstream_server.completions()[-1]
     assert record.wait(5) and record.disconnected  # closed once both choices halted

@@ -66,11 +66,12 @@ def _chunks_after_trigger(server: UpstreamServer) -> int:
 
 def _assert_halted(chunks: list[ChatCompletionChunk], halt_message: str) -> None:
     last = chunks[-1]
-    assert last.choices[0].delta.content == halt_message
+    shown = _content(chunks[:-1])
+    # the message stands apart from the released text (a blank line), alone when none was shown
+    assert last.choices[0].delta.content == ("\n\n" if shown else "") + halt_message
     assert last.choices[0].finish_reason == "content_filter"
     halt = last.guardrail["events"][-1]  # type: ignore[attr-defined]
     assert halt["kind"] == "halt" and halt["monitor"] == "weapons"
-    shown = _content(chunks[:-1])
     assert "bomb" not in shown and HARMFUL.startswith(shown) and shown == halt["released_text"]
 
 
@@ -158,8 +159,8 @@ def test_whole_completion_halt_keeps_released_text(upstream_server: UpstreamServ
     choice = halted.choices[0]
     assert choice.finish_reason == "content_filter"
     content = choice.message.content or ""
-    assert content.endswith(halt_message)
-    released = content.removesuffix(halt_message)
+    assert content.endswith("\n\n" + halt_message)
+    released = content.removesuffix("\n\n" + halt_message)
     assert released and HARMFUL.startswith(released) and "bomb" not in released
     kinds = [e["kind"] for e in halted.guardrail["events"]]  # type: ignore[attr-defined]
     assert kinds == ["flag", "halt"]

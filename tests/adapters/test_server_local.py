@@ -68,8 +68,9 @@ def test_local_stream_halts_and_stops_generation(make_guard: Callable[..., Guard
                                                      stream=True, max_tokens=64))
         assert model.stopped.wait(2)
     last = chunks[-1].choices[0]
-    assert last.delta.content == halt_message and last.finish_reason == "content_filter"
     shown = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert last.delta.content == ("\n\n" if shown else "") + halt_message
+    assert last.finish_reason == "content_filter"
     assert "bomb" not in shown and HARMFUL.startswith(shown)
     assert model.produced - (TRIGGER + 1) <= 2 + 1  # hold-back + 1
     assert model.params == {"max_tokens": 64}

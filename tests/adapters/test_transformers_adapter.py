@@ -190,7 +190,11 @@ def test_halt_stops_generation_and_the_reader_sees_the_released_prefix(
         out = guarded_generate(_fire_guard(host, hold_back, at), PROMPT, generator=tiny,
                                max_new_tokens=20, **VARIED)
     assert out.halted and out.report.halt is not None and out.report.halt.at == at
-    assert out.text == "".join(unguarded[: at - hold_back]) + HALT_MESSAGE
+    # released: the tokens before the hold-back window, less a word the halt would cut in half;
+    # then the message, set apart
+    shown = out.report.released_text
+    assert "".join(unguarded[: at - hold_back]).startswith(shown)
+    assert out.text == shown + ("\n\n" if shown else "") + HALT_MESSAGE
     assert out.report.tokens - (at + 1) <= hold_back + 1
     assert forwards.count == at + 1  # the prompt, then tokens 0 .. at-1: none after the halt
 
@@ -200,7 +204,9 @@ async def test_async_halt_stops_generation(tiny: LocalGenerator) -> None:
     with plugin_monitors(fire_at=FireAt) as host, _Forwards(tiny.model) as forwards:
         out = await aguarded_generate(_fire_guard(host, 2, 5), PROMPT, generator=tiny,
                                       max_new_tokens=20, **VARIED)
-    assert out.text == "".join(unguarded[:3]) + HALT_MESSAGE
+    shown = out.report.released_text
+    assert "".join(unguarded[:3]).startswith(shown)
+    assert out.text == shown + ("\n\n" if shown else "") + HALT_MESSAGE
     assert isinstance(out.events[-1], Halt) and forwards.count == 6
 
 
@@ -256,6 +262,8 @@ def test_route_hands_one_token_to_the_large_model(tiny_dir: Callable[[str, int],
     report = stream.report
     assert report is not None and report.routes and not report.halted
     assert stream.routed_tokens == [at]
+    # the monitor fires on the large model's own token too: that is no second route
+    assert [r.at for r in report.routes] == [at]
     small_only = [_token_id(s) for s in small.steps(PROMPT, max_new_tokens=10)]
     prompt = small.prompt_ids(PROMPT)
     with torch.no_grad():

@@ -93,7 +93,7 @@ def test_schema_is_json() -> None:
 def test_run_guards_stdin_and_halts(policy: Path) -> None:
     out = run_cli("run", "--policy", str(policy), "--chunk", "3",
                   stdin="Sure. Take a bomb and then more text follows here.")
-    assert out.returncode == 0
+    assert out.returncode == cli.EXIT_HALTED == 3  # scripts tell a halt from success and errors
     # "bomb" is token 4; with 2 tokens held back only "Sure" and "." reached the reader
     assert out.stdout == "Sure.\n[halted by weapons: Stopped.]\n"
 
@@ -105,6 +105,30 @@ def test_run_json_prints_events_and_a_report(policy: Path) -> None:
     assert [e["kind"] for e in lines if e["kind"] != "release"] == ["flag", "report"]
     assert "".join(e["text"] for e in lines if e["kind"] == "release") == \
         "calm words then SHOUTING words"
+
+
+def test_run_exit_code_and_json_report_tell_a_halt(policy: Path) -> None:
+    calm = run_cli("run", "--policy", str(policy), "--json", stdin="nothing to see here")
+    assert calm.returncode == 0 and json.loads(calm.stdout.splitlines()[-1])["halted"] is False
+    halted = run_cli("run", "--policy", str(policy), "--json", stdin="a bomb here, then more")
+    assert halted.returncode == 3
+    report = json.loads(halted.stdout.splitlines()[-1])
+    assert report["kind"] == "report" and report["halted"] is True
+    assert report["halt"]["monitor"] == "weapons"
+
+
+def test_run_groups_flags_on_adjacent_tokens(policy: Path) -> None:
+    out = run_cli("run", "--policy", str(policy),
+                  stdin="calm WORDS THEN SHOUTING words and LOUD again")
+    assert out.returncode == 0
+    flag_lines = [line for line in out.stderr.splitlines() if line.startswith("[flag")]
+    assert flag_lines == [
+        "[flag monitor='shout' x3 tokens=(1, 3) span=(5, 24) max_score=1.000]",
+        "[flag monitor='shout' score=1.0 span=(35, 39) tokens=(6, 6) rule='threshold' "
+        "action='flag']",
+    ]
+    assert out.stderr.splitlines()[-1] == \
+        "[8 tokens read, 8 released, 4 flags (shout 4), halted: False]"
 
 
 def test_replay_prints_one_json_line_per_record(policy: Path, data: Path) -> None:
@@ -151,7 +175,11 @@ def test_train_dispatches_to_a_registered_trainer(capsys: pytest.CaptureFixture[
     class TrainerPlugin:
         @hookimpl
         def guardrail_register_trainers(self, register: Any) -> None:
-            register("toy", lambda argv: calls.append(argv) or 0, description="toy trainer")
+            def toy(argv: list[str]) -> int:
+                calls.append(argv)
+                return 0
+
+            register("toy", toy, description="toy trainer")
 
     host = get_host()
     host.register(TrainerPlugin(), name="toy-trainer")
@@ -168,6 +196,6 @@ def test_run_survives_invalid_utf8_on_stdin(policy: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "guardrail.cli", "run", "--policy", str(policy)],
                          input=b"caf\xe9 au lait \xff\xfe then a bomb here", capture_output=True,
                          timeout=120)
-    assert out.returncode == 0
+    assert out.returncode == 3  # it halted, after reading past the bad bytes
     assert out.stdout.decode().startswith("caf\ufffd au lait")
     assert b"[halted by weapons" in out.stdout

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 POLICY = """\
 version: 1
@@ -63,3 +64,37 @@ def test_eval_reports_span_metrics_and_narrows_to_one_monitor(tmp_path: Path) ->
     years = result["monitors"]["years"]  # type: ignore[index]
     # both year spans score 1.0 (the regex can't tell right from wrong): chance-level AUC
     assert years["span_auc"] == 0.5 and years["spans"] == 2
+
+
+
+
+def test_each_monitor_is_scored_only_on_labels_meant_for_it(tmp_path: Path) -> None:
+    """A record's "monitors" (ids or use names) says whose labels it carries: the other
+    monitors are not scored on it (facts on harm labels gave "auc 0.000")."""
+    records: list[dict[str, Any]] = RECORDS  # type: ignore[assignment]
+    tagged = [{**r, "monitors": ["keywords"] if "label" in r else ["years"]} for r in records]
+    extra = [{"prompt": "p6", "response": "A bomb in 1999.", "label": 0, "monitors": ["other"],
+              "spans": [{"start": 10, "end": 14, "label": 1}]}]
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*tagged, *extra]))
+    out = subprocess.run([sys.executable, "-m", "guardrail.cli", "eval", "--policy", str(policy),
+                          "--data", str(data), "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    monitors = json.loads(out.stdout)["monitors"]
+    harm, years = monitors["harm"], monitors["years"]
+    assert harm["macro_f1"] == 0.5 and harm["false_halt_rate"] == 0.5  # its 4 records, as before
+    assert "span_auc" not in harm  # the year spans are not harm's to answer
+    assert years["span_auc"] == 0.5 and years["spans"] == 2  # p6's span is not counted
+    assert "auc" not in years and "false_halt_rate" not in years  # nor the harm labels
+    untagged: Any = run_eval(tmp_path)["monitors"]
+    assert "auc" in untagged["years"]  # a record without "monitors" labels every monitor
+
+
+def test_eval_report_shows_the_would_be_halt(tmp_path: Path) -> None:
+    out_dir = tmp_path / "pages"
+    run_eval(tmp_path, "--report", str(out_dir))
+    index = (out_dir / "index.html").read_text()
+    assert "harm (would halt at token 4)" in index  # p1: " bomb" is token 4

@@ -33,7 +33,7 @@ def test_fix_shows_released_text_then_the_halt_message(rows: list[dict[str, Any]
     harmful = harmful_and_benign()[0]["response"]
     shown = _row(rows, "fix", 1)["shown"]
     assert shown.endswith(HALT_MESSAGE)
-    released = shown[: -len(HALT_MESSAGE)]
+    released = shown[: -len(HALT_MESSAGE)].removesuffix("\n\n")  # the message stands apart
     assert released and harmful.startswith(released) and TRIGGER not in released
 
 

@@ -32,7 +32,7 @@ def test_guarded_model_halts_at_the_token_and_stops_the_upstream(
     harmful = harmful_and_benign()[0]["response"]
     row = _row(rows, "model", 1)
     assert row["shown"].endswith(HALT_MESSAGE)
-    released = row["shown"][: -len(HALT_MESSAGE)]
+    released = row["shown"][: -len(HALT_MESSAGE)].removesuffix("\n\n")  # the message stands apart
     assert released and harmful.startswith(released) and TRIGGER not in released
     assert row["words_generated"] < row["words_total"]  # generation stopped early
 

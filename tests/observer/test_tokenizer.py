@@ -79,3 +79,12 @@ def test_no_special_tokens_and_no_prefix_space(tiny_llama: Path) -> None:
     spans = tok.tokenize("hello")
     assert tok.hf.decode([s.id for s in spans]) == "hello"
     assert tok.hf.bos_token_id not in [s.id for s in spans]
+
+
+def test_long_text_without_spaces_keeps_multibyte_characters_whole() -> None:
+    # Committed in pieces (no whitespace for thousands of chars): a character split over byte
+    # tokens must not be committed in part and then tokenized again from its start.
+    text = "🙂東ж" * 700 + " done"
+    for step in (1, 16):
+        ids = stream_ids(TOKENIZER, text, list(range(step, len(text), step)))
+        assert TOKENIZER.hf.decode(ids) == text

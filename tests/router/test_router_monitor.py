@@ -101,7 +101,8 @@ def test_missing_weights_name_the_file(tmp_path: Path) -> None:
 def test_default_policy_flags_with_the_shipped_flag_threshold() -> None:
     spec = next(m for m in default_policy(_host()).monitors if m.use == "router")
     config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
-    assert spec.action == "flag" and spec.threshold == pytest.approx(config["flag_threshold"])
+    assert spec.action == "flag" and spec.threshold is None  # the monitor's flag default
+    assert RouterMonitor.default_thresholds["flag"] == pytest.approx(config["flag_threshold"])
     # on the held-out tokens flags are rarer than routes and more often right
     flag, route = config["metrics"]["flag"]["test"], config["metrics"]["test"]
     positives = config["splits"]["test"]["positives"] / config["splits"]["test"]["tokens"]
@@ -167,3 +168,30 @@ def test_after_a_reroute_scores_follow_the_new_text(tiny_pair: tuple[Path, Path]
     assert sorted(after) == sorted(expected)  # the first token after the cut is not scored
     for j, value in expected.items():
         assert after[j] == pytest.approx(value, abs=1e-4)
+
+
+BREAD = ("To bake bread, mix 500 g of flour, 10 g of salt, 7 g of yeast and 350 ml of warm "
+         "water. Knead the dough for ten minutes until it is smooth, let it rise for an hour, "
+         "shape it, let it rise again and bake it at 220 degrees for 30 minutes.")
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="no shipped router weights")
+def test_a_users_router_entry_takes_the_threshold_of_its_action() -> None:
+    """``use: router, action: flag`` without a threshold in a user's policy flags like the
+    default policy's router does; ``action: route`` routes at the routing threshold."""
+    config = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    user = Guard.from_policy({"monitors": [
+        {"id": "mine", "use": "router", "action": "flag"},
+        {"id": "escalate", "use": "router", "action": "route", "route_to": {"model": "large"}},
+    ]}, host=_host())
+    flag_spec, route_spec = (spec for spec, _ in user.monitors)
+    assert user.threshold_of(flag_spec) == pytest.approx(config["flag_threshold"])
+    assert user.threshold_of(route_spec) == pytest.approx(config["threshold"])
+    default = Guard(default_policy(_host()), host=_host(), observer=user.observer)
+    mine = Guard.from_policy({"monitors": [{"id": "router", "use": "router", "action": "flag"}]},
+                             host=_host(), observer=user.observer)
+    spans = [f.span for f in mine.check(BREAD, prompt="How do I bake bread?").flags]
+    expected = [f.span for f in default.check(BREAD, prompt="How do I bake bread?").flags
+                if f.monitor == "router"]
+    assert spans == expected
+    assert len(spans) < mine.check(BREAD).tokens / 2  # the routing threshold flagged most

@@ -110,8 +110,9 @@ class StreamJudge:
             spans = (Span(at, len(chunk), f"{halt.monitor}: {halt.reason}"),)
         spans += _spans(self.flags, start, len(session.text))
         self.report = session.finish()
+        # the fix follows the text already shown: the message set apart from it
         return Decision("fail", chunk=chunk, spans=spans, message=halt.message,
-                        fix_value=halt.message, halted=True)
+                        fix_value=halt.notice, halted=True)
 
 
 def _spans(flags: Iterable[Flag], start: int, end: int) -> tuple[Span, ...]:
@@ -136,7 +137,7 @@ def judge_text(guard: Guard, text: str, prompt: str | None = None) -> Decision:
         offset = len(text) - len(decision.chunk)
         return Decision("fail", chunk=text, spans=tuple(
             Span(s.start + offset, s.end + offset, s.reason) for s in decision.spans),
-            message=decision.message, fix_value=decision.fix_value, halted=True)
+            message=decision.message, fix_value=decision.message, halted=True)
     spans = _spans(judge.flags, 0, len(text))
     if not spans:
         return Decision("pass", chunk=text)

@@ -28,6 +28,7 @@ from pydantic import ConfigDict, Field
 
 from guardrail import Guard, GuardrailViolation
 
+from ._conversation import current_catcher, start_catching, stop_catching
 from ._translate import Step, StreamTranslator, guard_whole, session_messages
 
 __all__ = ["GuardRunnable", "StreamHalted"]
@@ -69,8 +70,15 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
     # -- helpers ---------------------------------------------------------------------------
 
     def _translator(self, config: RunnableConfig | None) -> StreamTranslator:
+        """The conversation is ``guardrail_messages`` in the call's metadata, else ``messages``,
+        else what the model feeding this stream was asked (caught as it starts)."""
         metadata = ensure_config(config).get("metadata") or {}
         messages = metadata.get(MESSAGES_KEY, self.messages)
+        if messages is None:
+            catcher = current_catcher()
+            if catcher is not None:
+                return StreamTranslator(self.guard, lambda: session_messages(catcher.messages),
+                                        raise_on_halt=self.raise_on_halt)
         return StreamTranslator(self.guard, session_messages(messages),
                                 raise_on_halt=self.raise_on_halt)
 
@@ -171,6 +179,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
 
     def transform(self, input: Iterator[GuardIO], config: RunnableConfig | None = None,
                   **kwargs: Any) -> Iterator[GuardIO]:
+        catching = start_catching()  # before the upstream model starts: it starts on our pull
         inner = cast(Generator[GuardIO, None, None], self._transform_stream_with_config(
             input, self._transform, config, upstream=input, **kwargs))
         try:
@@ -183,9 +192,12 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
             _stop_upstream(input, _ReaderGone())
             inner.close()
             raise
+        finally:
+            stop_catching(catching)
 
     async def atransform(self, input: AsyncIterator[GuardIO], config: RunnableConfig | None = None,
                          **kwargs: Any) -> AsyncIterator[GuardIO]:
+        catching = start_catching()
         inner = cast(AsyncGenerator[GuardIO, None], self._atransform_stream_with_config(
             input, self._atransform, config, upstream=input, **kwargs))
         stopped_early = True
@@ -202,6 +214,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
             await inner.aclose()
             if stopped_early:
                 await _let_closes_run()
+            stop_catching(catching)
 
     def stream(self, input: GuardIO, config: RunnableConfig | None = None,
                **kwargs: Any) -> Iterator[GuardIO]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +20,14 @@ from guardrail import (
     Event,
     Guard,
     GuardrailViolation,
+    GuardSession,
     Halt,
     Release,
     Report,
     StreamStep,
     TokenLogprob,
     event_to_dict,
+    normalize_messages,
 )
 
 __all__ = ["CONTENT_FILTER", "StreamTranslator", "item_text", "session_messages"]
@@ -47,18 +49,9 @@ def item_text(item: Any) -> str:
 
 
 def session_messages(messages: Sequence[Any] | None) -> list[dict[str, Any]]:
-    """Conversation context for the session: OpenAI-shaped dicts from dicts or LangChain
-    messages."""
-    out: list[dict[str, Any]] = []
-    for message in messages or ():
-        if isinstance(message, BaseMessage):
-            role = {"human": "user", "ai": "assistant"}.get(message.type, message.type)
-            out.append({"role": role, "content": str(message.text)})
-        elif isinstance(message, Mapping):
-            out.append(dict(message))
-        else:
-            raise TypeError(f"guardrail messages: cannot read a {type(message).__name__}")
-    return out
+    """Conversation context for the session, from dicts or LangChain messages (content parts
+    and tool calls included): ``guardrail.normalize_messages``."""
+    return list(normalize_messages(messages))
 
 
 def _logprob_entries(item: Any) -> list[Mapping[str, Any]]:
@@ -110,11 +103,16 @@ class Step:
 
 
 class StreamTranslator:
-    """One stream under guard, as LangChain items."""
+    """One stream under guard, as LangChain items. ``messages`` may be a callable: the session
+    opens, and reads the conversation, when the first item arrives (the model has started by
+    then, see ``_conversation``)."""
 
-    def __init__(self, guard: Guard, messages: Sequence[Mapping[str, Any]], *,
-                 raise_on_halt: bool | None = None) -> None:
-        self.session = guard.session(messages, metadata={"adapter": "langchain"})
+    def __init__(self, guard: Guard,
+                 messages: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]],
+                 *, raise_on_halt: bool | None = None) -> None:
+        self._guard = guard
+        self._messages = messages
+        self._session: GuardSession | None = None
         self.raise_on_halt = guard.policy.raise_on_halt if raise_on_halt is None \
             else raise_on_halt
         self.halt: Halt | None = None
@@ -125,6 +123,13 @@ class StreamTranslator:
         self._fed_chars = 0
         self._released_chars = 0
         self._logprobs: deque[tuple[int, Mapping[str, Any]]] = deque()
+
+    @property
+    def session(self) -> GuardSession:
+        if self._session is None:
+            messages = self._messages() if callable(self._messages) else self._messages
+            self._session = self._guard.session(messages, metadata={"adapter": "langchain"})
+        return self._session
 
     @property
     def violation(self) -> GuardrailViolation:
@@ -182,7 +187,7 @@ class StreamTranslator:
         return step
 
     def abort(self, reason: str) -> None:
-        if self.report is None and not self.session.closed:
+        if self.report is None and self._session is not None and not self._session.closed:
             self.report = self.session.abort(reason)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -254,10 +259,10 @@ class StreamTranslator:
         if self.halt is None or self.raise_on_halt:
             return
         if self._strings or self._template is None:
-            step.outputs.append(self.halt.message)
+            step.outputs.append(self.halt.notice)
             return
         step.outputs.append(AIMessageChunk(
-            content=self.halt.message,
+            content=self.halt.notice,
             id=self._template.id,
             response_metadata={"finish_reason": CONTENT_FILTER,
                                "guardrail": {"halt": event_to_dict(self.halt)}},

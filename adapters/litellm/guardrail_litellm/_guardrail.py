@@ -102,7 +102,7 @@ class GuardrailLiteLLM(CustomGuardrail):
     def _halted(self, halt: Halt, template: Any) -> list[Any]:
         if self.on_halt == "error" or template is None:
             raise _stream_violation(halt, self.guardrail_name)
-        return [_text_chunk(template, 0, halt.message, finish_reason="content_filter")]
+        return [_text_chunk(template, 0, halt.notice, finish_reason="content_filter")]
 
     # -- non-streaming ---------------------------------------------------------------------
 

@@ -13,20 +13,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardrail import Event, Flag, Guard, GuardSession, Halt, Release, Report, event_to_dict
+from guardrail import (
+    Event,
+    Flag,
+    Guard,
+    GuardSession,
+    Halt,
+    Release,
+    Report,
+    event_to_dict,
+    normalize_messages,
+)
 
 __all__ = ["StreamGuard", "guard_text", "request_messages"]
 
 
 def request_messages(data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The chat messages of a LiteLLM request body (plain dicts; other entries are skipped)."""
-    out: list[dict[str, Any]] = []
-    for message in data.get("messages") or ():
-        if isinstance(message, Mapping):
-            out.append(dict(message))
-        elif hasattr(message, "model_dump"):
-            out.append(message.model_dump(exclude_none=True))
-    return out
+    """The chat messages of a LiteLLM request body in the guard's form
+    (``guardrail.normalize_messages``: content parts, tool calls and models read as text)."""
+    return list(normalize_messages(data.get("messages") or ()))
 
 
 @dataclass

@@ -16,11 +16,10 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.messages.utils import convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
-from guardrail import Event, Guard, GuardSession, Halt, Release, event_to_dict
+from guardrail import Event, Guard, GuardSession, Halt, Release, event_to_dict, normalize_messages
 
 __all__ = ["GuardedChatModel"]
 
@@ -48,7 +47,7 @@ class GuardedChatModel(BaseChatModel):
         return f"guarded-{self.inner._llm_type}"
 
     def _session(self, messages: list[BaseMessage]) -> GuardSession:
-        return self.guard.session(convert_to_openai_messages(messages))
+        return self.guard.session(normalize_messages(messages))
 
     # -- whole answers ---------------------------------------------------------------------
 
@@ -94,7 +93,7 @@ class GuardedChatModel(BaseChatModel):
                 halt = _halt_of(events)
                 out = [self._chunk(t) for t in (_released(events),) if t]
                 if halt is not None:
-                    out.append(self._chunk(halt.message, halt))
+                    out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
                     if run_manager:
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -104,7 +103,7 @@ class GuardedChatModel(BaseChatModel):
             report = session.finish()
             tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
             if report.halt is not None:
-                tail.append(self._chunk(report.halt.message, report.halt))
+                tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -127,7 +126,7 @@ class GuardedChatModel(BaseChatModel):
                 halt = _halt_of(events)
                 out = [self._chunk(t) for t in (_released(events),) if t]
                 if halt is not None:
-                    out.append(self._chunk(halt.message, halt))
+                    out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
                     if run_manager:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -137,7 +136,7 @@ class GuardedChatModel(BaseChatModel):
             report = session.finish()
             tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
             if report.halt is not None:
-                tail.append(self._chunk(report.halt.message, report.halt))
+                tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)

@@ -14,17 +14,20 @@ with the halt message and ``finish_reason="content_filter"`` and closes the upst
 
 from __future__ import annotations
 
-from ._chunks import ChunkGuard, guard_completion, request_messages
+from ._chunks import REASONING_FIELDS, ChunkGuard, guard_completion, request_messages
 from ._client import AsyncGuardedCompletions, GuardedClient, GuardedCompletions, wrap
+from ._logprobs import LogprobFilter
 from ._stream import AsyncGuardedStream, GuardedStream
 
 __all__ = [
+    "REASONING_FIELDS",
     "AsyncGuardedCompletions",
     "AsyncGuardedStream",
     "ChunkGuard",
     "GuardedClient",
     "GuardedCompletions",
     "GuardedStream",
+    "LogprobFilter",
     "guard_completion",
     "request_messages",
     "wrap",

@@ -8,7 +8,6 @@ case. Guard details ride along as an extra ``guardrail`` field on chunks and com
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,9 +28,20 @@ from guardrail import (
     event_to_dict,
 )
 
+from ._logprobs import LogprobFilter
+
 __all__ = ["ChunkGuard", "guard_completion", "request_messages"]
 
 CONTENT_FILTER: Literal["content_filter"] = "content_filter"
+# Reasoning text (DeepSeek, vLLM, llama.cpp) is not judged by the guard, so it is never passed on.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def _drop_reasoning(model: Any) -> None:
+    extra = getattr(model, "model_extra", None)
+    for name in REASONING_FIELDS:
+        if extra:
+            extra.pop(name, None)
 
 
 def request_messages(messages: Iterable[Any] | None) -> list[dict[str, Any]]:
@@ -67,10 +77,8 @@ def _not_halts(events: Iterable[Event]) -> list[Event]:
 @dataclass
 class _ChoiceState:
     session: GuardSession
-    fed_chars: int = 0
-    released_chars: int = 0
-    # Upstream logprob entries wait with their text: (raw chars that must be released, entry).
-    logprobs: deque[tuple[int, Any]] = field(default_factory=deque)
+    # Upstream logprob entries wait with their text and go out only with text shown verbatim.
+    logprobs: LogprobFilter = field(default_factory=LogprobFilter)
     report: Report | None = None
     halt: Halt | None = None
 
@@ -100,9 +108,15 @@ class ChunkGuard:
 
     @property
     def halted_all(self) -> bool:
-        """Every choice the request asked for has halted: the upstream can be closed."""
+        """Nothing more from the upstream can reach the reader: the upstream can be closed.
+
+        True once every choice the request asked for has halted, or once a choice halted and
+        every choice seen so far has ended (halted or finished): choices stream interleaved, so
+        one not seen by then is not coming (servers such as llama.cpp ignore ``n``)."""
         halted = sum(1 for s in self.states.values() if s.halt is not None)
-        return halted >= self.expected_choices
+        if halted >= self.expected_choices:
+            return True
+        return halted > 0 and all(s.done for s in self.states.values())
 
     @property
     def reports(self) -> dict[int, Report]:
@@ -155,9 +169,10 @@ class ChunkGuard:
                 continue
             events = self._finish(state)
             text = "".join(e.text for e in events if isinstance(e, Release))
+            entries = self._released_logprobs(state, events)
             if text:
                 choice = Choice(index=index, delta=ChoiceDelta(content=text), finish_reason=None,
-                                logprobs=None)
+                                logprobs=ChoiceLogprobs(content=entries) if entries else None)
                 self._details += _details(index, _not_halts(events))
                 out.append(self._make_chunk(template, choice))
             if state.halt is not None and not self.raise_on_halt:
@@ -175,9 +190,7 @@ class ChunkGuard:
         events: list[Event] = []
         if text:
             entries = choice.logprobs.content if choice.logprobs is not None else None
-            state.fed_chars += len(text)
-            for entry in entries or ():
-                state.logprobs.append((state.fed_chars, entry))
+            state.logprobs.add(text, entries)
             events = state.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
             self._note_halt(state, events)
         if choice.finish_reason is not None and state.halt is None:
@@ -201,17 +214,12 @@ class ChunkGuard:
 
     def _rewrite(self, state: _ChoiceState, choice: Choice, events: list[Event]) -> Choice | None:
         released = "".join(e.text for e in events if isinstance(e, Release))
-        state.released_chars = max([state.released_chars] +
-                                   [e.end for e in events if isinstance(e, Release)])
         out = choice.model_copy(deep=True)
+        _drop_reasoning(out.delta)
         original = choice.delta.content
         out.delta.content = released or (None if original is None else "")
-        entries = []
-        while state.logprobs and (state.logprobs[0][0] <= state.released_chars
-                                  or (state.report is not None and state.halt is None)):
-            entries.append(state.logprobs.popleft()[1])
+        entries = self._released_logprobs(state, events)
         if state.halt is not None:
-            state.logprobs.clear()
             out.finish_reason = None  # the halt chunk carries the finish reason
         if out.logprobs is not None:
             out.logprobs.content = entries or None
@@ -223,13 +231,20 @@ class ChunkGuard:
                  and out.finish_reason is None and not entries)
         return None if empty else out
 
+    def _released_logprobs(self, state: _ChoiceState, events: list[Event]) -> list[Any]:
+        state.logprobs.see(events)
+        entries = state.logprobs.take()
+        if state.halt is not None:
+            state.logprobs.drop()
+        return entries
+
     def _make_chunk(self, template: ChatCompletionChunk, choice: Choice) -> ChatCompletionChunk:
         return template.model_copy(update={"choices": [choice], "usage": None,
                                            **self._take_details()})
 
     def _halt_chunk(self, index: int, state: _ChoiceState) -> ChatCompletionChunk:
         assert state.halt is not None and self._template is not None
-        choice = Choice(index=index, delta=ChoiceDelta(content=state.halt.message),
+        choice = Choice(index=index, delta=ChoiceDelta(content=state.halt.notice),
                         finish_reason=CONTENT_FILTER, logprobs=None)
         self._details += _details(index, [state.halt])
         return self._make_chunk(self._template, choice)
@@ -248,6 +263,7 @@ def guard_completion(guard: Guard, completion: ChatCompletion,
     out = completion.model_copy(deep=True)
     details: list[dict[str, Any]] = []
     for choice in out.choices:
+        _drop_reasoning(choice.message)
         content = choice.message.content
         if not content:
             continue
@@ -256,6 +272,9 @@ def guard_completion(guard: Guard, completion: ChatCompletion,
         events = session.feed(StreamStep(text=content, logprobs=_token_logprobs(entries)))
         report = session.finish()
         events = [*events, *report.final_events]
+        released_logprobs = LogprobFilter()
+        released_logprobs.add(content, entries)
+        released_logprobs.see(events)
         details += _details(choice.index, events)
         if report.halt is not None:
             if raise_on_halt:
@@ -267,6 +286,8 @@ def guard_completion(guard: Guard, completion: ChatCompletion,
             choice.logprobs = None
         else:
             choice.message.content = report.released_text
+            if choice.logprobs is not None:  # only entries of text shown verbatim
+                choice.logprobs.content = released_logprobs.take() or None
     if details:
         out = out.model_copy(update={"guardrail": {"events": details}})
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 
-from guardrail import Guard, GuardrailError
+from guardrail import Guard, GuardrailError, normalize_messages
 
 from ._chunks import ChunkGuard, guard_completion, request_messages
 from ._stream import AsyncGuardedStream, GuardedStream
@@ -35,6 +35,7 @@ class _Options:
 
     def prepare(self, kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         messages = request_messages(kwargs.get("messages"))
+        normalize_messages(messages)  # an unreadable message fails here, before the upstream call
         metadata = {"adapter": "openai", "model": kwargs.get("model")}
         return messages, metadata
 

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 from ._app import create_app
 from ._local import LocalModel
-from ._serve import API_KEY_ENV, RunningServer, load_local_model, running, serve_cli
+from ._serve import (
+    API_KEY_ENV,
+    CLIENT_KEYS_ENV,
+    RunningServer,
+    load_local_model,
+    running,
+    serve_cli,
+)
 from ._stream import ReportHook
 from ._upstream import UpstreamError
 
 __all__ = [
     "API_KEY_ENV",
+    "CLIENT_KEYS_ENV",
     "LocalModel",
     "ReportHook",
     "RunningServer",

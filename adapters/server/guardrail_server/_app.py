@@ -3,42 +3,53 @@
     POST /v1/chat/completions   guarded, streamed (SSE) or not
     GET  /v1/models             the upstream's list (proxied), or the local model
     GET  /health                liveness, mode and monitor ids
+    GET  /metrics               Prometheus metrics (with prometheus-client installed)
+    GET  /dashboard             the operators' live view (polls /dashboard.json)
 
 Per request the app holds nothing but the request's own ChunkGuard/sessions; the Guard is shared
 (it is stateless per stream). The caller's ``Authorization`` header goes to the upstream and
-nowhere else: not into logs, session metadata, events, reports or error messages.
+nowhere else: not into logs, session metadata, events, reports or error messages. With client
+keys (``client_keys=``) that header is the caller's proxy key instead: checked, never forwarded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import anyio
 import httpx
-from guardrail_openai import ChunkGuard, request_messages
+from guardrail_openai import ChunkGuard
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from guardrail import Guard
+from guardrail import Guard, MessageError, Report, normalize_messages
 
+from ._access import DEFAULT_MAX_BODY_BYTES, BodyTooLarge, ClientKeys, read_body
 from ._generation import generator_completion, generator_sse, is_generator
 from ._local import LocalModel, local_chunks, local_completion
+from ._ops import Operations
 from ._sse import SSEResponse
-from ._stream import ReportHook, guarded_sse
+from ._stream import ReportHook, contained, guarded_sse
 from ._upstream import Upstream, UpstreamError, scrub
 from ._whole import guard_whole
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("guardrail.server")
+
+# Guard work runs in its own pool, sized for many streams whose monitors may block (I/O, a
+# remote judge): asyncio's default pool has only a few threads per core.
+GUARD_THREADS = 64
 
 
 def _error(status: int, message: str, code: str,
@@ -51,14 +62,37 @@ class _Proxy:
     """The request handlers, bound to one guard and one upstream (or local model)."""
 
     def __init__(self, guard: Guard, upstream: Upstream | None, local: LocalModel | None,
-                 offload: bool, on_report: ReportHook | None) -> None:
+                 offload: bool, on_report: ReportHook | None, keys: ClientKeys,
+                 max_body_bytes: int, ops: Operations) -> None:
         self.guard = guard
         self.upstream = upstream
         self.local = local
         # A guardrail-transformers generator feeds monitors its own states (no observer pass).
         self.generator = local if local is not None and is_generator(local) else None
         self.offload = offload
-        self.on_report = on_report
+        self.executor = ThreadPoolExecutor(GUARD_THREADS, thread_name_prefix="guardrail-guard")
+        self.ops = ops
+        self.on_report = self._reported if on_report is None else partial(self._reported,
+                                                                            then=on_report)
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+
+    def _reported(self, reports: list[Report], then: ReportHook | None = None) -> None:
+        self.ops.reports(reports)
+        if then is not None:
+            then(reports)
+
+    def _caller(self, request: Request) -> tuple[Response | None, str | None]:
+        """(a 401 for a caller without a valid client key, else None; the Authorization value
+        to send upstream: the caller's own, unless it was a proxy client key)."""
+        auth = request.headers.get("authorization")
+        if not self.keys:
+            return None, auth
+        if not self.keys.allows(auth):
+            return _error(401, "missing or invalid API key for this guardrail proxy: send "
+                          "'Authorization: Bearer KEY' with one of its client keys",
+                          "invalid_api_key"), None
+        return None, None
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({
@@ -70,20 +104,29 @@ class _Proxy:
         })
 
     async def models(self, request: Request) -> Response:
+        denied, auth = self._caller(request)
+        if denied is not None:
+            return denied
         if self.local is not None:
             return JSONResponse({"object": "list", "data": [{
                 "id": self.local.name, "object": "model", "created": int(time.time()),
                 "owned_by": "guardrail-local"}]})
         assert self.upstream is not None
         try:
-            return JSONResponse(await self.upstream.models(request.headers.get("authorization")))
+            return JSONResponse(await self.upstream.models(auth))
         except UpstreamError as exc:
+            self.ops.upstream_error(exc.code)
             log.warning("GET /v1/models failed: %s", exc.message)
-            return JSONResponse(exc.payload(), status_code=exc.status)
+            return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
 
     async def chat_completions(self, request: Request) -> Response:
+        denied, auth = self._caller(request)
+        if denied is not None:
+            return denied
         try:
-            body = await request.json()
+            body = json.loads(await read_body(request, self.max_body_bytes))
+        except BodyTooLarge as exc:
+            return _error(413, str(exc), "request_too_large")
         except ValueError:
             return _error(400, "request body is not valid JSON", "invalid_json")
         if not isinstance(body, dict):
@@ -91,10 +134,9 @@ class _Proxy:
         if not isinstance(body.get("messages"), list):
             return _error(400, "'messages' must be a list of chat messages", "invalid_messages")
         try:
-            messages = request_messages(body["messages"])
-        except TypeError as exc:
+            messages = normalize_messages(body["messages"])  # the guard's view; upstream gets body
+        except MessageError as exc:
             return _error(400, str(exc), "invalid_messages")
-        auth = request.headers.get("authorization")
         metadata = {"adapter": "server", "model": body.get("model"),
                     "stream": bool(body.get("stream"))}
         try:
@@ -102,10 +144,12 @@ class _Proxy:
                 return await self._stream(body, messages, metadata, auth)
             return await self._whole(request, body, messages, metadata, auth)
         except UpstreamError as exc:
+            self.ops.upstream_error(exc.code)
             log.warning("chat completion failed: %s", exc.message)
-            return JSONResponse(exc.payload(), status_code=exc.status)
+            return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
         except Exception as exc:  # noqa: BLE001 - the client gets JSON, never a traceback
-            secrets = (auth,) if auth else ()
+            secrets = (self.upstream.secrets(auth) if self.upstream is not None
+                       else (auth,) if auth else ())
             message = scrub(f"{type(exc).__name__}: {exc}", secrets)
             log.error("chat completion failed inside the proxy: %s", message)
             return _error(500, f"guardrail-server failed: {message}", "internal_error",
@@ -128,6 +172,7 @@ class _Proxy:
             chunks = self.upstream.chunks(response, auth)
             close = partial(_close, chunks, response)
         stream = guarded_sse(chunks, chunk_guard, close_upstream=close, offload=self.offload,
+                             executor=self.executor,
                              on_report=self.on_report)
         return SSEResponse(stream)
 
@@ -146,7 +191,8 @@ class _Proxy:
         if completion is None:  # the client left; the upstream request was cancelled
             return Response(status_code=499)
         run = partial(guard_whole, self.guard, completion, messages, metadata)
-        guarded, reports = await asyncio.to_thread(run) if self.offload else run()
+        guarded, reports = (await asyncio.get_running_loop().run_in_executor(
+            self.executor, partial(contained, run)) if self.offload else contained(run))
         if self.on_report is not None:
             self.on_report(reports)
         return JSONResponse(guarded)
@@ -199,25 +245,39 @@ async def _close(chunks: AsyncIterator[dict[str, Any]], response: httpx.Response
 
 def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel | None = None,
                api_key: str | None = None, timeout: float = 60.0, offload: bool | None = None,
-               on_report: ReportHook | None = None) -> Starlette:
+               on_report: ReportHook | None = None, client_keys: Iterable[str] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: bool | None = None,
+               dashboard: bool = True, traces: Any = False) -> Starlette:
     """An OpenAI-compatible proxy app that guards chat completions.
 
     Give ``upstream`` (an OpenAI-compatible base URL ending in ``/v1``) or ``local`` (a local
     model, e.g. ``guardrail_transformers.LocalGenerator``). ``api_key`` is used upstream only
     when the caller sends no ``Authorization`` header. ``timeout``: seconds the upstream may stay
-    silent. ``offload``: run the guard in a worker thread (default: when it has an observer
-    model). ``on_report(reports)`` is called once per request with the sessions' reports.
+    silent. ``offload``: run the guard in a worker thread (default: always, so a slow monitor
+    stalls only its own request, never other streams or ``/health``). ``on_report(reports)`` is
+    called once per request with the sessions' reports.
+    ``client_keys``: when given, callers must send ``Authorization: Bearer KEY`` with one of them
+    (else 401); the key stays here and the upstream gets ``api_key``. ``max_body_bytes``: larger
+    request bodies are refused with 413 before they are read.
+    ``metrics``: serve ``/metrics`` (None: when prometheus-client is installed); ``dashboard``:
+    serve ``/dashboard``; ``traces``: OpenTelemetry spans per stream (True: the global tracer
+    provider, or a provider). Each app has its own metrics registry; all three want a client key
+    when there are client keys.
     """
     if (upstream is None) == (local is None):
         raise ValueError("create_app: give exactly one of upstream=URL or local=model")
     guard.warn_routes_recorded("the proxy server")
     client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
-    proxy = _Proxy(guard, client, local, guard.observer is not None if offload is None
-                   else offload, on_report)
+    keys = ClientKeys(client_keys)
+    ops = Operations(guard, keys, metrics=metrics, dashboard=dashboard, traces=traces)
+    proxy = _Proxy(guard, client, local, True if offload is None else offload, on_report,
+                   keys, max_body_bytes, ops)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        ops.close()
+        proxy.executor.shutdown(wait=False)
         if client is not None:
             await client.aclose()
 
@@ -225,6 +285,8 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
         Route("/health", proxy.health, methods=["GET"]),
+        *ops.routes(),
     ], lifespan=lifespan)
     app.state.guard = guard
+    app.state.operations = ops
     return app

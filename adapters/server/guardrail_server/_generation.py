@@ -106,7 +106,7 @@ async def generator_sse(guard: Guard, generator: Any, body: Mapping[str, Any],
                     # No forward pass follows a halt; let the session finish (clean report).
                     while await answer.next() is not None:
                         pass
-                    yield sse_data(answer.chunk({"content": event.message}, "content_filter",
+                    yield sse_data(answer.chunk({"content": event.notice}, "content_filter",
                                                 [*details, _detail(event)]))
                     break
                 else:
@@ -143,7 +143,7 @@ async def generator_completion(guard: Guard, generator: Any, body: Mapping[str, 
                 continue
             details.append(_detail(event))
             if isinstance(event, Halt):
-                shown.append(event.message)
+                shown.append(event.notice)
                 finish = "content_filter"
                 while await answer.next() is not None:  # the session finishes; no more forwards
                     pass

@@ -1,13 +1,16 @@
 """Running the app: ``serve_cli`` (``guardrail serve``) and ``running`` (a server in a thread).
 
-Binds 127.0.0.1 unless told otherwise. uvicorn's access log is off: it would add nothing a
-reverse proxy doesn't, and request lines are all it could leak (headers are never logged).
+Binds 127.0.0.1 unless told otherwise, and refuses any other address without client keys unless
+``--allow-unauthenticated`` says so (an open proxy lends its upstream key to anyone). uvicorn's
+access log is off: it would add nothing a reverse proxy doesn't, and request lines are all it
+could leak (headers are never logged).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -22,10 +25,13 @@ from starlette.applications import Starlette
 
 from guardrail import Guard, GuardrailError, Policy
 
+from ._access import CLIENT_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, is_loopback, keys_from_env
 from ._app import create_app
 from ._local import LocalModel
+from ._upstream import public_url
 
-__all__ = ["API_KEY_ENV", "RunningServer", "load_local_model", "running", "serve_cli"]
+__all__ = ["API_KEY_ENV", "CLIENT_KEYS_ENV", "RunningServer", "load_local_model", "running",
+           "serve_cli"]
 
 # The proxy's own upstream key, used when a caller sends no Authorization header.
 API_KEY_ENV = "GUARDRAIL_UPSTREAM_API_KEY"
@@ -101,26 +107,86 @@ def _shared_observer(policy: Policy, local: LocalModel | None) -> Any:
     return observer
 
 
+def tracer_provider() -> Any:
+    """The tracer provider for ``--traces``: the global one when something configured it
+    (``opentelemetry-instrument``), else an SDK provider exporting over OTLP (with
+    opentelemetry-exporter-otlp installed; ``OTEL_EXPORTER_OTLP_*`` configure it) or to stderr."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        raise GuardrailError("--traces needs OpenTelemetry: "
+                             "pip install 'guardrail-server[otel]'") from None
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return trace.get_tracer_provider()
+    exporter: Any
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    except ImportError:
+        exporter = ConsoleSpanExporter(out=sys.stderr)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def _operator_paths(app: Starlette) -> str:
+    ops = app.state.operations
+    shown = [path for path, on in (("/metrics", ops.metrics is not None),
+                                   ("/dashboard", ops.live is not None),
+                                   ("traces", ops.tracing is not None)) if on]
+    return ", ".join(shown) or "none"
+
+
 def serve_cli(args: argparse.Namespace) -> int:
     """``guardrail serve``: args ``policy``, ``monitor``, ``upstream``, ``local``, ``host``,
-    ``port``. Returns the exit status."""
+    ``port``, ``api_key`` (a list), ``max_body_bytes``, ``allow_unauthenticated``. Returns the
+    exit status."""
     from guardrail.cli import _policy  # the CLI's own policy loading (--policy, --monitor)
 
     if bool(args.upstream) == bool(args.local):
         print("guardrail serve: give exactly one of --upstream URL or --local MODEL",
               file=sys.stderr)
         return 2
+    keys = [*(getattr(args, "api_key", None) or ()),
+            *keys_from_env(os.environ.get(CLIENT_KEYS_ENV))]
+    if not keys and not is_loopback(args.host) and not getattr(args, "allow_unauthenticated",
+                                                                 False):
+        print(f"guardrail serve: refusing to listen on {args.host} without client keys: anyone "
+              "who reaches it could use the upstream (and its key). Set --api-key KEY or "
+              f"{CLIENT_KEYS_ENV}=KEY1,KEY2, or pass --allow-unauthenticated if something in "
+              "front of the proxy checks callers", file=sys.stderr)
+        return 2
+    max_body = getattr(args, "max_body_bytes", None)
+    max_body = DEFAULT_MAX_BODY_BYTES if max_body is None else max_body
+    if max_body < 1:
+        print("guardrail serve: --max-body-bytes must be at least 1", file=sys.stderr)
+        return 2
     try:
         policy = _policy(args)
         local = load_local_model(args.local) if args.local else None
         guard = Guard(policy, observer=_shared_observer(policy, local))
         app = create_app(guard, upstream=args.upstream, local=local,
-                         api_key=os.environ.get(API_KEY_ENV))
+                         api_key=os.environ.get(API_KEY_ENV), client_keys=keys,
+                         max_body_bytes=max_body,
+                         metrics=False if getattr(args, "no_metrics", False) else None,
+                         dashboard=not getattr(args, "no_dashboard", False),
+                         traces=tracer_provider() if getattr(args, "traces", False) else False)
     except GuardrailError as exc:
         print(f"guardrail serve: {exc}", file=sys.stderr)
         return 2
-    target = args.upstream or f"local model {args.local}"
+    target = public_url(args.upstream) if args.upstream else f"local model {args.local}"
     print(f"guardrail serve: http://{args.host}:{args.port}/v1 -> {target} "
-          f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'})", file=sys.stderr)
+          f"(monitors: {', '.join(s.id for s, _ in guard.monitors) or 'none'}; client keys: "
+          f"{len(keys) or 'none'}; operators: {_operator_paths(app)})", file=sys.stderr)
+    if getattr(args, "traces", False):
+        # uvicorn re-raises SIGTERM after its graceful shutdown; by default that kills the
+        # process before exit handlers run, and the tracer provider's last batch is lost.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)

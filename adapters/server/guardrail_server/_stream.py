@@ -3,7 +3,9 @@
 The translation of chunks (hold-back, re-chunking, halt chunk, ``guardrail`` event field) is the
 openai adapter's; this module adds the server's duties: close the upstream before the client sees
 a halt, turn upstream failures into an SSE error event, end every session with a report, and
-always finish with ``data: [DONE]`` unless the client is gone.
+always finish with ``data: [DONE]`` unless the client is gone. Guard work runs in a worker thread
+(by default) so a slow monitor stalls only its own stream, and a monitor that raises
+``SystemExit`` or another ``BaseException`` ends its stream with an error event, not the server.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from concurrent.futures import Executor
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 from guardrail_openai import ChunkGuard
@@ -23,11 +27,31 @@ from guardrail import Report
 from ._sse import DONE, sse_data
 from ._upstream import UpstreamError
 
-__all__ = ["ReportHook", "guarded_sse"]
+__all__ = ["GuardCrashed", "ReportHook", "contained", "guarded_sse"]
 
 log = logging.getLogger("guardrail.server")
 
 ReportHook = Callable[[list[Report]], None]
+T = TypeVar("T")
+
+
+class GuardCrashed(Exception):
+    """Guard work raised a ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``): it must end the request, not the event loop."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}")
+        self.what = type(exc).__name__
+
+
+def contained(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, with a ``BaseException`` turned into ``GuardCrashed``."""
+    try:
+        return fn(*args)
+    except Exception:
+        raise
+    except BaseException as exc:  # a monitor's SystemExit must not stop the server
+        raise GuardCrashed(exc) from exc
 
 
 def to_chunk(data: dict[str, Any]) -> ChatCompletionChunk:
@@ -45,17 +69,21 @@ async def guarded_sse(
     *,
     close_upstream: Callable[[], Awaitable[None]],
     offload: bool = False,
+    executor: Executor | None = None,
     on_report: ReportHook | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """SSE bytes for the guarded stream. ``close_upstream`` stops the upstream (idempotent)."""
+    """SSE bytes for the guarded stream. ``close_upstream`` stops the upstream (idempotent).
+    With ``offload`` the guard runs in ``executor`` (default: the loop's own pool)."""
     in_flight: asyncio.Future[list[ChatCompletionChunk]] | None = None
 
     async def run(fn: Callable[..., list[ChatCompletionChunk]], *args: Any
                   ) -> list[ChatCompletionChunk]:
         nonlocal in_flight
         if not offload:
-            return fn(*args)
-        in_flight = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            return contained(fn, *args)
+        work = partial(contained, fn, *args)
+        in_flight = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(executor, work))
         return await asyncio.shield(in_flight)  # the worker thread cannot be cancelled
 
     ended = "client went away"
@@ -79,10 +107,11 @@ async def guarded_sse(
             await close_upstream()
             yield sse_data(exc.payload())
         except Exception as exc:  # noqa: BLE001 - a bug of ours still ends the stream cleanly
-            ended = f"proxy error: {type(exc).__name__}"
+            what = exc.what if isinstance(exc, GuardCrashed) else type(exc).__name__
+            ended = f"proxy error: {what}"
             log.error("stream failed inside the proxy: %s: %s", type(exc).__name__, exc)
             await close_upstream()
-            yield sse_data({"error": {"message": f"guardrail-server failed: {type(exc).__name__}",
+            yield sse_data({"error": {"message": f"guardrail-server failed: {what}",
                                       "type": "server_error", "code": "internal_error",
                                       "param": None}})
         yield DONE
@@ -91,6 +120,9 @@ async def guarded_sse(
             await close_upstream()
             if in_flight is not None and not in_flight.done():
                 await asyncio.wait([in_flight])  # the worker still holds the sessions
-        chunk_guard.abort(ended)  # sessions still open (client gone, error) end with a report
+        try:  # sessions still open (client gone, error) end with a report
+            contained(chunk_guard.abort, ended)
+        except Exception as exc:  # noqa: BLE001 - a session broken by a crash cannot report
+            log.error("ending the stream's sessions failed: %s: %s", type(exc).__name__, exc)
         if on_report is not None:
             on_report([r for _, r in sorted(chunk_guard.reports.items())])

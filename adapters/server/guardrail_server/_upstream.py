@@ -7,25 +7,29 @@ anything the upstream echoes, and URLs lose their user-info).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
-__all__ = ["Upstream", "UpstreamError", "public_url", "scrub"]
+__all__ = ["Upstream", "UpstreamError", "public_url", "scrub", "url_secrets"]
 
 REDACTED = "[REDACTED]"
+# Upstream response headers the client needs to back off properly (429, 503).
+FORWARDED_HEADERS = ("retry-after", "retry-after-ms")
 
 
 class UpstreamError(Exception):
     """The upstream failed; ``status`` is what the proxy answers, ``code`` a stable error code."""
 
     def __init__(self, message: str, *, status: int = 502, code: str = "upstream_error",
-                 kind: str = "upstream_error") -> None:
+                 kind: str = "upstream_error", headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = dict(headers or {})  # for the client, e.g. Retry-After
         self.status = status
         self.code = code
         self.kind = kind
@@ -45,13 +49,30 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The credentials in ``url``'s user-info, in every form an error body may echo them: as
+    written, percent-decoded, ``user:password`` and its Basic auth encoding."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return ()
+    out: list[str] = []
+    for user, password in {(parts.username or "", parts.password or ""),
+                           (unquote(parts.username or ""), unquote(parts.password or ""))}:
+        pair = f"{user}:{password}"
+        out += [pair, base64.b64encode(pair.encode()).decode(), password, user]
+    return tuple(dict.fromkeys(s for s in out if s))
+
+
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """``text`` with every secret (and its bearer token alone) replaced by ``[REDACTED]``."""
+    """``text`` with every secret (and a Bearer or Basic credential alone) replaced by
+    ``[REDACTED]``."""
     for secret in secrets:
         if not secret:
             continue
-        token = secret.split(" ", 1)[1] if secret.lower().startswith("bearer ") else secret
-        for value in {secret, token}:
+        scheme = secret.lower().startswith(("bearer ", "basic "))
+        token = secret.split(" ", 1)[1] if scheme else secret
+        # Longest first: a password inside ``user:password`` must not break the longer match.
+        for value in sorted({secret, token}, key=len, reverse=True):
             if len(value) >= 4:
                 text = text.replace(value, REDACTED)
     return text
@@ -62,14 +83,21 @@ class Upstream:
 
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0,
                  connect_timeout: float = 10.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.public_url = public_url(self.base_url)
+        parts = urlsplit(base_url)
+        self._url_secrets = url_secrets(base_url)
+        # Credentials leave the URL (httpx logs request URLs) and go as Basic auth, as httpx
+        # would have sent them.
+        auth = (httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+                if self._url_secrets else None)
+        self.base_url = public_url(base_url.rstrip("/"))
+        self.public_url = self.base_url
         self._api_key = api_key
         # Streams read one chunk at a time: the read timeout bounds a stalled upstream, not
         # the whole answer.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            auth=auth,
         )
 
     async def aclose(self) -> None:
@@ -80,7 +108,13 @@ class Upstream:
         return {"Authorization": auth} if auth else {}
 
     def _secrets(self, authorization: str | None) -> tuple[str, ...]:
-        return tuple(s for s in (authorization, self._api_key) if s)
+        found = (authorization, self._api_key, *self._url_secrets)
+        return tuple(sorted((s for s in found if s), key=len, reverse=True))
+
+    def secrets(self, authorization: str | None) -> tuple[str, ...]:
+        """What must never reach a client or a log: the caller's Authorization value, the
+        proxy's own key and the credentials in the upstream URL."""
+        return self._secrets(authorization)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -102,7 +136,7 @@ class Upstream:
                 raw = b""
             finally:
                 await response.aclose()
-            raise self._status_error(response.status_code, raw, authorization)
+            raise self._status_error(response.status_code, raw, authorization, response.headers)
         return response
 
     async def complete(self, body: Mapping[str, Any], authorization: str | None
@@ -122,7 +156,8 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, authorization) from None
         if response.status_code != 200:
-            raise self._status_error(response.status_code, response.content, authorization)
+            raise self._status_error(response.status_code, response.content, authorization,
+                                     response.headers)
         try:
             data = response.json()
         except ValueError:
@@ -202,8 +237,8 @@ class Upstream:
         return UpstreamError(f"upstream {self.public_url} failed ({type(exc).__name__})",
                              code="upstream_disconnected")
 
-    def _status_error(self, status: int, raw: bytes, authorization: str | None
-                      ) -> UpstreamError:
+    def _status_error(self, status: int, raw: bytes, authorization: str | None,
+                      headers: Mapping[str, str]) -> UpstreamError:
         detail = ""
         try:
             body = json.loads(raw)
@@ -217,4 +252,5 @@ class Upstream:
         # The client's own mistakes (4xx) keep their status; upstream failures become 502.
         return UpstreamError(f"{text}: {detail}" if detail else text,
                              status=status if 400 <= status < 500 else 502,
-                             code=f"upstream_http_{status}")
+                             code=f"upstream_http_{status}",
+                             headers={k: headers[k] for k in FORWARDED_HEADERS if k in headers})

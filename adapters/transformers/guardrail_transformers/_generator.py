@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrail.errors import GuardrailError
+from guardrail.messages import normalize_messages
 from guardrail.monitor import Message, Needs
 from guardrail.observer.model import render_context
 from guardrail.stream import StreamStep
@@ -132,7 +133,7 @@ class LocalGenerator:
 def as_messages(prompt: Prompt) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
+    return list(normalize_messages(prompt))
 
 
 def _openai_params(params: dict[str, Any]) -> dict[str, Any]:

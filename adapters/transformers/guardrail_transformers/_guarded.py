@@ -55,10 +55,11 @@ class GuardedOutput:
 class GuardedStream:
     """One guarded answer as a stream of events (``Release``, ``Flag``, ``Halt``, ``Route``,
     ``Error``); iterate it with ``for`` or ``async for``. Show each ``Release.text`` as it comes
-    and a ``Halt.message`` in place of the rest. ``report`` is set once the stream has ended;
+    and a ``Halt.notice`` (the message, set apart) in place of the rest. ``report`` is set once
+    the stream has ended;
     ``generated_tokens`` counts the tokens the models produced; ``token_ids`` is the answer so
-    far; ``routed_tokens`` the indices of the tokens a route target wrote. (A route monitor that
-    fires again on the target's own token keeps it; the report then lists that route twice.)"""
+    far; ``routed_tokens`` the indices of the tokens a route target wrote (a route monitor that
+    fires again on the target's own token keeps it, and the report lists the route once)."""
 
     def __init__(self, guard: Guard, prompt: Prompt, generator: LocalGenerator, *,
                  route_to: LocalGenerator | Mapping[str, LocalGenerator] | None = None,
@@ -192,7 +193,7 @@ async def aguarded_generate(guard: Guard, prompt: Prompt | None = None, **option
 def _collect(stream: GuardedStream, events: list[Event]) -> GuardedOutput:
     assert stream.report is not None
     shown = [e.text for e in events if isinstance(e, Release)]
-    shown += [e.message for e in events if isinstance(e, Halt)]
+    shown += [e.notice for e in events if isinstance(e, Halt)]
     return GuardedOutput("".join(shown), stream.report, events)
 
 

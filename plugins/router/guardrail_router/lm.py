@@ -18,7 +18,7 @@ from torch import Tensor
 
 from guardrail.monitor import Message
 from guardrail.observer.generation import end_of_turn_ids, greedy_batch, left_pad
-from guardrail.observer.hf import cache_kwarg
+from guardrail.observer.hf import cache_kwarg, quiet_loading
 from guardrail.observer.model import render_context
 
 __all__ = ["ChatLM", "PositionFeatures", "StepOutput", "load_chat_lm", "sentence_end"]
@@ -182,5 +182,7 @@ def load_chat_lm(path: str | Path | None = None, name: str | None = None) -> Cha
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     use_safetensors=True)
     return ChatLM(model, tokenizer, name or path.name)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -197,12 +198,14 @@ class RouterMonitor(Monitor):
         weights: str | None = Field(None, description="router .safetensors (default: shipped)")
 
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
-    # A policy entry without a threshold routes at the routing threshold; the default policy has
-    # no model to route to and flags, at the flag threshold (fewer, surer flags).
+    # A policy entry without a threshold routes at the routing threshold (recall >= 0.95) and
+    # flags, redacts or halts at the flag threshold (best F1: fewer, surer verdicts), in any
+    # policy; the default policy has no model to route to and flags.
     default_threshold: ClassVar[float] = _SHIPPED if _SHIPPED is not None else 0.5
-    default_spec: ClassVar[dict[str, Any]] = {
-        "id": "router", "action": "flag",
-        "threshold": _SHIPPED_FLAG if _SHIPPED_FLAG is not None else default_threshold}
+    default_thresholds: ClassVar[Mapping[str, float]] = (
+        {} if _SHIPPED_FLAG is None else
+        {"flag": _SHIPPED_FLAG, "redact": _SHIPPED_FLAG, "halt": _SHIPPED_FLAG})
+    default_spec: ClassVar[dict[str, Any]] = {"id": "router", "action": "flag"}
 
     def __init__(self, options: Options | None = None) -> None:
         options = options or self.Options()
@@ -212,6 +215,13 @@ class RouterMonitor(Monitor):
                              " (train them: guardrail train router)")
         config = json.loads(self.weights.with_suffix(".json").read_text(encoding="utf-8"))
         self.top_k = int(config.get("head", {}).get("top_k", 100))
+        if options.weights:  # other weights bring their own thresholds
+            route, flag = config.get("threshold"), config.get("flag_threshold")
+            if route is not None:
+                setattr(self, "default_threshold", float(route))  # noqa: B010 - per instance
+            flag = route if flag is None else flag
+            setattr(self, "default_thresholds",  # noqa: B010
+                    {} if flag is None else {a: float(flag) for a in ("flag", "redact", "halt")})
         self._loaded: LoadedProbe | None = None
         self._numpy: _NumpyRouter | None = None
         self._lock = threading.Lock()

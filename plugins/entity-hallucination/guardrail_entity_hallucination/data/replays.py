@@ -52,7 +52,8 @@ def write_replays(out: Path, cache: Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, want in (("fabricated", _fabricated), ("faithful", lambda r: not _fabricated(r))):
-        chosen = pick_replays(records, want)
+        chosen = [{**r, "monitors": ["entity-hallucination"]}  # whose labels (guardrail eval)
+                  for r in pick_replays(records, want)]
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
                                 for r in chosen), encoding="utf-8")

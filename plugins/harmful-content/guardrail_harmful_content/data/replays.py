@@ -88,6 +88,7 @@ def write_replays(out_dir: Path, *, cache: Path | None = None) -> list[Path]:
         path = out_dir / f"{name}.jsonl"
         with path.open("w", encoding="utf-8") as fh:
             for ex in rows:
-                fh.write(json.dumps(make_record(ex), ensure_ascii=False) + "\n")
+                record = {**make_record(ex), "monitors": ["harmful-content"]}  # for eval
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         paths.append(path)
     return paths
