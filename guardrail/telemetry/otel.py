@@ -108,7 +108,8 @@ class OtelTracing(GuardListener):
         if parent is None:
             return
         context = self._trace.set_span_in_context(parent)
-        first = session.tokens - tokens if session is not None else -1  # read after appending
+        # a session reads its unread tokens before it records them: the read starts at .tokens
+        first = session.tokens if session is not None else -1
         read = self.tracer.start_span(READ_SPAN, context=context, start_time=start_ns,
                                       attributes={"guardrail.observer.tokens": tokens,
                                                   "guardrail.token.start": first})
