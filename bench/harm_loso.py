@@ -9,7 +9,8 @@ each held-out source and the pool are reported at that rule.
   record, ``--epochs`` epochs, one seed (the shipped head averaged four);
 - ``pooled``: the selection report's chosen probe (its LOSO scores are recomputed here).
 
-    python -m bench.harm_loso --pool POOL.jsonl --features DIR --report SELECT.json [--folds TAG..]
+    python -m bench.harm_loso --pool POOL.jsonl.. --features DIR.. --report SELECT.json
+        [--folds TAG..]
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,11 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
 
 def main(argv: list[str] | None = None) -> int:
     from guardrail_harmful_content.pooled import fit_loso
-    from guardrail_harmful_content.select import load_pool
+    from guardrail_harmful_content.select import load_parts
 
     parser = argparse.ArgumentParser(prog="python -m bench.harm_loso")
-    parser.add_argument("--pool", type=Path, required=True)
-    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--pool", type=Path, nargs="+", required=True)
+    parser.add_argument("--features", type=Path, nargs="+", required=True)
     parser.add_argument("--report", type=Path, required=True, help="select.py's report")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--folds", nargs="*", default=None, help="source tags (default: all)")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = selection["chosen"]
     caps = selection["caps"]
     layers = sorted(set(chosen["layers"]) | {12})
-    records = load_pool(args.pool, args.features, layers)
+    records = load_parts(args.pool, args.features, layers)
     tags = [r.tag for r in records]
     t0 = time.perf_counter()
     pooled = fit_loso(records, chosen["layers"], [chosen["layers"]], [chosen["ridge"]])

@@ -148,3 +148,18 @@ def test_the_shipped_form_scores_like_the_probe_through_the_monitor(tmp_path: Pa
             got.extend(s.value for s in monitor.update(state, feats))
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert monitor.k == 2
+
+
+def test_the_handwritten_breadth_set_is_its_own_source() -> None:
+    from importlib.resources import files
+
+    text = (files("guardrail_harmful_content") / "data" / "breadth_handwritten.jsonl"
+            ).read_text("utf-8")
+    rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+    assert {r["source_tag"] for r in rows} == {"handwritten:breadth-v1"}
+    assert {r["label"] for r in rows} == {0, 1}
+    for r in rows:
+        if r["kind"] == "handwritten_harmful_turn":
+            # it opens benignly: the first sentence is labelled 0, a later one 1
+            assert r["sentences"][0]["label"] == 0 and any(s["label"] for s in r["sentences"])
+        assert bool(r["spans"]) is (r["label"] == 1)

@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from guardrail.probes.metrics import macro_f1, roc_auc
+from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
 
 from .pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
 
-__all__ = ["THRESHOLDS", "KS", "choose_rule", "halts", "load_pool", "source_metrics", "main"]
+__all__ = ["KS", "THRESHOLDS", "choose_rule", "halts", "load_parts", "load_pool", "main",
+           "source_metrics"]
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
               0.995, 0.998, 0.999)
@@ -175,6 +176,8 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
         tensors = load_file(str(shard))
         indices = sorted({int(k.split("/")[0]) for k in tensors})
         for i in indices:
+            if i >= len(rows):  # a run over a longer file: its tail is another part's
+                continue
             row = rows[i]
             hidden = {layer: tensors[f"{i}/hidden.{layer}"] for layer in layers}
             if next(iter(hidden.values())).shape[0] == 0:
@@ -189,6 +192,13 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
                                   str(row.get("split", "")), str(row.get("kind", "")),
                                   {"index": i}))
     return out
+
+
+def load_parts(pools: Sequence[Path], features: Sequence[Path], layers: Sequence[int]
+               ) -> list[PoolRecord]:
+    """``load_pool`` of each (pool part, feature folder) pair, concatenated."""
+    return [r for pool, folder in zip(pools, features, strict=True)
+            for r in load_pool(pool, folder, layers)]
 
 
 def _say(msg: str) -> None:
@@ -231,6 +241,9 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     key: tuple[tuple[int, ...], float] = (tuple(best["layers"]), float(best["ridge"]))
     table = tables[key]
     j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
+    # full detection (the last token's score only), thresholded on the same out-of-source scores
+    best["full_detection_threshold"] = best_threshold(
+        labels.tolist(), [float(s[-1]) for s in scored[key]])[0]
     return {
         "chosen": best,
         "candidates": candidates,
@@ -250,8 +263,10 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.select")
-    parser.add_argument("--pool", type=Path, required=True, help="pool JSON Lines")
-    parser.add_argument("--features", type=Path, required=True, help="feature cache folder")
+    parser.add_argument("--pool", type=Path, nargs="+", required=True,
+                        help="pool JSON Lines (several: parts read by separate runs)")
+    parser.add_argument("--features", type=Path, nargs="+", required=True,
+                        help="feature cache folder of each --pool part, in the same order")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12, 15])
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     parser.add_argument("--max-false-halts", type=float, default=0.05)
@@ -260,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="also fit the chosen probe on the whole pool and write weights here")
     args = parser.parse_args(argv)
-    records = load_pool(args.pool, args.features, args.layers)
+    if len(args.pool) != len(args.features):
+        parser.error("--pool and --features need the same number of paths")
+    records = load_parts(args.pool, args.features, args.layers)
     if not records:
         print(f"error: {args.features}: no feature shards", file=sys.stderr)
         return 2
@@ -292,6 +309,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
                  "observer_layers": 30},
         "threshold": chosen["threshold"],
         "rule": {"kind": "count", "k": chosen["k"]},
+        "full_detection_threshold": chosen["full_detection_threshold"],
         "method": {"head": "linear probe on the prefix mean of the layers' states: ridge on "
                            "standardised rows, Platt-scaled (pooled.py); a one-unit MLP in the "
                            "file carries its bias (pooled.to_dual_head)",
