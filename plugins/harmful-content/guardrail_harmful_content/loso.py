@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fold", "cut_record", "loso_folds", "pool_sample", "read_pool_records"]
+__all__ = ["Fold", "cut_record", "loso_folds", "main", "pool_sample", "read_pool_records"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,26 @@ def pool_sample(records: Sequence[Mapping[str, Any]], per_cell: int, max_chars: 
         members = cells[key]
         keep.extend(rng.sample(members, min(per_cell, len(members))))
     return [cut_record(records[i], max_chars) for i in sorted(keep)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m guardrail_harmful_content.loso --data BUILD --out POOL.jsonl``: write the
+    pool the LOSO selection reads."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.loso")
+    parser.add_argument("--data", type=Path, required=True, help="a data build folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--per-cell", type=int, default=80)
+    parser.add_argument("--max-chars", type=int, default=700)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pool = pool_sample(read_pool_records(args.data), args.per_cell, args.max_chars, args.seed)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in pool), encoding="utf-8")
+    print(json.dumps({"out": str(args.out), "records": len(pool)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -35,7 +35,7 @@ from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
 from .pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
 
 __all__ = ["KS", "THRESHOLDS", "choose_rule", "halts", "load_parts", "load_pool", "main",
-           "source_metrics"]
+           "render", "source_metrics"]
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
               0.995, 0.998, 0.999)
@@ -194,6 +194,22 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
     return out
 
 
+def extract(pool: Path, layers: Sequence[int]) -> Path:
+    """Read a pool part with the embedded SmolLM2 once (``extract_features`` cache); the
+    cache folder."""
+    from guardrail.probes.features import extract_features
+    from guardrail.sources import cache_dir
+
+    from .train import load_observer
+
+    work = cache_dir() / "harmful-content" / "features"
+    found = extract_features(load_observer(None), pool, work, layers, dtype="float16",
+                             chunk_size=512)
+    if found.path is None:
+        raise FileNotFoundError(f"no feature cache for {pool} in {work}")
+    return found.path
+
+
 def load_parts(pools: Sequence[Path], features: Sequence[Path], layers: Sequence[int]
                ) -> list[PoolRecord]:
     """``load_pool`` of each (pool part, feature folder) pair, concatenated."""
@@ -261,12 +277,35 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     }
 
 
+def _f(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def render(per: Mapping[str, Any], other: Mapping[str, Any] | None = None,
+           names: tuple[str, str] = ("pooled probe", "shipped recipe")) -> str:
+    """A markdown table of per-source figures (``per_source`` of a report), with a second
+    head's figures beside them when ``other`` is given."""
+    heads = [names[0]] + ([names[1]] if other is not None else [])
+    cols = " | ".join(f"{h}: AUC | {h}: macro-F1 | {h}: false halts | {h}: read"
+                      for h in heads)
+    lines = [f"| source | records (harmful) | {cols} |",
+             "|---|---|" + "---|" * (4 * len(heads))]
+    for tag in sorted(per, key=lambda t: (t == "pool", t)):
+        row = [tag, f"{per[tag]['records']} ({per[tag]['harmful']})"]
+        for fig in [per[tag]] + ([other.get(tag) or {}] if other is not None else []):
+            row += [_f(fig.get("auc")), _f(fig.get("macro_f1")), _f(fig.get("false_halt_rate")),
+                    _f(fig.get("fraction_seen"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.select")
     parser.add_argument("--pool", type=Path, nargs="+", required=True,
                         help="pool JSON Lines (several: parts read by separate runs)")
-    parser.add_argument("--features", type=Path, nargs="+", required=True,
-                        help="feature cache folder of each --pool part, in the same order")
+    parser.add_argument("--features", type=Path, nargs="+", default=None,
+                        help="feature cache folder of each --pool part, in the same order "
+                             "(default: read the parts with SmolLM2 into the guardrail cache)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12, 15])
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     parser.add_argument("--max-false-halts", type=float, default=0.05)
@@ -275,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="also fit the chosen probe on the whole pool and write weights here")
     args = parser.parse_args(argv)
+    if args.features is None:
+        args.features = [extract(part, args.layers) for part in args.pool]
     if len(args.pool) != len(args.features):
         parser.error("--pool and --features need the same number of paths")
     records = load_parts(args.pool, args.features, args.layers)
