@@ -149,6 +149,20 @@ def per_source(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, halt: 
     return out
 
 
+def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """The build's own split, for comparison only (never for choosing): the chosen probe fitted
+    on the pool's train and val records, scored on its test records at the chosen rule."""
+    train = [r for r in records if r.split in ("train", "val")]
+    test = [r for r in records if r.split == "test"]
+    if not train or not test:
+        return {}
+    probe = fit_probe(train, chosen["layers"], chosen["ridge"])
+    scores = [probe.prefix_scores(r) for r in test]
+    table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
+    return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
+                      np.asarray([len(r) for r in test]), table, scores)
+
+
 def nested(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
            max_false_halts: float, max_read: float) -> np.ndarray:
     """Each source's halts under the rule chosen on the other sources' scores."""
@@ -324,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _say(f"{len(records)} records")
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read)
+    report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:
         save_chosen(records, report, args.out)
@@ -358,6 +373,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
                    "selection": "leave-one-source-out (select.py)"},
         "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
                         "split": "leave-one-source-out", **report["caps"]},
+        "metrics": {"in_split_test": report.get("in_split") or None},
         "loso": {"chosen": chosen, "per_source": report["loso"],
                  "nested": report["loso_nested"], "pool": report["pool"]},
     }
