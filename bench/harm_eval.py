@@ -29,6 +29,23 @@ from typing import Any
 from .common import ROOT, figures_dir, write_result
 
 PLOT_NAME = "harm-f1-vs-read.png"
+
+
+def _render_loso(result: dict[str, Any]) -> str:
+    from .harm_loso import render as loso_render
+
+    return loso_render(result)
+
+
+def _render_selection(result: dict[str, Any]) -> str:
+    from .harm_loso import render_selection
+
+    return render_selection(result)
+
+
+# Run by hand (python -m guardrail_harmful_content.select, python -m bench.harm_loso): rendered
+# after this section.
+EXTRA_RESULTS = {"harm_select": _render_selection, "harm_loso": _render_loso}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
 # The full run reads the whole test split (1,107 records; the observer pass takes ~4 min on two

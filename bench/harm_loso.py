@@ -111,6 +111,38 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
                                  sc)}
 
 
+def render(result: dict[str, Any]) -> str:
+    """The per-source comparison for docs/benchmarks.md."""
+    from guardrail_harmful_content.select import render as table
+
+    same = result.get("pooled_same_folds") or result["pooled"]
+    lines = ["### Harmful content out of source: the shipped recipe against the pooled probe", "",
+             f"Leave-one-source-out on {result['pool']['records']} pool records, held-out sources "
+             f"{', '.join(result['recipe']['folds']) if 'recipe' in result else 'all'}; each "
+             "head retrained without the source, one rule per head chosen on its out-of-source "
+             "scores (`python -m bench.harm_loso`; see docs/harmful-content.md).", ""]
+    if "recipe" in result:
+        lines.append(table(same["per_source"], result["recipe"]["per_source"],
+                           ("pooled probe", "shipped recipe")))
+    else:
+        lines.append(table(same["per_source"]))
+    return "\n".join(lines)
+
+
+def render_selection(report: dict[str, Any]) -> str:
+    """The LOSO selection's per-source figures (``select.py``'s report)."""
+    from guardrail_harmful_content.select import render as table
+
+    chosen = report["chosen"]
+    return "\n".join([
+        "### Harmful content out of source: the LOSO-chosen pooled probe (candidate, not shipped)",
+        "", f"{report['pool']['records']} pool records, {len(report['pool']['sources'])} source "
+        f"tags; layers {chosen['layers']}, ridge {chosen['ridge']}, rule threshold "
+        f"{chosen['threshold']}, k {chosen['k']}, chosen on out-of-source scores only. Beside: "
+        "the same probe fitted on the pool's train+val and scored on its test records.", "",
+        table(report["loso"], report.get("in_split") or {}, ("LOSO", "in-split test"))])
+
+
 def main(argv: list[str] | None = None) -> int:
     from guardrail_harmful_content.pooled import fit_loso
     from guardrail_harmful_content.select import load_parts
