@@ -163,3 +163,24 @@ def test_the_handwritten_breadth_set_is_its_own_source() -> None:
             # it opens benignly: the first sentence is labelled 0, a later one 1
             assert r["sentences"][0]["label"] == 0 and any(s["label"] for s in r["sentences"])
         assert bool(r["spans"]) is (r["label"] == 1)
+
+
+def test_selection_picks_the_layer_that_carries_harm_out_of_source(tmp_path: Path) -> None:
+    from guardrail_harmful_content.select import in_split, run, save_chosen
+
+    pool = _pool(2)
+    for i, r in enumerate(pool):
+        r.split = "test" if i % 5 == 0 else "train"
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9)
+    chosen = report["chosen"]
+    assert chosen["layers"] == [3] and chosen["constraint_met"]
+    # every source was held out once and is reported, with the pool
+    assert set(report["loso"]) == {"src:a", "src:b", "src:c", "pool"}
+    for tag in ("src:a", "src:b", "src:c"):
+        assert report["loso"][tag]["auc"] > 0.8, tag
+    assert set(report["loso_nested"]) == set(report["loso"])
+    assert in_split(pool, chosen)["pool"]["records"] == len(pool) // 5
+    weights = save_chosen(pool, report, tmp_path)
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    assert monitor.k == chosen["k"]
+    assert monitor.default_threshold == pytest.approx(chosen["threshold"])
