@@ -29,6 +29,23 @@ from typing import Any
 from .common import ROOT, figures_dir, write_result
 
 PLOT_NAME = "harm-f1-vs-read.png"
+
+
+def _render_loso(result: dict[str, Any]) -> str:
+    from .harm_loso import render as loso_render
+
+    return loso_render(result)
+
+
+def _render_selection(result: dict[str, Any]) -> str:
+    from .harm_loso import render_selection
+
+    return render_selection(result)
+
+
+# Run by hand (python -m guardrail_harmful_content.select, python -m bench.harm_loso): rendered
+# after this section.
+EXTRA_RESULTS = {"harm_select": _render_selection, "harm_loso": _render_loso}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
 # The full run reads the whole test split (1,107 records; the observer pass takes ~4 min on two
@@ -244,6 +261,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     streaming = {**streaming_report(scores, labels, threshold, k),
                  **_medians(streaming_halts, lengths, labels)}
     full = full_report(scores, labels, full_t)
+    by_source = _by_source(records, labels, streaming_halts, lengths)
     t_win = time.perf_counter()
     windowed_raw = windowed_halts(observer, head, layers, records, scores,
                                   full_t, pooling=pooling, progress=progress)
@@ -324,11 +342,50 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         "full_detection": full, "windowed": windowed,
         "keyword": keyword, "targets_met": targets, "k_curve": k_curve, "budget_curve": budget,
         "topic_vs_harm": topic_check, "sensitive_benign": sensitive, "by_kind": by_kind,
+        "by_source": by_source, "loso": config.get("loso"),
         "guardrail_eval_check": check,
         "validation": config.get("metrics", {}).get("val"), "splits": config.get("splits"),
         "plot": plot, "features_seconds": round(features_s, 1),
         "seconds": round(time.perf_counter() - t0, 1), "samples": samples,
     }
+
+
+def _by_source(records: list[Any], labels: list[int], halts: list[int | None],
+               lengths: list[int]) -> dict[str, Any]:
+    """The in-split test figures of each source tag (records built before tags: their
+    ``source``)."""
+    from guardrail_harmful_content.data.tags import source_tag
+
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        tag = r.extra.get("source_tag") or source_tag(str(r.extra.get("source", "")),
+                                                      str(r.extra.get("kind", "")))
+        groups.setdefault(str(tag), []).append(i)
+    out = {}
+    for tag, idx in sorted(groups.items()):
+        ys = [labels[i] for i in idx]
+        figures = _decisions([halts[i] for i in idx], [lengths[i] for i in idx], ys)
+        if not any(ys) or all(ys):  # one class: macro-F1 says nothing
+            figures["macro_f1"] = None
+        out[tag] = {**figures, "records": len(idx), "harmful": sum(ys)}
+    return out
+
+
+def _source_rows(in_split: dict[str, Any] | None, loso: dict[str, Any] | None) -> list[str]:
+    """Per source: the held-out (LOSO) figures beside the in-split test figures."""
+    per = (loso or {}).get("per_source") or {}
+    tags = sorted(set(per) | set(in_split or {}), key=lambda t: (t == "pool", t))
+    rows = ["| source | LOSO records (harmful) | LOSO macro-F1 | LOSO false halts | LOSO read "
+            "| in-split test records (harmful) | in-split macro-F1 | in-split false halts |",
+            "|---|---|---|---|---|---|---|---|"]
+    for tag in tags:
+        lo, te = per.get(tag) or {}, (in_split or {}).get(tag) or {}
+        rows.append(f"| {tag} | {lo.get('records', '-')} ({lo.get('harmful', '-')}) | "
+                    f"{_f(lo.get('macro_f1'))} | {_f(lo.get('false_halt_rate'))} | "
+                    f"{_f(lo.get('fraction_seen'))} | {te.get('records', '-')} "
+                    f"({te.get('harmful', '-')}) | {_f(te.get('macro_f1'))} | "
+                    f"{_f(te.get('false_halt_rate'))} |")
+    return rows
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -370,6 +427,15 @@ def render(result: dict[str, Any]) -> str:
                   f"{_f(rest['recall'])}, share read {_f(rest['fraction_seen'])} (median "
                   f"{_f(rest.get('median_fraction_seen'))}), false halts "
                   f"{_f(rest['false_halt_rate'])}."]
+    if result.get("loso") or result.get("by_source"):
+        loso = result.get("loso") or {}
+        chosen = loso.get("chosen") or {}
+        lines += ["", "Each source held out (leave-one-source-out: the head fitted without the "
+                  "source scores it; one rule for all sources"
+                  + (f", threshold {_f(chosen.get('threshold'))}, k {chosen.get('k')}"
+                     if chosen else "") + ") beside the in-split test split"
+                  + ("" if loso else " (these weights carry no LOSO figures)") + ":", ""]
+        lines += _source_rows(result.get("by_source"), loso)
     lines += ["", "Targets (issue 4): " + ", ".join(
         f"{name} {'met' if ok else 'NOT met'}" for name, ok in result["targets_met"].items()), ""]
     tc = result["topic_vs_harm"]

@@ -28,7 +28,7 @@ from .reports import StreamRecord, write_index, write_stream_report
 from .session import GuardSession
 from .testing import random_splits
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "summary_line"]
 
 # Used only when no built-in monitor plugin is installed: a text-only policy so the demo still
 # shows hold-back, flags and a halt.
@@ -247,16 +247,25 @@ def run_demo(args: argparse.Namespace) -> int:
         })
     index = write_index(out_dir, rows)
     _print_table(rows, term)
-    judged = [str(r["expected"]) for r in rows if r["expected"] != "-"]
-    if judged:
-        met = sum(v.endswith("✓") for v in judged)
-        print(f"\n{met} of {len(judged)} replays got what their label expects"
-              + ("" if met == len(judged) else
-                 " (the monitors' measured limits: docs/harmful-content.md, "
-                 "docs/entity-hallucination.md)"))
+    line = summary_line([str(r["expected"]) for r in rows])
+    if line:
+        print("\n" + line)
     print(f"\nreports: {index.resolve()} (one HTML page and PNG plot per stream in "
           f"{out_dir.resolve()})")
     return 0
+
+
+def summary_line(verdicts: Sequence[str]) -> str | None:
+    """The summary's count, from the rows' verdicts (``-`` rows are not judged): how many
+    labelled replays got what their label expects. ``None`` when no row is judged."""
+    judged = [v for v in verdicts if v != "-"]
+    if not judged:
+        return None
+    met = sum(v.endswith("✓") for v in judged)
+    return (f"{met} of {len(judged)} replays got what their label expects"
+            + ("" if met == len(judged) else
+               " (the monitors' measured limits: docs/harmful-content.md, "
+               "docs/entity-hallucination.md)"))
 
 
 def _verdict(stream: DemoStream, report: Any, guard: Guard) -> str:

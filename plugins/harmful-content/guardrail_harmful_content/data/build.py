@@ -20,6 +20,7 @@ from .records import Example, make_record, normalise
 from .sentences import split_sentences
 from .sources import SourcePackage, fetch_package
 from .split import SPLITS, split_by_group
+from .tags import source_tag
 from .topics import TOPICS
 
 __all__ = ["BuildConfig", "build_dataset", "collect_examples"]
@@ -177,6 +178,8 @@ def _counts(examples: Sequence[Example]) -> dict[str, Any]:
         "kinds": dict(sorted(Counter(ex.kind for ex in examples).items())),
         "kind_labels": dict(sorted(Counter(f"{ex.kind}/{ex.label}" for ex in examples).items())),
         "sources": dict(sorted(Counter(ex.source for ex in examples).items())),
+        "source_tags": dict(sorted(Counter(f"{source_tag(ex.source, ex.kind, ex.extra)}/{ex.label}"
+                                           for ex in examples).items())),
         "holdout_records": sum(ex.holdout for ex in examples),
     }
 

