@@ -23,7 +23,7 @@ from .span_probe import SPAN_FEATURES, EntitySpanProbe, StateBlock
 from .train_span import Block, SpanRows
 
 __all__ = ["COMBINED_CANDIDATES", "STATE_BLOCKS", "Candidate", "Design", "design",
-           "fit_candidate"]
+           "fit_candidate", "source_weights"]
 
 STATS = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max", "entropy_mean",
          "entropy_first", "log_tokens")
@@ -43,6 +43,7 @@ class Candidate:
     states: bool = False
     wd_states: float = 0.0
     wd_features: float = 0.001
+    balanced: bool = False  # each training source weighs the same in the loss
 
 
 COMBINED_CANDIDATES: tuple[Candidate, ...] = (
@@ -60,6 +61,11 @@ COMBINED_CANDIDATES: tuple[Candidate, ...] = (
       for wd in (0.03, 0.3, 1.0, 3.0, 10.0)),
     *(Candidate(f"probe(wd {wd})+surprisal+entropy", SURPRISAL + ENTROPY, True, wd)
       for wd in (0.3, 3.0)),
+    # Added after the second pass: the probe helps the template sources and costs the
+    # biographies, so the loss also weighs each training source the same.
+    Candidate("surprisal, balanced", SURPRISAL, balanced=True),
+    *(Candidate(f"probe(wd {wd})+surprisal, balanced", SURPRISAL, True, wd, balanced=True)
+      for wd in (0.3, 1.0, 3.0, 10.0)),
 )
 
 
@@ -111,15 +117,27 @@ def design(rows: SpanRows, states: bool, like: Design | None = None) -> Design:
     return Design(x_states, z, rows.labels.astype(np.float64), stats, fm, fs)
 
 
-def _fit(d: Design, candidate: Candidate, max_iter: int = 300
-         ) -> tuple[np.ndarray, np.ndarray, float]:
-    """LBFGS on the mean BCE + wd_states |w_s|^2 + wd_features |w_f|^2 from zero weights
-    (deterministic); features the candidate does not read are held at 0."""
+def source_weights(sources: Sequence[str]) -> np.ndarray:
+    """Row weights under which every source weighs the same (mean 1)."""
+    tags = np.asarray(sources)
+    out = np.zeros(len(tags))
+    kinds = sorted(set(sources))
+    for tag in kinds:
+        mask = tags == tag
+        out[mask] = len(tags) / (len(kinds) * mask.sum())
+    return out
+
+
+def _fit(d: Design, candidate: Candidate, max_iter: int = 300,
+         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """LBFGS on the (row-weighted) mean BCE + wd_states |w_s|^2 + wd_features |w_f|^2 from
+    zero weights (deterministic); features the candidate does not read are held at 0."""
     mask = torch.tensor([name in candidate.features for name in SPAN_FEATURES],
                         dtype=torch.float32)
     xs = torch.tensor(d.states, dtype=torch.float32)
     xf = torch.tensor(d.features, dtype=torch.float32)
     y = torch.tensor(d.labels, dtype=torch.float32)
+    row_w = torch.ones(len(y)) if weights is None else torch.tensor(weights, dtype=torch.float32)
     ws = torch.zeros(xs.shape[1], requires_grad=True)
     wf = torch.zeros(xf.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
@@ -130,7 +148,7 @@ def _fit(d: Design, candidate: Candidate, max_iter: int = 300
         logit = xf @ (wf * mask) + b
         if xs.shape[1]:
             logit = logit + xs @ ws
-        return torch.nn.functional.binary_cross_entropy_with_logits(logit, y) \
+        return torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=row_w) \
             + candidate.wd_states * (ws ** 2).sum() + candidate.wd_features * (wf ** 2).sum()
 
     def closure() -> torch.Tensor:
@@ -144,14 +162,19 @@ def _fit(d: Design, candidate: Candidate, max_iter: int = 300
             float(b.detach()[0]))
 
 
-def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int
+def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int,
+                  sources: Sequence[str] | None = None
                   ) -> tuple[EntitySpanProbe, Design, tuple[np.ndarray, np.ndarray, float]]:
-    """Fit ``candidate`` on ``rows``; return it as a span head (threshold 0.5, standardisation
-    folded in), its training design and its raw weights (for scoring held-out designs)."""
+    """Fit ``candidate`` on ``rows`` (``sources``: each row's source, for a balanced
+    candidate); return it as a span head (threshold 0.5, standardisation folded in), its
+    training design and its raw weights (for scoring held-out designs)."""
     if len(rows) == 0 or len(set(rows.labels.tolist())) < 2:
         raise ValueError("the combined head needs training entities of both labels")
     d = design(rows, candidate.states)
-    ws, wf, b = _fit(d, candidate)
+    if candidate.balanced and sources is None:
+        raise ValueError(f"candidate {candidate.name!r} weighs sources: pass each row's source")
+    ws, wf, b = _fit(d, candidate, weights=source_weights(sources)
+                     if candidate.balanced and sources is not None else None)
     blocks = STATE_BLOCKS if candidate.states else (("mean", 15),)
     folded, state_blocks, bias = [], [], b
     for k, (pool, layer) in enumerate(blocks):

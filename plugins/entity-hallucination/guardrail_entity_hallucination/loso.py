@@ -215,7 +215,8 @@ def weighted_threshold(scores: np.ndarray, sources: Sequence[str], fpr: float = 
 
 
 def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequence[Any],
-                        hidden_size: int, *, progress: bool = True) -> dict[str, Any]:
+                        hidden_size: int, *, progress: bool = True,
+                        rows: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Leave-one-source-out: for each candidate (``combine.Candidate``) and each source of
     ``groups`` (source -> cached records), fit on every other source and score the held-out one
     the monitor's way. Returns per source and candidate the span AUC, and the out-of-fold entity
@@ -224,7 +225,8 @@ def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequenc
     from .evaluation import span_probe_scorer
 
     sources = sorted(groups)
-    rows = {s: owned_rows(groups[s]) for s in sources}
+    if rows is None:
+        rows = {s: owned_rows(groups[s]) for s in sources}
     result: dict[str, Any] = {"sources": {}, "candidates": {}}
     for s in sources:
         result["sources"][s] = {"records": len(groups[s]), "entities": len(rows[s][0]),
@@ -234,8 +236,10 @@ def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequenc
         per: dict[str, Any] = {}
         oof: list[tuple[np.ndarray, np.ndarray, list[str], np.ndarray]] = []
         for held in sources:
-            train = _concat([rows[s][0] for s in sources if s != held])
-            probe, d, weights = fit_candidate(train, c, hidden_size)
+            others = [s for s in sources if s != held]
+            train = _concat([rows[s][0] for s in others])
+            tags = [s for s in others for _ in range(len(rows[s][0]))]
+            probe, d, weights = fit_candidate(train, c, hidden_size, tags)
             per[held] = _auc(groups[held], span_probe_scorer(probe))
             held_rows, owners = rows[held]
             if len(held_rows):

@@ -80,13 +80,28 @@ def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
              progress: bool = True, reference: Path | None = None) -> dict[str, Any]:
     """LOSO over ``combine.COMBINED_CANDIDATES``: the table, the choice, its threshold (a
     probability) and its flag rates per held-out source, and in-split figures."""
-    from .combine import COMBINED_CANDIDATES
-    from .loso import choose, evaluate_candidates, flag_rates, weighted_threshold
+    from guardrail.probes.metrics import roc_auc
 
-    result = evaluate_candidates(groups, COMBINED_CANDIDATES, hidden_size, progress=progress)
+    from .combine import COMBINED_CANDIDATES
+    from .loso import choose, evaluate_candidates, flag_rates, owned_rows, weighted_threshold
+    from .span_probe import SPAN_FEATURES
+
+    rows = {s: owned_rows(records) for s, records in groups.items()}
+    result = evaluate_candidates(groups, COMBINED_CANDIDATES, hidden_size, progress=progress,
+                                 rows=rows)
     best, table = choose(result)
     oof = result["candidates"][best]["oof"]
     logits, labels = np.asarray(oof["logits"]), np.asarray(oof["labels"])
+    # The pool: every entity of every source, each scored by the fold that held its source out,
+    # beside the observer's own statistics of the same entities.
+    order = sorted(groups)
+    features = np.concatenate([rows[s][0].features for s in order])
+    pool_labels = np.concatenate([rows[s][0].labels for s in order]).tolist()
+    pool = {"entities": len(pool_labels), "fabricated": int(sum(pool_labels)),
+            "combined": round(float(roc_auc(labels.tolist(), logits.tolist())), 4)}
+    for name in ("surprisal_max", "surprisal_mean", "entropy_max", "entropy_mean"):
+        column = np.nan_to_num(features[:, SPAN_FEATURES.index(name)], nan=0.0)
+        pool[name] = round(float(roc_auc(pool_labels, column.tolist())), 4)
     negatives = labels == 0
     threshold_logit = weighted_threshold(logits[negatives],
                                          [t for t, n in zip(oof["sources"], negatives,
@@ -97,7 +112,7 @@ def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
         del block["oof"]
     return {"table": table, "chosen": best, "threshold": round(threshold, 4),
             "threshold_logit": threshold_logit, "target_fpr": TARGET_FPR,
-            "flag_rates": rates, "sources": result["sources"],
+            "flag_rates": rates, "sources": result["sources"], "pool": pool,
             "span_auc": {n: b["span_auc"] for n, b in result["candidates"].items()},
             "reference": reference_figures(groups, reference)}
 
@@ -116,7 +131,9 @@ def in_split(groups: Mapping[str, Sequence[Any]], name: str, hidden_size: int
     test = [r for r in records if r.extra.get("split") == "test"
             and r.extra.get("kind") in ("country", "city")]
     paired = [r for r in records if r.extra.get("split") == "paired"]
-    probe, _, _ = fit_candidate(_concat([owned_rows(train)[0]]), candidate, hidden_size)
+    parts = [(r.extra.get("origin", ""), owned_rows([r])[0]) for r in train]
+    probe, _, _ = fit_candidate(_concat([p for _, p in parts]), candidate, hidden_size,
+                                [tag for tag, p in parts for _ in range(len(p))])
     return {"train_records": len(train),
             "test_longform": {"records": len(test),
                               "combined": _auc(test, span_probe_scorer(probe)),
@@ -162,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     report = run_loso(groups, hidden, reference=args.reference)
     report["in_split"] = in_split(groups, report["chosen"], hidden)
     candidate = next(c for c in COMBINED_CANDIDATES if c.name == report["chosen"])
-    rows = _concat([owned_rows(records)[0] for records in groups.values()])
-    probe, _, _ = fit_candidate(rows, candidate, hidden)
+    parts = {source: owned_rows(records)[0] for source, records in groups.items()}
+    rows = _concat(list(parts.values()))
+    probe, _, _ = fit_candidate(rows, candidate, hidden,
+                                [s for s, p in parts.items() for _ in range(len(p))])
     probe.threshold = report["threshold"]
     report["final"] = {"entities": len(rows), "fabricated": int(rows.labels.sum()),
                        "sources": sorted(groups),
@@ -176,13 +195,28 @@ def main(argv: list[str] | None = None) -> int:
         args.report.write_text(text + "\n", encoding="utf-8")
     if not args.no_save:
         out = args.out or DEFAULT_WEIGHTS
-        config = {"head": "combined", "candidate": candidate.name,
+        manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+        config = {"base_model": "smollm2-135m", "rule": {"kind": "span_max"},
+                  "data": {"builder": "python -m guardrail_entity_hallucination.data build",
+                           "seed": manifest.get("seed"), "sources": manifest.get("sources"),
+                           "pool": "loso.pool_files (capped per source)",
+                           "handwritten": [p.name for p in sets]},
+                  "combination": "combined", "candidate": candidate.name,
                   "description": "a calibrated logistic combination of the entity's surprisal "
                                  "and entropy statistics (and its states where LOSO chose them)",
                   "selection": "leave-one-source-out (loso.choose); threshold: 10% of the "
                                "true entities of an average held-out source flagged",
                   "loso": {k: report[k] for k in ("table", "chosen", "threshold", "flag_rates",
                                                   "span_auc")},
+                  "splits": {"train": {"used": sum(report["final"]["records"].values()),
+                                       "entities": report["final"]["entities"]}},
+                  "metrics": {"loso": report["span_auc"][candidate.name],
+                              "pool": report["pool"],
+                              "test": {"all": {
+                                  "span_auc": report["in_split"]["test_longform"]["combined"],
+                                  "note": "in split: the candidate refitted on the pool's "
+                                          "train and val records, scored on its test records"}},
+                              "paired": report["in_split"]["paired"]},
                   "training": {"sources": report["final"]["records"],
                                "entities": report["final"]["entities"],
                                "wd_states": candidate.wd_states,
