@@ -192,9 +192,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="data folder (built if missing; default: <cache>/entity-data)")
     p.add_argument("--features", type=Path, default=None,
                    help="feature cache (default: <cache>/entity-features)")
-    p.add_argument("--head", choices=("token", "span"), default="span",
-                   help="span (default; it beat the token probe on validation): one score per "
-                   "entity; token: the paper's per-token probe")
+    p.add_argument("--head", choices=("combined", "token", "span"), default="combined",
+                   help="combined (default, shipped): the span head chosen and calibrated "
+                   "leave-one-source-out (train_combined); span: the version-2 span head "
+                   "chosen on validation; token: the paper's per-token probe")
     p.add_argument("--out", type=Path, default=None,
                    help="weights .safetensors to write (default: the package's shipped file of "
                    "that head, weights/entity_probe.* or weights/entity_span_probe.*)")
@@ -240,11 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     span = args.head == "span"
     if args.out is None:
-        args.out = SPAN_WEIGHTS if span else TOKEN_WEIGHTS
+        args.out = TOKEN_WEIGHTS if args.head == "token" else SPAN_WEIGHTS
     if args.report is not None and \
             args.report.resolve() == args.out.with_suffix(".json").resolve():
         parser.error(f"--report {args.report} would overwrite the weights' own .json; "
                      "choose another name")
+    if args.head == "combined":
+        from .train_combined import main as train_combined
+
+        return train_combined([*(["--data", str(args.data)] if args.data else []),
+                               *(["--features", str(args.features)] if args.features else []),
+                               "--out", str(args.out),
+                               *(["--report", str(args.report)] if args.report else [])])
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     limits: dict[str, int | None] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .origins import ORIGIN_KEY, origin_of
 from .text import Span
 
 __all__ = ["Example"]
@@ -24,11 +25,14 @@ class Example:
 
     def as_dict(self) -> dict[str, Any]:
         # Response-level label (DESIGN.md §6): 1 when any entity in it is fabricated.
-        return {"prompt": self.prompt, "response": self.response,
-                "label": int(any(s.label for s in self.spans)),
-                "spans": [s.as_dict() for s in self.spans], "topic": self.topic,
-                "template": self.template, "templates": list(self.templates),
-                "group": self.group, "source": self.source, **self.extra}
+        out = {"prompt": self.prompt, "response": self.response,
+               "label": int(any(s.label for s in self.spans)),
+               "spans": [s.as_dict() for s in self.spans], "topic": self.topic,
+               "template": self.template, "templates": list(self.templates),
+               "group": self.group, "source": self.source, **self.extra}
+        # The source tag for leave-one-source-out validation (data/origins.py).
+        out[ORIGIN_KEY] = origin_of(out)
+        return out
 
     @property
     def all_templates(self) -> set[str]:
