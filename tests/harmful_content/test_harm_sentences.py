@@ -26,7 +26,8 @@ def test_content_words_exclude_function_words() -> None:
 
 
 def _harmful(response: str, prefix: int = 0) -> dict[str, Any]:
-    return make_record(Example(prompt="p", response=response, label=1, source="t", group="g",
+    return make_record(Example(prompt="p", response=response, label=1, source="test:sentences",
+                               group="g",
                                kind="harmful_compliance", benign_prefix_chars=prefix))
 
 
@@ -55,7 +56,8 @@ def test_all_preamble_harmful_response_keeps_every_sentence_harmful() -> None:
 
 def test_harmless_records_have_no_spans() -> None:
     record = make_record(Example(prompt="p", response="Lock chemicals away. Stay safe.", label=0,
-                                 source="t", group="g", kind="hard_negative_safety_advice"))
+                                 source="test:sentences", group="g",
+                                 kind="hard_negative_safety_advice"))
     assert record["spans"] == []
     assert all(s["label"] == 0 for s in record["sentences"])
 
