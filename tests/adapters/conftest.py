@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import pytest
+from guardrail_server import RunningServer, create_app, running
 
-from guardrail import Features, Guard, Monitor, Score
+from guardrail import Features, Guard, Monitor, Report, Score
 from guardrail.plugins import PluginHost
 from guardrail.testing import SlowMonitor, plugin_monitors
-from guardrail.testing.upstream import upstream_server  # noqa: F401  (a fixture)
+from guardrail.testing.upstream import UpstreamServer, upstream_server  # noqa: F401  (a fixture)
 
 HALT_MESSAGE = "Sorry, I can't continue with that."
 
@@ -103,3 +105,26 @@ class LoopWatch:
 @pytest.fixture
 def loop_watch() -> type[LoopWatch]:
     return LoopWatch
+
+
+@pytest.fixture
+def reports() -> list[Report]:
+    """The reports of the proxy's sessions, collected by ``serve``."""
+    return []
+
+
+@pytest.fixture
+def serve(upstream_server: UpstreamServer, reports: list[Report]  # noqa: F811
+          ) -> Callable[..., AbstractContextManager[RunningServer]]:
+    """``with serve(guard, upstream=None, **create_app_options) as proxy``: the proxy in front of
+    the loopback upstream (or ``upstream``), its reports collected in ``reports``."""
+
+    @contextmanager
+    def start(guard: Guard, upstream: str | None = None, **kwargs: Any
+              ) -> Iterator[RunningServer]:
+        app = create_app(guard, upstream=upstream or upstream_server.base_url,
+                         on_report=reports.extend, **kwargs)
+        with running(app) as proxy:
+            yield proxy
+
+    return start

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -29,25 +28,6 @@ SECRET = "sk-test-secret-4f9a1c77"
 DELAY = 0.02
 
 Serve = Callable[..., AbstractContextManager[RunningServer]]
-
-
-@pytest.fixture
-def reports() -> list[Report]:
-    return []
-
-
-@pytest.fixture
-def serve(upstream_server: UpstreamServer, reports: list[Report]) -> Serve:
-    """``with serve(guard) as proxy``: the proxy in front of the loopback upstream."""
-
-    @contextmanager
-    def start(guard: Guard, **kwargs: Any) -> Iterator[RunningServer]:
-        app = create_app(guard, upstream=upstream_server.base_url, on_report=reports.extend,
-                         **kwargs)
-        with running(app) as proxy:
-            yield proxy
-
-    return start
 
 
 def _client(proxy: RunningServer, key: str = "k") -> openai.OpenAI:

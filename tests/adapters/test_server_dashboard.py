@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
 import pytest
-from guardrail_server import RunningServer, create_app, running
+from guardrail_server import RunningServer
 
 from guardrail import Guard, Report
 from guardrail.testing.upstream import Script, UpstreamServer
@@ -26,23 +26,6 @@ BODY = {"model": "scripted-model", "stream": True,
 CARD = {"id": "card", "use": "keywords", "options": {"words": ["4111"]}, "action": "redact"}
 
 Serve = Callable[..., AbstractContextManager[RunningServer]]
-
-
-@pytest.fixture
-def reports() -> list[Report]:
-    return []
-
-
-@pytest.fixture
-def serve(upstream_server: UpstreamServer, reports: list[Report]) -> Serve:
-    @contextmanager
-    def start(guard: Guard, **kwargs: Any) -> Iterator[RunningServer]:
-        app = create_app(guard, upstream=upstream_server.base_url, on_report=reports.extend,
-                         **kwargs)
-        with running(app) as proxy:
-            yield proxy
-
-    return start
 
 
 def _stream(proxy: RunningServer) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from guardrail_server import RunningServer, create_app, running
+from guardrail_server import RunningServer
 
 from guardrail import Guard, Report
 from guardrail.testing.upstream import Script, UpstreamServer
@@ -33,24 +33,6 @@ BODY = {"model": "scripted-model", "stream": True,
         "messages": [{"role": "user", "content": "tell me something"}]}
 
 Serve = Callable[..., AbstractContextManager[RunningServer]]
-
-
-@pytest.fixture
-def reports() -> list[Report]:
-    return []
-
-
-@pytest.fixture
-def serve(upstream_server: UpstreamServer, reports: list[Report]) -> Serve:
-    @contextmanager
-    def start(guard: Guard, upstream: str | None = None, **kwargs: Any
-              ) -> Iterator[RunningServer]:
-        app = create_app(guard, upstream=upstream or upstream_server.base_url,
-                         on_report=reports.extend, **kwargs)
-        with running(app) as proxy:
-            yield proxy
-
-    return start
 
 
 def scrape(proxy: RunningServer, **headers: str) -> dict[str, Any]:
