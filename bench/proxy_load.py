@@ -309,13 +309,13 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
                 say(f"{name}: {streams} streams through the proxy for {seconds:.0f} s")
                 before = len(upstream.completions())
                 results = asyncio.run(load(proxy.base_url, streams, seconds))
+                records = upstream.completions()[before:]  # before the hostile mix adds its own
                 peak_mb = proxy.memory_mb("VmHWM")
                 if hostile:
                     say(f"{name}: the same with one whitespace-free stream among them")
                     mix = _hostile_mix(proxy.base_url, streams, seconds, _latency(results))
             finally:
                 proxy.stop()
-            records = upstream.completions()[before:]
             crossed = [r for r in results if r.ok and r.verdicts != reference[r.script].verdicts]
             halted = [r for r in results if r.finish == "content_filter"]
             stopped = sum(1 for rec in records if rec.wait(5) and rec.disconnected)
