@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -128,3 +129,11 @@ def serve(upstream_server: UpstreamServer, reports: list[Report]  # noqa: F811
             yield proxy
 
     return start
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port nobody listens on (for a ``guardrail serve`` subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

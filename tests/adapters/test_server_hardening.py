@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -197,12 +196,10 @@ def test_upstream_url_credentials_never_reach_client_or_logs(
 
 
 def test_start_up_banner_hides_url_credentials(upstream_server: UpstreamServer,
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, free_port: int) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(KEYWORD_POLICY)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port
     process = subprocess.Popen(
         [sys.executable, "-m", "guardrail.cli", "serve", "--policy", str(policy),
          "--upstream", _with_credentials(upstream_server.base_url), "--port", str(port)],
@@ -296,12 +293,10 @@ def test_cli_refuses_a_public_host_without_client_keys(upstream_server: Upstream
 
 
 def test_cli_reads_client_keys_from_the_environment(upstream_server: UpstreamServer,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, free_port: int) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(KEYWORD_POLICY)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port
     env = {**os.environ, CLIENT_KEYS_ENV: ",".join(CLIENT_KEYS)}
     process = subprocess.Popen(
         [sys.executable, "-m", "guardrail.cli", "serve", "--policy", str(policy),

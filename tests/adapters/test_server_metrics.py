@@ -190,7 +190,7 @@ def _dropping_upstream() -> Iterator[str]:
 
 
 def test_cli_serves_metrics_and_writes_traces(upstream_server: UpstreamServer,
-                                              tmp_path: Path) -> None:
+                                              tmp_path: Path, free_port: int) -> None:
     """``guardrail serve --traces --no-dashboard``: /metrics on, /dashboard off, and spans on
     stderr (no OTLP exporter here) by the time the server exits."""
     pytest.importorskip("opentelemetry.sdk")
@@ -198,9 +198,7 @@ def test_cli_serves_metrics_and_writes_traces(upstream_server: UpstreamServer,
     policy.write_text("release: {hold_back_tokens: 2}\nmonitors:\n"
                       "  - {id: weapons, use: keywords, options: {words: [bomb]}, "
                       "action: halt}\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDRAIL_API_KEYS")}
     upstream_server.enqueue(Script(text=HARMFUL))
     process = subprocess.Popen(
