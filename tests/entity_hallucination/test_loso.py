@@ -4,6 +4,7 @@ hand-written sets parse to exact spans, and the combined head scores as the moni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -16,9 +17,17 @@ import pytest
 from guardrail_entity_hallucination.combine import (
     STATE_BLOCKS,
     Candidate,
+    Design,
+    _fit,
     design,
     design_logits,
     fit_candidate,
+)
+from guardrail_entity_hallucination.data.facts import FactBase
+from guardrail_entity_hallucination.data.own_answers import (
+    GreedyWriter,
+    OwnConfig,
+    build_own_answers,
 )
 from guardrail_entity_hallucination.loso import (
     MarkupError,
@@ -27,6 +36,7 @@ from guardrail_entity_hallucination.loso import (
     read_marked,
     source_of,
     weighted_threshold,
+    write_marked,
 )
 from guardrail_entity_hallucination.span_probe import SPAN_FEATURES, span_features
 from guardrail_entity_hallucination.train_combined import handwritten_sets
@@ -81,6 +91,29 @@ def test_a_loso_fold_never_puts_a_source_on_both_sides(
         assert len(train) + len(test) == len(records)
 
 
+def test_own_answers_and_hand_written_sets_keep_their_tags_through_the_pool(
+        tiny_build: Path, writer: GreedyWriter, facts: FactBase, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in tiny_build.iterdir():
+        if path.suffix in (".json", ".jsonl"):
+            (data / path.name).write_bytes(path.read_bytes())
+    build_own_answers(data, writer, OwnConfig(limit=1), facts=facts, progress=False)
+    files = pool_files(data, tmp_path / "pool")
+    own = [json.loads(line) for line in
+           files["own-answers"].read_text(encoding="utf-8").splitlines()]
+    assert own and {r["origin"] for r in own} == {"own-answers"}
+    assert {r["split"] for r in own} <= {"own-train", "own-val", "own-test"}
+    sets = {p.stem: p for p in handwritten_sets()}
+    files["handwritten:train-v2"] = write_marked([sets["train-v2"]], tmp_path / "hw.jsonl")
+    # the tags reach the reader the trainers cache features from, and split the folds
+    records = [r for path in files.values() for r in read_records(path)]
+    assert {"own-answers", "handwritten:train-v2", "paired"} <= {source_of(r) for r in records}
+    for held, train, test in loso_folds(records):
+        assert {source_of(r) for r in test} == {held}
+        assert held not in {source_of(r) for r in train}
+
+
 def test_hand_written_sets_parse_to_exact_spans(tmp_path: Path) -> None:
     path = tmp_path / "bios.md"
     path.write_text("# Who was Ada?\nAda was born in [[London|0]] in\n[[1816|1]].\n\n"
@@ -99,7 +132,7 @@ def test_hand_written_sets_parse_to_exact_spans(tmp_path: Path) -> None:
 
 def test_the_shipped_hand_written_sets_parse() -> None:
     sets = handwritten_sets()
-    assert {p.stem for p in sets} >= {"bios", "benign"}
+    assert {p.stem for p in sets} >= {"bios", "benign", "train-v2"}
     for path in sets:
         records = read_marked(path)
         assert records and all(r["response"] and "[[" not in r["response"] for r in records)
@@ -152,3 +185,35 @@ def test_the_combined_head_scores_as_its_fit_does(states: bool) -> None:
     unread = [k for k, name in enumerate(SPAN_FEATURES) if name not in candidate.features]
     assert not np.any(w[unread])
     assert math.isfinite(probe.score([mean_part[1]], [1.0], [1.0], "NAME", prev_part[1]))
+
+
+def test_a_monotone_head_never_scores_more_surprisal_lower() -> None:
+    hidden = 8
+    rows, _ = _rows(300, hidden)
+    rows.labels[:] = (rows.features[:, SPAN_FEATURES.index("surprisal_max")] < 3.0)
+    free = Candidate("free", ("surprisal_max", "surprisal_mean"))
+    monotone = Candidate("mono", ("surprisal_max", "surprisal_mean"), monotone=True)
+    columns = [SPAN_FEATURES.index("surprisal_max"), SPAN_FEATURES.index("surprisal_mean")]
+    assert (fit_candidate(rows, free, hidden)[2][1][columns] < 0).all()
+    assert (fit_candidate(rows, monotone, hidden)[2][1][columns] >= 0).all()
+
+
+def test_an_ensemble_averages_one_fit_per_source() -> None:
+    hidden = 8
+    rows, _ = _rows(300, hidden)
+    tags = ["a"] * 120 + ["b"] * 150 + ["c"] * 30
+    rows.labels[270:] = 0  # source c has one label: it gets no vote
+    candidate = Candidate("ens", ("surprisal_max", "surprisal_mean"), True, 1.0,
+                          ensemble=True)
+    with pytest.raises(ValueError, match="source"):
+        fit_candidate(rows, candidate, hidden)
+    probe, full, weights = fit_candidate(rows, candidate, hidden, tags)
+    single = dataclasses.replace(candidate, ensemble=False)
+    votes = []
+    for part in (slice(0, 120), slice(120, 270)):
+        sub = Design(full.states[part], full.features[part], full.labels[part],
+                     full.state_stats, full.feature_mean, full.feature_std)
+        votes.append(design_logits(full, _fit(sub, single)))
+    np.testing.assert_allclose(design_logits(full, weights), np.mean(votes, axis=0),
+                               rtol=1e-5, atol=1e-5)
+    assert probe.layers == (15, 18)

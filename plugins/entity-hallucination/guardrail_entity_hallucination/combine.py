@@ -44,6 +44,9 @@ class Candidate:
     wd_states: float = 0.0
     wd_features: float = 0.001
     balanced: bool = False  # each training source weighs the same in the loss
+    # Added for the third LOSO pass (issue 23), before its figures were read:
+    monotone: bool = False  # surprisal weights kept >= 0 (more surprising never scores lower)
+    ensemble: bool = False  # one fit per training source with both labels, weights averaged
 
 
 COMBINED_CANDIDATES: tuple[Candidate, ...] = (
@@ -66,7 +69,19 @@ COMBINED_CANDIDATES: tuple[Candidate, ...] = (
     Candidate("surprisal, balanced", SURPRISAL, balanced=True),
     *(Candidate(f"probe(wd {wd})+surprisal, balanced", SURPRISAL, True, wd, balanced=True)
       for wd in (0.3, 1.0, 3.0, 10.0)),
+    # Third pass (issue 23: the own answers and a second hand-written set added as sources),
+    # written before any of its figures: surprisal weights held non-negative, and an ensemble
+    # across sources (the average of one fit per training source, still one linear head).
+    Candidate("surprisal, monotone", SURPRISAL, monotone=True),
+    Candidate("surprisal, ensemble", SURPRISAL, monotone=True, ensemble=True),
+    *(Candidate(f"probe(wd {wd})+surprisal, monotone", SURPRISAL, True, wd, monotone=True)
+      for wd in (1.0, 3.0, 10.0, 30.0)),
+    *(Candidate(f"probe(wd {wd})+surprisal, ensemble", SURPRISAL, True, wd, monotone=True,
+                ensemble=True) for wd in (1.0, 3.0, 10.0)),
+    *(Candidate(f"probe(wd {wd})+surprisal+entropy, monotone", SURPRISAL + ENTROPY, True, wd,
+                monotone=True) for wd in (3.0, 10.0)),
 )
+MONOTONE = ("surprisal_max", "surprisal_mean", "surprisal_first")
 
 
 @dataclasses.dataclass
@@ -134,6 +149,8 @@ def _fit(d: Design, candidate: Candidate, max_iter: int = 300,
     zero weights (deterministic); features the candidate does not read are held at 0."""
     mask = torch.tensor([name in candidate.features for name in SPAN_FEATURES],
                         dtype=torch.float32)
+    # Monotone features are read through softplus(raw), so their weight never goes below 0.
+    positive = torch.tensor([candidate.monotone and name in MONOTONE for name in SPAN_FEATURES])
     xs = torch.tensor(d.states, dtype=torch.float32)
     xf = torch.tensor(d.features, dtype=torch.float32)
     y = torch.tensor(d.labels, dtype=torch.float32)
@@ -141,15 +158,20 @@ def _fit(d: Design, candidate: Candidate, max_iter: int = 300,
     ws = torch.zeros(xs.shape[1], requires_grad=True)
     wf = torch.zeros(xf.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
+
+    def feature_weights() -> torch.Tensor:
+        return torch.where(positive, torch.nn.functional.softplus(wf), wf) * mask
+
     params = [ws, wf, b] if xs.shape[1] else [wf, b]
     optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
-        logit = xf @ (wf * mask) + b
+        w = feature_weights()
+        logit = xf @ w + b
         if xs.shape[1]:
             logit = logit + xs @ ws
         return torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=row_w) \
-            + candidate.wd_states * (ws ** 2).sum() + candidate.wd_features * (wf ** 2).sum()
+            + candidate.wd_states * (ws ** 2).sum() + candidate.wd_features * (w ** 2).sum()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -158,8 +180,28 @@ def _fit(d: Design, candidate: Candidate, max_iter: int = 300,
         return loss
 
     optimizer.step(closure)
-    return (ws.detach().double().numpy(), (wf * mask).detach().double().numpy(),
-            float(b.detach()[0]))
+    with torch.no_grad():
+        return (ws.detach().double().numpy(), feature_weights().double().numpy(),
+                float(b.detach()[0]))
+
+
+def _fit_ensemble(d: Design, candidate: Candidate, sources: Sequence[str]
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """The average of one fit per source with both labels (the pooled standardisation kept):
+    each source votes alike, whatever its size, and the average is still one linear head."""
+    tags = np.asarray(sources)
+    fits = []
+    for tag in sorted(set(sources)):
+        keep = tags == tag
+        if len(set(d.labels[keep].tolist())) < 2:
+            continue
+        part = Design(d.states[keep], d.features[keep], d.labels[keep], d.state_stats,
+                      d.feature_mean, d.feature_std)
+        fits.append(_fit(part, candidate))
+    if not fits:
+        raise ValueError("an ensemble needs a training source with entities of both labels")
+    return (np.mean([f[0] for f in fits], axis=0), np.mean([f[1] for f in fits], axis=0),
+            float(np.mean([f[2] for f in fits])))
 
 
 def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int,
@@ -171,10 +213,13 @@ def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int,
     if len(rows) == 0 or len(set(rows.labels.tolist())) < 2:
         raise ValueError("the combined head needs training entities of both labels")
     d = design(rows, candidate.states)
-    if candidate.balanced and sources is None:
+    if (candidate.balanced or candidate.ensemble) and sources is None:
         raise ValueError(f"candidate {candidate.name!r} weighs sources: pass each row's source")
-    ws, wf, b = _fit(d, candidate, weights=source_weights(sources)
-                     if candidate.balanced and sources is not None else None)
+    if candidate.ensemble and sources is not None:
+        ws, wf, b = _fit_ensemble(d, candidate, sources)
+    else:
+        ws, wf, b = _fit(d, candidate, weights=source_weights(sources)
+                         if candidate.balanced and sources is not None else None)
     blocks = STATE_BLOCKS if candidate.states else (("mean", 15),)
     folded, state_blocks, bias = [], [], b
     for k, (pool, layer) in enumerate(blocks):
