@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HANDWRITTEN", "handwritten_sets", "in_split", "load_groups", "main",
+__all__ = ["HANDWRITTEN", "fit_final", "handwritten_sets", "in_split", "load_groups", "main",
            "reference_figures",
            "run_loso"]
 
@@ -77,18 +77,22 @@ def reference_figures(groups: Mapping[str, Sequence[Any]], previous: Path | None
 
 
 def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
-             progress: bool = True, reference: Path | None = None) -> dict[str, Any]:
-    """LOSO over ``combine.COMBINED_CANDIDATES``: the table, the choice, its threshold (a
-    probability) and its flag rates per held-out source, and in-split figures."""
+             progress: bool = True, reference: Path | None = None,
+             candidates: Sequence[Any] | None = None,
+             evaluated: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """LOSO over ``candidates`` (default ``combine.LOSO_GRID``): the table, the choice, its
+    threshold (a probability) and its flag rates per held-out source, and in-split figures.
+    ``evaluated``: ``loso.evaluate_candidates``'s result when already computed (e.g. in parts)."""
     from guardrail.probes.metrics import roc_auc
 
-    from .combine import COMBINED_CANDIDATES
+    from .combine import LOSO_GRID
     from .loso import choose, evaluate_candidates, flag_rates, owned_rows, weighted_threshold
     from .span_probe import SPAN_FEATURES
 
     rows = {s: owned_rows(records) for s, records in groups.items()}
-    result = evaluate_candidates(groups, COMBINED_CANDIDATES, hidden_size, progress=progress,
-                                 rows=rows)
+    result = dict(evaluated) if evaluated is not None else evaluate_candidates(
+        groups, LOSO_GRID if candidates is None else candidates, hidden_size,
+        progress=progress, rows=rows)
     best, table = choose(result)
     oof = result["candidates"][best]["oof"]
     logits, labels = np.asarray(oof["logits"]), np.asarray(oof["labels"])
@@ -108,12 +112,11 @@ def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
                                                             strict=True) if n], TARGET_FPR)
     threshold = 1.0 / (1.0 + math.exp(-threshold_logit))
     rates = flag_rates(result, best, threshold_logit, groups)
-    for block in result["candidates"].values():
-        del block["oof"]
     return {"table": table, "chosen": best, "threshold": round(threshold, 4),
             "threshold_logit": threshold_logit, "target_fpr": TARGET_FPR,
             "flag_rates": rates, "sources": result["sources"], "pool": pool,
             "span_auc": {n: b["span_auc"] for n, b in result["candidates"].items()},
+            "grid": list(result["candidates"]),
             "reference": reference_figures(groups, reference)}
 
 
@@ -142,6 +145,58 @@ def in_split(groups: Mapping[str, Sequence[Any]], name: str, hidden_size: int
                        **baselines(paired)}}
 
 
+def fit_final(groups: Mapping[str, Sequence[Any]], report: dict[str, Any], hidden: int,
+              data_dir: Path, sets: Sequence[Path], out: Path | None, t0: float) -> None:
+    """Refit the chosen candidate on every source, add ``final`` to ``report`` and, with
+    ``out``, save it as a span head with the LOSO table in its JSON."""
+    from .combine import COMBINED_CANDIDATES, fit_candidate
+    from .loso import _concat, owned_rows
+    from .span_probe import save_span_probe
+
+    candidate = next(c for c in COMBINED_CANDIDATES if c.name == report["chosen"])
+    parts = {source: owned_rows(records)[0] for source, records in groups.items()}
+    rows = _concat(list(parts.values()))
+    probe, _, _ = fit_candidate(rows, candidate, hidden,
+                                [s for s, p in parts.items() for _ in range(len(p))])
+    probe.threshold = report["threshold"]
+    report["final"] = {"entities": len(rows), "fabricated": int(rows.labels.sum()),
+                       "sources": sorted(groups),
+                       "records": {s: len(r) for s, r in groups.items()},
+                       "seconds": round(time.perf_counter() - t0, 1)}
+    if out is None:
+        return
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    config = {"base_model": "smollm2-135m", "rule": {"kind": "span_max"},
+              "data": {"builder": "python -m guardrail_entity_hallucination.data build",
+                       "seed": manifest.get("seed"), "sources": manifest.get("sources"),
+                       "pool": "loso.pool_files (capped per source)",
+                       "handwritten": [p.name for p in sets]},
+              "combination": "combined", "candidate": candidate.name,
+              "description": "a calibrated logistic combination of the entity's surprisal "
+                             "and entropy statistics (and its states where LOSO chose them)",
+              "selection": "leave-one-source-out (loso.choose); threshold: 10% of the "
+                           "true entities of an average held-out source flagged",
+              "loso": {k: report[k] for k in ("table", "chosen", "threshold", "flag_rates",
+                                              "span_auc")},
+              "splits": {"train": {"used": sum(report["final"]["records"].values()),
+                                   "entities": report["final"]["entities"]}},
+              "metrics": {"loso": report["span_auc"][candidate.name],
+                          "pool": report["pool"],
+                          "test": {"all": {
+                              "span_auc": report["in_split"]["test_longform"]["combined"],
+                              "note": "in split: the candidate refitted on the pool's "
+                                      "train and val records, scored on its test records"}},
+                          "paired": report["in_split"]["paired"]},
+              "training": {"sources": report["final"]["records"],
+                           "entities": report["final"]["entities"],
+                           "wd_states": candidate.wd_states,
+                           "wd_features": candidate.wd_features,
+                           "features": list(candidate.features),
+                           "states": candidate.states}}
+    path = save_span_probe(probe, out, config)
+    print(f"saved {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guardrail_entity_hallucination.train_combined")
     parser.add_argument("--data", type=Path, default=None, help="data folder (built if missing)")
@@ -162,11 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     from guardrail.policy import ObserverSpec
     from guardrail.sources import cache_dir
 
-    from .combine import COMBINED_CANDIDATES, fit_candidate
     from .features import build_data
-    from .loso import _concat, owned_rows
     from .probe import DEFAULT_WEIGHTS
-    from .span_probe import save_span_probe
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -178,53 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     hidden = observer.hidden_size
     report = run_loso(groups, hidden, reference=args.reference)
     report["in_split"] = in_split(groups, report["chosen"], hidden)
-    candidate = next(c for c in COMBINED_CANDIDATES if c.name == report["chosen"])
-    parts = {source: owned_rows(records)[0] for source, records in groups.items()}
-    rows = _concat(list(parts.values()))
-    probe, _, _ = fit_candidate(rows, candidate, hidden,
-                                [s for s, p in parts.items() for _ in range(len(p))])
-    probe.threshold = report["threshold"]
-    report["final"] = {"entities": len(rows), "fabricated": int(rows.labels.sum()),
-                       "sources": sorted(groups),
-                       "records": {s: len(r) for s, r in groups.items()},
-                       "seconds": round(time.perf_counter() - t0, 1)}
+    fit_final(groups, report, hidden, data_dir, sets, None if args.no_save else
+              (args.out or DEFAULT_WEIGHTS), t0)
     text = json.dumps(report, indent=1, sort_keys=True)
     print(text)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(text + "\n", encoding="utf-8")
-    if not args.no_save:
-        out = args.out or DEFAULT_WEIGHTS
-        manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-        config = {"base_model": "smollm2-135m", "rule": {"kind": "span_max"},
-                  "data": {"builder": "python -m guardrail_entity_hallucination.data build",
-                           "seed": manifest.get("seed"), "sources": manifest.get("sources"),
-                           "pool": "loso.pool_files (capped per source)",
-                           "handwritten": [p.name for p in sets]},
-                  "combination": "combined", "candidate": candidate.name,
-                  "description": "a calibrated logistic combination of the entity's surprisal "
-                                 "and entropy statistics (and its states where LOSO chose them)",
-                  "selection": "leave-one-source-out (loso.choose); threshold: 10% of the "
-                               "true entities of an average held-out source flagged",
-                  "loso": {k: report[k] for k in ("table", "chosen", "threshold", "flag_rates",
-                                                  "span_auc")},
-                  "splits": {"train": {"used": sum(report["final"]["records"].values()),
-                                       "entities": report["final"]["entities"]}},
-                  "metrics": {"loso": report["span_auc"][candidate.name],
-                              "pool": report["pool"],
-                              "test": {"all": {
-                                  "span_auc": report["in_split"]["test_longform"]["combined"],
-                                  "note": "in split: the candidate refitted on the pool's "
-                                          "train and val records, scored on its test records"}},
-                              "paired": report["in_split"]["paired"]},
-                  "training": {"sources": report["final"]["records"],
-                               "entities": report["final"]["entities"],
-                               "wd_states": candidate.wd_states,
-                               "wd_features": candidate.wd_features,
-                               "features": list(candidate.features),
-                               "states": candidate.states}}
-        path = save_span_probe(probe, out, config)
-        print(f"saved {path}", file=sys.stderr)
     return 0
 
 
