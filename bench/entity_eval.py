@@ -272,15 +272,20 @@ def render_loso(result: dict[str, Any]) -> str:
              "source held out in turn, every candidate fitted on the others and scored on it the "
              "monitor's way; baselines are SmolLM2's own surprisal and entropy on the same entity "
              "tokens. Recall, entity FPR and clean texts flagged are the chosen head's, out of "
-             "fold, at the shipped threshold. Span AUC needs both labels in a source (most garak "
+             "fold, at its threshold. Span AUC needs both labels in a source (most garak "
              "kinds are all fabricated). The shipped head is the chosen recipe refitted on every "
-             "source (docs/entity-hallucination.md).", "",
+             "source unless a 'Shipped' line says otherwise (docs/entity-hallucination.md).", "",
              f"Chosen by LOSO: `{chosen}`, threshold {result['threshold']} (10% of the true "
-             "entities of an average held-out source flagged).", "",
-             "| held-out source | records | entities (fabricated) | combined | surprisal max "
-             "| surprisal mean | entropy max | entropy mean | recall | entity FPR "
-             "| clean texts flagged |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "entities of an average held-out source flagged).", ""]
+    shipped = result.get("shipped")
+    if shipped:
+        lines += [f"Shipped: `{shipped['candidate']}` ({shipped['why']})", ""]
+    ship = shipped["candidate"] if shipped else None
+    lines += ["| held-out source | records | entities (fabricated) | chosen | "
+              + ("shipped recipe | " if ship else "") + "surprisal max "
+              "| surprisal mean | entropy max | entropy mean | recall | entity FPR "
+              "| clean texts flagged |",
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ship else "")]
     for source, block in result["sources"].items():
         base = block["baselines"]
         rate = result["flag_rates"].get(source, {})
@@ -289,7 +294,8 @@ def render_loso(result: dict[str, Any]) -> str:
         lines.append(
             f"| {source} | {block['records']} | {block['entities']} "
             f"({block['fabricated_entities']}) | {f(result['span_auc'][chosen].get(source))} "
-            f"| {f(base['surprisal_max_entities'])} | {f(base['surprisal_mean_entities'])} "
+            + (f"| {f(result['span_auc'][ship].get(source))} " if ship else "")
+            + f"| {f(base['surprisal_max_entities'])} | {f(base['surprisal_mean_entities'])} "
             f"| {f(base['entropy_max_entities'])} | {f(base['entropy_mean_entities'])} "
             f"| {f(rate.get('recall'))} | {f(rate.get('entity_fpr'))} "
             f"| {flagged} |")
@@ -297,14 +303,15 @@ def render_loso(result: dict[str, Any]) -> str:
     if pool:
         lines.append(f"| pool (entities, out of fold) | | {pool['entities']} "
                      f"({pool['fabricated']}) "
-                     f"| {f(pool['combined'])} | {f(pool['surprisal_max'])} "
+                     f"| {f(pool['combined'])} | " + ("| " if ship else "")
+                     + f"{f(pool['surprisal_max'])} "
                      f"| {f(pool['surprisal_mean'])} | {f(pool['entropy_max'])} "
                      f"| {f(pool['entropy_mean'])} | | | |")
-    lines += ["", "| candidate | sources above surprisal | mean held-out span AUC |",
-              "|---|---|---|"]
+    lines += ["", "| candidate | sources above surprisal | worst margin over surprisal "
+              "| mean held-out span AUC |", "|---|---|---|---|"]
     for name, row in result["table"].items():
         lines.append(f"| {name} | {row['above_surprisal']} of {row['sources']} "
-                     f"| {f(row['mean_span_auc'])} |")
+                     f"| {f(row.get('worst_margin'))} | {f(row['mean_span_auc'])} |")
     split = result.get("in_split")
     if split:
         lines += ["", "In split (fitted on the pool's train and val records):", "",

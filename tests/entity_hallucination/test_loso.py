@@ -31,6 +31,7 @@ from guardrail_entity_hallucination.data.own_answers import (
 )
 from guardrail_entity_hallucination.loso import (
     MarkupError,
+    choose,
     loso_folds,
     pool_files,
     read_marked,
@@ -217,3 +218,21 @@ def test_an_ensemble_averages_one_fit_per_source() -> None:
     np.testing.assert_allclose(design_logits(full, weights), np.mean(votes, axis=0),
                                rtol=1e-5, atol=1e-5)
     assert probe.layers == (15, 18)
+
+
+def test_the_choice_goes_to_the_best_worst_source_margin() -> None:
+    def base(v: float) -> dict[str, Any]:
+        return {"baselines": {"surprisal_max_entities": v, "surprisal_mean_entities": v - 0.1}}
+
+    result = {"sources": {"a": base(0.80), "b": base(0.70), "c": base(0.90), "d": base(0.6)},
+              "candidates": {
+                  # above surprisal on three sources by a hair, far below on the fourth
+                  "wins": {"span_auc": {"a": 0.801, "b": 0.701, "c": 0.901, "d": 0.45}},
+                  # a little below on two, never far
+                  "even": {"span_auc": {"a": 0.81, "b": 0.69, "c": 0.895, "d": 0.61}},
+                  "no-labels": {"span_auc": {"a": None, "b": None, "c": None, "d": None}}}}
+    best, table = choose(result)
+    assert best == "even"
+    assert table["wins"]["above_surprisal"] == 3 and table["even"]["above_surprisal"] == 2
+    assert table["even"]["worst_margin"] == pytest.approx(-0.01)
+    assert table["no-labels"]["worst_margin"] is None

@@ -257,12 +257,15 @@ def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequenc
 
 
 def choose(result: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The rule, fixed before any figure was read: the candidate above the observer's surprisal
-    (the better of span max and span mean, on the same entity tokens) on the most held-out
-    sources with both labels; ties go to the higher mean span AUC over those sources."""
+    """The candidate whose worst held-out margin over the observer's surprisal (the better of
+    span max and span mean, on the same entity tokens) is largest, over the held-out sources
+    with both labels; ties go to the higher mean span AUC. The table also counts the sources
+    where each candidate is above surprisal (the first two passes chose by that count; the
+    third pass showed it rewards a candidate that loses 0.15 on one source for +0.001 on
+    three others, so the target, above surprisal on every source, is now the rule itself)."""
     table: dict[str, Any] = {}
     for name, block in result["candidates"].items():
-        wins, aucs = 0, []
+        wins, aucs, margins = 0, [], []
         for source, auc in block["span_auc"].items():
             base = result["sources"][source]["baselines"]
             ref = [v for v in (base["surprisal_max_entities"], base["surprisal_mean_entities"])
@@ -270,11 +273,13 @@ def choose(result: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             if auc is None or not ref:
                 continue
             aucs.append(auc)
+            margins.append(auc - max(ref))
             wins += int(auc > max(ref))
         table[name] = {"above_surprisal": wins, "sources": len(aucs),
-                       "mean_span_auc": round(float(np.mean(aucs)), 4) if aucs else None}
-    best = max(table, key=lambda n: (table[n]["above_surprisal"],
-                                     table[n]["mean_span_auc"] or 0.0))
+                       "mean_span_auc": round(float(np.mean(aucs)), 4) if aucs else None,
+                       "worst_margin": round(float(min(margins)), 4) if margins else None}
+    best = max(table, key=lambda n: (table[n]["worst_margin"] if table[n]["worst_margin"]
+                                     is not None else -1.0, table[n]["mean_span_auc"] or 0.0))
     return best, table
 
 
