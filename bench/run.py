@@ -27,7 +27,7 @@ QUICK_RESULTS = ROOT / ".cache" / "bench-quick"
 # it, maps other result names (runs on a GPU machine) to their render functions.
 MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval", "router_eval",
            "observer_bench", "live_pace", "halt_lag",
-           "proxy_load", "local_overhead", "integrations_leak"]
+           "proxy_load", "local_overhead", "integrations_leak", "ray_throughput"]
 
 
 def _load(name: str) -> Any | None:

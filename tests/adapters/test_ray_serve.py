@@ -5,11 +5,12 @@ observer replica ends its streams with an error and a halt, and the other stream
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def _policy(model: Path) -> dict[str, Any]:
     }
 
 
-def _respond(body: dict[str, Any]) -> Script:
+def _respond(body: Mapping[str, Any]) -> Script:
     name = str(body["messages"][-1]["content"]).split(":")[0]
     return Script(text=SCRIPTS[name], delay=0.06 if name == "long" else 0.005)
 
@@ -182,7 +183,7 @@ def cluster(tiny: Path, upstream: UpstreamServer) -> Iterator[str]:
     # the test's monitor travels to the replicas by value (this module is not installed there)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             logging_level="warning", log_to_driver=False)
+             logging_level=logging.WARNING, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

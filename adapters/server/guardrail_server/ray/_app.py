@@ -53,7 +53,7 @@ class ProxySettings:
 class GuardProxy:
     """The ingress deployment: one ``create_app`` per replica, its Guard on the shards."""
 
-    async def __init__(self, shards: list[Any], settings: ProxySettings) -> None:
+    def __init__(self, shards: list[Any], settings: ProxySettings) -> None:
         self.shards = shards
         self.settings = settings
 
@@ -100,15 +100,17 @@ def build_app(policy: Policy, upstream: str, config: DeployConfig | None = None,
         shard_settings = obs.model_dump(include={"max_batch_size", "batch_wait_ms",
                                                  "max_streams", "idle_timeout_s"})
         actor = {"num_cpus": obs.num_cpus, "num_gpus": obs.num_gpus}
+        shard: Any = serve.deployment(ObserverShard)
         shards = [
-            serve.deployment(ObserverShard).options(
+            shard.options(
                 name=name, num_replicas=1, ray_actor_options=actor,
                 max_ongoing_requests=max(64, obs.max_streams),
             ).bind(spec, shard_settings, host_factory)
             for name in observer_shard_names(config)
         ]
     proxy = config.proxy
-    ingress = serve.deployment(GuardProxy).options(
+    deployment: Any = serve.deployment(GuardProxy)
+    ingress = deployment.options(
         name="guardrail-proxy", num_replicas=proxy.replicas,
         ray_actor_options={"num_cpus": proxy.num_cpus},
         max_ongoing_requests=proxy.max_ongoing_requests,

@@ -8,6 +8,7 @@ this command is interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -66,7 +67,7 @@ def serve_ray_cli(args: argparse.Namespace, keys: list[str], max_body_bytes: int
     if keys and not address:  # local workers inherit this process's environment
         os.environ[CLIENT_KEYS_ENV] = ",".join(keys)
     ray.init(address=address, include_dashboard=False if not address else None,
-             logging_level="warning")
+             logging_level=logging.WARNING)
     stop = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:

@@ -82,9 +82,11 @@ class ObserverShard:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="guardrail-observer")
         self.batches = 0
         self.reads = 0
+        self.tokens = 0
         self.largest_batch = 0
-        self._read_batch.set_max_batch_size(int(settings.get("max_batch_size", 16)))
-        self._read_batch.set_batch_wait_timeout_s(float(settings.get("batch_wait_ms", 2.0)) / 1000)
+        batched: Any = self._read_batch  # serve.batch's wrapper takes the deploy settings
+        batched.set_max_batch_size(int(settings.get("max_batch_size", 16)))
+        batched.set_batch_wait_timeout_s(float(settings.get("batch_wait_ms", 2.0)) / 1000)
 
     async def _in_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -101,7 +103,7 @@ class ObserverShard:
         import ray
 
         return {"incarnation": self.incarnation, "streams": len(self.streams),
-                "reads": self.reads, "batches": self.batches,
+                "reads": self.reads, "tokens": self.tokens, "batches": self.batches,
                 "largest_batch": self.largest_batch,
                 "actor_name": ray.get_runtime_context().get_actor_name()}
 
@@ -147,6 +149,7 @@ class ObserverShard:
             try:
                 replies.append(Reply(self.observer.extend(stream.state, tokens, needs)))
                 self.reads += 1
+                self.tokens += len(tokens)
             except Exception as exc:  # noqa: BLE001 - fails this stream, not the batch
                 replies.append(Reply(error=f"{type(exc).__name__}: {exc}"))
         return replies

@@ -1,0 +1,202 @@
+"""``guardrail serve --ray``: aggregate tokens/s with 1 and 2 observer replicas.
+
+    python -m bench.ray_throughput            # writes bench/results/ray_throughput.json
+    python -m bench.ray_throughput --quick    # 4 streams, one run per configuration
+
+A local Ray instance (``num_cpus`` = this machine's cores) runs the application with one proxy
+replica and 1, then 2, observer replicas (SmolLM2-135M, torch fp32, one thread each). The policy
+is the default ``harmful-content`` monitor alone (the router's own model would share the same
+cores). ``--streams`` OpenAI clients stream SmolLM2's own answers
+(plugins/harmful-content/.../own_answers.jsonl) at once from the loopback upstream, which sends a
+word per chunk without pauses, so the guard is the bottleneck. *tokens/s*: tokens the observer
+replicas read (their own count) over the wall time from the first request to the last stream's
+end; median of ``--repeats`` runs after one warm-up stream. The mean batch (reads per
+``@serve.batch`` call) says how much the replicas gathered.
+
+On a 2-core machine the replicas share the cores with the proxy, the Serve proxy and the clients,
+so a second replica adds no compute here: the figure shows what the scheme costs, not what it
+gains on a cluster (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+from .common import median, write_result
+
+NAME = "ray_throughput"
+APP = "guardrail-bench"
+STREAMS = 8
+QUICK_STREAMS = 4
+TOKENS_PER_STREAM = 120  # each answer cut to about this many SmolLM2 tokens
+REPEATS = 3
+
+
+def _answers(n: int, tokenizer: Any) -> list[tuple[str, str]]:
+    """(prompt, answer) of the first ``n`` of SmolLM2's own answers, each cut to a token budget."""
+    rows = resources.files("guardrail_harmful_content").joinpath(
+        "data/own_answers.jsonl").read_text("utf-8").splitlines()
+    out = []
+    for line in rows[:n]:
+        row = json.loads(line)
+        ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        text = tokenizer.decode(ids[:TOKENS_PER_STREAM]) if len(ids) > TOKENS_PER_STREAM \
+            else row["response"]
+        out.append((row["prompt"], text))
+    return out
+
+
+def _policy() -> Any:
+    from guardrail.guard import default_policy
+
+    return default_policy().narrowed(["harm"])
+
+
+def _stream(base_url: str, prompt: str) -> str | None:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=600)
+    finish = None
+    for chunk in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], stream=True):
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    return finish
+
+
+def _all(base_url: str, prompts: list[str]) -> list[str | None]:
+    finishes: list[str | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        finishes[i] = _stream(base_url, prompts[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return finishes
+
+
+def _shard_totals(names: list[str]) -> dict[str, int]:
+    from ray import serve
+
+    stats = [serve.get_deployment_handle(n, APP).stats.remote().result(timeout_s=120)
+             for n in names]
+    return {key: sum(int(s[key]) for s in stats) for key in ("tokens", "reads", "batches")}
+
+
+def _config(observers: int, base_url: str, upstream: str, prompts: list[str],
+            repeats: int) -> dict[str, Any]:
+    from guardrail_server.ray import (
+        DeployConfig,
+        ObserverDeploy,
+        ProxyDeploy,
+        build_app,
+        observer_shard_names,
+    )
+    from ray import serve
+
+    config = DeployConfig(proxy=ProxyDeploy(replicas=1, num_cpus=0),
+                          observer=ObserverDeploy(replicas=observers, num_cpus=0))
+    names = observer_shard_names(config)
+    serve.run(build_app(_policy(), upstream, config), name=APP, route_prefix="/")
+    try:
+        _all(base_url, prompts[:1])  # warm-up: every replica has loaded, one stream read
+        runs: list[dict[str, Any]] = []
+        for _ in range(repeats):
+            before = _shard_totals(names)
+            t0 = time.perf_counter()
+            finishes = _all(base_url, prompts)
+            wall = time.perf_counter() - t0
+            after = _shard_totals(names)
+            done = {k: after[k] - before[k] for k in after}
+            runs.append({"wall_s": wall, "tokens": done["tokens"],
+                         "tokens_per_s": done["tokens"] / wall,
+                         "mean_batch": done["reads"] / max(1, done["batches"]),
+                         "finishes": {f or "none": finishes.count(f) for f in set(finishes)}})
+        return {"observer_replicas": observers, "runs": runs,
+                "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+                "mean_batch": median([r["mean_batch"] for r in runs])}
+    finally:
+        serve.delete(APP)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--streams", type=int)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args(argv)
+    streams = args.streams or (QUICK_STREAMS if args.quick else STREAMS)
+    repeats = args.repeats or (1 if args.quick else REPEATS)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the replicas inherit it: one thread each
+
+    import ray
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from guardrail.observer.hf import smollm2_dir
+    from guardrail.testing.upstream import Script, UpstreamServer, split_words
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    answers = _answers(streams, tokenizer)
+    by_prompt = {f"stream-{i}: {p}": text for i, (p, text) in enumerate(answers)}
+
+    def respond(body: Mapping[str, Any]) -> Script:
+        return Script(chunks=split_words(by_prompt[body["messages"][-1]["content"]]))
+
+    results = []
+    with UpstreamServer(responder=respond) as upstream:
+        ray.init(include_dashboard=False, object_store_memory=200 * 2**20,
+                 logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            with socket.socket() as sock:  # a free port for Serve's HTTP proxy
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            for observers in (1, 2):
+                results.append(_config(observers, f"http://127.0.0.1:{port}/v1",
+                                       upstream.base_url, list(by_prompt), repeats))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    one, two = results
+    result = {"quick": args.quick, "streams": streams, "repeats": repeats,
+              "tokens_per_stream": TOKENS_PER_STREAM, "configs": results,
+              "ratio_2_to_1": two["tokens_per_s"] / one["tokens_per_s"],
+              "ray": ray.__version__}
+    write_result(NAME, result)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["## Ray Serve: aggregate throughput by observer replicas", "",
+             f"`guardrail serve --ray` on a local Ray instance (Ray {result['ray']}), one proxy "
+             f"replica, `harmful-content` on SmolLM2-135M (torch fp32, one thread per replica); "
+             f"{result['streams']} concurrent streams of SmolLM2's own answers (about "
+             f"{result['tokens_per_stream']} tokens each) from an upstream that does not pause; "
+             f"median of {result['repeats']} run(s).", "",
+             "| observer replicas | tokens/s (all streams) | mean batch (reads per call) |",
+             "| --- | --- | --- |"]
+    for c in result["configs"]:
+        lines.append(f"| {c['observer_replicas']} | {c['tokens_per_s']:.0f} | "
+                     f"{c['mean_batch']:.1f} |")
+    lines += ["", f"2 replicas / 1 replica: {result['ratio_2_to_1']:.2f}x. On this machine's "
+              "cores the replicas share the CPU with the proxy and the clients, so a second "
+              "replica adds no compute; on a cluster each replica brings its own CPU or GPU "
+              "(docs/scaling.md).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
