@@ -25,10 +25,14 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .common import median, write_result
@@ -95,6 +99,50 @@ def _shard_totals(names: list[str]) -> dict[str, int]:
     return {key: sum(int(s[key]) for s in stats) for key in ("tokens", "reads", "batches")}
 
 
+def _one_process(upstream: str, prompts: list[str], tokens: int, repeats: int,
+                 workdir: Path) -> dict[str, Any]:
+    """The same streams through one ``guardrail serve`` process (no Ray), for the ratio."""
+    import httpx
+    import yaml
+
+    policy = workdir / "policy.yaml"
+    policy.write_text(yaml.safe_dump(_policy().model_dump(mode="json", exclude_unset=True)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    code = "import sys; from guardrail.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--policy", str(policy),
+                             "--upstream", upstream, "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"guardrail serve did not start (exit {proc.poll()})")
+            time.sleep(0.2)
+        _all(base_url, prompts[:1])
+        runs: list[dict[str, Any]] = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            finishes = _all(base_url, prompts)
+            wall = time.perf_counter() - t0
+            runs.append({"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                         "finishes": {f or "none": finishes.count(f) for f in set(finishes)}})
+        return {"runs": runs, "tokens_per_s": median([r["tokens_per_s"] for r in runs])}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _config(observers: int, base_url: str, upstream: str, prompts: list[str],
             repeats: int) -> dict[str, Any]:
     from guardrail_server.ray import (
@@ -155,8 +203,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def respond(body: Mapping[str, Any]) -> Script:
         return Script(chunks=split_words(by_prompt[body["messages"][-1]["content"]]))
 
+    # every answer is streamed to its end (no halts on these), so the observer reads them whole
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                 for t in by_prompt.values())
+    load_before = os.getloadavg()[0]  # others' work on a shared machine skews every figure
     results = []
-    with UpstreamServer(responder=respond) as upstream:
+    with UpstreamServer(responder=respond) as upstream, \
+            tempfile.TemporaryDirectory() as workdir:
+        single = _one_process(upstream.base_url, list(by_prompt), tokens, repeats, Path(workdir))
         ray.init(include_dashboard=False, object_store_memory=200 * 2**20,
                  logging_level=logging.WARNING, log_to_driver=False)
         try:
@@ -173,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     one, two = results
     result = {"quick": args.quick, "streams": streams, "repeats": repeats,
               "tokens_per_stream": TOKENS_PER_STREAM, "configs": results,
+              "one_process": single,
+              "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
               "ratio_2_to_1": two["tokens_per_s"] / one["tokens_per_s"],
               "ray": ray.__version__}
     write_result(NAME, result)
@@ -188,9 +244,18 @@ def render(result: dict[str, Any]) -> str:
              f"median of {result['repeats']} run(s).", "",
              "| observer replicas | tokens/s (all streams) | mean batch (reads per call) |",
              "| --- | --- | --- |"]
+    if "one_process" in result:
+        lines.append(f"| `guardrail serve`, one process, no Ray | "
+                     f"{result['one_process']['tokens_per_s']:.0f} | - |")
     for c in result["configs"]:
         lines.append(f"| {c['observer_replicas']} | {c['tokens_per_s']:.0f} | "
                      f"{c['mean_batch']:.1f} |")
+    load = result.get("load_average")
+    if load:
+        lines += ["", f"Load average (1 min) at the start and the end of the run: {load[0]} and "
+                  f"{load[1]}, on {result['machine']['cpu_count']} cores: other processes shared "
+                  "the machine, so the figures move between runs by more than the gap between "
+                  "the rows."]
     lines += ["", f"2 replicas / 1 replica: {result['ratio_2_to_1']:.2f}x. On this machine's "
               "cores the replicas share the CPU with the proxy and the clients, so a second "
               "replica adds no compute; on a cluster each replica brings its own CPU or GPU "

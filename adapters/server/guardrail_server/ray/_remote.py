@@ -74,7 +74,7 @@ class RemoteObserver:
                     self._open[shard] += 1
                 return RemoteStream(stream_id, shard, str(reply.value))
             refusals.append(f"observer-{shard}: {reply.error}")
-            if "replica full" not in reply.error:
+            if not (reply.full or reply.lost):
                 break  # the conversation itself failed: another shard would fail it too
         raise ObserverError("could not start the stream on an observer replica: "
                             + "; ".join(refusals))

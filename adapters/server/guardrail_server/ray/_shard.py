@@ -41,11 +41,13 @@ log = logging.getLogger("guardrail.server.ray")
 @dataclass
 class Reply:
     """A shard's answer: ``value`` when ``error`` is None; ``lost`` when the stream is not on
-    this replica (it was restarted, or the stream was dropped idle)."""
+    this replica (it was restarted, or the stream was dropped idle) or the replica did not
+    answer; ``full`` when a new stream was refused for room."""
 
     value: Any = None
     error: str | None = None
     lost: bool = False
+    full: bool = False
 
 
 @dataclass
@@ -105,13 +107,15 @@ class ObserverShard:
         return {"incarnation": self.incarnation, "streams": len(self.streams),
                 "reads": self.reads, "tokens": self.tokens, "batches": self.batches,
                 "largest_batch": self.largest_batch,
-                "actor_name": ray.get_runtime_context().get_actor_name()}
+                "actor_name": (ray.get_runtime_context().get_actor_name()
+                               if ray.is_initialized() else None)}
 
     async def open(self, stream_id: str, messages: list[Any], needs: Needs) -> Reply:
         """Read the conversation of a new stream; the reply's value is this incarnation."""
         self._drop_idle()
         if len(self.streams) >= self.max_streams:
-            return Reply(error=f"observer replica full ({self.max_streams} live streams)")
+            return Reply(error=f"observer replica full ({self.max_streams} live streams)",
+                         full=True)
         try:
             state = await self._in_model_thread(self.observer.start, messages, needs)
         except Exception as exc:  # noqa: BLE001 - the stream's failure, reported to it
