@@ -27,7 +27,7 @@ from ._config import DeployConfig
 from ._remote import RemoteObserver, SessionEnd
 from ._shard import ObserverShard
 
-__all__ = ["GuardProxy", "ProxySettings", "build_app", "observer_shard_names"]
+__all__ = ["GuardProxy", "ProxySettings", "build_app", "observer_shard_names", "policy_needs"]
 
 UPSTREAM_KEY_ENV = "GUARDRAIL_UPSTREAM_API_KEY"  # guardrail_server.API_KEY_ENV
 

@@ -19,9 +19,10 @@ import ray
 from ray import serve
 
 from guardrail import GuardrailError
+from guardrail.plugins import get_host
 
 from .._access import CLIENT_KEYS_ENV
-from ._app import build_app
+from ._app import build_app, policy_needs
 from ._config import DeployConfig, load_deploy_config
 
 __all__ = ["deploy_config_from_args", "serve_ray_cli"]
@@ -58,6 +59,7 @@ def serve_ray_cli(args: argparse.Namespace, keys: list[str], max_body_bytes: int
     try:
         config = deploy_config_from_args(args)
         policy = _policy(args)
+        observed = policy_needs(policy, get_host()).observer
         app = build_app(policy, args.upstream, config, max_body_bytes=max_body_bytes,
                         metrics=False if getattr(args, "no_metrics", False) else None,
                         dashboard=not getattr(args, "no_dashboard", False))
@@ -78,8 +80,10 @@ def serve_ray_cli(args: argparse.Namespace, keys: list[str], max_body_bytes: int
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
+        observers = (f"{config.observer.replicas} observer" if observed
+                     else "no observer (the policy reads no hidden states)")
         print(f"guardrail serve --ray: http://{args.host}:{args.port}/v1 -> {args.upstream} "
-              f"({config.proxy.replicas} proxy, {config.observer.replicas} observer replicas; "
+              f"({config.proxy.replicas} proxy, {observers} replicas; "
               f"client keys: {len(keys) or 'none'})", file=sys.stderr)
         stop.wait()
     finally:
