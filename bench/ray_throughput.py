@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the one-process baseline is left out of the quick smoke run (it starts its own server)
         single = None if args.quick else _one_process(upstream.base_url, list(by_prompt), tokens,
                                                       repeats, Path(workdir))
-        ray.init(include_dashboard=False, object_store_memory=200 * 2**20,
+        ray.init(address="local", include_dashboard=False, object_store_memory=200 * 2**20,
                  logging_level=logging.WARNING, log_to_driver=False)
         try:
             with socket.socket() as sock:  # a free port for Serve's HTTP proxy

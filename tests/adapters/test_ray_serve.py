@@ -182,8 +182,8 @@ def cluster(tiny: Path, upstream: UpstreamServer) -> Iterator[str]:
     """The application on a local Ray instance; yields the proxy's base URL."""
     # the test's monitor travels to the replicas by value (this module is not installed there)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=100 * 2**20, logging_level=logging.WARNING, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -68,7 +68,8 @@ def serve_ray_cli(args: argparse.Namespace, keys: list[str], max_body_bytes: int
         return 2
     if keys and not address:  # local workers inherit this process's environment
         os.environ[CLIENT_KEYS_ENV] = ",".join(keys)
-    ray.init(address=address, include_dashboard=False if not address else None,
+    # "local": a new instance even when `ray start` left one running on this machine
+    ray.init(address=address or "local", include_dashboard=False if not address else None,
              logging_level=logging.WARNING)
     stop = threading.Event()
 
