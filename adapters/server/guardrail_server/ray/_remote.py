@@ -120,9 +120,9 @@ class RemoteObserver:
             response = getattr(self.shards[shard], method).remote(*args)
             reply: Reply = response.result(timeout_s=self.timeout_s)
             return reply
-        except TimeoutError:
-            return Reply(error=f"no answer within {self.timeout_s:g} s", lost=True)
         except Exception as exc:  # noqa: BLE001 - a dead actor, an unavailable deployment
+            if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+                return Reply(error=f"no answer within {self.timeout_s:g} s", lost=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             log.warning("observer-%d failed stream %s: %s: %s", shard, stream_id,
                         type(exc).__name__, first[:200])
