@@ -246,20 +246,26 @@ def render(result: dict[str, Any]) -> str:
              f"{result['tokens_per_stream']} tokens each) from an upstream that does not pause; "
              f"median of {result['repeats']} run(s). Run by hand (`python -m "
              "bench.ray_throughput`), not by `make bench`.", "",
-             "| observer replicas | tokens/s (all streams) | mean batch (reads per call) |",
-             "| --- | --- | --- |"]
+             "| observer replicas | tokens/s (all streams) | runs (min-max) | mean batch (reads "
+             "per call) |", "| --- | --- | --- | --- |"]
+
+    def spread(runs: list[dict[str, Any]]) -> str:
+        rates = [r["tokens_per_s"] for r in runs]
+        return f"{min(rates):.0f}-{max(rates):.0f}"
+
     if result.get("one_process"):
+        single = result["one_process"]
         lines.append(f"| `guardrail serve`, one process, no Ray | "
-                     f"{result['one_process']['tokens_per_s']:.0f} | - |")
+                     f"{single['tokens_per_s']:.0f} | {spread(single['runs'])} | - |")
     for c in result["configs"]:
         lines.append(f"| {c['observer_replicas']} | {c['tokens_per_s']:.0f} | "
-                     f"{c['mean_batch']:.1f} |")
+                     f"{spread(c['runs'])} | {c['mean_batch']:.1f} |")
     load = result.get("load_average")
     if load:
         lines += ["", f"Load average (1 min) at the start and the end of the run: {load[0]} and "
                   f"{load[1]}, on {result['machine']['cpu_count']} cores: other processes shared "
-                  "the machine, so the figures move between runs by more than the gap between "
-                  "the rows."]
+                  "the machine, and runs of one configuration spread as wide as the gaps "
+                  "between the rows."]
     lines += ["", f"2 replicas / 1 replica: {result['ratio_2_to_1']:.2f}x. Each observer "
               "replica reads with one thread, so here a second replica can take the second "
               "core, which the proxy replica, Serve's HTTP proxy and the clients need too; on a "
