@@ -398,6 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenTelemetry spans per stream (needs guardrail-server[otel]): to the "
                         "configured tracer provider, else OTLP when the OTLP exporter is "
                         "installed, else stderr")
+    g = p.add_argument_group("Ray Serve (needs guardrail-server[ray]; docs/scaling.md)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve application: proxy replicas in front of observer "
+                        "replicas, each stream pinned to one (needs --upstream)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to deploy on (auto, ray://head:10001); default: a "
+                        "local Ray instance that stops with the command")
+    g.add_argument("--deploy-config", metavar="YAML",
+                   help="replicas and resources of the proxy and observer deployments")
+    g.add_argument("--proxy-replicas", type=int, metavar="N", help="proxy (ingress) replicas")
+    g.add_argument("--observer-replicas", type=int, metavar="N",
+                   help="observer replicas; each holds the KV caches of its streams")
+    g.add_argument("--proxy-cpus", type=float, metavar="N", help="CPUs per proxy replica")
+    g.add_argument("--observer-cpus", type=float, metavar="N", help="CPUs per observer replica")
+    g.add_argument("--observer-gpus", type=float, metavar="N", help="GPUs per observer replica")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -163,6 +163,16 @@ def serve_cli(args: argparse.Namespace) -> int:
     if max_body < 1:
         print("guardrail serve: --max-body-bytes must be at least 1", file=sys.stderr)
         return 2
+    if getattr(args, "ray", False):
+        try:  # Ray is imported only when it is asked for
+            from .ray import serve_ray_cli
+        except ImportError as exc:
+            if (exc.name or "").partition(".")[0] != "ray":
+                raise
+            print("guardrail serve --ray needs Ray Serve: pip install 'guardrail-server[ray]'",
+                  file=sys.stderr)
+            return 2
+        return int(serve_ray_cli(args, keys, max_body))
     try:
         policy = _policy(args)
         local = load_local_model(args.local) if args.local else None
