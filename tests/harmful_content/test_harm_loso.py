@@ -129,14 +129,25 @@ def test_count_k_halts_match_the_rule() -> None:
     assert (table[1] == -1).all()
 
 
-def test_the_shipped_form_scores_like_the_probe_through_the_monitor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("halflife", [None, 6.0])
+def test_the_shipped_form_scores_like_the_probe_through_the_monitor(
+        tmp_path: Path, halflife: float | None) -> None:
     pool = _pool(1)
-    probe = fit_probe(pool, [3, 5], 0.5)
+    probe = fit_probe(pool, [3, 5], 0.5, halflife)
     head = to_dual_head(probe, 16)
+    pooling = {"pooling": "prefix_mean"} if halflife is None else {"pooling": "prefix_ema",
+                                                                   "halflife": halflife}
     weights = save_probe(tmp_path, head, {"base_model": "tiny", "layer": 3, "layers": [3, 5],
-                                          "pooling": "prefix_mean", "threshold": 0.5,
+                                          **pooling, "threshold": 0.5,
                                           "rule": {"kind": "count", "k": 2}}, name="probe")
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    # a stream cut back to 7 tokens then fed the rest scores as a fresh one
+    record = pool[1]
+    state = monitor.start(MonitorContext("harm"))
+    monitor.update(state, _features(record, 0, 12))
+    monitor.truncate(state, 7)
+    got = [s.value for s in monitor.update(state, _features(record, 7, len(record)))]
+    np.testing.assert_allclose(got, probe.prefix_scores(record)[7:], atol=1e-5)
     for record in pool[:6]:
         expected = probe.prefix_scores(record)
         state = monitor.start(MonitorContext("harm"))
@@ -149,6 +160,32 @@ def test_the_shipped_form_scores_like_the_probe_through_the_monitor(tmp_path: Pa
             got.extend(s.value for s in monitor.update(state, feats))
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert monitor.k == 2
+
+
+def _features(record: PoolRecord, a: int, b: int) -> Features:
+    hidden = {layer: record.hidden[layer][a:b].astype(np.float32) for layer in record.hidden}
+    return Features(tokens=[TokenSpan(i, i + 1) for i in range(a, b)], first_index=a,
+                    text="x" * b, hidden=hidden)
+
+
+def test_an_ema_probe_follows_an_answer_that_turns_faster_than_the_mean() -> None:
+    # one source whose harmful answers open with 40 benign tokens: after the turn, the
+    # exponentially weighted probe's score rises within a few tokens, the mean's lags
+    pool = _pool(3)
+    for r in pool:
+        if r.label:
+            r.first_harm = 0
+    turned = pool[1]
+    harm_rows = turned.hidden[3][5:].astype(np.float32)
+    benign = next(r for r in pool if r.label == 0 and r.tag == turned.tag).hidden[3]
+    states = np.concatenate([benign.astype(np.float32)] * 2 + [harm_rows])
+    record = PoolRecord(turned.tag, 1, {3: states, 5: np.zeros_like(states)}, 40)
+    mean_probe = fit_probe(pool, [3], 1.0)
+    ema_probe = fit_probe(pool, [3], 1.0, halflife=3.0)
+    after = slice(44, 50)  # five tokens after the turn
+    assert ema_probe.prefix_scores(record)[after].min() > 0.5
+    assert ema_probe.prefix_scores(record)[after].mean() > mean_probe.prefix_scores(
+        record)[after].mean()
 
 
 def test_the_handwritten_breadth_set_is_its_own_source() -> None:
