@@ -146,8 +146,8 @@ def test_the_shipped_form_scores_like_the_probe_through_the_monitor(
     state = monitor.start(MonitorContext("harm"))
     monitor.update(state, _features(record, 0, 12))
     monitor.truncate(state, 7)
-    got = [s.value for s in monitor.update(state, _features(record, 7, len(record)))]
-    np.testing.assert_allclose(got, probe.prefix_scores(record)[7:], atol=1e-5)
+    resumed = [s.value for s in monitor.update(state, _features(record, 7, len(record)))]
+    np.testing.assert_allclose(resumed, probe.prefix_scores(record)[7:], atol=1e-5)
     for record in pool[:6]:
         expected = probe.prefix_scores(record)
         state = monitor.start(MonitorContext("harm"))
