@@ -250,16 +250,21 @@ def _say(msg: str) -> None:
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
         max_false_halts: float, max_read: float,
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
-        progress: bool = False) -> dict[str, Any]:
-    """The LOSO selection over each layer of ``layers``, every pair and all of them together, at
-    every ridge strength and pooling half-life (None: the prefix mean)."""
+        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None
+        ) -> dict[str, Any]:
+    """The LOSO selection over ``layer_sets`` (default: each layer of ``layers``, every pair and
+    all of them together), at every ridge strength and pooling half-life (None: the prefix
+    mean)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    layer_sets = [(layer,) for layer in layers] + [
-        s for n in (2, len(layers)) if 1 < n <= len(layers)
-        for s in itertools.combinations(layers, n)]
-    layer_sets = list(dict.fromkeys(layer_sets))
+    if layer_sets is None:
+        layer_sets = [(layer,) for layer in layers] + [
+            s for n in (2, len(layers)) if 1 < n <= len(layers)
+            for s in itertools.combinations(layers, n)]
+    layer_sets = list(dict.fromkeys(tuple(s) for s in layer_sets))
+    if any(layer not in layers for s in layer_sets for layer in s):
+        raise ValueError(f"layer sets {layer_sets} use layers outside {list(layers)}")
     n_tags = len({r.tag for r in records})
     bar = tqdm(total=n_tags * len(halflives), desc="LOSO folds", unit="fold",
                disable=not progress)
@@ -357,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pooling half-lives in tokens ('none': the prefix mean)")
     parser.add_argument("--capped", nargs="*", default=list(CAPPED_MIXED),
                         help="tag prefixes of mixed sources whose benign records are capped too")
+    parser.add_argument("--layer-sets", nargs="+", default=None, metavar="L,L",
+                        help="layer sets to try, e.g. 12 9,12,15 (default: each layer of "
+                             "--layers, every pair and all together)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--max-false-halts", type=float, default=0.05)
     parser.add_argument("--max-read", type=float, default=0.5)
@@ -374,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _say(f"{len(records)} records")
     halflives = [None if h == "none" else float(h) for h in args.halflives]
+    layer_sets = (None if args.layer_sets is None
+                  else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
-                 halflives, args.capped, progress=not args.quiet)
+                 halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets)
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:
