@@ -216,7 +216,37 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
                 first = next((j for j, v in enumerate(labs) if v == 1), 0)
             out.append(PoolRecord(str(row["source_tag"]), int(row["label"]), hidden, first,
                                   str(row.get("split", "")), str(row.get("kind", "")),
-                                  {"index": i}))
+                                  {"index": i, "key": (str(row["prompt"]), str(row["response"]))}))
+    return out
+
+
+def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
+    """The records of ``records`` that ``build`` holds (a pool part read before a source's file
+    was final can hold answers since dropped or edited), each with its split in ``build``; a
+    record cut for the pool is found by its response's opening. Records of a source the build
+    does not hold at all (a set read as a part of its own) are kept as they are."""
+    from .loso import read_pool_records
+
+    where: dict[tuple[str, str], tuple[str, str, int]] = {}
+    for row in read_pool_records(build):
+        where[(row["prompt"], row["response"])] = (row["split"], row["source_tag"],
+                                                   int(row["label"]))
+    by_prompt: dict[str, list[tuple[str, tuple[str, str, int]]]] = {}
+    for (prompt, response), value in where.items():
+        by_prompt.setdefault(prompt, []).append((response, value))
+    tags = {v[1] for v in where.values()}
+    out = []
+    for r in records:
+        if r.tag not in tags:
+            out.append(r)
+            continue
+        prompt, response = r.extra["key"]
+        found = where.get((prompt, response)) or next(
+            (v for full, v in by_prompt.get(prompt, []) if full.startswith(response)), None)
+        if found is None or found[1] != r.tag or found[2] != r.label:
+            continue
+        r.split = found[0]
+        out.append(r)
     return out
 
 
@@ -365,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-sets", nargs="+", default=None, metavar="L,L",
                         help="layer sets to try, e.g. 12 9,12,15 (default: each layer of "
                              "--layers, every pair and all together)")
+    parser.add_argument("--build", type=Path, default=None,
+                        help="keep only the pool records this data build holds, with its splits")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--max-false-halts", type=float, default=0.05)
     parser.add_argument("--max-read", type=float, default=0.5)
@@ -377,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.pool) != len(args.features):
         parser.error("--pool and --features need the same number of paths")
     records = load_parts(args.pool, args.features, args.layers)
+    if args.build is not None:
+        records = reconcile(records, args.build)
     if not records:
         print(f"error: {args.features}: no feature shards", file=sys.stderr)
         return 2

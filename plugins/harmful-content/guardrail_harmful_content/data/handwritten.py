@@ -35,8 +35,10 @@ BENIGN_KINDS = ("benign_safety", "benign_medical", "benign_support", "benign_his
                 "benign_everyday")
 # shipped file name (in this package's data/) -> its source tag
 SETS: dict[str, str] = {
-    "handwritten_assist.jsonl": "handwritten:assist-v1",
-    "handwritten_plain.jsonl": "handwritten:plain-v1",
+    "handwritten_assist.jsonl": "handwritten:assist-v1",  # assistant-style answers
+    "handwritten_plain.jsonl": "handwritten:plain-v1",  # plain human prose
+    "handwritten_long.jsonl": "handwritten:long-v1",  # long answers, late turns
+    "handwritten_hard.jsonl": "handwritten:hard-v1",  # euphemistic harm, alarming-word benign
 }
 
 
