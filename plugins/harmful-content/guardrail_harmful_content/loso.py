@@ -90,10 +90,10 @@ the closest thing to text nobody here generated."""
 
 def pool_sample(records: Sequence[Mapping[str, Any]], per_cell: int, max_chars: int,
                 seed: int = 0, whole: Sequence[str] = WHOLE) -> list[dict[str, Any]]:
-    """At most ``per_cell`` records of each (source_tag, label) cell (every record of a tag that
-    starts with one of ``whole``), cut to ``max_chars``, in their original order. A cell taken
-    whole draws nothing from the seeded sample, so the other cells' draws do not change when a
-    hand-written set is added."""
+    """At most ``per_cell`` records of each (source_tag, label) cell, cut to ``max_chars``, in
+    their original order; every record of a tag that starts with one of ``whole``, uncut (their
+    answers can turn harmful late). A cell taken whole draws nothing from the seeded sample, so
+    the other cells' draws do not change when a hand-written set is added."""
     cells: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         cells[(str(r["source_tag"]), int(r["label"]))].append(i)
@@ -105,7 +105,8 @@ def pool_sample(records: Sequence[Mapping[str, Any]], per_cell: int, max_chars: 
             keep.extend(members)
             continue
         keep.extend(rng.sample(members, min(per_cell, len(members))))
-    return [cut_record(records[i], max_chars) for i in sorted(keep)]
+    return [dict(records[i]) if str(records[i]["source_tag"]).startswith(tuple(whole))
+            else cut_record(records[i], max_chars) for i in sorted(keep)]
 
 
 def main(argv: list[str] | None = None) -> int:
