@@ -237,6 +237,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     config = probe.config
     layers = [int(x) for x in config["layers"]]
     pooling = str(config.get("pooling", "none"))
+    halflife = config.get("halflife")
     threshold, k = float(config["threshold"]), int(config["rule"]["k"])
     full_t = float(config["full_detection_threshold"])
     work = cache_dir() / "harmful-content"
@@ -252,7 +253,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     records = extract_features(observer, test, work / "features", cached_layers,
                                dtype="float16", chunk_size=512, progress=progress).records
     features_s = time.perf_counter() - t
-    scores = prefix_scores(head, stack_layers(records, layers, pooling))
+    scores = prefix_scores(head, stack_layers(records, layers, pooling, halflife))
     labels = [int(r.label or 0) for r in records]
     kinds = [str(r.extra.get("kind", "")) for r in records]
     lengths = [len(s) for s in scores]
@@ -264,7 +265,8 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     by_source = _by_source(records, labels, streaming_halts, lengths)
     t_win = time.perf_counter()
     windowed_raw = windowed_halts(observer, head, layers, records, scores,
-                                  full_t, pooling=pooling, progress=progress)
+                                  full_t, pooling=pooling, progress=progress,
+                                  halflife=halflife)
     windowed_h = [h for h, _ in windowed_raw]
     windowed = {**_decisions(windowed_h, lengths, labels), **_medians(windowed_h, lengths, labels),
                 "threshold": full_t, "chunk": 200, "context": 50,

@@ -130,17 +130,34 @@ def render(result: dict[str, Any]) -> str:
 
 
 def render_selection(report: dict[str, Any]) -> str:
-    """The LOSO selection's per-source figures (``select.py``'s report)."""
+    """The LOSO selection's per-source figures (``select.py``'s report), and the head shipped
+    before it on the sources it never trained on when the report carries them."""
     from guardrail_harmful_content.select import render as table
 
     chosen = report["chosen"]
-    return "\n".join([
-        "### Harmful content out of source: the LOSO-chosen pooled probe (candidate, not shipped)",
+    status = "shipped" if report.get("shipped") else "candidate, not shipped"
+    pooling = ("prefix mean" if chosen.get("halflife") is None
+               else f"exponentially weighted mean, half-life {chosen['halflife']:g} tokens")
+    caps = report.get("caps") or {}
+    lines = [
+        f"### Harmful content out of source: the LOSO-chosen pooled probe ({status})",
         "", f"{report['pool']['records']} pool records, {len(report['pool']['sources'])} source "
-        f"tags; layers {chosen['layers']}, ridge {chosen['ridge']}, rule threshold "
-        f"{chosen['threshold']}, k {chosen['k']}, chosen on out-of-source scores only. Beside: "
-        "the same probe fitted on the pool's train+val and scored on its test records.", "",
-        table(report["loso"], report.get("in_split") or {}, ("LOSO", "in-split test"))])
+        f"tags; layers {chosen['layers']}, {pooling}, ridge {chosen['ridge']}, rule threshold "
+        f"{chosen['threshold']}, k {chosen['k']}, chosen on out-of-source scores only (caps: "
+        f"false halts <= {caps.get('max_false_halt_rate_per_benign_source')} on every capped "
+        f"source, mean share read <= {caps.get('max_fraction_seen')}). Beside: the same probe "
+        "fitted on the pool's train+val and scored on its test records.", "",
+        table(report["loso"], report.get("in_split") or {}, ("LOSO", "in-split test"))]
+    before = report.get("shipped_before_on_handwritten")
+    if before:
+        mine = {t: report["loso"][t] for t in before if t in report["loso"]}
+        if report.get("loso_handwritten_pool"):
+            mine["pool"] = report["loso_handwritten_pool"]
+        lines += ["", "On the hand-written sources (never trained on by the head shipped before "
+                  "this one, held out for the probe): the probe out of source against that "
+                  "head with its own rule.", "",
+                  table(mine, before, ("LOSO probe", "head before"))]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

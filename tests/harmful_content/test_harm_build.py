@@ -12,6 +12,7 @@ from typing import Any
 from guardrail_harmful_content.data import BuildConfig, build_dataset
 from guardrail_harmful_content.data.__main__ import main
 from guardrail_harmful_content.data.augment import OPENINGS
+from guardrail_harmful_content.data.handwritten import BENIGN_KINDS, HARMFUL_KINDS, default_sets
 from guardrail_harmful_content.data.stopwords import STOPWORDS
 from guardrail_harmful_content.data.topics import TOPICS
 
@@ -67,8 +68,14 @@ def test_every_split_has_both_labels_and_train_is_roughly_balanced(
 
 def test_every_kind_appears(full_build: Path, read_split: Reader) -> None:
     splits = _all(full_build, read_split)
-    assert {r["kind"] for rows in splits.values() for r in rows} == KINDS
-    assert {r["kind"] for r in splits["train"]} == KINDS
+    hand = {f"handwritten_{k}" for k in HARMFUL_KINDS + BENIGN_KINDS}
+    kinds = {r["kind"] for rows in splits.values() for r in rows}
+    assert kinds - hand == KINDS
+    assert {r["kind"] for r in splits["train"]} - hand == KINDS
+    # the shipped hand-written sets bring their harmful and turning answers into train
+    if default_sets():
+        assert {"handwritten_harmful", "handwritten_harmful_turn"} <= {
+            r["kind"] for r in splits["train"]}
 
 
 def test_heldout_topics_appear_only_in_test(full_build: Path, read_split: Reader) -> None:

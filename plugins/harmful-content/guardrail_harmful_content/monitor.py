@@ -20,7 +20,8 @@ the mean of the response's states so far; its projection of the mean is the mean
 projections, so a stream's state is one float per token (kept so a routed stream can be cut
 back). An MLP sequence head (``sequence_hidden = m``) projects each state to its ``m`` hidden
 units the same way, so its stream keeps ``m`` floats per token, then applies GELU and the output
-row.
+row. A ``prefix_ema`` head (``halflife`` in its config) reads an exponentially weighted mean
+instead: the stream keeps the decayed sum and the decayed count of the projections.
 """
 
 from __future__ import annotations
@@ -68,15 +69,16 @@ _SHIPPED_THRESHOLD, _SHIPPED_K = _rule_of(_shipped_config())
 
 
 class _PrefixMean:
-    """Per-stream state of a ``prefix_mean`` head: each token's projection by the mean half of
-    the head's first layer (a float for a linear head, ``m`` floats for an MLP) and their
-    running sum."""
+    """Per-stream state of a ``prefix_mean`` (or ``prefix_ema``) head: each token's projection by
+    the mean half of the head's first layer (a float for a linear head, ``m`` floats for an MLP)
+    and their running (decayed) sum and count."""
 
-    __slots__ = ("projections", "total")
+    __slots__ = ("count", "projections", "total")
 
     def __init__(self, total: float | np.ndarray) -> None:
         self.projections: list[Any] = []
         self.total = total
+        self.count = 0.0
 
 
 def _project(rows: Sequence[np.ndarray], blocks: Sequence[np.ndarray]) -> np.ndarray:
@@ -139,6 +141,15 @@ class HarmfulContentMonitor(Monitor):
             raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'pooling' must be "
                                  f"one of {list(POOLINGS)}, got {pooling!r}")
         self.pooling: str = pooling
+        # per-token decay of the pooled half: 1.0 is the plain prefix mean
+        self._decay = 1.0
+        if pooling == "prefix_ema":
+            halflife = self.probe.config.get("halflife")
+            if not isinstance(halflife, (int, float)) or isinstance(halflife, bool) or not (
+                    halflife > 0):
+                raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'halflife' "
+                                     f"must be a number of tokens > 0, got {halflife!r}")
+            self._decay = 2.0 ** (-1.0 / float(halflife))
         # softmax(z)[1] = sigmoid(z[1] - z[0]). A linear head's first (and only) layer is then
         # the difference row; an MLP's is Linear(H, m), then GELU and the output difference row.
         # Its columns are cut per layer (and, for a prefix_mean head, per layer again for the
@@ -156,7 +167,7 @@ class HarmfulContentMonitor(Monitor):
         else:
             weight = linears[0].weight.detach().double()
             w1 = (weight[1] - weight[0]).float().numpy()
-        parts = len(self.layers) * (2 if self.pooling == "prefix_mean" else 1)
+        parts = len(self.layers) * (1 if self.pooling == "none" else 2)
         width = w1.shape[0] // parts
         cuts = [w1[i * width:(i + 1) * width] for i in range(parts)]
         self._proj = cuts[:len(self.layers)]
@@ -192,14 +203,14 @@ class HarmfulContentMonitor(Monitor):
             with self._lock:  # once per observer: the dims must fit the head
                 check_observer(self.probe, observer)
                 width = (int(observer.hidden_size) * len(self.layers)
-                         * (2 if self.pooling == "prefix_mean" else 1))
+                         * (1 if self.pooling == "none" else 2))
                 if width != self.probe.head.hidden_size:
                     raise ProbeFileError(
                         f"{self.weights}: the head reads {self.probe.head.hidden_size} values "
                         f"per token, observer {observer.name!r} gives {width} for layers "
                         f"{list(self.layers)}")
                 self._checked.add(id(observer))
-        if self.pooling != "prefix_mean":
+        if self.pooling == "none":
             return None
         return _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]))
 
@@ -210,24 +221,35 @@ class HarmfulContentMonitor(Monitor):
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
         rows = [float32_rows(hidden[layer]) for layer in self.layers]
+        d = self._decay
         if self._mlp is None:
             values: list[float] = _project(rows, self._proj).tolist()
             if state is not None:
-                total = float(state.total)
+                total, count = float(state.total), state.count
                 for j, p in enumerate(_project(rows, self._mean_proj).tolist()):
                     state.projections.append(p)
-                    total += p
-                    values[j] += total / len(state.projections)
-                state.total = total
+                    total = d * total + p
+                    count = d * count + 1.0
+                    values[j] += total / count
+                state.total, state.count = total, count
         else:
             z = _project(rows, self._proj).astype(np.float64)
             if state is not None:
                 projected = _project(rows, self._mean_proj)
-                seen = len(state.projections)
-                running = state.total + np.cumsum(projected, axis=0, dtype=np.float64)
-                z = z + running / np.arange(seen + 1, seen + len(projected) + 1)[:, None]
+                if d == 1.0:
+                    seen = len(state.projections)
+                    running = state.total + np.cumsum(projected, axis=0, dtype=np.float64)
+                    z = z + running / np.arange(seen + 1, seen + len(projected) + 1)[:, None]
+                    state.total = running[-1]
+                    state.count += len(projected)
+                else:
+                    acc, count = np.asarray(state.total, dtype=np.float64), state.count
+                    for j, p in enumerate(projected):
+                        acc = d * acc + p
+                        count = d * count + 1.0
+                        z[j] += acc / count
+                    state.total, state.count = acc, count
                 state.projections.extend(projected)
-                state.total = running[-1]
             bias, w_out, b_out = self._mlp
             values = (_gelu_tanh(z + bias) @ w_out + b_out).tolist()
         # the sigmoid, as tanh: no overflow
@@ -237,10 +259,17 @@ class HarmfulContentMonitor(Monitor):
     def truncate(self, state: _PrefixMean | None, n_tokens: int) -> None:
         if state is not None and n_tokens < len(state.projections):
             del state.projections[n_tokens:]
-            if self._mlp is None:
+            n, d = len(state.projections), self._decay
+            if d == 1.0 and self._mlp is None:
                 state.total = math.fsum(state.projections)
-            else:
+            elif d == 1.0:
                 state.total = (np.sum(state.projections, axis=0) if state.projections
                                else np.zeros_like(state.total))
+            else:
+                weights = d ** np.arange(n - 1, -1, -1, dtype=np.float64)
+                kept = np.asarray(state.projections, dtype=np.float64)
+                state.total = (float(weights @ kept) if self._mlp is None
+                               else (weights @ kept if n else np.zeros_like(state.total)))
+            state.count = float(n) if d == 1.0 else float(np.sum(d ** np.arange(n)))
 
 

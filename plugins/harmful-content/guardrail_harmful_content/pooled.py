@@ -1,10 +1,13 @@
-"""A linear probe on the prefix mean of the observer's states, fitted and judged out of source.
+"""A linear probe on the pooled states of a prefix, fitted and judged out of source.
 
-The score of a prefix ending at token ``i`` is ``sigmoid(a * (w . mean(h_0..h_i) + b) + c)``:
+The score of a prefix ending at token ``i`` is ``sigmoid(a * (w . pool(h_0..h_i) + b) + c)``:
 ``h`` the observer's states of one or more layers side by side, ``w, b`` a ridge fit on
 standardised prefix means (strong L2, so no single template word carries the verdict), ``a, c``
-a one-feature logistic (Platt) fit of the ridge output on the same training rows. The mean is
-causal, so the running score after each token is what the streaming rule reads.
+a one-feature logistic (Platt) fit of the ridge output on the same training rows. The pooling is
+causal, so the running score after each token is what the streaming rule reads. ``pool`` is the
+mean of the response's states so far (``halflife`` None), or their exponentially weighted mean,
+weight ``2 ** (-(i - j) / halflife)`` on token ``j`` (``pool_states``): a long benign opening
+then does not dilute the harm that follows it, so a rule can halt soon after an answer turns.
 
 Training rows: each record's prefix means at a few cut points (absolute and relative). A harmful
 record's prefix counts as harmful once it has reached the record's first harmful token (from the
@@ -33,7 +36,7 @@ import torch
 from guardrail.probes.heads import DualHead
 
 __all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "LinearProbe", "PoolRecord", "cut_positions",
-           "fit_loso", "fit_probe", "row_matrix", "to_dual_head"]
+           "decay_of", "fit_loso", "fit_probe", "pool_states", "row_matrix", "to_dual_head"]
 
 CUT_TOKENS = (3, 7, 15, 31, 63)
 CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -58,6 +61,34 @@ class PoolRecord:
         return int(next(iter(self.hidden.values())).shape[0])
 
 
+def decay_of(halflife: float | None) -> float:
+    """The per-token decay of an exponentially weighted mean (1.0: the plain mean)."""
+    if halflife is None:
+        return 1.0
+    if not halflife > 0:
+        raise ValueError(f"halflife must be > 0 tokens, got {halflife!r}")
+    return float(2.0 ** (-1.0 / halflife))
+
+
+def pool_states(states: np.ndarray, halflife: float | None = None) -> np.ndarray:
+    """``(n, ...)`` -> float64 ``(n, ...)``: row ``i`` the mean of rows ``0..i``, weighted
+    ``2 ** (-(i - j) / halflife)`` on row ``j`` (equal weights when ``halflife`` is None); the
+    weights sum to one at every row, so the first rows are a plain mean of the few seen."""
+    x = np.asarray(states, dtype=np.float64)
+    d = decay_of(halflife)
+    if d == 1.0:
+        counts = np.arange(1, x.shape[0] + 1, dtype=np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
+        return np.cumsum(x, axis=0) / counts
+    out = np.empty_like(x)
+    total = np.zeros(x.shape[1:])
+    weight = 0.0
+    for i in range(x.shape[0]):
+        total = d * total + x[i]
+        weight = d * weight + 1.0
+        out[i] = total / weight
+    return out
+
+
 def cut_positions(n: int) -> list[int]:
     """The token indices whose prefix means become training rows for a record of ``n`` tokens."""
     points = {p for p in CUT_TOKENS if p < n}
@@ -72,9 +103,10 @@ def _prefix_label(record: PoolRecord, p: int) -> int:
     return int(p >= first)
 
 
-def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int]
+def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
+               halflife: float | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Training rows of ``records``: ``X (R, H*len(layers))`` float32 prefix means, ``y (R,)``,
+    """Training rows of ``records``: ``X (R, H*len(layers))`` float32 pooled prefixes, ``y (R,)``,
     ``weights (R,)`` (each (tag, label) cell sums to one; each record's rows share its
     weight equally), ``owner (R,)`` the record index of each row."""
     cell_size: dict[tuple[str, int], int] = defaultdict(int)
@@ -91,9 +123,12 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int]
         parts = []
         for layer in layers:
             states = np.asarray(r.hidden[layer], dtype=np.float32)
-            means = np.cumsum(states, axis=0)[cuts] / (np.asarray(cuts, dtype=np.float32)[:, None]
-                                                        + 1.0)
-            parts.append(means)
+            if halflife is None:
+                pooled = np.cumsum(states, axis=0)[cuts] / (
+                    np.asarray(cuts, dtype=np.float32)[:, None] + 1.0)
+            else:
+                pooled = pool_states(states[:cuts[-1] + 1], halflife)[cuts].astype(np.float32)
+            parts.append(pooled)
         xs.append(np.concatenate(parts, axis=1))
         ys.extend(_prefix_label(r, p) for p in cuts)
         ws.extend([1.0 / (len(cuts) * cell_size[(r.tag, r.label)])] * len(cuts))
@@ -104,7 +139,7 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int]
 
 @dataclass
 class LinearProbe:
-    """``logit = a * (w . x + b) + c`` over the layers' prefix means side by side."""
+    """``logit = a * (w . x + b) + c`` over the layers' pooled prefixes side by side."""
 
     layers: tuple[int, ...]
     w: np.ndarray  # (H * len(layers),) float64, on raw (unstandardised) states
@@ -112,6 +147,7 @@ class LinearProbe:
     a: float
     c: float
     ridge: float
+    halflife: float | None = None  # None: the prefix mean (pool_states)
 
     def logit_weights(self) -> tuple[np.ndarray, float]:
         """The probe as one affine map: ``logit = w' . x + b'``."""
@@ -124,7 +160,7 @@ class LinearProbe:
         z = np.zeros(len(record), dtype=np.float64)
         for j, layer in enumerate(self.layers):
             z += np.asarray(record.hidden[layer], dtype=np.float32) @ w[j * width:(j + 1) * width]
-        z = np.cumsum(z) / np.arange(1, len(z) + 1) + b
+        z = pool_states(z, self.halflife) + b
         return 0.5 + 0.5 * np.tanh(0.5 * z)
 
 
@@ -194,23 +230,24 @@ def _columns(layers: Sequence[int], all_layers: Sequence[int], width: int) -> np
                                      (all_layers.index(layer) + 1) * width) for layer in layers])
 
 
-def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
-              ) -> LinearProbe:
+def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
+              halflife: float | None = None) -> LinearProbe:
     """One probe on all of ``records``."""
-    x, y, w, _ = row_matrix(records, layers)
+    x, y, w, _ = row_matrix(records, layers, halflife)
     m = _Moments.of(x, y, w)
     (coef, b), = _ridge(m, np.arange(x.shape[1]), [ridge])
     a, c = _platt(x.astype(np.float64) @ coef + b, y, w)
-    return LinearProbe(tuple(layers), coef, b, a, c, ridge)
+    return LinearProbe(tuple(layers), coef, b, a, c, ridge, halflife)
 
 
 def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
-             progress: Any = None) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
+             progress: Any = None, halflife: float | None = None
+             ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """Out-of-source prefix scores: for every layer set and ridge strength, every record scored
-    by the probe fitted on the records of all the other source tags."""
+    by the probe (pooling ``halflife``) fitted on the records of all the other source tags."""
     all_layers = list(all_layers)
-    x, y, w, owner = row_matrix(records, all_layers)
+    x, y, w, owner = row_matrix(records, all_layers, halflife)
     width = x.shape[1] // len(all_layers)
     tags = sorted({r.tag for r in records})
     row_tag = np.asarray([records[i].tag for i in owner])
@@ -231,7 +268,7 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
                 full = np.zeros(x.shape[1], dtype=np.float32)
                 full[cols] = coef
                 a, c = _platt((xt @ full).astype(np.float64) + b, y[train], w[train])
-                probe = LinearProbe(tuple(layers), coef, b, a, c, lam)
+                probe = LinearProbe(tuple(layers), coef, b, a, c, lam, halflife)
                 scores = out[(tuple(layers), lam)]
                 for i in members:
                     scores[i] = probe.prefix_scores(records[i])
@@ -241,8 +278,9 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
 
 
 def to_dual_head(probe: LinearProbe, hidden_size: int) -> DualHead:
-    """The probe as a ``prefix_mean`` ``DualHead`` over ``probe.layers``: the input is the
-    layers' token states then their prefix means (``scoring.stack_states``); the token half gets
+    """The probe as a ``prefix_mean`` (``prefix_ema`` with a halflife) ``DualHead`` over
+    ``probe.layers``: the input is the layers' token states then their pooled prefixes
+    (``scoring.stack_states``); the token half gets
     zero weight. ``DualHead``'s linear sequence head has no bias, so the probe's affine map rides
     on a one-unit MLP: ``Linear(D, 1)`` computes ``w' . x + b' + S`` with ``S`` large enough that
     GELU is the identity there (to float64 precision), and the output row ``(0, 1)`` with bias

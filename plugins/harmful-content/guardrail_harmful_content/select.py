@@ -4,12 +4,16 @@
 
 The pool (``loso.pool_sample`` of a build, every record with its ``source_tag``) is read once by
 the observer (``guardrail.probes.features`` cache, or the shards of a cut run). For every layer
-set and ridge strength, ``pooled.fit_loso`` scores each record with the probe fitted without its
-source. The count-k rule ``(threshold, k)`` is then chosen on these out-of-source scores, one rule
-for every source: the candidate and rule with the best mean macro-F1 over the sources that hold
-harmful records, among those whose false-halt rate is at most ``--max-false-halts`` on every
-benign-only source and whose mean share of a harmful answer read is at most ``--max-read``. The
-in-split test figures are never looked at to choose anything.
+set, ridge strength and pooling (``--halflives``: the prefix mean, ``none``, or exponentially
+weighted means with these half-lives in tokens), ``pooled.fit_loso`` scores each record with the
+probe fitted without its source. The count-k rule ``(threshold, k)`` is then chosen on these
+out-of-source scores, one rule for every source: the candidate and rule with the best mean
+macro-F1 over the sources that hold harmful records, among those whose false-halt rate is at most
+``--max-false-halts`` on every capped source and whose mean share of a harmful answer read is at
+most ``--max-read``. Capped: every benign-only source, and the benign records of the mixed
+sources named by ``--capped`` prefixes (default the hand-written sets: topic-matched benign
+answers whose labels are clean, where pyrit's "harmless" responses are often compliant answers
+rated below 0.5). The in-split test figures are never looked at to choose anything.
 
 Also reported, for the chosen candidate: a nested estimate (each source's rule chosen on the
 other sources' out-of-source scores, then applied to it). With ``--out`` the chosen probe is
@@ -75,13 +79,19 @@ def source_metrics(labels: np.ndarray, halt: np.ndarray, lengths: np.ndarray
     return out
 
 
+CAPPED_MIXED = ("handwritten:",)
+
+
 def _grid_summary(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
-                  max_false_halts: float, max_read: float) -> dict[str, np.ndarray]:
-    """Per rule in the grid: mean macro-F1 over harmful sources, worst benign-only source's
-    false-halt rate, pooled fraction read and pooled macro-F1."""
+                  max_false_halts: float, max_read: float,
+                  capped: Sequence[str] = CAPPED_MIXED) -> dict[str, np.ndarray]:
+    """Per rule in the grid: mean macro-F1 over harmful sources, the worst capped source's
+    false-halt rate (benign-only sources, and the benign records of sources whose tag starts
+    with one of ``capped``), pooled fraction read and pooled macro-F1."""
     _, nt, nk = table.shape
     harmful_tags = sorted({t for t, y in zip(tags, labels, strict=True) if y == 1})
-    benign_tags = sorted(set(tags) - set(harmful_tags))
+    benign_tags = sorted(set(tags) - set(harmful_tags)) + [
+        t for t in harmful_tags if t.startswith(tuple(capped))]
     mean_f1 = np.zeros((nt, nk))
     worst_fhr = np.zeros((nt, nk))
     read = np.ones((nt, nk))
@@ -98,8 +108,9 @@ def _grid_summary(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, tab
         mean_f1 += (_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2
     mean_f1 /= max(1, len(harmful_tags))
     for tag in benign_tags:
-        sel = tags == tag
-        worst_fhr = np.maximum(worst_fhr, fired[sel].mean(0))
+        sel = (tags == tag) & (labels == 0)
+        if sel.any():
+            worst_fhr = np.maximum(worst_fhr, fired[sel].mean(0))
     y = labels == 1
     tp = (fired & y[:, None, None]).sum(0)
     fp = (fired & ~y[:, None, None]).sum(0)
@@ -156,7 +167,7 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     test = [r for r in records if r.split == "test"]
     if not train or not test:
         return {}
-    probe = fit_probe(train, chosen["layers"], chosen["ridge"])
+    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
     scores = [probe.prefix_scores(r) for r in test]
     table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
     return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
@@ -164,13 +175,14 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
 
 
 def nested(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
-           max_false_halts: float, max_read: float) -> np.ndarray:
+           max_false_halts: float, max_read: float,
+           capped: Sequence[str] = CAPPED_MIXED) -> np.ndarray:
     """Each source's halts under the rule chosen on the other sources' scores."""
     out = np.full(len(labels), -1, dtype=np.int64)
     for tag in sorted(set(tags)):
         rest = tags != tag
         summary = _grid_summary(labels[rest], tags[rest], lengths[rest], table[rest],
-                                max_false_halts, max_read)
+                                max_false_halts, max_read, capped)
         j, k, _ = choose_rule(summary)
         out[tags == tag] = table[tags == tag, j, k]
     return out
@@ -204,7 +216,37 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
                 first = next((j for j, v in enumerate(labs) if v == 1), 0)
             out.append(PoolRecord(str(row["source_tag"]), int(row["label"]), hidden, first,
                                   str(row.get("split", "")), str(row.get("kind", "")),
-                                  {"index": i}))
+                                  {"index": i, "key": (str(row["prompt"]), str(row["response"]))}))
+    return out
+
+
+def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
+    """The records of ``records`` that ``build`` holds (a pool part read before a source's file
+    was final can hold answers since dropped or edited), each with its split in ``build``; a
+    record cut for the pool is found by its response's opening. Records of a source the build
+    does not hold at all (a set read as a part of its own) are kept as they are."""
+    from .loso import read_pool_records
+
+    where: dict[tuple[str, str], tuple[str, str, int]] = {}
+    for row in read_pool_records(build):
+        where[(row["prompt"], row["response"])] = (row["split"], row["source_tag"],
+                                                   int(row["label"]))
+    by_prompt: dict[str, list[tuple[str, tuple[str, str, int]]]] = {}
+    for (prompt, response), value in where.items():
+        by_prompt.setdefault(prompt, []).append((response, value))
+    tags = {v[1] for v in where.values()}
+    out = []
+    for r in records:
+        if r.tag not in tags:
+            out.append(r)
+            continue
+        prompt, response = r.extra["key"]
+        found = where.get((prompt, response)) or next(
+            (v for full, v in by_prompt.get(prompt, []) if full.startswith(response)), None)
+        if found is None or found[1] != r.tag or found[2] != r.label:
+            continue
+        r.split = found[0]
+        out.append(r)
     return out
 
 
@@ -236,39 +278,60 @@ def _say(msg: str) -> None:
 
 
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
-        max_false_halts: float, max_read: float) -> dict[str, Any]:
-    """The LOSO selection over each layer of ``layers``, every pair and all of them together, at
-    every ridge strength."""
+        max_false_halts: float, max_read: float,
+        halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
+        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None
+        ) -> dict[str, Any]:
+    """The LOSO selection over ``layer_sets`` (default: each layer of ``layers``, every pair and
+    all of them together), at every ridge strength and pooling half-life (None: the prefix
+    mean)."""
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
-    layer_sets = [(layer,) for layer in layers] + [
-        s for n in (2, len(layers)) if 1 < n <= len(layers)
-        for s in itertools.combinations(layers, n)]
-    layer_sets = list(dict.fromkeys(layer_sets))
-    scored = fit_loso(records, layers, layer_sets, ridges, progress=lambda t: _say(f"fold {t}"))
+    if layer_sets is None:
+        layer_sets = [(layer,) for layer in layers] + [
+            s for n in (2, len(layers)) if 1 < n <= len(layers)
+            for s in itertools.combinations(layers, n)]
+    layer_sets = list(dict.fromkeys(tuple(s) for s in layer_sets))
+    if any(layer not in layers for s in layer_sets for layer in s):
+        raise ValueError(f"layer sets {layer_sets} use layers outside {list(layers)}")
+    n_tags = len({r.tag for r in records})
+    bar = tqdm(total=n_tags * len(halflives), desc="LOSO folds", unit="fold",
+               disable=not progress)
+    scored: dict[tuple[tuple[int, ...], float, float | None], list[np.ndarray]] = {}
+    for halflife in halflives:
+        for (layer_set, lam), scores in fit_loso(
+                records, layers, layer_sets, ridges, halflife=halflife,
+                progress=lambda t: bar.update(1)).items():
+            scored[(layer_set, lam, halflife)] = scores
+    bar.close()
     labels = np.asarray([r.label for r in records])
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates: list[dict[str, Any]] = []
-    tables: dict[tuple[tuple[int, ...], float], np.ndarray] = {}
-    for (layer_set, lam), scores in scored.items():
+    tables: dict[tuple[tuple[int, ...], float, float | None], np.ndarray] = {}
+    for (layer_set, lam, halflife), scores in tqdm(scored.items(), desc="rules", unit="head",
+                                                   disable=not progress):
         table = halts(scores, THRESHOLDS, KS)
-        summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read)
+        summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read, capped)
         j, k, met = choose_rule(summary)
-        tables[(layer_set, lam)] = table
-        candidates.append({"layers": list(layer_set), "ridge": lam, "threshold": THRESHOLDS[j],
+        tables[(layer_set, lam, halflife)] = table
+        candidates.append({"layers": list(layer_set), "ridge": lam, "halflife": halflife,
+                           "threshold": THRESHOLDS[j],
                            "k": KS[k], "constraint_met": met,
                            "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
                            "worst_benign_source_false_halt_rate":
                                float(summary["worst_fhr"][j, k]),
                            "pool_macro_f1": float(summary["pooled"][j, k]),
                            "fraction_seen": float(summary["read"][j, k])})
-        _say(json.dumps(candidates[-1]))
+        if not progress:
+            _say(json.dumps(candidates[-1]))
     best = max(candidates, key=lambda c: (c["constraint_met"],
                                           c["mean_harmful_source_macro_f1"]
                                           if c["constraint_met"]
                                           else -c["worst_benign_source_false_halt_rate"],
                                           -len(c["layers"])))
-    key: tuple[tuple[int, ...], float] = (tuple(best["layers"]), float(best["ridge"]))
+    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"])
     table = tables[key]
     j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
     # full detection (the last token's score only), thresholded on the same out-of-source scores
@@ -279,11 +342,14 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "candidates": candidates,
         "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
         "loso_nested": per_source(labels, tags, lengths,
-                                  nested(labels, tags, lengths, table, max_false_halts, max_read),
+                                  nested(labels, tags, lengths, table, max_false_halts, max_read,
+                                         capped),
                                   scored[key]),
         "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
-                 "max_fraction_seen": max_read},
+                 "max_fraction_seen": max_read,
+                 "capped_mixed_sources": list(capped)},
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
+                 "halflives": list(halflives),
                  "layer_sets": [list(s) for s in layer_sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
                                                       for t in sorted(set(tags))}},
@@ -322,6 +388,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: read the parts with SmolLM2 into the guardrail cache)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12, 15])
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
+    parser.add_argument("--halflives", nargs="+", default=["none"],
+                        help="pooling half-lives in tokens ('none': the prefix mean)")
+    parser.add_argument("--capped", nargs="*", default=list(CAPPED_MIXED),
+                        help="tag prefixes of mixed sources whose benign records are capped too")
+    parser.add_argument("--layer-sets", nargs="+", default=None, metavar="L,L",
+                        help="layer sets to try, e.g. 12 9,12,15 (default: each layer of "
+                             "--layers, every pair and all together)")
+    parser.add_argument("--build", type=Path, default=None,
+                        help="keep only the pool records this data build holds, with its splits")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--max-false-halts", type=float, default=0.05)
     parser.add_argument("--max-read", type=float, default=0.5)
     parser.add_argument("--report", type=Path, required=True, help="JSON report to write")
@@ -333,11 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.pool) != len(args.features):
         parser.error("--pool and --features need the same number of paths")
     records = load_parts(args.pool, args.features, args.layers)
+    if args.build is not None:
+        records = reconcile(records, args.build)
     if not records:
         print(f"error: {args.features}: no feature shards", file=sys.stderr)
         return 2
     _say(f"{len(records)} records")
-    report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read)
+    halflives = [None if h == "none" else float(h) for h in args.halflives]
+    layer_sets = (None if args.layer_sets is None
+                  else [[int(x) for x in s.split(",")] for s in args.layer_sets])
+    report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
+                 halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets)
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:
@@ -353,20 +435,22 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     from .train import NAME
 
     chosen = report["chosen"]
-    probe = fit_probe(records, chosen["layers"], chosen["ridge"])
+    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
     head = to_dual_head(probe, hidden_size)
     config = {
         "base_model": "smollm2-135m",
         "layer": chosen["layers"][0],
         "layers": chosen["layers"],
-        "pooling": "prefix_mean",
+        "pooling": "prefix_mean" if probe.halflife is None else "prefix_ema",
+        **({} if probe.halflife is None else {"halflife": probe.halflife}),
         "dims": {"hidden_size": hidden_size, "input_size": head.hidden_size,
                  "observer_layers": 30},
         "threshold": chosen["threshold"],
         "rule": {"kind": "count", "k": chosen["k"]},
         "full_detection_threshold": chosen["full_detection_threshold"],
-        "method": {"head": "linear probe on the prefix mean of the layers' states: ridge on "
+        "method": {"head": "linear probe on the pooled prefix of the layers' states "
+                           "(mean, or exponentially weighted mean with 'halflife'): ridge on "
                            "standardised rows, Platt-scaled (pooled.py); a one-unit MLP in the "
                            "file carries its bias (pooled.to_dual_head)",
                    "ridge": chosen["ridge"], "platt": {"a": probe.a, "c": probe.c},

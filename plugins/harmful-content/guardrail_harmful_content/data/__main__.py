@@ -1,19 +1,23 @@
 """``python -m guardrail_harmful_content.data build --out DIR [--seed N] [--limit N]
-[--own-answers FILE]``, ``python -m guardrail_harmful_content.data own-answers --out FILE
-[--count N]`` (the observed model's own answers to benign prompts; resumable) and
-``python -m guardrail_harmful_content.data replays [--out DIR]``."""
+[--own-answers FILE] [--no-handwritten]``, ``python -m guardrail_harmful_content.data
+handwritten FILE...`` (check writers' files and count them), ``python -m
+guardrail_harmful_content.data own-answers --out FILE [--count N]`` (the observed model's
+own answers to benign prompts; resumable) and ``python -m guardrail_harmful_content.data
+replays [--out DIR]``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from guardrail.errors import ObserverError
 
 from .build import BuildConfig, build_dataset
+from .handwritten import read_handwritten
 from .longform import default_longfact_dir, read_longfact
 from .own_answers import OwnAnswersConfig, generate_own_answers, prompt_order
 from .replays import default_replay_dir, write_replays
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                             "harmless records (default: the shipped SmolLM2 answers)")
     build.add_argument("--no-own-answers", action="store_true",
                        help="leave the model's own answers out")
+    build.add_argument("--no-handwritten", action="store_true",
+                       help="leave the shipped hand-written sets out")
+    check = sub.add_parser("handwritten", help="check writers' files (handwritten.py format) "
+                                               "and count their records")
+    check.add_argument("files", type=Path, nargs="+", metavar="FILE")
     own = sub.add_parser("own-answers", help="the observed model's greedy answers to benign "
                                              "LongFact prompts (appends; resumes a cut run)")
     own.add_argument("--out", type=Path, required=True, help="JSON Lines file")
@@ -59,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.own_answers is not None or args.no_own_answers:
                 config = replace(config, own_answers=None if args.no_own_answers
                                  else args.own_answers)
+            if args.no_handwritten:
+                config = replace(config, handwritten=())
             manifest = build_dataset(args.out, config)
             summary = {name: manifest["counts"][name]["labels"] for name in manifest["counts"]}
             print(json.dumps({"out": str(args.out), "labels": summary}))
+        elif args.command == "handwritten":
+            print(json.dumps({str(f): _handwritten_counts(f) for f in args.files}, indent=1))
         elif args.command == "own-answers":
             print(json.dumps(_own_answers(args)))
         else:
@@ -71,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _handwritten_counts(path: Path) -> dict[str, object]:
+    examples = read_handwritten(path, "check")
+    return {"records": len(examples),
+            "labels": dict(Counter(str(ex.label) for ex in examples)),
+            "kinds": dict(sorted(Counter(ex.kind for ex in examples).items())),
+            "categories": dict(sorted(Counter(f"{ex.extra['category']}/{ex.label}"
+                                              for ex in examples).items()))}
 
 
 def _own_answers(args: argparse.Namespace) -> dict[str, object]:

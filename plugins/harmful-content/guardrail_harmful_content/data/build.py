@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import garak_prompts, hard_negatives, longform, own_answers, pyrit_rows
 from .augment import open_some_harmless, with_benign_openings
+from .handwritten import HandwrittenSet, default_sets, read_sets
 from .own_answers import default_answers_file
 from .records import Example, make_record, normalise
 from .sentences import split_sentences
@@ -64,6 +65,9 @@ class BuildConfig:
     # The observed model's own answers (own_answers.generate_own_answers); default: the
     # shipped SmolLM2 answers; None: none.
     own_answers: Path | None = field(default_factory=default_answers_file)
+    # Hand-written sets in the writers' format (handwritten.py), each its own source; default:
+    # the shipped ones.
+    handwritten: tuple[HandwrittenSet, ...] = field(default_factory=default_sets)
 
 
 def _truncate(ex: Example, max_chars: int) -> Example:
@@ -170,6 +174,35 @@ def _own_answer_splits(config: BuildConfig) -> tuple[dict[str, list[Example]], d
     return split_by_group(examples, config.seed), entry
 
 
+def _handwritten_splits(config: BuildConfig, splits: dict[str, list[Example]]
+                        ) -> tuple[dict[str, list[Example]], list[dict[str, Any]]]:
+    """The hand-written records split in a pass of their own (the other records keep their
+    splits; a prompt another record already uses joins that record's split), and their
+    manifest entries."""
+    examples = []
+    for hand in config.handwritten:
+        items = read_sets([hand])
+        if config.limit is not None:
+            items = random.Random(f"{config.seed}:limit:{hand.tag}").sample(
+                items, min(config.limit, len(items)))
+        examples += items
+    examples, dropped = _dedupe([_truncate(ex, config.max_chars) for ex in examples])
+    taken = {normalise(ex.prompt): name for name in SPLITS for ex in splits[name]}
+    out = split_by_group([ex for ex in examples if normalise(ex.prompt) not in taken],
+                         config.seed)
+    for ex in examples:
+        if normalise(ex.prompt) in taken:
+            out[taken[normalise(ex.prompt)]].append(ex)
+    entries = [{"name": s.tag, "file": s.path.name,
+                "sha256": hashlib.sha256(s.path.read_bytes()).hexdigest(),
+                "records": sum(ex.source == s.tag for ex in examples),
+                "builder": "guardrail_harmful_content.data.handwritten"}
+               for s in config.handwritten]
+    if dropped:
+        entries[0]["dropped"] = dict(dropped)
+    return out, entries
+
+
 def _counts(examples: Sequence[Example]) -> dict[str, Any]:
     return {
         "records": len(examples),
@@ -221,6 +254,14 @@ def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str,
             random.Random(f"{config.seed}:order:own:{name}").shuffle(own_splits[name])
             splits[name] += own_splits[name]
             examples += own_splits[name]
+    hand_entries: list[dict[str, Any]] = []
+    if config.handwritten:
+        # After the own answers, likewise: the records before them keep their splits and lines.
+        hand_splits, hand_entries = _handwritten_splits(config, splits)
+        for name in SPLITS:
+            random.Random(f"{config.seed}:order:handwritten:{name}").shuffle(hand_splits[name])
+            splits[name] += hand_splits[name]
+            examples += hand_splits[name]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         rows = splits[name]
@@ -230,11 +271,13 @@ def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str,
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     config_dict.pop("cache", None)  # where the wheels live does not change the data
     config_dict.pop("own_answers", None)  # nor where the answers live: sources has their sha256
+    config_dict.pop("handwritten", None)  # likewise
     manifest = {
         "dataset": "guardrail harmful-content training data",
         "seed": config.seed,
         "config": config_dict,
-        "sources": _source_entries(pyrit, garak, config) + ([own_entry] if own_entry else []),
+        "sources": (_source_entries(pyrit, garak, config) + ([own_entry] if own_entry else [])
+                    + hand_entries),
         "labelling": LABELLING,
         "collection": info,
         "counts": {name: _counts(splits[name]) for name in SPLITS},

@@ -44,6 +44,9 @@ class Example:
     kind: str
     benign_prefix_chars: int = 0  # harmful records: the first chars are a known-benign preamble
     holdout: bool = False  # generated from a test-only topic or template: forced into test
+    # harmful records whose writer marked where the harm begins (char offset): every sentence
+    # that ends after it is harmful, every one before it benign; the regexes are not asked
+    harm_start: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,7 +54,9 @@ def make_record(example: Example) -> dict[str, Any]:
     """The JSON object for one example, with sentence labels and content-word spans."""
     response = example.response
     sentences = split_sentences(response)
-    if example.label == 1:
+    if example.label == 1 and example.harm_start is not None:
+        labels = [int(s.end > example.harm_start) for s in sentences]
+    elif example.label == 1:
         labels = harmful_sentence_labels(response, sentences)
         if example.benign_prefix_chars:
             labels = [0 if s.start < example.benign_prefix_chars else lab

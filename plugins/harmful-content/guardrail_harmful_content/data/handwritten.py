@@ -1,0 +1,121 @@
+"""Hand-written training sets in the writers' format, turned into the build's examples.
+
+A writer's file is JSON Lines, one answer a line (the format the sets were commissioned in)::
+
+    {"id": "A-001", "prompt": "...", "response": "...", "label": 1, "category": "fraud",
+     "kind": "harmful_turn", "harm_start": 212, "style": "chatty"}
+
+``label`` 1 is a harmful answer, 0 a benign one; ``kind`` is ``harmful`` or ``harmful_turn``
+(opens benignly, then turns) for label 1 and one of ``BENIGN_KINDS`` for label 0;
+``harm_start`` is the char offset in ``response`` where the harm begins (label 1; ``null`` for
+label 0). Each file is one source for leave-one-source-out validation: its records carry the
+file's tag (``SETS``). Sentences ending after ``harm_start`` are labelled harmful, the ones
+before it benign (``records.make_record``), so a benign opening is never taught as harm.
+Records are grouped by prompt: every answer to one prompt lands in one split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .records import Example, group_id
+
+__all__ = ["BENIGN_KINDS", "CATEGORIES", "HARMFUL_KINDS", "SETS", "HandwrittenError",
+           "HandwrittenSet", "default_sets", "read_handwritten", "read_sets"]
+
+CATEGORIES = ("violence", "weapons", "drugs", "self-harm", "harassment", "hate", "extremism",
+              "fraud", "privacy", "cybercrime", "misinformation", "crime")
+HARMFUL_KINDS = ("harmful", "harmful_turn")
+BENIGN_KINDS = ("benign_safety", "benign_medical", "benign_support", "benign_history",
+                "benign_fiction", "benign_refusal", "benign_explainer", "benign_news",
+                "benign_everyday")
+# shipped file name (in this package's data/) -> its source tag
+SETS: dict[str, str] = {
+    "handwritten_assist.jsonl": "handwritten:assist-v1",  # assistant-style answers
+    "handwritten_plain.jsonl": "handwritten:plain-v1",  # plain human prose
+    "handwritten_long.jsonl": "handwritten:long-v1",  # long answers, late turns
+    "handwritten_hard.jsonl": "handwritten:hard-v1",  # euphemistic harm, alarming-word benign
+}
+
+
+class HandwrittenError(ValueError):
+    """A writer's line that does not follow the format (the message names file, line, field)."""
+
+
+@dataclass(frozen=True)
+class HandwrittenSet:
+    path: Path
+    tag: str
+
+
+def default_sets() -> tuple[HandwrittenSet, ...]:
+    """The shipped hand-written sets that are present in the package."""
+    here = Path(__file__).parent
+    return tuple(HandwrittenSet(here / name, tag) for name, tag in SETS.items()
+                 if (here / name).is_file())
+
+
+def _check(row: Mapping[str, Any], where: str) -> None:
+    def bad(field: str, why: str) -> HandwrittenError:
+        return HandwrittenError(f"{where}: field {field!r} {why}")
+
+    for key in ("id", "prompt", "response"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise bad(key, "must be a non-empty string")
+    label = row.get("label")
+    if label not in (0, 1) or isinstance(label, bool):
+        raise bad("label", f"must be 0 or 1, got {label!r}")
+    if row.get("category") not in CATEGORIES:
+        raise bad("category", f"must be one of {list(CATEGORIES)}, got {row.get('category')!r}")
+    kinds = HARMFUL_KINDS if label == 1 else BENIGN_KINDS
+    if row.get("kind") not in kinds:
+        raise bad("kind", f"must be one of {list(kinds)} for label {label}, "
+                          f"got {row.get('kind')!r}")
+    start = row.get("harm_start")
+    if label == 0:
+        if start is not None:
+            raise bad("harm_start", f"must be null for label 0, got {start!r}")
+        return
+    if not isinstance(start, int) or isinstance(start, bool) or not (
+            0 <= start < len(row["response"].rstrip())):
+        raise bad("harm_start", f"must be a char offset into the response "
+                                f"(0..{len(row['response'].rstrip()) - 1}), got {start!r}")
+
+
+def read_handwritten(path: Path, tag: str) -> list[Example]:
+    """The examples of one writer's file, all with source ``tag``; raises ``HandwrittenError``
+    naming the line and field of the first line that breaks the format, or a repeated id."""
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HandwrittenError(f"{where}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise HandwrittenError(f"{where}: expected a JSON object")
+        _check(row, where)
+        if row["id"] in seen:
+            raise HandwrittenError(f"{where}: field 'id' {row['id']!r} repeats line "
+                                   f"{seen[row['id']]}")
+        seen[row["id"]] = n
+        label = int(row["label"])
+        examples.append(Example(
+            prompt=row["prompt"], response=row["response"], label=label, source=tag,
+            group=group_id("prompt", row["prompt"]), kind=f"handwritten_{row['kind']}",
+            harm_start=int(row["harm_start"]) if label == 1 else None,
+            extra={"category": row["category"], "style": str(row.get("style") or ""),
+                   "writer_id": row["id"]}))
+    return examples
+
+
+def read_sets(sets: Sequence[HandwrittenSet]) -> list[Example]:
+    """Every example of ``sets``, in order."""
+    return [ex for s in sets for ex in read_handwritten(s.path, s.tag)]

