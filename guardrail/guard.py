@@ -45,6 +45,10 @@ class Guard:
         self.observer = observer
         if self.observer is None and self.needs.observer:
             self.observer = self._load_observer(policy.observer or ObserverSpec())
+        if getattr(self.observer, "batchable", False):  # one scheduler batches all streams' reads
+            from .observer.batch import BatchedObserver
+
+            self.observer = BatchedObserver(self.observer)
         self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
 
     # -- construction ----------------------------------------------------------------------

@@ -38,15 +38,20 @@ def is_llama_family(model: Any) -> bool:
 
 class LlamaStep(torch.nn.Module):
     """One incremental forward of the first ``depth`` blocks, written out so that export sees
-    plain tensors (no cache objects crossing the graph boundary)."""
+    plain tensors (no cache objects crossing the graph boundary).
 
-    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool) -> None:
+    ``batched``: outputs keep the batch axis (``(B, n, ...)``, several streams in one forward);
+    otherwise they are the first row's, as the exported ONNX step returns them."""
+
+    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool,
+                 batched: bool = False) -> None:
         super().__init__()
         self.base = model.base_model
         self.head = model.get_output_embeddings() if logits else None
         self.depth = depth
         self.hidden_indices = hidden_indices
         self.full = depth == model.config.num_hidden_layers
+        self.batched = batched
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -60,9 +65,10 @@ class LlamaStep(torch.nn.Module):
             states.append(h)
         if self.full:
             states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
-        outs = [states[i][0] for i in self.hidden_indices]
+        outs = [states[i] if self.batched else states[i][0] for i in self.hidden_indices]
         if self.head is not None:
-            outs.append(self.head(states[-1])[0])
+            logits = self.head(states[-1])
+            outs.append(logits if self.batched else logits[0])
         return (*outs, *new_kv)
 
 
