@@ -116,8 +116,8 @@ def test_a_bad_read_fails_its_stream_and_no_other(raw: Any) -> None:
     no id (fails before it); the other streams get their reads as if alone."""
     batched = BatchedObserver(raw)
     tokens = [raw.tokenizer.tokenize(t)[:6] for t in TEXTS[:4]]
-    bad_id = [TokenSpan(0, 1, raw.hf_tokenizer.vocab_size + 1000)] + tokens[1][1:]
-    no_id = [TokenSpan(0, 1, None)] + tokens[2][1:]
+    bad_id = [TokenSpan(0, 1, raw.hf_tokenizer.vocab_size + 1000), *tokens[1][1:]]
+    no_id = [TokenSpan(0, 1, None), *tokens[2][1:]]
     streams = [batched.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:4]]
     with batched.hold():
         futures = [batched.submit(streams[0], tokens[0], NEEDS),
