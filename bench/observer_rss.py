@@ -1,6 +1,6 @@
 """Memory over many sessions: closed and aborted streams free their observer KV cache at once.
 
-    python -m bench.observer_rss            # 10,000 sessions (writes bench/results/observer_rss.json)
+    python -m bench.observer_rss           # 10,000 sessions (bench/results/observer_rss.json)
     python -m bench.observer_rss --quick    # 500 sessions
 
 A Guard with one monitor that reads layer 1 of a tiny random Llama (guardrail.testing; 4 layers,
