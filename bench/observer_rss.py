@@ -7,7 +7,7 @@ A Guard with one monitor that reads layer 1 of a tiny random Llama (guardrail.te
 hidden 32: the KV cache costs 512 bytes a token) serves ``SESSIONS`` short streams (a prompt of
 the tiny corpus, 20-60 tokens of answer fed in small deltas) from ``WORKERS`` threads, so reads
 share batched forwards; every third stream is aborted half way. The process's resident set size is
-sampled every ``EVERY`` sessions: *flat* means its growth after the warm-up is noise, not a
+sampled ``SAMPLES`` times: *flat* means its growth after the warm-up is noise, not a
 per-session cost.
 
 *Kept sessions*: the driver keeps every finished session object (as an app that holds them for an
@@ -34,7 +34,7 @@ QUICK_SESSIONS = 500
 KEPT = 2_000
 QUICK_KEPT = 200
 WORKERS = 4
-EVERY = 500
+SAMPLES = 20  # RSS samples over a run
 
 
 def rss_mb() -> float:
@@ -109,7 +109,7 @@ def _serve(guard: Any, n: int, *, keep: list[Any] | None = None,
             if keep is not None:
                 with lock:
                     keep.append(session)
-            if samples is not None and (k + 1) % EVERY == 0:
+            if samples is not None and (k + 1) % max(1, n // SAMPLES) == 0:
                 gc.collect()
                 with lock:
                     samples.append({"sessions": k + 1, "rss_mb": round(rss_mb(), 1),
@@ -137,9 +137,9 @@ def _slope_kb(samples: list[dict[str, Any]], start: int) -> float:
 def _kept(guard: Any, n: int, release: bool) -> dict[str, Any]:
     """RSS growth while ``n`` finished sessions stay referenced."""
     observer = guard.observer
-    if not release:
-        observer.release = lambda stream: None  # the scheme before: the cache lives on
     keep: list[Any] = []
+    if not release:  # the scheme before: a stream's cache lived as long as its session object
+        observer.release = keep.append
     gc.collect()
     before = rss_mb()
     _serve(guard, n, keep=keep)

@@ -92,7 +92,6 @@ class BatchedObserver:
         self._hold = 0
         self._thread: threading.Thread | None = None
         self._live: weakref.WeakValueDictionary[int, _Stream] = weakref.WeakValueDictionary()
-        self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
         self._batched = (getattr(inner, "backend", None) == "torch"
                          and bool(getattr(inner, "fast", False)))
 
@@ -384,15 +383,8 @@ class BatchedObserver:
         """One forward over the rows' tokens; the caches are not touched until ``_take``."""
         import torch
 
-        from .llama_step import LlamaStep
-
         inner = self.inner
-        signature = self._signature(rows[0].job)
-        depth, indices, with_logits = signature
-        step = self._steps.get(signature)
-        if step is None:
-            step = self._steps[signature] = LlamaStep(inner.model, depth, list(indices),
-                                                      with_logits, batched=True)
+        depth, indices, with_logits = self._signature(rows[0].job)
         states = [row.job.stream.state for row in rows]
         for row, state in zip(rows, states, strict=True):
             if row.job.ids is not None:
@@ -411,11 +403,14 @@ class BatchedObserver:
             positions[b] = torch.arange(first, first + width)  # padding rows: any position
             mask[b, 0, :, past - pasts[b]:past] = True
             mask[b, 0, :, past:past + n] = causal[:, :n]  # padding rows see the real tokens
-        kv = [_stack([state.kv.tensors[k] for state in states], pasts, past)
-              for k in range(2 * depth)]
+
+        def past_of(k: int) -> Any:  # one block's padded cache at a time: peak memory stays low
+            return _stack([state.kv.tensors[k] for state in states], pasts, past)
+
         device = inner.device
         with torch.inference_mode():
-            return step(ids.to(device), positions.to(device), mask.to(device), *kv)
+            return _step(inner.model, depth, indices, with_logits, ids.to(device),
+                         positions.to(device), mask.to(device), past_of)
 
     def _take(self, row: _Row, b: int, outs: Any) -> None:
         """Row ``b`` of a forward: its new keys and values into its cache, its outputs."""
@@ -436,6 +431,27 @@ class BatchedObserver:
         hidden = {layer: by_index[self.inner.hidden_index(layer)] for layer in job.needs.layers}
         logits = outs[len(indices)][b, :n].float() if with_logits else None
         job.parts.append(_batch(hidden, logits, job.needs))
+
+
+def _step(model: Any, depth: int, indices: tuple[int, ...], with_logits: bool, ids: Any,
+          positions: Any, mask: Any, past_of: Any) -> tuple[Any, ...]:
+    """``LlamaStep``'s forward with a batch axis kept, each block's cache built when it runs."""
+    from .llama_step import _block
+
+    base = model.base_model
+    h = base.embed_tokens(ids)
+    rope = base.rotary_emb(h, position_ids=positions)
+    states = [h]
+    new_kv: list[Any] = []
+    for i in range(depth):
+        h = _block(base.layers[i], h, rope, mask, past_of(2 * i), past_of(2 * i + 1), new_kv)
+        states.append(h)
+    if depth == model.config.num_hidden_layers:
+        states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
+    outs = [states[i] for i in indices]
+    if with_logits:
+        outs.append(model.get_output_embeddings()(states[-1]))
+    return (*outs, *new_kv)
 
 
 @dataclass

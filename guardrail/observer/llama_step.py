@@ -38,20 +38,15 @@ def is_llama_family(model: Any) -> bool:
 
 class LlamaStep(torch.nn.Module):
     """One incremental forward of the first ``depth`` blocks, written out so that export sees
-    plain tensors (no cache objects crossing the graph boundary).
+    plain tensors (no cache objects crossing the graph boundary)."""
 
-    ``batched``: outputs keep the batch axis (``(B, n, ...)``, several streams in one forward);
-    otherwise they are the first row's, as the exported ONNX step returns them."""
-
-    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool,
-                 batched: bool = False) -> None:
+    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool) -> None:
         super().__init__()
         self.base = model.base_model
         self.head = model.get_output_embeddings() if logits else None
         self.depth = depth
         self.hidden_indices = hidden_indices
         self.full = depth == model.config.num_hidden_layers
-        self.batched = batched
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -65,10 +60,9 @@ class LlamaStep(torch.nn.Module):
             states.append(h)
         if self.full:
             states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
-        outs = [states[i] if self.batched else states[i][0] for i in self.hidden_indices]
+        outs = [states[i][0] for i in self.hidden_indices]
         if self.head is not None:
-            logits = self.head(states[-1])
-            outs.append(logits if self.batched else logits[0])
+            outs.append(self.head(states[-1])[0])
         return (*outs, *new_kv)
 
 
