@@ -32,7 +32,7 @@ NAME = "observer_batch"
 CONCURRENCY = [1, 8, 32]
 QUICK_CONCURRENCY = [1, 4]
 THREADS = [1, 2]
-TOKENS = 48
+TOKENS = 32
 QUICK_TOKENS = 16
 REPEATS = 3
 SCHEMES = ("batched", "per session")
@@ -122,6 +122,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             order = SCHEMES if r % 2 == 0 else tuple(reversed(SCHEMES))
             for scheme in order:
                 runs[scheme].append(_run(guards[scheme], streams_all[:n]))
+                print(f"[observer_batch] {config['threads']}t N={n} run {r} {scheme}: "
+                      f"{runs[scheme][-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr,
+                      flush=True)
         forwards = batched.observer.stats.forwards - stats0[0]
         reads = batched.observer.stats.reads - stats0[1]
         ratios = [b["tokens_per_s"] / p["tokens_per_s"]
@@ -149,11 +152,10 @@ def _run_worker(config: dict[str, Any]) -> dict[str, Any]:
                                                                      os.environ.get("PYTHONPATH")]))}
     env.pop("OMP_NUM_THREADS", None)  # the policy's observer.options.threads decides
     out = subprocess.run([sys.executable, "-m", "bench.observer_batch", "--worker",
-                          json.dumps(config)], env=env, cwd=root, capture_output=True, text=True,
-                         check=False)
+                          json.dumps(config)], env=env, cwd=root, stdout=subprocess.PIPE,
+                         text=True, check=False)  # its progress lines go to our stderr
     if out.returncode != 0:
-        raise RuntimeError(f"observer_batch worker {config} failed:\n{out.stderr[-3000:]}")
-    sys.stderr.write(out.stderr)
+        raise RuntimeError(f"observer_batch worker {config} failed (exit {out.returncode})")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
