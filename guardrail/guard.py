@@ -45,7 +45,9 @@ class Guard:
         self.observer = observer
         if self.observer is None and self.needs.observer:
             self.observer = self._load_observer(policy.observer or ObserverSpec())
-        if getattr(self.observer, "batchable", False):  # one scheduler batches all streams' reads
+        # One scheduler batches all streams' reads; an observer of another class (a wrapper
+        # that overrides start or extend) keeps reading per session.
+        if getattr(type(self.observer), "batchable", False):
             from .observer.batch import BatchedObserver
 
             self.observer = BatchedObserver(self.observer)
