@@ -200,7 +200,10 @@ def render(result: dict[str, Any]) -> str:
         "median of the per-run ratios. *Streams/forward*: reads per batched forward. Load "
         f"average {result['load_average_before']:.1f} before the run and "
         f"{result['load_average_after']:.1f} after, on a 2-core machine shared with other "
-        "work: absolute figures are noisy, compare within a row.",
+        "work: absolute figures are noisy, compare within a row. On a machine this contended "
+        "the operating system shares the cores among runnable threads, so N per-session "
+        "threads get up to N shares where the batched scheme's one model thread gets one: CPU "
+        "ms per token is the cost measure.",
         "",
         "| torch threads | streams | batched tokens/s | per-session tokens/s | ratio | "
         "streams/forward | CPU ms/token (batched / per session) |",

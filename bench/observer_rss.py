@@ -1,7 +1,7 @@
 """Memory over many sessions: closed and aborted streams free their observer KV cache at once.
 
     python -m bench.observer_rss           # 10,000 sessions (bench/results/observer_rss.json)
-    python -m bench.observer_rss --quick    # 500 sessions
+    python -m bench.observer_rss --quick    # 300 sessions
 
 A Guard with one monitor that reads layer 1 of a tiny random Llama (guardrail.testing; 4 layers,
 hidden 32: the KV cache costs 512 bytes a token) serves ``SESSIONS`` short streams (a prompt of
@@ -30,9 +30,9 @@ from .common import write_result
 
 NAME = "observer_rss"
 SESSIONS = 10_000
-QUICK_SESSIONS = 500
+QUICK_SESSIONS = 300
 KEPT = 2_000
-QUICK_KEPT = 200
+QUICK_KEPT = 100
 WORKERS = 4
 SAMPLES = 20  # RSS samples over a run
 
