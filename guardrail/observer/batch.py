@@ -219,7 +219,7 @@ class BatchedObserver:
             except BaseException as exc:  # no stream may hang on a scheduler bug
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        _fail(job.future, exc)
                 if not isinstance(exc, Exception):
                     raise
 
@@ -246,13 +246,13 @@ class BatchedObserver:
         """Whether the job needs a forward; settle it here when it does not."""
         stream = job.stream
         if stream.released:
-            job.future.set_exception(ObserverError("the observer stream was released (closed)"))
+            _fail(job.future, ObserverError("the observer stream was released (closed)"))
             return False
         if stream.error is not None and job.ids is not None:
-            job.future.set_exception(stream.error)
+            _fail(job.future, stream.error)
             return False
         if job.ids is not None and not job.ids:  # nothing to read (or a marker)
-            job.future.set_result(_empty(job.needs, self.hidden_size))
+            _resolve(job.future, _empty(job.needs, self.hidden_size))
             return False
         return True
 
@@ -261,13 +261,13 @@ class BatchedObserver:
         if exc is not None:
             if job.ids is None:
                 job.stream.error = exc
-            job.future.set_exception(exc)
+            _fail(job.future, exc)
         elif job.ids is None:
-            job.future.set_result(None)
+            _resolve(job.future, None)
         elif not job.parts:  # released while its forward ran
-            job.future.set_exception(ObserverError("the observer stream was released (closed)"))
+            _fail(job.future, ObserverError("the observer stream was released (closed)"))
         else:
-            job.future.set_result(job.parts[0] if len(job.parts) == 1 else _concat(job.parts))
+            _resolve(job.future, job.parts[0] if len(job.parts) == 1 else _concat(job.parts))
 
     def _count(self, n: int) -> None:
         self.stats.forwards += 1
@@ -477,6 +477,17 @@ def _stack(tensors: list[Any], lengths: list[int], width: int) -> Any:
         if n:
             out[b, :, width - n:] = t[0]
     return out
+
+
+def _resolve(future: Future[Any], result: Any) -> None:
+    """Set a result unless the reader gave up on it (an awaiting task cancelled the future)."""
+    if future.set_running_or_notify_cancel():
+        future.set_result(result)
+
+
+def _fail(future: Future[Any], exc: BaseException) -> None:
+    if future.set_running_or_notify_cancel():
+        future.set_exception(exc)
 
 
 def _token_id(token: TokenSpan) -> int:

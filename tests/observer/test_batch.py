@@ -139,6 +139,20 @@ def test_a_bad_read_fails_its_stream_and_no_other(raw: Any) -> None:
         _same_batch(batched.extend(streams[k], toks, NEEDS), raw.extend(state, toks, NEEDS))
 
 
+def test_a_reader_that_gives_up_leaves_the_batch_to_the_others(raw: Any) -> None:
+    """A read cancelled while queued (an async driver's task was cancelled) is skipped; the
+    other streams of its batch get their reads."""
+    batched = BatchedObserver(raw)
+    tokens = [raw.tokenizer.tokenize(t)[:5] for t in TEXTS[:3]]
+    streams = [batched.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:3]]
+    with batched.hold():
+        futures = [batched.submit(s, t, NEEDS) for s, t in zip(streams, tokens, strict=True)]
+        assert futures[1].cancel()
+    for k in (0, 2):
+        state = raw.start([{"role": "user", "content": PROMPTS[k]}], NEEDS)
+        _same_batch(futures[k].result(timeout=60), raw.extend(state, tokens[k], NEEDS))
+
+
 class NormMonitor(Monitor):
     """Scores each token by the norm of its last-layer state; flags the largest."""
 
