@@ -218,6 +218,11 @@ def render(result: dict[str, Any]) -> str:
                        f"{p['tokens_per_s']:.1f} | {cell['ratio']:.2f}x | "
                        f"{cell['streams_per_forward']:.1f} | {b['cpu_ms_per_token']:.0f} / "
                        f"{p['cpu_ms_per_token']:.0f} |")
+    for other in result.get("other_runs", []):  # earlier runs kept beside this one
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in other["ratios"].items())
+        out += ["", f"An earlier run ({other['written']}, load average "
+                f"{other['load_average_before']:.0f} to {other['load_average_after']:.0f}; "
+                f"bench/results/{other['file']}): ratios {ratios}."]
     out.append("")
     return "\n".join(out)
 
