@@ -45,6 +45,12 @@ class Guard:
         self.observer = observer
         if self.observer is None and self.needs.observer:
             self.observer = self._load_observer(policy.observer or ObserverSpec())
+        # One scheduler batches all streams' reads; an observer of another class (a wrapper
+        # that overrides start or extend) keeps reading per session.
+        if getattr(type(self.observer), "batchable", False):
+            from .observer.batch import BatchedObserver
+
+            self.observer = BatchedObserver(self.observer)
         self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
 
     # -- construction ----------------------------------------------------------------------

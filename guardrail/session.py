@@ -19,12 +19,14 @@ and where each verdict lands are those of reading every batch at once; only the 
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import time
 import uuid
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +174,8 @@ class GuardSession:
         self._unread: list[_Unread] = []
         self._unread_count = 0
         self._waiting_since: float | None = None  # when text first waited on the next read
+        self._async_read = False  # inside afeed/afinish: _read submits, the caller awaits
+        self._inflight: tuple[list[_Unread], Future[ObservedBatch], float] | None = None
         self._t0 = time.perf_counter()
         self._generator_mode: bool | None = None
         self._runs: list[_Run] = []
@@ -275,6 +279,36 @@ class GuardSession:
         self._emit(events)
         return self._close(events, aborted=None)
 
+    async def afeed(self, step: StreamStep | str) -> list[Event]:
+        """``feed`` for async drivers: a due observer read is awaited (``asyncio.wrap_future``
+        on the Guard's batched observer), so the event loop serves other streams meanwhile."""
+        self._async_read = True
+        try:
+            events = self.feed(step)
+        finally:
+            self._async_read = False
+        if self._inflight is not None:
+            more: list[Event] = []
+            await self._await_read(more)
+            events += self._emit(more)
+        return events
+
+    async def afinish(self) -> Report:
+        """``finish`` for async drivers: the last observer read is awaited, not waited on."""
+        if (not self.closed and self.halted is None and self.route_pending is None
+                and self.guard.needs.observer and not self._observer_failed):
+            self._async_read = True
+            try:
+                tokens = self._aligner.flush()
+                if tokens:
+                    self._process(tokens, self._pending, final=True)
+                elif self._unread:
+                    self._read(self._pending)
+            finally:
+                self._async_read = False
+            await self._await_read(self._pending)
+        return self.finish()
+
     def abort(self, reason: str) -> Report:
         """End the stream early (upstream error, client gone): nothing more is released."""
         if self.closed:
@@ -350,20 +384,48 @@ class GuardSession:
 
     def _read(self, events: list[Event]) -> None:
         """One observer forward over every unread batch; then each batch is scored and released
-        in arrival order, exactly as if it had been read alone."""
+        in arrival order, exactly as if it had been read alone. Within ``afeed``/``afinish`` the
+        read is only submitted here and awaited there."""
         unread, self._unread = self._unread, []
         self._unread_count, self._waiting_since = 0, None
         tokens = [t for u in unread for t in u.tokens]
+        t0 = time.perf_counter()
+        future = self._submit_read(tokens)
+        if self._async_read:
+            self._inflight = (unread, future, t0)
+            return
         batch: ObservedBatch | None = None
         error: Exception | None = None
-        t0 = time.perf_counter()
         try:
-            if self._observer_state is None:
-                self._observer_state = self.guard.observer.start(self.messages, self.guard.needs)
-            batch = self.guard.observer.extend(self._observer_state, tokens, self.guard.needs)
-            self._observer_reads += 1
+            batch = future.result()
         except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
             error = exc
+        self._apply_read(unread, batch, error, t0, events)
+
+    def _submit_read(self, tokens: list[TokenSpan]) -> Future[ObservedBatch]:
+        """The read of ``tokens`` as a future: the batched observer's own (``submit``), or a
+        done one when the read ran here (a sync read, an observer that does not batch)."""
+        observer = self.guard.observer
+        future: Future[ObservedBatch]
+        try:
+            if self._observer_state is None:
+                self._observer_state = observer.start(self.messages, self.guard.needs)
+            submit = getattr(observer, "submit", None) if self._async_read else None
+            if submit is not None:
+                return submit(self._observer_state, tokens, self.guard.needs)
+            batch = observer.extend(self._observer_state, tokens, self.guard.needs)
+        except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
+            future = Future()
+            future.set_exception(exc)
+            return future
+        future = Future()
+        future.set_result(batch)
+        return future
+
+    def _apply_read(self, unread: list[_Unread], batch: ObservedBatch | None,
+                    error: Exception | None, t0: float, events: list[Event]) -> None:
+        if error is None:
+            self._observer_reads += 1
         self._observer_seconds += time.perf_counter() - t0
         offset = 0
         for u in unread:
@@ -379,6 +441,21 @@ class GuardSession:
             self._score(features, events)
             if self.halted is not None or self.route_pending is not None:
                 return  # like upstream text after a halt or a route, the later batches drop
+
+    async def _await_read(self, events: list[Event]) -> None:
+        """Await the read ``_read`` submitted (the event loop runs meanwhile), then score it."""
+        if self._inflight is None:
+            return
+        unread, future, t0 = self._inflight
+        batch: ObservedBatch | None = None
+        error: Exception | None = None
+        try:
+            batch = await asyncio.wrap_future(future)
+        except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
+            error = exc
+        finally:
+            self._inflight = None
+        self._apply_read(unread, batch, error, t0, events)
 
     def _features(self, tokens: list[TokenSpan], text_len: int,
                   logprobs: Sequence[TokenLogprob] | None, final: bool) -> Features:
@@ -597,6 +674,10 @@ class GuardSession:
 
     def _close(self, final_events: list[Event], aborted: str | None) -> Report:
         self.closed = True
+        state, self._observer_state = self._observer_state, None
+        release = getattr(self.guard.observer, "release", None)
+        if state is not None and release is not None:
+            release(state)  # the stream's KV cache goes now, not when the session is collected
         report = Report(
             session_id=self.id,
             tokens=self.tokens,

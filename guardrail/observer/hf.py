@@ -213,7 +213,9 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
 
-    return TorchObserver(name, model, tokenizer, window)
+    observer = TorchObserver(name, model, tokenizer, window)
+    observer.threads = threads if device.type == "cpu" else None
+    return observer
 
 
 def resolve_device(name: str, value: Any) -> Any:

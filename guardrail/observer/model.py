@@ -38,6 +38,10 @@ def render_context(hf_tokenizer: Any, messages: Sequence[Message]) -> list[int]:
 class BaseObserver:
     """What every backend shares: tokenizer, conversation rendering, layer indexing, window."""
 
+    # A Guard serves its streams' reads through one scheduler (guardrail.observer.batch).
+    batchable = True
+    threads: int | None = None  # CPU threads per forward, as observer.options.threads resolved
+
     def __init__(self, name: str, hf_tokenizer: Any, config: Any, window: int) -> None:
         self.name = name
         self.hf_tokenizer = hf_tokenizer
@@ -157,6 +161,13 @@ class TorchObserver(BaseObserver):
         self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
+        state, ids = self.open(messages, needs)
+        if ids:  # read the conversation: fill the cache, return nothing
+            self._forward(state, ids, range(len(ids)), Needs(), context=needs)
+        return state
+
+    def open(self, messages: Sequence[Message], needs: Needs) -> tuple[StreamState, list[int]]:
+        """A stream's state with an empty cache, and the context ids still to read into it."""
         ids = self.context_ids(messages)
         kv: Any
         if self.fast:
@@ -166,10 +177,7 @@ class TorchObserver(BaseObserver):
             from transformers import DynamicCache
 
             kv = TorchKV(DynamicCache(config=self.config))
-        state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary)
-        if ids:  # read the conversation: fill the cache, return nothing
-            self._forward(state, ids, range(len(ids)), Needs(), context=needs)
-        return state
+        return StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary), ids
 
     def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
                needs: Needs) -> ObservedBatch:
