@@ -24,7 +24,7 @@ from guardrail.policy import ObserverSpec, load_policy
 from .._access import CLIENT_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, keys_from_env
 from .._app import create_app
 from ._config import DeployConfig
-from ._remote import RemoteObserver, SessionEnd
+from ._remote import RemoteObserver
 from ._shard import ObserverShard
 
 __all__ = ["GuardProxy", "ProxySettings", "build_app", "observer_shard_names", "policy_needs"]
@@ -64,7 +64,6 @@ class GuardProxy:
         if self.shards:
             described = await self.shards[0].describe.remote()
             observer = RemoteObserver(self.shards, described, timeout_s=settings.read_timeout_s)
-            host.register(SessionEnd(observer), name=f"guardrail-ray-session-end-{id(self)}")
         guard = Guard(load_policy(settings.policy), host=host, observer=observer)
         return create_app(guard, upstream=settings.upstream,
                           api_key=os.environ.get(UPSTREAM_KEY_ENV),

@@ -9,7 +9,7 @@ proxy's guard threads and wait on the reply; the event loop never blocks.
 A shard that dies, restarts or answers too late fails the read with an ``ObserverError`` naming
 the stream and the shard; the session turns that into the monitors' ``on_error`` (the default
 ``fail_closed`` ends the stream with an error event and a halt, releasing nothing unread).
-When a session ends, ``SessionEnd`` frees its KV cache on the shard.
+A session that closes or aborts calls ``release``, which frees its KV cache on the shard.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from typing import Any
 
 from guardrail import Needs
 from guardrail.errors import ObserverError
-from guardrail.hookspecs import hookimpl
 from guardrail.observer import ObservedBatch
 from guardrail.stream import TokenSpan
 
 from ._shard import Reply
 
-__all__ = ["RemoteObserver", "RemoteStream", "SessionEnd"]
+__all__ = ["RemoteObserver", "RemoteStream"]
 
 log = logging.getLogger("guardrail.server.ray")
 
@@ -105,6 +104,10 @@ class RemoteObserver:
             log.warning("could not free stream %s on observer-%d: %s", state.stream_id,
                         state.shard, type(exc).__name__)
 
+    def release(self, state: RemoteStream) -> None:
+        """The session's end (closed or aborted): the stream's cache goes at once."""
+        self.close(state)
+
     # -- internals ------------------------------------------------------------------------
 
     def _by_load(self) -> list[int]:
@@ -136,16 +139,3 @@ class RemoteObserver:
             raise ObserverError(f"observer replica observer-{state.shard} lost stream "
                                 f"{state.stream_id[:12]}: {reply.error}")
         raise ObserverError(f"observer-{state.shard}: {reply.error}")
-
-
-class SessionEnd:
-    """A plugin for the ingress's host: a session that ends frees its stream on the shard."""
-
-    def __init__(self, observer: RemoteObserver) -> None:
-        self.observer = observer
-
-    @hookimpl
-    def guardrail_session_end(self, session: Any, report: Any) -> None:
-        state = getattr(session, "_observer_state", None)  # set by the session's first read
-        if isinstance(state, RemoteStream):
-            self.observer.close(state)
