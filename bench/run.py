@@ -26,7 +26,7 @@ QUICK_RESULTS = ROOT / ".cache" / "bench-quick"
 # bench/results/<NAME>.json (NAME defaults to the module name). EXTRA_RESULTS, where a module has
 # it, maps other result names (runs on a GPU machine) to their render functions.
 MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval", "router_eval",
-           "observer_bench", "live_pace", "halt_lag",
+           "observer_bench", "live_pace", "halt_lag", "serve_pace",
            "proxy_load", "local_overhead", "integrations_leak"]
 
 
