@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
     clock = HaltClock()
     guards = {k: v for k, v in _guards(clock).items() if k in (args.policies or (k,))}
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    load_before = os.getloadavg()[0]
     with UpstreamServer() as server:
         for rep in range(repeats):
             for policy in (list(guards) if rep % 2 == 0 else list(reversed(guards))):
@@ -229,7 +231,14 @@ def main(argv: list[str] | None = None) -> Path:
                      "verdict_to_close_ms_median": med("verdict_to_close_ms"),
                      "wall_median_s": median([r["wall_s"] for r in done])})
     return write_result(NAME, {"quick": args.quick, "delay_s": DELAY, "replay": REPLAY,
-                               "keyword": KEYWORD, "repeats": repeats, "rows": rows})
+                               "keyword": KEYWORD, "repeats": repeats, "rows": rows,
+                               "load_1m": [round(load_before, 2),
+                                           round(os.getloadavg()[0], 2)]})
+
+
+def _load(result: dict[str, Any]) -> str:
+    load = result.get("load_1m")
+    return "-" if not load else f"{load[0]:.1f} at the start, {load[-1]:.1f} at the end"
 
 
 def _cell(value: float | None, fmt: str = "{:.0f}") -> str:
@@ -250,7 +259,8 @@ def render(result: dict[str, Any]) -> str:
         "policy: torch observer, 1 thread, reads when due; keyword: halts on "
         f"\"{result.get('keyword', '?')}\" with the same hold-back. Medians of "
         f"{result.get('repeats', '?')} runs, policies and drivers taking turns; the machine was "
-        "shared while we measured.",
+        f"shared while we measured (1-minute load {_load(result)}). Where the upstream finished "
+        "before the verdict, *written* is the whole answer and there was nothing left to close.",
         "",
         "| policy | driver | chunks | halting chunk | written | behind at the verdict | "
         "past the verdict (max) | verdict to close, ms | wall s | halted |",
