@@ -420,7 +420,7 @@ def render(result: dict[str, Any]) -> str:
         "NeMo: past where ours halts the same answer). *Past the "
         "verdict / halting chunk*: upstream chunks written after the halt verdict / after the "
         "chunk holding the halting token (median, max). The machine was shared (1-minute load "
-        "in the last column).", "",
+        "in the last column; NeMo ran right after ours in the same run).", "",
         "| system | streams | pace min / median | below pace | first text, ms | "
         "added gap p95, ms | "
         "CPU-s / 1k tokens | CPU ceiling, streams | crossings | leaks | halted | "
@@ -457,7 +457,13 @@ def render(result: dict[str, Any]) -> str:
               + ". CPU ratio (NeMo over ours, same level): "
               + ", ".join(f"{name}: {_ratios(rows, result['ours'])}"
                           for name, rows in (nemo.get("configs") or {}).items())
-              + f". {nemo.get('note') or ''}"]
+              + f". {nemo.get('note') or ''}",
+              "", "NeMo's defaults check 200-token chunks after streaming them (stream first): on "
+              "answers this short the reader gets the whole answer at the end, after one check, "
+              "and a halted stream has already shown its text. With small chunks checked first, "
+              "each check is a fresh pass over the prompt and the window, which is where its CPU "
+              "goes. The CPU ceiling is the figure to read on a shared machine: what 2 free cores "
+              "would carry at the measured cost."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import itertools
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -233,11 +234,13 @@ async def main() -> None:
         reference = {s.script: (s.shown, s.blocked) for s in solo if s.ok}
         rows: dict[str, Any] = {}
         for n in job["levels"]:
+            load = os.getloadavg()[0]
             cpu0 = time.process_time()
             streams = await level(rails, scripts, n, job["rounds"])
             cpu = time.process_time() - cpu0
             rows[str(n)] = summarise(streams, [s["chunks"] for s in scripts], reference,
                                      ref_at_char, cpu, job["pace_kept"])
+            rows[str(n)]["load_1m_before"] = round(load, 2)
             print(f"[nemo_pace] {cfg['name']}, {n} streams: {rows[str(n)]}", file=sys.stderr,
                   flush=True)
         out["configs"][cfg["name"]] = rows
