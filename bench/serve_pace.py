@@ -2,7 +2,7 @@
 NeMo Guardrails' streaming output rail with the same monitors, 1/8/32 streams at 25 tokens/s.
 
     python -m bench.serve_pace            # full run (writes bench/results/serve_pace.json)
-    python -m bench.serve_pace --quick    # 1 and 2 streams, one round, NeMo defaults only
+    python -m bench.serve_pace --quick    # 1 and 2 streams, 40 words, NeMo defaults only
 
 Ours: the recorded answers of guardrail/data/demo_replays.jsonl (harmful and benign; long ones
 cut to ``WORDS`` words) are served word by word by the loopback upstream
@@ -84,13 +84,13 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def load_scripts() -> list[dict[str, Any]]:
+def load_scripts(words: int = WORDS) -> list[dict[str, Any]]:
     from guardrail.testing.upstream import split_words
 
     text = resources.files("guardrail").joinpath("data/demo_replays.jsonl").read_text("utf-8")
     rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     return [{"title": r["title"], "prompt": r["prompt"],
-             "chunks": split_words(r["response"])[:WORDS]} for r in rows]
+             "chunks": split_words(r["response"])[:words]} for r in rows]
 
 
 @dataclass
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> Path:
     def say(message: str) -> None:
         print(f"[serve_pace] {message}", file=sys.stderr, flush=True)
 
-    scripts = load_scripts()
+    words = WORDS // 2 if args.quick else WORDS  # quick: a smoke test within make bench-quick
+    scripts = load_scripts(words)
     ours, halts = run_ours(scripts, levels, rounds, say)
     configs = ([NEMO_CONFIGS[i] for i in args.nemo_configs] if args.nemo_configs
                else NEMO_CONFIGS[:1] if args.quick else NEMO_CONFIGS)
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> Path:
         run_nemo(scripts, levels, rounds, configs, halts, say)
     return write_result(NAME, {
         "quick": args.quick, "levels": levels, "rounds": rounds, "delay_s": DELAY,
-        "words_max": WORDS, "scripts": [s["title"] for s in scripts], "pace_kept": PACE_KEPT,
+        "words_max": words, "scripts": [s["title"] for s in scripts], "pace_kept": PACE_KEPT,
         "ours": ours, "solo_halts_at_char": halts, "nemo": nemo, "cores": os.cpu_count()})
 
 
