@@ -207,7 +207,8 @@ async def solo(base_url: str) -> dict[int, StreamResult]:
 class ProxyProcess:
     """``guardrail serve`` in a subprocess, on a free port."""
 
-    def __init__(self, policy: dict[str, Any], upstream: str, workdir: Path) -> None:
+    def __init__(self, policy: dict[str, Any], upstream: str, workdir: Path,
+                 serve_args: tuple[str, ...] = ()) -> None:
         path = workdir / f"policy-{id(policy)}.yaml"
         path.write_text(yaml.safe_dump(policy))
         from guardrail_server._serve import _free_port
@@ -215,7 +216,7 @@ class ProxyProcess:
         code = "import sys; from guardrail.cli import main; sys.exit(main())"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--policy", str(path), "--upstream", upstream,
-             "--port", str(self.port)],
+             "--port", str(self.port), *serve_args],
             # Built-in monitors only: no third-party plugin (and its imports) in the footprint.
             env={**os.environ, "OMP_NUM_THREADS": "1", "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD": "1"},
             stderr=subprocess.DEVNULL)
@@ -236,6 +237,11 @@ class ProxyProcess:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def cpu_s(self) -> float:
+        """CPU seconds the proxy process has used (user + system, all threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -281,7 +287,8 @@ def _hostile_mix(base_url: str, streams: int, seconds: float, without: dict[str,
 
 def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
         policies: tuple[str, ...] = tuple(POLICIES), verbose: bool = True,
-        hostile: bool = False, hostile_kib: int = 64) -> dict[str, Any]:
+        hostile: bool = False, hostile_kib: int = 64,
+        serve_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """The whole measurement; returns the result mapping (see the module docstring)."""
 
     def say(message: str) -> None:
@@ -292,6 +299,9 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
                            "scripts": len(TEXTS), "policies": {}}
     if hostile:
         out["hostile_kib"] = hostile_kib
+    if serve_args:
+        out["serve_args"] = list(serve_args)
+    out["load_1m_before"] = round(os.getloadavg()[0], 2)
     _roomy_backlog()
     with UpstreamServer(responder=responder(delay, hostile_kib)) as upstream, \
             tempfile.TemporaryDirectory() as tmp:
@@ -302,13 +312,15 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
                          "errors": sum(not r.ok for r in direct_results),
                          **{k: round(v, 2) for k, v in direct.items()}}
         for name in policies:
-            proxy = ProxyProcess(POLICIES[name], upstream.base_url, Path(tmp))
+            proxy = ProxyProcess(POLICIES[name], upstream.base_url, Path(tmp), serve_args)
             try:
                 idle_mb = proxy.memory_mb("VmRSS")
                 reference = asyncio.run(solo(proxy.base_url))
                 say(f"{name}: {streams} streams through the proxy for {seconds:.0f} s")
                 before = len(upstream.completions())
+                cpu0 = proxy.cpu_s()
                 results = asyncio.run(load(proxy.base_url, streams, seconds))
+                cpu = proxy.cpu_s() - cpu0
                 records = upstream.completions()[before:]  # before the hostile mix adds its own
                 peak_mb = proxy.memory_mb("VmHWM")
                 if hostile:
@@ -340,6 +352,8 @@ def run(*, streams: int = 50, seconds: float = 60.0, delay: float = DELAY,
                                           / max(1, len(results)), 2),
                 **{k: round(v, 2) for k, v in latency.items()},
                 "added": _added(latency, direct),
+                # CPU time moves less with the machine's other load than latency does.
+                "proxy_cpu_ms_per_stream": round(cpu / max(1, len(results)) * 1000, 2),
                 "rss_idle_mb": round(idle_mb, 1),
                 "rss_peak_mb": round(peak_mb, 1),
             }
@@ -357,12 +371,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=list(POLICIES))
     parser.add_argument("--hostile", action="store_true",
                         help="also run each policy's load with one whitespace-free stream")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="extra guardrail serve argument, e.g. --serve-arg=--no-metrics "
+                             "(repeatable): compare runs with and without a feature")
     parser.add_argument("--hostile-kib", type=int, default=64,
                         help="size of the whitespace-free answer, KiB (default 64)")
     args = parser.parse_args(argv)
     seconds = args.seconds or (4.0 if args.quick else 60.0)
     result = run(streams=args.streams, seconds=seconds, policies=tuple(args.policies),
-                 hostile=args.hostile, hostile_kib=args.hostile_kib)
+                 hostile=args.hostile, hostile_kib=args.hostile_kib,
+                 serve_args=tuple(args.serve_arg))
     result["quick"] = bool(args.quick)
     write_result(NAME, result)
     return result
@@ -400,6 +418,14 @@ def render(result: dict[str, Any]) -> str:
             f"{a['ttft_p50'] - design:+.0f} | {p['gap_p50']:.1f} / {p['gap_p95']:.0f} | "
             f"{a['gap_p50']:+.1f} / {a['gap_p95']:+.0f} | {p['rss_idle_mb']:.0f} / "
             f"{p['rss_peak_mb']:.0f} |")
+    cpu = {name: p["proxy_cpu_ms_per_stream"] for name, p in result["policies"].items()
+           if "proxy_cpu_ms_per_stream" in p}
+    if cpu:
+        lines += ["", "Proxy CPU per stream (all its threads, ms): " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in cpu.items())
+            + (f"; serve arguments {' '.join(result['serve_args'])}"
+               if result.get("serve_args") else "")
+            + f"; 1-minute load {result.get('load_1m_before', '?')} at the start."]
     mixes = {name: p["hostile_mix"] for name, p in result["policies"].items()
              if "hostile_mix" in p}
     if mixes:

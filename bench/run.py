@@ -27,6 +27,7 @@ QUICK_RESULTS = ROOT / ".cache" / "bench-quick"
 # it, maps other result names (runs on a GPU machine) to their render functions.
 MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval", "router_eval",
            "observer_bench", "live_pace", "observer_batch", "observer_rss", "halt_lag",
+           "serve_pace",
            "proxy_load", "local_overhead", "integrations_leak"]
 # Rendered like MODULES but run by hand, not by `make bench`: a local Ray instance takes minutes
 # to start on a busy 2-core machine (`python -m bench.ray_throughput`).

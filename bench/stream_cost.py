@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Callable
 from functools import partial
@@ -122,11 +123,11 @@ def growth_exponent(lengths: list[int], seconds: list[float]) -> float:
 
 
 def run(guard: Guard, label: str, lengths: list[int], repeats: int,
-        max_scans: int | None = None) -> dict[str, Any]:
+        max_scans: int | None = None, schemes: list[str] = SCHEMES) -> dict[str, Any]:
     out: dict[str, Any] = {"guard": repr(guard), "lengths": lengths, "max_scans": max_scans,
                            "schemes": {}}
     scan(guard, "warm up " * 8)  # load the observer and export once, outside the timings
-    for name in SCHEMES:
+    for name in schemes:
         rows: list[dict[str, Any]] = []
         for n in lengths:
             deltas = make_deltas(n)
@@ -140,7 +141,7 @@ def run(guard: Guard, label: str, lengths: list[int], repeats: int,
         out["schemes"][name] = {"rows": rows, "growth_exponent": growth_exponent(lengths, cpu)}
     for n_i in range(len(lengths)):
         base = out["schemes"]["ours"]["rows"][n_i]["median_cpu_s"]
-        for name in SCHEMES:
+        for name in schemes:
             row = out["schemes"][name]["rows"][n_i]
             row["cpu_ratio_to_ours"] = row["median_cpu_s"] / base if base else None
     print(f"[stream_cost/{label}] " + ", ".join(
@@ -178,7 +179,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-scans", type=int, default=6,
                         help="observer guard: scans timed per peer stream (the rest estimated)")
+    parser.add_argument("--observer-only", action="store_true",
+                        help="only the hidden-state guard (results go to stream_cost_observer)")
+    parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=SCHEMES,
+                        help="schemes to time ('ours' always runs: ratios are against it)")
     args = parser.parse_args(argv)
+    schemes = ["ours", *[s for s in args.schemes if s != "ours"]]
+    if args.observer_only:
+        guard = observer_guard()
+        if guard is None:
+            raise SystemExit("no hidden-state monitor installed")
+        block = run(guard, "observer", [250, 1000, 4000], 1, max_scans=args.max_scans,
+                    schemes=schemes)
+        block["monitor"] = guard.policy.monitors[0].use
+        return write_result("stream_cost_observer", {"observer_monitors": block,
+                                                     "load_1m": round(os.getloadavg()[0], 2)})
     lengths = [250, 1000] if args.quick else [250, 1000, 4000]
     repeats = 1 if args.quick else 3
     results: dict[str, Any] = {
@@ -222,6 +237,29 @@ def render(result: dict[str, Any]) -> str:
                          + f" | {scheme['growth_exponent']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_observer_rerun(result: dict[str, Any]) -> str:
+    """``--observer-only`` reruns (bench/results/stream_cost_observer.json): the hidden-state
+    rows alone, on the session as it is now, with their own ratios."""
+    block = result["observer_monitors"]
+    lines = [f"### A hidden-state monitor, rerun {result['written'][:10]} (`--observer-only`)", "",
+             f"Monitor `{block.get('monitor')}` on the ONNX observer, ours fed word by word with "
+             "the session reading when a decision is due; ratios against ours in this run. "
+             f"1-minute load {result.get('load_1m', '?')} at the end (the machine was shared). "
+             "Cells marked * are estimates from a sample of scans.", "",
+             "| scheme | " + " | ".join(f"{n} tokens" for n in block["lengths"])
+             + " | growth exponent |",
+             "|---|" + "---|" * (len(block["lengths"]) + 1)]
+    for name, scheme in block["schemes"].items():
+        cells = [f"{r['median_cpu_s']:.2f} s ({r['cpu_ratio_to_ours']:.2f}x)"
+                 + ("*" if r.get("estimated_from_share", 1.0) < 1.0 else "")
+                 for r in scheme["rows"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {scheme['growth_exponent']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun}
 
 
 if __name__ == "__main__":
