@@ -13,7 +13,7 @@ def guardrail_register_monitors(register: RegisterMonitor) -> None:
 
     register("entity-hallucination", EntityHallucinationMonitor,
              description="linear head on hidden states: flags fabricated entities (one "
-             "score per entity, span max)")
+             "score per entity, span max)", default=True)
 
 
 def _train(argv: list[str]) -> int:

@@ -11,7 +11,8 @@ def guardrail_register_monitors(register: RegisterMonitor) -> None:
     from .monitor import HarmfulContentMonitor
 
     register("harmful-content", HarmfulContentMonitor,
-             description="SCM streaming content monitor: halts a harmful answer early")
+             description="SCM streaming content monitor: halts a harmful answer early",
+             default=True)
 
 
 def _train(argv: list[str]) -> int:

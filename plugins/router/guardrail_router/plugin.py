@@ -11,7 +11,8 @@ def guardrail_register_monitors(register: RegisterMonitor) -> None:
     from .monitor import RouterMonitor
 
     register("router", RouterMonitor,
-             description="R2R router: tokens where a small model diverges from a reference")
+             description="R2R router: tokens where a small model diverges from a reference",
+             default=True)
 
 
 def _train(argv: list[str]) -> int:
