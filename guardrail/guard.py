@@ -299,13 +299,12 @@ def default_policy(host: PluginHost | None = None) -> Policy:
     embedded default observer."""
     host = host or get_host()
     monitors = []
-    for name, entry in sorted(host.monitors().items()):
-        if not entry.default:
-            continue
-        spec = dict(getattr(entry.factory, "default_spec", {}) or {})
-        spec.setdefault("id", name.split("-")[0])
-        spec["use"] = name
+    for name in sorted(n for n, e in host.monitors().items() if e.default):
         try:  # an installed plugin without its trained weights can't be part of the default
+            entry = host.monitor(name)
+            spec = dict(getattr(entry.factory, "default_spec", {}) or {})
+            spec.setdefault("id", name.split("-")[0])
+            spec["use"] = name
             build_monitor(entry, spec.get("options", {}))
         except (GuardrailError, ValueError, OSError) as exc:
             log.warning("default policy leaves out %s: %s", name, exc)

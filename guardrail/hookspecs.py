@@ -37,9 +37,11 @@ class RegisterMonitor(Protocol):
                  default: bool = False) -> None:
         """Register ``factory`` under ``name``. ``factory`` is a ``Monitor`` subclass (its
         ``Options`` model validates the policy's ``options:`` and is passed to ``__init__``) or any
-        callable taking the options as keyword arguments and returning a ``Monitor``.
-        ``default=True`` puts the monitor in the built-in default policy (``Guard.default()``)
-        with its ``default_spec``."""
+        callable taking the options as keyword arguments and returning a ``Monitor``, or either
+        one as ``"module:attribute"``, imported when a policy first uses it (so listing and
+        building other monitors never imports this one's model stack). ``default=True`` puts
+        the monitor in the built-in default policy (``Guard.default()``) with its
+        ``default_spec``."""
 
 
 class RegisterObserver(Protocol):

@@ -10,6 +10,7 @@ it is set; names in ``GUARDRAIL_BLOCK_PLUGINS=a,b`` are skipped), plugins regist
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -186,9 +187,12 @@ class PluginHost:
                                      f"exists: {exc}") from None
 
     def monitor(self, name: str) -> MonitorEntry:
+        """The monitor registered as ``name``, its factory imported if it was registered as
+        ``"module:attribute"``."""
         entries = self.monitors()
         if name not in entries:
             raise MonitorNotFound(name, list(entries))
+        entries[name] = _imported(entries[name])
         return entries[name]
 
     def observer(self, name: str) -> ObserverEntry:
@@ -250,7 +254,7 @@ def build_monitor(entry: MonitorEntry, options: Mapping[str, Any]) -> Monitor:
 
     Raises ``ValueError`` with a readable message for bad options.
     """
-    factory = entry.factory
+    factory = _imported(entry).factory
     if isinstance(factory, type) and issubclass(factory, Monitor):
         options_model: type[BaseModel] = factory.Options
         try:
@@ -271,6 +275,19 @@ def build_monitor(entry: MonitorEntry, options: Mapping[str, Any]) -> Monitor:
             f"{type(monitor).__name__}, not a guardrail.Monitor"
         )
     return monitor
+
+
+def _imported(entry: MonitorEntry) -> MonitorEntry:
+    """``entry`` with a ``"module:attribute"`` factory imported."""
+    if not isinstance(entry.factory, str):
+        return entry
+    module, _, attribute = entry.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise GuardrailError(f"monitor {entry.name!r} from {entry.plugin!r}: cannot import "
+                             f"{entry.factory!r} ({type(exc).__name__}: {exc})") from exc
+    return dataclasses.replace(entry, factory=factory)
 
 
 class _OptionsError(ValueError):

@@ -201,12 +201,13 @@ def _private_attributes(file: Path, top: str) -> list[tuple[int, str]]:
 
 
 def test_loading_plugins_and_building_the_cli_imports_no_heavy_stack() -> None:
-    """Every ``guardrail`` command loads the entry-point plugins and builds the parser with
-    their commands; the adapters' model, client and server stacks wait until used."""
+    """Every ``guardrail`` command loads the entry-point plugins, builds the parser with their
+    commands and lists the registered monitors; the model, client and server stacks wait until
+    a policy or command uses them."""
     code = ("import sys\n"
             "from guardrail.cli import build_parser\n"
             "from guardrail.plugins import get_host\n"
-            "build_parser(); get_host().adapters()\n"
+            "build_parser(); get_host().adapters(); get_host().monitors()\n"
             "names = [p['name'] for p in get_host().plugins()]\n"
             "heavy = ['torch', 'openai', 'langchain_core', 'starlette', 'uvicorn', 'httpx']\n"
             "print(names, [m for m in heavy if m in sys.modules])\n")

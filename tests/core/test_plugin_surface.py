@@ -48,6 +48,24 @@ def test_a_monitor_registered_as_default_joins_the_default_policy(host: PluginHo
     assert "bell" not in report.released_text
 
 
+def test_a_monitor_registered_by_import_path_loads_when_a_policy_uses_it(
+        host: PluginHost) -> None:
+    class ByPath:
+        @hookimpl
+        def guardrail_register_monitors(self, register: guardrail.RegisterMonitor) -> None:
+            register("bells", f"{__name__}:Bells", default=True)
+            register("broken", f"{__name__}:NoSuchMonitor")
+
+    host.register(ByPath(), name="by-path")
+    assert host.monitors()["bells"].factory == f"{__name__}:Bells"  # not imported yet
+    assert [m.id for m in default_policy(host).monitors] == ["bells"]
+    assert host.monitor("bells").factory is Bells
+    with pytest.raises(GuardrailError) as err:
+        Guard.from_policy({"monitors": [{"id": "b", "use": "broken"}]}, host=host)
+    assert "'broken' from 'by-path': cannot import" in str(err.value)
+    assert "NoSuchMonitor" in str(err.value)
+
+
 def test_a_registration_with_an_unknown_argument_names_the_plugin(host: PluginHost) -> None:
     class Odd:
         @hookimpl

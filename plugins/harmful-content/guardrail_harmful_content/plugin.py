@@ -8,9 +8,7 @@ from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
 
 @hookimpl
 def guardrail_register_monitors(register: RegisterMonitor) -> None:
-    from .monitor import HarmfulContentMonitor
-
-    register("harmful-content", HarmfulContentMonitor,
+    register("harmful-content", "guardrail_harmful_content.monitor:HarmfulContentMonitor",
              description="SCM streaming content monitor: halts a harmful answer early",
              default=True)
 
