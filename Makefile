@@ -42,11 +42,11 @@ pytest: venv
 
 test: lint pytest
 
-# The everyday lane: ruff and the tests that load no real model and are not slow (under a
-# minute on an idle 2-core machine). `make test` runs everything, as CI does.
+# The everyday lane: ruff and the tests that load no real model and are not slow, one pytest
+# worker per core (pytest-xdist). `make test` runs everything, as CI does.
 check: venv
 	$(VENV)/bin/ruff check $(wildcard guardrail plugins adapters tests bench examples)
-	$(VENV)/bin/pytest -q -m "not real_model and not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n auto -m "not real_model and not slow" $(PYTEST_ARGS)
 
 # The full run compares against the real peers, so it builds their venvs first (once).
 bench: venv $(PEER_STAMPS)

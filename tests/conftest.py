@@ -3,7 +3,7 @@
 The fast lane (``make check``) deselects ``real_model`` and ``slow`` tests. Besides explicit
 marks, ``pytest_collection_modifyitems`` marks ``real_model`` every test whose code (the test,
 the module's helpers it calls, its fixtures) loads the real SmolLM2, so a new one can't slip
-into the fast lane unmarked.
+into the fast lane unmarked, and ``slow`` the plugins' data-build and trainer tests.
 """
 
 from __future__ import annotations
@@ -17,6 +17,17 @@ from typing import Any
 import pytest
 
 from guardrail.plugins import PluginHost
+
+# Data builds and trainers of the monitor plugins: seconds of CPU each, research code rather
+# than the runtime, so outside the fast lane.
+SLOW_MODULES = (
+    "harmful_content/test_harm_build.py",
+    "harmful_content/test_harm_own_answers.py",
+    "harmful_content/test_harm_planted.py",
+    "harmful_content/test_harm_train.py",
+    "entity_hallucination/test_entity_build.py",
+    "entity_hallucination/test_train.py",
+)
 
 # Code (not prose: docstrings and comments are dropped first) that loads the real SmolLM2.
 REAL_MODEL = re.compile(r"""LocalGenerator\(\)|LocalGenerator\.load\(|default_generator\(|
@@ -58,6 +69,8 @@ def _loads_real_model(item: pytest.Function) -> bool:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if item.path.as_posix().endswith(SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
         if isinstance(item, pytest.Function) and item.get_closest_marker("real_model") is None \
                 and _loads_real_model(item):
             item.add_marker(pytest.mark.real_model)
