@@ -1,4 +1,5 @@
-# make demo · make test · make bench · make train — each sets up .venv first (fresh-machine safe).
+# make demo · make check · make test · make bench · make train — each sets up .venv first
+# (fresh-machine safe).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,7 @@ PEERS := .cache/peers
 PLUGIN_DISTS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 PEER_STAMPS := $(PEERS)/litellm/.installed $(PEERS)/guardrails-ai/.installed $(PEERS)/nemo/.installed
 
-.PHONY: venv demo test lint typecheck pytest bench bench-quick train integrations real-upstream clean
+.PHONY: venv demo check test lint typecheck pytest bench bench-quick train integrations real-upstream clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml adapters/*/pyproject.toml examples/*/pyproject.toml) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,12 @@ pytest: venv
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The everyday lane: ruff and the tests that load no real model and are not slow, one pytest
+# worker per core (pytest-xdist). `make test` runs everything, as CI does.
+check: venv
+	$(VENV)/bin/ruff check $(wildcard guardrail plugins adapters tests bench examples)
+	$(VENV)/bin/pytest -q -n auto -m "not real_model and not slow" $(PYTEST_ARGS)
 
 # The full run compares against the real peers, so it builds their venvs first (once).
 bench: venv $(PEER_STAMPS)

@@ -29,6 +29,7 @@ import base64
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -211,14 +212,16 @@ class ProxyProcess:
                  serve_args: tuple[str, ...] = ()) -> None:
         path = workdir / f"policy-{id(policy)}.yaml"
         path.write_text(yaml.safe_dump(policy))
-        from guardrail_server._serve import _free_port
-        self.port = _free_port("127.0.0.1")
+        with socket.socket() as sock:  # a free loopback port
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
         code = "import sys; from guardrail.cli import main; sys.exit(main())"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--policy", str(path), "--upstream", upstream,
              "--port", str(self.port), *serve_args],
-            # Built-in monitors only: no third-party plugin (and its imports) in the footprint.
-            env={**os.environ, "OMP_NUM_THREADS": "1", "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD": "1"},
+            # Built-in monitors only: of the entry-point plugins, only the one adding `serve`
+            # (no monitor plugin and its imports in the footprint).
+            env={**os.environ, "OMP_NUM_THREADS": "1", "GUARDRAIL_LOAD_PLUGINS": "server"},
             stderr=subprocess.DEVNULL)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.monotonic() + 60

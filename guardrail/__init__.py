@@ -17,7 +17,13 @@ from .errors import (
 )
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
 from .guard import Guard, default_policy
-from .hookspecs import hookimpl
+from .hookspecs import (
+    RegisterAdapter,
+    RegisterMonitor,
+    RegisterObserver,
+    RegisterTrainer,
+    hookimpl,
+)
 from .messages import MessageError, normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, NoOptions, Score
 from .plugins import PluginHost, get_host
@@ -52,6 +58,10 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyIssue",
+    "RegisterAdapter",
+    "RegisterMonitor",
+    "RegisterObserver",
+    "RegisterTrainer",
     "Release",
     "Report",
     "Route",

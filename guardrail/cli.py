@@ -3,6 +3,10 @@
 Every command that takes ``--policy`` defaults to the built-in default policy; ``--monitor ID``
 (repeatable) narrows a run to those monitors. Exit codes: 0 ok, 1 a bad policy or input,
 2 a usage error, 3 ``guardrail run`` halted the stream (``EXIT_HALTED``).
+
+Plugins add commands (``guardrail_register_commands``): guardrail-server adds ``serve``,
+guardrail-transformers ``demo``; ``add_policy_args`` and ``policy_from_args`` give theirs the
+same ``--policy``/``--monitor`` as the built-in commands.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from .guard import Guard, build_monitors, default_policy, load_checked
 from .plugins import MonitorEntry, ObserverEntry, get_host
 from .policy import Policy, policy_json_schema, policy_markdown
 
-__all__ = ["EXIT_HALTED", "main"]
+__all__ = ["EXIT_HALTED", "add_policy_args", "build_parser", "main", "policy_from_args"]
 
 EXIT_HALTED = 3  # `guardrail run`: the guard halted the stream (scripts can tell it from errors)
 
 
-def _policy(args: argparse.Namespace) -> Policy:
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    """The policy that ``--policy`` and ``--monitor`` (``add_policy_args``) name: the file,
+    else the built-in default policy, narrowed to the ``--monitor`` ids. Raises
+    ``PolicyError`` naming each bad field and its line."""
     policy = load_checked(Path(args.policy)) if args.policy else default_policy()
     if getattr(args, "monitor", None):
         policy = policy.narrowed(args.monitor)
@@ -36,10 +43,11 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def _guard(args: argparse.Namespace) -> Guard:
-    return Guard(_policy(args))
+    return Guard(policy_from_args(args))
 
 
-def _add_policy_args(p: argparse.ArgumentParser) -> None:
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """``--policy FILE`` and ``--monitor ID`` (repeatable), read by ``policy_from_args``."""
     p.add_argument("--policy", "-p", help="policy YAML (default: the built-in default policy)")
     p.add_argument("--monitor", "-m", action="append", metavar="ID",
                    help="run only this monitor (repeatable)")
@@ -53,6 +61,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     monitors = host.monitors()
     observers = host.observers()
     trainers = host.trainers()
+    adapters = host.adapters()
     if args.json:
         print(json.dumps({
             "plugins": host.plugins(),
@@ -62,6 +71,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                           for n, e in sorted(observers.items())},
             "trainers": {n: {"plugin": e.plugin, "description": e.description}
                          for n, e in sorted(trainers.items())},
+            "adapters": {n: {"plugin": e.plugin, "description": e.description}
+                         for n, e in sorted(adapters.items())},
         }, indent=2))
         return 0
     print("plugins:")
@@ -69,7 +80,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         origin = p["distribution"] or ("built-in" if p["builtin"] else "registered in code")
         print(f"  {p['name']}  [{origin}]  hooks: {', '.join(p['hooks']) or '-'}")
     sections: list[tuple[str, Mapping[str, MonitorEntry | ObserverEntry]]] = [
-        ("monitors", monitors), ("observers", observers), ("trainers", trainers)]
+        ("monitors", monitors), ("observers", observers), ("trainers", trainers),
+        ("adapters (Guard methods)", adapters)]
     for title, entries in sections:
         print(f"{title}:")
         for name, e in sorted(entries.items()):
@@ -298,31 +310,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return int(trainers[args.name].factory(list(args.rest)))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import guardrail_server
-    except ImportError:
-        print("guardrail serve needs the guardrail-server adapter: pip install guardrail-server",
-              file=sys.stderr)
-        return 2
-    return int(guardrail_server.serve_cli(args))
-
-
 # -- parser ------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="guardrail", description="Streaming guardrail middleware for LLM output.")
+        prog="guardrail", description="Streaming guardrail middleware for LLM output.",
+        epilog="Installed plugins add commands: guardrail-server adds serve, "
+               "guardrail-transformers adds demo.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plugins", help="list loaded plugins, monitors, observers and trainers")
+    p = sub.add_parser("plugins",
+                       help="list loaded plugins, monitors, observers, trainers and adapters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
@@ -338,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Guard a text stream: released text on stdout, flags and a "
                        "summary on stderr. Exit code 0 when the stream ended normally, "
                        f"{EXIT_HALTED} when the guard halted it, 1 on a bad policy.")
-    _add_policy_args(p)
+    add_policy_args(p)
     p.add_argument("file", nargs="?", help="text file (default: stdin)")
     p.add_argument("--prompt", help="the user prompt the text answers")
     p.add_argument("--chunk", type=int, default=16,
@@ -348,14 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="replay labelled records; one JSON line per record")
-    _add_policy_args(p)
+    add_policy_args(p)
     p.add_argument("--data", "-d", required=True, help="JSON Lines records")
     p.add_argument("--limit", type=int)
     p.add_argument("--report", metavar="DIR", help="write an HTML page and plot per stream here")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("eval", help="metrics of each monitor on labelled records")
-    _add_policy_args(p)
+    add_policy_args(p)
     p.add_argument("--data", "-d", required=True, help="JSON Lines records")
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -369,56 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="stream real model output through the default policy")
-    _add_policy_args(p)
-    p.add_argument("--out", default="reports/demo", help="where reports go")
-    p.add_argument("--quick", action="store_true", help="fewer prompts, shorter answers")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible proxy with the guard in front")
-    _add_policy_args(p)
-    p.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8011/v1")
-    p.add_argument("--local", help="serve a local model instead, e.g. smollm2-135m")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; one other than loopback needs client keys or "
-                        "--allow-unauthenticated")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append", metavar="KEY",
-                   help="a client key callers must send as 'Authorization: Bearer KEY' "
-                        "(repeatable; also GUARDRAIL_API_KEYS=KEY1,KEY2, which keeps keys out "
-                        "of the process list); never forwarded upstream")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="N",
-                   help="refuse larger request bodies with 413 (default: 4 MiB)")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="listen on a non-loopback --host without client keys")
-    p.add_argument("--no-metrics", action="store_true",
-                   help="no /metrics (on by default when prometheus-client is installed)")
-    p.add_argument("--no-dashboard", action="store_true", help="no /dashboard live view")
-    p.add_argument("--traces", action="store_true",
-                   help="OpenTelemetry spans per stream (needs guardrail-server[otel]): to the "
-                        "configured tracer provider, else OTLP when the OTLP exporter is "
-                        "installed, else stderr")
-    g = p.add_argument_group("Ray Serve (needs guardrail-server[ray]; docs/scaling.md)")
-    g.add_argument("--ray", action="store_true",
-                   help="serve as a Ray Serve application: proxy replicas in front of observer "
-                        "replicas, each stream pinned to one (needs --upstream)")
-    g.add_argument("--ray-address", metavar="ADDR",
-                   help="the Ray cluster to deploy on (auto, ray://head:10001); default: a "
-                        "local Ray instance that stops with the command")
-    g.add_argument("--deploy-config", metavar="YAML",
-                   help="replicas and resources of the proxy and observer deployments")
-    g.add_argument("--proxy-replicas", type=int, metavar="N", help="proxy (ingress) replicas")
-    g.add_argument("--observer-replicas", type=int, metavar="N",
-                   help="observer replicas; each holds the KV caches of its streams")
-    g.add_argument("--proxy-cpus", type=float, metavar="N", help="CPUs per proxy replica")
-    g.add_argument("--observer-cpus", type=float, metavar="N", help="CPUs per observer replica")
-    g.add_argument("--observer-gpus", type=float, metavar="N", help="GPUs per observer replica")
-    p.set_defaults(func=cmd_serve)
+    get_host().add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except GuardrailError as exc:  # a plugin's commands clash
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

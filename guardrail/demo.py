@@ -1,10 +1,11 @@
 """``guardrail demo``: streams through the default policy, shown live, with reports.
 
-Streams: real generation from the embedded SmolLM2 (when the transformers adapter is installed)
-and recorded replays of harmful, hallucinated and benign answers (the 135M model rarely writes
-harmful text itself). Each stream is shown live: released text as it reaches the reader, then the
-whole stream coloured by monitor scores, flags underlined, the halt point marked. A summary table
-follows, and an HTML page and PNG plot per stream land in ``--out``.
+Streams: real generation from a local model (guardrail-transformers adds the ``demo`` command and
+hands ``run_demo`` the embedded SmolLM2) and recorded replays of harmful, hallucinated and benign
+answers (the 135M model rarely writes harmful text itself). Each stream is shown live: released
+text as it reaches the reader, then the whole stream coloured by monitor scores, flags underlined,
+the halt point marked. A summary table follows, and an HTML page and PNG plot per stream land in
+``--out``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from .cli import add_policy_args
 from .events import Flag, Halt, Release, Route
 from .guard import Guard, default_policy, load_checked
 from .policy import Policy, load_policy
@@ -28,7 +30,7 @@ from .reports import StreamRecord, write_index, write_stream_report
 from .session import GuardSession
 from .testing import random_splits
 
-__all__ = ["run_demo", "summary_line"]
+__all__ = ["LocalGeneration", "add_demo_args", "run_demo", "summary_line"]
 
 # Used only when no built-in monitor plugin is installed: a text-only policy so the demo still
 # shows hold-back, flags and a halt.
@@ -42,6 +44,20 @@ FALLBACK_POLICY: dict[str, Any] = {
          "options": {"patterns": [r"\b1[0-9]{3}\b"], "label": "date"}},
     ],
 }
+
+
+class LocalGeneration(Protocol):
+    """A local model the demo streams from: ``observer`` is its own hidden-state observer."""
+
+    observer: Any
+
+    def guarded(self, session: GuardSession, prompt: str, max_new_tokens: int
+                ) -> Iterable[Any]:
+        """Generate an answer to ``prompt`` that ``session`` guards on the model's own states
+        (the driver feeds and finishes the session), yielding its events."""
+
+    def text(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
+        """The unguarded answer to ``prompt`` as text deltas."""
 
 
 @dataclass
@@ -76,15 +92,6 @@ def _replays() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _local_generator() -> Any | None:
-    """The embedded SmolLM2 generator, when the transformers adapter is installed."""
-    try:
-        import guardrail_transformers  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    return guardrail_transformers.default_generator()
-
-
 def _shares_states(policy: Policy) -> bool:
     """Whether the generator's own states are what the policy's monitors read: the policy
     observes the same model with torch. Otherwise its answers go through the policy's observer
@@ -93,30 +100,23 @@ def _shares_states(policy: Policy) -> bool:
     return observer is None or (observer.model == "smollm2-135m" and observer.backend == "torch")
 
 
-def _generated_streams(generator: Any, shared: bool, prompts: list[str],
+def _generated_streams(local: LocalGeneration | None, shared: bool, prompts: list[str],
                        max_tokens: int) -> list[DemoStream]:
-    """Real SmolLM2 answers: guarded on the generator's own states when ``shared`` (one forward
+    """Real local answers: guarded on the generator's own states when ``shared`` (one forward
     per token, a halt stops generation), else as text deltas."""
-    if generator is None:
+    if local is None:
         return []
-    from guardrail_transformers import (  # type: ignore[import-not-found,unused-ignore]
-        guarded_stream,
-        stream_text,
-    )
-
     streams = []
     for prompt in prompts:
         if shared:
             def events(session: GuardSession, prompt: str = prompt) -> Iterable[Any]:
-                return guarded_stream(session.guard, prompt, generator=generator,
-                                      session=session, max_new_tokens=max_tokens)
+                return local.guarded(session, prompt, max_tokens)
             streams.append(DemoStream(f"SmolLM2: {prompt}", prompt,
                                       "generated (monitors read the generator's own states)",
                                       events=events))
         else:
-            deltas = stream_text(prompt, max_new_tokens=max_tokens)
             streams.append(DemoStream(f"SmolLM2: {prompt}", prompt, "generated (as text)",
-                                      deltas=deltas))
+                                      deltas=local.text(prompt, max_tokens)))
     return streams
 
 
@@ -205,13 +205,23 @@ def _print_scored(rec: StreamRecord, term: _Term) -> None:
     print(term("  scores: ", "2") + "".join(out))
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    """The ``guardrail demo`` arguments ``run_demo`` reads."""
+    add_policy_args(p)
+    p.add_argument("--out", default="reports/demo", help="where reports go")
+    p.add_argument("--quick", action="store_true", help="fewer prompts, shorter answers")
+
+
+def run_demo(args: argparse.Namespace, local: Callable[[], LocalGeneration] | None = None
+             ) -> int:
+    """``guardrail demo``: ``args`` from ``add_demo_args``; ``local`` loads the model to
+    generate with (none: the recorded replays only)."""
     term = _Term()
     policy, origin = _policy(args)
     if getattr(args, "monitor", None):
         policy = policy.narrowed(args.monitor)
     t0 = time.perf_counter()
-    generator = _local_generator()
+    generator = local() if local is not None else None
     shared = generator is not None and _shares_states(policy)
     guard = Guard(policy, observer=generator.observer if generator is not None and shared
                   else None)

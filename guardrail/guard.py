@@ -5,7 +5,6 @@ A Guard holds no per-stream state; any number of sessions (threads, tasks) share
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,13 +20,10 @@ from .rules import RuleSpec
 from .session import GuardSession
 from .stream import Tokenizer, WordTokenizer
 
-__all__ = ["BUILTIN_MONITORS", "Guard", "build_monitors", "default_policy", "load_checked"]
+__all__ = ["Guard", "build_monitors", "default_policy", "load_checked"]
 
 log = logging.getLogger("guardrail.guard")
 _RULE: TypeAdapter[RuleSpec] = TypeAdapter(RuleSpec)
-
-# The built-in monitor plugins, in the order the default policy lists them.
-BUILTIN_MONITORS = ("harmful-content", "entity-hallucination", "router")
 
 
 class Guard:
@@ -152,24 +148,29 @@ class Guard:
         finished before the guard runs): use ``wrap_model`` or ``messages=`` there.
 
         Needs the ``guardrail-langchain`` distribution."""
-        module = _adapter("guardrail_langchain", "guardrail-langchain")
-        self.warn_routes_recorded("the LangChain runnable")
-        return module.GuardRunnable(guard=self, **kwargs)
+        return self._adapter("as_runnable", "guardrail-langchain")(self, **kwargs)
 
     def wrap_model(self, model: Any, **kwargs: Any) -> Any:
         """A LangChain chat model and this guard as one Runnable, ``prompt | guard.wrap_model(m)``:
         the monitors read the model's input as the conversation in every mode (``invoke``,
         ``batch``, ``stream``). ``kwargs`` as for ``as_runnable``."""
-        module = _adapter("guardrail_langchain", "guardrail-langchain")
-        self.warn_routes_recorded("the LangChain runnable")
-        return module.wrap_model(model, guard=self, **kwargs)
+        return self._adapter("wrap_model", "guardrail-langchain")(self, model, **kwargs)
 
     def wrap(self, client: Any, **kwargs: Any) -> Any:
         """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client so its chat completions are
         guarded. Needs the ``guardrail-openai`` distribution."""
-        module = _adapter("guardrail_openai", "guardrail-openai")
-        self.warn_routes_recorded("the OpenAI client wrapper")
-        return module.wrap(client, guard=self, **kwargs)
+        return self._adapter("wrap", "guardrail-openai")(self, client, **kwargs)
+
+    def _adapter(self, name: str, dist: str) -> Any:
+        """The factory an installed adapter registered for ``Guard.<name>``
+        (``guardrail_register_adapters``). A host built without entry-point plugins (tests,
+        ``PluginHost(autoload=False)``) falls back to the process-wide one, where adapters load."""
+        for host in (self.host, get_host()):
+            entry = host.adapters().get(name)
+            if entry is not None:
+                return entry.factory
+        raise GuardrailError(f"Guard.{name} needs an adapter that provides it, such as {dist}: "
+                             f"pip install {dist}")
 
     def warn_routes_recorded(self, driver: str) -> None:
         """Log a warning when this guard has ``route`` actions and ``driver`` (an adapter that
@@ -298,29 +299,18 @@ def _with_default_rule(policy: Policy, i: int, spec: MonitorSpec, monitor: Monit
     return spec.model_copy(update={"rule": rule})
 
 
-def _adapter(module: str, dist: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if exc.name != module:
-            raise
-        raise GuardrailError(f"this needs the {dist} adapter: pip install {dist}") from None
-
-
 def default_policy(host: PluginHost | None = None) -> Policy:
-    """The built-in default policy for what is installed: each built-in monitor plugin with the
-    settings it ships (``Monitor.default_spec``), on the embedded default observer."""
+    """The built-in default policy for what is installed: each monitor registered with
+    ``default=True``, by name, with the settings it ships (``Monitor.default_spec``), on the
+    embedded default observer."""
     host = host or get_host()
     monitors = []
-    installed = host.monitors()
-    for name in BUILTIN_MONITORS:
-        entry = installed.get(name)
-        if entry is None:
-            continue
-        spec = dict(getattr(entry.factory, "default_spec", {}) or {})
-        spec.setdefault("id", name.split("-")[0])
-        spec["use"] = name
+    for name in sorted(n for n, e in host.monitors().items() if e.default):
         try:  # an installed plugin without its trained weights can't be part of the default
+            entry = host.monitor(name)
+            spec = dict(getattr(entry.factory, "default_spec", {}) or {})
+            spec.setdefault("id", name.split("-")[0])
+            spec["use"] = name
             build_monitor(entry, spec.get("options", {}))
         except (GuardrailError, ValueError, OSError) as exc:
             log.warning("default policy leaves out %s: %s", name, exc)

@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from .events import Event
     from .session import GuardSession, Report
 
 __all__ = [
     "PROJECT",
+    "RegisterAdapter",
     "RegisterMonitor",
     "RegisterObserver",
     "RegisterTrainer",
@@ -30,10 +33,15 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class RegisterMonitor(Protocol):
-    def __call__(self, name: str, factory: Any, *, description: str = "") -> None:
+    def __call__(self, name: str, factory: Any, *, description: str = "",
+                 default: bool = False) -> None:
         """Register ``factory`` under ``name``. ``factory`` is a ``Monitor`` subclass (its
         ``Options`` model validates the policy's ``options:`` and is passed to ``__init__``) or any
-        callable taking the options as keyword arguments and returning a ``Monitor``."""
+        callable taking the options as keyword arguments and returning a ``Monitor``, or either
+        one as ``"module:attribute"``, imported when a policy first uses it (so listing and
+        building other monitors never imports this one's model stack). ``default=True`` puts
+        the monitor in the built-in default policy (``Guard.default()``) with its
+        ``default_spec``."""
 
 
 class RegisterObserver(Protocol):
@@ -44,6 +52,12 @@ class RegisterObserver(Protocol):
 class RegisterTrainer(Protocol):
     def __call__(self, name: str, train: Any, *, description: str = "") -> None:
         """Register ``train(argv: list[str]) -> int`` for ``guardrail train NAME [ARGS...]``."""
+
+
+class RegisterAdapter(Protocol):
+    def __call__(self, name: str, factory: Any, *, description: str = "") -> None:
+        """Provide the ``Guard`` method ``name`` (``wrap``, ``as_runnable``, ``wrap_model``):
+        ``guard.NAME(*args, **kwargs)`` returns ``factory(guard, *args, **kwargs)``."""
 
 
 # -- registration hooks: called once when a Guard is built -----------------------------------
@@ -78,6 +92,29 @@ def guardrail_register_trainers(register: RegisterTrainer) -> None:
 
     :param register: call ``register(name, train, description=...)``; ``train(argv)`` parses its
         own arguments (``argv`` excludes ``NAME``) and returns an exit code.
+    """
+
+
+@hookspec
+def guardrail_register_adapters(register: RegisterAdapter) -> None:
+    """Provide the ``Guard`` methods that hand a guard to another library: ``wrap`` (an OpenAI
+    client), ``as_runnable`` and ``wrap_model`` (LangChain). The adapter distributions implement
+    it, so the core imports none of them.
+
+    :param register: call ``register(name, factory, description=...)``; ``guard.NAME(...)``
+        returns ``factory(guard, ...)``.
+    """
+
+
+@hookspec
+def guardrail_register_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add ``guardrail`` subcommands (as ``guardrail serve`` and ``guardrail demo`` are added).
+
+    :param subparsers: the CLI's subparsers: ``p = subparsers.add_parser(NAME, help=...)``, then
+        ``p.set_defaults(func=handler)`` where ``handler(args) -> int`` returns the exit code.
+        Import heavy modules inside the handler: every ``guardrail`` command builds the parser.
     """
 
 

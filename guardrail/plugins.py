@@ -1,13 +1,16 @@
 """The plugin host: a pluggy manager behind a typed facade.
 
 Plugins come from three places, in this order: the entry-point group ``guardrail`` (unless
-``GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD=1``; names in ``GUARDRAIL_BLOCK_PLUGINS=a,b`` are skipped),
-plugins registered in code (``host.register(obj)``), and the built-ins in ``DEFAULT_PLUGINS``.
+``GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD=1``; only those named in ``GUARDRAIL_LOAD_PLUGINS=a,b`` when
+it is set; names in ``GUARDRAIL_BLOCK_PLUGINS=a,b`` are skipped), plugins registered in code
+(``host.register(obj)``), and the built-ins in ``DEFAULT_PLUGINS``.
 ``GUARDRAIL_TRACE_PLUGINS=1`` logs every hook call.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PLUGINS",
+    "AdapterEntry",
     "MonitorEntry",
     "ObserverEntry",
     "PluginHost",
@@ -46,6 +50,7 @@ DEFAULT_PLUGINS = (
 
 ENV_DISABLE_AUTOLOAD = "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD"
 ENV_BLOCK = "GUARDRAIL_BLOCK_PLUGINS"
+ENV_LOAD = "GUARDRAIL_LOAD_PLUGINS"
 ENV_TRACE = "GUARDRAIL_TRACE_PLUGINS"
 
 
@@ -57,6 +62,7 @@ class MonitorEntry:
     factory: Any
     description: str
     plugin: str
+    default: bool = False  # part of the built-in default policy
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,10 @@ class ObserverEntry:
     factory: Callable[..., Any]
     description: str
     plugin: str
+
+
+# A registered ``Guard`` method (``wrap``, ``as_runnable``...): ``factory(guard, *args, **kw)``.
+AdapterEntry = ObserverEntry
 
 
 def _truthy(value: str | None) -> bool:
@@ -86,7 +96,10 @@ class PluginHost:
         for name in blocked:
             self.pm.set_blocked(name)
         if autoload:
-            self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+            only: list[str | None] = [
+                n.strip() for n in os.environ.get(ENV_LOAD, "").split(",") if n.strip()]
+            for ep_name in only or [None]:
+                self.pm.load_setuptools_entrypoints(hookspecs.PROJECT, ep_name)
         for module_name in DEFAULT_PLUGINS:
             if not self.pm.is_blocked(module_name):
                 self.pm.register(importlib.import_module(module_name), module_name)
@@ -96,6 +109,7 @@ class PluginHost:
         self._monitors: dict[str, MonitorEntry] | None = None
         self._observers: dict[str, ObserverEntry] | None = None
         self._trainers: dict[str, ObserverEntry] | None = None
+        self._adapters: dict[str, AdapterEntry] | None = None
 
     # -- registration ---------------------------------------------------------------------
 
@@ -105,12 +119,12 @@ class PluginHost:
         if registered is None:
             raise GuardrailError(f"plugin {name or plugin!r} is blocked")
         self.pm.check_pending()
-        self._monitors = self._observers = self._trainers = None
+        self._monitors = self._observers = self._trainers = self._adapters = None
         return registered
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
-        self._monitors = self._observers = self._trainers = None
+        self._monitors = self._observers = self._trainers = self._adapters = None
 
     def plugin_name(self, plugin: object) -> str:
         return self.pm.get_name(plugin) or repr(plugin)
@@ -155,10 +169,30 @@ class PluginHost:
             self._trainers = self._collect("guardrail_register_trainers", ObserverEntry)
         return self._trainers
 
+    def adapters(self) -> dict[str, AdapterEntry]:
+        """The ``Guard`` methods installed adapters provide (``wrap``...), by name."""
+        if self._adapters is None:
+            self._adapters = self._collect("guardrail_register_adapters", AdapterEntry)
+        return self._adapters
+
+    def add_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
+                     ) -> None:
+        """Let each plugin add its ``guardrail`` subcommands; a name taken twice is an error
+        naming the plugin."""
+        for impl in reversed(self.pm.hook.guardrail_register_commands.get_hookimpls()):
+            try:
+                impl.function(**{arg: subparsers for arg in impl.argnames})
+            except argparse.ArgumentError as exc:
+                raise GuardrailError(f"plugin {impl.plugin_name!r} adds a command that "
+                                     f"exists: {exc}") from None
+
     def monitor(self, name: str) -> MonitorEntry:
+        """The monitor registered as ``name``, its factory imported if it was registered as
+        ``"module:attribute"``."""
         entries = self.monitors()
         if name not in entries:
             raise MonitorNotFound(name, list(entries))
+        entries[name] = _imported(entries[name])
         return entries[name]
 
     def observer(self, name: str) -> ObserverEntry:
@@ -188,7 +222,7 @@ class PluginHost:
             plugin_name = impl.plugin_name
 
             def register(name: str, factory: Any, *, description: str = "",
-                         _plugin: str = plugin_name) -> None:
+                         _plugin: str = plugin_name, **extra: Any) -> None:
                 if not isinstance(name, str) or not name:
                     raise GuardrailError(f"plugin {_plugin!r} registered a nameless entry")
                 if name in entries:
@@ -196,7 +230,11 @@ class PluginHost:
                         f"{name!r} is registered twice: by {entries[name].plugin!r} "
                         f"and by {_plugin!r}"
                     )
-                entries[name] = entry_type(name, factory, description, _plugin)
+                try:
+                    entries[name] = entry_type(name, factory, description, _plugin, **extra)
+                except TypeError:
+                    raise GuardrailError(f"plugin {_plugin!r} registered {name!r} with unknown "
+                                         f"arguments {sorted(extra)}") from None
 
             kwargs = {arg: register for arg in impl.argnames}
             impl.function(**kwargs)
@@ -216,7 +254,7 @@ def build_monitor(entry: MonitorEntry, options: Mapping[str, Any]) -> Monitor:
 
     Raises ``ValueError`` with a readable message for bad options.
     """
-    factory = entry.factory
+    factory = _imported(entry).factory
     if isinstance(factory, type) and issubclass(factory, Monitor):
         options_model: type[BaseModel] = factory.Options
         try:
@@ -237,6 +275,19 @@ def build_monitor(entry: MonitorEntry, options: Mapping[str, Any]) -> Monitor:
             f"{type(monitor).__name__}, not a guardrail.Monitor"
         )
     return monitor
+
+
+def _imported(entry: MonitorEntry) -> MonitorEntry:
+    """``entry`` with a ``"module:attribute"`` factory imported."""
+    if not isinstance(entry.factory, str):
+        return entry
+    module, _, attribute = entry.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise GuardrailError(f"monitor {entry.name!r} from {entry.plugin!r}: cannot import "
+                             f"{entry.factory!r} ({type(exc).__name__}: {exc})") from exc
+    return dataclasses.replace(entry, factory=factory)
 
 
 class _OptionsError(ValueError):

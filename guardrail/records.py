@@ -1,6 +1,6 @@
 """Labelled stream data (JSON Lines) and replaying it through a guard.
 
-One record a line (DESIGN.md §6)::
+One record a line (docs/quickstart.md, "Measure a policy on labelled data")::
 
     {"prompt": str, "response": str, "label": 0|1 (optional),
      "spans": [{"start": int, "end": int, "label": 0|1}] (optional, char offsets into response)}

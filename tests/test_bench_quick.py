@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.skipif(os.environ.get("GUARDRAIL_SKIP_BENCH_SMOKE") == "1",
                     reason="GUARDRAIL_SKIP_BENCH_SMOKE=1")
 def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:

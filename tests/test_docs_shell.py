@@ -63,8 +63,14 @@ def test_the_docs_have_shell_commands() -> None:
     assert ("README.md", "make demo") in COMMANDS
 
 
-@pytest.mark.parametrize("where,command", COMMANDS,
-                         ids=[f"{w}:{c[:50]}" for w, c in COMMANDS])
+def _marks(command: str) -> list[pytest.MarkDecorator]:
+    """A `guardrail` command run for real without --policy loads the default policy's SmolLM2."""
+    real = command.startswith(RUN[0]) and "--policy" not in command and "-p " not in command
+    return [pytest.mark.real_model, pytest.mark.slow] if real else []
+
+
+@pytest.mark.parametrize("where,command", [
+    pytest.param(w, c, marks=_marks(c), id=f"{w}:{c[:50]}") for w, c in COMMANDS])
 def test_shell_command_is_right(where: str, command: str, tmp_path: Path) -> None:
     words = _words(command)
     tool = words[0]

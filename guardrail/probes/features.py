@@ -1,12 +1,12 @@
 """A feature cache: an observer's hidden states over a labelled data file, computed once.
 
-``extract_features(observer, data, cache_dir, layers=[15])`` reads JSON Lines records (DESIGN.md
-§6: ``prompt``, ``response``, optional ``label`` and ``spans``), lets the observer read each prompt
-as a user message, then the response in chunks (as a live stream would), and stores per record the
-requested layers' states, the tokens' ids and char offsets, and (when asked) the top-k logits and
-each token's surprisal and entropy, as safetensors shards under a directory keyed by the observer,
-the layers, the options and the data file's hash. A second call with the same inputs reloads the
-cache; ``load_features(dir)`` reloads it without an observer.
+``extract_features(observer, data, cache_dir, layers=[15])`` reads JSON Lines records
+(``guardrail.records``: ``prompt``, ``response``, optional ``label`` and ``spans``), lets the
+observer read each prompt as a user message, then the response in chunks (as a live stream would),
+and stores per record the requested layers' states, the tokens' ids and char offsets, and (when
+asked) the top-k logits and each token's surprisal and entropy, as safetensors shards under a
+directory keyed by the observer, the layers, the options and the data file's hash. A second call
+with the same inputs reloads the cache; ``load_features(dir)`` reloads it without an observer.
 
 Token labels come from char spans at use time: ``token_labels`` (a token inside a span takes the
 span's label), ``token_span_ids`` (which span, for span-max losses) and ``token_weights``.

@@ -1,4 +1,4 @@
-"""Probe weights on disk: safetensors plus a JSON config, never pickle (DESIGN.md §6).
+"""Probe weights on disk: safetensors plus a JSON config, never pickle.
 
 ``save_probe(dir, head, config)`` writes ``<name>.safetensors`` (the head's trained tensors) and
 ``<name>.json`` (the head's own config under ``"head"``, the tensor shapes, and whatever the caller

@@ -17,6 +17,8 @@ import pytest
 pytest.importorskip("guardrail_transformers")
 pytest.importorskip("guardrail_harmful_content")
 
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
 
 def test_demo_streams_halts_the_harmful_replay_and_writes_reports(tmp_path: Path) -> None:
     out_dir = tmp_path / "reports"

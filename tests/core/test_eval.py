@@ -1,4 +1,4 @@
-"""``guardrail eval --json``: the metrics contract of DESIGN.md §6, on text monitors."""
+"""``guardrail eval --json``: the metrics contract of ``guardrail.evaluate``, on text monitors."""
 
 from __future__ import annotations
 

@@ -100,6 +100,8 @@ HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("guardrail_"))
 def test_hook_list_is_what_we_expect() -> None:
     assert HOOKS == [
         "guardrail_on_event",
+        "guardrail_register_adapters",
+        "guardrail_register_commands",
         "guardrail_register_monitors",
         "guardrail_register_observers",
         "guardrail_register_trainers",

@@ -24,6 +24,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from guardrail import Guard, GuardrailError, Policy
+from guardrail.cli import policy_from_args
 
 from ._access import CLIENT_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, is_loopback, keys_from_env
 from ._app import create_app
@@ -143,8 +144,6 @@ def serve_cli(args: argparse.Namespace) -> int:
     """``guardrail serve``: args ``policy``, ``monitor``, ``upstream``, ``local``, ``host``,
     ``port``, ``api_key`` (a list), ``max_body_bytes``, ``allow_unauthenticated``. Returns the
     exit status."""
-    from guardrail.cli import _policy  # the CLI's own policy loading (--policy, --monitor)
-
     if bool(args.upstream) == bool(args.local):
         print("guardrail serve: give exactly one of --upstream URL or --local MODEL",
               file=sys.stderr)
@@ -174,7 +173,7 @@ def serve_cli(args: argparse.Namespace) -> int:
             return 2
         return int(serve_ray_cli(args, keys, max_body))
     try:
-        policy = _policy(args)
+        policy = policy_from_args(args)
         local = load_local_model(args.local) if args.local else None
         guard = Guard(policy, observer=_shared_observer(policy, local))
         app = create_app(guard, upstream=args.upstream, local=local,

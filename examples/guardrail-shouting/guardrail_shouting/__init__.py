@@ -50,5 +50,5 @@ class ShoutingMonitor(guardrail.Monitor):
 
 
 @guardrail.hookimpl
-def guardrail_register_monitors(register: Any) -> None:
+def guardrail_register_monitors(register: guardrail.RegisterMonitor) -> None:
     register("shouting", ShoutingMonitor, description="flags words written in capitals")

@@ -9,11 +9,10 @@ from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
 
 @hookimpl
 def guardrail_register_monitors(register: RegisterMonitor) -> None:
-    from .monitor import EntityHallucinationMonitor
-
-    register("entity-hallucination", EntityHallucinationMonitor,
+    register("entity-hallucination",
+             "guardrail_entity_hallucination.monitor:EntityHallucinationMonitor",
              description="linear head on hidden states: flags fabricated entities (one "
-             "score per entity, span max)")
+             "score per entity, span max)", default=True)
 
 
 def _train(argv: list[str]) -> int:

@@ -8,10 +8,9 @@ from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
 
 @hookimpl
 def guardrail_register_monitors(register: RegisterMonitor) -> None:
-    from .monitor import HarmfulContentMonitor
-
-    register("harmful-content", HarmfulContentMonitor,
-             description="SCM streaming content monitor: halts a harmful answer early")
+    register("harmful-content", "guardrail_harmful_content.monitor:HarmfulContentMonitor",
+             description="SCM streaming content monitor: halts a harmful answer early",
+             default=True)
 
 
 def _train(argv: list[str]) -> int:

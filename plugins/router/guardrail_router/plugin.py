@@ -8,10 +8,9 @@ from guardrail.hookspecs import RegisterMonitor, RegisterTrainer
 
 @hookimpl
 def guardrail_register_monitors(register: RegisterMonitor) -> None:
-    from .monitor import RouterMonitor
-
-    register("router", RouterMonitor,
-             description="R2R router: tokens where a small model diverges from a reference")
+    register("router", "guardrail_router.monitor:RouterMonitor",
+             description="R2R router: tokens where a small model diverges from a reference",
+             default=True)
 
 
 def _train(argv: list[str]) -> int:

@@ -140,7 +140,7 @@ def _dump_labels(path: Path, questions: Sequence[Question],
 
 
 def write_eval_records(path: Path, lm: ChatLM, dataset: Dataset, split: str = "test") -> int:
-    """Write ``split`` as labelled stream records (DESIGN.md §6) for ``guardrail eval``: the
+    """Write ``split`` as labelled records (``guardrail.records``) for ``guardrail eval``: the
     question, the reference's answer, and one span per answer token (label 1: divergent).
     Answers whose re-tokenized text does not give back the labelled tokens are skipped."""
     labels = dataset.data[split]["labels"]

@@ -1,0 +1,219 @@
+"""The layering, read from the source: the core imports no plugin or adapter, distributions
+import each other one way, no module-level import circle, and no distribution reaches for another
+one's private names. Plugin entry points stay light (every ``guardrail`` start loads them)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CORE = "guardrail"
+
+
+def _distributions() -> dict[str, Path]:
+    """Each distribution's directory, by the top-level names it installs."""
+    owners: dict[str, Path] = {CORE: ROOT}
+    for group in ("plugins", "adapters", "examples"):
+        for dist in sorted((ROOT / group).glob("*/pyproject.toml")):
+            for top in dist.parent.iterdir():
+                if top.name.startswith("guardrail_") and (
+                        (top / "__init__.py").exists() or top.suffix == ".py"):
+                    owners[top.name.removesuffix(".py")] = dist.parent
+    return owners
+
+
+OWNERS = _distributions()
+
+
+def _sources() -> Iterator[tuple[str, Path]]:
+    """(top-level name, file) for every Python file the distributions install."""
+    for top, dist in OWNERS.items():
+        path = dist / top if (dist / top).is_dir() else dist / f"{top}.py"
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            yield top, file
+
+
+@dataclass(frozen=True)
+class Import:
+    file: Path
+    line: int
+    module: str  # absolute
+    names: tuple[str, ...]  # for ``from module import names``
+    module_level: bool  # runs on import (not in a function, not under TYPE_CHECKING)
+
+    def __str__(self) -> str:
+        what = f"from {self.module} import {', '.join(self.names)}" if self.names \
+            else f"import {self.module}"
+        return f"{self.file.relative_to(ROOT)}:{self.line}: {what}"
+
+
+def _module_name(file: Path) -> str:
+    top = next(t for t, d in OWNERS.items() if file.is_relative_to(d / t)
+               or file == d / f"{t}.py")
+    rel = file.relative_to(OWNERS[top]).with_suffix("").parts
+    return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+
+
+def _imports(file: Path) -> list[Import]:
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    package = _module_name(file) if file.name == "__init__.py" \
+        else _module_name(file).rpartition(".")[0]
+    found: list[Import] = []
+
+    def visit(node: ast.AST, module_level: bool) -> None:
+        if isinstance(node, ast.Import):
+            found.extend(Import(file, node.lineno, a.name, (), module_level) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, *([module] if module else [])])
+            found.append(Import(file, node.lineno, module, tuple(a.name for a in node.names),
+                                module_level))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") \
+                and node.args and isinstance(node.args[0], ast.Constant):
+            found.append(Import(file, node.lineno, str(node.args[0].value), (), False))
+        for child in ast.iter_child_nodes(node):
+            lazy = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+                isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
+            visit(child, module_level and not lazy)
+
+    visit(tree, True)
+    return found
+
+
+IMPORTS = [imp for _, file in _sources() for imp in _imports(file)]
+
+
+def _owner(module: str) -> str | None:
+    top = module.split(".")[0]
+    return top if top in OWNERS else None
+
+
+def test_the_core_imports_no_plugin_or_adapter() -> None:
+    """Lazy imports (inside functions, ``importlib``) count too: the core reaches plugins and
+    adapters through hooks only."""
+    core = [imp for imp in IMPORTS if imp.file.is_relative_to(ROOT / CORE)]
+    assert len(core) > 100  # the walk reads the core
+    wrong = [str(imp) for imp in core if imp.module.split(".")[0].startswith("guardrail_")]
+    assert wrong == []
+
+
+def test_distributions_import_each_other_one_way() -> None:
+    edges: dict[Path, set[Path]] = {}
+    for imp in IMPORTS:
+        target = _owner(imp.module)
+        source = next(OWNERS[t] for t in OWNERS if imp.file.is_relative_to(OWNERS[t] / t)
+                      or imp.file == OWNERS[t] / f"{t}.py")
+        if target is not None and OWNERS[target] != source:
+            edges.setdefault(source, set()).add(OWNERS[target])
+    assert _cycles(edges) == []
+
+
+def test_no_module_level_import_circle() -> None:
+    modules = {_module_name(file) for _, file in _sources()}
+    edges: dict[str, set[str]] = {}
+    for imp in IMPORTS:
+        if not imp.module_level:
+            continue
+        source = _module_name(imp.file)
+        for name in imp.names or ("",):
+            target = f"{imp.module}.{name}" if f"{imp.module}.{name}" in modules else imp.module
+            if target in modules and target != source:
+                edges.setdefault(source, set()).add(target)
+    assert _cycles(edges) == []
+
+
+def _cycles(edges: dict[Any, set[Any]]) -> list[list[str]]:
+    """The strongly connected components larger than one node (Tarjan)."""
+    index: dict[object, int] = {}
+    low: dict[object, int] = {}
+    stack: list[object] = []
+    out: list[list[str]] = []
+
+    def visit(v: object) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(str(w))
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in list(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_distribution_imports_a_private_name_of_another() -> None:
+    """``from guardrail.cli import _policy``, ``from guardrail_server._serve import x`` and
+    ``guardrail.x._y`` are private to their distribution: the plugin SDK is what ``__all__``
+    lists."""
+    wrong = []
+    for top, file in _sources():
+        if top == CORE:
+            continue
+        for imp in _imports(file):
+            owner = _owner(imp.module)
+            if owner is None or OWNERS[owner] == OWNERS[top]:
+                continue
+            private = [p for p in imp.module.split(".")[1:] if p.startswith("_")]
+            private += [n for n in imp.names if n.startswith("_")]
+            if private:
+                wrong.append(str(imp))
+        wrong += [f"{file.relative_to(ROOT)}:{line}: {dotted}"
+                  for line, dotted in _private_attributes(file, top)]
+    assert wrong == []
+
+
+def _private_attributes(file: Path, top: str) -> list[tuple[int, str]]:
+    """``pkg.mod._name`` attribute chains rooted at another distribution's package."""
+    found = []
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        dotted = ast.unparse(node)
+        parts = dotted.split(".")
+        owner = _owner(parts[0])
+        if owner is None or OWNERS[owner] == OWNERS[top]:
+            continue
+        if any(p.startswith("_") and not p.startswith("__") for p in parts[1:]):
+            found.append((node.lineno, dotted))
+    return found
+
+
+def test_loading_plugins_and_building_the_cli_imports_no_heavy_stack() -> None:
+    """Every ``guardrail`` command loads the entry-point plugins, builds the parser with their
+    commands and lists the registered monitors; the model, client and server stacks wait until
+    a policy or command uses them."""
+    code = ("import sys\n"
+            "from guardrail.cli import build_parser\n"
+            "from guardrail.plugins import get_host\n"
+            "build_parser(); get_host().adapters(); get_host().monitors()\n"
+            "names = [p['name'] for p in get_host().plugins()]\n"
+            "heavy = ['torch', 'openai', 'langchain_core', 'starlette', 'uvicorn', 'httpx']\n"
+            "print(names, [m for m in heavy if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    names, heavy = out.stdout.strip().rsplit("] [", 1)
+    assert heavy == "]"
+    for plugin in ("openai", "langchain", "server", "transformers"):
+        assert f"'{plugin}'" in names  # the adapters' entry points were among those loaded
