@@ -44,7 +44,7 @@ def deploy_config_from_args(args: argparse.Namespace) -> DeployConfig:
 def serve_ray_cli(args: argparse.Namespace, keys: list[str], max_body_bytes: int) -> int:
     """Deploy and serve until SIGINT or SIGTERM; returns the exit status. ``keys``: the client
     keys the caller checked (from ``--api-key`` and ``GUARDRAIL_API_KEYS``)."""
-    from guardrail.cli import _policy  # the CLI's own policy loading (--policy, --monitor)
+    from guardrail.cli import policy_from_args  # --policy, --monitor
 
     if not args.upstream or args.local:
         print("guardrail serve --ray: give --upstream URL (--local is not served on Ray)",
@@ -58,7 +58,7 @@ def serve_ray_cli(args: argparse.Namespace, keys: list[str], max_body_bytes: int
         return 2
     try:
         config = deploy_config_from_args(args)
-        policy = _policy(args)
+        policy = policy_from_args(args)
         observed = policy_needs(policy, get_host()).observer
         app = build_app(policy, args.upstream, config, max_body_bytes=max_body_bytes,
                         metrics=False if getattr(args, "no_metrics", False) else None,
