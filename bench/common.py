@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +72,27 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """Wait until the ``guardrail serve`` process ``proc`` answers ``/health`` on ``port``;
+    raises ``RuntimeError`` if it exits or ``timeout_s`` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"guardrail serve did not start (exit {proc.poll()})")
+        time.sleep(0.1)

@@ -29,7 +29,6 @@ import base64
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ import guardrail.testing.upstream as loopback
 from guardrail.testing.upstream import Script, UpstreamServer
 
 from . import real_upstream
-from .common import median, p95, write_result
+from .common import free_port, median, p95, wait_healthy, write_result
 
 NAME = "proxy_load"
 DELAY = 0.05  # seconds between upstream chunks
@@ -212,9 +211,7 @@ class ProxyProcess:
                  serve_args: tuple[str, ...] = ()) -> None:
         path = workdir / f"policy-{id(policy)}.yaml"
         path.write_text(yaml.safe_dump(policy))
-        with socket.socket() as sock:  # a free loopback port
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         code = "import sys; from guardrail.cli import main; sys.exit(main())"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--policy", str(path), "--upstream", upstream,
@@ -224,16 +221,7 @@ class ProxyProcess:
             env={**os.environ, "OMP_NUM_THREADS": "1", "GUARDRAIL_LOAD_PLUGINS": "server"},
             stderr=subprocess.DEVNULL)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardrail serve did not start (exit {self.proc.poll()})")
-            time.sleep(0.1)
+        wait_healthy(self.port, self.proc, 60)
 
     def memory_mb(self, field_name: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .common import median, write_result
+from .common import free_port, median, wait_healthy, write_result
 
 NAME = "ray_throughput"
 APP = "guardrail-bench"
@@ -102,30 +101,18 @@ def _shard_totals(names: list[str]) -> dict[str, int]:
 def _one_process(upstream: str, prompts: list[str], tokens: int, repeats: int,
                  workdir: Path) -> dict[str, Any]:
     """The same streams through one ``guardrail serve`` process (no Ray), for the ratio."""
-    import httpx
     import yaml
 
     policy = workdir / "policy.yaml"
     policy.write_text(yaml.safe_dump(_policy().model_dump(mode="json", exclude_unset=True)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     code = "import sys; from guardrail.cli import main; sys.exit(main())"
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--policy", str(policy),
                              "--upstream", upstream, "--port", str(port)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardrail serve did not start (exit {proc.poll()})")
-            time.sleep(0.2)
+        wait_healthy(port, proc, 120)
         _all(base_url, prompts[:1])
         runs: list[dict[str, Any]] = []
         for _ in range(repeats):
@@ -217,9 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ray.init(address="local", include_dashboard=False, object_store_memory=200 * 2**20,
                  logging_level=logging.WARNING, log_to_driver=False)
         try:
-            with socket.socket() as sock:  # a free port for Serve's HTTP proxy
-                sock.bind(("127.0.0.1", 0))
-                port = int(sock.getsockname()[1])
+            port = free_port()  # Serve's HTTP proxy
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for observers in (1, 2):
                 results.append(_config(observers, f"http://127.0.0.1:{port}/v1",

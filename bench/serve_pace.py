@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 
-from .common import median, p95, write_result
+from .common import free_port, median, p95, wait_healthy, write_result
 from .peer_nemo import NEMO_VENV
 
 NAME = "serve_pace"
@@ -184,25 +184,14 @@ class Proxy:
     """``guardrail serve`` (default policy) in a subprocess, with the verdict clock."""
 
     def __init__(self, upstream: str, workdir: Path) -> None:
-        from guardrail_server._serve import _free_port
-
         self.verdicts = workdir / "verdicts.jsonl"
-        self.port = _free_port("127.0.0.1")
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", PROXY_CODE, str(self.verdicts), "serve", "--upstream",
              upstream, "--port", str(self.port), "--no-metrics", "--no-dashboard"],
             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardrail serve did not start (exit {self.proc.poll()})")
-            time.sleep(0.2)
+        wait_healthy(self.port, self.proc, 180)
 
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
