@@ -26,22 +26,11 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
-from nemoguardrails import LLMRails, RailsConfig
+from nemo_runner import make_config  # beside this file: the same rail config
+from nemoguardrails import LLMRails
 from nemoguardrails.actions.rail_outcome import RailOutcome
 
 from guardrail import Guard, default_policy
-
-COLANG = """
-define subflow guardrail check output
-  $response = execute guardrail_check
-  $allowed = not $response.is_blocked
-  if not $allowed
-    bot refuse to respond
-    stop
-
-define bot refuse to respond
-  "BLOCKED"
-"""
 
 
 @dataclass
@@ -85,23 +74,6 @@ class PacedLLM(LLM):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
-
-
-def make_config(cfg: dict[str, Any]) -> RailsConfig:
-    yaml_text = f"""
-models: []
-streaming: True
-rails:
-  output:
-    flows:
-      - guardrail check output
-    streaming:
-      enabled: True
-      chunk_size: {cfg['chunk_size']}
-      context_size: {cfg['context_size']}
-      stream_first: {cfg['stream_first']}
-"""
-    return RailsConfig.from_content(colang_content=COLANG, yaml_content=yaml_text)
 
 
 def make_rails(guard: Guard, cfg: dict[str, Any], scripts: list[dict[str, Any]],
