@@ -64,9 +64,12 @@ def test_the_docs_have_shell_commands() -> None:
 
 
 def _marks(command: str) -> list[pytest.MarkDecorator]:
-    """A `guardrail` command run for real without --policy loads the default policy's SmolLM2."""
+    """A command run for real starts a process (a data build takes seconds): slow. A `guardrail`
+    one without --policy loads the default policy's SmolLM2 as well."""
     real = command.startswith(RUN[0]) and "--policy" not in command and "-p " not in command
-    return [pytest.mark.real_model, pytest.mark.slow] if real else []
+    if real:
+        return [pytest.mark.real_model, pytest.mark.slow]
+    return [pytest.mark.slow] if command.startswith(RUN) else []
 
 
 @pytest.mark.parametrize("where,command", [
