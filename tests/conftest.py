@@ -42,7 +42,8 @@ SLOW_FIXTURES = frozenset({"full_build", "full_records"})
 
 # Code (not prose: docstrings and comments are dropped first) that loads the real SmolLM2.
 REAL_MODEL = re.compile(r"""LocalGenerator\(\)|LocalGenerator\.load\(|default_generator\(|
-                            Guard\.default\(|Guard\(default_policy\(|['"]smollm2-135m['"]""", re.X)
+                            Guard\.default\(|Guard\(default_policy\(|['"]smollm2-135m['"]|
+                            embedding_table\(None\)""", re.X)
 
 
 @pytest.fixture
@@ -77,7 +78,8 @@ def _loads_real_model(item: pytest.Function) -> bool:
     for defs in item._fixtureinfo.name2fixturedefs.values():
         parts += [_code(d.func)[0] for d in defs]
     callspec = getattr(item, "callspec", None)
-    for value in (callspec.params.values() if callspec else ()):
+    runs_code = any("exec(" in part for part in parts)  # a docs example or page, run as code
+    for value in (callspec.params.values() if callspec and runs_code else ()):
         if isinstance(value, str):  # a docs example's code
             parts.append(value)
         elif isinstance(value, Path) and value.suffix == ".md":  # a docs page run block by block
