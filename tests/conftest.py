@@ -2,21 +2,30 @@
 
 The fast lane (``make check``) deselects ``real_model`` and ``slow`` tests. Besides explicit
 marks, ``pytest_collection_modifyitems`` marks ``real_model`` every test whose code (the test,
-the module's helpers it calls, its fixtures) loads the real SmolLM2, so a new one can't slip
-into the fast lane unmarked, and ``slow`` the plugins' data-build and trainer tests.
+the module's helpers it calls, its fixtures, a code or docs-page parameter) loads the real
+SmolLM2, so a new one can't slip into the fast lane unmarked, and ``slow`` the plugins'
+data-build and trainer tests, the tests that read a full data build, and the Ray tests.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from guardrail.plugins import PluginHost
+
+# No timed unit tests (speed belongs in bench/): hypothesis's per-example deadline is off for
+# every property test, so a busy machine can't fail one.
+settings.register_profile("guardrail", deadline=None)
+settings.load_profile("guardrail")
 
 # Data builds and trainers of the monitor plugins: seconds of CPU each, research code rather
 # than the runtime, so outside the fast lane.
@@ -28,10 +37,13 @@ SLOW_MODULES = (
     "entity_hallucination/test_entity_build.py",
     "entity_hallucination/test_train.py",
 )
+# Fixtures that build a plugin's full data set (seconds per xdist worker).
+SLOW_FIXTURES = frozenset({"full_build", "full_records"})
 
 # Code (not prose: docstrings and comments are dropped first) that loads the real SmolLM2.
 REAL_MODEL = re.compile(r"""LocalGenerator\(\)|LocalGenerator\.load\(|default_generator\(|
-                            Guard\.default\(|Guard\(default_policy\(|['"]smollm2-135m['"]""", re.X)
+                            Guard\.default\(|Guard\(default_policy\(|['"]smollm2-135m['"]|
+                            embedding_table\(None\)""", re.X)
 
 
 @pytest.fixture
@@ -40,6 +52,7 @@ def host() -> PluginHost:
     return PluginHost(autoload=False)
 
 
+@functools.cache
 def _code(obj: Any) -> tuple[str, set[str]]:
     """``obj``'s source without docstrings and comments, and the names it uses."""
     try:
@@ -64,12 +77,25 @@ def _loads_real_model(item: pytest.Function) -> bool:
             parts.append(_code(helper)[0])
     for defs in item._fixtureinfo.name2fixturedefs.values():
         parts += [_code(d.func)[0] for d in defs]
+    callspec = getattr(item, "callspec", None)
+    runs_code = any("exec(" in part for part in parts)  # a docs example or page, run as code
+    for value in (callspec.params.values() if callspec and runs_code else ()):
+        if isinstance(value, str):  # a docs example's code
+            parts.append(value)
+        elif isinstance(value, Path) and value.suffix == ".md":  # a docs page run block by block
+            parts.append(_python_blocks(value))
     return any(REAL_MODEL.search(part) for part in parts)
+
+
+@functools.cache
+def _python_blocks(page: Path) -> str:
+    return "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.as_posix().endswith(SLOW_MODULES):
+        if item.path.as_posix().endswith(SLOW_MODULES) or item.get_closest_marker("ray") \
+                or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
         if isinstance(item, pytest.Function) and item.get_closest_marker("real_model") is None \
                 and _loads_real_model(item):

@@ -64,9 +64,14 @@ def test_the_docs_have_shell_commands() -> None:
 
 
 def _marks(command: str) -> list[pytest.MarkDecorator]:
-    """A `guardrail` command run for real without --policy loads the default policy's SmolLM2."""
+    """A command run for real, or a `python -m` one whose --help is read, starts a process (a
+    data build takes seconds): slow. A `guardrail` one run without --policy loads the default
+    policy's SmolLM2 as well."""
     real = command.startswith(RUN[0]) and "--policy" not in command and "-p " not in command
-    return [pytest.mark.real_model, pytest.mark.slow] if real else []
+    if real:
+        return [pytest.mark.real_model, pytest.mark.slow]
+    started = command.startswith(RUN) or _words(command)[:2] == ["python", "-m"]
+    return [pytest.mark.slow] if started else []
 
 
 @pytest.mark.parametrize("where,command", [

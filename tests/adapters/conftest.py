@@ -14,7 +14,7 @@ from guardrail_server import RunningServer, create_app, running
 
 from guardrail import Features, Guard, Monitor, Report, Score
 from guardrail.plugins import PluginHost
-from guardrail.testing import SlowMonitor, plugin_monitors
+from guardrail.testing import plugin_monitors
 from guardrail.testing.upstream import UpstreamServer, upstream_server  # noqa: F401  (a fixture)
 
 HALT_MESSAGE = "Sorry, I can't continue with that."
@@ -66,46 +66,60 @@ def logprob_guard() -> Guard:
         return _make_guard(2, extra=[spec], host=host)
 
 
-@pytest.fixture
-def slow_guard() -> Guard:
-    """A guard whose only monitor blocks 0.1 s per update (like a big observer on a CPU)."""
-    spec = {"id": "slow", "use": "slow", "action": "flag"}
-    with plugin_monitors(slow=lambda: SlowMonitor(0.1)) as host:
-        return _make_guard(0, extra=[spec], host=host)
-
-
-class LoopWatch:
-    """Measures the longest stretch the event loop went without running a 5 ms ticker."""
+class LoopTicker:
+    """A task that counts its turns on the event loop while the ``async with`` block runs."""
 
     def __init__(self) -> None:
-        self.longest = 0.0
-        self._last = time.perf_counter()
+        self.ticks = 0
         self._task: asyncio.Task[None] | None = None
-
-    def _lap(self) -> None:
-        now = time.perf_counter()
-        self.longest = max(self.longest, now - self._last)
-        self._last = now
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(0.005)
-            self._lap()
+            await asyncio.sleep(0.001)
+            self.ticks += 1
 
-    async def __aenter__(self) -> LoopWatch:
-        self._last = time.perf_counter()
+    async def __aenter__(self) -> LoopTicker:
         self._task = asyncio.create_task(self._tick())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lap()  # the stretch since the last tick counts too
         assert self._task is not None
         self._task.cancel()
 
 
+class TickWaitingMonitor(Monitor):
+    """Holds its thread in each update until the ticker has had ``turns`` more turns or
+    ``limit`` seconds passed, and records how many turns it saw: a monitor that blocks like a
+    big observer on a CPU, and shows whether the event loop ran meanwhile."""
+
+    def __init__(self, ticker: LoopTicker, limit: float, turns: int = 3) -> None:
+        self.ticker, self.limit, self.turns = ticker, limit, turns
+        self.seen: list[int] = []
+
+    def update(self, state: Any, features: Features) -> Sequence[Score]:
+        start = self.ticker.ticks
+        deadline = time.monotonic() + self.limit
+        while self.ticker.ticks < start + self.turns and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.seen.append(self.ticker.ticks - start)
+        return [Score(i, 0.0) for i in features.indices]
+
+
 @pytest.fixture
-def loop_watch() -> type[LoopWatch]:
-    return LoopWatch
+def blocking_guard() -> Callable[[bool], tuple[Guard, LoopTicker, TickWaitingMonitor]]:
+    """``blocking_guard(offload)``: a guard whose only monitor blocks its thread per update, the
+    ticker to run around the stream, and the monitor (its ``seen`` turns per update). Offloaded,
+    an update returns once the loop has turned (10 s at most); inline it can't turn, so each
+    update gives up after 0.05 s having seen none."""
+
+    def make(offload: bool) -> tuple[Guard, LoopTicker, TickWaitingMonitor]:
+        ticker = LoopTicker()
+        monitor = TickWaitingMonitor(ticker, limit=10.0 if offload else 0.05)
+        spec = {"id": "blocking", "use": "blocking", "action": "flag"}
+        with plugin_monitors(blocking=lambda: monitor) as host:
+            return _make_guard(0, extra=[spec], host=host), ticker, monitor
+
+    return make
 
 
 @pytest.fixture

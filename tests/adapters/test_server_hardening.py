@@ -195,6 +195,7 @@ def test_upstream_url_credentials_never_reach_client_or_logs(
     assert URL_PASSWORD not in seen and URL_BASIC not in seen
 
 
+@pytest.mark.slow
 def test_start_up_banner_hides_url_credentials(upstream_server: UpstreamServer,
                                                tmp_path: Path, free_port: int) -> None:
     policy = tmp_path / "policy.yaml"
@@ -292,6 +293,7 @@ def test_cli_refuses_a_public_host_without_client_keys(upstream_server: Upstream
     assert "--max-body-bytes must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_reads_client_keys_from_the_environment(upstream_server: UpstreamServer,
                                                     tmp_path: Path, free_port: int) -> None:
     policy = tmp_path / "policy.yaml"

@@ -189,6 +189,7 @@ def _dropping_upstream() -> Iterator[str]:
         thread.join(timeout=5)
 
 
+@pytest.mark.slow
 def test_cli_serves_metrics_and_writes_traces(upstream_server: UpstreamServer,
                                               tmp_path: Path, free_port: int) -> None:
     """``guardrail serve --traces --no-dashboard``: /metrics on, /dashboard off, and spans on

@@ -121,6 +121,7 @@ class _Forwards:
 # -- the states the monitors read ------------------------------------------------------------
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_monitors_read_the_generators_states_as_a_full_forward_gives_them(
         tiny_dir: Callable[[str, int], Path], arch: str) -> None:
@@ -210,6 +211,7 @@ async def test_async_halt_stops_generation(tiny: LocalGenerator) -> None:
     assert isinstance(out.events[-1], Halt) and forwards.count == 6
 
 
+@pytest.mark.real_model
 async def test_async_states_equal_the_sync_ones(tiny: LocalGenerator) -> None:
     needs = Needs(layers=frozenset({-1}), logits=True)
     sync = [s for s in tiny.steps(PROMPT, needs=needs, max_new_tokens=6)]

@@ -65,6 +65,7 @@ def test_check_accepts_a_good_policy_and_names_errors(policy: Path, tmp_path: Pa
         in out.stderr
 
 
+@pytest.mark.slow
 def test_check_lists_a_misspelt_monitor_beside_schema_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(POLICY.replace("action: halt", "action: stop").replace("use: regex",
@@ -85,6 +86,7 @@ def test_check_lists_a_misspelt_monitor_beside_schema_errors(tmp_path: Path) -> 
                                                                ("monitors[1].use", 10)]
 
 
+@pytest.mark.slow
 def test_schema_is_json() -> None:
     out = run_cli("schema")
     assert json.loads(out.stdout)["title"] == "guardrail policy"
@@ -98,6 +100,7 @@ def test_run_guards_stdin_and_halts(policy: Path) -> None:
     assert out.stdout == "Sure.\n[halted by weapons: Stopped.]\n"
 
 
+@pytest.mark.slow
 def test_run_json_prints_events_and_a_report(policy: Path) -> None:
     out = run_cli("run", "--policy", str(policy), "--json", "--monitor", "shout",
                   stdin="calm words then SHOUTING words")
@@ -107,6 +110,7 @@ def test_run_json_prints_events_and_a_report(policy: Path) -> None:
         "calm words then SHOUTING words"
 
 
+@pytest.mark.slow
 def test_run_exit_code_and_json_report_tell_a_halt(policy: Path) -> None:
     calm = run_cli("run", "--policy", str(policy), "--json", stdin="nothing to see here")
     assert calm.returncode == 0 and json.loads(calm.stdout.splitlines()[-1])["halted"] is False
@@ -117,6 +121,7 @@ def test_run_exit_code_and_json_report_tell_a_halt(policy: Path) -> None:
     assert report["halt"]["monitor"] == "weapons"
 
 
+@pytest.mark.slow
 def test_run_groups_flags_on_adjacent_tokens(policy: Path) -> None:
     out = run_cli("run", "--policy", str(policy),
                   stdin="calm WORDS THEN SHOUTING words and LOUD again")
@@ -131,6 +136,7 @@ def test_run_groups_flags_on_adjacent_tokens(policy: Path) -> None:
         "[8 tokens read, 8 released, 4 flags (shout 4), halted: False]"
 
 
+@pytest.mark.slow
 def test_replay_prints_one_json_line_per_record(policy: Path, data: Path) -> None:
     out = run_cli("replay", "--policy", str(policy), "--data", str(data))
     rows = [json.loads(line) for line in out.stdout.splitlines()]
@@ -143,6 +149,7 @@ def test_replay_prints_one_json_line_per_record(policy: Path, data: Path) -> Non
     assert [f["monitor"] for f in rows[1]["flags"]] == []  # halted before "shout" could flag
 
 
+@pytest.mark.slow
 def test_replay_and_eval_write_reports(policy: Path, data: Path, tmp_path: Path) -> None:
     out = run_cli("replay", "--policy", str(policy), "--data", str(data),
                   "--report", str(tmp_path / "replay"))
@@ -162,6 +169,7 @@ def test_replay_and_eval_write_reports(policy: Path, data: Path, tmp_path: Path)
     assert "weapons" in (tmp_path / "eval" / "record-0001.html").read_text()
 
 
+@pytest.mark.slow
 def test_replay_names_the_bad_line(policy: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "x", "response": 3}\n')
@@ -192,6 +200,7 @@ def test_train_dispatches_to_a_registered_trainer(capsys: pytest.CaptureFixture[
         host.unregister("toy-trainer")
 
 
+@pytest.mark.slow
 def test_run_survives_invalid_utf8_on_stdin(policy: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "guardrail.cli", "run", "--policy", str(policy)],
                          input=b"caf\xe9 au lait \xff\xfe then a bomb here", capture_output=True,

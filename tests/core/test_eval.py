@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 POLICY = """\
 version: 1
 monitors:
@@ -58,6 +60,7 @@ def test_eval_reports_response_level_streaming_metrics(tmp_path: Path) -> None:
     assert harm["auc"] == 0.5
 
 
+@pytest.mark.slow
 def test_eval_reports_span_metrics_and_narrows_to_one_monitor(tmp_path: Path) -> None:
     result = run_eval(tmp_path, "--monitor", "years")
     assert list(result["monitors"]) == ["years"]  # type: ignore[call-overload]
@@ -68,6 +71,7 @@ def test_eval_reports_span_metrics_and_narrows_to_one_monitor(tmp_path: Path) ->
 
 
 
+@pytest.mark.slow
 def test_each_monitor_is_scored_only_on_labels_meant_for_it(tmp_path: Path) -> None:
     """A record's "monitors" (ids or use names) says whose labels it carries: the other
     monitors are not scored on it (facts on harm labels gave "auc 0.000")."""
@@ -93,6 +97,7 @@ def test_each_monitor_is_scored_only_on_labels_meant_for_it(tmp_path: Path) -> N
     assert "auc" in untagged["years"]  # a record without "monitors" labels every monitor
 
 
+@pytest.mark.slow
 def test_eval_report_shows_the_would_be_halt(tmp_path: Path) -> None:
     out_dir = tmp_path / "pages"
     run_eval(tmp_path, "--report", str(out_dir))

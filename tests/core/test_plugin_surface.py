@@ -168,6 +168,7 @@ def test_the_installed_adapters_add_serve_and_the_guard_methods() -> None:
     assert "--upstream" in _cli("serve", "--help").stdout
 
 
+@pytest.mark.slow
 def test_load_plugins_loads_only_the_named_entry_points() -> None:
     out = _cli("plugins", "--json", GUARDRAIL_LOAD_PLUGINS="shouting")
     data = json.loads(out.stdout)

@@ -51,12 +51,14 @@ def test_an_entry_point_monitor_guards_a_stream() -> None:
     assert report.released_text == "please stay calm. STOP"
 
 
+@pytest.mark.slow
 def test_autoload_can_be_switched_off() -> None:
     out = guardrail_cli("plugins", "--json", GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD="1")
     assert "shouting" not in json.loads(out.stdout)["monitors"]
     assert "keywords" in json.loads(out.stdout)["monitors"]  # built-ins stay
 
 
+@pytest.mark.slow
 def test_block_list_skips_named_plugins() -> None:
     out = guardrail_cli("plugins", "--json", GUARDRAIL_BLOCK_PLUGINS="shouting, other")
     assert "shouting" not in json.loads(out.stdout)["monitors"]

@@ -53,6 +53,7 @@ def test_a_billion_laughs_is_refused_at_the_alias_that_crosses_the_budget() -> N
     assert line == 12 and "*l3" in text.splitlines()[line - 1]
 
 
+@pytest.mark.slow
 def test_the_full_nine_level_bomb_is_refused_through_the_cli(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_laughs(10))
@@ -162,6 +163,7 @@ def _policies(draw: st.DrawFn) -> dict[str, Any]:
     }))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_policies())
 def test_to_yaml_loads_back_the_same_policy(data: dict[str, Any]) -> None:

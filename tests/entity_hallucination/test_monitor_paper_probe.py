@@ -53,6 +53,7 @@ def _generate(guard: Guard, words: list[str], states: torch.Tensor) -> list[Flag
     return [e for e in events + list(report.final_events) if isinstance(e, Flag)]
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("pickled", [False, True])
 def test_paper_probe_scores_generator_states(tmp_path: Path, pickled: bool) -> None:
     direction = torch.zeros(HIDDEN)

@@ -136,6 +136,7 @@ def test_count_k_grid_chooses_what_calibrate_count_k_chooses(cap: float | None) 
     assert ours.fraction_seen == pytest.approx(reference.fraction_seen)
 
 
+@pytest.mark.slow
 def test_crossfit_training_records_the_protocol(
         tiny_trainer: tuple[Callable[[list[str]], int], list[str], Path]) -> None:
     trainer, base, out = tiny_trainer

@@ -27,7 +27,9 @@ def model_copy(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.mark.parametrize("needs", [
-    Needs(layers=frozenset({0, 2, -1}), logits=True, top_k=3),  # the whole model
+    # the whole model: its export takes seconds, so make test only
+    pytest.param(Needs(layers=frozenset({0, 2, -1}), logits=True, top_k=3),
+                 marks=pytest.mark.slow),
     Needs(layers=frozenset({1})),  # only the first two blocks run
 ], ids=["all-layers-and-logits", "shallow"])
 def test_onnx_matches_torch_chunk_by_chunk_through_window_drops(model_copy: Path,
