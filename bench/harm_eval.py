@@ -518,8 +518,8 @@ def render(result: dict[str, Any]) -> str:
     lines += _heads_rows(result)
     rest = result.get("streaming_without_own_answers")
     if rest and rest["records"] != t["records"]:
-        lines += ["", f"Streaming without the own answers ({rest['records']} records, the test "
-                  f"split before they joined it): macro-F1 {_f(rest['macro_f1'])}, recall "
+        lines += ["", f"Streaming without SmolLM2's own answers ({rest['records']} records): "
+                  f"macro-F1 {_f(rest['macro_f1'])}, recall "
                   f"{_f(rest['recall'])}, share read {_f(rest['fraction_seen'])} (median "
                   f"{_f(rest.get('median_fraction_seen'))}), false halts "
                   f"{_f(rest['false_halt_rate'])}."]
@@ -629,12 +629,19 @@ def main(argv: list[str] | None = None) -> int:
                              "from the cached features, without rerunning the baselines")
     args = parser.parse_args(argv)
     if args.heads_only:
+        from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
+
+        from guardrail.probes.io import load_probe
+
         if args.compare is None:
             parser.error("--heads-only needs --compare")
         path = results_dir() / "harm_eval.json"
         result = json.loads(path.read_text(encoding="utf-8"))
         result["heads"] = heads_only(args.weights, args.compare, args.data,
                                      args.max_test or None)
+        shipped = load_probe(args.weights or DEFAULT_WEIGHTS).config
+        result.update({key: shipped.get(key) for key in ("pooling", "halflife", "method",
+                                                          "calibration")})
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(render(result))
         return 0
