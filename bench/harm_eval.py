@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT, figures_dir, write_result
+from .common import ROOT, figures_dir, results_dir, write_result
 
 PLOT_NAME = "harm-f1-vs-read.png"
 
@@ -206,7 +206,8 @@ def _medians(halts: list[int | None], lengths: list[int], labels: list[int]
 
 
 def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
-        max_test: int | None = MAX_TEST, progress: bool = True) -> dict[str, Any]:
+        max_test: int | None = MAX_TEST, progress: bool = True,
+        compare: Path | None = None) -> dict[str, Any]:
     from guardrail_harmful_content.baselines import keyword_halt, windowed_halts
     from guardrail_harmful_content.data import BuildConfig, build_dataset
     from guardrail_harmful_content.data.own_answers import KIND as OWN_KIND
@@ -247,8 +248,10 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         build_dataset(data, BuildConfig())
     test = _test_file(work, data, QUICK_RECORDS if quick else max_test)
     observer = load_observer(None)
+    other = load_probe(compare) if compare else None
     # The trainer's candidate layers, so a cache written while training is reused.
-    cached_layers = sorted(set(DEFAULT_LAYERS) | set(layers))
+    cached_layers = sorted(set(DEFAULT_LAYERS) | set(layers)
+                           | set(int(x) for x in (other.config["layers"] if other else ())))
     t = time.perf_counter()
     records = extract_features(observer, test, work / "features", cached_layers,
                                dtype="float16", chunk_size=512, progress=progress).records
@@ -320,6 +323,18 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
                 "windowed_halt": windowed_h[i], "keyword_halt": keyword_h[i]}
                for i in range(len(records))]
 
+    shipped = {"path": str(weights), "layers": layers, "pooling": pooling,
+               "halflife": halflife, "threshold": threshold, "k": k,
+               "full_detection_threshold": full_t}
+    heads = {"shipped": _subsets(shipped, scores, records, labels)}
+    if other is not None and compare is not None:
+        if not isinstance(other.head, DualHead):
+            raise SystemExit(f"{compare}: not a dual (SCM) head")
+        heads["compare"] = _subsets(_head_config(compare, other.config),
+                                    prefix_scores(other.head, stack_layers(
+                                        records, [int(x) for x in other.config["layers"]],
+                                        str(other.config.get("pooling", "none")),
+                                        other.config.get("halflife"))), records, labels)
     check = _eval_check(weights, records, scores, threshold, k,
                         QUICK_EVAL_RECORDS if quick else eval_records,
                         work) if eval_records else None
@@ -336,7 +351,9 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     return {
         "quick": quick, "weights": str(weights.relative_to(ROOT) if weights.is_relative_to(ROOT)
                                        else weights),
-        "layers": layers, "threshold": threshold, "k": k,
+        "layers": layers, "threshold": threshold, "k": k, "pooling": pooling,
+        "halflife": halflife, "method": config.get("method"),
+        "calibration": config.get("calibration"), "heads": heads,
         "test": {"records": len(records), "harmful": sum(labels), "tokens": sum(lengths),
                  "subset": QUICK_RECORDS if quick else max_test,
                  "of": sum(1 for _ in (data / "test.jsonl").open(encoding="utf-8"))},
@@ -352,17 +369,47 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     }
 
 
+def _tag(record: Any) -> str:
+    from guardrail_harmful_content.data.tags import source_tag
+
+    return str(record.extra.get("source_tag") or source_tag(str(record.extra.get("source", "")),
+                                                            str(record.extra.get("kind", ""))))
+
+
+def _head_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    return {"path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+            "layers": [int(x) for x in config["layers"]],
+            "pooling": str(config.get("pooling", "none")), "halflife": config.get("halflife"),
+            "threshold": float(config["threshold"]), "k": int(config["rule"]["k"]),
+            "full_detection_threshold": float(config["full_detection_threshold"])}
+
+
+def _subsets(head: dict[str, Any], scores: list[list[float]], records: list[Any],
+             labels: list[int]) -> dict[str, Any]:
+    """One head's streaming and full-detection figures (its own rule) on the whole test split
+    and on the split as it was before session 23 (without the hand-written records), so that
+    heads scored on either split can be compared on the same records."""
+    from guardrail_harmful_content.scoring import full_report, streaming_report
+
+    parts = {"whole": list(range(len(records))),
+             "without_handwritten": [i for i, r in enumerate(records)
+                                     if not _tag(r).startswith("handwritten:")]}
+    out: dict[str, Any] = {"head": head}
+    for name, idx in parts.items():
+        sc, ys = [scores[i] for i in idx], [labels[i] for i in idx]
+        out[name] = {"records": len(idx), "harmful": sum(ys),
+                     "streaming": streaming_report(sc, ys, head["threshold"], head["k"]),
+                     "full": full_report(sc, ys, head["full_detection_threshold"])}
+    return out
+
+
 def _by_source(records: list[Any], labels: list[int], halts: list[int | None],
                lengths: list[int]) -> dict[str, Any]:
     """The in-split test figures of each source tag (records built before tags: their
     ``source``)."""
-    from guardrail_harmful_content.data.tags import source_tag
-
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
-        tag = r.extra.get("source_tag") or source_tag(str(r.extra.get("source", "")),
-                                                      str(r.extra.get("kind", "")))
-        groups.setdefault(str(tag), []).append(i)
+        groups.setdefault(_tag(r), []).append(i)
     out = {}
     for tag, idx in sorted(groups.items()):
         ys = [labels[i] for i in idx]
@@ -396,6 +443,52 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _head_words(result: dict[str, Any]) -> str:
+    if result.get("pooling") == "prefix_ema":
+        return ("a linear probe on the exponentially weighted mean of the response's states "
+                f"(half-life {_f(result.get('halflife'), 0)} tokens), chosen leave-one-source-out.")
+    return "one SCM dual head."
+
+
+def _rule_words(result: dict[str, Any]) -> str:
+    cal = result.get("calibration") or {}
+    if cal.get("split") == "leave-one-source-out":
+        return (f"(chosen on out-of-source scores: false halts <= "
+                f"{_f(cal.get('max_false_halt_rate_per_benign_source'), 2)} on every capped "
+                f"source, mean share read <= {_f(cal.get('max_fraction_seen'), 2)}; no in-split "
+                "figure was used to choose it).")
+    return "(calibrated on validation, false halts <= 3%)."
+
+
+def _heads_rows(result: dict[str, Any]) -> list[str]:
+    """The shipped head beside another one (``--compare``) on the same records, each with its
+    own rule: the whole split and the split before session 23's hand-written records."""
+    heads = result.get("heads") or {}
+    if "compare" not in heads:
+        return []
+    names = {key: f"{'shipped head' if key == 'shipped' else 'compared head'} (layers "
+             f"{heads[key]['head']['layers']}, {heads[key]['head']['pooling']})"
+             for key in ("shipped", "compare")}
+    lines = ["", "In split, the shipped head beside another (`--compare "
+             f"{heads['compare']['head']['path']}`), each with its own rule, on the same cached "
+             "features. *Before session 23*: the test split without the hand-written records "
+             "added in session 23.", "",
+             "| head | records (harmful) | rule | AUC | streaming macro-F1 | share read | false "
+             "halts | full detection macro-F1 |", "|---|---|---|---|---|---|---|---|"]
+    for key in ("shipped", "compare"):
+        h = heads[key]
+        rule = f"{_f(h['head']['threshold'])}, k {h['head']['k']}"
+        for part, label in (("whole", "whole split"),
+                            ("without_handwritten", "before session 23")):
+            p = h[part]
+            st = p["streaming"]
+            lines.append(f"| {names[key]}, {label} | {p['records']} ({p['harmful']}) | {rule} | "
+                         f"{_f(st.get('auc'))} | {_f(st['macro_f1'])} | "
+                         f"{_f(st['fraction_seen'])} | {_f(st['false_halt_rate'])} | "
+                         f"{_f(p['full']['macro_f1'])} |")
+    return lines
+
+
 def render(result: dict[str, Any]) -> str:
     s, f, w = result["streaming"], result["full_detection"], result["windowed"]
     t = result["test"]
@@ -405,9 +498,9 @@ def render(result: dict[str, Any]) -> str:
         f"Held-out test split: {t['records']} records"
         + (f" (stratified by kind and label from {t['of']})" if t.get("subset") else "")
         + f", {t['harmful']} harmful, "
-        f"{t['tokens']} response tokens; SmolLM2-135M layers {result['layers']}, one SCM dual "
-        f"head. Streaming halts when {result['k']} prefixes score >= {_f(result['threshold'])} "
-        "(calibrated on validation, false halts <= 3%).",
+        f"{t['tokens']} response tokens; SmolLM2-135M layers {result['layers']}, "
+        + _head_words(result) + f" Streaming halts when {result['k']} prefixes score >= "
+        f"{_f(result['threshold'])} " + _rule_words(result),
         "",
         "| method | AUC | macro-F1 | precision | recall | share read, mean (median) "
         "| false halts (benign) |",
@@ -422,10 +515,11 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_f(m.get('auc'))} | {_f(m['macro_f1'])} | "
                      f"{_f(m['precision'])} | {_f(m['recall'])} | {read} | "
                      f"{_f(m['false_halt_rate'])} |")
+    lines += _heads_rows(result)
     rest = result.get("streaming_without_own_answers")
     if rest and rest["records"] != t["records"]:
-        lines += ["", f"Streaming without the own answers ({rest['records']} records, the test "
-                  f"split before they joined it): macro-F1 {_f(rest['macro_f1'])}, recall "
+        lines += ["", f"Streaming without SmolLM2's own answers ({rest['records']} records): "
+                  f"macro-F1 {_f(rest['macro_f1'])}, recall "
                   f"{_f(rest['recall'])}, share read {_f(rest['fraction_seen'])} (median "
                   f"{_f(rest.get('median_fraction_seen'))}), false halts "
                   f"{_f(rest['false_halt_rate'])}."]
@@ -477,6 +571,46 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heads_only(weights: Path | None, compare: Path, data: Path | None,
+               max_test: int | None = None) -> dict[str, Any]:
+    """The shipped head and ``compare`` on the cached features of the test split, without the
+    baselines (``--heads-only``): the ``heads`` block of a full run, for a result written before
+    another head was to be compared. Reads the observer only for records not in the cache."""
+    from guardrail_harmful_content.data import BuildConfig, build_dataset
+    from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
+    from guardrail_harmful_content.scoring import prefix_scores, stack_layers
+    from guardrail_harmful_content.train import DEFAULT_LAYERS, load_observer
+
+    from guardrail.probes.features import extract_features
+    from guardrail.probes.heads import DualHead
+    from guardrail.probes.io import load_probe
+    from guardrail.sources import cache_dir
+
+    weights = weights or DEFAULT_WEIGHTS
+    probes = {"shipped": (weights, load_probe(weights)), "compare": (compare, load_probe(compare))}
+    work = cache_dir() / "harmful-content"
+    if data is None:
+        data = work / "data"
+        build_dataset(data, BuildConfig())
+    # The same cache key as the full run of the shipped head (and --compare).
+    cached_layers = sorted(set(DEFAULT_LAYERS).union(
+        *({int(x) for x in probe.config["layers"]} for _, probe in probes.values())))
+    records = extract_features(load_observer(None), _test_file(work, data, max_test),
+                               work / "features", cached_layers, dtype="float16",
+                               chunk_size=512, progress=False).records
+    labels = [int(r.label or 0) for r in records]
+    out = {}
+    for key, (path, probe) in probes.items():
+        if not isinstance(probe.head, DualHead):
+            raise SystemExit(f"{path}: not a dual (SCM) head")
+        layers = [int(x) for x in probe.config["layers"]]
+        scores = prefix_scores(probe.head, stack_layers(
+            records, layers, str(probe.config.get("pooling", "none")),
+            probe.config.get("halflife")))
+        out[key] = _subsets(_head_config(path, probe.config), scores, records, labels)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.harm_eval")
     parser.add_argument("--quick", action="store_true",
@@ -487,9 +621,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="records streamed through guardrail eval as a check (0: skip)")
     parser.add_argument("--max-test", type=int, default=MAX_TEST or 0,
                         help="stratified test records read (default 0: all)")
+    parser.add_argument("--compare", type=Path,
+                        help="another head (e.g. the one shipped before) scored on the same "
+                             "cached features with its own rule, reported beside")
+    parser.add_argument("--heads-only", action="store_true",
+                        help="with --compare: add both heads' figures to the existing result "
+                             "from the cached features, without rerunning the baselines")
     args = parser.parse_args(argv)
+    if args.heads_only:
+        from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
+
+        from guardrail.probes.io import load_probe
+
+        if args.compare is None:
+            parser.error("--heads-only needs --compare")
+        path = results_dir() / "harm_eval.json"
+        result = json.loads(path.read_text(encoding="utf-8"))
+        result["heads"] = heads_only(args.weights, args.compare, args.data,
+                                     args.max_test or None)
+        shipped = load_probe(args.weights or DEFAULT_WEIGHTS).config
+        result.update({key: shipped.get(key) for key in ("pooling", "halflife", "method",
+                                                          "calibration")})
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(render(result))
+        return 0
     result = run(args.quick, args.weights, args.data, args.eval_records,
-                 args.max_test or None)
+                 args.max_test or None, compare=args.compare)
     path = write_result("harm_eval", result)
     print(render(result))
     print(f"[harm_eval] wrote {path} in {result['seconds']} s", file=sys.stderr)

@@ -33,6 +33,27 @@ MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval",
 # to start on a busy 2-core machine (`python -m bench.ray_throughput`).
 BY_HAND = ["ray_throughput"]
 
+# Results measured with a harm head other than the shipped one (session 23's LOSO-chosen probe:
+# layers 6/9/12/15, exponentially weighted mean, 0.98, k 4), noted under their section until
+# rerun. Drop a name when its benchmark is rerun with the shipped head.
+_HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mean, threshold "
+           "0.945, k 3)")
+HARM_HEAD_BEFORE = {
+    "stream_cost": "an SCM head of 2026-11-25, before head E",
+    "stream_cost_observer": _HEAD_E, "peer_nemo": _HEAD_E,
+    "real_upstream": _HEAD_E, "live_pace": _HEAD_E, "halt_lag": _HEAD_E, "serve_pace": _HEAD_E,
+    "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
+    "ray_throughput": _HEAD_E,
+}
+
+
+def _head_note(name: str) -> list[str]:
+    head = HARM_HEAD_BEFORE.get(name)
+    if head is None:
+        return []
+    return [f"_`{name}` was measured with {head}, not with the shipped harm head; not rerun "
+            "since session 23's head shipped._", ""]
+
 
 def _load(name: str) -> Any | None:
     try:
@@ -59,12 +80,14 @@ def render_doc(doc: Path = DOC) -> Path:
         parts += [module.render(result).rstrip() + "\n"]
         if result.get("written"):
             parts += [f"_Written {result['written']}{quick}._", ""]
+        parts += _head_note(getattr(module, "NAME", name))
         # Results from another machine (a lent GPU), run by hand, follow their CPU section.
         for extra in getattr(module, "EXTRA_RESULTS", {}).items():
             extra_name, extra_render = extra
             extra_path = results_dir() / f"{extra_name}.json"
             if extra_path.exists():
                 parts += [extra_render(json.loads(extra_path.read_text())).rstrip() + "\n"]
+                parts += _head_note(extra_name)
     if machines and machines[0]:
         m = machines[0]
         parts[4:4] = [f"Machine: {m['cpu_count']} CPU cores, {m['platform']}, "
