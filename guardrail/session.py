@@ -256,11 +256,7 @@ class GuardSession:
         if self.route_pending is not None:  # the driver never continued: end at the prefix
             self.reroute(self.route_pending.at_char)
         if self.halted is None:
-            tokens = self._aligner.flush()
-            if tokens:
-                self._process(tokens, events, final=True)
-            elif self._unread:
-                self._read(events)
+            self._read_last(events)
         if self.halted is None:
             for run in self._active_runs():
                 try:
@@ -299,15 +295,19 @@ class GuardSession:
                 and self.guard.needs.observer and not self._observer_failed):
             self._async_read = True
             try:
-                tokens = self._aligner.flush()
-                if tokens:
-                    self._process(tokens, self._pending, final=True)
-                elif self._unread:
-                    self._read(self._pending)
+                self._read_last(self._pending)
             finally:
                 self._async_read = False
             await self._await_read(self._pending)
         return self.finish()
+
+    def _read_last(self, events: list[Event]) -> None:
+        """The end of the text: its last word becomes tokens and whatever is unread is read."""
+        tokens = self._aligner.flush()
+        if tokens:
+            self._process(tokens, events, final=True)
+        elif self._unread:
+            self._read(events)
 
     def abort(self, reason: str) -> Report:
         """End the stream early (upstream error, client gone): nothing more is released."""
