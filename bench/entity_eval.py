@@ -81,9 +81,9 @@ def _streamed(data_file: Path, limit: int) -> dict[str, Any]:
     import guardrail_entity_hallucination.plugin as entity_plugin
 
     from guardrail import Guard
-    from guardrail.evaluate import evaluate
     from guardrail.guard import default_policy
     from guardrail.plugins import PluginHost
+    from guardrail.toolkit.evaluate import evaluate
 
     host = PluginHost(autoload=False)
     host.register(entity_plugin, name="entity-bench")
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     from guardrail.observer.hf import load_smollm2
     from guardrail.policy import ObserverSpec
-    from guardrail.probes.features import extract_features
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.sources import cache_dir
 
     torch.set_num_threads(1)  # ten times faster than two threads on a busy two-core machine
     probe = load_entity_probe(DEFAULT_WEIGHTS)
@@ -246,7 +246,7 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
 
     from guardrail.observer.hf import load_smollm2
     from guardrail.policy import ObserverSpec
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.sources import cache_dir
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ sans-I/O session from LangChain, OpenAI-compatible clients, local generation and
 
 from __future__ import annotations
 
+from . import _moved
 from .errors import (
     GuardrailError,
     GuardrailViolation,
@@ -33,6 +34,8 @@ from .session import GuardSession, Report
 from .stream import StepToken, StreamStep, Tokenizer, TokenLogprob, TokenSpan, WordTokenizer
 
 __version__ = "0.1.0"
+
+_moved.install()
 
 __all__ = [
     "Error",

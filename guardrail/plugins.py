@@ -46,6 +46,7 @@ DEFAULT_PLUGINS = (
     "guardrail.builtin.text_monitors",
     "guardrail.builtin.observers",
     "guardrail.builtin.audit",
+    "guardrail.toolkit.commands",
 )
 
 ENV_DISABLE_AUTOLOAD = "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD"

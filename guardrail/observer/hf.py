@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..cache import cache_dir
 from ..errors import ObserverError
-from ..sources import cache_dir
 
 if TYPE_CHECKING:
     from ..policy import ObserverSpec

@@ -43,7 +43,7 @@ from guardrail_entity_hallucination.span_probe import SPAN_FEATURES, span_featur
 from guardrail_entity_hallucination.train_combined import handwritten_sets
 from guardrail_entity_hallucination.train_span import SpanRows
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Records = list[dict[str, Any]]
 

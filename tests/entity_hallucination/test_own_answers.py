@@ -24,7 +24,7 @@ from guardrail_entity_hallucination.data.own_answers import (
 )
 from guardrail_entity_hallucination.data.split import SPLITS, allowed_templates, choose_holdout
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 PLANTED = " Rome."  # what the conftest's planted model writes
 

@@ -33,10 +33,10 @@ from guardrail_entity_hallucination.train_span import (
 from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
 from guardrail.plugins import PluginHost
-from guardrail.probes.fake import write_jsonl
-from guardrail.probes.features import extract_features
 from guardrail.testing import random_splits
 from guardrail.testing.tiny_models import build_tiny_model
+from guardrail.toolkit.fake import write_jsonl
+from guardrail.toolkit.features import extract_features
 
 # The planted signal: which words the "model" writes when it fabricates. A tiny random model's
 # states carry each token's identity, so a linear probe can learn the split; nothing else does.

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail.probes.calibrate import calibrate_count_k, streaming_metrics
-from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
-from guardrail.probes.features import CachedRecord, extract_features, split_by_prompt
 from guardrail.probes.heads import DualHead, LinearProbe, RouterHead
 from guardrail.probes.io import load_probe, save_probe
-from guardrail.probes.losses import positive_weight
-from guardrail.probes.train import (
+from guardrail.toolkit.calibrate import calibrate_count_k, streaming_metrics
+from guardrail.toolkit.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.features import CachedRecord, extract_features, split_by_prompt
+from guardrail.toolkit.losses import positive_weight
+from guardrail.toolkit.train import (
     collate,
     entity_loss,
     response_auc_metric,

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guardrail.probes.calibrate import threshold_for_recall
 from guardrail.probes.heads import RouterHead
-from guardrail.probes.metrics import roc_auc
+from guardrail.toolkit.calibrate import threshold_for_recall
+from guardrail.toolkit.metrics import roc_auc
 
 from .baselines import entropy_from_logprobs
 from .facts import Question, is_correct

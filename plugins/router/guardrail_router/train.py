@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from guardrail.probes.calibrate import ThresholdChoice, threshold_for_f1, threshold_for_recall
 from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import save_probe
-from guardrail.probes.losses import positive_weight, weighted_bce
-from guardrail.probes.metrics import roc_auc
+from guardrail.toolkit.calibrate import ThresholdChoice, threshold_for_f1, threshold_for_recall
+from guardrail.toolkit.losses import positive_weight, weighted_bce
+from guardrail.toolkit.metrics import roc_auc
 
 from .facts import Question, load_facts, make_questions
 from .judges import get_judge
@@ -140,8 +140,9 @@ def _dump_labels(path: Path, questions: Sequence[Question],
 
 
 def write_eval_records(path: Path, lm: ChatLM, dataset: Dataset, split: str = "test") -> int:
-    """Write ``split`` as labelled records (``guardrail.records``) for ``guardrail eval``: the
-    question, the reference's answer, and one span per answer token (label 1: divergent).
+    """Write ``split`` as labelled records (``guardrail.toolkit.records``) for ``guardrail
+    eval``: the question, the reference's answer, and one span per answer token (label 1:
+    divergent).
     Answers whose re-tokenized text does not give back the labelled tokens are skipped."""
     labels = dataset.data[split]["labels"]
     rows = dataset.data[split]["response"]

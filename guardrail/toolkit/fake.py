@@ -130,7 +130,7 @@ PLANTED_WORDS: tuple[str, ...] = ("bad", "worse")
 
 
 def planted_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Labelled records (``guardrail.records``) of random words. Odd records contain planted
+    """Labelled records (``guardrail.toolkit.records``) of random words. Odd records contain planted
     words, each marked by a span labelled 1; every record's first word is a span labelled 0 (an
     'entity' that is fine). Response label: 1 when a planted word occurs. Records ``2j`` and
     ``2j+1`` share the prompt ``question j``."""

@@ -9,18 +9,31 @@ One record a line (docs/quickstart.md, "Measure a policy on labelled data")::
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GuardrailError
-from .events import Flag, Route, event_to_dict
-from .guard import Guard
-from .session import GuardSession, Report
-from .testing import random_splits
+from ..errors import GuardrailError
+from ..events import Flag, Route, event_to_dict
+from ..guard import Guard
+from ..session import GuardSession, Report
 
-__all__ = ["Record", "SpanLabel", "read_records", "replay_record", "replay_summary"]
+__all__ = ["Record", "SpanLabel", "random_splits", "read_records", "replay_record",
+           "replay_summary"]
+
+
+def random_splits(text: str, seed: int = 0, max_size: int = 12) -> list[str]:
+    """Cut ``text`` into random deltas (1..max_size chars), reproducibly: how replays and
+    evaluations feed a record's response, as a live stream would."""
+    rng = random.Random(seed)
+    out, pos = [], 0
+    while pos < len(text):
+        size = rng.randint(1, max_size)
+        out.append(text[pos:pos + size])
+        pos += size
+    return out
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .events import Event, event_to_dict
-from .session import Report
+from ..events import Event, event_to_dict
+from ..session import Report
 
 __all__ = ["StreamRecord", "plot_roc", "plot_scores", "render_html", "write_index",
            "write_stream_report"]
@@ -159,7 +159,7 @@ def plot_roc(path: Path, curves: Mapping[str, tuple[Sequence[int], Sequence[floa
              title: str) -> bool:
     """PNG of ROC curves, one per name (labels, scores), AUC in the legend. False without
     matplotlib or when no curve has both classes."""
-    from .probes.metrics import roc_auc, roc_curve
+    from .metrics import roc_auc, roc_curve
 
     drawable = {name: c for name, c in curves.items() if 0 < sum(c[0]) < len(c[0])}
     if not drawable:

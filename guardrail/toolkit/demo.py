@@ -22,13 +22,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from .cli import add_policy_args
-from .events import Flag, Halt, Release, Route
-from .guard import Guard, default_policy, load_checked
-from .policy import Policy, load_policy
+from ..cli import add_policy_args
+from ..events import Flag, Halt, Release, Route
+from ..guard import Guard, default_policy, load_checked
+from ..policy import Policy, load_policy
+from ..session import GuardSession
+from .records import random_splits
 from .reports import StreamRecord, write_index, write_stream_report
-from .session import GuardSession
-from .testing import random_splits
 
 __all__ = ["LocalGeneration", "add_demo_args", "run_demo", "summary_line"]
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..probes.heads import DualHead, ProbeHead, RouterHead
 from .calibrate import calibrate_count_k
 from .features import CachedRecord
-from .heads import DualHead, ProbeHead, RouterHead
 from .losses import (
     IGNORE,
     annealed_loss,

