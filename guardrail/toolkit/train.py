@@ -6,7 +6,7 @@ and masks), runs AdamW for some epochs with a progress bar, validates each epoch
 
 - ``entity_loss()``: token BCE with entity weights annealed into span-max BCE (linear probe);
 - ``scm_loss_fn()``: SCM's token CE + sequence CE + logic loss (``DualHead``);
-- ``router_loss_fn(pos_weight)``: positive-weighted BCE (``RouterHead``);
+- a head's plugin may ship its own (the router plugin's ``router_loss_fn``);
 - or any ``loss_fn(head, batch, progress) -> Tensor``.
 
 Validation metrics: ``token_auc_metric``, ``span_auc_metric``, ``response_auc_metric``,
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..probes.heads import DualHead, ProbeHead, RouterHead
+from ..probes.heads import DualHead, ProbeHead
 from .calibrate import calibrate_count_k
 from .features import CachedRecord
 from .losses import (
@@ -35,7 +35,6 @@ from .losses import (
     scm_loss,
     span_max_bce,
     token_bce,
-    weighted_bce,
 )
 from .metrics import roc_auc
 
@@ -48,7 +47,6 @@ __all__ = [
     "collate",
     "entity_loss",
     "response_auc_metric",
-    "router_loss_fn",
     "scm_loss_fn",
     "score_records",
     "span_auc_metric",
@@ -136,15 +134,6 @@ MetricFn = Callable[[ProbeHead, Sequence[CachedRecord]], float]
 """``metric_fn(head, records)`` on validation records; higher is better."""
 
 
-def _router_inputs(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """Router inputs: the state, the token the model would produce next (its top-1, the R2R
-    setting; the token read when top ids were not cached) and the top-k logit values."""
-    if batch.top_logits is None:
-        raise ValueError("a router needs top-k logits: extract features with top_k=...")
-    produced = batch.top_ids[..., 0] if batch.top_ids is not None else batch.ids
-    return batch.hidden, produced, batch.top_logits
-
-
 def entity_loss(warmup: float = 1.0) -> LossFn:
     """The entity probe's loss: ``(1-w) * token BCE (weighted) + w * span-max BCE``,
     ``w = min(1, progress / warmup)``. Use with ``collate(entity_weight=10)``."""
@@ -171,28 +160,20 @@ def scm_loss_fn(alpha: float = 0.6, beta: float | None = None, gamma: float = 1.
     return loss
 
 
-def router_loss_fn(pos_weight: float) -> LossFn:
-    """R2R's loss for a ``RouterHead``: BCE with positives weighted ``pos_weight`` (``n0/n1``,
-    see ``losses.positive_weight``)."""
-
-    def loss(head: ProbeHead, batch: Batch, progress: float) -> Tensor:
-        return weighted_bce(head(*_router_inputs(batch)), batch.token_labels, pos_weight)
-
-    return loss
-
-
 @torch.no_grad()
 def score_records(head: ProbeHead, records: Sequence[CachedRecord], layer: int,
                   batch_size: int = 16) -> list[list[float]]:
     """Per-token scores in [0, 1] of each record: a linear probe's sigmoid, a dual head's prefix
-    score (sequence head at every position), a router's sigmoid."""
+    score (sequence head at every position), or a head's own ``score_batch(batch)`` (a head
+    with inputs besides the states: the router plugin's)."""
     was_training = head.training
     head.eval()
     out: list[list[float]] = []
     for i in range(0, len(records), batch_size):
         batch = collate(records[i : i + batch_size], layer)
-        if isinstance(head, RouterHead):
-            scores = head.score(*_router_inputs(batch))
+        score_batch = getattr(head, "score_batch", None)
+        if score_batch is not None:
+            scores = score_batch(batch)
         elif isinstance(head, DualHead):
             scores = head.score(batch.hidden)
         else:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from guardrail_router.head import RouterHead
 from guardrail_router.lm import ChatLM, load_chat_lm
 from guardrail_router.local import RoutedGenerator, routed_generate_batch, router_scorer
-
-from guardrail.probes.heads import RouterHead
 
 SMALL_MESSAGES = [{"role": "user", "content": "The capital of France is"}]
 Pair = tuple[ChatLM, ChatLM, RouterHead]

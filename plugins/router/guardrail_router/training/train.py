@@ -23,16 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import save_probe
 from guardrail.toolkit.calibrate import ThresholdChoice, threshold_for_f1, threshold_for_recall
 from guardrail.toolkit.losses import positive_weight, weighted_bce
 from guardrail.toolkit.metrics import roc_auc
 
+from ..head import RouterHead
+from ..lm import ChatLM, load_chat_lm
 from .facts import Question, load_facts, make_questions
 from .judges import get_judge
 from .labels import LabelItem, LabelledResponse, label_responses, stack_features
-from .lm import ChatLM, load_chat_lm
 
 __all__ = ["WEIGHTS_DIR", "Dataset", "build_dataset", "fit_router", "main", "score_tokens",
            "split_by_group", "write_eval_records"]
