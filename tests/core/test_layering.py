@@ -1,16 +1,21 @@
 """The layering, read from the source: the core imports no plugin or adapter, distributions
 import each other one way, no module-level import circle, and no distribution reaches for another
-one's private names. Plugin entry points stay light (every ``guardrail`` start loads them)."""
+one's private names. Within the core and each plugin, the runtime never imports the training
+side (``guardrail.toolkit``, a plugin's ``training/``). Plugin entry points stay light (every
+``guardrail`` start loads them)."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = "guardrail"
@@ -217,3 +222,97 @@ def test_loading_plugins_and_building_the_cli_imports_no_heavy_stack() -> None:
     assert heavy == "]"
     for plugin in ("openai", "langchain", "server", "transformers"):
         assert f"'{plugin}'" in names  # the adapters' entry points were among those loaded
+
+
+# -- runtime and training apart ------------------------------------------------------------------
+
+TOOLKIT = ROOT / CORE / "toolkit"
+TESTING = ROOT / CORE / "testing"
+# The loader of the toolkit's old import paths (``guardrail.sources`` and the like): an alias,
+# not runtime code; it goes when no distribution imports the old paths.
+ALIASES = ROOT / CORE / "_moved.py"
+
+
+def _moved_names() -> dict[str, str]:
+    spec = importlib.util.spec_from_file_location("moved", ALIASES)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.MOVED)
+
+
+MOVED = _moved_names() if ALIASES.exists() else {}
+
+
+def _is(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _toolkit_import(imp: Import) -> bool:
+    """``imp`` reaches the core toolkit: by its path, an old alias, or a name imported from
+    ``guardrail`` (``from guardrail import toolkit``)."""
+    targets = [imp.module, *(f"{imp.module}.{n}" for n in imp.names)]
+    return any(_is(t, f"{CORE}.toolkit") or any(_is(t, old) for old in MOVED)
+               for t in targets)
+
+
+def _core_files(under: Path) -> list[Path]:
+    return sorted(under.rglob("*.py"))
+
+
+def _core_runtime() -> list[Path]:
+    return [f for f in _core_files(ROOT / CORE) if not f.is_relative_to(TOOLKIT)
+            and not f.is_relative_to(TESTING) and f != ALIASES]
+
+
+def test_the_core_runtime_never_imports_the_toolkit() -> None:
+    """Lazy imports count: the runtime reaches the toolkit's commands through the command hook
+    (``guardrail.toolkit.commands`` is a built-in plugin), never by importing it."""
+    runtime = _core_runtime()
+    assert ROOT / CORE / "session.py" in runtime and ROOT / CORE / "cli.py" in runtime
+    assert all(not f.is_relative_to(TOOLKIT) for f in runtime)
+    wrong = [str(imp) for f in runtime for imp in _imports(f) if _toolkit_import(imp)]
+    assert wrong == []
+
+
+def test_neither_runtime_nor_toolkit_imports_the_test_helpers() -> None:
+    files = [*_core_runtime(), *_core_files(TOOLKIT)]
+    assert ROOT / CORE / "toolkit" / "records.py" in files
+    wrong = [str(imp) for f in files for imp in _imports(f)
+             if any(_is(t, f"{CORE}.testing")
+                    for t in (imp.module, *(f"{imp.module}.{n}" for n in imp.names)))]
+    assert wrong == []
+
+
+PLUGINS = sorted(d for d in (ROOT / "plugins").glob("*") if (d / "pyproject.toml").exists())
+
+
+def _package(dist: Path) -> Path:
+    packages = [p for p in dist.glob("guardrail_*") if (p / "__init__.py").exists()]
+    assert len(packages) == 1, packages
+    return packages[0]
+
+
+@pytest.mark.parametrize("dist", PLUGINS, ids=[d.name for d in PLUGINS])
+def test_a_plugins_runtime_never_imports_its_training(dist: Path) -> None:
+    """Everything in a plugin outside ``training/`` is its runtime (the entry point, the
+    monitor, the head and its loading, drivers). It imports neither the plugin's ``training/``
+    nor the core toolkit, at module level or lazily; only the entry point's trainer function
+    (``guardrail train NAME``) may import ``training`` when it runs."""
+    package = _package(dist)
+    training = package / "training"
+    if not (training / "__init__.py").exists():
+        pytest.skip(f"{dist.name} has no training/ package yet (its runtime and training "
+                    "code are still side by side)")
+    runtime = [f for f in sorted(package.rglob("*.py")) if not f.is_relative_to(training)]
+    assert package / "plugin.py" in runtime and package / "monitor.py" in runtime
+    wrong = []
+    for file in runtime:
+        for imp in _imports(file):
+            own = _is(imp.module, f"{package.name}.training") or any(
+                _is(f"{imp.module}.{n}", f"{package.name}.training") for n in imp.names)
+            if own and file.name == "plugin.py" and not imp.module_level:
+                continue  # the trainer, imported when ``guardrail train`` runs it
+            if own or _toolkit_import(imp):
+                wrong.append(str(imp))
+    assert wrong == []
