@@ -4,9 +4,9 @@ Every command that takes ``--policy`` defaults to the built-in default policy; `
 (repeatable) narrows a run to those monitors. Exit codes: 0 ok, 1 a bad policy or input,
 2 a usage error, 3 ``guardrail run`` halted the stream (``EXIT_HALTED``).
 
-Plugins add commands (``guardrail_register_commands``): guardrail-server adds ``serve``,
-guardrail-transformers ``demo``; ``add_policy_args`` and ``policy_from_args`` give theirs the
-same ``--policy``/``--monitor`` as the built-in commands.
+Plugins add commands (``guardrail_register_commands``; the help's epilog lists them):
+``add_policy_args`` and ``policy_from_args`` give theirs the same ``--policy``/``--monitor`` as
+the built-in commands.
 """
 
 from __future__ import annotations
@@ -229,9 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="guardrail", description="Streaming guardrail middleware for LLM output.",
-        epilog="Installed plugins add commands: guardrail-server adds serve, "
-               "guardrail-transformers adds demo.")
+        prog="guardrail", description="Streaming guardrail middleware for LLM output.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins",
@@ -266,7 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
 
-    get_host().add_commands(sub)
+    host = get_host()
+    added = host.add_commands(sub)
+    builtin = {p["name"] for p in host.plugins() if p["builtin"]}
+    from_plugins = [f"{command} ({plugin})" for command, plugin in added.items()
+                    if plugin not in builtin]
+    if from_plugins:
+        parser.epilog = f"Commands from installed plugins: {', '.join(from_plugins)}."
     return parser
 
 
