@@ -16,7 +16,18 @@ from .errors import (
     PolicyError,
     PolicyIssue,
 )
-from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
+from .events import (
+    CONTENT_FILTER,
+    Error,
+    Event,
+    Flag,
+    Halt,
+    Release,
+    Route,
+    event_to_dict,
+    halt_of,
+    released_text,
+)
 from .guard import Guard, default_policy
 from .hookspecs import (
     RegisterAdapter,
@@ -38,6 +49,7 @@ __version__ = "0.1.0"
 _moved.install()
 
 __all__ = [
+    "CONTENT_FILTER",
     "Error",
     "Event",
     "Features",
@@ -80,8 +92,10 @@ __all__ = [
     "default_policy",
     "event_to_dict",
     "get_host",
+    "halt_of",
     "hookimpl",
     "load_policy",
     "normalize_messages",
     "policy_json_schema",
+    "released_text",
 ]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SMOLLM2_NAME",
+    "cache_kwarg",
     "cache_dir",
     "load_local",
     "load_model_dir",

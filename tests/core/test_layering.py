@@ -189,6 +189,52 @@ def test_no_distribution_imports_a_private_name_of_another() -> None:
     assert wrong == []
 
 
+def _module_file(module: str) -> Path | None:
+    owner = _owner(module)
+    if owner is None:
+        return None
+    base = OWNERS[owner].joinpath(*module.split("."))
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.exists():
+            return file
+    return None
+
+
+def _declared(file: Path) -> set[str] | None:
+    """The names a module's literal ``__all__`` lists (None: it declares none)."""
+    for node in ast.parse(file.read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            value = ast.literal_eval(node.value) if node.value is not None else []
+            return {str(n) for n in value}
+    return None
+
+
+def test_what_a_distribution_imports_from_another_is_declared() -> None:
+    """The plugin SDK is declared: each name imported from another distribution's module is in
+    that module's ``__all__`` (or is a submodule of it)."""
+    wrong = []
+    checked = 0
+    for top, file in _sources():
+        for imp in _imports(file):
+            owner = _owner(imp.module)
+            if owner is None or OWNERS[owner] == OWNERS[top] or not imp.names:
+                continue
+            target = _module_file(imp.module)
+            if target is None:  # an old path guardrail._moved keeps, or a typo the import finds
+                continue
+            declared = _declared(target)
+            for name in imp.names:
+                checked += 1
+                if _module_file(f"{imp.module}.{name}") is not None:
+                    continue
+                if declared is None or name not in declared:
+                    wrong.append(f"{imp}: {name!r} not in {target.relative_to(ROOT)}'s __all__")
+    assert checked > 200  # the walk reads the plugins and adapters
+    assert wrong == []
+
+
 def _private_attributes(file: Path, top: str) -> list[tuple[int, str]]:
     """``pkg.mod._name`` attribute chains rooted at another distribution's package."""
     found = []
