@@ -46,7 +46,7 @@ from .stream import StepToken, StreamStep, Tokenizer, TokenLogprob, TokenSpan, W
 
 __version__ = "0.1.0"
 
-_moved.install()
+_moved.install()  # the toolkit's old import paths, until nothing uses them
 
 __all__ = [
     "CONTENT_FILTER",
