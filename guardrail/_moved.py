@@ -17,6 +17,7 @@ MOVED = {
     "guardrail.records": "guardrail.toolkit.records",
     "guardrail.evaluate": "guardrail.toolkit.evaluate",
     "guardrail.probes.calibrate": "guardrail.toolkit.calibrate",
+    "guardrail.probes.fake": "guardrail.toolkit.fake",
     "guardrail.probes.features": "guardrail.toolkit.features",
     "guardrail.probes.losses": "guardrail.toolkit.losses",
     "guardrail.probes.metrics": "guardrail.toolkit.metrics",
