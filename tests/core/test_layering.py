@@ -339,26 +339,62 @@ def _package(dist: Path) -> Path:
     return packages[0]
 
 
+# Runtime modules besides the entry point, the monitor and the head: drivers a user runs without
+# the monitor (the router's local and HTTP routing).
+DRIVERS = {"guardrail_router": ("local", "remote")}
+
+
+def _registered(plugin: Path, package: str) -> list[str]:
+    """Modules the entry point registers by ``"module:attribute"`` (loaded when a policy uses
+    them)."""
+    return [node.value.split(":")[0] for node in ast.walk(ast.parse(plugin.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.startswith(f"{package}.") and ":" in node.value]
+
+
+def _runtime_of(package: Path) -> dict[Path, list[Import]]:
+    """The plugin's runtime: its entry point, the modules that registers, its monitor and head
+    and drivers, and every module of the plugin those import, at module level or lazily (the
+    entry point's trainer function aside). Each with its imports."""
+    name = package.name
+    roots = [package / "plugin.py", package / "__init__.py"]
+    roots += [f for m in _registered(package / "plugin.py", name)
+              if (f := _module_file(m)) is not None]
+    roots += [package / f"{m}.py" for m in ("monitor", "head", *DRIVERS.get(name, ()))]
+    seen: dict[Path, list[Import]] = {}
+    queue = [f for f in roots if f.exists()]
+    while queue:
+        file = queue.pop()
+        if file in seen:
+            continue
+        imports = [imp for imp in _imports(file) if not (
+            file.name == "plugin.py" and file.parent == package and not imp.module_level)]
+        seen[file] = imports
+        for imp in imports:
+            for target in (imp.module, *(f"{imp.module}.{n}" for n in imp.names)):
+                if not _is(target, name):
+                    continue
+                parts = target.split(".")
+                for k in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
+                    found = _module_file(".".join(parts[:k]))
+                    if found is not None and found not in seen:
+                        queue.append(found)
+    return seen
+
+
 @pytest.mark.parametrize("dist", PLUGINS, ids=[d.name for d in PLUGINS])
 def test_a_plugins_runtime_never_imports_its_training(dist: Path) -> None:
-    """Everything in a plugin outside ``training/`` is its runtime (the entry point, the
-    monitor, the head and its loading, drivers). It imports neither the plugin's ``training/``
-    nor the core toolkit, at module level or lazily; only the entry point's trainer function
-    (``guardrail train NAME``) may import ``training`` when it runs."""
+    """What a guard loads of a plugin (its runtime, ``_runtime_of``) holds no module of the
+    plugin's ``training/`` and imports nothing of the core toolkit, at module level or lazily;
+    only the entry point's trainer function (``guardrail train NAME``) imports ``training``."""
     package = _package(dist)
     training = package / "training"
     if not (training / "__init__.py").exists():
         pytest.skip(f"{dist.name} has no training/ package yet (its runtime and training "
                     "code are still side by side)")
-    runtime = [f for f in sorted(package.rglob("*.py")) if not f.is_relative_to(training)]
+    runtime = _runtime_of(package)
     assert package / "plugin.py" in runtime and package / "monitor.py" in runtime
-    wrong = []
-    for file in runtime:
-        for imp in _imports(file):
-            own = _is(imp.module, f"{package.name}.training") or any(
-                _is(f"{imp.module}.{n}", f"{package.name}.training") for n in imp.names)
-            if own and file.name == "plugin.py" and not imp.module_level:
-                continue  # the trainer, imported when ``guardrail train`` runs it
-            if own or _toolkit_import(imp):
-                wrong.append(str(imp))
+    wrong = [str(f.relative_to(ROOT)) for f in runtime if f.is_relative_to(training)]
+    wrong += [str(imp) for imports in runtime.values() for imp in imports
+              if _toolkit_import(imp)]
     assert wrong == []
