@@ -46,6 +46,12 @@ def tiny_observer(tmp_path_factory: pytest.TempPathFactory) -> object:
     return load_model_dir(model, name="tiny-19", window=1024)
 
 
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for both tests (the second reads the first's)."""
+    return tmp_path_factory.mktemp("entity-combined-features")
+
+
 def _sets(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bios.md").write_text(BIOS, encoding="utf-8")
@@ -54,11 +60,10 @@ def _sets(folder: Path) -> list[Path]:
 
 
 def test_the_default_trainer_writes_the_shipped_recipe(tiny_build: Path, tiny_observer: object,
-                                                       tmp_path: Path) -> None:
+                                                       features: Path, tmp_path: Path) -> None:
     shipped = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text(encoding="utf-8"))
     out = tmp_path / "weights" / "entity_span_probe.safetensors"
-    report = train(tiny_observer, tiny_build, tmp_path / "features", _sets(tmp_path / "sets"),
-                   out)
+    report = train(tiny_observer, tiny_build, features, _sets(tmp_path / "sets"), out)
     written = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     # the documented recipe: the shipped file's candidate, features, penalties and sources
     assert written["candidate"] == shipped["candidate"] == SHIPPED.candidate
@@ -77,10 +82,10 @@ def test_the_default_trainer_writes_the_shipped_recipe(tiny_build: Path, tiny_ob
 
 def test_choose_writes_the_grids_choice_over_every_source(tiny_build: Path,
                                                           tiny_observer: object,
-                                                          tmp_path: Path) -> None:
+                                                          features: Path, tmp_path: Path) -> None:
     out = tmp_path / "chosen.safetensors"
-    report = train(tiny_observer, tiny_build, tmp_path / "features", _sets(tmp_path / "sets"),
-                   out, choose=True, grid=GRID)
+    report = train(tiny_observer, tiny_build, features, _sets(tmp_path / "sets"), out,
+                   choose=True, grid=GRID)
     written = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert written["candidate"] == report["chosen"]
     assert report["chosen"] in {c.name for c in GRID}
