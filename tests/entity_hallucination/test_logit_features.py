@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import guardrail_entity_hallucination.plugin as entity_plugin
@@ -23,12 +24,13 @@ from guardrail_entity_hallucination.span_probe import (
     save_span_probe,
     span_features,
 )
+from guardrail_entity_hallucination.train_span import SpanRows
 
 from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
 from guardrail.plugins import PluginHost
 from guardrail.probes.fake import write_jsonl
-from guardrail.probes.features import extract_features
+from guardrail.probes.features import CachedRecord, extract_features
 from guardrail.testing import random_splits
 from guardrail.testing.tiny_models import build_tiny_model
 
@@ -75,13 +77,15 @@ def test_a_head_reading_logit_features_streams_as_cached(tmp_path: Path) -> None
     model = build_tiny_model(tmp_path / "tiny", num_layers=16, hidden_size=16, seed=5,
                              spread=0.5)
     observer = load_model_dir(model, name="tiny-16", window=512)
-    data = write_jsonl(tmp_path / "d.jsonl", _records(40, 1))  # type: ignore[arg-type]
+    data = write_jsonl(tmp_path / "d.jsonl", _records(40, 1))
     records = extract_features(observer, data, tmp_path / "cache", [15], stats=True,
                                chunk_size=64, progress=False).records
     stats = cache_logit_stats(observer, data, tmp_path / "cache", progress=False)
     again = cache_logit_stats(observer, data, tmp_path / "cache", progress=False)
     assert np.array_equal(again[3], stats[3], equal_nan=True)  # reloaded from the cache
-    assert np.allclose(stats[0][1:, 0], records[0].surprisal.numpy()[1:], atol=1e-4)
+    surprisal = records[0].surprisal
+    assert surprisal is not None
+    assert np.allclose(stats[0][1:, 0], surprisal.numpy()[1:], atol=1e-4)
     attach(records, stats)
     rows, _ = owned_rows_15(records)
     features = ("surprisal_max", "margin_mean", "log_rank_max", "surprisal_rel_mean")
@@ -112,9 +116,27 @@ def test_a_head_reading_logit_features_streams_as_cached(tmp_path: Path) -> None
     assert compared > 12
 
 
-def owned_rows_15(records: list[object]) -> tuple[object, object]:
+def owned_rows_15(records: Sequence[CachedRecord]) -> tuple[SpanRows, np.ndarray]:
     """``loso.owned_rows`` reads layers 15 and 18; a 16-block model has 15 only, so its
     records carry layer 15 under both keys (the feature-only head reads no states)."""
     for record in records:
-        record.hidden[18] = record.hidden[15]  # type: ignore[attr-defined]
-    return owned_rows(records)
+        record.hidden[18] = record.hidden[15]
+    rows, owners = owned_rows(records)
+    return rows, owners
+
+
+def test_a_head_reading_the_first_choice_is_refused_by_name(tmp_path: Path) -> None:
+    """``top_entity_first`` needs the tokenizer's vocabulary, which generator streams lack."""
+    import torch
+    from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
+    from guardrail_entity_hallucination.span_probe import SPAN_FEATURES
+
+    from guardrail.probes.heads import LinearProbe
+
+    names = (*SPAN_FEATURES, "top_entity_first")
+    probe = EntitySpanProbe(LinearProbe(8 + len(names), seed=0), 3, 0.5, names,
+                            torch.zeros(len(names)), torch.ones(len(names)))
+    weights = save_span_probe(probe, tmp_path / "top.safetensors", {"base_model": "tiny"})
+    assert load_entity_probe(weights).token_needs == {"top_entity"}  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="top_entity_first"):
+        EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(weights)))
