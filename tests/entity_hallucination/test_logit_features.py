@@ -140,3 +140,55 @@ def test_a_head_reading_the_first_choice_is_refused_by_name(tmp_path: Path) -> N
     assert load_entity_probe(weights).token_needs == {"top_entity"}  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="top_entity_first"):
         EntityHallucinationMonitor(EntityHallucinationMonitor.Options(weights=str(weights)))
+
+
+def test_generator_rows_give_the_observers_logit_feature_scores(tmp_path: Path) -> None:
+    """An adapter that owns the model sends the generator's rows (row i: the step that produced
+    token i); a head reading margin, rank and the text's level scores every entity as on the
+    observer."""
+    import torch
+
+    from guardrail import StepToken, StreamStep
+    from guardrail.probes.heads import LinearProbe
+
+    model = build_tiny_model(tmp_path / "tiny", num_layers=3, hidden_size=16, seed=2,
+                             spread=0.5)
+    names = ("surprisal_max", "entropy_mean", "margin_mean", "log_rank_max",
+             "surprisal_rel_mean", "kind_NUMBER")
+    head = LinearProbe(16 + len(names), seed=7)
+    probe = EntitySpanProbe(head, 2, 0.5, names, torch.zeros(len(names)),
+                            torch.ones(len(names)))
+    weights = save_span_probe(probe, tmp_path / "span.safetensors", {"base_model": "tiny"})
+    host = PluginHost(autoload=False)
+    host.register(entity_plugin, name="entity-test")
+    guard = Guard.from_policy(
+        {"observer": {"model": str(model), "window": 512},
+         "monitors": [{"id": "facts", "use": "entity-hallucination",
+                       "options": {"weights": str(weights)}, "threshold": 0.5,
+                       "rule": {"kind": "span_max"}, "action": "flag"}]}, host=host)
+    text = "Paris had 2,100,000 people in 1990, and Rome is near Lima and Oslo."
+    session = guard.session(prompt="Tell me.", record_scores=True)
+    session.feed(text)
+    observed = dict(session.finish().scores["facts"])
+    observer, needs = guard.observer, guard.needs
+    state = observer.start([{"role": "user", "content": "Tell me."}], needs)
+    tokens = observer.tokenizer.tokenize(text)
+    batch = observer.extend(state, tokens, needs)
+    hidden = torch.as_tensor(batch.hidden[2])
+    logits = torch.as_tensor(batch.logits)
+    gen_hidden = torch.cat([torch.zeros_like(hidden[:1]), hidden[:-1]])
+    gen_logits = torch.cat([torch.zeros_like(logits[:1]), logits[:-1]])
+    session = guard.session(prompt="Tell me.", record_scores=True)
+    for i in range(0, len(tokens), 3):
+        steps = [StepToken(int(t.id), text[t.start:t.end]) for t in tokens[i:i + 3]
+                 if t.id is not None]
+        session.feed(StreamStep("".join(t.text for t in steps), tokens=steps,
+                                hidden={2: gen_hidden[i:i + 3]}, logits=gen_logits[i:i + 3]))
+    generated = dict(session.finish().scores["facts"])
+    assert len(generated) > 5
+    assert generated.keys() == observed.keys()
+    # token 0 has a distribution in generator mode only, so "Paris" differs; the rest agree
+    later = {i: v for i, v in generated.items() if tokens[i].start >= len("Paris")}
+    assert len(later) > 5
+    for index, value in later.items():
+        assert value == pytest.approx(observed[index], abs=1e-4)

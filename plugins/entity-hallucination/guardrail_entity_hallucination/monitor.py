@@ -207,7 +207,8 @@ class EntityHallucinationMonitor(Monitor):
         for token in tokens:
             if token.index != len(state.prefix_sum) - 1:
                 continue  # already counted, or a gap (cannot happen in order)
-            known = math.isfinite(token.surprisal)
+            # the first response token counts in neither mode (the observer has no row for it)
+            known = token.index > 0 and math.isfinite(token.surprisal)
             state.prefix_sum.append(state.prefix_sum[-1] + (token.surprisal if known else 0.0))
             state.prefix_count.append(state.prefix_count[-1] + int(known))
 

@@ -135,9 +135,10 @@ def span_features(surprisal: Sequence[float], entropy: Sequence[float], kind: st
 
 
 def prefix_surprisal(surprisal: Sequence[float], start: int) -> float:
-    """The mean of the known surprisal values of tokens ``[0, start)`` (NaN when none): the
-    text's own surprisal level before a span that starts at token ``start``."""
-    known = [float(v) for v in surprisal[:start] if math.isfinite(v)]
+    """The mean of the known surprisal values of tokens ``[1, start)`` (NaN when none): the
+    text's own surprisal level before a span that starts at token ``start``. The first token
+    never counts: observer streams have no distribution for it, generator streams do."""
+    known = [float(v) for v in surprisal[1:start] if math.isfinite(v)]
     return math.fsum(known) / len(known) if known else math.nan
 
 
