@@ -66,9 +66,10 @@ def handwritten_sets(folder: Path = HANDWRITTEN) -> list[Path]:
 
 
 def load_groups(observer: Any, data_dir: Path, features_dir: Path,
-                sets: Sequence[Path]) -> dict[str, list[Any]]:
+                sets: Sequence[Path], logit_stats: bool = True) -> dict[str, list[Any]]:
     """Cached records per source: the build's capped pool and each hand-written set, with
-    the logit statistics beyond surprisal and entropy attached (``logit_stats``)."""
+    the logit statistics beyond surprisal and entropy attached (``logit_stats``; about 1 s a
+    text to cache, so skipped when no candidate reads them)."""
     from guardrail.probes.features import extract_features
 
     from .logit_stats import attach, cache_logit_stats
@@ -86,7 +87,8 @@ def load_groups(observer: Any, data_dir: Path, features_dir: Path,
             if source_of(record) != source:
                 raise ValueError(f"{path}: record {record.index} is tagged "
                                  f"{source_of(record)!r}, not {source!r}")
-        attach(records, cache_logit_stats(observer, path, features_dir, progress=False))
+        if logit_stats:
+            attach(records, cache_logit_stats(observer, path, features_dir, progress=False))
         groups[source] = list(records)
     return groups
 
@@ -236,16 +238,18 @@ def train(observer: Any, data_dir: Path, features_dir: Path, sets: Sequence[Path
     ``combine.LOSO_GRID``, on every source), save it as ``out`` (None: evaluate only) and
     return the report."""
     from .combine import COMBINED_CANDIDATES
+    from .span_probe import EXTRA_FEATURES
 
     t0 = time.perf_counter()
-    groups = load_groups(observer, data_dir, features_dir, sets)
+    candidate = next((c for c in COMBINED_CANDIDATES if c.name == recipe.candidate), None)
+    if candidate is None:
+        raise ValueError(f"recipe candidate {recipe.candidate!r} is not in the grid")
+    extras = choose or any(name in EXTRA_FEATURES for name in candidate.features)
+    groups = load_groups(observer, data_dir, features_dir, sets, logit_stats=extras)
     hidden = observer.hidden_size
     if choose:
         report = run_loso(groups, hidden, reference=reference, candidates=grid)
     else:
-        candidate = next((c for c in COMBINED_CANDIDATES if c.name == recipe.candidate), None)
-        if candidate is None:
-            raise ValueError(f"recipe candidate {recipe.candidate!r} is not in the grid")
         groups = {s: g for s, g in groups.items() if s not in recipe.exclude}
         sets = [p for p in sets if f"handwritten:{p.stem}" in groups]
         report = run_loso(groups, hidden, reference=reference, candidates=[candidate])
