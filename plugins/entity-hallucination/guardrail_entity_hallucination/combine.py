@@ -19,11 +19,11 @@ import torch
 
 from guardrail.probes.heads import LinearProbe
 
-from .span_probe import SPAN_FEATURES, EntitySpanProbe, StateBlock
+from .span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBlock
 from .train_span import Block, SpanRows
 
-__all__ = ["COMBINED_CANDIDATES", "LOSO_GRID", "STATE_BLOCKS", "Candidate", "Design", "design",
-           "fit_candidate", "source_weights"]
+__all__ = ["COMBINED_CANDIDATES", "LOGIT_CANDIDATES", "LOSO_GRID", "STATE_BLOCKS", "Candidate",
+           "Design", "design", "fit_candidate", "source_weights"]
 
 STATS = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max", "entropy_mean",
          "entropy_first", "log_tokens")
@@ -81,7 +81,43 @@ COMBINED_CANDIDATES: tuple[Candidate, ...] = (
     *(Candidate(f"probe(wd {wd})+surprisal+entropy, monotone", SURPRISAL + ENTROPY, True, wd,
                 monotone=True) for wd in (3.0, 10.0)),
 )
-MONOTONE = ("surprisal_max", "surprisal_mean", "surprisal_first")
+# Fourth pass (issue 23), written before any of its figures: cheap features of the logits the
+# monitor already reads (``logit_stats``, ``span_probe.EXTRA_FEATURES``), each beside the
+# surprisal, plain, monotone and as an ensemble across sources (the third pass's best form).
+EXCESS = ("excess_max", "excess_mean")
+MARGIN = ("margin_max", "margin_mean")
+RANK = ("log_rank_max", "log_rank_mean")
+FIRST_REST = ("surprisal_first", "surprisal_rest")
+RELATIVE = ("surprisal_rel_max", "surprisal_rel_mean")
+TOP = ("top_entity_first",)
+_LOGIT_SETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("surprisal+excess", SURPRISAL + EXCESS),
+    ("surprisal+margin", SURPRISAL + MARGIN),
+    ("surprisal+rank", SURPRISAL + RANK),
+    ("surprisal+first/rest", SURPRISAL + FIRST_REST),
+    ("surprisal+relative", SURPRISAL + RELATIVE),
+    ("relative", RELATIVE),
+    ("surprisal+top-entity", SURPRISAL + TOP),
+    ("surprisal+margin+rank+relative", SURPRISAL + MARGIN + RANK + RELATIVE),
+    ("logit features", SURPRISAL + EXCESS + MARGIN + RANK + FIRST_REST + RELATIVE + TOP),
+)
+LOGIT_CANDIDATES: tuple[Candidate, ...] = tuple(
+    c for name, features in _LOGIT_SETS for c in (
+        Candidate(name, features),
+        Candidate(f"{name}, monotone", features, monotone=True),
+        Candidate(f"{name}, ensemble", features, monotone=True, ensemble=True)))
+# Added after the fourth pass's table (never after a look at the held-out set): rank and margin
+# ensembles came closest to surprisal on every source, so rank goes with the other features.
+LOGIT_CANDIDATES += (
+    *(Candidate(f"{name}, ensemble", features, monotone=True, ensemble=True)
+      for name, features in (("surprisal+margin+rank", SURPRISAL + MARGIN + RANK),
+                             ("surprisal+rank+top-entity", SURPRISAL + RANK + TOP),
+                             ("surprisal+rank+excess", SURPRISAL + RANK + EXCESS))),
+    Candidate("surprisal+rank, balanced", SURPRISAL + RANK, monotone=True, balanced=True))
+COMBINED_CANDIDATES = COMBINED_CANDIDATES + LOGIT_CANDIDATES
+MONOTONE = ("surprisal_max", "surprisal_mean", "surprisal_first", "surprisal_rest",
+            "surprisal_rel_max", "surprisal_rel_mean", "margin_max", "margin_mean",
+            "log_rank_max", "log_rank_mean")
 _FIRST_PASSES = {"probe(wd 1.0)+surprisal", "probe(wd 10.0)+surprisal"}
 _NOT_RUN = {"probe(wd 30.0)+surprisal, monotone", "probe(wd 1.0)+surprisal, ensemble",
             "probe(wd 3.0)+surprisal+entropy, monotone"}
@@ -158,10 +194,10 @@ def _fit(d: Design, candidate: Candidate, max_iter: int = 300,
          weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """LBFGS on the (row-weighted) mean BCE + wd_states |w_s|^2 + wd_features |w_f|^2 from
     zero weights (deterministic); features the candidate does not read are held at 0."""
-    mask = torch.tensor([name in candidate.features for name in SPAN_FEATURES],
-                        dtype=torch.float32)
+    names = ALL_FEATURES[:d.features.shape[1]]  # rows built without the extras: the base
+    mask = torch.tensor([name in candidate.features for name in names], dtype=torch.float32)
     # Monotone features are read through softplus(raw), so their weight never goes below 0.
-    positive = torch.tensor([candidate.monotone and name in MONOTONE for name in SPAN_FEATURES])
+    positive = torch.tensor([candidate.monotone and name in MONOTONE for name in names])
     xs = torch.tensor(d.states, dtype=torch.float32)
     xf = torch.tensor(d.features, dtype=torch.float32)
     y = torch.tensor(d.labels, dtype=torch.float32)
@@ -243,15 +279,21 @@ def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int,
             w_block, offset = np.zeros(hidden_size), 0.0
         folded.append(w_block)
         state_blocks.append(StateBlock(pool, layer, offset if pool == "prev" else 0.0))
-    head = LinearProbe(hidden_size * len(blocks) + len(SPAN_FEATURES), seed=0)
+    # The head lists the base features (as every head before) and the extras it reads, so a
+    # head without extras needs nothing from the monitor it did not need before.
+    names = ALL_FEATURES[:d.features.shape[1]]
+    keep = [k for k, name in enumerate(names)
+            if name in SPAN_FEATURES or name in candidate.features]
+    head = LinearProbe(hidden_size * len(blocks) + len(keep), seed=0)
     with torch.no_grad():
-        head.linear.weight.copy_(torch.tensor(np.concatenate([*folded, wf]),
+        head.linear.weight.copy_(torch.tensor(np.concatenate([*folded, wf[keep]]),
                                               dtype=torch.float32)[None])
         head.linear.bias.fill_(bias)
     head.eval()
-    probe = EntitySpanProbe(head, max(layer for _, layer in blocks), 0.5, SPAN_FEATURES,
-                            torch.tensor(d.feature_mean, dtype=torch.float32),
-                            torch.tensor(d.feature_std, dtype=torch.float32),
+    probe = EntitySpanProbe(head, max(layer for _, layer in blocks), 0.5,
+                            tuple(names[k] for k in keep),
+                            torch.tensor(d.feature_mean[keep], dtype=torch.float32),
+                            torch.tensor(d.feature_std[keep], dtype=torch.float32),
                             blocks=tuple(state_blocks) if candidate.states else ())
     return probe, d, (ws, wf, b)
 

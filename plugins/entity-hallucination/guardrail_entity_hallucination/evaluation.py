@@ -27,8 +27,9 @@ from guardrail.probes.arrays import float32_rows
 from guardrail.probes.features import CachedRecord
 from guardrail.probes.metrics import recall_at_fpr, roc_auc, roc_curve
 
+from .logit_stats import record_extras
 from .probe import AnyEntityProbe
-from .span_probe import EntitySpanProbe, span_members
+from .span_probe import EntitySpanProbe, prefix_surprisal, span_members
 from .spans import find_entities
 
 __all__ = ["BASELINES", "Scorers", "TokenScorer", "entity_tokens_only", "evaluate_by_type",
@@ -61,12 +62,21 @@ def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
         nan = [math.nan] * len(record)
         surprisal = record.surprisal.tolist() if record.surprisal is not None else nan
         entropy = record.entropy.tolist() if record.entropy is not None else nan
+        extras = record_extras(record)
+        needs = probe.token_needs
+        missing = needs - set(extras) - {"prefix"}
+        if missing:
+            raise ValueError(f"this span head reads {sorted(missing)}: attach the records' "
+                             "logit statistics (logit_stats.attach)")
         for span, rows in zip(spans, members, strict=True):
             if not rows:
                 continue
             value = probe.score([dots[i] for i in rows], [surprisal[i] for i in rows],
                                 [entropy[i] for i in rows], span.kind,
-                                prevs[rows[0] - 1] if rows[0] > 0 else None)
+                                prevs[rows[0] - 1] if rows[0] > 0 else None,
+                                {k: [v[i] for i in rows] for k, v in extras.items()},
+                                prefix_surprisal(surprisal, rows[0]) if "prefix" in needs
+                                else float("nan"))
             for i in rows:
                 values[i] = value
         if record.surprisal is not None and len(record) and math.isnan(float(record.surprisal[0])):

@@ -196,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="combined (default, shipped): the span head chosen and calibrated "
                    "leave-one-source-out (train_combined); span: the version-2 span head "
                    "chosen on validation; token: the paper's per-token probe")
+    p.add_argument("--choose", action="store_true",
+                   help="combined head: run the whole leave-one-source-out grid and write its "
+                   "choice instead of the shipped recipe")
     p.add_argument("--out", type=Path, default=None,
                    help="weights .safetensors to write (default: the package's shipped file of "
                    "that head, weights/entity_probe.* or weights/entity_span_probe.*)")
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_combined([*(["--data", str(args.data)] if args.data else []),
                                *(["--features", str(args.features)] if args.features else []),
                                "--out", str(args.out),
+                               *(["--choose"] if args.choose else []),
                                *(["--report", str(args.report)] if args.report else [])])
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

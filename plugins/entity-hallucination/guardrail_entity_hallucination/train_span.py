@@ -36,11 +36,14 @@ from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import LinearProbe
 
 from .evaluation import span_auc, span_probe_scorer
+from .logit_stats import record_extras
 from .span_probe import (
+    ALL_FEATURES,
     POOLS,
     SPAN_FEATURES,
     EntitySpanProbe,
     StateBlock,
+    prefix_surprisal,
     span_features,
     span_members,
 )
@@ -116,6 +119,7 @@ def span_rows(records: Sequence[CachedRecord], layers: Sequence[int], *,
         members = span_members(record.offsets.tolist(), spans)
         surprisal = record.surprisal.tolist()
         entropy = record.entropy.tolist()
+        extras = record_extras(record)
         hidden = {layer: record.hidden[layer] for layer in {*layers, *prev_layers}}
         for span, rows in zip(spans, members, strict=True):
             if not rows:
@@ -126,8 +130,9 @@ def span_rows(records: Sequence[CachedRecord], layers: Sequence[int], *,
                 prevs[layer].append(hidden[layer][rows[0] - 1].float().numpy() if rows[0] > 0
                                     else np.full(hidden[layer].shape[-1], np.nan, np.float32))
             raw = span_features([surprisal[i] for i in rows], [entropy[i] for i in rows],
-                                span.kind)
-            features.append([raw[name] for name in SPAN_FEATURES])
+                                span.kind, {k: [v[i] for i in rows] for k, v in extras.items()},
+                                prefix_surprisal(surprisal, rows[0]))
+            features.append([raw[name] for name in ALL_FEATURES])
             gold = [g.label for g in record.spans if g.start < span.end and g.end > span.start]
             labels.append(int(max(gold, default=0) > 0))
     every = {*layers, *prev_layers}
@@ -141,7 +146,7 @@ def span_rows(records: Sequence[CachedRecord], layers: Sequence[int], *,
 
     return SpanRows(
         stack(states),
-        np.asarray(features, dtype=np.float64).reshape(len(features), len(SPAN_FEATURES)),
+        np.asarray(features, dtype=np.float64).reshape(len(features), len(ALL_FEATURES)),
         np.asarray(labels, dtype=np.int64), stack(prevs))
 
 
@@ -202,8 +207,9 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
         parts.append(np.nan_to_num((x - mean) / std, nan=0.0, posinf=0.0, neginf=0.0))
         stats.append((mean, std))
     hidden_size = parts[0].shape[1]
-    feature_mean, feature_std = _column_stats(rows.features)
-    z_features = np.nan_to_num((rows.features - feature_mean) / feature_std, nan=0.0,
+    base = rows.features[:, :len(SPAN_FEATURES)]  # the version-2 heads read these alone
+    feature_mean, feature_std = _column_stats(base)
+    z_features = np.nan_to_num((base - feature_mean) / feature_std, nan=0.0,
                                posinf=0.0, neginf=0.0)
     z = torch.tensor(np.concatenate([*parts, z_features], axis=1), dtype=torch.float32)
     del parts
