@@ -13,10 +13,7 @@ from pathlib import Path
 import guardrail_entity_hallucination.plugin as entity_plugin
 import numpy as np
 import pytest
-from guardrail_entity_hallucination.combine import Candidate, fit_candidate
-from guardrail_entity_hallucination.evaluation import probe_scorer
 from guardrail_entity_hallucination.logit_stats import attach, cache_logit_stats, token_stats
-from guardrail_entity_hallucination.loso import owned_rows
 from guardrail_entity_hallucination.probe import load_entity_probe
 from guardrail_entity_hallucination.span_probe import (
     EntitySpanProbe,
@@ -24,15 +21,18 @@ from guardrail_entity_hallucination.span_probe import (
     save_span_probe,
     span_features,
 )
-from guardrail_entity_hallucination.train_span import SpanRows
+from guardrail_entity_hallucination.training.combine import Candidate, fit_candidate
+from guardrail_entity_hallucination.training.evaluation import probe_scorer
+from guardrail_entity_hallucination.training.loso import owned_rows
+from guardrail_entity_hallucination.training.train_span import SpanRows
 
 from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
 from guardrail.plugins import PluginHost
 from guardrail.probes.fake import write_jsonl
-from guardrail.probes.features import CachedRecord, extract_features
 from guardrail.testing import random_splits
 from guardrail.testing.tiny_models import build_tiny_model
+from guardrail.toolkit.features import CachedRecord, extract_features
 
 WORDS = ["Warsaw", "Tokyo", "Paris", "Rome", "Lima", "Oslo"]
 

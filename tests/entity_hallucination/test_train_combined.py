@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-from guardrail_entity_hallucination.combine import COMBINED_CANDIDATES
 from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
 from guardrail_entity_hallucination.probe import DEFAULT_WEIGHTS
-from guardrail_entity_hallucination.train_combined import SHIPPED, train
+from guardrail_entity_hallucination.training.combine import COMBINED_CANDIDATES
+from guardrail_entity_hallucination.training.train_combined import SHIPPED, train
 
 from guardrail.observer.hf import load_model_dir
 from guardrail.testing.tiny_models import build_tiny_model

@@ -19,7 +19,7 @@ import torch
 
 from guardrail.probes.heads import LinearProbe
 
-from .span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBlock
+from ..span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBlock
 from .train_span import Block, SpanRows
 
 __all__ = ["COMBINED_CANDIDATES", "LOGIT_CANDIDATES", "LOSO_GRID", "STATE_BLOCKS", "Candidate",

@@ -1,6 +1,6 @@
 """Training the combined span head, chosen and calibrated leave-one-source-out (LOSO).
 
-``python -m guardrail_entity_hallucination.train_combined`` (or ``guardrail train
+``python -m guardrail_entity_hallucination.training.train_combined`` (or ``guardrail train
 entity-hallucination``): builds the data, writes one capped sample per source
 (``loso.pool_files``) and the hand-written sets (``bench/entity_sets/*.md``), caches the
 observer's features (and ``logit_stats``) once per file, then fits the shipped recipe
@@ -31,7 +31,7 @@ __all__ = ["HANDWRITTEN", "LOSO_PASS", "SHIPPED", "SHIPPED_WHY", "Recipe", "fit_
            "handwritten_sets", "in_split", "load_groups", "main", "reference_figures", "run_loso",
            "train"]
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 HANDWRITTEN = ROOT / "bench" / "entity_sets"
 TARGET_FPR = 0.1
 
@@ -70,9 +70,9 @@ def load_groups(observer: Any, data_dir: Path, features_dir: Path,
     """Cached records per source: the build's capped pool and each hand-written set, with
     the logit statistics beyond surprisal and entropy attached (``logit_stats``; about 1 s a
     text to cache, so skipped when no candidate reads them)."""
-    from guardrail.probes.features import extract_features
+    from guardrail.toolkit.features import extract_features
 
-    from .logit_stats import attach, cache_logit_stats
+    from ..logit_stats import attach, cache_logit_stats
     from .loso import pool_files, source_of, write_marked
 
     files = dict(pool_files(data_dir, data_dir / "pool"))
@@ -97,10 +97,10 @@ def reference_figures(groups: Mapping[str, Sequence[Any]], previous: Path | None
                       ) -> dict[str, Any]:
     """A reference span head (e.g. the version 2 head shipped before) on each source: in source
     for the sources it was trained on, so a reference, not a LOSO figure."""
+    from ..probe import load_entity_probe
+    from ..span_probe import EntitySpanProbe
     from .evaluation import span_probe_scorer
     from .loso import _auc
-    from .probe import load_entity_probe
-    from .span_probe import EntitySpanProbe
 
     if previous is None or not previous.exists():
         return {}
@@ -117,11 +117,11 @@ def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
     """LOSO over ``candidates`` (default ``combine.LOSO_GRID``): the table, the choice, its
     threshold (a probability) and its flag rates per held-out source, and in-split figures.
     ``evaluated``: ``loso.evaluate_candidates``'s result when already computed (e.g. in parts)."""
-    from guardrail.probes.metrics import roc_auc
+    from guardrail.toolkit.metrics import roc_auc
 
+    from ..span_probe import SPAN_FEATURES
     from .combine import LOSO_GRID
     from .loso import choose, evaluate_candidates, flag_rates, owned_rows, weighted_threshold
-    from .span_probe import SPAN_FEATURES
 
     rows = {s: owned_rows(records) for s, records in groups.items()}
     result = dict(evaluated) if evaluated is not None else evaluate_candidates(
@@ -183,9 +183,9 @@ def fit_final(groups: Mapping[str, Sequence[Any]], report: dict[str, Any], hidde
               data_dir: Path, sets: Sequence[Path], out: Path | None, t0: float) -> None:
     """Refit the chosen candidate on every source, add ``final`` to ``report`` and, with
     ``out``, save it as a span head with the LOSO table in its JSON."""
+    from ..span_probe import save_span_probe
     from .combine import COMBINED_CANDIDATES, fit_candidate
     from .loso import _concat, owned_rows
-    from .span_probe import save_span_probe
 
     candidate = next(c for c in COMBINED_CANDIDATES if c.name == report["chosen"])
     parts = {source: owned_rows(records)[0] for source, records in groups.items()}
@@ -201,7 +201,7 @@ def fit_final(groups: Mapping[str, Sequence[Any]], report: dict[str, Any], hidde
         return
     manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
     config = {"base_model": "smollm2-135m", "rule": {"kind": "span_max"},
-              "data": {"builder": "python -m guardrail_entity_hallucination.data build",
+              "data": {"builder": "python -m guardrail_entity_hallucination.training.data build",
                        "seed": manifest.get("seed"), "sources": manifest.get("sources"),
                        "pool": "loso.pool_files (capped per source)",
                        "handwritten": [p.name for p in sets]},
@@ -237,8 +237,8 @@ def train(observer: Any, data_dir: Path, features_dir: Path, sets: Sequence[Path
     """Fit ``recipe`` (or, with ``choose``, LOSO's choice over ``grid``, default
     ``combine.LOSO_GRID``, on every source), save it as ``out`` (None: evaluate only) and
     return the report."""
+    from ..span_probe import EXTRA_FEATURES
     from .combine import COMBINED_CANDIDATES
-    from .span_probe import EXTRA_FEATURES
 
     t0 = time.perf_counter()
     candidate = next((c for c in COMBINED_CANDIDATES if c.name == recipe.candidate), None)
@@ -260,7 +260,8 @@ def train(observer: Any, data_dir: Path, features_dir: Path, sets: Sequence[Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guardrail_entity_hallucination.train_combined")
+    parser = argparse.ArgumentParser(
+        prog="python -m guardrail_entity_hallucination.training.train_combined")
     parser.add_argument("--data", type=Path, default=None, help="data folder (built if missing)")
     parser.add_argument("--features", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--sets", type=Path, nargs="*", default=None,
@@ -280,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from guardrail.observer.hf import load_smollm2
     from guardrail.policy import ObserverSpec
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.sources import cache_dir
 
+    from ..probe import DEFAULT_WEIGHTS
     from .features import build_data
-    from .probe import DEFAULT_WEIGHTS
 
     torch.set_num_threads(1)
     data_dir = build_data(args.data or cache_dir() / "entity-data")

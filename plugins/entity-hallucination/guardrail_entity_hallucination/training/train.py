@@ -7,7 +7,7 @@ validation; below) and the paper's token probe (``--head token``). The token pro
 ``Linear(hidden, 1)`` (optionally ``hidden + 2`` with the token's standardised
 surprisal and entropy appended); labels: fabricated entity tokens 1, supported entity tokens 0,
 other tokens 0 with weight 1 and entity tokens weight 10; loss: token BCE annealed linearly into
-span-max BCE (``guardrail.probes.train.entity_loss``). Candidate layers are compared by validation
+span-max BCE (``guardrail.toolkit.train.entity_loss``). Candidate layers are compared by validation
 span-max AUC. Its full run subsamples the training and validation splits so that it fits about
 12 minutes on two shared CPU cores (the sizes used are saved with the weights).
 
@@ -18,8 +18,8 @@ surprisal/entropy statistics, with the layer and weight decay chosen on validati
 (features cached as ``<split>.all.jsonl``) and records the shipped token probe's validation span
 AUC on the same records beside its own.
 
-SmolLM2's own answers (``python -m guardrail_entity_hallucination.data own``, written next to the
-build as ``own-{train,val,test}.jsonl``): when ``own-test.jsonl`` is there the probe is also
+SmolLM2's own answers (``python -m guardrail_entity_hallucination.training.data own``, written next
+to the build as ``own-{train,val,test}.jsonl``): when ``own-test.jsonl`` is there the probe is also
 evaluated on it (pooled, per subject kind and per fact type); ``--own`` adds ``own-train`` and
 ``own-val`` to the training and validation records (``--own-repeat`` times each).
 """
@@ -38,13 +38,23 @@ from typing import Any
 
 import torch
 
-from guardrail.probes.calibrate import threshold_for_fpr
-from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import save_probe
-from guardrail.probes.train import entity_loss, span_auc_metric, train_head
-from guardrail.sources import cache_dir
+from guardrail.toolkit.calibrate import threshold_for_fpr
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.sources import cache_dir
+from guardrail.toolkit.train import entity_loss, span_auc_metric, train_head
 
+from ..probe import (
+    EXTRA_FEATURES,
+    SPAN_WEIGHTS,
+    TOKEN_WEIGHTS,
+    AnyEntityProbe,
+    EntityProbe,
+    load_entity_probe,
+    stack_inputs,
+)
+from ..span_probe import EntitySpanProbe, save_span_probe
 from .evaluation import (
     TokenScorer,
     entity_tokens_only,
@@ -58,16 +68,6 @@ from .evaluation import (
     within_type,
 )
 from .features import CANDIDATE_LAYERS, DEFAULT_LIMITS, build_data, split_features, split_sizes
-from .probe import (
-    EXTRA_FEATURES,
-    SPAN_WEIGHTS,
-    TOKEN_WEIGHTS,
-    AnyEntityProbe,
-    EntityProbe,
-    load_entity_probe,
-    stack_inputs,
-)
-from .span_probe import EntitySpanProbe, save_span_probe
 from .train_span import (
     DEFAULT_WEIGHT_DECAYS,
     SHIPPED_MEMBERS,
@@ -233,7 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="also write the results JSON here")
     p.add_argument("--own", action="store_true",
                    help="also train and validate on SmolLM2's own answers (own-train.jsonl, "
-                   "own-val.jsonl from `python -m guardrail_entity_hallucination.data own`)")
+                   "own-val.jsonl from `python -m "
+                   "guardrail_entity_hallucination.training.data own`)")
     p.add_argument("--own-repeat", type=int, default=1,
                    help="with --own: each own-answer training record counts this many times")
     return p
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in own_splits:
             if not (data_dir / f"{name}.jsonl").exists():
                 raise SystemExit(f"--own: {data_dir / (name + '.jsonl')} is missing (run "
-                                 f"`python -m guardrail_entity_hallucination.data own --data "
+                                 f"`python -m "
+                                 f"guardrail_entity_hallucination.training.data own --data "
                                  f"{data_dir}`)")
     if (data_dir / "own-test.jsonl").exists():
         own_splits.append("own-test")
@@ -352,12 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "base_model": SMOLLM2_NAME,
         "hidden_size": probe.hidden_size,
-        "data": {"builder": "python -m guardrail_entity_hallucination.data build",
+        "data": {"builder": "python -m guardrail_entity_hallucination.training.data build",
                  "seed": manifest.get("seed"),
                  "sources": {name: {k: v for k, v in info.items() if k in ("version", "sha256")}
                              for name, info in manifest.get("sources", {}).items()}},
         "splits": split_sizes(features, data_dir),
-        "own_answers": ({"builder": "python -m guardrail_entity_hallucination.data own",
+        "own_answers": ({"builder": "python -m guardrail_entity_hallucination.training.data own",
                          "train_repeat": max(1, args.own_repeat)} if args.own else None),
         "training": training,
         **({"validation_comparison": comparison} if comparison is not None else {}),

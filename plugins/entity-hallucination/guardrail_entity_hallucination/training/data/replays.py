@@ -20,7 +20,7 @@ REPLAY_SIZE = 20
 
 
 def default_replay_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "replays"
+    return Path(__file__).resolve().parents[2] / "replays"
 
 
 def pick_replays(records: Sequence[dict[str, Any]], want: Callable[[dict[str, Any]], bool],

@@ -175,7 +175,7 @@ def _concat(rows: Sequence[Any]) -> Any:
 
 
 def _auc(records: Sequence[Any], scorer: Any, reduce: str = "max") -> float | None:
-    from guardrail.probes.metrics import roc_auc
+    from guardrail.toolkit.metrics import roc_auc
 
     from .evaluation import score_tokens, span_scores
 

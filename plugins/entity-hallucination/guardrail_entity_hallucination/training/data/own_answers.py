@@ -471,7 +471,8 @@ def build_own_answers(data: Path, writer: TextWriter, config: OwnConfig | None =
     manifest_path = data / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path}: no build there (run "
-                                "`python -m guardrail_entity_hallucination.data build` first)")
+                                "`python -m guardrail_entity_hallucination.training.data build` "
+                                "first)")
     build = json.loads(manifest_path.read_text(encoding="utf-8"))
     holdout = holdout_of(build)
     if facts is None:

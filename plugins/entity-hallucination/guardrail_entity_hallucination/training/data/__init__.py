@@ -1,7 +1,8 @@
 """Offline data for the entity-hallucination monitor.
 
-``python -m guardrail_entity_hallucination.data build --out DIR`` writes train/val/test JSON Lines
-(DESIGN.md §6 records with entity spans), ``paired.jsonl`` and ``manifest.json``.
+``python -m guardrail_entity_hallucination.training.data build --out DIR`` writes train/val/test
+JSON Lines (DESIGN.md §6 records with entity spans), ``paired.jsonl`` and
+``manifest.json``.
 """
 
 from .build import BuildConfig, build_dataset

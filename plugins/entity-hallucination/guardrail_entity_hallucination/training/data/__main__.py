@@ -1,10 +1,8 @@
-"""``python -m guardrail_entity_hallucination.data build --out DIR [--seed N] [--limit N]`` and
-``python -m guardrail_entity_hallucination.data replays [--out DIR]`` and
-``python -m guardrail_entity_hallucination.data audit --data DIR [--split test]`` (needs spaCy) and
-``python -m guardrail_entity_hallucination.data own --data DIR [--limit N]`` (SmolLM2's own answers
-about a build's topics, written next to it; see ``own_answers``) and
-``python -m guardrail_entity_hallucination.data knowledge --data DIR [--split test]`` (what SmolLM2
-writes where each span stands; see ``knowledge``)."""
+"""``python -m guardrail_entity_hallucination.training.data COMMAND``: ``build --out DIR [--seed N]
+[--limit N]``, ``replays [--out DIR]``, ``audit --data DIR [--split test]`` (needs spaCy),
+``own --data DIR [--limit N]`` (SmolLM2's own answers about a build's topics, written next
+to it; see ``own_answers``) and ``knowledge --data DIR [--split test]`` (what SmolLM2 writes
+where each span stands; see ``knowledge``)."""
 
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from .sources import SourceError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guardrail_entity_hallucination.data")
+    parser = argparse.ArgumentParser(prog="python -m guardrail_entity_hallucination.training.data")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write train/val/test/paired JSON Lines and manifest")
     build.add_argument("--out", type=Path, required=True, help="output folder")
@@ -83,7 +81,8 @@ def _own(args: argparse.Namespace) -> dict[str, object]:
 
     if not (args.data / "manifest.json").exists():
         raise FileNotFoundError(f"{args.data / 'manifest.json'}: no build there (run "
-                                "`python -m guardrail_entity_hallucination.data build` first)")
+                                "`python -m guardrail_entity_hallucination.training.data build` "
+                                "first)")
     import torch
 
     from guardrail.observer.hf import load_smollm2
@@ -112,7 +111,8 @@ def _knowledge(args: argparse.Namespace) -> dict[str, object]:
     data_file = args.data / f"{args.split}.jsonl"
     if not data_file.exists():
         raise FileNotFoundError(f"{data_file}: no such split in the build (run "
-                                "`python -m guardrail_entity_hallucination.data build` first)")
+                                "`python -m guardrail_entity_hallucination.training.data build` "
+                                "first)")
     import torch
 
     from guardrail.observer.hf import load_smollm2

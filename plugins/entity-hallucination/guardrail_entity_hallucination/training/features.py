@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from guardrail.probes.features import FeatureSet, extract_features
+from guardrail.toolkit.features import FeatureSet, extract_features
 
 __all__ = ["CANDIDATE_LAYERS", "DEFAULT_LIMITS", "SPLITS", "build_data", "split_features",
            "subsample"]
