@@ -13,7 +13,7 @@ from pathlib import Path
 import guardrail_entity_hallucination.plugin as entity_plugin
 import numpy as np
 import pytest
-from guardrail_entity_hallucination.logit_stats import attach, cache_logit_stats, token_stats
+from guardrail_entity_hallucination.logit_stats import token_stats
 from guardrail_entity_hallucination.probe import load_entity_probe
 from guardrail_entity_hallucination.span_probe import (
     EntitySpanProbe,
@@ -23,6 +23,7 @@ from guardrail_entity_hallucination.span_probe import (
 )
 from guardrail_entity_hallucination.training.combine import Candidate, fit_candidate
 from guardrail_entity_hallucination.training.evaluation import probe_scorer
+from guardrail_entity_hallucination.training.logit_stats import attach, cache_logit_stats
 from guardrail_entity_hallucination.training.loso import owned_rows
 from guardrail_entity_hallucination.training.train_span import SpanRows
 

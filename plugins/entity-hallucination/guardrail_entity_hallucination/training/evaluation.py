@@ -27,10 +27,10 @@ from guardrail.probes.arrays import float32_rows
 from guardrail.toolkit.features import CachedRecord
 from guardrail.toolkit.metrics import recall_at_fpr, roc_auc, roc_curve
 
-from ..logit_stats import record_extras
 from ..probe import AnyEntityProbe
 from ..span_probe import EntitySpanProbe, prefix_surprisal, span_members
 from ..spans import find_entities
+from .logit_stats import record_extras
 
 __all__ = ["BASELINES", "Scorers", "TokenScorer", "entity_tokens_only", "evaluate_by_type",
            "evaluate_records", "probe_scorer", "roc_points", "score_tokens", "span_auc",

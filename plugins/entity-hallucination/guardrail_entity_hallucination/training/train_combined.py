@@ -72,7 +72,7 @@ def load_groups(observer: Any, data_dir: Path, features_dir: Path,
     text to cache, so skipped when no candidate reads them)."""
     from guardrail.toolkit.features import extract_features
 
-    from ..logit_stats import attach, cache_logit_stats
+    from .logit_stats import attach, cache_logit_stats
     from .loso import pool_files, source_of, write_marked
 
     files = dict(pool_files(data_dir, data_dir / "pool"))

@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from guardrail.probes.heads import LinearProbe
 from guardrail.toolkit.features import CachedRecord
 
-from ..logit_stats import record_extras
 from ..span_probe import (
     ALL_FEATURES,
     POOLS,
@@ -48,6 +47,7 @@ from ..span_probe import (
 )
 from ..spans import find_entities
 from .evaluation import span_auc, span_probe_scorer
+from .logit_stats import record_extras
 
 __all__ = ["DEFAULT_WEIGHT_DECAYS", "SHIPPED_MEMBERS", "SHIPPED_WEIGHT_DECAY", "Block",
            "SpanFit", "SpanRows", "ensemble_span_probes", "fit_span_blocks", "fit_span_ensemble",
