@@ -127,16 +127,22 @@ def run(guard: Guard, label: str, lengths: list[int], repeats: int,
     out: dict[str, Any] = {"guard": repr(guard), "lengths": lengths, "max_scans": max_scans,
                            "schemes": {}}
     scan(guard, "warm up " * 8)  # load the observer and export once, outside the timings
+    # The schemes take turns run by run, so a change in the machine's load hits them alike.
+    samples: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    for n in lengths:
+        deltas = make_deltas(n)
+        for _ in range(repeats):
+            for name in schemes:
+                samples.setdefault((name, n), []).append(measure(guard, name, deltas, max_scans))
     for name in schemes:
         rows: list[dict[str, Any]] = []
         for n in lengths:
-            deltas = make_deltas(n)
-            samples = [measure(guard, name, deltas, max_scans) for _ in range(repeats)]
-            rows.append({"tokens": n, "wall_s": [w for w, _, _ in samples],
-                         "cpu_s": [c for _, c, _ in samples],
-                         "estimated_from_share": 1 / samples[0][2],
-                         "median_wall_s": median([w for w, _, _ in samples]),
-                         "median_cpu_s": median([c for _, c, _ in samples])})
+            got = samples[(name, n)]
+            rows.append({"tokens": n, "wall_s": [w for w, _, _ in got],
+                         "cpu_s": [c for _, c, _ in got],
+                         "estimated_from_share": 1 / got[0][2],
+                         "median_wall_s": median([w for w, _, _ in got]),
+                         "median_cpu_s": median([c for _, c, _ in got])})
         cpu = [r["median_cpu_s"] for r in rows]
         out["schemes"][name] = {"rows": rows, "growth_exponent": growth_exponent(lengths, cpu)}
     for n_i in range(len(lengths)):
@@ -183,16 +189,22 @@ def main(argv: list[str] | None = None) -> Path:
                         help="only the hidden-state guard (results go to stream_cost_observer)")
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=SCHEMES,
                         help="schemes to time ('ours' always runs: ratios are against it)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--observer-only: runs per scheme and length (medians reported)")
     args = parser.parse_args(argv)
     schemes = ["ours", *[s for s in args.schemes if s != "ours"]]
     if args.observer_only:
         guard = observer_guard()
         if guard is None:
             raise SystemExit("no hidden-state monitor installed")
-        block = run(guard, "observer", [250, 1000, 4000], 1, max_scans=args.max_scans,
-                    schemes=schemes)
+        load_start = round(os.getloadavg()[0], 2)
+        block = run(guard, "observer", [250, 1000, 4000], args.repeats,
+                    max_scans=args.max_scans, schemes=schemes)
         block["monitor"] = guard.policy.monitors[0].use
+        block["repeats"] = args.repeats
+        block["observer_window"] = guard.policy.observer.window if guard.policy.observer else None
         return write_result("stream_cost_observer", {"observer_monitors": block,
+                                                     "load_1m_start": load_start,
                                                      "load_1m": round(os.getloadavg()[0], 2)})
     lengths = [250, 1000] if args.quick else [250, 1000, 4000]
     repeats = 1 if args.quick else 3
@@ -246,7 +258,11 @@ def render_observer_rerun(result: dict[str, Any]) -> str:
     lines = [f"### A hidden-state monitor, rerun {result['written'][:10]} (`--observer-only`)", "",
              f"Monitor `{block.get('monitor')}` on the ONNX observer, ours fed word by word with "
              "the session reading when a decision is due; ratios against ours in this run. "
-             f"1-minute load {result.get('load_1m', '?')} at the end (the machine was shared). "
+             f"Process CPU seconds, median of {block.get('repeats', 1)} run(s) per cell, the "
+             "schemes taking turns run by run. 1-minute load "
+             + (f"{result['load_1m_start']} at the start and " if "load_1m_start" in result
+                else "")
+             + f"{result.get('load_1m', '?')} at the end (the machine was shared). "
              "Cells marked * are estimates from a sample of scans.", "",
              "| scheme | " + " | ".join(f"{n} tokens" for n in block["lengths"])
              + " | growth exponent |",

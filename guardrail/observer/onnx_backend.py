@@ -228,21 +228,28 @@ class OnnxObserver(BaseObserver):
         if not ids:
             return ObservedBatch(hidden={layer: torch.zeros(0, self.hidden_size)
                                          for layer in needs.layers})
-        parts = []
+        parts, tops = [], []
+        n_hidden = len(signature[1])
         for chunk in self.chunks(state, ids):
             state.make_room(len(chunk))
             outs = self._run(state, signature, chunk, state.positions(len(chunk)))
             state.seen += len(chunk)
+            if signature[2]:
+                if needs.top_k:  # per chunk: the vocabulary-wide rows go unless asked for
+                    full = torch.from_numpy(outs[n_hidden])
+                    tops.append(torch.topk(full, min(needs.top_k, full.shape[-1]),
+                                           dim=-1).values)
+                if not needs.logits:
+                    outs = outs[:n_hidden]
             parts.append(outs)
         by_index = {i: torch.from_numpy(np.concatenate([p[k] for p in parts]))
                     for k, i in enumerate(signature[1])}
         hidden = {layer: by_index[self.hidden_index(layer)] for layer in needs.layers}
         logits = top = None
-        if signature[2]:
-            full = torch.from_numpy(np.concatenate([p[len(signature[1])] for p in parts]))
-            logits = full if needs.logits else None
-            if needs.top_k:
-                top = torch.topk(full, min(needs.top_k, full.shape[-1]), dim=-1).values
+        if signature[2] and needs.logits:
+            logits = torch.from_numpy(np.concatenate([p[n_hidden] for p in parts]))
+        if tops:
+            top = tops[0] if len(tops) == 1 else torch.cat(tops)
         return ObservedBatch(hidden=hidden, logits=logits, top_logits=top)
 
     def truncate(self, state: StreamState, n_tokens: int) -> None:

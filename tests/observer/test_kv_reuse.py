@@ -136,3 +136,23 @@ def test_the_prefix_cache_stays_within_its_token_bound(tiny_llama: Path) -> None
     assert obs.prefix.nbytes() <= limit * per_token
     with pytest.raises(ObserverError, match="prefix_cache_tokens"):
         load_model_dir(tiny_llama, name="tiny", window=256, options={"prefix_cache_tokens": -1})
+
+
+def test_the_lm_head_runs_only_when_a_monitor_reads_logits(tiny_llama: Path) -> None:
+    """Hidden states alone stop at the deepest block asked for and never project onto the
+    vocabulary; top-k or logits run the head once per read."""
+    obs = load_model_dir(tiny_llama, name="tiny", window=256)
+    calls: list[int] = []
+    hook = obs.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: calls.append(out.shape[-2]))
+    try:
+        tokens = obs.tokenizer.tokenize(TEXT)[:12]
+        for layers in ({1}, {-1}):
+            needs = Needs(layers=frozenset(layers))
+            obs.extend(obs.start(conversation("Hi"), needs), tokens, needs)
+        assert calls == []
+        needs = Needs(layers=frozenset({1}), top_k=2)
+        out = obs.extend(obs.start(conversation("Hi"), needs), tokens, needs)
+        assert calls == [len(tokens)] and out.logits is None and out.top_logits.shape == (12, 2)
+    finally:
+        hook.remove()
