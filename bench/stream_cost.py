@@ -162,9 +162,10 @@ def text_guard() -> Guard:
     ]})
 
 
-def observer_guard() -> Guard | None:
+def observer_guard(window: int | None = None) -> Guard | None:
     """The SmolLM2 observer (ONNX) with the harmful-content head, else the entity probe; None
-    when neither plugin is installed with weights."""
+    when neither plugin is installed with weights. ``window``: observer.window (default: the
+    policy's)."""
     from guardrail.plugins import get_host
 
     installed = get_host().monitors()
@@ -172,8 +173,11 @@ def observer_guard() -> Guard | None:
         if use not in installed:
             continue
         try:
+            observer: dict[str, Any] = {"model": "smollm2-135m", "backend": "onnx"}
+            if window is not None:
+                observer["window"] = window
             return Guard.from_policy({
-                "observer": {"model": "smollm2-135m", "backend": "onnx"},
+                "observer": observer,
                 "monitors": [{"id": use, "use": use}]})
         except Exception as exc:  # noqa: BLE001 - e.g. weights not trained: try the next one
             print(f"[stream_cost] {use}: {exc}")
@@ -191,10 +195,13 @@ def main(argv: list[str] | None = None) -> Path:
                         help="schemes to time ('ours' always runs: ratios are against it)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="--observer-only: runs per scheme and length (medians reported)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="--observer-only: another observer.window than the default "
+                             "(results go to stream_cost_observer_window)")
     args = parser.parse_args(argv)
     schemes = ["ours", *[s for s in args.schemes if s != "ours"]]
     if args.observer_only:
-        guard = observer_guard()
+        guard = observer_guard(args.window)
         if guard is None:
             raise SystemExit("no hidden-state monitor installed")
         load_start = round(os.getloadavg()[0], 2)
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> Path:
         block["monitor"] = guard.policy.monitors[0].use
         block["repeats"] = args.repeats
         block["observer_window"] = guard.policy.observer.window if guard.policy.observer else None
-        return write_result("stream_cost_observer", {"observer_monitors": block,
+        name = "stream_cost_observer" if args.window is None else "stream_cost_observer_window"
+        return write_result(name, {"observer_monitors": block,
                                                      "load_1m_start": load_start,
                                                      "load_1m": round(os.getloadavg()[0], 2)})
     lengths = [250, 1000] if args.quick else [250, 1000, 4000]
@@ -255,7 +263,12 @@ def render_observer_rerun(result: dict[str, Any]) -> str:
     """``--observer-only`` reruns (bench/results/stream_cost_observer.json): the hidden-state
     rows alone, on the session as it is now, with their own ratios."""
     block = result["observer_monitors"]
-    lines = [f"### A hidden-state monitor, rerun {result['written'][:10]} (`--observer-only`)", "",
+    window = block.get("observer_window")
+    other = result.get("benchmark") == "stream_cost_observer_window"
+    title = (f"### The same with `observer.window: {window}`, {result['written'][:10]} "
+             f"(`--observer-only --window {window}`)" if other else
+             f"### A hidden-state monitor, rerun {result['written'][:10]} (`--observer-only`)")
+    lines = [title, "",
              f"Monitor `{block.get('monitor')}` on the ONNX observer, ours fed word by word with "
              "the session reading when a decision is due; ratios against ours in this run. "
              f"Process CPU seconds, median of {block.get('repeats', 1)} run(s) per cell, the "
@@ -275,7 +288,8 @@ def render_observer_rerun(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun}
+EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun,
+                 "stream_cost_observer_window": render_observer_rerun}
 
 
 if __name__ == "__main__":

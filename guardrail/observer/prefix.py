@@ -9,6 +9,7 @@ stream the longest prefix of its context that one of them shares; the rest is re
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ class PrefixCache:
         self.max_tokens = max(0, int(max_tokens))
         # (depth, ids) -> per block and kind, the keys or values (1, kv_heads, len(ids), dim)
         self._entries: OrderedDict[tuple[int, tuple[int, ...]], list[Any]] = OrderedDict()
+        self._lock = threading.Lock()  # streams read on their own threads share the cache
         self.hits = 0  # streams that reused a prefix
         self.reused_tokens = 0  # positions copied instead of computed
 
@@ -34,10 +36,10 @@ class PrefixCache:
 
     def tokens(self) -> int:
         """Context positions held, over all entries."""
-        return sum(len(ids) for _, ids in self._entries)
+        return sum(len(ids) for _, ids in list(self._entries))
 
     def nbytes(self) -> int:
-        return sum(_nbytes(t) for tensors in self._entries.values() for t in tensors)
+        return sum(_nbytes(t) for tensors in list(self._entries.values()) for t in tensors)
 
     def restore(self, kv: Any, depth: int, ids: Sequence[int]) -> int:
         """Fill the empty ``kv`` (``depth`` blocks) with the longest cached prefix of ``ids``;
@@ -45,17 +47,18 @@ class PrefixCache:
         if not self.max_tokens or not ids or kv.length():
             return 0
         best, best_key = 0, None
-        for key in self._entries:
-            got_depth, cached = key
-            if got_depth < depth:
-                continue
-            n = _common(cached, ids)
-            if n > best:
-                best, best_key = n, key
-        if best_key is None:
-            return 0
-        self._entries.move_to_end(best_key)
-        tensors = self._entries[best_key][: 2 * depth]
+        with self._lock:
+            for key in self._entries:
+                got_depth, cached = key
+                if got_depth < depth:
+                    continue
+                n = _common(cached, ids)
+                if n > best:
+                    best, best_key = n, key
+            if best_key is None:
+                return 0
+            self._entries.move_to_end(best_key)
+            tensors = self._entries[best_key][: 2 * depth]
         kv.append([t[:, :, :best] for t in tensors])
         self.hits += 1
         self.reused_tokens += best
@@ -67,15 +70,19 @@ class PrefixCache:
         if not self.max_tokens or not n or n > self.max_tokens or kv.length() < n:
             return
         key = (depth, tuple(ids))
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return
-        self._entries[key] = [_copy(t[:, :, :n]) for t in kv.tensors[: 2 * depth]]
-        while self.tokens() > self.max_tokens:
-            self._entries.popitem(last=False)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+        copies = [_copy(t[:, :, :n]) for t in kv.tensors[: 2 * depth]]
+        with self._lock:
+            self._entries[key] = copies
+            while self.tokens() > self.max_tokens:
+                self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
