@@ -288,8 +288,15 @@ def render_observer_rerun(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _render_window_scores(result: dict[str, Any]) -> str:
+    from .observer_window import render as window_render
+
+    return window_render(result)
+
+
 EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun,
-                 "stream_cost_observer_window": render_observer_rerun}
+                 "stream_cost_observer_window": render_observer_rerun,
+                 "observer_window_scores": _render_window_scores}
 
 
 if __name__ == "__main__":
