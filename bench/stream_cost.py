@@ -9,8 +9,9 @@ with the same monitors (the same Guard) doing the scoring.
 
 Each scheme's scan of a text is a fresh session fed that text in one step (one observer forward
 over it), so the peers get the cheapest per-token price; what differs is how many tokens each one
-scores. Deltas are words (about one token each, like API deltas), and ours runs one observer
-forward per delta: the worst case for us.
+scores. Deltas are words (about one token each, like API deltas), and ours reads the observer
+when a decision is due (about every 9 tokens with the default hold-back of 8): many small
+forwards, where the peers run a few large ones.
 
 Two guards: text monitors only (keywords + regex), and hidden-state monitors on the SmolLM2
 observer (ONNX Runtime backend) with a shipped probe head. Re-scanning the whole prefix with the
@@ -241,8 +242,9 @@ def render(result: dict[str, Any]) -> str:
         lengths = block["lengths"]
         note = []
         if key == "observer_monitors":
-            note = [f"Monitor `{block.get('monitor')}` on the ONNX observer; ours runs one "
-                    "forward per delta (one token), the peers one forward per scan. Cells "
+            note = [f"Monitor `{block.get('monitor')}` on the ONNX observer; ours is fed "
+                    "word by word and reads when a decision is due (about 9 tokens per forward "
+                    "with the default hold-back), the peers one forward per scan. Cells "
                     "marked * are estimates: an evenly spaced sample of at most "
                     f"{block.get('max_scans')} of that scheme's scans was timed and scaled.", ""]
         lines += [f"### {title}", "", *note,
