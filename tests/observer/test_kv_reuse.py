@@ -4,6 +4,7 @@ keys and values with the states of a fresh read."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,19 @@ SYSTEM = ("You are a careful assistant for a museum. Answer in short sentences, 
           "sources, and never make up dates or names.")
 TEXT = ("The capital of France is Paris. Marie Curie was born in Warsaw in 1867 and won two "
         "Nobel prizes. Café 🙂 déjà vu. ") * 3
+
+
+@pytest.fixture(scope="module")
+def model_copy(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy: ONNX exports land next to the model, not in the shared tiny model."""
+    return Path(shutil.copytree(tiny_llama, tmp_path_factory.mktemp("reuse") / "llama"))
+
+
+def _model(backend: str, tiny_llama: Path, copy: Path) -> Path:
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+        return copy
+    return tiny_llama
 
 
 def conversation(question: str) -> list[dict[str, str]]:
@@ -51,12 +65,11 @@ def test_attend_equals_attention_over_the_concatenated_repeated_cache(past: int,
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnx", marks=pytest.mark.slow)])
-def test_kv_buffers_stay_within_the_window_on_a_long_stream(tiny_llama: Path,
+def test_kv_buffers_stay_within_the_window_on_a_long_stream(tiny_llama: Path, model_copy: Path,
                                                             backend: str) -> None:
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
     window = 96
-    obs = load_model_dir(tiny_llama, name="tiny", window=window, backend=backend)
+    obs = load_model_dir(_model(backend, tiny_llama, model_copy), name="tiny", window=window,
+                         backend=backend)
     needs = Needs(layers=frozenset({1}))
     tokens = obs.tokenizer.tokenize(TEXT * 8)
     assert len(tokens) > 5 * window
@@ -86,12 +99,11 @@ def assert_same(got: list[Any], want: list[Any], needs: Needs = NEEDS) -> None:
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnx", marks=pytest.mark.slow)])
 def test_a_shared_system_prompt_is_read_once_with_the_states_of_a_fresh_read(
-        tiny_llama: Path, backend: str) -> None:
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
+        tiny_llama: Path, model_copy: Path, backend: str) -> None:
+    path = _model(backend, tiny_llama, model_copy)
     needs = NEEDS if backend == "torch" else Needs(layers=frozenset({1}))
-    obs = load_model_dir(tiny_llama, name="tiny", window=256, backend=backend)
-    fresh = load_model_dir(tiny_llama, name="tiny", window=256, backend=backend,
+    obs = load_model_dir(path, name="tiny", window=256, backend=backend)
+    fresh = load_model_dir(path, name="tiny", window=256, backend=backend,
                            options={"prefix_cache_tokens": 0})
     read(obs, "Who was Marie Curie?", needs)
     assert obs.prefix.hits == 0
