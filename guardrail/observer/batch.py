@@ -399,7 +399,8 @@ class BatchedObserver:
         for b, (row, state) in enumerate(zip(rows, states, strict=True)):
             n = news[b]
             ids[b, :n] = torch.tensor(row.ids, dtype=torch.long)
-            first = 0 if row.job.ids is None else state.positions(n).start
+            # a context read starts after the shared prefix its cache may already hold
+            first = pasts[b] if row.job.ids is None else state.positions(n).start
             positions[b] = torch.arange(first, first + width)  # padding rows: any position
             mask[b, 0, :, past - pasts[b]:past] = True
             mask[b, 0, :, past:past + n] = causal[:, :n]  # padding rows see the real tokens
@@ -425,6 +426,7 @@ class BatchedObserver:
                 return
             state.kv.append([t[b:b + 1, :, :n] for t in outs[n_out:]])
         if job.ids is None:
+            self.inner.context_read(state)
             return
         state.seen += n
         by_index = {i: outs[k][b, :n].float() for k, i in enumerate(indices)}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cache import cache_dir
 from ..errors import ObserverError
+from .prefix import DEFAULT_PREFIX_TOKENS, PrefixCache
 
 if TYPE_CHECKING:
     from ..policy import ObserverSpec
@@ -34,6 +35,7 @@ __all__ = [
     "load_smollm2",
     "quiet_loading",
     "resolve_device",
+    "resolve_prefix_tokens",
     "resolve_threads",
     "smollm2_dir",
     "smollm2_gguf",
@@ -189,6 +191,7 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     dtype = getattr(torch, dtype_name)
     device = resolve_device(name, options.pop("device", None))
     threads = resolve_threads(name, options.pop("threads", None))
+    prefix_tokens = resolve_prefix_tokens(name, options.pop("prefix_cache_tokens", None))
     if backend == "onnx" and device.type != "cpu":
         raise ObserverError(f"observer {name!r}: the onnx backend runs on the CPU; drop "
                             f"observer.options.device ({device}) or set observer.backend to "
@@ -205,8 +208,10 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if backend == "onnx":
         from .onnx_backend import OnnxObserver
 
-        return OnnxObserver.from_torch(name, model, tokenizer, window, path,
-                                       {**options, "threads": threads})
+        onnx_observer = OnnxObserver.from_torch(name, model, tokenizer, window, path,
+                                                {**options, "threads": threads})
+        onnx_observer.prefix = PrefixCache(prefix_tokens)
+        return onnx_observer
     if backend != "torch":
         raise ObserverError(f"observer.backend must be 'torch' or 'onnx', got {backend!r}")
     from .model import TorchObserver
@@ -216,7 +221,19 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
 
     observer = TorchObserver(name, model, tokenizer, window)
     observer.threads = threads if device.type == "cpu" else None
+    observer.prefix = PrefixCache(prefix_tokens)
     return observer
+
+
+def resolve_prefix_tokens(name: str, value: Any) -> int:
+    """``observer.options.prefix_cache_tokens``: context positions whose KV is kept for streams
+    that begin with the same conversation (0 turns the reuse off)."""
+    if value is None:
+        return DEFAULT_PREFIX_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ObserverError(f"observer {name!r}: observer.options.prefix_cache_tokens must be "
+                            f"an integer >= 0, got {value!r}")
+    return value
 
 
 def resolve_device(name: str, value: Any) -> Any:

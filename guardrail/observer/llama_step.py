@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ObserverError
 
-__all__ = ["LlamaStep", "check_llama", "is_llama_family"]
+__all__ = ["LlamaStep", "attend", "check_llama", "is_llama_family"]
 
 
 # Model types whose decoder block is exactly LlamaDecoderLayer's computation.
@@ -81,16 +81,37 @@ def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
     cos, sin = rope
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     new_kv += [k, v]
-    keys = torch.cat([past_k, k], dim=2)
-    values = torch.cat([past_v, v], dim=2)
-    groups = q.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)
-    values = values.repeat_interleave(groups, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                           scale=attn.scaling)
+    out = attend(q, k, v, past_k, past_v, mask, attn.scaling)
     out = attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
     h = h + out
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+           past_v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the new queries ``(B, heads, n, d)`` over the cached keys and values
+    ``(B, kv_heads, past, d)`` and the new ones ``(B, kv_heads, n, d)``; ``mask`` is
+    ``(B, 1, n, past + n)``, True where a query may look.
+
+    The cache is only read: the query heads that share a key/value head (grouped-query
+    attention) are folded into that head's query rows, so no key is repeated per query head, and
+    the scores over the cache and over the new keys are taken apart and joined (a few rows), so
+    the cache is never concatenated with the new keys. Over a long cache those two copies cost
+    more than the attention itself (docs/observer.md, "Cost of a read").
+    """
+    b, heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    past = past_k.shape[2]
+    # query head h uses key/value head h // groups: rows (h % groups) * n + t of that head
+    qg = (q * scale).reshape(b, kv_heads, groups * n, d)
+    scores = torch.cat([torch.matmul(qg, past_k.transpose(2, 3)),
+                        torch.matmul(qg, k.transpose(2, 3))], dim=-1)
+    scores = scores.masked_fill(~mask.repeat(1, 1, groups, 1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = (torch.matmul(weights[..., :past], past_v)
+           + torch.matmul(weights[..., past:], v))
+    return out.reshape(b, heads, n, d)
 
 
 def check_llama(model: Any) -> None:

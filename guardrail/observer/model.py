@@ -13,10 +13,11 @@ from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
 from .hf import cache_kwarg
+from .prefix import PrefixCache
 from .tokenization import HFTokenizer
 from .window import StreamState, context_budget
 
-__all__ = ["BaseObserver", "TensorKV", "TorchKV", "TorchObserver", "render_context"]
+__all__ = ["GROW", "BaseObserver", "TensorKV", "TorchKV", "TorchObserver", "render_context"]
 
 
 def render_context(hf_tokenizer: Any, messages: Sequence[Message]) -> list[int]:
@@ -50,6 +51,8 @@ class BaseObserver:
         self.num_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)
         self.window = window
+        # Context KV shared across streams (observer.options.prefix_cache_tokens; 0: off)
+        self.prefix = PrefixCache()
         # Rotary models see only relative distances, so positions may keep counting after a
         # drop; learned absolute positions must stay below the model's maximum.
         self.rotary = _is_rotary(config)
@@ -113,24 +116,75 @@ class TorchKV:
 
 
 class TensorKV:
-    """A KV cache as one ``(1, kv_heads, length, head_dim)`` tensor per block and kind."""
+    """A KV cache as one ``(1, kv_heads, length, head_dim)`` tensor per block and kind.
+
+    The positions live in preallocated buffers that grow in steps of ``GROW`` (never past the
+    window the stream keeps): a read appends its new keys and values in place instead of copying
+    the whole cache, and ``tensors`` are views of the filled part.
+    """
 
     def __init__(self, depth: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        self.tensors = [torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
-                        ] * (2 * depth)
+                 device: torch.device | str = "cpu", window: int | None = None) -> None:
+        with torch.inference_mode():  # buffers are written in place, always in this mode
+            self._buffers = [torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
+                             for _ in range(2 * depth)]
+        self._length = 0
+        self.window = window  # buffers grow past it only for a read that is longer
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [b[:, :, : self._length] for b in self._buffers]
 
     def length(self) -> int:
-        return int(self.tensors[0].shape[2]) if self.tensors else 0
+        return self._length
+
+    def capacity(self) -> int:
+        return int(self._buffers[0].shape[2]) if self._buffers else 0
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers)
+
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` positions: grow to a multiple of ``GROW``, at most the window
+        unless ``total`` itself is larger."""
+        if total <= self.capacity():
+            return
+        size = _round_up(total, GROW)
+        if self.window is not None:
+            size = min(size, max(self.window, total))
+        grown = []
+        with torch.inference_mode():
+            for b in self._buffers:
+                new = b.new_zeros(b.shape[0], b.shape[1], size, b.shape[3])
+                new[:, :, : self._length] = b[:, :, : self._length]
+                grown.append(new)
+        self._buffers = grown
 
     def append(self, new: Sequence[torch.Tensor]) -> None:
-        self.tensors = [torch.cat([a, b], dim=2) for a, b in zip(self.tensors, new, strict=True)]
+        n = int(new[0].shape[2])
+        self.reserve(self._length + n)
+        end = self._length + n
+        with torch.inference_mode():
+            for b, t in zip(self._buffers, new, strict=True):
+                b[:, :, self._length : end] = t
+        self._length = end
 
     def drop(self, start: int, count: int) -> None:
-        self.tensors = [_without(t, start, count) for t in self.tensors]
+        end = self._length
+        with torch.inference_mode():
+            for b in self._buffers:  # clone: copy_ refuses an overlapping source
+                b[:, :, start : end - count] = b[:, :, start + count : end].clone()
+        self._length -= count
 
     def crop(self, length: int) -> None:
-        self.tensors = [t[..., :length, :] for t in self.tensors]
+        self._length = min(self._length, length)
+
+
+GROW = 64  # KV buffer growth step (positions): a growing buffer is copied once per GROW tokens
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 class TorchObserver(BaseObserver):
@@ -163,21 +217,34 @@ class TorchObserver(BaseObserver):
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
         state, ids = self.open(messages, needs)
         if ids:  # read the conversation: fill the cache, return nothing
-            self._forward(state, ids, range(len(ids)), Needs(), context=needs)
+            first = state.kv.length()  # a shared prefix may be in it already
+            self._forward(state, ids, range(first, first + len(ids)), Needs(), context=needs)
+            self.context_read(state)
         return state
 
     def open(self, messages: Sequence[Message], needs: Needs) -> tuple[StreamState, list[int]]:
-        """A stream's state with an empty cache, and the context ids still to read into it."""
+        """A stream's state, its cache holding what the prefix cache had of its context, and
+        the context ids still to read into it (then call ``context_read``)."""
         ids = self.context_ids(messages)
         kv: Any
+        reused = 0
         if self.fast:
             depth = self.signature(needs)[0]
-            kv = TensorKV(depth, self.kv_heads, self.head_dim, self.dtype, self.device)
+            kv = TensorKV(depth, self.kv_heads, self.head_dim, self.dtype, self.device,
+                          self.window)
+            reused = self.prefix.restore(kv, depth, ids)
         else:
             from transformers import DynamicCache
 
             kv = TorchKV(DynamicCache(config=self.config))
-        return StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary), ids
+        state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary,
+                            context_ids=tuple(ids))
+        return state, ids[reused:]
+
+    def context_read(self, state: StreamState) -> None:
+        """The stream's context is in its cache: keep it for streams that share a prefix."""
+        if self.fast:
+            self.prefix.store(state.kv, len(state.kv.tensors) // 2, state.context_ids)
 
     def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
                needs: Needs) -> ObservedBatch:

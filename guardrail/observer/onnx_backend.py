@@ -30,7 +30,7 @@ from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
 from .llama_step import LlamaStep, check_llama
-from .model import BaseObserver, _token_id
+from .model import GROW, BaseObserver, _round_up, _token_id
 from .window import StreamState
 
 Signature = tuple[int, tuple[int, ...], bool]
@@ -38,6 +38,9 @@ Signature = tuple[int, tuple[int, ...], bool]
 __all__ = ["NumpyKV", "OnnxObserver", "export_step"]
 
 _OPSET = 17
+# Bumped when the exported step's graph changes (v2: the cache is read in place), so an export
+# cached by an older version is not reused.
+_GRAPH_VERSION = "v2"
 
 
 def export_step(model: Any, path: Path, depth: int, hidden_indices: list[int],
@@ -80,25 +83,65 @@ def export_step(model: Any, path: Path, depth: int, hidden_indices: list[int],
 
 
 class NumpyKV:
-    """The KV cache of one stream as numpy arrays ``(1, kv_heads, length, head_dim)``."""
+    """The KV cache of one stream as numpy buffers ``(1, kv_heads, capacity, head_dim)``.
 
-    def __init__(self, depth: int, kv_heads: int, head_dim: int) -> None:
-        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
-        self.arrays = [empty] * (2 * depth)
+    A read passes the whole buffers to ONNX Runtime (contiguous, so nothing is copied on the way
+    in) with a mask that hides the positions not filled yet, then writes the new keys and values
+    in place. Buffers grow in steps of ``GROW`` positions, never past the window unless one read
+    is longer.
+    """
+
+    def __init__(self, depth: int, kv_heads: int, head_dim: int,
+                 window: int | None = None) -> None:
+        self.buffers = [np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+                        for _ in range(2 * depth)]
+        self._length = 0
+        self.window = window
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return [b[:, :, : self._length] for b in self.buffers]
+
+    tensors = arrays  # the name the prefix cache reads
 
     def length(self) -> int:
-        return int(self.arrays[0].shape[2]) if self.arrays else 0
+        return self._length
+
+    def capacity(self) -> int:
+        return int(self.buffers[0].shape[2]) if self.buffers else 0
+
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.buffers)
+
+    def reserve(self, total: int) -> None:
+        if total <= self.capacity():
+            return
+        size = _round_up(total, GROW)
+        if self.window is not None:
+            size = min(size, max(self.window, total))
+        grown = []
+        for b in self.buffers:
+            new = np.zeros((*b.shape[:2], size, b.shape[3]), dtype=b.dtype)
+            new[:, :, : self._length] = b[:, :, : self._length]
+            grown.append(new)
+        self.buffers = grown
 
     def append(self, new: Sequence[np.ndarray]) -> None:
-        self.arrays = [np.concatenate([a, b], axis=2) for a, b in zip(self.arrays, new,
-                                                                         strict=True)]
+        n = int(new[0].shape[2])
+        self.reserve(self._length + n)
+        end = self._length + n
+        for b, a in zip(self.buffers, new, strict=True):
+            b[:, :, self._length : end] = a
+        self._length = end
 
     def drop(self, start: int, count: int) -> None:
-        self.arrays = [np.concatenate([a[:, :, :start], a[:, :, start + count:]], axis=2)
-                       for a in self.arrays]
+        end = self._length
+        for b in self.buffers:  # numpy copes with the overlap
+            b[:, :, start : end - count] = b[:, :, start + count : end]
+        self._length -= count
 
     def crop(self, length: int) -> None:
-        self.arrays = [a[:, :, :length] for a in self.arrays]
+        self._length = min(self._length, length)
 
 
 class OnnxObserver(BaseObserver):
@@ -167,36 +210,46 @@ class OnnxObserver(BaseObserver):
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
         signature = self.signature(needs)
         ids = self.context_ids(messages)
-        kv = NumpyKV(signature[0], self.kv_heads, self.head_dim)
-        state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary)
-        if ids:
-            self._run(state, signature, ids, range(len(ids)))
+        kv = NumpyKV(signature[0], self.kv_heads, self.head_dim, self.window)
+        state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary,
+                            context_ids=tuple(ids))
+        reused = self.prefix.restore(kv, signature[0], ids)
+        if len(ids) > reused:
+            self._run(state, signature, ids[reused:], range(reused, len(ids)))
+            self.prefix.store(kv, signature[0], ids)
         return state
 
     def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
                needs: Needs) -> ObservedBatch:
         ids = [_token_id(t) for t in tokens]
         signature = self.signature(needs)
-        if signature[0] > len(state.kv.arrays) // 2:
+        if signature[0] > len(state.kv.buffers) // 2:
             raise ObserverError("extend() needs deeper layers than the needs given to start()")
         if not ids:
             return ObservedBatch(hidden={layer: torch.zeros(0, self.hidden_size)
                                          for layer in needs.layers})
-        parts = []
+        parts, tops = [], []
+        n_hidden = len(signature[1])
         for chunk in self.chunks(state, ids):
             state.make_room(len(chunk))
             outs = self._run(state, signature, chunk, state.positions(len(chunk)))
             state.seen += len(chunk)
+            if signature[2]:
+                if needs.top_k:  # per chunk: the vocabulary-wide rows go unless asked for
+                    full = torch.from_numpy(outs[n_hidden])
+                    tops.append(torch.topk(full, min(needs.top_k, full.shape[-1]),
+                                           dim=-1).values)
+                if not needs.logits:
+                    outs = outs[:n_hidden]
             parts.append(outs)
         by_index = {i: torch.from_numpy(np.concatenate([p[k] for p in parts]))
                     for k, i in enumerate(signature[1])}
         hidden = {layer: by_index[self.hidden_index(layer)] for layer in needs.layers}
         logits = top = None
-        if signature[2]:
-            full = torch.from_numpy(np.concatenate([p[len(signature[1])] for p in parts]))
-            logits = full if needs.logits else None
-            if needs.top_k:
-                top = torch.topk(full, min(needs.top_k, full.shape[-1]), dim=-1).values
+        if signature[2] and needs.logits:
+            logits = torch.from_numpy(np.concatenate([p[n_hidden] for p in parts]))
+        if tops:
+            top = tops[0] if len(tops) == 1 else torch.cat(tops)
         return ObservedBatch(hidden=hidden, logits=logits, top_logits=top)
 
     def truncate(self, state: StreamState, n_tokens: int) -> None:
@@ -208,13 +261,16 @@ class OnnxObserver(BaseObserver):
         kv: NumpyKV = state.kv
         past = kv.length()
         n = len(ids)
-        mask = np.ones((1, 1, n, past + n), dtype=bool)
-        mask[0, 0, :, past:] = np.tril(np.ones((n, n), dtype=bool))
+        kv.reserve(past + n)  # the new tokens' room, so the append after the run copies nothing
+        size = kv.capacity()
+        mask = np.zeros((1, 1, n, size + n), dtype=bool)
+        mask[0, 0, :, :past] = True  # slots past the filled part are hidden
+        mask[0, 0, :, size:] = np.tril(np.ones((n, n), dtype=bool))
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
                  "position_ids": np.asarray([list(positions)], dtype=np.int64), "mask": mask}
         for i in range(signature[0]):
-            feeds[f"past_key_{i}"] = kv.arrays[2 * i]
-            feeds[f"past_value_{i}"] = kv.arrays[2 * i + 1]
+            feeds[f"past_key_{i}"] = kv.buffers[2 * i]
+            feeds[f"past_value_{i}"] = kv.buffers[2 * i + 1]
         outs = session.run(None, feeds)
         n_out = len(signature[1]) + (1 if signature[2] else 0)
         kv.append(outs[n_out:])
@@ -261,6 +317,7 @@ def _export_dir(model_dir: Path) -> Path:
 def _fingerprint(model: Any) -> str:
     """A short hash of the config and a few weights, so a changed model gets a new export."""
     digest = hashlib.sha256(model.config.to_json_string().encode())
+    digest.update(_GRAPH_VERSION.encode())
     for _, tensor in list(model.state_dict().items())[:3]:
         digest.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
     return digest.hexdigest()[:12]

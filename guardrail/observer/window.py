@@ -38,6 +38,7 @@ class StreamState:
     window: int
     context_len: int  # context tokens in the cache (read at positions 0..context_len-1)
     rotary: bool  # positions keep counting after a drop (rotary models) or restart at the slot
+    context_ids: tuple[int, ...] = ()  # the context's token ids (what the prefix cache keys)
     seen: int = 0  # response tokens read so far
     dropped: int = 0  # response tokens dropped from the front of the cache
 

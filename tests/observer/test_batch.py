@@ -292,6 +292,8 @@ def test_a_failing_read_follows_on_error_in_its_session_only(raw: Any, on_error:
     with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host:
         alone_guard = Guard.from_policy(policy, host=host, observer=_Unbatched(raw))
         alone = [_stream(alone_guard, k) for k in range(len(PROMPTS))]
+        # the contexts read alone would be reused whole: read them again, in one forward
+        raw.prefix.clear()
         guard = Guard.from_policy(policy, host=host, observer=batched)
         together = _concurrently(guard, 2 * len(PROMPTS), texts)
     assert batched.stats.largest == len(PROMPTS)
