@@ -12,7 +12,6 @@ closes the upstream).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any, TypeVar
 
@@ -57,6 +56,21 @@ async def catch_up(source: AsyncIterable[T], limit: int) -> AsyncGenerator[list[
                     raise error
                 return
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await _stop(task)
+
+
+async def _stop(task: asyncio.Future[None]) -> None:
+    """Cancel the pump and wait until it has left ``source``: the driver closes the upstream
+    next, which must not race a read still under way. A cancellation of our own (a cancel
+    scope that keeps cancelling) does not cut the wait short; it is raised after it."""
+    task.cancel()
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not task.cancelled():
+        task.exception()  # retrieved: never "exception was never retrieved"
+    if cancelled:
+        raise asyncio.CancelledError

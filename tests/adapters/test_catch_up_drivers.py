@@ -196,3 +196,61 @@ def test_catch_up_limit_is_checked() -> None:
 async def _empty() -> Any:
     for _ in ():
         yield None
+
+
+@pytest.mark.parametrize("text", [TEXT, CALM])
+def test_proxy_catching_up_shows_what_the_sync_wrapper_shows(
+        guard: Guard, upstream_server: UpstreamServer, serve: Any, reports: list[Any],
+        text: str) -> None:
+    """The proxy reads the upstream's bytes as they come; the chunks that arrived while a read
+    was held are judged together (default: reads awaited on the event loop)."""
+    sync_chunks, sync_report = _sync_run(guard, upstream_server, text)
+    upstream_server.enqueue(Script(text=text))
+    with serve(guard) as proxy:
+        held = Held(guard)
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
+        stream = client.chat.completions.create(model="m", stream=True, messages=PROMPT)
+        record = upstream_server.completions()[-1]
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.extend(stream))
+        reader.start()
+        while not record.completed and not record.disconnected:
+            record.wait(0.01)
+        held.release()
+        reader.join(20)
+    assert not reader.is_alive()
+    assert _content(got) == _content(sync_chunks)
+    report = reports[0]
+    assert (report.halted, report.released_text, report.tokens) == (
+        sync_report.halted, sync_report.released_text, sync_report.tokens)
+    if report.halted:
+        assert report.halt.at == sync_report.halt.at and report.leaked_tokens == 0
+    assert report.observer_reads < sync_report.observer_reads
+
+
+def test_proxy_serves_health_while_a_stream_read_waits(
+        guard: Guard, upstream_server: UpstreamServer, serve: Any) -> None:
+    import httpx
+
+    upstream_server.enqueue(Script(text=CALM))
+    with serve(guard, offload=False) as proxy:
+        held = Held(guard)
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.extend(client.chat.completions.create(
+            model="m", stream=True, messages=PROMPT)))
+        reader.start()
+        while guard.observer.pending() == 0 and reader.is_alive():
+            reader.join(0.01)  # until a read is queued behind the hold
+        try:
+            health = httpx.get(f"{proxy.url}/health", timeout=5)
+        finally:
+            still_reading = reader.is_alive()
+            held.release()
+        reader.join(20)
+    assert health.status_code == 200 and still_reading
+    assert _content(got) == CALM
+
+
+def _content(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
