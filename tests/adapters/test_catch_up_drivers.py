@@ -254,3 +254,29 @@ def test_proxy_serves_health_while_a_stream_read_waits(
 
 def _content(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+async def test_langchain_astream_leaves_the_loop_free_while_a_read_waits(
+        guard: Guard, upstream_server: UpstreamServer) -> None:
+    from langchain_openai import ChatOpenAI
+
+    upstream_server.enqueue(Script(text=CALM))
+    model = ChatOpenAI(base_url=upstream_server.base_url, api_key="k", model="m", max_retries=0)
+    guarded = guard.wrap_model(model, offload=False)
+    held = Held(guard)
+
+    async def read() -> str:
+        return "".join([str(c.content) async for c in guarded.astream([("user", "Tell me.")])])
+
+    reading = asyncio.ensure_future(read())
+    while guard.observer.pending() == 0 and not reading.done():
+        await asyncio.sleep(0.005)  # until a read is queued behind the hold
+    ticks = 0
+    while ticks < 20 and not reading.done():
+        await asyncio.sleep(0.005)
+        ticks += 1
+    done_while_held = reading.done()
+    held.release()
+    text = await reading
+    assert not done_while_held and ticks == 20
+    assert text == CALM
