@@ -223,3 +223,45 @@ def test_the_event_loop_runs_while_a_read_is_awaited(observer: Any, many: bool) 
     assert ticks == 20  # the loop ran while the read waited
     assert any(isinstance(e, Release) for e in events)
     assert report.released_text == "".join(deltas)
+
+
+class FailingObserver:
+    """The tiny observer, read in this thread, whose reads fail from the second one on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = "failing"
+        self.tokenizer = inner.tokenizer
+        self.num_layers = inner.num_layers
+        self.hidden_size = inner.hidden_size
+        self.reads = 0
+
+    def start(self, messages: Any, needs: Needs) -> Any:
+        return self.inner.start(messages, needs)
+
+    def extend(self, state: Any, tokens: Any, needs: Needs) -> Any:
+        self.reads += 1
+        if self.reads >= 2:
+            raise RuntimeError("observer went away")
+        return self.inner.extend(state, tokens, needs)
+
+    def truncate(self, state: Any, n_tokens: int) -> None:
+        self.inner.truncate(state, n_tokens)
+
+
+def test_catch_up_after_a_failed_read_still_releases_every_piece(observer: Any) -> None:
+    """fail_open: the read that fails disables the monitors that need it; the text of the later
+    pieces, read or not, is scored by the others and released, none left behind."""
+    plugins, policy = _guard(observer)
+    policy["on_error"] = "fail_open"
+    deltas = random_splits(CALM, seed=21)
+    with plugins as host:
+        guard = Guard.from_policy(policy, host=host, observer=FailingObserver(observer))
+        session = guard.session(prompt="Tell me about Lyon.")
+        events: list[Event] = []
+        for group in _groups(deltas, 21):
+            events += [e for out in session.feed_many(group) for e in out]
+        report = session.finish()
+    assert report.errors and not report.halted
+    assert report.released_text == CALM
+    assert "".join(e.text for e in events + report.final_events if isinstance(e, Release)) == CALM
