@@ -8,17 +8,15 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail.probes.calibrate import calibrate_count_k, streaming_metrics
-from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
-from guardrail.probes.features import CachedRecord, extract_features, split_by_prompt
-from guardrail.probes.heads import DualHead, LinearProbe, RouterHead
+from guardrail.probes.heads import DualHead, LinearProbe
 from guardrail.probes.io import load_probe, save_probe
-from guardrail.probes.losses import positive_weight
-from guardrail.probes.train import (
+from guardrail.toolkit.calibrate import calibrate_count_k, streaming_metrics
+from guardrail.toolkit.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.features import CachedRecord, extract_features, split_by_prompt
+from guardrail.toolkit.train import (
     collate,
     entity_loss,
     response_auc_metric,
-    router_loss_fn,
     scm_loss_fn,
     score_records,
     span_auc_metric,
@@ -90,19 +88,6 @@ def test_scm_dual_head_halts_early_on_planted_harm(tmp_path: Path) -> None:
     # Planted words sit at random places, so a streaming halt reads about half the response.
     assert on_test.fraction_seen is not None and on_test.fraction_seen < 0.8
     assert on_test.false_halt_rate is not None and on_test.false_halt_rate <= 0.1
-
-
-def test_router_head_trains_with_positive_weight(planted_data: Path, tmp_path: Path) -> None:
-    observer = PlantedObserver(hidden_size=16, num_layers=4, signal_words=("bad", "worse"),
-                               signal_layer=3, strength=3.0)
-    fs = extract_features(observer, planted_data, tmp_path / "cache", layers=[3], top_k=8,
-                          progress=False)
-    train, val, test = split_by_prompt(fs.records, (0.6, 0.2, 0.2), seed=0)
-    labels = torch.cat([collate(train, 3).token_labels.flatten()])
-    head = RouterHead(16, observer.embedding, top_k=8, width=32, blocks=1)
-    result = train_head(head, train, val, layer=3, loss_fn=router_loss_fn(positive_weight(labels)),
-                        metric_fn=token_auc_metric(3), epochs=4, lr=1e-2, progress=False)
-    assert token_auc_metric(3)(result.head, test) > 0.9
 
 
 def test_trained_probe_round_trips_through_io(observer: PlantedObserver, planted_data: Path,

@@ -66,6 +66,18 @@ def _token_logprobs(entries: Sequence[Any] | None) -> list[TokenLogprob] | None:
     ]
 
 
+def _judged_text(choice: Choice) -> tuple[str, list[Any]]:
+    """A choice delta's text and logprob entries as the guard judges them: content, then
+    refusal text (the reader sees refusal text too, so it is judged the same)."""
+    text = choice.delta.content or ""
+    entries = list(choice.logprobs.content or ()) if choice.logprobs is not None else []
+    if choice.delta.refusal:
+        text += choice.delta.refusal
+        if choice.logprobs is not None:
+            entries += choice.logprobs.refusal or ()
+    return text, entries
+
+
 def _details(index: int, events: Iterable[Event]) -> list[dict[str, Any]]:
     return [{"choice": index, **event_to_dict(e)} for e in events if not isinstance(e, Release)]
 
@@ -81,6 +93,8 @@ class _ChoiceState:
     logprobs: LogprobFilter = field(default_factory=LogprobFilter)
     report: Report | None = None
     halt: Halt | None = None
+    # The model sent ``delta.refusal`` text: it is judged like content and released there.
+    refusing: bool = False
     # Catch-up (on_chunks/aon_chunks): the events the session already gave each chunk's text,
     # by chunk position, and the report of an end it already took (afinish).
     fed: dict[int, list[Event]] = field(default_factory=dict)
@@ -189,9 +203,8 @@ class ChunkGuard:
                 state = self._state(choice.index)
                 if state.done or choice.index in ended:
                     continue
-                text = choice.delta.content or ""
+                text, entries = _judged_text(choice)
                 if text:
-                    entries = choice.logprobs.content if choice.logprobs is not None else None
                     step = StreamStep(text=text, logprobs=_token_logprobs(entries))
                     plan.setdefault(choice.index, (state, []))[1].append((pos, step))
                 if choice.finish_reason is not None:
@@ -249,8 +262,10 @@ class ChunkGuard:
             text = "".join(e.text for e in events if isinstance(e, Release))
             entries = self._released_logprobs(state, events)
             if text:
-                choice = Choice(index=index, delta=ChoiceDelta(content=text), finish_reason=None,
-                                logprobs=ChoiceLogprobs(content=entries) if entries else None)
+                field_name = "refusal" if state.refusing else "content"
+                logprobs = ChoiceLogprobs(**{field_name: entries}) if entries else None
+                choice = Choice(index=index, delta=ChoiceDelta(**{field_name: text}),
+                                finish_reason=None, logprobs=logprobs)
                 self._details += _details(index, _not_halts(events))
                 out.append(self._make_chunk(template, choice))
             if state.halt is not None and not self.raise_on_halt:
@@ -264,11 +279,12 @@ class ChunkGuard:
                 state.report = state.session.abort(reason)
 
     def _feed(self, state: _ChoiceState, choice: Choice, pos: int | None = None) -> list[Event]:
-        text = choice.delta.content or ""
+        text, entries = _judged_text(choice)
+        if choice.delta.refusal:
+            state.refusing = True
         events: list[Event] = []
         if text:
-            entries = choice.logprobs.content if choice.logprobs is not None else None
-            state.logprobs.add(text, entries)
+            state.logprobs.add(text, entries or None)
             if pos is not None:  # fed already, with the chunks around it (on_chunks)
                 events = list(state.fed.get(pos, []))
             else:
@@ -299,14 +315,20 @@ class ChunkGuard:
         out = choice.model_copy(deep=True)
         _drop_reasoning(out.delta)
         original = choice.delta.content
-        out.delta.content = released or (None if original is None else "")
         entries = self._released_logprobs(state, events)
         if state.halt is not None:
             out.finish_reason = None  # the halt chunk carries the finish reason
-        if out.logprobs is not None:
-            out.logprobs.content = entries or None
-        elif entries:  # held-back logprobs released by a chunk that had none of its own
-            out.logprobs = ChoiceLogprobs(content=entries)
+        if out.logprobs is None and entries:  # held back, released by a chunk without its own
+            out.logprobs = ChoiceLogprobs()
+        if state.refusing:
+            out.delta.content = None if original is None else ""
+            out.delta.refusal = released or None
+            if out.logprobs is not None:
+                out.logprobs.content, out.logprobs.refusal = None, entries or None
+        else:
+            out.delta.content = released or (None if original is None else "")
+            if out.logprobs is not None:
+                out.logprobs.content = entries or None
         delta = out.delta
         empty = (not delta.content and delta.role is None and not delta.tool_calls
                  and delta.function_call is None and delta.refusal is None
@@ -346,30 +368,35 @@ def guard_completion(guard: Guard, completion: ChatCompletion,
     details: list[dict[str, Any]] = []
     for choice in out.choices:
         _drop_reasoning(choice.message)
-        content = choice.message.content
-        if not content:
-            continue
-        session = guard.session(messages, metadata={**(metadata or {}), "choice": choice.index})
-        entries = choice.logprobs.content if choice.logprobs is not None else None
-        events = session.feed(StreamStep(text=content, logprobs=_token_logprobs(entries)))
-        report = session.finish()
-        events = [*events, *report.final_events]
-        released_logprobs = LogprobFilter()
-        released_logprobs.add(content, entries)
-        released_logprobs.see(events)
-        details += _details(choice.index, events)
-        if report.halt is not None:
-            if raise_on_halt:
-                raise GuardrailViolation(report.halt, report)
-            choice.message.content = report.halt.message
-            choice.message.tool_calls = None
-            choice.message.function_call = None
-            choice.finish_reason = CONTENT_FILTER
-            choice.logprobs = None
-        else:
-            choice.message.content = report.released_text
-            if choice.logprobs is not None:  # only entries of text shown verbatim
-                choice.logprobs.content = released_logprobs.take() or None
+        # Refusal text reaches the reader like content, so it is judged the same way.
+        for name in ("content", "refusal"):
+            text = getattr(choice.message, name)
+            if not text or choice.finish_reason == CONTENT_FILTER:
+                continue
+            session = guard.session(messages, metadata={**(metadata or {}),
+                                                        "choice": choice.index})
+            logprobs = choice.logprobs
+            entries = getattr(logprobs, name) if logprobs is not None else None
+            events = session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
+            report = session.finish()
+            events = [*events, *report.final_events]
+            released_logprobs = LogprobFilter()
+            released_logprobs.add(text, entries)
+            released_logprobs.see(events)
+            details += _details(choice.index, events)
+            if report.halt is not None:
+                if raise_on_halt:
+                    raise GuardrailViolation(report.halt, report)
+                choice.message.content = report.halt.message
+                choice.message.refusal = None
+                choice.message.tool_calls = None
+                choice.message.function_call = None
+                choice.finish_reason = CONTENT_FILTER
+                choice.logprobs = None
+            else:
+                setattr(choice.message, name, report.released_text)
+                if logprobs is not None:  # only entries of text shown verbatim
+                    setattr(logprobs, name, released_logprobs.take() or None)
     if details:
         out = out.model_copy(update={"guardrail": {"events": details}})
     return out
