@@ -49,6 +49,13 @@ class Guard:
             self.observer = BatchedObserver(self.observer)
         self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
 
+    @property
+    def blocks_event_loop(self) -> bool:
+        """Whether a session's reads would block an async driver: an observer whose reads cannot
+        be awaited (no ``submit``; the Guard's batched observer has one). Async drivers run such
+        a guard in a worker thread by default and await ``afeed``/``afinish`` otherwise."""
+        return self.observer is not None and not callable(getattr(self.observer, "submit", None))
+
     # -- construction ----------------------------------------------------------------------
 
     @classmethod

@@ -15,6 +15,10 @@ decision is due (``_read_due``): before an unread token would be released, once
 ``observer.max_delay_ms`` has passed since text was waiting on the read, or at the end. The
 gathered batches are then scored and released one by one, as they arrived, so what is released
 and where each verdict lands are those of reading every batch at once; only the release waits.
+
+A driver that has fallen behind hands ``feed_many`` the pieces already waiting for it: each piece
+gets the events ``feed`` would have given it, and the reads that come due along the way share one
+forward (``_plan``).
 """
 
 from __future__ import annotations
@@ -74,6 +78,15 @@ class _Unread:
     text_len: int  # the response's length when the batch arrived (Features.text)
     logprobs: Sequence[TokenLogprob] | None
     final: bool
+
+
+@dataclass
+class _Group:
+    """The batches one read covers, and the events list of the piece whose feed made it due."""
+
+    unread: list[_Unread]
+    events: list[Event]
+    text_len: int = 0  # the response's length after that piece (feed_many cuts back to it)
 
 
 @dataclass
@@ -175,7 +188,10 @@ class GuardSession:
         self._unread_count = 0
         self._waiting_since: float | None = None  # when text first waited on the next read
         self._async_read = False  # inside afeed/afinish: _read submits, the caller awaits
-        self._inflight: tuple[list[_Unread], Future[ObservedBatch], float] | None = None
+        self._inflight: tuple[list[_Group], Future[ObservedBatch], float] | None = None
+        # Inside feed_many: reads that come due are planned here, then run as one forward.
+        self._plan: list[_Group] | None = None
+        self._planned_count = 0
         self._t0 = time.perf_counter()
         self._generator_mode: bool | None = None
         self._runs: list[_Run] = []
@@ -221,11 +237,40 @@ class GuardSession:
 
     def feed(self, step: StreamStep | str) -> list[Event]:
         """Take the next piece of upstream output; return the events it caused, in order."""
+        return self._emit(self._feed(step))
+
+    def feed_many(self, steps: Sequence[StreamStep | str]) -> list[list[Event]]:
+        """Pieces of upstream output that were all waiting (a driver that fell behind): the
+        events of each piece, as ``feed`` called once per piece would return them, while the
+        observer reads that come due along the way run as one forward. A halt or a route in
+        one piece drops the pieces after it, as ``feed`` would."""
+        outs = self._feed_planned(steps)
+        plan, future, t0 = self._submit_plan()
+        if future is not None:
+            batch, error = _result(future)
+            self._apply_read(plan, batch, error, t0)
+        return [self._emit(events) for events in outs]
+
+    async def afeed_many(self, steps: Sequence[StreamStep | str]) -> list[list[Event]]:
+        """``feed_many`` for async drivers: the one read is awaited, not waited on."""
+        self._async_read = True
+        try:
+            outs = self._feed_planned(steps)
+            plan, future, t0 = self._submit_plan()
+        finally:
+            self._async_read = False
+        if future is not None:
+            self._inflight = (plan, future, t0)
+            await self._await_read()
+        return [self._emit(events) for events in outs]
+
+    def _feed(self, step: StreamStep | str) -> list[Event]:
+        """``feed`` without delivering the events to the ``on_event`` hooks yet."""
         if self.closed:
             raise GuardrailError("feed() after finish(): this session has ended")
         events, self._pending = self._pending, []
         if self.halted is not None or self.route_pending is not None:
-            return self._emit(events)  # upstream text after a halt or a route is dropped
+            return events  # upstream text after a halt or a route is dropped
         if isinstance(step, str):
             step = StreamStep(text=step)
         if step.tokens is not None:
@@ -244,7 +289,25 @@ class GuardSession:
             tokens = self._aligner.feed(step.text)
             if tokens:
                 self._process(tokens, events, step=step)
-        return self._emit(events)
+        return events
+
+    def _feed_planned(self, steps: Sequence[StreamStep | str]) -> list[list[Event]]:
+        """Feed every piece; the reads that come due are planned (``_read``), not run."""
+        self._plan, self._planned_count = [], 0
+        try:
+            return [self._feed(step) for step in steps]
+        except BaseException:
+            self._plan, self._planned_count = None, 0
+            raise
+
+    def _submit_plan(self) -> tuple[list[_Group], Future[ObservedBatch] | None, float]:
+        """The planned reads as one submitted read (none when nothing came due)."""
+        plan, self._plan, self._planned_count = self._plan or [], None, 0
+        if not plan:
+            return plan, None, 0.0
+        tokens = [t for group in plan for u in group.unread for t in u.tokens]
+        t0 = time.perf_counter()
+        return plan, self._submit_read(tokens), t0
 
     def finish(self) -> Report:
         """End of the upstream stream: judge the last tokens, release what is left, and report.
@@ -280,14 +343,11 @@ class GuardSession:
         on the Guard's batched observer), so the event loop serves other streams meanwhile."""
         self._async_read = True
         try:
-            events = self.feed(step)
+            events = self._feed(step)
         finally:
             self._async_read = False
-        if self._inflight is not None:
-            more: list[Event] = []
-            await self._await_read(more)
-            events += self._emit(more)
-        return events
+        await self._await_read()
+        return self._emit(events)
 
     async def afinish(self) -> Report:
         """``finish`` for async drivers: the last observer read is awaited, not waited on."""
@@ -298,7 +358,7 @@ class GuardSession:
                 self._read_last(self._pending)
             finally:
                 self._async_read = False
-            await self._await_read(self._pending)
+            await self._await_read()
         return self.finish()
 
     def _read_last(self, events: list[Event]) -> None:
@@ -371,7 +431,7 @@ class GuardSession:
         token, or text has waited on this read for ``max_delay_ms``."""
         if not self._defer:
             return True
-        first_unread = self.tokens
+        first_unread = self.tokens + self._planned_count
         releasable = first_unread + self._unread_count - self.hold_back
         if releasable > first_unread:
             return True
@@ -385,22 +445,23 @@ class GuardSession:
     def _read(self, events: list[Event]) -> None:
         """One observer forward over every unread batch; then each batch is scored and released
         in arrival order, exactly as if it had been read alone. Within ``afeed``/``afinish`` the
-        read is only submitted here and awaited there."""
+        read is only submitted here and awaited there; within ``feed_many`` it is planned, and
+        the planned reads run as one forward at the end."""
         unread, self._unread = self._unread, []
-        self._unread_count, self._waiting_since = 0, None
+        count, self._unread_count, self._waiting_since = self._unread_count, 0, None
+        group = _Group(unread, events, len(self.text))
+        if self._plan is not None:
+            self._plan.append(group)
+            self._planned_count += count
+            return
         tokens = [t for u in unread for t in u.tokens]
         t0 = time.perf_counter()
         future = self._submit_read(tokens)
         if self._async_read:
-            self._inflight = (unread, future, t0)
+            self._inflight = ([group], future, t0)
             return
-        batch: ObservedBatch | None = None
-        error: Exception | None = None
-        try:
-            batch = future.result()
-        except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
-            error = exc
-        self._apply_read(unread, batch, error, t0, events)
+        batch, error = _result(future)
+        self._apply_read([group], batch, error, t0)
 
     def _submit_read(self, tokens: list[TokenSpan]) -> Future[ObservedBatch]:
         """The read of ``tokens`` as a future: the batched observer's own (``submit``), or a
@@ -422,31 +483,47 @@ class GuardSession:
         future.set_result(batch)
         return future
 
-    def _apply_read(self, unread: list[_Unread], batch: ObservedBatch | None,
-                    error: Exception | None, t0: float, events: list[Event]) -> None:
-        if error is None:
+    def _apply_read(self, groups: list[_Group], batch: ObservedBatch | None,
+                    error: Exception | None, t0: float, *, read: bool = True) -> None:
+        """Score a read's batches in arrival order, each group's events into its own list."""
+        if error is None and read:
             self._observer_reads += 1
         self._observer_seconds += time.perf_counter() - t0
+        whole = len(groups) == 1 and len(groups[0].unread) == 1
         offset = 0
-        for u in unread:
-            features = self._features(u.tokens, u.text_len, u.logprobs, u.final)
-            if error is not None:
-                self._observer_failure(error, events)
-                error = None
-                if self.halted is not None:
-                    return
-            elif batch is not None:
-                _fill(features, batch, offset, len(u.tokens), whole=len(unread) == 1)
-            offset += len(u.tokens)
-            self._score(features, events)
+        for group in groups:
+            events = group.events
+            for u in group.unread:
+                features = self._features(u.tokens, u.text_len, u.logprobs, u.final)
+                if error is not None:
+                    self._observer_failure(error, events)
+                    error = None
+                    if self.halted is not None:
+                        break
+                elif batch is not None:
+                    _fill(features, batch, offset, len(u.tokens), whole=whole)
+                offset += len(u.tokens)
+                self._score(features, events)
+                if self.halted is not None or self.route_pending is not None:
+                    break  # like upstream text after a halt or a route, the later batches drop
             if self.halted is not None or self.route_pending is not None:
-                return  # like upstream text after a halt or a route, the later batches drop
+                if group.text_len < len(self.text):  # feed_many: the later pieces were not fed
+                    self._aligner.reset(self.text[:group.text_len],
+                                        min(self._aligner.committed, group.text_len))
+                    self._unread, self._unread_count = [], 0
+                return
+        if self._observer_failed and self._unread and groups:
+            # feed_many planned reads past text that stays unread: with the observer gone,
+            # that text is scored now, as feed would have scored it after the failure.
+            rest, self._unread, self._unread_count = self._unread, [], 0
+            self._apply_read([_Group(rest, groups[-1].events)], None, None, time.perf_counter(),
+                             read=False)
 
-    async def _await_read(self, events: list[Event]) -> None:
+    async def _await_read(self) -> None:
         """Await the read ``_read`` submitted (the event loop runs meanwhile), then score it."""
         if self._inflight is None:
             return
-        unread, future, t0 = self._inflight
+        groups, future, t0 = self._inflight
         batch: ObservedBatch | None = None
         error: Exception | None = None
         try:
@@ -455,7 +532,7 @@ class GuardSession:
             error = exc
         finally:
             self._inflight = None
-        self._apply_read(unread, batch, error, t0, events)
+        self._apply_read(groups, batch, error, t0)
 
     def _features(self, tokens: list[TokenSpan], text_len: int,
                   logprobs: Sequence[TokenLogprob] | None, final: bool) -> Features:
@@ -702,6 +779,17 @@ class GuardSession:
         except Exception:
             log.exception("a guardrail_session_end hook failed")
         return report
+
+
+def _result(future: Future[ObservedBatch] | None) -> tuple[ObservedBatch | None,
+                                                           Exception | None]:
+    """A read's batch, or the error it failed with."""
+    if future is None:
+        return None, None
+    try:
+        return future.result(), None
+    except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
+        return None, exc
 
 
 def _fill(features: Features, batch: ObservedBatch, start: int, count: int, *,

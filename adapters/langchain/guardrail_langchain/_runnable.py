@@ -12,7 +12,7 @@ policy (or ``raise_on_halt=True``) asks for ``GuardrailViolation``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any, Union, cast
 
 from langchain_core.callbacks import (
@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field
 from guardrail import Guard, GuardrailViolation
 
 from ._conversation import current_catcher, start_catching, stop_catching
-from ._translate import Step, StreamTranslator, guard_whole, session_messages
+from ._translate import StreamTranslator, guard_whole, session_messages
 
 __all__ = ["GuardRunnable", "StreamHalted"]
 
@@ -59,8 +59,9 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
     messages: list[Any] | None = None
     raise_on_halt: bool | None = None
     offload: bool | None = None
-    """Async streams: run the guard in a worker thread so it never stalls the event loop.
-    Default: when the guard has an observer model."""
+    """Async: run the guard in a worker thread so it never stalls the event loop. Default:
+    ``astream`` awaits a batched observer's reads (a thread only for an observer whose reads
+    cannot be awaited); ``ainvoke`` uses a thread when the guard has an observer model."""
     name: str | None = "guardrail"
 
     @classmethod
@@ -86,8 +87,11 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
     def _offloads(self) -> bool:
         return self.guard.observer is not None if self.offload is None else self.offload
 
-    async def _run(self, fn: Callable[..., Step], *args: Any) -> Step:
-        return await asyncio.to_thread(fn, *args) if self._offloads else fn(*args)
+    @property
+    def _streams_offload(self) -> bool:
+        """Streams await a batched observer's reads (``astep``); a thread only for a guard
+        whose reads cannot be awaited, or when ``offload`` says so."""
+        return self.guard.blocks_event_loop if self.offload is None else self.offload
 
     def _stop(self, translator: StreamTranslator) -> StreamHalted | GuardrailViolation:
         if translator.raise_on_halt:
@@ -155,8 +159,10 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
                           upstream: AsyncIterator[Any] | None = None) -> AsyncIterator[GuardIO]:
         translator = self._translator(config)
         try:
+            offload = self._streams_offload
             async for item in chunks:
-                step = await self._run(translator.step, item)
+                step = (await asyncio.to_thread(translator.step, item) if offload
+                        else await translator.astep(item))
                 for name, data in step.events:
                     await adispatch_custom_event(name, data, config=config)
                 if translator.halt is not None:
@@ -167,7 +173,8 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
                     raise stop
                 for out in step.outputs:
                     yield out
-            step = await self._run(translator.finish)
+            step = (await asyncio.to_thread(translator.finish) if offload
+                    else await translator.afinish())
             for name, data in step.events:
                 await adispatch_custom_event(name, data, config=config)
             for out in step.outputs:

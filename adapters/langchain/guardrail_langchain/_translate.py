@@ -124,6 +124,7 @@ class StreamTranslator:
         self._fed_chars = 0
         self._released_chars = 0
         self._logprobs: deque[tuple[int, Mapping[str, Any]]] = deque()
+        self._finished: Report | None = None  # an end already awaited (afinish)
 
     @property
     def session(self) -> GuardSession:
@@ -139,7 +140,27 @@ class StreamTranslator:
 
     # -- streaming -------------------------------------------------------------------------
 
-    def step(self, item: Any) -> Step:
+    async def astep(self, item: Any) -> Step:
+        """``step`` for async drivers: the session's observer reads are awaited (``afeed``,
+        ``afinish``), so the event loop runs while they are read."""
+        text = item_text(item)
+        if self.report is not None or not text:
+            fed = None
+        else:
+            fed = await self.session.afeed(StreamStep(
+                text=text, logprobs=_token_logprobs(_logprob_entries(item))))
+        last = getattr(item, "chunk_position", None) == "last"
+        if last and self.report is None and not any(isinstance(e, Halt) for e in fed or ()):
+            self._finished = await self.session.afinish()
+        return self.step(item, _fed=fed)
+
+    async def afinish(self) -> Step:
+        """``finish`` for async drivers: the last read is awaited."""
+        if self.report is None and self._session is not None and not self._session.closed:
+            self._finished = await self.session.afinish()
+        return self.finish()
+
+    def step(self, item: Any, *, _fed: list[Event] | None = None) -> Step:
         text = item_text(item)
         step = Step()
         if self.report is not None:  # after a halt or the last chunk nothing more is read
@@ -149,7 +170,8 @@ class StreamTranslator:
             entries = _logprob_entries(item)
             self._fed_chars += len(text)
             self._logprobs.extend((self._fed_chars, e) for e in entries)
-            events = self.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
+            events = _fed if _fed is not None else self.session.feed(
+                StreamStep(text=text, logprobs=_token_logprobs(entries)))
         last = getattr(item, "chunk_position", None) == "last"
         if last and not self._halted(events):
             events += self._finish()
@@ -194,7 +216,8 @@ class StreamTranslator:
     # -- helpers ---------------------------------------------------------------------------
 
     def _finish(self) -> list[Event]:
-        self.report = self.session.finish()
+        finished, self._finished = self._finished, None
+        self.report = finished if finished is not None else self.session.finish()
         return list(self.report.final_events)
 
     def _halted(self, events: list[Event]) -> bool:

@@ -66,6 +66,18 @@ def _token_logprobs(entries: Sequence[Any] | None) -> list[TokenLogprob] | None:
     ]
 
 
+def _judged_text(choice: Choice) -> tuple[str, list[Any]]:
+    """A choice delta's text and logprob entries as the guard judges them: content, then
+    refusal text (the reader sees refusal text too, so it is judged the same)."""
+    text = choice.delta.content or ""
+    entries = list(choice.logprobs.content or ()) if choice.logprobs is not None else []
+    if choice.delta.refusal:
+        text += choice.delta.refusal
+        if choice.logprobs is not None:
+            entries += choice.logprobs.refusal or ()
+    return text, entries
+
+
 def _details(index: int, events: Iterable[Event]) -> list[dict[str, Any]]:
     return [{"choice": index, **event_to_dict(e)} for e in events if not isinstance(e, Release)]
 
@@ -83,6 +95,10 @@ class _ChoiceState:
     halt: Halt | None = None
     # The model sent ``delta.refusal`` text: it is judged like content and released there.
     refusing: bool = False
+    # Catch-up (on_chunks/aon_chunks): the events the session already gave each chunk's text,
+    # by chunk position, and the report of an end it already took (afinish).
+    fed: dict[int, list[Event]] = field(default_factory=dict)
+    finished: Report | None = None
 
     @property
     def done(self) -> bool:
@@ -107,6 +123,12 @@ class ChunkGuard:
         self._details: list[dict[str, Any]] = []
 
     # -- state -----------------------------------------------------------------------------
+
+    @property
+    def catch_up_limit(self) -> int:
+        """The most upstream chunks a driver behind its upstream takes in one go
+        (``on_chunks``): hold-back + 1, so it reads no further ahead than one read."""
+        return self.guard.policy.release.hold_back_tokens + 1
 
     @property
     def halted_all(self) -> bool:
@@ -135,7 +157,74 @@ class ChunkGuard:
 
     # -- streaming -------------------------------------------------------------------------
 
-    def on_chunk(self, chunk: ChatCompletionChunk) -> list[ChatCompletionChunk]:
+    def on_chunks(self, chunks: Sequence[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+        """``on_chunk`` over chunks that were all waiting (a driver behind its upstream): each
+        choice's texts go to its session in one ``feed_many`` call, so the reads that come due
+        share one forward; the reader gets what ``on_chunk`` chunk by chunk would give."""
+        for state, steps in self._plan(chunks).values():
+            for (pos, _), events in zip(steps, state.session.feed_many(
+                    [step for _, step in steps]), strict=True):
+                state.fed[pos] = events
+        return self._rewrite_all(chunks)
+
+    async def aon_chunks(self, chunks: Sequence[ChatCompletionChunk]
+                         ) -> list[ChatCompletionChunk]:
+        """``on_chunks`` for async drivers: the observer reads are awaited (``afeed_many``,
+        ``afinish``), so the event loop runs while they are read."""
+        plan = self._plan(chunks)
+        for state, steps in plan.values():
+            per_step = await state.session.afeed_many([step for _, step in steps])
+            for (pos, _), events in zip(steps, per_step, strict=True):
+                state.fed[pos] = events
+        for pos, chunk in enumerate(chunks):  # a finish_reason ends its choice: read the rest
+            for choice in chunk.choices:
+                state = self.states[choice.index]
+                halted = any(isinstance(e, Halt) for p, events in state.fed.items() if p <= pos
+                             for e in events)
+                if (choice.finish_reason is not None and not state.done and not halted
+                        and state.finished is None and not state.session.closed):
+                    state.finished = await state.session.afinish()
+        return self._rewrite_all(chunks)
+
+    async def aon_end(self) -> list[ChatCompletionChunk]:
+        """``on_end`` for async drivers: each open choice's last read is awaited."""
+        for state in self.states.values():
+            if not state.done and state.finished is None and not state.session.closed:
+                state.finished = await state.session.afinish()
+        return self.on_end()
+
+    def _plan(self, chunks: Sequence[ChatCompletionChunk]
+              ) -> dict[int, tuple[_ChoiceState, list[tuple[int, StreamStep]]]]:
+        """Per choice, the texts of ``chunks`` (position, step) up to the chunk that ends it."""
+        plan: dict[int, tuple[_ChoiceState, list[tuple[int, StreamStep]]]] = {}
+        ended: set[int] = set()
+        for pos, chunk in enumerate(chunks):
+            for choice in chunk.choices:
+                state = self._state(choice.index)
+                if state.done or choice.index in ended:
+                    continue
+                text, entries = _judged_text(choice)
+                if text:
+                    step = StreamStep(text=text, logprobs=_token_logprobs(entries))
+                    plan.setdefault(choice.index, (state, []))[1].append((pos, step))
+                if choice.finish_reason is not None:
+                    ended.add(choice.index)
+        return plan
+
+    def _rewrite_all(self, chunks: Sequence[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+        out: list[ChatCompletionChunk] = []
+        try:
+            for pos, chunk in enumerate(chunks):
+                out += self.on_chunk(chunk, _pos=pos)
+                if self.halted_all or self.violation is not None:
+                    break  # as a driver stops taking chunks: the later ones are dropped
+        finally:
+            for state in self.states.values():
+                state.fed.clear()
+        return out
+
+    def on_chunk(self, chunk: ChatCompletionChunk, *, _pos: int | None = None
+                 ) -> list[ChatCompletionChunk]:
         """The chunks to hand the reader for one upstream chunk (possibly none)."""
         self._template = chunk
         if not chunk.choices:  # e.g. the usage chunk: nothing to judge
@@ -146,7 +235,7 @@ class ChunkGuard:
             state = self._state(choice.index)
             if state.done:
                 continue  # upstream output after a halt or a finish is dropped
-            events = self._feed(state, choice)
+            events = self._feed(state, choice, _pos)
             out = self._rewrite(state, choice, events)
             self._details += _details(choice.index, _not_halts(events))
             if out is not None:
@@ -189,25 +278,25 @@ class ChunkGuard:
             if state.report is None and not state.session.closed:
                 state.report = state.session.abort(reason)
 
-    def _feed(self, state: _ChoiceState, choice: Choice) -> list[Event]:
-        text = choice.delta.content or ""
-        entries = list(choice.logprobs.content or ()) if choice.logprobs is not None else []
-        if choice.delta.refusal:  # the reader sees refusal text too, so it is judged the same
+    def _feed(self, state: _ChoiceState, choice: Choice, pos: int | None = None) -> list[Event]:
+        text, entries = _judged_text(choice)
+        if choice.delta.refusal:
             state.refusing = True
-            text += choice.delta.refusal
-            if choice.logprobs is not None:
-                entries += choice.logprobs.refusal or ()
         events: list[Event] = []
         if text:
             state.logprobs.add(text, entries or None)
-            events = state.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
+            if pos is not None:  # fed already, with the chunks around it (on_chunks)
+                events = list(state.fed.get(pos, []))
+            else:
+                events = state.session.feed(StreamStep(text=text,
+                                                       logprobs=_token_logprobs(entries)))
             self._note_halt(state, events)
         if choice.finish_reason is not None and state.halt is None:
             events += self._finish(state)
         return events
 
     def _finish(self, state: _ChoiceState) -> list[Event]:
-        report = state.session.finish()
+        report = state.finished if state.finished is not None else state.session.finish()
         state.report = report
         self._note_halt(state, report.final_events)
         return list(report.final_events)

@@ -30,8 +30,11 @@ class _Options:
                  offload: bool | None = None) -> None:
         self.guard = guard
         self.raise_on_halt = raise_on_halt
-        # Async clients run the guard in a worker thread when it is heavy (an observer model).
-        self.offload = guard.observer is not None if offload is None else offload
+        # Async clients await the observer's reads; a guard whose reads cannot be awaited
+        # (an observer that does not batch) runs in a worker thread instead.
+        self.offload = guard.blocks_event_loop if offload is None else offload
+        # A whole completion is one sync feed: with an observer it goes to a worker thread.
+        self.offload_whole = guard.observer is not None if offload is None else offload
 
     def prepare(self, kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         messages = request_messages(kwargs.get("messages"))
@@ -94,7 +97,7 @@ class AsyncGuardedCompletions(_Proxy):
                                       offload=self._options.offload)
         guarded = partial(guard_completion, self._options.guard, result, messages,
                           raise_on_halt=self._options.raise_on_halt, metadata=metadata)
-        return await asyncio.to_thread(guarded) if self._options.offload else guarded()
+        return await asyncio.to_thread(guarded) if self._options.offload_whole else guarded()
 
     def stream(self, **kwargs: Any) -> Any:
         return _helper_resource(self._target, self.create).stream(**kwargs)
@@ -184,8 +187,9 @@ def wrap(client: Any, *, guard: Guard, raise_on_halt: bool | None = None,
 
     ``raise_on_halt`` overrides the policy's setting: raise ``GuardrailViolation`` on halt instead
     of ending with a ``content_filter`` chunk (or message). ``offload`` (async clients): run the
-    guard in a worker thread so it never stalls the event loop; default: when the guard has an
-    observer model.
+    guard in a worker thread. By default streams await the observer's reads on the event loop
+    (a thread only for an observer whose reads cannot be awaited) and whole completions go to a
+    thread when the guard has an observer model.
     """
     if isinstance(client, GuardedClient):
         raise GuardrailError("this client is already guarded; wrap the unwrapped client")

@@ -10,13 +10,14 @@ a ``with`` block.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from types import TracebackType
 from typing import Any
 
 from openai.types.chat import ChatCompletionChunk
 
 from guardrail import Report
+from guardrail.catch_up import catch_up
 
 from ._chunks import ChunkGuard
 
@@ -83,8 +84,11 @@ class GuardedStream:
 class AsyncGuardedStream:
     """A guarded ``AsyncStream[ChatCompletionChunk]``.
 
-    With ``offload`` the guard's work per chunk (monitors, an observer's forward pass) runs in a
-    worker thread, so a heavy guard does not stall the event loop.
+    The guard's observer reads are awaited (``ChunkGuard.aon_chunks``), so the event loop serves
+    other work while they run; when the guard falls behind, the chunks that arrived meanwhile are
+    taken together (``guardrail.catch_up``, at most hold-back + 1), their reads sharing one
+    forward. With ``offload`` the guard's work per batch of chunks runs in a worker thread
+    instead (a guard whose observer cannot be awaited, or slow monitors).
     """
 
     def __init__(self, upstream: Any, chunk_guard: ChunkGuard, *, offload: bool = False) -> None:
@@ -93,9 +97,15 @@ class AsyncGuardedStream:
         self._offload = offload
         self._iterator = self._guarded()
 
-    async def _run(self, fn: Callable[..., list[ChatCompletionChunk]],
-                   *args: Any) -> list[ChatCompletionChunk]:
-        return await asyncio.to_thread(fn, *args) if self._offload else fn(*args)
+    async def _take(self, chunks: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+        if self._offload:
+            return await asyncio.to_thread(self._guard.on_chunks, chunks)
+        return await self._guard.aon_chunks(chunks)
+
+    async def _end(self) -> list[ChatCompletionChunk]:
+        if self._offload:
+            return await asyncio.to_thread(self._guard.on_end)
+        return await self._guard.aon_end()
 
     @property
     def response(self) -> Any:
@@ -106,10 +116,12 @@ class AsyncGuardedStream:
         return self._guard.reports
 
     async def _guarded(self) -> AsyncGenerator[ChatCompletionChunk, None]:
+        batches = catch_up(self._upstream, self._guard.catch_up_limit)
         try:
-            async for chunk in self._upstream:
-                outs = await self._run(self._guard.on_chunk, chunk)
+            async for chunks in batches:
+                outs = await self._take(chunks)
                 if self._guard.halted_all or self._guard.violation is not None:
+                    await batches.aclose()  # nothing more is pulled from the upstream
                     await self._upstream.close()
                 for out in outs:
                     yield out
@@ -117,11 +129,12 @@ class AsyncGuardedStream:
                     raise self._guard.violation
                 if self._guard.halted_all:
                     return
-            for out in await self._run(self._guard.on_end):
+            for out in await self._end():
                 yield out
             if self._guard.violation is not None:
                 raise self._guard.violation
         finally:
+            await batches.aclose()
             self._guard.abort("stream closed early")
             await self._upstream.close()
 

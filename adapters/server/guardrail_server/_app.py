@@ -62,14 +62,18 @@ class _Proxy:
     """The request handlers, bound to one guard and one upstream (or local model)."""
 
     def __init__(self, guard: Guard, upstream: Upstream | None, local: LocalModel | None,
-                 offload: bool, on_report: ReportHook | None, keys: ClientKeys,
+                 offload: bool | None, on_report: ReportHook | None, keys: ClientKeys,
                  max_body_bytes: int, ops: Operations) -> None:
         self.guard = guard
         self.upstream = upstream
         self.local = local
         # A guardrail-transformers generator feeds monitors its own states (no observer pass).
         self.generator = local if local is not None and is_generator(local) else None
-        self.offload = offload
+        self.offload = True if offload is None else offload  # whole completions: one feed
+        # Streams await a batched observer's reads on the event loop; other guards' work (an
+        # observer that cannot be awaited, monitors without one) goes to a worker thread.
+        observer_awaited = guard.observer is not None and not guard.blocks_event_loop
+        self.stream_offload = not observer_awaited if offload is None else offload
         self.executor = ThreadPoolExecutor(GUARD_THREADS, thread_name_prefix="guardrail-guard")
         self.ops = ops
         self.on_report = self._reported if on_report is None else partial(self._reported,
@@ -171,7 +175,7 @@ class _Proxy:
             response = await self.upstream.open_stream(body, auth)
             chunks = self.upstream.chunks(response, auth)
             close = partial(_close, chunks, response)
-        stream = guarded_sse(chunks, chunk_guard, close_upstream=close, offload=self.offload,
+        stream = guarded_sse(chunks, chunk_guard, close_upstream=close, offload=self.stream_offload,
                              executor=self.executor,
                              on_report=self.on_report)
         return SSEResponse(stream)
@@ -253,8 +257,10 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     Give ``upstream`` (an OpenAI-compatible base URL ending in ``/v1``) or ``local`` (a local
     model, e.g. ``guardrail_transformers.LocalGenerator``). ``api_key`` is used upstream only
     when the caller sends no ``Authorization`` header. ``timeout``: seconds the upstream may stay
-    silent. ``offload``: run the guard in a worker thread (default: always, so a slow monitor
-    stalls only its own request, never other streams or ``/health``). ``on_report(reports)`` is
+    silent. ``offload``: run the guard in a worker thread, so a slow monitor stalls only its own
+    request, never other streams or ``/health``. Default: always, except for streams guarded by
+    a batched observer: those await its reads on the event loop (no thread per stream) and take
+    the chunks that arrived during a read in one go. ``on_report(reports)`` is
     called once per request with the sessions' reports.
     ``client_keys``: when given, callers must send ``Authorization: Bearer KEY`` with one of them
     (else 401); the key stays here and the upstream gets ``api_key``. ``max_body_bytes``: larger
@@ -270,7 +276,7 @@ def create_app(guard: Guard, *, upstream: str | None = None, local: LocalModel |
     client = Upstream(upstream, api_key=api_key, timeout=timeout) if upstream else None
     keys = ClientKeys(client_keys)
     ops = Operations(guard, keys, metrics=metrics, dashboard=dashboard, traces=traces)
-    proxy = _Proxy(guard, client, local, True if offload is None else offload, on_report,
+    proxy = _Proxy(guard, client, local, offload, on_report,
                    keys, max_body_bytes, ops)
 
     @asynccontextmanager

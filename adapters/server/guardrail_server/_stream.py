@@ -4,8 +4,9 @@ The translation of chunks (hold-back, re-chunking, halt chunk, ``guardrail`` eve
 openai adapter's; this module adds the server's duties: close the upstream before the client sees
 a halt, turn upstream failures into an SSE error event, end every session with a report, and
 always finish with ``data: [DONE]`` unless the client is gone. Guard work runs in a worker thread
-(by default) so a slow monitor stalls only its own stream, and a monitor that raises
-``SystemExit`` or another ``BaseException`` ends its stream with an error event, not the server.
+(or, with a batched observer, on the event loop with its reads awaited), and a monitor that
+raises ``SystemExit`` or another ``BaseException`` ends its stream with an error event, not the
+server.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from openai.types.chat import ChatCompletionChunk
 from pydantic import ValidationError
 
 from guardrail import Report
+from guardrail.catch_up import catch_up
 
 from ._sse import DONE, sse_data
 from ._upstream import UpstreamError
 
-__all__ = ["GuardCrashed", "ReportHook", "contained", "guarded_sse"]
+__all__ = ["GuardCrashed", "ReportHook", "acontained", "contained", "guarded_sse"]
 
 log = logging.getLogger("guardrail.server")
 
@@ -54,6 +56,16 @@ def contained(fn: Callable[..., T], *args: Any) -> T:
         raise GuardCrashed(exc) from exc
 
 
+async def acontained(work: Awaitable[T]) -> T:
+    """``contained`` for guard work awaited on the event loop (a cancellation passes)."""
+    try:
+        return await work
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:  # a monitor's SystemExit must not stop the server
+        raise GuardCrashed(exc) from exc
+
+
 def to_chunk(data: dict[str, Any]) -> ChatCompletionChunk:
     """Validate (fast) and fall back to openai's lenient construction for upstreams whose
     chunks bend the schema (missing ``created``, odd ``finish_reason`` values)."""
@@ -73,32 +85,44 @@ async def guarded_sse(
     on_report: ReportHook | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """SSE bytes for the guarded stream. ``close_upstream`` stops the upstream (idempotent).
-    With ``offload`` the guard runs in ``executor`` (default: the loop's own pool)."""
+    With ``offload`` the guard runs in ``executor`` (default: the loop's own pool); without, its
+    observer reads are awaited. Either way, the chunks that arrived while the guard was busy
+    (at most hold-back + 1) are judged in one go (``guardrail.catch_up``)."""
     in_flight: asyncio.Future[list[ChatCompletionChunk]] | None = None
 
     async def run(fn: Callable[..., list[ChatCompletionChunk]], *args: Any
                   ) -> list[ChatCompletionChunk]:
         nonlocal in_flight
-        if not offload:
-            return contained(fn, *args)
         work = partial(contained, fn, *args)
         in_flight = asyncio.ensure_future(
             asyncio.get_running_loop().run_in_executor(executor, work))
         return await asyncio.shield(in_flight)  # the worker thread cannot be cancelled
 
+    async def take(batch: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+        if offload:
+            return await run(chunk_guard.on_chunks, batch)
+        return await acontained(chunk_guard.aon_chunks(batch))
+
+    async def end() -> list[ChatCompletionChunk]:
+        if offload:
+            return await run(chunk_guard.on_end)
+        return await acontained(chunk_guard.aon_end())
+
+    batches = catch_up(chunks, chunk_guard.catch_up_limit)
     ended = "client went away"
     try:
         try:
-            async for data in chunks:
-                outs = await run(chunk_guard.on_chunk, to_chunk(data))
+            async for batch in batches:
+                outs = await take([to_chunk(data) for data in batch])
                 if chunk_guard.halted_all:
+                    await batches.aclose()  # nothing more is pulled from the upstream
                     await close_upstream()  # stop the model before the client sees the halt
                 for out in outs:
                     yield sse_data(out.to_dict(mode="json"))
                 if chunk_guard.halted_all:
                     break
             else:
-                for out in await run(chunk_guard.on_end):
+                for out in await end():
                     yield sse_data(out.to_dict(mode="json"))
             ended = "stream ended"
         except UpstreamError as exc:
@@ -117,6 +141,7 @@ async def guarded_sse(
         yield DONE
     finally:
         with anyio.CancelScope(shield=True):
+            await batches.aclose()
             await close_upstream()
             if in_flight is not None and not in_flight.done():
                 await asyncio.wait([in_flight])  # the worker still holds the sessions
