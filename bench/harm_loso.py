@@ -52,13 +52,14 @@ def _cached(records: Sequence[Any]) -> list[Any]:
 def recipe_scores(records: Sequence[Any], tags: Sequence[str], epochs: int,
                   folds: Sequence[str] | None) -> list[np.ndarray | None]:
     """Out-of-source prefix scores of the shipped recipe (``None`` for folds not run)."""
+    from guardrail_harmful_content.head import DualHead
     from guardrail_harmful_content.loso import loso_folds
     from guardrail_harmful_content.prefixes import prefix_views
-    from guardrail_harmful_content.scoring import STACKED, prefix_scores, stack_layers
-    from guardrail_harmful_content.train import LOSS_WEIGHTS
+    from guardrail_harmful_content.training.losses import scm_loss_fn
+    from guardrail_harmful_content.training.scoring import STACKED, prefix_scores, stack_layers
+    from guardrail_harmful_content.training.train import LOSS_WEIGHTS
 
-    from guardrail.probes.heads import DualHead
-    from guardrail.probes.train import scm_loss_fn, train_head
+    from guardrail.probes.train import train_head
 
     cached = _cached(records)
     out: list[np.ndarray | None] = [None] * len(records)

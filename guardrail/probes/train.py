@@ -5,7 +5,6 @@ and masks), runs AdamW for some epochs with a progress bar, validates each epoch
 ``metric_fn`` (higher is better) and keeps the best weights. The head and loss are pluggable:
 
 - ``entity_loss()``: token BCE with entity weights annealed into span-max BCE (linear probe);
-- ``scm_loss_fn()``: SCM's token CE + sequence CE + logic loss (``DualHead``);
 - ``router_loss_fn(pos_weight)``: positive-weighted BCE (``RouterHead``);
 - or any ``loss_fn(head, batch, progress) -> Tensor``.
 
@@ -28,11 +27,10 @@ from tqdm.auto import tqdm
 
 from .calibrate import calibrate_count_k
 from .features import CachedRecord
-from .heads import DualHead, ProbeHead, RouterHead
+from .heads import ProbeHead, RouterHead
 from .losses import (
     IGNORE,
     annealed_loss,
-    scm_loss,
     span_max_bce,
     token_bce,
     weighted_bce,
@@ -49,7 +47,6 @@ __all__ = [
     "entity_loss",
     "response_auc_metric",
     "router_loss_fn",
-    "scm_loss_fn",
     "score_records",
     "span_auc_metric",
     "streaming_f1_metric",
@@ -158,19 +155,6 @@ def entity_loss(warmup: float = 1.0) -> LossFn:
     return loss
 
 
-def scm_loss_fn(alpha: float = 0.6, beta: float | None = None, gamma: float = 1.0) -> LossFn:
-    """SCM's loss for a ``DualHead``: needs response labels on every record."""
-
-    def loss(head: ProbeHead, batch: Batch, progress: float) -> Tensor:
-        if bool((batch.labels == IGNORE).any()):
-            raise ValueError("SCM training needs a response label on every record")
-        token_logits, sequence_logits = head(batch.hidden, batch.mask)
-        return scm_loss(token_logits, sequence_logits, batch.token_labels, batch.labels,
-                        alpha, beta, gamma).total
-
-    return loss
-
-
 def router_loss_fn(pos_weight: float) -> LossFn:
     """R2R's loss for a ``RouterHead``: BCE with positives weighted ``pos_weight`` (``n0/n1``,
     see ``losses.positive_weight``)."""
@@ -184,17 +168,18 @@ def router_loss_fn(pos_weight: float) -> LossFn:
 @torch.no_grad()
 def score_records(head: ProbeHead, records: Sequence[CachedRecord], layer: int,
                   batch_size: int = 16) -> list[list[float]]:
-    """Per-token scores in [0, 1] of each record: a linear probe's sigmoid, a dual head's prefix
-    score (sequence head at every position), a router's sigmoid."""
+    """Per-token scores in [0, 1] of each record: a router's sigmoid, or the head's own
+    ``score(hidden)`` (a linear probe's sigmoid, a plugin head's), else the sigmoid of its logit."""
     was_training = head.training
     head.eval()
     out: list[list[float]] = []
+    score = getattr(head, "score", None)
     for i in range(0, len(records), batch_size):
         batch = collate(records[i : i + batch_size], layer)
         if isinstance(head, RouterHead):
             scores = head.score(*_router_inputs(batch))
-        elif isinstance(head, DualHead):
-            scores = head.score(batch.hidden)
+        elif callable(score):  # e.g. a plugin's head
+            scores = score(batch.hidden)
         else:
             scores = torch.sigmoid(head(batch.hidden))
         for row, r in enumerate(batch.records):

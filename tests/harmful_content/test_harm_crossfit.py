@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from guardrail_harmful_content.crossfit import (
+from guardrail_harmful_content.head import DualHead
+from guardrail_harmful_content.prefixes import prefix_views
+from guardrail_harmful_content.training.crossfit import (
     count_k_grid,
     fit_packed,
     grouped_folds,
@@ -21,14 +23,13 @@ from guardrail_harmful_content.crossfit import (
     packed_loss,
     prefix_items,
 )
-from guardrail_harmful_content.prefixes import prefix_views
-from guardrail_harmful_content.scoring import STACKED, stack_layers
+from guardrail_harmful_content.training.losses import scm_loss_fn
+from guardrail_harmful_content.training.scoring import STACKED, stack_layers
 
 from guardrail.probes.calibrate import calibrate_count_k
 from guardrail.probes.features import CachedRecord
-from guardrail.probes.heads import DualHead
 from guardrail.probes.io import load_probe
-from guardrail.probes.train import collate, scm_loss_fn
+from guardrail.probes.train import collate
 from guardrail.records import SpanLabel
 
 

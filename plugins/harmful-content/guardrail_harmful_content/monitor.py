@@ -38,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
-from guardrail.probes.heads import DualHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
-from .scoring import POOLINGS, stack_states
+from .head import DualHead
+from .pooling import POOLINGS, stack_states
 
 __all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "HarmfulContentMonitor"]
 

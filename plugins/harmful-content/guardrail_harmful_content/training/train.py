@@ -40,16 +40,18 @@ from typing import Any, cast
 
 from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
 from guardrail.probes.features import CachedRecord, extract_features
-from guardrail.probes.heads import DualHead, ProbeHead
+from guardrail.probes.heads import ProbeHead
 from guardrail.probes.io import ProbeFileError, save_probe
 from guardrail.probes.metrics import count_k_halt, fraction_seen, macro_f1
-from guardrail.probes.train import MetricFn, scm_loss_fn, train_head
+from guardrail.probes.train import MetricFn, train_head
 from guardrail.sources import cache_dir
 
-from .prefixes import prefix_views
+from ..head import DualHead
+from ..pooling import POOLINGS
+from ..prefixes import prefix_views
+from .losses import scm_loss_fn
 from .scoring import (
     BENIGN_QUANTILES,
-    POOLINGS,
     STACKED,
     calibration_thresholds,
     full_report,
@@ -173,7 +175,7 @@ def prepare_data(config: TrainConfig, work: Path) -> tuple[dict[str, Path], dict
     """The split files to read (train and val subsampled into ``work``) and the build manifest."""
     data = config.data
     if data is None:
-        from .data import BuildConfig, build_dataset
+        from ..data import BuildConfig, build_dataset
 
         data = work / "data"
         build_dataset(data, BuildConfig())

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from guardrail.monitor import Needs
 from guardrail.probes.features import CachedRecord
-from guardrail.probes.heads import DualHead
 
-from .scoring import stack_states
+from ..head import DualHead
+from ..pooling import stack_states
 
 __all__ = ["HARM_KEYWORDS", "WindowResult", "keyword_halt", "nemo_windows", "windowed_halts"]
 

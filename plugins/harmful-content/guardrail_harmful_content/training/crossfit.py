@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from guardrail.probes.calibrate import StreamingResult
 from guardrail.probes.features import CachedRecord
-from guardrail.probes.heads import DualHead
 
-from .scoring import prefix_mean
+from ..head import DualHead
+from ..pooling import prefix_mean
 
 __all__ = [
     "CrossFit",
