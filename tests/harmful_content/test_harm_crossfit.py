@@ -161,3 +161,18 @@ def test_crossfit_training_records_the_protocol(
     assert trainer([*args, "--train-layers", "2", "--sequence-hidden", "4"]) == 0
     head = load_probe(out / "harmful_content.safetensors").head
     assert isinstance(head, DualHead) and head.sequence_hidden == 8
+
+
+def test_a_strategy_refuses_settings_it_cannot_run_before_reading_data(tmp_path: Path) -> None:
+    from guardrail_harmful_content.training.train import TrainConfig, train
+    from guardrail_harmful_content.training.validation import CrossFold
+
+    missing = tmp_path / "no-build"  # never read: the settings are refused first
+    with pytest.raises(ValueError, match="trains one layer"):
+        train(TrainConfig(data=missing, layers=(0, 2), validation=CrossFold(folds=3),
+                          progress=False))
+    with pytest.raises(ValueError, match=r"--train-layers \[3\] are not among"):
+        train(TrainConfig(data=missing, layers=(0, 2), train_layers=(3,), progress=False))
+    with pytest.raises(FileNotFoundError, match="no train split"):
+        train(TrainConfig(data=missing, layers=(2,), validation=CrossFold(folds=3),
+                          cache=tmp_path, progress=False))
