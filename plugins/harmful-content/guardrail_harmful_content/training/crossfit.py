@@ -1,17 +1,9 @@
-"""Cross-fitted calibration for the harmful-content head: grouped K-fold over train+val.
+"""Cross-fitting for ``--calibration crossfit``: out-of-fold prefix scores of every train+val record
+(grouped K-fold), so calibration sees all of them instead of the validation split alone.
 
-The count-k rule's ``(threshold, k)`` used to be calibrated on validation alone (404 records, 49
-of pyrit's human-scored harmless responses). Here every train+val record gets *out-of-fold*
-prefix scores: the records are cut into K folds by prompt group (no group in two folds), a head
-is trained on the other K-1 folds, and it scores the held-out fold. Calibrating on these scores
-sees ~7x the records and ~5x the hard harmless responses.
-
-The training here is the trainer's recipe (``DualHead``, SCM's loss, AdamW, batch 16, 2 prefix
-views per record, seed ensembles averaged) on a packed layout: each batch's token rows are
-gathered from one float32 matrix instead of padded per batch, so a fit takes seconds rather than
-minutes; the loss is the same function of the same rows (token CE averaged over real tokens,
-sequence CE and logic loss averaged over records). ``count_k_grid`` is a numpy twin of
-``guardrail.probes.calibrate.calibrate_count_k`` (same grid, same ranking, same result).
+The trainer's recipe runs on a packed layout (each batch's token rows gathered from one float32
+matrix instead of padded), the same loss of the same rows in seconds rather than minutes;
+``count_k_grid`` is a numpy twin of ``calibrate_count_k`` (same grid, ranking and result).
 """
 
 from __future__ import annotations
