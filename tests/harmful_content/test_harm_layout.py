@@ -54,3 +54,24 @@ def test_the_runtime_never_imports_training() -> None:
     assert not [m for m in loaded if ".training" in m or ".data" in m], loaded
     # what scoring used to pull in: the feature cache and the calibration grid
     assert not {"guardrail.probes.features", "guardrail.probes.calibrate"} & set(loaded), loaded
+
+
+RUNTIME = ("__init__", "plugin", "monitor", "head", "pooling")
+
+
+def test_no_runtime_module_imports_training_at_module_level() -> None:
+    """Only the trainer's entry point (inside ``plugin._train``) reaches into ``training``."""
+    import ast
+    from importlib.resources import files
+
+    package = files("guardrail_harmful_content")
+    for name in RUNTIME:
+        tree = ast.parse(package.joinpath(f"{name}.py").read_text(encoding="utf-8"))
+        for node in tree.body:  # module level only
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+            elif isinstance(node, ast.Import):
+                target = " ".join(a.name for a in node.names)
+            else:
+                continue
+            assert "training" not in target and "data" not in target.split("."), (name, target)
