@@ -208,12 +208,12 @@ def _medians(halts: list[int | None], lengths: list[int], labels: list[int]
 def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         max_test: int | None = MAX_TEST, progress: bool = True,
         compare: Path | None = None) -> dict[str, Any]:
-    from guardrail_harmful_content.data import BuildConfig, build_dataset
-    from guardrail_harmful_content.data.own_answers import KIND as OWN_KIND
-    from guardrail_harmful_content.data.topics import TOPICS
     from guardrail_harmful_content.head import DualHead
     from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
     from guardrail_harmful_content.training.baselines import keyword_halt, windowed_halts
+    from guardrail_harmful_content.training.data import BuildConfig, build_dataset
+    from guardrail_harmful_content.training.data.own_answers import KIND as OWN_KIND
+    from guardrail_harmful_content.training.data.topics import TOPICS
     from guardrail_harmful_content.training.scoring import (
         budget_curve,
         full_report,
@@ -370,7 +370,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
 
 
 def _tag(record: Any) -> str:
-    from guardrail_harmful_content.data.tags import source_tag
+    from guardrail_harmful_content.training.data.tags import source_tag
 
     return str(record.extra.get("source_tag") or source_tag(str(record.extra.get("source", "")),
                                                             str(record.extra.get("kind", ""))))
@@ -576,9 +576,9 @@ def heads_only(weights: Path | None, compare: Path, data: Path | None,
     """The shipped head and ``compare`` on the cached features of the test split, without the
     baselines (``--heads-only``): the ``heads`` block of a full run, for a result written before
     another head was to be compared. Reads the observer only for records not in the cache."""
-    from guardrail_harmful_content.data import BuildConfig, build_dataset
     from guardrail_harmful_content.head import DualHead
     from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
+    from guardrail_harmful_content.training.data import BuildConfig, build_dataset
     from guardrail_harmful_content.training.scoring import prefix_scores, stack_layers
     from guardrail_harmful_content.training.train import DEFAULT_LAYERS, load_observer
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from guardrail_harmful_content.head import DualHead
-from guardrail_harmful_content.prefixes import prefix_views
 from guardrail_harmful_content.training.crossfit import (
     count_k_grid,
     fit_packed,
@@ -24,6 +23,7 @@ from guardrail_harmful_content.training.crossfit import (
     prefix_items,
 )
 from guardrail_harmful_content.training.losses import scm_loss_fn
+from guardrail_harmful_content.training.prefixes import prefix_views
 from guardrail_harmful_content.training.scoring import STACKED, stack_layers
 
 from guardrail.probes.calibrate import calibrate_count_k

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from guardrail_harmful_content.prefixes import prefix_view, prefix_views
+from guardrail_harmful_content.training.prefixes import prefix_view, prefix_views
 
 from guardrail.probes.features import CachedRecord
 from guardrail.records import SpanLabel

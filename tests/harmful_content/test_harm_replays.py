@@ -7,7 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guardrail_harmful_content.data.replays import REPLAY_SIZE, default_replay_dir, write_replays
+from guardrail_harmful_content.training.data.replays import (
+    REPLAY_SIZE,
+    default_replay_dir,
+    write_replays,
+)
 
 from guardrail.records import read_records
 

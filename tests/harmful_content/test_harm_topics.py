@@ -8,8 +8,8 @@ import hashlib
 import json
 
 import pytest
-from guardrail_harmful_content.data.hard_negatives import topic_examples
-from guardrail_harmful_content.data.topics import TOPICS, read_topics
+from guardrail_harmful_content.training.data.hard_negatives import topic_examples
+from guardrail_harmful_content.training.data.topics import TOPICS, read_topics
 
 # Digests of the topics and of the hard negatives generated from them (seed 0, 3 + 1 per cell),
 # taken from the Python tables before they became topics.json. Editing a sentence changes them.

@@ -55,7 +55,7 @@ def prepare_data(config: TrainConfig, work: Path) -> tuple[dict[str, Path], dict
     """The split files to read (train and val subsampled into ``work``) and the build manifest."""
     data = config.data
     if data is None:
-        from ..data import BuildConfig, build_dataset
+        from .data import BuildConfig, build_dataset
 
         data = work / "data"
         build_dataset(data, BuildConfig())

@@ -11,8 +11,8 @@ from guardrail.probes.features import CachedRecord
 from guardrail.probes.train import MetricFn, train_head
 
 from ..head import DualHead
-from ..prefixes import prefix_views
 from .losses import scm_loss_fn
+from .prefixes import prefix_views
 from .scoring import STACKED, stack_layers
 
 if TYPE_CHECKING:

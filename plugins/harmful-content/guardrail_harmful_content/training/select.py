@@ -256,7 +256,7 @@ def extract(pool: Path, layers: Sequence[int]) -> Path:
     from guardrail.probes.features import extract_features
     from guardrail.sources import cache_dir
 
-    from .training.train import load_observer
+    from .train import load_observer
 
     work = cache_dir() / "harmful-content" / "features"
     found = extract_features(load_observer(None), pool, work, layers, dtype="float16",
@@ -432,7 +432,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     """Fit the chosen probe on every record of the pool and save it as the plugin's weights."""
     from guardrail.probes.io import save_probe
 
-    from .training.train import NAME
+    from .train import NAME
 
     chosen = report["chosen"]
     probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
