@@ -43,8 +43,8 @@ def _render_selection(result: dict[str, Any]) -> str:
     return render_selection(result)
 
 
-# Run by hand (python -m guardrail_harmful_content.select, python -m bench.harm_loso): rendered
-# after this section.
+# Run by hand (python -m guardrail_harmful_content.training.select, python -m bench.harm_loso):
+# rendered after this section.
 EXTRA_RESULTS = {"harm_select": _render_selection, "harm_loso": _render_loso}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2

@@ -198,7 +198,7 @@ def test_an_ema_probe_follows_an_answer_that_turns_faster_than_the_mean() -> Non
 def test_the_handwritten_breadth_set_is_its_own_source() -> None:
     from importlib.resources import files
 
-    text = (files("guardrail_harmful_content") / "data" / "breadth_handwritten.jsonl"
+    text = (files("guardrail_harmful_content") / "training" / "data" / "breadth_handwritten.jsonl"
             ).read_text("utf-8")
     rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     assert {r["source_tag"] for r in rows} == {"handwritten:breadth-v1"}

@@ -65,8 +65,8 @@ def prepare_data(config: TrainConfig, work: Path) -> tuple[dict[str, Path], dict
     for split, limit in (("train", config.max_train), ("val", config.max_val)):
         source = data / f"{split}.jsonl"
         if not source.exists():
-            raise FileNotFoundError(f"{source}: no {split} split (build one with "
-                                    "python -m guardrail_harmful_content.data build --out DIR)")
+            raise FileNotFoundError(f"{source}: no {split} split (build one with python -m "
+                                    "guardrail_harmful_content.training.data build --out DIR)")
         chosen = subsample(_read_jsonl(source), limit, config.seed)
         # The file's name keys the feature cache: a whole split is the same file for every seed.
         name = f"{split}-all" if limit is None else f"{split}-{limit}-seed{config.seed}"

@@ -31,7 +31,7 @@ def say(config: TrainConfig, message: str) -> None:
 
 def data_summary(manifest: Mapping[str, Any], config: TrainConfig) -> dict[str, Any]:
     return {
-        "builder": "python -m guardrail_harmful_content.data build",
+        "builder": "python -m guardrail_harmful_content.training.data build",
         "folder": str(config.data) if config.data else None,
         "seed": manifest.get("seed"),
         "sources": [{k: s.get(k) for k in ("name", "version", "sha256", "licence", "model",
