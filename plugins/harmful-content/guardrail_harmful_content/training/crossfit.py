@@ -142,7 +142,7 @@ def packed_loss(head: DualHead, packed: Packed, chosen: Sequence[Item],
     """SCM's loss of one batch of items, their token rows packed: ``alpha`` x token CE (mean
     over the tokens) + ``beta`` x sequence CE (the sequence head on each item's last token) +
     ``gamma`` x logic loss; each item's terms weighted by ``weights`` (all 1: SCM's loss, as
-    ``guardrail.probes.losses.scm_loss`` computes it on a padded batch)."""
+    ``losses.scm_loss`` computes it on a padded batch)."""
     alpha, beta, gamma = loss_weights
     lens = torch.tensor([n for _, n, _ in chosen])
     rows = torch.cat([torch.arange(int(packed.starts[i]), int(packed.starts[i]) + n)
