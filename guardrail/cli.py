@@ -4,9 +4,9 @@ Every command that takes ``--policy`` defaults to the built-in default policy; `
 (repeatable) narrows a run to those monitors. Exit codes: 0 ok, 1 a bad policy or input,
 2 a usage error, 3 ``guardrail run`` halted the stream (``EXIT_HALTED``).
 
-Plugins add commands (``guardrail_register_commands``): guardrail-server adds ``serve``,
-guardrail-transformers ``demo``; ``add_policy_args`` and ``policy_from_args`` give theirs the
-same ``--policy``/``--monitor`` as the built-in commands.
+Plugins add commands (``guardrail_register_commands``; the help's epilog lists them):
+``add_policy_args`` and ``policy_from_args`` give theirs the same ``--policy``/``--monitor`` as
+the built-in commands.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from .errors import GuardrailError, PolicyError
 from .events import Event, Flag, Halt, Release, event_to_dict
@@ -209,92 +209,6 @@ def _print_event(event: Event, args: argparse.Namespace, out: TextIO, flags: _Fl
     out.flush()
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from .records import read_records, replay_record, replay_summary
-
-    guard = _guard(args)
-    pages = _StreamPages(guard, args.report, "guardrail replay") if args.report else None
-    rows = []
-    for index, record in enumerate(read_records(args.data)):
-        if args.limit is not None and index >= args.limit:
-            break
-        row = replay_record(guard, record, index, on_stream=pages)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(json.dumps({"summary": replay_summary(rows)}), file=sys.stderr)
-    if pages is not None:
-        print(f"reports: {pages.finish()}", file=sys.stderr)
-    return 0
-
-
-class _StreamPages:
-    """``--report DIR``: an HTML page and a score plot per stream, and an index page."""
-
-    def __init__(self, guard: Guard, out: str, title: str) -> None:
-        self.guard, self.out, self.title = guard, Path(out), title
-        self.rows: list[dict[str, Any]] = []
-        self.images: list[str] = []
-
-    def __call__(self, index: int, record: Any, report: Any,
-                 offsets: list[tuple[int, int]]) -> None:
-        from .reports import StreamRecord, write_stream_report
-
-        thresholds = {spec.id: self.guard.threshold_of(spec) for spec, _ in self.guard.monitors}
-        label = "" if record.label is None else f" (label {record.label})"
-        rec = StreamRecord(title=f"record {index}{label}: {record.prompt[:70]}",
-                           prompt=record.prompt, text=record.response[:offsets[-1][1]]
-                           if offsets else "", offsets=offsets, report=report,
-                           thresholds=thresholds)
-        stem = f"record-{index:04d}"
-        write_stream_report(self.out, stem, rec)
-        verdict = report.halt.monitor if report.halt else _would_halt(report)
-        self.rows.append({"stream": stem, "report": f"{stem}.html", "label": record.label,
-                          "tokens": report.tokens, "released": report.released_tokens,
-                          "halted by": verdict, "flags": len(report.flags)})
-
-    def finish(self) -> Path:
-        from .reports import write_index
-
-        return write_index(self.out, self.rows, title=self.title, images=self.images)
-
-
-def _would_halt(report: Any) -> str:
-    """A dry run (``guardrail eval``) halts nothing: the monitor whose ``halt`` verdict came
-    first, marked as such, or ''."""
-    halts = [f for f in report.flags if f.action == "halt"]
-    if not halts:
-        return ""
-    first = min(halts, key=lambda f: f.tokens[1])
-    return f"{first.monitor} (would halt at token {first.tokens[1]})"
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .reports import plot_roc
-
-    guard = _guard(args)
-    pages = _StreamPages(guard, args.report, "guardrail eval") if args.report else None
-    curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    result = evaluate(guard, args.data, limit=args.limit, progress=not args.json,
-                      on_stream=pages, curves=curves)
-    if pages is not None:
-        for level in ("response", "span"):
-            level_curves = {m: c[level] for m, c in curves.items() if level in c}
-            name = f"roc-{level}.png"
-            if plot_roc(pages.out / name, level_curves, f"ROC, {level} level ({args.data})"):
-                pages.images.append(name)
-        print(f"reports: {pages.finish()}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"records: {result['records']}")
-        for monitor_id, metrics in result["monitors"].items():
-            print(f"{monitor_id}:")
-            for k, v in metrics.items():
-                print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     trainers = get_host().trainers()
     if args.name in (None, "--all") or args.all:
@@ -315,9 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="guardrail", description="Streaming guardrail middleware for LLM output.",
-        epilog="Installed plugins add commands: guardrail-server adds serve, "
-               "guardrail-transformers adds demo.")
+        prog="guardrail", description="Streaming guardrail middleware for LLM output.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins",
@@ -346,29 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="events and the report as JSON Lines")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("replay", help="replay labelled records; one JSON line per record")
-    add_policy_args(p)
-    p.add_argument("--data", "-d", required=True, help="JSON Lines records")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--report", metavar="DIR", help="write an HTML page and plot per stream here")
-    p.set_defaults(func=cmd_replay)
-
-    p = sub.add_parser("eval", help="metrics of each monitor on labelled records")
-    add_policy_args(p)
-    p.add_argument("--data", "-d", required=True, help="JSON Lines records")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--report", metavar="DIR",
-                   help="write an HTML page and plot per stream and ROC curves here")
-    p.set_defaults(func=cmd_eval)
-
     p = sub.add_parser("train", help="train a monitor (guardrail train NAME [ARGS...])")
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true", help="run every installed trainer")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
 
-    get_host().add_commands(sub)
+    host = get_host()
+    added = host.add_commands(sub)
+    builtin = {p["name"] for p in host.plugins() if p["builtin"]}
+    from_plugins = [f"{command} ({plugin})" for command, plugin in added.items()
+                    if plugin not in builtin]
+    if from_plugins:
+        parser.epilog = f"Commands from installed plugins: {', '.join(from_plugins)}."
     return parser
 
 

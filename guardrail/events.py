@@ -6,10 +6,26 @@ it; token indices count the session's tokens from 0.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Error", "Event", "Flag", "Halt", "Release", "Route", "event_to_dict", "halt_notice"]
+__all__ = [
+    "CONTENT_FILTER",
+    "Error",
+    "Event",
+    "Flag",
+    "Halt",
+    "Release",
+    "Route",
+    "event_to_dict",
+    "halt_notice",
+    "halt_of",
+    "released_text",
+]
+
+# The OpenAI ``finish_reason`` drivers give an answer the guard halted.
+CONTENT_FILTER = "content_filter"
 
 
 @dataclass(frozen=True)
@@ -103,3 +119,14 @@ def event_to_dict(event: Event) -> dict[str, Any]:
     data = asdict(event)
     kind = data.pop("kind")
     return {"kind": kind, **data}
+
+
+def released_text(events: Iterable[Event]) -> str:
+    """What the reader may see now, from the events of one ``feed`` or ``finish``: the texts of
+    their ``Release`` events, in order (redactions applied)."""
+    return "".join(e.text for e in events if isinstance(e, Release))
+
+
+def halt_of(events: Iterable[Event]) -> Halt | None:
+    """The ``Halt`` among ``events``, if any (a session halts once; nothing is released after)."""
+    return next((e for e in events if isinstance(e, Halt)), None)

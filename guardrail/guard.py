@@ -174,14 +174,13 @@ class Guard:
 
     def warn_routes_recorded(self, driver: str) -> None:
         """Log a warning when this guard has ``route`` actions and ``driver`` (an adapter that
-        owns no second model) can only record them as events. ``RemoteRouter`` and
-        ``guarded_stream(..., route_to=...)`` (guardrail-transformers) carry routes out."""
+        owns no second model) can only record them as events; a driver that owns the route
+        target carries them out (``session(can_route=True)``, docs/concepts.md)."""
         ids = [spec.id for spec, _ in self.monitors if spec.action == "route"]
         if ids:
             log.warning("%s records the route actions of %s as events and does not carry them "
-                        "out; guardrail_router.remote.RemoteRouter (OpenAI-compatible endpoints) "
-                        "or guardrail_transformers.guarded_stream(..., route_to=...) does", driver,
-                        ", ".join(repr(i) for i in ids))
+                        "out; a driver that owns the route target does (docs/concepts.md)",
+                        driver, ", ".join(repr(i) for i in ids))
 
     def __repr__(self) -> str:
         ids = ", ".join(spec.id for spec, _ in self.monitors)

@@ -46,6 +46,7 @@ DEFAULT_PLUGINS = (
     "guardrail.builtin.text_monitors",
     "guardrail.builtin.observers",
     "guardrail.builtin.audit",
+    "guardrail.toolkit.commands",
 )
 
 ENV_DISABLE_AUTOLOAD = "GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD"
@@ -176,15 +177,20 @@ class PluginHost:
         return self._adapters
 
     def add_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
-                     ) -> None:
+                     ) -> dict[str, str]:
         """Let each plugin add its ``guardrail`` subcommands; a name taken twice is an error
-        naming the plugin."""
+        naming the plugin. Returns the plugin that added each command."""
+        added: dict[str, str] = {}
         for impl in reversed(self.pm.hook.guardrail_register_commands.get_hookimpls()):
+            before = set(subparsers.choices)
             try:
                 impl.function(**{arg: subparsers for arg in impl.argnames})
             except argparse.ArgumentError as exc:
                 raise GuardrailError(f"plugin {impl.plugin_name!r} adds a command that "
                                      f"exists: {exc}") from None
+            added.update(dict.fromkeys(sorted(set(subparsers.choices) - before),
+                                       impl.plugin_name))
+        return added
 
     def monitor(self, name: str) -> MonitorEntry:
         """The monitor registered as ``name``, its factory imported if it was registered as

@@ -96,15 +96,14 @@ class MonitorSpec(_Strict):
     """One monitor in the policy."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="name in events")
-    use: str = Field(description="registered monitor name, e.g. harmful-content")
+    use: str = Field(description="registered monitor name (`guardrail plugins` lists them)")
     threshold: float | None = Field(
         None, description="score at or above which a token counts; None: the monitor's default"
     )
     rule: RuleSpec = Field(
         default_factory=ThresholdRule,
-        description="decision rule; when omitted, the monitor's own default (harmful-content: "
-                    "the count rule calibrated with its weights; entity-hallucination: span_max), "
-                    "else threshold")
+        description="decision rule; when omitted, the monitor's own default (a monitor may "
+                    "ship one, such as a rule calibrated with its weights), else threshold")
     action: Action = Field("flag", description="what a verdict does")
     message: str | None = Field(None, description="shown to the reader on halt")
     route_to: RouteTarget | None = Field(None, description="target of the route action")

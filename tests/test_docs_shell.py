@@ -25,7 +25,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXTERNAL = {"litellm"}
 # Commands fast enough to run here: a prefix of the line -> a rewrite of output paths into tmp.
 RUN = ("guardrail eval", "python -m guardrail_harmful_content.training.data build --out /tmp/tiny",
-       "python -m guardrail_entity_hallucination.data build --out /tmp/tiny")
+       "python -m guardrail_entity_hallucination.training.data build --out /tmp/tiny")
 
 
 def commands() -> list[tuple[str, str]]:

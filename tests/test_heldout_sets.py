@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.records import Record, read_records
+from guardrail.toolkit.records import Record, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "bench" / "heldout"

@@ -15,7 +15,7 @@ from guardrail import GuardSession, hookimpl
 
 
 class EmbeddedSmolLM2:
-    """The embedded SmolLM2 as ``guardrail.demo.LocalGeneration``."""
+    """The embedded SmolLM2 as ``guardrail.toolkit.demo.LocalGeneration``."""
 
     def __init__(self) -> None:
         from guardrail_transformers import default_generator
@@ -37,7 +37,7 @@ class EmbeddedSmolLM2:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from guardrail.demo import run_demo
+    from guardrail.toolkit.demo import run_demo
 
     return run_demo(args, local=EmbeddedSmolLM2)
 
@@ -46,7 +46,7 @@ def demo(args: argparse.Namespace) -> int:
 def guardrail_register_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
-    from guardrail.demo import add_demo_args
+    from guardrail.toolkit.demo import add_demo_args
 
     p = subparsers.add_parser("demo", help="stream real model output through the default policy")
     add_demo_args(p)

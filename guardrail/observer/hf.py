@@ -19,14 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..cache import cache_dir
 from ..errors import ObserverError
-from ..sources import cache_dir
 
 if TYPE_CHECKING:
     from ..policy import ObserverSpec
 
 __all__ = [
     "SMOLLM2_NAME",
+    "cache_kwarg",
     "cache_dir",
     "load_local",
     "load_model_dir",

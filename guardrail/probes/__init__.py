@@ -1,12 +1,11 @@
-"""Probe toolkit: heads, losses, a training loop over cached features, metrics, calibration and
-weights I/O for monitors that read hidden states.
+"""Probe heads and their files: what a monitor loads at run time to read hidden states.
 
-Importing this package imports nothing heavy. ``metrics`` and ``calibrate`` are pure Python (the
-core's ``guardrail eval`` uses them); ``heads``, ``losses``, ``features``, ``train`` and ``io``
-need torch (the ``observer`` extra) and are imported explicitly::
+``heads`` holds the head base class, ``LinearProbe`` and the registry plugins add their heads to
+(``register_head``); ``io`` saves and loads them (safetensors and JSON, never pickle); ``arrays``
+converts an observer's states for numpy maths. Training them is the toolkit's job
+(``guardrail.toolkit``, docs/probes.md). ``heads`` and ``io`` need torch (the ``observer`` extra)::
 
-    from guardrail.probes.heads import LinearProbe
-    from guardrail.probes.train import train_head
+    from guardrail.probes.io import load_probe
 """
 
 from __future__ import annotations

@@ -215,7 +215,8 @@ def load_probe(path: str | Path, *, name: str | None = None, observer: Any = Non
     kind = head_config.get("kind")
     if not isinstance(kind, str) or kind not in HEADS:  # named, not echoed, like 'format'
         raise ProbeFileError(f"{config_path}: key 'head.kind' must be one of "
-                             f"{', '.join(sorted(HEADS))}")
+                             f"{', '.join(sorted(HEADS))} (a plugin's head kind is known once "
+                             "the module defining it is imported)")
     try:
         head = build_head(head_config, embedding=embedding)
     except ValueError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GuardrailError
@@ -157,11 +158,15 @@ class _Timers:
 
 
 class _TimedObserver:
-    """The guard's observer with each ``extend`` timed; everything else passes through."""
+    """The guard's observer with each read timed: ``extend``, and ``submit`` when the observer
+    batches (async sessions submit their reads and await the future); the rest passes through."""
 
     def __init__(self, inner: Any, timers: _Timers) -> None:
         self._inner = inner
         self._timers = timers
+        # Sessions look ``submit`` up to choose the path: only a batching observer has one.
+        if callable(getattr(inner, "submit", None)):
+            self.submit = self._submit
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -176,6 +181,20 @@ class _TimedObserver:
         batch = self._inner.extend(state, tokens, needs)
         self._timers.read(state, len(tokens), _wall_ns(t0), _wall_ns(time.perf_counter_ns()))
         return batch
+
+    def _submit(self, state: Any, tokens: Sequence[TokenSpan], needs: Needs) -> Future[Any]:
+        """The read, timed from its submission until its batch is ready (as ``extend``, which
+        waits on the same queue)."""
+        t0 = time.perf_counter_ns()
+        future: Future[Any] = self._inner.submit(state, tokens, needs)
+        n = len(tokens)
+
+        def done(f: Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._timers.read(state, n, _wall_ns(t0), _wall_ns(time.perf_counter_ns()))
+
+        future.add_done_callback(done)
+        return future
 
     def truncate(self, state: Any, n_tokens: int) -> None:
         self._inner.truncate(state, n_tokens)

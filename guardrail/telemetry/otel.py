@@ -37,7 +37,7 @@ def _otel() -> Any:
         from opentelemetry import trace
     except ImportError:
         raise GuardrailError("traces need opentelemetry-api (and an SDK to export them): "
-                             "pip install 'guardrail-server[otel]'") from None
+                             "pip install 'guardrail[otel]'") from None
     return trace
 
 

@@ -34,8 +34,8 @@ def _prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError:
-        raise GuardrailError("metrics need prometheus-client: pip install prometheus-client "
-                             "(or guardrail-server[metrics])") from None
+        raise GuardrailError("metrics need prometheus-client: "
+                             "pip install 'guardrail[metrics]'") from None
     return prometheus_client
 
 

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from typing import Any
 from ..hookspecs import RegisterMonitor, hookimpl
 from ..monitor import Features, Monitor, MonitorContext, Needs, Score
 from ..plugins import PluginHost
+from ..toolkit.records import random_splits
 
 __all__ = [
     "CountingMonitor",
@@ -154,13 +154,3 @@ def split_text(text: str, sizes: Sequence[int]) -> list[str]:
         k += 1
     return out
 
-
-def random_splits(text: str, seed: int = 0, max_size: int = 12) -> list[str]:
-    """Cut ``text`` into random deltas (1..max_size chars), reproducibly."""
-    rng = random.Random(seed)
-    out, pos = [], 0
-    while pos < len(text):
-        size = rng.randint(1, max_size)
-        out.append(text[pos:pos + size])
-        pos += size
-    return out

@@ -71,7 +71,8 @@ class Script:
     Give ``chunks`` (the exact content deltas) or ``text`` (split with ``split_words``).
     ``delay`` is the pause before each chunk, in seconds. ``logprobs`` gives one logprob per chunk
     (default: -0.1 each) and is sent only when the request asks for logprobs. ``status`` other
-    than 200 answers with an OpenAI-shaped error body instead.
+    than 200 answers with an OpenAI-shaped error body instead. ``refusal``: the text goes out as
+    the model's ``refusal`` field instead of ``content``.
     """
 
     text: str | None = None
@@ -83,6 +84,7 @@ class Script:
     model: str | None = None
     status: int = 200
     error_message: str = "scripted upstream error"
+    refusal: bool = False
 
     def content_chunks(self) -> list[str]:
         if self.chunks is not None:
@@ -402,10 +404,11 @@ class _Completion:
         for c in choices:
             yield self._chunk({"role": "assistant", "content": ""}, index=c)
         for i, piece in enumerate(self.pieces):
-            logprobs = {"content": [self._logprob_entry(i, piece)], "refusal": None} \
-                if self.want_logprobs else None
+            field = "refusal" if self.script.refusal else "content"
+            logprobs = {"content": None, "refusal": None,
+                        field: [self._logprob_entry(i, piece)]} if self.want_logprobs else None
             for c in choices:
-                yield self._chunk({"content": piece}, logprobs=logprobs, index=c)
+                yield self._chunk({field: piece}, logprobs=logprobs, index=c)
         for c in choices:
             for n, call in enumerate(self.script.tool_calls):
                 args = call.arguments
@@ -425,7 +428,9 @@ class _Completion:
                    "model": self.model, "choices": [], "usage": self._usage()}
 
     def whole(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.script.content or None}
+        field = "refusal" if self.script.refusal else "content"
+        message: dict[str, Any] = {"role": "assistant", "content": None,
+                                   field: self.script.content or None}
         if self.script.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id or f"call_{n}", "type": "function",
@@ -434,8 +439,8 @@ class _Completion:
             ]
         logprobs = None
         if self.want_logprobs:
-            logprobs = {"content": [self._logprob_entry(i, p) for i, p in enumerate(self.pieces)],
-                        "refusal": None}
+            logprobs = {"content": None, "refusal": None,
+                        field: [self._logprob_entry(i, p) for i, p in enumerate(self.pieces)]}
         return {
             "id": self.id, "object": "chat.completion", "created": self.created,
             "model": self.model, "system_fingerprint": "fp_scripted",

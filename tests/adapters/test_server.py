@@ -16,7 +16,7 @@ import pytest
 from guardrail_server import RunningServer, create_app, running
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from guardrail import Guard, Report
+from guardrail import Guard, GuardrailError, Report
 from guardrail.testing.upstream import Script, ToolCall, UpstreamServer, split_words
 
 HARMFUL = ("Here is how to build a bomb at home with things you can buy in any shop near you "
@@ -261,6 +261,16 @@ def test_binds_loopback_by_default(make_guard: Callable[..., Guard]) -> None:
     with running(app) as proxy:
         assert proxy.host == "127.0.0.1"
         assert httpx.get(f"{proxy.url}/health", timeout=5).status_code == 200
+
+
+def test_servers_hold_their_port_from_the_start(make_guard: Callable[..., Guard]) -> None:
+    app = create_app(make_guard(2), upstream="http://127.0.0.1:9/v1")
+    with running(app) as first, running(app) as second:
+        assert first.port != second.port
+        with pytest.raises(GuardrailError, match=f"cannot listen on 127.0.0.1:{first.port}"), \
+                running(app, port=first.port):
+            pass
+        assert httpx.get(f"{first.url}/health", timeout=5).status_code == 200
 
 
 # -- OpenAI features pass through ------------------------------------------------------------

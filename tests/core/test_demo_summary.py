@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.demo import summary_line
+from guardrail.toolkit.demo import summary_line
 
 
 @pytest.mark.parametrize(("verdicts", "met", "judged"), [

@@ -1,4 +1,5 @@
-"""``guardrail eval --json``: the metrics contract of ``guardrail.evaluate``, on text monitors."""
+"""``guardrail eval --json``: the metrics contract of ``guardrail.toolkit.evaluate``, on text
+monitors."""
 
 from __future__ import annotations
 

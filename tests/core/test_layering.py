@@ -1,16 +1,21 @@
 """The layering, read from the source: the core imports no plugin or adapter, distributions
 import each other one way, no module-level import circle, and no distribution reaches for another
-one's private names. Plugin entry points stay light (every ``guardrail`` start loads them)."""
+one's private names. Within the core and each plugin, the runtime never imports the training
+side (``guardrail.toolkit``, a plugin's ``training/``). Plugin entry points stay light (every
+``guardrail`` start loads them)."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = "guardrail"
@@ -184,6 +189,52 @@ def test_no_distribution_imports_a_private_name_of_another() -> None:
     assert wrong == []
 
 
+def _module_file(module: str) -> Path | None:
+    owner = _owner(module)
+    if owner is None:
+        return None
+    base = OWNERS[owner].joinpath(*module.split("."))
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.exists():
+            return file
+    return None
+
+
+def _declared(file: Path) -> set[str] | None:
+    """The names a module's literal ``__all__`` lists (None: it declares none)."""
+    for node in ast.parse(file.read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            value = ast.literal_eval(node.value) if node.value is not None else []
+            return {str(n) for n in value}
+    return None
+
+
+def test_what_a_distribution_imports_from_another_is_declared() -> None:
+    """The plugin SDK is declared: each name imported from another distribution's module is in
+    that module's ``__all__`` (or is a submodule of it)."""
+    wrong = []
+    checked = 0
+    for top, file in _sources():
+        for imp in _imports(file):
+            owner = _owner(imp.module)
+            if owner is None or OWNERS[owner] == OWNERS[top] or not imp.names:
+                continue
+            target = _module_file(imp.module)
+            if target is None:  # an old path guardrail._moved keeps, or a typo the import finds
+                continue
+            declared = _declared(target)
+            for name in imp.names:
+                checked += 1
+                if _module_file(f"{imp.module}.{name}") is not None:
+                    continue
+                if declared is None or name not in declared:
+                    wrong.append(f"{imp}: {name!r} not in {target.relative_to(ROOT)}'s __all__")
+    assert checked > 200  # the walk reads the plugins and adapters
+    assert wrong == []
+
+
 def _private_attributes(file: Path, top: str) -> list[tuple[int, str]]:
     """``pkg.mod._name`` attribute chains rooted at another distribution's package."""
     found = []
@@ -217,3 +268,133 @@ def test_loading_plugins_and_building_the_cli_imports_no_heavy_stack() -> None:
     assert heavy == "]"
     for plugin in ("openai", "langchain", "server", "transformers"):
         assert f"'{plugin}'" in names  # the adapters' entry points were among those loaded
+
+
+# -- runtime and training apart ------------------------------------------------------------------
+
+TOOLKIT = ROOT / CORE / "toolkit"
+TESTING = ROOT / CORE / "testing"
+# The loader of the toolkit's old import paths (``guardrail.sources`` and the like): an alias,
+# not runtime code; it goes when no distribution imports the old paths.
+ALIASES = ROOT / CORE / "_moved.py"
+
+
+def _moved_names() -> dict[str, str]:
+    spec = importlib.util.spec_from_file_location("moved", ALIASES)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.MOVED)
+
+
+MOVED = _moved_names() if ALIASES.exists() else {}
+
+
+def _is(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _toolkit_import(imp: Import) -> bool:
+    """``imp`` reaches the core toolkit: by its path, an old alias, or a name imported from
+    ``guardrail`` (``from guardrail import toolkit``)."""
+    targets = [imp.module, *(f"{imp.module}.{n}" for n in imp.names)]
+    return any(_is(t, f"{CORE}.toolkit") or any(_is(t, old) for old in MOVED)
+               for t in targets)
+
+
+def _core_files(under: Path) -> list[Path]:
+    return sorted(under.rglob("*.py"))
+
+
+def _core_runtime() -> list[Path]:
+    return [f for f in _core_files(ROOT / CORE) if not f.is_relative_to(TOOLKIT)
+            and not f.is_relative_to(TESTING) and f != ALIASES]
+
+
+def test_the_core_runtime_never_imports_the_toolkit() -> None:
+    """Lazy imports count: the runtime reaches the toolkit's commands through the command hook
+    (``guardrail.toolkit.commands`` is a built-in plugin), never by importing it."""
+    runtime = _core_runtime()
+    assert ROOT / CORE / "session.py" in runtime and ROOT / CORE / "cli.py" in runtime
+    assert all(not f.is_relative_to(TOOLKIT) for f in runtime)
+    wrong = [str(imp) for f in runtime for imp in _imports(f) if _toolkit_import(imp)]
+    assert wrong == []
+
+
+def test_neither_runtime_nor_toolkit_imports_the_test_helpers() -> None:
+    files = [*_core_runtime(), *_core_files(TOOLKIT)]
+    assert ROOT / CORE / "toolkit" / "records.py" in files
+    wrong = [str(imp) for f in files for imp in _imports(f)
+             if any(_is(t, f"{CORE}.testing")
+                    for t in (imp.module, *(f"{imp.module}.{n}" for n in imp.names)))]
+    assert wrong == []
+
+
+PLUGINS = sorted(d for d in (ROOT / "plugins").glob("*") if (d / "pyproject.toml").exists())
+
+
+def _package(dist: Path) -> Path:
+    packages = [p for p in dist.glob("guardrail_*") if (p / "__init__.py").exists()]
+    assert len(packages) == 1, packages
+    return packages[0]
+
+
+# Runtime modules besides the entry point, the monitor and the head: drivers a user runs without
+# the monitor (the router's local and HTTP routing).
+DRIVERS = {"guardrail_router": ("local", "remote")}
+
+
+def _registered(plugin: Path, package: str) -> list[str]:
+    """Modules the entry point registers by ``"module:attribute"`` (loaded when a policy uses
+    them)."""
+    return [node.value.split(":")[0] for node in ast.walk(ast.parse(plugin.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.startswith(f"{package}.") and ":" in node.value]
+
+
+def _runtime_of(package: Path) -> dict[Path, list[Import]]:
+    """The plugin's runtime: its entry point, the modules that registers, its monitor and head
+    and drivers, and every module of the plugin those import, at module level or lazily (the
+    entry point's trainer function aside). Each with its imports."""
+    name = package.name
+    roots = [package / "plugin.py", package / "__init__.py"]
+    roots += [f for m in _registered(package / "plugin.py", name)
+              if (f := _module_file(m)) is not None]
+    roots += [package / f"{m}.py" for m in ("monitor", "head", *DRIVERS.get(name, ()))]
+    seen: dict[Path, list[Import]] = {}
+    queue = [f for f in roots if f.exists()]
+    while queue:
+        file = queue.pop()
+        if file in seen:
+            continue
+        imports = [imp for imp in _imports(file) if not (
+            file.name == "plugin.py" and file.parent == package and not imp.module_level)]
+        seen[file] = imports
+        for imp in imports:
+            for target in (imp.module, *(f"{imp.module}.{n}" for n in imp.names)):
+                if not _is(target, name):
+                    continue
+                parts = target.split(".")
+                for k in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
+                    found = _module_file(".".join(parts[:k]))
+                    if found is not None and found not in seen:
+                        queue.append(found)
+    return seen
+
+
+@pytest.mark.parametrize("dist", PLUGINS, ids=[d.name for d in PLUGINS])
+def test_a_plugins_runtime_never_imports_its_training(dist: Path) -> None:
+    """What a guard loads of a plugin (its runtime, ``_runtime_of``) holds no module of the
+    plugin's ``training/`` and imports nothing of the core toolkit, at module level or lazily;
+    only the entry point's trainer function (``guardrail train NAME``) imports ``training``."""
+    package = _package(dist)
+    training = package / "training"
+    if not (training / "__init__.py").exists():
+        pytest.skip(f"{dist.name} has no training/ package yet (its runtime and training "
+                    "code are still side by side)")
+    runtime = _runtime_of(package)
+    assert package / "plugin.py" in runtime and package / "monitor.py" in runtime
+    wrong = [str(f.relative_to(ROOT)) for f in runtime if f.is_relative_to(training)]
+    wrong += [str(imp) for imports in runtime.values() for imp in imports
+              if _toolkit_import(imp)]
+    assert wrong == []

@@ -17,7 +17,7 @@ import pytest
 import guardrail
 from guardrail import Guard, GuardrailError, hookimpl
 from guardrail.builtin.text_monitors import KeywordMonitor
-from guardrail.cli import add_policy_args, main, policy_from_args
+from guardrail.cli import add_policy_args, build_parser, main, policy_from_args
 from guardrail.guard import default_policy
 from guardrail.plugins import PluginHost, get_host, reset_host
 
@@ -140,6 +140,17 @@ def test_a_plugin_adds_a_command_with_the_policy_arguments(
                       "  - {id: b, use: regex, options: {patterns: [y]}}\n")
     assert main(["greet", "--policy", str(policy), "--monitor", "b"]) == 7
     assert capsys.readouterr().out == "hello ['b']\n"
+
+
+def test_the_help_names_each_command_a_plugin_adds_and_no_other(
+        process_host: PluginHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    process_host.register(Greeter(), name="greeter")
+    epilog = build_parser().epilog or ""
+    assert "greet (greeter)" in epilog
+    # The core names no distribution: a host without the adapters' entry points lists none.
+    monkeypatch.setenv("GUARDRAIL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reset_host()
+    assert build_parser().epilog is None
 
 
 def test_a_command_that_clashes_is_an_error_naming_the_plugin(

@@ -4,7 +4,7 @@ streams, fed by the session hooks and the observer/monitor timers, checked again
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -210,3 +210,45 @@ def test_otel_spans_per_stream_with_reads_and_verdict_events(host: PluginHost) -
     values = " ".join(str(v) for e in stream.events for v in (e.attributes or {}).values())
     values += " ".join(str(v) for v in attrs.values())
     assert "dangerous" not in values and "plan" not in values
+
+
+class LengthIds(WordTokenizer):
+    """Token id = its length in chars: the batched observer reads ids, not text."""
+
+    def tokenize(self, text: str) -> list[TokenSpan]:
+        return [TokenSpan(t.start, t.end, t.end - t.start) for t in super().tokenize(text)]
+
+
+class IdObserver(FakeObserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = LengthIds()
+
+    def extend(self, state: dict[str, int], tokens: Sequence[TokenSpan],
+               needs: Needs) -> ObservedBatch:
+        self.forwards += 1
+        self.tokens += len(tokens)
+        rows = [[float(t.id or 0)] for t in tokens]
+        return ObservedBatch(hidden={layer: rows for layer in needs.layers})
+
+
+async def test_reads_of_a_batched_observer_are_timed_in_async_streams(host: PluginHost) -> None:
+    """Async drivers submit reads to the Guard's batched observer instead of calling extend;
+    those reads are the ones to time."""
+    from guardrail.observer.batch import BatchedObserver
+    from guardrail.telemetry.prometheus import PrometheusMetrics
+
+    observer = IdObserver()
+    guard = _guard(host, cast(FakeObserver, BatchedObserver(observer)))
+    metrics = PrometheusMetrics().attach(guard)
+    reports = []
+    for text in (BENIGN, HARMFUL):
+        session = guard.session(prompt="tell me", metadata={"model": "m1"})
+        for piece in split_text(text, [3, 7, 2, 11, 5]):
+            await session.afeed(piece)
+        reports.append(await session.afinish())
+    assert reports[1].halted and not reports[0].halted
+    after = _scrape(metrics)
+    assert observer.forwards > 2
+    assert _value(after, "guardrail_observer_seconds_count") == observer.forwards
+    assert _value(after, "guardrail_observer_batch_tokens_sum") == observer.tokens

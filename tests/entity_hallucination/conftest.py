@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_entity_hallucination.data import (
+from guardrail_entity_hallucination.training.data import (
     PINNED,
     BuildConfig,
     SourceError,
     build_dataset,
     fetch_package,
 )
-from guardrail_entity_hallucination.data.facts import FactBase, load_facts
-from guardrail_entity_hallucination.data.own_answers import GreedyWriter
+from guardrail_entity_hallucination.training.data.facts import FactBase, load_facts
+from guardrail_entity_hallucination.training.data.own_answers import GreedyWriter
 
 from guardrail.observer.hf import load_model_dir
 from guardrail.testing.tiny_models import train_tokenizer

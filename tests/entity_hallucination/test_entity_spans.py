@@ -7,11 +7,11 @@ import zipfile
 from typing import Any
 
 import pytest
-from guardrail_entity_hallucination.data import fetch_package
-from guardrail_entity_hallucination.data.languages import LANGUAGE_NAMES
-from guardrail_entity_hallucination.data.values import format_count
+from guardrail_entity_hallucination.training.data import fetch_package
+from guardrail_entity_hallucination.training.data.languages import LANGUAGE_NAMES
+from guardrail_entity_hallucination.training.data.values import format_count
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Records = list[dict[str, Any]]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from guardrail_entity_hallucination.data.templates import CITY_FACTS, COUNTRY_FACTS
+from guardrail_entity_hallucination.training.data.templates import CITY_FACTS, COUNTRY_FACTS
 
 Records = list[dict[str, Any]]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_entity_hallucination.data.facts import FactBase
-from guardrail_entity_hallucination.data.knowledge import (
+from guardrail_entity_hallucination.training.data.facts import FactBase
+from guardrail_entity_hallucination.training.data.knowledge import (
     KnowledgeError,
     knowledge_file,
     knowledge_groups,
     observer_knowledge,
 )
-from guardrail_entity_hallucination.data.own_answers import GreedyWriter
+from guardrail_entity_hallucination.training.data.own_answers import GreedyWriter
 
 
 def _record(kind: str, topic: str, subject: str, response: str,
@@ -85,8 +85,8 @@ def test_a_cut_run_resumes_and_a_foreign_file_is_refused(
 
 def test_cli_names_the_missing_split(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "guardrail_entity_hallucination.data", "knowledge", "--data",
-         str(tmp_path), "--split", "test"], capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "guardrail_entity_hallucination.training.data", "knowledge",
+         "--data", str(tmp_path), "--split", "test"], capture_output=True, text=True, check=False,
         timeout=120)
     assert done.returncode == 2
     assert str(tmp_path / "test.jsonl") in done.stderr and "build" in done.stderr

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from guardrail_entity_hallucination.combine import (
+from guardrail_entity_hallucination.span_probe import SPAN_FEATURES, span_features
+from guardrail_entity_hallucination.training.combine import (
     STATE_BLOCKS,
     Candidate,
     Design,
@@ -23,13 +24,13 @@ from guardrail_entity_hallucination.combine import (
     design_logits,
     fit_candidate,
 )
-from guardrail_entity_hallucination.data.facts import FactBase
-from guardrail_entity_hallucination.data.own_answers import (
+from guardrail_entity_hallucination.training.data.facts import FactBase
+from guardrail_entity_hallucination.training.data.own_answers import (
     GreedyWriter,
     OwnConfig,
     build_own_answers,
 )
-from guardrail_entity_hallucination.loso import (
+from guardrail_entity_hallucination.training.loso import (
     MarkupError,
     choose,
     loso_folds,
@@ -39,11 +40,10 @@ from guardrail_entity_hallucination.loso import (
     weighted_threshold,
     write_marked,
 )
-from guardrail_entity_hallucination.span_probe import SPAN_FEATURES, span_features
-from guardrail_entity_hallucination.train_combined import handwritten_sets
-from guardrail_entity_hallucination.train_span import SpanRows
+from guardrail_entity_hallucination.training.train_combined import handwritten_sets
+from guardrail_entity_hallucination.training.train_span import SpanRows
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Records = list[dict[str, Any]]
 

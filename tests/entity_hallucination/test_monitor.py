@@ -20,7 +20,7 @@ from guardrail_entity_hallucination.span_probe import (
     save_span_probe,
 )
 from guardrail_entity_hallucination.spans import find_entities
-from guardrail_entity_hallucination.train import save_entity_probe
+from guardrail_entity_hallucination.training.train import save_entity_probe
 
 from guardrail import Flag, Guard, StepToken, StreamStep
 from guardrail.guard import default_policy

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from guardrail_entity_hallucination.data.facts import FactBase
-from guardrail_entity_hallucination.data.own_answers import (
+from guardrail_entity_hallucination.training.data.facts import FactBase
+from guardrail_entity_hallucination.training.data.own_answers import (
     Checker,
     GreedyWriter,
     OwnConfig,
@@ -22,9 +22,13 @@ from guardrail_entity_hallucination.data.own_answers import (
     own_country_text,
     parse_number,
 )
-from guardrail_entity_hallucination.data.split import SPLITS, allowed_templates, choose_holdout
+from guardrail_entity_hallucination.training.data.split import (
+    SPLITS,
+    allowed_templates,
+    choose_holdout,
+)
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 PLANTED = " Rome."  # what the conftest's planted model writes
 
@@ -109,7 +113,7 @@ def test_build_writes_own_splits_next_to_the_build(writer: GreedyWriter, facts: 
 def test_cli_names_the_missing_build(tmp_path: Path) -> None:
     missing = tmp_path / "no-build-here"
     done = subprocess.run(
-        [sys.executable, "-m", "guardrail_entity_hallucination.data", "own", "--data",
+        [sys.executable, "-m", "guardrail_entity_hallucination.training.data", "own", "--data",
          str(missing)], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 2
     assert str(missing / "manifest.json") in done.stderr and "build" in done.stderr

@@ -12,18 +12,18 @@ from pathlib import Path
 import guardrail_entity_hallucination.plugin as entity_plugin
 import numpy as np
 import pytest
-from guardrail_entity_hallucination.evaluation import (
+from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
+from guardrail_entity_hallucination.probe import load_entity_probe
+from guardrail_entity_hallucination.span_probe import EntitySpanProbe, save_span_probe, span_members
+from guardrail_entity_hallucination.spans import find_entities
+from guardrail_entity_hallucination.training.evaluation import (
     evaluate_by_type,
     evaluate_records,
     probe_scorer,
     type_prior,
 )
-from guardrail_entity_hallucination.monitor import EntityHallucinationMonitor
-from guardrail_entity_hallucination.probe import load_entity_probe
-from guardrail_entity_hallucination.span_probe import EntitySpanProbe, save_span_probe, span_members
-from guardrail_entity_hallucination.spans import find_entities
-from guardrail_entity_hallucination.train import calibrate, save_entity_probe, select_probe
-from guardrail_entity_hallucination.train_span import (
+from guardrail_entity_hallucination.training.train import calibrate, save_entity_probe, select_probe
+from guardrail_entity_hallucination.training.train_span import (
     fit_span_ensemble,
     parse_member,
     select_span_probe,
@@ -33,10 +33,10 @@ from guardrail_entity_hallucination.train_span import (
 from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
 from guardrail.plugins import PluginHost
-from guardrail.probes.fake import write_jsonl
-from guardrail.probes.features import extract_features
 from guardrail.testing import random_splits
 from guardrail.testing.tiny_models import build_tiny_model
+from guardrail.toolkit.fake import write_jsonl
+from guardrail.toolkit.features import extract_features
 
 # The planted signal: which words the "model" writes when it fabricates. A tiny random model's
 # states carry each token's identity, so a linear probe can learn the split; nothing else does.
@@ -239,7 +239,7 @@ def test_type_prior_scores_spans_by_their_types_training_share(tmp_path: Path) -
 
 def test_report_may_not_overwrite_the_weights_json(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from guardrail_entity_hallucination.train import main
+    from guardrail_entity_hallucination.training.train import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "p.safetensors"), "--report", str(tmp_path / "p.json")])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardrail.probes.calibrate import (
+from guardrail.toolkit.calibrate import (
     calibrate_count_k,
     streaming_metrics,
     threshold_for_f1,
@@ -126,7 +126,7 @@ def test_metrics_and_calibration_import_without_numpy_or_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, guardrail.probes.metrics, guardrail.probes.calibrate; "
+    code = ("import sys, guardrail.toolkit.metrics, guardrail.toolkit.calibrate; "
             "print(sorted({'numpy', 'torch'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

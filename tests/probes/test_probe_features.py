@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from guardrail.monitor import Needs
-from guardrail.probes.fake import PlantedObserver, planted_records, write_jsonl
-from guardrail.probes.features import (
+from guardrail.toolkit.fake import PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.features import (
     extract_features,
     load_features,
     split_by_prompt,
@@ -19,7 +19,7 @@ from guardrail.probes.features import (
     token_span_ids,
     token_weights,
 )
-from guardrail.records import SpanLabel
+from guardrail.toolkit.records import SpanLabel
 
 
 class CountingObserver(PlantedObserver):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from guardrail.probes.heads import LinearProbe, ProbeHead, RouterHead
+from guardrail.probes.heads import LinearProbe, ProbeHead
 from guardrail.probes.io import ProbeFileError, load_paper_probe, load_probe, save_probe
 
 H = TypeVar("H", bound=ProbeHead)
@@ -58,18 +58,6 @@ def test_round_trip_is_exact(tmp_path: Path, make: Callable[[], ProbeHead]) -> N
     assert isinstance(loaded.head, LinearProbe)
     assert isinstance(head, LinearProbe)
     assert torch.equal(loaded.head.score(x), head.eval().score(x))
-
-
-def test_router_round_trip_takes_the_embedding_from_the_caller(tmp_path: Path) -> None:
-    table = torch.randn(30, 16)
-    head = _trained(RouterHead(16, table, top_k=5, width=8, blocks=1))
-    save_probe(tmp_path, head, CONFIG)
-    loaded = load_probe(tmp_path, embedding=table)
-    args = (torch.randn(4, 16), torch.tensor([0, 3, 29, 7]), torch.randn(4, 5))
-    assert torch.equal(loaded.head.eval()(*args), head.eval()(*args))
-    assert (tmp_path / "probe.safetensors").stat().st_size < 20_000  # no table inside
-    with pytest.raises(ProbeFileError, match="embedding"):
-        load_probe(tmp_path)
 
 
 def test_pickle_files_are_refused(tmp_path: Path) -> None:

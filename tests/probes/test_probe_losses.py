@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from guardrail.probes.losses import (
+from guardrail.toolkit.losses import (
     anneal_weight,
     annealed_loss,
     positive_weight,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardrail.probes.metrics import (
+from guardrail.toolkit.metrics import (
     best_threshold,
     count_k_halt,
     fraction_seen,

@@ -12,11 +12,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from guardrail.observer.hf import load_model_dir  # noqa: E402
-from guardrail.probes.features import extract_features  # noqa: E402
 from guardrail.probes.heads import LinearProbe  # noqa: E402
 from guardrail.probes.io import ProbeFileError, load_paper_probe, load_probe, save_probe  # noqa: E402
-from guardrail.probes.train import entity_loss, score_records, train_head  # noqa: E402
 from guardrail.testing.tiny_models import build_tiny_model  # noqa: E402
+from guardrail.toolkit.features import extract_features  # noqa: E402
+from guardrail.toolkit.train import entity_loss, score_records, train_head  # noqa: E402
 
 RECORDS = [
     {"prompt": "Tell me about Marie Curie.",

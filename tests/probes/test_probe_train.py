@@ -8,15 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail.probes.fake import PlantedObserver
-from guardrail.probes.features import CachedRecord, extract_features, split_by_prompt
-from guardrail.probes.heads import LinearProbe, RouterHead
+from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import load_probe, save_probe
-from guardrail.probes.losses import positive_weight
-from guardrail.probes.train import (
+from guardrail.toolkit.fake import PlantedObserver
+from guardrail.toolkit.features import CachedRecord, extract_features, split_by_prompt
+from guardrail.toolkit.train import (
     collate,
     entity_loss,
-    router_loss_fn,
     score_records,
     span_auc_metric,
     token_auc_metric,
@@ -66,19 +64,6 @@ def test_best_epoch_weights_are_kept(observer: PlantedObserver, planted_data: Pa
     assert result.best_metric == max(v for v in values if v is not None)
     assert result.best_epoch == values.index(result.best_metric) + 1
     assert metric(result.head, val) == pytest.approx(result.best_metric)
-
-
-def test_router_head_trains_with_positive_weight(planted_data: Path, tmp_path: Path) -> None:
-    observer = PlantedObserver(hidden_size=16, num_layers=4, signal_words=("bad", "worse"),
-                               signal_layer=3, strength=3.0)
-    fs = extract_features(observer, planted_data, tmp_path / "cache", layers=[3], top_k=8,
-                          progress=False)
-    train, val, test = split_by_prompt(fs.records, (0.6, 0.2, 0.2), seed=0)
-    labels = torch.cat([collate(train, 3).token_labels.flatten()])
-    head = RouterHead(16, observer.embedding, top_k=8, width=32, blocks=1)
-    result = train_head(head, train, val, layer=3, loss_fn=router_loss_fn(positive_weight(labels)),
-                        metric_fn=token_auc_metric(3), epochs=4, lr=1e-2, progress=False)
-    assert token_auc_metric(3)(result.head, test) > 0.9
 
 
 def test_trained_probe_round_trips_through_io(observer: PlantedObserver, planted_data: Path,

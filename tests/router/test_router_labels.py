@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from guardrail_router.judges import KeyTermJudge, every_mismatch
-from guardrail_router.labels import LabelItem, label_responses
 from guardrail_router.lm import ChatLM, load_chat_lm
+from guardrail_router.training.judges import KeyTermJudge, every_mismatch
+from guardrail_router.training.labels import LabelItem, label_responses
 
 QUESTIONS = ["The capital of France is", "How do I bake bread?", "Marie Curie was born in",
              "Numbers: 3.14159"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import guardrail_router.plugin as router_plugin
 import pytest
 import torch
+from guardrail_router.head import RouterHead
 from guardrail_router.lm import load_chat_lm
 from guardrail_router.monitor import DEFAULT_WEIGHTS, RouterMonitor
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,7 +18,6 @@ from guardrail import Guard, Route
 from guardrail.guard import default_policy
 from guardrail.observer.model import render_context
 from guardrail.plugins import PluginHost
-from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import save_probe
 from guardrail.testing import split_text
 

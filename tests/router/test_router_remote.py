@@ -3,6 +3,8 @@ upstream closed when the route fires, the large one asked to continue the releas
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import openai
@@ -101,3 +103,12 @@ def test_completions_prefill_needs_a_chat_template() -> None:
             RemoteRouter(guard, None, "small", None, "large", prefill="completions")
         with pytest.raises(ValueError, match="'chat' or 'completions'"):
             RemoteRouter(guard, None, "small", None, "large", prefill="prefix")
+
+
+def test_the_http_driver_loads_without_torch() -> None:
+    """A process that only routes between two endpoints never loads torch or the models."""
+    code = ("import sys\nimport guardrail_router.remote\n"
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from guardrail_router.facts import is_correct, load_facts, make_questions
-from guardrail_router.train import fit_router, score_tokens, split_by_group
+from guardrail_router.training.facts import is_correct, load_facts, make_questions
+from guardrail_router.training.train import fit_router, score_tokens, split_by_group
 
-from guardrail.probes.metrics import roc_auc
+from guardrail.toolkit.metrics import roc_auc
 
 
 def _planted(n: int, seed: int, vocab: int = 50, hidden: int = 16) -> dict[str, torch.Tensor]:

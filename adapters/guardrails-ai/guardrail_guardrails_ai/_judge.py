@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from guardrail import Event, Flag, Guard, GuardSession, Halt, Release, Report
+from guardrail import Event, Flag, Guard, GuardSession, Halt, Release, Report, halt_of
 
 __all__ = ["Decision", "Span", "StreamJudge", "judge_text"]
 
@@ -80,7 +80,7 @@ class StreamJudge:
 
     def _decide(self, events: Sequence[Event], session: GuardSession) -> Decision:
         self.flags += [e for e in events if isinstance(e, Flag)]
-        halt = next((e for e in events if isinstance(e, Halt)), None)
+        halt = halt_of(events)
         releases = [e for e in events if isinstance(e, Release)]
         if halt is not None:
             return self._halted(halt, releases, session)

@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Base
 from langchain_core.messages.tool import tool_call_chunk
 
 from guardrail import (
+    CONTENT_FILTER,
     Event,
     Guard,
     GuardrailViolation,
@@ -28,11 +29,11 @@ from guardrail import (
     TokenLogprob,
     event_to_dict,
     normalize_messages,
+    released_text,
 )
 
 __all__ = ["CONTENT_FILTER", "StreamTranslator", "item_text", "session_messages"]
 
-CONTENT_FILTER = "content_filter"
 EVENT_PREFIX = "guardrail."
 
 
@@ -155,7 +156,7 @@ class StreamTranslator:
         self._collect(events, step)
         if isinstance(item, str):
             self._strings = True
-            released = self._released(events)
+            released = released_text(events)
             if released:
                 step.outputs.append(released)
         else:
@@ -172,7 +173,7 @@ class StreamTranslator:
             return step
         events = self._finish()
         self._collect(events, step)
-        released = self._released(events)
+        released = released_text(events)
         if released:
             if self._strings or self._template is None:
                 step.outputs.append(released)
@@ -213,10 +214,6 @@ class StreamTranslator:
                 step.events.append((EVENT_PREFIX + data["kind"], data))
 
     @staticmethod
-    def _released(events: list[Event]) -> str:
-        return "".join(e.text for e in events if isinstance(e, Release))
-
-    @staticmethod
     def _metadata(events: list[Event]) -> dict[str, Any]:
         details = [event_to_dict(e) for e in events
                    if not isinstance(e, (Release, Halt))]
@@ -224,7 +221,7 @@ class StreamTranslator:
 
     def _rewrite(self, chunk: BaseMessageChunk, events: list[Event]) -> BaseMessageChunk | None:
         self._template = self._template or chunk
-        released = self._released(events)
+        released = released_text(events)
         metadata = {**chunk.response_metadata, **self._metadata(events)}
         metadata.pop("logprobs", None)  # they go out with their text, below
         released_logprobs = self._release_logprobs(events)

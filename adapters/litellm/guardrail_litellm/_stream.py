@@ -23,6 +23,7 @@ from guardrail import (
     Report,
     event_to_dict,
     normalize_messages,
+    released_text,
 )
 
 __all__ = ["StreamGuard", "guard_text", "request_messages"]
@@ -94,7 +95,7 @@ class StreamGuard:
                     state.report = state.session.finish()  # a halted session reports its halt
                 self.abort("another choice halted")
                 return None  # the hook raises; nothing of this chunk goes out
-            released = "".join(e.text for e in events if isinstance(e, Release))
+            released = released_text(events)
             if delta is not None and (text is not None or released):
                 delta.content = released
             if released or not _empty(choice):
@@ -113,7 +114,7 @@ class StreamGuard:
                 continue
             events = self._finish(state)
             self._note(events)
-            text = "".join(e.text for e in events if isinstance(e, Release))
+            text = released_text(events)
             if self.halt is not None:
                 self.abort("another choice halted")
                 return {}

@@ -10,7 +10,7 @@ model's stream (its HTTP response), and NeMo's own rails still run over what is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -19,17 +19,18 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
-from guardrail import Event, Guard, GuardSession, Halt, Release, event_to_dict, normalize_messages
+from guardrail import (
+    CONTENT_FILTER,
+    Guard,
+    GuardSession,
+    Halt,
+    event_to_dict,
+    halt_of,
+    normalize_messages,
+    released_text,
+)
 
 __all__ = ["GuardedChatModel"]
-
-
-def _released(events: Sequence[Event]) -> str:
-    return "".join(e.text for e in events if isinstance(e, Release))
-
-
-def _halt_of(events: Sequence[Event]) -> Halt | None:
-    return next((e for e in events if isinstance(e, Halt)), None)
 
 
 class GuardedChatModel(BaseChatModel):
@@ -56,7 +57,7 @@ class GuardedChatModel(BaseChatModel):
         report = session.finish()
         if report.halt is not None:
             message = AIMessage(content=report.halt.message, response_metadata={
-                "finish_reason": "content_filter", "guardrail": event_to_dict(report.halt)})
+                "finish_reason": CONTENT_FILTER, "guardrail": event_to_dict(report.halt)})
         else:
             message = AIMessage(content=report.released_text)
         return ChatResult(generations=[ChatGeneration(message=message)])
@@ -77,7 +78,7 @@ class GuardedChatModel(BaseChatModel):
 
     @staticmethod
     def _chunk(text: str, halt: Halt | None = None) -> ChatGenerationChunk:
-        metadata = ({"finish_reason": "content_filter", "guardrail": event_to_dict(halt)}
+        metadata = ({"finish_reason": CONTENT_FILTER, "guardrail": event_to_dict(halt)}
                     if halt is not None else {})
         return ChatGenerationChunk(message=AIMessageChunk(content=text,
                                                           response_metadata=metadata))
@@ -90,8 +91,8 @@ class GuardedChatModel(BaseChatModel):
         try:
             for piece in upstream:
                 events = session.feed(str(piece.content))
-                halt = _halt_of(events)
-                out = [self._chunk(t) for t in (_released(events),) if t]
+                halt = halt_of(events)
+                out = [self._chunk(t) for t in (released_text(events),) if t]
                 if halt is not None:
                     out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
@@ -101,7 +102,7 @@ class GuardedChatModel(BaseChatModel):
                 if halt is not None:
                     return
             report = session.finish()
-            tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
+            tail = [self._chunk(t) for t in (released_text(report.final_events),) if t]
             if report.halt is not None:
                 tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:
@@ -123,8 +124,8 @@ class GuardedChatModel(BaseChatModel):
         try:
             async for piece in upstream:
                 events = session.feed(str(piece.content))
-                halt = _halt_of(events)
-                out = [self._chunk(t) for t in (_released(events),) if t]
+                halt = halt_of(events)
+                out = [self._chunk(t) for t in (released_text(events),) if t]
                 if halt is not None:
                     out.append(self._chunk(halt.notice, halt))
                 for chunk in out:
@@ -134,7 +135,7 @@ class GuardedChatModel(BaseChatModel):
                 if halt is not None:
                     return
             report = session.finish()
-            tail = [self._chunk(t) for t in (_released(report.final_events),) if t]
+            tail = [self._chunk(t) for t in (released_text(report.final_events),) if t]
             if report.halt is not None:
                 tail.append(self._chunk(report.halt.notice, report.halt))
             for chunk in tail:

@@ -81,6 +81,8 @@ class _ChoiceState:
     logprobs: LogprobFilter = field(default_factory=LogprobFilter)
     report: Report | None = None
     halt: Halt | None = None
+    # The model sent ``delta.refusal`` text: it is judged like content and released there.
+    refusing: bool = False
 
     @property
     def done(self) -> bool:
@@ -171,8 +173,10 @@ class ChunkGuard:
             text = "".join(e.text for e in events if isinstance(e, Release))
             entries = self._released_logprobs(state, events)
             if text:
-                choice = Choice(index=index, delta=ChoiceDelta(content=text), finish_reason=None,
-                                logprobs=ChoiceLogprobs(content=entries) if entries else None)
+                field_name = "refusal" if state.refusing else "content"
+                logprobs = ChoiceLogprobs(**{field_name: entries}) if entries else None
+                choice = Choice(index=index, delta=ChoiceDelta(**{field_name: text}),
+                                finish_reason=None, logprobs=logprobs)
                 self._details += _details(index, _not_halts(events))
                 out.append(self._make_chunk(template, choice))
             if state.halt is not None and not self.raise_on_halt:
@@ -187,10 +191,15 @@ class ChunkGuard:
 
     def _feed(self, state: _ChoiceState, choice: Choice) -> list[Event]:
         text = choice.delta.content or ""
+        entries = list(choice.logprobs.content or ()) if choice.logprobs is not None else []
+        if choice.delta.refusal:  # the reader sees refusal text too, so it is judged the same
+            state.refusing = True
+            text += choice.delta.refusal
+            if choice.logprobs is not None:
+                entries += choice.logprobs.refusal or ()
         events: list[Event] = []
         if text:
-            entries = choice.logprobs.content if choice.logprobs is not None else None
-            state.logprobs.add(text, entries)
+            state.logprobs.add(text, entries or None)
             events = state.session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
             self._note_halt(state, events)
         if choice.finish_reason is not None and state.halt is None:
@@ -217,14 +226,20 @@ class ChunkGuard:
         out = choice.model_copy(deep=True)
         _drop_reasoning(out.delta)
         original = choice.delta.content
-        out.delta.content = released or (None if original is None else "")
         entries = self._released_logprobs(state, events)
         if state.halt is not None:
             out.finish_reason = None  # the halt chunk carries the finish reason
-        if out.logprobs is not None:
-            out.logprobs.content = entries or None
-        elif entries:  # held-back logprobs released by a chunk that had none of its own
-            out.logprobs = ChoiceLogprobs(content=entries)
+        if out.logprobs is None and entries:  # held back, released by a chunk without its own
+            out.logprobs = ChoiceLogprobs()
+        if state.refusing:
+            out.delta.content = None if original is None else ""
+            out.delta.refusal = released or None
+            if out.logprobs is not None:
+                out.logprobs.content, out.logprobs.refusal = None, entries or None
+        else:
+            out.delta.content = released or (None if original is None else "")
+            if out.logprobs is not None:
+                out.logprobs.content = entries or None
         delta = out.delta
         empty = (not delta.content and delta.role is None and not delta.tool_calls
                  and delta.function_call is None and delta.refusal is None
@@ -264,30 +279,35 @@ def guard_completion(guard: Guard, completion: ChatCompletion,
     details: list[dict[str, Any]] = []
     for choice in out.choices:
         _drop_reasoning(choice.message)
-        content = choice.message.content
-        if not content:
-            continue
-        session = guard.session(messages, metadata={**(metadata or {}), "choice": choice.index})
-        entries = choice.logprobs.content if choice.logprobs is not None else None
-        events = session.feed(StreamStep(text=content, logprobs=_token_logprobs(entries)))
-        report = session.finish()
-        events = [*events, *report.final_events]
-        released_logprobs = LogprobFilter()
-        released_logprobs.add(content, entries)
-        released_logprobs.see(events)
-        details += _details(choice.index, events)
-        if report.halt is not None:
-            if raise_on_halt:
-                raise GuardrailViolation(report.halt, report)
-            choice.message.content = report.halt.message
-            choice.message.tool_calls = None
-            choice.message.function_call = None
-            choice.finish_reason = CONTENT_FILTER
-            choice.logprobs = None
-        else:
-            choice.message.content = report.released_text
-            if choice.logprobs is not None:  # only entries of text shown verbatim
-                choice.logprobs.content = released_logprobs.take() or None
+        # Refusal text reaches the reader like content, so it is judged the same way.
+        for name in ("content", "refusal"):
+            text = getattr(choice.message, name)
+            if not text or choice.finish_reason == CONTENT_FILTER:
+                continue
+            session = guard.session(messages, metadata={**(metadata or {}),
+                                                        "choice": choice.index})
+            logprobs = choice.logprobs
+            entries = getattr(logprobs, name) if logprobs is not None else None
+            events = session.feed(StreamStep(text=text, logprobs=_token_logprobs(entries)))
+            report = session.finish()
+            events = [*events, *report.final_events]
+            released_logprobs = LogprobFilter()
+            released_logprobs.add(text, entries)
+            released_logprobs.see(events)
+            details += _details(choice.index, events)
+            if report.halt is not None:
+                if raise_on_halt:
+                    raise GuardrailViolation(report.halt, report)
+                choice.message.content = report.halt.message
+                choice.message.refusal = None
+                choice.message.tool_calls = None
+                choice.message.function_call = None
+                choice.finish_reason = CONTENT_FILTER
+                choice.logprobs = None
+            else:
+                setattr(choice.message, name, report.released_text)
+                if logprobs is not None:  # only entries of text shown verbatim
+                    setattr(logprobs, name, released_logprobs.take() or None)
     if details:
         out = out.model_copy(update={"guardrail": {"events": details}})
     return out

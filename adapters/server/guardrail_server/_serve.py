@@ -57,27 +57,33 @@ class RunningServer:
         return f"{self.url}/v1"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def running(app: Starlette, *, host: str = "127.0.0.1", port: int | None = None,
             start_timeout: float = 10.0) -> Iterator[RunningServer]:
     """Serve ``app`` with uvicorn in a daemon thread (a free port by default) until the block
     ends; yields a ``RunningServer`` with ``base_url``."""
-    port = port or _free_port(host)
+    # Bind here and hand uvicorn the socket: a port picked free and bound later could be taken
+    # by another process in between.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port or 0))
+    except OSError as exc:
+        sock.close()
+        raise GuardrailError(f"guardrail-server cannot listen on {host}:{port}: {exc}") from exc
+    port = int(sock.getsockname()[1])
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"guardrail-server:{port}", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name=f"guardrail-server:{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
+            sock.close()
             raise GuardrailError(f"guardrail-server did not start on {host}:{port}")
         time.sleep(0.01)
     try:
@@ -85,6 +91,7 @@ def running(app: Starlette, *, host: str = "127.0.0.1", port: int | None = None,
     finally:
         server.should_exit = True
         thread.join(timeout=5)
+        sock.close()
 
 
 def load_local_model(name: str) -> LocalModel:

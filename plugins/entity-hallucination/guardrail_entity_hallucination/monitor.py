@@ -47,6 +47,7 @@ from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
 from guardrail.probes.io import ProbeFileError
 
+from .logit_stats import token_stats
 from .probe import DEFAULT_WEIGHTS, AnyEntityProbe, load_entity_probe, shipped_threshold
 from .span_probe import STATS, EntitySpanProbe
 from .spans import EntitySpan, find_entities
@@ -64,6 +65,7 @@ class _Token:
     prev: float = 0.0  # span head: its dot product with the "prev" blocks' weights
     surprisal: float = math.nan  # span head: the token's surprisal and entropy
     entropy: float = math.nan
+    extras: dict[str, float] = field(default_factory=dict)  # span head: margin, rank if read
 
     @property
     def ready(self) -> bool:
@@ -80,30 +82,19 @@ class _State:
     waiting: _Token | None = None  # generator: the token whose state comes with the next step
     waiting_extras: dict[str, float] = field(default_factory=dict)
     before: _Token | None = None  # the last token resolved out of ``pending`` (a span's "prev")
+    # Running sums of the known surprisal of tokens [0, i): a span's "prefix" level in O(1).
+    prefix_sum: list[float] = field(default_factory=lambda: [0.0])
+    prefix_count: list[int] = field(default_factory=lambda: [0])
 
 
 
 
-def _token_stats(logits: np.ndarray, ids: Sequence[int]) -> dict[str, list[float]]:
-    """Surprisal and entropy (nats) of tokens ``ids`` (-1: unknown, NaN surprisal) under the
-    distributions of the row-aligned ``logits (n, vocab)``.
-
-    Numpy on the max-shifted logits ``z``: with ``s = sum(exp z)``, ``log p = z - log s``, so the
-    surprisal is ``log s - z[id]`` and the entropy ``log s - sum(exp(z) z) / s`` (every term of
-    that sum is small: no cancellation). One pass fewer than a log-softmax followed by ``exp``."""
-    surprisal: list[float] = []
-    entropy: list[float] = []
-    z = np.empty(logits.shape[-1], dtype=np.float32)
-    e = np.empty_like(z)
-    for r, token_id in enumerate(ids):
-        row = logits[r]
-        np.subtract(row, row.max(), out=z)
-        np.exp(z, out=e)
-        total = float(e.sum())
-        log_total = math.log(total)
-        entropy.append(log_total - float(np.dot(e, z)) / total)
-        surprisal.append(log_total - float(z[token_id]) if token_id >= 0 else math.nan)
-    return {"surprisal": surprisal, "entropy": entropy}
+def _token_stats(logits: np.ndarray, ids: Sequence[int],
+                 names: Sequence[str] = STATS) -> dict[str, list[float]]:
+    """``names`` (surprisal and entropy in nats, and the ``TOKEN_EXTRAS`` a head reads) of
+    tokens ``ids`` (-1: unknown, NaN) under the distributions of the row-aligned ``logits (n,
+    vocab)``: ``logit_stats.token_stats``, numpy on the max-shifted logits in one pass."""
+    return token_stats(logits, ids, None, names)
 
 
 class EntityHallucinationMonitor(Monitor):
@@ -142,13 +133,23 @@ class EntityHallucinationMonitor(Monitor):
             raise ValueError("option 'spans: tokens' scores every token alone; the probe in "
                              f"{self.options.weights or DEFAULT_WEIGHTS} is a span head, which "
                              "scores whole entities (use 'spans: heuristic' or a token probe)")
-        # The per-token statistics the probe reads (surprisal, entropy), if any.
+        # The per-token statistics the probe reads (surprisal, entropy, margin, rank), if any.
         self._stat_names: tuple[str, ...] = (
-            (STATS if self.probe.reads_stats else ()) if isinstance(self.probe, EntitySpanProbe)
+            self._span_stats(self.probe) if isinstance(self.probe, EntitySpanProbe)
             else self.probe.features)
         # The loaded probe's own threshold (0.5 for paper probes). The core reads the class
         # attribute today, so policies using ``weights``/``probe_dir`` should set ``threshold``.
         self.default_threshold = self.probe.threshold  # type: ignore[misc]
+
+    @staticmethod
+    def _span_stats(probe: EntitySpanProbe) -> tuple[str, ...]:
+        if not probe.reads_stats:
+            return ()
+        needs = probe.token_needs
+        if "top_entity" in needs:  # would need the tokenizer's vocabulary in both modes
+            raise ValueError("this span head reads 'top_entity_first', which the monitor does "
+                             "not compute")
+        return STATS + tuple(n for n in ("margin", "rank") if n in needs)
 
     def _load(self) -> AnyEntityProbe:
         if self.options.probe_dir:
@@ -188,16 +189,28 @@ class EntityHallucinationMonitor(Monitor):
             raise ValueError("this entity probe reads surprisal and entropy: it needs logits")
         logits = float32_rows(features.logits)
         ids = [-1 if t.id is None else t.id for t in features.tokens]
+        names = self._stat_names
         if generator:  # row i is the distribution token i was drawn from
-            return _token_stats(logits, ids)
+            return _token_stats(logits, ids, names)
         # observer: row i predicts token i + 1
         first = state.previous_logits
         state.previous_logits = logits[-1].copy()
         before = logits[:-1] if first is None else np.concatenate([first[None], logits[:-1]])
-        stats = _token_stats(before, ids[len(ids) - len(before):])
+        stats = _token_stats(before, ids[len(ids) - len(before):], names)
         if len(before) < len(ids):  # the first response token: no distribution here
             stats = {k: [math.nan, *v] for k, v in stats.items()}
         return stats
+
+    @staticmethod
+    def _count_prefix(state: _State, tokens: list[_Token]) -> None:
+        """Extend the running surprisal sums by ``tokens`` (assigned in index order)."""
+        for token in tokens:
+            if token.index != len(state.prefix_sum) - 1:
+                continue  # already counted, or a gap (cannot happen in order)
+            # the first response token counts in neither mode (the observer has no row for it)
+            known = token.index > 0 and math.isfinite(token.surprisal)
+            state.prefix_sum.append(state.prefix_sum[-1] + (token.surprisal if known else 0.0))
+            state.prefix_count.append(state.prefix_count[-1] + int(known))
 
     def _score_new(self, state: _State, features: Features, tokens: list[_Token]) -> None:
         all_rows: dict[int, np.ndarray] = {}
@@ -211,6 +224,7 @@ class EntityHallucinationMonitor(Monitor):
         extras = self._extras(state, features, generator)
         if not generator:
             self._assign(tokens, all_rows, extras)
+            self._count_prefix(state, tokens)
             return
         # Generator: row j is the state after the token before tokens[j].
         targets = ([state.waiting] if state.waiting is not None else []) + tokens[:-1]
@@ -226,6 +240,7 @@ class EntityHallucinationMonitor(Monitor):
             state.waiting_extras = {n: extras[n][-1] for n in names}
         if targets:
             self._assign(targets, target_rows, target_extras)
+            self._count_prefix(state, targets)
         state.waiting = tokens[-1]
 
     def _assign(self, tokens: list[_Token], rows: dict[int, np.ndarray],
@@ -245,6 +260,7 @@ class EntityHallucinationMonitor(Monitor):
             if extras is not None:
                 token.surprisal = extras["surprisal"][r]
                 token.entropy = extras["entropy"][r]
+                token.extras = {n: extras[n][r] for n in extras if n not in STATS}
 
     # -- entity resolution ---------------------------------------------------------------------
 
@@ -284,7 +300,7 @@ class EntityHallucinationMonitor(Monitor):
             if not final and not (span.final and complete and scored):
                 break
             before = tokens[i - 1] if i > 0 else state.before
-            out.extend(self._span_scores(members, span, before))
+            out.extend(self._span_scores(members, span, before, self._prefix(state, members)))
             state.emitted_until = span.end
             i, k = j, k + 1
         if i > 0:
@@ -292,8 +308,15 @@ class EntityHallucinationMonitor(Monitor):
         state.pending = tokens[i:]
         return out
 
+    @staticmethod
+    def _prefix(state: _State, members: list[_Token]) -> float:
+        """The mean known surprisal of the tokens before the span (NaN: none)."""
+        at = min(members[0].index, len(state.prefix_sum) - 1)
+        n = state.prefix_count[at]
+        return state.prefix_sum[at] / n if n else math.nan
+
     def _span_scores(self, members: list[_Token], span: EntitySpan,
-                     before: _Token | None = None) -> list[Score]:
+                     before: _Token | None = None, prefix: float = math.nan) -> list[Score]:
         """The scores of one resolved entity's tokens: each token's own (token probe), or the
         span head's score of the entity for every token (none when no token has a state, e.g.
         the last token of a generator stream). ``before`` is the token resolved just before
@@ -309,9 +332,11 @@ class EntityHallucinationMonitor(Monitor):
             return []
         prev = before.prev if (before is not None and before.dot is not None
                                and before.index == members[0].index - 1) else None
+        extras = {n: [t.extras.get(n, math.nan) for t in known]
+                  for n in self._stat_names if n not in STATS}
         value = probe.score([t.dot for t in known if t.dot is not None],
                             [t.surprisal for t in known], [t.entropy for t in known], span.kind,
-                            prev)
+                            prev, extras, prefix)
         return [Score(t.index, value, where, span.kind) for t in members]
 
     def update(self, state: _State, features: Features) -> list[Score]:
@@ -320,6 +345,8 @@ class EntityHallucinationMonitor(Monitor):
             state.previous_logits, state.waiting = None, None
             if state.before is not None and state.before.index >= features.first_index:
                 state.before = None
+            del state.prefix_sum[features.first_index + 1:]
+            del state.prefix_count[features.first_index + 1:]
             cut = features.tokens[0].start if features.tokens else len(features.text)
             state.emitted_until = min(state.emitted_until, cut)  # entities after it are new
         new = [_Token(features.first_index + n, t.start, t.end)

@@ -52,14 +52,31 @@ from guardrail.probes.io import LoadedProbe, ProbeFileError, save_probe
 
 from .spans import EntitySpan
 
-__all__ = ["KINDS", "POOLS", "SPAN_FEATURES", "SPAN_STATES_VERSION", "EntitySpanProbe",
-           "StateBlock", "save_span_probe", "span_features", "span_from_loaded", "span_members"]
+__all__ = ["ALL_FEATURES", "EXTRA_FEATURES", "FEATURE_NEEDS", "KINDS", "POOLS",
+           "SPAN_FEATURES", "SPAN_STATES_VERSION", "TOKEN_EXTRAS", "EntitySpanProbe",
+           "StateBlock", "prefix_surprisal", "save_span_probe", "span_features",
+           "span_from_loaded", "span_members"]
 
 KINDS = ("NAME", "NUMBER", "DATE")
 SPAN_FEATURES = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max",
                  "entropy_mean", "entropy_first", "log_tokens",
                  *(f"kind_{k}" for k in KINDS))
 STATS = ("surprisal", "entropy")
+# Logit features added in issue 23 (``logit_stats``): per token, besides surprisal and entropy,
+# the log-probability margin to the model's first choice, the token's rank, and whether the first
+# choice was another entity; per span, the text's own surprisal level before it (``prefix``).
+TOKEN_EXTRAS = ("margin", "rank", "top_entity")
+EXTRA_FEATURES = ("excess_max", "excess_mean", "excess_first", "surprisal_rest",
+                  "margin_max", "margin_mean", "margin_first", "log_rank_max", "log_rank_mean",
+                  "log_rank_first", "top_entity_first", "surprisal_rel_max",
+                  "surprisal_rel_mean")
+ALL_FEATURES = SPAN_FEATURES + EXTRA_FEATURES
+# What each extra feature reads besides the members' surprisal and entropy.
+FEATURE_NEEDS: dict[str, str] = {
+    **{f"margin_{a}": "margin" for a in ("max", "mean", "first")},
+    **{f"log_rank_{a}": "rank" for a in ("max", "mean", "first")},
+    "top_entity_first": "top_entity", "surprisal_rel_max": "prefix",
+    "surprisal_rel_mean": "prefix"}
 POOLS = ("mean", "prev")
 SPAN_STATES_VERSION = 2
 
@@ -79,20 +96,50 @@ class StateBlock:
                 **({"fill": self.fill} if self.pool == "prev" else {})}
 
 
-def span_features(surprisal: Sequence[float], entropy: Sequence[float], kind: str
-                  ) -> dict[str, float]:
+def _aggregate(out: dict[str, float], name: str, values: Sequence[float]) -> None:
+    known = [float(v) for v in values if math.isfinite(v)]
+    out[f"{name}_max"] = max(known) if known else math.nan
+    out[f"{name}_mean"] = math.fsum(known) / len(known) if known else math.nan
+    out[f"{name}_first"] = float(values[0]) if len(values) else math.nan
+
+
+def span_features(surprisal: Sequence[float], entropy: Sequence[float], kind: str,
+                  extras: Mapping[str, Sequence[float]] | None = None,
+                  prefix: float = math.nan) -> dict[str, float]:
     """The raw span features of one span from its member tokens' surprisal and entropy (NaN:
-    unknown, skipped; all unknown gives NaN, which standardises to 0)."""
+    unknown, skipped; all unknown gives NaN, which standardises to 0). ``extras``: the members'
+    ``TOKEN_EXTRAS`` where known; ``prefix``: the mean surprisal of the response's tokens before
+    the span (``prefix_surprisal``). Features whose inputs are missing are NaN."""
     out: dict[str, float] = {}
     for name, values in (("surprisal", surprisal), ("entropy", entropy)):
-        known = [float(v) for v in values if math.isfinite(v)]
-        out[f"{name}_max"] = max(known) if known else math.nan
-        out[f"{name}_mean"] = math.fsum(known) / len(known) if known else math.nan
-        out[f"{name}_first"] = float(values[0]) if len(values) else math.nan
+        _aggregate(out, name, values)
     out["log_tokens"] = math.log(max(1, len(surprisal)))
     for k in KINDS:
         out[f"kind_{k}"] = float(kind == k)
+    # Extra features (issue 23): surprisal beyond what the distribution's spread predicts, the
+    # rest of the span after its first token, and the span against the text's own level.
+    _aggregate(out, "excess", [s - e for s, e in zip(surprisal, entropy, strict=True)])
+    rest = [float(v) for v in surprisal[1:] if math.isfinite(v)]
+    out["surprisal_rest"] = math.fsum(rest) / len(rest) if rest else math.nan
+    extras = extras or {}
+    margin = extras.get("margin")
+    _aggregate(out, "margin", margin if margin is not None else [math.nan])
+    rank = extras.get("rank")
+    _aggregate(out, "log_rank", [math.log1p(v) if math.isfinite(v) else math.nan
+                                 for v in rank] if rank is not None else [math.nan])
+    top = extras.get("top_entity")
+    out["top_entity_first"] = float(top[0]) if top is not None and len(top) else math.nan
+    out["surprisal_rel_max"] = out["surprisal_max"] - prefix
+    out["surprisal_rel_mean"] = out["surprisal_mean"] - prefix
     return out
+
+
+def prefix_surprisal(surprisal: Sequence[float], start: int) -> float:
+    """The mean of the known surprisal values of tokens ``[1, start)`` (NaN when none): the
+    text's own surprisal level before a span that starts at token ``start``. The first token
+    never counts: observer streams have no distribution for it, generator streams do."""
+    known = [float(v) for v in surprisal[1:start] if math.isfinite(v)]
+    return math.fsum(known) / len(known) if known else math.nan
 
 
 def span_members(offsets: Sequence[Sequence[int]], spans: Sequence[EntitySpan]
@@ -166,8 +213,15 @@ class EntitySpanProbe:
 
     @property
     def reads_stats(self) -> bool:
-        """Whether any feature reads surprisal or entropy (the monitor then needs logits)."""
-        return any(name.split("_")[0] in STATS for name in self.features)
+        """Whether any feature reads the logits (surprisal, entropy or a ``TOKEN_EXTRAS``)."""
+        return any(name != "log_tokens" and not name.startswith("kind_")
+                   for name in self.features)
+
+    @property
+    def token_needs(self) -> frozenset[str]:
+        """The ``TOKEN_EXTRAS`` (and ``"prefix"``) its features read beyond surprisal and
+        entropy."""
+        return frozenset(FEATURE_NEEDS[n] for n in self.features if n in FEATURE_NEEDS)
 
     @cached_property
     def _weights(self) -> tuple[np.ndarray, list[float], float, list[float], list[float]]:
@@ -212,17 +266,20 @@ class EntitySpanProbe:
                 [float(v) for v in total[:, 1].tolist()])
 
     def logit(self, dots: Sequence[float], surprisal: Sequence[float],
-              entropy: Sequence[float], kind: str, prev: float | None = None) -> float:
+              entropy: Sequence[float], kind: str, prev: float | None = None,
+              extras: Mapping[str, Sequence[float]] | None = None,
+              prefix: float = math.nan) -> float:
         """The span's logit from its members' dot products (``dots``, the ``mean`` part), their
         surprisal and entropy (as many values as ``dots``) and the ``prev`` part of the token
-        before the entity (None: no such token, the blocks' ``fill``)."""
+        before the entity (None: no such token, the blocks' ``fill``); ``extras`` and
+        ``prefix`` as in ``span_features``, for heads that read them."""
         if not dots:
             raise ValueError("a span needs at least one token with a state")
         _, w_features, bias, mean, std = self._weights
         value = math.fsum(dots) / len(dots) + bias
         if self.reads_prev:
             value += self.prev_fill if prev is None else prev
-        raw = span_features(surprisal, entropy, kind)
+        raw = span_features(surprisal, entropy, kind, extras, prefix)
         for k, name in enumerate(self.features):
             z = (raw[name] - mean[k]) / std[k]
             if math.isfinite(z):  # NaN (unknown): the training mean, 0
@@ -230,9 +287,11 @@ class EntitySpanProbe:
         return value
 
     def score(self, dots: Sequence[float], surprisal: Sequence[float],
-              entropy: Sequence[float], kind: str, prev: float | None = None) -> float:
+              entropy: Sequence[float], kind: str, prev: float | None = None,
+              extras: Mapping[str, Sequence[float]] | None = None,
+              prefix: float = math.nan) -> float:
         """The span's sigmoid score (see ``logit``)."""
-        return _sigmoid(self.logit(dots, surprisal, entropy, kind, prev))
+        return _sigmoid(self.logit(dots, surprisal, entropy, kind, prev, extras, prefix))
 
 
 def save_span_probe(probe: EntitySpanProbe, weights: Path, config: Mapping[str, Any]) -> Path:
@@ -264,10 +323,10 @@ def span_from_loaded(loaded: LoadedProbe) -> EntitySpanProbe:
         raise ProbeFileError(f"{where}: key 'span_features.names' is missing (a span head lists "
                              f"its features; known: {list(SPAN_FEATURES)})")
     names = tuple(str(n) for n in block["names"])
-    unknown = [n for n in names if n not in SPAN_FEATURES]
+    unknown = [n for n in names if n not in ALL_FEATURES]
     if unknown:
         raise ProbeFileError(f"{where}: key 'span_features.names' has {unknown}; known: "
-                             f"{list(SPAN_FEATURES)}")
+                             f"{list(ALL_FEATURES)}")
     stats = {}
     for key in ("mean", "std"):
         values = block.get(key)

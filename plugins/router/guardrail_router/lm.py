@@ -21,14 +21,9 @@ from guardrail.observer.generation import end_of_turn_ids, greedy_batch, left_pa
 from guardrail.observer.hf import cache_kwarg, quiet_loading
 from guardrail.observer.model import render_context
 
+from .sentences import sentence_end
+
 __all__ = ["ChatLM", "PositionFeatures", "StepOutput", "load_chat_lm", "sentence_end"]
-
-_SENTENCE_END = (".", "!", "?", "\n")
-
-
-def sentence_end(text: str) -> bool:
-    """True when a token's text ends a sentence (R2R's rule: ``.``, ``!``, ``?`` or a newline)."""
-    return any(mark in text for mark in _SENTENCE_END)
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from guardrail.monitor import Message
-from guardrail.probes.heads import RouterHead
 
+from .head import RouterHead
 from .lm import ChatLM, StepOutput, sentence_end
 
 __all__ = ["RoutedGenerator", "RoutedOutput", "Scorer", "entropy_scorer", "max_prob_scorer",

@@ -37,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
-from guardrail.probes.heads import RouterHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
+
+from .head import RouterHead
 
 __all__ = ["DEFAULT_WEIGHTS", "RouterMonitor", "embedding_table", "top_values"]
 

@@ -34,7 +34,7 @@ from guardrail.guard import Guard
 from guardrail.monitor import Message
 from guardrail.session import GuardSession, Report
 
-from .lm import sentence_end
+from .sentences import sentence_end
 
 __all__ = ["RemoteRouter", "RoutedSegment"]
 

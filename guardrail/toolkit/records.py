@@ -1,0 +1,159 @@
+"""Labelled stream data (JSON Lines) and replaying it through a guard.
+
+One record a line (docs/quickstart.md, "Measure a policy on labelled data")::
+
+    {"prompt": str, "response": str, "label": 0|1 (optional),
+     "spans": [{"start": int, "end": int, "label": 0|1}] (optional, char offsets into response)}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GuardrailError
+from ..events import Flag, Route, event_to_dict
+from ..guard import Guard
+from ..session import GuardSession, Report
+
+__all__ = ["Record", "SpanLabel", "random_splits", "read_records", "replay_record",
+           "replay_summary"]
+
+
+def random_splits(text: str, seed: int = 0, max_size: int = 12) -> list[str]:
+    """Cut ``text`` into random deltas (1..max_size chars), reproducibly: how replays and
+    evaluations feed a record's response, as a live stream would."""
+    rng = random.Random(seed)
+    out, pos = [], 0
+    while pos < len(text):
+        size = rng.randint(1, max_size)
+        out.append(text[pos:pos + size])
+        pos += size
+    return out
+
+
+@dataclass(frozen=True)
+class SpanLabel:
+    start: int
+    end: int
+    label: int
+
+
+@dataclass(frozen=True)
+class Record:
+    prompt: str
+    response: str
+    label: int | None = None
+    spans: tuple[SpanLabel, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DataError(GuardrailError):
+    """A data file has a bad line; the message names the file and line."""
+
+
+def _bad(path: Path, line: int, message: str) -> DataError:
+    return DataError(f"{path}:{line}: {message}")
+
+
+def read_records(path: str | Path) -> Iterator[Record]:
+    """Records of a JSON Lines file, validated; blank lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise _bad(path, n, f"not JSON: {exc.msg}") from None
+            if not isinstance(data, dict):
+                raise _bad(path, n, "a record is a JSON object")
+            prompt, response = data.get("prompt", ""), data.get("response")
+            if not isinstance(response, str):
+                raise _bad(path, n, "field 'response' must be a string")
+            if not isinstance(prompt, str):
+                raise _bad(path, n, "field 'prompt' must be a string")
+            label = data.get("label")
+            if label is not None and label not in (0, 1):
+                raise _bad(path, n, f"field 'label' must be 0 or 1, got {label!r}")
+            spans = []
+            for k, span in enumerate(data.get("spans") or []):
+                try:
+                    s = SpanLabel(int(span["start"]), int(span["end"]), int(span["label"]))
+                except (KeyError, TypeError, ValueError):
+                    raise _bad(path, n, f"spans[{k}] needs integer start, end, label") from None
+                if not 0 <= s.start <= s.end <= len(response) or s.label not in (0, 1):
+                    raise _bad(path, n, f"spans[{k}] is outside the response or has a bad label")
+                spans.append(s)
+            extra = {k: v for k, v in data.items() if k not in {"prompt", "response", "label",
+                                                                 "spans"}}
+            yield Record(prompt, response, label, tuple(spans), extra)
+
+
+def stream_record(guard: Guard, record: Record, seed: int, *,
+                  record_scores: bool = False) -> tuple[Report, GuardSession]:
+    """Feed a record's response through a session in random-sized deltas (reproducible)."""
+    session = guard.session(prompt=record.prompt, record_scores=record_scores)
+    for delta in random_splits(record.response, seed=seed):
+        session.feed(delta)
+        if session.halted is not None:
+            break
+    return session.finish(), session
+
+
+def leaked_tokens(record: Record, report: Report, offsets: list[tuple[int, int]]) -> int:
+    """Harmful tokens the reader saw: released tokens inside positive spans (a harmful record
+    without spans counts every released token); for other records, tokens released at or after
+    the halt."""
+    released = offsets[: report.released_tokens]
+    positive = [s for s in record.spans if s.label == 1]
+    if positive:
+        return sum(1 for a, b in released if any(a < s.end and b > s.start for s in positive))
+    if record.label == 1:
+        return len(released)
+    return report.leaked_tokens
+
+
+def replay_record(guard: Guard, record: Record, index: int, *,
+                  on_stream: Callable[[int, Record, Report, list[tuple[int, int]]], None]
+                  | None = None) -> dict[str, Any]:
+    """The JSON line ``guardrail replay`` prints for one record (``on_stream`` also sees the
+    report, with scores, and the token offsets: ``--report`` renders them)."""
+    report, session = stream_record(guard, record, seed=index,
+                                    record_scores=on_stream is not None)
+    if on_stream is not None:
+        on_stream(index, record, report, session.token_offsets())
+    flags = [event_to_dict(f) for f in report.flags if isinstance(f, Flag)]
+    routes = [event_to_dict(r) for r in report.routes if isinstance(r, Route)]
+    return {
+        "index": index,
+        "tokens": report.tokens,
+        "released_tokens": report.released_tokens,
+        "halted": report.halted,
+        "halt_token": report.halt.at if report.halt else None,
+        "halt_monitor": report.halt.monitor if report.halt else None,
+        "flags": flags,
+        "routes": routes,
+        "errors": [event_to_dict(e) for e in report.errors],
+        "leaked_tokens": leaked_tokens(record, report, session.token_offsets()),
+        "released_chars": len(report.released_text),
+        "label": record.label,
+    }
+
+
+def replay_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts over replayed records (for the CLI's closing line)."""
+    return {
+        "records": len(rows),
+        "halted": sum(r["halted"] for r in rows),
+        "flagged": sum(bool(r["flags"]) for r in rows),
+        "routed": sum(bool(r["routes"]) for r in rows),
+        "errors": sum(bool(r["errors"]) for r in rows),
+    }

@@ -1,0 +1,11 @@
+"""Offline data for the entity-hallucination monitor.
+
+``python -m guardrail_entity_hallucination.training.data build --out DIR`` writes train/val/test
+JSON Lines (DESIGN.md §6 records with entity spans), ``paired.jsonl`` and
+``manifest.json``.
+"""
+
+from .build import BuildConfig, build_dataset
+from .sources import PINNED, SourceError, cache_dir, fetch_package
+
+__all__ = ["PINNED", "BuildConfig", "SourceError", "build_dataset", "cache_dir", "fetch_package"]
