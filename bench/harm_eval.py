@@ -81,7 +81,7 @@ def _rate(flags: list[int]) -> float | None:
 
 def _decisions(halts: list[int | None], lengths: list[int], labels: list[int]
                ) -> dict[str, Any]:
-    from guardrail.probes.metrics import fraction_seen, macro_f1
+    from guardrail.toolkit.metrics import fraction_seen, macro_f1
 
     preds = [int(h is not None) for h in halts]
     m = macro_f1(labels, preds)
@@ -116,8 +116,8 @@ def _guard(weights: Path, threshold: float, k: int) -> Any:
 def _eval_check(weights: Path, records: list[Any], scores: list[list[float]],
                 threshold: float, k: int, n: int, work: Path) -> dict[str, Any]:
     """``guardrail eval`` (real streamed sessions) on ``n`` records vs the cached computation."""
-    from guardrail.evaluate import evaluate
-    from guardrail.probes.calibrate import streaming_metrics
+    from guardrail.toolkit.calibrate import streaming_metrics
+    from guardrail.toolkit.evaluate import evaluate
 
     rng = random.Random(1)
     pos = [i for i, r in enumerate(records) if r.label == 1]
@@ -223,11 +223,11 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     )
     from guardrail_harmful_content.training.train import DEFAULT_LAYERS, load_observer
 
-    from guardrail.probes.calibrate import streaming_metrics
-    from guardrail.probes.features import extract_features
     from guardrail.probes.io import load_probe
-    from guardrail.probes.metrics import count_k_halt
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.calibrate import streaming_metrics
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.metrics import count_k_halt
+    from guardrail.toolkit.sources import cache_dir
 
     t0 = time.perf_counter()
     weights = weights or DEFAULT_WEIGHTS
@@ -582,9 +582,9 @@ def heads_only(weights: Path | None, compare: Path, data: Path | None,
     from guardrail_harmful_content.training.scoring import prefix_scores, stack_layers
     from guardrail_harmful_content.training.train import DEFAULT_LAYERS, load_observer
 
-    from guardrail.probes.features import extract_features
     from guardrail.probes.io import load_probe
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.sources import cache_dir
 
     weights = weights or DEFAULT_WEIGHTS
     probes = {"shipped": (weights, load_probe(weights)), "compare": (compare, load_probe(compare))}

@@ -34,8 +34,8 @@ def _cached(records: Sequence[Any]) -> list[Any]:
     token: the pool keeps only that of the spans)."""
     from guardrail_harmful_content.training.data.records import normalise  # noqa: F401 - plugin present
 
-    from guardrail.probes.features import CachedRecord
-    from guardrail.records import SpanLabel
+    from guardrail.toolkit.features import CachedRecord
+    from guardrail.toolkit.records import SpanLabel
 
     out = []
     for i, r in enumerate(records):
@@ -59,7 +59,7 @@ def recipe_scores(records: Sequence[Any], tags: Sequence[str], epochs: int,
     from guardrail_harmful_content.training.scoring import STACKED, prefix_scores, stack_layers
     from guardrail_harmful_content.training.train import LOSS_WEIGHTS
 
-    from guardrail.probes.train import train_head
+    from guardrail.toolkit.train import train_head
 
     cached = _cached(records)
     out: list[np.ndarray | None] = [None] * len(records)

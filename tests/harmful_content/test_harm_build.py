@@ -20,7 +20,7 @@ from guardrail_harmful_content.training.data.handwritten import (
 from guardrail_harmful_content.training.data.stopwords import STOPWORDS
 from guardrail_harmful_content.training.data.topics import TOPICS
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Reader = Callable[[Path, str], list[dict[str, Any]]]
 SPLITS = ("train", "val", "test")

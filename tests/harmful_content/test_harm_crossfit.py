@@ -26,11 +26,11 @@ from guardrail_harmful_content.training.losses import scm_loss_fn
 from guardrail_harmful_content.training.prefixes import prefix_views
 from guardrail_harmful_content.training.scoring import STACKED, stack_layers
 
-from guardrail.probes.calibrate import calibrate_count_k
-from guardrail.probes.features import CachedRecord
 from guardrail.probes.io import load_probe
-from guardrail.probes.train import collate
-from guardrail.records import SpanLabel
+from guardrail.toolkit.calibrate import calibrate_count_k
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.records import SpanLabel
+from guardrail.toolkit.train import collate
 
 
 def _cached(i: int, label: int, n: int, rng: torch.Generator) -> CachedRecord:

@@ -13,12 +13,12 @@ import torch
 from guardrail_harmful_content.head import DualHead
 from guardrail_harmful_content.training.losses import scm_loss, scm_loss_fn
 
-from guardrail.probes.calibrate import calibrate_count_k, streaming_metrics
-from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
-from guardrail.probes.features import extract_features, split_by_prompt
 from guardrail.probes.heads import build_head
 from guardrail.probes.io import load_probe, save_probe
-from guardrail.probes.train import response_auc_metric, score_records, train_head
+from guardrail.toolkit.calibrate import calibrate_count_k, streaming_metrics
+from guardrail.toolkit.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.features import extract_features, split_by_prompt
+from guardrail.toolkit.train import response_auc_metric, score_records, train_head
 
 
 def test_seeding_a_head_leaves_the_global_random_state_alone() -> None:

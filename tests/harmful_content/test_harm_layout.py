@@ -27,7 +27,7 @@ def test_the_shipped_head_loads_bit_identical() -> None:
 RUNTIME_ONLY = """
 import sys
 from guardrail import Guard
-from guardrail.probes.fake import PlantedObserver
+from guardrail.toolkit.fake import PlantedObserver
 from guardrail_harmful_content.monitor import HarmfulContentMonitor
 from guardrail.monitor import Features, MonitorContext
 from guardrail.stream import TokenSpan

@@ -13,7 +13,7 @@ from guardrail_harmful_content.training.data.replays import (
     write_replays,
 )
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Reader = Callable[[Path, str], list[dict[str, Any]]]
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guardrail.probes.heads import HEADS, ProbeHead
+from guardrail.probes.heads import ProbeHead, register_head
 
 __all__ = ["DualHead"]
 
@@ -25,6 +25,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@register_head
 class DualHead(ProbeHead):
     """SCM's heads on one layer: ``token_head = Linear(H, 2)`` after dropout, applied to every
     token, and a sequence head on the last real token in training. Class 1 is harmful.
@@ -142,5 +143,3 @@ class DualHead(ProbeHead):
         out.eval()
         return out
 
-
-HEADS.setdefault(DualHead.kind, DualHead)  # load_probe builds a saved head by its kind

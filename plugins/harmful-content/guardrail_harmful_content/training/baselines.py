@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guardrail.monitor import Needs
-from guardrail.probes.features import CachedRecord
+from guardrail.toolkit.features import CachedRecord
 
 from ..head import DualHead
 from ..pooling import stack_states

@@ -8,11 +8,11 @@ from typing import Any, cast
 
 import numpy as np
 
-from guardrail.probes.calibrate import StreamingResult, calibrate_count_k
-from guardrail.probes.features import CachedRecord
 from guardrail.probes.heads import ProbeHead
-from guardrail.probes.metrics import fraction_seen, macro_f1
-from guardrail.probes.train import MetricFn
+from guardrail.toolkit.calibrate import StreamingResult, calibrate_count_k
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.metrics import fraction_seen, macro_f1
+from guardrail.toolkit.train import MetricFn
 
 from ..head import DualHead
 from .crossfit import count_k_grid

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guardrail.probes.calibrate import StreamingResult
-from guardrail.probes.features import CachedRecord
+from guardrail.toolkit.calibrate import StreamingResult
+from guardrail.toolkit.features import CachedRecord
 
 from ..head import DualHead
 from ..pooling import prefix_mean

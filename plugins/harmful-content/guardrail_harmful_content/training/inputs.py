@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guardrail.probes.features import CachedRecord, extract_features
-from guardrail.sources import cache_dir
+from guardrail.toolkit.features import CachedRecord, extract_features
+from guardrail.toolkit.sources import cache_dir
 
 if TYPE_CHECKING:
     from .config import TrainConfig

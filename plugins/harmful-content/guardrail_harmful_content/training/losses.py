@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from guardrail.probes.heads import ProbeHead
-from guardrail.probes.losses import IGNORE
-from guardrail.probes.train import Batch, LossFn
+from guardrail.toolkit.losses import IGNORE
+from guardrail.toolkit.train import Batch, LossFn
 
 __all__ = ["ScmLoss", "scm_loss", "scm_loss_fn"]
 

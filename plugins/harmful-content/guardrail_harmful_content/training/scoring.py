@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from guardrail.probes.calibrate import streaming_metrics
-from guardrail.probes.features import CachedRecord
-from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
+from guardrail.toolkit.calibrate import streaming_metrics
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.metrics import best_threshold, macro_f1, roc_auc
 
 from ..head import DualHead
 from ..pooling import stack_states

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from guardrail.probes.features import CachedRecord
-from guardrail.probes.train import MetricFn, train_head
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.train import MetricFn, train_head
 
 from ..head import DualHead
 from .losses import scm_loss_fn

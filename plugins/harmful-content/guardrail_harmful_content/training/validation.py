@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from guardrail.probes.calibrate import StreamingResult
-from guardrail.probes.features import CachedRecord
-from guardrail.probes.metrics import count_k_halt
+from guardrail.toolkit.calibrate import StreamingResult
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.metrics import count_k_halt
 
 from ..head import DualHead
 from .calibration import grid_choice, grid_record, halt_summary, holdout_decision, streaming_metric
