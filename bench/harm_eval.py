@@ -43,8 +43,8 @@ def _render_selection(result: dict[str, Any]) -> str:
     return render_selection(result)
 
 
-# Run by hand (python -m guardrail_harmful_content.select, python -m bench.harm_loso): rendered
-# after this section.
+# Run by hand (python -m guardrail_harmful_content.training.select, python -m bench.harm_loso):
+# rendered after this section.
 EXTRA_RESULTS = {"harm_select": _render_selection, "harm_loso": _render_loso}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
@@ -59,7 +59,7 @@ K_SWEEP = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 100)
 
 
 def _stratified(records: list[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
-    from guardrail_harmful_content.train import subsample
+    from guardrail_harmful_content.training.train import subsample
 
     return subsample(records, n, seed)
 
@@ -81,7 +81,7 @@ def _rate(flags: list[int]) -> float | None:
 
 def _decisions(halts: list[int | None], lengths: list[int], labels: list[int]
                ) -> dict[str, Any]:
-    from guardrail.probes.metrics import fraction_seen, macro_f1
+    from guardrail.toolkit.metrics import fraction_seen, macro_f1
 
     preds = [int(h is not None) for h in halts]
     m = macro_f1(labels, preds)
@@ -116,8 +116,8 @@ def _guard(weights: Path, threshold: float, k: int) -> Any:
 def _eval_check(weights: Path, records: list[Any], scores: list[list[float]],
                 threshold: float, k: int, n: int, work: Path) -> dict[str, Any]:
     """``guardrail eval`` (real streamed sessions) on ``n`` records vs the cached computation."""
-    from guardrail.evaluate import evaluate
-    from guardrail.probes.calibrate import streaming_metrics
+    from guardrail.toolkit.calibrate import streaming_metrics
+    from guardrail.toolkit.evaluate import evaluate
 
     rng = random.Random(1)
     pos = [i for i, r in enumerate(records) if r.label == 1]
@@ -208,26 +208,26 @@ def _medians(halts: list[int | None], lengths: list[int], labels: list[int]
 def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         max_test: int | None = MAX_TEST, progress: bool = True,
         compare: Path | None = None) -> dict[str, Any]:
-    from guardrail_harmful_content.baselines import keyword_halt, windowed_halts
-    from guardrail_harmful_content.data import BuildConfig, build_dataset
-    from guardrail_harmful_content.data.own_answers import KIND as OWN_KIND
-    from guardrail_harmful_content.data.topics import TOPICS
+    from guardrail_harmful_content.head import DualHead
     from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
-    from guardrail_harmful_content.scoring import (
+    from guardrail_harmful_content.training.baselines import keyword_halt, windowed_halts
+    from guardrail_harmful_content.training.data import BuildConfig, build_dataset
+    from guardrail_harmful_content.training.data.own_answers import KIND as OWN_KIND
+    from guardrail_harmful_content.training.data.topics import TOPICS
+    from guardrail_harmful_content.training.scoring import (
         budget_curve,
         full_report,
         prefix_scores,
         stack_layers,
         streaming_report,
     )
-    from guardrail_harmful_content.train import DEFAULT_LAYERS, load_observer
+    from guardrail_harmful_content.training.train import DEFAULT_LAYERS, load_observer
 
-    from guardrail.probes.calibrate import streaming_metrics
-    from guardrail.probes.features import extract_features
-    from guardrail.probes.heads import DualHead
     from guardrail.probes.io import load_probe
-    from guardrail.probes.metrics import count_k_halt
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.calibrate import streaming_metrics
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.metrics import count_k_halt
+    from guardrail.toolkit.sources import cache_dir
 
     t0 = time.perf_counter()
     weights = weights or DEFAULT_WEIGHTS
@@ -370,7 +370,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
 
 
 def _tag(record: Any) -> str:
-    from guardrail_harmful_content.data.tags import source_tag
+    from guardrail_harmful_content.training.data.tags import source_tag
 
     return str(record.extra.get("source_tag") or source_tag(str(record.extra.get("source", "")),
                                                             str(record.extra.get("kind", ""))))
@@ -389,7 +389,7 @@ def _subsets(head: dict[str, Any], scores: list[list[float]], records: list[Any]
     """One head's streaming and full-detection figures (its own rule) on the whole test split
     and on the split as it was before session 23 (without the hand-written records), so that
     heads scored on either split can be compared on the same records."""
-    from guardrail_harmful_content.scoring import full_report, streaming_report
+    from guardrail_harmful_content.training.scoring import full_report, streaming_report
 
     parts = {"whole": list(range(len(records))),
              "without_handwritten": [i for i, r in enumerate(records)
@@ -576,15 +576,15 @@ def heads_only(weights: Path | None, compare: Path, data: Path | None,
     """The shipped head and ``compare`` on the cached features of the test split, without the
     baselines (``--heads-only``): the ``heads`` block of a full run, for a result written before
     another head was to be compared. Reads the observer only for records not in the cache."""
-    from guardrail_harmful_content.data import BuildConfig, build_dataset
+    from guardrail_harmful_content.head import DualHead
     from guardrail_harmful_content.monitor import DEFAULT_WEIGHTS
-    from guardrail_harmful_content.scoring import prefix_scores, stack_layers
-    from guardrail_harmful_content.train import DEFAULT_LAYERS, load_observer
+    from guardrail_harmful_content.training.data import BuildConfig, build_dataset
+    from guardrail_harmful_content.training.scoring import prefix_scores, stack_layers
+    from guardrail_harmful_content.training.train import DEFAULT_LAYERS, load_observer
 
-    from guardrail.probes.features import extract_features
-    from guardrail.probes.heads import DualHead
     from guardrail.probes.io import load_probe
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.sources import cache_dir
 
     weights = weights or DEFAULT_WEIGHTS
     probes = {"shipped": (weights, load_probe(weights)), "compare": (compare, load_probe(compare))}

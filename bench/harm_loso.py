@@ -32,10 +32,10 @@ from .common import write_result
 def _cached(records: Sequence[Any]) -> list[Any]:
     """Pool records as the trainer's ``CachedRecord`` (token labels from the first harmful
     token: the pool keeps only that of the spans)."""
-    from guardrail_harmful_content.data.records import normalise  # noqa: F401 - plugin present
+    from guardrail_harmful_content.training.data.records import normalise  # noqa: F401 - plugin present
 
-    from guardrail.probes.features import CachedRecord
-    from guardrail.records import SpanLabel
+    from guardrail.toolkit.features import CachedRecord
+    from guardrail.toolkit.records import SpanLabel
 
     out = []
     for i, r in enumerate(records):
@@ -52,13 +52,14 @@ def _cached(records: Sequence[Any]) -> list[Any]:
 def recipe_scores(records: Sequence[Any], tags: Sequence[str], epochs: int,
                   folds: Sequence[str] | None) -> list[np.ndarray | None]:
     """Out-of-source prefix scores of the shipped recipe (``None`` for folds not run)."""
-    from guardrail_harmful_content.loso import loso_folds
-    from guardrail_harmful_content.prefixes import prefix_views
-    from guardrail_harmful_content.scoring import STACKED, prefix_scores, stack_layers
-    from guardrail_harmful_content.train import LOSS_WEIGHTS
+    from guardrail_harmful_content.head import DualHead
+    from guardrail_harmful_content.training.loso import loso_folds
+    from guardrail_harmful_content.training.losses import scm_loss_fn
+    from guardrail_harmful_content.training.prefixes import prefix_views
+    from guardrail_harmful_content.training.scoring import STACKED, prefix_scores, stack_layers
+    from guardrail_harmful_content.training.train import LOSS_WEIGHTS
 
-    from guardrail.probes.heads import DualHead
-    from guardrail.probes.train import scm_loss_fn, train_head
+    from guardrail.toolkit.train import train_head
 
     cached = _cached(records)
     out: list[np.ndarray | None] = [None] * len(records)
@@ -85,7 +86,7 @@ def recipe_scores(records: Sequence[Any], tags: Sequence[str], epochs: int,
 def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
              max_false_halts: float, max_read: float) -> dict[str, Any]:
     """One rule chosen on the out-of-source scores; figures per source and pooled."""
-    from guardrail_harmful_content.select import (
+    from guardrail_harmful_content.training.select import (
         KS,
         THRESHOLDS,
         _grid_summary,
@@ -113,7 +114,7 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
 
 def render(result: dict[str, Any]) -> str:
     """The per-source comparison for docs/benchmarks.md."""
-    from guardrail_harmful_content.select import render as table
+    from guardrail_harmful_content.training.select import render as table
 
     same = result.get("pooled_same_folds") or result["pooled"]
     lines = ["### Harmful content out of source: the shipped recipe against the pooled probe", "",
@@ -132,7 +133,7 @@ def render(result: dict[str, Any]) -> str:
 def render_selection(report: dict[str, Any]) -> str:
     """The LOSO selection's per-source figures (``select.py``'s report), and the head shipped
     before it on the sources it never trained on when the report carries them."""
-    from guardrail_harmful_content.select import render as table
+    from guardrail_harmful_content.training.select import render as table
 
     chosen = report["chosen"]
     status = "shipped" if report.get("shipped") else "candidate, not shipped"
@@ -161,8 +162,8 @@ def render_selection(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from guardrail_harmful_content.pooled import fit_loso
-    from guardrail_harmful_content.select import load_parts
+    from guardrail_harmful_content.training.pooled import fit_loso
+    from guardrail_harmful_content.training.select import load_parts
 
     parser = argparse.ArgumentParser(prog="python -m bench.harm_loso")
     parser.add_argument("--pool", type=Path, nargs="+", required=True)

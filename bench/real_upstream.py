@@ -249,8 +249,8 @@ def unused_longfact_prompts() -> list[str]:
     """LongFact prompts that the harmful-content build's template answers do not use, in the
     order SmolLM2's own answers take them: the first ``TEST_FIRST`` (100) of these are in the
     build's test split, so a run of up to 100 measures prompts the head was not trained on."""
-    from guardrail_harmful_content.data.longform import default_longfact_dir, read_longfact
-    from guardrail_harmful_content.data.own_answers import prompt_order
+    from guardrail_harmful_content.training.data.longform import default_longfact_dir, read_longfact
+    from guardrail_harmful_content.training.data.own_answers import prompt_order
 
     return [p.prompt for p in prompt_order(read_longfact(default_longfact_dir()))]
 

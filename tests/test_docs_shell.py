@@ -24,7 +24,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Commands of other projects: shown to users, not ours to check.
 EXTERNAL = {"litellm"}
 # Commands fast enough to run here: a prefix of the line -> a rewrite of output paths into tmp.
-RUN = ("guardrail eval", "python -m guardrail_harmful_content.data build --out /tmp/tiny",
+RUN = ("guardrail eval", "python -m guardrail_harmful_content.training.data build --out /tmp/tiny",
        "python -m guardrail_entity_hallucination.training.data build --out /tmp/tiny")
 
 

@@ -95,9 +95,10 @@ def test_entity_pairs_differ_only_at_fabricated_spans() -> None:
 def _training_modules() -> list[Path]:
     files: list[Path] = []
     for pkg in (ROOT / "plugins").glob("*/guardrail_*"):
-        files += [p for p in (pkg / "data").rglob("*") if p.is_file()]
-        files += [p for p in pkg.glob("*.py") if p.stem.startswith("train") or
-                  p.stem == "crossfit"]
+        for base in (pkg, pkg / "training"):  # a plugin's training code may sit in training/
+            files += [p for p in (base / "data").rglob("*") if p.is_file()]
+            files += [p for p in base.glob("*.py") if p.stem.startswith("train") or
+                      p.stem == "crossfit"]
     return files
 
 

@@ -3,15 +3,10 @@
 - ``token_bce`` / ``span_max_bce`` / ``annealed_loss``: the entity-hallucination probe's loss,
   token BCE (entity tokens weighted) annealed into span-max BCE: ``(1-w)*token + w*span_max`` with
   ``w = min(1, progress / warmup)``.
-- ``scm_loss``: ``alpha*token CE + beta*sequence CE + gamma*logic`` with the logic-consistency term
-  ``-log(clamp(1 - p_seq + p_seq * max_t p_tok, 1e-8))``: "if the response is harmful, some token
-  is".
 - ``weighted_bce`` with ``positive_weight`` (``n0/n1``): R2R's router loss.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +14,9 @@ from torch import Tensor
 
 __all__ = [
     "IGNORE",
-    "ScmLoss",
     "anneal_weight",
     "annealed_loss",
     "positive_weight",
-    "scm_loss",
     "span_max_bce",
     "token_bce",
     "weighted_bce",
@@ -86,40 +79,6 @@ def annealed_loss(token_loss: Tensor, span_loss: Tensor, progress: float,
     """``(1 - w) * token_loss + w * span_loss`` with ``w = anneal_weight(progress, warmup)``."""
     w = anneal_weight(progress, warmup)
     return (1.0 - w) * token_loss + w * span_loss
-
-
-class ScmLoss(NamedTuple):
-    total: Tensor
-    token: Tensor
-    sequence: Tensor
-    logic: Tensor
-
-
-def scm_loss(
-    token_logits: Tensor,
-    sequence_logits: Tensor,
-    token_labels: Tensor,
-    sequence_labels: Tensor,
-    alpha: float = 0.6,
-    beta: float | None = None,
-    gamma: float = 1.0,
-) -> ScmLoss:
-    """SCM's loss. ``token_logits (B, T, 2)``, ``sequence_logits (B, 2)``, ``token_labels (B, T)``
-    (``-100`` for prompt, padding and special tokens), ``sequence_labels (B,)``; ``beta`` defaults
-    to ``1 - alpha``. The logic term's max runs over the tokens with a label."""
-    beta = 1.0 - alpha if beta is None else beta
-    valid = token_labels != IGNORE
-    if valid.any():
-        token = F.cross_entropy(token_logits.reshape(-1, 2), token_labels.reshape(-1).long(),
-                                ignore_index=IGNORE)
-    else:
-        token = _zero(token_logits)
-    sequence = F.cross_entropy(sequence_logits, sequence_labels.long())
-    p_seq = torch.softmax(sequence_logits, dim=-1)[:, 1]
-    p_tok = torch.softmax(token_logits, dim=-1)[..., 1] * valid.to(token_logits.dtype)
-    g = p_tok.max(dim=1).values
-    logic = -torch.log(torch.clamp(1.0 - p_seq + p_seq * g, min=1e-8)).mean()
-    return ScmLoss(alpha * token + beta * sequence + gamma * logic, token, sequence, logic)
 
 
 def positive_weight(labels: Tensor) -> float:

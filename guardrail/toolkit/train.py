@@ -5,8 +5,8 @@ and masks), runs AdamW for some epochs with a progress bar, validates each epoch
 ``metric_fn`` (higher is better) and keeps the best weights. The head and loss are pluggable:
 
 - ``entity_loss()``: token BCE with entity weights annealed into span-max BCE (linear probe);
-- ``scm_loss_fn()``: SCM's token CE + sequence CE + logic loss (``DualHead``);
-- a head's plugin may ship its own (the router plugin's ``router_loss_fn``);
+- a head's plugin may ship its own (the router plugin's ``router_loss_fn``, the harmful-content
+  plugin's ``scm_loss_fn``);
 - or any ``loss_fn(head, batch, progress) -> Tensor``.
 
 Validation metrics: ``token_auc_metric``, ``span_auc_metric``, ``response_auc_metric``,
@@ -26,13 +26,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..probes.heads import DualHead, ProbeHead
+from ..probes.heads import ProbeHead
 from .calibrate import calibrate_count_k
 from .features import CachedRecord
 from .losses import (
     IGNORE,
     annealed_loss,
-    scm_loss,
     span_max_bce,
     token_bce,
 )
@@ -47,7 +46,6 @@ __all__ = [
     "collate",
     "entity_loss",
     "response_auc_metric",
-    "scm_loss_fn",
     "score_records",
     "span_auc_metric",
     "streaming_f1_metric",
@@ -147,35 +145,23 @@ def entity_loss(warmup: float = 1.0) -> LossFn:
     return loss
 
 
-def scm_loss_fn(alpha: float = 0.6, beta: float | None = None, gamma: float = 1.0) -> LossFn:
-    """SCM's loss for a ``DualHead``: needs response labels on every record."""
-
-    def loss(head: ProbeHead, batch: Batch, progress: float) -> Tensor:
-        if bool((batch.labels == IGNORE).any()):
-            raise ValueError("SCM training needs a response label on every record")
-        token_logits, sequence_logits = head(batch.hidden, batch.mask)
-        return scm_loss(token_logits, sequence_logits, batch.token_labels, batch.labels,
-                        alpha, beta, gamma).total
-
-    return loss
-
-
 @torch.no_grad()
 def score_records(head: ProbeHead, records: Sequence[CachedRecord], layer: int,
                   batch_size: int = 16) -> list[list[float]]:
-    """Per-token scores in [0, 1] of each record: a linear probe's sigmoid, a dual head's prefix
-    score (sequence head at every position), or a head's own ``score_batch(batch)`` (a head
-    with inputs besides the states: the router plugin's)."""
+    """Per-token scores in [0, 1] of each record: a head's own ``score_batch(batch)`` (a head
+    with inputs besides the states: the router plugin's), its ``score(hidden)`` (a linear
+    probe's sigmoid, the harmful-content plugin's prefix score), else the sigmoid of its logit."""
     was_training = head.training
     head.eval()
     out: list[list[float]] = []
     for i in range(0, len(records), batch_size):
         batch = collate(records[i : i + batch_size], layer)
         score_batch = getattr(head, "score_batch", None)
+        score = getattr(head, "score", None)
         if score_batch is not None:
             scores = score_batch(batch)
-        elif isinstance(head, DualHead):
-            scores = head.score(batch.hidden)
+        elif callable(score):
+            scores = score(batch.hidden)
         else:
             scores = torch.sigmoid(head(batch.hidden))
         for row, r in enumerate(batch.records):

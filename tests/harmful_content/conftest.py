@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_harmful_content.data import BuildConfig, SourceError, build_dataset, fetch_package
-from guardrail_harmful_content.data.longform import default_longfact_dir
+from guardrail_harmful_content.training.data import (
+    BuildConfig,
+    SourceError,
+    build_dataset,
+    fetch_package,
+)
+from guardrail_harmful_content.training.data.longform import default_longfact_dir
 
 
 def _require_sources() -> None:

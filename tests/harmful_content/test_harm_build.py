@@ -9,14 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guardrail_harmful_content.data import BuildConfig, build_dataset
-from guardrail_harmful_content.data.__main__ import main
-from guardrail_harmful_content.data.augment import OPENINGS
-from guardrail_harmful_content.data.handwritten import BENIGN_KINDS, HARMFUL_KINDS, default_sets
-from guardrail_harmful_content.data.stopwords import STOPWORDS
-from guardrail_harmful_content.data.topics import TOPICS
+from guardrail_harmful_content.training.data import BuildConfig, build_dataset
+from guardrail_harmful_content.training.data.__main__ import main
+from guardrail_harmful_content.training.data.augment import OPENINGS
+from guardrail_harmful_content.training.data.handwritten import (
+    BENIGN_KINDS,
+    HARMFUL_KINDS,
+    default_sets,
+)
+from guardrail_harmful_content.training.data.stopwords import STOPWORDS
+from guardrail_harmful_content.training.data.topics import TOPICS
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Reader = Callable[[Path, str], list[dict[str, Any]]]
 SPLITS = ("train", "val", "test")

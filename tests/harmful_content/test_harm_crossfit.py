@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from guardrail_harmful_content.crossfit import (
+from guardrail_harmful_content.head import DualHead
+from guardrail_harmful_content.training.crossfit import (
     count_k_grid,
     fit_packed,
     grouped_folds,
@@ -21,15 +22,15 @@ from guardrail_harmful_content.crossfit import (
     packed_loss,
     prefix_items,
 )
-from guardrail_harmful_content.prefixes import prefix_views
-from guardrail_harmful_content.scoring import STACKED, stack_layers
+from guardrail_harmful_content.training.losses import scm_loss_fn
+from guardrail_harmful_content.training.prefixes import prefix_views
+from guardrail_harmful_content.training.scoring import STACKED, stack_layers
 
-from guardrail.probes.calibrate import calibrate_count_k
-from guardrail.probes.features import CachedRecord
-from guardrail.probes.heads import DualHead
 from guardrail.probes.io import load_probe
-from guardrail.probes.train import collate, scm_loss_fn
-from guardrail.records import SpanLabel
+from guardrail.toolkit.calibrate import calibrate_count_k
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.records import SpanLabel
+from guardrail.toolkit.train import collate
 
 
 def _cached(i: int, label: int, n: int, rng: torch.Generator) -> CachedRecord:
@@ -160,3 +161,18 @@ def test_crossfit_training_records_the_protocol(
     assert trainer([*args, "--train-layers", "2", "--sequence-hidden", "4"]) == 0
     head = load_probe(out / "harmful_content.safetensors").head
     assert isinstance(head, DualHead) and head.sequence_hidden == 8
+
+
+def test_a_strategy_refuses_settings_it_cannot_run_before_reading_data(tmp_path: Path) -> None:
+    from guardrail_harmful_content.training.train import TrainConfig, train
+    from guardrail_harmful_content.training.validation import CrossFold
+
+    missing = tmp_path / "no-build"  # never read: the settings are refused first
+    with pytest.raises(ValueError, match="trains one layer"):
+        train(TrainConfig(data=missing, layers=(0, 2), validation=CrossFold(folds=3),
+                          progress=False))
+    with pytest.raises(ValueError, match=r"--train-layers \[3\] are not among"):
+        train(TrainConfig(data=missing, layers=(0, 2), train_layers=(3,), progress=False))
+    with pytest.raises(FileNotFoundError, match="no train split"):
+        train(TrainConfig(data=missing, layers=(2,), validation=CrossFold(folds=3),
+                          cache=tmp_path, progress=False))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from guardrail_harmful_content.data.banks import BANKS, BENIGN_REQUESTS
-from guardrail_harmful_content.data.hard_negatives import (
+from guardrail_harmful_content.training.data.banks import BANKS, BENIGN_REQUESTS
+from guardrail_harmful_content.training.data.hard_negatives import (
     FRAMINGS,
     benign_request_examples,
     topic_examples,
 )
-from guardrail_harmful_content.data.longform import subject_of
-from guardrail_harmful_content.data.topics import TOPICS
+from guardrail_harmful_content.training.data.longform import subject_of
+from guardrail_harmful_content.training.data.topics import TOPICS
 
 
 def test_same_seed_same_text_other_seed_other_text() -> None:

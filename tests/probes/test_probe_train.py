@@ -8,16 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail.probes.heads import DualHead, LinearProbe
+from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import load_probe, save_probe
-from guardrail.toolkit.calibrate import calibrate_count_k, streaming_metrics
-from guardrail.toolkit.fake import PLANTED_WORDS, PlantedObserver, planted_records, write_jsonl
+from guardrail.toolkit.fake import PlantedObserver
 from guardrail.toolkit.features import CachedRecord, extract_features, split_by_prompt
 from guardrail.toolkit.train import (
     collate,
     entity_loss,
-    response_auc_metric,
-    scm_loss_fn,
     score_records,
     span_auc_metric,
     token_auc_metric,
@@ -67,27 +64,6 @@ def test_best_epoch_weights_are_kept(observer: PlantedObserver, planted_data: Pa
     assert result.best_metric == max(v for v in values if v is not None)
     assert result.best_epoch == values.index(result.best_metric) + 1
     assert metric(result.head, val) == pytest.approx(result.best_metric)
-
-
-def test_scm_dual_head_halts_early_on_planted_harm(tmp_path: Path) -> None:
-    # SCM's sequence head learns from each record's last token only, so it needs the causal
-    # "memory" of a harmful word (prefix_strength) and more records than the token probes.
-    observer = PlantedObserver(hidden_size=8, num_layers=4, signal_words=PLANTED_WORDS,
-                               signal_layer=2, strength=4.0, prefix_strength=5.0)
-    data = write_jsonl(tmp_path / "d.jsonl", planted_records(160))
-    fs = extract_features(observer, data, tmp_path / "cache", layers=[2], progress=False)
-    train, val, test = split_by_prompt(fs.records, (0.6, 0.2, 0.2), seed=0)
-    result = train_head(DualHead(8), train, val, layer=2, loss_fn=scm_loss_fn(),
-                        metric_fn=response_auc_metric(2), epochs=6, lr=5e-2, weight_decay=0.1,
-                        progress=False)
-    chosen = calibrate_count_k(score_records(result.head, val, 2),
-                               [int(r.label or 0) for r in val], ks=range(1, 6))
-    on_test = streaming_metrics(score_records(result.head, test, 2),
-                                [int(r.label or 0) for r in test], chosen.threshold, chosen.k)
-    assert on_test.macro_f1 > 0.9
-    # Planted words sit at random places, so a streaming halt reads about half the response.
-    assert on_test.fraction_seen is not None and on_test.fraction_seen < 0.8
-    assert on_test.false_halt_rate is not None and on_test.false_halt_rate <= 0.1
 
 
 def test_trained_probe_round_trips_through_io(observer: PlantedObserver, planted_data: Path,

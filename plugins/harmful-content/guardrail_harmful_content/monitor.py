@@ -1,27 +1,5 @@
-"""The ``harmful-content`` monitor: SCM's streaming content monitor on the observer's states.
-
-For every response token it returns the sequence head's harm probability of the response up to
-that token (the backbone is causal, so the head on token ``i`` judges the prefix ending there).
-The policy's count rule turns these into a halt: SCM's delay-k rule halts once ``k`` prefixes
-scored at or above the threshold. Threshold and ``k`` were calibrated on validation data and are
-read from the shipped config (``weights/harmful_content.json``) into ``default_spec``, so
-``Guard.default()`` halts with them.
-
-The head reads the observer's hidden states of the layer(s) named in its config (or the
-generator's own states when an adapter sends them under the same layer numbers). Weights are
-loaded once per monitor object and shared by all its streams; a missing, unreadable or pickle
-weights file raises ``ProbeFileError`` naming the file.
-
-Per token the monitor runs on the generator's or observer's rows with numpy: the harm
-probability of a two-class softmax is the sigmoid of the logit difference, so a linear head
-reduces to one dot product per layer (a handful of small numpy calls instead of torch ops, whose
-dispatch dominates at one row per step). A head trained with ``pooling: prefix_mean`` also reads
-the mean of the response's states so far; its projection of the mean is the mean of the tokens'
-projections, so a stream's state is one float per token (kept so a routed stream can be cut
-back). An MLP sequence head (``sequence_hidden = m``) projects each state to its ``m`` hidden
-units the same way, so its stream keeps ``m`` floats per token, then applies GELU and the output
-row. A ``prefix_ema`` head (``halflife`` in its config) reads an exponentially weighted mean
-instead: the stream keeps the decayed sum and the decayed count of the projections.
+"""The ``harmful-content`` monitor: SCM's per-token harm probability of the response so far,
+in numpy on the observer's states (derived in docs/harmful-content.md, "How the monitor scores").
 """
 
 from __future__ import annotations
@@ -38,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
-from guardrail.probes.heads import DualHead
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
-from .scoring import POOLINGS, stack_states
+from .head import DualHead
+from .pooling import POOLINGS, stack_states
 
 __all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "HarmfulContentMonitor"]
 

@@ -14,7 +14,7 @@ def guardrail_register_monitors(register: RegisterMonitor) -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from .train import main
+    from .training.train import main
 
     return main(argv)
 

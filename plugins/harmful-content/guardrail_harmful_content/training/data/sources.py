@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guardrail.sources import SourceError, SourcePackage, cache_dir, fetch_wheel
+from guardrail.toolkit.sources import SourceError, SourcePackage, cache_dir, fetch_wheel
 
 __all__ = ["PINNED", "SourceError", "SourcePackage", "cache_dir", "fetch_package"]
 

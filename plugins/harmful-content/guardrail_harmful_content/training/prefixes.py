@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 
-from guardrail.probes.features import CachedRecord
+from guardrail.toolkit.features import CachedRecord
 
 __all__ = ["prefix_view", "prefix_views"]
 

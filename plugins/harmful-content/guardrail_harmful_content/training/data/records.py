@@ -1,4 +1,4 @@
-"""Training records in the DESIGN.md §6 format, with the builder's extra fields.
+"""Training records: the labelled-record format (docs/quickstart.md) plus the builder's fields.
 
 ``{"prompt", "response", "label", "spans", "source", "source_tag", "group", "kind", "sentences"}``:
 ``source_tag`` is the record's source for leave-one-source-out validation (``tags.py``); ``spans``

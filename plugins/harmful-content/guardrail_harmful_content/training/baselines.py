@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from guardrail.monitor import Needs
-from guardrail.probes.features import CachedRecord
-from guardrail.probes.heads import DualHead
+from guardrail.toolkit.features import CachedRecord
 
-from .scoring import stack_states
+from ..head import DualHead
+from ..pooling import stack_states
 
 __all__ = ["HARM_KEYWORDS", "WindowResult", "keyword_halt", "nemo_windows", "windowed_halts"]
 

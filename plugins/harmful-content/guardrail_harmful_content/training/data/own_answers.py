@@ -7,10 +7,10 @@ llama.cpp (bench/real_upstream). Here SmolLM2 answers LongFact prompts that the 
 do not use, and its answers become ``own_answer`` records, label 0 by construction (LongFact asks
 factual questions about objects and concepts; nothing is asked for that could be harmful).
 
-Generation (``python -m guardrail_harmful_content.data own-answers``) is greedy, batched, up to
-``max_new_tokens`` tokens, through the model's chat template, over the first ``count`` prompts of
-``prompt_order`` (a fixed shuffle). It appends one JSON line per answer, so an interrupted
-run resumes where it stopped; lines are checked against the prompt order on every read.
+Generation (``python -m guardrail_harmful_content.training.data own-answers``) is greedy, batched,
+up to ``max_new_tokens`` tokens, through the model's chat template, over the first ``count``
+prompts of ``prompt_order`` (a fixed shuffle). It appends one JSON line per answer, so an
+interrupted run resumes where it stopped; lines are checked against the prompt order on every read.
 
 Splitting: the first ``TEST_FIRST`` prompts and the held-out LongFact topics go to test (the
 false-halt measurement on a real llama.cpp server uses those same first prompts); the rest are
@@ -53,7 +53,7 @@ def prompt_order(longfact: Sequence[LongFactPrompt]) -> list[LongFactPrompt]:
 
 def default_answers_file() -> Path:
     """The shipped answers: SmolLM2-135M-Instruct's, written by ``generate_own_answers`` with the
-    default config (regenerate with ``python -m guardrail_harmful_content.data own-answers
+    default config (regenerate with ``python -m guardrail_harmful_content.training.data own-answers
     --out`` this path; the same lines come back)."""
     return Path(__file__).with_name("own_answers.jsonl")
 

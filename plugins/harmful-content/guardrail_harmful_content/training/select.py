@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
+from guardrail.toolkit.metrics import best_threshold, macro_f1, roc_auc
 
 from .pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
 
@@ -193,8 +193,8 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
     the shards a cut run left (the records of whole shards only)."""
     from safetensors.numpy import load_file
 
-    from guardrail.probes.features import token_labels
-    from guardrail.records import SpanLabel
+    from guardrail.toolkit.features import token_labels
+    from guardrail.toolkit.records import SpanLabel
 
     rows = [json.loads(x) for x in pool.read_text(encoding="utf-8").splitlines() if x.strip()]
     out: list[PoolRecord] = []
@@ -253,8 +253,8 @@ def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
 def extract(pool: Path, layers: Sequence[int]) -> Path:
     """Read a pool part with the embedded SmolLM2 once (``extract_features`` cache); the
     cache folder."""
-    from guardrail.probes.features import extract_features
-    from guardrail.sources import cache_dir
+    from guardrail.toolkit.features import extract_features
+    from guardrail.toolkit.sources import cache_dir
 
     from .train import load_observer
 

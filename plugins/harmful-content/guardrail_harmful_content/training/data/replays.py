@@ -37,7 +37,7 @@ _NOT_FOR_DEMOS_TEXT = re.compile(
 
 
 def default_replay_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "replays"
+    return Path(__file__).resolve().parents[2] / "replays"
 
 
 def _round_robin(items: Sequence[Example], key: Callable[[Example], str], n: int) -> list[Example]:

@@ -1,8 +1,8 @@
-"""``python -m guardrail_harmful_content.data build --out DIR [--seed N] [--limit N]
-[--own-answers FILE] [--no-handwritten]``, ``python -m guardrail_harmful_content.data
+"""``python -m guardrail_harmful_content.training.data build --out DIR [--seed N] [--limit N]
+[--own-answers FILE] [--no-handwritten]``, ``python -m guardrail_harmful_content.training.data
 handwritten FILE...`` (check writers' files and count them), ``python -m
-guardrail_harmful_content.data own-answers --out FILE [--count N]`` (the observed model's
-own answers to benign prompts; resumable) and ``python -m guardrail_harmful_content.data
+guardrail_harmful_content.training.data own-answers --out FILE [--count N]`` (the observed model's
+own answers to benign prompts; resumable) and ``python -m guardrail_harmful_content.training.data
 replays [--out DIR]``."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .sources import SourceError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.data")
+    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.training.data")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write train/val/test JSON Lines and manifest.json")
     build.add_argument("--out", type=Path, required=True, help="output folder")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardrail.probes.heads import DualHead
+from ..head import DualHead
 
 __all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "LinearProbe", "PoolRecord", "cut_positions",
            "decay_of", "fit_loso", "fit_probe", "pool_states", "row_matrix", "to_dual_head"]

