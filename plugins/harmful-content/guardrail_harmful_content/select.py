@@ -216,21 +216,30 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
                 first = next((j for j, v in enumerate(labs) if v == 1), 0)
             out.append(PoolRecord(str(row["source_tag"]), int(row["label"]), hidden, first,
                                   str(row.get("split", "")), str(row.get("kind", "")),
-                                  {"index": i, "key": (str(row["prompt"]), str(row["response"]))}))
+                                  {"index": i, "key": (str(row["prompt"]), str(row["response"])),
+                                   "offsets": tensors[f"{i}/offsets"]}))
     return out
 
 
 def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
     """The records of ``records`` that ``build`` holds (a pool part read before a source's file
     was final can hold answers since dropped or edited), each with its split in ``build``; a
-    record cut for the pool is found by its response's opening. Records of a source the build
-    does not hold at all (a set read as a part of its own) are kept as they are."""
+    record cut for the pool is found by its response's opening. A record the build relabelled
+    (``data/relabel.py``) takes the build's label, its first harmful token from the build's
+    spans. Records of a source the build does not hold at all (a set read as a part of its
+    own) are kept as they are."""
+    from guardrail.probes.features import token_labels
+    from guardrail.records import SpanLabel
+
     from .loso import read_pool_records
 
     where: dict[tuple[str, str], tuple[str, str, int]] = {}
+    relabelled: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in read_pool_records(build):
         where[(row["prompt"], row["response"])] = (row["split"], row["source_tag"],
                                                    int(row["label"]))
+        if row.get("relabel"):
+            relabelled[(row["prompt"], row["response"])] = list(row.get("spans") or [])
     by_prompt: dict[str, list[tuple[str, tuple[str, str, int]]]] = {}
     for (prompt, response), value in where.items():
         by_prompt.setdefault(prompt, []).append((response, value))
@@ -241,10 +250,22 @@ def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
             out.append(r)
             continue
         prompt, response = r.extra["key"]
-        found = where.get((prompt, response)) or next(
-            (v for full, v in by_prompt.get(prompt, []) if full.startswith(response)), None)
-        if found is None or found[1] != r.tag or found[2] != r.label:
+        full: str | None = response if (prompt, response) in where else next(
+            (f for f, _ in by_prompt.get(prompt, []) if f.startswith(response)), None)
+        found = None if full is None else where[(prompt, full)]
+        if found is None or found[1] != r.tag:
             continue
+        if found[2] != r.label:
+            assert full is not None
+            if (prompt, full) not in relabelled or "offsets" not in r.extra:
+                continue
+            r.label = found[2]
+            r.first_harm = None
+            if r.label == 1:
+                spans = [SpanLabel(int(s["start"]), int(s["end"]), 1)
+                         for s in relabelled[(prompt, full)]]
+                labs = token_labels(np.asarray(r.extra["offsets"]).tolist(), spans)
+                r.first_harm = next((j for j, v in enumerate(labs) if v == 1), 0)
         r.split = found[0]
         out.append(r)
     return out
