@@ -110,9 +110,10 @@ def _pool(seed: int = 0) -> list[PoolRecord]:
     return out
 
 
-def test_loso_scores_come_from_probes_that_never_saw_the_source() -> None:
+@pytest.mark.parametrize("fit", ["ridge", "logistic"])
+def test_loso_scores_come_from_probes_that_never_saw_the_source(fit: str) -> None:
     pool = _pool()
-    scored = fit_loso(pool, [3, 5], [(3,), (5,)], [1.0])
+    scored = fit_loso(pool, [3, 5], [(3,), (5,)], [1.0], fit=fit)
     # layer 3 carries the shared harm direction: out of source it separates every held-out
     # source; layer 5 is noise
     for layer, expect in ((3, True), (5, False)):
@@ -124,7 +125,7 @@ def test_loso_scores_come_from_probes_that_never_saw_the_source() -> None:
             benign = max(s for s, y in finals if y == 0)
             assert (harmful > benign) is expect, (layer, tag)
     # a fold's probe differs from the probe fitted on everything
-    everything = fit_probe(pool, [3], 1.0)
+    everything = fit_probe(pool, [3], 1.0, fit=fit)
     assert not np.allclose(everything.prefix_scores(pool[0]), scored[((3,), 1.0)][0])
 
 
@@ -136,11 +137,12 @@ def test_count_k_halts_match_the_rule() -> None:
     assert (table[1] == -1).all()
 
 
-@pytest.mark.parametrize("halflife", [None, 6.0])
+@pytest.mark.parametrize(("halflife", "fit"), [(None, "ridge"), (6.0, "ridge"),
+                                               (6.0, "logistic")])
 def test_the_shipped_form_scores_like_the_probe_through_the_monitor(
-        tmp_path: Path, halflife: float | None) -> None:
+        tmp_path: Path, halflife: float | None, fit: str) -> None:
     pool = _pool(1)
-    probe = fit_probe(pool, [3, 5], 0.5, halflife)
+    probe = fit_probe(pool, [3, 5], 0.5, halflife, fit=fit)
     head = to_dual_head(probe, 16)
     pooling = {"pooling": "prefix_mean"} if halflife is None else {"pooling": "prefix_ema",
                                                                    "halflife": halflife}

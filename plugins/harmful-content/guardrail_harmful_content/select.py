@@ -36,7 +36,7 @@ import numpy as np
 
 from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
 
-from .pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
+from .pooled import FITS, PoolRecord, fit_loso, fit_probe, to_dual_head
 
 __all__ = ["KS", "THRESHOLDS", "choose_rule", "halts", "load_parts", "load_pool", "main",
            "render", "source_metrics"]
@@ -167,7 +167,8 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     test = [r for r in records if r.split == "test"]
     if not train or not test:
         return {}
-    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
+    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+                      chosen.get("fit", "ridge"))
     scores = [probe.prefix_scores(r) for r in test]
     table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
     return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
@@ -301,11 +302,11 @@ def _say(msg: str) -> None:
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
         max_false_halts: float, max_read: float,
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
-        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None
-        ) -> dict[str, Any]:
+        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
+        fits: Sequence[str] = ("ridge",)) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (default: each layer of ``layers``, every pair and
     all of them together), at every ridge strength and pooling half-life (None: the prefix
-    mean)."""
+    mean), for each fit in ``fits`` (ridge, logistic)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -317,27 +318,29 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     if any(layer not in layers for s in layer_sets for layer in s):
         raise ValueError(f"layer sets {layer_sets} use layers outside {list(layers)}")
     n_tags = len({r.tag for r in records})
-    bar = tqdm(total=n_tags * len(halflives), desc="LOSO folds", unit="fold",
+    bar = tqdm(total=n_tags * len(halflives) * len(fits), desc="LOSO folds", unit="fold",
                disable=not progress)
-    scored: dict[tuple[tuple[int, ...], float, float | None], list[np.ndarray]] = {}
-    for halflife in halflives:
-        for (layer_set, lam), scores in fit_loso(
-                records, layers, layer_sets, ridges, halflife=halflife,
-                progress=lambda t: bar.update(1)).items():
-            scored[(layer_set, lam, halflife)] = scores
+    scored: dict[tuple[tuple[int, ...], float, float | None, str], list[np.ndarray]] = {}
+    for fit in fits:
+        for halflife in halflives:
+            for (layer_set, lam), scores in fit_loso(
+                    records, layers, layer_sets, ridges, halflife=halflife,
+                    progress=lambda t: bar.update(1), fit=fit).items():
+                scored[(layer_set, lam, halflife, fit)] = scores
     bar.close()
     labels = np.asarray([r.label for r in records])
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates: list[dict[str, Any]] = []
-    tables: dict[tuple[tuple[int, ...], float, float | None], np.ndarray] = {}
-    for (layer_set, lam, halflife), scores in tqdm(scored.items(), desc="rules", unit="head",
-                                                   disable=not progress):
+    tables: dict[tuple[tuple[int, ...], float, float | None, str], np.ndarray] = {}
+    for (layer_set, lam, halflife, fit), scores in tqdm(scored.items(), desc="rules",
+                                                        unit="head", disable=not progress):
         table = halts(scores, THRESHOLDS, KS)
         summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read, capped)
         j, k, met = choose_rule(summary)
-        tables[(layer_set, lam, halflife)] = table
+        tables[(layer_set, lam, halflife, fit)] = table
         candidates.append({"layers": list(layer_set), "ridge": lam, "halflife": halflife,
+                           "fit": fit,
                            "threshold": THRESHOLDS[j],
                            "k": KS[k], "constraint_met": met,
                            "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
@@ -352,7 +355,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                                           if c["constraint_met"]
                                           else -c["worst_benign_source_false_halt_rate"],
                                           -len(c["layers"])))
-    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"])
+    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"], best["fit"])
     table = tables[key]
     j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
     # full detection (the last token's score only), thresholded on the same out-of-source scores
@@ -370,7 +373,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                  "max_fraction_seen": max_read,
                  "capped_mixed_sources": list(capped)},
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
-                 "halflives": list(halflives),
+                 "halflives": list(halflives), "fits": list(fits),
                  "layer_sets": [list(s) for s in layer_sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
                                                       for t in sorted(set(tags))}},
@@ -408,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="feature cache folder of each --pool part, in the same order "
                              "(default: read the parts with SmolLM2 into the guardrail cache)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12, 15])
-    parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
+    parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
+                        help="L2 strengths (of each --fits)")
+    parser.add_argument("--fits", nargs="+", choices=FITS, default=["ridge"],
+                        help="ridge (closed form, Platt-scaled) and/or logistic")
     parser.add_argument("--halflives", nargs="+", default=["none"],
                         help="pooling half-lives in tokens ('none': the prefix mean)")
     parser.add_argument("--capped", nargs="*", default=list(CAPPED_MIXED),
@@ -440,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     layer_sets = (None if args.layer_sets is None
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
-                 halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets)
+                 halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets,
+                 fits=args.fits)
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:
@@ -456,7 +463,8 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     from .train import NAME
 
     chosen = report["chosen"]
-    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
+    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+                      chosen.get("fit", "ridge"))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
     head = to_dual_head(probe, hidden_size)
     config = {
@@ -472,9 +480,11 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
         "full_detection_threshold": chosen["full_detection_threshold"],
         "method": {"head": "linear probe on the pooled prefix of the layers' states "
                            "(mean, or exponentially weighted mean with 'halflife'): ridge on "
-                           "standardised rows, Platt-scaled (pooled.py); a one-unit MLP in the "
-                           "file carries its bias (pooled.to_dual_head)",
-                   "ridge": chosen["ridge"], "platt": {"a": probe.a, "c": probe.c},
+                           "standardised rows, Platt-scaled, or L2 logistic regression "
+                           "('fit'; pooled.py); a one-unit MLP in the file carries its bias "
+                           "(pooled.to_dual_head)",
+                   "fit": probe.fit, "ridge": chosen["ridge"],
+                   "platt": {"a": probe.a, "c": probe.c},
                    "selection": "leave-one-source-out (select.py)"},
         "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
                         "split": "leave-one-source-out", **report["caps"]},
