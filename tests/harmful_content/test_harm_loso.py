@@ -231,3 +231,19 @@ def test_selection_picks_the_layer_that_carries_harm_out_of_source(tmp_path: Pat
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
     assert monitor.k == chosen["k"]
     assert monitor.default_threshold == pytest.approx(chosen["threshold"])
+
+
+def test_selection_weighs_ridge_and_logistic_with_their_own_strengths(tmp_path: Path) -> None:
+    from guardrail_harmful_content.select import run, save_chosen
+
+    pool = _pool(2)
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9,
+                 halflives=(6.0,), layer_sets=[(3,)], fits=("ridge", "logistic"),
+                 strengths={"logistic": [10.0, 100.0]})
+    assert sorted((c["fit"], c["ridge"]) for c in report["candidates"]) == [
+        ("logistic", 10.0), ("logistic", 100.0), ("ridge", 1.0)]
+    chosen = report["chosen"]
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["method"]["fit"] == chosen["fit"]
+    assert config["method"]["ridge"] == chosen["ridge"]

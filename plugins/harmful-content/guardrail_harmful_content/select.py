@@ -4,9 +4,10 @@
 
 The pool (``loso.pool_sample`` of a build, every record with its ``source_tag``) is read once by
 the observer (``guardrail.probes.features`` cache, or the shards of a cut run). For every layer
-set, ridge strength and pooling (``--halflives``: the prefix mean, ``none``, or exponentially
-weighted means with these half-lives in tokens), ``pooled.fit_loso`` scores each record with the
-probe fitted without its source. The count-k rule ``(threshold, k)`` is then chosen on these
+set, fit (``--fits``: ridge, logistic), L2 strength (``--ridges``, ``--logistic-strengths``) and
+pooling (``--halflives``: the prefix mean, ``none``, or exponentially weighted means with these
+half-lives in tokens), ``pooled.fit_loso`` scores each record with the probe fitted without its
+source. The count-k rule ``(threshold, k)`` is then chosen on these
 out-of-source scores, one rule for every source: the candidate and rule with the best mean
 macro-F1 over the sources that hold harmful records, among those whose false-halt rate is at most
 ``--max-false-halts`` on every capped source and whose mean share of a harmful answer read is at
@@ -303,10 +304,12 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         max_false_halts: float, max_read: float,
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
         progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
-        fits: Sequence[str] = ("ridge",)) -> dict[str, Any]:
+        fits: Sequence[str] = ("ridge",),
+        strengths: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (default: each layer of ``layers``, every pair and
     all of them together), at every ridge strength and pooling half-life (None: the prefix
-    mean), for each fit in ``fits`` (ridge, logistic)."""
+    mean), for each fit in ``fits`` (ridge, logistic; ``strengths`` gives a fit its own L2
+    strengths instead of ``ridges``)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -324,7 +327,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     for fit in fits:
         for halflife in halflives:
             for (layer_set, lam), scores in fit_loso(
-                    records, layers, layer_sets, ridges, halflife=halflife,
+                    records, layers, layer_sets, (strengths or {}).get(fit, ridges),
+                    halflife=halflife,
                     progress=lambda t: bar.update(1), fit=fit).items():
                 scored[(layer_set, lam, halflife, fit)] = scores
     bar.close()
@@ -373,6 +377,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                  "max_fraction_seen": max_read,
                  "capped_mixed_sources": list(capped)},
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
+                 "strengths": {f: list((strengths or {}).get(f, ridges)) for f in fits},
                  "halflives": list(halflives), "fits": list(fits),
                  "layer_sets": [list(s) for s in layer_sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
@@ -415,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="L2 strengths (of each --fits)")
     parser.add_argument("--fits", nargs="+", choices=FITS, default=["ridge"],
                         help="ridge (closed form, Platt-scaled) and/or logistic")
+    parser.add_argument("--logistic-strengths", type=float, nargs="+", default=None,
+                        help="L2 strengths of the logistic fit (default: --ridges)")
     parser.add_argument("--halflives", nargs="+", default=["none"],
                         help="pooling half-lives in tokens ('none': the prefix mean)")
     parser.add_argument("--capped", nargs="*", default=list(CAPPED_MIXED),
@@ -447,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
                  halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets,
-                 fits=args.fits)
+                 fits=args.fits,
+                 strengths=({"logistic": args.logistic_strengths}
+                            if args.logistic_strengths else None))
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:
