@@ -39,8 +39,8 @@ from guardrail.probes.metrics import best_threshold, macro_f1, roc_auc
 
 from .pooled import FITS, PoolRecord, fit_loso, fit_probe, to_dual_head
 
-__all__ = ["KS", "THRESHOLDS", "choose_rule", "halts", "load_parts", "load_pool", "main",
-           "render", "source_metrics"]
+__all__ = ["KS", "THRESHOLDS", "candidate_name", "choose_rule", "halts", "load_parts",
+           "load_pool", "main", "render", "source_metrics"]
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
               0.995, 0.998, 0.999)
@@ -336,6 +336,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates: list[dict[str, Any]] = []
+    by_candidate: dict[str, Any] = {}
     tables: dict[tuple[tuple[int, ...], float, float | None, str], np.ndarray] = {}
     for (layer_set, lam, halflife, fit), scores in tqdm(scored.items(), desc="rules",
                                                         unit="head", disable=not progress):
@@ -352,6 +353,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                                float(summary["worst_fhr"][j, k]),
                            "pool_macro_f1": float(summary["pooled"][j, k]),
                            "fraction_seen": float(summary["read"][j, k])})
+        by_candidate[candidate_name(candidates[-1])] = per_source(
+            labels, tags, lengths, table[:, j, k], scores)
         if not progress:
             _say(json.dumps(candidates[-1]))
     best = max(candidates, key=lambda c: (c["constraint_met"],
@@ -368,6 +371,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     return {
         "chosen": best,
         "candidates": candidates,
+        "loso_by_candidate": by_candidate,
         "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
         "loso_nested": per_source(labels, tags, lengths,
                                   nested(labels, tags, lengths, table, max_false_halts, max_read,
@@ -384,6 +388,14 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                                                       for t in sorted(set(tags))}},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def candidate_name(candidate: Mapping[str, Any]) -> str:
+    """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15``."""
+    hl = candidate.get("halflife")
+    return (f"{candidate.get('fit', 'ridge')} {candidate['ridge']:g} "
+            f"{'mean' if hl is None else f'hl{hl:g}'} "
+            f"{','.join(str(x) for x in candidate['layers'])}")
 
 
 def _f(x: Any) -> str:
