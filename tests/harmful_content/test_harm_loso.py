@@ -247,3 +247,27 @@ def test_selection_weighs_ridge_and_logistic_with_their_own_strengths(tmp_path: 
     config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
     assert config["method"]["fit"] == chosen["fit"]
     assert config["method"]["ridge"] == chosen["ridge"]
+
+
+def test_upweighting_a_source_family_changes_the_fit_and_is_recorded(tmp_path: Path) -> None:
+    from guardrail_harmful_content.pooled import row_matrix
+    from guardrail_harmful_content.select import candidate_name, run, save_chosen
+
+    pool = _pool(2)
+    _, _, plain, owner = row_matrix(pool, [3], 6.0)
+    _, _, heavy, _ = row_matrix(pool, [3], 6.0, {"src:a": 3.0})
+    from_a = np.asarray([pool[i].tag == "src:a" for i in owner])
+    # each cell of the family sums to 3 instead of 1; the other cells keep their weight
+    assert heavy[from_a].sum() == pytest.approx(3 * plain[from_a].sum())
+    assert np.allclose(heavy[~from_a], plain[~from_a])
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9, halflives=(6.0,),
+                 layer_sets=[(3,)], upweights=(1.0, 3.0), upweight_prefix="src:a")
+    names = sorted(candidate_name(c) for c in report["candidates"])
+    assert names == ["ridge 1 hl6 3", "ridge 1 hl6 3 src:ax3"]
+    assert set(report["loso_by_candidate"]) == set(names)
+    # the weighted candidate, shipped: its weights carry the factor
+    report["chosen"] = {**next(c for c in report["candidates"] if c["upweight"]),
+                        "full_detection_threshold": 0.5}
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["method"]["upweight"] == {"src:a": 3.0}

@@ -13,7 +13,8 @@ Training rows: each record's prefix means at a few cut points (absolute and rela
 record's prefix counts as harmful once it has reached the record's first harmful token (from the
 spans), so a benign opening is not taught as harm. Rows are weighted so that every (source tag,
 label) cell weighs the same: no source (the model's own answers, one template family) dominates
-what harm looks like.
+what harm looks like; ``upweight`` scales the cells of the tags with a prefix (the hand-written
+sets: text nobody here generated).
 
 The fit is ``ridge`` (the default: closed form on weighted moments, so a fold subtracts its
 source's moments from the pool's) or ``logistic``: an L2 logistic regression on the same
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +41,9 @@ import torch
 
 from guardrail.probes.heads import DualHead
 
-__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "cut_positions",
-           "decay_of", "fit_logistic", "fit_loso", "fit_probe", "pool_states", "row_matrix",
-           "to_dual_head"]
+__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "cell_weight",
+           "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe", "pool_states",
+           "row_matrix", "to_dual_head"]
 
 CUT_TOKENS = (3, 7, 15, 31, 63)
 CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -109,12 +110,22 @@ def _prefix_label(record: PoolRecord, p: int) -> int:
     return int(p >= first)
 
 
+def cell_weight(tag: str, upweight: Mapping[str, float] | None) -> float:
+    """The total weight of a (tag, label) cell: the factor of the first ``upweight`` prefix
+    ``tag`` starts with, else 1."""
+    for prefix, factor in (upweight or {}).items():
+        if tag.startswith(prefix):
+            return float(factor)
+    return 1.0
+
+
 def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
-               halflife: float | None = None
+               halflife: float | None = None, upweight: Mapping[str, float] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training rows of ``records``: ``X (R, H*len(layers))`` float32 pooled prefixes, ``y (R,)``,
-    ``weights (R,)`` (each (tag, label) cell sums to one; each record's rows share its
-    weight equally), ``owner (R,)`` the record index of each row."""
+    ``weights (R,)`` (each (tag, label) cell sums to one, or to its ``upweight`` factor for a
+    tag with that prefix; each record's rows share its weight equally), ``owner (R,)`` the
+    record index of each row."""
     cell_size: dict[tuple[str, int], int] = defaultdict(int)
     for r in records:
         cell_size[(r.tag, r.label)] += 1
@@ -137,7 +148,8 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
             parts.append(pooled)
         xs.append(np.concatenate(parts, axis=1))
         ys.extend(_prefix_label(r, p) for p in cuts)
-        ws.extend([1.0 / (len(cuts) * cell_size[(r.tag, r.label)])] * len(cuts))
+        ws.extend([cell_weight(r.tag, upweight) / (len(cuts) * cell_size[(r.tag, r.label)])]
+                  * len(cuts))
         owner.extend([i] * len(cuts))
     return (np.concatenate(xs).astype(np.float32), np.asarray(ys, dtype=np.float64),
             np.asarray(ws, dtype=np.float64), np.asarray(owner, dtype=np.int64))
@@ -274,9 +286,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray, strength: fl
 
 
 def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
-              halflife: float | None = None, fit: str = "ridge") -> LinearProbe:
-    """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``)."""
-    x, y, w, _ = row_matrix(records, layers, halflife)
+              halflife: float | None = None, fit: str = "ridge",
+              upweight: Mapping[str, float] | None = None) -> LinearProbe:
+    """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
+    ``upweight``: see ``row_matrix``)."""
+    x, y, w, _ = row_matrix(records, layers, halflife, upweight)
     if fit == "logistic":
         coef, b, _ = fit_logistic(x, y, w, ridge)
         return LinearProbe(tuple(layers), coef, b, 1.0, 0.0, ridge, halflife, fit)
@@ -290,7 +304,8 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
 
 def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
-             progress: Any = None, halflife: float | None = None, fit: str = "ridge"
+             progress: Any = None, halflife: float | None = None, fit: str = "ridge",
+             upweight: Mapping[str, float] | None = None
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """Out-of-source prefix scores: for every layer set and L2 strength, every record scored
     by the probe (pooling ``halflife``, ``fit`` ridge or logistic) fitted on the records of all
@@ -298,7 +313,7 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
     all_layers = list(all_layers)
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    x, y, w, owner = row_matrix(records, all_layers, halflife)
+    x, y, w, owner = row_matrix(records, all_layers, halflife, upweight)
     width = x.shape[1] // len(all_layers)
     tags = sorted({r.tag for r in records})
     row_tag = np.asarray([records[i].tag for i in owner])

@@ -42,9 +42,12 @@ from .pooled import FITS, PoolRecord, fit_loso, fit_probe, to_dual_head
 __all__ = ["KS", "THRESHOLDS", "candidate_name", "choose_rule", "halts", "load_parts",
            "load_pool", "main", "render", "source_metrics"]
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
-              0.995, 0.998, 0.999)
-KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# Fine steps above 0.9: a logistic fit's scores crowd there, and a coarse step lands the rule
+# well inside a cap it could meet exactly.
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.905, 0.91, 0.915, 0.92, 0.925,
+              0.93, 0.935, 0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975, 0.98, 0.985,
+              0.99, 0.995, 0.996, 0.997, 0.998, 0.9985, 0.999, 0.9995)
+KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20, 24, 28, 32)
 
 
 def halts(scores: Sequence[np.ndarray], thresholds: Sequence[float], ks: Sequence[int]
@@ -169,7 +172,7 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     if not train or not test:
         return {}
     probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
-                      chosen.get("fit", "ridge"))
+                      chosen.get("fit", "ridge"), chosen.get("upweight"))
     scores = [probe.prefix_scores(r) for r in test]
     table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
     return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
@@ -305,11 +308,14 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
         progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
         fits: Sequence[str] = ("ridge",),
-        strengths: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
+        strengths: Mapping[str, Sequence[float]] | None = None,
+        upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:"
+        ) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (default: each layer of ``layers``, every pair and
     all of them together), at every ridge strength and pooling half-life (None: the prefix
     mean), for each fit in ``fits`` (ridge, logistic; ``strengths`` gives a fit its own L2
-    strengths instead of ``ridges``)."""
+    strengths instead of ``ridges``) and each factor in ``upweights`` on the cells of the tags
+    that start with ``upweight_prefix`` (``pooled.row_matrix``)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -321,31 +327,34 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     if any(layer not in layers for s in layer_sets for layer in s):
         raise ValueError(f"layer sets {layer_sets} use layers outside {list(layers)}")
     n_tags = len({r.tag for r in records})
-    bar = tqdm(total=n_tags * len(halflives) * len(fits), desc="LOSO folds", unit="fold",
-               disable=not progress)
-    scored: dict[tuple[tuple[int, ...], float, float | None, str], list[np.ndarray]] = {}
-    for fit in fits:
-        for halflife in halflives:
-            for (layer_set, lam), scores in fit_loso(
-                    records, layers, layer_sets, (strengths or {}).get(fit, ridges),
-                    halflife=halflife,
-                    progress=lambda t: bar.update(1), fit=fit).items():
-                scored[(layer_set, lam, halflife, fit)] = scores
+    bar = tqdm(total=n_tags * len(halflives) * len(fits) * len(upweights), desc="LOSO folds",
+               unit="fold", disable=not progress)
+    Key = tuple[tuple[int, ...], float, float | None, str, float]
+    scored: dict[Key, list[np.ndarray]] = {}
+    for factor in upweights:
+        for fit in fits:
+            for halflife in halflives:
+                for (layer_set, lam), scores in fit_loso(
+                        records, layers, layer_sets, (strengths or {}).get(fit, ridges),
+                        halflife=halflife, progress=lambda t: bar.update(1), fit=fit,
+                        upweight={upweight_prefix: factor}).items():
+                    scored[(layer_set, lam, halflife, fit, factor)] = scores
     bar.close()
     labels = np.asarray([r.label for r in records])
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates: list[dict[str, Any]] = []
     by_candidate: dict[str, Any] = {}
-    tables: dict[tuple[tuple[int, ...], float, float | None, str], np.ndarray] = {}
-    for (layer_set, lam, halflife, fit), scores in tqdm(scored.items(), desc="rules",
-                                                        unit="head", disable=not progress):
+    tables: dict[Key, np.ndarray] = {}
+    for (layer_set, lam, halflife, fit, factor), scores in tqdm(
+            scored.items(), desc="rules", unit="head", disable=not progress):
         table = halts(scores, THRESHOLDS, KS)
         summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read, capped)
         j, k, met = choose_rule(summary)
-        tables[(layer_set, lam, halflife, fit)] = table
+        tables[(layer_set, lam, halflife, fit, factor)] = table
         candidates.append({"layers": list(layer_set), "ridge": lam, "halflife": halflife,
                            "fit": fit,
+                           "upweight": {} if factor == 1 else {upweight_prefix: factor},
                            "threshold": THRESHOLDS[j],
                            "k": KS[k], "constraint_met": met,
                            "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
@@ -362,7 +371,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                                           if c["constraint_met"]
                                           else -c["worst_benign_source_false_halt_rate"],
                                           -len(c["layers"])))
-    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"], best["fit"])
+    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"], best["fit"],
+           float(next(iter(best["upweight"].values()), 1.0)))
     table = tables[key]
     j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
     # full detection (the last token's score only), thresholded on the same out-of-source scores
@@ -382,6 +392,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                  "capped_mixed_sources": list(capped)},
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
                  "strengths": {f: list((strengths or {}).get(f, ridges)) for f in fits},
+                 "upweights": list(upweights), "upweight_prefix": upweight_prefix,
                  "halflives": list(halflives), "fits": list(fits),
                  "layer_sets": [list(s) for s in layer_sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
@@ -393,9 +404,10 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
 def candidate_name(candidate: Mapping[str, Any]) -> str:
     """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15``."""
     hl = candidate.get("halflife")
+    up = "".join(f" {p}x{w:g}" for p, w in (candidate.get("upweight") or {}).items())
     return (f"{candidate.get('fit', 'ridge')} {candidate['ridge']:g} "
             f"{'mean' if hl is None else f'hl{hl:g}'} "
-            f"{','.join(str(x) for x in candidate['layers'])}")
+            f"{','.join(str(x) for x in candidate['layers'])}{up}")
 
 
 def _f(x: Any) -> str:
@@ -432,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="L2 strengths (of each --fits)")
     parser.add_argument("--fits", nargs="+", choices=FITS, default=["ridge"],
                         help="ridge (closed form, Platt-scaled) and/or logistic")
+    parser.add_argument("--upweights", nargs="+", type=float, default=[1.0],
+                        help="factors on the (source, label) cells of the tags that start with "
+                             "--upweight-prefix (each tried; 1: every cell weighs the same)")
+    parser.add_argument("--upweight-prefix", default="handwritten:")
     parser.add_argument("--logistic-strengths", type=float, nargs="+", default=None,
                         help="L2 strengths of the logistic fit (default: --ridges)")
     parser.add_argument("--halflives", nargs="+", default=["none"],
@@ -466,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
                  halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets,
-                 fits=args.fits,
+                 fits=args.fits, upweights=args.upweights,
+                 upweight_prefix=args.upweight_prefix,
                  strengths=({"logistic": args.logistic_strengths}
                             if args.logistic_strengths else None))
     report["in_split"] = in_split(records, report["chosen"])
@@ -485,7 +502,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
 
     chosen = report["chosen"]
     probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
-                      chosen.get("fit", "ridge"))
+                      chosen.get("fit", "ridge"), chosen.get("upweight"))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
     head = to_dual_head(probe, hidden_size)
     config = {
@@ -505,6 +522,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
                            "('fit'; pooled.py); a one-unit MLP in the file carries its bias "
                            "(pooled.to_dual_head)",
                    "fit": probe.fit, "ridge": chosen["ridge"],
+                   "upweight": chosen.get("upweight") or {},
                    "platt": {"a": probe.a, "c": probe.c},
                    "selection": "leave-one-source-out (select.py)"},
         "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
