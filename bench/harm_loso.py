@@ -136,19 +136,31 @@ def render_selection(report: dict[str, Any]) -> str:
     from guardrail_harmful_content.training.select import render as table
 
     chosen = report["chosen"]
-    status = "shipped" if report.get("shipped") else "candidate, not shipped"
+    status = report.get("status") or ("shipped" if report.get("shipped") else
+                                      "candidate, not shipped")
     pooling = ("prefix mean" if chosen.get("halflife") is None
                else f"exponentially weighted mean, half-life {chosen['halflife']:g} tokens")
     caps = report.get("caps") or {}
+    title = report.get("title") or "Harmful content out of source: the LOSO-chosen pooled probe"
     lines = [
-        f"### Harmful content out of source: the LOSO-chosen pooled probe ({status})",
+        f"### {title} ({status})",
         "", f"{report['pool']['records']} pool records, {len(report['pool']['sources'])} source "
-        f"tags; layers {chosen['layers']}, {pooling}, ridge {chosen['ridge']}, rule threshold "
+        f"tags; layers {chosen['layers']}, {pooling}, {chosen.get('fit', 'ridge')} (L2 "
+        f"{chosen['ridge']:g}), rule threshold "
         f"{chosen['threshold']}, k {chosen['k']}, chosen on out-of-source scores only (caps: "
         f"false halts <= {caps.get('max_false_halt_rate_per_benign_source')} on every capped "
         f"source, mean share read <= {caps.get('max_fraction_seen')}). Beside: the same probe "
         "fitted on the pool's train+val and scored on its test records.", "",
         table(report["loso"], report.get("in_split") or {}, ("LOSO", "in-split test"))]
+    recipe = report.get("shipped_recipe")
+    if recipe:
+        lines += ["", f"The recipe shipped before ({recipe['name']}, its rule chosen under the "
+                  "same caps) on the same pool, out of source, beside the chosen candidate:", "",
+                  table(report["loso"], recipe["loso"], ("chosen", "recipe before"))]
+    beside = report.get("beside")
+    if beside:
+        lines += ["", beside["text"], "",
+                  table(report["loso"], beside["loso"], ("chosen", beside["name"]))]
     before = report.get("shipped_before_on_handwritten")
     if before:
         mine = {t: report["loso"][t] for t in before if t in report["loso"]}

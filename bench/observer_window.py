@@ -9,8 +9,8 @@ over response tokens from three quarters of the smaller window on, and how many 
 their first flag at the same token. Run by hand (``python -m bench.observer_window``, about
 10 CPU-minutes); the result is rendered under bench/stream_cost.py's section.
 
-Needs the harm and entity data sets in the cache (``python -m guardrail_harmful_content.data``,
-the entity plugin's data build).
+Needs the harm and entity data sets in the cache
+(``python -m guardrail_harmful_content.training.data``, the entity plugin's data build).
 """
 
 from __future__ import annotations

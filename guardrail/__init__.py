@@ -7,7 +7,6 @@ sans-I/O session from LangChain, OpenAI-compatible clients, local generation and
 
 from __future__ import annotations
 
-from . import _moved
 from .errors import (
     GuardrailError,
     GuardrailViolation,
@@ -46,7 +45,6 @@ from .stream import StepToken, StreamStep, Tokenizer, TokenLogprob, TokenSpan, W
 
 __version__ = "0.1.0"
 
-_moved.install()  # the toolkit's old import paths, until nothing uses them
 
 __all__ = [
     "CONTENT_FILTER",

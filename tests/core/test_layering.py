@@ -7,7 +7,6 @@ side (``guardrail.toolkit``, a plugin's ``training/``). Plugin entry points stay
 from __future__ import annotations
 
 import ast
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -222,7 +221,7 @@ def test_what_a_distribution_imports_from_another_is_declared() -> None:
             if owner is None or OWNERS[owner] == OWNERS[top] or not imp.names:
                 continue
             target = _module_file(imp.module)
-            if target is None:  # an old path guardrail._moved keeps, or a typo the import finds
+            if target is None:  # a typo the import itself finds
                 continue
             declared = _declared(target)
             for name in imp.names:
@@ -274,20 +273,6 @@ def test_loading_plugins_and_building_the_cli_imports_no_heavy_stack() -> None:
 
 TOOLKIT = ROOT / CORE / "toolkit"
 TESTING = ROOT / CORE / "testing"
-# The loader of the toolkit's old import paths (``guardrail.sources`` and the like): an alias,
-# not runtime code; it goes when no distribution imports the old paths.
-ALIASES = ROOT / CORE / "_moved.py"
-
-
-def _moved_names() -> dict[str, str]:
-    spec = importlib.util.spec_from_file_location("moved", ALIASES)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return dict(module.MOVED)
-
-
-MOVED = _moved_names() if ALIASES.exists() else {}
 
 
 def _is(module: str, package: str) -> bool:
@@ -295,11 +280,10 @@ def _is(module: str, package: str) -> bool:
 
 
 def _toolkit_import(imp: Import) -> bool:
-    """``imp`` reaches the core toolkit: by its path, an old alias, or a name imported from
-    ``guardrail`` (``from guardrail import toolkit``)."""
+    """``imp`` reaches the core toolkit: by its path or a name imported from ``guardrail``
+    (``from guardrail import toolkit``)."""
     targets = [imp.module, *(f"{imp.module}.{n}" for n in imp.names)]
-    return any(_is(t, f"{CORE}.toolkit") or any(_is(t, old) for old in MOVED)
-               for t in targets)
+    return any(_is(t, f"{CORE}.toolkit") for t in targets)
 
 
 def _core_files(under: Path) -> list[Path]:
@@ -308,7 +292,7 @@ def _core_files(under: Path) -> list[Path]:
 
 def _core_runtime() -> list[Path]:
     return [f for f in _core_files(ROOT / CORE) if not f.is_relative_to(TOOLKIT)
-            and not f.is_relative_to(TESTING) and f != ALIASES]
+            and not f.is_relative_to(TESTING)]
 
 
 def test_the_core_runtime_never_imports_the_toolkit() -> None:

@@ -30,9 +30,9 @@ from guardrail_entity_hallucination.training.train_span import SpanRows
 from guardrail import Guard
 from guardrail.observer.hf import load_model_dir
 from guardrail.plugins import PluginHost
-from guardrail.probes.fake import write_jsonl
 from guardrail.testing import random_splits
 from guardrail.testing.tiny_models import build_tiny_model
+from guardrail.toolkit.fake import write_jsonl
 from guardrail.toolkit.features import CachedRecord, extract_features
 
 WORDS = ["Warsaw", "Tokyo", "Paris", "Rome", "Lima", "Oslo"]

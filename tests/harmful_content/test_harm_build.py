@@ -141,7 +141,8 @@ def test_cli_tiny_build_is_fast(tiny_build: Path, tmp_path: Path) -> None:
     assert main(["build", "--out", str(tmp_path / "cli"), "--limit", "5"]) == 0
     assert time.perf_counter() - start < 10
     total = sum(len((tmp_path / "cli" / f"{s}.jsonl").read_text().splitlines()) for s in SPLITS)
-    assert 0 < total <= 7 * 5 * 2  # seven source lists of at most 5, plus augmented copies
+    # seven source lists of at most 5 plus augmented copies, 5 own answers, 5 per hand-written set
+    assert 0 < total <= 7 * 5 * 2 + 5 + 5 * len(default_sets())
 
 
 def test_cli_names_a_missing_longfact_folder(tiny_build: Path, tmp_path: Path, capsys: Any) -> None:

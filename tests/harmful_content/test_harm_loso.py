@@ -110,9 +110,10 @@ def _pool(seed: int = 0) -> list[PoolRecord]:
     return out
 
 
-def test_loso_scores_come_from_probes_that_never_saw_the_source() -> None:
+@pytest.mark.parametrize("fit", ["ridge", "logistic"])
+def test_loso_scores_come_from_probes_that_never_saw_the_source(fit: str) -> None:
     pool = _pool()
-    scored = fit_loso(pool, [3, 5], [(3,), (5,)], [1.0])
+    scored = fit_loso(pool, [3, 5], [(3,), (5,)], [1.0], fit=fit)
     # layer 3 carries the shared harm direction: out of source it separates every held-out
     # source; layer 5 is noise
     for layer, expect in ((3, True), (5, False)):
@@ -124,7 +125,7 @@ def test_loso_scores_come_from_probes_that_never_saw_the_source() -> None:
             benign = max(s for s, y in finals if y == 0)
             assert (harmful > benign) is expect, (layer, tag)
     # a fold's probe differs from the probe fitted on everything
-    everything = fit_probe(pool, [3], 1.0)
+    everything = fit_probe(pool, [3], 1.0, fit=fit)
     assert not np.allclose(everything.prefix_scores(pool[0]), scored[((3,), 1.0)][0])
 
 
@@ -136,11 +137,12 @@ def test_count_k_halts_match_the_rule() -> None:
     assert (table[1] == -1).all()
 
 
-@pytest.mark.parametrize("halflife", [None, 6.0])
+@pytest.mark.parametrize(("halflife", "fit"), [(None, "ridge"), (6.0, "ridge"),
+                                               (6.0, "logistic")])
 def test_the_shipped_form_scores_like_the_probe_through_the_monitor(
-        tmp_path: Path, halflife: float | None) -> None:
+        tmp_path: Path, halflife: float | None, fit: str) -> None:
     pool = _pool(1)
-    probe = fit_probe(pool, [3, 5], 0.5, halflife)
+    probe = fit_probe(pool, [3, 5], 0.5, halflife, fit=fit)
     head = to_dual_head(probe, 16)
     pooling = {"pooling": "prefix_mean"} if halflife is None else {"pooling": "prefix_ema",
                                                                    "halflife": halflife}
@@ -229,3 +231,43 @@ def test_selection_picks_the_layer_that_carries_harm_out_of_source(tmp_path: Pat
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
     assert monitor.k == chosen["k"]
     assert monitor.default_threshold == pytest.approx(chosen["threshold"])
+
+
+def test_selection_weighs_ridge_and_logistic_with_their_own_strengths(tmp_path: Path) -> None:
+    from guardrail_harmful_content.training.select import run, save_chosen
+
+    pool = _pool(2)
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9,
+                 halflives=(6.0,), layer_sets=[(3,)], fits=("ridge", "logistic"),
+                 strengths={"logistic": [10.0, 100.0]})
+    assert sorted((c["fit"], c["ridge"]) for c in report["candidates"]) == [
+        ("logistic", 10.0), ("logistic", 100.0), ("ridge", 1.0)]
+    chosen = report["chosen"]
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["method"]["fit"] == chosen["fit"]
+    assert config["method"]["ridge"] == chosen["ridge"]
+
+
+def test_upweighting_a_source_family_changes_the_fit_and_is_recorded(tmp_path: Path) -> None:
+    from guardrail_harmful_content.training.pooled import row_matrix
+    from guardrail_harmful_content.training.select import candidate_name, run, save_chosen
+
+    pool = _pool(2)
+    _, _, plain, owner = row_matrix(pool, [3], 6.0)
+    _, _, heavy, _ = row_matrix(pool, [3], 6.0, {"src:a": 3.0})
+    from_a = np.asarray([pool[i].tag == "src:a" for i in owner])
+    # each cell of the family sums to 3 instead of 1; the other cells keep their weight
+    assert heavy[from_a].sum() == pytest.approx(3 * plain[from_a].sum())
+    assert np.allclose(heavy[~from_a], plain[~from_a])
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9, halflives=(6.0,),
+                 layer_sets=[(3,)], upweights=(1.0, 3.0), upweight_prefix="src:a")
+    names = sorted(candidate_name(c) for c in report["candidates"])
+    assert names == ["ridge 1 hl6 3", "ridge 1 hl6 3 src:ax3"]
+    assert set(report["loso_by_candidate"]) == set(names)
+    # the weighted candidate, shipped: its weights carry the factor
+    report["chosen"] = {**next(c for c in report["candidates"] if c["upweight"]),
+                        "full_detection_threshold": 0.5}
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["method"]["upweight"] == {"src:a": 3.0}

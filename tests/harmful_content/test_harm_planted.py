@@ -1,5 +1,5 @@
 """What the trainer learns and what the monitor does with it, on a fake observer with a planted
-signal (``guardrail.probes.fake``): harmful records contain planted words, and from the first one
+signal (``guardrail.toolkit.fake``): harmful records contain planted words, and from the first one
 on every state of layer 2 carries a "harm so far" direction, as a real LM's residual stream does.
 
 The head must find layer 2 (not layer 0), the shipped count-k rule must halt a harmful stream at

@@ -110,11 +110,11 @@ def pool_sample(records: Sequence[Mapping[str, Any]], per_cell: int, max_chars: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m guardrail_harmful_content.loso --data BUILD --out POOL.jsonl``: write the
-    pool the LOSO selection reads."""
+    """``python -m guardrail_harmful_content.training.loso --data BUILD --out POOL.jsonl``:
+    write the pool the LOSO selection reads."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.loso")
+    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.training.loso")
     parser.add_argument("--data", type=Path, required=True, help="a data build folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--per-cell", type=int, default=80)

@@ -13,7 +13,13 @@ Training rows: each record's prefix means at a few cut points (absolute and rela
 record's prefix counts as harmful once it has reached the record's first harmful token (from the
 spans), so a benign opening is not taught as harm. Rows are weighted so that every (source tag,
 label) cell weighs the same: no source (the model's own answers, one template family) dominates
-what harm looks like.
+what harm looks like; ``upweight`` scales the cells of the tags with a prefix (the hand-written
+sets: text nobody here generated).
+
+The fit is ``ridge`` (the default: closed form on weighted moments, so a fold subtracts its
+source's moments from the pool's) or ``logistic``: an L2 logistic regression on the same
+standardised, weighted rows (``fit_logistic``; ``a, c`` are then 1 and 0, it is calibrated by its
+own loss). Both give one affine map, so the shipped form is the same.
 
 ``fit_loso`` fits one head per held-out source tag and scores that source's records with it:
 the out-of-source prefix scores the selection (``select.py``) chooses layers, regularisation and
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +41,9 @@ import torch
 
 from ..head import DualHead
 
-__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "LinearProbe", "PoolRecord", "cut_positions",
-           "decay_of", "fit_loso", "fit_probe", "pool_states", "row_matrix", "to_dual_head"]
+__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "cell_weight",
+           "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe", "pool_states",
+           "row_matrix", "to_dual_head"]
 
 CUT_TOKENS = (3, 7, 15, 31, 63)
 CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -103,12 +110,22 @@ def _prefix_label(record: PoolRecord, p: int) -> int:
     return int(p >= first)
 
 
+def cell_weight(tag: str, upweight: Mapping[str, float] | None) -> float:
+    """The total weight of a (tag, label) cell: the factor of the first ``upweight`` prefix
+    ``tag`` starts with, else 1."""
+    for prefix, factor in (upweight or {}).items():
+        if tag.startswith(prefix):
+            return float(factor)
+    return 1.0
+
+
 def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
-               halflife: float | None = None
+               halflife: float | None = None, upweight: Mapping[str, float] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training rows of ``records``: ``X (R, H*len(layers))`` float32 pooled prefixes, ``y (R,)``,
-    ``weights (R,)`` (each (tag, label) cell sums to one; each record's rows share its
-    weight equally), ``owner (R,)`` the record index of each row."""
+    ``weights (R,)`` (each (tag, label) cell sums to one, or to its ``upweight`` factor for a
+    tag with that prefix; each record's rows share its weight equally), ``owner (R,)`` the
+    record index of each row."""
     cell_size: dict[tuple[str, int], int] = defaultdict(int)
     for r in records:
         cell_size[(r.tag, r.label)] += 1
@@ -131,7 +148,8 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
             parts.append(pooled)
         xs.append(np.concatenate(parts, axis=1))
         ys.extend(_prefix_label(r, p) for p in cuts)
-        ws.extend([1.0 / (len(cuts) * cell_size[(r.tag, r.label)])] * len(cuts))
+        ws.extend([cell_weight(r.tag, upweight) / (len(cuts) * cell_size[(r.tag, r.label)])]
+                  * len(cuts))
         owner.extend([i] * len(cuts))
     return (np.concatenate(xs).astype(np.float32), np.asarray(ys, dtype=np.float64),
             np.asarray(ws, dtype=np.float64), np.asarray(owner, dtype=np.int64))
@@ -146,8 +164,9 @@ class LinearProbe:
     b: float
     a: float
     c: float
-    ridge: float
+    ridge: float  # the L2 strength of either fit
     halflife: float | None = None  # None: the prefix mean (pool_states)
+    fit: str = "ridge"  # or "logistic"
 
     def logit_weights(self) -> tuple[np.ndarray, float]:
         """The probe as one affine map: ``logit = w' . x + b'``."""
@@ -230,10 +249,53 @@ def _columns(layers: Sequence[int], all_layers: Sequence[int], width: int) -> np
                                      (all_layers.index(layer) + 1) * width) for layer in layers])
 
 
+FITS = ("ridge", "logistic")
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray, strength: float,
+                 init: np.ndarray | None = None, steps: int = 150
+                 ) -> tuple[np.ndarray, float, np.ndarray]:
+    """Weighted logistic regression on standardised ``x`` with the penalty
+    ``strength / 2 * mean(v ** 2)`` on the standardised weights ``v`` (L-BFGS); raw-scale
+    ``(w, b)`` and the standardised solution (to start the next fold from)."""
+    wn = weights / weights.sum()
+    mu = wn @ x
+    sd = np.sqrt(np.clip(wn @ (x.astype(np.float64) ** 2) - mu * mu, 1e-8, None))
+    xt = torch.from_numpy(((x - mu) / sd).astype(np.float32))
+    yt = torch.from_numpy(y.astype(np.float32))
+    wt = torch.from_numpy(wn.astype(np.float32))
+    v = torch.zeros(x.shape[1] + 1, requires_grad=True)
+    if init is not None:
+        with torch.no_grad():
+            v.copy_(torch.as_tensor(init, dtype=torch.float32))
+    opt = torch.optim.LBFGS([v], lr=1, max_iter=steps, history_size=20, tolerance_grad=1e-6,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        z = xt @ v[:-1] + v[-1]
+        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(
+            z, yt, reduction="none")).sum() + 0.5 * strength * (v[:-1] ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    solution = v.detach().double().numpy()
+    coef = solution[:-1] / sd
+    return coef, float(solution[-1] - coef @ mu), solution
+
+
 def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
-              halflife: float | None = None) -> LinearProbe:
-    """One probe on all of ``records``."""
-    x, y, w, _ = row_matrix(records, layers, halflife)
+              halflife: float | None = None, fit: str = "ridge",
+              upweight: Mapping[str, float] | None = None) -> LinearProbe:
+    """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
+    ``upweight``: see ``row_matrix``)."""
+    x, y, w, _ = row_matrix(records, layers, halflife, upweight)
+    if fit == "logistic":
+        coef, b, _ = fit_logistic(x, y, w, ridge)
+        return LinearProbe(tuple(layers), coef, b, 1.0, 0.0, ridge, halflife, fit)
+    if fit != "ridge":
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     m = _Moments.of(x, y, w)
     (coef, b), = _ridge(m, np.arange(x.shape[1]), [ridge])
     a, c = _platt(x.astype(np.float64) @ coef + b, y, w)
@@ -242,28 +304,44 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
 
 def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
-             progress: Any = None, halflife: float | None = None
+             progress: Any = None, halflife: float | None = None, fit: str = "ridge",
+             upweight: Mapping[str, float] | None = None
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
-    """Out-of-source prefix scores: for every layer set and ridge strength, every record scored
-    by the probe (pooling ``halflife``) fitted on the records of all the other source tags."""
+    """Out-of-source prefix scores: for every layer set and L2 strength, every record scored
+    by the probe (pooling ``halflife``, ``fit`` ridge or logistic) fitted on the records of all
+    the other source tags."""
     all_layers = list(all_layers)
-    x, y, w, owner = row_matrix(records, all_layers, halflife)
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    x, y, w, owner = row_matrix(records, all_layers, halflife, upweight)
     width = x.shape[1] // len(all_layers)
     tags = sorted({r.tag for r in records})
     row_tag = np.asarray([records[i].tag for i in owner])
-    total = _Moments.of(x, y, w)
+    total = _Moments.of(x, y, w) if fit == "ridge" else None
     out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
         (tuple(s), lam): [np.zeros(0)] * len(records) for s in layer_sets for lam in ridges}
+    starts: dict[tuple[tuple[int, ...], float], np.ndarray] = {}
     for tag in tags:
         held = row_tag == tag
         train = ~held
-        # Re-weight the training rows as row_matrix would without the held-out tag: the cell
-        # weights do not depend on other cells, so the pool's moments minus the tag's are exact.
-        fold = total - _Moments.of(x[held], y[held], w[held])
         members = [i for i, r in enumerate(records) if r.tag == tag]
         xt = x[train]
+        # Re-weight the training rows as row_matrix would without the held-out tag: the cell
+        # weights do not depend on other cells, so the pool's moments minus the tag's are exact
+        # (and the logistic fit's training rows keep their weights).
+        fold = None if total is None else total - _Moments.of(x[held], y[held], w[held])
         for layers in layer_sets:
             cols = _columns(layers, all_layers, width)
+            if fold is None:
+                for lam in ridges:
+                    coef, b, starts[(tuple(layers), lam)] = fit_logistic(
+                        xt[:, cols], y[train], w[train], lam,
+                        init=starts.get((tuple(layers), lam)))
+                    probe = LinearProbe(tuple(layers), coef, b, 1.0, 0.0, lam, halflife, fit)
+                    scores = out[(tuple(layers), lam)]
+                    for i in members:
+                        scores[i] = probe.prefix_scores(records[i])
+                continue
             for lam, (coef, b) in zip(ridges, _ridge(fold, cols, ridges), strict=True):
                 full = np.zeros(x.shape[1], dtype=np.float32)
                 full[cols] = coef

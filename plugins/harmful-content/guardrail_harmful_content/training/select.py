@@ -1,12 +1,13 @@
 """Choose the harm head and its streaming rule by leave-one-source-out (LOSO) validation.
 
-``python -m guardrail_harmful_content.select --pool POOL.jsonl --features DIR [--out DIR]``
+``python -m guardrail_harmful_content.training.select --pool POOL.jsonl --features DIR [--out DIR]``
 
 The pool (``loso.pool_sample`` of a build, every record with its ``source_tag``) is read once by
-the observer (``guardrail.probes.features`` cache, or the shards of a cut run). For every layer
-set, ridge strength and pooling (``--halflives``: the prefix mean, ``none``, or exponentially
-weighted means with these half-lives in tokens), ``pooled.fit_loso`` scores each record with the
-probe fitted without its source. The count-k rule ``(threshold, k)`` is then chosen on these
+the observer (``guardrail.toolkit.features`` cache, or the shards of a cut run). For every layer
+set, fit (``--fits``: ridge, logistic), L2 strength (``--ridges``, ``--logistic-strengths``) and
+pooling (``--halflives``: the prefix mean, ``none``, or exponentially weighted means with these
+half-lives in tokens), ``pooled.fit_loso`` scores each record with the probe fitted without its
+source. The count-k rule ``(threshold, k)`` is then chosen on these
 out-of-source scores, one rule for every source: the candidate and rule with the best mean
 macro-F1 over the sources that hold harmful records, among those whose false-halt rate is at most
 ``--max-false-halts`` on every capped source and whose mean share of a harmful answer read is at
@@ -36,14 +37,17 @@ import numpy as np
 
 from guardrail.toolkit.metrics import best_threshold, macro_f1, roc_auc
 
-from .pooled import PoolRecord, fit_loso, fit_probe, to_dual_head
+from .pooled import FITS, PoolRecord, fit_loso, fit_probe, to_dual_head
 
-__all__ = ["KS", "THRESHOLDS", "choose_rule", "halts", "load_parts", "load_pool", "main",
-           "render", "source_metrics"]
+__all__ = ["KS", "THRESHOLDS", "candidate_name", "choose_rule", "halts", "load_parts",
+           "load_pool", "main", "render", "source_metrics"]
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
-              0.995, 0.998, 0.999)
-KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# Fine steps above 0.9: a logistic fit's scores crowd there, and a coarse step lands the rule
+# well inside a cap it could meet exactly.
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.905, 0.91, 0.915, 0.92, 0.925,
+              0.93, 0.935, 0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975, 0.98, 0.985,
+              0.99, 0.995, 0.996, 0.997, 0.998, 0.9985, 0.999, 0.9995)
+KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20, 24, 28, 32)
 
 
 def halts(scores: Sequence[np.ndarray], thresholds: Sequence[float], ks: Sequence[int]
@@ -167,7 +171,8 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     test = [r for r in records if r.split == "test"]
     if not train or not test:
         return {}
-    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
+    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+                      chosen.get("fit", "ridge"), chosen.get("upweight"))
     scores = [probe.prefix_scores(r) for r in test]
     table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
     return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
@@ -216,21 +221,30 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
                 first = next((j for j, v in enumerate(labs) if v == 1), 0)
             out.append(PoolRecord(str(row["source_tag"]), int(row["label"]), hidden, first,
                                   str(row.get("split", "")), str(row.get("kind", "")),
-                                  {"index": i, "key": (str(row["prompt"]), str(row["response"]))}))
+                                  {"index": i, "key": (str(row["prompt"]), str(row["response"])),
+                                   "offsets": tensors[f"{i}/offsets"]}))
     return out
 
 
 def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
     """The records of ``records`` that ``build`` holds (a pool part read before a source's file
     was final can hold answers since dropped or edited), each with its split in ``build``; a
-    record cut for the pool is found by its response's opening. Records of a source the build
-    does not hold at all (a set read as a part of its own) are kept as they are."""
+    record cut for the pool is found by its response's opening. A record the build relabelled
+    (``data/relabel.py``) takes the build's label, its first harmful token from the build's
+    spans. Records of a source the build does not hold at all (a set read as a part of its
+    own) are kept as they are."""
+    from guardrail.toolkit.features import token_labels
+    from guardrail.toolkit.records import SpanLabel
+
     from .loso import read_pool_records
 
     where: dict[tuple[str, str], tuple[str, str, int]] = {}
+    relabelled: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in read_pool_records(build):
         where[(row["prompt"], row["response"])] = (row["split"], row["source_tag"],
                                                    int(row["label"]))
+        if row.get("relabel"):
+            relabelled[(row["prompt"], row["response"])] = list(row.get("spans") or [])
     by_prompt: dict[str, list[tuple[str, tuple[str, str, int]]]] = {}
     for (prompt, response), value in where.items():
         by_prompt.setdefault(prompt, []).append((response, value))
@@ -241,10 +255,22 @@ def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
             out.append(r)
             continue
         prompt, response = r.extra["key"]
-        found = where.get((prompt, response)) or next(
-            (v for full, v in by_prompt.get(prompt, []) if full.startswith(response)), None)
-        if found is None or found[1] != r.tag or found[2] != r.label:
+        full: str | None = response if (prompt, response) in where else next(
+            (f for f, _ in by_prompt.get(prompt, []) if f.startswith(response)), None)
+        found = None if full is None else where[(prompt, full)]
+        if found is None or found[1] != r.tag:
             continue
+        if found[2] != r.label:
+            assert full is not None
+            if (prompt, full) not in relabelled or "offsets" not in r.extra:
+                continue
+            r.label = found[2]
+            r.first_harm = None
+            if r.label == 1:
+                spans = [SpanLabel(int(s["start"]), int(s["end"]), 1)
+                         for s in relabelled[(prompt, full)]]
+                labs = token_labels(np.asarray(r.extra["offsets"]).tolist(), spans)
+                r.first_harm = next((j for j, v in enumerate(labs) if v == 1), 0)
         r.split = found[0]
         out.append(r)
     return out
@@ -280,11 +306,16 @@ def _say(msg: str) -> None:
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
         max_false_halts: float, max_read: float,
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
-        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None
+        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
+        fits: Sequence[str] = ("ridge",),
+        strengths: Mapping[str, Sequence[float]] | None = None,
+        upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:"
         ) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (default: each layer of ``layers``, every pair and
     all of them together), at every ridge strength and pooling half-life (None: the prefix
-    mean)."""
+    mean), for each fit in ``fits`` (ridge, logistic; ``strengths`` gives a fit its own L2
+    strengths instead of ``ridges``) and each factor in ``upweights`` on the cells of the tags
+    that start with ``upweight_prefix`` (``pooled.row_matrix``)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -296,27 +327,34 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     if any(layer not in layers for s in layer_sets for layer in s):
         raise ValueError(f"layer sets {layer_sets} use layers outside {list(layers)}")
     n_tags = len({r.tag for r in records})
-    bar = tqdm(total=n_tags * len(halflives), desc="LOSO folds", unit="fold",
-               disable=not progress)
-    scored: dict[tuple[tuple[int, ...], float, float | None], list[np.ndarray]] = {}
-    for halflife in halflives:
-        for (layer_set, lam), scores in fit_loso(
-                records, layers, layer_sets, ridges, halflife=halflife,
-                progress=lambda t: bar.update(1)).items():
-            scored[(layer_set, lam, halflife)] = scores
+    bar = tqdm(total=n_tags * len(halflives) * len(fits) * len(upweights), desc="LOSO folds",
+               unit="fold", disable=not progress)
+    Key = tuple[tuple[int, ...], float, float | None, str, float]
+    scored: dict[Key, list[np.ndarray]] = {}
+    for factor in upweights:
+        for fit in fits:
+            for halflife in halflives:
+                for (layer_set, lam), scores in fit_loso(
+                        records, layers, layer_sets, (strengths or {}).get(fit, ridges),
+                        halflife=halflife, progress=lambda t: bar.update(1), fit=fit,
+                        upweight={upweight_prefix: factor}).items():
+                    scored[(layer_set, lam, halflife, fit, factor)] = scores
     bar.close()
     labels = np.asarray([r.label for r in records])
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates: list[dict[str, Any]] = []
-    tables: dict[tuple[tuple[int, ...], float, float | None], np.ndarray] = {}
-    for (layer_set, lam, halflife), scores in tqdm(scored.items(), desc="rules", unit="head",
-                                                   disable=not progress):
+    by_candidate: dict[str, Any] = {}
+    tables: dict[Key, np.ndarray] = {}
+    for (layer_set, lam, halflife, fit, factor), scores in tqdm(
+            scored.items(), desc="rules", unit="head", disable=not progress):
         table = halts(scores, THRESHOLDS, KS)
         summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read, capped)
         j, k, met = choose_rule(summary)
-        tables[(layer_set, lam, halflife)] = table
+        tables[(layer_set, lam, halflife, fit, factor)] = table
         candidates.append({"layers": list(layer_set), "ridge": lam, "halflife": halflife,
+                           "fit": fit,
+                           "upweight": {} if factor == 1 else {upweight_prefix: factor},
                            "threshold": THRESHOLDS[j],
                            "k": KS[k], "constraint_met": met,
                            "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
@@ -324,6 +362,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                                float(summary["worst_fhr"][j, k]),
                            "pool_macro_f1": float(summary["pooled"][j, k]),
                            "fraction_seen": float(summary["read"][j, k])})
+        by_candidate[candidate_name(candidates[-1])] = per_source(
+            labels, tags, lengths, table[:, j, k], scores)
         if not progress:
             _say(json.dumps(candidates[-1]))
     best = max(candidates, key=lambda c: (c["constraint_met"],
@@ -331,7 +371,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                                           if c["constraint_met"]
                                           else -c["worst_benign_source_false_halt_rate"],
                                           -len(c["layers"])))
-    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"])
+    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"], best["fit"],
+           float(next(iter(best["upweight"].values()), 1.0)))
     table = tables[key]
     j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
     # full detection (the last token's score only), thresholded on the same out-of-source scores
@@ -340,6 +381,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     return {
         "chosen": best,
         "candidates": candidates,
+        "loso_by_candidate": by_candidate,
         "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
         "loso_nested": per_source(labels, tags, lengths,
                                   nested(labels, tags, lengths, table, max_false_halts, max_read,
@@ -349,12 +391,23 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                  "max_fraction_seen": max_read,
                  "capped_mixed_sources": list(capped)},
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
-                 "halflives": list(halflives),
+                 "strengths": {f: list((strengths or {}).get(f, ridges)) for f in fits},
+                 "upweights": list(upweights), "upweight_prefix": upweight_prefix,
+                 "halflives": list(halflives), "fits": list(fits),
                  "layer_sets": [list(s) for s in layer_sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
                                                       for t in sorted(set(tags))}},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def candidate_name(candidate: Mapping[str, Any]) -> str:
+    """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15``."""
+    hl = candidate.get("halflife")
+    up = "".join(f" {p}x{w:g}" for p, w in (candidate.get("upweight") or {}).items())
+    return (f"{candidate.get('fit', 'ridge')} {candidate['ridge']:g} "
+            f"{'mean' if hl is None else f'hl{hl:g}'} "
+            f"{','.join(str(x) for x in candidate['layers'])}{up}")
 
 
 def _f(x: Any) -> str:
@@ -380,14 +433,23 @@ def render(per: Mapping[str, Any], other: Mapping[str, Any] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.select")
+    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.training.select")
     parser.add_argument("--pool", type=Path, nargs="+", required=True,
                         help="pool JSON Lines (several: parts read by separate runs)")
     parser.add_argument("--features", type=Path, nargs="+", default=None,
                         help="feature cache folder of each --pool part, in the same order "
                              "(default: read the parts with SmolLM2 into the guardrail cache)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12, 15])
-    parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
+    parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
+                        help="L2 strengths (of each --fits)")
+    parser.add_argument("--fits", nargs="+", choices=FITS, default=["ridge"],
+                        help="ridge (closed form, Platt-scaled) and/or logistic")
+    parser.add_argument("--upweights", nargs="+", type=float, default=[1.0],
+                        help="factors on the (source, label) cells of the tags that start with "
+                             "--upweight-prefix (each tried; 1: every cell weighs the same)")
+    parser.add_argument("--upweight-prefix", default="handwritten:")
+    parser.add_argument("--logistic-strengths", type=float, nargs="+", default=None,
+                        help="L2 strengths of the logistic fit (default: --ridges)")
     parser.add_argument("--halflives", nargs="+", default=["none"],
                         help="pooling half-lives in tokens ('none': the prefix mean)")
     parser.add_argument("--capped", nargs="*", default=list(CAPPED_MIXED),
@@ -419,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     layer_sets = (None if args.layer_sets is None
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
-                 halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets)
+                 halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets,
+                 fits=args.fits, upweights=args.upweights,
+                 upweight_prefix=args.upweight_prefix,
+                 strengths=({"logistic": args.logistic_strengths}
+                            if args.logistic_strengths else None))
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:
@@ -435,7 +501,8 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     from .train import NAME
 
     chosen = report["chosen"]
-    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"))
+    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+                      chosen.get("fit", "ridge"), chosen.get("upweight"))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
     head = to_dual_head(probe, hidden_size)
     config = {
@@ -451,9 +518,12 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
         "full_detection_threshold": chosen["full_detection_threshold"],
         "method": {"head": "linear probe on the pooled prefix of the layers' states "
                            "(mean, or exponentially weighted mean with 'halflife'): ridge on "
-                           "standardised rows, Platt-scaled (pooled.py); a one-unit MLP in the "
-                           "file carries its bias (pooled.to_dual_head)",
-                   "ridge": chosen["ridge"], "platt": {"a": probe.a, "c": probe.c},
+                           "standardised rows, Platt-scaled, or L2 logistic regression "
+                           "('fit'; pooled.py); a one-unit MLP in the file carries its bias "
+                           "(pooled.to_dual_head)",
+                   "fit": probe.fit, "ridge": chosen["ridge"],
+                   "upweight": chosen.get("upweight") or {},
+                   "platt": {"a": probe.a, "c": probe.c},
                    "selection": "leave-one-source-out (select.py)"},
         "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
                         "split": "leave-one-source-out", **report["caps"]},

@@ -297,7 +297,7 @@ class CrossFold:
                 "epochs_tried": config.epochs, "prefix_views_per_record": config.prefixes,
                 "batch_size": config.batch_size, "lr": config.lr, "optimizer": "AdamW",
                 "trainer": "crossfit.fit_packed (packed rows; the same loss as "
-                           "guardrail.probes.train.train_head's, no epoch selection)",
+                           "guardrail.toolkit.train.train_head's, no epoch selection)",
                 "seed": config.seed, "scored_weight": self.scored_weight,
                 "soft_scored": self.soft_scored,
                 "ensemble": {"seeds": config.seeds,

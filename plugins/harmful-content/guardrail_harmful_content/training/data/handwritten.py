@@ -25,7 +25,7 @@ from typing import Any
 from .records import Example, group_id
 
 __all__ = ["BENIGN_KINDS", "CATEGORIES", "HARMFUL_KINDS", "SETS", "HandwrittenError",
-           "HandwrittenSet", "default_sets", "read_handwritten", "read_sets"]
+           "HandwrittenSet", "WAVES", "default_sets", "read_handwritten", "read_sets"]
 
 CATEGORIES = ("violence", "weapons", "drugs", "self-harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "crime")
@@ -39,7 +39,12 @@ SETS: dict[str, str] = {
     "handwritten_plain.jsonl": "handwritten:plain-v1",  # plain human prose
     "handwritten_long.jsonl": "handwritten:long-v1",  # long answers, late turns
     "handwritten_hard.jsonl": "handwritten:hard-v1",  # euphemistic harm, alarming-word benign
+    "handwritten_social.jsonl": "handwritten:social-v2",  # messages, posts, chats to send
+    "handwritten_turns.jsonl": "handwritten:turns-v2",  # answers that turn, at every depth
 }
+# The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
+# of the sets before it as they were.
+WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2}
 
 
 class HandwrittenError(ValueError):
@@ -50,13 +55,14 @@ class HandwrittenError(ValueError):
 class HandwrittenSet:
     path: Path
     tag: str
+    wave: int = 1  # sets of one wave are split together, after the waves before
 
 
 def default_sets() -> tuple[HandwrittenSet, ...]:
     """The shipped hand-written sets that are present in the package."""
     here = Path(__file__).parent
-    return tuple(HandwrittenSet(here / name, tag) for name, tag in SETS.items()
-                 if (here / name).is_file())
+    return tuple(HandwrittenSet(here / name, tag, WAVES.get(tag, 1))
+                 for name, tag in SETS.items() if (here / name).is_file())
 
 
 def _check(row: Mapping[str, Any], where: str) -> None:

