@@ -4,7 +4,7 @@
     python -m bench.live_pace --quick    # torch, one thread, idle, 40 tokens (a smoke test)
 
 The default policy (every built-in monitor on SmolLM2-135M) guards SmolLM2's own answers
-(plugins/harmful-content/.../data/own_answers.jsonl, the first ``TOKENS`` tokens of them), one word
+(plugins/harmful-content/.../training/data/own_answers.jsonl, the first ``TOKENS`` tokens of them), one word
 per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
 ``observer.options.threads``), load (idle, or with another process keeping one core busy: a
 ``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
@@ -51,7 +51,7 @@ def _answers(tokenizer: Any, budget: int) -> list[tuple[str, list[str]]]:
     from importlib import resources
 
     text = resources.files("guardrail_harmful_content").joinpath(
-        "data/own_answers.jsonl").read_text("utf-8")
+        "training/data/own_answers.jsonl").read_text("utf-8")
     streams: list[tuple[str, list[str]]] = []
     for line in text.splitlines():
         row = json.loads(line)

@@ -55,7 +55,7 @@ def _streams(tokenizer: Any, n: int, budget: int) -> list[tuple[str, list[str]]]
     from importlib import resources
 
     text = resources.files("guardrail_harmful_content").joinpath(
-        "data/own_answers.jsonl").read_text("utf-8")
+        "training/data/own_answers.jsonl").read_text("utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     out = []
     for k in range(n):

@@ -48,7 +48,7 @@ REPEATS = 3
 def _answers(n: int, tokenizer: Any, budget: int) -> list[tuple[str, str]]:
     """(prompt, answer) of the first ``n`` of SmolLM2's own answers, each cut to a token budget."""
     rows = resources.files("guardrail_harmful_content").joinpath(
-        "data/own_answers.jsonl").read_text("utf-8").splitlines()
+        "training/data/own_answers.jsonl").read_text("utf-8").splitlines()
     out = []
     for line in rows[:n]:
         row = json.loads(line)
