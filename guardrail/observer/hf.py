@@ -263,10 +263,11 @@ def resolve_threads(name: str, value: Any) -> int | None:
     """``observer.options.threads``: CPU threads per forward (torch intra-op, ONNX Runtime).
 
     A positive integer, or ``"auto"`` (the default): the ``OMP_NUM_THREADS`` the process was
-    started with when set, else 1 when fewer than two cores are idle, else 2. One stream's read of
+    started with when set, else 2 when at least four cores are idle, else 1. One stream's read of
     a few tokens gains little past two threads, and a thread that waits for a busy core stalls
-    every forward (docs/observer.md has the measurements). ``None``: leave the process's setting
-    (only when ``OMP_NUM_THREADS`` is set to something that is not a number)."""
+    every forward, so two need headroom for load that arrives later (docs/observer.md).
+    ``None``: leave the process's setting (only when ``OMP_NUM_THREADS`` is set to something that
+    is not a number)."""
     if value is None or value == "auto":
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
         if env:
@@ -276,7 +277,7 @@ def resolve_threads(name: str, value: Any) -> int | None:
             idle = cores - os.getloadavg()[0]
         except OSError:  # no load average on this platform
             idle = float(cores)
-        return 1 if idle < 2 else 2
+        return 2 if idle >= 4 else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ObserverError(f"observer {name!r}: observer.options.threads must be a positive "
                             f"integer or 'auto', got {value!r}")

@@ -47,5 +47,9 @@ def test_auto_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setattr("os.getloadavg", lambda: (1.0, 1.0, 1.0))
     assert resolve_threads("m", "auto") == 2  # seven idle cores: two threads
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert resolve_threads("m", "auto") == 1  # an idle 2-core machine: load arriving later stalls 2
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setattr("os.getloadavg", lambda: (7.5, 7.0, 7.0))
     assert resolve_threads("m", "auto") == 1  # under two idle cores: one thread
