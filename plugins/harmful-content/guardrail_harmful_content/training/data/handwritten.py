@@ -16,12 +16,12 @@ Records are grouped by prompt: every answer to one prompt lands in one split.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .jsonl import jsonl_objects
 from .records import Example, group_id
 
 __all__ = ["BENIGN_KINDS", "CATEGORIES", "HARMFUL_KINDS", "SETS", "HandwrittenError",
@@ -97,16 +97,8 @@ def read_handwritten(path: Path, tag: str) -> list[Example]:
     naming the line and field of the first line that breaks the format, or a repeated id."""
     examples: list[Example] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_objects(path, HandwrittenError):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HandwrittenError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise HandwrittenError(f"{where}: expected a JSON object")
         _check(row, where)
         if row["id"] in seen:
             raise HandwrittenError(f"{where}: field 'id' {row['id']!r} repeats line "

@@ -20,11 +20,11 @@ stale), and is listed in the manifest of a ``--limit`` build.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .jsonl import jsonl_objects
 from .records import Example, normalise
 
 __all__ = ["DEFAULT_RELABELS", "Relabel", "RelabelError", "apply_relabels", "read_relabels",
@@ -54,16 +54,8 @@ def record_id(prompt: str, response: str) -> str:
 def read_relabels(path: Path) -> dict[str, Relabel]:
     """The corrections of ``path`` by id; raises ``RelabelError`` naming the line and field."""
     out: dict[str, Relabel] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_objects(path, RelabelError):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RelabelError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise RelabelError(f"{where}: expected a JSON object")
         for key in ("id", "source_tag", "reason"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise RelabelError(f"{where}: field {key!r} must be a non-empty string")
