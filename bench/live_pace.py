@@ -4,8 +4,8 @@
     python -m bench.live_pace --quick    # torch, one thread, idle, 40 tokens (a smoke test)
 
 The default policy (every built-in monitor on SmolLM2-135M) guards SmolLM2's own answers
-(plugins/harmful-content/.../training/data/own_answers.jsonl, the first ``TOKENS`` tokens of them), one word
-per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
+(plugins/harmful-content/.../training/data/own_answers.jsonl, the first ``TOKENS`` tokens of
+them), one word per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
 ``observer.options.threads``), load (idle, or with another process keeping one core busy: a
 ``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
 0``, the scheme before), a read when a decision is due (the default), or reads when due with the

@@ -147,17 +147,17 @@ class Monitor(ABC):
     """
 
     Options: ClassVar[type[BaseModel]] = NoOptions
-    # The threshold when the policy gives none. A monitor that loads calibrated weights may set
-    # it on the instance (``setattr(self, "default_threshold", t)``); the guard reads the instance.
-    default_threshold: ClassVar[float] = 0.5
+    # The threshold when the policy gives none. A monitor that loads calibrated weights sets it
+    # on the instance (``self.default_threshold = t``); the guard reads the instance.
+    default_threshold: float = 0.5
     # Thresholds that depend on the policy entry's action, e.g. the router's ``{"route": 0.00224,
     # "flag": 0.305}`` (route at high recall, flag at best F1); an action not listed takes
     # ``default_threshold``. Read for every policy, the default one and a user's alike.
-    default_thresholds: ClassVar[Mapping[str, float]] = {}
+    default_thresholds: Mapping[str, float] = {}
     # The decision rule (a policy ``rule:`` mapping) when the policy gives none; None: the
     # threshold rule. Like ``default_threshold``, a monitor whose weights were calibrated with a
     # rule (SCM's count-k) may set it on the instance.
-    default_rule: ClassVar[dict[str, Any] | None] = None
+    default_rule: dict[str, Any] | None = None
     # The scores ``update`` gives, inclusive, when known: a policy threshold outside them could
     # never fire (or would fire on every token) and is reported as a policy error. None: any.
     score_range: ClassVar[tuple[float, float] | None] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -88,7 +88,7 @@ def test_a_threshold_outside_the_monitors_scores_is_an_error(tmp_path: Path, thr
 class _EveryTokenScoresOne(Monitor):
     """Scores 1.0 on every token; its own default rule halts at the third."""
 
-    default_rule: ClassVar[dict[str, Any] | None] = {"kind": "count", "k": 3}
+    default_rule: dict[str, Any] | None = {"kind": "count", "k": 3}
 
     def __init__(self, options: Any = None) -> None:
         self.options = options

@@ -117,9 +117,9 @@ class EntityHallucinationMonitor(Monitor):
 
     _shipped: ClassVar[float | None] = shipped_threshold()
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
-    default_threshold: ClassVar[float] = _shipped if _shipped is not None else 0.5
+    default_threshold: float = _shipped if _shipped is not None else 0.5
     # One verdict per entity (its highest-scoring token) unless the policy says otherwise.
-    default_rule: ClassVar[dict[str, Any] | None] = {"kind": "span_max"}
+    default_rule: dict[str, Any] | None = {"kind": "span_max"}
     default_spec: ClassVar[dict[str, Any]] = {"id": "facts", "threshold": default_threshold,
                                               "rule": default_rule, "action": "flag"}
 
@@ -137,9 +137,8 @@ class EntityHallucinationMonitor(Monitor):
         self._stat_names: tuple[str, ...] = (
             self._span_stats(self.probe) if isinstance(self.probe, EntitySpanProbe)
             else self.probe.features)
-        # The loaded probe's own threshold (0.5 for paper probes). The core reads the class
-        # attribute today, so policies using ``weights``/``probe_dir`` should set ``threshold``.
-        self.default_threshold = self.probe.threshold  # type: ignore[misc]
+        # The loaded probe's own threshold (0.5 for paper probes); the guard reads the instance.
+        self.default_threshold = self.probe.threshold
 
     @staticmethod
     def _span_stats(probe: EntitySpanProbe) -> tuple[str, ...]:

@@ -86,7 +86,7 @@ class HarmfulContentMonitor(Monitor):
                         "policy's threshold: field still wins")
 
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # probabilities
-    default_threshold: ClassVar[float] = (_SHIPPED_THRESHOLD if _SHIPPED_THRESHOLD is not None
+    default_threshold: float = (_SHIPPED_THRESHOLD if _SHIPPED_THRESHOLD is not None
                                           else 0.5)
     default_spec: ClassVar[dict[str, Any]] = {
         "id": "harm",
@@ -154,15 +154,13 @@ class HarmfulContentMonitor(Monitor):
         if threshold is None:
             threshold = self.probe.threshold
         if threshold is not None:
-            # Per-instance default (the weights' own calibration or the option). Needs the Guard
-            # to read ``monitor.default_threshold`` rather than the class attribute.
-            setattr(self, "default_threshold", float(threshold))  # noqa: B010
+            # Per instance: the weights' own calibration or the option.
+            self.default_threshold = float(threshold)
         # A policy entry without a rule gets the count rule calibrated with these weights; the
         # threshold rule would halt on the first prefix that reaches the threshold, which
         # calibration never allowed for.
         k = self.k
-        setattr(self, "default_rule",  # noqa: B010 - per instance, as default_threshold
-                {"kind": "count", "k": k} if k else None)
+        self.default_rule = {"kind": "count", "k": k} if k else None
         self._checked: set[int] = set()
         self._lock = threading.Lock()
 

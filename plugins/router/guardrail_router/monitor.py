@@ -202,8 +202,8 @@ class RouterMonitor(Monitor):
     # A policy entry without a threshold routes at the routing threshold (recall >= 0.95) and
     # flags, redacts or halts at the flag threshold (best F1: fewer, surer verdicts), in any
     # policy; the default policy has no model to route to and flags.
-    default_threshold: ClassVar[float] = _SHIPPED if _SHIPPED is not None else 0.5
-    default_thresholds: ClassVar[Mapping[str, float]] = (
+    default_threshold: float = _SHIPPED if _SHIPPED is not None else 0.5
+    default_thresholds: Mapping[str, float] = (
         {} if _SHIPPED_FLAG is None else
         {"flag": _SHIPPED_FLAG, "redact": _SHIPPED_FLAG, "halt": _SHIPPED_FLAG})
     default_spec: ClassVar[dict[str, Any]] = {"id": "router", "action": "flag"}
@@ -219,10 +219,10 @@ class RouterMonitor(Monitor):
         if options.weights:  # other weights bring their own thresholds
             route, flag = config.get("threshold"), config.get("flag_threshold")
             if route is not None:
-                setattr(self, "default_threshold", float(route))  # noqa: B010 - per instance
+                self.default_threshold = float(route)
             flag = route if flag is None else flag
-            setattr(self, "default_thresholds",  # noqa: B010
-                    {} if flag is None else {a: float(flag) for a in ("flag", "redact", "halt")})
+            self.default_thresholds = ({} if flag is None else
+                                       {a: float(flag) for a in ("flag", "redact", "halt")})
         self._loaded: LoadedProbe | None = None
         self._numpy: _NumpyRouter | None = None
         self._lock = threading.Lock()
