@@ -40,7 +40,7 @@ _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mea
            "0.945, k 3)")
 HARM_HEAD_BEFORE = {
     "peer_nemo": _HEAD_E,
-    "real_upstream": _HEAD_E, "serve_pace": _HEAD_E,
+    "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
     "ray_throughput": _HEAD_E,
 }
