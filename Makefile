@@ -44,9 +44,11 @@ test: lint pytest
 
 # The everyday lane: ruff and the tests that load no real model and are not slow, one pytest
 # worker per core (pytest-xdist). `make test` runs everything, as CI does.
+# pytest caches its rewritten test modules as bytecode; an environment that turns bytecode off
+# (PYTHONDONTWRITEBYTECODE) makes every run recompile them, about 5 CPU-s per worker.
 check: venv
 	$(VENV)/bin/ruff check $(wildcard guardrail plugins adapters tests bench examples)
-	$(VENV)/bin/pytest -q -n auto -m "not real_model and not slow" $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest -q -n auto -m "not real_model and not slow" $(PYTEST_ARGS)
 
 # The full run compares against the real peers, so it builds their venvs first (once).
 bench: venv $(PEER_STAMPS)

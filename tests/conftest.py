@@ -36,6 +36,7 @@ SLOW_MODULES = (
     "harmful_content/test_harm_train.py",
     "entity_hallucination/test_entity_build.py",
     "entity_hallucination/test_train.py",
+    "entity_hallucination/test_train_combined.py",
 )
 # Fixtures that build a plugin's full data set (seconds per xdist worker).
 SLOW_FIXTURES = frozenset({"full_build", "full_records"})

@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import sys
 
+import pytest
 from guardrail_harmful_content.monitor import HarmfulContentMonitor
 
 # sha256 over the shipped head's tensors (name, shape, dtype, bytes; sorted by name). Retraining
@@ -45,6 +46,7 @@ print(" ".join(loaded))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and the guard: seconds
 def test_the_runtime_never_imports_training() -> None:
     out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True,
                          check=True).stdout.split("\n")

@@ -8,6 +8,9 @@ import pytest
 
 from .hosts import HALT_MESSAGE, ROOT, TRIGGER, harmful_and_benign, keyword_policy, run_replays
 
+# NeMo starts in its own venv, a subprocess per module: seconds, so outside the fast lane.
+pytestmark = pytest.mark.slow
+
 EXAMPLE = ROOT / "adapters" / "nemo" / "examples" / "config"
 
 
