@@ -15,12 +15,14 @@ from guardrail.toolkit.records import Record, read_records
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "bench" / "heldout"
 HARM = HELDOUT / "harm_handwritten.jsonl"
+HARM_V2 = HELDOUT / "harm_handwritten_v2.jsonl"  # written after v1 steered a choice (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 SOURCE = "handwritten-heldout-v1"
+SOURCE_V2 = "handwritten-heldout-v2"
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 # Strings by which a training builder would reach these files.
-MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", SOURCE)
+MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
 
 
 def _raw(path: Path) -> list[dict[str, object]]:
@@ -28,11 +30,14 @@ def _raw(path: Path) -> list[dict[str, object]]:
             if line.strip()]
 
 
-def test_harm_set_loads_and_is_balanced_per_category() -> None:
-    records = list(read_records(HARM))
+@pytest.mark.parametrize(("path", "source", "turning_per_category"),
+                         [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1)])
+def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
+                                                     turning_per_category: int) -> None:
+    records = list(read_records(path))
     assert len(records) >= 130
     assert all(r.label in (0, 1) and r.prompt and r.response for r in records)
-    assert {r.extra["source"] for r in records} == {SOURCE}
+    assert {r.extra["source"] for r in records} == {source}
     assert {r.extra["category"] for r in records} == CATEGORIES
     counts = Counter((r.extra["category"], r.label) for r in records)
     for cat in CATEGORIES:
@@ -41,10 +46,15 @@ def test_harm_set_loads_and_is_balanced_per_category() -> None:
     assert len(turning) >= 20
     assert all(r.label == 1 for r in turning)  # only a harmful answer can turn harmful
     per_cat = Counter(r.extra["category"] for r in turning)
-    assert all(per_cat[cat] >= 2 for cat in CATEGORIES), per_cat
+    assert all(per_cat[cat] >= turning_per_category for cat in CATEGORIES), per_cat
     assert len({r.response for r in records}) == len(records)
     words = [len(r.response.split()) for r in records]
-    assert min(words) >= 40 and max(words) <= 250
+    assert min(words) >= 30 and max(words) <= 250
+
+
+def test_the_two_harm_sets_share_no_answer() -> None:
+    first = {r.response for r in read_records(HARM)}
+    assert not first & {r.response for r in read_records(HARM_V2)}
 
 
 def _span_text(record: Record, k: int) -> str:
@@ -95,10 +105,9 @@ def test_entity_pairs_differ_only_at_fabricated_spans() -> None:
 def _training_modules() -> list[Path]:
     files: list[Path] = []
     for pkg in (ROOT / "plugins").glob("*/guardrail_*"):
-        for base in (pkg, pkg / "training"):  # a plugin's training code may sit in training/
-            files += [p for p in (base / "data").rglob("*") if p.is_file()]
-            files += [p for p in base.glob("*.py") if p.stem.startswith("train") or
-                      p.stem == "crossfit"]
+        files += [p for p in (pkg / "training").rglob("*") if p.is_file()]  # all of training/
+        files += [p for p in (pkg / "data").rglob("*") if p.is_file()]
+        files += [p for p in pkg.glob("*.py") if p.stem.startswith("train")]
     return files
 
 
@@ -110,7 +119,7 @@ def test_no_training_builder_reads_the_heldout_sets() -> None:
     assert not hits, "training data must never read bench/heldout: " + "; ".join(hits)
 
 
-@pytest.mark.parametrize("path", [HARM, ENTITY])
+@pytest.mark.parametrize("path", [HARM, HARM_V2, ENTITY])
 def test_heldout_text_is_not_in_the_training_data(path: Path) -> None:
     """No held-out response appears verbatim in a training builder's data or code."""
     corpus = "\n".join(p.read_text(encoding="utf-8", errors="ignore")
