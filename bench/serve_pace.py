@@ -496,7 +496,10 @@ def render(result: dict[str, Any]) -> str:
               "and a halted stream has already shown its text. With small chunks checked first, "
               "each check is a fresh pass over the prompt and the window, which is where its CPU "
               "goes. The CPU ceiling is the figure to read on a shared machine: what 2 free cores "
-              "would carry at the measured cost."]
+              "would carry at the measured cost. Ours runs every forward on the observer's one "
+              "scheduler thread with one torch thread, and the forward is most of its CPU cost, "
+              "so ours can use about one core: its reachable ceiling is about half the column's "
+              "(where the time goes: docs/observer.md, \"Concurrent streams\")."]
     return "\n".join(lines) + "\n"
 
 
