@@ -123,6 +123,7 @@ async def _stream(client: openai.AsyncOpenAI, k: int) -> tuple[str, str | None]:
     return content, finish
 
 
+@pytest.mark.slow  # eight paced streams through a proxy, twice
 def test_eight_streams_share_forwards_and_halt_as_alone(
         upstream_server: UpstreamServer, guard_and_flags: tuple[Guard, Flags],
         serve: Callable[..., AbstractContextManager[Any]]) -> None:
