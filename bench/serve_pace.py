@@ -20,7 +20,11 @@ each stream ``--rounds`` answers back to back. Per concurrency level:
 - *crossings*: streams whose verdicts (text shown, finish reason, guard events) differ from the
   same answer streamed alone; *leaks*: halted streams that showed text at or past the halting
   token; *past the verdict*: upstream chunks written after the halt verdict (a hook in the proxy
-  stamps it) and past the halting chunk.
+  stamps it) and past the halting chunk;
+- *reads per forward*: observer reads (the streams' contexts included) over the batched
+  observer's forwards at this level (``guard.observer.stats``); *read wait*: the mean time from
+  a stream's read being due to its result (queued behind other forwards, then its own), from each
+  session's report (``observer_seconds`` / ``observer_reads``).
 
 NeMo (in its own venv, .cache/peers/nemo; bench/peers/nemo_pace.py): the same answers from a
 replaying LLM at the same pace, ``N`` concurrent ``stream_async`` calls, the output rail an
@@ -63,7 +67,8 @@ NEMO_CONFIGS = [
      "stream_first": False},
 ]
 
-# The proxy, with a hook that stamps each halt verdict (model field = stream id) in a file.
+# The proxy, with a hook that stamps each halt verdict (model field = stream id) in a file, and
+# one that writes each stream's observer reads and the batched observer's counts in another.
 PROXY_CODE = """
 import json, sys, time
 from guardrail import hookimpl
@@ -77,6 +82,16 @@ class VerdictClock:
             with open(sys.argv[1], "a") as out:
                 out.write(json.dumps({"model": session.metadata.get("model"),
                                       "at": time.monotonic(), "at_char": event.at_char}) + "\\n")
+
+    @hookimpl
+    def guardrail_session_end(self, session, report):
+        stats = getattr(session.guard.observer, "stats", None)
+        with open(sys.argv[1] + ".reads", "a") as out:
+            out.write(json.dumps({"model": session.metadata.get("model"),
+                                  "reads": report.observer_reads,
+                                  "observer_s": report.observer_seconds,
+                                  "forwards": getattr(stats, "forwards", None),
+                                  "all_reads": getattr(stats, "reads", None)}) + "\\n")
 
 get_host().register(VerdictClock(), name="bench-verdict-clock")
 from guardrail.cli import main
@@ -203,6 +218,12 @@ class Proxy:
         rows = [json.loads(x) for x in self.verdicts.read_text().splitlines() if x.strip()]
         return {r["model"]: r["at"] for r in rows}
 
+    def read_rows(self) -> list[dict[str, Any]]:
+        path = Path(f"{self.verdicts}.reads")
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -271,6 +292,21 @@ def _level(results: list[StreamResult], records: dict[str, Any], verdicts: dict[
     }
 
 
+def _reads(before: list[dict[str, Any]], after: list[dict[str, Any]],
+           prefix: str) -> dict[str, Any]:
+    """Reads per batched forward over a level, and the mean wait of its streams' reads."""
+    def last(rows: list[dict[str, Any]], key: str) -> int:
+        return max((r[key] for r in rows if r.get(key) is not None), default=0)
+
+    mine = [r for r in after if str(r.get("model", "")).startswith(prefix)]
+    forwards = last(after, "forwards") - last(before, "forwards")
+    reads = last(after, "all_reads") - last(before, "all_reads")
+    waited, count = sum(r["observer_s"] for r in mine), sum(r["reads"] for r in mine)
+    return {"observer_forwards": forwards,
+            "reads_per_forward": round(reads / forwards, 2) if forwards else None,
+            "read_wait_ms": round(waited / count * 1000, 1) if count else None}
+
+
 def run_ours(scripts: list[dict[str, Any]], levels: list[int], rounds: int,
              say: Any) -> tuple[dict[str, Any], dict[int, int]]:
     """Per level, the row; and where each answer halts when streamed alone (script: at_char)."""
@@ -291,6 +327,7 @@ def run_ours(scripts: list[dict[str, Any]], levels: list[int], rounds: int,
                 direct = asyncio.run(load(upstream.base_url, scripts, n, 1, f"direct{n}"))
                 direct_gap = p95([g for r in direct for g in _gaps(r.content_times)])
                 load_before = os.getloadavg()[0]
+                before = proxy.read_rows()
                 cpu0 = proxy.cpu_s()
                 results = asyncio.run(load(proxy.base_url, scripts, n, rounds, f"ours{n}"))
                 cpu = proxy.cpu_s() - cpu0
@@ -299,6 +336,7 @@ def run_ours(scripts: list[dict[str, Any]], levels: list[int], rounds: int,
                 records = {str((r.body or {}).get("model")): r for r in upstream.completions()}
                 row = _level(results, records, proxy.verdict_times(), reference, scripts,
                              direct_gap, cpu)
+                row.update(_reads(before, proxy.read_rows(), f"ours{n}-"))
                 row.update({"direct_gap_p95_ms": round(direct_gap, 1),
                             "load_1m_before": round(load_before, 2),
                             "load_1m_after": round(os.getloadavg()[0], 2)})
@@ -406,17 +444,20 @@ def render(result: dict[str, Any]) -> str:
         "of the reader's gaps between text chunks minus the upstream's at the same concurrency. "
         "*CPU ceiling*: streams at this pace that all the machine's cores could carry at the "
         "measured CPU cost per token (CPU time moves less with the machine's other load than "
-        "wall time does). *Leaks*: streams that showed text at or past the halting token (for "
+        "wall time does). *Reads / forward*: observer reads (contexts included) per batched "
+        "forward; *read wait*: mean time from a read being due to its result (ours only). "
+        "*Leaks*: streams that showed text at or past the halting token (for "
         "NeMo: past where ours halts the same answer). *Past the "
         "verdict / halting chunk*: upstream chunks written after the halt verdict / after the "
         "chunk holding the halting token (median, max). The machine was shared (1-minute load "
         "in the last column; NeMo ran right after ours in the same run).", "",
         "| system | streams | pace min / median | below pace | first text, ms | "
         "added gap p95, ms | "
-        "CPU-s / 1k tokens | CPU ceiling, streams | crossings | leaks | halted | "
+        "CPU-s / 1k tokens | CPU ceiling, streams | reads / forward | read wait, ms | "
+        "crossings | leaks | halted | "
         "past the verdict (max) | "
         "past the halting chunk | errors | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     cores, rate = int(result.get("cores") or 2), 1 / result["delay_s"]
@@ -429,6 +470,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{_fmt(r.get('added_gap_p95_ms'), '{:+.0f}')} | "
                 f"{_fmt(r.get('cpu_s_per_1k_tokens'), '{:.1f}')} | "
                 f"{_fmt(_ceiling(r, cores, rate), '{:.1f}')} | "
+                f"{_fmt(r.get('reads_per_forward'), '{:.1f}')} | "
+                f"{_fmt(r.get('read_wait_ms'), '{:.0f}')} | "
                 f"{_fmt(r.get('crossings'), '{}')} | {r.get('leaks_past_hold_back')} | "
                 f"{r.get('halted')} | "
                 f"{_fmt(r.get('past_verdict_median'), '{:.0f}')} "
@@ -453,7 +496,10 @@ def render(result: dict[str, Any]) -> str:
               "and a halted stream has already shown its text. With small chunks checked first, "
               "each check is a fresh pass over the prompt and the window, which is where its CPU "
               "goes. The CPU ceiling is the figure to read on a shared machine: what 2 free cores "
-              "would carry at the measured cost."]
+              "would carry at the measured cost. Ours runs every forward on the observer's one "
+              "scheduler thread with one torch thread, and the forward is most of its CPU cost, "
+              "so ours can use about one core: its reachable ceiling is about half the column's "
+              "(where the time goes: docs/observer.md, \"Concurrent streams\")."]
     return "\n".join(lines) + "\n"
 
 
