@@ -57,6 +57,7 @@ DEFAULT_WEIGHT_DECAYS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 
 Block = tuple[str, int]
 """A block of states a span head reads: (pool, layer), pool ``mean`` or ``prev``."""
+Stats = tuple[np.ndarray, np.ndarray]  # column (mean, std)
 
 # The shipped ensemble, chosen on validation (docs/entity-hallucination.md).
 SHIPPED_MEMBERS = ("mean:18", "mean:15", "mean:18+prev:18", "mean:15+mean:18+prev:15")
@@ -200,20 +201,33 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
         raise ValueError("the span head needs training entities of both labels")
     if not blocks or not any(pool == "mean" for pool, _ in blocks):
         raise ValueError("a span head needs a 'mean' block")
+    z, stats, feature_stats = _standardised(rows, blocks)
+    y = torch.tensor(rows.labels, dtype=torch.float32)
+    w, b, final = _fit_logistic(z, y, weight_decay, max_iter)
+    return _folded_probe(w, b, blocks, stats, feature_stats), final
+
+
+def _standardised(rows: SpanRows, blocks: Sequence[Block]
+                  ) -> tuple[torch.Tensor, list[Stats], Stats]:
+    """The design matrix: each block standardised on its own, then the standardised span
+    features (non-finite values 0); with each block's and the features' (mean, std)."""
     parts, stats = [], []
     for pool, layer in blocks:
         x = rows.block(pool, layer).astype(np.float64)
         mean, std = _state_stats(x)
         parts.append(np.nan_to_num((x - mean) / std, nan=0.0, posinf=0.0, neginf=0.0))
         stats.append((mean, std))
-    hidden_size = parts[0].shape[1]
     base = rows.features[:, :len(SPAN_FEATURES)]  # the version-2 heads read these alone
     feature_mean, feature_std = _column_stats(base)
     z_features = np.nan_to_num((base - feature_mean) / feature_std, nan=0.0,
                                posinf=0.0, neginf=0.0)
     z = torch.tensor(np.concatenate([*parts, z_features], axis=1), dtype=torch.float32)
-    del parts
-    y = torch.tensor(rows.labels, dtype=torch.float32)
+    return z, stats, (feature_mean, feature_std)
+
+
+def _fit_logistic(z: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iter: int
+                  ) -> tuple[np.ndarray, float, float]:
+    """LBFGS on mean BCE + ``weight_decay`` * ||w||^2: the weights, bias and final loss."""
     weight = torch.zeros(z.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter,
@@ -232,8 +246,13 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
     optimizer.step(closure)
     with torch.no_grad():
         final = float(objective())
-    w = weight.detach().double().numpy()
-    b = float(bias.detach()[0])
+    return weight.detach().double().numpy(), float(bias.detach()[0]), final
+
+
+def _folded_probe(w: np.ndarray, b: float, blocks: Sequence[Block], stats: Sequence[Stats],
+                  feature_stats: Stats) -> EntitySpanProbe:
+    """The span head with the blocks' standardisation folded into its weights and bias."""
+    hidden_size = len(stats[0][0])
     folded, state_blocks = [], []
     for k, ((pool, layer), (mean, std)) in enumerate(zip(blocks, stats, strict=True)):
         w_block = w[k * hidden_size:(k + 1) * hidden_size] / std  # fold the standardisation
@@ -249,11 +268,11 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
                                               dtype=torch.float32)[None])
         head.linear.bias.fill_(b)
     head.eval()
-    probe = EntitySpanProbe(head, max(layer for _, layer in blocks), 0.5, SPAN_FEATURES,
-                            torch.tensor(feature_mean, dtype=torch.float32),
-                            torch.tensor(feature_std, dtype=torch.float32),
-                            blocks=tuple(state_blocks))
-    return probe, final
+    feature_mean, feature_std = feature_stats
+    return EntitySpanProbe(head, max(layer for _, layer in blocks), 0.5, SPAN_FEATURES,
+                           torch.tensor(feature_mean, dtype=torch.float32),
+                           torch.tensor(feature_std, dtype=torch.float32),
+                           blocks=tuple(state_blocks))
 
 
 def ensemble_span_probes(probes: Sequence[EntitySpanProbe]) -> EntitySpanProbe:
