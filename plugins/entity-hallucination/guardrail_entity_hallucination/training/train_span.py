@@ -1,24 +1,12 @@
 """Training the span head (``span_probe``) on cached features: one row per entity the monitor's
-finder sees, a logistic regression, the layer and weight decay chosen on validation.
+finder sees, labelled 1 when it overlaps a fabricated span (entities overlapping no labelled span
+are negatives: the monitor scores them all), scored exactly as the monitor scores.
 
-Rows: for each record, the entities ``find_entities(response, final=True)`` finds, their member
-tokens as the monitor assigns them (``span_members``); a row's label is 1 when the entity overlaps
-a fabricated labelled span, else 0 (entities that overlap no labelled span are negatives too: the
-monitor scores them all). Inputs: the mean of the members' layer-``L`` states and the raw span
-features (``span_features``), each column standardised with the training rows' mean and std
-(unknown feature values become 0). Fit: LBFGS on the mean BCE plus ``wd * ||w||^2`` (bias not
-decayed), from zero weights, so the fit is deterministic. The state standardisation is then folded
-into the weights (``EntitySpanProbe`` keeps one dot product per token). Candidates are compared
-by validation span-max AUC computed exactly as the monitor scores (``span_probe_scorer``).
-
-Richer heads (``fit_span_blocks``, ``fit_span_ensemble``): a member reads several blocks of
-states (``mean`` of the members' states and/or ``prev``, the state of the token before the entity,
-each on a layer; a ``prev`` row of an entity that starts the response is unknown and standardises
-to 0), each block standardised on its own and folded like the single state. An ensemble averages
-the logits of several members fitted alone, which is one linear head over the union of their
-blocks (``ensemble_span_probes``). The shipped head is the ensemble ``SHIPPED_MEMBERS``
-(docs/entity-hallucination.md): it beat the single layer-18 head on validation span AUC by 0.011
-and in each of five grouped folds of the training split.
+Each block of states (``mean`` of the members' states or ``prev``, the state before the entity,
+on a layer) and the span features are standardised on the training rows; LBFGS from zero weights
+on mean BCE + ``wd * ||w||^2`` makes the fit deterministic, and the standardisation is folded
+into the weights. An ensemble averages the logits of members fitted alone, which is one linear
+head; the shipped one is ``SHIPPED_MEMBERS`` (chosen on validation, docs/entity-hallucination.md).
 """
 
 from __future__ import annotations
