@@ -1,12 +1,12 @@
 """``guardrail train entity-hallucination``: build the offline data, cache SmolLM2's states, choose
-a head on validation, calibrate its threshold, evaluate it on the held-out splits and save the
-weights with their record (see docs/entity-hallucination.md).
+a head and its threshold (leave-one-source-out for the default combined head, on the validation
+split for the others), evaluate it and save the weights with their record (see
+docs/entity-hallucination.md).
 
 The run is a pipeline of stages: ``plan`` (what the arguments ask for), ``load_features`` (data
-and the observer's states), the head's ``HeadSearch`` (the validation strategy: ``TokenSearch``
-for the paper's token probe, ``SpanSearch`` for the span head, in ``train_token`` and
-``train_span``), ``calibrate``, ``evaluate`` and ``record``. ``--head combined`` (the default,
-what ships) is chosen leave-one-source-out instead (``train_combined``). With
+and the observer's states), the plan's ``HeadSearch`` (the validation strategy, ``search.py``:
+``TokenSearch`` for the paper's token probe, ``SpanSearch`` for the span head), ``calibrate``,
+``evaluate`` and ``record``. ``--head combined`` runs ``train_combined`` instead. With
 ``own-test.jsonl`` in the build (SmolLM2's own answers) the head is also evaluated on it;
 ``--own`` trains and validates on them too.
 """
