@@ -20,7 +20,7 @@ for; a record without it labels every monitor. The shipped replay sets say which
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,68 +85,89 @@ def evaluate(guard: Guard, data: str | Path, *, limit: int | None = None,
         if on_stream is not None:
             on_stream(i, record, report, offsets)
         for spec, _ in guard.monitors:
-            acc = per_monitor[spec.id]
-            mine = _labels_for(record, spec)
-            scores = dict(report.scores.get(spec.id, []))
-            flags = [f for f in report.flags if f.monitor == spec.id]
-            acc["labels"].append(record.label if mine else None)
-            acc["max"].append(max(scores.values(), default=0.0))
-            acc["fired"].append(bool(flags))
-            acc["first"].append(min((f.tokens[1] for f in flags), default=None))
-            acc["tokens"].append(len(offsets))
-            if record.spans and mine:
-                for k, (a, b) in enumerate(offsets):
-                    if k not in scores:
-                        continue
-                    label = next((s.label for s in record.spans if a < s.end and b > s.start), 0)
-                    acc["tok_scores"].append(scores[k])
-                    acc["tok_labels"].append(label)
-                for s in record.spans:
-                    inside = [scores[k] for k, (a, b) in enumerate(offsets)
-                              if a < s.end and b > s.start and k in scores]
-                    if inside:
-                        acc["span_scores"].append(max(inside))
-                        acc["span_labels"].append(s.label)
+            _accumulate(per_monitor[spec.id], record, spec, report, offsets)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
     result: dict[str, Any] = {"records": len(records), "monitors": {}}
     for spec, _ in guard.monitors:
-        acc = per_monitor[spec.id]
-        metrics: dict[str, Any] = {}
-        labelled = [(y, m, f, first, n) for y, m, f, first, n in
-                    zip(acc["labels"], acc["max"], acc["fired"], acc["first"], acc["tokens"],
-                        strict=True) if y is not None]
-        if curves is not None:
-            levels = curves.setdefault(spec.id, {})
-            if labelled:
-                levels["response"] = ([t[0] for t in labelled], [t[1] for t in labelled])
-            if acc["span_labels"]:
-                levels["span"] = (list(acc["span_labels"]), list(acc["span_scores"]))
-        if labelled:
-            ys = [t[0] for t in labelled]
-            preds = [int(t[2]) for t in labelled]
-            metrics["auc"] = _safe(roc_auc, ys, [t[1] for t in labelled])
-            f1 = macro_f1(ys, preds)
-            metrics["macro_f1"] = float(f1["macro_f1"])
-            metrics["precision"] = float(f1["precision_1"])
-            metrics["recall"] = float(f1["recall_1"])
-            seen = [(t[3] + 1) / t[4] for t in labelled if t[0] == 1 and t[2] and t[4]]
-            metrics["fraction_seen"] = sum(seen) / len(seen) if seen else None
-            benign = [t[2] for t in labelled if t[0] == 0]
-            metrics["false_halt_rate"] = sum(benign) / len(benign) if benign else None
-        if acc["span_labels"]:
-            metrics["span_auc"] = _safe(roc_auc, acc["span_labels"], acc["span_scores"])
-            metrics["token_auc"] = _safe(roc_auc, acc["tok_labels"], acc["tok_scores"])
-            metrics["recall_at_10fpr"] = _safe(recall_at_fpr, acc["span_labels"],
-                                               acc["span_scores"], 0.1)
-            metrics["spans"] = len(acc["span_labels"])
-            if spec.action == "route":
-                threshold = guard.threshold_of(spec)
-                pos = [s for s, y in zip(acc["tok_scores"], acc["tok_labels"], strict=True) if y]
-                metrics["recall"] = (sum(s >= threshold for s in pos) / len(pos)) if pos else None
-                total = len(acc["tok_scores"])
-                metrics["route_rate"] = (sum(s >= threshold for s in acc["tok_scores"]) / total
-                                         if total else None)
-        metrics["threshold"] = guard.threshold_of(spec)
-        result["monitors"][spec.id] = metrics
+        result["monitors"][spec.id] = _metrics(guard, spec, per_monitor[spec.id], curves)
     return result
+
+
+def _accumulate(acc: dict[str, list[Any]], record: Record, spec: MonitorSpec, report: Report,
+                offsets: Sequence[tuple[int, int]]) -> None:
+    """Add one record's response-level and (labelled spans) token and span figures."""
+    mine = _labels_for(record, spec)
+    scores = dict(report.scores.get(spec.id, []))
+    flags = [f for f in report.flags if f.monitor == spec.id]
+    acc["labels"].append(record.label if mine else None)
+    acc["max"].append(max(scores.values(), default=0.0))
+    acc["fired"].append(bool(flags))
+    acc["first"].append(min((f.tokens[1] for f in flags), default=None))
+    acc["tokens"].append(len(offsets))
+    if not (record.spans and mine):
+        return
+    for k, (a, b) in enumerate(offsets):
+        if k not in scores:
+            continue
+        label = next((s.label for s in record.spans if a < s.end and b > s.start), 0)
+        acc["tok_scores"].append(scores[k])
+        acc["tok_labels"].append(label)
+    for s in record.spans:
+        inside = [scores[k] for k, (a, b) in enumerate(offsets)
+                  if a < s.end and b > s.start and k in scores]
+        if inside:
+            acc["span_scores"].append(max(inside))
+            acc["span_labels"].append(s.label)
+
+
+def _metrics(guard: Guard, spec: MonitorSpec, acc: dict[str, list[Any]],
+             curves: dict[str, dict[str, tuple[list[int], list[float]]]] | None
+             ) -> dict[str, Any]:
+    """One monitor's metrics from its accumulated figures (and its ROC curves into ``curves``)."""
+    metrics: dict[str, Any] = {}
+    labelled = [(y, m, f, first, n) for y, m, f, first, n in
+                zip(acc["labels"], acc["max"], acc["fired"], acc["first"], acc["tokens"],
+                    strict=True) if y is not None]
+    if curves is not None:
+        levels = curves.setdefault(spec.id, {})
+        if labelled:
+            levels["response"] = ([t[0] for t in labelled], [t[1] for t in labelled])
+        if acc["span_labels"]:
+            levels["span"] = (list(acc["span_labels"]), list(acc["span_scores"]))
+    if labelled:
+        ys = [t[0] for t in labelled]
+        preds = [int(t[2]) for t in labelled]
+        metrics["auc"] = _safe(roc_auc, ys, [t[1] for t in labelled])
+        f1 = macro_f1(ys, preds)
+        metrics["macro_f1"] = float(f1["macro_f1"])
+        metrics["precision"] = float(f1["precision_1"])
+        metrics["recall"] = float(f1["recall_1"])
+        seen = [(t[3] + 1) / t[4] for t in labelled if t[0] == 1 and t[2] and t[4]]
+        metrics["fraction_seen"] = sum(seen) / len(seen) if seen else None
+        benign = [t[2] for t in labelled if t[0] == 0]
+        metrics["false_halt_rate"] = sum(benign) / len(benign) if benign else None
+    if acc["span_labels"]:
+        metrics.update(_span_metrics(guard, spec, acc))
+    metrics["threshold"] = guard.threshold_of(spec)
+    return metrics
+
+
+def _span_metrics(guard: Guard, spec: MonitorSpec, acc: dict[str, list[Any]]
+                  ) -> dict[str, Any]:
+    """Span and token AUCs, recall at 10% FPR; for a routing monitor its token recall and
+    route rate at its threshold."""
+    metrics: dict[str, Any] = {
+        "span_auc": _safe(roc_auc, acc["span_labels"], acc["span_scores"]),
+        "token_auc": _safe(roc_auc, acc["tok_labels"], acc["tok_scores"]),
+        "recall_at_10fpr": _safe(recall_at_fpr, acc["span_labels"], acc["span_scores"], 0.1),
+        "spans": len(acc["span_labels"]),
+    }
+    if spec.action == "route":
+        threshold = guard.threshold_of(spec)
+        pos = [s for s, y in zip(acc["tok_scores"], acc["tok_labels"], strict=True) if y]
+        metrics["recall"] = (sum(s >= threshold for s in pos) / len(pos)) if pos else None
+        total = len(acc["tok_scores"])
+        metrics["route_rate"] = (sum(s >= threshold for s in acc["tok_scores"]) / total
+                                 if total else None)
+    return metrics

@@ -258,6 +258,24 @@ def _cache_key(observer: Any, data_hash: str, options: Mapping[str, Any]) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _cache_target(observer: Any, data: Path, cache_dir: str | Path, data_hash: str,
+                  options: dict[str, Any]) -> Path:
+    """The cache folder of ``data`` read by ``observer`` with ``options``."""
+    key = _cache_key(observer, data_hash, options)
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", observer.name)
+    return Path(cache_dir) / f"{safe_name}-{data.stem}-{key}"
+
+
+def _manifest_row(index: int, shard: int, record: Record, tensors: dict[str, torch.Tensor]
+                  ) -> dict[str, Any]:
+    """A cached record's manifest entry: where its tensors are and the record itself."""
+    return {
+        "index": index, "shard": shard, "tokens": int(tensors["ids"].shape[0]),
+        "prompt": record.prompt, "response": record.response, "label": record.label,
+        "spans": [[s.start, s.end, s.label] for s in record.spans], "extra": record.extra,
+    }
+
+
 def extract_features(
     observer: Any,
     data: str | Path,
@@ -291,9 +309,7 @@ def extract_features(
     layers = sorted(set(int(x) for x in layers))
     options = {"layers": layers, "top_k": top_k, "stats": stats, "dtype": dtype, "limit": limit}
     data_hash = _file_hash(data)
-    key = _cache_key(observer, data_hash, options)
-    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", observer.name)
-    target = Path(cache_dir) / f"{safe_name}-{data.stem}-{key}"
+    target = _cache_target(observer, data, cache_dir, data_hash, options)
     if (target / "manifest.json").exists() and not refresh:
         return load_features(target)
     needs = Needs(layers=frozenset(layers), logits=bool(top_k or stats))
@@ -312,11 +328,7 @@ def extract_features(
                            _DTYPES[dtype])
         shard.update({f"{i}/{name}": t.contiguous() for name, t in tensors.items()})
         shard_no = i // shard_size
-        manifest["records"].append({
-            "index": i, "shard": shard_no, "tokens": int(tensors["ids"].shape[0]),
-            "prompt": record.prompt, "response": record.response, "label": record.label,
-            "spans": [[s.start, s.end, s.label] for s in record.spans], "extra": record.extra,
-        })
+        manifest["records"].append(_manifest_row(i, shard_no, record, tensors))
         if (i + 1) % shard_size == 0 or i + 1 == len(records):
             save_file(shard, str(tmp / f"shard-{shard_no:05d}.safetensors"))
             shard = {}

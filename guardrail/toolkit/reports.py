@@ -60,6 +60,14 @@ table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.25em .6em;te
 """
 
 
+def _token_classes(i: int, flagged: set[int], released: int, halt_at: int | None,
+                   routed: set[int]) -> list[str]:
+    """The CSS classes of token ``i``: flagged, held back, where the halt fired, routed."""
+    marks = [("flag", i in flagged), ("held", i >= released), ("halt", i == halt_at),
+             ("route", i in routed)]
+    return ["tok", *(name for name, on in marks if on)]
+
+
 def render_html(rec: StreamRecord) -> str:
     """One self-contained HTML page for a stream."""
     rep = rec.report
@@ -93,15 +101,8 @@ def render_html(rec: StreamRecord) -> str:
                      f"{threshold:g})</span></h2><div class=tokens>")
         for i, (a, b) in enumerate(rec.offsets):
             score = by_index.get(i)
-            classes = ["tok"]
-            if i in flagged.get(monitor, ()):
-                classes.append("flag")
-            if i >= rep.released_tokens:
-                classes.append("held")
-            if i == halt_at:
-                classes.append("halt")
-            if i in routed:
-                classes.append("route")
+            classes = _token_classes(i, flagged.get(monitor, set()), rep.released_tokens,
+                                     halt_at, routed)
             title = f"token {i}" + (f" · score {score:.3f}" if score is not None else "")
             style = f"background:{_colour(score, threshold)}" if score is not None else ""
             parts.append(f'<span class="{" ".join(classes)}" title="{title}" '

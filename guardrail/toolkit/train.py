@@ -249,6 +249,32 @@ def _safe_metric(metric_fn: MetricFn, head: ProbeHead,
     return None if math.isnan(value) else value
 
 
+def _step(head: ProbeHead, batch: Batch, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+          params: Sequence[Tensor], grad_clip: float | None, progress: float) -> float:
+    """One optimiser step on ``batch``; its loss."""
+    loss = loss_fn(head, batch, progress)
+    optimizer.zero_grad()
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _record_epoch(result: TrainResult, epoch: int, losses: Sequence[float],
+                  value: float | None) -> dict[str, Tensor] | None:
+    """Add the epoch to ``result.history``; a copy of the head's weights when they are the best
+    so far (until a metric exists, the latest)."""
+    result.history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+                           "val_metric": value})
+    improved = value is not None and (result.best_metric is None or value >= result.best_metric)
+    if not (improved or result.best_metric is None):
+        return None
+    result.best_metric = value if improved else result.best_metric
+    result.best_epoch = epoch + 1
+    return copy.deepcopy(result.head.state_dict())
+
+
 def train_head(
     head: ProbeHead,
     train: Sequence[CachedRecord],
@@ -286,28 +312,17 @@ def train_head(
         head.train()
         order = list(range(len(train)))
         order_rng.shuffle(order)
+        batches = (collate([train[j] for j in order[i : i + batch_size]], layer, **kwargs)
+                   for i in range(0, len(order), batch_size))
         losses = []
-        for i in range(0, len(order), batch_size):
-            batch = collate([train[j] for j in order[i : i + batch_size]], layer, **kwargs)
-            loss = loss_fn(head, batch, step / total_steps)
-            optimizer.zero_grad()
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        for batch in batches:
+            losses.append(_step(head, batch, loss_fn, optimizer, params, grad_clip,
+                                step / total_steps))
             step += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
         value = _safe_metric(metric_fn, head, val) if metric_fn is not None and val else None
-        result.history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
-                               "val_metric": value})
-        improved = value is not None and (result.best_metric is None
-                                          or value >= result.best_metric)
-        if improved or result.best_metric is None:  # until a metric exists, keep the latest
-            result.best_metric = value if improved else result.best_metric
-            result.best_epoch = epoch + 1
-            best_state = copy.deepcopy(head.state_dict())
+        best_state = _record_epoch(result, epoch, losses, value) or best_state
         if progress:
             bar.write(f"epoch {epoch + 1}: loss {result.history[-1]['train_loss']:.4f}"
                       + (f", val {value:.4f}" if value is not None else ""))

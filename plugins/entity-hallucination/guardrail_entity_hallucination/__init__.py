@@ -1,7 +1,7 @@
-"""guardrail entity-hallucination monitor: token-level probes after Obeso et al. (2025).
+"""guardrail entity-hallucination monitor: token-level and span probes after Obeso et al. (2025).
 
-This release holds the offline data builder (``guardrail_entity_hallucination.training.data``) and
-bench-ready replay sets (``guardrail_entity_hallucination/replays``); the monitor comes later.
+The runtime (``monitor``, ``probe``, ``span_probe``, ``spans``) and its trainer, data builder and
+evaluation (``training``); bench-ready replay sets in ``replays/``.
 """
 
 __all__: list[str] = []

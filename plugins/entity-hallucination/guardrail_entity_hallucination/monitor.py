@@ -1,35 +1,10 @@
-"""The ``entity-hallucination`` monitor: a linear probe scores every token of an entity, and the
-``span_max`` rule flags an entity whose highest token score reaches the threshold; or a span head
-(``span_probe``) scores the entity as a whole and every token of it gets that score.
-
-Entities are found in the streamed text as it grows (``spans.find_entities``: capitalised word
-runs, numbers, dates). A token's score is handed to the session only once the entity it belongs to
-can no longer change, each score carrying the entity's char offsets (``Score.span``), so a flag
-names the whole entity. Tokens outside every entity are not scored (option ``spans: tokens``
-scores every token as its own unit instead; token probes only). A span head keeps per token only
-the dot products of its states (on every layer the head reads) with the head's state weights (two
-floats: the part its ``mean`` blocks read and the part its ``prev`` blocks read), its surprisal
-and its entropy, and computes the entity's score when the entity is resolved, from its members'
-values and the ``prev`` part of the token just before it (kept after that token is resolved).
-
-Two sources of states:
-
-- Observer streams (text from an API, read by the shared observer): ``hidden[layer]`` row ``i`` is
-  the state after token ``i``; surprisal/entropy of token ``i`` come from logits row ``i - 1``
-  (the previous chunk's last row is kept). The monitor asks for ``top_k=1`` so the observer's
-  ``top_logits`` tell the two sources apart.
-- Generator streams (an adapter that owns the model): ``hidden[layer]`` and ``logits`` row ``i``
-  are the step that produced token ``i`` (the router's convention), so the state after token
-  ``i`` is row ``i + 1``: a token is scored when the next one arrives (the stream's last token
-  has no state and is left out); surprisal/entropy of token ``i`` come from its own logits row.
-
-A stream cut back by a reroute (``first_index`` going back) drops the tokens after the cut and
-re-reads entities from the cut on. The first token after the cut has no surprisal in observer mode
-(the logits row before it is gone), like the stream's first token.
-
-Weights: the shipped probe (``probe.DEFAULT_WEIGHTS``, trained by ``guardrail train
-entity-hallucination``), another file of that format (``weights``, token probe or span head), or
-a probe released in the paper's format (``probe_dir``, see ``paper_probe``).
+"""The ``entity-hallucination`` monitor: a token probe (``span_max`` over an entity's tokens) or a
+span head (one score per entity) flags entities found in the streamed text as it grows
+(``spans.find_entities``). An entity's scores are handed out only once it can no longer change,
+with its char offsets, so a flag names the whole entity; a span head keeps per token only its dot
+products, surprisal and entropy. States come from the shared observer or from a generator that
+owns the model (one row later); a reroute that cuts the stream back re-reads from the cut.
+docs/entity-hallucination.md describes both sources, reroutes and the weights it loads.
 """
 
 from __future__ import annotations

@@ -1,38 +1,10 @@
-"""The span head: one score per entity the monitor finds, from the mean of its tokens' states and
-a few statistics of their surprisal and entropy, instead of one score per token.
-
-Why: the monitor already waits until an entity (``spans.find_entities``) can no longer change
-before it hands out its tokens' scores, so scoring the entity as a whole costs no latency; and
-a logistic regression on the span's mean state ranks fabricated entities better than the max of a
-token probe's scores (docs/entity-hallucination.md).
-
-The logit of a span with member tokens ``T`` (the tokens that overlap it) is::
-
-    mean_{t in T}(w . h_t) + b + sum_k v_k * (f_k - mean_k) / std_k
-
-``h_t`` is token ``t``'s state on ``layer``, ``w`` the state weights with the training
-standardisation folded in (so the monitor keeps one dot product per token, not its state), and
-``f`` the span features of ``SPAN_FEATURES``: max, mean and first value of the members'
-surprisal and entropy (unknown values, e.g. the first response token's surprisal, are skipped; a
-span with none takes the training mean), the log of the member count and a one-hot of the span's
-kind. Every member token gets the span's score.
-
-On disk it is a ``LinearProbe`` over ``hidden_size + len(features)`` inputs (``guardrail.probes.io``
-safetensors + JSON); the JSON says ``"unit": "span"`` and holds the feature names with their
-training mean and std under ``span_features``.
-
-**State blocks (span-state version 2).** A head may read more than one block of states
-(``StateBlock``): ``mean`` blocks (the members' mean state on a layer, as above) and ``prev``
-blocks (the state of the token just before the entity, the one the model predicted the entity
-from, on a layer). Its weights are then ``len(blocks) * width + len(features)`` wide, the blocks
-in order, each folded like the single state above, and the logit gains
-``sum_{prev blocks} w_b . h_{t0 - 1}``. When no token precedes the entity (it starts the
-response) each ``prev`` block adds its ``fill`` instead, the folded dot product of the training
-mean, so that it contributes what a standardised zero did in training. The JSON records the
-blocks as ``"span_states": {"version": 2, "width": H, "blocks": [{"pool": "mean", "layer": 15},
-..., {"pool": "prev", "layer": 18, "fill": f}]}``; a file without the key is version 1 (one
-``mean`` block on ``layer``). The monitor still keeps two floats per token (the ``mean`` and the
-``prev`` part of its dot products), never the states.
+"""The span head: one score per entity the monitor finds (from its tokens' mean states on one or
+more layers, the state before it, and its surprisal/entropy statistics), every member token
+getting that score. Scoring the entity as a whole costs no latency, since the monitor waits until
+an entity is decided anyway, and it ranks fabricated entities better than a token probe's max.
+The state standardisation is folded into the weights so the monitor keeps a dot product per token,
+never a state. Logit, features and file format (``span_states`` version 2):
+docs/entity-hallucination.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """Training the span head (``span_probe``) on cached features: one row per entity the monitor's
-finder sees, a logistic regression, the layer and weight decay chosen on validation.
+finder sees, labelled 1 when it overlaps a fabricated span (entities overlapping no labelled span
+are negatives: the monitor scores them all), scored exactly as the monitor scores.
 
-Rows: for each record, the entities ``find_entities(response, final=True)`` finds, their member
-tokens as the monitor assigns them (``span_members``); a row's label is 1 when the entity overlaps
-a fabricated labelled span, else 0 (entities that overlap no labelled span are negatives too: the
-monitor scores them all). Inputs: the mean of the members' layer-``L`` states and the raw span
-features (``span_features``), each column standardised with the training rows' mean and std
-(unknown feature values become 0). Fit: LBFGS on the mean BCE plus ``wd * ||w||^2`` (bias not
-decayed), from zero weights, so the fit is deterministic. The state standardisation is then folded
-into the weights (``EntitySpanProbe`` keeps one dot product per token). Candidates are compared
-by validation span-max AUC computed exactly as the monitor scores (``span_probe_scorer``).
-
-Richer heads (``fit_span_blocks``, ``fit_span_ensemble``): a member reads several blocks of
-states (``mean`` of the members' states and/or ``prev``, the state of the token before the entity,
-each on a layer; a ``prev`` row of an entity that starts the response is unknown and standardises
-to 0), each block standardised on its own and folded like the single state. An ensemble averages
-the logits of several members fitted alone, which is one linear head over the union of their
-blocks (``ensemble_span_probes``). The shipped head is the ensemble ``SHIPPED_MEMBERS``
-(docs/entity-hallucination.md): it beat the single layer-18 head on validation span AUC by 0.011
-and in each of five grouped folds of the training split.
+Each block of states (``mean`` of the members' states or ``prev``, the state before the entity,
+on a layer) and the span features are standardised on the training rows; LBFGS from zero weights
+on mean BCE + ``wd * ||w||^2`` makes the fit deterministic, and the standardisation is folded
+into the weights. An ensemble averages the logits of members fitted alone, which is one linear
+head; the shipped one is ``SHIPPED_MEMBERS`` (chosen on validation, docs/entity-hallucination.md).
 """
 
 from __future__ import annotations
@@ -57,6 +45,7 @@ DEFAULT_WEIGHT_DECAYS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 
 Block = tuple[str, int]
 """A block of states a span head reads: (pool, layer), pool ``mean`` or ``prev``."""
+Stats = tuple[np.ndarray, np.ndarray]  # column (mean, std)
 
 # The shipped ensemble, chosen on validation (docs/entity-hallucination.md).
 SHIPPED_MEMBERS = ("mean:18", "mean:15", "mean:18+prev:18", "mean:15+mean:18+prev:15")
@@ -200,20 +189,33 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
         raise ValueError("the span head needs training entities of both labels")
     if not blocks or not any(pool == "mean" for pool, _ in blocks):
         raise ValueError("a span head needs a 'mean' block")
+    z, stats, feature_stats = _standardised(rows, blocks)
+    y = torch.tensor(rows.labels, dtype=torch.float32)
+    w, b, final = _fit_logistic(z, y, weight_decay, max_iter)
+    return _folded_probe(w, b, blocks, stats, feature_stats), final
+
+
+def _standardised(rows: SpanRows, blocks: Sequence[Block]
+                  ) -> tuple[torch.Tensor, list[Stats], Stats]:
+    """The design matrix: each block standardised on its own, then the standardised span
+    features (non-finite values 0); with each block's and the features' (mean, std)."""
     parts, stats = [], []
     for pool, layer in blocks:
         x = rows.block(pool, layer).astype(np.float64)
         mean, std = _state_stats(x)
         parts.append(np.nan_to_num((x - mean) / std, nan=0.0, posinf=0.0, neginf=0.0))
         stats.append((mean, std))
-    hidden_size = parts[0].shape[1]
     base = rows.features[:, :len(SPAN_FEATURES)]  # the version-2 heads read these alone
     feature_mean, feature_std = _column_stats(base)
     z_features = np.nan_to_num((base - feature_mean) / feature_std, nan=0.0,
                                posinf=0.0, neginf=0.0)
     z = torch.tensor(np.concatenate([*parts, z_features], axis=1), dtype=torch.float32)
-    del parts
-    y = torch.tensor(rows.labels, dtype=torch.float32)
+    return z, stats, (feature_mean, feature_std)
+
+
+def _fit_logistic(z: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iter: int
+                  ) -> tuple[np.ndarray, float, float]:
+    """LBFGS on mean BCE + ``weight_decay`` * ||w||^2: the weights, bias and final loss."""
     weight = torch.zeros(z.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter,
@@ -232,8 +234,13 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
     optimizer.step(closure)
     with torch.no_grad():
         final = float(objective())
-    w = weight.detach().double().numpy()
-    b = float(bias.detach()[0])
+    return weight.detach().double().numpy(), float(bias.detach()[0]), final
+
+
+def _folded_probe(w: np.ndarray, b: float, blocks: Sequence[Block], stats: Sequence[Stats],
+                  feature_stats: Stats) -> EntitySpanProbe:
+    """The span head with the blocks' standardisation folded into its weights and bias."""
+    hidden_size = len(stats[0][0])
     folded, state_blocks = [], []
     for k, ((pool, layer), (mean, std)) in enumerate(zip(blocks, stats, strict=True)):
         w_block = w[k * hidden_size:(k + 1) * hidden_size] / std  # fold the standardisation
@@ -249,11 +256,11 @@ def fit_span_blocks(rows: SpanRows, blocks: Sequence[Block], weight_decay: float
                                               dtype=torch.float32)[None])
         head.linear.bias.fill_(b)
     head.eval()
-    probe = EntitySpanProbe(head, max(layer for _, layer in blocks), 0.5, SPAN_FEATURES,
-                            torch.tensor(feature_mean, dtype=torch.float32),
-                            torch.tensor(feature_std, dtype=torch.float32),
-                            blocks=tuple(state_blocks))
-    return probe, final
+    feature_mean, feature_std = feature_stats
+    return EntitySpanProbe(head, max(layer for _, layer in blocks), 0.5, SPAN_FEATURES,
+                           torch.tensor(feature_mean, dtype=torch.float32),
+                           torch.tensor(feature_std, dtype=torch.float32),
+                           blocks=tuple(state_blocks))
 
 
 def ensemble_span_probes(probes: Sequence[EntitySpanProbe]) -> EntitySpanProbe:

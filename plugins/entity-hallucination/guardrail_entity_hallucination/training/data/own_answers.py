@@ -29,253 +29,34 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
+from .checks import NUMBER_TOLERANCE, NUMBER_TYPES, STOP, Checker, parse_number
 from .facts import City, Country, FactBase, load_facts
-from .languages import LANGUAGE_NAMES
 from .records import Example
 from .sources import PINNED, fetch_package
 from .split import SPLITS, Holdout
 from .templates import CITY_FACTS, COUNTRY_FACTS, PROMPTS
 from .text import Span
+from .writer import GreedyWriter, TextWriter
 
 __all__ = ["GreedyWriter", "OwnConfig", "TextWriter", "build_own_answers", "holdout_of",
            "own_city_text", "own_country_text", "parse_number", "Checker"]
 
 SOURCE = "smollm2-own-answers"
 KIND = "own"
-NUMBER_TOLERANCE = 1.5  # a number within this factor of the truth counts as supported
-NUMBER_TYPES = ("population", "area", "city_population")
-MAX_NAME_WORDS = 7
 # Facts the model is asked for; time zones ("Europe/Paris") are left out: it does not write them.
 COUNTRY_ORDER = ("capital", "region", "population", "area", "borders", "language", "currency",
                  "demonym", "provinces", "largest_city", "calling_code")
 CITY_ORDER = ("country", "population", "region", "national_capital", "other_city", "language",
               "currency")
-STOP = re.compile(r"[,;:!?()\n\"]|(?<!\d)\.|\.(?=\D)")
-NUMBER = re.compile(
-    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
-    r"(?:\s*(?P<unit>thousand|million|billion|trillion)\b)?", re.IGNORECASE)
-CODE = re.compile(r"\d{1,4}(?:[- ]\d{1,4})?")
-HEDGES = re.compile(r"(?:about|around|approximately|roughly|some|over|nearly|almost|just|more "
-                    r"than|less than|under)\s+", re.IGNORECASE)
-UNITS = {"thousand": 1e3, "million": 1e6, "billion": 1e9, "trillion": 1e12}
-
-
-class TextWriter(Protocol):
-    """Continues an assistant answer: ``prompt`` is the user's message, ``prefix`` the answer so
-    far; returns the continuation (at most ``max_new_tokens`` tokens, greedy)."""
-
-    def __call__(self, prompt: str, prefix: str, max_new_tokens: int) -> str: ...
-
-
-class GreedyWriter:
-    """Greedy decoding with a Hugging Face causal LM (an observer's ``model`` and tokenizer).
-
-    The conversation goes through the chat template as the observer renders it; the KV cache of
-    the longest shared token prefix is kept between calls, so each slot only reads the text added
-    since the last one. Decoding stops at the end-of-sequence token or once the continuation
-    holds a value's end (punctuation or a new line)."""
-
-    def __init__(self, model: Any, hf_tokenizer: Any) -> None:
-        self.model = model.eval()
-        self.tokenizer = hf_tokenizer
-        self.eos = {i for i in (hf_tokenizer.eos_token_id, getattr(model.config, "eos_token_id",
-                                                                   None)) if i is not None}
-        self._cache: Any = None
-        self._cached: list[int] = []
-        from guardrail.observer.hf import cache_kwarg
-
-        self._cache_arg = cache_kwarg(model)
-        self._context: tuple[str, list[int]] | None = None
-
-    @classmethod
-    def from_observer(cls, observer: Any) -> GreedyWriter:
-        return cls(observer.model, observer.hf_tokenizer)
-
-    def _ids(self, prompt: str, prefix: str) -> list[int]:
-        from guardrail.observer.model import render_context
-
-        if self._context is None or self._context[0] != prompt:
-            self._context = (prompt, render_context(self.tokenizer,
-                                                    [{"role": "user", "content": prompt}]))
-        body = self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        return [*self._context[1], *body]
-
-    def __call__(self, prompt: str, prefix: str, max_new_tokens: int) -> str:
-        import torch
-        from transformers import DynamicCache
-
-        ids = self._ids(prompt, prefix)
-        keep = 0
-        for a, b in zip(self._cached, ids, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # feed at least one token to get the next distribution
-        if self._cache is None or keep == 0:
-            self._cache, keep = DynamicCache(config=self.model.config), 0
-        elif len(self._cached) > keep:  # a negative count removes that many (old and new API)
-            self._cache.crop(keep - len(self._cached))
-        self._cached = ids[:keep]
-        feed, out_ids = ids[keep:], []
-        with torch.inference_mode():
-            for _ in range(max_new_tokens):
-                out = self.model(input_ids=torch.tensor([feed]), use_cache=True,
-                                 **{self._cache_arg: self._cache})
-                self._cached += feed
-                nxt = int(out.logits[0, -1].argmax())
-                if nxt in self.eos:
-                    break
-                out_ids.append(nxt)
-                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                if _value_ended(text):
-                    break
-                feed = [nxt]
-        return str(self.tokenizer.decode(out_ids, skip_special_tokens=True))
-
-
-def _value_ended(text: str) -> bool:
-    body = text.lstrip()
-    return bool(body) and STOP.search(body) is not None
-
-
-def fold(text: str) -> str:
-    """Case-, diacritic- and article-insensitive form of a name."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
-    plain = re.sub("[\u2019`]", "'", plain)
-    plain = re.sub(r"\s+", " ", plain).strip(" .")
-    return plain[4:] if plain.startswith("the ") else plain
-
-
-def parse_number(text: str) -> float | None:
-    """``67 million`` -> 6.7e7, ``1,234`` -> 1234.0; None when ``text`` is not one number."""
-    match = NUMBER.fullmatch(text.strip())
-    if match is None:
-        return None
-    value = float(match["num"].replace(",", ""))
-    unit = match["unit"]
-    return value * UNITS[unit.lower()] if unit else value
-
-
-@dataclass(frozen=True)
-class Value:
-    """Where a generated value sits in the continuation, and its check (``label`` None: plain
-    text)."""
-
-    start: int
-    end: int
-    label: int | None
-    type: str
-    truth: str
-
-
-@dataclass
-class Checker:
-    """The fact base's vocabulary per entity type, and the check of one generated value."""
-
-    facts: FactBase
-    vocab: dict[str, set[str]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        cs = list(self.facts.countries.values())
-        cities = {fold(n) for n in self.facts.city_country} | {fold(c.capital) for c in cs}
-        names = {fold(c.name) for c in cs}
-        self.vocab = {
-            "capital": cities, "city": cities, "other_city": cities,
-            "country": names, "neighbour": names,
-            "language": {fold(x) for x in LANGUAGE_NAMES.values()}
-            | {fold(x) for c in cs for x in c.languages},
-            "currency": {fold(c.currency) for c in cs if c.currency},
-            "demonym": {fold(c.demonym) for c in cs if c.demonym},
-            "province": {fold(p) for c in cs for p in c.provinces},
-            "region": {fold(c.region) for c in cs} | {fold(c.continent) for c in cs
-                                                     if c.continent},
-            "continent": {fold(c.continent) for c in cs if c.continent},
-        }
-
-    def truths(self, kind: str, country: Country, city: City | None) -> tuple[str, ...]:
-        """The subject's true values of ``kind`` (several where any of them is right)."""
-        c = country
-        if kind == "capital":
-            return (c.capital,)
-        if kind == "city":
-            return (c.cities[0].name,) if c.cities else ()
-        if kind == "other_city":
-            return tuple(x.name for x in c.cities if city is None or x.name != city.name)
-        if kind == "country":
-            return (c.name,)
-        if kind == "neighbour":
-            return tuple(self.facts.name(b) for b in c.borders)
-        if kind == "language":
-            return c.languages
-        if kind == "province":
-            return tuple(p for p in c.provinces if p != c.name)
-        if kind == "region":
-            return tuple(x for x in (c.region, c.continent) if x)
-        if kind == "population":
-            return (str(city.population if city is not None else c.population),)
-        if kind == "city_population":
-            return (str(c.cities[0].population),) if c.cities else ()
-        single = {"continent": c.continent, "currency": c.currency, "demonym": c.demonym,
-                  "area": str(c.area) if c.area > 0 else "", "calling_code": c.calling_code}
-        value = single.get(kind, "")
-        return (value,) if value else ()
-
-    def check(self, kind: str, text: str, truths: Sequence[str], country: Country) -> Value:
-        """The value at the start of ``text`` (a continuation, leading spaces stripped)."""
-        truth = " | ".join(truths)
-        if kind in NUMBER_TYPES:
-            return _check_number(kind, text, truths, truth)
-        if kind == "calling_code":
-            m = CODE.match(text)
-            if m is None or not truths:
-                return Value(0, 0, None, kind, truth)
-            digits = re.sub(r"\D", "", m.group())
-            label = int(digits != re.sub(r"\D", "", truths[0]))
-            return Value(m.start(), m.end(), label, kind, truth)
-        words = list(re.finditer(r"\S+", text))[:MAX_NAME_WORDS]
-        best: Value | None = None
-        for k, word in enumerate(words):
-            candidate = text[words[0].start():word.end()]
-            # a trailing comma, full stop, etc. ends the value (inner hyphens and apostrophes
-            # belong to it)
-            clean = re.sub(r"[,;:!?()\".]+$", "", candidate)
-            known = fold(clean)
-            if kind == "demonym" and known not in self.vocab[kind] and known.endswith("s"):
-                known = known[:-1]  # "Afghans" for "Afghan"
-            if clean and known in self.vocab[kind]:
-                true = {fold(t) for t in truths}
-                best = Value(words[0].start(), words[0].start() + len(clean),
-                             int(known not in true), kind, truth)
-            if clean != candidate or k + 1 == len(words):
-                break
-        return best or Value(0, 0, None, kind, truth)
-
-
-def _check_number(kind: str, text: str, truths: Sequence[str], truth: str) -> Value:
-    hedge = HEDGES.match(text)
-    skip = hedge.end() if hedge else 0
-    m = NUMBER.match(text, skip)
-    if m is None or not truths:
-        return Value(0, 0, None, kind, truth)
-    value = parse_number(m.group())
-    real = float(truths[0])
-    if value is None or value <= 0 or real <= 0:
-        return Value(m.start(), m.end(), None, kind, truth)
-    ratio = value / real
-    label = int(not 1 / NUMBER_TOLERANCE <= ratio <= NUMBER_TOLERANCE)
-    return Value(m.start(), m.end(), label, kind, truth)
 
 
 def _slot_kind(slot: str) -> str:

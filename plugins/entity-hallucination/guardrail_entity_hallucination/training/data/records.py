@@ -1,4 +1,5 @@
-"""One labelled text, as written to the split files (DESIGN.md §6 plus provenance fields)."""
+"""One labelled text, as written to the split files: the labelled-record format plus provenance
+(docs/entity-hallucination.md, "Record format")."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Example:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        # Response-level label (DESIGN.md §6): 1 when any entity in it is fabricated.
+        # Response-level label: 1 when any entity in it is fabricated.
         out = {"prompt": self.prompt, "response": self.response,
                "label": int(any(s.label for s in self.spans)),
                "spans": [s.as_dict() for s in self.spans], "topic": self.topic,
