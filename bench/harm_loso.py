@@ -89,8 +89,8 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
     from guardrail_harmful_content.training.select import (
         KS,
         THRESHOLDS,
-        _grid_summary,
         choose_rule,
+        grid_summary,
         halts,
         nested,
         per_source,
@@ -102,7 +102,7 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
     tags = np.asarray([records[i].tag for i in keep])
     lengths = np.asarray([len(records[i]) for i in keep])
     table = halts(sc, THRESHOLDS, KS)
-    summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read)
+    summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read)
     j, k, met = choose_rule(summary)
     return {"rule": {"threshold": THRESHOLDS[j], "k": KS[k], "constraint_met": met},
             "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
