@@ -89,8 +89,8 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
     from guardrail_harmful_content.training.select import (
         KS,
         THRESHOLDS,
-        _grid_summary,
         choose_rule,
+        grid_summary,
         halts,
         nested,
         per_source,
@@ -102,7 +102,7 @@ def evaluate(records: Sequence[Any], scores: Sequence[np.ndarray | None],
     tags = np.asarray([records[i].tag for i in keep])
     lengths = np.asarray([len(records[i]) for i in keep])
     table = halts(sc, THRESHOLDS, KS)
-    summary = _grid_summary(labels, tags, lengths, table, max_false_halts, max_read)
+    summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read)
     j, k, met = choose_rule(summary)
     return {"rule": {"threshold": THRESHOLDS[j], "k": KS[k], "constraint_met": met},
             "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
@@ -127,6 +127,51 @@ def render(result: dict[str, Any]) -> str:
                            ("pooled probe", "shipped recipe")))
     else:
         lines.append(table(same["per_source"]))
+    return "\n".join(lines)
+
+
+def _rule_text(rule: dict[str, Any]) -> str:
+    kind = str(rule["kind"])
+    if kind.startswith("window"):
+        kind = f"mean of the last {kind[6:]} scores, count"
+    return f"{kind} t {rule['threshold']} k {rule['k']}"
+
+
+def render_pass3(result: dict[str, Any]) -> str:
+    """The third selection pass: every candidate's LOSO figures, the incumbent and the best
+    candidate per source (LOSO and nested), and the ship decision."""
+    from guardrail_harmful_content.training.select import render as table
+
+    rule = result["ship_rule"]
+    lines = [f"### {result['title']}", "",
+             f"{result['pool']['records']} pool records, {result['pool']['sources']} source tags "
+             f"({result['pool']['harmful_sources']} with harmful answers); layers 6, 9, 12, 15, "
+             "half-life 12; every figure out of source (each source scored by the probe fitted "
+             "without it), one rule per candidate under the caps (false halts <= 0.05 on every "
+             "capped source, mean share read <= 0.5). Ship rule, written before the run: "
+             f"{rule['text']}. Best candidate {rule['best']}: margin {rule['margin']:+.3f} over "
+             f"the incumbent ({rule['incumbent']}); shipped: {'yes' if rule['ship'] else 'no'}.",
+             "", "| training | ridge | rule family | rule chosen | mean macro-F1 (harmful "
+             "sources) | nested | pooled macro-F1 | recall | worst capped false halts | read |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["candidates"]:
+        lines.append(f"| {c['training']} | {c['ridge']:g} | {c['rule_family']} | "
+                     f"{_rule_text(c['rule'])} | {c['mean_harmful_source_macro_f1']:.3f} | "
+                     f"{c['nested_mean_harmful_source_macro_f1']:.3f} | "
+                     f"{c['pool_macro_f1']:.3f} | {c['pool_recall']:.3f} | "
+                     f"{c['worst_capped_false_halt_rate']:.3f} | {c['fraction_seen']:.3f} |")
+    inc, best = result["incumbent"], result["best"]
+    lines += ["", f"Per source, out of source: the incumbent ({_rule_text(inc['rule'])}) and the "
+              f"best candidate ({best['key']}, {_rule_text(best['rule'])}).", "",
+              table(inc["loso"], best["loso"], ("incumbent", "best candidate")),
+              "Nested (each source's rule chosen on the other sources' scores):", "",
+              table(inc["nested"], best["nested"], ("incumbent", "best candidate"))]
+    relabelled = result.get("relabelled_pool") or {}
+    if relabelled:
+        lines += ["", "The recipe refitted on the pool with the third pass's 9 label "
+                  "corrections (count rule): " + "; ".join(
+                      f"{k}: {v['mean_harmful_source_macro_f1']:.3f} "
+                      f"({_rule_text(v['rule'])})" for k, v in relabelled.items()) + "."]
     return "\n".join(lines)
 
 

@@ -1,0 +1,139 @@
+"""Stage 5: the figures of a rule per source and pooled, the markdown table, and the chosen
+probe written as the plugin's weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardrail.toolkit.metrics import macro_f1, roc_auc
+
+from ..pooled import PoolRecord, fit_probe, to_dual_head
+from .rule import halts
+
+__all__ = ["candidate_name", "in_split", "per_source", "render", "save_chosen",
+           "source_metrics"]
+
+
+def source_metrics(labels: np.ndarray, halt: np.ndarray, lengths: np.ndarray
+                   ) -> dict[str, Any]:
+    """macro-F1, recall, false-halt rate and mean share read (halted harmful answers) of one
+    record set at one rule."""
+    predicted = (halt >= 0).astype(int)
+    out: dict[str, Any] = {"records": len(labels), "harmful": int(labels.sum())}
+    benign = labels == 0
+    out["false_halt_rate"] = float(predicted[benign].mean()) if benign.any() else None
+    harmful = labels == 1
+    if harmful.any():
+        m = macro_f1(labels.tolist(), predicted.tolist())
+        out["macro_f1"] = m["macro_f1"] if benign.any() else None
+        out["recall"] = m["recall_1"]
+        caught = harmful & (halt >= 0)
+        out["fraction_seen"] = (float(((halt[caught] + 1) / lengths[caught]).mean())
+                                if caught.any() else None)
+    return out
+
+
+def per_source(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, halt: np.ndarray,
+               scores: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Figures of every source tag and of the pool at one rule (``halt``: ``(records,)``)."""
+    out: dict[str, Any] = {}
+    for tag in sorted(set(tags)):
+        sel = tags == tag
+        out[tag] = source_metrics(labels[sel], halt[sel], lengths[sel])
+        if 0 < labels[sel].sum() < sel.sum():
+            out[tag]["auc"] = roc_auc(labels[sel].tolist(),
+                                      [float(scores[int(i)].max()) for i in np.flatnonzero(sel)])
+    out["pool"] = source_metrics(labels, halt, lengths)
+    out["pool"]["auc"] = roc_auc(labels.tolist(), [float(s.max()) for s in scores])
+    return out
+
+
+def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """The build's own split, for comparison only (never for choosing): the chosen probe fitted
+    on the pool's train and val records, scored on its test records at the chosen rule."""
+    train = [r for r in records if r.split in ("train", "val")]
+    test = [r for r in records if r.split == "test"]
+    if not train or not test:
+        return {}
+    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+                      chosen.get("fit", "ridge"), chosen.get("upweight"))
+    scores = [probe.prefix_scores(r) for r in test]
+    table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
+    return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
+                      np.asarray([len(r) for r in test]), table, scores)
+
+
+def candidate_name(candidate: Mapping[str, Any]) -> str:
+    """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15``."""
+    hl = candidate.get("halflife")
+    up = "".join(f" {p}x{w:g}" for p, w in (candidate.get("upweight") or {}).items())
+    return (f"{candidate.get('fit', 'ridge')} {candidate['ridge']:g} "
+            f"{'mean' if hl is None else f'hl{hl:g}'} "
+            f"{','.join(str(x) for x in candidate['layers'])}{up}")
+
+
+def _f(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def render(per: Mapping[str, Any], other: Mapping[str, Any] | None = None,
+           names: tuple[str, str] = ("pooled probe", "shipped recipe")) -> str:
+    """A markdown table of per-source figures (``per_source`` of a report), with a second
+    head's figures beside them when ``other`` is given."""
+    heads = [names[0]] + ([names[1]] if other is not None else [])
+    cols = " | ".join(f"{h}: AUC | {h}: macro-F1 | {h}: false halts | {h}: read"
+                      for h in heads)
+    lines = [f"| source | records (harmful) | {cols} |",
+             "|---|---|" + "---|" * (4 * len(heads))]
+    for tag in sorted(per, key=lambda t: (t == "pool", t)):
+        row = [tag, f"{per[tag]['records']} ({per[tag]['harmful']})"]
+        for fig in [per[tag]] + ([other.get(tag) or {}] if other is not None else []):
+            row += [_f(fig.get("auc")), _f(fig.get("macro_f1")), _f(fig.get("false_halt_rate")),
+                    _f(fig.get("fraction_seen"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_METHOD = ("linear probe on the pooled prefix of the layers' states (mean, or exponentially "
+           "weighted mean with 'halflife'): ridge on standardised rows, Platt-scaled, or L2 "
+           "logistic regression ('fit'; pooled.py); a one-unit MLP in the file carries its bias "
+           "(pooled.to_dual_head)")
+
+
+def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: Path) -> Path:
+    """Fit the chosen probe on every record of the pool and save it as the plugin's weights."""
+    from guardrail.probes.io import save_probe
+
+    from ..train import NAME
+
+    chosen = report["chosen"]
+    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+                      chosen.get("fit", "ridge"), chosen.get("upweight"))
+    hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
+    head = to_dual_head(probe, hidden_size)
+    config = {
+        "base_model": "smollm2-135m",
+        "layer": chosen["layers"][0],
+        "layers": chosen["layers"],
+        "pooling": "prefix_mean" if probe.halflife is None else "prefix_ema",
+        **({} if probe.halflife is None else {"halflife": probe.halflife}),
+        "dims": {"hidden_size": hidden_size, "input_size": head.hidden_size,
+                 "observer_layers": 30},
+        "threshold": chosen["threshold"],
+        "rule": {"kind": "count", "k": chosen["k"]},
+        "full_detection_threshold": chosen["full_detection_threshold"],
+        "method": {"head": _METHOD, "fit": probe.fit, "ridge": chosen["ridge"],
+                   "upweight": chosen.get("upweight") or {},
+                   "platt": {"a": probe.a, "c": probe.c},
+                   "selection": "leave-one-source-out (select.py)"},
+        "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
+                        "split": "leave-one-source-out", **report["caps"]},
+        "metrics": {"in_split_test": report.get("in_split") or None},
+        "loso": {"chosen": chosen, "per_source": report["loso"],
+                 "nested": report["loso_nested"], "pool": report["pool"]},
+    }
+    return save_probe(out, head, config, name=NAME)

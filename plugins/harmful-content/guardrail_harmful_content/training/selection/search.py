@@ -1,0 +1,163 @@
+"""Stage 3: out-of-source scores for every candidate (layer set, fit, L2 strength, pooling
+half-life, up-weight), the best rule of each, and the chosen candidate with its report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from guardrail.toolkit.metrics import best_threshold
+
+from ..pooled import PoolRecord, fit_loso
+from .record import candidate_name, per_source
+from .rule import CAPPED_MIXED, KS, THRESHOLDS, choose_rule, grid_summary, halts, nested
+
+__all__ = ["Key", "layer_sets_of", "pick", "rule_candidates", "run", "score_candidates"]
+
+# (layer set, L2 strength, half-life, fit, up-weight factor)
+Key = tuple[tuple[int, ...], float, float | None, str, float]
+
+
+def layer_sets_of(layers: Sequence[int], layer_sets: Sequence[Sequence[int]] | None
+                  ) -> list[tuple[int, ...]]:
+    """``layer_sets`` (default: each layer of ``layers``, every pair and all together), each
+    once, checked against ``layers``."""
+    if layer_sets is None:
+        layer_sets = [(layer,) for layer in layers] + [
+            s for n in (2, len(layers)) if 1 < n <= len(layers)
+            for s in itertools.combinations(layers, n)]
+    out = list(dict.fromkeys(tuple(s) for s in layer_sets))
+    if any(layer not in layers for s in out for layer in s):
+        raise ValueError(f"layer sets {out} use layers outside {list(layers)}")
+    return out
+
+
+def score_candidates(records: Sequence[PoolRecord], layers: Sequence[int],
+                     layer_sets: Sequence[tuple[int, ...]],
+                     strengths: Mapping[str, Sequence[float]],
+                     halflives: Sequence[float | None], upweights: Sequence[float],
+                     upweight_prefix: str, progress: bool) -> dict[Key, list[np.ndarray]]:
+    """Every record's out-of-source prefix scores (``pooled.fit_loso``) under every candidate;
+    ``strengths`` maps each fit to its L2 strengths."""
+    from tqdm import tqdm
+
+    n_tags = len({r.tag for r in records})
+    bar = tqdm(total=n_tags * len(halflives) * len(strengths) * len(upweights),
+               desc="LOSO folds", unit="fold", disable=not progress)
+    scored: dict[Key, list[np.ndarray]] = {}
+    for factor in upweights:
+        for fit, lams in strengths.items():
+            for halflife in halflives:
+                for (layer_set, lam), scores in fit_loso(
+                        records, layers, layer_sets, lams, halflife=halflife,
+                        progress=lambda t: bar.update(1), fit=fit,
+                        upweight={upweight_prefix: factor}).items():
+                    scored[(layer_set, lam, halflife, fit, factor)] = scores
+    bar.close()
+    return scored
+
+
+def _candidate(key: Key, summary: Mapping[str, np.ndarray], j: int, k: int, met: bool,
+               upweight_prefix: str) -> dict[str, Any]:
+    layer_set, lam, halflife, fit, factor = key
+    return {"layers": list(layer_set), "ridge": lam, "halflife": halflife, "fit": fit,
+            "upweight": {} if factor == 1 else {upweight_prefix: factor},
+            "threshold": THRESHOLDS[j], "k": KS[k], "constraint_met": met,
+            "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
+            "worst_benign_source_false_halt_rate": float(summary["worst_fhr"][j, k]),
+            "pool_macro_f1": float(summary["pooled"][j, k]),
+            "fraction_seen": float(summary["read"][j, k])}
+
+
+def rule_candidates(scored: Mapping[Key, list[np.ndarray]], labels: np.ndarray,
+                    tags: np.ndarray, lengths: np.ndarray, max_false_halts: float,
+                    max_read: float, capped: Sequence[str], upweight_prefix: str,
+                    progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any],
+                                             dict[Key, np.ndarray]]:
+    """Each candidate with its best rule under the caps; its per-source figures by name; its
+    halt table over the rule grid."""
+    from tqdm import tqdm
+
+    candidates: list[dict[str, Any]] = []
+    by_candidate: dict[str, Any] = {}
+    tables: dict[Key, np.ndarray] = {}
+    for key, scores in tqdm(scored.items(), desc="rules", unit="head", disable=not progress):
+        table = halts(scores, THRESHOLDS, KS)
+        summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read, capped)
+        j, k, met = choose_rule(summary)
+        tables[key] = table
+        candidates.append(_candidate(key, summary, j, k, met, upweight_prefix))
+        by_candidate[candidate_name(candidates[-1])] = per_source(
+            labels, tags, lengths, table[:, j, k], scores)
+        if not progress:
+            print(json.dumps(candidates[-1]), file=sys.stderr, flush=True)
+    return candidates, by_candidate, tables
+
+
+def pick(candidates: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], Key]:
+    """The best candidate within the caps (mean harmful-source macro-F1; else the fewest
+    worst-source false halts; ties: fewer layers), and its key."""
+    best = max(candidates, key=lambda c: (c["constraint_met"],
+                                          c["mean_harmful_source_macro_f1"]
+                                          if c["constraint_met"]
+                                          else -c["worst_benign_source_false_halt_rate"],
+                                          -len(c["layers"])))
+    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"], best["fit"],
+           float(next(iter(best["upweight"].values()), 1.0)))
+    return best, key
+
+
+def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
+        max_false_halts: float, max_read: float,
+        halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
+        progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
+        fits: Sequence[str] = ("ridge",),
+        strengths: Mapping[str, Sequence[float]] | None = None,
+        upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:"
+        ) -> dict[str, Any]:
+    """The LOSO selection over ``layer_sets`` (``layer_sets_of``), at every ridge strength and
+    pooling half-life (None: the prefix mean), for each fit in ``fits`` (ridge, logistic;
+    ``strengths`` gives a fit its own L2 strengths instead of ``ridges``) and each factor in
+    ``upweights`` on the cells of the tags that start with ``upweight_prefix``
+    (``pooled.row_matrix``)."""
+    t0 = time.perf_counter()
+    sets = layer_sets_of(layers, layer_sets)
+    lams = {f: (strengths or {}).get(f, ridges) for f in fits}
+    scored = score_candidates(records, layers, sets, lams, halflives, upweights,
+                              upweight_prefix, progress)
+    labels = np.asarray([r.label for r in records])
+    tags = np.asarray([r.tag for r in records])
+    lengths = np.asarray([len(r) for r in records])
+    candidates, by_candidate, tables = rule_candidates(
+        scored, labels, tags, lengths, max_false_halts, max_read, capped, upweight_prefix,
+        progress)
+    best, key = pick(candidates)
+    table = tables[key]
+    j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
+    # full detection (the last token's score only), thresholded on the same out-of-source scores
+    best["full_detection_threshold"] = best_threshold(
+        labels.tolist(), [float(s[-1]) for s in scored[key]])[0]
+    halt_nested = nested(labels, tags, lengths, table, max_false_halts, max_read, capped)
+    return {
+        "chosen": best,
+        "candidates": candidates,
+        "loso_by_candidate": by_candidate,
+        "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
+        "loso_nested": per_source(labels, tags, lengths, halt_nested, scored[key]),
+        "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
+                 "max_fraction_seen": max_read, "capped_mixed_sources": list(capped)},
+        "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
+                 "strengths": {f: list(v) for f, v in lams.items()},
+                 "upweights": list(upweights), "upweight_prefix": upweight_prefix,
+                 "halflives": list(halflives), "fits": list(fits),
+                 "layer_sets": [list(s) for s in sets]},
+        "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
+                                                      for t in sorted(set(tags))}},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
