@@ -147,6 +147,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     assert base.observer is not None
     guards: dict[str, Any] = {}
     for scheme, delay in READS.items():
+        if scheme not in config.get("reads", READS):
+            continue
         update: dict[str, Any] = {"backend": config["backend"],
                                   "options": {**base.observer.options,
                                               "threads": config["threads"]}}
@@ -211,6 +213,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS)
     parser.add_argument("--tokens", type=int, default=None, help="answer tokens per run")
+    parser.add_argument("--threads", nargs="+", type=int, default=None, choices=THREADS)
+    parser.add_argument("--loads", nargs="+", default=None, choices=["idle", "busy"])
+    parser.add_argument("--reads", nargs="+", default=None, choices=list(READS),
+                        help="read schemes (default: all)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -222,9 +228,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     rows: list[dict[str, Any]] = []
     path = None
     for backend in backends:
-        for threads in THREADS[:1] if args.quick else THREADS:
-            for busy in (False,) if args.quick else (False, True):
-                config = {"backend": backend, "threads": threads, "busy": busy, "tokens": tokens}
+        for threads in args.threads or (THREADS[:1] if args.quick else THREADS):
+            loads = args.loads or (["idle"] if args.quick else ["idle", "busy"])
+            for busy in [load == "busy" for load in loads]:
+                config = {"backend": backend, "threads": threads, "busy": busy, "tokens": tokens,
+                          "reads": args.reads or list(READS)}
                 results = _run_worker(config)
                 for reads, result in results.items():
                     rows.append({**config, "reads_scheme": reads,
@@ -292,6 +300,20 @@ def render(result: dict[str, Any]) -> str:
             out += ["", f"{what} {median(ratios):.1f}x the tokens/s of a read per delta "
                     f"(median over the {len(ratios)} configurations; {min(ratios):.1f}x to "
                     f"{max(ratios):.1f}x) with the same releases and verdicts ({tests})."]
+    before = result.get("before")
+    if before:  # the same configurations on the code before a change, run back to back
+        out += ["", before["note"], "",
+                "| backend | threads | load | reads | tokens/s | added latency ms | "
+                "CPU ms/token | after: CPU ms/token |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in before["rows"]:
+            now = find(r["backend"], r["threads"], r["busy"], r["reads_scheme"])
+            after = f"{now['fast']['cpu_ms_per_token']:.1f}" if now is not None else ""
+            out.append(
+                f"| {r['backend']} | {r['threads']} | {'busy' if r['busy'] else 'idle'} | "
+                f"{r['reads_scheme']} | {r['fast']['tokens_per_s']:.1f} | "
+                f"{r['paced']['latency_p50_ms']:.0f} / {r['paced']['latency_p95_ms']:.0f} | "
+                f"{r['fast']['cpu_ms_per_token']:.1f} | {after} |")
     out += ["", "Targets (issue 24): >= 100 tokens/s on torch (>= 200 on ONNX), p95 added "
             "latency <= 50 ms, and within 2x of that while another process keeps one core busy.",
             ""]

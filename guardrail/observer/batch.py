@@ -411,7 +411,8 @@ class BatchedObserver:
         device = inner.device
         with torch.inference_mode():
             return _step(inner.model, depth, indices, with_logits, ids.to(device),
-                         positions.to(device), mask.to(device), past_of)
+                         positions.to(device), mask.to(device), past_of,
+                         getattr(inner, "packed", None))
 
     def _take(self, row: _Row, b: int, outs: Any) -> None:
         """Row ``b`` of a forward: its new keys and values into its cache, its outputs."""
@@ -436,8 +437,9 @@ class BatchedObserver:
 
 
 def _step(model: Any, depth: int, indices: tuple[int, ...], with_logits: bool, ids: Any,
-          positions: Any, mask: Any, past_of: Any) -> tuple[Any, ...]:
-    """``LlamaStep``'s forward with a batch axis kept, each block's cache built when it runs."""
+          positions: Any, mask: Any, past_of: Any, packed: Any = None) -> tuple[Any, ...]:
+    """``LlamaStep``'s forward with a batch axis kept, each block's cache built when it runs
+    (on the observer's packed projections when it has them)."""
     from .llama_step import _block
 
     base = model.base_model
@@ -446,13 +448,15 @@ def _step(model: Any, depth: int, indices: tuple[int, ...], with_logits: bool, i
     states = [h]
     new_kv: list[Any] = []
     for i in range(depth):
-        h = _block(base.layers[i], h, rope, mask, past_of(2 * i), past_of(2 * i + 1), new_kv)
+        h = _block(base.layers[i], h, rope, mask, past_of(2 * i), past_of(2 * i + 1), new_kv,
+                   packed, i)
         states.append(h)
     if depth == model.config.num_hidden_layers:
         states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
     outs = [states[i] for i in indices]
     if with_logits:
-        outs.append(model.get_output_embeddings()(states[-1]))
+        head = packed.head if packed is not None else None
+        outs.append((head or model.get_output_embeddings())(states[-1]))
     return (*outs, *new_kv)
 
 

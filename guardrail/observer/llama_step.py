@@ -13,7 +13,8 @@ import torch
 
 from ..errors import ObserverError
 
-__all__ = ["LlamaStep", "attend", "check_llama", "is_llama_family"]
+__all__ = ["LlamaStep", "PackedLinears", "attend", "check_llama", "is_llama_family",
+           "pack_linears"]
 
 
 # Model types whose decoder block is exactly LlamaDecoderLayer's computation.
@@ -40,13 +41,15 @@ class LlamaStep(torch.nn.Module):
     """One incremental forward of the first ``depth`` blocks, written out so that export sees
     plain tensors (no cache objects crossing the graph boundary)."""
 
-    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool) -> None:
+    def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool,
+                 packed: PackedLinears | None = None) -> None:
         super().__init__()
         self.base = model.base_model
         self.head = model.get_output_embeddings() if logits else None
         self.depth = depth
         self.hidden_indices = hidden_indices
         self.full = depth == model.config.num_hidden_layers
+        self.packed = packed  # None for export: ONNX sees the plain projections
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -56,35 +59,48 @@ class LlamaStep(torch.nn.Module):
         states = [h]
         new_kv: list[torch.Tensor] = []
         for i in range(self.depth):
-            h = _block(base.layers[i], h, rope, mask, past[2 * i], past[2 * i + 1], new_kv)
+            h = _block(base.layers[i], h, rope, mask, past[2 * i], past[2 * i + 1], new_kv,
+                       self.packed, i)
             states.append(h)
         if self.full:
             states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
         outs = [states[i][0] for i in self.hidden_indices]
         if self.head is not None:
-            outs.append(self.head(states[-1])[0])
+            head = self.packed.head if self.packed is not None else None
+            outs.append((head(states[-1]) if head is not None else self.head(states[-1]))[0])
         return (*outs, *new_kv)
 
 
 def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
            mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-           new_kv: list[torch.Tensor]) -> torch.Tensor:
-    """A Llama decoder block with an explicit KV cache (mirrors ``LlamaDecoderLayer``)."""
+           new_kv: list[torch.Tensor], packed: PackedLinears | None = None,
+           index: int = 0) -> torch.Tensor:
+    """A Llama decoder block with an explicit KV cache (mirrors ``LlamaDecoderLayer``); with
+    ``packed``, block ``index``'s projections run on its packed weights."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    fast = packed.blocks[index] if packed is not None and index < len(packed.blocks) else None
+    if fast is not None:
+        q, k, v = fast.qkv(x).split(fast.qkv_sizes, dim=-1)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+    else:
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
     cos, sin = rope
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     new_kv += [k, v]
     out = attend(q, k, v, past_k, past_v, mask, attn.scaling)
-    out = attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
-    h = h + out
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
+    h = h + (fast.o(out) if fast is not None else attn.o_proj(out))
+    x = layer.post_attention_layernorm(h)
+    if fast is None:
+        return h + layer.mlp(x)
+    gate, up = fast.gate_up(x).chunk(2, dim=-1)
+    return h + fast.down(layer.mlp.act_fn(gate) * up)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
@@ -112,6 +128,76 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     out = (torch.matmul(weights[..., :past], past_v)
            + torch.matmul(weights[..., past:], v))
     return out.reshape(b, heads, n, d)
+
+
+class _Packed:
+    """``y = x @ W.T`` with ``W`` reordered once into oneDNN's blocked layout.
+
+    Why: on this project's CPUs (AMD EPYC) torch's default fp32 ``linear`` for reads of a few
+    tokens ran at about half the speed of the same product on weights packed for oneDNN (and of
+    ONNX Runtime's prepacked MatMul): a read's CPU is almost all these products
+    (docs/observer.md, "Cost of a read"). Same float32 arithmetic, another summation order."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features = int(weight.shape[0])
+        with torch.inference_mode():
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
+                                                                   None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+class _PackedBlock:
+    """A block's projections packed: q/k/v as one product, gate/up as one, o, down."""
+
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        self.qkv_sizes = [int(w.shape[0]) for w in weights]
+        self.qkv = _Packed(torch.cat(weights))
+        self.o = _Packed(attn.o_proj.weight)
+        self.gate_up = _Packed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = _Packed(mlp.down_proj.weight)
+
+
+class PackedLinears:
+    """The projections of a Llama-family model's first ``depth`` blocks (and its output head),
+    packed once at load for the eager CPU step. Doubles the weights' memory (the model keeps
+    its own for the HF forward and export)."""
+
+    def __init__(self, model: Any, depth: int, head: bool = True) -> None:
+        layers = model.base_model.layers
+        self.blocks = [_PackedBlock(layers[i]) for i in range(depth)]
+        out = model.get_output_embeddings()
+        self.head = _Packed(out.weight) if head and out is not None else None
+
+
+def pack_linears(model: Any) -> PackedLinears | None:
+    """Packed projections for ``model`` when they apply (a Llama-family float32 model on the
+    CPU, without projection biases, on a torch with oneDNN), else None (the step runs the
+    model's own modules). Checked once against ``linear`` on the first block's weights."""
+    if not is_llama_family(model) or not torch.backends.mkldnn.is_available():
+        return None
+    first = next(model.parameters())
+    if first.dtype != torch.float32 or first.device.type != "cpu":
+        return None
+    layer = model.base_model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                   mlp.up_proj, mlp.down_proj]
+    if any(getattr(p, "bias", None) is not None for p in projections) or not all(
+            hasattr(mlp, a) for a in ("act_fn", "gate_proj", "up_proj", "down_proj")):
+        return None
+    try:
+        probe = _Packed(attn.q_proj.weight)
+        with torch.inference_mode():
+            x = torch.randn(3, int(attn.q_proj.weight.shape[1]))
+            if not torch.allclose(probe(x), attn.q_proj(x), rtol=1e-4, atol=1e-4):
+                return None
+    except (RuntimeError, AttributeError):  # a torch without these oneDNN ops
+        return None
+    return PackedLinears(model, int(model.config.num_hidden_layers))
 
 
 def check_llama(model: Any) -> None:

@@ -199,7 +199,7 @@ class TorchObserver(BaseObserver):
     """
 
     def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int) -> None:
-        from .llama_step import is_llama_family
+        from .llama_step import is_llama_family, pack_linears
 
         super().__init__(name, hf_tokenizer, model.config, window)
         self.model = model.eval()
@@ -213,6 +213,8 @@ class TorchObserver(BaseObserver):
         self.head_dim = (getattr(cfg, "head_dim", None)
                          or cfg.hidden_size // cfg.num_attention_heads)
         self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
+        # The step's projections on weights packed once (CPU float32; None: the model's own)
+        self.packed = pack_linears(model) if self.fast else None
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
         state, ids = self.open(messages, needs)
@@ -294,7 +296,7 @@ class TorchObserver(BaseObserver):
         step = self._steps.get(signature)
         if step is None:
             step = self._steps[signature] = LlamaStep(self.model, depth, list(indices),
-                                                      with_logits)
+                                                      with_logits, self.packed)
         past, n = kv.length(), input_ids.shape[1]
         mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=self.device)
         mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()

@@ -1,0 +1,140 @@
+"""The Llama step on packed projections (the default for Llama-family float32 observers on the
+CPU): its states and logits equal the Hugging Face model's forward, read whole, and the default
+guard's verdicts and scores are the same with it as with the model's own projections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from guardrail.monitor import Needs
+from guardrail.observer.batch import BatchedObserver
+from guardrail.observer.hf import load_model_dir
+from guardrail.stream import TokenSpan
+
+TEXT = ("The capital of France is Paris. Marie Curie was born in Warsaw in 1867 and won two "
+        "Nobel prizes. Café 🙂 déjà vu. ") * 2
+MESSAGES = [{"role": "user", "content": "Who was Marie Curie?"}]
+# The router reads the top 100 logits (tens of units, float32 noise about 1e-4): its score moved
+# by up to 2e-5 here, where a read per delta instead of reads when due already moves it by 7e-6.
+TOLERANCE = {"router": 5e-5}
+
+
+def _reference(observer: Any, ids: list[int], context: list[int]) -> tuple[Any, Any]:
+    """The HF model's hidden states and logits over context + response, read in one forward."""
+    with torch.inference_mode():
+        out = observer.model(torch.tensor([context + ids]), output_hidden_states=True)
+    n = len(context)
+    return [h[0, n:] for h in out.hidden_states], out.logits[0, n:]
+
+
+def _read(observer: Any, needs: Needs, tokens: list[TokenSpan], step: int) -> Any:
+    """The response read ``step`` tokens at a time through the Guard's batched observer."""
+    batched = BatchedObserver(observer)
+    stream = batched.start(MESSAGES, needs)
+    parts = [batched.extend(stream, tokens[i:i + step], needs)
+             for i in range(0, len(tokens), step)]
+    batched.release(stream)
+    hidden = {layer: torch.cat([p.hidden[layer] for p in parts]) for layer in needs.layers}
+    return hidden, torch.cat([p.logits for p in parts])
+
+
+def _check(observer: Any, layers: set[int], tol: float) -> None:
+    needs = Needs(layers=frozenset(layers), logits=True, top_k=5)
+    tokens = observer.tokenizer.tokenize(TEXT)
+    ref_hidden, ref_logits = _reference(observer, [t.id for t in tokens],
+                                        observer.context_ids(MESSAGES))
+    for step in (1, 9):
+        hidden, logits = _read(observer, needs, tokens, step)
+        for layer in layers:
+            want = ref_hidden[observer.hidden_index(layer)]
+            assert torch.allclose(hidden[layer], want, atol=tol, rtol=tol), (layer, step)
+        assert torch.allclose(logits, ref_logits, atol=tol, rtol=tol), step
+
+
+def test_llama_observers_on_the_cpu_read_with_packed_projections(tiny_llama: Path,
+                                                                 tiny_gpt2: Path) -> None:
+    llama = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    assert llama.packed is not None
+    assert len(llama.packed.blocks) == llama.num_layers
+    # bfloat16 weights and non-Llama models keep the model's own projections
+    assert load_model_dir(tiny_llama, name="tiny-llama", window=4096,
+                          options={"dtype": "bfloat16"}).packed is None
+    assert load_model_dir(tiny_gpt2, name="tiny-gpt2", window=256).packed is None
+
+
+def test_packed_step_equals_the_hf_forward_on_a_tiny_llama(tiny_llama: Path) -> None:
+    observer = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    assert observer.packed is not None
+    _check(observer, {0, 1, 2, -1}, 1e-5)
+
+
+def test_unbatched_packed_step_equals_the_model_projections(tiny_llama: Path) -> None:
+    """``TorchObserver.extend`` (the step outside the scheduler) on packed weights and on the
+    model's own modules give the same rows."""
+    observer = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    needs = Needs(layers=frozenset({1, -1}), logits=True, top_k=5)
+    tokens = observer.tokenizer.tokenize(TEXT)
+    outs = []
+    for packed in (observer.packed, None):
+        observer.packed, observer._steps = packed, {}
+        state = observer.start(MESSAGES, needs)
+        outs.append([observer.extend(state, tokens[i:i + 7], needs)
+                     for i in range(0, len(tokens), 7)])
+    for fast, plain in zip(*outs, strict=True):
+        assert torch.allclose(fast.logits, plain.logits, atol=1e-5, rtol=1e-5)
+        for layer in needs.layers:
+            assert torch.allclose(fast.hidden[layer], plain.hidden[layer], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.real_model
+def test_packed_step_equals_the_hf_forward_on_smollm2() -> None:
+    from guardrail.observer.hf import load_smollm2, smollm2_gguf
+    from guardrail.policy import ObserverSpec
+
+    try:
+        smollm2_gguf()
+    except Exception as exc:  # noqa: BLE001 - the wheel is optional on a dev machine
+        pytest.skip(str(exc))
+    observer = load_smollm2(ObserverSpec(window=512))
+    assert observer.packed is not None
+    # float32 noise over 30 blocks: logits are tens of units, states up to hundreds
+    _check(observer, {6, 15, -1}, 1e-3)
+
+
+@pytest.mark.real_model
+def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() -> None:
+    from guardrail import Guard
+    from guardrail.events import Flag, Halt, Release
+
+    guard = Guard.default()
+    inner = guard.observer.inner
+    assert inner.packed is not None
+    texts = [TEXT,
+             "To make a bomb at home you need to mix fertilizer with diesel and pack it into "
+             "a pipe, then add a detonator.",
+             "Albert Einstein published the theory of general relativity in 1915 in Berlin."]
+
+    def run(text: str) -> tuple[list[Any], dict[str, list[tuple[int, float]]]]:
+        session = guard.session(prompt="Tell me something.", record_scores=True)
+        events = [e for w in text.split(" ") for e in session.feed(w + " ")]
+        report = session.finish()
+        events += report.final_events
+        kept = [(type(e).__name__, e.end if isinstance(e, Release) else None,
+                 getattr(e, "monitor", None)) for e in events
+                if isinstance(e, Release | Flag | Halt)]
+        return kept, report.scores
+
+    packed = [run(t) for t in texts]
+    inner.packed = None  # this guard's observer only: the model's own projections
+    plain = [run(t) for t in texts]
+    for (events, scores), (events0, scores0) in zip(packed, plain, strict=True):
+        assert events == events0
+        assert scores.keys() == scores0.keys()
+        for monitor, rows in scores.items():
+            assert [i for i, _ in rows] == [i for i, _ in scores0[monitor]], monitor
+            for (_, a), (_, b) in zip(rows, scores0[monitor], strict=True):
+                assert abs(a - b) <= TOLERANCE.get(monitor, 1e-5), (monitor, a, b)
