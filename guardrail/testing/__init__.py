@@ -35,6 +35,7 @@ __all__ = [
     "FailingMonitor",
     "ScriptedMonitor",
     "SlowMonitor",
+    "WordEndMonitor",
     "plugin_monitors",
     "random_splits",
     "split_text",
@@ -77,6 +78,36 @@ class ScriptedMonitor(Monitor):
     def update(self, state: Any, features: Features) -> Sequence[Score]:
         return [Score(i, self.score_of(features.token_text(k)))
                 for k, i in enumerate(features.indices)]
+
+
+class WordEndMonitor(Monitor):
+    """Scores 1.0 on each token that holds the last character of one of ``words`` (case-folded,
+    every occurrence in the response so far), else 0.0. It reads from ``Features.text``, so it
+    sees words split across tokens; its default ``needs`` ask for observer layer 1, so each
+    decision waits for an observer read, as a hidden-state monitor's would."""
+
+    def __init__(self, words: Sequence[str], needs: Needs | None = None) -> None:
+        self.words = [w.lower() for w in words]
+        self._needs = needs if needs is not None else Needs(layers=frozenset({1}))
+
+    @classmethod
+    def factory(cls, *words: str, needs: Needs | None = None) -> Callable[..., Monitor]:
+        """A monitor factory for ``plugin_monitors`` / ``register``."""
+        return lambda options=None: cls(words, needs)
+
+    def needs(self) -> Needs:
+        return self._needs
+
+    def update(self, state: Any, features: Features) -> list[Score]:
+        text = features.text.lower()
+        ends = set()
+        for word in self.words:
+            at = text.find(word)
+            while at >= 0:
+                ends.add(at + len(word) - 1)
+                at = text.find(word, at + 1)
+        return [Score(i, 1.0 if any(t.start <= e < t.end for e in ends) else 0.0)
+                for i, t in zip(features.indices, features.tokens, strict=True)]
 
 
 class CountingMonitor(Monitor):

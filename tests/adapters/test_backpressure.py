@@ -16,9 +16,9 @@ from typing import Any
 import openai
 import pytest
 
-from guardrail import Features, Guard, Monitor, Needs, Score, hookimpl
+from guardrail import Guard, hookimpl
 from guardrail.events import Halt
-from guardrail.testing import plugin_monitors
+from guardrail.testing import WordEndMonitor, plugin_monitors
 from guardrail.testing.upstream import Script, UpstreamServer, split_words
 
 pytest.importorskip("torch")
@@ -31,23 +31,6 @@ TRIGGER_CHUNK = split_words(TEXT).index(" bomb") + 1  # 1-based content chunk wi
 HOLD_BACK = 4
 DELAY = 0.08  # s between upstream chunks: the tiny observer keeps pace with this easily
 PROMPT = "Tell me about the trip."
-
-
-class BombEndMonitor(Monitor):
-    """Reads layer 1 (so the session waits for an observer read) and scores 1.0 on the token
-    that ends the word "bomb"."""
-
-    def __init__(self, options: Any = None) -> None:
-        pass
-
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset({1}))
-
-    def update(self, state: Any, features: Features) -> list[Score]:
-        end = features.text.lower().find("bomb")
-        last = end + 3 if end >= 0 else -1
-        return [Score(i, 1.0 if t.start <= last < t.end else 0.0)
-                for i, t in zip(features.indices, features.tokens, strict=True)]
 
 
 class VerdictClock:
@@ -81,7 +64,7 @@ def clocked_guard(observer: Any) -> Iterator[tuple[Guard, VerdictClock]]:
                       "message": "no"}],
     }
     clock = VerdictClock()
-    with plugin_monitors(bomb_end=BombEndMonitor) as host:
+    with plugin_monitors(bomb_end=WordEndMonitor.factory("bomb")) as host:
         host.register(clock, name="verdict-clock")
         yield Guard.from_policy(policy, host=host, observer=observer), clock
 

@@ -13,9 +13,9 @@ from typing import Any
 import openai
 import pytest
 
-from guardrail import Features, Guard, Monitor, Needs, Score
+from guardrail import Guard
 from guardrail.catch_up import catch_up
-from guardrail.testing import plugin_monitors
+from guardrail.testing import WordEndMonitor, plugin_monitors
 from guardrail.testing.upstream import Script, UpstreamServer
 
 pytest.importorskip("torch")
@@ -26,23 +26,6 @@ TEXT = ("The guide walked us along the river and past the mill, then someone ask
         "and the station and home again by the evening train through the hills.")
 CALM = TEXT.replace("bomb", "kite")
 PROMPT = [{"role": "user", "content": "Tell me about the trip."}]
-
-
-class BombEnd(Monitor):
-    """Reads layer 1 (so the session waits for an observer read) and scores 1.0 on the token
-    that ends the word "bomb"."""
-
-    def __init__(self, options: Any = None) -> None:
-        pass
-
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset({1}))
-
-    def update(self, state: Any, features: Features) -> list[Score]:
-        end = features.text.lower().find("bomb")
-        last = end + 3 if end >= 0 else -1
-        return [Score(i, 1.0 if t.start <= last < t.end else 0.0)
-                for i, t in zip(features.indices, features.tokens, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +45,7 @@ def guard(observer: Any) -> Iterator[Guard]:
         "monitors": [{"id": "weapons", "use": "bomb-end", "threshold": 0.5, "action": "halt",
                       "message": "no"}],
     }
-    with plugin_monitors(bomb_end=BombEnd) as host:
+    with plugin_monitors(bomb_end=WordEndMonitor.factory("bomb")) as host:
         yield Guard.from_policy(policy, host=host, observer=observer)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from guardrail import Features, Guard, Monitor, Needs, Report, Score, hookimpl
 from guardrail.observer.batch import BatchedObserver
-from guardrail.testing import plugin_monitors
+from guardrail.testing import WordEndMonitor, plugin_monitors
 from guardrail.testing.upstream import Script, UpstreamServer
 
 pytest.importorskip("torch")
@@ -32,23 +32,6 @@ TEXTS = [BASE.replace(" the market", " a bomb", 1) if k % 3 == 0 else
          BASE.replace("river", f"river number {k}", 1) for k in range(8)]
 TEXTS[3] = TEXTS[3].replace("mill", "bomb shelter", 1)
 PROMPT = "Tell me about the trip."
-
-
-class BombMonitor(Monitor):
-    """Reads layer 1 (so every decision waits for an observer read) and scores 1.0 on the
-    token that ends the word "bomb"."""
-
-    def __init__(self, options: Any = None) -> None:
-        pass
-
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset({1}))
-
-    def update(self, state: Any, features: Features) -> list[Score]:
-        end = features.text.lower().find("bomb")
-        last = end + 3 if end >= 0 else -1
-        return [Score(i, 1.0 if t.start <= last < t.end else 0.0)
-                for i, t in zip(features.indices, features.tokens, strict=True)]
 
 
 class NormMonitor(Monitor):
@@ -100,7 +83,7 @@ def guard_and_flags(observer: Any) -> Iterator[tuple[Guard, Flags]]:
                       "message": "no"}],
     }
     flags = Flags()
-    with plugin_monitors(bomb=BombMonitor, norm=NormMonitor) as host:
+    with plugin_monitors(bomb=WordEndMonitor.factory("bomb"), norm=NormMonitor) as host:
         host.register(flags, name="flags-by-stream")
         yield Guard.from_policy(policy, host=host, observer=observer), flags
 

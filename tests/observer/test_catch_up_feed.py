@@ -16,7 +16,7 @@ import torch
 from guardrail import Features, Guard, Monitor, Needs, Score
 from guardrail.events import Event, Flag, Halt, Release, Route
 from guardrail.observer.hf import load_model_dir
-from guardrail.testing import plugin_monitors, random_splits
+from guardrail.testing import WordEndMonitor, plugin_monitors, random_splits
 
 TEXT = ("The capital of France is Paris. It is a large city on the Seine, and its museums "
         "hold paintings from many centuries. Visitors walk along the river, cross the old "
@@ -41,29 +41,6 @@ class RowNorm(Monitor):
                 for i, r in zip(features.indices, rows, strict=True)]
 
 
-class WordEnd(Monitor):
-    """Reads layer 1 and scores 1.0 on the token that ends "paris", "bomb" or "cheese"."""
-
-    WORDS = ("paris", "bomb", "cheese")
-
-    def __init__(self, options: Any = None) -> None:
-        pass
-
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset({1}))
-
-    def update(self, state: Any, features: Features) -> list[Score]:
-        text = features.text.lower()
-        ends = set()
-        for word in self.WORDS:
-            at = text.find(word)
-            while at >= 0:
-                ends.add(at + len(word) - 1)
-                at = text.find(word, at + 1)
-        return [Score(i, 1.0 if any(t.start <= e < t.end for e in ends) else 0.0)
-                for i, t in zip(features.indices, features.tokens, strict=True)]
-
-
 @pytest.fixture(scope="module")
 def observer(tiny_llama: Path) -> Any:
     return load_model_dir(tiny_llama, name="tiny-llama", window=4096)
@@ -81,7 +58,8 @@ def _guard(observer: Any, action: str = "halt", hold_back: int = 8) -> Any:
     }
     if action == "route":
         policy["monitors"][1]["route_to"] = {"model": "large"}
-    return plugin_monitors(row_norm=RowNorm, word_end=WordEnd), policy
+    word_end = WordEndMonitor.factory("paris", "bomb", "cheese")
+    return plugin_monitors(row_norm=RowNorm, word_end=word_end), policy
 
 
 def _groups(deltas: list[str], seed: int) -> list[list[str]]:
