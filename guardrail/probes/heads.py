@@ -9,14 +9,24 @@ them), and ``score(...)`` that returns probabilities in [0, 1] for the monitors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HEADS", "LinearProbe", "ProbeHead", "build_head", "register_head"]
+__all__ = ["HEADS", "LinearProbe", "ProbeHead", "build_head", "register_head", "seeded"]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Initialise a head's parameters from ``seed`` without disturbing the caller's random
+    state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class ProbeHead(nn.Module):
@@ -32,15 +42,17 @@ class ProbeHead(nn.Module):
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> ProbeHead:
         raise NotImplementedError
 
+    @classmethod
+    def config_fields(cls, config: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """The constructor arguments ``names`` from a saved config, naming what is missing or
+        which kind the config is for instead."""
+        if config.get("kind", cls.kind) != cls.kind:
+            raise ValueError(f"config is for head kind {config.get('kind')!r}, not {cls.kind!r}")
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise ValueError(f"{cls.kind} head config lacks {', '.join(repr(m) for m in missing)}")
+        return {n: config[n] for n in names}
 
-def _fields(config: Mapping[str, Any], kind: str, names: tuple[str, ...]) -> dict[str, Any]:
-    """The constructor arguments of a head from its config, naming what is missing or wrong."""
-    if config.get("kind", kind) != kind:
-        raise ValueError(f"config is for head kind {config.get('kind')!r}, not {kind!r}")
-    missing = [n for n in names if n not in config]
-    if missing:
-        raise ValueError(f"{kind} head config lacks {', '.join(repr(m) for m in missing)}")
-    return {n: config[n] for n in names}
 
 
 class LinearProbe(ProbeHead):
@@ -82,7 +94,7 @@ class LinearProbe(ProbeHead):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> LinearProbe:
-        args = _fields(config, cls.kind, ("hidden_size",))
+        args = cls.config_fields(config, ("hidden_size",))
         return cls(int(args["hidden_size"]), seed=int(config.get("seed", 42)))
 
 

@@ -5,24 +5,16 @@ Importing this module registers the ``"dual"`` kind with ``guardrail.probes.io.l
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from guardrail.probes.heads import ProbeHead, register_head
+from guardrail.probes.heads import ProbeHead, register_head, seeded
 
 __all__ = ["DualHead"]
 
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Initialise parameters from ``seed`` without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 @register_head
@@ -48,7 +40,7 @@ class DualHead(ProbeHead):
         if self.sequence_hidden < 0:
             raise ValueError(f"sequence_hidden must be >= 0, got {sequence_hidden}")
         self.sequence_head: nn.Module
-        with _seeded(self.seed):
+        with seeded(self.seed):
             self.dropout = nn.Dropout(self.dropout_p)
             self.token_head = nn.Linear(self.hidden_size, 2)
             if self.sequence_hidden:

@@ -4,34 +4,17 @@ logit values, through a residual MLP to one logit. Registered as head kind ``rou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from guardrail.probes.heads import ProbeHead, register_head
+from guardrail.probes.heads import ProbeHead, register_head, seeded
 
 __all__ = ["RouterHead"]
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Initialise parameters from ``seed`` without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _fields(config: Mapping[str, Any], kind: str, names: tuple[str, ...]) -> dict[str, Any]:
-    """The constructor arguments of a head from its config, naming what is missing or wrong."""
-    if config.get("kind", kind) != kind:
-        raise ValueError(f"config is for head kind {config.get('kind')!r}, not {kind!r}")
-    missing = [n for n in names if n not in config]
-    if missing:
-        raise ValueError(f"{kind} head config lacks {', '.join(repr(m) for m in missing)}")
-    return {n: config[n] for n in names}
 
 
 class _ResidualBlock(nn.Module):
@@ -87,7 +70,7 @@ class RouterHead(ProbeHead):
         self.vocab_size, self.embed_dim = (int(d) for d in embedding.shape)
         # A frozen copy, kept out of the state dict so saved routers stay small.
         self.register_buffer("embedding", embedding.detach().clone().float(), persistent=False)
-        with _seeded(self.seed):
+        with seeded(self.seed):
             self.logit_proj = nn.Linear(self.top_k, self.hidden_size)
             self.input = nn.Linear(2 * self.hidden_size + self.embed_dim, self.width)
             self.blocks = nn.ModuleList(
@@ -135,7 +118,7 @@ class RouterHead(ProbeHead):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> RouterHead:
-        args = _fields(config, cls.kind, ("hidden_size", "vocab_size", "embed_dim"))
+        args = cls.config_fields(config, ("hidden_size", "vocab_size", "embed_dim"))
         embedding = kwargs.get("embedding")
         if embedding is None:
             raise ValueError("a router head needs the observer's embedding table: pass "
