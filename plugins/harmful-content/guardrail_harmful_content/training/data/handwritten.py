@@ -41,10 +41,13 @@ SETS: dict[str, str] = {
     "handwritten_hard.jsonl": "handwritten:hard-v1",  # euphemistic harm, alarming-word benign
     "handwritten_social.jsonl": "handwritten:social-v2",  # messages, posts, chats to send
     "handwritten_turns.jsonl": "handwritten:turns-v2",  # answers that turn, at every depth
+    "handwritten_everyday.jsonl": "handwritten:everyday-v3",  # alarming words in everyday life
+    "handwritten_support.jsonl": "handwritten:support-v3",  # supportive texts, sensitive topics
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
-WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2}
+WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
+                         "handwritten:everyday-v3": 3, "handwritten:support-v3": 3}
 
 
 class HandwrittenError(ValueError):
