@@ -224,6 +224,60 @@ def render_pass4(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_pass5(result: dict[str, Any]) -> str:
+    """The fifth selection pass (the fourth hand-written wave as new training data): the
+    incumbent (the fourth pass's pool) against the candidate, per source (LOSO and nested), the
+    shipped head on the new sources, and the ship decision."""
+    from guardrail_harmful_content.training.select import render as table
+
+    rule, inc, cand, pool = result["ship_rule"], result["incumbent"], result["candidate"], \
+        result["pool"]
+    added = pool["candidate_records"] - pool["incumbent_records"]
+    lines = [f"### {result['title']}", "",
+             f"Incumbent: {pool['incumbent_records']} pool records (the fourth pass's pool with "
+             f"the current label corrections); candidate: the same folds with {added} new "
+             f"hand-written answers as {len(result['new_sources'])} more sources "
+             f"({', '.join(result['new_sources'])}). Both: ridge 0.3, half-life 12, layers 6, 9, "
+             "12, 15; every figure out of source; one count rule per head under the caps (false "
+             "halts <= 0.05 on every capped source, the new ones included; mean share read <= "
+             "0.5), chosen for the mean macro-F1 over the same "
+             f"{len(pool['old_harmful_sources'])} harmful sources as the fourth pass. Ship rule, "
+             f"written before the run: {rule['text']}. Margin {rule['margin']:+.3f}; shipped: "
+             f"{'yes' if rule['ship'] else 'no'}.", "",
+             f"| head | rule | mean macro-F1 ({len(pool['old_harmful_sources'])} harmful sources)"
+             f" | the same over {len(pool['harmful_sources_18'])} | nested | pooled macro-F1 "
+             f"(incumbent's sources) | recall | worst capped false halts | read |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, h in (("incumbent", inc), ("candidate", cand)):
+        p = h["pool_old_sources"]
+        lines.append(f"| {name} | {_rule_text(h['rule'])} | "
+                     f"{h['mean_harmful_source_macro_f1']:.3f} | "
+                     f"{h['mean_18_harmful_source_macro_f1']:.3f} | "
+                     f"{h['nested_mean_harmful_source_macro_f1']:.3f} | {p['macro_f1']:.3f} | "
+                     f"{p['recall']:.3f} | {h['worst_capped_false_halt_rate']:.3f} | "
+                     f"{h['fraction_seen']:.3f} |")
+    every = cand.get("rule_py_all_sources")
+    if every:
+        lines += ["", "The candidate's rule as `select.py` would choose it (mean over all "
+                  f"{every['harmful_sources']} of its harmful sources, the new ones included; "
+                  f"reported, deciding nothing): {_rule_text(every['rule'])}, mean over all "
+                  f"{every['mean_all_harmful_sources_macro_f1']:.3f}, over the "
+                  f"{len(pool['old_harmful_sources'])} sources "
+                  f"{every['mean_harmful_source_macro_f1']:.3f}."]
+    lines += ["", "Per source, out of source (the candidate's pool row includes the new "
+              "sources):", "", table(cand["loso"], inc["loso"], ("candidate", "incumbent")),
+              "Nested (each source's rule chosen on the other sources' scores):", "",
+              table(cand["nested"], inc["nested"], ("candidate", "incumbent"))]
+    shipped = result.get("shipped_on_new")
+    if shipped:
+        lines += [f"The shipped head as it is ({_rule_text(shipped['rule'])}) on the new "
+                  "sources, beside the candidate out of source:", "",
+                  table(shipped["per_source"], result.get("candidate_on_new") or {
+                      t: cand["loso"][t] for t in shipped["per_source"] if t != "pool"},
+                        ("shipped head", "candidate (LOSO)"))]
+    return "\n".join(lines)
+
+
 def render_selection(report: dict[str, Any]) -> str:
     """The LOSO selection's per-source figures (``select.py``'s report), and the head shipped
     before it on the sources it never trained on when the report carries them."""

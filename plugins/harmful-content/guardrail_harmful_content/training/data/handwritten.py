@@ -43,11 +43,16 @@ SETS: dict[str, str] = {
     "handwritten_turns.jsonl": "handwritten:turns-v2",  # answers that turn, at every depth
     "handwritten_everyday.jsonl": "handwritten:everyday-v3",  # alarming words in everyday life
     "handwritten_support.jsonl": "handwritten:support-v3",  # supportive texts, sensitive topics
+    "handwritten_coded.jsonl": "handwritten:coded-v4",  # harm said politely or in code
+    "handwritten_assistant.jsonl": "handwritten:assistant-v4",  # chat-assistant formatting
+    "handwritten_claims.jsonl": "handwritten:claims-v4",  # misinformation, stereotypes as fact
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
 WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
-                         "handwritten:everyday-v3": 3, "handwritten:support-v3": 3}
+                         "handwritten:everyday-v3": 3, "handwritten:support-v3": 3,
+                         "handwritten:coded-v4": 4, "handwritten:assistant-v4": 4,
+                         "handwritten:claims-v4": 4}
 
 
 class HandwrittenError(ValueError):
