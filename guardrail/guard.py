@@ -46,7 +46,8 @@ class Guard:
         if getattr(type(self.observer), "batchable", False):
             from .observer.batch import BatchedObserver
 
-            self.observer = BatchedObserver(self.observer)
+            options = (policy.observer or ObserverSpec()).options
+            self.observer = BatchedObserver(self.observer, workers=options.get("workers"))
         self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
 
     @property
