@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,12 @@ MAX_ROWS = 2048  # tokens in one forward at most (more go in the next): bounds i
 # CPUs we measured on) is paid once per part, and a part of 16 tokens costs about 1.4x the CPU
 # per token of one of 64 (docs/observer.md, "Forward workers").
 MIN_PART_TOKENS = 16
+# ``workers: auto`` spreads a batch only while spreading gets the cores it needs: the parts' CPU
+# time over (wall time x parts) of recent spread batches at least SHARE_MIN (on a machine whose
+# cores are busy with other work the parts take turns on one core, and spreading only adds the
+# parts' fixed costs); below it, one spread batch every PROBE_S seconds measures again.
+SHARE_MIN = 0.7
+PROBE_S = 5.0
 
 
 class _Stream:
@@ -102,6 +109,9 @@ class BatchedObserver:
         self._batched = (getattr(inner, "backend", None) == "torch"
                          and bool(getattr(inner, "fast", False)))
         self.workers = resolve_workers(inner, workers) if self._batched else 1
+        self.adaptive = workers is None or workers == "auto"  # spread only while it pays
+        self.share = 1.0  # moving average of the CPU share of spread batches (see SHARE_MIN)
+        self._probed = 0.0  # when the last spread batch ran (time.monotonic())
         self._pool: ThreadPoolExecutor | None = None
         self._stats_lock = threading.Lock()
 
@@ -374,7 +384,8 @@ class BatchedObserver:
         least ``MIN_PART_TOKENS`` each (one part: a batch too small to spread)."""
         tokens = sum(len(row.ids) for row in rows)
         n = min(self.workers, len(rows), max(1, tokens // MIN_PART_TOKENS))
-        if n == 1:
+        if n == 1 or (self.adaptive and self.share < SHARE_MIN
+                      and time.monotonic() - self._probed < PROBE_S):
             return [rows]
         parts: list[list[_Row]] = [[] for _ in range(n)]
         sizes = [0] * n
@@ -387,20 +398,31 @@ class BatchedObserver:
     def _run_parts(self, parts: list[list[_Row]]) -> None:
         """Each part as one forward: the first in this thread, the others on the workers at
         the same time (each stream is in one part, so its reads stay in order)."""
-        if len(parts) > 1:
-            with self._stats_lock:
-                self.stats.spread += 1
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers - 1,
-                                                f"guardrail-observer-{self.name}-worker",
-                                                initializer=self._set_threads)
-            others = [self._pool.submit(self._forward_group, part) for part in parts[1:]]
-            self._forward_group(parts[0])
-            for other in others:
-                other.result()  # _forward_group settles its own rows' errors
+        if len(parts) == 1 or self.workers == 1:
+            for part in parts:
+                self._forward_group(part)
             return
-        for part in parts:
-            self._forward_group(part)
+        with self._stats_lock:
+            self.stats.spread += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1,
+                                            f"guardrail-observer-{self.name}-worker",
+                                            initializer=self._set_threads)
+        start = time.monotonic()
+        others = [self._pool.submit(self._timed_group, part) for part in parts[1:]]
+        cpu = self._timed_group(parts[0])
+        for other in others:
+            cpu += other.result()  # _forward_group settles its own rows' errors
+        wall = time.monotonic() - start
+        self._probed = start
+        if wall > 0:  # how much of (wall x parts) the parts got to run
+            self.share = 0.5 * self.share + 0.5 * min(1.0, cpu / (wall * len(parts)))
+
+    def _timed_group(self, rows: list[_Row]) -> float:
+        """``_forward_group``; the CPU seconds this thread spent on it."""
+        start = time.thread_time()
+        self._forward_group(rows)
+        return time.thread_time() - start
 
     def _signature(self, job: _Job) -> tuple[int, tuple[int, ...], bool]:
         if job.ids is None:  # a context read: as deep as the stream will read, no outputs
@@ -444,6 +466,7 @@ class BatchedObserver:
         spans: list[tuple[int, int]] = []
         caches: list[tuple[list[Any], Any]] = []
         causal: dict[int, Any] = {}
+        groups = int(inner.config.num_attention_heads) // int(inner.kv_heads)
         for row, state in zip(rows, states, strict=True):
             n = len(row.ids)
             if row.job.ids is not None:
@@ -454,11 +477,14 @@ class BatchedObserver:
             spans.append((len(ids), len(ids) + n))
             ids += row.ids
             positions += range(first, first + n)
-            if n not in causal:
-                causal[n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-            mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
-            mask[0, 0, :, past:] = causal[n]
-            caches.append((state.kv.tensors, mask))  # views of the filled part, taken once
+            blocked = None  # one token may look everywhere
+            if n > 1:  # the unbatched read's mask, as attend_blocked takes it
+                if n not in causal:
+                    causal[n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+                mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
+                mask[0, 0, :, past:] = causal[n]
+                blocked = ~mask.repeat(1, 1, groups, 1)
+            caches.append((state.kv.tensors, blocked))  # views of the filled part, taken once
         indices = sorted({i for _, wanted, _ in signatures for i in wanted})
         logit_rows = [b for b, (_, _, logits) in enumerate(signatures) if logits]
         with torch.inference_mode():
@@ -518,8 +544,8 @@ def _step(model: Any, depth: int, indices: list[int], logit_rows: list[int], ids
     states = {0: h} if 0 in wanted else {}
     new_kv: list[Any] = []
     for i in range(depth):
-        rows = [(s, e, cache[2 * i], cache[2 * i + 1], mask)
-                for (s, e), (cache, mask) in zip(spans, caches, strict=True)]
+        rows = [(s, e, cache[2 * i], cache[2 * i + 1], blocked)
+                for (s, e), (cache, blocked) in zip(spans, caches, strict=True)]
         h = block_rows(base.layers[i], h, rope, rows, new_kv, packed, i)
         if i + 1 in wanted:
             states[i + 1] = h

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ObserverError
 
-__all__ = ["LlamaStep", "PackedLinears", "attend", "block_rows", "check_llama",
+__all__ = ["LlamaStep", "PackedLinears", "attend", "attend_blocked", "block_rows", "check_llama",
            "is_llama_family", "pack_linears"]
 
 
@@ -84,20 +84,20 @@ def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
 
 
 def block_rows(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               rows: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]],
+               rows: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]],
                new_kv: list[torch.Tensor], packed: PackedLinears | None = None,
                index: int = 0) -> torch.Tensor:
     """``_block`` over the tokens of several streams packed in one sequence ``(1, total, _)``:
     the projections and the MLP run on all rows at once, attention stream by stream.
 
-    ``rows`` are ``(start, end, past_k, past_v, mask)``: a stream's tokens ``start:end`` of the
-    sequence, its own cache (read in place: no padding, no copy) and its
-    ``(1, 1, n, past + n)`` mask, so each stream's attention is its unbatched read's."""
+    ``rows`` are ``(start, end, past_k, past_v, blocked)``: a stream's tokens ``start:end`` of
+    the sequence, its own cache (read in place: no padding, no copy) and its unbatched read's
+    mask as ``attend_blocked`` takes it, so each stream's attention is its unbatched read's."""
     q, k, v = _qkv(layer, h, rope, packed, index)
     new_kv += [k, v]
     scaling = layer.self_attn.scaling
-    parts = [attend(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], pk, pv, mask, scaling)
-             for s, e, pk, pv, mask in rows]
+    parts = [attend_blocked(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], pk, pv, blocked, scaling)
+             for s, e, pk, pv, blocked in rows]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return _finish(layer, h, out, packed, index)
 
@@ -150,6 +150,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     the cache is never concatenated with the new keys. Over a long cache those two copies cost
     more than the attention itself (docs/observer.md, "Cost of a read").
     """
+    groups = q.shape[1] // k.shape[1]
+    return attend_blocked(q, k, v, past_k, past_v, ~mask.repeat(1, 1, groups, 1), scale)
+
+
+def attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                   past_v: torch.Tensor, blocked: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """``attend`` with its mask given as ``blocked``, ``(B, 1, groups * n, past + n)``: True
+    where a folded query row may not look (``~mask.repeat(1, 1, groups, 1)``, made once for
+    all blocks); None when every row may look everywhere (a read of one token)."""
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
@@ -158,7 +168,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     qg = (q * scale).reshape(b, kv_heads, groups * n, d)
     scores = torch.cat([torch.matmul(qg, past_k.transpose(2, 3)),
                         torch.matmul(qg, k.transpose(2, 3))], dim=-1)
-    scores = scores.masked_fill(~mask.repeat(1, 1, groups, 1), float("-inf"))
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     out = (torch.matmul(weights[..., :past], past_v)
            + torch.matmul(weights[..., past:], v))
