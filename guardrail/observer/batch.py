@@ -6,12 +6,20 @@ from one scheduler thread. Sessions submit reads and wait on a ``concurrent.futu
 runs a batch as soon as it is idle, gathering whatever is pending: a lone stream waits for nothing
 but its own forward, and streams whose reads come due while a forward runs share the next one.
 
-Llama-family torch models (SmolLM2) run the batch as one forward: each stream keeps its own KV
-cache; the caches, of ragged lengths, are left-padded into one tensor per block, the new tokens
-right-padded, and an attention mask hides the padding while explicit position ids give every row
-the positions it has alone. The outputs are split back per stream, so a stream's rows match its
-unbatched read within float noise. Other models and the ONNX backend read stream by stream in the
-scheduler thread (their exported graphs and HF cache objects take one stream at a time).
+Llama-family torch models (SmolLM2) run the batch as one forward: the streams' new tokens are
+packed into one sequence (no padding) for the projections, the MLP and the head, with explicit
+position ids giving every token the position it has in its own stream; attention runs stream by
+stream over that stream's own KV cache, read in place, with its unbatched read's mask. The
+outputs are split back per stream, so a stream's rows match its unbatched read within float noise
+(the products' summation order depends on their row count). Other models and the ONNX backend
+read stream by stream in the scheduler thread (their exported graphs and HF cache objects take
+one stream at a time).
+
+Forward workers (``observer.options.workers``): a batch large enough is spread, streams whole,
+over several forwards run at once, the scheduler running one and worker threads the others, each
+on the observer's ``threads`` intra-op threads. They share no barrier inside the forward (as
+intra-op threads do on every operation), so a worker that waits for a busy core delays only its
+part. ``auto`` spreads only while the parts get the cores to run at once (``SHARE_MIN``).
 
 A read that fails fails only its stream: a failure before the forward (a token without an id, a
 deeper layer than the stream started with) is that stream's alone; a batched forward that raises
@@ -41,9 +49,8 @@ __all__ = ["BatchStats", "BatchedObserver", "resolve_workers"]
 IDLE_EXIT_S = 30.0  # the scheduler thread ends after this long without work (restarts on demand)
 MAX_ROWS = 2048  # tokens in one forward at most (more go in the next): bounds its memory
 # A batch is spread over the forward workers only in parts of at least this many tokens: a
-# forward's fixed cost (streaming every weight from memory, about 50 ms of CPU for SmolLM2 on the
-# CPUs we measured on) is paid once per part, and a part of 16 tokens costs about 1.4x the CPU
-# per token of one of 64 (docs/observer.md, "Forward workers").
+# forward's fixed cost (streaming every weight from memory: about 60 ms of CPU for SmolLM2 here,
+# against about 4 ms a token) is paid once per part (docs/observer.md, "Forward workers").
 MIN_PART_TOKENS = 16
 # ``workers: auto`` spreads a batch only while spreading gets the cores it needs: the parts' CPU
 # time over (wall time x parts) of recent spread batches at least SHARE_MIN (on a machine whose
