@@ -506,10 +506,10 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def _commit(tree: Path) -> str:
-    """The checkout's commit (short), or its path when git cannot tell."""
+    """The checkout's commit (short), or its folder's name when git cannot tell."""
     out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True, check=False)
-    return out.stdout.strip() or str(tree)
+    return out.stdout.strip() if out.returncode == 0 else tree.resolve().name
 
 
 def _kept(rows: Mapping[str, Any]) -> int:
@@ -541,9 +541,10 @@ def _fmt(value: Any, spec: str = "{:.2f}") -> str:
 def render(result: dict[str, Any]) -> str:
     lines = [
         "## Hidden-state policies under concurrency: `guardrail serve` against NeMo", "",
-        f"The default policy (SmolLM2 observer, torch, 1 thread; harm, facts and router "
-        f"monitors) behind `guardrail serve`, and NeMo Guardrails' streaming output rail running "
-        f"the same monitors, at {', '.join(map(str, result['levels']))} concurrent streams, each "
+        f"The default policy (SmolLM2 observer, torch, 1 thread per forward, `workers: auto`; "
+        f"harm, facts and router monitors) behind `guardrail serve`, and NeMo Guardrails' "
+        f"streaming output rail running the same monitors, at "
+        f"{', '.join(map(str, result['levels']))} concurrent streams, each "
         f"upstream at {1 / result['delay_s']:.0f} tokens/s ({len(result['scripts'])} recorded "
         f"answers, harmful and benign, up to {result['words_max']} words; "
         f"{result['rounds']} per stream; bench/serve_pace.py). *Pace*: the upstream's time to "
@@ -555,7 +556,10 @@ def render(result: dict[str, Any]) -> str:
         "*CPU ceiling*: streams at this pace that all the machine's cores could carry at the "
         "measured CPU cost per token (CPU time moves less with the machine's other load than "
         "wall time does). *Reads / forward*: observer reads (contexts included) per batched "
-        "forward; *read wait*: mean time from a read being due to its result (ours only). "
+        "forward; *spread*: batches run as two forwards at once on the observer's forward workers; "
+        "*read wait*: mean time from a read being due to its result (ours only). Rows `ours, "
+        "NAME` serve the same policy with other observer options (`1 worker`: `workers: 1`) or "
+        "from another checkout's code (`baseline`), taking turns with ours round by round. "
         "*Leaks*: streams that showed text at or past the halting token (for "
         "NeMo: past where ours halts the same answer). *Past the "
         "verdict / halting chunk*: upstream chunks written after the halt verdict / after the "
@@ -563,11 +567,11 @@ def render(result: dict[str, Any]) -> str:
         "in the last column; NeMo ran right after ours in the same run).", "",
         "| system | streams | pace min / median | below pace | first text, ms | "
         "added gap p95, ms | "
-        "CPU-s / 1k tokens | CPU ceiling, streams | reads / forward | read wait, ms | "
+        "CPU-s / 1k tokens | CPU ceiling, streams | reads / forward | spread | read wait, ms | "
         "crossings | leaks | halted | "
         "past the verdict (max) | "
         "past the halting chunk | errors | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     cores, rate = int(result.get("cores") or 2), 1 / result["delay_s"]
@@ -581,6 +585,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{_fmt(r.get('cpu_s_per_1k_tokens'), '{:.1f}')} | "
                 f"{_fmt(_ceiling(r, cores, rate), '{:.1f}')} | "
                 f"{_fmt(r.get('reads_per_forward'), '{:.1f}')} | "
+                f"{_fmt(r.get('spread'), '{}')} | "
                 f"{_fmt(r.get('read_wait_ms'), '{:.0f}')} | "
                 f"{_fmt(r.get('crossings'), '{}')} | {r.get('leaks_past_hold_back')} | "
                 f"{r.get('halted')} | "
@@ -609,10 +614,12 @@ def render(result: dict[str, Any]) -> str:
               "and a halted stream has already shown its text. With small chunks checked first, "
               "each check is a fresh pass over the prompt and the window, which is where its CPU "
               "goes. The CPU ceiling is the figure to read on a shared machine: what 2 free cores "
-              "would carry at the measured cost. Ours runs every forward on the observer's one "
-              "scheduler thread with one torch thread, and the forward is most of its CPU cost, "
-              "so ours can use about one core: its reachable ceiling is about half the column's "
-              "(where the time goes: docs/observer.md, \"Concurrent streams\")."]
+              "would carry at the measured cost. The forward is most of ours' CPU cost; ours runs "
+              "it on the observer's scheduler thread and, while the machine has a free core for "
+              "it, on a second forward worker (`workers: auto`). On a machine whose cores are "
+              "busy with other work it runs one forward at a time and can use about one core: "
+              "its reachable ceiling is then about half the column's (where the time goes: "
+              "docs/observer.md, \"Concurrent streams\" and \"Forward workers\")."]
     return "\n".join(lines) + "\n"
 
 
