@@ -115,7 +115,8 @@ class BatchedObserver:
         self._live: weakref.WeakValueDictionary[int, _Stream] = weakref.WeakValueDictionary()
         self._batched = (getattr(inner, "backend", None) == "torch"
                          and bool(getattr(inner, "fast", False)))
-        self.workers = resolve_workers(inner, workers) if self._batched else 1
+        allowed = resolve_workers(inner, workers)  # checked for every backend
+        self.workers = allowed if self._batched else 1  # one stream at a time: nothing to spread
         self.adaptive = workers is None or workers == "auto"  # spread only while it pays
         self.share = 1.0  # moving average of the CPU share of spread batches (see SHARE_MIN)
         self._probed = 0.0  # when the last spread batch ran (time.monotonic())
