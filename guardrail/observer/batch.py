@@ -44,7 +44,8 @@ from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
 
-__all__ = ["BatchStats", "BatchedObserver", "resolve_workers"]
+__all__ = ["BatchStats", "BatchedObserver", "default_gather_ms", "resolve_gather",
+           "resolve_workers"]
 
 IDLE_EXIT_S = 30.0  # the scheduler thread ends after this long without work (restarts on demand)
 MAX_ROWS = 2048  # tokens in one forward at most (more go in the next): bounds its memory
@@ -58,6 +59,10 @@ MIN_PART_TOKENS = 16
 # parts' fixed costs); below it, one spread batch every PROBE_S seconds measures again.
 SHARE_MIN = 0.7
 PROBE_S = 5.0
+# With ``gather_ms``, a batch waits for streams that read within this long and have no read
+# queued: such a stream is streaming, and its next read comes due soon.
+RECENT_S = 1.0
+DEFAULT_GATHER_MS = 50.0  # at most this long by default (default_gather_ms)
 
 
 class _Stream:
@@ -69,6 +74,7 @@ class _Stream:
         self.state: Any = None  # the backend's StreamState
         self.error: BaseException | None = None  # a failed context read fails every later read
         self.released = False
+        self.read_at = 0.0  # when its last read was settled (time.monotonic())
 
     def __repr__(self) -> str:
         return f"<observer stream released={self.released} error={self.error!r}>"
@@ -101,7 +107,8 @@ class BatchedObserver:
 
     batchable = False  # already batched: a Guard given this observer shares its scheduler
 
-    def __init__(self, inner: Any, workers: int | str | None = None) -> None:
+    def __init__(self, inner: Any, workers: int | str | None = None,
+                 gather_ms: float | None = None) -> None:
         self.inner = inner
         self.name: str = inner.name
         self.tokenizer = inner.tokenizer
@@ -117,6 +124,9 @@ class BatchedObserver:
                          and bool(getattr(inner, "fast", False)))
         allowed = resolve_workers(inner, workers)  # checked for every backend
         self.workers = allowed if self._batched else 1  # one stream at a time: nothing to spread
+        gather = resolve_gather(inner, gather_ms) / 1000
+        self.gather_s = gather if self._batched else 0.0  # nothing to share a forward with
+        self._gather_until: float | None = None  # when the batch being gathered stops waiting
         self.adaptive = workers is None or workers == "auto"  # spread only while it pays
         self.share = 1.0  # moving average of the CPU share of spread batches (see SHARE_MIN)
         self._probed = 0.0  # when the last spread batch ran (time.monotonic())
@@ -240,14 +250,17 @@ class BatchedObserver:
         self._set_threads()
         while True:
             with self._cond:
-                while not self._queue or self._hold:
-                    if not self._cond.wait(timeout=IDLE_EXIT_S) and not self._queue:
+                while not self._queue or self._hold or self._gathering():
+                    wait = IDLE_EXIT_S if self._gather_until is None else \
+                        max(0.0, self._gather_until - time.monotonic())
+                    if not self._cond.wait(timeout=wait) and not self._queue:
                         self._thread = None
                         if self._pool is not None:
                             self._pool.shutdown(wait=False)
                             self._pool = None
                         return
                 jobs, self._queue = self._queue, []
+                self._gather_until = None
             try:
                 self._run(jobs)
             except BaseException as exc:  # no stream may hang on a scheduler bug
@@ -256,6 +269,23 @@ class BatchedObserver:
                         _fail(job.future, exc)
                 if not isinstance(exc, Exception):
                     raise
+
+    def _gathering(self) -> bool:
+        """Whether the queued batch waits a moment more (at most ``gather_s``, called with the
+        lock held): some live stream read within ``RECENT_S`` and has no read queued. Streams
+        that read together then share the next forward instead of taking turns in two, and
+        each forward's fixed cost is paid once for them (docs/observer.md, "Gathering")."""
+        if self.gather_s <= 0 or not self._queue or self._hold:
+            return False
+        now = time.monotonic()
+        if self._gather_until is None:
+            self._gather_until = now + self.gather_s
+        if now >= self._gather_until:
+            return False
+        queued = {id(job.stream) for job in self._queue}
+        return any(stream.state is not None and not stream.released and stream.error is None
+                   and id(stream) not in queued and now - stream.read_at < RECENT_S
+                   for stream in list(self._live.values()))
 
     def _run(self, jobs: list[_Job]) -> None:
         """Jobs in waves: the first pending job of each stream, then the second, ... so each
@@ -291,6 +321,7 @@ class BatchedObserver:
         return True
 
     def _settle(self, job: _Job, exc: BaseException | None = None) -> None:
+        job.stream.read_at = time.monotonic()
         with self._stats_lock:
             self.stats.reads += 1
         if exc is not None:
@@ -600,6 +631,26 @@ def resolve_workers(inner: Any, value: Any) -> int:
         raise ObserverError(f"observer {getattr(inner, 'name', '?')!r}: observer.options.workers "
                             f"must be a positive integer or 'auto', got {value!r}")
     return value
+
+
+def default_gather_ms(max_delay_ms: float, hold_back_tokens: int) -> float:
+    """``gather_ms`` when the policy leaves it out: none when a stream's every delta is read at
+    once (hold-back 0 or ``observer.max_delay_ms`` 0), else ``max_delay_ms``, at most
+    ``DEFAULT_GATHER_MS``: a streaming session's next read comes due within ``max_delay_ms``."""
+    if hold_back_tokens <= 0 or max_delay_ms <= 0:
+        return 0.0
+    return min(float(max_delay_ms), DEFAULT_GATHER_MS)
+
+
+def resolve_gather(inner: Any, value: Any) -> float:
+    """``observer.options.gather_ms``: how long a batch may wait for streams that read recently
+    (milliseconds, >= 0; 0 or absent: never)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ObserverError(f"observer {getattr(inner, 'name', '?')!r}: observer.options."
+                            f"gather_ms must be a number of milliseconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _resolve(future: Future[Any], result: Any) -> None:

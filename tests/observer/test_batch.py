@@ -417,7 +417,9 @@ def test_auto_workers_spread_a_batch_only_while_it_gets_the_cores(raw: Any) -> N
     observer = BatchedObserver(raw, workers="auto")
     assert observer.adaptive and observer.workers == max(1, os.cpu_count() or 1)
     observer.workers = 2  # as on a machine of two free cores
-    tokens = [raw.tokenizer.tokenize(t)[:10] for t in TEXTS[:4]]
+    picked = (0, 1, 3)  # the longer texts: reads of 16 to 20 tokens
+    tokens = [raw.tokenizer.tokenize(TEXTS[k])[:20] for k in picked]
+    assert sum(map(len, tokens)) >= 2 * batch.MIN_PART_TOKENS
 
     def read_all(streams: list[Any]) -> None:
         with observer.hold():
@@ -425,13 +427,60 @@ def test_auto_workers_spread_a_batch_only_while_it_gets_the_cores(raw: Any) -> N
         for future in futures:
             future.result(timeout=60)
 
-    streams = [observer.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:4]]
-    read_all(streams)  # the contexts
+    streams = [observer.start([{"role": "user", "content": PROMPTS[k]}], NEEDS) for k in picked]
+    read_all(streams)
     spread = observer.stats.spread
-    assert spread >= 1  # 40 tokens: two parts of 20
+    assert spread >= 1
     observer.share = batch.SHARE_MIN / 2  # as measured while another process held a core
     read_all(streams)
     assert observer.stats.spread == spread  # not spread: measured too recently
     observer._probed -= batch.PROBE_S  # time for another measure
     read_all(streams)
     assert observer.stats.spread == spread + 1
+
+
+@pytest.mark.parametrize("gather_ms", [0, 60_000])
+def test_streams_that_read_together_are_gathered_into_one_forward(raw: Any,
+                                                                  gather_ms: int) -> None:
+    """With ``gather_ms``, a read waits for the other streams that read recently: the two
+    streams' next reads, submitted one after the other, share one forward; without it the first
+    runs alone."""
+    observer = BatchedObserver(raw, workers=1, gather_ms=gather_ms)
+    tokens = [raw.tokenizer.tokenize(t) for t in TEXTS[:2]]
+    streams = [observer.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:2]]
+    with observer.hold():
+        first = [observer.submit(s, t[:3], NEEDS) for s, t in zip(streams, tokens, strict=True)]
+    for future in first:
+        future.result(timeout=60)
+    forwards = observer.stats.forwards
+    a = observer.submit(streams[0], tokens[0][3:6], NEEDS)
+    if gather_ms == 0:
+        a.result(timeout=60)  # read alone, before the other stream submits
+    b = observer.submit(streams[1], tokens[1][3:6], NEEDS)
+    for future in (a, b):
+        future.result(timeout=60)
+    assert observer.stats.forwards - forwards == (1 if gather_ms else 2)
+    for k, got in ((0, a), (1, b)):  # gathered or not, each stream's rows are its own
+        state = raw.start([{"role": "user", "content": PROMPTS[k]}], NEEDS)
+        raw.extend(state, tokens[k][:3], NEEDS)
+        _same_batch(got.result(), raw.extend(state, tokens[k][3:6], NEEDS))
+
+
+def test_a_batch_waits_for_absent_streams_no_longer_than_gather_ms(raw: Any) -> None:
+    """A stream that read recently and then stops reading (its upstream went quiet) does not
+    hold the others' reads: they run once ``gather_ms`` has passed."""
+    observer = BatchedObserver(raw, workers=1, gather_ms=200)
+    tokens = [raw.tokenizer.tokenize(t) for t in TEXTS[:2]]
+    streams = [observer.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:2]]
+    for s, t in zip(streams, tokens, strict=True):
+        observer.extend(s, t[:3], NEEDS)
+    for _ in range(3):  # stream 1 never reads again
+        observer.submit(streams[0], tokens[0][3:6], NEEDS).result(timeout=60)
+
+
+@pytest.mark.parametrize("bad", [-1, "soon", True, float("nan")])
+def test_bad_gather_ms_names_the_field(raw: Any, bad: Any) -> None:
+    policy = {**POLICY, "observer": {**POLICY["observer"], "options": {"gather_ms": bad}}}
+    with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host, \
+            pytest.raises(ObserverError, match=r"observer\.options\.gather_ms"):
+        Guard.from_policy(policy, host=host, observer=raw)
