@@ -250,9 +250,10 @@ class BatchedObserver:
         self._set_threads()
         while True:
             with self._cond:
-                while not self._queue or self._hold or self._gathering():
-                    wait = IDLE_EXIT_S if self._gather_until is None else \
-                        max(0.0, self._gather_until - time.monotonic())
+                while True:
+                    wait = IDLE_EXIT_S if not self._queue or self._hold else self._gather_wait()
+                    if wait <= 0:
+                        break
                     if not self._cond.wait(timeout=wait) and not self._queue:
                         self._thread = None
                         if self._pool is not None:
@@ -270,22 +271,24 @@ class BatchedObserver:
                 if not isinstance(exc, Exception):
                     raise
 
-    def _gathering(self) -> bool:
-        """Whether the queued batch waits a moment more (at most ``gather_s``, called with the
-        lock held): some live stream read within ``RECENT_S`` and has no read queued. Streams
-        that read together then share the next forward instead of taking turns in two, and
-        each forward's fixed cost is paid once for them (docs/observer.md, "Gathering")."""
-        if self.gather_s <= 0 or not self._queue or self._hold:
-            return False
+    def _gather_wait(self) -> float:
+        """Seconds the queued batch waits more (0: run it now; called with the lock held): at
+        most ``gather_s`` in all, while some live stream read within ``RECENT_S`` and has no
+        read queued. Streams that read together then share the next forward instead of taking
+        turns in two, and each forward's fixed cost is paid once for them (docs/observer.md,
+        "Gathering")."""
+        if self.gather_s <= 0:
+            return 0.0
         now = time.monotonic()
         if self._gather_until is None:
             self._gather_until = now + self.gather_s
         if now >= self._gather_until:
-            return False
+            return 0.0
         queued = {id(job.stream) for job in self._queue}
-        return any(stream.state is not None and not stream.released and stream.error is None
-                   and id(stream) not in queued and now - stream.read_at < RECENT_S
-                   for stream in list(self._live.values()))
+        waiting = any(stream.state is not None and not stream.released and stream.error is None
+                      and id(stream) not in queued and now - stream.read_at < RECENT_S
+                      for stream in list(self._live.values()))
+        return self._gather_until - now if waiting else 0.0
 
     def _run(self, jobs: list[_Job]) -> None:
         """Jobs in waves: the first pending job of each stream, then the second, ... so each
