@@ -480,7 +480,7 @@ def test_a_batch_waits_for_absent_streams_no_longer_than_gather_ms(raw: Any) -> 
 
 @pytest.mark.parametrize("bad", [-1, "soon", True, float("nan")])
 def test_bad_gather_ms_names_the_field(raw: Any, bad: Any) -> None:
-    policy = {**POLICY, "observer": {**POLICY["observer"], "options": {"gather_ms": bad}}}
+    policy = {**POLICY, "observer": {"max_delay_ms": 1e9, "options": {"gather_ms": bad}}}
     with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host, \
             pytest.raises(ObserverError, match=r"observer\.options\.gather_ms"):
         Guard.from_policy(policy, host=host, observer=raw)
