@@ -6,12 +6,14 @@
 The default policy (every built-in monitor on SmolLM2-135M, torch fp32) guards N concurrent
 streams (N = 1, 8, 32), one thread per stream, each fed SmolLM2's own answers word by word as fast
 as the guard takes them (``TOKENS`` tokens per stream). *Batched*: the Guard's observer as it
-ships, one scheduler thread reading all pending streams in one forward. *Per session*: the same
-model read by each session in its own thread (the scheme before). Each thread count
-(``observer.options.threads``, torch intra-op) runs in its own process; inside it the two schemes
-take turns, ``REPEATS`` times, so both see the same machine load. Aggregate tokens/s: every
-stream's tokens over the wall time from the first feed to the last finish; medians of the repeats,
-and the median of the per-repeat ratios.
+ships, one scheduler thread reading all pending streams in one forward, spread over forward
+workers (``observer.options.workers: auto``) while they get the cores. *Batched, 1 worker*: the
+same, never spread. *Per session*: the same model read by each session in its own thread (the
+scheme before). Each thread count (``observer.options.threads``, torch intra-op) runs in its own
+process; inside it the schemes take turns, ``REPEATS`` times, so all see the same machine load.
+Aggregate tokens/s: every stream's tokens over the wall time from the first feed to the last
+finish; medians of the repeats, and the median of the per-repeat ratios (batched over per
+session).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ THREADS = [1, 2]
 TOKENS = 32
 QUICK_TOKENS = 16
 REPEATS = 3
-SCHEMES = ("batched", "per session")
+SCHEMES = ("batched", "batched, 1 worker", "per session")
 
 
 class PerSession:
@@ -103,14 +105,17 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from guardrail import Guard
     from guardrail.guard import default_policy
+    from guardrail.observer.batch import BatchedObserver
 
     base = default_policy()
     assert base.observer is not None
     update = {"options": {**base.observer.options, "threads": config["threads"]}}
     policy = base.model_copy(update={"observer": base.observer.model_copy(update=update)})
     batched = Guard(policy)
+    inner = batched.observer.inner
     guards = {"batched": batched,
-              "per session": Guard(policy, observer=PerSession(batched.observer.inner))}
+              "batched, 1 worker": Guard(policy, observer=BatchedObserver(inner, workers=1)),
+              "per session": Guard(policy, observer=PerSession(inner))}
     streams_all = _streams(batched.tokenizer, max(config["concurrency"]), config["tokens"])
     for guard in guards.values():  # warm-up: first forwards, the batched step for each depth
         _run(guard, streams_all[:2])
@@ -118,6 +123,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     for n in config["concurrency"]:
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SCHEMES}
         stats0 = batched.observer.stats.forwards, batched.observer.stats.reads
+        spread0 = batched.observer.stats.spread
         for r in range(config["repeats"]):
             order = SCHEMES if r % 2 == 0 else tuple(reversed(SCHEMES))
             for scheme in order:
@@ -138,6 +144,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         out[str(n)]["ratio"] = median(ratios)
         out[str(n)]["ratios"] = [round(x, 2) for x in ratios]
         out[str(n)]["streams_per_forward"] = reads / forwards if forwards else 0.0
+        out[str(n)]["spread"] = batched.observer.stats.spread - spread0
+        out[str(n)]["workers"] = batched.observer.workers
         print(f"[observer_batch] {config['threads']}t N={n}: batched "
               f"{out[str(n)]['batched']['tokens_per_s']:.1f} tok/s, per session "
               f"{out[str(n)]['per session']['tokens_per_s']:.1f} tok/s, ratio "
@@ -193,11 +201,14 @@ def render(result: dict[str, Any]) -> str:
         "The default policy on SmolLM2-135M (torch fp32), N streams on one Guard, one thread per "
         f"stream, each fed {result['tokens_per_stream']} tokens of SmolLM2's own answers word by "
         "word as fast as the guard takes them (bench/observer_batch.py). *Batched*: the Guard's "
-        "observer, one scheduler thread reading every pending stream in one forward (padded "
-        "per-stream KV caches). *Per session*: each session reads the same model in its own "
-        "thread (the scheme before). Aggregate tokens/s over the wall time of all N streams, "
-        f"median of {result['repeats']} runs, the schemes taking turns in one process; ratio: "
-        "median of the per-run ratios. *Streams/forward*: reads per batched forward. Load "
+        "observer, one scheduler thread reading every pending stream in one forward (the "
+        "streams' tokens packed in one sequence, attention per stream), spread over forward "
+        "workers while they get the cores (`workers: auto`; *spread*: batches spread, of those "
+        "run; *1 worker*: never spread). *Per session*: each session reads the same model in "
+        "its own thread (the scheme before). Aggregate tokens/s over the wall time of all N "
+        f"streams, median of {result['repeats']} runs, the schemes taking turns in one process; "
+        "ratio: batched over per session, median of the per-run ratios. *Streams/forward*: "
+        "reads per batched forward (the default scheme). Load "
         f"average {result['load_average_before']:.1f} before the run and "
         f"{result['load_average_after']:.1f} after, on a 2-core machine shared with other "
         "work: absolute figures are noisy, compare within a row. On a machine this contended "
@@ -205,19 +216,24 @@ def render(result: dict[str, Any]) -> str:
         "threads get up to N shares where the batched scheme's one model thread gets one: CPU "
         "ms per token is the cost measure.",
         "",
-        "| torch threads | streams | batched tokens/s | per-session tokens/s | ratio | "
-        "streams/forward | CPU ms/token (batched / per session) |",
-        "|---|---|---|---|---|---|---|",
+        "| torch threads | streams | batched tokens/s | batched, 1 worker | per-session "
+        "tokens/s | ratio | streams/forward | spread | CPU ms/token (batched / 1 worker / "
+        "per session) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         for n, cell in row.items():
             if not isinstance(cell, dict):
                 continue
             b, p = cell["batched"], cell["per session"]
+            one = cell.get("batched, 1 worker")
             out.append(f"| {row['threads']} | {n} | {b['tokens_per_s']:.1f} | "
-                       f"{p['tokens_per_s']:.1f} | {cell['ratio']:.2f}x | "
-                       f"{cell['streams_per_forward']:.1f} | {b['cpu_ms_per_token']:.0f} / "
-                       f"{p['cpu_ms_per_token']:.0f} |")
+                       + (f"{one['tokens_per_s']:.1f}" if one else "-")
+                       + f" | {p['tokens_per_s']:.1f} | {cell['ratio']:.2f}x | "
+                       f"{cell['streams_per_forward']:.1f} | {cell.get('spread', '-')} | "
+                       f"{b['cpu_ms_per_token']:.0f} / "
+                       + (f"{one['cpu_ms_per_token']:.0f}" if one else "-")
+                       + f" / {p['cpu_ms_per_token']:.0f} |")
     for other in result.get("other_runs", []):  # earlier runs kept beside this one
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in other["ratios"].items())
         out += ["", f"An earlier run ({other['written']}, load average "

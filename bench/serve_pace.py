@@ -8,8 +8,9 @@ Ours: the recorded answers of guardrail/data/demo_replays.jsonl (harmful and ben
 cut to ``WORDS`` words) are served word by word by the loopback upstream
 (guardrail.testing.upstream, ``DELAY`` s between chunks: 25 tokens/s per stream) through
 ``guardrail serve`` with the default policy (``Guard.default()``: the SmolLM2 observer, torch, and
-the harm, facts and router monitors) in a subprocess with ``OMP_NUM_THREADS=1``. ``N`` async clients
-each stream ``--rounds`` answers back to back. Per concurrency level:
+the harm, facts and router monitors) in a subprocess with ``OMP_NUM_THREADS=1``. Each level runs
+``--rounds`` rounds; in a round ``N`` async clients each stream one answer, all starting together.
+Per concurrency level:
 
 - *pace*: per stream, the upstream's time from request to its last chunk over the client's time
   from request to its last content (1.0: the reader is not held up beyond the upstream); a level
@@ -24,7 +25,14 @@ each stream ``--rounds`` answers back to back. Per concurrency level:
 - *reads per forward*: observer reads (the streams' contexts included) over the batched
   observer's forwards at this level (``guard.observer.stats``); *read wait*: the mean time from
   a stream's read being due to its result (queued behind other forwards, then its own), from each
-  session's report (``observer_seconds`` / ``observer_reads``).
+  session's report (``observer_seconds`` / ``observer_reads``); *spread*: batches the scheduler
+  ran as several forwards at once on its forward workers (``observer.options.workers``).
+
+``--variant NAME=JSON`` (repeatable) serves the default policy with those observer options too
+(``--variant '1 worker={"workers": 1}'``), one proxy per variant beside the default's; at each
+level the proxies take turns round by round, so they meet the same machine load. ``--baseline
+PATH`` serves the default policy from the code of another checkout (an earlier commit) the same
+way, to compare code changes in one run.
 
 NeMo (in its own venv, .cache/peers/nemo; bench/peers/nemo_pace.py): the same answers from a
 replaying LLM at the same pace, ``N`` concurrent ``stream_async`` calls, the output rail an
@@ -91,7 +99,10 @@ class VerdictClock:
                                   "reads": report.observer_reads,
                                   "observer_s": report.observer_seconds,
                                   "forwards": getattr(stats, "forwards", None),
-                                  "all_reads": getattr(stats, "reads", None)}) + "\\n")
+                                  "all_reads": getattr(stats, "reads", None),
+                                  "spread": getattr(stats, "spread", None),
+                                  "workers": getattr(session.guard.observer, "workers", None)})
+                      + "\\n")
 
 get_host().register(VerdictClock(), name="bench-verdict-clock")
 from guardrail.cli import main
@@ -196,15 +207,22 @@ def responder(scripts: list[dict[str, Any]]) -> Any:
 
 
 class Proxy:
-    """``guardrail serve`` (default policy) in a subprocess, with the verdict clock."""
+    """``guardrail serve`` (default policy, or ``policy``) in a subprocess, with the verdict
+    clock."""
 
-    def __init__(self, upstream: str, workdir: Path) -> None:
+    def __init__(self, upstream: str, workdir: Path, policy: Path | None = None,
+                 tree: Path | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.verdicts = workdir / "verdicts.jsonl"
         self.port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if tree is not None:  # another checkout's code: its core, plugins and adapters first
+            env["PYTHONPATH"] = os.pathsep.join(str(p) for p in tree_path(tree))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", PROXY_CODE, str(self.verdicts), "serve", "--upstream",
-             upstream, "--port", str(self.port), "--no-metrics", "--no-dashboard"],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+             upstream, "--port", str(self.port), "--no-metrics", "--no-dashboard",
+             *(["--policy", str(policy)] if policy is not None else [])],
+            env=env, stderr=subprocess.DEVNULL, cwd=tree)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         wait_healthy(self.port, self.proc, 180)
 
@@ -304,47 +322,112 @@ def _reads(before: list[dict[str, Any]], after: list[dict[str, Any]],
     waited, count = sum(r["observer_s"] for r in mine), sum(r["reads"] for r in mine)
     return {"observer_forwards": forwards,
             "reads_per_forward": round(reads / forwards, 2) if forwards else None,
-            "read_wait_ms": round(waited / count * 1000, 1) if count else None}
+            "read_wait_ms": round(waited / count * 1000, 1) if count else None,
+            "spread": last(after, "spread") - last(before, "spread"),
+            "workers": last(after, "workers") or None}
 
 
-def run_ours(scripts: list[dict[str, Any]], levels: list[int], rounds: int,
-             say: Any) -> tuple[dict[str, Any], dict[int, int]]:
-    """Per level, the row; and where each answer halts when streamed alone (script: at_char)."""
+def tree_path(tree: Path) -> list[Path]:
+    """The import path of a checkout: its root, then each plugin, adapter and example."""
+    return [tree, *sorted(p for group in ("plugins", "adapters", "examples")
+                          for p in (tree / group).glob("*/") if p.is_dir())]
+
+
+def variant_policy(options: Mapping[str, Any], path: Path) -> Path:
+    """The default policy with these observer options, as a YAML file for ``--policy``."""
+    import yaml
+
+    from guardrail.guard import default_policy
+
+    data = default_policy().model_dump(mode="json", exclude_none=True)
+    data["observer"]["options"] = {**data["observer"].get("options", {}), **options}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_ours(scripts: list[dict[str, Any]], levels: list[int], rounds: int, say: Any,
+             variants: Mapping[str, Mapping[str, Any]] | None = None
+             ) -> tuple[dict[str, Any], dict[int, int], dict[str, Any]]:
+    """Per level, the default's row; where each answer halts when streamed alone (script:
+    at_char); and per variant (other observer options), its rows."""
     from guardrail.testing.upstream import UpstreamServer
 
     from .proxy_load import _roomy_backlog
 
     _roomy_backlog()
-    out: dict[str, Any] = {}
+    names = ["ours", *(variants or {})]
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
     with UpstreamServer(responder=responder(scripts)) as upstream, \
             tempfile.TemporaryDirectory() as tmp:
-        proxy = Proxy(upstream.base_url, Path(tmp))
+        proxies: dict[str, Proxy] = {}
         try:
-            solo = asyncio.run(load(proxy.base_url, scripts, len(scripts), 1, "solo"))
-            reference = {r.script: r for r in solo}
-            halts = {r.script: r.halt_at_char for r in solo if r.halt_at_char is not None}
+            for k, name in enumerate(names):
+                options = dict((variants or {}).get(name, {}))
+                tree = options.pop("tree", None)  # --baseline: the default policy, other code
+                policy = variant_policy(options, Path(tmp) / f"variant{k}.yaml") \
+                    if options else None
+                proxies[name] = Proxy(upstream.base_url, Path(tmp) / f"proxy{k}", policy,
+                                      Path(tree) if tree else None)
+            references: dict[str, dict[int, StreamResult]] = {}
+            halts: dict[int, int] = {}
+            for k, name in enumerate(names):
+                solo = asyncio.run(load(proxies[name].base_url, scripts, len(scripts), 1,
+                                        f"solo{k}"))
+                references[name] = {r.script: r for r in solo}
+                if name == "ours":
+                    halts = {r.script: r.halt_at_char for r in solo
+                             if r.halt_at_char is not None}
             for n in levels:
                 direct = asyncio.run(load(upstream.base_url, scripts, n, 1, f"direct{n}"))
                 direct_gap = p95([g for r in direct for g in _gaps(r.content_times)])
-                load_before = os.getloadavg()[0]
-                before = proxy.read_rows()
-                cpu0 = proxy.cpu_s()
-                results = asyncio.run(load(proxy.base_url, scripts, n, rounds, f"ours{n}"))
-                cpu = proxy.cpu_s() - cpu0
+                loads: dict[str, list[float]] = {name: [] for name in names}
+                results: dict[str, list[StreamResult]] = {name: [] for name in names}
+                cpu = dict.fromkeys(names, 0.0)
+                before = {name: proxies[name].read_rows() for name in names}
+                for r in range(rounds):  # the proxies take turns, round by round
+                    for name in (names if r % 2 == 0 else names[::-1]):
+                        proxy = proxies[name]
+                        loads[name].append(os.getloadavg()[0])
+                        cpu0 = proxy.cpu_s()
+                        # a worker's answer k runs w + r: as the rounds of one load() call
+                        results[name] += asyncio.run(load_round(
+                            proxy.base_url, scripts, n, r, f"{_tag(names, name)}{n}"))
+                        cpu[name] += proxy.cpu_s() - cpu0
                 for record in upstream.completions():
                     record.wait(5)
                 records = {str((r.body or {}).get("model")): r for r in upstream.completions()}
-                row = _level(results, records, proxy.verdict_times(), reference, scripts,
-                             direct_gap, cpu)
-                row.update(_reads(before, proxy.read_rows(), f"ours{n}-"))
-                row.update({"direct_gap_p95_ms": round(direct_gap, 1),
-                            "load_1m_before": round(load_before, 2),
-                            "load_1m_after": round(os.getloadavg()[0], 2)})
-                out[str(n)] = row
-                say(f"ours, {n} streams: {row}")
+                for name in names:
+                    proxy = proxies[name]
+                    row = _level(results[name], records, proxy.verdict_times(),
+                                 references[name], scripts, direct_gap, cpu[name])
+                    row.update(_reads(before[name], proxy.read_rows(),
+                                      f"{_tag(names, name)}{n}-"))
+                    row.update({"direct_gap_p95_ms": round(direct_gap, 1),
+                                "load_1m_before": round(loads[name][0], 2),
+                                "load_1m_mean": round(sum(loads[name]) / len(loads[name]), 2),
+                                "load_1m_after": round(os.getloadavg()[0], 2)})
+                    out[name][str(n)] = row
+                    say(f"{name}, {n} streams: {row}")
         finally:
-            proxy.stop()
-    return out, halts
+            for proxy in proxies.values():
+                proxy.stop()
+    return out.pop("ours"), halts, out
+
+
+def _tag(names: list[str], name: str) -> str:
+    return "ours" if name == "ours" else f"var{names.index(name)}-"
+
+
+async def load_round(base_url: str, scripts: list[dict[str, Any]], streams: int, r: int,
+                     tag: str) -> list[StreamResult]:
+    """Round ``r`` of ``load``: ``streams`` workers, worker ``w`` streaming answer w + r."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        done = await asyncio.gather(*(
+            one_stream(client, base_url, scripts[(w + r) % len(scripts)],
+                       (w + r) % len(scripts), f"{tag}-k{(w + r) % len(scripts)}-w{w}-r{r}")
+            for w in range(streams)))
+    return list(done)
 
 
 def run_nemo(scripts: list[dict[str, Any]], levels: list[int], rounds: int,
@@ -382,7 +465,25 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--no-nemo", action="store_true")
     parser.add_argument("--nemo-configs", type=int, nargs="+",
                         help="indices into NEMO_CONFIGS (default: all; quick: the first)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="also serve the default policy with these observer options "
+                             "(e.g. '1 worker={\"workers\": 1}'), taking turns with it")
+    parser.add_argument("--baseline", type=Path, metavar="PATH",
+                        help="also serve the default policy from the code of this checkout")
     args = parser.parse_args(argv)
+    variants: dict[str, dict[str, Any]] = {}
+    if args.baseline is not None:
+        if not (args.baseline / "guardrail" / "__init__.py").exists():
+            parser.error(f"--baseline {args.baseline}: not a checkout of this project")
+        variants[f"baseline ({_commit(args.baseline)})"] = {"tree": str(args.baseline.resolve())}
+    for text in args.variant:
+        name, sep, options = text.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"--variant {text!r}: expected NAME=JSON")
+        try:
+            variants[name.strip()] = dict(json.loads(options))
+        except (ValueError, TypeError) as exc:
+            parser.error(f"--variant {text!r}: the options are not a JSON object ({exc})")
     levels = args.levels or ([1, 2] if args.quick else [1, 8, 32])
     rounds = args.rounds or (1 if args.quick else 2)
 
@@ -391,7 +492,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     words = WORDS // 2 if args.quick else WORDS  # quick: a smoke test within make bench-quick
     scripts = load_scripts(words)
-    ours, halts = run_ours(scripts, levels, rounds, say)
+    ours, halts, others = run_ours(scripts, levels, rounds, say, variants)
     configs = ([NEMO_CONFIGS[i] for i in args.nemo_configs] if args.nemo_configs
                else NEMO_CONFIGS[:1] if args.quick else NEMO_CONFIGS)
     nemo = {"note": "not run (--no-nemo)"} if args.no_nemo else \
@@ -399,7 +500,16 @@ def main(argv: list[str] | None = None) -> Path:
     return write_result(NAME, {
         "quick": args.quick, "levels": levels, "rounds": rounds, "delay_s": DELAY,
         "words_max": words, "scripts": [s["title"] for s in scripts], "pace_kept": PACE_KEPT,
-        "ours": ours, "solo_halts_at_char": halts, "nemo": nemo, "cores": os.cpu_count()})
+        "ours": ours, "variants": {name: {"observer_options": variants[name], "rows": rows}
+                                   for name, rows in others.items()},
+        "solo_halts_at_char": halts, "nemo": nemo, "cores": os.cpu_count()})
+
+
+def _commit(tree: Path) -> str:
+    """The checkout's commit (short), or its folder's name when git cannot tell."""
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 else tree.resolve().name
 
 
 def _kept(rows: Mapping[str, Any]) -> int:
@@ -431,9 +541,10 @@ def _fmt(value: Any, spec: str = "{:.2f}") -> str:
 def render(result: dict[str, Any]) -> str:
     lines = [
         "## Hidden-state policies under concurrency: `guardrail serve` against NeMo", "",
-        f"The default policy (SmolLM2 observer, torch, 1 thread; harm, facts and router "
-        f"monitors) behind `guardrail serve`, and NeMo Guardrails' streaming output rail running "
-        f"the same monitors, at {', '.join(map(str, result['levels']))} concurrent streams, each "
+        f"The default policy (SmolLM2 observer, torch, 1 thread per forward, `workers: auto`; "
+        f"harm, facts and router monitors) behind `guardrail serve`, and NeMo Guardrails' "
+        f"streaming output rail running the same monitors, at "
+        f"{', '.join(map(str, result['levels']))} concurrent streams, each "
         f"upstream at {1 / result['delay_s']:.0f} tokens/s ({len(result['scripts'])} recorded "
         f"answers, harmful and benign, up to {result['words_max']} words; "
         f"{result['rounds']} per stream; bench/serve_pace.py). *Pace*: the upstream's time to "
@@ -445,7 +556,10 @@ def render(result: dict[str, Any]) -> str:
         "*CPU ceiling*: streams at this pace that all the machine's cores could carry at the "
         "measured CPU cost per token (CPU time moves less with the machine's other load than "
         "wall time does). *Reads / forward*: observer reads (contexts included) per batched "
-        "forward; *read wait*: mean time from a read being due to its result (ours only). "
+        "forward; *spread*: batches run as two forwards at once on the observer's forward workers; "
+        "*read wait*: mean time from a read being due to its result (ours only). Rows `ours, "
+        "NAME` serve the same policy with other observer options (`1 worker`: `workers: 1`) or "
+        "from another checkout's code (`baseline`), taking turns with ours round by round. "
         "*Leaks*: streams that showed text at or past the halting token (for "
         "NeMo: past where ours halts the same answer). *Past the "
         "verdict / halting chunk*: upstream chunks written after the halt verdict / after the "
@@ -453,11 +567,11 @@ def render(result: dict[str, Any]) -> str:
         "in the last column; NeMo ran right after ours in the same run).", "",
         "| system | streams | pace min / median | below pace | first text, ms | "
         "added gap p95, ms | "
-        "CPU-s / 1k tokens | CPU ceiling, streams | reads / forward | read wait, ms | "
+        "CPU-s / 1k tokens | CPU ceiling, streams | reads / forward | spread | read wait, ms | "
         "crossings | leaks | halted | "
         "past the verdict (max) | "
         "past the halting chunk | errors | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     cores, rate = int(result.get("cores") or 2), 1 / result["delay_s"]
@@ -471,6 +585,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{_fmt(r.get('cpu_s_per_1k_tokens'), '{:.1f}')} | "
                 f"{_fmt(_ceiling(r, cores, rate), '{:.1f}')} | "
                 f"{_fmt(r.get('reads_per_forward'), '{:.1f}')} | "
+                f"{_fmt(r.get('spread'), '{}')} | "
                 f"{_fmt(r.get('read_wait_ms'), '{:.0f}')} | "
                 f"{_fmt(r.get('crossings'), '{}')} | {r.get('leaks_past_hold_back')} | "
                 f"{r.get('halted')} | "
@@ -480,6 +595,9 @@ def render(result: dict[str, Any]) -> str:
 
     for n, r in result["ours"].items():
         lines.append(row("ours (hold-back 8)", n, r))
+    for name, variant in (result.get("variants") or {}).items():
+        for n, r in variant["rows"].items():
+            lines.append(row(f"ours, {name}", n, r))
     nemo = result.get("nemo") or {}
     for name, rows in (nemo.get("configs") or {}).items():
         for n, r in rows.items():
@@ -496,10 +614,12 @@ def render(result: dict[str, Any]) -> str:
               "and a halted stream has already shown its text. With small chunks checked first, "
               "each check is a fresh pass over the prompt and the window, which is where its CPU "
               "goes. The CPU ceiling is the figure to read on a shared machine: what 2 free cores "
-              "would carry at the measured cost. Ours runs every forward on the observer's one "
-              "scheduler thread with one torch thread, and the forward is most of its CPU cost, "
-              "so ours can use about one core: its reachable ceiling is about half the column's "
-              "(where the time goes: docs/observer.md, \"Concurrent streams\")."]
+              "would carry at the measured cost. The forward is most of ours' CPU cost; ours runs "
+              "it on the observer's scheduler thread and, while the machine has a free core for "
+              "it, on a second forward worker (`workers: auto`). On a machine whose cores are "
+              "busy with other work it runs one forward at a time and can use about one core: "
+              "its reachable ceiling is then about half the column's (where the time goes: "
+              "docs/observer.md, \"Concurrent streams\" and \"Forward workers\")."]
     return "\n".join(lines) + "\n"
 
 

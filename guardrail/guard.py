@@ -44,9 +44,12 @@ class Guard:
         # One scheduler batches all streams' reads; an observer of another class (a wrapper
         # that overrides start or extend) keeps reading per session.
         if getattr(type(self.observer), "batchable", False):
-            from .observer.batch import BatchedObserver
+            from .observer.batch import BatchedObserver, default_gather_ms
 
-            self.observer = BatchedObserver(self.observer)
+            spec = policy.observer or ObserverSpec()
+            gather = default_gather_ms(spec.max_delay_ms, policy.release.hold_back_tokens)
+            self.observer = BatchedObserver(self.observer, workers=spec.options.get("workers"),
+                                            gather_ms=spec.options.get("gather_ms", gather))
         self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
 
     @property

@@ -6,12 +6,20 @@ from one scheduler thread. Sessions submit reads and wait on a ``concurrent.futu
 runs a batch as soon as it is idle, gathering whatever is pending: a lone stream waits for nothing
 but its own forward, and streams whose reads come due while a forward runs share the next one.
 
-Llama-family torch models (SmolLM2) run the batch as one forward: each stream keeps its own KV
-cache; the caches, of ragged lengths, are left-padded into one tensor per block, the new tokens
-right-padded, and an attention mask hides the padding while explicit position ids give every row
-the positions it has alone. The outputs are split back per stream, so a stream's rows match its
-unbatched read within float noise. Other models and the ONNX backend read stream by stream in the
-scheduler thread (their exported graphs and HF cache objects take one stream at a time).
+Llama-family torch models (SmolLM2) run the batch as one forward: the streams' new tokens are
+packed into one sequence (no padding) for the projections, the MLP and the head, with explicit
+position ids giving every token the position it has in its own stream; attention runs stream by
+stream over that stream's own KV cache, read in place, with its unbatched read's mask. The
+outputs are split back per stream, so a stream's rows match its unbatched read within float noise
+(the products' summation order depends on their row count). Other models and the ONNX backend
+read stream by stream in the scheduler thread (their exported graphs and HF cache objects take
+one stream at a time).
+
+Forward workers (``observer.options.workers``): a batch large enough is spread, streams whole,
+over several forwards run at once, the scheduler running one and worker threads the others, each
+on the observer's ``threads`` intra-op threads. They share no barrier inside the forward (as
+intra-op threads do on every operation), so a worker that waits for a busy core delays only its
+part. ``auto`` spreads only while the parts get the cores to run at once (``SHARE_MIN``).
 
 A read that fails fails only its stream: a failure before the forward (a token without an id, a
 deeper layer than the stream started with) is that stream's alone; a batched forward that raises
@@ -21,10 +29,12 @@ closed stream's cache at once.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,10 +44,25 @@ from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
 
-__all__ = ["BatchStats", "BatchedObserver"]
+__all__ = ["BatchStats", "BatchedObserver", "default_gather_ms", "resolve_gather",
+           "resolve_workers"]
 
 IDLE_EXIT_S = 30.0  # the scheduler thread ends after this long without work (restarts on demand)
-PAD_RATIO = 2.0  # a forward pads its new tokens to at most this many times the real ones
+MAX_ROWS = 2048  # tokens in one forward at most (more go in the next): bounds its memory
+# A batch is spread over the forward workers only in parts of at least this many tokens: a
+# forward's fixed cost (streaming every weight from memory: about 60 ms of CPU for SmolLM2 here,
+# against about 4 ms a token) is paid once per part (docs/observer.md, "Forward workers").
+MIN_PART_TOKENS = 16
+# ``workers: auto`` spreads a batch only while spreading gets the cores it needs: the parts' CPU
+# time over (wall time x parts) of recent spread batches at least SHARE_MIN (on a machine whose
+# cores are busy with other work the parts take turns on one core, and spreading only adds the
+# parts' fixed costs); below it, one spread batch every PROBE_S seconds measures again.
+SHARE_MIN = 0.7
+PROBE_S = 5.0
+# With ``gather_ms``, a batch waits for streams that read within this long and have no read
+# queued: such a stream is streaming, and its next read comes due soon.
+RECENT_S = 1.0
+DEFAULT_GATHER_MS = 50.0  # at most this long by default (default_gather_ms)
 
 
 class _Stream:
@@ -49,6 +74,7 @@ class _Stream:
         self.state: Any = None  # the backend's StreamState
         self.error: BaseException | None = None  # a failed context read fails every later read
         self.released = False
+        self.read_at = 0.0  # when its last read was settled (time.monotonic())
 
     def __repr__(self) -> str:
         return f"<observer stream released={self.released} error={self.error!r}>"
@@ -71,6 +97,7 @@ class BatchStats:
     reads: int = 0  # stream reads served (context reads included)
     largest: int = 0  # most streams in one forward
     split: int = 0  # batched forwards that failed and were rerun stream by stream
+    spread: int = 0  # batches run as several forwards at once, on the forward workers
     sizes: dict[int, int] = field(default_factory=dict)  # streams per forward -> forwards
 
 
@@ -80,7 +107,8 @@ class BatchedObserver:
 
     batchable = False  # already batched: a Guard given this observer shares its scheduler
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, workers: int | str | None = None,
+                 gather_ms: float | None = None) -> None:
         self.inner = inner
         self.name: str = inner.name
         self.tokenizer = inner.tokenizer
@@ -94,6 +122,16 @@ class BatchedObserver:
         self._live: weakref.WeakValueDictionary[int, _Stream] = weakref.WeakValueDictionary()
         self._batched = (getattr(inner, "backend", None) == "torch"
                          and bool(getattr(inner, "fast", False)))
+        allowed = resolve_workers(inner, workers)  # checked for every backend
+        self.workers = allowed if self._batched else 1  # one stream at a time: nothing to spread
+        gather = resolve_gather(inner, gather_ms) / 1000
+        self.gather_s = gather if self._batched else 0.0  # nothing to share a forward with
+        self._gather_until: float | None = None  # when the batch being gathered stops waiting
+        self.adaptive = workers is None or workers == "auto"  # spread only while it pays
+        self.share = 1.0  # moving average of the CPU share of spread batches (see SHARE_MIN)
+        self._probed = 0.0  # when the last spread batch ran (time.monotonic())
+        self._pool: ThreadPoolExecutor | None = None
+        self._stats_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not set yet (copy, unpickling): no recursion
@@ -201,19 +239,29 @@ class BatchedObserver:
             except Exception:  # noqa: BLE001 - the stream's error shows on its next read
                 pass
 
-    def _loop(self) -> None:
+    def _set_threads(self) -> None:
         threads = getattr(self.inner, "threads", None)
         if threads and getattr(self.inner, "backend", None) == "torch":
             import torch
 
             torch.set_num_threads(int(threads))  # intra-op; process-wide in torch
+
+    def _loop(self) -> None:
+        self._set_threads()
         while True:
             with self._cond:
-                while not self._queue or self._hold:
-                    if not self._cond.wait(timeout=IDLE_EXIT_S) and not self._queue:
+                while True:
+                    wait = IDLE_EXIT_S if not self._queue or self._hold else self._gather_wait()
+                    if wait <= 0:
+                        break
+                    if not self._cond.wait(timeout=wait) and not self._queue:
                         self._thread = None
+                        if self._pool is not None:
+                            self._pool.shutdown(wait=False)
+                            self._pool = None
                         return
                 jobs, self._queue = self._queue, []
+                self._gather_until = None
             try:
                 self._run(jobs)
             except BaseException as exc:  # no stream may hang on a scheduler bug
@@ -222,6 +270,25 @@ class BatchedObserver:
                         _fail(job.future, exc)
                 if not isinstance(exc, Exception):
                     raise
+
+    def _gather_wait(self) -> float:
+        """Seconds the queued batch waits more (0: run it now; called with the lock held): at
+        most ``gather_s`` in all, while some live stream read within ``RECENT_S`` and has no
+        read queued. Streams that read together then share the next forward instead of taking
+        turns in two, and each forward's fixed cost is paid once for them (docs/observer.md,
+        "Gathering")."""
+        if self.gather_s <= 0:
+            return 0.0
+        now = time.monotonic()
+        if self._gather_until is None:
+            self._gather_until = now + self.gather_s
+        if now >= self._gather_until:
+            return 0.0
+        queued = {id(job.stream) for job in self._queue}
+        waiting = any(stream.state is not None and not stream.released and stream.error is None
+                      and id(stream) not in queued and now - stream.read_at < RECENT_S
+                      for stream in list(self._live.values()))
+        return self._gather_until - now if waiting else 0.0
 
     def _run(self, jobs: list[_Job]) -> None:
         """Jobs in waves: the first pending job of each stream, then the second, ... so each
@@ -257,7 +324,9 @@ class BatchedObserver:
         return True
 
     def _settle(self, job: _Job, exc: BaseException | None = None) -> None:
-        self.stats.reads += 1
+        job.stream.read_at = time.monotonic()
+        with self._stats_lock:
+            self.stats.reads += 1
         if exc is not None:
             if job.ids is None:
                 job.stream.error = exc
@@ -270,9 +339,10 @@ class BatchedObserver:
             _resolve(job.future, job.parts[0] if len(job.parts) == 1 else _concat(job.parts))
 
     def _count(self, n: int) -> None:
-        self.stats.forwards += 1
-        self.stats.largest = max(self.stats.largest, n)
-        self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
+        with self._stats_lock:
+            self.stats.forwards += 1
+            self.stats.largest = max(self.stats.largest, n)
+            self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
 
     # -- one stream at a time (ONNX, non-Llama torch models) --------------------------------
 
@@ -327,30 +397,74 @@ class BatchedObserver:
                 rows.append(_Row(job, room))
                 if len(room) < len(ids):
                     rest.append((job, ids[len(room):]))
-            for group in self._groups(rows):
-                self._forward_group(group)
+            self._run_parts([part for group in self._groups(rows) for part in self._spread(group)])
             live = [(job, ids) for job, ids in rest if not job.future.done()]
         for job in jobs:
             if not job.future.done():
                 self._settle(job)
 
     def _groups(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        by_signature: dict[tuple[int, tuple[int, ...], bool], list[_Row]] = {}
+        """Rows that can share a forward: the same depth, at most ``MAX_ROWS`` tokens (a read
+        longer than that goes alone). Rows are packed, not padded: lengths need not match."""
+        by_depth: dict[int, list[_Row]] = {}
         for row in rows:
-            by_signature.setdefault(self._signature(row.job), []).append(row)
-        for group in by_signature.values():
-            group.sort(key=lambda r: len(r.ids))
+            by_depth.setdefault(self._signature(row.job)[0], []).append(row)
+        for group in by_depth.values():
             bucket: list[_Row] = []
-            real = 0
+            size = 0
             for row in group:
-                n = len(row.ids)
-                if bucket and n * (len(bucket) + 1) > PAD_RATIO * (real + n):
+                if bucket and size + len(row.ids) > MAX_ROWS:
                     yield bucket
-                    bucket, real = [], 0
+                    bucket, size = [], 0
                 bucket.append(row)
-                real += n
+                size += len(row.ids)
             if bucket:
                 yield bucket
+
+    def _spread(self, rows: list[_Row]) -> list[list[_Row]]:
+        """The rows in as many parts as workers, streams whole, of about equal tokens and at
+        least ``MIN_PART_TOKENS`` each (one part: a batch too small to spread)."""
+        tokens = sum(len(row.ids) for row in rows)
+        n = min(self.workers, len(rows), max(1, tokens // MIN_PART_TOKENS))
+        if n == 1 or (self.adaptive and self.share < SHARE_MIN
+                      and time.monotonic() - self._probed < PROBE_S):
+            return [rows]
+        parts: list[list[_Row]] = [[] for _ in range(n)]
+        sizes = [0] * n
+        for row in sorted(rows, key=lambda r: -len(r.ids)):  # longest first, to the lightest
+            k = sizes.index(min(sizes))
+            parts[k].append(row)
+            sizes[k] += len(row.ids)
+        return parts
+
+    def _run_parts(self, parts: list[list[_Row]]) -> None:
+        """Each part as one forward: the first in this thread, the others on the workers at
+        the same time (each stream is in one part, so its reads stay in order)."""
+        if len(parts) == 1 or self.workers == 1:
+            for part in parts:
+                self._forward_group(part)
+            return
+        with self._stats_lock:
+            self.stats.spread += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1,
+                                            f"guardrail-observer-{self.name}-worker",
+                                            initializer=self._set_threads)
+        start = time.monotonic()
+        others = [self._pool.submit(self._timed_group, part) for part in parts[1:]]
+        cpu = self._timed_group(parts[0])
+        for other in others:
+            cpu += other.result()  # _forward_group settles its own rows' errors
+        wall = time.monotonic() - start
+        self._probed = start
+        if wall > 0:  # how much of (wall x parts) the parts got to run
+            self.share = 0.5 * self.share + 0.5 * min(1.0, cpu / (wall * len(parts)))
+
+    def _timed_group(self, rows: list[_Row]) -> float:
+        """``_forward_group``; the CPU seconds this thread spent on it."""
+        start = time.thread_time()
+        self._forward_group(rows)
+        return time.thread_time() - start
 
     def _signature(self, job: _Job) -> tuple[int, tuple[int, ...], bool]:
         if job.ids is None:  # a context read: as deep as the stream will read, no outputs
@@ -363,7 +477,7 @@ class BatchedObserver:
         if not rows:
             return
         try:
-            outs = self._forward(rows)
+            out = self._forward(rows)
         except Exception as exc:  # noqa: BLE001 - find the stream that broke it
             if len(rows) == 1:
                 self._settle(rows[0].job, exc)
@@ -375,89 +489,128 @@ class BatchedObserver:
         self._count(len(rows))
         for b, row in enumerate(rows):
             try:
-                self._take(row, b, outs)
+                self._take(row, b, out)
             except Exception as exc:  # noqa: BLE001
                 self._settle(row.job, exc)
 
-    def _forward(self, rows: list[_Row]) -> Any:
-        """One forward over the rows' tokens; the caches are not touched until ``_take``."""
+    def _forward(self, rows: list[_Row]) -> _Out:
+        """One forward over the rows' tokens packed in one sequence; the caches are not touched
+        until ``_take``."""
         import torch
 
         inner = self.inner
-        depth, indices, with_logits = self._signature(rows[0].job)
-        states = [row.job.stream.state for row in rows]
-        for row, state in zip(rows, states, strict=True):
-            if row.job.ids is not None:
-                state.make_room(len(row.ids))  # drops old tokens only: safe to redo on a rerun
-        pasts = [state.kv.length() for state in states]
-        news = [len(row.ids) for row in rows]
-        width, past = max(news), max(pasts)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), 1, width, past + width, dtype=torch.bool)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        for b, (row, state) in enumerate(zip(rows, states, strict=True)):
-            n = news[b]
-            ids[b, :n] = torch.tensor(row.ids, dtype=torch.long)
-            # a context read starts after the shared prefix its cache may already hold
-            first = pasts[b] if row.job.ids is None else state.positions(n).start
-            positions[b] = torch.arange(first, first + width)  # padding rows: any position
-            mask[b, 0, :, past - pasts[b]:past] = True
-            mask[b, 0, :, past:past + n] = causal[:, :n]  # padding rows see the real tokens
-
-        def past_of(k: int) -> Any:  # one block's padded cache at a time: peak memory stays low
-            return _stack([state.kv.tensors[k] for state in states], pasts, past)
-
         device = inner.device
+        signatures = [self._signature(row.job) for row in rows]
+        depth = signatures[0][0]
+        states = [row.job.stream.state for row in rows]
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[tuple[int, int]] = []
+        caches: list[tuple[list[Any], Any]] = []
+        causal: dict[int, Any] = {}
+        groups = int(inner.config.num_attention_heads) // int(inner.kv_heads)
+        for row, state in zip(rows, states, strict=True):
+            n = len(row.ids)
+            if row.job.ids is not None:
+                state.make_room(n)  # drops old tokens only: safe to redo on a rerun
+            past = state.kv.length()
+            # a context read starts after the shared prefix its cache may already hold
+            first = past if row.job.ids is None else state.positions(n).start
+            spans.append((len(ids), len(ids) + n))
+            ids += row.ids
+            positions += range(first, first + n)
+            blocked = None  # one token may look everywhere
+            if n > 1:  # the unbatched read's mask, as attend_blocked takes it
+                if n not in causal:
+                    causal[n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+                mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
+                mask[0, 0, :, past:] = causal[n]
+                blocked = ~mask.repeat(1, 1, groups, 1)
+            caches.append((state.kv.tensors, blocked))  # views of the filled part, taken once
+        indices = sorted({i for _, wanted, _ in signatures for i in wanted})
+        logit_rows = [b for b, (_, _, logits) in enumerate(signatures) if logits]
         with torch.inference_mode():
-            return _step(inner.model, depth, indices, with_logits, ids.to(device),
-                         positions.to(device), mask.to(device), past_of,
-                         getattr(inner, "packed", None))
+            return _step(inner.model, depth, indices, logit_rows,
+                         torch.tensor([ids], dtype=torch.long, device=device),
+                         torch.tensor([positions], dtype=torch.long, device=device),
+                         spans, caches, getattr(inner, "packed", None))
 
-    def _take(self, row: _Row, b: int, outs: Any) -> None:
+    def _take(self, row: _Row, b: int, out: _Out) -> None:
         """Row ``b`` of a forward: its new keys and values into its cache, its outputs."""
         from .model import _batch
 
-        job, n = row.job, len(row.ids)
-        _, indices, with_logits = self._signature(job)
-        n_out = len(indices) + (1 if with_logits else 0)
+        job = row.job
+        start, end = out.spans[b]
         state = job.stream.state
         with self._cond:
             if job.stream.released:
                 return
-            state.kv.append([t[b:b + 1, :, :n] for t in outs[n_out:]])
+            state.kv.append([t[:, :, start:end] for t in out.new_kv])
         if job.ids is None:
             self.inner.context_read(state)
             return
-        state.seen += n
-        by_index = {i: outs[k][b, :n].float() for k, i in enumerate(indices)}
-        hidden = {layer: by_index[self.inner.hidden_index(layer)] for layer in job.needs.layers}
-        logits = outs[len(indices)][b, :n].float() if with_logits else None
+        state.seen += end - start
+        hidden = {layer: out.states[self.inner.hidden_index(layer)][0, start:end].float()
+                  for layer in job.needs.layers}
+        logits = None
+        if b in out.logit_spans:
+            first, last = out.logit_spans[b]
+            logits = out.logits[0, first:last].float()
         job.parts.append(_batch(hidden, logits, job.needs))
 
 
-def _step(model: Any, depth: int, indices: tuple[int, ...], with_logits: bool, ids: Any,
-          positions: Any, mask: Any, past_of: Any, packed: Any = None) -> tuple[Any, ...]:
-    """``LlamaStep``'s forward with a batch axis kept, each block's cache built when it runs
-    (on the observer's packed projections when it has them)."""
-    from .llama_step import _block
+@dataclass
+class _Out:
+    """A packed forward's outputs: row ``b`` is ``spans[b]`` of the sequence."""
+
+    spans: list[tuple[int, int]]
+    states: dict[int, Any]  # HF hidden-state index -> (1, total, hidden)
+    logits: Any  # (1, tokens of the rows that want logits, vocab), or None
+    logit_spans: dict[int, tuple[int, int]]  # row -> its span in ``logits``
+    new_kv: list[Any]  # per block, keys then values: (1, kv_heads, total, head_dim)
+
+
+def _step(model: Any, depth: int, indices: list[int], logit_rows: list[int], ids: Any,
+          positions: Any, spans: list[tuple[int, int]],
+          caches: list[tuple[list[Any], Any]], packed: Any = None) -> _Out:
+    """``LlamaStep``'s forward over several streams' tokens in one sequence (on the observer's
+    packed projections when it has them); the head runs only on the rows that want logits."""
+    import torch
+
+    from .llama_step import block_rows
 
     base = model.base_model
     h = base.embed_tokens(ids)
     rope = base.rotary_emb(h, position_ids=positions)
-    states = [h]
+    wanted = set(indices)
+    states = {0: h} if 0 in wanted else {}
     new_kv: list[Any] = []
     for i in range(depth):
-        h = _block(base.layers[i], h, rope, mask, past_of(2 * i), past_of(2 * i + 1), new_kv,
-                   packed, i)
-        states.append(h)
-    if depth == model.config.num_hidden_layers:
-        states[-1] = base.norm(h)  # HF convention: the last hidden state is normed
-    outs = [states[i] for i in indices]
-    if with_logits:
-        head = packed.head if packed is not None else None
-        outs.append((head or model.get_output_embeddings())(states[-1]))
-    return (*outs, *new_kv)
+        rows = [(s, e, cache[2 * i], cache[2 * i + 1], blocked)
+                for (s, e), (cache, blocked) in zip(spans, caches, strict=True)]
+        h = block_rows(base.layers[i], h, rope, rows, new_kv, packed, i)
+        if i + 1 in wanted:
+            states[i + 1] = h
+    full = depth == model.config.num_hidden_layers
+    last = base.norm(h) if full else h  # HF convention: the last hidden state is normed
+    if full and depth in wanted:
+        states[depth] = last
+    logits = None
+    logit_spans: dict[int, tuple[int, int]] = {}
+    if logit_rows:
+        head = (packed.head if packed is not None else None) or model.get_output_embeddings()
+        if len(logit_rows) == len(spans):
+            logit_spans = {b: spans[b] for b in logit_rows}
+            logits = head(last)
+        else:
+            at = 0
+            for b in logit_rows:
+                s, e = spans[b]
+                logit_spans[b] = (at, at + e - s)
+                at += e - s
+            logits = head(torch.cat([last[:, s:e] for s, e in (spans[b] for b in logit_rows)],
+                                    dim=1))
+    return _Out(spans, states, logits, logit_spans, new_kv)
 
 
 @dataclass
@@ -468,21 +621,39 @@ class _Row:
     ids: list[int]
 
 
-def _stack(tensors: list[Any], lengths: list[int], width: int) -> Any:
-    """Per-stream caches ``(1, heads, length_b, dim)`` as one ``(B, heads, width, dim)``, each
-    right-aligned (left padding: the new tokens follow every stream's own cache directly)."""
-    import torch
+def resolve_workers(inner: Any, value: Any) -> int:
+    """``observer.options.workers``: forwards the scheduler may run at once over one batch's
+    streams (each on ``threads`` intra-op threads). ``auto`` (the default): one per ``threads``
+    CPU cores on the CPU, one on a GPU."""
+    if value is None or value == "auto":
+        device = getattr(inner, "device", None)
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            return 1
+        return max(1, (os.cpu_count() or 1) // max(1, int(getattr(inner, "threads", None) or 1)))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ObserverError(f"observer {getattr(inner, 'name', '?')!r}: observer.options.workers "
+                            f"must be a positive integer or 'auto', got {value!r}")
+    return value
 
-    if len(tensors) == 1:
-        return tensors[0]
-    if all(n == width for n in lengths):
-        return torch.cat(tensors)
-    first = tensors[0]
-    out = first.new_zeros(len(tensors), first.shape[1], width, first.shape[3])
-    for b, (t, n) in enumerate(zip(tensors, lengths, strict=True)):
-        if n:
-            out[b, :, width - n:] = t[0]
-    return out
+
+def default_gather_ms(max_delay_ms: float, hold_back_tokens: int) -> float:
+    """``gather_ms`` when the policy leaves it out: none when a stream's every delta is read at
+    once (hold-back 0 or ``observer.max_delay_ms`` 0), else ``max_delay_ms``, at most
+    ``DEFAULT_GATHER_MS``: a streaming session's next read comes due within ``max_delay_ms``."""
+    if hold_back_tokens <= 0 or max_delay_ms <= 0:
+        return 0.0
+    return min(float(max_delay_ms), DEFAULT_GATHER_MS)
+
+
+def resolve_gather(inner: Any, value: Any) -> float:
+    """``observer.options.gather_ms``: how long a batch may wait for streams that read recently
+    (milliseconds, >= 0; 0 or absent: never)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ObserverError(f"observer {getattr(inner, 'name', '?')!r}: observer.options."
+                            f"gather_ms must be a number of milliseconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _resolve(future: Future[Any], result: Any) -> None:

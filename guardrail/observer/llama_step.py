@@ -13,8 +13,8 @@ import torch
 
 from ..errors import ObserverError
 
-__all__ = ["LlamaStep", "PackedLinears", "attend", "check_llama", "is_llama_family",
-           "pack_linears"]
+__all__ = ["LlamaStep", "PackedLinears", "attend", "attend_blocked", "block_rows", "check_llama",
+           "is_llama_family", "pack_linears"]
 
 
 # Model types whose decoder block is exactly LlamaDecoderLayer's computation.
@@ -77,6 +77,35 @@ def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
            index: int = 0) -> torch.Tensor:
     """A Llama decoder block with an explicit KV cache (mirrors ``LlamaDecoderLayer``); with
     ``packed``, block ``index``'s projections run on its packed weights."""
+    q, k, v = _qkv(layer, h, rope, packed, index)
+    new_kv += [k, v]
+    out = attend(q, k, v, past_k, past_v, mask, layer.self_attn.scaling)
+    return _finish(layer, h, out, packed, index)
+
+
+def block_rows(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               rows: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+               new_kv: list[torch.Tensor], packed: PackedLinears | None = None,
+               index: int = 0) -> torch.Tensor:
+    """``_block`` over the tokens of several streams packed in one sequence ``(1, total, _)``:
+    the projections and the MLP run on all rows at once, attention stream by stream.
+
+    ``rows`` are ``(start, end, past_k, past_v, blocked)``: a stream's tokens ``start:end`` of
+    the sequence, its own cache (read in place: no padding, no copy) and its unbatched read's
+    mask as ``attend_blocked`` takes it, so each stream's attention is its unbatched read's."""
+    q, k, v = _qkv(layer, h, rope, packed, index)
+    new_kv += [k, v]
+    scaling = layer.self_attn.scaling
+    parts = [attend_blocked(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], pk, pv, blocked, scaling)
+             for s, e, pk, pv, blocked in rows]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return _finish(layer, h, out, packed, index)
+
+
+def _qkv(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+         packed: PackedLinears | None, index: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's queries, keys and values ``(B, heads, n, head_dim)``, rotated."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
@@ -92,10 +121,16 @@ def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
         v = attn.v_proj(x).view(shape).transpose(1, 2)
     cos, sin = rope
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    new_kv += [k, v]
-    out = attend(q, k, v, past_k, past_v, mask, attn.scaling)
-    out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
-    h = h + (fast.o(out) if fast is not None else attn.o_proj(out))
+    return q, k, v
+
+
+def _finish(layer: Any, h: torch.Tensor, out: torch.Tensor, packed: PackedLinears | None,
+            index: int) -> torch.Tensor:
+    """The attention's output ``(B, heads, n, head_dim)`` projected into the residual, then
+    the MLP."""
+    fast = packed.blocks[index] if packed is not None and index < len(packed.blocks) else None
+    out = out.transpose(1, 2).reshape(*h.shape[:-1], -1)
+    h = h + (fast.o(out) if fast is not None else layer.self_attn.o_proj(out))
     x = layer.post_attention_layernorm(h)
     if fast is None:
         return h + layer.mlp(x)
@@ -115,6 +150,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     the cache is never concatenated with the new keys. Over a long cache those two copies cost
     more than the attention itself (docs/observer.md, "Cost of a read").
     """
+    groups = q.shape[1] // k.shape[1]
+    return attend_blocked(q, k, v, past_k, past_v, ~mask.repeat(1, 1, groups, 1), scale)
+
+
+def attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                   past_v: torch.Tensor, blocked: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """``attend`` with its mask given as ``blocked``, ``(B, 1, groups * n, past + n)``: True
+    where a folded query row may not look (``~mask.repeat(1, 1, groups, 1)``, made once for
+    all blocks); None when every row may look everywhere (a read of one token)."""
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
@@ -123,7 +168,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     qg = (q * scale).reshape(b, kv_heads, groups * n, d)
     scores = torch.cat([torch.matmul(qg, past_k.transpose(2, 3)),
                         torch.matmul(qg, k.transpose(2, 3))], dim=-1)
-    scores = scores.masked_fill(~mask.repeat(1, 1, groups, 1), float("-inf"))
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     out = (torch.matmul(weights[..., :past], past_v)
            + torch.matmul(weights[..., past:], v))

@@ -118,9 +118,10 @@ class TorchKV:
 class TensorKV:
     """A KV cache as one ``(1, kv_heads, length, head_dim)`` tensor per block and kind.
 
-    The positions live in preallocated buffers that grow in steps of ``GROW`` (never past the
-    window the stream keeps): a read appends its new keys and values in place instead of copying
-    the whole cache, and ``tensors`` are views of the filled part.
+    The positions live in preallocated buffers that grow to twice their size, in multiples of
+    ``GROW`` (never past the window the stream keeps): a read appends its new keys and values in
+    place instead of copying the whole cache, a stream of n tokens copies its cache O(log n)
+    times, and ``tensors`` are views of the filled part.
     """
 
     def __init__(self, depth: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -145,17 +146,18 @@ class TensorKV:
         return sum(b.numel() * b.element_size() for b in self._buffers)
 
     def reserve(self, total: int) -> None:
-        """Room for ``total`` positions: grow to a multiple of ``GROW``, at most the window
-        unless ``total`` itself is larger."""
+        """Room for ``total`` positions: grow to twice the capacity or a multiple of ``GROW``
+        that holds them, whichever is larger, at most the window unless ``total`` itself is
+        larger."""
         if total <= self.capacity():
             return
-        size = _round_up(total, GROW)
+        size = max(_round_up(total, GROW), 2 * self.capacity())
         if self.window is not None:
             size = min(size, max(self.window, total))
         grown = []
         with torch.inference_mode():
-            for b in self._buffers:
-                new = b.new_zeros(b.shape[0], b.shape[1], size, b.shape[3])
+            for b in self._buffers:  # unfilled positions are never read: no need to zero them
+                new = b.new_empty(b.shape[0], b.shape[1], size, b.shape[3])
                 new[:, :, : self._length] = b[:, :, : self._length]
                 grown.append(new)
         self._buffers = grown

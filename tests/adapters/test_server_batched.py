@@ -76,7 +76,8 @@ def observer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture
 def guard_and_flags(observer: Any) -> Iterator[tuple[Guard, Flags]]:
     policy = {
-        "observer": {"max_delay_ms": 60_000},  # reads only when a release needs one
+        # reads only when a release needs one, in one forward (one worker: none spread)
+        "observer": {"max_delay_ms": 60_000, "options": {"workers": 1}},
         "release": {"hold_back_tokens": HOLD_BACK},
         "monitors": [{"id": "norm", "use": "norm", "threshold": 0.0, "action": "flag"},
                      {"id": "weapons", "use": "bomb", "threshold": 0.5, "action": "halt",

@@ -5,6 +5,7 @@ stream's KV cache is freed at once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,15 @@ def _close(a: Any, b: Any) -> None:
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-4)
 
 
+def _shared(stats: Any, streams: int, workers: int) -> None:
+    """The streams' first reads shared one forward; with two forward workers, a batch was spread
+    over two forwards run at once."""
+    if workers == 1:
+        assert stats.largest == streams and stats.spread == 0
+    else:
+        assert stats.spread >= 1
+
+
 def _same_batch(a: Any, b: Any) -> None:
     assert a.hidden.keys() == b.hidden.keys()
     for layer in a.hidden:
@@ -81,15 +91,19 @@ def _same_batch(a: Any, b: Any) -> None:
     _close(a.top_logits, b.top_logits)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("fixture", ["raw", "small_window"])
 def test_streams_read_in_one_forward_match_their_own_reads(request: pytest.FixtureRequest,
-                                                            fixture: str) -> None:
+                                                            fixture: str, workers: int) -> None:
     """Five streams with contexts and chunks of different lengths, read round by round with
-    every stream's chunk in one forward, give the rows of reading each stream alone."""
+    every stream's chunk in one forward (or spread over two forwards run at once), give the rows
+    of reading each stream alone."""
     plain = request.getfixturevalue(fixture)
-    batched = BatchedObserver(plain)
+    batched = BatchedObserver(plain, workers=workers)
     tokens = [plain.tokenizer.tokenize(t) for t in TEXTS]
     sizes = [1, 3, 2, 7, 5]  # tokens per read, per stream
+    if workers > 1:  # reads long enough to spread (MIN_PART_TOKENS per part)
+        sizes = [4 * size for size in sizes]
     alone = []
     for prompt, toks, size in zip(PROMPTS, tokens, sizes, strict=True):
         state = plain.start([{"role": "user", "content": prompt}], NEEDS)
@@ -104,7 +118,7 @@ def test_streams_read_in_one_forward_match_their_own_reads(request: pytest.Fixtu
                        for k, size in enumerate(sizes) if r * size < len(tokens[k])}
         for k, future in futures.items():
             together[k].append(future.result(timeout=60))
-    assert batched.stats.largest == len(PROMPTS)  # the contexts, then the first reads
+    _shared(batched.stats, len(PROMPTS), workers)  # the contexts, then the first reads
     for mine, theirs in zip(together, alone, strict=True):
         assert len(mine) == len(theirs)
         for a, b in zip(mine, theirs, strict=True):
@@ -185,7 +199,7 @@ class WordMonitor(Monitor):
 
 
 POLICY = {
-    "observer": {"max_delay_ms": 1e9},
+    "observer": {"max_delay_ms": 1e9, "options": {"workers": 1}},
     "release": {"hold_back_tokens": 4},
     "on_error": "fail_closed",
     "monitors": [
@@ -246,15 +260,23 @@ def _concurrently(guard: Guard, first_batch: int, texts: list[str] = STREAM_TEXT
     return out
 
 
-def test_concurrent_sessions_release_and_halt_as_sequential_ones(raw: Any) -> None:
+def _with_workers(policy: dict[str, Any], workers: int) -> dict[str, Any]:
+    return {**policy, "observer": {**policy["observer"], "options": {"workers": workers}}}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_sessions_release_and_halt_as_sequential_ones(raw: Any, workers: int) -> None:
     """Five sessions of different lengths on one Guard, fed from five threads: each one's
-    releases, halt, flags and scores are those of running it alone on the unbatched observer."""
+    releases, halt, flags and scores are those of running it alone on the unbatched observer,
+    with one forward worker or two."""
     with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host:
         alone_guard = Guard.from_policy(POLICY, host=host, observer=_Unbatched(raw))
         alone = [_stream(alone_guard, k) for k in range(len(PROMPTS))]
-        guard = Guard.from_policy(POLICY, host=host, observer=raw)
+        raw.prefix.clear()  # the contexts read alone would be reused whole: read them again
+        guard = Guard.from_policy(_with_workers(POLICY, workers), host=host, observer=raw)
         together = _concurrently(guard, 2 * len(PROMPTS))
-    assert guard.observer.stats.largest == len(PROMPTS)
+    assert guard.observer.workers == workers
+    _shared(guard.observer.stats, len(PROMPTS), workers)
     for (ev_a, rep_a), (ev_b, rep_b) in zip(together, alone, strict=True):
         assert _seen(ev_a, rep_a) == _seen(ev_b, rep_b)
         _scores_close(rep_a, rep_b)
@@ -279,15 +301,17 @@ class _PoisonTokenizer:
                 else t for t in self._inner.tokenize(text)]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
-def test_a_failing_read_follows_on_error_in_its_session_only(raw: Any, on_error: str) -> None:
+def test_a_failing_read_follows_on_error_in_its_session_only(raw: Any, on_error: str,
+                                                             workers: int) -> None:
     """One stream's text makes its read fail inside a batched forward: that session follows
     on_error (halts, or goes on unguarded by the observer's monitors); the four others in the
-    same batch release, halt and score as alone."""
+    same batch (in its forward or in the one run beside it) release, halt and score as alone."""
     policy = {**POLICY, "on_error": on_error}
     texts = list(STREAM_TEXTS)
     texts[1] = "It was poison, said the man, and he left the room without a word."
-    batched = BatchedObserver(raw)
+    batched = BatchedObserver(raw, workers=workers)
     batched.tokenizer = _PoisonTokenizer(raw.tokenizer, raw.hf_tokenizer.vocab_size + 1000)
     with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host:
         alone_guard = Guard.from_policy(policy, host=host, observer=_Unbatched(raw))
@@ -296,7 +320,7 @@ def test_a_failing_read_follows_on_error_in_its_session_only(raw: Any, on_error:
         raw.prefix.clear()
         guard = Guard.from_policy(policy, host=host, observer=batched)
         together = _concurrently(guard, 2 * len(PROMPTS), texts)
-    assert batched.stats.largest == len(PROMPTS)
+    _shared(batched.stats, len(PROMPTS), workers)
     assert batched.stats.split >= 1  # the poisoned read broke a batched forward
     events, report = together[1]
     errors = [e for e in events if isinstance(e, Error)]
@@ -375,3 +399,88 @@ def test_async_sessions_await_reads_without_blocking_the_loop(raw: Any) -> None:
     for (ev_a, rep_a), (ev_b, rep_b) in zip(together, alone, strict=True):
         assert _seen(ev_a, rep_a) == _seen(ev_b, rep_b)
         _scores_close(rep_a, rep_b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "two", 1.5, True])
+def test_bad_workers_name_the_field(raw: Any, bad: Any) -> None:
+    with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host, \
+            pytest.raises(ObserverError, match=r"observer\.options\.workers"):
+        Guard.from_policy(_with_workers(POLICY, bad), host=host, observer=raw)
+
+
+def test_auto_workers_spread_a_batch_only_while_it_gets_the_cores(raw: Any) -> None:
+    """``workers: auto`` (the default) spreads a large batch over one worker per core, and stops
+    spreading while the spread forwards do not get the cores (they took turns on one): a busy
+    machine then pays no second forward's fixed cost, and every PROBE_S a batch measures again."""
+    from guardrail.observer import batch
+
+    observer = BatchedObserver(raw, workers="auto")
+    assert observer.adaptive and observer.workers == max(1, os.cpu_count() or 1)
+    observer.workers = 2  # as on a machine of two free cores
+    picked = (0, 1, 3)  # the longer texts: reads of 16 to 20 tokens
+    tokens = [raw.tokenizer.tokenize(TEXTS[k])[:20] for k in picked]
+    assert sum(map(len, tokens)) >= 2 * batch.MIN_PART_TOKENS
+
+    def read_all(streams: list[Any]) -> None:
+        with observer.hold():
+            futures = [observer.submit(s, t, NEEDS) for s, t in zip(streams, tokens, strict=True)]
+        for future in futures:
+            future.result(timeout=60)
+
+    streams = [observer.start([{"role": "user", "content": PROMPTS[k]}], NEEDS) for k in picked]
+    read_all(streams)
+    spread = observer.stats.spread
+    assert spread >= 1
+    observer.share = batch.SHARE_MIN / 2  # as measured while another process held a core
+    read_all(streams)
+    assert observer.stats.spread == spread  # not spread: measured too recently
+    observer._probed -= batch.PROBE_S  # time for another measure
+    read_all(streams)
+    assert observer.stats.spread == spread + 1
+
+
+@pytest.mark.parametrize("gather_ms", [0, 60_000])
+def test_streams_that_read_together_are_gathered_into_one_forward(raw: Any,
+                                                                  gather_ms: int) -> None:
+    """With ``gather_ms``, a read waits for the other streams that read recently: the two
+    streams' next reads, submitted one after the other, share one forward; without it the first
+    runs alone."""
+    observer = BatchedObserver(raw, workers=1, gather_ms=gather_ms)
+    tokens = [raw.tokenizer.tokenize(t) for t in TEXTS[:2]]
+    streams = [observer.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:2]]
+    with observer.hold():
+        first = [observer.submit(s, t[:3], NEEDS) for s, t in zip(streams, tokens, strict=True)]
+    for future in first:
+        future.result(timeout=60)
+    forwards = observer.stats.forwards
+    a = observer.submit(streams[0], tokens[0][3:6], NEEDS)
+    if gather_ms == 0:
+        a.result(timeout=60)  # read alone, before the other stream submits
+    b = observer.submit(streams[1], tokens[1][3:6], NEEDS)
+    for future in (a, b):
+        future.result(timeout=60)
+    assert observer.stats.forwards - forwards == (1 if gather_ms else 2)
+    for k, got in ((0, a), (1, b)):  # gathered or not, each stream's rows are its own
+        state = raw.start([{"role": "user", "content": PROMPTS[k]}], NEEDS)
+        raw.extend(state, tokens[k][:3], NEEDS)
+        _same_batch(got.result(), raw.extend(state, tokens[k][3:6], NEEDS))
+
+
+def test_a_batch_waits_for_absent_streams_no_longer_than_gather_ms(raw: Any) -> None:
+    """A stream that read recently and then stops reading (its upstream went quiet) does not
+    hold the others' reads: they run once ``gather_ms`` has passed."""
+    observer = BatchedObserver(raw, workers=1, gather_ms=200)
+    tokens = [raw.tokenizer.tokenize(t) for t in TEXTS[:2]]
+    streams = [observer.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS[:2]]
+    for s, t in zip(streams, tokens, strict=True):
+        observer.extend(s, t[:3], NEEDS)
+    for _ in range(3):  # stream 1 never reads again
+        observer.submit(streams[0], tokens[0][3:6], NEEDS).result(timeout=60)
+
+
+@pytest.mark.parametrize("bad", [-1, "soon", True, float("nan")])
+def test_bad_gather_ms_names_the_field(raw: Any, bad: Any) -> None:
+    policy = {**POLICY, "observer": {"max_delay_ms": 1e9, "options": {"gather_ms": bad}}}
+    with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host, \
+            pytest.raises(ObserverError, match=r"observer\.options\.gather_ms"):
+        Guard.from_policy(policy, host=host, observer=raw)
