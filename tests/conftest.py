@@ -67,20 +67,32 @@ FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 @functools.cache
 def _functions(filename: str) -> tuple[list[str], dict[int, FunctionNode]]:
     """A source file's lines and its functions by first line (decorators included), parsed
-    once: collection asks for hundreds of functions from about a hundred files."""
+    once: collection asks for hundreds of functions from about a hundred files. Most files can't
+    load the model or run code anywhere (read without comments and whitespace, as ``_code``
+    reads a function): those are not parsed and give no functions."""
     text = Path(filename).read_text(encoding="utf-8")
+    lines = text.splitlines()
     index: dict[int, FunctionNode] = {}
+    code = re.sub(r"\s+", "", "".join(re.sub(r"#.*", "", line) for line in lines))
+    if not REAL_MODEL.search(code) and "exec(" not in code:
+        return lines, index
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, FunctionNode):
             index[min([node.lineno, *(d.lineno for d in node.decorator_list)])] = node
-    return text.splitlines(), index
+    return lines, index
+
+
+# Where code that could load the model lives; fixtures of pytest and its plugins (tmp_path,
+# the asyncio loop) are not read, which spares parsing their large modules in every worker.
+PROJECT = tuple(str(Path(__file__).resolve().parents[1] / part) + "/"
+                for part in ("tests", "guardrail", "plugins", "adapters", "examples"))
 
 
 @functools.cache
 def _code(obj: Any) -> tuple[str, set[str]]:
     """``obj``'s source without docstrings, comments and whitespace, and the names it uses."""
     code = getattr(inspect.unwrap(obj), "__code__", None)
-    if code is None:
+    if code is None or not code.co_filename.startswith(PROJECT):
         return "", set()
     try:
         lines, index = _functions(code.co_filename)
