@@ -28,12 +28,13 @@ from guardrail.plugins import PluginHost
 settings.register_profile("guardrail", deadline=None)
 settings.load_profile("guardrail")
 
-# Each httpx or openai client reads the whole CA bundle into its TLS context (about 30 ms of
-# CPU, some 300 clients a run) though the tests speak plain HTTP over loopback only: an empty CA
-# directory (SSL_CERT_DIR, which both honour) makes that free. Subprocesses inherit it.
+# Each httpx or openai client loads a CA bundle into its TLS context (about 35 ms of CPU, some
+# 300 clients a run), though the tests speak plain HTTP over loopback and verify no certificate:
+# with an empty CA directory as the only source (SSL_CERT_DIR, which both honour, and no
+# SSL_CERT_FILE) that is free. Subprocesses inherit it.
 _NO_CA = tempfile.TemporaryDirectory(prefix="guardrail-tests-no-ca-")
-if not os.environ.get("SSL_CERT_FILE"):
-    os.environ.setdefault("SSL_CERT_DIR", _NO_CA.name)
+os.environ.pop("SSL_CERT_FILE", None)
+os.environ["SSL_CERT_DIR"] = _NO_CA.name
 
 # Data builds and trainers of the monitor plugins: seconds of CPU each, research code rather
 # than the runtime, so outside the fast lane.
