@@ -60,8 +60,8 @@ class RunningServer:
         return f"{self.url}/v1"
 
 
-# How often a server ``running`` stops looks again for open connections: uvicorn's own shutdown
-# waits in 0.1 s steps, which tests that start and stop hundreds of servers would idle through.
+# How often a stopping ``running`` server checks for open connections: uvicorn's own shutdown
+# pauses 0.1 s and then checks every 0.1 s, which tests starting hundreds of servers idle through.
 _STOP_POLL = 0.005
 
 
