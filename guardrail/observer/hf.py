@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..cache import cache_dir
 from ..errors import ObserverError
@@ -160,6 +160,33 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     """An observer over the HF causal LM in ``path`` (safetensors weights)."""
     path = Path(path).expanduser()
     options = dict(options or {})
+    tokenizer = _checked_tokenizer(path, name)
+    settings = _settings(name, backend, options)
+    model = _load_model(path, name, settings)
+    if backend == "onnx":
+        from .onnx_backend import OnnxObserver
+
+        onnx_observer = OnnxObserver.from_torch(name, model, tokenizer, window, path,
+                                                {**options, "threads": settings.threads})
+        onnx_observer.prefix = PrefixCache(settings.prefix_tokens)
+        return onnx_observer
+    if backend != "torch":
+        raise ObserverError(f"observer.backend must be 'torch' or 'onnx', got {backend!r}")
+    return _torch_observer(name, model, tokenizer, window, settings)
+
+
+class _Settings(NamedTuple):
+    """The load settings read from ``observer.options``."""
+
+    dtype: Any  # a torch dtype
+    device: Any  # a torch device
+    threads: int | None
+    prefix_tokens: int
+
+
+def _checked_tokenizer(path: Path, name: str) -> Any:
+    """The fast tokenizer of the model directory ``path``, once the directory is known to hold a
+    config, a fast tokenizer and safetensors weights, and torch and transformers import."""
     if not (path / "config.json").exists():
         raise ObserverError(
             f"observer {name!r}: {path} is not a Hugging Face model directory (no config.json); "
@@ -167,8 +194,8 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
             "save_pretrained"
         )
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch  # noqa: F401
+        from transformers import AutoTokenizer
     except ImportError as exc:
         raise ObserverError(
             f"observer {name!r} needs torch and transformers ({exc}); "
@@ -184,11 +211,17 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
     if not list(path.glob("*.safetensors")):
         raise ObserverError(f"observer {name!r}: no .safetensors weights in {path}; "
                             "observers load safetensors only (save with safe_serialization)")
+    return tokenizer
+
+
+def _settings(name: str, backend: str, options: dict[str, Any]) -> _Settings:
+    """Take the load settings out of ``options`` (what is left goes to the backend)."""
+    import torch
+
     dtype_name = options.pop("dtype", "float32")
     if dtype_name not in DTYPES:  # a policy never reaches getattr(torch, ...) with other names
         raise ObserverError(f"observer {name!r}: observer.options.dtype must be one of "
                             f"{', '.join(DTYPES)}")
-    dtype = getattr(torch, dtype_name)
     device = resolve_device(name, options.pop("device", None))
     threads = resolve_threads(name, options.pop("threads", None))
     prefix_tokens = resolve_prefix_tokens(name, options.pop("prefix_cache_tokens", None))
@@ -196,32 +229,38 @@ def load_model_dir(path: str | Path, *, name: str, window: int, backend: str = "
         raise ObserverError(f"observer {name!r}: the onnx backend runs on the CPU; drop "
                             f"observer.options.device ({device}) or set observer.backend to "
                             "'torch'")
+    return _Settings(getattr(torch, dtype_name), device, threads, prefix_tokens)
+
+
+def _load_model(path: Path, name: str, settings: _Settings) -> Any:
+    """The causal LM's weights from ``path``, on the settings' device."""
+    from transformers import AutoModelForCausalLM
+
     try:
         with quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=settings.dtype,
+                                                         use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ObserverError(
             f"observer {name!r}: could not load the model in {path} ({exc})"
         ) from exc
-    if device.type != "cpu":
-        model = model.to(device)
-    if backend == "onnx":
-        from .onnx_backend import OnnxObserver
+    if settings.device.type != "cpu":
+        model = model.to(settings.device)
+    return model
 
-        onnx_observer = OnnxObserver.from_torch(name, model, tokenizer, window, path,
-                                                {**options, "threads": threads})
-        onnx_observer.prefix = PrefixCache(prefix_tokens)
-        return onnx_observer
-    if backend != "torch":
-        raise ObserverError(f"observer.backend must be 'torch' or 'onnx', got {backend!r}")
+
+def _torch_observer(name: str, model: Any, tokenizer: Any, window: int,
+                    settings: _Settings) -> Any:
+    import torch
+
     from .model import TorchObserver
 
-    if threads is not None and device.type == "cpu":
-        torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
+    if settings.threads is not None and settings.device.type == "cpu":
+        torch.set_num_threads(settings.threads)  # process-wide: torch has no per-model setting
 
     observer = TorchObserver(name, model, tokenizer, window)
-    observer.threads = threads if device.type == "cpu" else None
-    observer.prefix = PrefixCache(prefix_tokens)
+    observer.threads = settings.threads if settings.device.type == "cpu" else None
+    observer.prefix = PrefixCache(settings.prefix_tokens)
     return observer
 
 

@@ -155,8 +155,10 @@ class UpstreamServer:
         handler = type("_BoundHandler", (_Handler,), {"upstream": self})
         self._httpd = _QuietServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
+        # stop() waits for the serve loop's next poll: a short one keeps each test's teardown
+        # from idling
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="upstream-server",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+                                        kwargs={"poll_interval": 0.005}, daemon=True)
         self._thread.start()
         return self
 

@@ -456,7 +456,8 @@ class OddUpstream:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.005},
+                         daemon=True).start()
 
     @property
     def base_url(self) -> str:

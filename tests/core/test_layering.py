@@ -7,6 +7,7 @@ side (``guardrail.toolkit``, a plugin's ``training/``). Plugin entry points stay
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -65,8 +66,22 @@ def _module_name(file: Path) -> str:
     return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
 
 
+@functools.cache
+def _tree(file: Path) -> ast.Module:
+    """``file`` parsed, once: the tests below read the same files many times over."""
+    return ast.parse(file.read_text(encoding="utf-8"))
+
+
+def _callee(func: ast.expr) -> str:
+    """The called name's last part (``import_module`` of ``importlib.import_module``)."""
+    if isinstance(func, ast.Name):
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else ast.unparse(func)
+
+
+@functools.cache
 def _imports(file: Path) -> list[Import]:
-    tree = ast.parse(file.read_text(encoding="utf-8"))
+    tree = _tree(file)
     package = _module_name(file) if file.name == "__init__.py" \
         else _module_name(file).rpartition(".")[0]
     found: list[Import] = []
@@ -81,7 +96,7 @@ def _imports(file: Path) -> list[Import]:
                 module = ".".join([*base, *([module] if module else [])])
             found.append(Import(file, node.lineno, module, tuple(a.name for a in node.names),
                                 module_level))
-        elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") \
+        elif isinstance(node, ast.Call) and _callee(node.func).endswith("import_module") \
                 and node.args and isinstance(node.args[0], ast.Constant):
             found.append(Import(file, node.lineno, str(node.args[0].value), (), False))
         for child in ast.iter_child_nodes(node):
@@ -93,7 +108,9 @@ def _imports(file: Path) -> list[Import]:
     return found
 
 
-IMPORTS = [imp for _, file in _sources() for imp in _imports(file)]
+@functools.cache
+def _all_imports() -> list[Import]:
+    return [imp for _, file in _sources() for imp in _imports(file)]
 
 
 def _owner(module: str) -> str | None:
@@ -104,7 +121,7 @@ def _owner(module: str) -> str | None:
 def test_the_core_imports_no_plugin_or_adapter() -> None:
     """Lazy imports (inside functions, ``importlib``) count too: the core reaches plugins and
     adapters through hooks only."""
-    core = [imp for imp in IMPORTS if imp.file.is_relative_to(ROOT / CORE)]
+    core = [imp for imp in _all_imports() if imp.file.is_relative_to(ROOT / CORE)]
     assert len(core) > 100  # the walk reads the core
     wrong = [str(imp) for imp in core if imp.module.split(".")[0].startswith("guardrail_")]
     assert wrong == []
@@ -112,7 +129,7 @@ def test_the_core_imports_no_plugin_or_adapter() -> None:
 
 def test_distributions_import_each_other_one_way() -> None:
     edges: dict[Path, set[Path]] = {}
-    for imp in IMPORTS:
+    for imp in _all_imports():
         target = _owner(imp.module)
         source = next(OWNERS[t] for t in OWNERS if imp.file.is_relative_to(OWNERS[t] / t)
                       or imp.file == OWNERS[t] / f"{t}.py")
@@ -124,7 +141,7 @@ def test_distributions_import_each_other_one_way() -> None:
 def test_no_module_level_import_circle() -> None:
     modules = {_module_name(file) for _, file in _sources()}
     edges: dict[str, set[str]] = {}
-    for imp in IMPORTS:
+    for imp in _all_imports():
         if not imp.module_level:
             continue
         source = _module_name(imp.file)
@@ -199,9 +216,10 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+@functools.cache
 def _declared(file: Path) -> set[str] | None:
     """The names a module's literal ``__all__`` lists (None: it declares none)."""
-    for node in ast.parse(file.read_text(encoding="utf-8")).body:
+    for node in _tree(file).body:
         targets = node.targets if isinstance(node, ast.Assign) else (
             [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
@@ -237,7 +255,7 @@ def test_what_a_distribution_imports_from_another_is_declared() -> None:
 def _private_attributes(file: Path, top: str) -> list[tuple[int, str]]:
     """``pkg.mod._name`` attribute chains rooted at another distribution's package."""
     found = []
-    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+    for node in ast.walk(_tree(file)):
         if not isinstance(node, ast.Attribute):
             continue
         dotted = ast.unparse(node)

@@ -75,6 +75,58 @@ def to_chunk(data: dict[str, Any]) -> ChatCompletionChunk:
         return ChatCompletionChunk.construct(**data)
 
 
+class _GuardWork:
+    """Runs the chunk guard's work: in ``executor`` with ``offload``, else awaited on the event
+    loop. Remembers the worker-thread job so the stream's end can wait for it."""
+
+    def __init__(self, chunk_guard: ChunkGuard, offload: bool, executor: Executor | None) -> None:
+        self.chunk_guard, self.offload, self.executor = chunk_guard, offload, executor
+        self.in_flight: asyncio.Future[list[ChatCompletionChunk]] | None = None
+
+    async def _run(self, fn: Callable[..., list[ChatCompletionChunk]], *args: Any
+                   ) -> list[ChatCompletionChunk]:
+        work = partial(contained, fn, *args)
+        self.in_flight = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(self.executor, work))
+        return await asyncio.shield(self.in_flight)  # the worker thread cannot be cancelled
+
+    async def take(self, batch: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+        if self.offload:
+            return await self._run(self.chunk_guard.on_chunks, batch)
+        return await acontained(self.chunk_guard.aon_chunks(batch))
+
+    async def end(self) -> list[ChatCompletionChunk]:
+        if self.offload:
+            return await self._run(self.chunk_guard.on_end)
+        return await acontained(self.chunk_guard.aon_end())
+
+    async def settle(self) -> None:
+        """Wait for a worker-thread job still running: it still holds the sessions."""
+        if self.in_flight is not None and not self.in_flight.done():
+            await asyncio.wait([self.in_flight])
+
+
+def _proxy_error(exc: Exception) -> tuple[str, dict[str, Any]]:
+    """How a bug of ours (or a crashed monitor) ends the stream: the report's reason and the
+    client's error event."""
+    what = exc.what if isinstance(exc, GuardCrashed) else type(exc).__name__
+    log.error("stream failed inside the proxy: %s: %s", type(exc).__name__, exc)
+    return f"proxy error: {what}", {"error": {
+        "message": f"guardrail-server failed: {what}", "type": "server_error",
+        "code": "internal_error", "param": None}}
+
+
+def _end_sessions(chunk_guard: ChunkGuard, ended: str, on_report: ReportHook | None) -> None:
+    """End the sessions still open (client gone, error) with ``ended`` and hand on the
+    reports."""
+    try:
+        contained(chunk_guard.abort, ended)
+    except Exception as exc:  # noqa: BLE001 - a session broken by a crash cannot report
+        log.error("ending the stream's sessions failed: %s: %s", type(exc).__name__, exc)
+    if on_report is not None:
+        on_report([r for _, r in sorted(chunk_guard.reports.items())])
+
+
 async def guarded_sse(
     chunks: AsyncIterator[dict[str, Any]],
     chunk_guard: ChunkGuard,
@@ -88,32 +140,13 @@ async def guarded_sse(
     With ``offload`` the guard runs in ``executor`` (default: the loop's own pool); without, its
     observer reads are awaited. Either way, the chunks that arrived while the guard was busy
     (at most hold-back + 1) are judged in one go (``guardrail.catch_up``)."""
-    in_flight: asyncio.Future[list[ChatCompletionChunk]] | None = None
-
-    async def run(fn: Callable[..., list[ChatCompletionChunk]], *args: Any
-                  ) -> list[ChatCompletionChunk]:
-        nonlocal in_flight
-        work = partial(contained, fn, *args)
-        in_flight = asyncio.ensure_future(
-            asyncio.get_running_loop().run_in_executor(executor, work))
-        return await asyncio.shield(in_flight)  # the worker thread cannot be cancelled
-
-    async def take(batch: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
-        if offload:
-            return await run(chunk_guard.on_chunks, batch)
-        return await acontained(chunk_guard.aon_chunks(batch))
-
-    async def end() -> list[ChatCompletionChunk]:
-        if offload:
-            return await run(chunk_guard.on_end)
-        return await acontained(chunk_guard.aon_end())
-
+    work = _GuardWork(chunk_guard, offload, executor)
     batches = catch_up(chunks, chunk_guard.catch_up_limit)
     ended = "client went away"
     try:
         try:
             async for batch in batches:
-                outs = await take([to_chunk(data) for data in batch])
+                outs = await work.take([to_chunk(data) for data in batch])
                 if chunk_guard.halted_all:
                     await batches.aclose()  # nothing more is pulled from the upstream
                     await close_upstream()  # stop the model before the client sees the halt
@@ -122,7 +155,7 @@ async def guarded_sse(
                 if chunk_guard.halted_all:
                     break
             else:
-                for out in await end():
+                for out in await work.end():
                     yield sse_data(out.to_dict(mode="json"))
             ended = "stream ended"
         except UpstreamError as exc:
@@ -131,23 +164,13 @@ async def guarded_sse(
             await close_upstream()
             yield sse_data(exc.payload())
         except Exception as exc:  # noqa: BLE001 - a bug of ours still ends the stream cleanly
-            what = exc.what if isinstance(exc, GuardCrashed) else type(exc).__name__
-            ended = f"proxy error: {what}"
-            log.error("stream failed inside the proxy: %s: %s", type(exc).__name__, exc)
+            ended, event = _proxy_error(exc)
             await close_upstream()
-            yield sse_data({"error": {"message": f"guardrail-server failed: {what}",
-                                      "type": "server_error", "code": "internal_error",
-                                      "param": None}})
+            yield sse_data(event)
         yield DONE
     finally:
         with anyio.CancelScope(shield=True):
             await batches.aclose()
             await close_upstream()
-            if in_flight is not None and not in_flight.done():
-                await asyncio.wait([in_flight])  # the worker still holds the sessions
-        try:  # sessions still open (client gone, error) end with a report
-            contained(chunk_guard.abort, ended)
-        except Exception as exc:  # noqa: BLE001 - a session broken by a crash cannot report
-            log.error("ending the stream's sessions failed: %s: %s", type(exc).__name__, exc)
-        if on_report is not None:
-            on_report([r for _, r in sorted(chunk_guard.reports.items())])
+            await work.settle()
+        _end_sessions(chunk_guard, ended, on_report)

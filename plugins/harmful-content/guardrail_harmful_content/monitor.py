@@ -73,6 +73,55 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def _layers(probe: LoadedProbe, config: Path) -> tuple[int, ...]:
+    """The observer layers the head reads, from the weights' ``config`` file."""
+    layers = probe.config.get("layers", [probe.layer])
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
+        raise ProbeFileError(f"{config}: key 'layers' must be a non-empty list of layer "
+                             f"numbers, got {layers!r}")
+    return tuple(layers)
+
+
+def _pooling(probe: LoadedProbe, config: Path) -> str:
+    pooling = probe.config.get("pooling", "none")
+    if pooling not in POOLINGS:
+        raise ProbeFileError(f"{config}: key 'pooling' must be one of {list(POOLINGS)}, got "
+                             f"{pooling!r}")
+    return str(pooling)
+
+
+def _ema_decay(probe: LoadedProbe, config: Path) -> float:
+    """A ``prefix_ema`` head's per-token decay of the pooled half, from its half-life."""
+    halflife = probe.config.get("halflife")
+    if not isinstance(halflife, (int, float)) or isinstance(halflife, bool) or not (
+            halflife > 0):
+        raise ProbeFileError(f"{config}: key 'halflife' must be a number of tokens > 0, got "
+                             f"{halflife!r}")
+    return float(2.0 ** (-1.0 / float(halflife)))
+
+
+def _first_layer(head: DualHead) -> tuple[tuple[np.ndarray, np.ndarray, float] | None,
+                                          np.ndarray]:
+    """The sequence half's first layer as float32 numpy columns, and an MLP's rest (bias, output
+    difference row and bias; None for a linear head).
+
+    softmax(z)[1] = sigmoid(z[1] - z[0]). A linear head's first (and only) layer is then the
+    difference row, ``(H,)`` (the hot path: one dot product per layer, the running mean in
+    Python floats); an MLP's is Linear(H, m), ``(H, m)``, then GELU and the output difference
+    row. The monitor cuts the columns per layer (and, for a pooled head, per layer again for the
+    mean half)."""
+    linears = head.sequence_layers()
+    if len(linears) != 2:
+        weight = linears[0].weight.detach().double()
+        return None, (weight[1] - weight[0]).float().numpy()
+    first, out = linears
+    w_out = out.weight.detach().double()
+    b_out = out.bias.detach().double()
+    mlp = (first.bias.detach().double().numpy(), (w_out[1] - w_out[0]).numpy(),
+           float(b_out[1] - b_out[0]))
+    return mlp, first.weight.detach().float().T.contiguous().numpy()
+
+
 class HarmfulContentMonitor(Monitor):
     """Per-token harm probability of the response so far (see the module docstring)."""
 
@@ -108,43 +157,12 @@ class HarmfulContentMonitor(Monitor):
         if not isinstance(head, DualHead):
             raise ProbeFileError(f"{self.weights}: a {head.kind!r} head, the "
                                  "harmful-content monitor needs a 'dual' (SCM) head")
-        layers = self.probe.config.get("layers", [self.probe.layer])
-        if not isinstance(layers, list) or not layers or not all(
-                isinstance(x, int) for x in layers):
-            raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'layers' must be a "
-                                 f"non-empty list of layer numbers, got {layers!r}")
-        self.layers: tuple[int, ...] = tuple(layers)
-        pooling = self.probe.config.get("pooling", "none")
-        if pooling not in POOLINGS:
-            raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'pooling' must be "
-                                 f"one of {list(POOLINGS)}, got {pooling!r}")
-        self.pooling: str = pooling
+        config = self.weights.with_suffix(".json")
+        self.layers: tuple[int, ...] = _layers(self.probe, config)
+        self.pooling: str = _pooling(self.probe, config)
         # per-token decay of the pooled half: 1.0 is the plain prefix mean
-        self._decay = 1.0
-        if pooling == "prefix_ema":
-            halflife = self.probe.config.get("halflife")
-            if not isinstance(halflife, (int, float)) or isinstance(halflife, bool) or not (
-                    halflife > 0):
-                raise ProbeFileError(f"{self.weights.with_suffix('.json')}: key 'halflife' "
-                                     f"must be a number of tokens > 0, got {halflife!r}")
-            self._decay = 2.0 ** (-1.0 / float(halflife))
-        # softmax(z)[1] = sigmoid(z[1] - z[0]). A linear head's first (and only) layer is then
-        # the difference row; an MLP's is Linear(H, m), then GELU and the output difference row.
-        # Its columns are cut per layer (and, for a prefix_mean head, per layer again for the
-        # mean half): float32 blocks, (H,) for a linear head (the hot path: one dot product per
-        # layer, the running mean in Python floats), (H, m) for an MLP.
-        self._mlp: tuple[np.ndarray, np.ndarray, float] | None = None
-        linears = head.sequence_layers()
-        if len(linears) == 2:
-            first, out = linears
-            w1 = first.weight.detach().float().T.contiguous().numpy()
-            w_out = out.weight.detach().double()
-            b_out = out.bias.detach().double()
-            self._mlp = (first.bias.detach().double().numpy(),
-                         (w_out[1] - w_out[0]).numpy(), float(b_out[1] - b_out[0]))
-        else:
-            weight = linears[0].weight.detach().double()
-            w1 = (weight[1] - weight[0]).float().numpy()
+        self._decay = _ema_decay(self.probe, config) if self.pooling == "prefix_ema" else 1.0
+        self._mlp, w1 = _first_layer(head)
         parts = len(self.layers) * (1 if self.pooling == "none" else 2)
         width = w1.shape[0] // parts
         cuts = [w1[i * width:(i + 1) * width] for i in range(parts)]
