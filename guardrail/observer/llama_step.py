@@ -79,32 +79,85 @@ def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
     ``packed``, block ``index``'s projections run on its packed weights."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+    fast = packed.blocks[index] if packed is not None and index < len(packed.blocks) else None
+    if fast is not None:
+        return _packed_block(layer, fast, h, rope, mask, past_k, past_v, new_kv)
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    fast = packed.blocks[index] if packed is not None and index < len(packed.blocks) else None
-    if fast is not None:
-        q, k, v = fast.qkv(x).split(fast.qkv_sizes, dim=-1)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-    else:
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
     cos, sin = rope
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     new_kv += [k, v]
     out = attend(q, k, v, past_k, past_v, mask, attn.scaling)
     out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
-    h = h + (fast.o(out) if fast is not None else attn.o_proj(out))
-    x = layer.post_attention_layernorm(h)
-    if fast is None:
-        return h + layer.mlp(x)
+    h = h + attn.o_proj(out)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _packed_block(layer: Any, fast: _PackedBlock, h: torch.Tensor,
+                  rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                  past_k: torch.Tensor, past_v: torch.Tensor,
+                  new_kv: list[torch.Tensor]) -> torch.Tensor:
+    """``_block`` on packed projections, in fewer tensor ops (a read of a few tokens pays
+    per op, 30 blocks deep): the norms as ``rms_norm``, the rotary embedding of the query and
+    key heads in one pass over the q/k/v product, the hidden positions of ``mask`` built once
+    per forward. The same float32 arithmetic, element for element, as ``_block``."""
+    attn = layer.self_attn
+    x = _rms_norm(layer.input_layernorm, h)
+    d = attn.head_dim
+    q_heads, k_heads = fast.qkv_sizes[0] // d, fast.qkv_sizes[1] // d
+    qkv = fast.qkv(x).view(*x.shape[:-1], -1, d)  # (B, n, heads, d)
+    cos, sin = (t.unsqueeze(2) for t in rope)
+    qk = qkv[:, :, : q_heads + k_heads]
+    qk = (qk * cos) + (_rotate_half(qk) * sin)  # HF's apply_rotary_pos_emb, on both at once
+    q = qk[:, :, :q_heads].transpose(1, 2)
+    k = qk[:, :, q_heads:].transpose(1, 2)
+    v = qkv[:, :, q_heads + k_heads:].transpose(1, 2)
+    new_kv += [k, v]
+    out = attend(q, k, v, past_k, past_v, mask, attn.scaling,
+                 hide=_hidden(mask, q_heads // k_heads))
+    out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
+    h = h + fast.o(out)
+    x = _rms_norm(layer.post_attention_layernorm, h)
     gate, up = fast.gate_up(x).chunk(2, dim=-1)
     return h + fast.down(layer.mlp.act_fn(gate) * up)
 
 
+def _rms_norm(norm: Any, h: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm`` (and Mistral's, Qwen2's) as one op: the same arithmetic."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or h.dtype != torch.float32:
+        out: torch.Tensor = norm(h)
+        return out
+    return torch.nn.functional.rms_norm(h, (h.shape[-1],), norm.weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+_HIDDEN: tuple[torch.Tensor, int, torch.Tensor] | None = None  # the last forward's, by its mask
+
+
+def _hidden(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``~mask`` repeated for the query heads folded into each key/value head (``attend``);
+    built at the first block of a forward and reused by the others (the same mask object)."""
+    global _HIDDEN
+    cached = _HIDDEN
+    if cached is not None and cached[0] is mask and cached[1] == groups:
+        return cached[2]
+    hide = ~mask.repeat(1, 1, groups, 1)
+    _HIDDEN = (mask, groups, hide)
+    return hide
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-           past_v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+           past_v: torch.Tensor, mask: torch.Tensor, scale: float,
+           hide: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the new queries ``(B, heads, n, d)`` over the cached keys and values
     ``(B, kv_heads, past, d)`` and the new ones ``(B, kv_heads, n, d)``; ``mask`` is
     ``(B, 1, n, past + n)``, True where a query may look.
@@ -113,7 +166,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     attention) are folded into that head's query rows, so no key is repeated per query head, and
     the scores over the cache and over the new keys are taken apart and joined (a few rows), so
     the cache is never concatenated with the new keys. Over a long cache those two copies cost
-    more than the attention itself (docs/observer.md, "Cost of a read").
+    more than the attention itself (docs/observer.md, "Cost of a read"). ``hide``: ``~mask``
+    already repeated per folded query head (``_hidden``).
     """
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
@@ -123,7 +177,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     qg = (q * scale).reshape(b, kv_heads, groups * n, d)
     scores = torch.cat([torch.matmul(qg, past_k.transpose(2, 3)),
                         torch.matmul(qg, k.transpose(2, 3))], dim=-1)
-    scores = scores.masked_fill(~mask.repeat(1, 1, groups, 1), float("-inf"))
+    if hide is None:
+        hide = ~mask.repeat(1, 1, groups, 1)
+    scores = scores.masked_fill(hide, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     out = (torch.matmul(weights[..., :past], past_v)
            + torch.matmul(weights[..., past:], v))
