@@ -62,6 +62,9 @@ log = logging.getLogger("guardrail.session")
 
 REDACTION = "[REDACTED]"
 WORD_TOKENS = 16  # the most tokens a release waits for a word to end
+# A driver back within this long of a feed's return found its next delta waiting (it is catching
+# up): a read sent now would miss the deltas right behind it. Network deltas come further apart.
+WAITED_S = 0.001
 
 
 @dataclass
@@ -229,14 +232,17 @@ class GuardSession:
                             and callable(getattr(guard.observer, "submit", None)))
         self._ahead: _Ahead | None = None
         self._ahead_count = 0  # its tokens
-        # Pace (seconds, moving averages): the driver's time away between feeds, the upstream's
-        # time per token, this stream's read time (submitted to scored).
+        # Pace (seconds): the driver's time away before this feed and, as moving averages, when
+        # it waited for its upstream: that wait and the upstream's time per token; the
+        # observer's read time (submitted to back), shared by the streams on it.
+        self._last_gap: float | None = None
         self._gap: float | None = None
         self._per_token: float | None = None
         self._read_time = _read_time(guard.observer) if self._read_ahead else _ReadTime()
-        self._gap_sum = 0.0
-        self._new_tokens = 0
+        self._last_call: float | None = None
         self._last_return: float | None = None
+        self._span = 0.0  # time since the feed that last brought tokens, while the driver waited
+        self._new_tokens = 0  # final tokens this feed brought
         # Inside feed_many: reads that come due are planned here, then run as one forward.
         self._plan: list[_Group] | None = None
         self._planned_count = 0
@@ -518,16 +524,16 @@ class GuardSession:
             features.logits = step.logits
         self._score(features, events)
 
-    def _read_due(self) -> bool:
+    def _read_due(self, deadline: bool = True) -> bool:
         """Whether the unread tokens must be read now: reading later would release an unread
-        token, or text has waited on this read for ``max_delay_ms``."""
+        token, or (``deadline``) text has waited on this read for ``max_delay_ms``."""
         if not self._defer:
             return True
         first_unread = self.tokens + self._planned_count
         releasable = first_unread + self._ahead_count + self._unread_count - self.hold_back
         if releasable > first_unread:
             return True
-        if releasable <= self._released_tokens:
+        if not deadline or releasable <= self._released_tokens:
             return False  # reading now would release nothing more: no reader is waiting
         now = time.perf_counter()
         if self._waiting_since is None:
@@ -627,19 +633,20 @@ class GuardSession:
                 if (not self._unread or self.halted is not None
                         or self.route_pending is not None):
                     return None
-                due = drain or self._read_due()
+                # reads ahead keep text from waiting: no max_delay_ms deadline besides
+                due = drain or self._read_due(deadline=False)
                 if not due and not self._worth_ahead():
                     return None
                 unread, self._unread = self._unread, []
                 self._ahead_count, self._unread_count = self._unread_count, 0
-                self._waiting_since = None
                 tokens = [t for u in unread for t in u.tokens]
                 ahead = _Ahead(unread, self._submit_read(tokens, background=True),
                                time.perf_counter(), due=due)
                 ahead.future.add_done_callback(ahead.mark)
                 self._ahead = ahead
             if not ahead.future.done():
-                wait = drain or ahead.due or self._read_due() or self._soon(ahead)
+                wait = (drain or ahead.due or self._read_due(deadline=False)
+                        or self._soon(ahead))
                 return ahead.future if wait else None
             self._ahead, self._ahead_count = None, 0
             batch, error = _result(ahead.future)
@@ -648,38 +655,53 @@ class GuardSession:
             self._apply_read([_Group(ahead.unread, events)], batch, error, ahead.t0,
                              done_at=done_at)
 
+    def _waited(self) -> bool:
+        """Whether the driver waited for its upstream before this feed (its first included),
+        rather than finding the delta already there: then no delta is right behind this one,
+        and the tokens that arrived are worth a read now. A driver feeding a backlog back to
+        back reads when due, in reads of hold-back + 1 tokens."""
+        return self._last_gap is None or self._last_gap >= WAITED_S
+
     def _worth_ahead(self) -> bool:
-        """Whether to read the tokens that arrived now rather than when due: when hold-back + 1
-        tokens take the upstream longer to send than a read takes (the observer would otherwise
-        idle while they arrive). A driver feeding back to back (a fast upstream, a backlog)
-        reads when due, in reads of hold-back + 1 tokens."""
-        read_s = self._read_time.seconds
-        if read_s is None:
-            return True
-        if self._per_token is None:  # the first delta: the upstream's pace is not known yet
+        """Read the tokens that arrived now if the driver waited for them and a read takes the
+        observer less time than hold-back + 1 tokens take the upstream: then the tokens that
+        arrive during the read are not yet due when it is back, and are read ahead in turn.
+        A guard slower than that reads when due, in reads of hold-back + 1 tokens: a read ahead
+        would cost it a second forward per decision, which it cannot spare."""
+        if not self._waited():
             return False
-        return self._per_token * (self.hold_back + 1) >= read_s
+        read_s, per_token = self._read_time.seconds, self._per_token
+        if read_s is None or per_token is None:
+            return True
+        return (self.hold_back + 1) * per_token >= read_s
 
     def _soon(self, ahead: _Ahead) -> bool:
-        """Whether the read under way is expected back before the next delta arrives: the feed
-        waits for it then (its releases go out now, and the next read starts as it ends)."""
+        """Whether the read under way is expected back before the next delta arrives (the
+        upstream's usual gap): the feed waits for it then, as the driver would only wait for
+        the upstream, so its releases go out now and the next read starts as it ends."""
         read_s = self._read_time.seconds
-        if self._gap is None or read_s is None:
+        if self._gap is None or read_s is None or not self._waited():
             return False
         return ahead.t0 + read_s - time.perf_counter() <= self._gap
 
     def _arrive(self) -> None:
         """A feed begins: how long the driver was away since the last one returned."""
-        if self._last_return is not None:
-            gap = time.perf_counter() - self._last_return
-            self._gap = _ewma(self._gap, gap)
-            self._gap_sum += gap
+        now = time.perf_counter()
+        if self._last_return is not None and self._last_call is not None:
+            self._last_gap = gap = now - self._last_return
+            if gap >= WAITED_S:
+                self._gap = _ewma(self._gap, gap)
+                self._span += now - self._last_call
+            else:  # a backlog: its deltas arrived while the guard was busy, at no known pace
+                self._span = 0.0
+        self._last_call = now
 
     def _leave(self) -> None:
-        """A feed returns: the upstream's time per token, over the feeds that brought tokens."""
-        if self._new_tokens:
-            self._per_token = _ewma(self._per_token, self._gap_sum / self._new_tokens)
-            self._gap_sum, self._new_tokens = 0.0, 0
+        """A feed returns: the upstream's time per token, from the feeds it was waited for."""
+        if self._new_tokens and self._span:
+            self._per_token = _ewma(self._per_token, self._span / self._new_tokens)
+            self._span = 0.0
+        self._new_tokens = 0
         self._last_return = time.perf_counter()
 
     def _pump_wait(self, events: list[Event], drain: bool = False) -> None:
