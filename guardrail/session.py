@@ -65,6 +65,10 @@ WORD_TOKENS = 16  # the most tokens a release waits for a word to end
 # A driver back within this long of a feed's return found its next delta waiting (it is catching
 # up): a read sent now would miss the deltas right behind it. Network deltas come further apart.
 WAITED_S = 0.001
+# Reads go ahead only while a read takes at most this share of the time hold-back + 1 tokens
+# take to arrive: nearer its capacity a guard reads when due (reads ahead there cost a forward
+# per decision more, which falls further behind).
+AHEAD_LOAD = 2 / 3
 
 
 @dataclass
@@ -656,24 +660,23 @@ class GuardSession:
                              done_at=done_at)
 
     def _waited(self) -> bool:
-        """Whether the driver waited for its upstream before this feed (its first included),
-        rather than finding the delta already there: then no delta is right behind this one,
-        and the tokens that arrived are worth a read now. A driver feeding a backlog back to
-        back reads when due, in reads of hold-back + 1 tokens."""
-        return self._last_gap is None or self._last_gap >= WAITED_S
+        """Whether the driver waited for its upstream before this feed, rather than finding
+        the delta already there: then no delta is right behind this one, and the tokens that
+        arrived are worth a read now. A driver feeding a backlog back to back reads when due,
+        in reads of hold-back + 1 tokens."""
+        return self._last_gap is not None and self._last_gap >= WAITED_S
 
     def _worth_ahead(self) -> bool:
-        """Read the tokens that arrived now if the driver waited for them and a read takes the
-        observer less time than hold-back + 1 tokens take the upstream: then the tokens that
-        arrive during the read are not yet due when it is back, and are read ahead in turn.
-        A guard slower than that reads when due, in reads of hold-back + 1 tokens: a read ahead
-        would cost it a second forward per decision, which it cannot spare."""
-        if not self._waited():
+        """Read the tokens that arrived now if the driver waited for them and the observer
+        keeps up: a read takes well under the time hold-back + 1 tokens take the upstream
+        (``AHEAD_LOAD``), so the tokens that arrive during a read are not yet due when it is
+        back, and are read ahead in turn. Until the upstream's pace is known (the first
+        deltas) and for a guard slower than that, reads wait until due, hold-back + 1 tokens
+        at a time: a read ahead would cost such a guard a second forward per decision."""
+        if not self._waited() or self._per_token is None:
             return False
-        read_s, per_token = self._read_time.seconds, self._per_token
-        if read_s is None or per_token is None:
-            return True
-        return (self.hold_back + 1) * per_token >= read_s
+        read_s = self._read_time.seconds
+        return read_s is None or read_s <= AHEAD_LOAD * (self.hold_back + 1) * self._per_token
 
     def _soon(self, ahead: _Ahead) -> bool:
         """Whether the read under way is expected back before the next delta arrives (the

@@ -98,19 +98,28 @@ def _words(text: str) -> list[str]:
     return [w + " " for w in words[:-1]] + words[-1:]
 
 
+def _paced(session: Any, deltas: list[str]) -> list[Event]:
+    """Fed as from an upstream the driver waits for (a few ms between deltas)."""
+    events: list[Event] = []
+    for d in deltas:
+        time.sleep(0.005)
+        events += session.feed(d)
+    return events
+
+
 def test_a_read_goes_ahead_while_the_feed_returns(observer: Any) -> None:
-    """With the observer held, feeds of fewer than hold-back tokens return at once, their read
-    already queued; the end of the stream waits for it and reads the rest: two reads, and what
-    the reader gets is a read per delta's."""
+    """With the observer held, feeds of fewer than hold-back tokens, each waited for, return
+    at once, their read already queued; the end of the stream waits for it and reads the rest:
+    two reads or more, and what the reader gets is a read per delta's."""
     deltas = _words(CALM)[:6]
     expected, _ = _per_delta(observer, deltas)
     with _plugins() as host:
         guard = Guard.from_policy(_policy(), host=host, observer=observer)
         session = guard.session(prompt="Tell me about Lyon.")
         with guard.observer.hold():
-            events = [e for d in deltas[:3] for e in session.feed(d)]
+            events = _paced(session, deltas[:3])
             assert guard.observer.pending() >= 1  # queued while the scheduler is held
-        events += [e for d in deltas[3:] for e in session.feed(d)]
+        events += _paced(session, deltas[3:])
         report = session.finish()
     assert _view(events + report.final_events) == expected
     assert report.released_text == "".join(deltas)
@@ -187,8 +196,7 @@ def test_abort_with_a_read_ahead_frees_the_stream_at_once(observer: Any) -> None
         guard = Guard.from_policy(_policy(), host=host, observer=observer)
         session = guard.session(prompt="Tell me about Lyon.")
         with guard.observer.hold():
-            for d in _words(CALM)[:4]:
-                session.feed(d)
+            _paced(session, _words(CALM)[:4])
             assert guard.observer.pending() >= 1
             report = session.abort("client went away")
             assert guard.observer.live_streams() == 0 and guard.observer.cached_tokens() == 0
@@ -241,7 +249,7 @@ def test_a_failed_read_ahead_follows_on_error(observer: Any, on_error: str,
         guard = Guard.from_policy(_policy(on_error=on_error), host=host,
                                   observer=FailingInner(observer, fail_from))
         session = guard.session(prompt="Tell me about Lyon.")
-        events = [e for d in deltas for e in session.feed(d)]
+        events = _paced(session, deltas)  # reads go ahead: the failure comes back to a feed
         report = session.finish()
     released = "".join(e.text for e in events + report.final_events if isinstance(e, Release))
     assert report.errors and released == report.released_text
