@@ -16,13 +16,15 @@ decision is due (``_read_due``): before an unread token would be released, once
 gathered batches are then scored and released one by one, as they arrived, so what is released
 and where each verdict lands are those of reading every batch at once; only the release waits.
 
-With ``observer.read_ahead`` (the default) a read does not wait to come due: as soon as the
-stream's previous read is done, the tokens that arrived since go to the batched observer in the
-background (``_pump``) and the feed returns; a read that has come back is scored at the next feed,
-in the same order and with the same text. A feed waits only when more than hold-back tokens are
-queued behind the read under way, and the end of the stream waits for every read. The observer
-thus reads while the upstream produces its next tokens, and the reads grow by themselves when the
-upstream is faster than the observer.
+With ``observer.read_ahead`` (the default) a read need not wait to come due: when the driver
+waited for its upstream and the observer keeps up (``_worth_ahead``), the tokens that arrived go to
+the batched observer in the background, one read per stream at a time, and the feed returns
+(``_pump``); a read that has come back is scored at the next feed, in the same order and with the
+same text, so releases and verdicts stay those of a read per delta. A feed waits when a decision
+is due (the tokens under way counted as unread), when the read under way should be back before
+the next delta (``_soon``), and at the end of the stream. The observer thus reads while the
+upstream produces its next tokens, in reads of what arrived during the last one; a driver feeding
+a backlog back to back, or a guard near its capacity, reads when due as above.
 
 A driver that has fallen behind hands ``feed_many`` the pieces already waiting for it: each piece
 gets the events ``feed`` would have given it, and the reads that come due along the way share one
@@ -309,7 +311,9 @@ class GuardSession:
         """Pieces of upstream output that were all waiting (a driver that fell behind): the
         events of each piece, as ``feed`` called once per piece would return them, while the
         observer reads that come due along the way run as one forward. A halt or a route in
-        one piece drops the pieces after it, as ``feed`` would."""
+        one piece drops the pieces after it, as ``feed`` would. With ``observer.read_ahead``
+        the read of the pieces may go ahead, and the events of reads that came back (of
+        earlier pieces or calls) come with the last piece."""
         if self._read_ahead:  # the pieces join the next read; the reads that came back go last
             self._arrive()
             try:
@@ -629,20 +633,25 @@ class GuardSession:
         """Score the read sent ahead if it has come back, and send the tokens that arrived since
         as the next one when that is worth it (``_worth_ahead``) or due. Returns the read the
         caller must wait for before calling again: one that covers a due decision (``_read_due``,
-        counting the tokens under way), one expected back before the next delta (``_soon``), or,
-        with ``drain`` (the end of the stream), any; None when the feed may return."""
+        counting the tokens under way; its ``max_delay_ms`` deadline only for a read that did
+        not go ahead), one expected back before the next delta (``_soon``), or, with ``drain``
+        (the end of the stream), any; None when the feed may return."""
         while True:
             ahead = self._ahead
             if ahead is None:
                 if (not self._unread or self.halted is not None
                         or self.route_pending is not None):
                     return None
-                # reads ahead keep text from waiting: no max_delay_ms deadline besides
+                # a read ahead keeps text from waiting; a read that does not go ahead is read
+                # when due, max_delay_ms deadline included, and waited for
                 due = drain or self._read_due(deadline=False)
                 if not due and not self._worth_ahead():
-                    return None
+                    if not self._read_due():
+                        return None
+                    due = True
                 unread, self._unread = self._unread, []
                 self._ahead_count, self._unread_count = self._unread_count, 0
+                self._waiting_since = None
                 tokens = [t for u in unread for t in u.tokens]
                 ahead = _Ahead(unread, self._submit_read(tokens, background=True),
                                time.perf_counter(), due=due)
