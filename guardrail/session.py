@@ -120,16 +120,19 @@ class _Group:
 
 @dataclass
 class _Ahead:
-    """A read sent ahead (``observer.read_ahead``): its batches, and when it went and came back."""
+    """A read sent ahead (``observer.read_ahead``): its batches, and when it went and came back
+    (``back``, stamped by a done-callback in the scheduler thread)."""
 
     unread: list[_Unread]
     future: Future[ObservedBatch]
     t0: float
     due: bool  # sent because a decision was due: the feed waits for it
-    done_at: float | None = None
+    back: list[float] = field(default_factory=list)
 
-    def mark(self, _: Future[ObservedBatch]) -> None:  # a done-callback: the scheduler thread
-        self.done_at = time.perf_counter()
+    def __post_init__(self) -> None:
+        back = self.back  # the callback holds the list, not the read: no reference cycle that
+        # would keep the read's states and logits alive until the garbage collector runs
+        self.future.add_done_callback(lambda _: back.append(time.perf_counter()))
 
 
 @dataclass
@@ -655,7 +658,6 @@ class GuardSession:
                 tokens = [t for u in unread for t in u.tokens]
                 ahead = _Ahead(unread, self._submit_read(tokens, background=True),
                                time.perf_counter(), due=due)
-                ahead.future.add_done_callback(ahead.mark)
                 self._ahead = ahead
             if not ahead.future.done():
                 wait = (drain or ahead.due or self._read_due(deadline=False)
@@ -663,7 +665,7 @@ class GuardSession:
                 return ahead.future if wait else None
             self._ahead, self._ahead_count = None, 0
             batch, error = _result(ahead.future)
-            done_at = ahead.done_at or time.perf_counter()
+            done_at = ahead.back[0] if ahead.back else time.perf_counter()
             self._read_time.seconds = _ewma(self._read_time.seconds, done_at - ahead.t0)
             self._apply_read([_Group(ahead.unread, events)], batch, error, ahead.t0,
                              done_at=done_at)
