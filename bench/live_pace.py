@@ -8,10 +8,10 @@ The default policy (every built-in monitor on SmolLM2-135M) guards SmolLM2's own
 them), one word per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
 ``observer.options.threads``), load (idle, or with another process keeping one core busy: a
 ``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
-0``, the scheme before), a read when a decision is due (the default), or reads when due with the
-deltas that have arrived fed in one ``feed_many`` call (catch-up, as the async drivers do). Each
-configuration runs in its own process, its read schemes taking turns stream by stream on one
-observer.
+0``), a read when a decision is due (``observer.read_ahead: false``), reads when due with the
+deltas that have arrived fed in one ``feed_many`` call (catch-up, as the async drivers do), or
+reads sent ahead in the background (``observer.read_ahead``, the default). Each configuration
+runs in its own process, its read schemes taking turns stream by stream on one observer.
 
 - *tokens/s*: the stream fed as fast as the guard takes it (feed calls back to back, then finish).
 - *added latency*: the stream paced at ``PACE`` tokens/s (word deltas scheduled at the answer's
@@ -39,10 +39,16 @@ QUICK_TOKENS = 40
 PACE = 50.0  # tokens/s of the paced upstream (LLM APIs stream 30-100)
 BACKENDS = ["torch", "onnx"]
 THREADS = [1, 2]
-READS = {"per delta": 0.0, "when due": None, "catch-up": None}  # observer.max_delay_ms; None: the
-# policy default. "catch-up": reads when due, and a driver behind its upstream hands the session
-# every delta that has arrived (at most hold-back + 1) in one feed_many call, as the async drivers
-# and the proxy do (guardrail.catch_up).
+# Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
+# due, and a driver behind its upstream hands the session every delta that has arrived (at most
+# hold-back + 1) in one feed_many call, as the async drivers and the proxy do (guardrail.catch_up).
+# "read ahead": the default (observer.read_ahead), one feed per delta.
+READS: dict[str, dict[str, Any]] = {
+    "per delta": {"max_delay_ms": 0.0, "read_ahead": False},
+    "when due": {"read_ahead": False},
+    "catch-up": {"read_ahead": False},
+    "read ahead": {},
+}
 CATCH_UP = {"catch-up"}
 
 
@@ -146,14 +152,12 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     base = default_policy()
     assert base.observer is not None
     guards: dict[str, Any] = {}
-    for scheme, delay in READS.items():
+    for scheme, settings in READS.items():
         if scheme not in config.get("reads", READS):
             continue
         update: dict[str, Any] = {"backend": config["backend"],
                                   "options": {**base.observer.options,
-                                              "threads": config["threads"]}}
-        if delay is not None:
-            update["max_delay_ms"] = delay
+                                              "threads": config["threads"]}, **settings}
         policy = base.model_copy(update={"observer": base.observer.model_copy(update=update)})
         first = next(iter(guards.values()), None)
         same = next((g for g in guards.values() if g.policy == policy), None)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                 results = _run_worker(config)
                 for reads, result in results.items():
                     rows.append({**config, "reads_scheme": reads,
-                                 "max_delay_ms": READS[reads], **result})
+                                 "observer_settings": READS[reads], **result})
                     print(f"[live_pace] {backend} {threads}t busy={busy} {reads}: "
                           f"{result['fast']['tokens_per_s']:.1f} tok/s, p95 "
                           f"{result['paced']['latency_p95_ms']:.0f} ms", file=sys.stderr)
@@ -263,13 +267,16 @@ def render(result: dict[str, Any]) -> str:
         "fast as the guard takes it. *Added latency*: paced at "
         f"{result['pace']:g} tokens/s, per released token, when the reader got it minus when an "
         "instant guard with the same hold-back would have (p50 / p95). *Reads*: observer "
-        "forwards. *Per delta*: `observer.max_delay_ms: 0` (a read per delta, the scheme "
-        "before); *when due*: the default (reads gathered until a decision is due), one "
-        "`feed` per delta; *catch-up*: reads when due, and the deltas that have arrived (all, "
-        "when fed as fast as the guard takes them; those due by then, when paced) go in one "
-        "`feed_many` call, at most hold-back + 1 at a time, as the async drivers and the proxy "
-        "do when behind their upstream. *Busy*: "
-        "another process keeps one core busy. Ratio: when due / per delta, same configuration. "
+        "forwards. *Per delta*: `observer.max_delay_ms: 0` (a read per delta); *when due*: "
+        "`observer.read_ahead: false` (reads gathered until a decision is due), one `feed` per "
+        "delta; *catch-up*: reads when due, and the deltas that have arrived (all, when fed as "
+        "fast as the guard takes them; those due by then, when paced) go in one `feed_many` "
+        "call, at most hold-back + 1 at a time, as the async drivers and the proxy do when "
+        "behind their upstream; *read ahead*: the default (`observer.read_ahead`: the tokens "
+        "that arrived go to the observer in the background while the feed returns, when the "
+        "driver waited for them and the observer keeps up), one `feed` per delta. *Busy*: "
+        "another process keeps one core busy. Ratio: tokens/s against per delta, same "
+        "configuration. "
         f"Load average {result['load_average_before']:.1f} before the run and "
         f"{result['load_average_after']:.1f} after: the machine was shared, so absolute "
         "figures are noisy; compare rows of one run.",
@@ -290,7 +297,8 @@ def render(result: dict[str, Any]) -> str:
     for scheme, what, tests in (
             ("when due", "Reads when due give", "tests/observer/test_deferred_reads.py"),
             ("catch-up", "Catching up (reads when due, arrived deltas in one call) gives",
-             "tests/observer/test_catch_up_feed.py")):
+             "tests/observer/test_catch_up_feed.py"),
+            ("read ahead", "Reads ahead give", "tests/observer/test_read_ahead.py")):
         ratios = []
         for r in rows:
             base = find(r["backend"], r["threads"], r["busy"], "per delta")
@@ -300,6 +308,19 @@ def render(result: dict[str, Any]) -> str:
             out += ["", f"{what} {median(ratios):.1f}x the tokens/s of a read per delta "
                     f"(median over the {len(ratios)} configurations; {min(ratios):.1f}x to "
                     f"{max(ratios):.1f}x) with the same releases and verdicts ({tests})."]
+    pairs = []
+    for r in rows:
+        due = find(r["backend"], r["threads"], r["busy"], "when due")
+        if r["reads_scheme"] == "read ahead" and due is not None:
+            pairs.append((r, due))
+    if pairs:
+        def cut(key: str) -> list[float]:
+            return [b["paced"][key] / a["paced"][key] for a, b in pairs if a["paced"][key]]
+        p50, p95s = cut("latency_p50_ms"), cut("latency_p95_ms")
+        out += ["", f"Against reads when due in the same configuration, reads ahead cut the added "
+                f"latency by {median(p50):.2f}x at p50 and {median(p95s):.2f}x at p95 (medians "
+                f"over the {len(pairs)} configurations; p95 {min(p95s):.2f}x to "
+                f"{max(p95s):.2f}x; above 1 is better)."]
     before = result.get("before")
     if before:  # the same configurations on the code before a change, run back to back
         out += ["", before["note"], "",

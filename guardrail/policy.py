@@ -67,6 +67,11 @@ class ObserverSpec(_Strict):
         50, ge=0, description="a text stream's new tokens are read in one forward when a "
         "decision is due: before an unread token would be released, or once text that could be "
         "released has waited this long (checked as deltas arrive); 0: read every delta")
+    read_ahead: bool = Field(
+        True, description="a text stream's new tokens are read in the background while the "
+        "upstream streams (when the driver waits for it and the observer keeps up) and scored "
+        "at the next feed: the same releases and verdicts, sooner; a feed waits when a decision "
+        "is due and at the end. false: reads wait until a decision is due (max_delay_ms)")
     options: dict[str, Any] = Field(default_factory=dict, description="observer-specific options")
 
 

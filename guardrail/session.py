@@ -16,6 +16,16 @@ decision is due (``_read_due``): before an unread token would be released, once
 gathered batches are then scored and released one by one, as they arrived, so what is released
 and where each verdict lands are those of reading every batch at once; only the release waits.
 
+With ``observer.read_ahead`` (the default) a read need not wait to come due: when the driver
+waited for its upstream and the observer keeps up (``_worth_ahead``), the tokens that arrived go to
+the batched observer in the background, one read per stream at a time, and the feed returns
+(``_pump``); a read that has come back is scored at the next feed, in the same order and with the
+same text, so releases and verdicts stay those of a read per delta. A feed waits when a decision
+is due (the tokens under way counted as unread), when the read under way should be back before
+the next delta (``_soon``), and at the end of the stream. The observer thus reads while the
+upstream produces its next tokens, in reads of what arrived during the last one; a driver feeding
+a backlog back to back, or a guard near its capacity, reads when due as above.
+
 A driver that has fallen behind hands ``feed_many`` the pieces already waiting for it: each piece
 gets the events ``feed`` would have given it, and the reads that come due along the way share one
 forward (``_plan``).
@@ -25,9 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import logging
 import time
 import uuid
+import weakref
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -52,6 +64,24 @@ log = logging.getLogger("guardrail.session")
 
 REDACTION = "[REDACTED]"
 WORD_TOKENS = 16  # the most tokens a release waits for a word to end
+# A driver back within this long of a feed's return found its next delta waiting (it is catching
+# up): a read sent now would miss the deltas right behind it. Network deltas come further apart.
+WAITED_S = 0.001
+# Reads go ahead only while a read takes at most this share of the time hold-back + 1 tokens
+# take to arrive: nearer its capacity a guard reads when due (reads ahead there cost a forward
+# per decision more, which falls further behind).
+AHEAD_LOAD = 2 / 3
+
+
+@dataclass
+class _ReadTime:
+    """How long an observer's reads take (seconds, a moving average), shared by the sessions
+    that read it: a new stream decides its first read with it."""
+
+    seconds: float | None = None
+
+
+_READ_TIMES: weakref.WeakKeyDictionary[Any, _ReadTime] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -86,7 +116,23 @@ class _Group:
 
     unread: list[_Unread]
     events: list[Event]
-    text_len: int = 0  # the response's length after that piece (feed_many cuts back to it)
+
+
+@dataclass
+class _Ahead:
+    """A read sent ahead (``observer.read_ahead``): its batches, and when it went and came back
+    (``back``, stamped by a done-callback in the scheduler thread)."""
+
+    unread: list[_Unread]
+    future: Future[ObservedBatch]
+    t0: float
+    due: bool  # sent because a decision was due: the feed waits for it
+    back: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        back = self.back  # the callback holds the list, not the read: no reference cycle that
+        # would keep the read's states and logits alive until the garbage collector runs
+        self.future.add_done_callback(lambda _: back.append(time.perf_counter()))
 
 
 @dataclass
@@ -181,7 +227,8 @@ class GuardSession:
         self._observer_reads = 0
         # Reads wait for a decision to be due (module docstring); hold-back 0 or max_delay_ms 0
         # reads every batch at once.
-        max_delay_ms = (self.policy.observer or ObserverSpec()).max_delay_ms
+        observer_spec = self.policy.observer or ObserverSpec()
+        max_delay_ms = observer_spec.max_delay_ms
         self._max_delay = max_delay_ms / 1000
         self._defer = self.hold_back > 0 and max_delay_ms > 0
         self._unread: list[_Unread] = []
@@ -189,6 +236,22 @@ class GuardSession:
         self._waiting_since: float | None = None  # when text first waited on the next read
         self._async_read = False  # inside afeed/afinish: _read submits, the caller awaits
         self._inflight: tuple[list[_Group], Future[ObservedBatch], float] | None = None
+        # Reads sent ahead without waiting (module docstring): at most one per stream at a time.
+        self._read_ahead = (self._defer and observer_spec.read_ahead
+                            and callable(getattr(guard.observer, "submit", None)))
+        self._ahead: _Ahead | None = None
+        self._ahead_count = 0  # its tokens
+        # Pace (seconds): the driver's time away before this feed and, as moving averages, when
+        # it waited for its upstream: that wait and the upstream's time per token; the
+        # observer's read time (submitted to back), shared by the streams on it.
+        self._last_gap: float | None = None
+        self._gap: float | None = None
+        self._per_token: float | None = None
+        self._read_time = _read_time(guard.observer) if self._read_ahead else _ReadTime()
+        self._last_call: float | None = None
+        self._last_return: float | None = None
+        self._span = 0.0  # time since the feed that last brought tokens, while the driver waited
+        self._new_tokens = 0  # final tokens this feed brought
         # Inside feed_many: reads that come due are planned here, then run as one forward.
         self._plan: list[_Group] | None = None
         self._planned_count = 0
@@ -237,13 +300,32 @@ class GuardSession:
 
     def feed(self, step: StreamStep | str) -> list[Event]:
         """Take the next piece of upstream output; return the events it caused, in order."""
-        return self._emit(self._feed(step))
+        if not self._read_ahead:
+            return self._emit(self._feed(step))
+        self._arrive()
+        try:
+            events = self._feed(step)
+            self._pump_wait(events)
+        finally:
+            self._leave()
+        return self._emit(events)
 
     def feed_many(self, steps: Sequence[StreamStep | str]) -> list[list[Event]]:
         """Pieces of upstream output that were all waiting (a driver that fell behind): the
         events of each piece, as ``feed`` called once per piece would return them, while the
         observer reads that come due along the way run as one forward. A halt or a route in
-        one piece drops the pieces after it, as ``feed`` would."""
+        one piece drops the pieces after it, as ``feed`` would. With ``observer.read_ahead``
+        the read of the pieces may go ahead, and the events of reads that came back (of
+        earlier pieces or calls) come with the last piece."""
+        if self._read_ahead:  # the pieces join the next read; the reads that came back go last
+            self._arrive()
+            try:
+                outs = [self._feed(step) for step in steps]
+                if outs:
+                    self._pump_wait(outs[-1])
+            finally:
+                self._leave()
+            return [self._emit(events) for events in outs]
         outs = self._feed_planned(steps)
         plan, future, t0 = self._submit_plan()
         if future is not None:
@@ -253,6 +335,15 @@ class GuardSession:
 
     async def afeed_many(self, steps: Sequence[StreamStep | str]) -> list[list[Event]]:
         """``feed_many`` for async drivers: the one read is awaited, not waited on."""
+        if self._read_ahead:
+            self._arrive()
+            try:
+                outs = [self._feed(step) for step in steps]
+                if outs:
+                    await self._pump_await(outs[-1])
+            finally:
+                self._leave()
+            return [self._emit(events) for events in outs]
         self._async_read = True
         try:
             outs = self._feed_planned(steps)
@@ -320,6 +411,8 @@ class GuardSession:
             self.reroute(self.route_pending.at_char)
         if self.halted is None:
             self._read_last(events)
+            if self._read_ahead:
+                self._pump_wait(events, drain=True)
         if self.halted is None:
             for run in self._active_runs():
                 try:
@@ -341,6 +434,14 @@ class GuardSession:
     async def afeed(self, step: StreamStep | str) -> list[Event]:
         """``feed`` for async drivers: a due observer read is awaited (``asyncio.wrap_future``
         on the Guard's batched observer), so the event loop serves other streams meanwhile."""
+        if self._read_ahead:
+            self._arrive()
+            try:
+                events = self._feed(step)
+                await self._pump_await(events)
+            finally:
+                self._leave()
+            return self._emit(events)
         self._async_read = True
         try:
             events = self._feed(step)
@@ -353,6 +454,10 @@ class GuardSession:
         """``finish`` for async drivers: the last observer read is awaited, not waited on."""
         if (not self.closed and self.halted is None and self.route_pending is None
                 and self.guard.needs.observer and not self._observer_failed):
+            if self._read_ahead:
+                self._read_last(self._pending)
+                await self._pump_await(self._pending, drain=True)
+                return self.finish()
             self._async_read = True
             try:
                 self._read_last(self._pending)
@@ -366,7 +471,7 @@ class GuardSession:
         tokens = self._aligner.flush()
         if tokens:
             self._process(tokens, events, final=True)
-        elif self._unread:
+        elif self._unread and not self._read_ahead:  # read ahead: the caller drains (_pump)
             self._read(events)
 
     def abort(self, reason: str) -> Report:
@@ -382,6 +487,7 @@ class GuardSession:
         self.route_pending = None
         if at_char < self._released_chars:
             raise GuardrailError("cannot reroute before text that was already released")
+        self._drop_ahead(wait=True)  # the observer forgets tokens: no read may still add some
         keep = sum(1 for e in self._token_ends if e <= at_char)
         self._target_starts.add(keep)
         del self._token_starts[keep:]
@@ -416,6 +522,9 @@ class GuardSession:
         if not generated and self.guard.needs.observer and not self._observer_failed:
             self._unread.append(_Unread(tokens, len(self.text), logprobs, final))
             self._unread_count += len(tokens)
+            if self._read_ahead:
+                self._new_tokens += len(tokens)
+                return  # the feed reads it (_pump)
             if final or self._read_due():
                 self._read(events)
             return
@@ -426,16 +535,16 @@ class GuardSession:
             features.logits = step.logits
         self._score(features, events)
 
-    def _read_due(self) -> bool:
+    def _read_due(self, deadline: bool = True) -> bool:
         """Whether the unread tokens must be read now: reading later would release an unread
-        token, or text has waited on this read for ``max_delay_ms``."""
+        token, or (``deadline``) text has waited on this read for ``max_delay_ms``."""
         if not self._defer:
             return True
         first_unread = self.tokens + self._planned_count
-        releasable = first_unread + self._unread_count - self.hold_back
+        releasable = first_unread + self._ahead_count + self._unread_count - self.hold_back
         if releasable > first_unread:
             return True
-        if releasable <= self._released_tokens:
+        if not deadline or releasable <= self._released_tokens:
             return False  # reading now would release nothing more: no reader is waiting
         now = time.perf_counter()
         if self._waiting_since is None:
@@ -449,7 +558,7 @@ class GuardSession:
         the planned reads run as one forward at the end."""
         unread, self._unread = self._unread, []
         count, self._unread_count, self._waiting_since = self._unread_count, 0, None
-        group = _Group(unread, events, len(self.text))
+        group = _Group(unread, events)
         if self._plan is not None:
             self._plan.append(group)
             self._planned_count += count
@@ -463,7 +572,8 @@ class GuardSession:
         batch, error = _result(future)
         self._apply_read([group], batch, error, t0)
 
-    def _submit_read(self, tokens: list[TokenSpan]) -> Future[ObservedBatch]:
+    def _submit_read(self, tokens: list[TokenSpan],
+                     background: bool = False) -> Future[ObservedBatch]:
         """The read of ``tokens`` as a future: the batched observer's own (``submit``), or a
         done one when the read ran here (a sync read, an observer that does not batch)."""
         observer = self.guard.observer
@@ -471,7 +581,8 @@ class GuardSession:
         try:
             if self._observer_state is None:
                 self._observer_state = observer.start(self.messages, self.guard.needs)
-            submit = getattr(observer, "submit", None) if self._async_read else None
+            submit = (getattr(observer, "submit", None) if self._async_read or background
+                      else None)
             if submit is not None:
                 return submit(self._observer_state, tokens, self.guard.needs)
             batch = observer.extend(self._observer_state, tokens, self.guard.needs)
@@ -484,11 +595,12 @@ class GuardSession:
         return future
 
     def _apply_read(self, groups: list[_Group], batch: ObservedBatch | None,
-                    error: Exception | None, t0: float, *, read: bool = True) -> None:
+                    error: Exception | None, t0: float, *, read: bool = True,
+                    done_at: float | None = None) -> None:
         """Score a read's batches in arrival order, each group's events into its own list."""
         if error is None and read:
             self._observer_reads += 1
-        self._observer_seconds += time.perf_counter() - t0
+        self._observer_seconds += (done_at or time.perf_counter()) - t0
         whole = len(groups) == 1 and len(groups[0].unread) == 1
         offset = 0
         for group in groups:
@@ -498,26 +610,132 @@ class GuardSession:
                 if error is not None:
                     self._observer_failure(error, events)
                     error = None
-                    if self.halted is not None:
-                        break
                 elif batch is not None:
                     _fill(features, batch, offset, len(u.tokens), whole=whole)
                 offset += len(u.tokens)
-                self._score(features, events)
+                if self.halted is None:
+                    self._score(features, events)
                 if self.halted is not None or self.route_pending is not None:
-                    break  # like upstream text after a halt or a route, the later batches drop
-            if self.halted is not None or self.route_pending is not None:
-                if group.text_len < len(self.text):  # feed_many: the later pieces were not fed
-                    self._aligner.reset(self.text[:group.text_len],
-                                        min(self._aligner.committed, group.text_len))
+                    # like upstream text after a halt or a route, the later batches drop: the
+                    # text ends where it ended when this batch arrived, as with a read per delta
+                    if u.text_len < len(self.text):
+                        self._aligner.reset(self.text[:u.text_len],
+                                            min(self._aligner.committed, u.text_len))
                     self._unread, self._unread_count = [], 0
-                return
+                    return
         if self._observer_failed and self._unread and groups:
             # feed_many planned reads past text that stays unread: with the observer gone,
             # that text is scored now, as feed would have scored it after the failure.
             rest, self._unread, self._unread_count = self._unread, [], 0
             self._apply_read([_Group(rest, groups[-1].events)], None, None, time.perf_counter(),
                              read=False)
+
+    # -- reads sent ahead (observer.read_ahead) ----------------------------------------------
+
+    def _pump(self, events: list[Event], drain: bool = False) -> Future[ObservedBatch] | None:
+        """Score the read sent ahead if it has come back, and send the tokens that arrived since
+        as the next one when that is worth it (``_worth_ahead``) or due. Returns the read the
+        caller must wait for before calling again: one that covers a due decision (``_read_due``,
+        counting the tokens under way; its ``max_delay_ms`` deadline only for a read that did
+        not go ahead), one expected back before the next delta (``_soon``), or, with ``drain``
+        (the end of the stream), any; None when the feed may return."""
+        while True:
+            ahead = self._ahead
+            if ahead is None:
+                if (not self._unread or self.halted is not None
+                        or self.route_pending is not None):
+                    return None
+                # a read ahead keeps text from waiting; a read that does not go ahead is read
+                # when due, max_delay_ms deadline included, and waited for
+                due = drain or self._read_due(deadline=False)
+                if not due and not self._worth_ahead():
+                    if not self._read_due():
+                        return None
+                    due = True
+                unread, self._unread = self._unread, []
+                self._ahead_count, self._unread_count = self._unread_count, 0
+                self._waiting_since = None
+                tokens = [t for u in unread for t in u.tokens]
+                ahead = _Ahead(unread, self._submit_read(tokens, background=True),
+                               time.perf_counter(), due=due)
+                self._ahead = ahead
+            if not ahead.future.done():
+                wait = (drain or ahead.due or self._read_due(deadline=False)
+                        or self._soon(ahead))
+                return ahead.future if wait else None
+            self._ahead, self._ahead_count = None, 0
+            batch, error = _result(ahead.future)
+            done_at = ahead.back[0] if ahead.back else time.perf_counter()
+            self._read_time.seconds = _ewma(self._read_time.seconds, done_at - ahead.t0)
+            self._apply_read([_Group(ahead.unread, events)], batch, error, ahead.t0,
+                             done_at=done_at)
+
+    def _waited(self) -> bool:
+        """Whether the driver waited for its upstream before this feed, rather than finding
+        the delta already there: then no delta is right behind this one, and the tokens that
+        arrived are worth a read now. A driver feeding a backlog back to back reads when due,
+        in reads of hold-back + 1 tokens."""
+        return self._last_gap is not None and self._last_gap >= WAITED_S
+
+    def _worth_ahead(self) -> bool:
+        """Read the tokens that arrived now if the driver waited for them and the observer
+        keeps up: a read takes well under the time hold-back + 1 tokens take the upstream
+        (``AHEAD_LOAD``), so the tokens that arrive during a read are not yet due when it is
+        back, and are read ahead in turn. Until the upstream's pace is known (the first
+        deltas) and for a guard slower than that, reads wait until due, hold-back + 1 tokens
+        at a time: a read ahead would cost such a guard a second forward per decision."""
+        if not self._waited() or self._per_token is None:
+            return False
+        read_s = self._read_time.seconds
+        return read_s is None or read_s <= AHEAD_LOAD * (self.hold_back + 1) * self._per_token
+
+    def _soon(self, ahead: _Ahead) -> bool:
+        """Whether the read under way is expected back before the next delta arrives (the
+        upstream's usual gap): the feed waits for it then, as the driver would only wait for
+        the upstream, so its releases go out now and the next read starts as it ends."""
+        read_s = self._read_time.seconds
+        if self._gap is None or read_s is None or not self._waited():
+            return False
+        return ahead.t0 + read_s - time.perf_counter() <= self._gap
+
+    def _arrive(self) -> None:
+        """A feed begins: how long the driver was away since the last one returned."""
+        now = time.perf_counter()
+        if self._last_return is not None and self._last_call is not None:
+            self._last_gap = gap = now - self._last_return
+            if gap >= WAITED_S:
+                self._gap = _ewma(self._gap, gap)
+                self._span += now - self._last_call
+            else:  # a backlog: its deltas arrived while the guard was busy, at no known pace
+                self._span = 0.0
+        self._last_call = now
+
+    def _leave(self) -> None:
+        """A feed returns: the upstream's time per token, from the feeds it was waited for."""
+        if self._new_tokens and self._span:
+            self._per_token = _ewma(self._per_token, self._span / self._new_tokens)
+            self._span = 0.0
+        self._new_tokens = 0
+        self._last_return = time.perf_counter()
+
+    def _pump_wait(self, events: list[Event], drain: bool = False) -> None:
+        while (future := self._pump(events, drain)) is not None:
+            concurrent.futures.wait([future])
+
+    async def _pump_await(self, events: list[Event], drain: bool = False) -> None:
+        """``_pump_wait`` for async drivers. A cancelled wait leaves the read to the session
+        (``abort`` cancels it, ``finish`` waits for it)."""
+        while (future := self._pump(events, drain)) is not None:
+            await _done(future)
+
+    def _drop_ahead(self, wait: bool = False) -> None:
+        """Forget the read sent ahead and the tokens queued behind it (a halt, an abort, a
+        reroute): cancelled if the observer has not started it, else waited for (``wait``) or
+        left to finish unseen."""
+        ahead, self._ahead, self._ahead_count = self._ahead, None, 0
+        self._unread, self._unread_count = [], 0
+        if ahead is not None and not ahead.future.cancel() and wait:
+            concurrent.futures.wait([ahead.future])
 
     async def _await_read(self) -> None:
         """Await the read ``_read`` submitted (the event loop runs meanwhile), then score it."""
@@ -751,6 +969,7 @@ class GuardSession:
 
     def _close(self, final_events: list[Event], aborted: str | None) -> Report:
         self.closed = True
+        self._drop_ahead()  # a read still sent ahead (abort, halt) is not wanted any more
         state, self._observer_state = self._observer_state, None
         release = getattr(self.guard.observer, "release", None)
         if state is not None and release is not None:
@@ -790,6 +1009,37 @@ def _result(future: Future[ObservedBatch] | None) -> tuple[ObservedBatch | None,
         return future.result(), None
     except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
         return None, exc
+
+
+def _read_time(observer: Any) -> _ReadTime:
+    try:
+        return _READ_TIMES.setdefault(observer, _ReadTime())
+    except TypeError:  # an observer that takes no weak references: this stream's own
+        return _ReadTime()
+
+
+def _ewma(average: float | None, value: float, weight: float = 0.3) -> float:
+    return value if average is None else average + weight * (value - average)
+
+
+async def _done(future: Future[Any]) -> None:
+    """Wait for a concurrent future without blocking the event loop. Unlike awaiting
+    ``asyncio.wrap_future``, cancelling the wait does not cancel the future."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def done(_: Future[Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    future.add_done_callback(done)
+    await waiter
 
 
 def _fill(features: Features, batch: ObservedBatch, start: int, count: int, *,

@@ -131,10 +131,16 @@ class TensorKV:
                              for _ in range(2 * depth)]
         self._length = 0
         self.window = window  # buffers grow past it only for a read that is longer
+        self._views: list[torch.Tensor] | None = None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        return [b[:, :, : self._length] for b in self._buffers]
+        """Views of the filled part, made once per change: a batched forward asks for each
+        block's (60 views for SmolLM2), which cost about as much as the block's norms."""
+        views = self._views
+        if views is None:
+            views = self._views = [b[:, :, : self._length] for b in self._buffers]
+        return views
 
     def length(self) -> int:
         return self._length
@@ -161,6 +167,7 @@ class TensorKV:
                 new[:, :, : self._length] = b[:, :, : self._length]
                 grown.append(new)
         self._buffers = grown
+        self._views = None
 
     def append(self, new: Sequence[torch.Tensor]) -> None:
         n = int(new[0].shape[2])
@@ -170,6 +177,7 @@ class TensorKV:
             for b, t in zip(self._buffers, new, strict=True):
                 b[:, :, self._length : end] = t
         self._length = end
+        self._views = None
 
     def drop(self, start: int, count: int) -> None:
         end = self._length
@@ -177,9 +185,11 @@ class TensorKV:
             for b in self._buffers:  # clone: copy_ refuses an overlapping source
                 b[:, :, start : end - count] = b[:, :, start + count : end].clone()
         self._length -= count
+        self._views = None
 
     def crop(self, length: int) -> None:
         self._length = min(self._length, length)
+        self._views = None
 
 
 GROW = 64  # KV buffer growth step (positions): a growing buffer is copied once per GROW tokens

@@ -40,7 +40,8 @@ def observer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture
 def guard(observer: Any) -> Iterator[Guard]:
     policy = {
-        "observer": {"max_delay_ms": 60_000},  # reads only when due
+        # reads only when due (not sent ahead): the chunks' releases do not depend on timing
+        "observer": {"max_delay_ms": 60_000, "read_ahead": False},
         "release": {"hold_back_tokens": 4},
         "monitors": [{"id": "weapons", "use": "bomb-end", "threshold": 0.5, "action": "halt",
                       "message": "no"}],

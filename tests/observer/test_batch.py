@@ -199,7 +199,9 @@ class WordMonitor(Monitor):
 
 
 POLICY = {
-    "observer": {"max_delay_ms": 1e9, "options": {"workers": 1}},
+    # reads when due (not sent ahead) on one worker: the reads meet in the forwards these
+    # tests arrange
+    "observer": {"max_delay_ms": 1e9, "read_ahead": False, "options": {"workers": 1}},
     "release": {"hold_back_tokens": 4},
     "on_error": "fail_closed",
     "monitors": [

@@ -46,9 +46,10 @@ def observer(tiny_llama: Path) -> Any:
     return load_model_dir(tiny_llama, name="tiny-llama", window=4096)
 
 
-def _guard(observer: Any, action: str = "halt", hold_back: int = 8) -> Any:
+def _guard(observer: Any, action: str = "halt", hold_back: int = 8,
+           read_ahead: bool = False, max_delay_ms: float = 1e9) -> Any:
     policy: dict[str, Any] = {
-        "observer": {"max_delay_ms": 1e9},
+        "observer": {"max_delay_ms": max_delay_ms, "read_ahead": read_ahead},
         "release": {"hold_back_tokens": hold_back},
         "monitors": [
             {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
@@ -155,11 +156,73 @@ def test_afeed_many_matches_feed(observer: Any) -> None:
         assert _view(asyncio.run(go(session))) == expected
 
 
+def _flat(per_piece: list[list[Event]]) -> list[tuple[Any, ...]]:
+    return [e for events in _view(per_piece) for e in events]
+
+
+def _per_delta(observer: Any, deltas: list[str], hold_back: int = 8) -> tuple[Any, Any]:
+    """Every delta read alone (``max_delay_ms: 0``): what the reader sees, in order."""
+    plugins, policy = _guard(observer, hold_back=hold_back, max_delay_ms=0)
+    with plugins as host:
+        session = Guard.from_policy(policy, host=host, observer=observer).session(
+            prompt="Tell me about Paris.")
+        per_piece = [session.feed(d) for d in deltas]
+        report = session.finish()
+    return _flat([*per_piece, report.final_events]), (report, session.text)
+
+
+@pytest.mark.parametrize("text,seed,hold_back", [
+    (TEXT, 1, 8), (CALM, 3, 8), (TEXT, 5, 2), (TEXT, 6, 1)])
+def test_catch_up_with_reads_ahead_releases_what_per_delta_reads_release(
+        observer: Any, text: str, seed: int, hold_back: int) -> None:
+    """Reads sent ahead: the events of a piece may come with a later call, but the reader gets
+    the same releases, flags and halt, in the same order, and the text after a halt is dropped
+    as by a read per delta."""
+    deltas = random_splits(text, seed=seed)
+    expected, (alone, alone_text) = _per_delta(observer, deltas, hold_back)
+    plugins, policy = _guard(observer, hold_back=hold_back, read_ahead=True)
+    with plugins as host:
+        session = Guard.from_policy(policy, host=host, observer=observer).session(
+            prompt="Tell me about Paris.")
+        per_piece: list[list[Event]] = []
+        for group in _groups(deltas, seed):
+            per_piece += session.feed_many(group)
+        report = session.finish()
+    assert _flat([*per_piece, report.final_events]) == expected
+    assert (report.tokens, report.released_text, report.halted, session.text) == (
+        alone.tokens, alone.released_text, alone.halted, alone_text)
+    assert report.observer_reads < alone.observer_reads
+
+
+def test_afeed_with_reads_ahead_releases_what_per_delta_reads_release(observer: Any) -> None:
+    deltas = random_splits(TEXT, seed=12)
+    expected, (alone, _) = _per_delta(observer, deltas)
+    plugins, policy = _guard(observer, read_ahead=True)
+
+    async def go(session: Any) -> list[list[Event]]:
+        per_piece: list[list[Event]] = []
+        for k, group in enumerate(_groups(deltas, 12)):
+            if k % 2:
+                per_piece += await session.afeed_many(group)
+            else:
+                per_piece += [await session.afeed(d) for d in group]
+        report = await session.afinish()
+        return [*per_piece, report.final_events]
+
+    with plugins as host:
+        session = Guard.from_policy(policy, host=host, observer=observer).session(
+            prompt="Tell me about Paris.")
+        assert _flat(asyncio.run(go(session))) == expected
+        assert session.report is not None and session.report.halted == alone.halted
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("many", [False, True])
-def test_the_event_loop_runs_while_a_read_is_awaited(observer: Any, many: bool) -> None:
+def test_the_event_loop_runs_while_a_read_is_awaited(observer: Any, many: bool,
+                                                     read_ahead: bool) -> None:
     """The scheduler is held (a read that takes as long as we like): another task keeps
     ticking while the session awaits the read, and the read's releases follow its end."""
-    plugins, policy = _guard(observer)
+    plugins, policy = _guard(observer, read_ahead=read_ahead)
     deltas = [w + " " for w in CALM.split(" ")][:12]  # more than hold-back tokens: a read is due
     with plugins as host:
         guard = Guard.from_policy(policy, host=host, observer=observer)
@@ -180,7 +243,13 @@ def test_the_event_loop_runs_while_a_read_is_awaited(observer: Any, many: bool) 
 
         async def go() -> tuple[int, list[Event]]:
             if many:
-                feeding = asyncio.ensure_future(session.afeed_many(deltas))
+                # read ahead: the first call's read goes ahead; the second call queues more than
+                # hold-back tokens behind it, so it waits
+                calls = [deltas[:3], deltas[3:]] if read_ahead else [deltas]
+
+                async def each_call() -> list[list[Event]]:
+                    return [out for call in calls for out in await session.afeed_many(call)]
+                feeding = asyncio.ensure_future(each_call())
             else:
                 async def each() -> list[list[Event]]:
                     return [await session.afeed(d) for d in deltas]
@@ -199,7 +268,9 @@ def test_the_event_loop_runs_while_a_read_is_awaited(observer: Any, many: bool) 
         ticks, events = asyncio.run(go())
         report = session.finish()
     assert ticks == 20  # the loop ran while the read waited
-    assert any(isinstance(e, Release) for e in events)
+    # read ahead: the wait was for the read under way; the one sent after it is scored at the end
+    assert any(isinstance(e, Release)
+               for e in events + (report.final_events if read_ahead else []))
     assert report.released_text == "".join(deltas)
 
 

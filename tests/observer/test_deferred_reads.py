@@ -1,5 +1,6 @@
-"""Reads when a decision is due: a text stream's tokens are gathered into one observer forward,
-and what the reader sees (releases, halts, flags) is what reading every delta gives."""
+"""Reads when a decision is due, or sent ahead in the background (``observer.read_ahead``): a
+text stream's tokens are gathered into fewer observer forwards, and what the reader sees
+(releases, halts, flags) is what reading every delta gives."""
 
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ def observer(tiny_llama: Path) -> Any:
     return load_model_dir(tiny_llama, name="tiny-llama", window=4096)
 
 
-def _policy(max_delay_ms: float, hold_back: int = 8) -> dict[str, Any]:
+def _policy(max_delay_ms: float, hold_back: int = 8, read_ahead: bool = False) -> dict[str, Any]:
     return {
-        "observer": {"max_delay_ms": max_delay_ms},
+        "observer": {"max_delay_ms": max_delay_ms, "read_ahead": read_ahead},
         "release": {"hold_back_tokens": hold_back},
         "monitors": [
             {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
@@ -137,6 +138,7 @@ def _scores_close(a: Report, b: Report) -> None:
                                                               rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("text,cut", [
     (TEXT, "words"),  # halts on the second scripted word (paris ... bomb)
     (TEXT, "random"),
@@ -144,7 +146,7 @@ def _scores_close(a: Report, b: Report) -> None:
     (TEXT.replace("bomb", "kite").replace("Paris", "Lyon"), "chars"),
 ])
 def test_deferred_reads_release_what_per_delta_reads_release(observer: Any, text: str,
-                                                             cut: str) -> None:
+                                                             cut: str, read_ahead: bool) -> None:
     if cut == "words":
         words = text.split(" ")
         deltas = [w + " " for w in words[:-1]] + words[-1:]
@@ -153,21 +155,25 @@ def test_deferred_reads_release_what_per_delta_reads_release(observer: Any, text
     else:
         deltas = random_splits(text, seed=7)
     every_events, every = _run(observer, _policy(0), deltas)
-    gathered_events, gathered = _run(observer, _policy(1e9), deltas)
+    gathered_events, gathered = _run(observer, _policy(1e9, read_ahead=read_ahead), deltas)
     assert _seen(gathered_events, gathered) == _seen(every_events, every)
     _scores_close(gathered, every)
-    # gathered: about one read per hold-back + 1 tokens, against one per delta with tokens
-    assert gathered.observer_reads <= every.tokens // 8 + 2 < every.observer_reads
+    if read_ahead:  # as many reads as the observer's pace allows: timing, at most one per delta
+        assert gathered.observer_reads <= every.observer_reads
+    else:  # about one read per hold-back + 1 tokens, against one per delta with tokens
+        assert gathered.observer_reads <= every.tokens // 8 + 2 < every.observer_reads
     if "bomb" in text:
         assert every.halted and every.halt is not None
         assert every.leaked_tokens == 0 and every.halt.retracted_tokens >= 8
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("hold_back", [0, 1, 3])
-def test_small_hold_backs_keep_per_delta_results(observer: Any, hold_back: int) -> None:
+def test_small_hold_backs_keep_per_delta_results(observer: Any, hold_back: int,
+                                                 read_ahead: bool) -> None:
     deltas = random_splits(TEXT, seed=3)
     every_events, every = _run(observer, _policy(0, hold_back), deltas)
-    gathered_events, gathered = _run(observer, _policy(1e9, hold_back), deltas)
+    gathered_events, gathered = _run(observer, _policy(1e9, hold_back, read_ahead), deltas)
     assert _seen(gathered_events, gathered) == _seen(every_events, every)
     if hold_back == 0:  # nothing is held back, so nothing waits for a read either
         assert gathered.observer_reads == every.observer_reads
@@ -192,11 +198,12 @@ def test_default_guard_gathered_reads_match_per_delta_reads() -> None:
     both ways."""
     from guardrail.guard import default_policy
 
-    def with_delay(max_delay_ms: float) -> Policy:
+    def with_delay(max_delay_ms: float, read_ahead: bool = False) -> Policy:
         base = default_policy()
         if base.observer is None:
             pytest.skip("no installed monitor reads the observer")
-        observer = base.observer.model_copy(update={"max_delay_ms": max_delay_ms})
+        observer = base.observer.model_copy(update={"max_delay_ms": max_delay_ms,
+                                                    "read_ahead": read_ahead})
         return base.model_copy(update={"observer": observer})
 
     try:
@@ -204,25 +211,27 @@ def test_default_guard_gathered_reads_match_per_delta_reads() -> None:
     except GuardrailError as exc:  # SmolLM2 or the plugins' weights are optional here
         pytest.skip(str(exc))
     guard_gathered = Guard(with_delay(1e9), observer=guard_every.observer)
+    guard_ahead = Guard(with_delay(1e9, read_ahead=True), observer=guard_every.observer)
     lines = resources.files("guardrail").joinpath("data/demo_replays.jsonl").read_text("utf-8")
     replays = [json.loads(line) for line in lines.splitlines() if line.strip()]
     for replay in (replays[2], replays[3]):
         deltas = [w + " " for w in replay["response"].split(" ")]
         seen = []
-        for guard in (guard_every, guard_gathered):
+        for guard in (guard_every, guard_gathered, guard_ahead):
             session = guard.session(prompt=replay["prompt"])
             events = [e for d in deltas for e in session.feed(d)]
             report = session.finish()
             seen.append((_seen(events + report.final_events, report), report.observer_reads))
-        assert seen[0][0] == seen[1][0]
-        assert seen[1][1] < seen[0][1]
+        assert seen[0][0] == seen[1][0] == seen[2][0]
+        assert seen[1][1] < seen[0][1] and seen[2][1] <= seen[0][1]
         if replay["expect"] == "halt":
             assert seen[0][0]["halt"], "the recorded harmful replay no longer halts"
 
 
-def _route_run(observer: Any, max_delay_ms: float) -> tuple[list[Event], Report]:
+def _route_run(observer: Any, max_delay_ms: float,
+               read_ahead: bool = False) -> tuple[list[Event], Report]:
     policy = {
-        "observer": {"max_delay_ms": max_delay_ms},
+        "observer": {"max_delay_ms": max_delay_ms, "read_ahead": read_ahead},
         "release": {"hold_back_tokens": 4},
         "monitors": [
             {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
@@ -249,11 +258,13 @@ def _route_run(observer: Any, max_delay_ms: float) -> tuple[list[Event], Report]
     return events + report.final_events, report
 
 
-def test_a_route_found_by_a_gathered_read_cuts_back_like_a_read_per_delta(observer: Any) -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_a_route_found_by_a_gathered_read_cuts_back_like_a_read_per_delta(
+        observer: Any, read_ahead: bool) -> None:
     """The route lands on the same token; the tokens read past it are forgotten by the observer
     too (the states of the target's text match a read per delta)."""
     every_events, every = _route_run(observer, 0)
-    gathered_events, gathered = _route_run(observer, 1e9)
+    gathered_events, gathered = _route_run(observer, 1e9, read_ahead)
     assert [r.at for r in gathered.routes] == [r.at for r in every.routes] != []
     assert _seen(gathered_events, gathered) == _seen(every_events, every)
     assert gathered.released_text.endswith("and then the stream ends.")
