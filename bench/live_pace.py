@@ -10,7 +10,8 @@ them), one word per delta, for each backend (torch, ONNX Runtime; float32), thre
 ``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
 0``), a read when a decision is due (``observer.read_ahead: false``), reads when due with the
 deltas that have arrived fed in one ``feed_many`` call (catch-up, as the async drivers do), or
-reads sent ahead in the background (``observer.read_ahead``, the default). Each configuration
+reads sent ahead in the background (``observer.read_ahead``, the default), one ``feed`` per delta
+or with the catch-up driver. Each configuration
 runs in its own process, its read schemes taking turns stream by stream on one observer.
 
 - *tokens/s*: the stream fed as fast as the guard takes it (feed calls back to back, then finish).
@@ -42,14 +43,16 @@ THREADS = [1, 2]
 # Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
 # due, and a driver behind its upstream hands the session every delta that has arrived (at most
 # hold-back + 1) in one feed_many call, as the async drivers and the proxy do (guardrail.catch_up).
-# "read ahead": the default (observer.read_ahead), one feed per delta.
+# "read ahead": the default (observer.read_ahead), one feed per delta; "catch-up ahead": the
+# default with the catch-up driver (what the async drivers and the proxy run by default).
 READS: dict[str, dict[str, Any]] = {
     "per delta": {"max_delay_ms": 0.0, "read_ahead": False},
     "when due": {"read_ahead": False},
     "catch-up": {"read_ahead": False},
     "read ahead": {},
+    "catch-up ahead": {},
 }
-CATCH_UP = {"catch-up"}
+CATCH_UP = {"catch-up", "catch-up ahead"}
 
 
 def _answers(tokenizer: Any, budget: int) -> list[tuple[str, list[str]]]:
@@ -274,7 +277,9 @@ def render(result: dict[str, Any]) -> str:
         "call, at most hold-back + 1 at a time, as the async drivers and the proxy do when "
         "behind their upstream; *read ahead*: the default (`observer.read_ahead`: the tokens "
         "that arrived go to the observer in the background while the feed returns, when the "
-        "driver waited for them and the observer keeps up), one `feed` per delta. *Busy*: "
+        "driver waited for them and the observer keeps up), one `feed` per delta; *catch-up "
+        "ahead*: the default with the catch-up driver (the async drivers' and the proxy's "
+        "default). *Busy*: "
         "another process keeps one core busy. Ratio: tokens/s against per delta, same "
         "configuration. "
         f"Load average {result['load_average_before']:.1f} before the run and "
