@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -78,6 +79,8 @@ def _lp_tokens(entries: Any) -> list[str]:
 
 
 def _assert_no_number(text: str) -> None:
+    # ids and timestamps come from the clock and may contain the digits by chance
+    text = re.sub(r'"(id|created)":\s*("[^"]*"|\d+)', "", text)
     assert "555" not in text and "9876" not in text
     # bytes are sent as lists of ints: the number's bytes never appear either
     packed = text.replace(" ", "")
