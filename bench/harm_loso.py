@@ -175,12 +175,46 @@ def render_pass3(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _head_rows(inc: dict[str, Any], cand: dict[str, Any], extra: Sequence[str] = ()
+               ) -> list[str]:
+    """The incumbent's and the candidate's rows of a pass's head table; ``extra`` names the
+    figures shown after the mean macro-F1."""
+    rows = []
+    for name, h in (("incumbent", inc), ("candidate", cand)):
+        p = h["pool_old_sources"]
+        cells = [name, _rule_text(h["rule"]), f"{h['mean_harmful_source_macro_f1']:.3f}",
+                 *(f"{h[key]:.3f}" for key in extra),
+                 f"{h['nested_mean_harmful_source_macro_f1']:.3f}", f"{p['macro_f1']:.3f}",
+                 f"{p['recall']:.3f}", f"{h['worst_capped_false_halt_rate']:.3f}",
+                 f"{h['fraction_seen']:.3f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _candidate_tables(result: dict[str, Any]) -> list[str]:
+    """The tables a pass with new training data ends with: the candidate against the incumbent
+    per source (LOSO and nested), and the shipped head on the new sources when measured."""
+    from guardrail_harmful_content.training.select import render as table
+
+    inc, cand = result["incumbent"], result["candidate"]
+    lines = ["", "Per source, out of source (the candidate's pool row includes the new "
+             "sources):", "", table(cand["loso"], inc["loso"], ("candidate", "incumbent")),
+             "Nested (each source's rule chosen on the other sources' scores):", "",
+             table(cand["nested"], inc["nested"], ("candidate", "incumbent"))]
+    shipped = result.get("shipped_on_new")
+    if shipped:
+        lines += [f"The shipped head as it is ({_rule_text(shipped['rule'])}) on the new "
+                  "sources, beside the candidate out of source:", "",
+                  table(shipped["per_source"], result.get("candidate_on_new") or {
+                      t: cand["loso"][t] for t in shipped["per_source"] if t != "pool"},
+                        ("shipped head", "candidate (LOSO)"))]
+    return lines
+
+
 def render_pass4(result: dict[str, Any]) -> str:
     """The fourth selection pass (new training data): the incumbent against the candidate with
     the third hand-written wave, per source (LOSO and nested), the shipped head on the new
     sources, and the ship decision."""
-    from guardrail_harmful_content.training.select import render as table
-
     rule, inc, cand = result["ship_rule"], result["incumbent"], result["candidate"]
     lines = [f"### {result['title']}", "",
              f"Incumbent: {result['pool']['incumbent_records']} pool records (the third pass's "
@@ -196,13 +230,7 @@ def render_pass4(result: dict[str, Any]) -> str:
              "| head | rule | mean macro-F1 (incumbent's harmful sources) | nested | pooled "
              "macro-F1 (incumbent's sources) | recall | worst capped false halts | read |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, h in (("incumbent", inc), ("candidate", cand)):
-        p = h["pool_old_sources"]
-        lines.append(f"| {name} | {_rule_text(h['rule'])} | "
-                     f"{h['mean_harmful_source_macro_f1']:.3f} | "
-                     f"{h['nested_mean_harmful_source_macro_f1']:.3f} | {p['macro_f1']:.3f} | "
-                     f"{p['recall']:.3f} | {h['worst_capped_false_halt_rate']:.3f} | "
-                     f"{h['fraction_seen']:.3f} |")
+    lines += _head_rows(inc, cand)
     every = cand.get("rule_py_all_sources")
     if every:
         lines += ["", "The candidate's rule as `select.py` would choose it (mean over all of its "
@@ -210,26 +238,13 @@ def render_pass4(result: dict[str, Any]) -> str:
                   f"{_rule_text(every['rule'])}, mean over all "
                   f"{every['mean_all_harmful_sources_macro_f1']:.3f}, over the incumbent's "
                   f"sources {every['mean_harmful_source_macro_f1']:.3f}."]
-    lines += ["", "Per source, out of source (the candidate's pool row includes the new "
-              "sources):", "", table(cand["loso"], inc["loso"], ("candidate", "incumbent")),
-              "Nested (each source's rule chosen on the other sources' scores):", "",
-              table(cand["nested"], inc["nested"], ("candidate", "incumbent"))]
-    shipped = result.get("shipped_on_new")
-    if shipped:
-        lines += [f"The shipped head as it is ({_rule_text(shipped['rule'])}) on the new "
-                  "sources, beside the candidate out of source:", "",
-                  table(shipped["per_source"], result.get("candidate_on_new") or {
-                      t: cand["loso"][t] for t in shipped["per_source"] if t != "pool"},
-                        ("shipped head", "candidate (LOSO)"))]
-    return "\n".join(lines)
+    return "\n".join(lines + _candidate_tables(result))
 
 
 def render_pass5(result: dict[str, Any]) -> str:
     """The fifth selection pass (the fourth hand-written wave as new training data): the
     incumbent (the fourth pass's pool) against the candidate, per source (LOSO and nested), the
     shipped head on the new sources, and the ship decision."""
-    from guardrail_harmful_content.training.select import render as table
-
     rule, inc, cand, pool = result["ship_rule"], result["incumbent"], result["candidate"], \
         result["pool"]
     added = pool["candidate_records"] - pool["incumbent_records"]
@@ -248,14 +263,7 @@ def render_pass5(result: dict[str, Any]) -> str:
              f" | the same over {len(pool['harmful_sources_18'])} | nested | pooled macro-F1 "
              f"(incumbent's sources) | recall | worst capped false halts | read |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, h in (("incumbent", inc), ("candidate", cand)):
-        p = h["pool_old_sources"]
-        lines.append(f"| {name} | {_rule_text(h['rule'])} | "
-                     f"{h['mean_harmful_source_macro_f1']:.3f} | "
-                     f"{h['mean_18_harmful_source_macro_f1']:.3f} | "
-                     f"{h['nested_mean_harmful_source_macro_f1']:.3f} | {p['macro_f1']:.3f} | "
-                     f"{p['recall']:.3f} | {h['worst_capped_false_halt_rate']:.3f} | "
-                     f"{h['fraction_seen']:.3f} |")
+    lines += _head_rows(inc, cand, extra=("mean_18_harmful_source_macro_f1",))
     every = cand.get("rule_py_all_sources")
     if every:
         lines += ["", "The candidate's rule as `select.py` would choose it (mean over all "
@@ -264,18 +272,7 @@ def render_pass5(result: dict[str, Any]) -> str:
                   f"{every['mean_all_harmful_sources_macro_f1']:.3f}, over the "
                   f"{len(pool['old_harmful_sources'])} sources "
                   f"{every['mean_harmful_source_macro_f1']:.3f}."]
-    lines += ["", "Per source, out of source (the candidate's pool row includes the new "
-              "sources):", "", table(cand["loso"], inc["loso"], ("candidate", "incumbent")),
-              "Nested (each source's rule chosen on the other sources' scores):", "",
-              table(cand["nested"], inc["nested"], ("candidate", "incumbent"))]
-    shipped = result.get("shipped_on_new")
-    if shipped:
-        lines += [f"The shipped head as it is ({_rule_text(shipped['rule'])}) on the new "
-                  "sources, beside the candidate out of source:", "",
-                  table(shipped["per_source"], result.get("candidate_on_new") or {
-                      t: cand["loso"][t] for t in shipped["per_source"] if t != "pool"},
-                        ("shipped head", "candidate (LOSO)"))]
-    return "\n".join(lines)
+    return "\n".join(lines + _candidate_tables(result))
 
 
 def render_selection(report: dict[str, Any]) -> str:

@@ -210,6 +210,14 @@ class GuardSession:
         self.halted: Halt | None = None
         self.closed = False
         self.report: Report | None = None  # set when the session ends (finish or abort)
+        self._init_output(guard)
+        self._init_reads(guard)
+        self._t0 = time.perf_counter()
+        self._generator_mode: bool | None = None
+        self._start_runs(guard, record_scores)
+
+    def _init_output(self, guard: Guard) -> None:
+        """The response so far: its tokens, what was released, and the events for the report."""
         self._aligner = Aligner(guard.tokenizer)
         self._token_starts = array("q")
         self._token_ends = array("q")
@@ -221,6 +229,9 @@ class GuardSession:
         self._routes: list[Route] = []
         self._errors: list[Error] = []
         self._pending: list[Event] = []
+
+    def _init_reads(self, guard: Guard) -> None:
+        """The observer's reads: when they come due, whether they go ahead, and at what pace."""
         self._observer_seconds = 0.0
         self._observer_state: Any = None
         self._observer_failed = False
@@ -255,8 +266,10 @@ class GuardSession:
         # Inside feed_many: reads that come due are planned here, then run as one forward.
         self._plan: list[_Group] | None = None
         self._planned_count = 0
-        self._t0 = time.perf_counter()
-        self._generator_mode: bool | None = None
+
+    def _start_runs(self, guard: Guard, record_scores: bool) -> None:
+        """One run per monitor; each starts once the host has seen the session, and one that
+        fails to start follows its on_error."""
         self._runs: list[_Run] = []
         for spec, monitor in guard.monitors:
             run = _Run(spec, monitor, guard.threshold_of(spec), guard.needs_of[spec.id])

@@ -31,6 +31,23 @@ def _require_sources() -> None:
         pytest.skip(f"source wheels unavailable: {exc}")
 
 
+@pytest.fixture(scope="session")
+def harm_sources() -> None:
+    """Skips the test, with the reason, when the sources a build reads are unavailable."""
+    _require_sources()
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_jsonl() -> Callable[[Path, list[dict[str, Any]]], Path]:
+    """``write_jsonl(path, rows)`` -> ``path``, holding the rows one JSON object a line."""
+    return _write_jsonl
+
+
 def _read_split(folder: Path, name: str) -> list[dict[str, Any]]:
     lines = (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
@@ -74,7 +91,7 @@ def _write_tiny_splits(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 24), ("val", 12), ("test", 6)):
         rows = [_tiny_record(100 * len(split) + i, i % 2) for i in range(n)]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_jsonl(folder / f"{split}.jsonl", rows)
     return folder
 
 

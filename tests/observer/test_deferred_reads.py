@@ -7,40 +7,18 @@ from __future__ import annotations
 import json
 import time
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from guardrail import Features, Guard, Monitor, Needs, Score
 from guardrail.errors import GuardrailError
 from guardrail.events import Event, Flag, Halt, Release, Route
-from guardrail.observer.hf import load_model_dir
 from guardrail.policy import Policy
 from guardrail.session import Report
 from guardrail.testing import plugin_monitors, random_splits, split_text
 
-TEXT = ("The capital of France is Paris. It is a large city on the Seine, and its museums "
-        "hold paintings from many centuries. Visitors walk along the river, cross the old "
-        "bridges and climb the hill to the white church. Some of them ask how to build a bomb "
-        "and the guide says no. Then they eat bread and cheese and go home by train.")
-
-
-class RowNormMonitor(Monitor):
-    """Scores each token by the norm of its layer-1 state (flags the largest ones)."""
-
-    def __init__(self, options: Any = None) -> None:
-        pass
-
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset({1}), top_k=3)
-
-    def update(self, state: Any, features: Features) -> list[Score]:
-        rows = features.hidden[1]
-        assert rows.shape[0] == len(features.tokens) == features.top_logits.shape[0]
-        return [Score(i, float(torch.linalg.vector_norm(r)))
-                for i, r in zip(features.indices, rows, strict=True)]
+from .streams import TEXT, RowNorm
 
 
 class TextLengthMonitor(Monitor):
@@ -83,11 +61,6 @@ def _find_all(text: str, word: str) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def observer(tiny_llama: Path) -> Any:
-    return load_model_dir(tiny_llama, name="tiny-llama", window=4096)
-
-
 def _policy(max_delay_ms: float, hold_back: int = 8, read_ahead: bool = False) -> dict[str, Any]:
     return {
         "observer": {"max_delay_ms": max_delay_ms, "read_ahead": read_ahead},
@@ -103,7 +76,7 @@ def _policy(max_delay_ms: float, hold_back: int = 8, read_ahead: bool = False) -
 
 def _run(observer: Any, policy: dict[str, Any], deltas: list[str],
          pause: float = 0.0) -> tuple[list[Event], Report]:
-    with plugin_monitors(row_norm=RowNormMonitor, text_length=TextLengthMonitor,
+    with plugin_monitors(row_norm=RowNorm, text_length=TextLengthMonitor,
                          word_end=WordEndMonitor) as host:
         guard = Guard.from_policy(policy, host=host, observer=observer)
         session = guard.session(prompt="Tell me about Paris.", record_scores=True)
@@ -243,7 +216,7 @@ def _route_run(observer: Any, max_delay_ms: float,
              "route_to": {"model": "large"}},
         ],
     }
-    with plugin_monitors(row_norm=RowNormMonitor, word_end=WordEndMonitor) as host:
+    with plugin_monitors(row_norm=RowNorm, word_end=WordEndMonitor) as host:
         guard = Guard.from_policy(policy, host=host, observer=observer)
         session = guard.session(prompt="Tell me about France.", record_scores=True,
                                 can_route=True)
