@@ -450,8 +450,44 @@ def render(result: dict[str, Any]) -> str:
                         "to the CPU), so its cost grows with the streams in it and the "
                         "aggregate stops growing once a forward carries a few dozen; bfloat16 "
                         "saves no time where the arithmetic is not the cost.")
+    out += _other_reads(result)
     out += ["", f"_Written {result['written']}._", ""]
     return "\n".join(out)
+
+
+def _other_reads(result: dict[str, Any]) -> list[str]:
+    """Runs with other tokens per read (``--tokens-per-read``), merged into the result by hand
+    as ``other_reads``: how a forward's cost depends on the tokens in it."""
+    other = result.get("other_reads")
+    if not other:
+        return []
+    out = ["", "The same with other read lengths, float32. "
+           f"{result.get('other_reads_note', '')}".rstrip(), "",
+           "| tokens per read | streams | tokens/s | per stream | forward ms (median / p95) | "
+           "model ms (median) | read ms (median / p95) |",
+           "|---|---|---|---|---|---|---|"]
+    for k, run in other.items():
+        for n, c in run["batched"].items():
+            out.append(f"| {k} | {n} | {c['tokens_per_s']:.0f} | "
+                       f"{c['tokens_per_s'] / int(n):.1f} | {c['forward_ms_median']:.0f} / "
+                       f"{c['forward_ms_p95']:.0f} | {c['model_ms_median']:.0f} | "
+                       f"{c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+        for n, c in run["sequential"].items():
+            out.append(f"| {k}, sequential | {n} | {c['tokens_per_s']:.0f} | "
+                       f"{c['tokens_per_s'] / int(n):.1f} | - | - | "
+                       f"{c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+    lengths = sorted(other, key=int)
+    if len(lengths) >= 2:  # the longest reads against the shortest, at the streams both ran
+        short, long = other[lengths[0]]["batched"], other[lengths[-1]]["batched"]
+        gains = [f"{long[n]['tokens_per_s'] / short[n]['tokens_per_s']:.1f}x the tokens/s for "
+                 f"{long[n]['forward_ms_median'] / short[n]['forward_ms_median']:.1f}x the "
+                 f"forward time at {n} streams" for n in short if n in long]
+        if gains:
+            out += ["", f"Reads of {lengths[-1]} tokens against reads of {lengths[0]}: "
+                    + "; ".join(gains) + ". Most of a forward's cost is per stream, not per "
+                    "token, so a stream whose tokens pile up while the observer is busy is read "
+                    "in fewer, longer reads and the total rises, at the cost of a later verdict."]
+    return out
 
 
 def _pace_lines(result: dict[str, Any]) -> list[str]:
