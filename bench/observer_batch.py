@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import median, write_result
+from .observer_batch_device import GPU_NAME
+from .observer_batch_device import render as render_gpu
 
 NAME = "observer_batch"
 CONCURRENCY = [1, 8, 32]
@@ -241,6 +243,10 @@ def render(result: dict[str, Any]) -> str:
                 f"bench/results/{other['file']}): ratios {ratios}."]
     out.append("")
     return "\n".join(out)
+
+
+# The batched observer alone on a lent GPU, run by hand (bench/observer_batch_device.py).
+EXTRA_RESULTS = {GPU_NAME: render_gpu}
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ on the observer's ``threads`` intra-op threads. They share no barrier inside the
 intra-op threads do on every operation), so a worker that waits for a busy core delays only its
 part. ``auto`` spreads only while the parts get the cores to run at once (``SHARE_MIN``).
 
-A read that fails fails only its stream: a failure before the forward (a token without an id, a
-deeper layer than the stream started with) is that stream's alone; a batched forward that raises
-is rerun stream by stream, so only the stream that breaks it gets the error. ``release`` frees a
-closed stream's cache at once.
+A read that fails fails only its stream: a failure before the forward (a token without an id, on a
+GPU an id outside the vocabulary, a deeper layer than the stream started with) is that stream's
+alone; a batched forward that raises is rerun stream by stream, so only the stream that breaks it
+gets the error. ``release`` frees a closed stream's cache at once.
 """
 
 from __future__ import annotations
@@ -159,6 +159,9 @@ class BatchedObserver:
             if stream.released:
                 raise ObserverError("read of an observer stream that was released (closed)")
             job.ids = [_token_id(t) for t in tokens]
+            check = getattr(self.inner, "check_ids", None)
+            if check is not None:  # on a GPU a bad id would break the forward for every stream
+                check(job.ids)
         except Exception as exc:  # noqa: BLE001 - this stream's bad input is its error alone
             job.future.set_exception(exc)
             return job.future

@@ -227,6 +227,17 @@ class TorchObserver(BaseObserver):
         self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
         # The step's projections on weights packed once (CPU float32; None: the model's own)
         self.packed = pack_linears(model) if self.fast else None
+        self.vocab = int(model.get_input_embeddings().num_embeddings)
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Refuse token ids outside the embedding before a forward on a GPU: there such an id
+        is a device-side assert that breaks the CUDA context, failing every stream's reads after
+        it. (On the CPU the forward raises for that stream alone: nothing to check.)"""
+        if self.device.type != "cpu" and ids and (min(ids) < 0 or max(ids) >= self.vocab):
+            bad = next(i for i in ids if not 0 <= i < self.vocab)
+            raise ObserverError(f"observer {self.name!r}: token id {bad} is outside its "
+                                f"vocabulary (0..{self.vocab - 1}): tokenize with "
+                                "observer.tokenizer")
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
         state, ids = self.open(messages, needs)
@@ -265,6 +276,7 @@ class TorchObserver(BaseObserver):
         ids = [_token_id(t) for t in tokens]
         if not ids:
             return _empty(needs, self.hidden_size)
+        self.check_ids(ids)
         parts = []
         for chunk in self.chunks(state, ids):
             state.make_room(len(chunk))

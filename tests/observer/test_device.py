@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from guardrail import Features, Guard, GuardrailError, Halt, Monitor, Needs, ObserverError, Score
+from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.hf import load_model_dir, resolve_device
+from guardrail.stream import TokenSpan
 from guardrail.testing import plugin_monitors, split_text
 
 MESSAGES = [{"role": "user", "content": "Tell me some facts."}]
@@ -182,3 +184,82 @@ def test_routing_between_two_gpu_generators(tiny_llama: Path) -> None:
         list(stream)
     assert stream.routed_tokens == [5] and stream.report is not None
     assert not stream.report.halted
+
+
+# -- the Guard's batched observer on a GPU -------------------------------------------------------
+
+
+def _rows(batch: Any) -> dict[str, torch.Tensor]:
+    out = {f"hidden{k}": v for k, v in batch.hidden.items()}
+    out["logits"], out["top"] = batch.logits, batch.top_logits
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("window", [256, 24])
+def test_streams_batched_on_the_gpu_read_what_each_reads_alone_on_the_cpu(tiny_llama: Path,
+                                                                          window: int) -> None:
+    """Three streams with chunks of different lengths, each round's chunks in one packed
+    forward on the GPU, give each stream the CPU's unbatched rows (window 24: old tokens are
+    dropped too)."""
+    cpu = load_model_dir(tiny_llama, name="tiny", window=window)
+    batched = BatchedObserver(load_model_dir(tiny_llama, name="tiny", window=window,
+                                             options={"device": "cuda"}))
+    prompts = ["Hi.", "Tell me about Paris, please.", "Who was Marie Curie?"]
+    tokens = cpu.tokenizer.tokenize(TEXT)
+    sizes = [1, 3, 5]
+    alone = []
+    for prompt, size in zip(prompts, sizes, strict=True):
+        state = cpu.start([{"role": "user", "content": prompt}], NEEDS)
+        alone.append([cpu.extend(state, tokens[i:i + size], NEEDS)
+                      for i in range(0, len(tokens), size)])
+    streams = [batched.start([{"role": "user", "content": p}], NEEDS) for p in prompts]
+    together: list[list[Any]] = [[] for _ in prompts]
+    for r in range(max(len(reads) for reads in alone)):
+        with batched.hold():
+            futures = {k: batched.submit(streams[k], tokens[r * size:(r + 1) * size], NEEDS)
+                       for k, size in enumerate(sizes) if r * size < len(tokens)}
+        for k, future in futures.items():
+            together[k].append(future.result(timeout=60))
+    assert batched.stats.largest == len(prompts)  # the rounds shared forwards
+    for mine, theirs in zip(together, alone, strict=True):
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            got, want = _rows(a), _rows(b)
+            for key in want:
+                assert got[key].device.type == "cpu", key
+                torch.testing.assert_close(got[key], want[key], atol=TOL, rtol=TOL)
+
+
+@cuda
+def test_a_bad_token_id_on_the_gpu_fails_its_stream_and_no_other(tiny_llama: Path) -> None:
+    """An id past the embedding would be a device-side assert on the GPU, breaking every read
+    after it: it is refused before the forward, naming the id, and the other streams of its
+    batch, and every later read, get their rows."""
+    plain = load_model_dir(tiny_llama, name="tiny", window=256, options={"device": "cuda"})
+    batched = BatchedObserver(plain)
+    tokens = plain.tokenizer.tokenize(TEXT)[:6]
+    bad = [TokenSpan(0, 1, plain.hf_tokenizer.vocab_size + 1000), *tokens[1:]]
+    streams = [batched.start(MESSAGES, NEEDS) for _ in range(3)]
+    with batched.hold():
+        futures = [batched.submit(streams[0], tokens, NEEDS),
+                   batched.submit(streams[1], bad, NEEDS),
+                   batched.submit(streams[2], tokens, NEEDS)]
+    with pytest.raises(ObserverError, match="outside its vocabulary"):
+        futures[1].result(timeout=60)
+    cpu = load_model_dir(tiny_llama, name="tiny", window=256)
+    state = cpu.start(MESSAGES, NEEDS)
+    want = _rows(cpu.extend(state, tokens, NEEDS))
+    for k in (0, 2):
+        got = _rows(futures[k].result(timeout=60))
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=TOL, rtol=TOL)
+    # a stream's own (unbatched) read refuses it too; the GPU reads on
+    alone = plain.start(MESSAGES, NEEDS)
+    with pytest.raises(ObserverError, match="outside its vocabulary"):
+        plain.extend(alone, bad, NEEDS)
+    nxt = plain.tokenizer.tokenize(TEXT)[6:9]
+    got = _rows(batched.extend(streams[0], nxt, NEEDS))
+    want = _rows(cpu.extend(state, nxt, NEEDS))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=TOL, rtol=TOL)
