@@ -271,3 +271,58 @@ def test_upweighting_a_source_family_changes_the_fit_and_is_recorded(tmp_path: P
     weights = save_chosen(pool, report, tmp_path)
     config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
     assert config["method"]["upweight"] == {"src:a": 3.0}
+
+
+@pytest.mark.parametrize("family", [("cusum", None), ("ema", 4.0)])
+def test_a_rule_family_chosen_by_selection_halts_through_the_monitor_where_it_said(
+        tmp_path: Path, family: tuple[str, float | None]) -> None:
+    from guardrail_harmful_content.training.select import candidate_name, run, save_chosen
+    from guardrail_harmful_content.training.selection.rule import family_grid, family_halts
+
+    from guardrail.monitor import Score
+    from guardrail.rules import CountRule
+
+    pool = _pool(2)
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9, halflives=(6.0,),
+                 layer_sets=[(3,)], families=[("count", None), family])
+    names = sorted(candidate_name(c) for c in report["candidates"])
+    assert len(names) == 2 and names[0] == "ridge 1 hl6 3"
+    candidate = next(c for c in report["candidates"] if c.get("rule_family") == family[0])
+    report["chosen"] = {**candidate, "full_detection_threshold": 0.5}
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["score_transform"] == candidate["score_transform"]
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    assert monitor.k == candidate["k"]
+    assert monitor.default_threshold == pytest.approx(candidate["threshold"])
+    probe = fit_probe(pool, [3], 1.0, 6.0)
+    table = family_halts([probe.prefix_scores(r) for r in pool], *family)
+    a, b = family_grid(family[0])
+    key = ((candidate["score_transform"]["drift"], candidate["height"])
+           if family[0] == "cusum" else (candidate["threshold"], float(candidate["k"])))
+    fired = 0
+    for i, record in enumerate(pool):
+        state = monitor.start(MonitorContext("harm"))
+        values = [s.value for s in monitor.update(state, _features(record, 0, 9))]
+        monitor.truncate(state, 4)  # a rolled-back stream resumes as a fresh one would
+        values = values[:4] + [s.value for s in monitor.update(state, _features(
+            record, 4, len(record)))]
+        rule = CountRule(k=monitor.k)
+        rule_state = rule.start()
+        halt = next((t for t, v in enumerate(values) if rule.update(
+            rule_state, [Score(t, v)], monitor.default_threshold)), -1)
+        # the selection's halt for this rule, from its table over the family's grid
+        expected = table[i, a.index(key[0]), b.index(key[1])]
+        assert halt == expected, i
+        fired += halt >= 0
+    assert fired > 0
+
+
+def test_select_names_a_bad_rule_family(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    from guardrail_harmful_content.training.select import main
+
+    with pytest.raises(SystemExit):
+        main(["--pool", str(tmp_path / "p.jsonl"), "--report", str(tmp_path / "r.json"),
+              "--rule-families", "ema:soon"])
+    assert "'ema:soon': a rule family is count, cusum or ema:HALFLIFE" in capsys.readouterr().err
