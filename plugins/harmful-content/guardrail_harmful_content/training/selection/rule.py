@@ -121,20 +121,24 @@ def _macro_f1(fired: np.ndarray, harmful: np.ndarray) -> np.ndarray:
 
 def grid_summary(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
                  max_false_halts: float, max_read: float,
-                 capped: Sequence[str] = CAPPED_MIXED) -> dict[str, np.ndarray]:
-    """Per rule in the grid: mean macro-F1 over harmful sources, the worst capped source's
-    false-halt rate (benign-only sources, and the benign records of sources whose tag starts
-    with one of ``capped``), pooled fraction read and pooled macro-F1."""
+                 capped: Sequence[str] = CAPPED_MIXED,
+                 objective: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per rule in the grid: mean macro-F1 over harmful sources (those named in ``objective``
+    only, when given: a pass that compares pools keeps one set of sources), the worst capped
+    source's false-halt rate (benign-only sources, and the benign records of sources whose tag
+    starts with one of ``capped``; every capped source, whatever ``objective`` says), pooled
+    fraction read and pooled macro-F1."""
     grid = table.shape[1:]
     harmful_tags = sorted({t for t, y in zip(tags, labels, strict=True) if y == 1})
     benign_tags = sorted(set(tags) - set(harmful_tags)) + [
         t for t in harmful_tags if t.startswith(tuple(capped))]
     fired = table >= 0
     mean_f1 = np.zeros(grid)
-    for tag in harmful_tags:
+    scored = [t for t in harmful_tags if objective is None or t in set(objective)]
+    for tag in scored:
         sel = tags == tag
         mean_f1 += _macro_f1(fired[sel], labels[sel] == 1)
-    mean_f1 /= max(1, len(harmful_tags))
+    mean_f1 /= max(1, len(scored))
     worst_fhr = np.zeros(grid)
     for tag in benign_tags:
         sel = (tags == tag) & (labels == 0)
@@ -167,13 +171,14 @@ def choose_rule(summary: Mapping[str, np.ndarray]) -> tuple[int, int, bool]:
 
 def nested(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
            max_false_halts: float, max_read: float,
-           capped: Sequence[str] = CAPPED_MIXED) -> np.ndarray:
+           capped: Sequence[str] = CAPPED_MIXED,
+           objective: Sequence[str] | None = None) -> np.ndarray:
     """Each source's halts under the rule chosen on the other sources' scores."""
     out = np.full(len(labels), -1, dtype=np.int64)
     for tag in sorted(set(tags)):
         rest = tags != tag
         summary = grid_summary(labels[rest], tags[rest], lengths[rest], table[rest],
-                               max_false_halts, max_read, capped)
+                               max_false_halts, max_read, capped, objective)
         j, k, _ = choose_rule(summary)
         out[tags == tag] = table[tags == tag, j, k]
     return out

@@ -93,7 +93,8 @@ def _candidate(key: Key, family: Family, summary: Mapping[str, np.ndarray], j: i
 def rule_candidates(scored: Mapping[Key, list[np.ndarray]], labels: np.ndarray,
                     tags: np.ndarray, lengths: np.ndarray, max_false_halts: float,
                     max_read: float, capped: Sequence[str], upweight_prefix: str,
-                    progress: bool, families: Sequence[Family] = (("count", None),)
+                    progress: bool, families: Sequence[Family] = (("count", None),),
+                    objective: Sequence[str] | None = None
                     ) -> tuple[list[dict[str, Any]], dict[str, Any],
                                dict[str, tuple[Key, np.ndarray, int, int]]]:
     """Each (head, rule family) candidate with its best rule under the caps; its per-source
@@ -108,7 +109,7 @@ def rule_candidates(scored: Mapping[Key, list[np.ndarray]], labels: np.ndarray,
         for family in families:
             table = family_halts(scores, family[0], family[1])
             summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read,
-                                   capped)
+                                   capped, objective)
             j, k, met = choose_rule(summary)
             candidates.append(_candidate(key, family, summary, j, k, met, upweight_prefix))
             name = candidate_name(candidates[-1])
@@ -136,13 +137,16 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         fits: Sequence[str] = ("ridge",),
         strengths: Mapping[str, Sequence[float]] | None = None,
         upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:",
-        families: Sequence[Family] = (("count", None),)) -> dict[str, Any]:
+        families: Sequence[Family] = (("count", None),),
+        objective: Sequence[str] | None = None) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (``layer_sets_of``), at every ridge strength and
     pooling half-life (None: the prefix mean), for each fit in ``fits`` (ridge, logistic;
     ``strengths`` gives a fit its own L2 strengths instead of ``ridges``) and each factor in
     ``upweights`` on the cells of the tags that start with ``upweight_prefix``
     (``pooled.row_matrix``). Each head is tried with each rule family in ``families``
-    (``rule.FAMILIES``: the count rule on its scores, or on their ``evidence.py`` transform)."""
+    (``rule.FAMILIES``: the count rule on its scores, or on their ``evidence.py`` transform).
+    ``objective`` names the harmful sources the mean macro-F1 runs over (default: every one in
+    the pool; the caps always cover every capped source)."""
     t0 = time.perf_counter()
     sets = layer_sets_of(layers, layer_sets)
     lams = {f: (strengths or {}).get(f, ridges) for f in fits}
@@ -153,13 +157,14 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     lengths = np.asarray([len(r) for r in records])
     candidates, by_candidate, tables = rule_candidates(
         scored, labels, tags, lengths, max_false_halts, max_read, capped, upweight_prefix,
-        progress, families)
+        progress, families, objective)
     best = pick(candidates)
     key, table, j, k = tables[candidate_name(best)]
     # full detection (the last token's score only), thresholded on the same out-of-source scores
     best["full_detection_threshold"] = best_threshold(
         labels.tolist(), [float(s[-1]) for s in scored[key]])[0]
-    halt_nested = nested(labels, tags, lengths, table, max_false_halts, max_read, capped)
+    halt_nested = nested(labels, tags, lengths, table, max_false_halts, max_read, capped,
+                         objective)
     return {
         "chosen": best,
         "candidates": candidates,
@@ -167,7 +172,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
         "loso_nested": per_source(labels, tags, lengths, halt_nested, scored[key]),
         "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
-                 "max_fraction_seen": max_read, "capped_mixed_sources": list(capped)},
+                 "max_fraction_seen": max_read, "capped_mixed_sources": list(capped),
+                 **({} if objective is None else {"objective_sources": list(objective)})},
         "grid": {"families": [list(f) for f in families], "ridges": list(ridges),
                  "strengths": {f: list(v) for f, v in lams.items()},
                  "upweights": list(upweights), "upweight_prefix": upweight_prefix,
