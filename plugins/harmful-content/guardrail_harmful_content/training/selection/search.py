@@ -18,6 +18,8 @@ from ..pooled import PoolRecord, fit_loso
 from .record import candidate_name, per_source
 from .rule import (
     CAPPED_MIXED,
+    KS,
+    THRESHOLDS,
     choose_rule,
     family_halts,
     grid_summary,
@@ -174,7 +176,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
                  "max_fraction_seen": max_read, "capped_mixed_sources": list(capped),
                  **({} if objective is None else {"objective_sources": list(objective)})},
-        "grid": {"families": [list(f) for f in families], "ridges": list(ridges),
+        "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS),
+                 "families": [list(f) for f in families], "ridges": list(ridges),
                  "strengths": {f: list(v) for f, v in lams.items()},
                  "upweights": list(upweights), "upweight_prefix": upweight_prefix,
                  "halflives": list(halflives), "fits": list(fits),
