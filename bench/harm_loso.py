@@ -275,6 +275,75 @@ def render_pass5(result: dict[str, Any]) -> str:
     return "\n".join(lines + _candidate_tables(result))
 
 
+def _family_rule_text(candidate: dict[str, Any]) -> str:
+    """A sixth-pass candidate's rule: its family, parameter and grid point."""
+    rule = candidate["rule"]
+    if candidate["family"] == "cusum":
+        spec = rule["score_transform"]
+        return f"cusum d {spec['drift']} h {rule['height']:g}"
+    family = ("count" if candidate["family"] == "count"
+              else f"ema {candidate['param']:g} + count")
+    return f"{family} t {rule['threshold']} k {rule['k']}"
+
+
+def render_pass6(result: dict[str, Any]) -> str:
+    """The sixth selection pass (rule families beyond the count rule, the head's ridge and
+    half-life on the pool with wave 4): every candidate's best rule under the caps, the
+    incumbent against the best challenger and the best head on the wave-4 pool per source, the
+    fully nested figure and the per-source ceiling, and the ship decision."""
+    from guardrail_harmful_content.training.select import render as table
+
+    rule, pool = result["ship_rule"], result["pool"]
+    inc, best, wave4 = result["incumbent"], result["best_challenger"], result["best_wave4_head"]
+    n16 = len(pool["old_harmful_sources"])
+    lines = [f"### {result['title']}", "",
+             f"Heads, each scored out of source by the same folds: the incumbent's (pool "
+             f"{pool['incumbent_records']}, ridge 0.3, half-life 12) and six on the pool with "
+             f"wave 4 ({pool['candidate_records']} records; ridge 0.3, 1, 3 at half-lives 12 "
+             "and 8), layers 6, 9, 12, 15. Rule families: " + "; ".join(
+                 f"`{k}`, {v}" for k, v in result["families"].items()) + ". Each (head, "
+             "family) candidate's rule is chosen under the caps (false halts <= 0.05 on every "
+             "capped source of its pool; mean share read <= 0.5) for the mean macro-F1 over "
+             f"the same {n16} harmful sources. Ship rule, written before the run: "
+             f"{rule['text']}. The best candidate is the incumbent itself; the best challenger's "
+             f"margin {rule['margin']:+.3f}; shipped: {'yes' if rule['ship'] else 'no'}.", "",
+             f"| head | rule | mean macro-F1 ({n16} harmful sources) | the same over "
+             f"{len(pool['harmful_sources_18'])} | pooled macro-F1 | worst capped false halts "
+             "| read | best under the false-halt cap alone |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in result["candidates"]:
+        lines.append(f"| {c['head']} | {_family_rule_text(c)} | "
+                     f"{c['mean_harmful_source_macro_f1']:.3f} | "
+                     f"{c['mean_18_harmful_source_macro_f1']:.3f} | {c['pool_macro_f1']:.3f} | "
+                     f"{c['worst_capped_false_halt_rate']:.3f} | {c['fraction_seen']:.3f} | "
+                     f"{c['best_fh_cap_only']:.3f} |")
+    nested = result["fully_nested"]
+    oracle = result["oracle_per_source_rule"]
+    lines += ["", f"Nested (each source's rule chosen without it): incumbent "
+              f"{inc['nested_mean_harmful_source_macro_f1']:.3f}, best challenger "
+              f"{best['nested_mean_harmful_source_macro_f1']:.3f}, best head on the wave-4 pool "
+              f"{wave4['nested_mean_harmful_source_macro_f1']:.3f}. Fully nested (for each "
+              "held-out source the candidate and its rule chosen on the other sources): "
+              f"{nested['mean']:.3f}. Deciding nothing, an upper bound: each harmful source's "
+              "own best rule of the family, chosen on that source itself (its own benign "
+              "answers' false halts <= 0.05, no read cap), on the same scores: incumbent "
+              f"{oracle['incumbent']['mean']:.3f}, best head on the "
+              f"wave-4 pool {oracle['best_wave4_head_family']['mean']:.3f}: what one global "
+              "rule costs against a rule per source.", "",
+              f"Per source, out of source: the best challenger ({best['head']}, "
+              f"{_family_rule_text(best)}) beside the incumbent ({_family_rule_text(inc)}):", "",
+              table(best["loso"], inc["loso"], ("challenger", "incumbent")),
+              f"The best head on the wave-4 pool ({wave4['head']}, {_family_rule_text(wave4)}) "
+              "beside the incumbent:", "",
+              table(wave4["loso"], inc["loso"], ("wave-4 head", "incumbent")),
+              "Each harmful source: the incumbent at its one rule (LOSO) and the source's own "
+              "best rule on the same scores (chosen on the source itself; deciding nothing):", "",
+              "| source | incumbent: macro-F1 | own best rule: macro-F1 |", "|---|---|---|"]
+    for tag, value in oracle["incumbent"]["per_source"].items():
+        lines.append(f"| {tag} | {inc['loso'][tag]['macro_f1']:.3f} | {value:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_selection(report: dict[str, Any]) -> str:
     """The LOSO selection's per-source figures (``select.py``'s report), and the head shipped
     before it on the sources it never trained on when the report carries them."""

@@ -271,3 +271,104 @@ def test_upweighting_a_source_family_changes_the_fit_and_is_recorded(tmp_path: P
     weights = save_chosen(pool, report, tmp_path)
     config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
     assert config["method"]["upweight"] == {"src:a": 3.0}
+
+
+@pytest.mark.parametrize("family", [("cusum", None), ("ema", 4.0)])
+def test_a_rule_family_chosen_by_selection_halts_through_the_monitor_where_it_said(
+        tmp_path: Path, family: tuple[str, float | None]) -> None:
+    from guardrail_harmful_content.training.select import candidate_name, run, save_chosen
+    from guardrail_harmful_content.training.selection.rule import family_grid, family_halts
+
+    from guardrail.monitor import Score
+    from guardrail.rules import CountRule
+
+    pool = _pool(2)
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9, halflives=(6.0,),
+                 layer_sets=[(3,)], families=[("count", None), family])
+    names = sorted(candidate_name(c) for c in report["candidates"])
+    assert len(names) == 2 and names[0] == "ridge 1 hl6 3"
+    candidate = next(c for c in report["candidates"] if c.get("rule_family") == family[0])
+    report["chosen"] = {**candidate, "full_detection_threshold": 0.5}
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["score_transform"] == candidate["score_transform"]
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    assert monitor.k == candidate["k"]
+    assert monitor.default_threshold == pytest.approx(candidate["threshold"])
+    probe = fit_probe(pool, [3], 1.0, 6.0)
+    table = family_halts([probe.prefix_scores(r) for r in pool], *family)
+    a, b = family_grid(family[0])
+    key = ((candidate["score_transform"]["drift"], candidate["height"])
+           if family[0] == "cusum" else (candidate["threshold"], float(candidate["k"])))
+    fired = 0
+    for i, record in enumerate(pool):
+        state = monitor.start(MonitorContext("harm"))
+        values = [s.value for s in monitor.update(state, _features(record, 0, 9))]
+        monitor.truncate(state, 4)  # a rolled-back stream resumes as a fresh one would
+        values = values[:4] + [s.value for s in monitor.update(state, _features(
+            record, 4, len(record)))]
+        rule = CountRule(k=monitor.k)
+        rule_state = rule.start()
+        halt = next((t for t, v in enumerate(values) if rule.update(
+            rule_state, [Score(t, v)], monitor.default_threshold)), -1)
+        # the selection's halt for this rule, from its table over the family's grid
+        expected = table[i, a.index(key[0]), b.index(key[1])]
+        assert halt == expected, i
+        fired += halt >= 0
+    assert fired > 0
+
+
+def test_select_names_a_bad_rule_family(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    from guardrail_harmful_content.training.select import main
+
+    with pytest.raises(SystemExit):
+        main(["--pool", str(tmp_path / "p.jsonl"), "--report", str(tmp_path / "r.json"),
+              "--rule-families", "ema:soon"])
+    assert "'ema:soon': a rule family is count, cusum or ema:HALFLIFE" in capsys.readouterr().err
+
+
+def test_the_objective_runs_over_the_named_sources_and_the_caps_over_all() -> None:
+    from guardrail_harmful_content.training.select import grid_summary, halts, run
+
+    pool = _pool(2)
+    probe = fit_probe(pool, [3], 1.0, 6.0)
+    scores = [probe.prefix_scores(r) for r in pool]
+    labels = np.asarray([r.label for r in pool])
+    tags = np.asarray([r.tag for r in pool])
+    lengths = np.asarray([len(r) for r in pool])
+    table = halts(scores, (0.3, 0.9), (1, 3))
+    full = grid_summary(labels, tags, lengths, table, 0.05, 0.9, ("src:",))
+    one = grid_summary(labels, tags, lengths, table, 0.05, 0.9, ("src:",), ["src:b"])
+    sel = tags == "src:b"
+    alone = grid_summary(labels[sel], tags[sel], lengths[sel], table[sel], 0.05, 0.9, ("src:",))
+    np.testing.assert_allclose(one["mean_f1"], alone["mean_f1"])
+    # the caps still cover every capped source: src:a's and src:c's benign answers count
+    np.testing.assert_allclose(one["worst_fhr"], full["worst_fhr"])
+    assert not np.allclose(one["mean_f1"], full["mean_f1"])
+    report = run(pool, [3, 5], [1.0], max_false_halts=0.05, max_read=0.9, halflives=(6.0,),
+                 layer_sets=[(3,)], objective=["src:b"])
+    assert report["caps"]["objective_sources"] == ["src:b"]
+    chosen = report["chosen"]
+    assert chosen["mean_harmful_source_macro_f1"] == pytest.approx(
+        report["loso"]["src:b"]["macro_f1"])
+
+
+def test_select_names_an_objective_source_the_pool_lacks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from guardrail_harmful_content.training.select import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"source_tag": "src:a", "label": 1, "prompt": "p",
+                                "response": "r"}) + "\n", encoding="utf-8")
+    features = tmp_path / "features"
+    features.mkdir()
+    from safetensors.numpy import save_file
+
+    save_file({"0/hidden.3": np.ones((2, 4), dtype=np.float16),
+               "0/offsets": np.asarray([[0, 1], [1, 2]], dtype=np.int64)},
+              str(features / "shard-00000.safetensors"))
+    with pytest.raises(SystemExit):
+        main(["--pool", str(pool), "--features", str(features), "--layers", "3",
+              "--report", str(tmp_path / "r.json"), "--objective-sources", "src:a", "src:z"])
+    assert "--objective-sources: src:z hold no harmful record" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
 
+from .evidence import ScoreTransform, check_spec
 from .head import DualHead
 from .pooling import POOLINGS, stack_states
 
@@ -49,14 +50,17 @@ _SHIPPED_THRESHOLD, _SHIPPED_K = _rule_of(_shipped_config())
 class _PrefixMean:
     """Per-stream state of a ``prefix_mean`` (or ``prefix_ema``) head: each token's projection by
     the mean half of the head's first layer (a float for a linear head, ``m`` floats for an MLP)
-    and their running (decayed) sum and count."""
+    and their running (decayed) sum and count; and the stream's score transform, if the head
+    names one (``evidence.py``)."""
 
-    __slots__ = ("count", "projections", "total")
+    __slots__ = ("count", "projections", "total", "transform")
 
-    def __init__(self, total: float | np.ndarray) -> None:
+    def __init__(self, total: float | np.ndarray,
+                 transform: dict[str, Any] | None = None) -> None:
         self.projections: list[Any] = []
         self.total = total
         self.count = 0.0
+        self.transform = None if transform is None else ScoreTransform(transform)
 
 
 def _project(rows: Sequence[np.ndarray], blocks: Sequence[np.ndarray]) -> np.ndarray:
@@ -98,6 +102,17 @@ def _ema_decay(probe: LoadedProbe, config: Path) -> float:
         raise ProbeFileError(f"{config}: key 'halflife' must be a number of tokens > 0, got "
                              f"{halflife!r}")
     return float(2.0 ** (-1.0 / float(halflife)))
+
+
+def _score_transform(probe: LoadedProbe, config: Path) -> dict[str, Any] | None:
+    """The transform of the prefix scores the head's rule reads (``score_transform``), if any."""
+    spec = probe.config.get("score_transform")
+    if spec is None:
+        return None
+    try:
+        return check_spec(spec)
+    except ValueError as exc:
+        raise ProbeFileError(f"{config}: {exc}") from None
 
 
 def _first_layer(head: DualHead) -> tuple[tuple[np.ndarray, np.ndarray, float] | None,
@@ -162,6 +177,8 @@ class HarmfulContentMonitor(Monitor):
         self.pooling: str = _pooling(self.probe, config)
         # per-token decay of the pooled half: 1.0 is the plain prefix mean
         self._decay = _ema_decay(self.probe, config) if self.pooling == "prefix_ema" else 1.0
+        # the count rule reads the transformed scores when the head's rule family names one
+        self._transform = _score_transform(self.probe, config)
         self._mlp, w1 = _first_layer(head)
         parts = len(self.layers) * (1 if self.pooling == "none" else 2)
         width = w1.shape[0] // parts
@@ -204,13 +221,17 @@ class HarmfulContentMonitor(Monitor):
                         f"per token, observer {observer.name!r} gives {width} for layers "
                         f"{list(self.layers)}")
                 self._checked.add(id(observer))
-        if self.pooling == "none":
+        if self.pooling == "none" and self._transform is None:
             return None
-        return _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]))
+        return _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]),
+                           self._transform)
 
     def update(self, state: _PrefixMean | None, features: Features) -> Sequence[Score]:
         if not features.tokens:
             return []
+        stream = None if state is None else state.transform
+        if self.pooling == "none":
+            state = None  # the state only carries the transform
         hidden = features.hidden
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
@@ -247,10 +268,14 @@ class HarmfulContentMonitor(Monitor):
             bias, w_out, b_out = self._mlp
             values = (_gelu_tanh(z + bias) @ w_out + b_out).tolist()
         # the sigmoid, as tanh: no overflow
-        return [Score(i, 0.5 + 0.5 * math.tanh(0.5 * v))
-                for i, v in zip(features.indices, values, strict=True)]
+        probs = [0.5 + 0.5 * math.tanh(0.5 * v) for v in values]
+        if stream is not None:
+            probs = [stream.update(p) for p in probs]
+        return [Score(i, p) for i, p in zip(features.indices, probs, strict=True)]
 
     def truncate(self, state: _PrefixMean | None, n_tokens: int) -> None:
+        if state is not None and state.transform is not None:
+            state.transform.truncate(n_tokens)
         if state is not None and n_tokens < len(state.projections):
             del state.projections[n_tokens:]
             n, d = len(state.projections), self._decay

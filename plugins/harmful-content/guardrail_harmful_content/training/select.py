@@ -15,6 +15,13 @@ most ``--max-read``. Capped: every benign-only source, and the benign records of
 sources named by ``--capped`` prefixes (default the hand-written sets: topic-matched benign
 answers whose labels are clean, where pyrit's "harmless" responses are often compliant answers
 rated below 0.5). The in-split test figures are never looked at to choose anything.
+``--rule-families`` tries each head with other streaming rule families too (``count``;
+``ema:H``, the count rule on the weighted mean of the prefix scores, half-life ``H`` tokens;
+``cusum``, cumulative evidence above a drift; ``evidence.py``): the family the best candidate
+uses is written into its weights (``score_transform``) and the monitor applies it.
+``--objective-sources`` restricts the mean macro-F1 to the harmful sources named (a pass that
+adds sources compares pools on the previous pool's sources); the caps still cover every capped
+source.
 
 Also reported, for the chosen candidate: a nested estimate (each source's rule chosen on the
 other sources' out-of-source scores, then applied to it). With ``--out`` the chosen probe is
@@ -52,6 +59,22 @@ __all__ = ["CAPPED_MIXED", "KS", "THRESHOLDS", "candidate_name", "choose_rule", 
            "per_source", "reconcile", "render", "run", "save_chosen", "source_metrics"]
 
 
+def _family(text: str) -> tuple[str, float | None]:
+    """``count``, ``cusum`` or ``ema:HALFLIFE``."""
+    name, _, param = text.partition(":")
+    if name in ("count", "cusum") and not param:
+        return name, None
+    if name == "ema":
+        try:
+            halflife = float(param)
+        except ValueError:
+            halflife = 0.0
+        if halflife > 0:
+            return name, halflife
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: a rule family is count, cusum or ema:HALFLIFE (tokens > 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.training.select")
     add = parser.add_argument
@@ -81,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--build", type=Path, default=None,
         help="keep only the pool records this data build holds, with its splits")
     add("--quiet", action="store_true", help="no progress bars")
+    add("--rule-families", nargs="+", type=_family, default=[("count", None)],
+        metavar="FAMILY", help="rule families to try per head: count, ema:HALFLIFE, cusum "
+                               "(default: count)")
+    add("--objective-sources", nargs="+", default=None, metavar="TAG",
+        help="harmful sources the mean macro-F1 runs over (default: every one in the pool; "
+             "a pass that adds sources keeps the previous pool's)")
     add("--max-false-halts", type=float, default=0.05)
     add("--max-read", type=float, default=0.5)
     add("--report", type=Path, required=True, help="JSON report to write")
@@ -103,13 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.features}: no feature shards", file=sys.stderr)
         return 2
     print(f"{len(records)} records", file=sys.stderr, flush=True)
+    harmful = {r.tag for r in records if r.label == 1}
+    unknown = sorted(set(args.objective_sources or ()) - harmful)
+    if unknown:
+        parser.error(f"--objective-sources: {', '.join(unknown)} hold no harmful record of the "
+                     "pool")
     halflives = [None if h == "none" else float(h) for h in args.halflives]
     layer_sets = (None if args.layer_sets is None
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
                  halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets,
                  fits=args.fits, upweights=args.upweights,
-                 upweight_prefix=args.upweight_prefix,
+                 upweight_prefix=args.upweight_prefix, families=args.rule_families,
+                 objective=args.objective_sources,
                  strengths=({"logistic": args.logistic_strengths}
                             if args.logistic_strengths else None))
     report["in_split"] = in_split(records, report["chosen"])

@@ -11,6 +11,7 @@ import numpy as np
 
 from guardrail.toolkit.metrics import macro_f1, roc_auc
 
+from ...evidence import transform
 from ..pooled import PoolRecord, fit_probe, to_dual_head
 from .rule import halts
 
@@ -62,7 +63,9 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
                       chosen.get("fit", "ridge"), chosen.get("upweight"))
     scores = [probe.prefix_scores(r) for r in test]
-    table = halts(scores, (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
+    spec = chosen.get("score_transform")
+    table = halts([transform(s, spec) for s in scores] if spec else scores,
+                  (chosen["threshold"],), (chosen["k"],))[:, 0, 0]
     return per_source(np.asarray([r.label for r in test]), np.asarray([r.tag for r in test]),
                       np.asarray([len(r) for r in test]), table, scores)
 
@@ -71,9 +74,12 @@ def candidate_name(candidate: Mapping[str, Any]) -> str:
     """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15``."""
     hl = candidate.get("halflife")
     up = "".join(f" {p}x{w:g}" for p, w in (candidate.get("upweight") or {}).items())
+    spec = candidate.get("score_transform")
+    rule = ("" if not spec else f" ema{spec['halflife']:g}" if spec["kind"] == "ema"
+            else f" {spec['kind']}")
     return (f"{candidate.get('fit', 'ridge')} {candidate['ridge']:g} "
             f"{'mean' if hl is None else f'hl{hl:g}'} "
-            f"{','.join(str(x) for x in candidate['layers'])}{up}")
+            f"{','.join(str(x) for x in candidate['layers'])}{up}{rule}")
 
 
 def _f(x: Any) -> str:
@@ -125,6 +131,9 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
                  "observer_layers": 30},
         "threshold": chosen["threshold"],
         "rule": {"kind": "count", "k": chosen["k"]},
+        # the count rule reads the prefix scores after this transform (evidence.py)
+        **({"score_transform": chosen["score_transform"]}
+           if chosen.get("score_transform") else {}),
         "full_detection_threshold": chosen["full_detection_threshold"],
         "method": {"head": _METHOD, "fit": probe.fit, "ridge": chosen["ridge"],
                    "upweight": chosen.get("upweight") or {},

@@ -16,12 +16,24 @@ from guardrail.toolkit.metrics import best_threshold
 
 from ..pooled import PoolRecord, fit_loso
 from .record import candidate_name, per_source
-from .rule import CAPPED_MIXED, KS, THRESHOLDS, choose_rule, grid_summary, halts, nested
+from .rule import (
+    CAPPED_MIXED,
+    KS,
+    THRESHOLDS,
+    choose_rule,
+    family_halts,
+    grid_summary,
+    nested,
+    rule_of,
+)
 
-__all__ = ["Key", "layer_sets_of", "pick", "rule_candidates", "run", "score_candidates"]
+__all__ = ["Family", "Key", "layer_sets_of", "pick", "rule_candidates", "run",
+           "score_candidates"]
 
 # (layer set, L2 strength, half-life, fit, up-weight factor)
 Key = tuple[tuple[int, ...], float, float | None, str, float]
+# (rule family, its parameter): ("count", None), ("ema", half-life), ("cusum", None)
+Family = tuple[str, float | None]
 
 
 def layer_sets_of(layers: Sequence[int], layer_sets: Sequence[Sequence[int]] | None
@@ -63,12 +75,17 @@ def score_candidates(records: Sequence[PoolRecord], layers: Sequence[int],
     return scored
 
 
-def _candidate(key: Key, summary: Mapping[str, np.ndarray], j: int, k: int, met: bool,
-               upweight_prefix: str) -> dict[str, Any]:
+def _candidate(key: Key, family: Family, summary: Mapping[str, np.ndarray], j: int, k: int,
+               met: bool, upweight_prefix: str) -> dict[str, Any]:
     layer_set, lam, halflife, fit, factor = key
+    rule = rule_of(family[0], family[1], j, k)
+    extra = {} if family[0] == "count" else {"rule_family": family[0],
+                                             "score_transform": rule["score_transform"]}
+    if "height" in rule:  # cusum: the evidence its threshold stands for
+        extra["height"] = rule["height"]
     return {"layers": list(layer_set), "ridge": lam, "halflife": halflife, "fit": fit,
             "upweight": {} if factor == 1 else {upweight_prefix: factor},
-            "threshold": THRESHOLDS[j], "k": KS[k], "constraint_met": met,
+            "threshold": rule["threshold"], "k": rule["k"], **extra, "constraint_met": met,
             "mean_harmful_source_macro_f1": float(summary["mean_f1"][j, k]),
             "worst_benign_source_false_halt_rate": float(summary["worst_fhr"][j, k]),
             "pool_macro_f1": float(summary["pooled"][j, k]),
@@ -78,39 +95,41 @@ def _candidate(key: Key, summary: Mapping[str, np.ndarray], j: int, k: int, met:
 def rule_candidates(scored: Mapping[Key, list[np.ndarray]], labels: np.ndarray,
                     tags: np.ndarray, lengths: np.ndarray, max_false_halts: float,
                     max_read: float, capped: Sequence[str], upweight_prefix: str,
-                    progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any],
-                                             dict[Key, np.ndarray]]:
-    """Each candidate with its best rule under the caps; its per-source figures by name; its
-    halt table over the rule grid."""
+                    progress: bool, families: Sequence[Family] = (("count", None),),
+                    objective: Sequence[str] | None = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any],
+                               dict[str, tuple[Key, np.ndarray, int, int]]]:
+    """Each (head, rule family) candidate with its best rule under the caps; its per-source
+    figures by name; by name, its head's key, its halt table over the family's grid and the
+    chosen rule's grid indices."""
     from tqdm import tqdm
 
     candidates: list[dict[str, Any]] = []
     by_candidate: dict[str, Any] = {}
-    tables: dict[Key, np.ndarray] = {}
+    tables: dict[str, tuple[Key, np.ndarray, int, int]] = {}
     for key, scores in tqdm(scored.items(), desc="rules", unit="head", disable=not progress):
-        table = halts(scores, THRESHOLDS, KS)
-        summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read, capped)
-        j, k, met = choose_rule(summary)
-        tables[key] = table
-        candidates.append(_candidate(key, summary, j, k, met, upweight_prefix))
-        by_candidate[candidate_name(candidates[-1])] = per_source(
-            labels, tags, lengths, table[:, j, k], scores)
-        if not progress:
-            print(json.dumps(candidates[-1]), file=sys.stderr, flush=True)
+        for family in families:
+            table = family_halts(scores, family[0], family[1])
+            summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read,
+                                   capped, objective)
+            j, k, met = choose_rule(summary)
+            candidates.append(_candidate(key, family, summary, j, k, met, upweight_prefix))
+            name = candidate_name(candidates[-1])
+            tables[name] = (key, table, j, k)
+            by_candidate[name] = per_source(labels, tags, lengths, table[:, j, k], scores)
+            if not progress:
+                print(json.dumps(candidates[-1]), file=sys.stderr, flush=True)
     return candidates, by_candidate, tables
 
 
-def pick(candidates: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], Key]:
+def pick(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The best candidate within the caps (mean harmful-source macro-F1; else the fewest
-    worst-source false halts; ties: fewer layers), and its key."""
-    best = max(candidates, key=lambda c: (c["constraint_met"],
+    worst-source false halts; ties: fewer layers, then the plain count rule)."""
+    return max(candidates, key=lambda c: (c["constraint_met"],
                                           c["mean_harmful_source_macro_f1"]
                                           if c["constraint_met"]
                                           else -c["worst_benign_source_false_halt_rate"],
-                                          -len(c["layers"])))
-    key = (tuple(best["layers"]), float(best["ridge"]), best["halflife"], best["fit"],
-           float(next(iter(best["upweight"].values()), 1.0)))
-    return best, key
+                                          -len(c["layers"]), "rule_family" not in c))
 
 
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
@@ -119,13 +138,17 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
         fits: Sequence[str] = ("ridge",),
         strengths: Mapping[str, Sequence[float]] | None = None,
-        upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:"
-        ) -> dict[str, Any]:
+        upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:",
+        families: Sequence[Family] = (("count", None),),
+        objective: Sequence[str] | None = None) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (``layer_sets_of``), at every ridge strength and
     pooling half-life (None: the prefix mean), for each fit in ``fits`` (ridge, logistic;
     ``strengths`` gives a fit its own L2 strengths instead of ``ridges``) and each factor in
     ``upweights`` on the cells of the tags that start with ``upweight_prefix``
-    (``pooled.row_matrix``)."""
+    (``pooled.row_matrix``). Each head is tried with each rule family in ``families``
+    (``rule.FAMILIES``: the count rule on its scores, or on their ``evidence.py`` transform).
+    ``objective`` names the harmful sources the mean macro-F1 runs over (default: every one in
+    the pool; the caps always cover every capped source)."""
     t0 = time.perf_counter()
     sets = layer_sets_of(layers, layer_sets)
     lams = {f: (strengths or {}).get(f, ridges) for f in fits}
@@ -136,14 +159,14 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     lengths = np.asarray([len(r) for r in records])
     candidates, by_candidate, tables = rule_candidates(
         scored, labels, tags, lengths, max_false_halts, max_read, capped, upweight_prefix,
-        progress)
-    best, key = pick(candidates)
-    table = tables[key]
-    j, k = THRESHOLDS.index(best["threshold"]), KS.index(best["k"])
+        progress, families, objective)
+    best = pick(candidates)
+    key, table, j, k = tables[candidate_name(best)]
     # full detection (the last token's score only), thresholded on the same out-of-source scores
     best["full_detection_threshold"] = best_threshold(
         labels.tolist(), [float(s[-1]) for s in scored[key]])[0]
-    halt_nested = nested(labels, tags, lengths, table, max_false_halts, max_read, capped)
+    halt_nested = nested(labels, tags, lengths, table, max_false_halts, max_read, capped,
+                         objective)
     return {
         "chosen": best,
         "candidates": candidates,
@@ -151,8 +174,10 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
         "loso_nested": per_source(labels, tags, lengths, halt_nested, scored[key]),
         "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
-                 "max_fraction_seen": max_read, "capped_mixed_sources": list(capped)},
-        "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS), "ridges": list(ridges),
+                 "max_fraction_seen": max_read, "capped_mixed_sources": list(capped),
+                 **({} if objective is None else {"objective_sources": list(objective)})},
+        "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS),
+                 "families": [list(f) for f in families], "ridges": list(ridges),
                  "strengths": {f: list(v) for f, v in lams.items()},
                  "upweights": list(upweights), "upweight_prefix": upweight_prefix,
                  "halflives": list(halflives), "fits": list(fits),
