@@ -282,35 +282,38 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "random_weights": args.random_weights, "tiny": args.tiny,
         "needs": {"layers": sorted(needs.layers), "logits": needs.logits, "top_k": needs.top_k,
                   "source": source},
-        "tokens_per_read": args.tokens_per_read, "reads": args.reads,
+        "paths": args.paths, "tokens_per_read": args.tokens_per_read, "reads": args.reads,
         "sequential_reads": args.sequential_reads, "gather_ms": gather, "dtypes": {}}
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="observer-batch-device-"))
     try:
-        for dtype in args.dtypes:
+        for dtype, path in [(d, p) for d in args.dtypes for p in args.paths]:
             t0 = time.perf_counter()
-            model_dir = (random_model_dir(Path(args.model_dir), dtype, args.tiny, scratch)
-                         if args.random_weights else Path(args.model_dir))
-            inner = load(model_dir, args.device, dtype)
+            if path == args.paths[0]:  # one model per dtype, read on each path in turn
+                model_dir = (random_model_dir(Path(args.model_dir), dtype, args.tiny, scratch)
+                             if args.random_weights else Path(args.model_dir))
+                inner = load(model_dir, args.device, dtype)
+            inner.padded = path == "padded"  # before any stream opens: its cache kind follows
             observer = BatchedObserver(inner, gather_ms=gather)
             timings = Timings(observer)
             ids = inner.hf_tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
-            row: dict[str, Any] = {"load_s": time.perf_counter() - t0,
+            row: dict[str, Any] = {"load_s": time.perf_counter() - t0, "path": path,
                                    "workers": observer.workers, "packed": inner.packed is not None,
                                    "batched_path": observer._batched,
                                    "batched": {}, "sequential": {}, "profile": {}}
-            result["dtypes"][dtype] = row
+            label = dtype if len(args.paths) == 1 else f"{dtype} {path}"
+            result["dtypes"][label] = row
             run_batched(observer, timings, needs, ids, 8, args.tokens_per_read, 3)  # warm-up
             for n in args.concurrency:
                 if time.monotonic() - started > args.budget_s:
-                    print(f"[observer_batch_device] budget spent: {dtype} N={n} skipped",
+                    print(f"[observer_batch_device] budget spent: {label} N={n} skipped",
                           file=sys.stderr)
                     row["skipped"] = [*row.get("skipped", []), n]
                     continue
                 reads = max(8, min(args.reads, 3072 // n))  # fewer at 256: the same forwards
                 cell = run_batched(observer, timings, needs, ids, n, args.tokens_per_read, reads)
                 row["batched"][str(n)] = cell
-                print(f"[observer_batch_device] {dtype} batched N={n}: "
+                print(f"[observer_batch_device] {label} batched N={n}: "
                       f"{cell['tokens_per_s']:.0f} tok/s, forward {cell['forward_ms_median']:.1f}"
                       f" ms (p95 {cell['forward_ms_p95']:.1f}), model "
                       f"{cell['model_ms_median']:.1f} ms, {cell['streams_per_forward']:.1f} "
@@ -322,7 +325,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 cell = run_sequential(inner, needs, ids, n, args.tokens_per_read,
                                       args.sequential_reads)
                 row["sequential"][str(n)] = cell
-                print(f"[observer_batch_device] {dtype} sequential N={n}: "
+                print(f"[observer_batch_device] {label} sequential N={n}: "
                       f"{cell['tokens_per_s']:.0f} tok/s, read {cell['read_ms_median']:.1f} ms",
                       file=sys.stderr, flush=True)
                 _write(out, result)
@@ -333,12 +336,16 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                                                  args.tokens_per_read)
                     except Exception as exc:  # noqa: BLE001 - a profiler quirk loses one row
                         row["profile"][str(n)] = {"error": repr(exc)}
-                    print(f"[observer_batch_device] {dtype} profile N={n}: "
+                    print(f"[observer_batch_device] {label} profile N={n}: "
                           f"{row['profile'][str(n)]}", file=sys.stderr, flush=True)
             if device.type == "cuda":
                 row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if observer.stats.padded:
+                row["padded_forwards"] = observer.stats.padded
             _write(out, result)
-            del observer, inner, timings
+            del observer, timings
+            if path == args.paths[-1]:
+                del inner
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -369,6 +376,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--concurrency", type=int, nargs="+", default=CONCURRENCY)
     parser.add_argument("--sequential", type=int, nargs="*", default=SEQUENTIAL)
     parser.add_argument("--profile", type=int, nargs="*", default=[32, 128])
+    parser.add_argument("--paths", nargs="+", choices=["padded", "packed"], default=None,
+                        help="the batched forward: padded (the accelerators' default: pooled "
+                             "caches, one attention call for all streams) or packed (attention "
+                             "stream by stream, the CPU's); several: one after the other; "
+                             "default: the device's own")
     parser.add_argument("--tokens-per-read", type=int, default=TOKENS_PER_READ)
     parser.add_argument("--reads", type=int, default=READS)
     parser.add_argument("--sequential-reads", type=int, default=SEQUENTIAL_READS)
@@ -378,6 +390,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.tiny and not args.random_weights:
         parser.error("--tiny needs --random-weights")
+    if args.paths is None:
+        args.paths = ["packed" if args.device == "cpu" else "padded"]
     if args.out is None:
         from .common import results_dir
 
