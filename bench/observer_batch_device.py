@@ -26,6 +26,11 @@ after another by one thread, as a Ray observer replica reads its batch today
 (``guardrail_server.ray._shard``). Results: ``bench/results/observer_batch_cuda.json`` (``--out``
 elsewhere), rendered after the CPU section of ``observer_batch`` in docs/benchmarks.md.
 
+``--paths padded packed`` reads on both batched forwards in one run, one after the other on the
+same model: *padded*, the accelerators' default (guardrail/observer/padded.py), and *packed*, the
+CPU's; results with both go to ``bench/results/observer_batch_cuda_padded.json`` (``--out``),
+rendered after the section above.
+
 On the lent machine this needs ``guardrail/``, ``bench/`` and ``DIR`` (config and tokenizer
 files, about 4 MB), torch and transformers, and guardrail's core dependencies (pydantic and the
 wheels it needs, carried as cp312 wheels where the machine has no registry).
@@ -359,7 +364,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     from .common import machine
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": GPU_NAME, "machine": machine(),
+    payload = {"benchmark": out.stem, "machine": machine(),
                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
     out.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -402,6 +407,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 PACE = 25.0  # tokens/s of one live stream (docs/scaling.md sizes replicas by it)
+PADDED_NAME = "observer_batch_cuda_padded"  # --paths padded packed, both in one run
 
 
 def render(result: dict[str, Any]) -> str:
@@ -465,6 +471,66 @@ def render(result: dict[str, Any]) -> str:
                         "aggregate stops growing once a forward carries a few dozen; bfloat16 "
                         "saves no time where the arithmetic is not the cost.")
     out += _other_reads(result)
+    out += ["", f"_Written {result['written']}._", ""]
+    return "\n".join(out)
+
+
+def render_padded(result: dict[str, Any]) -> str:
+    """Both batched paths in one run (``--paths padded packed``): the padded one against the
+    packed one it replaced on accelerators."""
+    needs = result["needs"]
+    out = [
+        f"### The padded batched forward on a GPU ({result['device']})",
+        "",
+        "Run by hand on a lent machine (`python -m bench.observer_batch_device --device cuda "
+        "--random-weights --paths padded packed`), set up as in the section above (random weights "
+        "in SmolLM2-135M-Instruct's architecture, the default policy's read profile: layers "
+        f"{', '.join(str(x) for x in needs['layers'])}, full logits and top-{needs['top_k']}; "
+        f"reads of {result['tokens_per_read']} tokens in a closed loop, {result['reads']} reads "
+        f"per stream; torch {result['torch']}), both batched paths in the same run: *padded*, "
+        "the accelerators' path (every stream's cache in one pooled buffer per block, one "
+        "attention call for all the streams of a forward with a mask, one write of all their "
+        "new keys and values, the rows copied back in one copy; `guardrail/observer/padded.py`)"
+        ", and *packed*, the path of the section above (attention, appends and copies stream by "
+        "stream), which the CPU keeps. This run was on another machine start than the one "
+        "above, where the packed path measured faster: compare the rows of one table with each "
+        "other. *Model* includes the copy back to the CPU on the padded path.",
+        "",
+        "| dtype, path | streams | tokens/s | per stream | forward ms (median / p95) | "
+        "model ms (median) | read ms (median / p95) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = result["dtypes"]
+    for label, row in rows.items():
+        for n, c in row["batched"].items():
+            out.append(f"| {label} | {n} | {c['tokens_per_s']:.0f} | "
+                       f"{c['tokens_per_s'] / int(n):.1f} | {c['forward_ms_median']:.0f} / "
+                       f"{c['forward_ms_p95']:.0f} | {c['model_ms_median']:.0f} | "
+                       f"{c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+    gains = []
+    for label, row in rows.items():
+        if row.get("path") != "padded":
+            continue
+        other = rows.get(label.replace("padded", "packed"), {}).get("batched", {})
+        both = [n for n in row["batched"] if n in other]
+        if both:
+            gains.append(f"{label.split()[0]}: " + ", ".join(
+                f"{row['batched'][n]['tokens_per_s'] / other[n]['tokens_per_s']:.1f}x at {n} "
+                "streams" for n in both))
+    if gains:
+        out += ["", "Padded against packed, tokens/s in the same run: " + "; ".join(gains) + "."]
+    profiles = [(label, n, p) for label, row in rows.items()
+                for n, p in row.get("profile", {}).items() if "error" not in p]
+    if profiles:
+        out += ["", "One batched forward under torch's profiler: " + "; ".join(
+            f"{label}, {n} streams: {p['gpu_kernel_ms']:.1f} ms of GPU kernels in "
+            f"{p['wall_ms']:.0f} ms, {p['kernels']} kernels ({p['kernels'] / int(n):.0f} per "
+            "stream)" for label, n, p in profiles) + "."]
+    out += ["", *_pace_lines(result)]
+    skipped = [f"{label} at {', '.join(map(str, row['skipped']))} streams"
+               for label, row in rows.items() if row.get("skipped")]
+    if skipped:
+        out += ["", f"Not measured (the run's time budget was spent): {'; '.join(skipped)}."]
     out += ["", f"_Written {result['written']}._", ""]
     return "\n".join(out)
 

@@ -13,7 +13,9 @@ stream over that stream's own KV cache, read in place, with its unbatched read's
 outputs are split back per stream, so a stream's rows match its unbatched read within float noise
 (the products' summation order depends on their row count). Other models and the ONNX backend
 read stream by stream in the scheduler thread (their exported graphs and HF cache objects take
-one stream at a time).
+one stream at a time). Off the CPU (the observer's ``padded`` flag) the streams' caches share a
+pool and attention runs for all of them in one padded call (``padded``): on a GPU the per-stream
+kernels above leave it idle.
 
 Forward workers (``observer.options.workers``): a batch large enough is spread, streams whole,
 over several forwards run at once, the scheduler running one and worker threads the others, each

@@ -230,7 +230,7 @@ def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequ
         qg = qp.reshape(b_n, kv_heads, groups * n_max, dim)
         o = torch.nn.functional.scaled_dot_product_attention(
             qg, keys, values, attn_mask=mask, scale=layer.self_attn.scaling)
-        o = o.view(b_n, heads, n_max, dim)
+        o = o.reshape(b_n, heads, n_max, dim)  # a CUDA kernel may return another layout
         if uniform:
             out = o.transpose(0, 1).reshape(1, heads, total, dim)
         else:

@@ -166,3 +166,48 @@ def test_rows_without_logits_beside_rows_with_them(tiny_llama: Path) -> None:
     _same(got_a, _alone(plain, PROMPTS[0], tokens[0], 8, layer_only)[0])
     _same(got_b, _alone(plain, PROMPTS[1], tokens[1], 8)[0])
     assert batched.stats.padded >= 1
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_guard_sessions_on_the_padded_path_release_and_halt_as_alone(tiny_llama: Path,
+                                                                     on_error: str) -> None:
+    """Five sessions on one Guard whose observer takes the padded path, fed from five threads,
+    one of them with a word whose read breaks the batched forward: that session follows
+    on_error; the other four release, halt, flag and score as each does alone on the CPU's
+    default observer (the last one halts on 'bomb')."""
+    from guardrail import Guard
+    from guardrail.events import Error
+    from guardrail.testing import plugin_monitors
+
+    from .test_batch import (
+        POLICY,
+        STREAM_TEXTS,
+        NormMonitor,
+        WordMonitor,
+        _concurrently,
+        _PoisonTokenizer,
+        _scores_close,
+        _seen,
+        _stream,
+        _Unbatched,
+    )
+
+    policy = {**POLICY, "on_error": on_error}
+    texts = list(STREAM_TEXTS)
+    texts[1] = "It was poison, said the man, and he left the room without a word."
+    plain, batched = _pair(tiny_llama, 4096)
+    batched.tokenizer = _PoisonTokenizer(plain.tokenizer, plain.hf_tokenizer.vocab_size + 1000)
+    with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host:
+        alone_guard = Guard.from_policy(policy, host=host, observer=_Unbatched(plain))
+        alone = [_stream(alone_guard, k) for k in range(len(PROMPTS))]
+        guard = Guard.from_policy(policy, host=host, observer=batched)
+        together = _concurrently(guard, 2 * len(PROMPTS), texts)
+    assert batched.stats.padded >= 1 and batched.stats.split >= 1
+    events, report = together[1]
+    assert [e.outcome for e in events if isinstance(e, Error)] == (
+        [on_error] * (1 if on_error == "fail_closed" else 2))
+    assert report.halted == (on_error == "fail_closed")
+    for k in (0, 2, 3, 4):
+        assert _seen(*together[k]) == _seen(*alone[k])
+        _scores_close(together[k][1], alone[k][1])
+    assert together[4][1].halted and batched.live_streams() == 0
