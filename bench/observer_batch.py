@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import median, write_result
-from .observer_batch_device import GPU_NAME
+from .observer_batch_device import GPU_NAME, PADDED_NAME, render_padded
 from .observer_batch_device import render as render_gpu
 
 NAME = "observer_batch"
@@ -246,7 +246,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 # The batched observer alone on a lent GPU, run by hand (bench/observer_batch_device.py).
-EXTRA_RESULTS = {GPU_NAME: render_gpu}
+EXTRA_RESULTS = {GPU_NAME: render_gpu, PADDED_NAME: render_padded}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ after another by one thread, as a Ray observer replica reads its batch today
 (``guardrail_server.ray._shard``). Results: ``bench/results/observer_batch_cuda.json`` (``--out``
 elsewhere), rendered after the CPU section of ``observer_batch`` in docs/benchmarks.md.
 
+``--paths padded packed`` reads on both batched forwards in one run, one after the other on the
+same model: *padded*, the accelerators' default (guardrail/observer/padded.py), and *packed*, the
+CPU's; results with both go to ``bench/results/observer_batch_cuda_padded.json`` (``--out``),
+rendered after the section above.
+
 On the lent machine this needs ``guardrail/``, ``bench/`` and ``DIR`` (config and tokenizer
 files, about 4 MB), torch and transformers, and guardrail's core dependencies (pydantic and the
 wheels it needs, carried as cp312 wheels where the machine has no registry).
@@ -282,35 +287,38 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "random_weights": args.random_weights, "tiny": args.tiny,
         "needs": {"layers": sorted(needs.layers), "logits": needs.logits, "top_k": needs.top_k,
                   "source": source},
-        "tokens_per_read": args.tokens_per_read, "reads": args.reads,
+        "paths": args.paths, "tokens_per_read": args.tokens_per_read, "reads": args.reads,
         "sequential_reads": args.sequential_reads, "gather_ms": gather, "dtypes": {}}
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="observer-batch-device-"))
     try:
-        for dtype in args.dtypes:
+        for dtype, path in [(d, p) for d in args.dtypes for p in args.paths]:
             t0 = time.perf_counter()
-            model_dir = (random_model_dir(Path(args.model_dir), dtype, args.tiny, scratch)
-                         if args.random_weights else Path(args.model_dir))
-            inner = load(model_dir, args.device, dtype)
+            if path == args.paths[0]:  # one model per dtype, read on each path in turn
+                model_dir = (random_model_dir(Path(args.model_dir), dtype, args.tiny, scratch)
+                             if args.random_weights else Path(args.model_dir))
+                inner = load(model_dir, args.device, dtype)
+            inner.padded = path == "padded"  # before any stream opens: its cache kind follows
             observer = BatchedObserver(inner, gather_ms=gather)
             timings = Timings(observer)
             ids = inner.hf_tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
-            row: dict[str, Any] = {"load_s": time.perf_counter() - t0,
+            row: dict[str, Any] = {"load_s": time.perf_counter() - t0, "path": path,
                                    "workers": observer.workers, "packed": inner.packed is not None,
                                    "batched_path": observer._batched,
                                    "batched": {}, "sequential": {}, "profile": {}}
-            result["dtypes"][dtype] = row
+            label = dtype if len(args.paths) == 1 else f"{dtype} {path}"
+            result["dtypes"][label] = row
             run_batched(observer, timings, needs, ids, 8, args.tokens_per_read, 3)  # warm-up
             for n in args.concurrency:
                 if time.monotonic() - started > args.budget_s:
-                    print(f"[observer_batch_device] budget spent: {dtype} N={n} skipped",
+                    print(f"[observer_batch_device] budget spent: {label} N={n} skipped",
                           file=sys.stderr)
                     row["skipped"] = [*row.get("skipped", []), n]
                     continue
                 reads = max(8, min(args.reads, 3072 // n))  # fewer at 256: the same forwards
                 cell = run_batched(observer, timings, needs, ids, n, args.tokens_per_read, reads)
                 row["batched"][str(n)] = cell
-                print(f"[observer_batch_device] {dtype} batched N={n}: "
+                print(f"[observer_batch_device] {label} batched N={n}: "
                       f"{cell['tokens_per_s']:.0f} tok/s, forward {cell['forward_ms_median']:.1f}"
                       f" ms (p95 {cell['forward_ms_p95']:.1f}), model "
                       f"{cell['model_ms_median']:.1f} ms, {cell['streams_per_forward']:.1f} "
@@ -322,7 +330,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 cell = run_sequential(inner, needs, ids, n, args.tokens_per_read,
                                       args.sequential_reads)
                 row["sequential"][str(n)] = cell
-                print(f"[observer_batch_device] {dtype} sequential N={n}: "
+                print(f"[observer_batch_device] {label} sequential N={n}: "
                       f"{cell['tokens_per_s']:.0f} tok/s, read {cell['read_ms_median']:.1f} ms",
                       file=sys.stderr, flush=True)
                 _write(out, result)
@@ -333,12 +341,16 @@ def measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                                                  args.tokens_per_read)
                     except Exception as exc:  # noqa: BLE001 - a profiler quirk loses one row
                         row["profile"][str(n)] = {"error": repr(exc)}
-                    print(f"[observer_batch_device] {dtype} profile N={n}: "
+                    print(f"[observer_batch_device] {label} profile N={n}: "
                           f"{row['profile'][str(n)]}", file=sys.stderr, flush=True)
             if device.type == "cuda":
                 row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if observer.stats.padded:
+                row["padded_forwards"] = observer.stats.padded
             _write(out, result)
-            del observer, inner, timings
+            del observer, timings
+            if path == args.paths[-1]:
+                del inner
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -352,7 +364,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     from .common import machine
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": GPU_NAME, "machine": machine(),
+    payload = {"benchmark": out.stem, "machine": machine(),
                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
     out.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -369,6 +381,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--concurrency", type=int, nargs="+", default=CONCURRENCY)
     parser.add_argument("--sequential", type=int, nargs="*", default=SEQUENTIAL)
     parser.add_argument("--profile", type=int, nargs="*", default=[32, 128])
+    parser.add_argument("--paths", nargs="+", choices=["padded", "packed"], default=None,
+                        help="the batched forward: padded (the accelerators' default: pooled "
+                             "caches, one attention call for all streams) or packed (attention "
+                             "stream by stream, the CPU's); several: one after the other; "
+                             "default: the device's own")
     parser.add_argument("--tokens-per-read", type=int, default=TOKENS_PER_READ)
     parser.add_argument("--reads", type=int, default=READS)
     parser.add_argument("--sequential-reads", type=int, default=SEQUENTIAL_READS)
@@ -378,6 +395,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.tiny and not args.random_weights:
         parser.error("--tiny needs --random-weights")
+    if args.paths is None:
+        args.paths = ["packed" if args.device == "cpu" else "padded"]
     if args.out is None:
         from .common import results_dir
 
@@ -388,6 +407,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 PACE = 25.0  # tokens/s of one live stream (docs/scaling.md sizes replicas by it)
+PADDED_NAME = "observer_batch_cuda_padded"  # --paths padded packed, both in one run
 
 
 def render(result: dict[str, Any]) -> str:
@@ -451,6 +471,66 @@ def render(result: dict[str, Any]) -> str:
                         "aggregate stops growing once a forward carries a few dozen; bfloat16 "
                         "saves no time where the arithmetic is not the cost.")
     out += _other_reads(result)
+    out += ["", f"_Written {result['written']}._", ""]
+    return "\n".join(out)
+
+
+def render_padded(result: dict[str, Any]) -> str:
+    """Both batched paths in one run (``--paths padded packed``): the padded one against the
+    packed one it replaced on accelerators."""
+    needs = result["needs"]
+    out = [
+        f"### The padded batched forward on a GPU ({result['device']})",
+        "",
+        "Run by hand on a lent machine (`python -m bench.observer_batch_device --device cuda "
+        "--random-weights --paths padded packed`), set up as in the section above (random weights "
+        "in SmolLM2-135M-Instruct's architecture, the default policy's read profile: layers "
+        f"{', '.join(str(x) for x in needs['layers'])}, full logits and top-{needs['top_k']}; "
+        f"reads of {result['tokens_per_read']} tokens in a closed loop, {result['reads']} reads "
+        f"per stream; torch {result['torch']}), both batched paths in the same run: *padded*, "
+        "the accelerators' path (every stream's cache in one pooled buffer per block, one "
+        "attention call for all the streams of a forward with a mask, one write of all their "
+        "new keys and values, the rows copied back in one copy; `guardrail/observer/padded.py`)"
+        ", and *packed*, the path of the section above (attention, appends and copies stream by "
+        "stream), which the CPU keeps. This run was on another machine start than the one "
+        "above, where the packed path measured faster: compare the rows of one table with each "
+        "other. *Model* includes the copy back to the CPU on the padded path.",
+        "",
+        "| dtype, path | streams | tokens/s | per stream | forward ms (median / p95) | "
+        "model ms (median) | read ms (median / p95) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = result["dtypes"]
+    for label, row in rows.items():
+        for n, c in row["batched"].items():
+            out.append(f"| {label} | {n} | {c['tokens_per_s']:.0f} | "
+                       f"{c['tokens_per_s'] / int(n):.1f} | {c['forward_ms_median']:.0f} / "
+                       f"{c['forward_ms_p95']:.0f} | {c['model_ms_median']:.0f} | "
+                       f"{c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+    gains = []
+    for label, row in rows.items():
+        if row.get("path") != "padded":
+            continue
+        other = rows.get(label.replace("padded", "packed"), {}).get("batched", {})
+        both = [n for n in row["batched"] if n in other]
+        if both:
+            gains.append(f"{label.split()[0]}: " + ", ".join(
+                f"{row['batched'][n]['tokens_per_s'] / other[n]['tokens_per_s']:.1f}x at {n} "
+                "streams" for n in both))
+    if gains:
+        out += ["", "Padded against packed, tokens/s in the same run: " + "; ".join(gains) + "."]
+    profiles = [(label, n, p) for label, row in rows.items()
+                for n, p in row.get("profile", {}).items() if "error" not in p]
+    if profiles:
+        out += ["", "One batched forward under torch's profiler: " + "; ".join(
+            f"{label}, {n} streams: {p['gpu_kernel_ms']:.1f} ms of GPU kernels in "
+            f"{p['wall_ms']:.0f} ms, {p['kernels']} kernels ({p['kernels'] / int(n):.0f} per "
+            "stream)" for label, n, p in profiles) + "."]
+    out += ["", *_pace_lines(result)]
+    skipped = [f"{label} at {', '.join(map(str, row['skipped']))} streams"
+               for label, row in rows.items() if row.get("skipped")]
+    if skipped:
+        out += ["", f"Not measured (the run's time budget was spent): {'; '.join(skipped)}."]
     out += ["", f"_Written {result['written']}._", ""]
     return "\n".join(out)
 

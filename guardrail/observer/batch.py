@@ -13,7 +13,9 @@ stream over that stream's own KV cache, read in place, with its unbatched read's
 outputs are split back per stream, so a stream's rows match its unbatched read within float noise
 (the products' summation order depends on their row count). Other models and the ONNX backend
 read stream by stream in the scheduler thread (their exported graphs and HF cache objects take
-one stream at a time).
+one stream at a time). Off the CPU (the observer's ``padded`` flag) the streams' caches share a
+pool and attention runs for all of them in one padded call (``padded``): on a GPU the per-stream
+kernels above leave it idle.
 
 Forward workers (``observer.options.workers``): a batch large enough is spread, streams whole,
 over several forwards run at once, the scheduler running one and worker threads the others, each
@@ -98,6 +100,7 @@ class BatchStats:
     largest: int = 0  # most streams in one forward
     split: int = 0  # batched forwards that failed and were rerun stream by stream
     spread: int = 0  # batches run as several forwards at once, on the forward workers
+    padded: int = 0  # forwards run on the accelerators' padded path (guardrail.observer.padded)
     sizes: dict[int, int] = field(default_factory=dict)  # streams per forward -> forwards
 
 
@@ -124,6 +127,8 @@ class BatchedObserver:
                          and bool(getattr(inner, "fast", False)))
         allowed = resolve_workers(inner, workers)  # checked for every backend
         self.workers = allowed if self._batched else 1  # one stream at a time: nothing to spread
+        if getattr(inner, "padded", False):  # its forward writes the shared pool: one at a time
+            self.workers = 1
         gather = resolve_gather(inner, gather_ms) / 1000
         self.gather_s = gather if self._batched else 0.0  # nothing to share a forward with
         self._gather_until: float | None = None  # when the batch being gathered stops waiting
@@ -496,7 +501,7 @@ class BatchedObserver:
             except Exception as exc:  # noqa: BLE001
                 self._settle(row.job, exc)
 
-    def _forward(self, rows: list[_Row]) -> _Out:
+    def _forward(self, rows: list[_Row]) -> _Out | _HostRows:
         """One forward over the rows' tokens packed in one sequence; the caches are not touched
         until ``_take``."""
         import torch
@@ -506,6 +511,10 @@ class BatchedObserver:
         signatures = [self._signature(row.job) for row in rows]
         depth = signatures[0][0]
         states = [row.job.stream.state for row in rows]
+        pool = getattr(states[0].kv, "pool", None)
+        if pool is not None and pool.depth == depth and all(
+                getattr(state.kv, "pool", None) is pool for state in states):
+            return self._forward_padded(rows, signatures)
         ids: list[int] = []
         positions: list[int] = []
         spans: list[tuple[int, int]] = []
@@ -538,10 +547,62 @@ class BatchedObserver:
                          torch.tensor([positions], dtype=torch.long, device=device),
                          spans, caches, getattr(inner, "packed", None))
 
-    def _take(self, row: _Row, b: int, out: _Out) -> None:
+    def _forward_padded(self, rows: list[_Row],
+                        signatures: list[tuple[int, tuple[int, ...], bool]]) -> _HostRows:
+        """The rows' streams, whose caches share one pool, in one padded forward
+        (``padded.padded_step``); what they want comes back to the CPU in one copy."""
+        import torch
+
+        from .padded import padded_step, to_host
+
+        inner = self.inner
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pasts: list[int] = []
+        for row in rows:
+            state = row.job.stream.state
+            n = len(row.ids)
+            if row.job.ids is not None:
+                state.make_room(n)  # drops old tokens only: safe to redo on a rerun
+            past = state.kv.length()
+            first = past if row.job.ids is None else state.positions(n).start
+            spans.append((len(ids), len(ids) + n))
+            ids += row.ids
+            positions += range(first, first + n)
+            pasts.append(past)
+        kvs = [row.job.stream.state.kv for row in rows]
+        indices = sorted({i for _, wanted, _ in signatures for i in wanted})
+        logit_rows = [b for b, (_, _, logits) in enumerate(signatures) if logits]
+        full = any(rows[b].job.needs.logits for b in logit_rows)
+        top_k = max((rows[b].job.needs.top_k or 0 for b in logit_rows), default=0)
+        with torch.inference_mode():
+            out = padded_step(inner.model, signatures[0][0], indices, logit_rows, ids, positions,
+                              spans, pasts, kvs[0].pool, [kv.slot for kv in kvs],
+                              getattr(inner, "packed", None))
+            wanted = [out.states[i][0] for i in indices]
+            if out.logits is not None:
+                if full:
+                    wanted.append(out.logits)
+                if top_k:
+                    k = min(top_k, int(out.logits.shape[-1]))
+                    wanted.append(torch.topk(out.logits, k, dim=-1).values)
+            host = to_host(wanted)
+        with self._stats_lock:
+            self.stats.padded += 1
+        states = dict(zip(indices, host, strict=False))
+        rest = host[len(indices):]
+        logits = rest.pop(0) if out.logits is not None and full else None
+        top = rest.pop(0) if out.logits is not None and top_k else None
+        return _HostRows(spans, states, logits, top, out.logit_spans)
+
+    def _take(self, row: _Row, b: int, out: _Out | _HostRows) -> None:
         """Row ``b`` of a forward: its new keys and values into its cache, its outputs."""
         from .model import _batch
 
+        if isinstance(out, _HostRows):
+            self._take_padded(row, b, out)
+            return
         job = row.job
         start, end = out.spans[b]
         state = job.stream.state
@@ -560,6 +621,44 @@ class BatchedObserver:
             first, last = out.logit_spans[b]
             logits = out.logits[0, first:last].float()
         job.parts.append(_batch(hidden, logits, job.needs))
+
+
+    def _take_padded(self, row: _Row, b: int, out: _HostRows) -> None:
+        """Row ``b`` of a padded forward: its keys and values, written past its cache's filled
+        part, become part of it; its outputs are views of the rows copied back."""
+        job = row.job
+        start, end = out.spans[b]
+        state = job.stream.state
+        with self._cond:
+            if job.stream.released:
+                return
+            state.kv.commit(end - start)
+        if job.ids is None:
+            self.inner.context_read(state)
+            return
+        state.seen += end - start
+        needs = job.needs
+        hidden = {layer: out.states[self.inner.hidden_index(layer)][start:end]
+                  for layer in needs.layers}
+        logits = top = None
+        if b in out.logit_spans:
+            first, last = out.logit_spans[b]
+            if needs.logits and out.logits is not None:
+                logits = out.logits[first:last]
+            if needs.top_k and out.top is not None:
+                top = out.top[first:last, : needs.top_k]
+        job.parts.append(ObservedBatch(hidden=hidden, logits=logits, top_logits=top))
+
+
+@dataclass
+class _HostRows:
+    """A padded forward's outputs on the CPU (float32): row ``b`` is ``spans[b]``."""
+
+    spans: list[tuple[int, int]]
+    states: dict[int, Any]  # HF hidden-state index -> (total, hidden)
+    logits: Any  # (tokens of the rows that want logits, vocab), or None (no row wants them)
+    top: Any  # (same rows, the largest top_k asked), or None
+    logit_spans: dict[int, tuple[int, int]]  # row -> its span in ``logits`` and ``top``
 
 
 @dataclass

@@ -228,6 +228,11 @@ class TorchObserver(BaseObserver):
         # The step's projections on weights packed once (CPU float32; None: the model's own)
         self.packed = pack_linears(model) if self.fast else None
         self.vocab = int(model.get_input_embeddings().num_embeddings)
+        # Off the CPU, batched reads take the padded path (guardrail.observer.padded): streams'
+        # caches pooled per depth, attention for all streams in one call. Read when a stream
+        # opens: set it before the first stream (tests turn it on for a CPU observer).
+        self.padded = self.fast and self.device.type != "cpu"
+        self._pools: dict[int, Any] = {}
 
     def check_ids(self, ids: Sequence[int]) -> None:
         """Refuse token ids outside the embedding before a forward on a GPU: there such an id
@@ -255,8 +260,8 @@ class TorchObserver(BaseObserver):
         reused = 0
         if self.fast:
             depth = self.signature(needs)[0]
-            kv = TensorKV(depth, self.kv_heads, self.head_dim, self.dtype, self.device,
-                          self.window)
+            kv = self._pooled(depth) if self.padded else TensorKV(
+                depth, self.kv_heads, self.head_dim, self.dtype, self.device, self.window)
             reused = self.prefix.restore(kv, depth, ids)
         else:
             from transformers import DynamicCache
@@ -265,6 +270,16 @@ class TorchObserver(BaseObserver):
         state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary,
                             context_ids=tuple(ids))
         return state, ids[reused:]
+
+    def _pooled(self, depth: int) -> Any:
+        """A cache in the pool of the streams read ``depth`` blocks deep."""
+        from .padded import KVPool, PooledKV
+
+        pool = self._pools.get(depth)
+        if pool is None:
+            pool = self._pools[depth] = KVPool(depth, self.kv_heads, self.head_dim, self.dtype,
+                                               self.device, self.window)
+        return PooledKV(pool)
 
     def context_read(self, state: StreamState) -> None:
         """The stream's context is in its cache: keep it for streams that share a prefix."""

@@ -196,15 +196,19 @@ def _rows(batch: Any) -> dict[str, torch.Tensor]:
 
 
 @cuda
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("window", [256, 24])
 def test_streams_batched_on_the_gpu_read_what_each_reads_alone_on_the_cpu(tiny_llama: Path,
-                                                                          window: int) -> None:
-    """Three streams with chunks of different lengths, each round's chunks in one packed
-    forward on the GPU, give each stream the CPU's unbatched rows (window 24: old tokens are
-    dropped too)."""
+                                                                          window: int,
+                                                                          padded: bool) -> None:
+    """Three streams with chunks of different lengths, each round's chunks in one forward on
+    the GPU (the padded one, the GPU's default, or the packed one of the CPU), give each stream
+    the CPU's unbatched rows (window 24: old tokens are dropped too)."""
     cpu = load_model_dir(tiny_llama, name="tiny", window=window)
-    batched = BatchedObserver(load_model_dir(tiny_llama, name="tiny", window=window,
-                                             options={"device": "cuda"}))
+    gpu = load_model_dir(tiny_llama, name="tiny", window=window, options={"device": "cuda"})
+    assert gpu.padded
+    gpu.padded = padded
+    batched = BatchedObserver(gpu)
     prompts = ["Hi.", "Tell me about Paris, please.", "Who was Marie Curie?"]
     tokens = cpu.tokenizer.tokenize(TEXT)
     sizes = [1, 3, 5]
@@ -222,6 +226,7 @@ def test_streams_batched_on_the_gpu_read_what_each_reads_alone_on_the_cpu(tiny_l
         for k, future in futures.items():
             together[k].append(future.result(timeout=60))
     assert batched.stats.largest == len(prompts)  # the rounds shared forwards
+    assert (batched.stats.padded > 0) == padded
     for mine, theirs in zip(together, alone, strict=True):
         assert len(mine) == len(theirs)
         for a, b in zip(mine, theirs, strict=True):
@@ -254,6 +259,7 @@ def test_a_bad_token_id_on_the_gpu_fails_its_stream_and_no_other(tiny_llama: Pat
         got = _rows(futures[k].result(timeout=60))
         for key in want:
             torch.testing.assert_close(got[key], want[key], atol=TOL, rtol=TOL)
+    assert batched.stats.padded >= 1  # the GPU's batched path
     # a stream's own (unbatched) read refuses it too; the GPU reads on
     alone = plain.start(MESSAGES, NEEDS)
     with pytest.raises(ObserverError, match="outside its vocabulary"):
