@@ -399,6 +399,18 @@ def render_pass7(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {h['mean_harmful_source_macro_f1']:.3f} | "
                      f"{h['worst_capped_false_halt_rate']:.3f} | {h['fraction_seen']:.3f} | "
                      f"{h['social_v2_false_halt_rate']:.3f} |")
+    aside = result.get("deciding_nothing") or {}
+    if aside:
+        lines += ["", "Deciding nothing, what binds: " + "; ".join(
+            f"{name}: at the incumbent's rule the worst capped source is "
+            f"`{d['worst_at_6_0.97'][0][1]}` ({d['worst_at_6_0.97'][0][0]:.3f}); with the new "
+            f"files' benign answers left out of the false-halt cap its best count rule is "
+            f"{d['count_rule_caps_without_new_benign']['k']} prefixes >= "
+            f"{d['count_rule_caps_without_new_benign']['t']}, mean "
+            f"{d['count_rule_caps_without_new_benign']['mean16']:.3f}, halting "
+            + " and ".join(f"{v:.3f} of `{t}`'s" for t, v in
+                           d["new_benign_fh_at_that_rule"].items()) + " benign answers"
+            for name, d in aside.items()) + "."]
     lines += ["", "Fully nested (for each held-out source, the candidate among the "
               f"{len(result['candidates'])} rows above and its rule chosen on the other "
               f"sources): {result['fully_nested']['mean']:.3f}."]
