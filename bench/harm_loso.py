@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,8 @@ def _head_rows(inc: dict[str, Any], cand: dict[str, Any], extra: Sequence[str] =
     rows = []
     for name, h in (("incumbent", inc), ("candidate", cand)):
         p = h["pool_old_sources"]
-        cells = [name, _rule_text(h["rule"]), f"{h['mean_harmful_source_macro_f1']:.3f}",
+        rule = _family_rule_text(h) if "family" in h else _rule_text(h["rule"])
+        cells = [name, rule, f"{h['mean_harmful_source_macro_f1']:.3f}",
                  *(f"{h[key]:.3f}" for key in extra),
                  f"{h['nested_mean_harmful_source_macro_f1']:.3f}", f"{p['macro_f1']:.3f}",
                  f"{p['recall']:.3f}", f"{h['worst_capped_false_halt_rate']:.3f}",
@@ -286,6 +287,23 @@ def _family_rule_text(candidate: dict[str, Any]) -> str:
     return f"{family} t {rule['threshold']} k {rule['k']}"
 
 
+def _family_table(candidates: Sequence[dict[str, Any]], n16: int, n18: int,
+                  extra: Sequence[tuple[str, Callable[[dict[str, Any]], str]]] = ()
+                  ) -> list[str]:
+    """A rule-family pass's table of (head, family) candidates, each at its rule under the
+    caps; ``extra`` adds (header, cell) columns."""
+    heads = ["head", "rule", f"mean macro-F1 ({n16} harmful sources)", f"the same over {n18}",
+             "pooled macro-F1", "worst capped false halts", "read", *(h for h, _ in extra)]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for c in candidates:
+        lines.append(f"| {c['head']} | {_family_rule_text(c)} | "
+                     f"{c['mean_harmful_source_macro_f1']:.3f} | "
+                     f"{c['mean_18_harmful_source_macro_f1']:.3f} | {c['pool_macro_f1']:.3f} | "
+                     f"{c['worst_capped_false_halt_rate']:.3f} | {c['fraction_seen']:.3f} |"
+                     + "".join(f" {cell(c)} |" for _, cell in extra))
+    return lines
+
+
 def render_pass6(result: dict[str, Any]) -> str:
     """The sixth selection pass (rule families beyond the count rule, the head's ridge and
     half-life on the pool with wave 4): every candidate's best rule under the caps, the
@@ -307,16 +325,9 @@ def render_pass6(result: dict[str, Any]) -> str:
              f"the same {n16} harmful sources. Ship rule, written before the run: "
              f"{rule['text']}. The best candidate is the incumbent itself; the best challenger's "
              f"margin {rule['margin']:+.3f}; shipped: {'yes' if rule['ship'] else 'no'}.", "",
-             f"| head | rule | mean macro-F1 ({n16} harmful sources) | the same over "
-             f"{len(pool['harmful_sources_18'])} | pooled macro-F1 | worst capped false halts "
-             "| read | best under the false-halt cap alone |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in result["candidates"]:
-        lines.append(f"| {c['head']} | {_family_rule_text(c)} | "
-                     f"{c['mean_harmful_source_macro_f1']:.3f} | "
-                     f"{c['mean_18_harmful_source_macro_f1']:.3f} | {c['pool_macro_f1']:.3f} | "
-                     f"{c['worst_capped_false_halt_rate']:.3f} | {c['fraction_seen']:.3f} | "
-                     f"{c['best_fh_cap_only']:.3f} |")
+             *_family_table(result["candidates"], n16, len(pool["harmful_sources_18"]),
+                            [("best under the false-halt cap alone",
+                              lambda c: f"{c['best_fh_cap_only']:.3f}")])]
     nested = result["fully_nested"]
     oracle = result["oracle_per_source_rule"]
     lines += ["", f"Nested (each source's rule chosen without it): incumbent "
@@ -342,6 +353,68 @@ def render_pass6(result: dict[str, Any]) -> str:
     for tag, value in oracle["incumbent"]["per_source"].items():
         lines.append(f"| {tag} | {inc['loso'][tag]['macro_f1']:.3f} | {value:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def render_pass7(result: dict[str, Any]) -> str:
+    """The seventh selection pass (the fifth hand-written wave as new sources, with and without
+    wave 4, each head with the rule families): every candidate at its rule under the caps with
+    the new sources held out, the incumbent against the winner per source (LOSO and nested),
+    each head at the incumbent's rule, the shipped head on the new sources, and the ship
+    decision."""
+    rule, pool, inc = result["ship_rule"], result["pool"], result["incumbent"]
+    n16, news = len(pool["old_harmful_sources"]), result["new_sources"]
+    short = [t.split(":", 1)[1] for t in news]
+
+    def on_new(tag: str, key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda c: f"{c['new_sources'][tag][key]:.3f}" if "new_sources" in c else "-"
+
+    extra = [(f"{name}: {what}", on_new(tag, key)) for tag, name in zip(news, short, strict=True)
+             for what, key in (("macro-F1", "macro_f1"), ("false halts", "false_halt_rate"))]
+    extra.append(("`social-v2` false halts",
+                  lambda c: f"{c['social_v2_false_halt_rate']:.3f}"))
+    heads = "; ".join(f"{h}, {n} records" for h, n in pool["candidate_records"].items())
+    lines = [f"### {result['title']}", "",
+             f"Incumbent: the shipped recipe (ridge 0.3, half-life 12, layers 6, 9, 12, 15) on "
+             f"the fourth pass's pool ({pool['incumbent_records']} records), count rule. "
+             f"Candidate heads, the same recipe and folds with the fifth hand-written wave as "
+             f"{len(news)} new sources ({', '.join(news)}): {heads}. Rule families: "
+             + "; ".join(f"`{k}`, {v}" for k, v in result["families"].items()) + ". Every figure "
+             "out of source; each candidate's rule is chosen under the caps (false halts <= "
+             "0.05 on every capped source of its pool, the new ones included; mean share read "
+             f"<= 0.5) for the mean macro-F1 over the same {n16} harmful sources. Ship rule, "
+             f"written before the run: {rule['text']}. Best candidate: {result['winner_name']}, "
+             f"margin {rule['margin']:+.3f}; shipped: {'yes' if rule['ship'] else 'no'}.", "",
+             *_family_table(result["candidates"], n16, len(pool["harmful_sources_18"]), extra),
+             "", f"The incumbent and the best candidate ({result['winner_name']}):", "",
+             f"| head | rule | mean macro-F1 ({n16} harmful sources) | the same over "
+             f"{len(pool['harmful_sources_18'])} | nested | pooled macro-F1 (incumbent's "
+             "sources) | recall | worst capped false halts | read |",
+             "|---|---|---|---|---|---|---|---|---|",
+             *_head_rows(inc, result["candidate"], extra=("mean_18_harmful_source_macro_f1",)),
+             "", "Each head at the incumbent's rule (count, 6 prefixes >= 0.97; deciding "
+             "nothing): what the wave moves.", "",
+             f"| head | mean macro-F1 ({n16} harmful sources) | worst capped false halts | read "
+             "| `social-v2` false halts |", "|---|---|---|---|---|"]
+    for name, h in result["at_incumbent_rule"].items():
+        lines.append(f"| {name} | {h['mean_harmful_source_macro_f1']:.3f} | "
+                     f"{h['worst_capped_false_halt_rate']:.3f} | {h['fraction_seen']:.3f} | "
+                     f"{h['social_v2_false_halt_rate']:.3f} |")
+    aside = result.get("deciding_nothing") or {}
+    if aside:
+        lines += ["", "Deciding nothing, what binds: " + "; ".join(
+            f"{name}: at the incumbent's rule the worst capped source is "
+            f"`{d['worst_at_6_0.97'][0][1]}` ({d['worst_at_6_0.97'][0][0]:.3f}); with the new "
+            f"files' benign answers left out of the false-halt cap its best count rule is "
+            f"{d['count_rule_caps_without_new_benign']['k']} prefixes >= "
+            f"{d['count_rule_caps_without_new_benign']['t']}, mean "
+            f"{d['count_rule_caps_without_new_benign']['mean16']:.3f}, halting "
+            + " and ".join(f"{v:.3f} of `{t}`'s" for t, v in
+                           d["new_benign_fh_at_that_rule"].items()) + " benign answers"
+            for name, d in aside.items()) + "."]
+    lines += ["", "Fully nested (for each held-out source, the candidate among the "
+              f"{len(result['candidates'])} rows above and its rule chosen on the other "
+              f"sources): {result['fully_nested']['mean']:.3f}."]
+    return "\n".join(lines + _candidate_tables(result)) + "\n"
 
 
 def render_selection(report: dict[str, Any]) -> str:

@@ -46,13 +46,16 @@ SETS: dict[str, str] = {
     "handwritten_coded.jsonl": "handwritten:coded-v4",  # harm said politely or in code
     "handwritten_assistant.jsonl": "handwritten:assistant-v4",  # chat-assistant formatting
     "handwritten_claims.jsonl": "handwritten:claims-v4",  # misinformation, stereotypes as fact
+    "handwritten_messages.jsonl": "handwritten:messages-v5",  # the answer is a short message
+    "handwritten_drafted.jsonl": "handwritten:drafted-v5",  # the assistant drafts a message
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
 WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
                          "handwritten:everyday-v3": 3, "handwritten:support-v3": 3,
                          "handwritten:coded-v4": 4, "handwritten:assistant-v4": 4,
-                         "handwritten:claims-v4": 4}
+                         "handwritten:claims-v4": 4, "handwritten:messages-v5": 5,
+                         "handwritten:drafted-v5": 5}
 
 
 class HandwrittenError(ValueError):
