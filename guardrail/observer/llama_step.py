@@ -230,22 +230,54 @@ def attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: to
     return out.reshape(b, heads, n, d)
 
 
+MIN_ROWS = 4  # products of fewer rows run padded to this many (``_Packed``)
+
+
 class _Packed:
     """``y = x @ W.T`` with ``W`` reordered once into oneDNN's blocked layout.
 
     Why: on this project's CPUs (AMD EPYC) torch's default fp32 ``linear`` for reads of a few
     tokens ran at about half the speed of the same product on weights packed for oneDNN (and of
     ONNX Runtime's prepacked MatMul): a read's CPU is almost all these products
-    (docs/observer.md, "Cost of a read"). Same float32 arithmetic, another summation order."""
+    (docs/observer.md, "Cost of a read"). Same float32 arithmetic, another summation order.
+
+    Fewer than ``MIN_ROWS`` rows are padded with zero rows to ``MIN_ROWS``: oneDNN's kernel for
+    one or two rows streamed the weights about a fifth slower here than its kernel for four
+    (all of a forward's products: 49-52 against 40-42 ms of CPU), and a read of a few tokens
+    costs what streaming the weights costs. Only row counts whose products stay the same floats
+    padded are padded, checked once per weight shape (the 1,536-wide down projection changes
+    its summation order at one row, so it runs one row as it is)."""
+
+    _padded: dict[tuple[int, int], frozenset[int]] = {}  # weight shape -> row counts padded
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features = int(weight.shape[0])
         with torch.inference_mode():
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
                                                                    None)
+            shape = (int(weight.shape[0]), int(weight.shape[1]))
+            if shape not in _Packed._padded:
+                _Packed._padded[shape] = self._same_padded(shape[1])
+        self.padded = _Packed._padded[shape]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[-2]
+        pad = x.new_zeros(*x.shape[:-2], MIN_ROWS - rows, x.shape[-1])
+        return self._product(torch.cat((x, pad), dim=-2))[..., :rows, :]
+
+    def _same_padded(self, width: int) -> frozenset[int]:
+        """The row counts below ``MIN_ROWS`` whose products padded equal them unpadded."""
+        x = torch.randn(1, MIN_ROWS - 1, width)
+        return frozenset(n for n in range(1, MIN_ROWS)
+                         if torch.equal(self._pad(x[:, :n]), self._product(x[:, :n])))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if x.shape[-2] in self.padded:
+            return self._pad(x)
+        return self._product(x)
 
 
 class _PackedBlock:
