@@ -286,6 +286,10 @@ def render(result: dict[str, Any]) -> str:
         f"{result['load_average_after']:.1f} after: the machine was shared, so absolute "
         "figures are noisy; compare rows of one run.",
         "",
+    ]
+    if result.get("note"):  # what the load was during the run, where it was sampled
+        out += [result["note"], ""]
+    out += [
         "| backend | threads | load | reads | tokens/s | ratio | added latency ms | reads | "
         "CPU ms/token |",
         "|---|---|---|---|---|---|---|---|---|",

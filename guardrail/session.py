@@ -390,10 +390,25 @@ class GuardSession:
                 self._process(tokens, events, step=step)
         elif step.text:
             self._set_mode(generator=False)
+            self._open_observer()
             tokens = self._aligner.feed(step.text)
             if tokens:
                 self._process(tokens, events, step=step)
         return events
+
+    def _open_observer(self) -> None:
+        """At the first text, send the conversation to a batched observer: it reads it in the
+        background (``start`` does not wait) while the first tokens arrive, so the first read
+        carries only them and the first releases wait for one forward, not two. Observers that
+        read on the caller's thread start at the first read (``_submit_read``)."""
+        if (self._observer_state is not None or not self.guard.needs.observer
+                or self._observer_failed
+                or not callable(getattr(self.guard.observer, "submit", None))):
+            return
+        try:
+            self._observer_state = self.guard.observer.start(self.messages, self.guard.needs)
+        except Exception:  # noqa: BLE001 - the first read starts it again and follows on_error
+            self._observer_state = None
 
     def _feed_planned(self, steps: Sequence[StreamStep | str]) -> list[list[Event]]:
         """Feed every piece; the reads that come due are planned (``_read``), not run."""

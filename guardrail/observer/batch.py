@@ -679,11 +679,11 @@ def _step(model: Any, depth: int, indices: list[int], logit_rows: list[int], ids
     packed projections when it has them); the head runs only on the rows that want logits."""
     import torch
 
-    from .llama_step import block_rows
+    from .llama_step import block_rows, rope_for
 
     base = model.base_model
     h = base.embed_tokens(ids)
-    rope = base.rotary_emb(h, position_ids=positions)
+    rope = rope_for(base, h, positions, packed)
     wanted = set(indices)
     states = {0: h} if 0 in wanted else {}
     new_kv: list[Any] = []

@@ -7,6 +7,7 @@ and so export sees a KV cache of plain tensors instead of cache objects.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from ..errors import ObserverError
 
 __all__ = ["LlamaStep", "PackedLinears", "attend", "attend_blocked", "block_rows", "check_llama",
-           "is_llama_family", "pack_linears"]
+           "is_llama_family", "pack_linears", "rope_for"]
 
 
 # Model types whose decoder block is exactly LlamaDecoderLayer's computation.
@@ -55,11 +56,15 @@ class LlamaStep(torch.nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         base = self.base
         h = base.embed_tokens(input_ids)
-        rope = base.rotary_emb(h, position_ids=position_ids)
+        rope = rope_for(base, h, position_ids, self.packed)
+        cfg = base.config
+        groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None)
+                                             or cfg.num_attention_heads)
+        blocked = ~mask.repeat(1, 1, groups, 1)  # once for all blocks (attend_blocked)
         states = [h]
         new_kv: list[torch.Tensor] = []
         for i in range(self.depth):
-            h = _block(base.layers[i], h, rope, mask, past[2 * i], past[2 * i + 1], new_kv,
+            h = _block(base.layers[i], h, rope, blocked, past[2 * i], past[2 * i + 1], new_kv,
                        self.packed, i)
             states.append(h)
         if self.full:
@@ -71,15 +76,30 @@ class LlamaStep(torch.nn.Module):
         return (*outs, *new_kv)
 
 
+def rope_for(base: Any, h: torch.Tensor, positions: torch.Tensor,
+             packed: PackedLinears | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding's cos and sin at ``positions``, made once per forward: as the
+    model's ``rotary_emb`` gives them, ``(B, n, head_dim)``, or on packed projections laid out
+    for ``_packed_qkv``: ``(B, n, 1, head_dim)``, with ``rotate_half``'s sign folded into sin
+    (``-x * s`` and ``x * -s`` are the same float)."""
+    cos, sin = base.rotary_emb(h, position_ids=positions)
+    if packed is None:
+        return cos, sin
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(2), signed.unsqueeze(2)
+
+
 def _block(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-           mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+           blocked: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
            new_kv: list[torch.Tensor], packed: PackedLinears | None = None,
            index: int = 0) -> torch.Tensor:
     """A Llama decoder block with an explicit KV cache (mirrors ``LlamaDecoderLayer``); with
-    ``packed``, block ``index``'s projections run on its packed weights."""
-    q, k, v = _qkv(layer, h, rope, packed, index)
+    ``packed``, block ``index``'s projections run on its packed weights. ``blocked``: the
+    mask as ``attend_blocked`` takes it; ``rope``: ``rope_for``'s."""
+    q, k, v, scaling = _qkv(layer, h, rope, packed, index)
     new_kv += [k, v]
-    out = attend(q, k, v, past_k, past_v, mask, layer.self_attn.scaling)
+    out = attend_blocked(q, k, v, past_k, past_v, blocked, scaling)
     return _finish(layer, h, out, packed, index)
 
 
@@ -92,10 +112,10 @@ def block_rows(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tens
 
     ``rows`` are ``(start, end, past_k, past_v, blocked)``: a stream's tokens ``start:end`` of
     the sequence, its own cache (read in place: no padding, no copy) and its unbatched read's
-    mask as ``attend_blocked`` takes it, so each stream's attention is its unbatched read's."""
-    q, k, v = _qkv(layer, h, rope, packed, index)
+    mask as ``attend_blocked`` takes it, so each stream's attention is its unbatched read's.
+    ``rope``: ``rope_for``'s, for the whole sequence."""
+    q, k, v, scaling = _qkv(layer, h, rope, packed, index)
     new_kv += [k, v]
-    scaling = layer.self_attn.scaling
     parts = [attend_blocked(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], pk, pv, blocked, scaling)
              for s, e, pk, pv, blocked in rows]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
@@ -104,38 +124,71 @@ def block_rows(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tens
 
 def _qkv(layer: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
          packed: PackedLinears | None, index: int
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The block's queries, keys and values ``(B, heads, n, head_dim)``, rotated."""
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The block's queries, keys and values ``(B, heads, n, head_dim)``, rotated, and the
+    scale still to apply to the queries."""
+    if packed is not None:
+        return _packed_qkv(layer, packed.blocks[index], h, rope)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    fast = packed.blocks[index] if packed is not None and index < len(packed.blocks) else None
-    if fast is not None:
-        q, k, v = fast.qkv(x).split(fast.qkv_sizes, dim=-1)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-    else:
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
     cos, sin = rope
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+    return q, k, v, float(attn.scaling)
+
+
+def _packed_qkv(layer: Any, fast: _PackedBlock, h: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``_qkv`` on packed projections in fewer tensor ops (a read of a few tokens pays per op,
+    30 blocks deep): the norm as one ``rms_norm``, the query and key heads rotated in one pass
+    over the q/k/v product (HF's ``apply_rotary_pos_emb`` on both at once), the queries'
+    scale already in their weights when it is a power of two. The same float32 arithmetic,
+    element for element."""
+    d = int(layer.self_attn.head_dim)
+    x = _rms_norm(layer.input_layernorm, h)
+    qkv = fast.qkv(x).view(*x.shape[:-1], -1, d)  # (B, n, heads + 2 kv_heads, d)
+    rotated = fast.q_heads + fast.kv_heads
+    half = d // 2
+    qk = qkv[:, :, :rotated]
+    cos, signed_sin = rope
+    qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * signed_sin
+    q = qk[:, :, : fast.q_heads].transpose(1, 2)
+    k = qk[:, :, fast.q_heads :].transpose(1, 2)
+    v = qkv[:, :, rotated:].transpose(1, 2)
+    return q, k, v, fast.scaling
 
 
 def _finish(layer: Any, h: torch.Tensor, out: torch.Tensor, packed: PackedLinears | None,
             index: int) -> torch.Tensor:
     """The attention's output ``(B, heads, n, head_dim)`` projected into the residual, then
-    the MLP."""
-    fast = packed.blocks[index] if packed is not None and index < len(packed.blocks) else None
+    the MLP (on packed projections: the norm as one op)."""
     out = out.transpose(1, 2).reshape(*h.shape[:-1], -1)
-    h = h + (fast.o(out) if fast is not None else layer.self_attn.o_proj(out))
-    x = layer.post_attention_layernorm(h)
-    if fast is None:
-        return h + layer.mlp(x)
-    gate, up = fast.gate_up(x).chunk(2, dim=-1)
+    if packed is None:
+        h = h + layer.self_attn.o_proj(out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+    fast = packed.blocks[index]
+    h = h + fast.o(out)
+    gate, up = fast.gate_up(_rms_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)
     return h + fast.down(layer.mlp.act_fn(gate) * up)
+
+
+_ONE_OP_NORM = [True]  # False where ``pack_linears``'s probe found rms_norm differs
+
+
+def _rms_norm(norm: Any, h: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm`` (Mistral's, Qwen2's) on float32 as one ``rms_norm``: the same
+    arithmetic (checked bit for bit at load, ``pack_linears``)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or h.dtype != torch.float32 or not _ONE_OP_NORM[0]:
+        out: torch.Tensor = norm(h)
+        return out
+    return torch.nn.functional.rms_norm(h, (h.shape[-1],), norm.weight, eps)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
@@ -159,13 +212,14 @@ def attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: to
                    scale: float) -> torch.Tensor:
     """``attend`` with its mask given as ``blocked``, ``(B, 1, groups * n, past + n)``: True
     where a folded query row may not look (``~mask.repeat(1, 1, groups, 1)``, made once for
-    all blocks); None when every row may look everywhere (a read of one token)."""
+    all blocks); None when every row may look everywhere (a read of one token). A ``scale``
+    of 1.0: the queries come scaled (``_PackedBlock``)."""
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     past = past_k.shape[2]
     # query head h uses key/value head h // groups: rows (h % groups) * n + t of that head
-    qg = (q * scale).reshape(b, kv_heads, groups * n, d)
+    qg = (q if scale == 1.0 else q * scale).reshape(b, kv_heads, groups * n, d)
     scores = torch.cat([torch.matmul(qg, past_k.transpose(2, 3)),
                         torch.matmul(qg, k.transpose(2, 3))], dim=-1)
     if blocked is not None:
@@ -176,31 +230,74 @@ def attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: to
     return out.reshape(b, heads, n, d)
 
 
+MIN_ROWS = 4  # products of fewer rows run padded to this many (``_Packed``)
+
+
 class _Packed:
     """``y = x @ W.T`` with ``W`` reordered once into oneDNN's blocked layout.
 
     Why: on this project's CPUs (AMD EPYC) torch's default fp32 ``linear`` for reads of a few
     tokens ran at about half the speed of the same product on weights packed for oneDNN (and of
     ONNX Runtime's prepacked MatMul): a read's CPU is almost all these products
-    (docs/observer.md, "Cost of a read"). Same float32 arithmetic, another summation order."""
+    (docs/observer.md, "Cost of a read"). Same float32 arithmetic, another summation order.
+
+    Fewer than ``MIN_ROWS`` rows are padded with zero rows to ``MIN_ROWS``: oneDNN's kernel for
+    one or two rows streamed the weights about a fifth slower here than its kernel for four
+    (all of a forward's products: 49-52 against 40-42 ms of CPU), and a read of a few tokens
+    costs what streaming the weights costs. Only row counts whose products stay the same floats
+    padded are padded, checked once per weight shape (the 1,536-wide down projection changes
+    its summation order at one row, so it runs one row as it is)."""
+
+    _padded: dict[tuple[int, int], frozenset[int]] = {}  # weight shape -> row counts padded
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features = int(weight.shape[0])
         with torch.inference_mode():
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
                                                                    None)
+            shape = (int(weight.shape[0]), int(weight.shape[1]))
+            if shape not in _Packed._padded:
+                _Packed._padded[shape] = self._same_padded(shape[1])
+        self.padded = _Packed._padded[shape]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[-2]
+        pad = x.new_zeros(*x.shape[:-2], MIN_ROWS - rows, x.shape[-1])
+        return self._product(torch.cat((x, pad), dim=-2))[..., :rows, :]
+
+    def _same_padded(self, width: int) -> frozenset[int]:
+        """The row counts below ``MIN_ROWS`` whose products padded equal them unpadded."""
+        x = torch.randn(1, MIN_ROWS - 1, width)
+        return frozenset(n for n in range(1, MIN_ROWS)
+                         if torch.equal(self._pad(x[:, :n]), self._product(x[:, :n])))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if x.shape[-2] in self.padded:
+            return self._pad(x)
+        return self._product(x)
 
 
 class _PackedBlock:
-    """A block's projections packed: q/k/v as one product, gate/up as one, o, down."""
+    """A block's projections packed: q/k/v as one product, gate/up as one, o, down.
+
+    When the attention's scale is a power of two (head_dim 64: 1/8) it is folded into the
+    query weights: scaling by a power of two is exact in float32, so the scaled queries are
+    the same floats as ``attend``'s ``q * scale``, one op per block fewer."""
 
     def __init__(self, layer: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-        self.qkv_sizes = [int(w.shape[0]) for w in weights]
+        d = int(attn.head_dim)
+        self.q_heads = int(weights[0].shape[0]) // d
+        self.kv_heads = int(weights[1].shape[0]) // d
+        scale = float(attn.scaling)
+        self.scaling = scale
+        if scale > 0 and math.frexp(scale)[0] == 0.5:  # a power of two
+            weights[0] = weights[0] * scale
+            self.scaling = 1.0
         self.qkv = _Packed(torch.cat(weights))
         self.o = _Packed(attn.o_proj.weight)
         self.gate_up = _Packed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
@@ -241,9 +338,18 @@ def pack_linears(model: Any) -> PackedLinears | None:
             x = torch.randn(3, int(attn.q_proj.weight.shape[1]))
             if not torch.allclose(probe(x), attn.q_proj(x), rtol=1e-4, atol=1e-4):
                 return None
+            _probe_norm(layer.input_layernorm, int(x.shape[-1]))
     except (RuntimeError, AttributeError):  # a torch without these oneDNN ops
         return None
     return PackedLinears(model, int(model.config.num_hidden_layers))
+
+
+def _probe_norm(norm: Any, size: int) -> None:
+    """``_rms_norm`` as one op where it gives the same floats as the model's norm on this
+    torch, else the model's norm."""
+    h = torch.randn(3, size) * 10
+    _ONE_OP_NORM[0] = True
+    _ONE_OP_NORM[0] = torch.equal(_rms_norm(norm, h), norm(h))
 
 
 def check_llama(model: Any) -> None:

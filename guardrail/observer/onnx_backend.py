@@ -38,9 +38,9 @@ Signature = tuple[int, tuple[int, ...], bool]
 __all__ = ["NumpyKV", "OnnxObserver", "export_step"]
 
 _OPSET = 17
-# Bumped when the exported step's graph changes (v2: the cache is read in place), so an export
-# cached by an older version is not reused.
-_GRAPH_VERSION = "v2"
+# Bumped when the exported step's graph changes (v2: the cache is read in place; v3: the mask
+# made once for all blocks), so an export cached by an older version is not reused.
+_GRAPH_VERSION = "v3"
 
 
 def export_step(model: Any, path: Path, depth: int, hidden_indices: list[int],

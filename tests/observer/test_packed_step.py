@@ -47,7 +47,7 @@ def _check(observer: Any, layers: set[int], tol: float) -> None:
     tokens = observer.tokenizer.tokenize(TEXT)
     ref_hidden, ref_logits = _reference(observer, [t.id for t in tokens],
                                         observer.context_ids(MESSAGES))
-    for step in (1, 9):
+    for step in (1, 2, 9):  # 1 and 2: products padded to four rows (llama_step.MIN_ROWS)
         hidden, logits = _read(observer, needs, tokens, step)
         for layer in layers:
             want = ref_hidden[observer.hidden_index(layer)]

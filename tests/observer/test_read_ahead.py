@@ -98,6 +98,34 @@ def test_a_read_goes_ahead_while_the_feed_returns(observer: Any) -> None:
     assert report.observer_reads >= 2
 
 
+def test_the_first_feed_sends_the_conversation_ahead(observer: Any) -> None:
+    """The conversation's read goes to the observer at the first text, before any token of the
+    answer is final: the first read of the answer then carries only its tokens. What the reader
+    gets is a read per delta's; a stream aborted after its first feed is freed at once."""
+    deltas = _words(CALM)
+    expected, _ = _per_delta(observer, deltas)
+    with _plugins() as host:
+        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+        context = len(observer.context_ids([{"role": "user", "content": "Tell me about Lyon."}]))
+        session = guard.session(prompt="Tell me about Lyon.")
+        with guard.observer.hold():
+            assert session.feed("The") == []  # no final token yet: the word may go on
+            assert guard.observer.live_streams() == 1 and guard.observer.pending() == 1
+        deadline = time.monotonic() + 60
+        while guard.observer.cached_tokens() < context:  # the scheduler reads it, unasked
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert guard.observer.cached_tokens() == context
+        events = session.feed(deltas[0][len("The"):]) + _paced(session, deltas[1:])
+        report = session.finish()
+        assert _view(events + report.final_events) == expected
+        aborted = guard.session(prompt="Tell me about Lyon.")
+        aborted.feed("The ")
+        assert guard.observer.live_streams() == 1
+        aborted.abort("client went away")
+        assert guard.observer.live_streams() == 0
+
+
 def test_a_feed_waits_once_a_decision_is_due(observer: Any) -> None:
     """Backpressure: with the observer held, the feeds return (their read goes ahead) until the
     unscored tokens, under way or queued, exceed hold-back: that feed waits for them, so the
