@@ -173,7 +173,7 @@ def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequ
     """The first ``depth`` blocks over several streams' new tokens, packed in one sequence for
     the projections and the MLP; stream ``b``'s tokens ``spans[b]`` go to positions
     ``pasts[b]..`` of its slot ``slots[b]`` and attend to its cache through them."""
-    from .llama_step import _finish, _qkv
+    from .llama_step import _finish, _qkv, rope_for
 
     device = pool.device
     base = model.base_model
@@ -206,12 +206,12 @@ def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequ
             < limit.repeat(1, groups).view(b_n, 1, groups * n_max, 1))
 
     h = base.embed_tokens(tensor(ids).view(1, -1))
-    rope = base.rotary_emb(h, position_ids=tensor(positions).view(1, -1))
+    rope = rope_for(base, h, tensor(positions).view(1, -1), packed)
     wanted = set(indices)
     states = {0: h} if 0 in wanted else {}
     for i in range(depth):
         layer = base.layers[i]
-        q, k, v = _qkv(layer, h, rope, packed, i)  # (1, heads or kv_heads, total, dim)
+        q, k, v, scaling = _qkv(layer, h, rope, packed, i)  # (1, heads or kv_heads, total, dim)
         keys, values = pool.buffers[2 * i], pool.buffers[2 * i + 1]
         keys[tok_slot, :, tok_pos] = k[0].transpose(0, 1)  # every stream's new keys at once
         values[tok_slot, :, tok_pos] = v[0].transpose(0, 1)
@@ -229,7 +229,7 @@ def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequ
         # the query heads that share a key/value head folded into its rows (no key repeated)
         qg = qp.reshape(b_n, kv_heads, groups * n_max, dim)
         o = torch.nn.functional.scaled_dot_product_attention(
-            qg, keys, values, attn_mask=mask, scale=layer.self_attn.scaling)
+            qg, keys, values, attn_mask=mask, scale=scaling)
         o = o.reshape(b_n, heads, n_max, dim)  # a CUDA kernel may return another layout
         if uniform:
             out = o.transpose(0, 1).reshape(1, heads, total, dim)
