@@ -39,7 +39,6 @@ BY_HAND = ["ray_throughput"]
 _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mean, threshold "
            "0.945, k 3)")
 HARM_HEAD_BEFORE = {
-    "peer_nemo": _HEAD_E,
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
     "ray_throughput": _HEAD_E,
