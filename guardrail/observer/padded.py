@@ -166,6 +166,101 @@ class PaddedOut:
     logit_spans: dict[int, tuple[int, int]]  # row -> its span in ``logits``
 
 
+@dataclass
+class _Layout:
+    """Where a padded forward's packed tokens go: each token's slot and position in the pool,
+    each token's (stream, row) in the padded batch (None when every stream reads as many
+    tokens), the batch's slots (a view when consecutive) and the attention mask."""
+
+    b_n: int
+    n_max: int
+    total: int
+    length: int
+    groups: int
+    tok_slot: torch.Tensor
+    tok_pos: torch.Tensor
+    tok_b: torch.Tensor | None
+    tok_j: torch.Tensor | None
+    first: int
+    slot_index: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def _layout(spans: list[tuple[int, int]], pasts: list[int], slots: list[int], groups: int,
+            device: torch.device) -> _Layout:
+    lens = [e - s for s, e in spans]
+    b_n, n_max, total = len(spans), max(lens), spans[-1][1]
+    length = max(p + n for p, n in zip(pasts, lens, strict=True))
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    tok_b = tok_j = None
+    if any(n != n_max for n in lens):
+        tok_b = tensor([b for b, n in enumerate(lens) for _ in range(n)])
+        tok_j = tensor([j for n in lens for j in range(n)])
+    first = slots[0]
+    consecutive = slots == list(range(first, first + b_n))
+    # query j of stream b (folded: row g * n_max + j for each of its query heads' groups) sees
+    # positions 0 .. pasts[b] + j of its slot; padding rows see position 0 at least (no NaN)
+    limit = tensor([p + j + 1 for p in pasts for j in range(n_max)]).view(b_n, n_max)
+    mask = (torch.arange(length, device=device)
+            < limit.repeat(1, groups).view(b_n, 1, groups * n_max, 1))
+    return _Layout(b_n, n_max, total, length, groups,
+                   tensor([slots[b] for b, n in enumerate(lens) for _ in range(n)]),
+                   tensor([pasts[b] + j for b, n in enumerate(lens) for j in range(n)]),
+                   tok_b, tok_j, first, None if consecutive else tensor(slots), mask)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+            pool: KVPool, i: int, at: _Layout) -> torch.Tensor:
+    """Block ``i``'s attention for every stream at once: the new keys and values written into
+    their slots, then one masked call over the batch's slots; ``(1, heads, total, dim)``."""
+    heads, dim = q.shape[1], q.shape[-1]
+    b_n, n_max = at.b_n, at.n_max
+    keys, values = pool.buffers[2 * i], pool.buffers[2 * i + 1]
+    keys[at.tok_slot, :, at.tok_pos] = k[0].transpose(0, 1)  # every stream's new keys at once
+    values[at.tok_slot, :, at.tok_pos] = v[0].transpose(0, 1)
+    if at.slot_index is None:
+        keys = keys[at.first:at.first + b_n, :, :at.length]  # the batch's slots: a view
+        values = values[at.first:at.first + b_n, :, :at.length]
+    else:
+        keys = keys[:, :, :at.length].index_select(0, at.slot_index)
+        values = values[:, :, :at.length].index_select(0, at.slot_index)
+    if at.tok_b is None:
+        qp = q[0].view(heads, b_n, n_max, dim).transpose(0, 1)
+    else:
+        qp = q.new_zeros(b_n, heads, n_max, dim)
+        qp[at.tok_b, :, at.tok_j] = q[0].transpose(0, 1)
+    # the query heads that share a key/value head folded into its rows (no key repeated)
+    qg = qp.reshape(b_n, heads // at.groups, at.groups * n_max, dim)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qg, keys, values, attn_mask=at.mask, scale=scaling)
+    o = o.reshape(b_n, heads, n_max, dim)  # a CUDA kernel may return another layout
+    if at.tok_b is None:
+        return o.transpose(0, 1).reshape(1, heads, at.total, dim)
+    return o[at.tok_b, :, at.tok_j].transpose(0, 1).unsqueeze(0)
+
+
+def _logits(model: Any, last: torch.Tensor, spans: list[tuple[int, int]],
+            logit_rows: Sequence[int], packed: Any
+            ) -> tuple[torch.Tensor | None, dict[int, tuple[int, int]]]:
+    """The head over the rows that want logits only, and each row's span in its output."""
+    if not logit_rows:
+        return None, {}
+    head = (packed.head if packed is not None else None) or model.get_output_embeddings()
+    if len(logit_rows) == len(spans):
+        return head(last)[0], {b: spans[b] for b in logit_rows}
+    logit_spans: dict[int, tuple[int, int]] = {}
+    at = 0
+    for b in logit_rows:
+        s, e = spans[b]
+        logit_spans[b] = (at, at + e - s)
+        at += e - s
+    return head(torch.cat([last[:, s:e] for s, e in (spans[b] for b in logit_rows)],
+                          dim=1))[0], logit_spans
+
+
 def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequence[int],
                 ids: list[int], positions: list[int], spans: list[tuple[int, int]],
                 pasts: list[int], pool: KVPool, slots: list[int],
@@ -175,35 +270,13 @@ def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequ
     ``pasts[b]..`` of its slot ``slots[b]`` and attend to its cache through them."""
     from .llama_step import _finish, _qkv, rope_for
 
-    device = pool.device
-    base = model.base_model
-    config = model.config
-    heads = int(config.num_attention_heads)
-    kv_heads, dim = pool.kv_heads, pool.head_dim
-    groups = heads // kv_heads
-    lens = [e - s for s, e in spans]
-    b_n, n_max, total = len(spans), max(lens), spans[-1][1]
-    length = max(p + n for p, n in zip(pasts, lens, strict=True))
-    pool.reserve(length)
+    base, config = model.base_model, model.config
+    at = _layout(spans, pasts, slots, int(config.num_attention_heads) // pool.kv_heads,
+                 pool.device)
+    pool.reserve(at.length)
 
     def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    tok_slot = tensor([slots[b] for b, n in enumerate(lens) for _ in range(n)])
-    tok_pos = tensor([pasts[b] + j for b, n in enumerate(lens) for j in range(n)])
-    uniform = all(n == n_max for n in lens)
-    tok_b = tok_j = None
-    if not uniform:
-        tok_b = tensor([b for b, n in enumerate(lens) for _ in range(n)])
-        tok_j = tensor([j for n in lens for j in range(n)])
-    first = slots[0]
-    consecutive = slots == list(range(first, first + b_n))
-    slot_index = None if consecutive else tensor(slots)
-    # query j of stream b (folded: row g * n_max + j for each of its query heads' groups) sees
-    # positions 0 .. pasts[b] + j of its slot; padding rows see position 0 at least (no NaN)
-    limit = tensor([p + j + 1 for p in pasts for j in range(n_max)]).view(b_n, n_max)
-    mask = (torch.arange(length, device=device)
-            < limit.repeat(1, groups).view(b_n, 1, groups * n_max, 1))
+        return torch.tensor(values, dtype=torch.long, device=pool.device)
 
     h = base.embed_tokens(tensor(ids).view(1, -1))
     rope = rope_for(base, h, tensor(positions).view(1, -1), packed)
@@ -212,51 +285,14 @@ def padded_step(model: Any, depth: int, indices: Sequence[int], logit_rows: Sequ
     for i in range(depth):
         layer = base.layers[i]
         q, k, v, scaling = _qkv(layer, h, rope, packed, i)  # (1, heads or kv_heads, total, dim)
-        keys, values = pool.buffers[2 * i], pool.buffers[2 * i + 1]
-        keys[tok_slot, :, tok_pos] = k[0].transpose(0, 1)  # every stream's new keys at once
-        values[tok_slot, :, tok_pos] = v[0].transpose(0, 1)
-        if slot_index is None:
-            keys = keys[first:first + b_n, :, :length]  # the batch's slots: a view
-            values = values[first:first + b_n, :, :length]
-        else:
-            keys = keys[:, :, :length].index_select(0, slot_index)
-            values = values[:, :, :length].index_select(0, slot_index)
-        if uniform:
-            qp = q[0].view(heads, b_n, n_max, dim).transpose(0, 1)
-        else:
-            qp = q.new_zeros(b_n, heads, n_max, dim)
-            qp[tok_b, :, tok_j] = q[0].transpose(0, 1)
-        # the query heads that share a key/value head folded into its rows (no key repeated)
-        qg = qp.reshape(b_n, kv_heads, groups * n_max, dim)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qg, keys, values, attn_mask=mask, scale=scaling)
-        o = o.reshape(b_n, heads, n_max, dim)  # a CUDA kernel may return another layout
-        if uniform:
-            out = o.transpose(0, 1).reshape(1, heads, total, dim)
-        else:
-            out = o[tok_b, :, tok_j].transpose(0, 1).unsqueeze(0)
-        h = _finish(layer, h, out, packed, i)
+        h = _finish(layer, h, _attend(q, k, v, scaling, pool, i, at), packed, i)
         if i + 1 in wanted:
             states[i + 1] = h
     full = depth == config.num_hidden_layers
     last = base.norm(h) if full else h  # HF convention: the last hidden state is normed
     if full and depth in wanted:
         states[depth] = last
-    logits = None
-    logit_spans: dict[int, tuple[int, int]] = {}
-    if logit_rows:
-        head = (packed.head if packed is not None else None) or model.get_output_embeddings()
-        if len(logit_rows) == b_n:
-            logit_spans = {b: spans[b] for b in logit_rows}
-            logits = head(last)[0]
-        else:
-            at = 0
-            for b in logit_rows:
-                s, e = spans[b]
-                logit_spans[b] = (at, at + e - s)
-                at += e - s
-            logits = head(torch.cat([last[:, s:e] for s, e in (spans[b] for b in logit_rows)],
-                                    dim=1))[0]
+    logits, logit_spans = _logits(model, last, spans, logit_rows, packed)
     return PaddedOut(spans, states, logits, logit_spans)
 
 
