@@ -73,6 +73,12 @@ def _render_pass7(result: dict[str, Any]) -> str:
     return render_pass7(result)
 
 
+def _render_pass8(result: dict[str, Any]) -> str:
+    from .harm_loso import render_pass8
+
+    return render_pass8(result)
+
+
 # Run by hand (python -m guardrail_harmful_content.training.select, python -m bench.harm_loso):
 # rendered after this section. harm_select_pass2: the second selection pass (relabels, second
 # wave). harm_select_pass3: the third pass (rules, weighting, label noise; written by a script
@@ -81,10 +87,11 @@ def _render_pass7(result: dict[str, Any]) -> str:
 # harm_select_pass5: the fifth pass (the fourth wave as three new sources; the same script).
 # harm_select_pass6: the sixth pass (rule families, ridge and half-life; a script over the stages).
 # harm_select_pass7: the seventh pass (the fifth wave, with the rule families; the same script).
+# harm_select_pass8: the eighth pass (the prompt's states beside the response's; a script).
 EXTRA_RESULTS = {"harm_select": _render_selection, "harm_select_pass2": _render_selection,
                  "harm_select_pass3": _render_pass3, "harm_select_pass4": _render_pass4,
                  "harm_select_pass5": _render_pass5, "harm_select_pass6": _render_pass6,
-                 "harm_select_pass7": _render_pass7,
+                 "harm_select_pass7": _render_pass7, "harm_select_pass8": _render_pass8,
                  "harm_loso": _render_loso}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2

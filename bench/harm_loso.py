@@ -355,6 +355,17 @@ def render_pass6(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at_incumbent_rule(result: dict[str, Any], n16: int) -> list[str]:
+    """The table of each head at the incumbent's rule (a pass's ``at_incumbent_rule``)."""
+    lines = [f"| head | mean macro-F1 ({n16} harmful sources) | worst capped false halts | read "
+             "| `social-v2` false halts |", "|---|---|---|---|---|"]
+    for name, h in result["at_incumbent_rule"].items():
+        lines.append(f"| {name} | {h['mean_harmful_source_macro_f1']:.3f} | "
+                     f"{h['worst_capped_false_halt_rate']:.3f} | {h['fraction_seen']:.3f} | "
+                     f"{h['social_v2_false_halt_rate']:.3f} |")
+    return lines
+
+
 def render_pass7(result: dict[str, Any]) -> str:
     """The seventh selection pass (the fifth hand-written wave as new sources, with and without
     wave 4, each head with the rule families): every candidate at its rule under the caps with
@@ -392,13 +403,7 @@ def render_pass7(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|",
              *_head_rows(inc, result["candidate"], extra=("mean_18_harmful_source_macro_f1",)),
              "", "Each head at the incumbent's rule (count, 6 prefixes >= 0.97; deciding "
-             "nothing): what the wave moves.", "",
-             f"| head | mean macro-F1 ({n16} harmful sources) | worst capped false halts | read "
-             "| `social-v2` false halts |", "|---|---|---|---|---|"]
-    for name, h in result["at_incumbent_rule"].items():
-        lines.append(f"| {name} | {h['mean_harmful_source_macro_f1']:.3f} | "
-                     f"{h['worst_capped_false_halt_rate']:.3f} | {h['fraction_seen']:.3f} | "
-                     f"{h['social_v2_false_halt_rate']:.3f} |")
+             "nothing): what the wave moves.", "", *_at_incumbent_rule(result, n16)]
     aside = result.get("deciding_nothing") or {}
     if aside:
         lines += ["", "Deciding nothing, what binds: " + "; ".join(
@@ -411,6 +416,55 @@ def render_pass7(result: dict[str, Any]) -> str:
             + " and ".join(f"{v:.3f} of `{t}`'s" for t, v in
                            d["new_benign_fh_at_that_rule"].items()) + " benign answers"
             for name, d in aside.items()) + "."]
+    lines += ["", "Fully nested (for each held-out source, the candidate among the "
+              f"{len(result['candidates'])} rows above and its rule chosen on the other "
+              f"sources): {result['fully_nested']['mean']:.3f}."]
+    return "\n".join(lines + _candidate_tables(result)) + "\n"
+
+
+def render_pass8(result: dict[str, Any]) -> str:
+    """The eighth selection pass (the prompt's states beside the response's: joint and stacked
+    heads, with the rule families): every candidate and the control at its rule under the caps,
+    the prompt probe alone per source, each head at the incumbent's rule, the incumbent against
+    the winner per source (LOSO and nested), and the decision."""
+    rule, pool, inc = result["ship_rule"], result["pool"], result["incumbent"]
+    n16, n18 = len(pool["old_harmful_sources"]), len(pool["harmful_sources_18"])
+    best_cap = [("best under the false-halt cap alone", lambda c: f"{c['best_fh_cap_only']:.3f}")]
+    lines = [f"### {result['title']}", "",
+             f"Incumbent: the shipped recipe (ridge 0.3, half-life 12, layers 6, 9, 12, 15) on "
+             f"the fourth pass's pool ({pool['incumbent_records']} records), count rule. "
+             "Candidate heads, the same pool and folds, with the prompt's states as the observer "
+             "renders the chat (layers 6, 9, 12, 15; " + "; ".join(
+                 f"`{k}`, {v}" for k, v in result["prompt_features"].items()) + "): " + "; ".join(
+                 f"`{k}`, {v}" for k, v in result["heads"].items()) + ". Rule families: "
+             + "; ".join(f"`{k}`, {v}" for k, v in result["families"].items()) + ". Every figure "
+             "out of source; each candidate's rule is chosen under the caps (false halts <= "
+             "0.05 on every capped source; mean share read <= 0.5) for the mean macro-F1 over "
+             f"the same {n16} harmful sources. Ship rule, written before the run: "
+             f"{rule['text']}. Best candidate: {result['winner_name']}, margin "
+             f"{rule['margin']:+.3f} over the incumbent, {rule['margin_over_control']:+.3f} over "
+             f"the control; {result['verdict']}.", "",
+             *_family_table(result["candidates"], n16, n18, best_cap),
+             "", f"The control ({result['control_text']}; not a candidate):", "",
+             *_family_table(result["controls"], n16, n18, best_cap),
+             "", f"The incumbent and the best candidate ({result['winner_name']}):", "",
+             f"| head | rule | mean macro-F1 ({n16} harmful sources) | the same over {n18} | "
+             "nested | pooled macro-F1 | recall | worst capped false halts | read |",
+             "|---|---|---|---|---|---|---|---|---|",
+             *_head_rows(inc, result["candidate"], extra=("mean_18_harmful_source_macro_f1",)),
+             "", "Each head at the incumbent's rule (count, 6 prefixes >= 0.97; deciding "
+             "nothing):", "", *_at_incumbent_rule(result, n16)]
+    alone = result["prompt_alone"]
+    feats = sorted(alone)
+    lines += ["", "The prompt probe alone (the stacked heads' outer-fold prompt logit, one score "
+              "per record; AUC per source with both labels, out of source), beside the "
+              "incumbent's AUC (the response's highest prefix score):", "",
+              "| source | " + " | ".join(f"prompt `{f}`" for f in feats) + " | incumbent |",
+              "|---|" + "---|" * (len(feats) + 1)]
+    for tag in alone[feats[0]]["auc"]:
+        own = inc["loso"].get(tag, {}).get("auc")
+        lines.append(f"| {tag} | " + " | ".join(f"{alone[f]['auc'][tag]:.3f}" for f in feats)
+                     + (f" | {own:.3f} |" if own is not None else " | - |"))
     lines += ["", "Fully nested (for each held-out source, the candidate among the "
               f"{len(result['candidates'])} rows above and its rule chosen on the other "
               f"sources): {result['fully_nested']['mean']:.3f}."]
