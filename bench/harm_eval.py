@@ -23,6 +23,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,52 +32,15 @@ from .common import ROOT, figures_dir, results_dir, write_result
 PLOT_NAME = "harm-f1-vs-read.png"
 
 
-def _render_loso(result: dict[str, Any]) -> str:
-    from .harm_loso import render as loso_render
+def _harm_loso(name: str) -> Callable[[dict[str, Any]], str]:
+    """``bench.harm_loso``'s render function ``name``, imported when a result is rendered."""
 
-    return loso_render(result)
+    def render(result: dict[str, Any]) -> str:
+        from . import harm_loso
 
+        return str(getattr(harm_loso, name)(result))
 
-def _render_selection(result: dict[str, Any]) -> str:
-    from .harm_loso import render_selection
-
-    return render_selection(result)
-
-
-def _render_pass3(result: dict[str, Any]) -> str:
-    from .harm_loso import render_pass3
-
-    return render_pass3(result)
-
-
-def _render_pass4(result: dict[str, Any]) -> str:
-    from .harm_loso import render_pass4
-
-    return render_pass4(result)
-
-
-def _render_pass5(result: dict[str, Any]) -> str:
-    from .harm_loso import render_pass5
-
-    return render_pass5(result)
-
-
-def _render_pass6(result: dict[str, Any]) -> str:
-    from .harm_loso import render_pass6
-
-    return render_pass6(result)
-
-
-def _render_pass7(result: dict[str, Any]) -> str:
-    from .harm_loso import render_pass7
-
-    return render_pass7(result)
-
-
-def _render_pass8(result: dict[str, Any]) -> str:
-    from .harm_loso import render_pass8
-
-    return render_pass8(result)
+    return render
 
 
 # Run by hand (python -m guardrail_harmful_content.training.select, python -m bench.harm_loso):
@@ -88,11 +52,10 @@ def _render_pass8(result: dict[str, Any]) -> str:
 # harm_select_pass6: the sixth pass (rule families, ridge and half-life; a script over the stages).
 # harm_select_pass7: the seventh pass (the fifth wave, with the rule families; the same script).
 # harm_select_pass8: the eighth pass (the prompt's states beside the response's; a script).
-EXTRA_RESULTS = {"harm_select": _render_selection, "harm_select_pass2": _render_selection,
-                 "harm_select_pass3": _render_pass3, "harm_select_pass4": _render_pass4,
-                 "harm_select_pass5": _render_pass5, "harm_select_pass6": _render_pass6,
-                 "harm_select_pass7": _render_pass7, "harm_select_pass8": _render_pass8,
-                 "harm_loso": _render_loso}
+EXTRA_RESULTS = {"harm_select": _harm_loso("render_selection"),
+                 "harm_select_pass2": _harm_loso("render_selection"),
+                 **{f"harm_select_pass{k}": _harm_loso(f"render_pass{k}") for k in range(3, 9)},
+                 "harm_loso": _harm_loso("render")}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
 # The full run reads the whole test split (1,107 records; the observer pass takes ~4 min on two

@@ -503,10 +503,7 @@ def render_padded(result: dict[str, Any]) -> str:
     rows = result["dtypes"]
     for label, row in rows.items():
         for n, c in row["batched"].items():
-            out.append(f"| {label} | {n} | {c['tokens_per_s']:.0f} | "
-                       f"{c['tokens_per_s'] / int(n):.1f} | {c['forward_ms_median']:.0f} / "
-                       f"{c['forward_ms_p95']:.0f} | {c['model_ms_median']:.0f} | "
-                       f"{c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+            out.append(_batched_row(label, n, c))
     gains = []
     for label, row in rows.items():
         if row.get("path") != "padded":
@@ -535,6 +532,13 @@ def render_padded(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _batched_row(label: str, n: str, c: dict[str, Any]) -> str:
+    """One table row of a batched run: tokens/s, per stream, forward, model and read times."""
+    return (f"| {label} | {n} | {c['tokens_per_s']:.0f} | {c['tokens_per_s'] / int(n):.1f} | "
+            f"{c['forward_ms_median']:.0f} / {c['forward_ms_p95']:.0f} | "
+            f"{c['model_ms_median']:.0f} | {c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+
+
 def _other_reads(result: dict[str, Any]) -> list[str]:
     """Runs with other tokens per read (``--tokens-per-read``), merged into the result by hand
     as ``other_reads``: how a forward's cost depends on the tokens in it."""
@@ -548,10 +552,7 @@ def _other_reads(result: dict[str, Any]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for k, run in other.items():
         for n, c in run["batched"].items():
-            out.append(f"| {k} | {n} | {c['tokens_per_s']:.0f} | "
-                       f"{c['tokens_per_s'] / int(n):.1f} | {c['forward_ms_median']:.0f} / "
-                       f"{c['forward_ms_p95']:.0f} | {c['model_ms_median']:.0f} | "
-                       f"{c['read_ms_median']:.0f} / {c['read_ms_p95']:.0f} |")
+            out.append(_batched_row(k, n, c))
         for n, c in run["sequential"].items():
             out.append(f"| {k}, sequential | {n} | {c['tokens_per_s']:.0f} | "
                        f"{c['tokens_per_s'] / int(n):.1f} | - | - | "

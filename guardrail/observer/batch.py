@@ -515,22 +515,12 @@ class BatchedObserver:
         if pool is not None and pool.depth == depth and all(
                 getattr(state.kv, "pool", None) is pool for state in states):
             return self._forward_padded(rows, signatures)
-        ids: list[int] = []
-        positions: list[int] = []
-        spans: list[tuple[int, int]] = []
+        ids, positions, spans, pasts = _pack(rows)
         caches: list[tuple[list[Any], Any]] = []
         causal: dict[int, Any] = {}
         groups = int(inner.config.num_attention_heads) // int(inner.kv_heads)
-        for row, state in zip(rows, states, strict=True):
+        for row, state, past in zip(rows, states, pasts, strict=True):
             n = len(row.ids)
-            if row.job.ids is not None:
-                state.make_room(n)  # drops old tokens only: safe to redo on a rerun
-            past = state.kv.length()
-            # a context read starts after the shared prefix its cache may already hold
-            first = past if row.job.ids is None else state.positions(n).start
-            spans.append((len(ids), len(ids) + n))
-            ids += row.ids
-            positions += range(first, first + n)
             blocked = None  # one token may look everywhere
             if n > 1:  # the unbatched read's mask, as attend_blocked takes it
                 if n not in causal:
@@ -556,21 +546,7 @@ class BatchedObserver:
         from .padded import padded_step, to_host
 
         inner = self.inner
-        ids: list[int] = []
-        positions: list[int] = []
-        spans: list[tuple[int, int]] = []
-        pasts: list[int] = []
-        for row in rows:
-            state = row.job.stream.state
-            n = len(row.ids)
-            if row.job.ids is not None:
-                state.make_room(n)  # drops old tokens only: safe to redo on a rerun
-            past = state.kv.length()
-            first = past if row.job.ids is None else state.positions(n).start
-            spans.append((len(ids), len(ids) + n))
-            ids += row.ids
-            positions += range(first, first + n)
-            pasts.append(past)
+        ids, positions, spans, pasts = _pack(rows)
         kvs = [row.job.stream.state.kv for row in rows]
         indices = sorted({i for _, wanted, _ in signatures for i in wanted})
         logit_rows = [b for b, (_, _, logits) in enumerate(signatures) if logits]
@@ -598,45 +574,39 @@ class BatchedObserver:
 
     def _take(self, row: _Row, b: int, out: _Out | _HostRows) -> None:
         """Row ``b`` of a forward: its new keys and values into its cache, its outputs."""
-        from .model import _batch
-
-        if isinstance(out, _HostRows):
-            self._take_padded(row, b, out)
-            return
         job = row.job
         start, end = out.spans[b]
         state = job.stream.state
         with self._cond:
             if job.stream.released:
                 return
-            state.kv.append([t[:, :, start:end] for t in out.new_kv])
+            if isinstance(out, _HostRows):  # written past the filled part by the forward
+                state.kv.commit(end - start)
+            else:
+                state.kv.append([t[:, :, start:end] for t in out.new_kv])
         if job.ids is None:
             self.inner.context_read(state)
             return
         state.seen += end - start
+        job.parts.append(self._padded_part(job, b, out) if isinstance(out, _HostRows)
+                         else self._part(job, b, out))
+
+    def _part(self, job: _Job, b: int, out: _Out) -> ObservedBatch:
+        """Row ``b``'s outputs of a packed forward, as float32."""
+        from .model import _batch
+
+        start, end = out.spans[b]
         hidden = {layer: out.states[self.inner.hidden_index(layer)][0, start:end].float()
                   for layer in job.needs.layers}
         logits = None
         if b in out.logit_spans:
             first, last = out.logit_spans[b]
             logits = out.logits[0, first:last].float()
-        job.parts.append(_batch(hidden, logits, job.needs))
+        return _batch(hidden, logits, job.needs)
 
-
-    def _take_padded(self, row: _Row, b: int, out: _HostRows) -> None:
-        """Row ``b`` of a padded forward: its keys and values, written past its cache's filled
-        part, become part of it; its outputs are views of the rows copied back."""
-        job = row.job
+    def _padded_part(self, job: _Job, b: int, out: _HostRows) -> ObservedBatch:
+        """Row ``b``'s outputs of a padded forward: views of the rows copied back."""
         start, end = out.spans[b]
-        state = job.stream.state
-        with self._cond:
-            if job.stream.released:
-                return
-            state.kv.commit(end - start)
-        if job.ids is None:
-            self.inner.context_read(state)
-            return
-        state.seen += end - start
         needs = job.needs
         hidden = {layer: out.states[self.inner.hidden_index(layer)][start:end]
                   for layer in needs.layers}
@@ -647,7 +617,7 @@ class BatchedObserver:
                 logits = out.logits[first:last]
             if needs.top_k and out.top is not None:
                 top = out.top[first:last, : needs.top_k]
-        job.parts.append(ObservedBatch(hidden=hidden, logits=logits, top_logits=top))
+        return ObservedBatch(hidden=hidden, logits=logits, top_logits=top)
 
 
 @dataclass
@@ -789,3 +759,25 @@ def _concat(parts: list[ObservedBatch]) -> ObservedBatch:
     from .model import _concat as concat
 
     return concat(parts)
+
+
+def _pack(rows: list[_Row]) -> tuple[list[int], list[int], list[tuple[int, int]], list[int]]:
+    """The rows' tokens in one sequence: their ids, positions, each row's span in it and its
+    stream's cached length before it (room made in each cache first)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    spans: list[tuple[int, int]] = []
+    pasts: list[int] = []
+    for row in rows:
+        state = row.job.stream.state
+        n = len(row.ids)
+        if row.job.ids is not None:
+            state.make_room(n)  # drops old tokens only: safe to redo on a rerun
+        past = state.kv.length()
+        # a context read starts after the shared prefix its cache may already hold
+        first = past if row.job.ids is None else state.positions(n).start
+        spans.append((len(ids), len(ids) + n))
+        ids += row.ids
+        positions += range(first, first + n)
+        pasts.append(past)
+    return ids, positions, spans, pasts

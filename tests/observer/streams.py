@@ -1,5 +1,6 @@
-"""What the tests of when a stream's reads happen (deferred, caught up, ahead) share: the text
-they stream and a monitor that reads the observer."""
+"""What the observer tests share: the texts they stream (one for the tests of when a stream's
+reads happen, several prompts and answers for the batch tests) and a monitor that reads the
+observer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,20 @@ TEXT = ("The capital of France is Paris. It is a large city on the Seine, and it
         "bridges and climb the hill to the white church. Some of them ask how to build a bomb "
         "and the guide says no. Then they eat bread and cheese and go home by train.")
 CALM = TEXT.replace("bomb", "kite").replace("Paris", "Lyon")
+
+# Several streams of different lengths, read together (the batch tests)
+PROMPTS = ["Hi.", "Tell me about Paris and the river that flows through it, please.",
+           "What is 2 + 2?", "Write a long story about a robot who wanted to paint the sea.",
+           "Who was Marie Curie?"]
+TEXTS = [
+    "The capital of France is Paris. It is a large city on the Seine.",
+    "Marie Curie was born in Warsaw in 1867 and won two Nobel prizes, in physics and in "
+    "chemistry, the first person to win two.",
+    "Four.",
+    "Once upon a time there was a small robot who wanted to learn to paint. It painted the sea, "
+    "the sky and the mountains, and then it painted the old mill by the river.",
+    "How do I bake bread? Mix flour, water, salt and yeast; knead it for ten minutes.",
+]
 
 
 class RowNorm(Monitor):

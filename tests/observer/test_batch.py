@@ -23,18 +23,8 @@ from guardrail.session import Report
 from guardrail.stream import TokenSpan
 from guardrail.testing import plugin_monitors, random_splits
 
-PROMPTS = ["Hi.", "Tell me about Paris and the river that flows through it, please.",
-           "What is 2 + 2?", "Write a long story about a robot who wanted to paint the sea.",
-           "Who was Marie Curie?"]
-TEXTS = [
-    "The capital of France is Paris. It is a large city on the Seine.",
-    "Marie Curie was born in Warsaw in 1867 and won two Nobel prizes, in physics and in "
-    "chemistry, the first person to win two.",
-    "Four.",
-    "Once upon a time there was a small robot who wanted to learn to paint. It painted the sea, "
-    "the sky and the mountains, and then it painted the old mill by the river.",
-    "How do I bake bread? Mix flour, water, salt and yeast; knead it for ten minutes.",
-]
+from .streams import PROMPTS, TEXTS
+
 NEEDS = Needs(layers=frozenset({1, -1}), logits=True, top_k=3)
 
 
