@@ -70,6 +70,7 @@ def test_sync_stream_halts_and_stops_upstream(upstream_server: UpstreamServer, s
         chunks = list(stream)
     _assert_halted(chunks, halt_message)
     record = upstream_server.completions()[-1]
+    assert record.wait(5)  # the upstream notices the hang-up on its own thread
     assert record.disconnected and not record.completed
     assert _chunks_after_trigger(upstream_server) <= hold_back + 1
     assert len(reports) == 1 and reports[0].halted and reports[0].leaked_tokens == 0
@@ -87,7 +88,8 @@ async def test_async_stream_halts_and_stops_upstream(upstream_server: UpstreamSe
         chunks = [c async for c in stream]
         await client.close()
     _assert_halted(chunks, halt_message)
-    assert upstream_server.completions()[-1].disconnected
+    record = upstream_server.completions()[-1]
+    assert record.wait(5) and record.disconnected  # noticed on the upstream's own thread
     assert _chunks_after_trigger(upstream_server) <= 3
 
 
