@@ -46,6 +46,21 @@ def _groups(deltas: list[str], seed: int) -> list[list[str]]:
     return out
 
 
+def _in_pieces(observer: Any, deltas: list[str], seed: int, **guard: Any
+               ) -> tuple[list[list[Event]], Any, Any]:
+    """The deltas fed in ``_groups``' pieces with ``feed_many``: the events per piece, the
+    report and the session."""
+    plugins, policy = _guard(observer, **guard)
+    with plugins as host:
+        session = Guard.from_policy(policy, host=host, observer=observer).session(
+            prompt="Tell me about Paris.")
+        per_piece: list[list[Event]] = []
+        for group in _groups(deltas, seed):
+            per_piece += session.feed_many(group)
+        report = session.finish()
+    return per_piece, report, session
+
+
 def _view(per_piece: list[list[Event]]) -> list[list[tuple[Any, ...]]]:
     """What a driver hands its reader after each piece, without timing."""
     def one(e: Event) -> tuple[Any, ...]:
@@ -77,14 +92,7 @@ def test_catch_up_gives_each_piece_what_feed_gives_it(observer: Any, text: str, 
                                                        hold_back: int) -> None:
     deltas = random_splits(text, seed=seed)
     expected, (alone, alone_text) = _one_by_one(observer, deltas, hold_back)
-    plugins, policy = _guard(observer, hold_back=hold_back)
-    with plugins as host:
-        session = Guard.from_policy(policy, host=host, observer=observer).session(
-            prompt="Tell me about Paris.")
-        per_piece: list[list[Event]] = []
-        for group in _groups(deltas, seed):
-            per_piece += session.feed_many(group)
-        report = session.finish()
+    per_piece, report, session = _in_pieces(observer, deltas, seed, hold_back=hold_back)
     assert _view(per_piece) + _view([report.final_events]) == expected
     assert (report.tokens, report.released_text, report.halted) == (
         alone.tokens, alone.released_text, alone.halted)
@@ -152,14 +160,8 @@ def test_catch_up_with_reads_ahead_releases_what_per_delta_reads_release(
     as by a read per delta."""
     deltas = random_splits(text, seed=seed)
     expected, (alone, alone_text) = _per_delta(observer, deltas, hold_back)
-    plugins, policy = _guard(observer, hold_back=hold_back, read_ahead=True)
-    with plugins as host:
-        session = Guard.from_policy(policy, host=host, observer=observer).session(
-            prompt="Tell me about Paris.")
-        per_piece: list[list[Event]] = []
-        for group in _groups(deltas, seed):
-            per_piece += session.feed_many(group)
-        report = session.finish()
+    per_piece, report, session = _in_pieces(observer, deltas, seed, hold_back=hold_back,
+                                            read_ahead=True)
     assert _flat([*per_piece, report.final_events]) == expected
     assert (report.tokens, report.released_text, report.halted, session.text) == (
         alone.tokens, alone.released_text, alone.halted, alone_text)
