@@ -23,7 +23,8 @@ from ..span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBloc
 from .train_span import Block, SpanRows
 
 __all__ = ["COMBINED_CANDIDATES", "LOGIT_CANDIDATES", "LOSO_GRID", "PASS4_GRID", "PASS5",
-           "STATE_BLOCKS", "Candidate", "Design", "design", "fit_candidate", "source_weights"]
+           "PASS5_GRID", "STATE_BLOCKS", "Candidate", "Design", "design", "fit_candidate",
+           "source_weights"]
 
 STATS = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max", "entropy_mean",
          "entropy_first", "log_tokens")
@@ -140,8 +141,9 @@ PASS4_GRID: tuple[Candidate, ...] = tuple(
 PASS5 = ("probe(wd 1.0)+surprisal", "surprisal, ensemble", "surprisal, monotone",
          "surprisal+margin, ensemble", "surprisal+excess, ensemble", "surprisal max, monotone",
          "surprisal mean, monotone")
-LOSO_GRID: tuple[Candidate, ...] = tuple(
+PASS5_GRID: tuple[Candidate, ...] = tuple(
     next(c for c in COMBINED_CANDIDATES if c.name == name) for name in PASS5)
+LOSO_GRID = PASS5_GRID
 
 
 @dataclasses.dataclass
