@@ -240,6 +240,7 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
     from guardrail_entity_hallucination.training.features import build_data
     from guardrail_entity_hallucination.training.train_combined import (
         LOSO_PASS,
+        PREVIOUS,
         SHIPPED,
         SHIPPED_WHY,
         handwritten_sets,
@@ -262,6 +263,8 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
     result["pass"] = LOSO_PASS
     if result["chosen"] != SHIPPED.candidate:  # the trainer's default recipe, not the choice
         result["shipped"] = {"candidate": SHIPPED.candidate, "why": SHIPPED_WHY}
+    elif PREVIOUS in result["span_auc"]:  # the head this one replaced, for the per-source table
+        result["previous"] = PREVIOUS
     result["seconds"] = round(time.perf_counter() - t0, 1)
     path = write_result("entity_loso", result)
     print(render_loso(result))
@@ -283,13 +286,19 @@ def render_loso(result: dict[str, Any]) -> str:
              "kinds are all fabricated). The shipped head is the chosen recipe refitted on every "
              "source unless a 'Shipped' line says otherwise (docs/entity-hallucination.md).", "",
              f"Chosen by LOSO: `{chosen}`, threshold {result['threshold']} (10% of the true "
-             "entities of an average held-out source flagged).", ""]
+             + ("entities of the hand-written sources flagged, out of fold)."
+                if result.get("threshold_from") == "handwritten:" else
+                "entities of an average held-out source flagged)."), ""]
     shipped = result.get("shipped")
     if shipped:
         lines += [f"Shipped: `{shipped['candidate']}` ({shipped['why']})", ""]
-    ship = shipped["candidate"] if shipped else None
+    ship = shipped["candidate"] if shipped else result.get("previous")
+    if ship and not shipped:
+        lines += [f"Shipped: the chosen head, in place of `{ship}` (shipped before pass "
+                  f"{result.get('pass')}; its column is its LOSO figure).", ""]
     lines += ["| held-out source | records | entities (fabricated) | chosen | "
-              + ("shipped recipe | " if ship else "") + "surprisal max "
+              + (("shipped recipe | " if shipped else "previous head | ") if ship else "")
+              + "surprisal max "
               "| surprisal mean | entropy max | entropy mean | recall | entity FPR "
               "| clean texts flagged |",
               "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ship else "")]

@@ -37,6 +37,7 @@ from guardrail_entity_hallucination.training.loso import (
     pool_files,
     read_marked,
     source_of,
+    threshold_for,
     weighted_threshold,
     write_marked,
 )
@@ -146,6 +147,22 @@ def test_the_threshold_weighs_each_source_alike() -> None:
     # 10% of all negatives, each source weighing half: one fifth of "b", none of "a"
     assert 10.0 < t < 11.0
     assert (small >= t).mean() == pytest.approx(0.2)
+
+
+def test_the_threshold_is_set_by_the_hand_written_sources_true_entities() -> None:
+    # templates' true entities score high, the hand-written ones low, fabricated ones ignored
+    templates = np.linspace(5.0, 6.0, 100)
+    bios, benign = np.linspace(0.0, 1.0, 100), np.linspace(0.0, 1.0, 50)
+    logits = np.concatenate([templates, bios, benign, [9.0, 9.0]])
+    labels = np.array([0] * 250 + [1, 1])
+    tags = ["templates:city"] * 100 + ["handwritten:bios"] * 100 + ["handwritten:benign"] * 50 \
+        + ["handwritten:bios"] * 2
+    t = threshold_for(logits, labels, tags, 0.1, "handwritten:")
+    assert 0.85 < t < 0.95  # a tenth of each hand-written source's true entities at or above
+    assert (bios >= t).mean() == pytest.approx(0.1) and (templates >= t).all()
+    # with no such source, every source's true entities set it, as before
+    assert threshold_for(logits, labels, tags, 0.1, "own-") == \
+        weighted_threshold(logits[:250], tags[:250], 0.1)
 
 
 def _rows(n: int, hidden: int, seed: int = 0) -> tuple[SpanRows, dict[str, np.ndarray]]:

@@ -22,8 +22,9 @@ from guardrail.probes.heads import LinearProbe
 from ..span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBlock
 from .train_span import Block, SpanRows
 
-__all__ = ["COMBINED_CANDIDATES", "LOGIT_CANDIDATES", "LOSO_GRID", "STATE_BLOCKS", "Candidate",
-           "Design", "design", "fit_candidate", "source_weights"]
+__all__ = ["COMBINED_CANDIDATES", "LOGIT_CANDIDATES", "LOSO_GRID", "PASS4_GRID", "PASS5",
+           "PASS5_GRID", "STATE_BLOCKS", "Candidate", "Design", "design", "fit_candidate",
+           "source_weights"]
 
 STATS = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max", "entropy_mean",
          "entropy_first", "log_tokens")
@@ -115,20 +116,34 @@ LOGIT_CANDIDATES += (
                              ("surprisal+rank+excess", SURPRISAL + RANK + EXCESS))),
     Candidate("surprisal+rank, balanced", SURPRISAL + RANK, monotone=True, balanced=True))
 COMBINED_CANDIDATES = COMBINED_CANDIDATES + LOGIT_CANDIDATES
+# Fifth pass (issue 23), written before its figures: the observer's span max and span mean
+# surprisal alone as heads (a monotone fit of one feature ranks entities as that feature does).
+COMBINED_CANDIDATES += (
+    Candidate("surprisal max, monotone", ("surprisal_max",), monotone=True),
+    Candidate("surprisal mean, monotone", ("surprisal_mean",), monotone=True))
 MONOTONE = ("surprisal_max", "surprisal_mean", "surprisal_first", "surprisal_rest",
             "surprisal_rel_max", "surprisal_rel_mean", "margin_max", "margin_mean",
             "log_rank_max", "log_rank_mean")
 _FIRST_PASSES = {"probe(wd 1.0)+surprisal", "probe(wd 10.0)+surprisal"}
 _NOT_RUN = {"probe(wd 30.0)+surprisal, monotone", "probe(wd 1.0)+surprisal, ensemble",
             "probe(wd 3.0)+surprisal+entropy, monotone"}
-# The grid of the third pass, what `train_combined` and `bench.entity_eval --loso` run: every
-# candidate without states (cheap), the winner of the second pass and the one best on the
-# hand-written biographies there, and the new candidates but three. A probe fit takes 5-20 s on
-# a shared core, so the full grid (about 30 probe candidates x 16 folds) no longer fits.
-LOSO_GRID: tuple[Candidate, ...] = tuple(
-    c for c in COMBINED_CANDIDATES
+# The grid of the third and fourth passes: every candidate without states (cheap), the winner
+# of the second pass and the one best on the hand-written biographies there, and the new
+# candidates but three. A probe fit takes 5-20 s on a shared core, so the full grid (about 30
+# probe candidates x 16 folds) no longer fits.
+PASS4_GRID: tuple[Candidate, ...] = tuple(
+    c for c in COMBINED_CANDIDATES[:-2]
     if c.name not in _NOT_RUN and (not c.states or c.name in _FIRST_PASSES
                                    or c.monotone or c.ensemble))
+# The fifth pass's grid, what `train_combined --choose` and `bench.entity_eval --loso` run now
+# (docs/entity-hallucination.md, "Fifth pass"): the shipped recipe, the surprisal heads the
+# fourth pass's table put near the top, and surprisal span max and span mean alone.
+PASS5 = ("probe(wd 1.0)+surprisal", "surprisal, ensemble", "surprisal, monotone",
+         "surprisal+margin, ensemble", "surprisal+excess, ensemble", "surprisal max, monotone",
+         "surprisal mean, monotone")
+PASS5_GRID: tuple[Candidate, ...] = tuple(
+    next(c for c in COMBINED_CANDIDATES if c.name == name) for name in PASS5)
+LOSO_GRID = PASS5_GRID
 
 
 @dataclasses.dataclass

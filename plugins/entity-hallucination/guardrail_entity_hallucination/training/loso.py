@@ -24,7 +24,7 @@ from .data.origins import origin_of
 
 __all__ = ["POOL_CAPS", "MarkupError", "baselines", "choose", "evaluate_candidates",
            "flag_rates", "loso_folds", "owned_rows", "pool_files", "read_marked", "source_of",
-           "weighted_threshold", "write_marked"]
+           "threshold_for", "weighted_threshold", "write_marked"]
 
 T = TypeVar("T")
 
@@ -212,6 +212,18 @@ def weighted_threshold(scores: np.ndarray, sources: Sequence[str], fpr: float = 
     cum = np.cumsum(weights[order]) / weights.sum()
     k = int(np.searchsorted(cum, fpr, side="right"))
     return float(scores[order][min(k, len(order) - 1)]) + 1e-9
+
+
+def threshold_for(logits: np.ndarray, labels: np.ndarray, sources: Sequence[str],
+                  fpr: float = 0.1, prefix: str = "") -> float:
+    """The logit at which ``fpr`` of the true entities (label 0) of the sources whose tag starts
+    with ``prefix`` are flagged, each source weighing the same (``weighted_threshold``); every
+    source's true entities when no source has that prefix."""
+    tags = np.asarray(sources, dtype=str)
+    negatives = np.asarray(labels) == 0
+    chosen = negatives & np.char.startswith(tags, prefix)
+    basis = chosen if chosen.any() else negatives
+    return weighted_threshold(np.asarray(logits)[basis], tags[basis].tolist(), fpr)
 
 
 def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequence[Any],
