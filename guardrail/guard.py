@@ -51,6 +51,24 @@ class Guard:
             self.observer = BatchedObserver(self.observer, workers=spec.options.get("workers"),
                                             gather_ms=spec.options.get("gather_ms", gather))
         self.tokenizer: Tokenizer = getattr(self.observer, "tokenizer", None) or WordTokenizer()
+        if self.needs.context:
+            self._check_context()
+
+    def _check_context(self) -> None:
+        """A monitor that asks for the context's pooled states gets them or the Guard does not
+        load: an observer that cannot pool them would hand it nothing, silently."""
+        asked = sorted(i for i, needs in self.needs_of.items() if needs.context)
+        if getattr(self.observer, "pools_context", False):
+            return
+        if self.observer is None:
+            raise ObserverError(f"monitor(s) {', '.join(asked)} ask for the context's pooled "
+                                "states (Needs.context) but read no layers: there is no "
+                                "observer to pool them")
+        name = getattr(self.observer, "name", type(self.observer).__name__)
+        backend = getattr(self.observer, "backend", type(self.observer).__name__)
+        raise ObserverError(f"monitor(s) {', '.join(asked)} ask for the context's pooled states "
+                            f"(Needs.context), which observer {name!r} (backend {backend!r}) "
+                            "cannot give; use the torch or onnx backend")
 
     @property
     def blocks_event_loop(self) -> bool:

@@ -38,13 +38,17 @@ class Needs:
     block ``i``; negative counts from the end). ``logits``: the next-token distribution at each
     token (from the generator, or the observer's prediction of it). ``top_k``: how many top logit
     values to keep per token when the full logits are not needed. ``logprobs``: the upstream API's
-    own logprobs when it sends them.
+    own logprobs when it sends them. ``context``: the conversation's pooled states for ``layers``
+    (``Features.context``, on the first ``update`` of a stream): the mean of the observer's rows
+    over the rendered context from the start of the last user message's content through the
+    last context token.
     """
 
     layers: frozenset[int] = frozenset()
     logits: bool = False
     top_k: int = 0
     logprobs: bool = False
+    context: bool = False
 
     @property
     def observer(self) -> bool:
@@ -57,6 +61,7 @@ class Needs:
             logits=self.logits or other.logits,
             top_k=max(self.top_k, other.top_k),
             logprobs=self.logprobs or other.logprobs,
+            context=self.context or other.context,
         )
 
 
@@ -89,6 +94,13 @@ class Features:
     an observer (``generated`` False) reads token ``i`` and gives the state after it, whose
     logits predict token ``i + 1``; a generator that feeds its own steps (``generated`` True)
     gives the step that produced token ``i``, whose logits token ``i`` was sampled from.
+
+    ``context`` (when a monitor's ``Needs.context`` asked for it) maps each requested layer to a
+    float32 numpy vector ``(hidden_size,)``: the observer's rows of that layer averaged over the
+    rendered conversation from the start of the last user message's content through the last
+    context token (the assistant header included; docs/observer.md, "The context's pooled
+    states"). It is set on the first ``update`` of a stream only (``None`` on every other), so a
+    monitor reads it once and keeps what it needs in its state.
     """
 
     tokens: Sequence[TokenSpan]
@@ -100,6 +112,7 @@ class Features:
     logprobs: Sequence[TokenLogprob] = ()
     final: bool = False  # True on the last call of a stream
     generated: bool = False  # rows come from the generator's own steps (see above)
+    context: Mapping[int, Any] | None = None  # pooled context states, first update only
 
     def token_text(self, i: int) -> str:
         """Text of ``tokens[i]``."""

@@ -1079,3 +1079,5 @@ def _fill(features: Features, batch: ObservedBatch, start: int, count: int, *,
     features.hidden = {layer: rows(h) for layer, h in batch.hidden.items()}
     features.logits = rows(batch.logits)
     features.top_logits = rows(batch.top_logits)
+    if start == 0:  # the stream's first batch carries the context's pooled states, if asked
+        features.context = batch.context

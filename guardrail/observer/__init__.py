@@ -23,11 +23,15 @@ class ObservedBatch:
     ``hidden`` maps each requested layer to an array ``(n_tokens, hidden_size)``; ``logits`` is
     ``(n_tokens, vocab)`` when requested; ``top_logits`` ``(n_tokens, top_k)`` when requested.
     Row ``i`` belongs to the i-th new token; its logits predict the token after it.
+    ``context`` maps each requested layer to the context's pooled state (a float32 numpy vector)
+    when the stream started with ``needs.context``; it comes with the first batch a stream's
+    observer returns and is ``None`` on every later one.
     """
 
     hidden: Mapping[int, Any] = field(default_factory=dict)
     logits: Any = None
     top_logits: Any = None
+    context: Mapping[int, Any] | None = None
 
 
 @runtime_checkable
@@ -41,7 +45,9 @@ class Observer(Protocol):
     hidden_size: int
 
     def start(self, messages: Sequence[Message], needs: Needs) -> Any:
-        """Read the conversation (through the chat template) as context; return stream state."""
+        """Read the conversation (through the chat template) as context; return stream state.
+        With ``needs.context``, also pool the context's states (handed over in the first
+        ``ObservedBatch`` of the stream)."""
         ...
 
     def extend(self, state: Any, tokens: Sequence[TokenSpan], needs: Needs) -> ObservedBatch:

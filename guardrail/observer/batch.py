@@ -327,7 +327,7 @@ class BatchedObserver:
             _fail(job.future, stream.error)
             return False
         if job.ids is not None and not job.ids:  # nothing to read (or a marker)
-            _resolve(job.future, _empty(job.needs, self.hidden_size))
+            _resolve(job.future, _with_context(job, _empty(job.needs, self.hidden_size)))
             return False
         return True
 
@@ -344,7 +344,8 @@ class BatchedObserver:
         elif not job.parts:  # released while its forward ran
             _fail(job.future, ObserverError("the observer stream was released (closed)"))
         else:
-            _resolve(job.future, job.parts[0] if len(job.parts) == 1 else _concat(job.parts))
+            batch = job.parts[0] if len(job.parts) == 1 else _concat(job.parts)
+            _resolve(job.future, _with_context(job, batch))
 
     def _count(self, n: int) -> None:
         with self._stats_lock:
@@ -475,8 +476,10 @@ class BatchedObserver:
         return time.thread_time() - start
 
     def _signature(self, job: _Job) -> tuple[int, tuple[int, ...], bool]:
-        if job.ids is None:  # a context read: as deep as the stream will read, no outputs
-            return (self.inner.signature(job.stream.needs)[0], (), False)
+        if job.ids is None:  # a context read: as deep as the stream reads, rows it pools only
+            context: tuple[int, tuple[int, ...], bool] = self.inner.context_signature(
+                job.stream.needs)
+            return context
         signature: tuple[int, tuple[int, ...], bool] = self.inner.signature(job.needs)
         return signature
 
@@ -549,6 +552,9 @@ class BatchedObserver:
         ids, positions, spans, pasts = _pack(rows)
         kvs = [row.job.stream.state.kv for row in rows]
         indices = sorted({i for _, wanted, _ in signatures for i in wanted})
+        # the reads' rows come back whole; a context read's only as its pooled means
+        host_indices = sorted({i for row, (_, wanted, _) in zip(rows, signatures, strict=True)
+                               if row.job.ids is not None for i in wanted})
         logit_rows = [b for b, (_, _, logits) in enumerate(signatures) if logits]
         full = any(rows[b].job.needs.logits for b in logit_rows)
         top_k = max((rows[b].job.needs.top_k or 0 for b in logit_rows), default=0)
@@ -556,21 +562,41 @@ class BatchedObserver:
             out = padded_step(inner.model, signatures[0][0], indices, logit_rows, ids, positions,
                               spans, pasts, kvs[0].pool, [kv.slot for kv in kvs],
                               getattr(inner, "packed", None))
-            wanted = [out.states[i][0] for i in indices]
+            wanted = [out.states[i][0] for i in host_indices]
             if out.logits is not None:
                 if full:
                     wanted.append(out.logits)
                 if top_k:
                     k = min(top_k, int(out.logits.shape[-1]))
                     wanted.append(torch.topk(out.logits, k, dim=-1).values)
-            host = to_host(wanted)
+            means = self._context_means(rows, out.states, spans, pasts)
+            host = to_host(wanted + [mean for _, _, mean in means])
         with self._stats_lock:
             self.stats.padded += 1
-        states = dict(zip(indices, host, strict=False))
-        rest = host[len(indices):]
+        states = dict(zip(host_indices, host, strict=False))
+        rest = host[len(host_indices):len(host) - len(means)]
         logits = rest.pop(0) if out.logits is not None and full else None
         top = rest.pop(0) if out.logits is not None and top_k else None
-        return _HostRows(spans, states, logits, top, out.logit_spans)
+        pooled: dict[int, dict[int, Any]] = {}
+        for (b, layer, _), mean in zip(means, host[len(host) - len(means):], strict=True):
+            pooled.setdefault(b, {})[layer] = mean.numpy().copy()  # not a view of all rows
+        return _HostRows(spans, states, logits, top, out.logit_spans, pooled)
+
+    def _context_means(self, rows: list[_Row], states: dict[int, Any],
+                       spans: list[tuple[int, int]], pasts: list[int]
+                       ) -> list[tuple[int, int, Any]]:
+        """(row, layer, mean on the device) for each context read that pools its span."""
+        means = []
+        for b, row in enumerate(rows):
+            state = row.job.stream.state
+            if row.job.ids is not None or state.pool_from is None:
+                continue
+            start, end = spans[b]
+            first = start + state.pool_from - pasts[b]
+            for layer in sorted(row.job.stream.needs.layers):
+                rows_of = states[self.inner.hidden_index(layer)][0, first:end]
+                means.append((b, layer, rows_of.float().mean(0)))
+        return means
 
     def _take(self, row: _Row, b: int, out: _Out | _HostRows) -> None:
         """Row ``b`` of a forward: its new keys and values into its cache, its outputs."""
@@ -585,11 +611,25 @@ class BatchedObserver:
             else:
                 state.kv.append([t[:, :, start:end] for t in out.new_kv])
         if job.ids is None:
+            if state.pool_from is not None:
+                state.context = (out.pooled[b] if isinstance(out, _HostRows)
+                                 else self._pooled(job, b, out))
             self.inner.context_read(state)
             return
         state.seen += end - start
         job.parts.append(self._padded_part(job, b, out) if isinstance(out, _HostRows)
                          else self._part(job, b, out))
+
+    def _pooled(self, job: _Job, b: int, out: _Out) -> dict[int, Any]:
+        """Row ``b``'s pooled context states (a context read: the row is the context after the
+        prefix its cache reused, which stops before the pooled span)."""
+        from .context import pool_rows
+
+        start, end = out.spans[b]
+        state = job.stream.state
+        rows = {layer: out.states[self.inner.hidden_index(layer)][0, start:end]
+                for layer in job.stream.needs.layers}
+        return pool_rows(rows, state.pool_from - (state.context_len - (end - start)))
 
     def _part(self, job: _Job, b: int, out: _Out) -> ObservedBatch:
         """Row ``b``'s outputs of a packed forward, as float32."""
@@ -629,6 +669,7 @@ class _HostRows:
     logits: Any  # (tokens of the rows that want logits, vocab), or None (no row wants them)
     top: Any  # (same rows, the largest top_k asked), or None
     logit_spans: dict[int, tuple[int, int]]  # row -> its span in ``logits`` and ``top``
+    pooled: dict[int, dict[int, Any]] = field(default_factory=dict)  # row -> pooled context
 
 
 @dataclass
@@ -759,6 +800,16 @@ def _concat(parts: list[ObservedBatch]) -> ObservedBatch:
     from .model import _concat as concat
 
     return concat(parts)
+
+
+def _with_context(job: _Job, batch: ObservedBatch) -> ObservedBatch:
+    """``batch`` with the stream's pooled context states when they have not gone out yet (the
+    stream's first batch); a backend that read it alone may have handed them over already."""
+    take = getattr(job.stream.state, "take_context", None)  # a backend's own state may lack it
+    context = take() if take is not None else None
+    if context is not None:
+        batch.context = context
+    return batch
 
 
 def _pack(rows: list[_Row]) -> tuple[list[int], list[int], list[tuple[int, int]], list[int]]:

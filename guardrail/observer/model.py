@@ -12,6 +12,7 @@ from ..messages import normalize_messages
 from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
+from .context import pool_rows, prompt_start
 from .hf import cache_kwarg
 from .prefix import PrefixCache
 from .tokenization import HFTokenizer
@@ -42,6 +43,7 @@ class BaseObserver:
     # A Guard serves its streams' reads through one scheduler (guardrail.observer.batch).
     batchable = True
     threads: int | None = None  # CPU threads per forward, as observer.options.threads resolved
+    pools_context = True  # gives the context's pooled states when asked (Needs.context)
 
     def __init__(self, name: str, hf_tokenizer: Any, config: Any, window: int) -> None:
         self.name = name
@@ -83,10 +85,28 @@ class BaseObserver:
         full = logits or deepest == self.num_layers
         return (self.num_layers if full else max(1, deepest)), indices, logits
 
+    def context_signature(self, needs: Needs) -> tuple[int, tuple[int, ...], bool]:
+        """A context read's: as deep as the stream will read, with the rows of the layers it
+        pools when ``needs.context`` (none otherwise), no logits."""
+        depth, indices, _ = self.signature(needs)
+        return depth, (indices if needs.context else ()), False
+
     def context_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.context_span(messages, Needs())[0]
+
+    def context_span(self, messages: Sequence[Message],
+                     needs: Needs) -> tuple[list[int], int | None]:
+        """The context's ids, cut to the window's context budget, and with ``needs.context``
+        where its pooled span starts in them (``guardrail.observer.context``; None: not asked).
+        A cut context pools what is left of the span (at least its last token)."""
         ids = render_context(self.hf_tokenizer, messages)
         budget = context_budget(self.window)
-        return ids[-budget:] if len(ids) > budget else ids
+        cut = max(0, len(ids) - budget)
+        ids = ids[cut:]
+        if not needs.context:
+            return ids, None
+        start = prompt_start(lambda m: render_context(self.hf_tokenizer, m), messages) - cut
+        return ids, min(max(0, start), max(0, len(ids) - 1))
 
     def chunks(self, state: StreamState, ids: list[int]) -> Iterable[list[int]]:
         """Split ``ids`` only when they cannot fit the window in one forward."""
@@ -246,29 +266,33 @@ class TorchObserver(BaseObserver):
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
         state, ids = self.open(messages, needs)
-        if ids:  # read the conversation: fill the cache, return nothing
+        if ids:  # read the conversation: fill the cache, return the rows it pools (if asked)
             first = state.kv.length()  # a shared prefix may be in it already
-            self._forward(state, ids, range(first, first + len(ids)), Needs(), context=needs)
+            out = self._forward(state, ids, range(first, first + len(ids)), Needs(),
+                                context=needs)
+            if state.pool_from is not None:
+                state.context = pool_rows(out.hidden, state.pool_from - first)
             self.context_read(state)
         return state
 
     def open(self, messages: Sequence[Message], needs: Needs) -> tuple[StreamState, list[int]]:
         """A stream's state, its cache holding what the prefix cache had of its context, and
-        the context ids still to read into it (then call ``context_read``)."""
-        ids = self.context_ids(messages)
+        the context ids still to read into it (then call ``context_read``). A stream that pools
+        the context reuses no cached position of its pooled span: those rows must be read."""
+        ids, pool_from = self.context_span(messages, needs)
         kv: Any
         reused = 0
         if self.fast:
             depth = self.signature(needs)[0]
             kv = self._pooled(depth) if self.padded else TensorKV(
                 depth, self.kv_heads, self.head_dim, self.dtype, self.device, self.window)
-            reused = self.prefix.restore(kv, depth, ids)
+            reused = self.prefix.restore(kv, depth, ids if pool_from is None else ids[:pool_from])
         else:
             from transformers import DynamicCache
 
             kv = TorchKV(DynamicCache(config=self.config))
         state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary,
-                            context_ids=tuple(ids))
+                            context_ids=tuple(ids), pool_from=pool_from)
         return state, ids[reused:]
 
     def _pooled(self, depth: int) -> Any:
@@ -290,42 +314,61 @@ class TorchObserver(BaseObserver):
                needs: Needs) -> ObservedBatch:
         ids = [_token_id(t) for t in tokens]
         if not ids:
-            return _empty(needs, self.hidden_size)
-        self.check_ids(ids)
-        parts = []
-        for chunk in self.chunks(state, ids):
-            state.make_room(len(chunk))
-            positions = state.positions(len(chunk))
-            parts.append(self._forward(state, chunk, positions, needs))
-            state.seen += len(chunk)
-        return parts[0] if len(parts) == 1 else _concat(parts)
+            batch = _empty(needs, self.hidden_size)
+        else:
+            self.check_ids(ids)
+            parts = []
+            for chunk in self.chunks(state, ids):
+                state.make_room(len(chunk))
+                positions = state.positions(len(chunk))
+                parts.append(self._forward(state, chunk, positions, needs))
+                state.seen += len(chunk)
+            batch = parts[0] if len(parts) == 1 else _concat(parts)
+        batch.context = state.take_context()  # the stream's first batch hands them over
+        return batch
 
     def truncate(self, state: StreamState, n_tokens: int) -> None:
         state.truncate(n_tokens)
 
     def _forward(self, state: StreamState, ids: list[int], positions: range,
                  needs: Needs, *, context: Needs | None = None) -> ObservedBatch:
+        """One forward over ``ids``. A context read (``context``, the stream's needs) runs as
+        deep as the stream will read and gives only the rows of the layers it pools, where they
+        lie (none unless ``context.context``)."""
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([list(positions)], dtype=torch.long, device=self.device)
+        if context is not None:
+            needs = Needs(layers=context.layers if context.context else frozenset())
         with torch.inference_mode():
             if self.fast:
                 signature = self.signature(needs)
-                if context is not None:  # as deep as the stream will read, no outputs
-                    signature = (self.signature(context)[0], (), False)
-                return self._step(state, input_ids, position_ids, signature, needs)
-            index = {layer: self.hidden_index(layer) for layer in needs.layers}
-            out = self.model.base_model(
-                input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                output_hidden_states=bool(index), **{self._cache_kwarg: state.kv.cache},
-            )
-            hidden = {layer: out.hidden_states[i][0].float() for layer, i in index.items()}
-            logits = None
-            if needs.logits or needs.top_k:
-                logits = self.model.get_output_embeddings()(out.last_hidden_state)[0].float()
+                if context is not None:
+                    signature = self.context_signature(context)
+                hidden, logits = self._step(state, input_ids, position_ids, signature, needs)
+            else:
+                hidden, logits = self._hf_forward(state, input_ids, position_ids, needs)
+            if context is not None:
+                return ObservedBatch(hidden=hidden)
             return _batch(hidden, logits, needs)
 
+    def _hf_forward(self, state: StreamState, input_ids: torch.Tensor,
+                    position_ids: torch.Tensor, needs: Needs
+                    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """The HF model's own forward (models without the written-out step)."""
+        index = {layer: self.hidden_index(layer) for layer in needs.layers}
+        out = self.model.base_model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=True,
+            output_hidden_states=bool(index), **{self._cache_kwarg: state.kv.cache},
+        )
+        hidden = {layer: out.hidden_states[i][0].float() for layer, i in index.items()}
+        logits = None
+        if needs.logits or needs.top_k:
+            logits = self.model.get_output_embeddings()(out.last_hidden_state)[0].float()
+        return hidden, logits
+
     def _step(self, state: StreamState, input_ids: torch.Tensor, position_ids: torch.Tensor,
-              signature: tuple[int, tuple[int, ...], bool], needs: Needs) -> ObservedBatch:
+              signature: tuple[int, tuple[int, ...], bool], needs: Needs
+              ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         from .llama_step import LlamaStep
 
         kv: TensorKV = state.kv
@@ -344,7 +387,7 @@ class TorchObserver(BaseObserver):
         kv.append(outs[n_out:])
         by_index = {i: outs[k].float() for k, i in enumerate(indices)}
         hidden = {layer: by_index[self.hidden_index(layer)] for layer in needs.layers}
-        return _batch(hidden, outs[len(indices)].float() if with_logits else None, needs)
+        return hidden, (outs[len(indices)].float() if with_logits else None)
 
 
 def _batch(hidden: dict[int, torch.Tensor], logits: torch.Tensor | None,

@@ -29,6 +29,7 @@ from ..errors import ObserverError
 from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
+from .context import pool_rows
 from .llama_step import LlamaStep, check_llama
 from .model import GROW, BaseObserver, _round_up, _token_id
 from .window import StreamState
@@ -208,19 +209,33 @@ class OnnxObserver(BaseObserver):
     # -- Observer protocol -----------------------------------------------------------------
 
     def start(self, messages: Sequence[Message], needs: Needs) -> StreamState:
+        """Read the context with the stream's own graph (its rows of the requested layers come
+        out anyway: they are pooled when ``needs.context``)."""
         signature = self.signature(needs)
-        ids = self.context_ids(messages)
+        ids, pool_from = self.context_span(messages, needs)
         kv = NumpyKV(signature[0], self.kv_heads, self.head_dim, self.window)
         state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary,
-                            context_ids=tuple(ids))
-        reused = self.prefix.restore(kv, signature[0], ids)
+                            context_ids=tuple(ids), pool_from=pool_from)
+        # a pooled span is read, never restored: restore no further than its start
+        reused = self.prefix.restore(kv, signature[0],
+                                     ids if pool_from is None else ids[:pool_from])
         if len(ids) > reused:
-            self._run(state, signature, ids[reused:], range(reused, len(ids)))
+            outs = self._run(state, signature, ids[reused:], range(reused, len(ids)))
+            if pool_from is not None:
+                by_index = dict(zip(signature[1], outs, strict=False))
+                state.context = pool_rows({layer: by_index[self.hidden_index(layer)]
+                                           for layer in needs.layers}, pool_from - reused)
             self.prefix.store(kv, signature[0], ids)
         return state
 
     def extend(self, state: StreamState, tokens: Sequence[TokenSpan],
                needs: Needs) -> ObservedBatch:
+        batch = self._extend(state, tokens, needs)
+        batch.context = state.take_context()  # the stream's first batch hands them over
+        return batch
+
+    def _extend(self, state: StreamState, tokens: Sequence[TokenSpan],
+                needs: Needs) -> ObservedBatch:
         ids = [_token_id(t) for t in tokens]
         signature = self.signature(needs)
         if signature[0] > len(state.kv.buffers) // 2:

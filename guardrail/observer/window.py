@@ -41,6 +41,15 @@ class StreamState:
     context_ids: tuple[int, ...] = ()  # the context's token ids (what the prefix cache keys)
     seen: int = 0  # response tokens read so far
     dropped: int = 0  # response tokens dropped from the front of the cache
+    # Needs.context: where the pooled span starts in the context (None: not asked), and the
+    # pooled states once the context is read, kept until the first batch hands them over
+    pool_from: int | None = None
+    context: dict[int, Any] | None = None
+
+    def take_context(self) -> dict[int, Any] | None:
+        """The pooled context states, once: later calls give ``None``."""
+        context, self.context = self.context, None
+        return context
 
     @property
     def cached_response(self) -> int:

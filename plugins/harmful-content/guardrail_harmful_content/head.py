@@ -26,12 +26,19 @@ class DualHead(ProbeHead):
     a one-hidden-layer MLP ``Linear(H, m) -> GELU (tanh form) -> Linear(m, 2)``: the tanh form
     has a closed form the monitor computes in numpy. ``DualHead.ensemble`` folds several heads
     into one whose logits are the mean of theirs (linear heads: mean weights; MLP heads: hidden
-    units side by side)."""
+    units side by side).
+
+    With ``prompt_size = (layers, hidden)`` the head also carries ``prompt_weight``, a float32
+    ``(layers, hidden)`` tensor saved beside its own: the monitor adds ``sum_j prompt_weight[j] .
+    context[layers[j]]`` (the context's pooled states, ``Needs.context``) to every prefix logit of
+    a stream (docs/harmful-content.md, "Prompt term (runtime contract)"). The head's torch
+    methods read no context: they give the response's logits alone."""
 
     kind = "dual"
+    prompt_weight: Tensor  # a buffer, set by set_prompt_weight (prompt_size not None)
 
     def __init__(self, hidden_size: int, dropout: float = 0.1, seed: int = 42,
-                 sequence_hidden: int = 0) -> None:
+                 sequence_hidden: int = 0, prompt_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.dropout_p = float(dropout)
@@ -39,6 +46,9 @@ class DualHead(ProbeHead):
         self.sequence_hidden = int(sequence_hidden)
         if self.sequence_hidden < 0:
             raise ValueError(f"sequence_hidden must be >= 0, got {sequence_hidden}")
+        self.prompt_size: tuple[int, int] | None = None
+        if prompt_size is not None:
+            self.set_prompt_weight(torch.zeros(*_prompt_size(prompt_size)))
         self.sequence_head: nn.Module
         with seeded(self.seed):
             self.dropout = nn.Dropout(self.dropout_p)
@@ -64,6 +74,13 @@ class DualHead(ProbeHead):
         sequence_logits = self.sequence_head(hidden[rows, last])
         return token_logits, sequence_logits
 
+    def set_prompt_weight(self, weight: Any) -> None:
+        """Carry ``weight`` (``(layers, hidden)``, any array) as the prompt term's weights,
+        saved and loaded with the head (its config then records ``prompt_size``)."""
+        tensor = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+        self.prompt_size = _prompt_size(tuple(tensor.shape))
+        self.register_buffer("prompt_weight", tensor.contiguous())
+
     def sequence_layers(self) -> list[nn.Linear]:
         """The sequence head's linear layers, first to last: one for SCM's head, two for the MLP
         (GELU between them)."""
@@ -86,6 +103,8 @@ class DualHead(ProbeHead):
                                   "dropout": self.dropout_p, "seed": self.seed}
         if self.sequence_hidden:
             config["sequence_hidden"] = self.sequence_hidden
+        if self.prompt_size is not None:
+            config["prompt_size"] = list(self.prompt_size)
         return config
 
     @classmethod
@@ -99,8 +118,10 @@ class DualHead(ProbeHead):
                 or sequence_hidden < 0:
             raise ValueError(f"dual head config: 'sequence_hidden' must be a whole number >= 0, "
                              f"got {sequence_hidden!r}")
+        prompt_size = config.get("prompt_size")
         return cls(int(config["hidden_size"]), dropout=float(config.get("dropout", 0.1)),
-                   seed=int(config.get("seed", 42)), sequence_hidden=sequence_hidden)
+                   seed=int(config.get("seed", 42)), sequence_hidden=sequence_hidden,
+                   prompt_size=None if prompt_size is None else _prompt_size(prompt_size))
 
     @classmethod
     def ensemble(cls, heads: Sequence[DualHead]) -> DualHead:
@@ -114,6 +135,8 @@ class DualHead(ProbeHead):
         if any(h.hidden_size != first.hidden_size or h.sequence_hidden != first.sequence_hidden
                for h in heads):
             raise ValueError("ensemble members differ in hidden_size or sequence_hidden")
+        if any(h.prompt_size != first.prompt_size for h in heads):
+            raise ValueError("ensemble members differ in prompt_size")
         n = len(heads)
         out = cls(first.hidden_size, dropout=first.dropout_p, seed=first.seed,
                   sequence_hidden=first.sequence_hidden * n)
@@ -132,6 +155,17 @@ class DualHead(ProbeHead):
             else:
                 out.sequence_layers()[0].weight.copy_(
                     torch.stack([m[0].weight for m in members]).mean(dim=0))
+            if first.prompt_size is not None:  # a constant added to each member's logit
+                out.set_prompt_weight(torch.stack([h.prompt_weight for h in heads]).mean(dim=0))
         out.eval()
         return out
+
+
+def _prompt_size(value: Any) -> tuple[int, int]:
+    """``(layers, hidden)`` of a prompt weight, both whole numbers > 0."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
+        raise ValueError(f"dual head config: 'prompt_size' must be [layers, hidden], two whole "
+                         f"numbers > 0, got {value!r}")
+    return int(value[0]), int(value[1])
 

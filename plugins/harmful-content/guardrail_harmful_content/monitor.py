@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from guardrail.errors import ObserverError
 from guardrail.monitor import Features, Monitor, MonitorContext, Needs, Score
 from guardrail.probes.arrays import float32_rows
 from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, load_probe
@@ -22,10 +23,13 @@ from .evidence import ScoreTransform, check_spec
 from .head import DualHead
 from .pooling import POOLINGS, stack_states
 
-__all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "HarmfulContentMonitor"]
+__all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "PROMPT_FEATURES", "HarmfulContentMonitor"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "harmful_content.safetensors"
 HALT_MESSAGE = "I can't continue with this answer: it was stopped as harmful content."
+# What a head's prompt term may read (config key ``prompt_feature``): ``context_mean``, the
+# context's pooled states (``Features.context``, docs/harmful-content.md, "Prompt term").
+PROMPT_FEATURES = ("context_mean",)
 
 
 def _shipped_config() -> dict[str, Any]:
@@ -51,9 +55,9 @@ class _PrefixMean:
     """Per-stream state of a ``prefix_mean`` (or ``prefix_ema``) head: each token's projection by
     the mean half of the head's first layer (a float for a linear head, ``m`` floats for an MLP)
     and their running (decayed) sum and count; and the stream's score transform, if the head
-    names one (``evidence.py``)."""
+    names one (``evidence.py``); and the head's prompt term, once the first update read it."""
 
-    __slots__ = ("count", "projections", "total", "transform")
+    __slots__ = ("count", "projections", "prompt", "total", "transform")
 
     def __init__(self, total: float | np.ndarray,
                  transform: dict[str, Any] | None = None) -> None:
@@ -61,6 +65,7 @@ class _PrefixMean:
         self.total = total
         self.count = 0.0
         self.transform = None if transform is None else ScoreTransform(transform)
+        self.prompt: float | None = None
 
 
 def _project(rows: Sequence[np.ndarray], blocks: Sequence[np.ndarray]) -> np.ndarray:
@@ -113,6 +118,27 @@ def _score_transform(probe: LoadedProbe, config: Path) -> dict[str, Any] | None:
         return check_spec(spec)
     except ValueError as exc:
         raise ProbeFileError(f"{config}: {exc}") from None
+
+
+def _prompt_weight(head: DualHead, probe: LoadedProbe, config: Path,
+                   layers: Sequence[int]) -> np.ndarray | None:
+    """The head's prompt term weights, float64 ``(len(layers), hidden)``, when it carries them
+    (``prompt_weight``, named by the config's ``prompt_feature``); None: no prompt term."""
+    feature = probe.config.get("prompt_feature")
+    if head.prompt_size is None:
+        if feature is not None:
+            raise ProbeFileError(f"{config}: key 'prompt_feature' is set, but {probe.path} "
+                                 "carries no 'prompt_weight' tensor (head.prompt_size)")
+        return None
+    if feature not in PROMPT_FEATURES:
+        raise ProbeFileError(f"{config}: {probe.path} carries a 'prompt_weight' tensor, so key "
+                             f"'prompt_feature' must be one of {list(PROMPT_FEATURES)}, got "
+                             f"{feature!r}")
+    weight = head.prompt_weight.detach().double().numpy()
+    if weight.shape[0] != len(layers):
+        raise ProbeFileError(f"{probe.path}: tensor 'prompt_weight' has {weight.shape[0]} rows, "
+                             f"one per layer of key 'layers' ({list(layers)}) needed")
+    return weight
 
 
 def _first_layer(head: DualHead) -> tuple[tuple[np.ndarray, np.ndarray, float] | None,
@@ -179,6 +205,8 @@ class HarmfulContentMonitor(Monitor):
         self._decay = _ema_decay(self.probe, config) if self.pooling == "prefix_ema" else 1.0
         # the count rule reads the transformed scores when the head's rule family names one
         self._transform = _score_transform(self.probe, config)
+        # a constant per stream added to every prefix logit: the context's pooled states read
+        self._prompt = _prompt_weight(head, self.probe, config, self.layers)
         self._mlp, w1 = _first_layer(head)
         parts = len(self.layers) * (1 if self.pooling == "none" else 2)
         width = w1.shape[0] // parts
@@ -206,7 +234,7 @@ class HarmfulContentMonitor(Monitor):
         return k
 
     def needs(self) -> Needs:
-        return Needs(layers=frozenset(self.layers))
+        return Needs(layers=frozenset(self.layers), context=self._prompt is not None)
 
     def start(self, context: MonitorContext) -> _PrefixMean | None:
         observer = context.observer
@@ -220,13 +248,39 @@ class HarmfulContentMonitor(Monitor):
                         f"{self.weights}: the head reads {self.probe.head.hidden_size} values "
                         f"per token, observer {observer.name!r} gives {width} for layers "
                         f"{list(self.layers)}")
+                if self._prompt is not None and self._prompt.shape[1] != observer.hidden_size:
+                    raise ProbeFileError(
+                        f"{self.weights}: tensor 'prompt_weight' reads {self._prompt.shape[1]} "
+                        f"values per layer, observer {observer.name!r} has hidden size "
+                        f"{observer.hidden_size}")
                 self._checked.add(id(observer))
-        if self.pooling == "none" and self._transform is None:
+        if self.pooling == "none" and self._transform is None and self._prompt is None:
             return None
         return _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]),
                            self._transform)
 
+    def _prompt_term(self, state: _PrefixMean | None, features: Features) -> float:
+        """The stream's prompt term, read from its first update's ``Features.context``:
+        ``sum_j prompt_weight[j] . context[layers[j]]`` in float64 (0.0 without a prompt
+        weight)."""
+        if self._prompt is None or state is None:
+            return 0.0
+        if state.prompt is None:
+            context = features.context or {}
+            if any(layer not in context for layer in self.layers):
+                raise ObserverError(
+                    f"{self.weights}: the head adds a prompt term, which reads the context's "
+                    f"pooled states of layers {list(self.layers)} (Features.context) on a "
+                    f"stream's first update; this stream's came with "
+                    f"{sorted(context) if features.context else 'none'} (a generator's own "
+                    "steps carry none: read the stream with an observer)")
+            state.prompt = math.fsum(
+                float(w @ np.asarray(context[layer], dtype=np.float64))
+                for w, layer in zip(self._prompt, self.layers, strict=True))
+        return state.prompt
+
     def update(self, state: _PrefixMean | None, features: Features) -> Sequence[Score]:
+        prompt = self._prompt_term(state, features)  # read before an empty first update returns
         if not features.tokens:
             return []
         stream = None if state is None else state.transform
@@ -267,6 +321,8 @@ class HarmfulContentMonitor(Monitor):
                 state.projections.extend(projected)
             bias, w_out, b_out = self._mlp
             values = (_gelu_tanh(z + bias) @ w_out + b_out).tolist()
+        if self._prompt is not None:  # the logit's constant: before the sigmoid and transform
+            values = [v + prompt for v in values]
         # the sigmoid, as tanh: no overflow
         probs = [0.5 + 0.5 * math.tanh(0.5 * v) for v in values]
         if stream is not None:

@@ -1,0 +1,277 @@
+"""A harm head with a prompt term: weights that carry ``prompt_weight`` make the monitor ask for the
+context's pooled states and add ``sum_j prompt_weight[j] . context[layers[j]]`` to every prefix
+logit of the stream, before the sigmoid; a stream halts where that offline computation and the
+count rule say, whichever path read the context. Weights without it score exactly as before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from guardrail_harmful_content.head import DualHead
+from guardrail_harmful_content.monitor import HarmfulContentMonitor
+from guardrail_harmful_content.pooling import stack_states
+
+from guardrail import Features, Guard, ObserverError
+from guardrail.monitor import MonitorContext
+from guardrail.observer.hf import load_model_dir
+from guardrail.observer.model import render_context
+from guardrail.probes.io import ProbeFileError, load_probe, save_probe
+from guardrail.stream import TokenSpan
+from guardrail.testing.tiny_models import build_tiny_model
+
+pytest.importorskip("transformers")
+
+LAYERS = (1, 3)
+HIDDEN = 32
+HALFLIFE = 12.0
+K = 3
+SYSTEM = "You are a careful assistant. Answer in short sentences and name your sources."
+ANSWER = ("Mix flour, water, salt and yeast; knead it for ten minutes. The river flows north "
+          "through the valley, past the old mill and the church. Mix flour and water.")
+CONVERSATIONS = {
+    "fresh": [{"role": "system", "content": SYSTEM},
+              {"role": "user", "content": "How do I bake bread?"}],
+    "several turns": [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": "Who was Marie Curie?"},
+                      {"role": "assistant", "content": "A physicist born in Warsaw."},
+                      {"role": "user", "content": "How do I bake bread?"}],
+    "no user message": [{"role": "system", "content": SYSTEM}],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prompt-term")
+    return {arch: build_tiny_model(root / arch, arch=arch, num_layers=4,
+                                   hidden_size=HIDDEN, max_positions=512)
+            for arch in ("llama", "gpt2")}
+
+
+def _head(kind: str, prompt: np.ndarray | None, seed: int = 0) -> DualHead:
+    """Random weights of the shipped shape (``mlp``: the pooled half on a one-unit MLP whose
+    shifted GELU is the identity, as the trainer writes it) or SCM's linear head (``linear``)."""
+    g = torch.Generator().manual_seed(seed)
+    width = len(LAYERS) * HIDDEN
+    if kind == "mlp":
+        head = DualHead(2 * width, dropout=0.0, seed=0, sequence_hidden=1)
+        first, last = head.sequence_layers()
+        with torch.no_grad():
+            first.weight.zero_()
+            first.weight[0, width:] = torch.randn(width, generator=g) * 0.3
+            first.bias.fill_(60.0)
+            last.weight.copy_(torch.tensor([[0.0], [1.0]]))
+            last.bias.copy_(torch.tensor([0.0, -60.0]))
+    else:
+        head = DualHead(width, dropout=0.0, seed=0)
+        with torch.no_grad():
+            head.sequence_layers()[0].weight.copy_(torch.randn(2, width, generator=g) * 0.3)
+    if prompt is not None:
+        head.set_prompt_weight(prompt)
+    return head.eval()
+
+
+def _save(folder: Path, head: DualHead, kind: str, threshold: float,
+          prompt_feature: str | None = "context_mean") -> Path:
+    config: dict[str, Any] = {
+        "base_model": "tiny", "layer": LAYERS[0], "layers": list(LAYERS),
+        "pooling": "prefix_ema" if kind == "mlp" else "none", "halflife": HALFLIFE,
+        "dims": {"hidden_size": HIDDEN}, "threshold": threshold,
+        "rule": {"kind": "count", "k": K}}
+    if head.prompt_size is not None and prompt_feature is not None:
+        config["prompt_feature"] = prompt_feature
+    return save_probe(folder, head, config, name="harm")
+
+
+def _span_start(hf_tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """The last user message's content's first token, from the rendered text (no user message:
+    after the template's opening of a user turn)."""
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        return len(hf_tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"])
+    text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(hf_tokenizer(text[:text.rfind(users[-1]["content"])],
+                            add_special_tokens=False)["input_ids"])
+
+
+def _offline(obs: Any, messages: list[dict[str, str]]
+             ) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
+    """One plain HF forward over the context and the whole answer: the answer's rows and the
+    context's mean over the pooled span, per layer."""
+    context = render_context(obs.hf_tokenizer, messages)
+    answer = [t.id for t in obs.tokenizer.tokenize(ANSWER)]
+    with torch.inference_mode():
+        out = obs.model.base_model(input_ids=torch.tensor([context + answer]),
+                                   output_hidden_states=True)
+    start = _span_start(obs.hf_tokenizer, messages)
+    rows, pooled = {}, {}
+    for layer in LAYERS:
+        h = out.hidden_states[obs.hidden_index(layer)][0].float()
+        rows[layer] = h[len(context):]
+        pooled[layer] = h[start:len(context)].mean(0).double().numpy()
+    return rows, pooled
+
+
+def _response_logits(head: DualHead, kind: str, rows: dict[int, torch.Tensor]) -> np.ndarray:
+    states = stack_states(rows, LAYERS, "prefix_ema" if kind == "mlp" else "none", HALFLIFE)
+    with torch.inference_mode():
+        z = head.prefix_logits(states).double()
+    return (z[:, 1] - z[:, 0]).numpy()
+
+
+def _count_halt(scores: np.ndarray, threshold: float) -> int | None:
+    flagged = np.flatnonzero(scores >= threshold)
+    return int(flagged[K - 1]) if len(flagged) >= K else None
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * z)
+
+
+def _setup(folder: Path, obs: Any, messages: list[dict[str, str]], kind: str
+           ) -> tuple[Path, float, np.ndarray, np.ndarray]:
+    """Weights whose prompt term lifts every prefix above the response's own range and a
+    threshold in the middle of the lifted scores: the weights, the threshold and the offline
+    scores with and without the term."""
+    rows, pooled = _offline(obs, messages)
+    response = _response_logits(_head(kind, None), kind, rows)
+    raw = np.random.default_rng(1).standard_normal((len(LAYERS), HIDDEN))
+    lift = float(np.ptp(response)) + 1.0
+    term = sum(float(raw[j] @ pooled[layer]) for j, layer in enumerate(LAYERS))
+    head = _head(kind, raw * (lift / term))
+    stored = head.prompt_weight.double().numpy()  # float32 as saved
+    term = sum(float(stored[j] @ pooled[layer]) for j, layer in enumerate(LAYERS))
+    with_term = np.sort(_sigmoid(response + term))
+    middle = len(with_term) // 2
+    gaps = np.diff(with_term[middle - 3:middle + 4])  # a threshold well away from any score
+    at = middle - 3 + int(np.argmax(gaps))
+    threshold = float((with_term[at] + with_term[at + 1]) / 2)
+    weights = _save(folder, head, kind, threshold)
+    return weights, threshold, _sigmoid(response + term), _sigmoid(response)
+
+
+def _guard(obs: Any, weights: Path, threshold: float) -> Guard:
+    policy = {"monitors": [{"id": "harm", "use": "harmful-content", "action": "halt",
+                            "threshold": threshold, "rule": {"kind": "count", "k": K},
+                            "options": {"weights": str(weights)}}]}
+    return Guard.from_policy(policy, observer=obs)
+
+
+def _run(guard: Guard, messages: list[dict[str, str]]) -> Any:
+    session = guard.session(messages, record_scores=True)
+    for i in range(0, len(ANSWER), 9):
+        session.feed(ANSWER[i:i + 9])
+    return session.finish()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("case", [*CONVERSATIONS, "prefix cache"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_stream_halts_where_the_offline_prompt_term_and_rule_say(
+        tiny: dict[str, Path], tmp_path: Path, arch: str, case: str, kind: str) -> None:
+    """llama: the batched scheduler; gpt2: one stream at a time (the observer's own start)."""
+    obs = load_model_dir(tiny[arch], name="tiny", window=256)
+    messages = CONVERSATIONS["fresh" if case == "prefix cache" else case]
+    weights, threshold, scores, without = _setup(tmp_path, obs, messages, kind)
+    guard = _guard(obs, weights, threshold)
+    monitor = guard.monitors[0][1]
+    assert isinstance(monitor, HarmfulContentMonitor) and monitor.needs().context
+    if case == "prefix cache":  # the system prompt's KV comes from an earlier stream
+        _run(guard, [{"role": "system", "content": SYSTEM},
+                     {"role": "user", "content": "Who was Marie Curie?"}])
+    report = _run(guard, messages)
+    if case == "prefix cache" and arch == "llama":
+        assert obs.prefix.hits == 1
+    halt = _count_halt(scores, threshold)
+    assert halt is not None and _count_halt(without, threshold) is None  # the term decides
+    assert report.halted and report.halt is not None and report.halt.at == halt
+    streamed = [s for _, s in report.scores["harm"]]
+    assert streamed == pytest.approx(list(scores[:len(streamed)]), abs=1e-4)
+
+
+def _features(n: int, context: dict[int, Any] | None, seed: int = 0) -> Features:
+    g = np.random.default_rng(seed)
+    tokens = [TokenSpan(i, i + 1, i) for i in range(n)]
+    hidden = {layer: g.standard_normal((n, HIDDEN)).astype(np.float32) for layer in LAYERS}
+    return Features(tokens, 0, "x" * n, hidden=hidden, context=context)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_a_zero_prompt_weight_scores_bit_for_bit_as_weights_without_one(
+        tmp_path: Path, kind: str) -> None:
+    """The prompt term is added to the finished logit and nothing else moves: weights that
+    carry a zero prompt weight give exactly the scores of the same weights without it."""
+    plain = HarmfulContentMonitor(HarmfulContentMonitor.Options(
+        weights=str(_save(tmp_path / "plain", _head(kind, None), kind, 0.9))))
+    zero = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(_save(
+        tmp_path / "zero", _head(kind, np.zeros((len(LAYERS), HIDDEN))), kind, 0.9))))
+    assert not plain.needs().context and zero.needs().context
+    context = {layer: np.random.default_rng(5).standard_normal(HIDDEN).astype(np.float32)
+               for layer in LAYERS}
+    states = [m.start(MonitorContext("harm")) for m in (plain, zero)]
+    for step in range(3):
+        got = [m.update(s, _features(7, context if step == 0 else None, seed=step))
+               for m, s in zip((plain, zero), states, strict=True)]
+        assert [x.value for x in got[0]] == [x.value for x in got[1]]
+
+
+def test_the_shipped_weights_ask_for_no_context() -> None:
+    monitor = HarmfulContentMonitor()
+    assert monitor.needs().context is False
+    head = monitor.probe.head
+    assert isinstance(head, DualHead) and head.prompt_size is None
+
+
+def test_a_stream_whose_first_update_has_no_context_fails_naming_it(tmp_path: Path) -> None:
+    weights = _save(tmp_path, _head("mlp", np.ones((len(LAYERS), HIDDEN))), "mlp", 0.9)
+    monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
+    state = monitor.start(MonitorContext("harm"))
+    with pytest.raises(ObserverError, match=r"prompt term.*Features.context.*came with none"):
+        monitor.update(state, _features(4, None))
+
+
+def test_weights_whose_prompt_term_does_not_fit_are_named(tmp_path: Path,
+                                                          tiny: dict[str, Path]) -> None:
+    def monitor(folder: str, head: DualHead, feature: str | None = "context_mean"
+                ) -> HarmfulContentMonitor:
+        path = _save(tmp_path / folder, head, "mlp", 0.9, prompt_feature=feature)
+        return HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(path)))
+
+    with pytest.raises(ProbeFileError, match=r"key 'prompt_feature' must be one of "
+                                             r"\['context_mean'\], got None"):
+        monitor("no-feature", _head("mlp", np.ones((2, HIDDEN))), feature=None)
+    with pytest.raises(ProbeFileError, match=r"got 'context_last'"):
+        monitor("other-feature", _head("mlp", np.ones((2, HIDDEN))), feature="context_last")
+    with pytest.raises(ProbeFileError, match=r"'prompt_weight' has 3 rows, one per layer"):
+        monitor("rows", _head("mlp", np.ones((3, HIDDEN))))
+    path = _save(tmp_path / "orphan", _head("mlp", None), "mlp", 0.9)
+    config = path.with_suffix(".json")
+    config.write_text(config.read_text().replace('"threshold"', '"prompt_feature": '
+                                                 '"context_mean", "threshold"'))
+    with pytest.raises(ProbeFileError, match=r"'prompt_feature' is set, but .* carries no "
+                                             r"'prompt_weight'"):
+        HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(path)))
+    wide = _head("mlp", np.ones((2, HIDDEN + 1)))
+    obs = load_model_dir(tiny["llama"], name="tiny", window=64)
+    with pytest.raises(ProbeFileError, match=r"'prompt_weight' reads 33 values per layer, "
+                                             r"observer 'tiny' has hidden size 32"):
+        monitor("wide", wide).start(MonitorContext("harm", observer=obs))
+
+
+def test_a_head_carries_its_prompt_weight_through_save_load_and_ensembles(
+        tmp_path: Path) -> None:
+    weight = np.random.default_rng(2).standard_normal((2, HIDDEN)).astype(np.float32)
+    head = _head("mlp", weight)
+    assert head.config["prompt_size"] == [2, HIDDEN]
+    loaded = load_probe(_save(tmp_path, head, "mlp", 0.9)).head
+    assert isinstance(loaded, DualHead) and loaded.prompt_size == (2, HIDDEN)
+    assert np.array_equal(loaded.prompt_weight.numpy(), weight)
+    members = [_head("linear", weight * s, seed=s) for s in (1, 3)]
+    assert np.allclose(DualHead.ensemble(members).prompt_weight.numpy(), weight * 2)
+    with pytest.raises(ValueError, match="differ in prompt_size"):
+        DualHead.ensemble([_head("linear", weight), _head("linear", None)])
+    with pytest.raises(ValueError, match=r"'prompt_size' must be \[layers, hidden\]"):
+        DualHead(8, prompt_size=(0, 8))
