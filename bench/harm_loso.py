@@ -471,6 +471,93 @@ def render_pass8(result: dict[str, Any]) -> str:
     return "\n".join(lines + _candidate_tables(result)) + "\n"
 
 
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _old_caps_cell(c: dict[str, Any]) -> str:
+    """A ninth-pass candidate's rule and mean under the old caps alone."""
+    old = c["old_caps_only"]
+    rule = _family_rule_text({**c, "rule": old["rule"]})
+    return f"{rule}, {old['mean_harmful_source_macro_f1']:.3f}"
+
+
+def render_pass9(result: dict[str, Any]) -> str:
+    """The ninth selection pass (the eighth pass's joint head with its prompt term scaled, under
+    a new cap on benign answers to harmful-sounding prompts): every candidate at its rule under
+    all the caps, the incumbent against the winner, both on the capped and reported groups, per
+    source (LOSO and nested), and the decision."""
+    rule, pool, inc, cand = (result["ship_rule"], result["pool"], result["incumbent"],
+                             result["candidate"])
+    n16, n18 = len(pool["old_harmful_sources"]), len(pool["harmful_sources_18"])
+    groups = list(result["caps"]["groups"])
+    old_rule = result["incumbent_at_old_rule"]
+    extra = [*((f"{g}: false halts", lambda c, g=g: f"{c['group_false_halt_rates'][g]:.3f}")
+               for g in groups),
+             ("under the old caps alone", _old_caps_cell)]
+    lines = [f"### {result['title']}", "",
+             f"Incumbent: the shipped recipe (ridge 0.3, half-life 12, layers 6, 9, 12, 15) on "
+             f"the fourth pass's pool ({pool['incumbent_records']} records), count rule. "
+             "Candidate heads, the same pool and folds: " + "; ".join(
+                 f"`{k}`, {v}" for k, v in result["heads"].items()) + ". Rule families: "
+             + "; ".join(f"`{k}`, {v}" for k, v in result["families"].items()) + ". Every figure "
+             "out of source; each candidate's rule is chosen under all the caps (false halts <= "
+             "0.05 on every capped source; mean share read <= 0.5; and, new in this pass, false "
+             "halts <= 0.05 on each of two groups of benign answers to harmful-sounding prompts: "
+             + "; ".join(f"*{k}*, {v}, {result['caps']['group_records'][k]} answers"
+                         for k, v in result["caps"]["groups"].items())
+             + f") for the mean macro-F1 over the same {n16} harmful sources. Ship rule, written "
+             f"before the run: {rule['text']}. Best candidate: {result['winner_name']}, margin "
+             f"{rule['margin']:+.3f} over the incumbent; {result['verdict']}.", "",
+             *_family_table(result["candidates"], n16, n18, extra),
+             "", "Reported, not a candidate:", "",
+             *_family_table(result["diagnostics"], n16, n18, extra),
+             "", f"The incumbent and the best candidate ({result['winner_name']}):", "",
+             f"| head | rule | mean macro-F1 ({n16} harmful sources) | the same over {n18} | "
+             "nested | pooled macro-F1 | recall | worst capped false halts | read |",
+             "|---|---|---|---|---|---|---|---|---|",
+             *_head_rows(inc, cand, extra=("mean_18_harmful_source_macro_f1",)),
+             "", f"The incumbent's shipped rule (count, {old_rule['rule']['k']} prefixes >= "
+             f"{old_rule['rule']['threshold']}) meets the new cap: "
+             + "; ".join(f"{g} {v['false_halt_rate']:.3f}"
+                         for g, v in old_rule["groups"]["capped"].items()) + ".",
+             "", "Benign answers by group, false halts at each head's rule (the first two capped, "
+             "the rest reported):", "",
+             "| group | answers | incumbent | candidate |", "|---|---|---|---|"]
+    for name, v in {**inc["groups"]["capped"], **inc["groups"]["reported"]}.items():
+        other = {**cand["groups"]["capped"], **cand["groups"]["reported"]}[name]
+        lines.append(f"| {name} | {v['n']} | {_rate(v['false_halt_rate'])} | "
+                     f"{_rate(other['false_halt_rate'])} |")
+    lines += ["", "The capped groups per source (halted of answers, incumbent / candidate):", "",
+              "| source | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    per = {g: inc["groups"]["per_source"][g] for g in groups}
+    for tag in sorted({t for g in groups for t in per[g]}):
+        cells = []
+        for g in groups:
+            a, b = per[g].get(tag), cand["groups"]["per_source"][g].get(tag)
+            cells.append("-" if a is None or b is None else
+                         f"{a['halted']} / {b['halted']} of {a['n']}")
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    lines += ["", "Pyrit's benign answers to harmful objectives (not capped: noisy labels), per "
+              "source:", "", "| source | answers | incumbent | candidate |", "|---|---|---|---|"]
+    for tag, v in inc["groups"]["pyrit_per_source"].items():
+        lines.append(f"| {tag} | {v['n']} | {v['false_halt_rate']:.3f} | "
+                     f"{cand['groups']['pyrit_per_source'][tag]['false_halt_rate']:.3f} |")
+    by_kind = result.get("eighth_pass_group_by_kind")
+    if by_kind:
+        lines += ["", "The eighth pass's group (hand-written benign answers whose prompt the "
+                  "prompt probe reads above 0; deciding nothing) by the writers' kind, halted "
+                  "of answers:", "", "| kind | answers | incumbent | candidate |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {v['incumbent']} | {v['winner']} |"
+                  for k, v in by_kind.items()]
+    lines += ["", "Fully nested (for each held-out source, the candidate among the "
+              f"{len(result['candidates'])} rows above and its rule chosen on the other "
+              f"sources under all the caps): {result['fully_nested']['mean']:.3f}."]
+    return "\n".join(lines + _candidate_tables(result)) + "\n"
+
+
 def render_selection(report: dict[str, Any]) -> str:
     """The LOSO selection's per-source figures (``select.py``'s report), and the head shipped
     before it on the sources it never trained on when the report carries them."""

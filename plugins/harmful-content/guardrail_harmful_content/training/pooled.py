@@ -23,7 +23,15 @@ own loss). Both give one affine map, so the shipped form is the same.
 
 ``fit_loso`` fits one head per held-out source tag and scores that source's records with it:
 the out-of-source prefix scores the selection (``select.py``) chooses layers, regularisation and
-the rule on. ``to_dual_head`` turns a fitted probe into the plugin's ``DualHead`` format (a
+the rule on.
+
+A prompt term (``prompt_scale``, the eighth and ninth passes in docs/harmful-content.md): each
+record's prompt states (``PoolRecord.prompt``: the context's pooled states, ``context_mean``,
+layer -> vector) are appended to every training row of the record, one ridge fit reads both, and
+a prefix's logit is ``a * (w . pool(h) + b + s * w_p . p) + c``: the response term plus a constant
+per record. ``s`` scales the prompt term about its mean over the training rows (the mean folded
+into ``b``), the Platt scale is fitted on the scaled logit, and ``s = 1`` is the joint fit as it
+is. ``to_dual_head`` turns a fitted probe into the plugin's ``DualHead`` format (a
 ``prefix_mean`` head whose token half is zero and whose bias rides on a one-unit sequence MLP;
 see there), so the monitor loads it by the same path as every other head.
 """
@@ -63,6 +71,9 @@ class PoolRecord:
     split: str = ""
     kind: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # layer -> (H,) the context's pooled states (context_mean, training/context.py); only a head
+    # with a prompt term reads them
+    prompt: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(next(iter(self.hidden.values())).shape[0])
@@ -157,7 +168,9 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
 
 @dataclass
 class LinearProbe:
-    """``logit = a * (w . x + b) + c`` over the layers' pooled prefixes side by side."""
+    """``logit = a * (w . x + b + w_p . p) + c`` over the layers' pooled prefixes side by side
+    (``x``) and, for a head with a prompt term, the record's prompt states (``p``, the same
+    layers side by side; ``w_p`` already scaled, see the module docstring)."""
 
     layers: tuple[int, ...]
     w: np.ndarray  # (H * len(layers),) float64, on raw (unstandardised) states
@@ -167,10 +180,24 @@ class LinearProbe:
     ridge: float  # the L2 strength of either fit
     halflife: float | None = None  # None: the prefix mean (pool_states)
     fit: str = "ridge"  # or "logistic"
+    prompt_w: np.ndarray | None = None  # (H * len(layers),) on raw prompt states; None: no term
+    prompt_scale: float | None = None  # the scale the prompt term was fitted with
 
     def logit_weights(self) -> tuple[np.ndarray, float]:
-        """The probe as one affine map: ``logit = w' . x + b'``."""
+        """The probe as one affine map: ``logit = w' . x + b'`` (plus ``prompt_logit``)."""
         return self.a * self.w, self.a * self.b + self.c
+
+    def prompt_weights(self) -> np.ndarray | None:
+        """``w_p'`` with ``logit = w' . x + b' + w_p' . p``: raw prompt states, Platt scale
+        folded in (None without a prompt term)."""
+        return None if self.prompt_w is None else self.a * self.prompt_w
+
+    def prompt_logit(self, record: PoolRecord) -> float:
+        """The constant the prompt term adds to every prefix logit of ``record`` (0 without)."""
+        wp = self.prompt_weights()
+        if wp is None:
+            return 0.0
+        return float(prompt_matrix([record], self.layers)[0] @ wp)
 
     def prefix_scores(self, record: PoolRecord) -> np.ndarray:
         """The harm probability after every token of ``record`` (float64)."""
@@ -179,8 +206,22 @@ class LinearProbe:
         z = np.zeros(len(record), dtype=np.float64)
         for j, layer in enumerate(self.layers):
             z += np.asarray(record.hidden[layer], dtype=np.float32) @ w[j * width:(j + 1) * width]
-        z = pool_states(z, self.halflife) + b
+        z = pool_states(z, self.halflife) + b + self.prompt_logit(record)
         return 0.5 + 0.5 * np.tanh(0.5 * z)
+
+
+def prompt_matrix(records: Sequence[PoolRecord], layers: Sequence[int]) -> np.ndarray:
+    """``(len(records), H * len(layers))`` float64: each record's prompt states of ``layers``
+    side by side; a record without them is named."""
+    rows = []
+    for i, r in enumerate(records):
+        missing = [layer for layer in layers if layer not in r.prompt]
+        if missing:
+            raise ValueError(f"record {i} ({r.tag}): no prompt states for layer(s) {missing}: "
+                             "a prompt term needs every record's (select.py --prompt-features)")
+        rows.append(np.concatenate([np.asarray(r.prompt[layer], dtype=np.float64).ravel()
+                                    for layer in layers]))
+    return np.stack(rows)
 
 
 def _platt(z: np.ndarray, y: np.ndarray, weights: np.ndarray, steps: int = 50
@@ -249,6 +290,42 @@ def _columns(layers: Sequence[int], all_layers: Sequence[int], width: int) -> np
                                      (all_layers.index(layer) + 1) * width) for layer in layers])
 
 
+def _joint_moments(x: np.ndarray, y: np.ndarray, w: np.ndarray, owner: np.ndarray,
+                   prompts: np.ndarray, keep: np.ndarray) -> _Moments:
+    """The moments of the rows of the records ``keep`` (a mask over records) with each record's
+    prompt columns appended to its rows, without building the wide rows: the prompt is constant
+    over a record, so its blocks come from per-record sums."""
+    rows = keep[owner]
+    mr = _Moments.of(x[rows], y[rows], w[rows])
+    n = len(keep)
+    ws = np.bincount(owner[rows], w[rows], n)[keep]
+    wy = np.bincount(owner[rows], w[rows] * y[rows], n)[keep]
+    sums = np.zeros((n, x.shape[1]))
+    np.add.at(sums, owner[rows], x[rows].astype(np.float64) * w[rows][:, None])
+    p = prompts[keep]
+    srp = sums[keep].T @ p
+    sxx = np.block([[mr.sxx, srp], [srp.T, (p * ws[:, None]).T @ p]])
+    return _Moments(mr.sw, np.concatenate([mr.sx, ws @ p]), mr.sy, sxx,
+                    np.concatenate([mr.sxy, wy @ p]))
+
+
+def _scaled_probe(layers: Sequence[int], coef: np.ndarray, b: float, xr: np.ndarray,
+                  zp: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: float,
+                  halflife: float | None, scale: float) -> LinearProbe:
+    """A joint fit's probe with its prompt term scaled by ``scale`` about its weighted mean over
+    the training rows (``xr``: the rows' response term, ``zp``: their prompt term, both
+    unscaled), Platt fitted on the scaled logit."""
+    width = coef.shape[0] // 2
+    if scale == 1.0:  # the joint fit as it is (bit for bit)
+        a, c = _platt(xr + zp + b, y, w)
+        return LinearProbe(tuple(layers), coef[:width], b, a, c, ridge, halflife,
+                           prompt_w=coef[width:], prompt_scale=1.0)
+    mean = float((w * zp).sum() / w.sum())
+    a, c = _platt(xr + (mean + scale * (zp - mean)) + b, y, w)
+    return LinearProbe(tuple(layers), coef[:width], b + (1.0 - scale) * mean, a, c, ridge,
+                       halflife, prompt_w=scale * coef[width:], prompt_scale=scale)
+
+
 FITS = ("ridge", "logistic")
 
 
@@ -285,17 +362,38 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray, strength: fl
     return coef, float(solution[-1] - coef @ mu), solution
 
 
+def _check_prompt_fit(fit: str, prompt_scale: float | None) -> None:
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if prompt_scale is None:
+        return
+    if not (math.isfinite(prompt_scale) and prompt_scale >= 0):
+        raise ValueError(f"prompt_scale must be a number >= 0, got {prompt_scale!r}")
+    if fit != "ridge":
+        raise ValueError("a prompt term is fitted with fit='ridge' only (its scale is applied "
+                         "before the Platt fit the logistic head does not have)")
+
+
 def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
               halflife: float | None = None, fit: str = "ridge",
-              upweight: Mapping[str, float] | None = None) -> LinearProbe:
+              upweight: Mapping[str, float] | None = None,
+              prompt_scale: float | None = None) -> LinearProbe:
     """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
-    ``upweight``: see ``row_matrix``)."""
-    x, y, w, _ = row_matrix(records, layers, halflife, upweight)
+    ``upweight``: see ``row_matrix``; ``prompt_scale``: with a prompt term, each record's
+    ``prompt`` states appended to its rows and the term scaled by this, see the module
+    docstring; None: none)."""
+    _check_prompt_fit(fit, prompt_scale)
+    x, y, w, owner = row_matrix(records, layers, halflife, upweight)
+    if prompt_scale is not None:
+        prompts = prompt_matrix(records, layers)
+        m = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
+        (coef, b), = _ridge(m, np.arange(2 * x.shape[1]), [ridge])
+        width = x.shape[1]
+        return _scaled_probe(layers, coef, b, x.astype(np.float64) @ coef[:width],
+                             prompts[owner] @ coef[width:], y, w, ridge, halflife, prompt_scale)
     if fit == "logistic":
         coef, b, _ = fit_logistic(x, y, w, ridge)
         return LinearProbe(tuple(layers), coef, b, 1.0, 0.0, ridge, halflife, fit)
-    if fit != "ridge":
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     m = _Moments.of(x, y, w)
     (coef, b), = _ridge(m, np.arange(x.shape[1]), [ridge])
     a, c = _platt(x.astype(np.float64) @ coef + b, y, w)
@@ -305,18 +403,20 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
 def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
              progress: Any = None, halflife: float | None = None, fit: str = "ridge",
-             upweight: Mapping[str, float] | None = None
+             upweight: Mapping[str, float] | None = None, prompt_scale: float | None = None
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """Out-of-source prefix scores: for every layer set and L2 strength, every record scored
-    by the probe (pooling ``halflife``, ``fit`` ridge or logistic) fitted on the records of all
-    the other source tags."""
+    by the probe (pooling ``halflife``, ``fit`` ridge or logistic, a prompt term scaled by
+    ``prompt_scale`` as ``fit_probe``'s) fitted on the records of all the other source tags."""
     all_layers = list(all_layers)
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    _check_prompt_fit(fit, prompt_scale)
     x, y, w, owner = row_matrix(records, all_layers, halflife, upweight)
     width = x.shape[1] // len(all_layers)
     tags = sorted({r.tag for r in records})
     row_tag = np.asarray([records[i].tag for i in owner])
+    if prompt_scale is not None:
+        return _fit_loso_prompt(records, all_layers, layer_sets, ridges, progress, halflife,
+                                prompt_scale, (x, y, w, owner), tags)
     total = _Moments.of(x, y, w) if fit == "ridge" else None
     out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
         (tuple(s), lam): [np.zeros(0)] * len(records) for s in layer_sets for lam in ridges}
@@ -349,6 +449,46 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
                 probe = LinearProbe(tuple(layers), coef, b, a, c, lam, halflife)
                 scores = out[(tuple(layers), lam)]
                 for i in members:
+                    scores[i] = probe.prefix_scores(records[i])
+        if progress is not None:
+            progress(tag)
+    return out
+
+
+def _fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
+                     layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
+                     progress: Any, halflife: float | None, scale: float,
+                     rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                     tags: list[str]) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
+    """``fit_loso`` with a prompt term: the pool's joint moments minus the held-out source's
+    (its records' rows with their prompt columns), a ridge fit on each layer set's response and
+    prompt columns, the term scaled and Platt-fitted on the fold's training rows."""
+    x, y, w, owner = rows
+    prompts = prompt_matrix(records, all_layers)
+    width = x.shape[1]
+    layer_width = width // len(all_layers)
+    record_tag = np.asarray([r.tag for r in records])
+    total = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
+    out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
+        (tuple(s), lam): [np.zeros(0)] * len(records) for s in layer_sets for lam in ridges}
+    for tag in tags:
+        held = record_tag == tag
+        fold = total - _joint_moments(x, y, w, owner, prompts, held)
+        train = ~held[owner]
+        xt = x[train]
+        for layers in layer_sets:
+            cols = _columns(layers, all_layers, layer_width)
+            pt = prompts[owner[train]][:, cols]
+            for lam, (coef, b) in zip(ridges, _ridge(fold, np.concatenate([cols, width + cols]),
+                                                     ridges), strict=True):
+                # the response term as fit_loso computes it without a prompt (float32 rows)
+                full = np.zeros(width, dtype=np.float32)
+                full[cols] = coef[:len(cols)]
+                probe = _scaled_probe(layers, coef, b, (xt @ full).astype(np.float64),
+                                      pt @ coef[len(cols):], y[train], w[train], lam, halflife,
+                                      scale)
+                scores = out[(tuple(layers), lam)]
+                for i in np.flatnonzero(held).tolist():
                     scores[i] = probe.prefix_scores(records[i])
         if progress is not None:
             progress(tag)

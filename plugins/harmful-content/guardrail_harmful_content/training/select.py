@@ -21,7 +21,11 @@ rated below 0.5). The in-split test figures are never looked at to choose anythi
 uses is written into its weights (``score_transform``) and the monitor applies it.
 ``--objective-sources`` restricts the mean macro-F1 to the harmful sources named (a pass that
 adds sources compares pools on the previous pool's sources); the caps still cover every capped
-source.
+source. ``--prompt-features CACHE`` (``context.py``'s cache of the pool's prompt states) tries
+each head with a prompt term at each ``--prompt-scales`` (the eighth and ninth passes; with
+``--out`` the term is written into the weights), and ``--cap-harmful-prompts`` adds the ninth
+pass's cap: false halts at most ``--max-false-halts`` on each of two pooled groups of the capped
+sets' benign answers to harmful-sounding prompts (``selection/groups.py``).
 
 Also reported, for the chosen candidate: a nested estimate (each source's rule chosen on the
 other sources' out-of-source scores, then applied to it). With ``--out`` the chosen probe is
@@ -37,12 +41,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from .context import attach_prompt_states, load_prompt_states
 from .pooled import FITS
 from .selection.data import reconcile
 from .selection.features import extract, load_parts, load_pool
+from .selection.groups import harmful_prompt_groups
 from .selection.record import (
     candidate_name,
     in_split,
@@ -73,6 +80,19 @@ def _family(text: str) -> tuple[str, float | None]:
             return name, halflife
     raise argparse.ArgumentTypeError(
         f"{text!r}: a rule family is count, cusum or ema:HALFLIFE (tokens > 0)")
+
+
+def _scale(text: str) -> float | None:
+    """A prompt term's scale (a number >= 0), or ``none`` for the head without one."""
+    if text == "none":
+        return None
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = -1.0
+    if not (math.isfinite(scale) and scale >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a prompt scale is a number >= 0 or none")
+    return scale
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     add("--objective-sources", nargs="+", default=None, metavar="TAG",
         help="harmful sources the mean macro-F1 runs over (default: every one in the pool; "
              "a pass that adds sources keeps the previous pool's)")
+    add("--prompt-features", type=Path, default=None, metavar="CACHE",
+        help="the pool's prompt states (python -m guardrail_harmful_content.training.context): "
+             "try each head with a prompt term")
+    add("--prompt-scales", type=_scale, nargs="+", default=[1.0], metavar="S",
+        help="scales of the prompt term to try (with --prompt-features; 'none': the head "
+             "without it too; default 1)")
+    add("--cap-harmful-prompts", action="store_true",
+        help="also cap false halts on benign answers to harmful-sounding prompts (refusals "
+             "and matched negatives; safety answers), each group pooled over the capped sets")
     add("--max-false-halts", type=float, default=0.05)
     add("--max-read", type=float, default=0.5)
     add("--report", type=Path, required=True, help="JSON report to write")
@@ -137,6 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--objective-sources: {', '.join(unknown)} hold no harmful record of the "
                      "pool")
+    scales: list[float | None] = [None]
+    if args.prompt_features is not None:
+        try:
+            cache = load_prompt_states(args.prompt_features)
+            missing = sorted(set(args.layers) - set(cache.layers))
+            if missing:
+                raise ValueError(f"{args.prompt_features}: no states for layers {missing}")
+            attach_prompt_states(records, cache.by_prompt())
+        except ValueError as exc:
+            parser.error(f"--prompt-features: {exc}")
+        scales = list(dict.fromkeys(args.prompt_scales))
+    groups = harmful_prompt_groups(records, args.capped) if args.cap_harmful_prompts else None
     halflives = [None if h == "none" else float(h) for h in args.halflives]
     layer_sets = (None if args.layer_sets is None
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
@@ -144,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                  halflives, args.capped, progress=not args.quiet, layer_sets=layer_sets,
                  fits=args.fits, upweights=args.upweights,
                  upweight_prefix=args.upweight_prefix, families=args.rule_families,
-                 objective=args.objective_sources,
+                 objective=args.objective_sources, prompt_scales=scales, groups=groups,
                  strengths=({"logistic": args.logistic_strengths}
                             if args.logistic_strengths else None))
     report["in_split"] = in_split(records, report["chosen"])

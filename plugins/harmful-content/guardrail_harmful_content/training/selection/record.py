@@ -12,11 +12,12 @@ import numpy as np
 from guardrail.toolkit.metrics import macro_f1, roc_auc
 
 from ...evidence import transform
+from ..context import FEATURE
 from ..pooled import PoolRecord, fit_probe, to_dual_head
 from .rule import halts
 
 __all__ = ["candidate_name", "in_split", "per_source", "render", "save_chosen",
-           "source_metrics"]
+           "source_metrics", "write_prompt_term"]
 
 
 def source_metrics(labels: np.ndarray, halt: np.ndarray, lengths: np.ndarray
@@ -61,7 +62,8 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     if not train or not test:
         return {}
     probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
-                      chosen.get("fit", "ridge"), chosen.get("upweight"))
+                      chosen.get("fit", "ridge"), chosen.get("upweight"),
+                      chosen.get("prompt_scale"))
     scores = [probe.prefix_scores(r) for r in test]
     spec = chosen.get("score_transform")
     table = halts([transform(s, spec) for s in scores] if spec else scores,
@@ -71,9 +73,12 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
 
 
 def candidate_name(candidate: Mapping[str, Any]) -> str:
-    """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15``."""
+    """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15`` (``prompt x0.75``
+    after it for a prompt term at that scale)."""
     hl = candidate.get("halflife")
     up = "".join(f" {p}x{w:g}" for p, w in (candidate.get("upweight") or {}).items())
+    if candidate.get("prompt_scale") is not None:
+        up += f" prompt x{candidate['prompt_scale']:g}"
     spec = candidate.get("score_transform")
     rule = ("" if not spec else f" ema{spec['halflife']:g}" if spec["kind"] == "ema"
             else f" {spec['kind']}")
@@ -111,14 +116,16 @@ _METHOD = ("linear probe on the pooled prefix of the layers' states (mean, or ex
 
 
 def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: Path) -> Path:
-    """Fit the chosen probe on every record of the pool and save it as the plugin's weights."""
+    """Fit the chosen probe on every record of the pool and save it as the plugin's weights
+    (with its prompt term, ``write_prompt_term``, when it has one)."""
     from guardrail.probes.io import save_probe
 
     from ..train import NAME
 
     chosen = report["chosen"]
     probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
-                      chosen.get("fit", "ridge"), chosen.get("upweight"))
+                      chosen.get("fit", "ridge"), chosen.get("upweight"),
+                      chosen.get("prompt_scale"))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
     head = to_dual_head(probe, hidden_size)
     config = {
@@ -138,6 +145,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
         "method": {"head": _METHOD, "fit": probe.fit, "ridge": chosen["ridge"],
                    "upweight": chosen.get("upweight") or {},
                    "platt": {"a": probe.a, "c": probe.c},
+                   **({} if probe.prompt_scale is None else {"prompt_scale": probe.prompt_scale}),
                    "selection": "leave-one-source-out (select.py)"},
         "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
                         "split": "leave-one-source-out", **report["caps"]},
@@ -145,4 +153,39 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
         "loso": {"chosen": chosen, "per_source": report["loso"],
                  "nested": report["loso_nested"], "pool": report["pool"]},
     }
-    return save_probe(out, head, config, name=NAME)
+    prompt = probe.prompt_weights()
+    if prompt is None:
+        return save_probe(out, head, config, name=NAME)
+    config["prompt_feature"] = FEATURE
+    weights = save_probe(out, head, config, name=NAME)
+    write_prompt_term(weights, prompt.reshape(len(probe.layers), hidden_size))
+    return weights
+
+
+def write_prompt_term(weights: Path, prompt_weight: np.ndarray) -> None:
+    """Add the prompt term to weights ``save_probe`` wrote, as the runtime reads it
+    (docs/harmful-content.md, "Prompt term (runtime contract)"): the head's tensor
+    ``prompt_weight``, float32 ``(layers, hidden)``, row ``j`` for the config's ``layers[j]``, on
+    the raw pooled context states (the fit's column standardisation and Platt slope folded in,
+    its constants in the head's bias: ``LinearProbe.prompt_weights``), with ``prompt_size``
+    under ``head`` and the tensor listed under ``tensors``: the file
+    ``DualHead.set_prompt_weight`` then ``save_probe`` write. The caller sets the config's
+    ``prompt_feature``. The monitor adds ``sum_j prompt_weight[j] . context[layers[j]]`` to every
+    prefix logit of a stream."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from guardrail.probes.io import FORMAT
+
+    weight = np.ascontiguousarray(prompt_weight, dtype=np.float32)
+    if weight.ndim != 2:
+        raise ValueError(f"prompt_weight must be (layers, hidden), got shape {weight.shape}")
+    tensors = load_file(str(weights))
+    tensors["prompt_weight"] = weight
+    save_file(tensors, str(weights), metadata={"format": "pt", "guardrail": FORMAT})
+    config_path = weights.with_suffix(".json")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["head"]["prompt_size"] = list(weight.shape)
+    config["tensors"]["prompt_weight"] = list(weight.shape)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -122,12 +122,15 @@ def _macro_f1(fired: np.ndarray, harmful: np.ndarray) -> np.ndarray:
 def grid_summary(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
                  max_false_halts: float, max_read: float,
                  capped: Sequence[str] = CAPPED_MIXED,
-                 objective: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                 objective: Sequence[str] | None = None,
+                 groups: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per rule in the grid: mean macro-F1 over harmful sources (those named in ``objective``
     only, when given: a pass that compares pools keeps one set of sources), the worst capped
     source's false-halt rate (benign-only sources, and the benign records of sources whose tag
     starts with one of ``capped``; every capped source, whatever ``objective`` says), pooled
-    fraction read and pooled macro-F1."""
+    fraction read and pooled macro-F1. ``groups`` (name -> mask over the records, e.g.
+    ``groups.harmful_prompt_groups``) are capped too, each pooled over its sources: their
+    false-halt rates are ``group:NAME``, the worst ``worst_group_fhr``."""
     grid = table.shape[1:]
     harmful_tags = sorted({t for t, y in zip(tags, labels, strict=True) if y == 1})
     benign_tags = sorted(set(tags) - set(harmful_tags)) + [
@@ -151,7 +154,15 @@ def grid_summary(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, tabl
     caught = (fired & yy).sum(0)
     read = np.where(caught > 0, share.sum(0) / np.maximum(caught, 1), 1.0)
     ok = (worst_fhr <= max_false_halts) & (read <= max_read)
-    return {"mean_f1": mean_f1, "worst_fhr": worst_fhr, "read": read, "pooled": pooled, "ok": ok}
+    out = {"mean_f1": mean_f1, "worst_fhr": worst_fhr, "read": read, "pooled": pooled}
+    worst_group = np.zeros(grid)
+    for name, mask in (groups or {}).items():
+        rate = fired[mask].mean(0) if mask.any() else np.zeros(grid)
+        out[f"group:{name}"] = rate
+        worst_group = np.maximum(worst_group, rate)
+    out["worst_group_fhr"] = worst_group
+    out["ok"] = ok & (worst_group <= max_false_halts)
+    return out
 
 
 def choose_rule(summary: Mapping[str, np.ndarray]) -> tuple[int, int, bool]:
@@ -172,13 +183,16 @@ def choose_rule(summary: Mapping[str, np.ndarray]) -> tuple[int, int, bool]:
 def nested(labels: np.ndarray, tags: np.ndarray, lengths: np.ndarray, table: np.ndarray,
            max_false_halts: float, max_read: float,
            capped: Sequence[str] = CAPPED_MIXED,
-           objective: Sequence[str] | None = None) -> np.ndarray:
-    """Each source's halts under the rule chosen on the other sources' scores."""
+           objective: Sequence[str] | None = None,
+           groups: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """Each source's halts under the rule chosen on the other sources' scores (and the
+    ``groups``' records of the other sources)."""
     out = np.full(len(labels), -1, dtype=np.int64)
     for tag in sorted(set(tags)):
         rest = tags != tag
         summary = grid_summary(labels[rest], tags[rest], lengths[rest], table[rest],
-                               max_false_halts, max_read, capped, objective)
+                               max_false_halts, max_read, capped, objective,
+                               {k: v[rest] for k, v in (groups or {}).items()})
         j, k, _ = choose_rule(summary)
         out[tags == tag] = table[tags == tag, j, k]
     return out

@@ -1,5 +1,6 @@
 """Stage 3: out-of-source scores for every candidate (layer set, fit, L2 strength, pooling
-half-life, up-weight), the best rule of each, and the chosen candidate with its report."""
+half-life, up-weight, prompt term), the best rule of each, and the chosen candidate with its
+report."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from .rule import (
 __all__ = ["Family", "Key", "layer_sets_of", "pick", "rule_candidates", "run",
            "score_candidates"]
 
-# (layer set, L2 strength, half-life, fit, up-weight factor)
-Key = tuple[tuple[int, ...], float, float | None, str, float]
+# (layer set, L2 strength, half-life, fit, up-weight factor, prompt term's scale or None)
+Key = tuple[tuple[int, ...], float, float | None, str, float, float | None]
 # (rule family, its parameter): ("count", None), ("ema", half-life), ("cusum", None)
 Family = tuple[str, float | None]
 
@@ -54,35 +55,45 @@ def score_candidates(records: Sequence[PoolRecord], layers: Sequence[int],
                      layer_sets: Sequence[tuple[int, ...]],
                      strengths: Mapping[str, Sequence[float]],
                      halflives: Sequence[float | None], upweights: Sequence[float],
-                     upweight_prefix: str, progress: bool) -> dict[Key, list[np.ndarray]]:
+                     upweight_prefix: str, progress: bool,
+                     prompt_scales: Sequence[float | None] = (None,)
+                     ) -> dict[Key, list[np.ndarray]]:
     """Every record's out-of-source prefix scores (``pooled.fit_loso``) under every candidate;
-    ``strengths`` maps each fit to its L2 strengths."""
+    ``strengths`` maps each fit to its L2 strengths; ``prompt_scales``: a head per scale of a
+    prompt term (None: none)."""
     from tqdm import tqdm
 
     n_tags = len({r.tag for r in records})
-    bar = tqdm(total=n_tags * len(halflives) * len(strengths) * len(upweights),
-               desc="LOSO folds", unit="fold", disable=not progress)
+    bar = tqdm(total=n_tags * len(halflives) * len(strengths) * len(upweights)
+               * len(prompt_scales), desc="LOSO folds", unit="fold", disable=not progress)
     scored: dict[Key, list[np.ndarray]] = {}
     for factor in upweights:
         for fit, lams in strengths.items():
             for halflife in halflives:
-                for (layer_set, lam), scores in fit_loso(
-                        records, layers, layer_sets, lams, halflife=halflife,
-                        progress=lambda t: bar.update(1), fit=fit,
-                        upweight={upweight_prefix: factor}).items():
-                    scored[(layer_set, lam, halflife, fit, factor)] = scores
+                for scale in prompt_scales:
+                    for (layer_set, lam), scores in fit_loso(
+                            records, layers, layer_sets, lams, halflife=halflife,
+                            progress=lambda t: bar.update(1), fit=fit,
+                            upweight={upweight_prefix: factor}, prompt_scale=scale).items():
+                        scored[(layer_set, lam, halflife, fit, factor, scale)] = scores
     bar.close()
     return scored
 
 
 def _candidate(key: Key, family: Family, summary: Mapping[str, np.ndarray], j: int, k: int,
                met: bool, upweight_prefix: str) -> dict[str, Any]:
-    layer_set, lam, halflife, fit, factor = key
+    layer_set, lam, halflife, fit, factor, scale = key
     rule = rule_of(family[0], family[1], j, k)
-    extra = {} if family[0] == "count" else {"rule_family": family[0],
-                                             "score_transform": rule["score_transform"]}
+    extra: dict[str, Any] = {} if family[0] == "count" else {
+        "rule_family": family[0], "score_transform": rule["score_transform"]}
     if "height" in rule:  # cusum: the evidence its threshold stands for
         extra["height"] = rule["height"]
+    if scale is not None:
+        extra["prompt_scale"] = scale
+    groups = {name[6:]: float(v[j, k]) for name, v in summary.items()
+              if name.startswith("group:")}
+    if groups:
+        extra["group_false_halt_rates"] = groups
     return {"layers": list(layer_set), "ridge": lam, "halflife": halflife, "fit": fit,
             "upweight": {} if factor == 1 else {upweight_prefix: factor},
             "threshold": rule["threshold"], "k": rule["k"], **extra, "constraint_met": met,
@@ -96,12 +107,13 @@ def rule_candidates(scored: Mapping[Key, list[np.ndarray]], labels: np.ndarray,
                     tags: np.ndarray, lengths: np.ndarray, max_false_halts: float,
                     max_read: float, capped: Sequence[str], upweight_prefix: str,
                     progress: bool, families: Sequence[Family] = (("count", None),),
-                    objective: Sequence[str] | None = None
+                    objective: Sequence[str] | None = None,
+                    groups: Mapping[str, np.ndarray] | None = None
                     ) -> tuple[list[dict[str, Any]], dict[str, Any],
                                dict[str, tuple[Key, np.ndarray, int, int]]]:
-    """Each (head, rule family) candidate with its best rule under the caps; its per-source
-    figures by name; by name, its head's key, its halt table over the family's grid and the
-    chosen rule's grid indices."""
+    """Each (head, rule family) candidate with its best rule under the caps (``groups``: capped
+    groups of records, ``rule.grid_summary``); its per-source figures by name; by name, its
+    head's key, its halt table over the family's grid and the chosen rule's grid indices."""
     from tqdm import tqdm
 
     candidates: list[dict[str, Any]] = []
@@ -111,7 +123,7 @@ def rule_candidates(scored: Mapping[Key, list[np.ndarray]], labels: np.ndarray,
         for family in families:
             table = family_halts(scores, family[0], family[1])
             summary = grid_summary(labels, tags, lengths, table, max_false_halts, max_read,
-                                   capped, objective)
+                                   capped, objective, groups)
             j, k, met = choose_rule(summary)
             candidates.append(_candidate(key, family, summary, j, k, met, upweight_prefix))
             name = candidate_name(candidates[-1])
@@ -140,7 +152,9 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         strengths: Mapping[str, Sequence[float]] | None = None,
         upweights: Sequence[float] = (1.0,), upweight_prefix: str = "handwritten:",
         families: Sequence[Family] = (("count", None),),
-        objective: Sequence[str] | None = None) -> dict[str, Any]:
+        objective: Sequence[str] | None = None,
+        prompt_scales: Sequence[float | None] = (None,),
+        groups: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (``layer_sets_of``), at every ridge strength and
     pooling half-life (None: the prefix mean), for each fit in ``fits`` (ridge, logistic;
     ``strengths`` gives a fit its own L2 strengths instead of ``ridges``) and each factor in
@@ -148,25 +162,27 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     (``pooled.row_matrix``). Each head is tried with each rule family in ``families``
     (``rule.FAMILIES``: the count rule on its scores, or on their ``evidence.py`` transform).
     ``objective`` names the harmful sources the mean macro-F1 runs over (default: every one in
-    the pool; the caps always cover every capped source)."""
+    the pool; the caps always cover every capped source). ``prompt_scales``: each head also
+    with a prompt term at each scale (``pooled.fit_loso``; None: without); ``groups``: record
+    groups capped like sources (``groups.harmful_prompt_groups``)."""
     t0 = time.perf_counter()
     sets = layer_sets_of(layers, layer_sets)
     lams = {f: (strengths or {}).get(f, ridges) for f in fits}
     scored = score_candidates(records, layers, sets, lams, halflives, upweights,
-                              upweight_prefix, progress)
+                              upweight_prefix, progress, prompt_scales)
     labels = np.asarray([r.label for r in records])
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates, by_candidate, tables = rule_candidates(
         scored, labels, tags, lengths, max_false_halts, max_read, capped, upweight_prefix,
-        progress, families, objective)
+        progress, families, objective, groups)
     best = pick(candidates)
     key, table, j, k = tables[candidate_name(best)]
     # full detection (the last token's score only), thresholded on the same out-of-source scores
     best["full_detection_threshold"] = best_threshold(
         labels.tolist(), [float(s[-1]) for s in scored[key]])[0]
     halt_nested = nested(labels, tags, lengths, table, max_false_halts, max_read, capped,
-                         objective)
+                         objective, groups)
     return {
         "chosen": best,
         "candidates": candidates,
@@ -175,12 +191,15 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "loso_nested": per_source(labels, tags, lengths, halt_nested, scored[key]),
         "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
                  "max_fraction_seen": max_read, "capped_mixed_sources": list(capped),
-                 **({} if objective is None else {"objective_sources": list(objective)})},
+                 **({} if objective is None else {"objective_sources": list(objective)}),
+                 **({} if not groups else {"capped_groups": {
+                     k: int(v.sum()) for k, v in groups.items()}})},
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS),
                  "families": [list(f) for f in families], "ridges": list(ridges),
                  "strengths": {f: list(v) for f, v in lams.items()},
                  "upweights": list(upweights), "upweight_prefix": upweight_prefix,
                  "halflives": list(halflives), "fits": list(fits),
+                 "prompt_scales": list(prompt_scales),
                  "layer_sets": [list(s) for s in sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
                                                       for t in sorted(set(tags))}},

@@ -1,0 +1,220 @@
+"""The prompt's states for a harm head with a prompt term: each prompt's context read once by the
+observer and pooled as the runtime pools it for a monitor (``Needs.context``, the weights'
+``prompt_feature: context_mean``), cached to a file.
+
+The pooled span runs from the first token of the last user message's content through the last
+context token (the assistant header included), in the context the observer renders (its chat
+template with the generation prompt, cut to the window's context budget). Its start is found by
+rendering the conversation with that content replaced by two probe strings and taking the first
+token where the renderings differ; a cut context pools what is left of the span. This is the
+definition of the runtime's ``Needs.context`` (docs/observer.md, "The context's pooled states")
+and of the eighth pass's prompt features (docs/harmful-content.md).
+
+    python -m guardrail_harmful_content.training.context --pool POOL.jsonl... --out STATES.npz
+
+The cache (``.npz``, no pickle): ``prompts`` (str), ``states`` ``(prompts, layers, hidden)``
+float32, ``layers``, ``model`` and ``feature``. A run adds the prompts the file lacks and saves as
+it goes, so a cut run resumes; a file written for another model, layer set or feature is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .pooled import PoolRecord
+
+__all__ = ["FEATURE", "PROBES", "PromptStates", "attach_prompt_states", "context_span",
+           "context_states", "extract_prompt_states", "load_prompt_states", "main",
+           "prompt_messages"]
+
+FEATURE = "context_mean"  # the weights' prompt_feature
+# Two contents whose first tokens differ in any tokenizer (a letter against another letter)
+PROBES = ("alpha", "Zebra crossing")
+SAVE_EVERY = 200  # prompts read between two writes of the cache
+
+
+@dataclass
+class PromptStates:
+    """Pooled context states of prompts: ``states[i]`` ``(len(layers), hidden)`` is
+    ``prompts[i]``'s."""
+
+    prompts: list[str]
+    states: np.ndarray
+    layers: tuple[int, ...]
+    model: str
+    feature: str = FEATURE
+
+    def by_prompt(self) -> dict[str, dict[int, np.ndarray]]:
+        return {p: {layer: self.states[i, j] for j, layer in enumerate(self.layers)}
+                for i, p in enumerate(self.prompts)}
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """The conversation a pool record's prompt stands for: one user message."""
+    return [{"role": "user", "content": prompt}]
+
+
+def _probe_start(render: Callable[[Sequence[Any]], list[int]], messages: Sequence[Any]) -> int:
+    """Index into ``render(messages)`` of the first token of the last user message's content
+    (without a user message: where a one-message conversation's content starts)."""
+    from guardrail.messages import normalize_messages
+
+    msgs = normalize_messages(messages)
+    last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] == "user"), None)
+    if last is None:
+        probes = [[{"role": "user", "content": p}] for p in PROBES]
+    else:
+        probes = [[*msgs[:last], {**msgs[last], "content": p}, *msgs[last + 1:]] for p in PROBES]
+    a, b = (render(p) for p in probes)
+    same = min(len(a), len(b))
+    return next((i for i in range(same) if a[i] != b[i]), same)
+
+
+def context_span(observer: Any, messages: Sequence[Any]) -> tuple[list[int], int]:
+    """The context's ids as the observer reads them (cut to its context budget) and where the
+    pooled span starts in them."""
+    from guardrail.observer.model import render_context
+    from guardrail.observer.window import context_budget
+
+    ids = render_context(observer.hf_tokenizer, messages)
+    cut = max(0, len(ids) - context_budget(observer.window))
+    start = _probe_start(lambda m: render_context(observer.hf_tokenizer, m), messages) - cut
+    ids = ids[cut:]
+    return ids, min(max(0, start), max(0, len(ids) - 1))
+
+
+def context_states(observer: Any, messages: Sequence[Any], layers: Sequence[int]
+                   ) -> dict[int, np.ndarray]:
+    """One forward of the context: each layer's rows averaged over the pooled span (float32)."""
+    import torch
+
+    ids, start = context_span(observer, messages)
+    with torch.inference_mode():
+        out = observer.model.base_model(input_ids=torch.tensor([ids], dtype=torch.long),
+                                        output_hidden_states=True)
+    return {layer: out.hidden_states[observer.hidden_index(layer)][0, start:].float().mean(0)
+            .numpy() for layer in layers}
+
+
+def load_prompt_states(path: Path) -> PromptStates:
+    """A cache written by ``extract_prompt_states``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return PromptStates([str(p) for p in data["prompts"]],
+                                np.asarray(data["states"], dtype=np.float32),
+                                tuple(int(x) for x in data["layers"]), str(data["model"]),
+                                str(data["feature"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a prompt-states cache ({exc})") from None
+
+
+def _save(path: Path, found: PromptStates) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, prompts=np.asarray(found.prompts, dtype=np.str_), states=found.states,
+             layers=np.asarray(found.layers, dtype=np.int64), model=np.str_(found.model),
+             feature=np.str_(found.feature))
+    os.replace(tmp, path)
+
+
+def extract_prompt_states(observer: Any, prompts: Iterable[str], layers: Sequence[int],
+                          path: Path, progress: bool = True) -> PromptStates:
+    """The pooled context states of every prompt (``context_states`` of its one-message
+    conversation), read once into the cache ``path`` (created, or added to)."""
+    from tqdm import tqdm
+
+    layers = tuple(int(x) for x in layers)
+    model = str(getattr(observer, "name", ""))
+    if path.exists():
+        found = load_prompt_states(path)
+        if (found.model, found.layers, found.feature) != (model, layers, FEATURE):
+            raise ValueError(f"{path}: written for model {found.model!r}, layers "
+                             f"{list(found.layers)}, feature {found.feature!r}; this run reads "
+                             f"{model!r}, {list(layers)}, {FEATURE!r} (use another file)")
+    else:
+        found = PromptStates([], np.zeros((0, len(layers), observer.hidden_size), np.float32),
+                             layers, model)
+    have = set(found.prompts)
+    todo = list(dict.fromkeys(p for p in prompts if p not in have))
+    rows: list[np.ndarray] = []
+    done: list[str] = []
+
+    def flush() -> None:
+        nonlocal found
+        if done:
+            found = PromptStates(found.prompts + done,
+                                 np.concatenate([found.states, np.stack(rows)]), layers, model)
+            done.clear()
+            rows.clear()
+        _save(path, found)
+
+    for prompt in tqdm(todo, desc="prompt states", unit="prompt", disable=not progress):
+        states = context_states(observer, prompt_messages(prompt), layers)
+        rows.append(np.stack([states[layer] for layer in layers]).astype(np.float32))
+        done.append(prompt)
+        if len(done) >= SAVE_EVERY:
+            flush()
+    if done or not path.exists():
+        flush()
+    return found
+
+
+def attach_prompt_states(records: Sequence[PoolRecord],
+                         states: Mapping[str, Mapping[int, np.ndarray]]) -> None:
+    """Give each record its prompt's states (``PoolRecord.prompt``), found by its prompt text;
+    a record whose prompt the cache lacks is named."""
+    for i, r in enumerate(records):
+        prompt = str(r.extra["key"][0])
+        if prompt not in states:
+            raise ValueError(f"record {i} ({r.tag}): its prompt {prompt[:60]!r} is not in the "
+                             "prompt-states cache (extract it: python -m "
+                             "guardrail_harmful_content.training.context)")
+        r.prompt = dict(states[prompt])
+
+
+def _pool_prompts(pools: Sequence[Path]) -> list[str]:
+    out: list[str] = []
+    for pool in pools:
+        for n, line in enumerate(pool.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row.get("prompt"), str):
+                    raise ValueError(f"{pool}:{n}: field 'prompt' must be a string")
+                out.append(row["prompt"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .inputs import load_observer
+
+    parser = argparse.ArgumentParser(prog="python -m guardrail_harmful_content.training.context",
+                                     description="Read every pool prompt's context once and "
+                                                 "cache its pooled states (context_mean).")
+    parser.add_argument("--pool", type=Path, nargs="+", required=True, help="pool JSON Lines")
+    parser.add_argument("--out", type=Path, required=True, help="the cache (.npz)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12, 15])
+    parser.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        prompts = _pool_prompts(args.pool)
+        found = extract_prompt_states(load_observer(args.model), prompts, args.layers, args.out,
+                                      progress=not args.quiet)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"cache": str(args.out), "prompts": len(found.prompts),
+                      "layers": list(found.layers), "model": found.model}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
