@@ -47,6 +47,8 @@ _LEADING = frozenset(" \t\"'\u201c\u201d\u2018\u2019()[]*_")
 _LIST_MARKER = re.compile("[ \t]*(?:[-*+\u2022\u2023\u25e6\u2013\u2014>]|#{1,6}"
                           "|\\(?(?:\\d{1,3}|[A-Za-z])[.)])[ \t\"'\u201c\u2018(\\[*_]*")
 _MARKER_WIDTH = 12  # the longest line start read as a list marker
+_GAP_WIDTH = 64  # the most spaces, quotes and brackets read back from a word: no re-reading a
+# long gap on every chunk of a stream
 # A full stop that ends a title or an abbreviation, not a sentence ("Dr. Young", "e.g. Rose").
 _ABBREVIATION = re.compile(r"(?<![\w.])(?:Mr|Mrs|Ms|Mx|Dr|Prof|St|Mt|Ft|Sr|Jr|Rev|Fr|Gen|Col|Capt"
                            r"|Lt|Sgt|Gov|Sen|Rep|Hon|e\.g|i\.e|vs|cf|approx)\Z")
@@ -80,10 +82,10 @@ def ordinary_words() -> frozenset[str]:
 def sentence_start(text: str, at: int) -> bool:
     """Whether the word at ``at`` opens the text, a sentence (after ``. ! ? :`` and a space, not
     after "Dr." or "e.g."), a line or a list item ("- ", "1) ", "## "). Reads only the text
-    before ``at``: the gap back to the previous mark and a few characters before it, so the
-    finder stays linear and a stream decides as the whole text does."""
-    i = at
-    while i > 0 and text[i - 1] in _LEADING:
+    before ``at`` (at most ``_GAP_WIDTH`` characters of gap back to the previous mark, and a few
+    before it), so the finder stays linear and a stream decides as the whole text does."""
+    i, lowest = at, max(0, at - _GAP_WIDTH)
+    while i > lowest and text[i - 1] in _LEADING:
         i -= 1
     if i == 0 or text[i - 1] in "\n\r":
         return True
