@@ -126,6 +126,21 @@ def test_flags_carry_whole_entity_spans_however_the_stream_is_split(
         assert flag.score == pytest.approx(max(scores[i] for i in range(first, last + 1)))
 
 
+# A streamed answer whose sentences and list items open with ordinary words, beside names.
+PROSE = ("Keep the lid on. In the US the code is +1.\n- Stir well\nThe Hague and Krakow lie "
+         "far apart. Once done, call Marie Curie on January 7, 1944.")
+
+
+@pytest.mark.parametrize("cuts", [[4, 5, 17, 20, 21, 43, 44, 60], []])
+def test_sentence_openers_get_no_flag_and_names_keep_whole_spans(
+        tiny_model: Path, tmp_path: Path, cuts: list[int]) -> None:
+    guard = _guard(tiny_model, _weights(tmp_path, 32, 1), threshold=0.0)  # every entity fires
+    pieces = split_text(PROSE, cuts) if cuts else [PROSE[i:i + 1] for i in range(len(PROSE))]
+    flags, _ = _run(guard, pieces)
+    assert [PROSE[f.span[0]:f.span[1]] for f in flags if f.span] == [
+        "US", "+1", "The Hague", "Krakow", "Marie Curie", "January 7, 1944"]
+
+
 def test_split_points_do_not_change_scores(tiny_model: Path, tmp_path: Path) -> None:
     guard = _guard(tiny_model, _weights(tmp_path, 32, 2, extras=True), threshold=0.99)
     _, whole = _run(guard, [TEXT])

@@ -29,7 +29,7 @@ from guardrail.toolkit.metrics import recall_at_fpr, roc_auc, roc_curve
 
 from ..probe import AnyEntityProbe
 from ..span_probe import EntitySpanProbe, prefix_surprisal, span_members
-from ..spans import find_entities
+from ..spans import EntitySpan, find_entities
 from .logit_stats import record_extras
 
 __all__ = ["BASELINES", "Scorers", "TokenScorer", "entity_tokens_only", "evaluate_by_type",
@@ -43,8 +43,11 @@ TokenScorer = Callable[[CachedRecord], list[float]]
 BASELINES = ("surprisal", "entropy")
 
 
-def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
-    """Per-token scores of a span head, the monitor's way (see the module docstring)."""
+def span_probe_scorer(probe: EntitySpanProbe,
+                      finder: Callable[[str], Sequence[EntitySpan]] | None = None) -> TokenScorer:
+    """Per-token scores of a span head, the monitor's way (see the module docstring);
+    ``finder``: the entities of a whole response (default: ``find_entities(text, final=True)``;
+    another finder, to compare finders under one head)."""
     def score(record: CachedRecord) -> list[float]:
         for layer in probe.layers:
             if layer not in record.hidden:
@@ -53,7 +56,8 @@ def span_probe_scorer(probe: EntitySpanProbe) -> TokenScorer:
             raise ValueError("this span head reads surprisal and entropy: extract features "
                              "with stats=True")
         values = [math.nan] * len(record)
-        spans = find_entities(record.response, 0, final=True)
+        spans = (finder(record.response) if finder is not None
+                 else find_entities(record.response, 0, final=True))
         members = span_members(record.offsets.tolist(), spans)
         if not any(members):
             return values
