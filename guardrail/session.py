@@ -50,13 +50,13 @@ from .errors import GuardrailError
 from .events import Error, Event, Flag, Halt, Release, Route, event_to_dict
 from .messages import normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, Score
+from .observer import ObservedBatch
 from .policy import MonitorSpec, ObserverSpec
 from .rules import RuleState, Verdict
 from .stream import Aligner, StreamStep, TokenLogprob, TokenSpan
 
 if TYPE_CHECKING:
     from .guard import Guard
-    from .observer import ObservedBatch
 
 __all__ = ["GuardSession", "Report"]
 
@@ -379,6 +379,10 @@ class GuardSession:
             step = StreamStep(text=step)
         if step.tokens is not None:
             self._set_mode(generator=True)
+            if step.context is not None and self.tokens:
+                raise GuardrailError(
+                    "StreamStep.context comes with a stream's first step only (the monitors "
+                    f"read it on their first update); this stream has read {self.tokens} tokens")
             base = len(self.text)
             tokens = []
             for tok in step.tokens:
@@ -557,10 +561,10 @@ class GuardSession:
                 self._read(events)
             return
         features = self._features(tokens, len(self.text), logprobs, final)
-        if step is not None and generated:
-            features.hidden = step.hidden or {}
+        if step is not None and generated:  # the generator's rows, handed over as a read's
+            _fill(features, ObservedBatch(hidden=step.hidden or {}, logits=step.logits,
+                                          context=step.context), 0, len(tokens), whole=True)
             features.generated = True
-            features.logits = step.logits
         self._score(features, events)
 
     def _read_due(self, deadline: bool = True) -> bool:
@@ -1072,7 +1076,9 @@ async def _done(future: Future[Any]) -> None:
 
 def _fill(features: Features, batch: ObservedBatch, start: int, count: int, *,
           whole: bool) -> None:
-    """Give ``features`` rows ``start .. start + count`` of a read (all of it when ``whole``)."""
+    """Give ``features`` rows ``start .. start + count`` of a read (all of it when ``whole``),
+    and the read's pooled context states when these are its first rows: the one hand-over of
+    an observer's reads and of a generator's own steps (``StreamStep.context``, first step)."""
     def rows(array: Any) -> Any:
         return array if whole or array is None else array[start:start + count]
 

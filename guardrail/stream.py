@@ -59,6 +59,12 @@ class StreamStep:
     concatenate to ``text``), and may pass ``hidden`` (layer index -> array of shape
     ``(len(tokens), hidden_size)``) and ``logits`` (``(len(tokens), vocab)``, the distribution
     each token was sampled from). API adapters may pass ``logprobs``.
+
+    ``context`` (a generator's first step only, with ``tokens``) maps each layer to the
+    conversation's pooled state, a vector ``(hidden_size,)``: what an observer hands a monitor
+    that asks for ``Needs.context`` (the mean of the prompt's rows from the last user message's
+    content on, ``guardrail.observer.context``); the session passes it on as the stream's first
+    ``Features.context``.
     """
 
     text: str = ""
@@ -67,6 +73,7 @@ class StreamStep:
     logits: Any = None
     logprobs: Sequence[TokenLogprob] | None = None
     finish_reason: str | None = None
+    context: Mapping[int, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -78,6 +85,25 @@ class StreamStep:
                     "StreamStep.tokens must decode to StreamStep.text: "
                     f"{joined[:40]!r} != {self.text[:40]!r}"
                 )
+        if self.context is not None:
+            _check_context(self.context, self.tokens)
+
+
+def _check_context(context: Any, tokens: Sequence[StepToken] | None) -> None:
+    """``StreamStep.context``: layer -> one vector, on a step that carries tokens."""
+    if not isinstance(context, Mapping):
+        raise TypeError("StreamStep.context must be a mapping of layer -> vector, got "
+                        f"{type(context).__name__}")
+    if not tokens:
+        raise ValueError("StreamStep.context comes with a generator's first step: the step "
+                         "must carry its tokens")
+    for layer, vector in context.items():
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"StreamStep.context keys must be layer numbers (int), got {layer!r}")
+        shape = tuple(getattr(vector, "shape", ()))
+        if len(shape) != 1:
+            raise ValueError(f"StreamStep.context[{layer}] must be one vector (hidden_size,), "
+                             f"got shape {shape}")
 
 
 @runtime_checkable

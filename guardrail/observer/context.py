@@ -22,7 +22,7 @@ import numpy as np
 from ..messages import normalize_messages
 from ..monitor import Message
 
-__all__ = ["PROBES", "pool_rows", "prompt_start"]
+__all__ = ["PROBES", "pool_rows", "prompt_start", "span_start"]
 
 # Two contents whose first tokens differ in any tokenizer (a letter against another letter)
 PROBES = ("alpha", "Zebra crossing")
@@ -41,6 +41,16 @@ def prompt_start(render: Callable[[Sequence[Message]], list[int]],
     a, b = (render(p) for p in probes)
     same = min(len(a), len(b))
     return next((i for i in range(same) if a[i] != b[i]), same)
+
+
+def span_start(render: Callable[[Sequence[Message]], list[int]],
+               messages: Sequence[Message], length: int, cut: int = 0) -> int:
+    """Where the pooled span starts in a context read of ``length`` ids: ``render(messages)``
+    without its first ``cut`` (an observer's context cut to its window's budget; a generator's
+    prefill reads it whole). A cut that took the span's start pools what is left of it, at least
+    the last token. Observers and generators both pool from here, so their states agree."""
+    start = prompt_start(render, messages) - cut
+    return min(max(0, start), max(0, length - 1))
 
 
 def pool_rows(rows: Mapping[int, Any], skip: int) -> dict[int, np.ndarray]:

@@ -12,7 +12,7 @@ from ..messages import normalize_messages
 from ..monitor import Message, Needs
 from ..stream import TokenSpan
 from . import ObservedBatch
-from .context import pool_rows, prompt_start
+from .context import pool_rows, span_start
 from .hf import cache_kwarg
 from .prefix import PrefixCache
 from .tokenization import HFTokenizer
@@ -105,8 +105,8 @@ class BaseObserver:
         ids = ids[cut:]
         if not needs.context:
             return ids, None
-        start = prompt_start(lambda m: render_context(self.hf_tokenizer, m), messages) - cut
-        return ids, min(max(0, start), max(0, len(ids) - 1))
+        return ids, span_start(lambda m: render_context(self.hf_tokenizer, m), messages,
+                               len(ids), cut)
 
     def chunks(self, state: StreamState, ids: list[int]) -> Iterable[list[int]]:
         """Split ``ids`` only when they cannot fit the window in one forward."""

@@ -10,6 +10,7 @@ from typing import Any
 from guardrail.errors import GuardrailError
 from guardrail.messages import normalize_messages
 from guardrail.monitor import Message, Needs
+from guardrail.observer.context import span_start
 from guardrail.observer.model import render_context
 from guardrail.stream import StreamStep
 
@@ -85,8 +86,23 @@ class LocalGenerator:
         return render_context(self.hf_tokenizer, as_messages(prompt))
 
     def decoding(self, prompt: Prompt, needs: Needs | None = None) -> Decoding:
-        """Start an answer: read the prompt (one forward) and return its generation state."""
-        return Decoding(self, self.prompt_ids(prompt), needs or Needs())
+        """Start an answer: read the prompt (one forward) and return its generation state. With
+        ``needs.context`` that forward also pools the prompt's states over the span an observer
+        pools (``context_start``); the first step carries them (``StreamStep.context``)."""
+        needs = needs or Needs()
+        ids = self.prompt_ids(prompt)
+        start = self.context_start(prompt, len(ids)) if needs.context else None
+        return Decoding(self, ids, needs, context_from=start)
+
+    def context_start(self, prompt: Prompt, length: int | None = None) -> int:
+        """Where the pooled context span starts in ``prompt_ids(prompt)`` (``length`` ids): the
+        first token of the last user message's content, found as the observer finds it
+        (``guardrail.observer.context.span_start``). The prompt is read whole, never cut to a
+        window, so a prompt longer than an observer's context budget pools all of its span."""
+        messages = as_messages(prompt)
+        if length is None:
+            length = len(self.prompt_ids(messages))
+        return span_start(lambda m: render_context(self.hf_tokenizer, m), messages, length)
 
     # -- drivers -------------------------------------------------------------------------------
 

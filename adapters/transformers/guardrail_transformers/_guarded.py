@@ -100,8 +100,7 @@ class GuardedStream:
     def _events(self) -> Generator[Event, None, None]:
         session = self.session
         try:
-            decoding = Decoding(self.generator, self.generator.prompt_ids(self.messages),
-                                self.guard.needs)
+            decoding = self.generator.decoding(self.messages, self.guard.needs)
             self.token_ids = decoding.response_ids
             while (len(decoding.response_ids) < self.max_new_tokens and not self.stops.done
                    and session.halted is None):

@@ -12,7 +12,8 @@ __all__ = ["StopFilter", "merge_steps"]
 
 
 def merge_steps(steps: Sequence[StreamStep]) -> StreamStep:
-    """One step carrying the tokens of ``steps`` in order, their state rows stacked."""
+    """One step carrying the tokens of ``steps`` in order, their state rows stacked (and the
+    first step's pooled context states, if it carries them)."""
     if len(steps) == 1:
         return steps[0]
     tokens = [t for s in steps for t in (s.tokens or ())]
@@ -24,7 +25,7 @@ def merge_steps(steps: Sequence[StreamStep]) -> StreamStep:
     if steps[0].logits is not None:
         logits = torch.cat([s.logits for s in steps])
     return StreamStep(text="".join(s.text for s in steps), tokens=tokens, hidden=hidden,
-                      logits=logits)
+                      logits=logits, context=steps[0].context)
 
 
 def _cut(step: StreamStep, chars: int) -> StreamStep:
@@ -32,7 +33,7 @@ def _cut(step: StreamStep, chars: int) -> StreamStep:
     assert step.tokens is not None and len(step.tokens) == 1
     text = step.text[:chars]
     return StreamStep(text=text, tokens=[StepToken(step.tokens[0].id, text)],
-                      hidden=step.hidden, logits=step.logits)
+                      hidden=step.hidden, logits=step.logits, context=step.context)
 
 
 class StopFilter:

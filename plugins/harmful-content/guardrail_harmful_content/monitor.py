@@ -272,8 +272,10 @@ class HarmfulContentMonitor(Monitor):
                     f"{self.weights}: the head adds a prompt term, which reads the context's "
                     f"pooled states of layers {list(self.layers)} (Features.context) on a "
                     f"stream's first update; this stream's came with "
-                    f"{sorted(context) if features.context else 'none'} (a generator's own "
-                    "steps carry none: read the stream with an observer)")
+                    f"{sorted(context) if features.context else 'none'} (steps fed with "
+                    "tokens carry it only on a first step with StreamStep.context, as "
+                    "guardrail-transformers' generator sets it; else read the stream with an "
+                    "observer)")
             state.prompt = math.fsum(
                 float(w @ np.asarray(context[layer], dtype=np.float64))
                 for w, layer in zip(self._prompt, self.layers, strict=True))
