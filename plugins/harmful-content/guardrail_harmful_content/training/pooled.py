@@ -39,7 +39,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,9 +47,9 @@ import torch
 from ..head import DualHead
 from .linear_fit import FITS, Moments, fit_logistic, platt, ridge_fit
 
-__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "cell_weight",
-           "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe", "layer_columns",
-           "pool_states", "prompt_matrix", "row_matrix", "to_dual_head"]
+__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "PromptTermRange",
+           "cell_weight", "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe",
+           "layer_columns", "pool_states", "prompt_matrix", "row_matrix", "to_dual_head"]
 
 CUT_TOKENS = (3, 7, 15, 31, 63)
 CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -164,11 +164,24 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
             np.asarray(ws, dtype=np.float64), np.asarray(owner, dtype=np.int64))
 
 
+class PromptTermRange(NamedTuple):
+    """What the prompt term may add (``prompt_fit.prompt_term_range``; the weights' config key
+    ``prompt_term``): ``neutral`` for a stream without a prompt, clipped to ``[low, high]``."""
+
+    neutral: float
+    low: float
+    high: float
+
+    def clip(self, term: float) -> float:
+        return min(max(term, self.low), self.high)
+
+
 @dataclass
 class LinearProbe:
     """``logit = a * (w . x + b + w_p . p) + c`` over the layers' pooled prefixes side by side
     (``x``) and, for a head with a prompt term, the record's prompt states (``p``, the same
-    layers side by side; ``w_p`` already scaled, see the module docstring)."""
+    layers side by side; ``w_p`` already scaled, see the module docstring; clipped to
+    ``prompt_range`` when the fit set one, as the monitor clips it)."""
 
     layers: tuple[int, ...]
     w: np.ndarray  # (H * len(layers),) float64, on raw (unstandardised) states
@@ -180,6 +193,7 @@ class LinearProbe:
     fit: str = "ridge"  # or "logistic"
     prompt_w: np.ndarray | None = None  # (H * len(layers),) on raw prompt states; None: no term
     prompt_scale: float | None = None  # the scale the prompt term was fitted with
+    prompt_range: PromptTermRange | None = None  # set by fit_probe; None: the term as it is
 
     def logit_weights(self) -> tuple[np.ndarray, float]:
         """The probe as one affine map: ``logit = w' . x + b'`` (plus ``prompt_logit``)."""
@@ -195,7 +209,8 @@ class LinearProbe:
         wp = self.prompt_weights()
         if wp is None:
             return 0.0
-        return float(prompt_matrix([record], self.layers)[0] @ wp)
+        term = float(prompt_matrix([record], self.layers)[0] @ wp)
+        return term if self.prompt_range is None else self.prompt_range.clip(term)
 
     def prefix_scores(self, record: PoolRecord) -> np.ndarray:
         """The harm probability after every token of ``record`` (float64)."""
@@ -233,7 +248,7 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
               prompt_scale: float | None = None) -> LinearProbe:
     """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
     ``upweight``: see ``row_matrix``; ``prompt_scale``: with a prompt term, each record's
-    ``prompt`` states appended to its rows and the term scaled by this,
+    ``prompt`` states appended to its rows, the term scaled by this and its range set,
     ``prompt_fit.fit_prompt_probe``; None: none)."""
     from .prompt_fit import check_prompt_fit, fit_prompt_probe  # it builds on this module
 
@@ -257,7 +272,8 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """Out-of-source prefix scores: for every layer set and L2 strength, every record scored
     by the probe (pooling ``halflife``, ``fit`` ridge or logistic, a prompt term scaled by
-    ``prompt_scale`` as ``fit_probe``'s) fitted on the records of all the other source tags."""
+    ``prompt_scale`` as ``fit_probe``'s, not clamped) fitted on the records of all the other
+    source tags."""
     from .prompt_fit import check_prompt_fit, fit_loso_prompt  # it builds on this module
 
     all_layers = list(all_layers)

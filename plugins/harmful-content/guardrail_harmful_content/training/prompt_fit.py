@@ -5,6 +5,11 @@ fit reads both, and a prefix's logit is ``a * (w . pool(h) + b + s * w_p . p) + 
 term plus a constant per record. ``s`` scales the prompt term about its mean over the training
 rows (the mean folded into ``b``), the Platt scale is fitted on the scaled logit, and ``s = 1``
 is the joint fit as it is.
+
+A probe fitted on the whole pool (``fit_prompt_probe``) also carries the term's range
+(``prompt_term_range``): its neutral value, for a stream without a prompt, and the clamp the
+runtime clips the term to (docs/harmful-content.md, "Prompt term (runtime contract)"). The
+out-of-source scores (``fit_loso_prompt``) are of the unclamped term.
 """
 
 from __future__ import annotations
@@ -16,9 +21,20 @@ from typing import Any
 import numpy as np
 
 from .linear_fit import FITS, Moments, platt, ridge_fit
-from .pooled import LinearProbe, PoolRecord, layer_columns, prompt_matrix, row_matrix
+from .pooled import (
+    LinearProbe,
+    PoolRecord,
+    PromptTermRange,
+    layer_columns,
+    prompt_matrix,
+    row_matrix,
+)
 
-__all__ = ["check_prompt_fit", "fit_loso_prompt", "fit_prompt_probe"]
+__all__ = ["PROMPT_CLAMP_PERCENTILES", "check_prompt_fit", "fit_loso_prompt",
+           "fit_prompt_probe", "prompt_term_range"]
+
+# The clamp: the term's 1st and 99th percentiles over the records the head was fitted on
+PROMPT_CLAMP_PERCENTILES = (1.0, 99.0)
 
 
 def check_prompt_fit(fit: str, prompt_scale: float | None) -> None:
@@ -69,18 +85,38 @@ def _scaled_probe(layers: Sequence[int], coef: np.ndarray, b: float, xr: np.ndar
                        halflife, prompt_w=scale * coef[width:], prompt_scale=scale)
 
 
+def prompt_term_range(terms: np.ndarray, w: np.ndarray, owner: np.ndarray) -> PromptTermRange:
+    """The range of a fitted term over its training records (``terms``: each record's term as
+    the runtime adds it, ``LinearProbe.prompt_weights() . p``; ``w``, ``owner``: the fit's rows,
+    ``row_matrix``). ``neutral``: the term's weighted mean over the training rows, the average
+    prompt ``_scaled_probe`` pivots the scale about (times ``a * s``, the term's units);
+    ``low``, ``high``: the 1st and 99th percentiles over the records with rows, unweighted (the
+    prompts the head saw, each once)."""
+    n = len(terms)
+    record_weight = np.bincount(owner, w, n)
+    fitted = np.bincount(owner, minlength=n) > 0
+    neutral = float(record_weight @ terms / record_weight.sum())
+    low, high = (float(v) for v in np.percentile(terms[fitted], PROMPT_CLAMP_PERCENTILES))
+    return PromptTermRange(neutral, low, high)
+
+
 def fit_prompt_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
                      halflife: float | None, upweight: Mapping[str, float] | None,
                      scale: float) -> LinearProbe:
     """``fit_probe`` with a prompt term: one joint ridge fit on every record's rows with its
-    prompt states appended, the term scaled by ``scale``."""
+    prompt states appended, the term scaled by ``scale``, and its range over these records
+    (``prompt_term_range``) on the probe."""
     x, y, w, owner = row_matrix(records, layers, halflife, upweight)
     prompts = prompt_matrix(records, layers)
     m = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
     (coef, b), = ridge_fit(m, np.arange(2 * x.shape[1]), [ridge])
     width = x.shape[1]
-    return _scaled_probe(layers, coef, b, x.astype(np.float64) @ coef[:width],
-                         prompts[owner] @ coef[width:], y, w, ridge, halflife, scale)
+    probe = _scaled_probe(layers, coef, b, x.astype(np.float64) @ coef[:width],
+                          prompts[owner] @ coef[width:], y, w, ridge, halflife, scale)
+    weights = probe.prompt_weights()
+    assert weights is not None  # a prompt term was fitted
+    probe.prompt_range = prompt_term_range(prompts @ weights, w, owner)
+    return probe
 
 
 def fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
@@ -90,7 +126,7 @@ def fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
                     tags: list[str]) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """``fit_loso`` with a prompt term: the pool's joint moments minus the held-out source's
     (its records' rows with their prompt columns), a ridge fit on each layer set's response and
-    prompt columns, the term scaled and Platt-fitted on the fold's training rows."""
+    prompt columns, the term scaled and Platt-fitted on the fold's training rows (not clamped)."""
     x, y, w, owner = rows
     prompts = prompt_matrix(records, all_layers)
     width = x.shape[1]
