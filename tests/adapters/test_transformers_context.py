@@ -231,8 +231,9 @@ def _harm_guard(gen: LocalGenerator, folder: Path, head: DualHead, threshold: fl
         "base_model": "tiny", "layer": HARM_LAYERS[0], "layers": list(HARM_LAYERS),
         "pooling": "prefix_ema", "halflife": HALFLIFE, "dims": {"hidden_size": HIDDEN},
         "threshold": threshold, "rule": {"kind": "count", "k": K}}
-    if head.prompt_size is not None:
+    if head.prompt_size is not None:  # a clamp wide enough to let every term through
         config["prompt_feature"] = "context_mean"
+        config["prompt_term"] = {"neutral": 0.0, "low": -1e6, "high": 1e6}
     weights = save_probe(folder, head, config, name="harm")
     policy = {"release": {"hold_back_tokens": 0},
               "monitors": [{"id": "harm", "use": "harmful-content", "action": action,

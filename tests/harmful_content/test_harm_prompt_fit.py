@@ -112,6 +112,43 @@ def test_a_scaled_prompt_term_moves_the_logit_by_that_share_about_the_mean() -> 
         fit_probe(pool, LAYERS, 1.0, 6.0, prompt_scale=1.0)
 
 
+def test_the_trainer_writes_the_terms_neutral_value_and_clamp_of_the_records_it_fitted(
+        tmp_path: Path) -> None:
+    """``save_chosen`` fits on the whole pool and writes ``prompt_term``: the term's mean over
+    the training rows as the fit weighs them (the average prompt the scale pivots on) and its
+    1st and 99th percentiles over the records, computed here again from the written weights."""
+    from guardrail_harmful_content.training.pooled import row_matrix
+    from guardrail_harmful_content.training.selection.record import save_chosen
+    from safetensors.numpy import load_file
+
+    pool = _pool(5, 3.0)
+    pool[7].hidden = {layer: h[:0] for layer, h in pool[7].hidden.items()}  # no rows: not fitted
+    pool[7].prompt = {layer: v + 100.0 for layer, v in pool[7].prompt.items()}
+    upweight = {"src:b": 3.0}
+    chosen = {"layers": list(LAYERS), "ridge": 1.0, "halflife": 6.0, "fit": "ridge",
+              "upweight": upweight, "prompt_scale": 0.5, "threshold": 0.5, "k": 2,
+              "full_detection_threshold": 0.5}
+    weights = save_chosen(pool, {"chosen": chosen, "caps": {}, "loso": {}, "loso_nested": {},
+                                 "pool": {}}, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    wp = load_file(str(weights))["prompt_weight"].astype(np.float64)
+    terms = np.asarray([sum(float(wp[j] @ r.prompt[layer]) for j, layer in enumerate(LAYERS))
+                        for r in pool])
+    _, _, w, owner = row_matrix(pool, LAYERS, 6.0, upweight)
+    neutral = float((w * terms[owner]).sum() / w.sum())
+    fitted = np.delete(terms, 7)
+    low, high = np.percentile(fitted, [1, 99])
+    assert config["prompt_term"] == pytest.approx(
+        {"neutral": neutral, "low": low, "high": high}, rel=1e-6)
+    assert int(((fitted < low) | (fitted > high)).sum()) == 2  # 2% of 89 records, one a side
+    # the neutral term is the mean the scale pivots on: the joint fit's term at scale 1 and at
+    # 0.5 differ in the bias by half of it (in the term's units before Platt and the scale)
+    one = fit_probe(pool, LAYERS, 1.0, 6.0, upweight=upweight, prompt_scale=1.0)
+    half = fit_probe(pool, LAYERS, 1.0, 6.0, upweight=upweight, prompt_scale=0.5)
+    pivot = (half.b - one.b) / 0.5
+    assert config["prompt_term"]["neutral"] == pytest.approx(half.a * 0.5 * pivot, rel=1e-5)
+
+
 def _features(record: PoolRecord, a: int, b: int) -> Features:
     hidden = {layer: record.hidden[layer][a:b].astype(np.float32) for layer in record.hidden}
     return Features(tokens=[TokenSpan(i, i + 1) for i in range(a, b)], first_index=a,
@@ -126,39 +163,45 @@ def test_the_written_prompt_term_added_to_the_heads_logit_scores_as_the_probe(
     pool = _pool(3, 3.0)
     probe = fit_probe(pool, LAYERS, 1.0, 6.0, prompt_scale=0.75)
     wp = probe.prompt_weights()
-    assert wp is not None
+    assert wp is not None and probe.prompt_range is not None
     weights = save_probe(tmp_path / "full", to_dual_head(probe, 16),
                          {"base_model": "tiny", "layer": 3, "layers": list(LAYERS),
                           "pooling": "prefix_ema", "halflife": 6.0, "threshold": 0.5,
                           "rule": {"kind": "count", "k": 2}, "prompt_feature": "context_mean"},
                          name="probe")
-    write_prompt_term(weights, wp.reshape(len(LAYERS), 16))
+    write_prompt_term(weights, wp.reshape(len(LAYERS), 16), probe.prompt_range)
     tensors = load_file(str(weights))
     config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
     assert tensors["prompt_weight"].dtype == np.float32
     assert tensors["prompt_weight"].shape == (2, 16) == tuple(config["tensors"]["prompt_weight"])
     assert config["prompt_feature"] == "context_mean"
     assert config["head"]["prompt_size"] == [2, 16]
+    neutral, low, high = probe.prompt_range
+    assert config["prompt_term"] == {"neutral": neutral, "low": low, "high": high}
     # the head without its prompt term, as a monitor without the runtime support loads it, plus
-    # prompt_weight . context (row j for layers[j]) gives the probe's logit at every prefix
+    # prompt_weight . context (row j for layers[j]) clipped to [low, high] gives the probe's
+    # logit at every prefix
     head_only = tmp_path / "head"
     head_only.mkdir()
     save_file({k: v for k, v in tensors.items() if k != "prompt_weight"},
               str(head_only / "probe.safetensors"), metadata={"format": "pt"})
     del config["tensors"]["prompt_weight"], config["head"]["prompt_size"]
-    del config["prompt_feature"]
+    del config["prompt_feature"], config["prompt_term"]
     (head_only / "probe.json").write_text(json.dumps(config), encoding="utf-8")
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(
         weights=str(head_only / "probe.safetensors")))
-    for record in pool[:6]:
+    clipped = 0
+    for record in pool:
         state = monitor.start(MonitorContext("harm"))
         values = np.asarray([s.value for s in monitor.update(state, _features(
             record, 0, len(record)))])
         term = sum(float(tensors["prompt_weight"][j] @ record.prompt[layer])
                    for j, layer in enumerate(LAYERS))
-        logits = np.log(values / (1 - values)) + term
+        clipped += not low <= term <= high
+        logits = np.log(values / (1 - values)) + min(max(term, low), high)
         expected = probe.prefix_scores(record)
         np.testing.assert_allclose(logits, np.log(expected / (1 - expected)), atol=1e-4)
+    assert clipped == 2  # the records beyond the 1st and 99th percentiles
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +316,12 @@ def test_selection_fits_the_prompt_term_and_writes_it_into_the_weights(
     assert config["layers"] == [0, 2] and config["tensors"]["prompt_weight"] == [2, 32]
     assert config["method"]["prompt_scale"] == 0.5
     assert config["loso"]["chosen"]["prompt_scale"] == 0.5
+    term = config["prompt_term"]
+    assert set(term) == {"neutral", "low", "high"}
+    assert term["low"] <= term["neutral"] <= term["high"] and term["low"] < term["high"]
+    # and the monitor loads what the trainer wrote
+    assert HarmfulContentMonitor(HarmfulContentMonitor.Options(
+        weights=str(weights))).needs().context
 
 
 def test_select_names_a_prompt_the_cache_lacks(
@@ -316,11 +365,13 @@ def test_the_monitor_scores_written_weights_as_the_selection_with_the_context(
                           "pooling": "prefix_ema", "halflife": 6.0, "threshold": 0.5,
                           "rule": {"kind": "count", "k": 2}, "prompt_feature": "context_mean"},
                          name="probe")
-    write_prompt_term(weights, wp.reshape(len(LAYERS), 16))
+    assert probe.prompt_range is not None
+    write_prompt_term(weights, wp.reshape(len(LAYERS), 16), probe.prompt_range)
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
     assert dataclasses.asdict(monitor.needs())["context"]
-    for record in pool[:6]:
-        state = monitor.start(MonitorContext("harm"))
+    prompted = MonitorContext("harm", [{"role": "user", "content": "a request"}])
+    for record in pool:  # the records whose term the range clips among them
+        state = monitor.start(prompted)
         first = _features(record, 0, 7)
         # the runtime hands the context's pooled states over on a stream's first update
         fields: dict[str, Any] = {f.name: getattr(first, f.name)

@@ -23,13 +23,17 @@ from .evidence import ScoreTransform, check_spec
 from .head import DualHead
 from .pooling import POOLINGS, stack_states
 
-__all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "PROMPT_FEATURES", "HarmfulContentMonitor"]
+__all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "PROMPT_FEATURES", "PROMPT_TERM_KEYS",
+           "HarmfulContentMonitor"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "harmful_content.safetensors"
 HALT_MESSAGE = "I can't continue with this answer: it was stopped as harmful content."
 # What a head's prompt term may read (config key ``prompt_feature``): ``context_mean``, the
 # context's pooled states (``Features.context``, docs/harmful-content.md, "Prompt term").
 PROMPT_FEATURES = ("context_mean",)
+# What the config's ``prompt_term`` holds beside a prompt weight: the term of a stream without a
+# prompt, and the clamp the term is clipped to (the range the head saw in training)
+PROMPT_TERM_KEYS = ("neutral", "low", "high")
 
 
 def _shipped_config() -> dict[str, Any]:
@@ -55,7 +59,8 @@ class _PrefixMean:
     """Per-stream state of a ``prefix_mean`` (or ``prefix_ema``) head: each token's projection by
     the mean half of the head's first layer (a float for a linear head, ``m`` floats for an MLP)
     and their running (decayed) sum and count; and the stream's score transform, if the head
-    names one (``evidence.py``); and the head's prompt term, once the first update read it."""
+    names one (``evidence.py``); and the head's prompt term, once the first update read it (or
+    its neutral value, set by ``start`` for a stream without a prompt)."""
 
     __slots__ = ("count", "projections", "prompt", "total", "transform")
 
@@ -141,6 +146,36 @@ def _prompt_weight(head: DualHead, probe: LoadedProbe, config: Path,
     return weight
 
 
+def _prompt_range(probe: LoadedProbe, config: Path, weighted: bool
+                  ) -> tuple[float, float, float] | None:
+    """``(neutral, low, high)`` of the config's ``prompt_term``, required beside a prompt weight
+    (``weighted``) and refused without one."""
+    spec = probe.config.get("prompt_term")
+    if not weighted:
+        if spec is not None:
+            raise ProbeFileError(f"{config}: key 'prompt_term' is set, but {probe.path} carries "
+                                 "no 'prompt_weight' tensor (head.prompt_size)")
+        return None
+    if not isinstance(spec, dict):
+        raise ProbeFileError(
+            f"{config}: {probe.path} carries a 'prompt_weight' tensor, so key 'prompt_term' must "
+            'be {"neutral": n, "low": l, "high": h} (the term of a stream without a prompt and '
+            f"the range it is clipped to, written by the trainer), got {spec!r}")
+    values = []
+    for key in PROMPT_TERM_KEYS:
+        value = spec.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(
+                value):
+            raise ProbeFileError(f"{config}: key 'prompt_term.{key}' must be a finite number, "
+                                 f"got {value!r}")
+        values.append(float(value))
+    neutral, low, high = values
+    if not low <= neutral <= high:
+        raise ProbeFileError(f"{config}: key 'prompt_term' must hold low <= neutral <= high, got "
+                             f"{spec!r}")
+    return neutral, low, high
+
+
 def _first_layer(head: DualHead) -> tuple[tuple[np.ndarray, np.ndarray, float] | None,
                                           np.ndarray]:
     """The sequence half's first layer as float32 numpy columns, and an MLP's rest (bias, output
@@ -207,6 +242,8 @@ class HarmfulContentMonitor(Monitor):
         self._transform = _score_transform(self.probe, config)
         # a constant per stream added to every prefix logit: the context's pooled states read
         self._prompt = _prompt_weight(head, self.probe, config, self.layers)
+        # its neutral value (a stream without a prompt) and clamp
+        self._prompt_range = _prompt_range(self.probe, config, self._prompt is not None)
         self._mlp, w1 = _first_layer(head)
         parts = len(self.layers) * (1 if self.pooling == "none" else 2)
         width = w1.shape[0] // parts
@@ -256,14 +293,20 @@ class HarmfulContentMonitor(Monitor):
                 self._checked.add(id(observer))
         if self.pooling == "none" and self._transform is None and self._prompt is None:
             return None
-        return _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]),
-                           self._transform)
+        state = _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]),
+                            self._transform)
+        if self._prompt_range is not None and not context.prompt.strip():
+            # No user message, or an empty one: the context's pooled states are not a request
+            # (with no conversation at all, one BOS token); the average training prompt's term.
+            state.prompt = self._prompt_range[0]
+        return state
 
     def _prompt_term(self, state: _PrefixMean | None, features: Features) -> float:
         """The stream's prompt term, read from its first update's ``Features.context``:
-        ``sum_j prompt_weight[j] . context[layers[j]]`` in float64 (0.0 without a prompt
-        weight)."""
-        if self._prompt is None or state is None:
+        ``sum_j prompt_weight[j] . context[layers[j]]`` in float64, clipped to the config's
+        ``prompt_term`` range (its ``neutral`` set by ``start`` for a stream without a prompt;
+        0.0 without a prompt weight)."""
+        if self._prompt is None or self._prompt_range is None or state is None:
             return 0.0
         if state.prompt is None:
             context = features.context or {}
@@ -276,9 +319,10 @@ class HarmfulContentMonitor(Monitor):
                     "tokens carry it only on a first step with StreamStep.context, as "
                     "guardrail-transformers' generator sets it; else read the stream with an "
                     "observer)")
-            state.prompt = math.fsum(
-                float(w @ np.asarray(context[layer], dtype=np.float64))
-                for w, layer in zip(self._prompt, self.layers, strict=True))
+            term = math.fsum(float(w @ np.asarray(context[layer], dtype=np.float64))
+                             for w, layer in zip(self._prompt, self.layers, strict=True))
+            _, low, high = self._prompt_range
+            state.prompt = min(max(term, low), high)
         return state.prompt
 
     def update(self, state: _PrefixMean | None, features: Features) -> Sequence[Score]:

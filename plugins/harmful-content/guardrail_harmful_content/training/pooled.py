@@ -26,14 +26,11 @@ the out-of-source prefix scores the selection (``select.py``) chooses layers, re
 the rule on.
 
 A prompt term (``prompt_scale``, the eighth and ninth passes in docs/harmful-content.md): each
-record's prompt states (``PoolRecord.prompt``: the context's pooled states, ``context_mean``,
-layer -> vector) are appended to every training row of the record, one ridge fit reads both, and
-a prefix's logit is ``a * (w . pool(h) + b + s * w_p . p) + c``: the response term plus a constant
-per record. ``s`` scales the prompt term about its mean over the training rows (the mean folded
-into ``b``), the Platt scale is fitted on the scaled logit, and ``s = 1`` is the joint fit as it
-is. ``to_dual_head`` turns a fitted probe into the plugin's ``DualHead`` format (a
-``prefix_mean`` head whose token half is zero and whose bias rides on a one-unit sequence MLP;
-see there), so the monitor loads it by the same path as every other head.
+record's prompt states appended to its rows, a constant per record added to every prefix logit
+(``prompt_fit.py``, which also fits it). The fits themselves are in ``linear_fit.py``.
+``to_dual_head`` turns a fitted probe into the plugin's ``DualHead`` format (a ``prefix_mean``
+head whose token half is zero and whose bias rides on a one-unit sequence MLP; see there), so the
+monitor loads it by the same path as every other head.
 """
 
 from __future__ import annotations
@@ -42,16 +39,17 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..head import DualHead
+from .linear_fit import FITS, Moments, fit_logistic, platt, ridge_fit
 
-__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "cell_weight",
-           "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe", "pool_states",
-           "row_matrix", "to_dual_head"]
+__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "PromptTermRange",
+           "cell_weight", "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe",
+           "layer_columns", "pool_states", "prompt_matrix", "row_matrix", "to_dual_head"]
 
 CUT_TOKENS = (3, 7, 15, 31, 63)
 CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -166,11 +164,24 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
             np.asarray(ws, dtype=np.float64), np.asarray(owner, dtype=np.int64))
 
 
+class PromptTermRange(NamedTuple):
+    """What the prompt term may add (``prompt_fit.prompt_term_range``; the weights' config key
+    ``prompt_term``): ``neutral`` for a stream without a prompt, clipped to ``[low, high]``."""
+
+    neutral: float
+    low: float
+    high: float
+
+    def clip(self, term: float) -> float:
+        return min(max(term, self.low), self.high)
+
+
 @dataclass
 class LinearProbe:
     """``logit = a * (w . x + b + w_p . p) + c`` over the layers' pooled prefixes side by side
     (``x``) and, for a head with a prompt term, the record's prompt states (``p``, the same
-    layers side by side; ``w_p`` already scaled, see the module docstring)."""
+    layers side by side; ``w_p`` already scaled, see the module docstring; clipped to
+    ``prompt_range`` when the fit set one, as the monitor clips it)."""
 
     layers: tuple[int, ...]
     w: np.ndarray  # (H * len(layers),) float64, on raw (unstandardised) states
@@ -182,6 +193,7 @@ class LinearProbe:
     fit: str = "ridge"  # or "logistic"
     prompt_w: np.ndarray | None = None  # (H * len(layers),) on raw prompt states; None: no term
     prompt_scale: float | None = None  # the scale the prompt term was fitted with
+    prompt_range: PromptTermRange | None = None  # set by fit_probe; None: the term as it is
 
     def logit_weights(self) -> tuple[np.ndarray, float]:
         """The probe as one affine map: ``logit = w' . x + b'`` (plus ``prompt_logit``)."""
@@ -197,7 +209,8 @@ class LinearProbe:
         wp = self.prompt_weights()
         if wp is None:
             return 0.0
-        return float(prompt_matrix([record], self.layers)[0] @ wp)
+        term = float(prompt_matrix([record], self.layers)[0] @ wp)
+        return term if self.prompt_range is None else self.prompt_range.clip(term)
 
     def prefix_scores(self, record: PoolRecord) -> np.ndarray:
         """The harm probability after every token of ``record`` (float64)."""
@@ -224,154 +237,9 @@ def prompt_matrix(records: Sequence[PoolRecord], layers: Sequence[int]) -> np.nd
     return np.stack(rows)
 
 
-def _platt(z: np.ndarray, y: np.ndarray, weights: np.ndarray, steps: int = 50
-           ) -> tuple[float, float]:
-    """Weighted one-feature logistic regression ``sigmoid(a z + c)`` by Newton's method (a tiny
-    L2 keeps it finite on separable rows)."""
-    a, c = 1.0, 0.0
-    wsum = weights.sum()
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-np.clip(a * z + c, -50, 50)))
-        g = weights * (p - y)
-        h = weights * p * (1 - p)
-        grad = np.array([(g * z).sum() / wsum + 1e-4 * a, g.sum() / wsum])
-        hess = np.array([[(h * z * z).sum() / wsum + 1e-4, (h * z).sum() / wsum],
-                         [(h * z).sum() / wsum, h.sum() / wsum + 1e-9]])
-        step = np.linalg.solve(hess, grad)
-        a, c = a - step[0], c - step[1]
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(a), float(c)
-
-
-@dataclass
-class _Moments:
-    """Weighted sums of a row set: enough to fit ridge on any subset of its columns, and to
-    subtract one source's rows from the pool's."""
-
-    sw: float
-    sx: np.ndarray
-    sy: float
-    sxx: np.ndarray
-    sxy: np.ndarray
-
-    @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> _Moments:
-        xw = x.astype(np.float64) * w[:, None]
-        return cls(float(w.sum()), xw.sum(0), float((w * y).sum()), xw.T @ x.astype(np.float64),
-                   xw.T @ y)
-
-    def __sub__(self, other: _Moments) -> _Moments:
-        return _Moments(self.sw - other.sw, self.sx - other.sx, self.sy - other.sy,
-                        self.sxx - other.sxx, self.sxy - other.sxy)
-
-
-def _ridge(m: _Moments, columns: np.ndarray, ridges: Sequence[float]
-           ) -> list[tuple[np.ndarray, float]]:
-    """Weighted ridge on standardised ``columns`` for every strength in ``ridges``: raw-scale
-    ``(w, b)`` each."""
-    mu = m.sx[columns] / m.sw
-    ybar = m.sy / m.sw
-    cov = m.sxx[np.ix_(columns, columns)] / m.sw - np.outer(mu, mu)
-    sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
-    corr = cov / np.outer(sd, sd)
-    rhs = (m.sxy[columns] / m.sw - mu * ybar) / sd
-    eye = np.eye(len(columns))
-    out = []
-    for lam in ridges:
-        v = np.linalg.solve(corr + lam * eye, rhs)
-        w = v / sd
-        out.append((w, float(ybar - w @ mu)))
-    return out
-
-
-def _columns(layers: Sequence[int], all_layers: Sequence[int], width: int) -> np.ndarray:
+def layer_columns(layers: Sequence[int], all_layers: Sequence[int], width: int) -> np.ndarray:
     return np.concatenate([np.arange(all_layers.index(layer) * width,
                                      (all_layers.index(layer) + 1) * width) for layer in layers])
-
-
-def _joint_moments(x: np.ndarray, y: np.ndarray, w: np.ndarray, owner: np.ndarray,
-                   prompts: np.ndarray, keep: np.ndarray) -> _Moments:
-    """The moments of the rows of the records ``keep`` (a mask over records) with each record's
-    prompt columns appended to its rows, without building the wide rows: the prompt is constant
-    over a record, so its blocks come from per-record sums."""
-    rows = keep[owner]
-    mr = _Moments.of(x[rows], y[rows], w[rows])
-    n = len(keep)
-    ws = np.bincount(owner[rows], w[rows], n)[keep]
-    wy = np.bincount(owner[rows], w[rows] * y[rows], n)[keep]
-    sums = np.zeros((n, x.shape[1]))
-    np.add.at(sums, owner[rows], x[rows].astype(np.float64) * w[rows][:, None])
-    p = prompts[keep]
-    srp = sums[keep].T @ p
-    sxx = np.block([[mr.sxx, srp], [srp.T, (p * ws[:, None]).T @ p]])
-    return _Moments(mr.sw, np.concatenate([mr.sx, ws @ p]), mr.sy, sxx,
-                    np.concatenate([mr.sxy, wy @ p]))
-
-
-def _scaled_probe(layers: Sequence[int], coef: np.ndarray, b: float, xr: np.ndarray,
-                  zp: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: float,
-                  halflife: float | None, scale: float) -> LinearProbe:
-    """A joint fit's probe with its prompt term scaled by ``scale`` about its weighted mean over
-    the training rows (``xr``: the rows' response term, ``zp``: their prompt term, both
-    unscaled), Platt fitted on the scaled logit."""
-    width = coef.shape[0] // 2
-    if scale == 1.0:  # the joint fit as it is (bit for bit)
-        a, c = _platt(xr + zp + b, y, w)
-        return LinearProbe(tuple(layers), coef[:width], b, a, c, ridge, halflife,
-                           prompt_w=coef[width:], prompt_scale=1.0)
-    mean = float((w * zp).sum() / w.sum())
-    a, c = _platt(xr + (mean + scale * (zp - mean)) + b, y, w)
-    return LinearProbe(tuple(layers), coef[:width], b + (1.0 - scale) * mean, a, c, ridge,
-                       halflife, prompt_w=scale * coef[width:], prompt_scale=scale)
-
-
-FITS = ("ridge", "logistic")
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray, strength: float,
-                 init: np.ndarray | None = None, steps: int = 150
-                 ) -> tuple[np.ndarray, float, np.ndarray]:
-    """Weighted logistic regression on standardised ``x`` with the penalty
-    ``strength / 2 * mean(v ** 2)`` on the standardised weights ``v`` (L-BFGS); raw-scale
-    ``(w, b)`` and the standardised solution (to start the next fold from)."""
-    wn = weights / weights.sum()
-    mu = wn @ x
-    sd = np.sqrt(np.clip(wn @ (x.astype(np.float64) ** 2) - mu * mu, 1e-8, None))
-    xt = torch.from_numpy(((x - mu) / sd).astype(np.float32))
-    yt = torch.from_numpy(y.astype(np.float32))
-    wt = torch.from_numpy(wn.astype(np.float32))
-    v = torch.zeros(x.shape[1] + 1, requires_grad=True)
-    if init is not None:
-        with torch.no_grad():
-            v.copy_(torch.as_tensor(init, dtype=torch.float32))
-    opt = torch.optim.LBFGS([v], lr=1, max_iter=steps, history_size=20, tolerance_grad=1e-6,
-                            line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        z = xt @ v[:-1] + v[-1]
-        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(
-            z, yt, reduction="none")).sum() + 0.5 * strength * (v[:-1] ** 2).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    solution = v.detach().double().numpy()
-    coef = solution[:-1] / sd
-    return coef, float(solution[-1] - coef @ mu), solution
-
-
-def _check_prompt_fit(fit: str, prompt_scale: float | None) -> None:
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    if prompt_scale is None:
-        return
-    if not (math.isfinite(prompt_scale) and prompt_scale >= 0):
-        raise ValueError(f"prompt_scale must be a number >= 0, got {prompt_scale!r}")
-    if fit != "ridge":
-        raise ValueError("a prompt term is fitted with fit='ridge' only (its scale is applied "
-                         "before the Platt fit the logistic head does not have)")
 
 
 def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
@@ -380,23 +248,20 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
               prompt_scale: float | None = None) -> LinearProbe:
     """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
     ``upweight``: see ``row_matrix``; ``prompt_scale``: with a prompt term, each record's
-    ``prompt`` states appended to its rows and the term scaled by this, see the module
-    docstring; None: none)."""
-    _check_prompt_fit(fit, prompt_scale)
-    x, y, w, owner = row_matrix(records, layers, halflife, upweight)
+    ``prompt`` states appended to its rows, the term scaled by this and its range set,
+    ``prompt_fit.fit_prompt_probe``; None: none)."""
+    from .prompt_fit import check_prompt_fit, fit_prompt_probe  # it builds on this module
+
+    check_prompt_fit(fit, prompt_scale)
     if prompt_scale is not None:
-        prompts = prompt_matrix(records, layers)
-        m = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
-        (coef, b), = _ridge(m, np.arange(2 * x.shape[1]), [ridge])
-        width = x.shape[1]
-        return _scaled_probe(layers, coef, b, x.astype(np.float64) @ coef[:width],
-                             prompts[owner] @ coef[width:], y, w, ridge, halflife, prompt_scale)
+        return fit_prompt_probe(records, layers, ridge, halflife, upweight, prompt_scale)
+    x, y, w, _ = row_matrix(records, layers, halflife, upweight)
     if fit == "logistic":
         coef, b, _ = fit_logistic(x, y, w, ridge)
         return LinearProbe(tuple(layers), coef, b, 1.0, 0.0, ridge, halflife, fit)
-    m = _Moments.of(x, y, w)
-    (coef, b), = _ridge(m, np.arange(x.shape[1]), [ridge])
-    a, c = _platt(x.astype(np.float64) @ coef + b, y, w)
+    m = Moments.of(x, y, w)
+    (coef, b), = ridge_fit(m, np.arange(x.shape[1]), [ridge])
+    a, c = platt(x.astype(np.float64) @ coef + b, y, w)
     return LinearProbe(tuple(layers), coef, b, a, c, ridge, halflife)
 
 
@@ -407,17 +272,20 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """Out-of-source prefix scores: for every layer set and L2 strength, every record scored
     by the probe (pooling ``halflife``, ``fit`` ridge or logistic, a prompt term scaled by
-    ``prompt_scale`` as ``fit_probe``'s) fitted on the records of all the other source tags."""
+    ``prompt_scale`` as ``fit_probe``'s, not clamped) fitted on the records of all the other
+    source tags."""
+    from .prompt_fit import check_prompt_fit, fit_loso_prompt  # it builds on this module
+
     all_layers = list(all_layers)
-    _check_prompt_fit(fit, prompt_scale)
+    check_prompt_fit(fit, prompt_scale)
     x, y, w, owner = row_matrix(records, all_layers, halflife, upweight)
     width = x.shape[1] // len(all_layers)
     tags = sorted({r.tag for r in records})
     row_tag = np.asarray([records[i].tag for i in owner])
     if prompt_scale is not None:
-        return _fit_loso_prompt(records, all_layers, layer_sets, ridges, progress, halflife,
-                                prompt_scale, (x, y, w, owner), tags)
-    total = _Moments.of(x, y, w) if fit == "ridge" else None
+        return fit_loso_prompt(records, all_layers, layer_sets, ridges, progress, halflife,
+                               prompt_scale, (x, y, w, owner), tags)
+    total = Moments.of(x, y, w) if fit == "ridge" else None
     out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
         (tuple(s), lam): [np.zeros(0)] * len(records) for s in layer_sets for lam in ridges}
     starts: dict[tuple[tuple[int, ...], float], np.ndarray] = {}
@@ -429,9 +297,9 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
         # Re-weight the training rows as row_matrix would without the held-out tag: the cell
         # weights do not depend on other cells, so the pool's moments minus the tag's are exact
         # (and the logistic fit's training rows keep their weights).
-        fold = None if total is None else total - _Moments.of(x[held], y[held], w[held])
+        fold = None if total is None else total - Moments.of(x[held], y[held], w[held])
         for layers in layer_sets:
-            cols = _columns(layers, all_layers, width)
+            cols = layer_columns(layers, all_layers, width)
             if fold is None:
                 for lam in ridges:
                     coef, b, starts[(tuple(layers), lam)] = fit_logistic(
@@ -442,53 +310,13 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
                     for i in members:
                         scores[i] = probe.prefix_scores(records[i])
                 continue
-            for lam, (coef, b) in zip(ridges, _ridge(fold, cols, ridges), strict=True):
+            for lam, (coef, b) in zip(ridges, ridge_fit(fold, cols, ridges), strict=True):
                 full = np.zeros(x.shape[1], dtype=np.float32)
                 full[cols] = coef
-                a, c = _platt((xt @ full).astype(np.float64) + b, y[train], w[train])
+                a, c = platt((xt @ full).astype(np.float64) + b, y[train], w[train])
                 probe = LinearProbe(tuple(layers), coef, b, a, c, lam, halflife)
                 scores = out[(tuple(layers), lam)]
                 for i in members:
-                    scores[i] = probe.prefix_scores(records[i])
-        if progress is not None:
-            progress(tag)
-    return out
-
-
-def _fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
-                     layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
-                     progress: Any, halflife: float | None, scale: float,
-                     rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                     tags: list[str]) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
-    """``fit_loso`` with a prompt term: the pool's joint moments minus the held-out source's
-    (its records' rows with their prompt columns), a ridge fit on each layer set's response and
-    prompt columns, the term scaled and Platt-fitted on the fold's training rows."""
-    x, y, w, owner = rows
-    prompts = prompt_matrix(records, all_layers)
-    width = x.shape[1]
-    layer_width = width // len(all_layers)
-    record_tag = np.asarray([r.tag for r in records])
-    total = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
-    out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
-        (tuple(s), lam): [np.zeros(0)] * len(records) for s in layer_sets for lam in ridges}
-    for tag in tags:
-        held = record_tag == tag
-        fold = total - _joint_moments(x, y, w, owner, prompts, held)
-        train = ~held[owner]
-        xt = x[train]
-        for layers in layer_sets:
-            cols = _columns(layers, all_layers, layer_width)
-            pt = prompts[owner[train]][:, cols]
-            for lam, (coef, b) in zip(ridges, _ridge(fold, np.concatenate([cols, width + cols]),
-                                                     ridges), strict=True):
-                # the response term as fit_loso computes it without a prompt (float32 rows)
-                full = np.zeros(width, dtype=np.float32)
-                full[cols] = coef[:len(cols)]
-                probe = _scaled_probe(layers, coef, b, (xt @ full).astype(np.float64),
-                                      pt @ coef[len(cols):], y[train], w[train], lam, halflife,
-                                      scale)
-                scores = out[(tuple(layers), lam)]
-                for i in np.flatnonzero(held).tolist():
                     scores[i] = probe.prefix_scores(records[i])
         if progress is not None:
             progress(tag)

@@ -13,7 +13,7 @@ from guardrail.toolkit.metrics import macro_f1, roc_auc
 
 from ...evidence import transform
 from ..context import FEATURE
-from ..pooled import PoolRecord, fit_probe, to_dual_head
+from ..pooled import PoolRecord, PromptTermRange, fit_probe, to_dual_head
 from .rule import halts
 
 __all__ = ["candidate_name", "in_split", "per_source", "render", "save_chosen",
@@ -117,7 +117,8 @@ _METHOD = ("linear probe on the pooled prefix of the layers' states (mean, or ex
 
 def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: Path) -> Path:
     """Fit the chosen probe on every record of the pool and save it as the plugin's weights
-    (with its prompt term, ``write_prompt_term``, when it has one)."""
+    (with its prompt term and the term's range over these records, ``write_prompt_term``, when
+    it has one)."""
     from guardrail.probes.io import save_probe
 
     from ..train import NAME
@@ -156,13 +157,16 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     prompt = probe.prompt_weights()
     if prompt is None:
         return save_probe(out, head, config, name=NAME)
+    assert probe.prompt_range is not None  # fit_probe sets it with the term
     config["prompt_feature"] = FEATURE
     weights = save_probe(out, head, config, name=NAME)
-    write_prompt_term(weights, prompt.reshape(len(probe.layers), hidden_size))
+    write_prompt_term(weights, prompt.reshape(len(probe.layers), hidden_size),
+                      probe.prompt_range)
     return weights
 
 
-def write_prompt_term(weights: Path, prompt_weight: np.ndarray) -> None:
+def write_prompt_term(weights: Path, prompt_weight: np.ndarray,
+                      term_range: PromptTermRange) -> None:
     """Add the prompt term to weights ``save_probe`` wrote, as the runtime reads it
     (docs/harmful-content.md, "Prompt term (runtime contract)"): the head's tensor
     ``prompt_weight``, float32 ``(layers, hidden)``, row ``j`` for the config's ``layers[j]``, on
@@ -170,8 +174,10 @@ def write_prompt_term(weights: Path, prompt_weight: np.ndarray) -> None:
     its constants in the head's bias: ``LinearProbe.prompt_weights``), with ``prompt_size``
     under ``head`` and the tensor listed under ``tensors``: the file
     ``DualHead.set_prompt_weight`` then ``save_probe`` write. The caller sets the config's
-    ``prompt_feature``. The monitor adds ``sum_j prompt_weight[j] . context[layers[j]]`` to every
-    prefix logit of a stream."""
+    ``prompt_feature``. The monitor adds ``sum_j prompt_weight[j] . context[layers[j]]``, clipped
+    to ``[low, high]``, to every prefix logit of a stream, or ``neutral`` to a stream without a
+    prompt: ``term_range`` is written as the config's ``prompt_term`` (``{"neutral", "low",
+    "high"}``, ``prompt_fit.prompt_term_range`` of the records the head was fitted on)."""
     import json
 
     from safetensors.numpy import load_file, save_file
@@ -188,4 +194,5 @@ def write_prompt_term(weights: Path, prompt_weight: np.ndarray) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["head"]["prompt_size"] = list(weight.shape)
     config["tensors"]["prompt_weight"] = list(weight.shape)
+    config["prompt_term"] = {k: float(v) for k, v in term_range._asdict().items()}
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -144,6 +144,17 @@ def pick(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                           -len(c["layers"]), "rule_family" not in c))
 
 
+def _caps(max_false_halts: float, max_read: float, capped: Sequence[str],
+          objective: Sequence[str] | None, groups: Mapping[str, np.ndarray] | None
+          ) -> dict[str, Any]:
+    """The caps and the objective the selection ran under, as the report records them."""
+    return {"max_false_halt_rate_per_benign_source": max_false_halts,
+            "max_fraction_seen": max_read, "capped_mixed_sources": list(capped),
+            **({} if objective is None else {"objective_sources": list(objective)}),
+            **({} if not groups else {"capped_groups": {
+                k: int(v.sum()) for k, v in groups.items()}})}
+
+
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
         max_false_halts: float, max_read: float,
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
@@ -189,11 +200,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "loso_by_candidate": by_candidate,
         "loso": per_source(labels, tags, lengths, table[:, j, k], scored[key]),
         "loso_nested": per_source(labels, tags, lengths, halt_nested, scored[key]),
-        "caps": {"max_false_halt_rate_per_benign_source": max_false_halts,
-                 "max_fraction_seen": max_read, "capped_mixed_sources": list(capped),
-                 **({} if objective is None else {"objective_sources": list(objective)}),
-                 **({} if not groups else {"capped_groups": {
-                     k: int(v.sum()) for k, v in groups.items()}})},
+        "caps": _caps(max_false_halts, max_read, capped, objective, groups),
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS),
                  "families": [list(f) for f in families], "ridges": list(ridges),
                  "strengths": {f: list(v) for f, v in lams.items()},
