@@ -351,11 +351,13 @@ def test_without_a_prompt_the_neutral_term_is_added_to_the_logit_exactly(
         assert [x.value for x in free.update(prompted, features)] != [x.value for x in got[0]]
 
 
-def test_the_shipped_weights_ask_for_no_context() -> None:
+def test_the_shipped_weights_read_the_prompt_with_a_neutral_term_in_range() -> None:
     monitor = HarmfulContentMonitor()
-    assert monitor.needs().context is False
+    assert monitor.needs().context is True
     head = monitor.probe.head
-    assert isinstance(head, DualHead) and head.prompt_size is None
+    assert isinstance(head, DualHead) and head.prompt_size == (len(monitor.layers), 576)
+    term = monitor.probe.config["prompt_term"]
+    assert term["low"] < term["neutral"] < term["high"]
 
 
 def test_a_stream_whose_first_update_has_no_context_fails_naming_it(tmp_path: Path) -> None:
