@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         result["load_1m_end"] = round(os.getloadavg()[0], 2)
         _say(f"{part}: {time.perf_counter() - t0:.0f} s")
         path = write_result(NAME, result)  # after every part: a run stopped early keeps them
-    _say(f"wrote {path}")
+    if path is not None:
+        _say(f"wrote {path}")
 
 
 def _ratio(a: float, b: float) -> str:
@@ -565,19 +566,50 @@ def render_drift(result: dict[str, Any]) -> str:
         lines.append(f"| {v} | {harm.get('auc', 0):.4f} | {harm.get('macro_f1', 0):.4f} | "
                      f"{harm.get('false_halt_rate', 0):.4f} | {facts.get('span_auc', 0):.4f} | "
                      f"{facts.get('recall_at_10fpr', 0):.4f} |")
-    lines += ["", "The demo's replays (dry run: where each would halt, and flags by monitor):",
-              "", "| replay | expects | matmul | halt at | flags |", "|---|---|---|---|---|"]
-    for v, row in result["variants"].items():
-        for d in row["demo_outcomes"]:
-            for key in ("float32", v):
-                o = d[key]
-                flags = ", ".join(f"{m} {n}" for m, n in o["flags"].items()) or "-"
-                halt = f"{o['halt_at']} ({o['halt_by']})" if o["halt_at"] is not None else "-"
-                lines.append(f"| {d['title']} | {d['expect']} | {key} | {halt} | {flags} |")
+    others = list(result["variants"])
+    lines += ["", "The demo's replays (dry run: where each would halt, by which monitor, and flags "
+              "by monitor), each variant:", "",
+              "| replay | expects | " + " | ".join(["float32", *others]) + " |",
+              "|---|---|" + "---|" * (1 + len(others))]
+    outcomes = [row["demo_outcomes"] for row in result["variants"].values()]
+    for k, d in enumerate(outcomes[0]):
+        cells = []
+        for o in [d["float32"], *[outcomes[j][k][v] for j, v in enumerate(others)]]:
+            flags = ", ".join(f"{m} {n}" for m, n in o["flags"].items()) or "no flags"
+            halt = f"halt at {o['halt_at']} ({o['halt_by']})" if o["halt_at"] is not None \
+                else "no halt"
+            cells.append(f"{halt}; {flags}")
+        lines.append(f"| {d['title']} | {d['expect']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-EXTRA_RESULTS = {DRIFT_NAME: render_drift}
+def render_serve(result: dict[str, Any]) -> str:
+    """bench/serve_pace.py run with ``--variant`` per matmul (its result, copied here)."""
+    rows = {"float32": result["ours"],
+            **{name: v["rows"] for name, v in result.get("variants", {}).items()}}
+    lines = ["### Mixed-precision products behind `guardrail serve`", "",
+             "bench/serve_pace.py (run by hand: `--levels "
+             f"{' '.join(str(n) for n in result['levels'])} --rounds {result['rounds']} "
+             "--no-nemo --variant 'bfloat16={\"matmul\": \"bfloat16\"}' --variant "
+             "'float16={\"matmul\": \"float16\"}'`, its result copied to "
+             "`mixed_matmul_serve.json`): the default policy behind `guardrail serve`, one "
+             "proxy per variant taking turns round by round, each upstream at 25 tokens/s. "
+             "Columns as in \"Hidden-state policies under concurrency\".", "",
+             "| matmul | streams | pace min / median | below pace | added gap p95, ms | "
+             "CPU-s / 1k tokens | reads / forward | read wait, ms | crossings | leaks | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by_level in rows.items():
+        for n, r in by_level.items():
+            lines.append(
+                f"| {name} | {n} | {r['pace_min']} / {r['pace_median']} | "
+                f"{r['streams_below_pace']} of {r['streams_run']} | {r['added_gap_p95_ms']} | "
+                f"{r['cpu_s_per_1k_tokens']} | {r.get('reads_per_forward')} | "
+                f"{r.get('read_wait_ms')} | {r['crossings']} | {r['leaks_past_hold_back']} | "
+                f"{r.get('load_1m_mean')} |")
+    return "\n".join(lines)
+
+
+EXTRA_RESULTS = {DRIFT_NAME: render_drift, "mixed_matmul_serve": render_serve}
 
 
 if __name__ == "__main__":

@@ -310,6 +310,9 @@ class _PackedFloat16(_Packed):
     min_rows = 1
 
     def _pack(self, weight: torch.Tensor) -> Any:
+        if float(weight.abs().max()) > torch.finfo(torch.float16).max:  # would become inf
+            raise ObserverError("observer.options.matmul 'float16': the model has weights "
+                                "beyond float16's range; use bfloat16 or float32")
         return torch.ops.quantized.linear_prepack_fp16(weight, None)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
