@@ -14,7 +14,8 @@ outside the products stays float32 in every variant. The variants take turns rou
 - ``ops``: every product of one forward (30 blocks' q/k/v, o, gate/up, down and the 49,152-row
   output head) for 1-72 rows, CPU ms, with the candidate kernels that were not picked beside the
   three variants: torch's ``linear`` on float32 and on bfloat16 weights, and FBGEMM's float16
-  through ``torch.ops.quantized.linear_dynamic_fp16``;
+  kernel through ``torch.ops.quantized.linear_dynamic_fp16`` (the fallback where torch lacks the
+  functional form the variant calls);
 - ``forward``: one read of the default policy (its layers, the logits, top-k) of 9 new tokens
   over about 200 cached, ``TorchObserver.extend``, CPU ms;
 - ``stream``: the default policy (``Guard.default()``'s monitors) on SmolLM2's own answers fed
@@ -28,6 +29,7 @@ outside the products stays float32 in every variant. The variants take turns rou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .common import median, p95, write_result
+from .common import median, p95, results_dir, write_result
 
 NAME = "mixed_matmul"
 DRIFT_NAME = "mixed_matmul_drift"
@@ -405,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=354, help="stream: answer tokens")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 4000],
                         help="cost: stream lengths (tokens)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts of the last result that are not run now")
     args = parser.parse_args(argv)
     import torch
 
@@ -419,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"variants": VARIANTS, "torch": torch.__version__,
                               "threads": torch.get_num_threads(),
                               "load_1m_start": round(os.getloadavg()[0], 2)}
+    previous = results_dir() / f"{NAME}.json"
+    if args.merge and previous.exists():  # keep the parts not run now
+        result = {**result, **json.loads(previous.read_text())}
     path = None
     for part in args.parts:
         t0 = time.perf_counter()
