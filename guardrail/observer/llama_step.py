@@ -306,8 +306,8 @@ class _PackedFloat16(_Packed):
     """float16 weights in FBGEMM's packed layout, float32 rows and result: the weights are
     widened in registers, so only their rounding to float16 differs from float32. Not padded:
     FBGEMM's kernel is fastest on one row. Through torch's functional form where it has one
-    (deprecated, but about 20 us a call faster than ``quantized.linear_dynamic_fp16``'s, 2 ms
-    of a SmolLM2 forward's 12 at one row), else that op: the same kernel, the same floats."""
+    (deprecated, but 10-20 us a call faster than ``quantized.linear_dynamic_fp16``: 1-2 ms of
+    a SmolLM2 forward's 10-12 at one row), else that op: the same kernel, the same floats."""
 
     _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
     min_rows = 1
