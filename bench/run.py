@@ -30,8 +30,9 @@ MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval",
            "serve_pace",
            "proxy_load", "local_overhead", "integrations_leak"]
 # Rendered like MODULES but run by hand, not by `make bench`: a local Ray instance takes minutes
-# to start on a busy 2-core machine (`python -m bench.ray_throughput`).
-BY_HAND = ["ray_throughput"]
+# to start on a busy 2-core machine (`python -m bench.ray_throughput`); the mixed-precision
+# comparison loads three packed copies of SmolLM2 (`python -m bench.mixed_matmul`).
+BY_HAND = ["ray_throughput", "mixed_matmul"]
 
 # Results measured with a harm head other than the shipped one (session 23's LOSO-chosen probe:
 # layers 6/9/12/15, exponentially weighted mean, 0.98, k 4), noted under their section until

@@ -35,6 +35,7 @@ __all__ = [
     "load_smollm2",
     "quiet_loading",
     "resolve_device",
+    "resolve_matmul",
     "resolve_prefix_tokens",
     "resolve_threads",
     "smollm2_dir",
@@ -182,6 +183,7 @@ class _Settings(NamedTuple):
     device: Any  # a torch device
     threads: int | None
     prefix_tokens: int
+    matmul: str  # observer.options.matmul: the packed products' weights (torch, CPU)
 
 
 def _checked_tokenizer(path: Path, name: str) -> Any:
@@ -225,11 +227,12 @@ def _settings(name: str, backend: str, options: dict[str, Any]) -> _Settings:
     device = resolve_device(name, options.pop("device", None))
     threads = resolve_threads(name, options.pop("threads", None))
     prefix_tokens = resolve_prefix_tokens(name, options.pop("prefix_cache_tokens", None))
+    matmul = resolve_matmul(name, backend, options.pop("matmul", None))
     if backend == "onnx" and device.type != "cpu":
         raise ObserverError(f"observer {name!r}: the onnx backend runs on the CPU; drop "
                             f"observer.options.device ({device}) or set observer.backend to "
                             "'torch'")
-    return _Settings(getattr(torch, dtype_name), device, threads, prefix_tokens)
+    return _Settings(getattr(torch, dtype_name), device, threads, prefix_tokens, matmul)
 
 
 def _load_model(path: Path, name: str, settings: _Settings) -> Any:
@@ -258,7 +261,7 @@ def _torch_observer(name: str, model: Any, tokenizer: Any, window: int,
     if settings.threads is not None and settings.device.type == "cpu":
         torch.set_num_threads(settings.threads)  # process-wide: torch has no per-model setting
 
-    observer = TorchObserver(name, model, tokenizer, window)
+    observer = TorchObserver(name, model, tokenizer, window, matmul=settings.matmul)
     observer.threads = settings.threads if settings.device.type == "cpu" else None
     observer.prefix = PrefixCache(settings.prefix_tokens)
     return observer
@@ -273,6 +276,23 @@ def resolve_prefix_tokens(name: str, value: Any) -> int:
         raise ObserverError(f"observer {name!r}: observer.options.prefix_cache_tokens must be "
                             f"an integer >= 0, got {value!r}")
     return value
+
+
+def resolve_matmul(name: str, backend: str, value: Any) -> str:
+    """``observer.options.matmul``: the dtype of the weights of the torch backend's packed
+    products on the CPU, ``float32`` (the default) or ``bfloat16`` / ``float16`` (mixed
+    precision: half the bytes per read; docs/observer.md, "Mixed-precision products")."""
+    from .llama_step import MATMUL_DTYPES
+
+    if value is None:
+        return "float32"
+    if value not in MATMUL_DTYPES:
+        raise ObserverError(f"observer {name!r}: observer.options.matmul must be one of "
+                            f"{', '.join(MATMUL_DTYPES)}, got {value!r}")
+    if backend != "torch" and value != "float32":
+        raise ObserverError(f"observer {name!r}: observer.options.matmul {value!r} applies to "
+                            "the torch backend; set observer.backend to 'torch' or drop it")
+    return str(value)
 
 
 def resolve_device(name: str, value: Any) -> Any:

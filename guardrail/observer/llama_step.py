@@ -8,14 +8,15 @@ and so export sees a KV cache of plain tensors instead of cache objects.
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ObserverError
 
-__all__ = ["LlamaStep", "PackedLinears", "attend", "attend_blocked", "block_rows", "check_llama",
-           "is_llama_family", "pack_linears", "rope_for"]
+__all__ = ["MATMUL_DTYPES", "LlamaStep", "PackedLinears", "attend", "attend_blocked", "block_rows",
+           "check_llama", "is_llama_family", "matmul_unsupported", "pack_linears", "rope_for"]
 
 
 # Model types whose decoder block is exactly LlamaDecoderLayer's computation.
@@ -248,36 +249,88 @@ class _Packed:
     padded are padded, checked once per weight shape (the 1,536-wide down projection changes
     its summation order at one row, so it runs one row as it is)."""
 
-    _padded: dict[tuple[int, int], frozenset[int]] = {}  # weight shape -> row counts padded
+    # weight shape -> row counts padded (a table per class: each runs its own kernels)
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    min_rows = MIN_ROWS
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features = int(weight.shape[0])
         with torch.inference_mode():
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
-                                                                   None)
+            self.weight = self._pack(weight.detach().contiguous())
             shape = (int(weight.shape[0]), int(weight.shape[1]))
-            if shape not in _Packed._padded:
-                _Packed._padded[shape] = self._same_padded(shape[1])
-        self.padded = _Packed._padded[shape]
+            table = type(self)._padded
+            if shape not in table:
+                table[shape] = self._same_padded(shape[1])
+        self.padded = table[shape]
+
+    def _pack(self, weight: torch.Tensor) -> Any:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[-2]
-        pad = x.new_zeros(*x.shape[:-2], MIN_ROWS - rows, x.shape[-1])
+        pad = x.new_zeros(*x.shape[:-2], self.min_rows - rows, x.shape[-1])
         return self._product(torch.cat((x, pad), dim=-2))[..., :rows, :]
 
     def _same_padded(self, width: int) -> frozenset[int]:
-        """The row counts below ``MIN_ROWS`` whose products padded equal them unpadded."""
-        x = torch.randn(1, MIN_ROWS - 1, width)
-        return frozenset(n for n in range(1, MIN_ROWS)
+        """The row counts below ``min_rows`` whose products padded equal them unpadded."""
+        x = torch.randn(1, self.min_rows, width)
+        return frozenset(n for n in range(1, self.min_rows)
                          if torch.equal(self._pad(x[:, :n]), self._product(x[:, :n])))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] in self.padded:
             return self._pad(x)
         return self._product(x)
+
+
+class _PackedBfloat16(_Packed):
+    """``_Packed`` on bfloat16 weights (half the bytes a read streams) and rows rounded to
+    bfloat16 on the way in: oneDNN's bfloat16 kernel (AVX512-BF16 or AMX) accumulates in
+    float32 and stores bfloat16, widened back to float32 here (torch has no bfloat16 product
+    with a float32 result on the CPU). All else in the step stays float32."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+
+    def _pack(self, weight: torch.Tensor) -> Any:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), None)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, None,
+                                                  "none", [], "").float()
+
+
+class _PackedFloat16(_Packed):
+    """float16 weights in FBGEMM's packed layout, float32 rows and result: the weights are
+    widened in registers, so only their rounding to float16 differs from float32. Not padded:
+    FBGEMM's kernel is fastest on one row. Through torch's functional form where it has one
+    (deprecated, but 10-20 us a call faster than ``quantized.linear_dynamic_fp16``: 1-2 ms of
+    a SmolLM2 forward's 10-12 at one row), else that op: the same kernel, the same floats."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    min_rows = 1
+
+    def _pack(self, weight: torch.Tensor) -> Any:
+        if float(weight.abs().max()) > torch.finfo(torch.float16).max:  # would become inf
+            raise ObserverError("observer.options.matmul 'float16': the model has weights "
+                                "beyond float16's range; use bfloat16 or float32")
+        self.bias: torch.Tensor | None = None
+        if not hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation"):
+            return torch.ops.quantized.linear_prepack_fp16(weight, None)
+        self.bias = torch.zeros(weight.shape[0])
+        with warnings.catch_warnings():  # the deprecation notices, each once per process
+            warnings.simplefilter("ignore", UserWarning)
+            packed = torch.fbgemm_pack_gemm_matrix_fp16(weight)
+            torch.fbgemm_linear_fp16_weight_fp32_activation(weight[:1], packed, self.bias)
+        return packed
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            out: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
+            return out
+        return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.weight, self.bias)
 
 
 class _PackedBlock:
@@ -287,7 +340,7 @@ class _PackedBlock:
     query weights: scaling by a power of two is exact in float32, so the scaled queries are
     the same floats as ``attend``'s ``q * scale``, one op per block fewer."""
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: Any, kind: type[_Packed] = _Packed) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
         d = int(attn.head_dim)
@@ -298,10 +351,10 @@ class _PackedBlock:
         if scale > 0 and math.frexp(scale)[0] == 0.5:  # a power of two
             weights[0] = weights[0] * scale
             self.scaling = 1.0
-        self.qkv = _Packed(torch.cat(weights))
-        self.o = _Packed(attn.o_proj.weight)
-        self.gate_up = _Packed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        self.down = _Packed(mlp.down_proj.weight)
+        self.qkv = kind(torch.cat(weights))
+        self.o = kind(attn.o_proj.weight)
+        self.gate_up = kind(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = kind(mlp.down_proj.weight)
 
 
 class PackedLinears:
@@ -309,39 +362,103 @@ class PackedLinears:
     packed once at load for the eager CPU step. Doubles the weights' memory (the model keeps
     its own for the HF forward and export)."""
 
-    def __init__(self, model: Any, depth: int, head: bool = True) -> None:
+    def __init__(self, model: Any, depth: int, head: bool = True,
+                 matmul: str = "float32") -> None:
+        kind = _KINDS[matmul]
+        self.matmul = matmul
         layers = model.base_model.layers
-        self.blocks = [_PackedBlock(layers[i]) for i in range(depth)]
+        self.blocks = [_PackedBlock(layers[i], kind) for i in range(depth)]
         out = model.get_output_embeddings()
-        self.head = _Packed(out.weight) if head and out is not None else None
+        self.head = kind(out.weight) if head and out is not None else None
 
 
-def pack_linears(model: Any) -> PackedLinears | None:
+MATMUL_DTYPES = ("float32", "bfloat16", "float16")  # observer.options.matmul
+_KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloat16,
+                                    "float16": _PackedFloat16}
+
+
+def matmul_unsupported(matmul: str) -> str | None:
+    """Why this machine cannot run the packed products in ``matmul`` fast, or None."""
+    if matmul == "float32":
+        return None
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if matmul == "bfloat16":
+        if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+            return "the CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX)"
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "this torch's oneDNN has no bfloat16 kernels for this CPU"
+        return None
+    if not (caps.get("avx2") and caps.get("f16c")):
+        return "the CPU lacks AVX2 and F16C, which FBGEMM's float16 kernel needs"
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this torch is built without FBGEMM"
+    return None
+
+
+def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     """Packed projections for ``model`` when they apply (a Llama-family float32 model on the
     CPU, without projection biases, on a torch with oneDNN), else None (the step runs the
-    model's own modules). Checked once against ``linear`` on the first block's weights."""
-    if not is_llama_family(model) or not torch.backends.mkldnn.is_available():
-        return None
-    first = next(model.parameters())
-    if first.dtype != torch.float32 or first.device.type != "cpu":
-        return None
+    model's own modules). Checked once against ``linear`` on the first block's weights.
+
+    ``matmul`` (``observer.options.matmul``): the products' weights in float32, or in
+    bfloat16 or float16 (``_PackedBfloat16``, ``_PackedFloat16``); those are asked for, so
+    where they cannot run this raises ``ObserverError`` saying why instead of returning
+    None."""
+    if matmul not in _KINDS:
+        raise ObserverError(f"observer.options.matmul must be one of {', '.join(MATMUL_DTYPES)},"
+                            f" got {matmul!r}")
+    why = _unpackable(model)
+    if why is None and matmul != "float32":
+        why = matmul_unsupported(matmul)
+    if why is not None:
+        if matmul == "float32":
+            return None
+        raise ObserverError(f"observer.options.matmul {matmul!r} cannot run here: {why}; "
+                            "drop the option (float32)")
     layer = model.base_model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                   mlp.up_proj, mlp.down_proj]
-    if any(getattr(p, "bias", None) is not None for p in projections) or not all(
-            hasattr(mlp, a) for a in ("act_fn", "gate_proj", "up_proj", "down_proj")):
-        return None
+    attn = layer.self_attn
+    # float32: the same product in another summation order; fewer bits: a bound well above
+    # their rounding (relative 2^-8 for bfloat16) that a wrong layout or kernel would break
+    tol = 1e-4 if matmul == "float32" else 0.05
     try:
-        probe = _Packed(attn.q_proj.weight)
+        probe = _KINDS[matmul](attn.q_proj.weight)
         with torch.inference_mode():
             x = torch.randn(3, int(attn.q_proj.weight.shape[1]))
-            if not torch.allclose(probe(x), attn.q_proj(x), rtol=1e-4, atol=1e-4):
-                return None
-            _probe_norm(layer.input_layernorm, int(x.shape[-1]))
-    except (RuntimeError, AttributeError):  # a torch without these oneDNN ops
-        return None
-    return PackedLinears(model, int(model.config.num_hidden_layers))
+            if not torch.allclose(probe(x), attn.q_proj(x), rtol=tol, atol=tol):
+                why = "its product on the first block's weights differs from float32's"
+            else:
+                _probe_norm(layer.input_layernorm, int(x.shape[-1]))
+    except (RuntimeError, AttributeError) as exc:  # a torch without these kernels
+        why = f"{type(exc).__name__}: {exc}"
+    if why is not None:
+        if matmul == "float32":
+            return None
+        raise ObserverError(f"observer.options.matmul {matmul!r} cannot run here: {why}; "
+                            "drop the option (float32)")
+    return PackedLinears(model, int(model.config.num_hidden_layers), matmul=matmul)
+
+
+def _unpackable(model: Any) -> str | None:
+    """Why ``model``'s projections cannot be packed, or None."""
+    if not is_llama_family(model):
+        return f"{type(model).__name__} is not a Llama-family model"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch has no oneDNN"
+    first = next(model.parameters())
+    if first.dtype != torch.float32:
+        return f"the model is loaded in {str(first.dtype).removeprefix('torch.')} " \
+               "(observer.options.dtype), not float32"
+    if first.device.type != "cpu":
+        return f"the model is on {first.device}, not the CPU"
+    layer = model.base_model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    if not all(hasattr(mlp, a) for a in ("act_fn", "gate_proj", "up_proj", "down_proj")):
+        return "its MLP is not Llama's gate/up/down"
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                   mlp.up_proj, mlp.down_proj]
+    if any(getattr(p, "bias", None) is not None for p in projections):
+        return "its projections have biases"
+    return None
 
 
 def _probe_norm(norm: Any, size: int) -> None:

@@ -230,7 +230,8 @@ class TorchObserver(BaseObserver):
     per-token maths runs in numpy.
     """
 
-    def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int) -> None:
+    def __init__(self, name: str, model: Any, hf_tokenizer: Any, window: int,
+                 matmul: str = "float32") -> None:
         from .llama_step import is_llama_family, pack_linears
 
         super().__init__(name, hf_tokenizer, model.config, window)
@@ -245,8 +246,9 @@ class TorchObserver(BaseObserver):
         self.head_dim = (getattr(cfg, "head_dim", None)
                          or cfg.hidden_size // cfg.num_attention_heads)
         self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
-        # The step's projections on weights packed once (CPU float32; None: the model's own)
-        self.packed = pack_linears(model) if self.fast else None
+        # The step's projections on weights packed once (CPU float32; None: the model's own),
+        # stored in observer.options.matmul's dtype
+        self.packed = pack_linears(model, matmul)
         self.vocab = int(model.get_input_embeddings().num_embeddings)
         # Off the CPU, batched reads take the padded path (guardrail.observer.padded): streams'
         # caches pooled per depth, attention for all streams in one call. Read when a stream

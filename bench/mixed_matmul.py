@@ -1,0 +1,623 @@
+"""Mixed-precision products (``observer.options.matmul``) against float32, in one process.
+
+    nice -n 10 python -m bench.mixed_matmul           # speed (bench/results/mixed_matmul.json)
+    nice -n 10 python -m bench.mixed_matmul --parts drift   # scores (mixed_matmul_drift.json)
+    python -m bench.mixed_matmul --parts forward --rounds 5  # a smoke test
+
+Run by hand (not by ``make bench``). One SmolLM2-135M-Instruct (torch, one thread) shared by an
+observer per variant, each with its own packed weights: ``float32`` (the default), ``bfloat16``
+(oneDNN: bfloat16 weights and rows, float32 accumulation, a bfloat16 result widened back) and
+``float16`` (FBGEMM: float16 weights widened in registers, float32 rows and result). Everything
+outside the products stays float32 in every variant. The variants take turns round by round
+(the order reversed every other round), so they meet the same machine load; medians.
+
+- ``ops``: every product of one forward (30 blocks' q/k/v, o, gate/up, down and the 49,152-row
+  output head) for 1-72 rows, CPU ms, with the candidate kernels that were not picked beside the
+  three variants: torch's ``linear`` on float32 and on bfloat16 weights, and FBGEMM's float16
+  kernel through ``torch.ops.quantized.linear_dynamic_fp16`` (the fallback where torch lacks the
+  functional form the variant calls);
+- ``forward``: one read of the default policy (its layers, the logits, top-k) of 9 new tokens
+  over about 200 cached, ``TorchObserver.extend``, CPU ms;
+- ``stream``: the default policy (``Guard.default()``'s monitors) on SmolLM2's own answers fed
+  word by word (bench/live_pace.py's streams and driver, reads ahead): tokens/s and CPU ms per
+  token fed as fast as the guard takes it, and the added latency paced at 50 tokens/s;
+- ``cost``: bench/stream_cost.py's hidden-state setting on the torch observer (the harm monitor
+  alone, a 1,000- and a 4,000-token stream fed word by word, reads when due) and NeMo's windowed
+  scan of the same text on the float32 observer: CPU-s per 1,000 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from .common import median, p95, results_dir, write_result
+
+NAME = "mixed_matmul"
+DRIFT_NAME = "mixed_matmul_drift"
+VARIANTS = ["float32", "bfloat16", "float16"]
+ROWS = [1, 2, 4, 9, 16, 72]
+CONTEXT = ("Summarise what the Kepler Space Telescope found, in a few sentences. " * 14).strip()
+READ_TOKENS = 9
+
+
+def _say(message: str) -> None:
+    print(f"[mixed_matmul] {message}", file=sys.stderr, flush=True)
+
+
+def observers(variants: list[str]) -> dict[str, Any]:
+    """One TorchObserver per variant over one loaded SmolLM2 (each packs its own weights)."""
+    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.model import TorchObserver
+    from guardrail.policy import ObserverSpec
+
+    first = load_smollm2(ObserverSpec(options={"threads": 1}))
+    out = {}
+    for variant in variants:
+        if variant == "float32":
+            out[variant] = first
+            continue
+        obs = TorchObserver(first.name, first.model, first.hf_tokenizer, first.window,
+                            matmul=variant)
+        obs.threads = first.threads
+        out[variant] = obs
+    return out
+
+
+def _products(packed: Any) -> list[tuple[int, Callable[[Any], Any]]]:
+    """(input width, product) of each of a forward's products on ``packed``'s weights."""
+    out = []
+    for block in packed.blocks:
+        out += [(576, block.qkv), (576, block.o), (576, block.gate_up), (1536, block.down)]
+    return [*out, (576, packed.head)]
+
+
+def _candidates(model: Any, packs: dict[str, Any]) -> dict[str, list[tuple[int, Any]]]:
+    """The variants' products and the kernels not picked, on the model's weights."""
+    import torch
+
+    def weights() -> list[torch.Tensor]:
+        out = []
+        for layer in model.base_model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+        return [*out, model.get_output_embeddings().weight]
+
+    with torch.inference_mode():
+        plain = [w.detach().contiguous() for w in weights()]
+        bf16 = [w.to(torch.bfloat16) for w in plain]
+        fp16 = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in plain]
+    linear = torch.nn.functional.linear
+    cands: dict[str, list[tuple[int, Any]]] = {
+        f"{v} packed": _products(p) for v, p in packs.items()}
+    cands["float32 linear"] = [(int(w.shape[1]), lambda x, w=w: linear(x, w)) for w in plain]
+    cands["bfloat16 linear"] = [
+        (int(w.shape[1]), lambda x, w=w: linear(x.to(torch.bfloat16), w).float()) for w in bf16]
+    cands["float16 quantized op"] = [
+        (int(w.shape[1]), lambda x, p=p: torch.ops.quantized.linear_dynamic_fp16(x, p))
+        for w, p in zip(plain, fp16, strict=True)]
+    return cands
+
+
+def part_ops(obs: dict[str, Any], rounds: int) -> dict[str, Any]:
+    import torch
+
+    first = next(iter(obs.values()))
+    cands = _candidates(first.model, {v: o.packed for v, o in obs.items()})
+    samples: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        inputs = {(w, n): torch.randn(1, n, w) for w in (576, 1536) for n in ROWS}
+        for r in range(rounds + 1):
+            names = list(cands) if r % 2 == 0 else list(cands)[::-1]
+            for n in ROWS:
+                for name in names:
+                    c0 = time.process_time()
+                    for width, product in cands[name]:
+                        product(inputs[(width, n)])
+                    if r:  # round 0 warms up
+                        samples.setdefault((name, n), []).append(
+                            1000 * (time.process_time() - c0))
+    out: dict[str, Any] = {}
+    for name in cands:
+        out[name] = {}
+        for n in ROWS:
+            ms = median(samples[(name, n)])
+            base = median(samples[("float32 packed", n)])
+            out[name][str(n)] = {"cpu_ms": round(ms, 2), "speedup": round(base / ms, 3)}
+    _say(f"ops: { {k: v['9'] for k, v in out.items()} }")
+    return out
+
+
+def part_forward(obs: dict[str, Any], needs: Any, rounds: int) -> dict[str, Any]:
+    import torch
+
+    first = next(iter(obs.values()))
+    messages = [{"role": "user", "content": CONTEXT}]
+    words = first.tokenizer.tokenize("The telescope watched about 150,000 stars in one patch "
+                                     "of sky for four years, and dips in their light revealed "
+                                     "planets. " * 2)[:READ_TOKENS]
+    states = {v: o.start(messages, needs) for v, o in obs.items()}
+    cached = states["float32"].kv.length()
+    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in obs}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for v in (list(obs) if r % 2 == 0 else list(obs)[::-1]):
+                o, state = obs[v], states[v]
+                w0, c0 = time.perf_counter(), time.process_time()
+                o.extend(state, words, needs)
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                o.truncate(state, 0)
+                if r:
+                    samples[v].append((1000 * cpu, 1000 * wall))
+    base = median([c for c, _ in samples["float32"]])
+    out = {v: {"cpu_ms": round(median([c for c, _ in s]), 2),
+               "wall_ms": round(median([w for _, w in s]), 2),
+               "speedup": round(base / median([c for c, _ in s]), 3)}
+           for v, s in samples.items()}
+    _say(f"forward ({READ_TOKENS} tokens over {cached}): {out}")
+    return {"new_tokens": READ_TOKENS, "cached_tokens": cached, "rounds": rounds, "rows": out}
+
+
+def part_stream(obs: dict[str, Any], rounds: int, tokens: int) -> dict[str, Any]:
+    from guardrail import Guard
+    from guardrail.guard import default_policy
+
+    from .live_pace import PACE, _answers, _stream
+
+    policy = default_policy()
+    guards = {v: Guard(policy, observer=o) for v, o in obs.items()}
+    streams = _answers(guards["float32"].tokenizer, tokens)
+    for guard in guards.values():
+        _stream(guard, streams[0][0], streams[0][1][:12], None)  # warm-up
+    out: dict[str, Any] = {}
+    for mode, pace in (("fast", None), ("paced", PACE)):
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in guards}
+        for r in range(rounds):
+            for k, (prompt, deltas) in enumerate(streams):
+                order = list(guards) if (k + r) % 2 == 0 else list(guards)[::-1]
+                for v in order:
+                    runs[v].append(_stream(guards[v], prompt, deltas, pace))
+        for v, done in runs.items():
+            n = sum(d["tokens"] for d in done)
+            lat = [x * 1000 for d in done for x in d["latencies"]]
+            row = out.setdefault(v, {})
+            row[mode] = {"tokens": n,
+                         "tokens_per_s": round(n / sum(d["wall"] for d in done), 1),
+                         "cpu_ms_per_token": round(1000 * sum(d["cpu"] for d in done) / n, 2),
+                         "latency_p50_ms": round(median(lat), 1),
+                         "latency_p95_ms": round(p95(lat), 1),
+                         "reads": sum(d["reads"] for d in done),
+                         "halted": sum(bool(d["halted"]) for d in done)}
+        _say(f"stream {mode}: { {v: out[v][mode] for v in out} }")
+    return {"answer_tokens": tokens, "pace": PACE, "rounds": rounds, "rows": out}
+
+
+def part_cost(obs: dict[str, Any], rounds: int, lengths: list[int]) -> dict[str, Any]:
+    from guardrail import Guard
+
+    from .common import timed
+    from .stream_cost import make_deltas, nemo_texts, ours, scan
+
+    policy = {"observer": {"model": "smollm2-135m"},
+              "monitors": [{"id": "harmful-content", "use": "harmful-content"}]}
+    guards = {v: Guard.from_policy(policy, observer=o) for v, o in obs.items()}
+    for guard in guards.values():
+        scan(guard, "warm up " * 8)
+    cpu: dict[tuple[str, int], list[float]] = {}
+    for n in lengths:
+        deltas = make_deltas(n)
+        texts = nemo_texts(deltas)
+        for r in range(rounds):
+            for v in (list(guards) if r % 2 == 0 else list(guards)[::-1]):
+                _, c = timed(partial(ours, guards[v], deltas))
+                cpu.setdefault((f"ours {v}", n), []).append(c)
+                _, c = timed(partial(_scan_all, guards[v], texts))
+                cpu.setdefault((f"nemo {v}", n), []).append(c)
+            last = {k[0]: round(got[-1], 2) for k, got in cpu.items() if k[1] == n}
+            _say(f"cost {n} round {r}: {last}")
+    rows: dict[str, Any] = {}
+    for (name, n), got in cpu.items():
+        rows.setdefault(name, {})[str(n)] = {
+            "cpu_s": [round(c, 2) for c in got], "median_cpu_s": round(median(got), 2),
+            "cpu_s_per_1k_tokens": round(1000 * median(got) / n, 2)}
+    return {"lengths": lengths, "rounds": rounds, "monitor": "harmful-content", "rows": rows}
+
+
+HARM_DATA = "harmful-content/data/test.jsonl"  # under the guardrail cache (the built split)
+ENTITY_DATA = "entity-data/test.sub.jsonl"  # bench/entity_eval's test records
+HARM_PER_CELL = 6  # harm records per (source, label)
+ENTITY_RECORDS = {"country": 35, "city": 25, "garak": 40}
+
+
+def drift_records() -> tuple[list[Any], list[Any]]:
+    """The fixed sample: harm test records, up to ``HARM_PER_CELL`` per source and label (the
+    first in file order), and entity test records by kind; each labels only its own monitor."""
+    import json
+
+    from guardrail.cache import cache_dir
+    from guardrail.toolkit.records import Record, SpanLabel
+
+    harm: list[Any] = []
+    cells: dict[tuple[str, int], int] = {}
+    for line in (cache_dir() / HARM_DATA).read_text("utf-8").splitlines():
+        row = json.loads(line)
+        cell = (row.get("source_tag", ""), int(row["label"]))
+        if cells.get(cell, 0) < HARM_PER_CELL:
+            cells[cell] = cells.get(cell, 0) + 1
+            harm.append(Record(row["prompt"], row["response"], int(row["label"]),
+                               extra={"monitors": ["harm"], "source": cell[0]}))
+    entity: list[Any] = []
+    kinds: dict[str, int] = {}
+    for line in (cache_dir() / ENTITY_DATA).read_text("utf-8").splitlines():
+        row = json.loads(line)
+        kind = row.get("kind", "")
+        if kinds.get(kind, 0) < ENTITY_RECORDS.get(kind, 0):
+            kinds[kind] = kinds.get(kind, 0) + 1
+            spans = tuple(SpanLabel(s["start"], s["end"], int(s["label"]))
+                          for s in row["spans"])
+            entity.append(Record(row["prompt"], row["response"], int(row["label"]), spans,
+                                 extra={"monitors": ["facts"], "source": kind}))
+    return harm, entity
+
+
+# what guardrail.toolkit.evaluate accumulates per monitor
+_ACC = ("labels", "max", "fired", "first", "tokens", "tok_scores", "tok_labels", "span_scores",
+        "span_labels")
+
+
+def _read(guard: Any, prompt: str, deltas: list[str]) -> tuple[Any, list[tuple[int, int]]]:
+    """A dry-run session over ``deltas``: its report (scores recorded) and token offsets."""
+    session = guard.session(prompt=prompt, record_scores=True, dry_run=True)
+    for delta in deltas:
+        session.feed(delta)
+    report = session.finish()
+    return report, session.token_offsets()
+
+
+def _first(report: Any, monitor: str) -> int | None:
+    """The token of ``monitor``'s first verdict (where a halt would land), or None."""
+    return min((f.tokens[1] for f in report.flags if f.monitor == monitor), default=None)
+
+
+def part_drift(obs: dict[str, Any]) -> dict[str, Any]:
+    """Each variant's scores and verdicts against float32's on the fixed sample and the demo's
+    replays, the default policy; records read in one feed (one forward and the rest at the
+    end: the per-token scores of a stream fed word by word, to float noise)."""
+    from guardrail import Guard
+    from guardrail.guard import default_policy
+    from guardrail.toolkit.demo import _replays
+    from guardrail.toolkit.evaluate import _accumulate, _metrics
+    from guardrail.toolkit.records import random_splits
+
+    harm, entity = drift_records()
+    policy = default_policy()
+    guards = {v: Guard(policy, observer=o) for v, o in obs.items()}
+    specs = {spec.id: spec for spec, _ in guards["float32"].monitors}
+    reports: dict[str, dict[str, list[Any]]] = {v: {} for v in guards}
+    metrics: dict[str, dict[str, Any]] = {v: {} for v in guards}
+    t0 = time.perf_counter()
+    for name, records in (("harm", harm), ("entity", entity)):
+        for v, guard in guards.items():
+            acc: dict[str, dict[str, list[Any]]] = {mid: {k: [] for k in _ACC} for mid in specs}
+            got = []
+            for record in records:
+                report, offsets = _read(guard, record.prompt, [record.response])
+                got.append(report)
+                for spec in specs.values():
+                    _accumulate(acc[spec.id], record, spec, report, offsets)
+            reports[v][name] = got
+            metrics[v][name] = {mid: _metrics(guard, spec, acc[mid], None)
+                                for mid, spec in specs.items()}
+            _say(f"drift {name} {v}: {len(records)} records, "
+                 f"{time.perf_counter() - t0:.0f} s")
+    replays = _replays()
+    for v, guard in guards.items():
+        reports[v]["demo"] = [_read(guard, r["prompt"], random_splits(r["response"], seed=k))[0]
+                              for k, r in enumerate(replays)]
+    out: dict[str, Any] = {
+        "records": {"harm": len(harm), "entity": len(entity), "demo": len(replays),
+                    "harm_by_label": [sum(r.label == y for r in harm) for y in (0, 1)],
+                    "entity_spans": sum(len(r.spans) for r in entity)},
+        "thresholds": {mid: guards["float32"].threshold_of(spec) for mid, spec in specs.items()},
+        "metrics": metrics, "variants": {}}
+    base = reports["float32"]
+    for v in guards:
+        if v == "float32":
+            continue
+        row: dict[str, Any] = {}
+        for name in ("harm", "entity", "demo"):
+            row[name] = _compare(base[name], reports[v][name], out["thresholds"])
+        row["demo_outcomes"] = [
+            {"title": r["title"], "expect": r.get("expect"),
+             "float32": _outcome(a), v: _outcome(b)}
+            for r, a, b in zip(replays, base["demo"], reports[v]["demo"], strict=True)]
+        out["variants"][v] = row
+        _say(f"drift {v}: {row}")
+    return out
+
+
+def _outcome(report: Any) -> dict[str, Any]:
+    """A replay's outcome as the demo shows it (in a dry run: what would have happened)."""
+    halts = [f for f in report.flags if f.action == "halt"]
+    first = min(halts, key=lambda f: f.tokens[1]) if halts else None
+    return {"halt_at": first.tokens[1] if first else None,
+            "halt_by": first.monitor if first else None,
+            "flags": {m: sum(f.monitor == m for f in report.flags)
+                      for m in sorted({f.monitor for f in report.flags})}}
+
+
+def _compare(base: list[Any], other: list[Any], thresholds: dict[str, float]
+             ) -> dict[str, Any]:
+    """Score differences and verdict changes of one variant's reports against float32's."""
+    out: dict[str, Any] = {}
+    for monitor, threshold in thresholds.items():
+        diffs: list[float] = []
+        agree = total = 0
+        changed_first = fired_changed = 0
+        moved: list[int] = []
+        for a, b in zip(base, other, strict=True):
+            sa, sb = dict(a.scores.get(monitor, [])), dict(b.scores.get(monitor, []))
+            for k in sa.keys() & sb.keys():
+                diffs.append(abs(sa[k] - sb[k]))
+                agree += (sa[k] >= threshold) == (sb[k] >= threshold)
+                total += 1
+            fa, fb = _first(a, monitor), _first(b, monitor)
+            if fa != fb:
+                changed_first += 1
+                if fa is None or fb is None:
+                    fired_changed += 1
+                else:
+                    moved.append(abs(fa - fb))
+        out[monitor] = {
+            "scored_tokens": total,
+            "max_abs_diff": round(max(diffs, default=0.0), 5),
+            "median_abs_diff": round(median(diffs), 6) if diffs else None,
+            "p99_abs_diff": round(sorted(diffs)[int(0.99 * (len(diffs) - 1))], 5)
+            if diffs else None,
+            "token_decisions_agree": round(agree / total, 5) if total else None,
+            "token_decisions_differ": total - agree,
+            "first_verdict_changed": changed_first,
+            "fired_changed": fired_changed,
+            "first_verdict_moved_tokens": sorted(moved),
+            "fired": [sum(_first(r, monitor) is not None for r in rs) for rs in (base, other)],
+        }
+    return out
+
+
+def _scan_all(guard: Any, texts: list[str]) -> None:
+    from .stream_cost import scan
+
+    for text in texts:
+        scan(guard, text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", nargs="+", default=["ops", "forward", "stream", "cost"],
+                        choices=["ops", "forward", "stream", "cost", "drift"],
+                        help="drift: written to mixed_matmul_drift.json (not run by default)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per part")
+    parser.add_argument("--tokens", type=int, default=354, help="stream: answer tokens")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 4000],
+                        help="cost: stream lengths (tokens)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts of the last result that are not run now")
+    args = parser.parse_args(argv)
+    import torch
+
+    from guardrail.guard import build_monitors, default_policy
+    from guardrail.monitor import Needs
+
+    torch.set_num_threads(1)
+    obs = observers(VARIANTS)
+    needs = Needs()
+    for _, monitor in build_monitors(default_policy()):
+        needs = needs.union(monitor.needs())
+    result: dict[str, Any] = {"variants": VARIANTS, "torch": torch.__version__,
+                              "threads": torch.get_num_threads(),
+                              "load_1m_start": round(os.getloadavg()[0], 2)}
+    previous = results_dir() / f"{NAME}.json"
+    if args.merge and previous.exists():  # keep the parts not run now
+        result = {**result, **json.loads(previous.read_text())}
+    path = None
+    for part in args.parts:
+        t0 = time.perf_counter()
+        if part == "ops":
+            result["ops"] = part_ops(obs, args.rounds or 9)
+        elif part == "forward":
+            result["forward"] = part_forward(obs, needs, args.rounds or 41)
+        elif part == "stream":
+            result["stream"] = part_stream(obs, args.rounds or 2, args.tokens)
+        elif part == "cost":
+            result["cost"] = part_cost(obs, args.rounds or 2, args.lengths)
+        else:
+            drift = part_drift(obs)
+            _say(f"wrote {write_result(DRIFT_NAME, {**drift, 'torch': torch.__version__})}")
+            continue
+        result["load_1m_end"] = round(os.getloadavg()[0], 2)
+        _say(f"{part}: {time.perf_counter() - t0:.0f} s")
+        path = write_result(NAME, result)  # after every part: a run stopped early keeps them
+    if path is not None:
+        _say(f"wrote {path}")
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def render(result: dict[str, Any]) -> str:
+    variants = result.get("variants", VARIANTS)
+    lines = ["## Mixed-precision products (`observer.options.matmul`)", "",
+             "Run by hand (`nice -n 10 python -m bench.mixed_matmul`): one SmolLM2-135M-Instruct "
+             "(torch, one thread) read by an observer per `observer.options.matmul` variant, each "
+             "on its own packed weights: `float32` (the default), `bfloat16` (oneDNN: bfloat16 "
+             "weights and rows, float32 accumulation, the result widened back to float32) and "
+             "`float16` (FBGEMM: float16 weights widened in registers, float32 rows and result). "
+             "All else in a forward stays float32. The variants take turns round by round in one "
+             f"process; medians. torch {result.get('torch')}, 1-minute load "
+             f"{result.get('load_1m_start')} at the start and {result.get('load_1m_end')} at the "
+             "end (the machine was shared). Ratios are against float32 in the same run "
+             "(above 1: faster).", ""]
+    ops = result.get("ops")
+    if ops:
+        rows = list(next(iter(ops.values())))
+        lines += ["All of one forward's products (30 blocks' q/k/v, o, gate/up, down and the "
+                  "49,152 x 576 output head), CPU ms by rows per product, with the kernels "
+                  "tried and not picked:", "",
+                  "| kernel | " + " | ".join(f"{n} rows" for n in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        for name, by_rows in ops.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{by_rows[n]['cpu_ms']:.1f} ({by_rows[n]['speedup']:.2f}x)" for n in rows)
+                + " |")
+        lines.append("")
+    forward = result.get("forward")
+    if forward:
+        lines += [f"One read of the default policy (all 30 blocks, the logits, top-k) of "
+                  f"{forward['new_tokens']} new tokens over {forward['cached_tokens']} cached "
+                  f"(`TorchObserver.extend`, medians of {forward['rounds']}):", "",
+                  "| matmul | CPU ms | wall ms | ratio |", "|---|---|---|---|"]
+        for v in variants:
+            r = forward["rows"][v]
+            lines.append(f"| {v} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | "
+                         f"{r['speedup']:.2f}x |")
+        lines.append("")
+    stream = result.get("stream")
+    if stream:
+        rows = stream["rows"]
+        base = rows["float32"]
+        lines += [f"One stream: the default policy on SmolLM2's own answers "
+                  f"({stream['answer_tokens']} tokens, word deltas, reads ahead; "
+                  f"bench/live_pace.py's streams and driver), {stream['rounds']} rounds. "
+                  "*Fast*: fed as fast as the guard takes it; *paced*: at "
+                  f"{stream['pace']:.0f} tokens/s, the added latency per released token "
+                  "(p50 / p95) and the reads it took.", "",
+                  "| matmul | tokens/s | ratio | CPU ms/token | ratio | paced: added latency "
+                  "ms | reads |", "|---|---|---|---|---|---|---|"]
+        for v in variants:
+            f, p = rows[v]["fast"], rows[v]["paced"]
+            lines.append(
+                f"| {v} | {f['tokens_per_s']:.1f} | "
+                f"{_ratio(f['tokens_per_s'], base['fast']['tokens_per_s'])} | "
+                f"{f['cpu_ms_per_token']:.2f} | "
+                f"{_ratio(base['fast']['cpu_ms_per_token'], f['cpu_ms_per_token'])} | "
+                f"{p['latency_p50_ms']:.0f} / {p['latency_p95_ms']:.0f} | {p['reads']} |")
+        lines.append("")
+    cost = result.get("cost")
+    if cost:
+        rows = cost["rows"]
+        lengths = [str(n) for n in cost["lengths"]]
+        lines += ["Stream cost (bench/stream_cost.py's hidden-state setting on the torch "
+                  "observer: the `harmful-content` monitor alone, reading to block 15, a stream "
+                  "fed word by word with reads when due, against NeMo's windowed scan of the "
+                  "same text, 200 tokens per check with 50 of context, scored by the same "
+                  f"guard), CPU-s per 1,000 tokens, medians of {cost['rounds']}; *vs NeMo*: "
+                  "against NeMo's scan on the float32 observer.", "",
+                  "| scheme | " + " | ".join(f"{n} tokens | vs NeMo" for n in lengths) + " |",
+                  "|---|" + "---|---|" * len(lengths)]
+        for v in variants:
+            for scheme in ("ours", "nemo"):
+                by_n = rows[f"{scheme} {v}"]
+                cells = []
+                for n in lengths:
+                    c = by_n[n]["cpu_s_per_1k_tokens"]
+                    nemo = rows["nemo float32"][n]["cpu_s_per_1k_tokens"]
+                    cells.append(f"{c:.2f} | {c / nemo:.2f}x")
+                lines.append(f"| {scheme}, {v} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_drift(result: dict[str, Any]) -> str:
+    rec = result["records"]
+    lines = ["### Mixed-precision products: scores and verdicts against float32", "",
+             "Run by hand (`nice -n 10 python -m bench.mixed_matmul --parts drift`): the default "
+             "policy (facts, harm, router) as dry-run sessions with each `matmul` variant "
+             "against float32, on a fixed sample: "
+             f"{rec['harm']} records of the harm test split (up to {HARM_PER_CELL} per source "
+             f"and label; {rec['harm_by_label'][0]} benign, {rec['harm_by_label'][1]} harmful), "
+             f"{rec['entity']} entity test records ({rec['entity_spans']} labelled spans; "
+             "bench/entity_eval's test file) and the demo's "
+             f"{rec['demo']} replays. Records are read in one feed, the replays as the demo "
+             "feeds them. *Max / p99 / median*: absolute difference of a token's score; "
+             "*decisions*: tokens on the same side of the monitor's threshold; *first verdict*: "
+             "records whose first verdict (for harm, where it halts) moved, as fired or not / "
+             "moved by tokens; *fired*: records with a verdict, float32 then the variant.", "",
+             "| matmul | records | monitor | max | p99 | median | decisions agree | first "
+             "verdict changed | fired or not / moved by | fired |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, row in result["variants"].items():
+        for name in ("harm", "entity", "demo"):
+            for monitor, c in row[name].items():
+                moved = ", ".join(str(m) for m in c["first_verdict_moved_tokens"]) or "-"
+                agree = c["token_decisions_agree"]
+                lines.append(
+                    f"| {v} | {name} | {monitor} | {c['max_abs_diff']:.4f} | "
+                    f"{c['p99_abs_diff']} | {c['median_abs_diff']} | "
+                    f"{agree if agree is not None else '-'} ({c['token_decisions_differ']} "
+                    f"differ) | {c['first_verdict_changed']} | {c['fired_changed']} / "
+                    f"{moved} | {c['fired'][0]} / {c['fired'][1]} |")
+    lines += ["", "The monitors' metrics on the sample, each variant (harm: response AUC and "
+              "macro-F1 of halting at all, on the harm records; facts: span AUC on the entity "
+              "spans):", "", "| matmul | harm AUC | harm macro-F1 | harm false halts | "
+              "facts span AUC | facts recall at 10% FPR |", "|---|---|---|---|---|---|"]
+    for v, m in result["metrics"].items():
+        harm, facts = m["harm"]["harm"], m["entity"]["facts"]
+        lines.append(f"| {v} | {harm.get('auc', 0):.4f} | {harm.get('macro_f1', 0):.4f} | "
+                     f"{harm.get('false_halt_rate', 0):.4f} | {facts.get('span_auc', 0):.4f} | "
+                     f"{facts.get('recall_at_10fpr', 0):.4f} |")
+    others = list(result["variants"])
+    lines += ["", "The demo's replays (dry run: where each would halt, by which monitor, and flags "
+              "by monitor), each variant:", "",
+              "| replay | expects | " + " | ".join(["float32", *others]) + " |",
+              "|---|---|" + "---|" * (1 + len(others))]
+    outcomes = [row["demo_outcomes"] for row in result["variants"].values()]
+    for k, d in enumerate(outcomes[0]):
+        cells = []
+        for o in [d["float32"], *[outcomes[j][k][v] for j, v in enumerate(others)]]:
+            flags = ", ".join(f"{m} {n}" for m, n in o["flags"].items()) or "no flags"
+            halt = f"halt at {o['halt_at']} ({o['halt_by']})" if o["halt_at"] is not None \
+                else "no halt"
+            cells.append(f"{halt}; {flags}")
+        lines.append(f"| {d['title']} | {d['expect']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_serve(result: dict[str, Any]) -> str:
+    """bench/serve_pace.py run with ``--variant`` per matmul (its result, copied here)."""
+    rows = {"float32": result["ours"],
+            **{name: v["rows"] for name, v in result.get("variants", {}).items()}}
+    lines = ["### Mixed-precision products behind `guardrail serve`", "",
+             "bench/serve_pace.py (run by hand: `--levels "
+             f"{' '.join(str(n) for n in result['levels'])} --rounds {result['rounds']} "
+             "--no-nemo --variant 'bfloat16={\"matmul\": \"bfloat16\"}' --variant "
+             "'float16={\"matmul\": \"float16\"}'`, its result copied to "
+             "`mixed_matmul_serve.json`): the default policy behind `guardrail serve`, one "
+             "proxy per variant taking turns round by round, each upstream at 25 tokens/s. "
+             "Columns as in \"Hidden-state policies under concurrency\".", "",
+             "| matmul | streams | pace min / median | below pace | added gap p95, ms | "
+             "CPU-s / 1k tokens | reads / forward | read wait, ms | crossings | leaks | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by_level in rows.items():
+        for n, r in by_level.items():
+            lines.append(
+                f"| {name} | {n} | {r['pace_min']} / {r['pace_median']} | "
+                f"{r['streams_below_pace']} of {r['streams_run']} | {r['added_gap_p95_ms']} | "
+                f"{r['cpu_s_per_1k_tokens']} | {r.get('reads_per_forward')} | "
+                f"{r.get('read_wait_ms')} | {r['crossings']} | {r['leaks_past_hold_back']} | "
+                f"{r.get('load_1m_mean')} |")
+    return "\n".join(lines)
+
+
+EXTRA_RESULTS = {DRIFT_NAME: render_drift, "mixed_matmul_serve": render_serve}
+
+
+if __name__ == "__main__":
+    main()
