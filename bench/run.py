@@ -39,7 +39,13 @@ BY_HAND = ["ray_throughput", "mixed_matmul"]
 # rerun. Drop a name when its benchmark is rerun with the shipped head.
 _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mean, threshold "
            "0.945, k 3)")
+_HEAD_PASS4 = ("the fourth pass's head (session 27: the response's states only, 6 prefixes >= "
+               "0.97), before the ninth pass's head with a prompt term shipped")
 HARM_HEAD_BEFORE = {
+    "harm_eval": _HEAD_PASS4,
+    "halt_lag": _HEAD_PASS4,
+    "serve_pace": _HEAD_PASS4,
+    "integrations_leak": _HEAD_PASS4,
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
     "ray_throughput": _HEAD_E,
@@ -51,7 +57,7 @@ def _head_note(name: str) -> list[str]:
     if head is None:
         return []
     return [f"_`{name}` was measured with {head}, not with the shipped harm head; not rerun "
-            "since session 23's head shipped._", ""]
+            "since._", ""]
 
 
 def _load(name: str) -> Any | None:
