@@ -564,6 +564,14 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_f(m.get('auc'))} | {_f(m['macro_f1'])} | "
                      f"{_f(m['precision'])} | {_f(m['recall'])} | {read} | "
                      f"{_f(m['false_halt_rate'])} |")
+    term = result.get("prompt_term")
+    if term:
+        lines += ["", "Every score above adds the head's prompt term to each prefix logit, as the "
+                  "monitor does: each record's prompt read through the observer, its term "
+                  f"clipped to [{_f(term['low'], 2)}, {_f(term['high'], 2)}] "
+                  f"({term['clipped_low']} records clipped low, {term['clipped_high']} high; "
+                  f"mean {_f(term['mean'], 2)}); {term['without_prompt']} records without a "
+                  f"prompt got the neutral term {_f(term['neutral'], 2)}."]
     lines += _heads_rows(result)
     rest = result.get("streaming_without_own_answers")
     if rest and rest["records"] != t["records"]:
