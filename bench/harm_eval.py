@@ -3,6 +3,9 @@ detection and a NeMo-style windowed baseline, on the same SmolLM2 features and t
 
 - streaming: the shipped threshold and k (calibrated on validation), per prefix;
 - full detection: the head on the response's last token only (threshold calibrated on validation);
+- a head whose weights carry a prompt term gets each record's term (its prompt's context states
+  read through the observer, cached) added to every prefix logit, as the monitor adds it, in
+  every offline score above and below (``scoring.prompt_terms``);
 - windowed: windows of 200 tokens with 50 of context, each read by the observer afresh and judged
   like full detection; halt at the end of the first harmful window;
 - the topic-vs-harm check: false halts on held-out hard negatives (safety advice, support,
@@ -89,6 +92,33 @@ def _test_file(work: Path, data: Path, n: int | None) -> Path:
 
 def _rate(flags: list[int]) -> float | None:
     return sum(flags) / len(flags) if flags else None
+
+
+def _prompt_terms(head: Any, config: dict[str, Any], records: list[Any], observer: Any,
+                  work: Path, progress: bool) -> list[float] | None:
+    """Each record's prompt term for a head with one (None without), its prompt's context states
+    cached per observer and layer set under ``work``."""
+    from guardrail_harmful_content.training.scoring import prompt_terms
+
+    layers = "-".join(str(int(x)) for x in config["layers"])
+    cache = work / "prompt-states" / f"{getattr(observer, 'name', 'observer')}-{layers}.npz"
+    return prompt_terms(head, config, [str(r.prompt) for r in records], observer, cache,
+                        progress)
+
+
+def _term_summary(terms: list[float] | None, records: list[Any], config: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+    """How the records' prompt terms fell: how many got the neutral term (no prompt), how many
+    the clamp cut, and their mean."""
+    if terms is None:
+        return None
+    spec = config["prompt_term"]
+    prompted = [t for t, r in zip(terms, records, strict=True) if str(r.prompt).strip()]
+    return {**{key: float(spec[key]) for key in ("neutral", "low", "high")},
+            "records": len(terms), "without_prompt": len(terms) - len(prompted),
+            "clipped_low": sum(t <= float(spec["low"]) for t in prompted),
+            "clipped_high": sum(t >= float(spec["high"]) for t in prompted),
+            "mean": statistics.fmean(terms) if terms else None}
 
 
 def _decisions(halts: list[int | None], lengths: list[int], labels: list[int]
@@ -268,7 +298,10 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     records = extract_features(observer, test, work / "features", cached_layers,
                                dtype="float16", chunk_size=512, progress=progress).records
     features_s = time.perf_counter() - t
-    scores = prefix_scores(head, stack_layers(records, layers, pooling, halflife))
+    t = time.perf_counter()
+    terms = _prompt_terms(head, config, records, observer, work, progress)
+    terms_s = time.perf_counter() - t
+    scores = prefix_scores(head, stack_layers(records, layers, pooling, halflife), terms)
     labels = [int(r.label or 0) for r in records]
     kinds = [str(r.extra.get("kind", "")) for r in records]
     lengths = [len(s) for s in scores]
@@ -281,7 +314,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     t_win = time.perf_counter()
     windowed_raw = windowed_halts(observer, head, layers, records, scores,
                                   full_t, pooling=pooling, progress=progress,
-                                  halflife=halflife)
+                                  halflife=halflife, terms=terms)
     windowed_h = [h for h, _ in windowed_raw]
     windowed = {**_decisions(windowed_h, lengths, labels), **_medians(windowed_h, lengths, labels),
                 "threshold": full_t, "chunk": 200, "context": 50,
@@ -346,7 +379,9 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
                                     prefix_scores(other.head, stack_layers(
                                         records, [int(x) for x in other.config["layers"]],
                                         str(other.config.get("pooling", "none")),
-                                        other.config.get("halflife"))), records, labels)
+                                        other.config.get("halflife")), _prompt_terms(
+                                            other.head, other.config, records, observer, work,
+                                            progress)), records, labels)
     check = _eval_check(weights, records, scores, threshold, k,
                         QUICK_EVAL_RECORDS if quick else eval_records,
                         work) if eval_records else None
@@ -376,7 +411,9 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         "by_source": by_source, "loso": config.get("loso"),
         "guardrail_eval_check": check,
         "validation": config.get("metrics", {}).get("val"), "splits": config.get("splits"),
+        "prompt_term": _term_summary(terms, records, config),
         "plot": plot, "features_seconds": round(features_s, 1),
+        "prompt_states_seconds": round(terms_s, 1),
         "seconds": round(time.perf_counter() - t0, 1), "samples": samples,
     }
 
@@ -527,6 +564,14 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_f(m.get('auc'))} | {_f(m['macro_f1'])} | "
                      f"{_f(m['precision'])} | {_f(m['recall'])} | {read} | "
                      f"{_f(m['false_halt_rate'])} |")
+    term = result.get("prompt_term")
+    if term:
+        lines += ["", "Every score above adds the head's prompt term to each prefix logit, as the "
+                  "monitor does: each record's prompt read through the observer, its term "
+                  f"clipped to [{_f(term['low'], 2)}, {_f(term['high'], 2)}] "
+                  f"({term['clipped_low']} records clipped low, {term['clipped_high']} high; "
+                  f"mean {_f(term['mean'], 2)}); {term['without_prompt']} records without a "
+                  f"prompt got the neutral term {_f(term['neutral'], 2)}."]
     lines += _heads_rows(result)
     rest = result.get("streaming_without_own_answers")
     if rest and rest["records"] != t["records"]:
@@ -607,7 +652,8 @@ def heads_only(weights: Path | None, compare: Path, data: Path | None,
     # The same cache key as the full run of the shipped head (and --compare).
     cached_layers = sorted(set(DEFAULT_LAYERS).union(
         *({int(x) for x in probe.config["layers"]} for _, probe in probes.values())))
-    records = extract_features(load_observer(None), _test_file(work, data, max_test),
+    observer = load_observer(None)
+    records = extract_features(observer, _test_file(work, data, max_test),
                                work / "features", cached_layers, dtype="float16",
                                chunk_size=512, progress=False).records
     labels = [int(r.label or 0) for r in records]
@@ -618,7 +664,8 @@ def heads_only(weights: Path | None, compare: Path, data: Path | None,
         layers = [int(x) for x in probe.config["layers"]]
         scores = prefix_scores(probe.head, stack_layers(
             records, layers, str(probe.config.get("pooling", "none")),
-            probe.config.get("halflife")))
+            probe.config.get("halflife")), _prompt_terms(probe.head, probe.config, records,
+                                                         observer, work, False))
         out[key] = _subsets(_head_config(path, probe.config), scores, records, labels)
     return out
 

@@ -5,7 +5,9 @@ NeMo's rolling buffer hands its rails the first ``chunk`` tokens, then keeps the
 tokens and hands them over again with the next ``chunk - context`` new ones, and flushes what is
 left when the stream ends. Each window is judged like full detection judges a whole response: the
 observer reads the prompt, then the window's text from scratch, and the sequence head scores the
-window's last token. The stream halts at the end of the first window judged harmful.
+window's last token. The stream halts at the end of the first window judged harmful. A head with
+a prompt term gets the record's term (``scoring.prompt_terms``) on every window: each window is
+read after the same request, so a rail re-reading it would add the same term.
 
 ``keyword_halt`` is the simplest streaming baseline: halt at the first blocklisted word.
 """
@@ -48,7 +50,8 @@ WindowResult = tuple[int | None, int]
 
 
 def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling: str,
-                  prompt: str, text: str, halflife: float | None = None) -> float:
+                  prompt: str, text: str, halflife: float | None = None,
+                  term: float | None = None) -> float:
     needs = Needs(layers=frozenset(layers))
     state = observer.start([{"role": "user", "content": prompt}], needs)
     tokens = list(observer.tokenizer.tokenize(text))
@@ -57,21 +60,33 @@ def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling:
     batch = observer.extend(state, tokens, needs)
     hidden = stack_states(batch.hidden, layers, pooling, halflife)[-1:]
     with torch.inference_mode():
-        return float(head.score(hidden)[0])
+        if term is None:
+            return float(head.score(hidden)[0])
+        logits = head.prefix_logits(hidden.float()).double()[0]
+        return float(torch.sigmoid(logits[1] - logits[0] + term))
 
 
 def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                    records: Sequence[CachedRecord], prefix_scores: Sequence[Sequence[float]],
                    threshold: float, *, pooling: str = "none", chunk: int = 200,
                    context: int = 50, progress: bool = True,
-                   halflife: float | None = None) -> list[WindowResult]:
+                   halflife: float | None = None,
+                   terms: Sequence[float] | None = None) -> list[WindowResult]:
     """Run the windowed baseline over ``records`` (cached features give the token offsets).
 
     The first window starts at the response's first token with nothing before it, exactly as the
-    streaming read does, so its score is taken from ``prefix_scores`` instead of a second pass."""
+    streaming read does, so its score is taken from ``prefix_scores`` instead of a second pass
+    (scored with ``terms``, each record's prompt term, when the head has one; the later windows
+    add the same term)."""
     out: list[WindowResult] = []
-    for record, scores in tqdm(list(zip(records, prefix_scores, strict=True)),
-                               desc="windowed baseline", unit="rec", disable=not progress):
+    per_record: list[float | None] = ([None] * len(records) if terms is None
+                                      else list(terms))
+    if len(per_record) != len(records):
+        raise ValueError(f"windowed_halts: {len(per_record)} prompt terms for {len(records)} "
+                         "records")
+    for record, scores, term in tqdm(list(zip(records, prefix_scores, per_record, strict=True)),
+                                     desc="windowed baseline", unit="rec",
+                                     disable=not progress):
         offsets = record.offsets.tolist()
         halt: int | None = None
         windows = nemo_windows(len(offsets), chunk, context)
@@ -83,7 +98,7 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
             else:
                 text = record.response[offsets[start][0] : offsets[end - 1][1]]
                 score = _window_score(observer, head, layers, pooling, record.prompt, text,
-                                      halflife)
+                                      halflife, term)
             if score >= threshold:
                 halt = end - 1
                 break

@@ -6,7 +6,10 @@ definition:
 - ``stack_layers``: a feature view that reads one layer or a concatenation of layers, with the
   head's pooling (``pooling.stack_states``);
 - ``prefix_scores``: the sequence head at every response token (SCM's streaming score: position
-  ``i`` judges the response up to token ``i``), as float64 probabilities;
+  ``i`` judges the response up to token ``i``), as float64 probabilities, with each record's
+  prompt term added to its logits when given;
+- ``prompt_terms``: a head's prompt term of each record's prompt, as the monitor computes it once
+  per stream (docs/harmful-content.md, "Prompt term (runtime contract)");
 - ``calibration_thresholds``: the count-k rule's threshold grid, fixed steps plus quantiles of the
   benign validation prefix scores (a sharp head puts most of them near 1);
 - ``streaming_report`` / ``full_report`` / ``budget_curve``: the count-k rule, full detection
@@ -16,10 +19,12 @@ definition:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from guardrail.toolkit.calibrate import streaming_metrics
@@ -36,6 +41,7 @@ __all__ = [
     "full_report",
     "full_threshold",
     "prefix_scores",
+    "prompt_terms",
     "stack_layers",
     "streaming_report",
 ]
@@ -51,18 +57,59 @@ def stack_layers(records: Sequence[CachedRecord], layers: Sequence[int],
             for r in records]
 
 
-def prefix_scores(head: DualHead, stacked: Sequence[CachedRecord]) -> list[list[float]]:
+def prefix_scores(head: DualHead, stacked: Sequence[CachedRecord],
+                  terms: Sequence[float] | None = None) -> list[list[float]]:
     """Harm probability of every prefix of every record (records from ``stack_layers``), the
     sigmoid of the logit difference in float64: a sharp head's benign scores sit within 1e-6 of
-    1, where float32 probabilities would tie."""
+    1, where float32 probabilities would tie. ``terms`` (``prompt_terms``): each record's prompt
+    term, added to every one of its prefix logits before the sigmoid, as the monitor adds it."""
+    if terms is not None and len(terms) != len(stacked):
+        raise ValueError(f"prefix_scores: {len(terms)} prompt terms for {len(stacked)} records")
     was_training = head.training
     head.eval()
     out: list[list[float]] = []
     with torch.inference_mode():
-        for record in stacked:
+        for i, record in enumerate(stacked):
             logits = head.prefix_logits(record.hidden[STACKED].float()).double()
-            out.append(torch.sigmoid(logits[:, 1] - logits[:, 0]).tolist())
+            if terms is None:
+                out.append(torch.sigmoid(logits[:, 1] - logits[:, 0]).tolist())
+            else:
+                out.append(torch.sigmoid(logits[:, 1] - logits[:, 0] + float(terms[i])).tolist())
     head.train(was_training)
+    return out
+
+
+def prompt_terms(head: DualHead, config: Mapping[str, Any], prompts: Sequence[str],
+                 observer: Any, cache: Path, progress: bool = False) -> list[float] | None:
+    """Each prompt's term for a head whose weights carry ``prompt_weight`` (None for a head
+    without one), as the monitor computes it once per stream: ``sum_j prompt_weight[j] .
+    context[layers[j]]`` in float64 over the prompt's pooled context states (read through
+    ``observer`` by ``context.extract_prompt_states`` and cached in the file ``cache``, one per
+    observer and layer set), clipped to the config's ``prompt_term`` ``[low, high]``; an empty
+    or blank prompt (no request) gets its ``neutral`` term."""
+    if head.prompt_size is None:
+        return None
+    from .context import extract_prompt_states
+
+    spec = config.get("prompt_term")
+    if not isinstance(spec, Mapping):
+        raise ValueError("the head carries 'prompt_weight', so its config needs 'prompt_term' "
+                         f"(neutral, low, high), got {spec!r}")
+    neutral, low, high = (float(spec[key]) for key in ("neutral", "low", "high"))
+    layers = [int(x) for x in config["layers"]]
+    asked = [p for p in prompts if p.strip()]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    states = (extract_prompt_states(observer, asked, layers, cache, progress).by_prompt()
+              if asked else {})
+    weight = head.prompt_weight.detach().double().numpy()
+    out = []
+    for prompt in prompts:
+        if not prompt.strip():
+            out.append(neutral)
+            continue
+        term = math.fsum(float(w @ np.asarray(states[prompt][layer], dtype=np.float64))
+                         for w, layer in zip(weight, layers, strict=True))
+        out.append(min(max(term, low), high))
     return out
 
 
