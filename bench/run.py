@@ -42,7 +42,6 @@ _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mea
 _HEAD_PASS4 = ("the fourth pass's head (session 27: the response's states only, 6 prefixes >= "
                "0.97), before the ninth pass's head with a prompt term shipped")
 HARM_HEAD_BEFORE = {
-    "halt_lag": _HEAD_PASS4,
     "serve_pace": _HEAD_PASS4,
     "integrations_leak": _HEAD_PASS4,
     "real_upstream": _HEAD_E,
