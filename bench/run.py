@@ -43,7 +43,6 @@ _HEAD_PASS4 = ("the fourth pass's head (session 27: the response's states only, 
                "0.97), before the ninth pass's head with a prompt term shipped")
 HARM_HEAD_BEFORE = {
     "serve_pace": _HEAD_PASS4,
-    "integrations_leak": _HEAD_PASS4,
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
     "ray_throughput": _HEAD_E,
