@@ -39,10 +39,7 @@ BY_HAND = ["ray_throughput", "mixed_matmul"]
 # rerun. Drop a name when its benchmark is rerun with the shipped head.
 _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mean, threshold "
            "0.945, k 3)")
-_HEAD_PASS4 = ("the fourth pass's head (session 27: the response's states only, 6 prefixes >= "
-               "0.97), before the ninth pass's head with a prompt term shipped")
 HARM_HEAD_BEFORE = {
-    "serve_pace": _HEAD_PASS4,
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
     "ray_throughput": _HEAD_E,
