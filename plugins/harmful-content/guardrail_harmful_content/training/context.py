@@ -23,12 +23,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from guardrail.observer.context import PROBES
 
 from .pooled import PoolRecord
 
@@ -37,8 +40,6 @@ __all__ = ["FEATURE", "PROBES", "PromptStates", "attach_prompt_states", "context
            "prompt_messages"]
 
 FEATURE = "context_mean"  # the weights' prompt_feature
-# Two contents whose first tokens differ in any tokenizer (a letter against another letter)
-PROBES = ("alpha", "Zebra crossing")
 SAVE_EVERY = 200  # prompts read between two writes of the cache
 
 
@@ -63,33 +64,17 @@ def prompt_messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def _probe_start(render: Callable[[Sequence[Any]], list[int]], messages: Sequence[Any]) -> int:
-    """Index into ``render(messages)`` of the first token of the last user message's content
-    (without a user message: where a one-message conversation's content starts)."""
-    from guardrail.messages import normalize_messages
-
-    msgs = normalize_messages(messages)
-    last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] == "user"), None)
-    if last is None:
-        probes = [[{"role": "user", "content": p}] for p in PROBES]
-    else:
-        probes = [[*msgs[:last], {**msgs[last], "content": p}, *msgs[last + 1:]] for p in PROBES]
-    a, b = (render(p) for p in probes)
-    same = min(len(a), len(b))
-    return next((i for i in range(same) if a[i] != b[i]), same)
-
-
 def context_span(observer: Any, messages: Sequence[Any]) -> tuple[list[int], int]:
     """The context's ids as the observer reads them (cut to its context budget) and where the
     pooled span starts in them."""
+    from guardrail.observer.context import span_start
     from guardrail.observer.model import render_context
     from guardrail.observer.window import context_budget
 
     ids = render_context(observer.hf_tokenizer, messages)
     cut = max(0, len(ids) - context_budget(observer.window))
-    start = _probe_start(lambda m: render_context(observer.hf_tokenizer, m), messages) - cut
     ids = ids[cut:]
-    return ids, min(max(0, start), max(0, len(ids) - 1))
+    return ids, span_start(partial(render_context, observer.hf_tokenizer), messages, len(ids), cut)
 
 
 def context_states(observer: Any, messages: Sequence[Any], layers: Sequence[int]
