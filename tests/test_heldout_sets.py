@@ -5,8 +5,10 @@ trained or tuned on (bench/heldout/README.md)."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,22 +18,27 @@ ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "bench" / "heldout"
 HARM = HELDOUT / "harm_handwritten.jsonl"
 HARM_V2 = HELDOUT / "harm_handwritten_v2.jsonl"  # written after v1 steered a choice (README)
+HARM_V3 = HELDOUT / "harm_handwritten_v3.jsonl"  # a third of it multi-turn (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 SOURCE = "handwritten-heldout-v1"
 SOURCE_V2 = "handwritten-heldout-v2"
+SOURCE_V3 = "handwritten-heldout-v3"
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
+REGISTERS_V3 = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
+                "dialogue", "article"}
+TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup"}
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
 
 
-def _raw(path: Path) -> list[dict[str, object]]:
+def _raw(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip()]
 
 
 @pytest.mark.parametrize(("path", "source", "turning_per_category"),
-                         [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1)])
+                         [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1), (HARM_V3, SOURCE_V3, 2)])
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
                                                      turning_per_category: int) -> None:
     records = list(read_records(path))
@@ -52,9 +59,64 @@ def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
     assert min(words) >= 30 and max(words) <= 250
 
 
-def test_the_two_harm_sets_share_no_answer() -> None:
-    first = {r.response for r in read_records(HARM)}
-    assert not first & {r.response for r in read_records(HARM_V2)}
+def test_the_harm_sets_share_no_answer() -> None:
+    sets = [{r.response for r in read_records(p)} for p in (HARM, HARM_V2, HARM_V3)]
+    for i, a in enumerate(sets):
+        for b in sets[i + 1:]:
+            assert not a & b
+
+
+def test_v3_records_are_consistent() -> None:
+    """v3's extra fields: the conversation before a multi-turn answer ends with the user turn
+    that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
+    rows = _raw(HARM_V3)
+    assert [r["id"] for r in rows] == [f"v3-{n:03d}" for n in range(1, len(rows) + 1)]
+    for row in rows:
+        rid, response = row["id"], str(row["response"])
+        assert row["register"] in REGISTERS_V3, rid
+        messages = row.get("messages")
+        if row["multi_turn"]:
+            assert isinstance(messages, list) and len(messages) >= 3, rid
+            roles = [m["role"] for m in messages]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], rid
+            assert all(isinstance(m["content"], str) and m["content"] for m in messages), rid
+            assert messages[-1]["content"] == row["prompt"], rid
+            assert row["turn_kind"] in TURN_KINDS, rid
+            assert (row["turn_kind"] == "benign_followup") == (row["label"] == 0), rid
+        else:
+            assert row["multi_turn"] is False and messages is None, rid
+        start = row["harm_start"]
+        if row["label"] == 1:
+            assert isinstance(start, int) and 0 <= start < len(response), rid
+            assert row["opens_benign"] == (start > 0), rid
+        else:
+            assert start is None and row["opens_benign"] is False, rid
+    multi = [r for r in rows if r["multi_turn"]]
+    assert 0.3 <= len(multi) / len(rows) <= 0.4
+    kinds = Counter((r["turn_kind"], r["label"]) for r in multi)
+    assert min(kinds.values()) >= 10, kinds  # each kind is a slice worth reporting
+    rough_benign = [r for r in rows if r["register"] == "rough" and r["label"] == 0]
+    assert len(rough_benign) >= 12  # the everyday rough register the monitor over-halts
+
+
+def _readme_table(heading: str) -> dict[str, list[int]]:
+    """The category table under a README heading: category -> its numbers, left to right."""
+    text = (HELDOUT / "README.md").read_text(encoding="utf-8")
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\w+) \|((?: \d+ \|)+)$", section, flags=re.M)
+    return {cat: [int(x) for x in nums.split("|") if x.strip()] for cat, nums in rows}
+
+
+def test_v3_counts_match_the_readme_table() -> None:
+    rows = _raw(HARM_V3)
+    table = _readme_table("## harm_handwritten_v3.jsonl")
+    assert set(table) == CATEGORIES
+    for cat, (harmful, benign, turning, multi) in table.items():
+        mine = [r for r in rows if r["category"] == cat]
+        assert harmful == sum(r["label"] == 1 for r in mine), cat
+        assert benign == sum(r["label"] == 0 for r in mine), cat
+        assert turning == sum(bool(r["opens_benign"]) for r in mine), cat
+        assert multi == sum(bool(r["multi_turn"]) for r in mine), cat
 
 
 def _span_text(record: Record, k: int) -> str:
@@ -119,10 +181,14 @@ def test_no_training_builder_reads_the_heldout_sets() -> None:
     assert not hits, "training data must never read bench/heldout: " + "; ".join(hits)
 
 
-@pytest.mark.parametrize("path", [HARM, HARM_V2, ENTITY])
+@pytest.mark.parametrize("path", [HARM, HARM_V2, HARM_V3, ENTITY])
 def test_heldout_text_is_not_in_the_training_data(path: Path) -> None:
-    """No held-out response appears verbatim in a training builder's data or code."""
+    """No held-out response, nor an earlier turn of a held-out conversation, appears verbatim in
+    a training builder's data or code."""
     corpus = "\n".join(p.read_text(encoding="utf-8", errors="ignore")
                        for p in _training_modules())
-    leaked = [r.response[:60] for r in read_records(path) if r.response[:80] in corpus]
+    texts = [r.response for r in read_records(path)]
+    texts += [str(m["content"]) for row in _raw(path) for m in row.get("messages") or []
+              if len(str(m["content"])) >= 40]  # short follow-ups ("thanks!") are everywhere
+    leaked = [t[:60] for t in texts if t[:80] in corpus]
     assert not leaked
