@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
         subsample,
     )
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
     from guardrail.toolkit.features import extract_features
     from guardrail.toolkit.sources import cache_dir
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
         "surprisal_max_entities": (entity_tokens_only(stat_scorer("surprisal")), "max")}
     data_dir = build_data(args.data or cache_dir() / "entity-data")
     features_dir = args.features or cache_dir() / "entity-features"
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     limits = {"test": 24, "paired": 10} if args.quick else {"test": None, "paired": None}
     # The trainer's layers and files, so a full run reuses the trainer's feature cache.
     layers = sorted({probe.layer} | ({token_probe.layer} if token_probe else set())) \
@@ -249,13 +249,13 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
         run_loso,
     )
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
     from guardrail.toolkit.sources import cache_dir
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     groups = load_groups(observer, build_data(data or cache_dir() / "entity-data"),
                          features or cache_dir() / "entity-features", handwritten_sets())
     result = run_loso(groups, observer.hidden_size, reference=reference)

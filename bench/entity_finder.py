@@ -185,7 +185,7 @@ def _shipped_head(finders: dict[str, Finder]) -> dict[str, Any]:
         load_groups,
     )
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
     from guardrail.toolkit.sources import cache_dir
 
@@ -194,7 +194,7 @@ def _shipped_head(finders: dict[str, Finder]) -> dict[str, Any]:
     threshold = shipped_threshold()
     if not isinstance(probe, EntitySpanProbe) or threshold is None:
         raise SystemExit("--head needs the shipped span head and its threshold")
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     groups = load_groups(observer, build_data(cache_dir() / "entity-data"),
                          cache_dir() / "entity-features", handwritten_sets())
     out: dict[str, Any] = {"threshold": threshold, "sources": {}}

@@ -5,7 +5,8 @@
 
 The default policy (every built-in monitor on SmolLM2-135M) guards SmolLM2's own answers
 (plugins/harmful-content/.../training/data/own_answers.jsonl, the first ``TOKENS`` tokens of
-them), one word per delta, for each backend (torch, ONNX Runtime; float32), thread count (1, 2;
+them), one word per delta, for each backend (torch with the default products, float16 where
+the CPU runs them; torch with ``matmul: float32``, the baseline; ONNX Runtime), thread count (1, 2;
 ``observer.options.threads``), load (idle, or with another process keeping one core busy: a
 ``while True: pass`` subprocess) and read scheme: a read on every delta (``observer.max_delay_ms:
 0``), a read when a decision is due (``observer.read_ahead: false``), reads when due with the
@@ -38,7 +39,11 @@ NAME = "live_pace"
 TOKENS = 354
 QUICK_TOKENS = 40
 PACE = 50.0  # tokens/s of the paced upstream (LLM APIs stream 30-100)
-BACKENDS = ["torch", "onnx"]
+BACKENDS = ["torch", "torch-float32", "onnx"]
+# a backend's policy: observer.backend and the observer options it adds
+BACKEND_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "torch": ("torch", {}), "torch-float32": ("torch", {"matmul": "float32"}),
+    "onnx": ("onnx", {})}
 THREADS = [1, 2]
 # Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
 # due, and a driver behind its upstream hands the session every delta that has arrived (at most
@@ -158,8 +163,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     for scheme, settings in READS.items():
         if scheme not in config.get("reads", READS):
             continue
-        update: dict[str, Any] = {"backend": config["backend"],
-                                  "options": {**base.observer.options,
+        backend, options = BACKEND_SETTINGS[config["backend"]]
+        update: dict[str, Any] = {"backend": backend,
+                                  "options": {**base.observer.options, **options,
                                               "threads": config["threads"]}, **settings}
         policy = base.model_copy(update={"observer": base.observer.model_copy(update=update)})
         first = next(iter(guards.values()), None)
@@ -190,6 +196,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 
     for scheme in out:
         out[scheme]["torch_threads"] = torch.get_num_threads()
+        out[scheme]["matmul"] = getattr(guards[scheme].observer, "matmul", None)
     return out
 
 

@@ -5,10 +5,11 @@
     python -m bench.mixed_matmul --parts forward --rounds 5  # a smoke test
 
 Run by hand (not by ``make bench``). One SmolLM2-135M-Instruct (torch, one thread) shared by an
-observer per variant, each with its own packed weights: ``float32`` (the default), ``bfloat16``
-(oneDNN: bfloat16 weights and rows, float32 accumulation, a bfloat16 result widened back) and
-``float16`` (FBGEMM: float16 weights widened in registers, float32 rows and result). Everything
-outside the products stays float32 in every variant. The variants take turns round by round
+observer per variant, each with its own packed weights: ``float32`` (the reference; the
+default, ``auto``, is float16 where it runs), ``bfloat16`` (oneDNN: bfloat16 weights and
+rows, float32 accumulation, a bfloat16 result widened back) and ``float16`` (FBGEMM: float16
+weights widened in registers, float32 rows and result). Everything outside the products stays
+float32 in every variant. The variants take turns round by round
 (the order reversed every other round), so they meet the same machine load; medians.
 
 - ``ops``: every product of one forward (30 blocks' q/k/v, o, gate/up, down and the 49,152-row
@@ -57,7 +58,7 @@ def observers(variants: list[str]) -> dict[str, Any]:
     from guardrail.observer.model import TorchObserver
     from guardrail.policy import ObserverSpec
 
-    first = load_smollm2(ObserverSpec(options={"threads": 1}))
+    first = load_smollm2(ObserverSpec(options={"threads": 1, "matmul": "float32"}))
     out = {}
     for variant in variants:
         if variant == "float32":
@@ -232,39 +233,64 @@ def part_cost(obs: dict[str, Any], rounds: int, lengths: list[int]) -> dict[str,
 
 HARM_DATA = "harmful-content/data/test.jsonl"  # under the guardrail cache (the built split)
 ENTITY_DATA = "entity-data/test.sub.jsonl"  # bench/entity_eval's test records
+ENTITY_ALL = "entity-data/test.jsonl"  # the whole entity test split (--large)
+DRIFT_LARGE_NAME = "mixed_matmul_drift_large"
+# --large: up to this many harm test records per (source, label), every ENTITY_EVERY-th entity
+# test record (the whole splits, 2,113 + 868 records, would take hours per variant here)
+LARGE_PER_CELL = 20
+ENTITY_EVERY = 3
 HARM_PER_CELL = 6  # harm records per (source, label)
 ENTITY_RECORDS = {"country": 35, "city": 25, "garak": 40}
 
 
-def drift_records() -> tuple[list[Any], list[Any]]:
+def drift_records(large: bool = False) -> tuple[list[Any], list[Any]]:
     """The fixed sample: harm test records, up to ``HARM_PER_CELL`` per source and label (the
-    first in file order), and entity test records by kind; each labels only its own monitor."""
+    first in file order), and entity test records by kind; each labels only its own monitor.
+    ``large``: up to ``LARGE_PER_CELL`` harm records per source and label and every
+    ``ENTITY_EVERY``-th record of the whole entity test split (both built when missing)."""
     import json
 
     from guardrail.cache import cache_dir
     from guardrail.toolkit.records import Record, SpanLabel
 
+    per_cell = LARGE_PER_CELL if large else HARM_PER_CELL
+    if large:
+        _build_test_splits()
     harm: list[Any] = []
     cells: dict[tuple[str, int], int] = {}
     for line in (cache_dir() / HARM_DATA).read_text("utf-8").splitlines():
         row = json.loads(line)
         cell = (row.get("source_tag", ""), int(row["label"]))
-        if cells.get(cell, 0) < HARM_PER_CELL:
+        if cells.get(cell, 0) < per_cell:
             cells[cell] = cells.get(cell, 0) + 1
             harm.append(Record(row["prompt"], row["response"], int(row["label"]),
                                extra={"monitors": ["harm"], "source": cell[0]}))
     entity: list[Any] = []
     kinds: dict[str, int] = {}
-    for line in (cache_dir() / ENTITY_DATA).read_text("utf-8").splitlines():
+    lines = (cache_dir() / (ENTITY_ALL if large else ENTITY_DATA)).read_text(
+        "utf-8").splitlines()
+    for n, line in enumerate(lines):
         row = json.loads(line)
         kind = row.get("kind", "")
-        if kinds.get(kind, 0) < ENTITY_RECORDS.get(kind, 0):
+        if (n % ENTITY_EVERY == 0) if large else kinds.get(kind, 0) < ENTITY_RECORDS.get(kind, 0):
             kinds[kind] = kinds.get(kind, 0) + 1
             spans = tuple(SpanLabel(s["start"], s["end"], int(s["label"]))
                           for s in row["spans"])
             entity.append(Record(row["prompt"], row["response"], int(row["label"]), spans,
                                  extra={"monitors": ["facts"], "source": kind}))
     return harm, entity
+
+
+def _build_test_splits() -> None:
+    """Both plugins' offline data builds into the guardrail cache (seconds; the harm build is
+    byte-identical every run, the entity build skipped when present)."""
+    from guardrail_entity_hallucination.training.features import build_data
+    from guardrail_harmful_content.training.data import BuildConfig, build_dataset
+
+    from guardrail.cache import cache_dir
+
+    build_dataset(cache_dir() / "harmful-content" / "data", BuildConfig())
+    build_data(cache_dir() / "entity-data")
 
 
 # what guardrail.toolkit.evaluate accumulates per monitor
@@ -286,17 +312,18 @@ def _first(report: Any, monitor: str) -> int | None:
     return min((f.tokens[1] for f in report.flags if f.monitor == monitor), default=None)
 
 
-def part_drift(obs: dict[str, Any]) -> dict[str, Any]:
-    """Each variant's scores and verdicts against float32's on the fixed sample and the demo's
-    replays, the default policy; records read in one feed (one forward and the rest at the
-    end: the per-token scores of a stream fed word by word, to float noise)."""
+def part_drift(obs: dict[str, Any], large: bool = False) -> dict[str, Any]:
+    """Each variant's scores and verdicts against float32's on the fixed sample (``large``:
+    the larger one) and the demo's replays, the default policy; records read in one feed
+    (one forward and the rest at the end: the per-token scores of a stream fed word by word,
+    to float noise)."""
     from guardrail import Guard
     from guardrail.guard import default_policy
     from guardrail.toolkit.demo import _replays
     from guardrail.toolkit.evaluate import _accumulate, _metrics
     from guardrail.toolkit.records import random_splits
 
-    harm, entity = drift_records()
+    harm, entity = drift_records(large)
     policy = default_policy()
     guards = {v: Guard(policy, observer=o) for v, o in obs.items()}
     specs = {spec.id: spec for spec, _ in guards["float32"].monitors}
@@ -307,7 +334,9 @@ def part_drift(obs: dict[str, Any]) -> dict[str, Any]:
         for v, guard in guards.items():
             acc: dict[str, dict[str, list[Any]]] = {mid: {k: [] for k in _ACC} for mid in specs}
             got = []
-            for record in records:
+            for n, record in enumerate(records, 1):
+                if n % 250 == 0:
+                    _say(f"drift {name} {v}: {n} of {len(records)}")
                 report, offsets = _read(guard, record.prompt, [record.response])
                 got.append(report)
                 for spec in specs.values():
@@ -322,7 +351,8 @@ def part_drift(obs: dict[str, Any]) -> dict[str, Any]:
         reports[v]["demo"] = [_read(guard, r["prompt"], random_splits(r["response"], seed=k))[0]
                               for k, r in enumerate(replays)]
     out: dict[str, Any] = {
-        "records": {"harm": len(harm), "entity": len(entity), "demo": len(replays),
+        "records": {"large": large, "harm": len(harm), "entity": len(entity),
+                    "demo": len(replays),
                     "harm_by_label": [sum(r.label == y for r in harm) for y in (0, 1)],
                     "entity_spans": sum(len(r.spans) for r in entity)},
         "thresholds": {mid: guards["float32"].threshold_of(spec) for mid, spec in specs.items()},
@@ -409,18 +439,30 @@ def main(argv: list[str] | None = None) -> None:
                         help="cost: stream lengths (tokens)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the parts of the last result that are not run now")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="matmul variants (float32 always; default: all that run here)")
+    parser.add_argument("--large", action="store_true", help="drift: the larger sample "
+                        f"(written to {DRIFT_LARGE_NAME}.json)")
     args = parser.parse_args(argv)
     import torch
 
     from guardrail.guard import build_monitors, default_policy
     from guardrail.monitor import Needs
+    from guardrail.observer.llama_step import matmul_unsupported
 
     torch.set_num_threads(1)
-    obs = observers(VARIANTS)
+    variants = ["float32", *[v for v in (args.variants or VARIANTS) if v != "float32"]]
+    for v in list(variants):
+        if (why := matmul_unsupported(v)) is not None:
+            if args.variants:
+                parser.error(f"--variants {v}: {why}")
+            _say(f"skipping {v}: {why}")
+            variants.remove(v)
+    obs = observers(variants)
     needs = Needs()
     for _, monitor in build_monitors(default_policy()):
         needs = needs.union(monitor.needs())
-    result: dict[str, Any] = {"variants": VARIANTS, "torch": torch.__version__,
+    result: dict[str, Any] = {"variants": variants, "torch": torch.__version__,
                               "threads": torch.get_num_threads(),
                               "load_1m_start": round(os.getloadavg()[0], 2)}
     previous = results_dir() / f"{NAME}.json"
@@ -438,8 +480,9 @@ def main(argv: list[str] | None = None) -> None:
         elif part == "cost":
             result["cost"] = part_cost(obs, args.rounds or 2, args.lengths)
         else:
-            drift = part_drift(obs)
-            _say(f"wrote {write_result(DRIFT_NAME, {**drift, 'torch': torch.__version__})}")
+            drift = part_drift(obs, args.large)
+            name = DRIFT_LARGE_NAME if args.large else DRIFT_NAME
+            _say(f"wrote {write_result(name, {**drift, 'torch': torch.__version__})}")
             continue
         result["load_1m_end"] = round(os.getloadavg()[0], 2)
         _say(f"{part}: {time.perf_counter() - t0:.0f} s")
@@ -457,7 +500,7 @@ def render(result: dict[str, Any]) -> str:
     lines = ["## Mixed-precision products (`observer.options.matmul`)", "",
              "Run by hand (`nice -n 10 python -m bench.mixed_matmul`): one SmolLM2-135M-Instruct "
              "(torch, one thread) read by an observer per `observer.options.matmul` variant, each "
-             "on its own packed weights: `float32` (the default), `bfloat16` (oneDNN: bfloat16 "
+             "on its own packed weights: `float32` (the reference), `bfloat16` (oneDNN: bfloat16 "
              "weights and rows, float32 accumulation, the result widened back to float32) and "
              "`float16` (FBGEMM: float16 weights widened in registers, float32 rows and result). "
              "All else in a forward stays float32. The variants take turns round by round in one "
@@ -537,14 +580,24 @@ def render(result: dict[str, Any]) -> str:
 
 def render_drift(result: dict[str, Any]) -> str:
     rec = result["records"]
-    lines = ["### Mixed-precision products: scores and verdicts against float32", "",
-             "Run by hand (`nice -n 10 python -m bench.mixed_matmul --parts drift`): the default "
+    if rec.get("large"):
+        title = "### Mixed-precision products: a larger sample against float32"
+        command = "--parts drift --large --variants float16"
+        sample = (f"{rec['harm']} records of the harm test split (up to {LARGE_PER_CELL} per "
+                  f"source and label; {rec['harm_by_label'][0]} benign, "
+                  f"{rec['harm_by_label'][1]} harmful) and {rec['entity']} of the entity test "
+                  f"split (every {ENTITY_EVERY}rd; {rec['entity_spans']} labelled spans)")
+    else:
+        title = "### Mixed-precision products: scores and verdicts against float32"
+        command = "--parts drift"
+        sample = (f"a fixed sample: {rec['harm']} records of the harm test split (up to "
+                  f"{HARM_PER_CELL} per source and label; {rec['harm_by_label'][0]} benign, "
+                  f"{rec['harm_by_label'][1]} harmful), {rec['entity']} entity test records "
+                  f"({rec['entity_spans']} labelled spans; bench/entity_eval's test file)")
+    lines = [title, "",
+             f"Run by hand (`nice -n 10 python -m bench.mixed_matmul {command}`): the default "
              "policy (facts, harm, router) as dry-run sessions with each `matmul` variant "
-             "against float32, on a fixed sample: "
-             f"{rec['harm']} records of the harm test split (up to {HARM_PER_CELL} per source "
-             f"and label; {rec['harm_by_label'][0]} benign, {rec['harm_by_label'][1]} harmful), "
-             f"{rec['entity']} entity test records ({rec['entity_spans']} labelled spans; "
-             "bench/entity_eval's test file) and the demo's "
+             f"against float32, on {sample} and the demo's "
              f"{rec['demo']} replays. Records are read in one feed, the replays as the demo "
              "feeds them. *Max / p99 / median*: absolute difference of a token's score; "
              "*decisions*: tokens on the same side of the monitor's threshold; *first verdict*: "
@@ -616,7 +669,8 @@ def render_serve(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-EXTRA_RESULTS = {DRIFT_NAME: render_drift, "mixed_matmul_serve": render_serve}
+EXTRA_RESULTS = {DRIFT_NAME: render_drift, DRIFT_LARGE_NAME: render_drift,
+                 "mixed_matmul_serve": render_serve}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ __all__ = [
     "quiet_loading",
     "resolve_device",
     "resolve_matmul",
+    "FLOAT32_PRODUCTS",
     "resolve_prefix_tokens",
     "resolve_threads",
     "smollm2_dir",
@@ -278,18 +279,25 @@ def resolve_prefix_tokens(name: str, value: Any) -> int:
     return value
 
 
+# Options for trainers and quality benchmarks: float32 products, the same floats on every CPU
+# (the default, ``auto``, picks float16 only where the CPU runs it), so a fit or a figure does
+# not depend on the machine that ran it.
+FLOAT32_PRODUCTS: dict[str, Any] = {"matmul": "float32"}
+
+
 def resolve_matmul(name: str, backend: str, value: Any) -> str:
     """``observer.options.matmul``: the dtype of the weights of the torch backend's packed
-    products on the CPU, ``float32`` (the default) or ``bfloat16`` / ``float16`` (mixed
-    precision: half the bytes per read; docs/observer.md, "Mixed-precision products")."""
+    products on the CPU: ``auto`` (the default: float16 where the CPU runs it, else float32),
+    ``float32``, or ``bfloat16`` / ``float16`` asked for (mixed precision: half the bytes per
+    read; docs/observer.md, "Mixed-precision products")."""
     from .llama_step import MATMUL_DTYPES
 
     if value is None:
-        return "float32"
+        return "auto"
     if value not in MATMUL_DTYPES:
         raise ObserverError(f"observer {name!r}: observer.options.matmul must be one of "
                             f"{', '.join(MATMUL_DTYPES)}, got {value!r}")
-    if backend != "torch" and value != "float32":
+    if backend != "torch" and value not in ("auto", "float32"):
         raise ObserverError(f"observer {name!r}: observer.options.matmul {value!r} applies to "
                             "the torch backend; set observer.backend to 'torch' or drop it")
     return str(value)

@@ -372,7 +372,7 @@ class PackedLinears:
         self.head = kind(out.weight) if head and out is not None else None
 
 
-MATMUL_DTYPES = ("float32", "bfloat16", "float16")  # observer.options.matmul
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # observer.options.matmul
 _KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloat16,
                                     "float16": _PackedFloat16}
 
@@ -403,7 +403,15 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     ``matmul`` (``observer.options.matmul``): the products' weights in float32, or in
     bfloat16 or float16 (``_PackedBfloat16``, ``_PackedFloat16``); those are asked for, so
     where they cannot run this raises ``ObserverError`` saying why instead of returning
-    None."""
+    None. ``auto`` (the policy default): float16 where it runs here, else float32's packing
+    (or None), never an error."""
+    if matmul == "auto":
+        if _unpackable(model) is None and matmul_unsupported("float16") is None:
+            try:
+                return pack_linears(model, "float16")
+            except ObserverError:  # weights beyond float16's range, a kernel that disagrees
+                pass
+        return pack_linears(model, "float32")
     if matmul not in _KINDS:
         raise ObserverError(f"observer.options.matmul must be one of {', '.join(MATMUL_DTYPES)},"
                             f" got {matmul!r}")

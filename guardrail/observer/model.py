@@ -247,8 +247,9 @@ class TorchObserver(BaseObserver):
                          or cfg.hidden_size // cfg.num_attention_heads)
         self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
         # The step's projections on weights packed once (CPU float32; None: the model's own),
-        # stored in observer.options.matmul's dtype
+        # stored in observer.options.matmul's dtype ("auto" resolved here)
         self.packed = pack_linears(model, matmul)
+        self.matmul = self.packed.matmul if self.packed is not None else None
         self.vocab = int(model.get_input_embeddings().num_embeddings)
         # Off the CPU, batched reads take the padded path (guardrail.observer.padded): streams'
         # caches pooled per depth, attention for all streams in one call. Read when a stream

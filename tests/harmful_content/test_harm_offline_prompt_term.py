@@ -25,6 +25,9 @@ from guardrail.probes.io import load_probe, save_probe
 from guardrail.testing.tiny_models import build_tiny_model
 from guardrail.toolkit.features import extract_features
 
+# float32 products (observer.options.matmul), so reads compare with the HF forward tightly
+EXACT = {"matmul": "float32"}
+
 pytest.importorskip("transformers")
 
 LAYERS = (1, 3)
@@ -85,7 +88,7 @@ def test_offline_scores_with_the_prompt_term_equal_the_monitors_streamed_scores(
         tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "tiny", arch="llama", num_layers=4, hidden_size=HIDDEN,
                              max_positions=512)
-    obs = load_model_dir(model, name="tiny", window=2048)
+    obs = load_model_dir(model, name="tiny", window=2048, options=EXACT)
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
     records = extract_features(obs, data, tmp_path / "features", list(LAYERS),

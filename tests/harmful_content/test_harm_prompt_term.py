@@ -25,6 +25,9 @@ from guardrail.probes.io import ProbeFileError, load_probe, save_probe
 from guardrail.stream import TokenSpan
 from guardrail.testing.tiny_models import build_tiny_model
 
+# float32 products (observer.options.matmul), so reads compare with the HF forward tightly
+EXACT = {"matmul": "float32"}
+
 pytest.importorskip("transformers")
 
 LAYERS = (1, 3)
@@ -192,7 +195,7 @@ def _run(guard: Guard, messages: list[dict[str, str]]) -> Any:
 def test_a_stream_halts_where_the_offline_prompt_term_and_rule_say(
         tiny: dict[str, Path], tmp_path: Path, arch: str, case: str, kind: str) -> None:
     """llama: the batched scheduler; gpt2: one stream at a time (the observer's own start)."""
-    obs = load_model_dir(tiny[arch], name="tiny", window=256)
+    obs = load_model_dir(tiny[arch], name="tiny", window=256, options=EXACT)
     messages = CONVERSATIONS["fresh" if case == "prefix cache" else case]
     weights, threshold, scores, without = _setup(tmp_path, obs, messages, kind)
     guard = _guard(obs, weights, threshold)
@@ -237,7 +240,7 @@ def test_a_stream_without_a_prompt_scores_with_the_neutral_term(
     messages at all: the BOS token alone) is not what the head was fitted on: the stream gets
     the weights' neutral term. Here the context's own term keeps every prefix low and the
     neutral one lifts it: the stream halts where the neutral term says."""
-    obs = load_model_dir(tiny[arch], name="tiny", window=256)
+    obs = load_model_dir(tiny[arch], name="tiny", window=256, options=EXACT)
     messages = NO_PROMPT[case]
     rows, _ = _offline(obs, messages)
     response = _response_logits(_head("mlp", None), "mlp", rows)
@@ -269,7 +272,7 @@ def test_a_prompt_term_outside_the_training_range_is_clipped(
     """A prompt whose term lies far outside the range the head saw moves the logit only to the
     range's edge: above it, a term that would halt the stream is clipped to one that does not;
     below it, the other way round."""
-    obs = load_model_dir(tiny["llama"], name="tiny", window=256)
+    obs = load_model_dir(tiny["llama"], name="tiny", window=256, options=EXACT)
     messages = CONVERSATIONS["fresh"]
     rows, _ = _offline(obs, messages)
     response = _response_logits(_head("mlp", None), "mlp", rows)
@@ -393,7 +396,7 @@ def test_weights_whose_prompt_term_does_not_fit_are_named(tmp_path: Path,
                                              r"'prompt_weight'"):
         HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(path)))
     wide = _head("mlp", np.ones((2, HIDDEN + 1)))
-    obs = load_model_dir(tiny["llama"], name="tiny", window=64)
+    obs = load_model_dir(tiny["llama"], name="tiny", window=64, options=EXACT)
     with pytest.raises(ProbeFileError, match=r"'prompt_weight' reads 33 values per layer, "
                                              r"observer 'tiny' has hidden size 32"):
         monitor("wide", wide).start(MonitorContext("harm", observer=obs))

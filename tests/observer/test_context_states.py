@@ -22,6 +22,9 @@ from guardrail.observer.model import render_context
 from guardrail.testing import plugin_monitors, split_text
 from guardrail.toolkit.fake import PlantedObserver
 
+# float32 products (observer.options.matmul), so reads compare with the HF forward tightly
+EXACT = {"matmul": "float32"}
+
 LAYERS = frozenset({1, 3})
 ASK = Needs(layers=LAYERS, context=True)
 TOL = 1e-4
@@ -79,7 +82,7 @@ def assert_pooled(got: Any, want: dict[int, np.ndarray]) -> None:
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_the_span_starts_at_the_last_user_messages_content(tiny_llama: Path, name: str) -> None:
-    obs = load_model_dir(tiny_llama, name="tiny", window=4096)
+    obs = load_model_dir(tiny_llama, name="tiny", window=4096, options=EXACT)
     messages = CONVERSATIONS[name]
     start = prompt_start(lambda m: render_context(obs.hf_tokenizer, m), messages)
     assert start == expected_start(obs.hf_tokenizer, messages)
@@ -92,7 +95,8 @@ def test_the_span_starts_at_the_last_user_messages_content(tiny_llama: Path, nam
 
 
 def test_a_cut_context_pools_what_is_left_of_the_span(tiny_llama: Path) -> None:
-    obs = load_model_dir(tiny_llama, name="tiny", window=64)  # 48 context tokens at most
+    # 48 context tokens at most
+    obs = load_model_dir(tiny_llama, name="tiny", window=64, options=EXACT)
     messages = _system("Tell me everything: " + "the river flows north past the mill. " * 8)
     ids, pool_from = obs.context_span(messages, ASK)
     assert len(ids) == 48 and pool_from == 0  # the question's start was cut off
@@ -104,7 +108,7 @@ def test_a_cut_context_pools_what_is_left_of_the_span(tiny_llama: Path) -> None:
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_an_unbatched_read_hands_the_pooled_states_over_once(tiny_path: Path, name: str) -> None:
     """The observer's own start/extend (llama's written-out step, GPT-2's HF forward)."""
-    obs = load_model_dir(tiny_path, name="tiny", window=256)
+    obs = load_model_dir(tiny_path, name="tiny", window=256, options=EXACT)
     messages = CONVERSATIONS[name]
     state = obs.start(messages, ASK)
     tokens = obs.tokenizer.tokenize(ANSWER)
@@ -114,7 +118,7 @@ def test_an_unbatched_read_hands_the_pooled_states_over_once(tiny_path: Path, na
 
 
 def test_a_system_prompt_from_the_prefix_cache_still_pools_the_question(tiny_llama: Path) -> None:
-    obs = load_model_dir(tiny_llama, name="tiny", window=256)
+    obs = load_model_dir(tiny_llama, name="tiny", window=256, options=EXACT)
     obs.start(_system("Who was Marie Curie?"), ASK)
     messages = _system("And Paris?")
     state = obs.start(messages, ASK)
@@ -133,7 +137,7 @@ def test_a_system_prompt_from_the_prefix_cache_still_pools_the_question(tiny_lla
 @pytest.mark.parametrize("padded", [False, True])
 def test_streams_read_in_one_batched_forward_each_get_their_own(tiny_llama: Path,
                                                                 padded: bool) -> None:
-    obs = load_model_dir(tiny_llama, name="tiny", window=256)
+    obs = load_model_dir(tiny_llama, name="tiny", window=256, options=EXACT)
     obs.padded = padded  # the accelerators' path, run on the CPU
     batched = BatchedObserver(obs)
     plain = [Needs(layers=LAYERS), Needs(layers=frozenset({1}), logits=True)]
@@ -161,7 +165,7 @@ def test_the_onnx_backend_pools_the_context(tiny_llama: Path,
     pytest.importorskip("onnxruntime")
     copy = Path(shutil.copytree(tiny_llama, tmp_path_factory.mktemp("ctx-onnx") / "llama"))
     obs = load_model_dir(copy, name="tiny", window=256, backend="onnx")
-    reference = load_model_dir(tiny_llama, name="tiny", window=256)
+    reference = load_model_dir(tiny_llama, name="tiny", window=256, options=EXACT)
     for question in ("Who was Marie Curie?", "And Paris?"):  # the second from the prefix cache
         messages = _system(question)
         state = obs.start(messages, ASK)
@@ -211,7 +215,7 @@ def test_a_monitor_gets_the_pooled_states_on_its_first_update_only(
         tiny_llama: Path, tiny_gpt2: Path, model: str) -> None:
     """Through a Guard (the batched scheduler for llama, one stream at a time for GPT-2)."""
     path = tiny_llama if model == "llama" else tiny_gpt2
-    policy = {**POLICY, "observer": {"model": str(path), "window": 256},
+    policy = {**POLICY, "observer": {"model": str(path), "window": 256, "options": EXACT},
               "release": {"hold_back_tokens": 0}}  # a read per feed
     with plugin_monitors(ctx=ContextMonitor) as host:
         guard = Guard.from_policy(policy, host=host)
@@ -231,7 +235,7 @@ def test_nothing_changes_for_monitors_that_do_not_ask(tiny_llama: Path) -> None:
     stream's rows are what a guard with a monitor that asks gives."""
     rows: dict[str, list[Any]] = {}
     for use, factory in (("plain", LayerMonitor), ("asks", ContextMonitor)):
-        obs = load_model_dir(tiny_llama, name="tiny", window=256)
+        obs = load_model_dir(tiny_llama, name="tiny", window=256, options=EXACT)
         policy = {"monitors": [{"id": "m", "use": use, "threshold": 0.5, "action": "flag"}]}
         with plugin_monitors(None, **{use: factory}) as host:
             guard = Guard.from_policy(policy, host=host, observer=obs)

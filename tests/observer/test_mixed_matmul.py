@@ -1,6 +1,7 @@
 """``observer.options.matmul``: the packed products on bfloat16 or float16 weights (mixed
-precision, opt-in). States stay within a stated distance of float32's, the option is refused
-with a clear error where it cannot run, and the default is float32, bit for bit."""
+precision). States stay within a stated distance of float32's, an option asked for is refused
+with a clear error where it cannot run, and the default (``auto``) is float16 bit for bit where
+it runs, float32 bit for bit elsewhere, never an error."""
 
 from __future__ import annotations
 
@@ -92,18 +93,49 @@ def test_float16_refuses_weights_beyond_its_range(tiny_llama: Path) -> None:
                       matmul="float16")
 
 
-def test_default_products_are_float32_bit_for_bit(tiny_llama: Path) -> None:
-    """No option and ``matmul: float32`` are the same observer: float32 packed weights, the
-    same floats out, and those equal the model's own projections (test_packed_step)."""
-    default = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
-    explicit = load_model_dir(tiny_llama, name="tiny-llama", window=4096,
-                              options={"matmul": "float32"})
-    assert default.packed is not None and default.packed.matmul == "float32"
-    assert default.packed.blocks[0].qkv.weight.dtype == torch.float32
-    (h0, l0), (h1, l1) = _read(default), _read(explicit)
+def _same_reads(a: Any, b: Any) -> None:
+    (h0, l0), (h1, l1) = _read(a), _read(b)
     assert torch.equal(l0, l1)
     for layer in NEEDS.layers:
         assert torch.equal(h0[layer], h1[layer]), layer
+
+
+def test_default_products_are_float16_where_they_run(tiny_llama: Path) -> None:
+    """No option is ``auto``: the float16 observer, bit for bit, where this CPU runs float16
+    (AVX2 and F16C), else float32's; the observer says which it picked."""
+    default = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    picked = "float32" if matmul_unsupported("float16") else "float16"
+    explicit = load_model_dir(tiny_llama, name="tiny-llama", window=4096,
+                              options={"matmul": picked})
+    assert default.packed is not None and default.matmul == default.packed.matmul == picked
+    assert type(default.packed.blocks[0].qkv) is type(explicit.packed.blocks[0].qkv)
+    _same_reads(default, explicit)
+
+
+def test_default_falls_back_to_float32_quietly(tiny_llama: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where float16 cannot run (a CPU without the instructions, weights beyond its range) the
+    default loads float32's products, the same floats as ``matmul: float32``, and no error."""
+    explicit = load_model_dir(tiny_llama, name="tiny-llama", window=4096,
+                              options={"matmul": "float32"})
+    assert explicit.matmul == "float32"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cpu, "get_capabilities", dict)
+        bare_cpu = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    assert bare_cpu.matmul == "float32"
+    _same_reads(bare_cpu, explicit)
+    wide = load_model_dir(tiny_llama, name="tiny-llama", window=4096,
+                          options={"matmul": "float32"})
+    with torch.no_grad():
+        wide.model.base_model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
+    from guardrail.observer.model import TorchObserver
+
+    auto = TorchObserver("tiny-llama", wide.model, wide.hf_tokenizer, 256, matmul="auto")
+    assert auto.matmul == "float32"
+    from guardrail.observer.hf import resolve_matmul
+
+    for value in (None, "auto"):  # the onnx backend takes the default (float32 there)
+        assert resolve_matmul("tiny", "onnx", value) == "auto"
 
 
 def test_matmul_option_is_refused_where_it_cannot_run(tiny_llama: Path, tiny_gpt2: Path,
@@ -114,7 +146,7 @@ def test_matmul_option_is_refused_where_it_cannot_run(tiny_llama: Path, tiny_gpt
         assert "observer.options.matmul" in str(info.value)
         return str(info.value)
 
-    assert "float32, bfloat16, float16" in refused(tiny_llama, {"matmul": "int8"})
+    assert "auto, float32, bfloat16, float16" in refused(tiny_llama, {"matmul": "int8"})
     assert "bfloat16" in refused(tiny_llama, {"matmul": "float16", "dtype": "bfloat16"})
     assert "not a Llama-family model" in refused(tiny_gpt2, {"matmul": "bfloat16"})
     assert "torch backend" in refused(tiny_llama, {"matmul": "bfloat16"}, backend="onnx")
@@ -151,7 +183,7 @@ def test_a_policy_turns_mixed_products_on(tiny_llama: Path, matmul: str) -> None
 
     with plugin_monitors(state_norm=StateNormMonitor) as host:
         scores = []
-        for options in ({}, {"matmul": matmul}):
+        for options in ({"matmul": "float32"}, {"matmul": matmul}):
             guard = Guard.from_policy(policy(options), host=host)
             session = guard.session(prompt="Tell me about Paris.", record_scores=True)
             for delta in split_text(TEXT, [4, 7]):
@@ -176,7 +208,7 @@ def test_smollm2_states_with_mixed_products(matmul: str) -> None:
         smollm2_gguf()
     except Exception as exc:  # noqa: BLE001 - the wheel is optional on a dev machine
         pytest.skip(str(exc))
-    exact = load_smollm2(ObserverSpec(window=512))
+    exact = load_smollm2(ObserverSpec(window=512, options={"matmul": "float32"}))
     mixed = load_smollm2(ObserverSpec(window=512, options={"matmul": matmul}))
     needs = Needs(layers=frozenset({15, -1}), logits=True)
     tokens = exact.tokenizer.tokenize(TEXT)

@@ -16,6 +16,9 @@ from guardrail.observer.hf import load_local, load_model_dir, load_smollm2
 from guardrail.policy import ObserverSpec
 from guardrail.stream import Aligner, TokenSpan
 
+# float32 products (observer.options.matmul), so reads compare with the HF forward tightly
+EXACT = {"matmul": "float32"}
+
 TEXT = ("The capital of France is Paris. Marie Curie was born in Warsaw in 1867 and won two "
         "Nobel prizes. Café 🙂 déjà vu.")
 MESSAGES = [{"role": "user", "content": "Tell me some facts."}]
@@ -46,7 +49,7 @@ def test_observer_satisfies_the_protocol(llama_observer: Any) -> None:
 @pytest.mark.parametrize("chunk", [1, 3, 16])
 def test_incremental_states_equal_a_full_forward(tiny_path: Path, chunk: int) -> None:
     """All layers and logits: the whole model runs."""
-    obs = load_model_dir(tiny_path, name="tiny", window=256)
+    obs = load_model_dir(tiny_path, name="tiny", window=256, options=EXACT)
     tokens = obs.tokenizer.tokenize(TEXT)
     got = read(obs, obs.start(MESSAGES, NEEDS), tokens, chunk)
     context = obs.context_ids(MESSAGES)
@@ -99,7 +102,7 @@ def test_streams_are_independent(llama_observer: Any) -> None:
 
 def test_window_bounds_the_cache_on_a_long_stream(tiny_path: Path) -> None:
     window = 64
-    obs = load_model_dir(tiny_path, name="tiny", window=window)
+    obs = load_model_dir(tiny_path, name="tiny", window=window, options=EXACT)
     tokens = obs.tokenizer.tokenize(TEXT * 30)
     assert len(tokens) > 10 * window
     state = obs.start(MESSAGES, NEEDS)
@@ -114,7 +117,7 @@ def test_window_bounds_the_cache_on_a_long_stream(tiny_path: Path) -> None:
 
 def test_after_a_drop_rotary_states_match_the_kept_tokens_at_their_true_positions(
         tiny_llama: Path) -> None:
-    obs = load_model_dir(tiny_llama, name="tiny", window=48)
+    obs = load_model_dir(tiny_llama, name="tiny", window=48, options=EXACT)
     tokens = obs.tokenizer.tokenize(TEXT * 3)
     state = obs.start(MESSAGES, NEEDS)
     fill = 48 - state.context_len  # the window is full after these; the next chunk drops
@@ -141,7 +144,7 @@ def test_after_a_drop_rotary_states_match_the_kept_tokens_at_their_true_position
 
 
 def test_truncate_continues_from_a_prefix(tiny_path: Path) -> None:
-    obs = load_model_dir(tiny_path, name="tiny", window=256)
+    obs = load_model_dir(tiny_path, name="tiny", window=256, options=EXACT)
     tokens = obs.tokenizer.tokenize(TEXT)
     other = obs.tokenizer.tokenize(" And then something different.")
     routed = obs.start(MESSAGES, NEEDS)

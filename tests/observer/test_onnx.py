@@ -34,7 +34,7 @@ def model_copy(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 ], ids=["all-layers-and-logits", "shallow"])
 def test_onnx_matches_torch_chunk_by_chunk_through_window_drops(model_copy: Path,
                                                                 needs: Needs) -> None:
-    torch_obs = load_model_dir(model_copy, name="t", window=48)
+    torch_obs = load_model_dir(model_copy, name="t", window=48, options={"matmul": "float32"})
     onnx_obs = load_model_dir(model_copy, name="t", window=48, backend="onnx")
     tokens = torch_obs.tokenizer.tokenize(TEXT)
     a, b = torch_obs.start(MESSAGES, needs), onnx_obs.start(MESSAGES, needs)

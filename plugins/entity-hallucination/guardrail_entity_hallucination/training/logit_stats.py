@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
     from guardrail.toolkit.sources import cache_dir
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     for path in args.files:
         cache_logit_stats(observer, path, args.features or cache_dir() / "entity-features")
     return 0

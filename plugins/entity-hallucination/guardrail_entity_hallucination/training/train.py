@@ -222,10 +222,10 @@ def plan(args: argparse.Namespace) -> Plan:
 def load_features(run: Plan) -> tuple[dict[str, FeatureSet], Path]:
     """Build the data (when missing) and cache SmolLM2's states over each split used."""
     data_dir = build_data(run.data)
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
 
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     features = {}
     for split in ("train", "val", "test", "paired"):
         features.update(split_features(observer, data_dir, run.features, (split,), run.limits,

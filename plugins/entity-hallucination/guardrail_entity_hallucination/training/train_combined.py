@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
     from guardrail.toolkit.sources import cache_dir
 
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = build_data(args.data or cache_dir() / "entity-data")
     features_dir = args.features or cache_dir() / "entity-features"
     sets = args.sets if args.sets is not None else handwritten_sets()
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     report = train(observer, data_dir, features_dir, sets,
                    None if args.no_save else (args.out or DEFAULT_WEIGHTS), choose=args.choose,
                    reference=args.reference)

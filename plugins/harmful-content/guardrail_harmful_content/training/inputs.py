@@ -81,14 +81,15 @@ def prepare_data(config: TrainConfig, work: Path) -> tuple[dict[str, Path], dict
 
 
 def load_observer(model: str | None) -> Any:
-    """The embedded SmolLM2 observer, or the local HF causal LM in folder ``model``."""
-    from guardrail.observer.hf import load_model_dir, load_smollm2
+    """The embedded SmolLM2 observer, or the local HF causal LM in folder ``model``, reading
+    with float32 products (``FLOAT32_PRODUCTS``): features the same on every CPU."""
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_model_dir, load_smollm2
     from guardrail.policy import ObserverSpec
 
     if model is None:
-        return load_smollm2(ObserverSpec())
+        return load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     path = Path(model).expanduser()
-    return load_model_dir(path, name=path.name, window=2048)
+    return load_model_dir(path, name=path.name, window=2048, options=FLOAT32_PRODUCTS)
 
 
 def read_features(observer: Any, paths: dict[str, Path], work: Path, layers: Sequence[int],

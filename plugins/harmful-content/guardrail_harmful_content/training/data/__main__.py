@@ -96,14 +96,16 @@ def _handwritten_counts(path: Path) -> dict[str, object]:
 
 
 def _own_answers(args: argparse.Namespace) -> dict[str, object]:
-    from guardrail.observer.hf import load_model_dir, load_smollm2
+    from guardrail.observer.hf import FLOAT32_PRODUCTS, load_model_dir, load_smollm2
     from guardrail.policy import ObserverSpec
 
     prompts = prompt_order(read_longfact(args.longfact or default_longfact_dir()))
     if args.model is None:
-        observer, name = load_smollm2(ObserverSpec()), OwnAnswersConfig.model
+        observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
+        name = OwnAnswersConfig.model
     else:
-        observer = load_model_dir(args.model, name=args.model.name, window=2048)
+        observer = load_model_dir(args.model, name=args.model.name, window=2048,
+                                  options=FLOAT32_PRODUCTS)
         name = args.model.name
     config = OwnAnswersConfig(count=args.count, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, model=name)
