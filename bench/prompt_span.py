@@ -81,11 +81,12 @@ def span_segments(render: Render, messages: list[dict[str, str]], span: str) -> 
 
     length = len(render(messages))
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    shipped = prompt_start(render, messages)
+    if not users:  # every span: the runtime's start without a user message
+        return [(prompt_start(render, messages), length)]
+    bounds = {k: _bounds(render, messages, k, length) for k in users}
+    shipped = bounds[users[-1]][0]
     if span == "last" or len(users) < 2:
         return [(shipped, length)]
-    bounds = {k: _bounds(render, messages, k, length) for k in users}
-    assert bounds[users[-1]][0] == shipped, "probe bounds disagree with context.prompt_start"
     if span == "first":
         return [(bounds[users[0]][0], length)]
     if span == "extend8":
