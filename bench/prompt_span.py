@@ -25,7 +25,7 @@ half harmful compliance; written for this decision, not a held-out set), and a s
 single-turn records of the harm test split (50 harmful, 50 benign; built by
 ``python -m guardrail_harmful_content.training.data build --out DIR`` when
 ``~/.cache/guardrail/harmful-content/data/test.jsonl`` is missing), where every span is the
-shipped one by construction, to confirm that nothing changes there. Run by hand (about 5 minutes
+shipped one by construction, to confirm that nothing changes there. Run by hand (about 8 minutes
 on one CPU thread); writes ``bench/results/prompt_span.json``::
 
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.prompt_span [--limit N] [--single N]
