@@ -40,7 +40,8 @@ class Needs:
     values to keep per token when the full logits are not needed. ``logprobs``: the upstream API's
     own logprobs when it sends them. ``context``: the conversation's pooled states for ``layers``
     (``Features.context``, on the first ``update`` of a stream): the mean of the observer's rows
-    over the rendered context from the start of the last user message's content through the
+    over the rendered context from the start of the last user message's content (an earlier user
+    message's when the last is a short follow-up, ``guardrail.observer.context``) through the
     last context token.
     """
 
@@ -97,10 +98,11 @@ class Features:
 
     ``context`` (when a monitor's ``Needs.context`` asked for it) maps each requested layer to a
     float32 numpy vector ``(hidden_size,)``: the observer's rows of that layer averaged over the
-    rendered conversation from the start of the last user message's content through the last
-    context token (the assistant header included; docs/observer.md, "The context's pooled
-    states"). It is set on the first ``update`` of a stream only (``None`` on every other), so a
-    monitor reads it once and keeps what it needs in its state.
+    rendered conversation from the start of the last user message's content (an earlier user
+    message's when the last is a short follow-up) through the last context token (the assistant
+    header included; docs/observer.md, "The context's pooled states"). It is set on the first
+    ``update`` of a stream only (``None`` on every other), so a monitor reads it once and keeps
+    what it needs in its state.
     """
 
     tokens: Sequence[TokenSpan]

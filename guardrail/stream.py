@@ -63,8 +63,8 @@ class StreamStep:
     ``context`` (a generator's first step only, with ``tokens``) maps each layer to the
     conversation's pooled state, a vector ``(hidden_size,)``: what an observer hands a monitor
     that asks for ``Needs.context`` (the mean of the prompt's rows from the last user message's
-    content on, ``guardrail.observer.context``); the session passes it on as the stream's first
-    ``Features.context``.
+    content on, or an earlier one's after a short follow-up, ``guardrail.observer.context``); the
+    session passes it on as the stream's first ``Features.context``.
     """
 
     text: str = ""

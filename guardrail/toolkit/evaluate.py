@@ -28,7 +28,7 @@ from ..guard import Guard
 from ..policy import MonitorSpec
 from ..session import Report
 from .metrics import macro_f1, recall_at_fpr, roc_auc
-from .records import Record, random_splits, read_records
+from .records import Record, open_session, random_splits, read_records
 
 # Called once per streamed record: (index, record, report, token offsets).
 OnStream = Callable[[int, Record, Report, list[tuple[int, int]]], None]
@@ -37,7 +37,7 @@ __all__ = ["evaluate"]
 
 
 def _stream(guard: Guard, record: Record, seed: int) -> tuple[Any, list[tuple[int, int]]]:
-    session = guard.session(prompt=record.prompt, record_scores=True, dry_run=True)
+    session = open_session(guard, record, record_scores=True, dry_run=True)
     for delta in random_splits(record.response, seed=seed):
         session.feed(delta)
     report = session.finish()

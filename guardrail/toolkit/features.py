@@ -1,11 +1,12 @@
 """A feature cache: an observer's hidden states over a labelled data file, computed once.
 
 ``extract_features(observer, data, cache_dir, layers=[15])`` reads JSON Lines records
-(``guardrail.toolkit.records``: ``prompt``, ``response``, optional ``label`` and ``spans``), lets
-the observer read each prompt as a user message, then the response in chunks (as a live stream
-would), and stores per record the requested layers' states, the tokens' ids and char offsets, and
-(when asked) the top-k logits and each token's surprisal and entropy, as safetensors shards under a
-directory keyed by the observer, the layers, the options and the data file's hash. A second call
+(``guardrail.toolkit.records``: ``prompt``, ``response``, optional ``label``, ``spans`` and
+``messages``), lets the observer read each prompt as a user message (a record's conversation
+where it has one), then the response in chunks (as a live stream would), and stores per record
+the requested layers' states, the tokens' ids and char offsets, and (when asked) the top-k logits
+and each token's surprisal and entropy, as safetensors shards under a directory keyed by the
+observer, the layers, the options and the data file's hash. A second call
 with the same inputs reloads the cache; ``load_features(dir)`` reloads it without an observer.
 
 Token labels come from char spans at use time: ``token_labels`` (a token inside a span takes the
@@ -205,7 +206,7 @@ def _stats(logits: torch.Tensor, previous: torch.Tensor | None, ids: torch.Tenso
 def _observe(observer: Any, record: Record, needs: Needs, layers: Sequence[int], top_k: int,
              stats: bool, chunk_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Run the observer over one record; the tensors to store for it."""
-    state = observer.start([{"role": "user", "content": record.prompt}], needs)
+    state = observer.start(record.conversation(), needs)
     tokens: list[TokenSpan] = list(observer.tokenizer.tokenize(record.response))
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     tops, top_ids, surprisal, entropy = [], [], [], []
@@ -269,11 +270,14 @@ def _cache_target(observer: Any, data: Path, cache_dir: str | Path, data_hash: s
 def _manifest_row(index: int, shard: int, record: Record, tensors: dict[str, torch.Tensor]
                   ) -> dict[str, Any]:
     """A cached record's manifest entry: where its tensors are and the record itself."""
-    return {
+    row = {
         "index": index, "shard": shard, "tokens": int(tensors["ids"].shape[0]),
         "prompt": record.prompt, "response": record.response, "label": record.label,
         "spans": [[s.start, s.end, s.label] for s in record.spans], "extra": record.extra,
     }
+    if record.messages is not None:  # what the observer read before the response
+        row["messages"] = record.conversation()
+    return row
 
 
 def extract_features(

@@ -3,7 +3,12 @@
 One record a line (docs/quickstart.md, "Measure a policy on labelled data")::
 
     {"prompt": str, "response": str, "label": 0|1 (optional),
-     "spans": [{"start": int, "end": int, "label": 0|1}] (optional, char offsets into response)}
+     "spans": [{"start": int, "end": int, "label": 0|1}] (optional, char offsets into response),
+     "messages": [{"role": str, "content": str}] (optional: the conversation before the answer)}
+
+A record with ``messages`` opens its session with that conversation (``guard.session(messages)``)
+and its ``prompt`` is the last user message's content (given, it must agree); a record without
+one opens it with ``prompt=`` as a single user message, as before.
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ from typing import Any
 from ..errors import GuardrailError
 from ..events import Flag, Route, event_to_dict
 from ..guard import Guard
+from ..messages import MessageError, normalize_messages
 from ..session import GuardSession, Report
 
-__all__ = ["Record", "SpanLabel", "random_splits", "read_records", "replay_record",
-           "replay_summary"]
+__all__ = ["MESSAGE_ROLES", "Record", "SpanLabel", "open_session", "random_splits",
+           "read_records", "replay_record", "replay_summary"]
+
+# The roles a record's conversation may hold (after normalize_messages' aliases: developer is
+# system, function is tool): other role strings would reach a chat template that may not know them
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
 def random_splits(text: str, seed: int = 0, max_size: int = 12) -> list[str]:
@@ -50,6 +60,15 @@ class Record:
     label: int | None = None
     spans: tuple[SpanLabel, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # the conversation before the answer (normalised); None: the prompt as one user message
+    messages: tuple[dict[str, str], ...] | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """What an observer reads before the response: ``messages``, else the prompt as one
+        user message."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
 
 
 class DataError(GuardrailError):
@@ -80,6 +99,10 @@ def read_records(path: str | Path) -> Iterator[Record]:
                 raise _bad(path, n, "field 'response' must be a string")
             if not isinstance(prompt, str):
                 raise _bad(path, n, "field 'prompt' must be a string")
+            messages = None
+            if "messages" in data:
+                messages = _messages(path, n, data["messages"])
+                prompt = _prompt_of(path, n, messages, data.get("prompt"))
             label = data.get("label")
             if label is not None and label not in (0, 1):
                 raise _bad(path, n, f"field 'label' must be 0 or 1, got {label!r}")
@@ -93,14 +116,61 @@ def read_records(path: str | Path) -> Iterator[Record]:
                     raise _bad(path, n, f"spans[{k}] is outside the response or has a bad label")
                 spans.append(s)
             extra = {k: v for k, v in data.items() if k not in {"prompt", "response", "label",
-                                                                 "spans"}}
-            yield Record(prompt, response, label, tuple(spans), extra)
+                                                                 "spans", "messages"}}
+            yield Record(prompt, response, label, tuple(spans), extra, messages)
+
+
+def _messages(path: Path, line: int, value: Any) -> tuple[dict[str, str], ...]:
+    """A record's ``messages``, normalised and checked: a non-empty list of chat messages with
+    the roles of ``MESSAGE_ROLES``, not ending in an assistant message (the answer is the
+    record's ``response``)."""
+    if not isinstance(value, list) or not value:
+        raise _bad(path, line, "field 'messages' must be a non-empty list of "
+                               '{"role", "content"} objects (leave it out for a prompt alone)')
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):  # normalize_messages also reads strings and pairs
+            raise _bad(path, line, f"messages[{i}] must be an object with 'role' and 'content', "
+                                   f"got {json.dumps(message)[:60]}")
+    try:
+        messages = normalize_messages(value)
+    except MessageError as exc:
+        raise _bad(path, line, str(exc)) from None
+    for i, message in enumerate(messages):
+        if message["role"] not in MESSAGE_ROLES:
+            raise _bad(path, line, f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}"
+                                   f", got {message['role']!r}")
+    if messages[-1]["role"] == "assistant":
+        raise _bad(path, line, f"messages[{len(messages) - 1}] is an assistant message: "
+                               "'messages' is the conversation before the answer, the answer is "
+                               "'response'")
+    return tuple(messages)
+
+
+def _prompt_of(path: Path, line: int, messages: tuple[dict[str, str], ...], given: Any) -> str:
+    """The prompt of a record with ``messages``: the last user message's content ("" without
+    one); a ``prompt`` given beside it must be that text."""
+    last = next((i for i in range(len(messages) - 1, -1, -1)
+                 if messages[i]["role"] == "user"), None)
+    prompt = messages[last]["content"] if last is not None else ""
+    if given is not None and given != prompt:
+        where = f"messages[{last}].content" if last is not None else "no user message"
+        raise _bad(path, line, f"field 'prompt' must equal the last user message's content "
+                               f"({where}) or be left out, got {given[:60]!r}")
+    return prompt
+
+
+def open_session(guard: Guard, record: Record, **options: Any) -> GuardSession:
+    """The session a record streams through: opened with its conversation when it has one,
+    else with its prompt as before (``options`` go to ``guard.session``)."""
+    if record.messages is not None:
+        return guard.session(record.conversation(), **options)
+    return guard.session(prompt=record.prompt, **options)
 
 
 def stream_record(guard: Guard, record: Record, seed: int, *,
                   record_scores: bool = False) -> tuple[Report, GuardSession]:
     """Feed a record's response through a session in random-sized deltas (reproducible)."""
-    session = guard.session(prompt=record.prompt, record_scores=record_scores)
+    session = open_session(guard, record, record_scores=record_scores)
     for delta in random_splits(record.response, seed=seed):
         session.feed(delta)
         if session.halted is not None:

@@ -40,6 +40,10 @@ CONVERSATIONS = {
                       {"role": "assistant", "content": "A physicist born in Warsaw."},
                       {"role": "user", "content": "And what did she win?"}],
     "no user message": [{"role": "system", "content": SYSTEM}],
+    # a short last turn: the span reaches back to the question before it
+    "a short follow-up": [{"role": "user", "content": "Who was Marie Curie?"},
+                          {"role": "assistant", "content": "A physicist born in Warsaw."},
+                          {"role": "user", "content": "Thanks!"}],
 }
 
 

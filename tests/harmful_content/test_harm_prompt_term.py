@@ -19,6 +19,7 @@ from guardrail_harmful_content.pooling import stack_states
 
 from guardrail import Features, Guard, ObserverError
 from guardrail.monitor import MonitorContext, Needs
+from guardrail.observer.context import SHORT_TURN_TOKENS
 from guardrail.observer.hf import load_model_dir
 from guardrail.observer.model import render_context
 from guardrail.probes.io import ProbeFileError, load_probe, save_probe
@@ -44,6 +45,10 @@ CONVERSATIONS = {
                       {"role": "user", "content": "Who was Marie Curie?"},
                       {"role": "assistant", "content": "A physicist born in Warsaw."},
                       {"role": "user", "content": "How do I bake bread?"}],
+    # a short follow-up: the term reads the question before it too
+    "short follow-up": [{"role": "user", "content": "How do I bake bread?"},
+                        {"role": "assistant", "content": "Mix flour and water."},
+                        {"role": "user", "content": "Thanks!"}],
 }
 # Streams without a prompt: they score with the weights' neutral term, whatever the context reads
 NO_PROMPT = {
@@ -103,14 +108,18 @@ def _save(folder: Path, head: DualHead, kind: str, threshold: float,
 
 
 def _span_start(hf_tokenizer: Any, messages: list[dict[str, str]]) -> int:
-    """The last user message's content's first token, from the rendered text (no user message:
-    after the template's opening of a user turn)."""
+    """The last user message's content's first token, from the rendered text, or, for a last
+    message shorter than ``SHORT_TURN_TOKENS`` tokens, the one before it (these conversations
+    need no further step back); no user message: after the template's opening of a user turn."""
     users = [m for m in messages if m["role"] == "user"]
     if not users:
         return len(hf_tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"])
     text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return len(hf_tokenizer(text[:text.rfind(users[-1]["content"])],
-                            add_special_tokens=False)["input_ids"])
+    content = users[-1]["content"]
+    if len(users) > 1 and len(hf_tokenizer(content, add_special_tokens=False)["input_ids"]) \
+            < SHORT_TURN_TOKENS:
+        content = users[-2]["content"]
+    return len(hf_tokenizer(text[:text.rfind(content)], add_special_tokens=False)["input_ids"])
 
 
 def _offline(obs: Any, messages: list[dict[str, str]]

@@ -1,8 +1,9 @@
 """The context's pooled states (``Needs.context``): a monitor that asks gets, on its stream's first
 update only, each layer's mean over the rendered conversation from the last user message's content
-through the assistant header, equal to a plain HF forward's, whichever path read the context (the
-unbatched read, the batched scheduler, the padded path, the ONNX backend, a system prompt restored
-from the prefix cache); when nobody asks, nothing changes."""
+(an earlier user message's, when the last is a short follow-up) through the assistant header,
+equal to a plain HF forward's, whichever path read the context (the unbatched read, the batched
+scheduler, the padded path, the ONNX backend, a system prompt restored from the prefix cache);
+when nobody asks, nothing changes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from guardrail import Features, Guard, Monitor, Needs, ObserverError, Score
 from guardrail.observer.batch import BatchedObserver
-from guardrail.observer.context import prompt_start
+from guardrail.observer.context import SHORT_TURN_TOKENS, prompt_start
 from guardrail.observer.hf import load_model_dir
 from guardrail.observer.model import render_context
 from guardrail.testing import plugin_monitors, split_text
@@ -47,19 +48,58 @@ CONVERSATIONS = {
         {"role": "user", "content": "And what did she win?"},
     ],
     "no user message": [{"role": "system", "content": SYSTEM}],
+    # "Thanks!" is 6 tokens (< 8): the span reaches back to the question it follows
+    "a short follow-up": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Who was Marie Curie?"},
+        {"role": "assistant", "content": "A physicist, born in Warsaw in 1867."},
+        {"role": "user", "content": "Thanks!"},
+    ],
+    # "Go on" is 4 tokens: two of them make 8, so the span starts at the first "Go on"
+    "two short follow-ups": [
+        {"role": "user", "content": "Who was Marie Curie?"},
+        {"role": "assistant", "content": "A physicist."},
+        {"role": "user", "content": "Go on"},
+        {"role": "assistant", "content": "She was born in Warsaw."},
+        {"role": "user", "content": "Go on"},
+    ],
+    # short follow-ups all the way back: the span starts at the first user message's content
+    "only short turns": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "More"},
+    ],
 }
 
 
+# Few enough streams for one batch that no machine spreads over its forward workers
+BATCHED = ("one user message", "several turns", "no user message", "a short follow-up")
+
+
+def _tokens(hf_tokenizer: Any, text: str) -> int:
+    return len(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def expected_start(hf_tokenizer: Any, messages: list[dict[str, str]]) -> int:
-    """Where the last user message's content starts, counted from the rendered text: the tokens
-    of the text before it (the tiny tokenizer never merges a header's newline into content).
-    Without a user message: after the template's opening of a user turn."""
+    """Where the pooled span starts, counted from the rendered text: the tokens of the text before
+    the last user message's content, or, while the user contents from there on hold fewer than
+    ``SHORT_TURN_TOKENS`` tokens, an earlier user message's (the tiny tokenizer never merges a
+    header's newline into content). Without a user message: after the template's opening of a
+    user turn."""
     users = [m for m in messages if m["role"] == "user"]
     if not users:
-        return len(hf_tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"])
+        return _tokens(hf_tokenizer, "<|im_start|>user\n")
     text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    at = text.rfind(users[-1]["content"])
-    return len(hf_tokenizer(text[:at], add_special_tokens=False)["input_ids"])
+    starts, at = [], 0
+    for m in users:  # each user content's place in the text, in order
+        at = text.index(m["content"], at)
+        starts.append(at)
+        at += len(m["content"])
+    j, size = len(users) - 1, _tokens(hf_tokenizer, users[-1]["content"])
+    while size < SHORT_TURN_TOKENS and j > 0:
+        j -= 1
+        size += _tokens(hf_tokenizer, users[j]["content"])
+    return _tokens(hf_tokenizer, text[:starts[j]])
 
 
 def hf_pooled(obs: Any, messages: list[dict[str, str]]) -> dict[int, np.ndarray]:
@@ -90,7 +130,14 @@ def test_the_span_starts_at_the_last_user_messages_content(tiny_llama: Path, nam
     assert pool_from == start and ids == obs.context_ids(messages)
     if name != "no user message":  # the span reads the question and the assistant header
         tail = obs.hf_tokenizer.decode(ids[start:])
-        assert tail == messages[-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n"
+        assert tail.endswith(messages[-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+        first = {"a short follow-up": "Who was Marie Curie?", "two short follow-ups": "Go on",
+                 "only short turns": "Hi"}.get(name, messages[-1]["content"])
+        assert tail.startswith(first + "<|im_end|>" if first != messages[-1]["content"]
+                               else first)
+        assert tail.count("<|im_start|>user") == {"a short follow-up": 1,
+                                                  "two short follow-ups": 1,
+                                                  "only short turns": 1}.get(name, 0)
     assert obs.context_span(messages, Needs(layers=LAYERS)) == (ids, None)
 
 
@@ -141,8 +188,9 @@ def test_streams_read_in_one_batched_forward_each_get_their_own(tiny_llama: Path
     obs.padded = padded  # the accelerators' path, run on the CPU
     batched = BatchedObserver(obs)
     plain = [Needs(layers=LAYERS), Needs(layers=frozenset({1}), logits=True)]
-    needs = [ASK] * len(CONVERSATIONS) + plain  # streams that do not ask share the forwards
-    convs = [*CONVERSATIONS.values(), _system("Where is Paris?"), _system("Who was Curie?")]
+    asking = [CONVERSATIONS[name] for name in BATCHED]
+    needs = [ASK] * len(asking) + plain  # streams that do not ask share the forwards
+    convs = [*asking, _system("Where is Paris?"), _system("Who was Curie?")]
     tokens = obs.tokenizer.tokenize(ANSWER)
     with batched.hold():  # every context read, then every first read, in one batch each
         streams = [batched.start(m, n) for m, n in zip(convs, needs, strict=True)]

@@ -96,9 +96,10 @@ class LocalGenerator:
 
     def context_start(self, prompt: Prompt, length: int | None = None) -> int:
         """Where the pooled context span starts in ``prompt_ids(prompt)`` (``length`` ids): the
-        first token of the last user message's content, found as the observer finds it
-        (``guardrail.observer.context.span_start``). The prompt is read whole, never cut to a
-        window, so a prompt longer than an observer's context budget pools all of its span."""
+        first token of the last user message's content (an earlier one's after a short
+        follow-up), found as the observer finds it (``guardrail.observer.context.span_start``).
+        The prompt is read whole, never cut to a window, so a prompt longer than an observer's
+        context budget pools all of its span."""
         messages = as_messages(prompt)
         if length is None:
             length = len(self.prompt_ids(messages))

@@ -2,11 +2,13 @@
 observer and pooled as the runtime pools it for a monitor (``Needs.context``, the weights'
 ``prompt_feature: context_mean``), cached to a file.
 
-The pooled span runs from the first token of the last user message's content through the last
-context token (the assistant header included), in the context the observer renders (its chat
-template with the generation prompt, cut to the window's context budget). Its start is found by
-rendering the conversation with that content replaced by two probe strings and taking the first
-token where the renderings differ; a cut context pools what is left of the span. This is the
+The pooled span runs from the first token of the last user message's content (an earlier user
+message's when the last is a short follow-up; the pool's records are one user message each, so
+never here) through the last context token (the assistant header included), in the context the
+observer renders (its chat template with the generation prompt, cut to the window's context
+budget). Its start is found by rendering the conversation with that content replaced by two
+probe strings and taking the first token where the renderings differ; a cut context pools what
+is left of the span. ``context_span`` takes it from the runtime's own ``span_start``. This is the
 definition of the runtime's ``Needs.context`` (docs/observer.md, "The context's pooled states")
 and of the eighth pass's prompt features (docs/harmful-content.md).
 
