@@ -337,6 +337,22 @@ def render(result: dict[str, Any]) -> str:
                 f"latency by {median(p50):.2f}x at p50 and {median(p95s):.2f}x at p95 (medians "
                 f"over the {len(pairs)} configurations; p95 {min(p95s):.2f}x to "
                 f"{max(p95s):.2f}x; above 1 is better)."]
+    products = [(r, base) for r in rows if r["backend"] == "torch"
+                and (base := find("torch-float32", r["threads"], r["busy"],
+                                  r["reads_scheme"])) is not None
+                and r["reads_scheme"] != "per delta"]
+    if products:
+        picked = sorted({str(r.get("matmul")) for r, _ in products})
+        speed = [r["fast"]["tokens_per_s"] / b["fast"]["tokens_per_s"] for r, b in products]
+        tail = [b["paced"]["latency_p95_ms"] / r["paced"]["latency_p95_ms"]
+                for r, b in products if r["paced"]["latency_p95_ms"]]
+        out += ["", f"*torch* is the default observer (its products on {', '.join(picked)} "
+                "weights here: `observer.options.matmul: auto`), *torch-float32* the same with "
+                "`matmul: float32` (the default until 2026-12-05). Against it, in the same "
+                f"configuration: {median(speed):.2f}x the tokens/s ({min(speed):.2f}x to "
+                f"{max(speed):.2f}x) and {median(tail):.2f}x less p95 added latency "
+                f"({min(tail):.2f}x to {max(tail):.2f}x; medians over the {len(speed)} "
+                "configurations with reads when due, catch-up or ahead)."]
     before = result.get("before")
     if before:  # the same configurations on the code before a change, run back to back
         out += ["", before["note"], "",
