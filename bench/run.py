@@ -50,8 +50,7 @@ HARM_HEAD_BEFORE = {
 # default (observer.options.matmul: auto, 2026-12-05): they are float32's figures, noted under
 # their section. Drop a name when its benchmark is rerun.
 # (stream_cost reads with the ONNX backend, which this does not change.)
-FLOAT32_PRODUCTS_BEFORE = {"observer_bench", "observer_batch", "observer_rss", "halt_lag",
-                           "ray_throughput"}
+FLOAT32_PRODUCTS_BEFORE = {"observer_bench", "observer_batch", "observer_rss", "ray_throughput"}
 
 
 def _head_note(name: str) -> list[str]:
