@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from guardrail_harmful_content.head import DualHead
 from guardrail_harmful_content.training.scoring import (
     prefix_scores,
@@ -25,14 +24,13 @@ from guardrail.probes.io import load_probe, save_probe
 from guardrail.testing.tiny_models import build_tiny_model
 from guardrail.toolkit.features import extract_features
 
+from .tiny_heads import HALFLIFE, HIDDEN, LAYERS, random_head
+
 # float32 products (observer.options.matmul), so reads compare with the HF forward tightly
 EXACT = {"matmul": "float32"}
 
 pytest.importorskip("transformers")
 
-LAYERS = (1, 3)
-HIDDEN = 32
-HALFLIFE = 12.0
 RECORDS = [
     {"prompt": "How do I bake bread?",
      "response": "Mix flour, water, salt and yeast; knead it for ten minutes, then let it rise."},
@@ -43,23 +41,6 @@ RECORDS = [
     {"prompt": "",
      "response": "The weather stays mild all week, with rain on Thursday and sun at the end."},
 ]
-
-
-def _head(prompt_weight: np.ndarray) -> DualHead:
-    """The shipped head's shape: the pooled half on a one-unit MLP whose shifted GELU is the
-    identity (as the trainer writes it), random response and prompt weights."""
-    g = torch.Generator().manual_seed(0)
-    width = len(LAYERS) * HIDDEN
-    head = DualHead(2 * width, dropout=0.0, seed=0, sequence_hidden=1)
-    first, last = head.sequence_layers()
-    with torch.no_grad():
-        first.weight.zero_()
-        first.weight[0, width:] = torch.randn(width, generator=g) * 0.3
-        first.bias.fill_(60.0)
-        last.weight.copy_(torch.tensor([[0.0], [1.0]]))
-        last.bias.copy_(torch.tensor([0.0, -60.0]))
-    head.set_prompt_weight(prompt_weight)
-    return head.eval()
 
 
 def _save(folder: Path, head: DualHead, prompt_term: dict[str, float]) -> Path:
@@ -98,7 +79,8 @@ def test_offline_scores_with_the_prompt_term_equal_the_monitors_streamed_scores(
 
     # A prompt weight whose raw terms are a few logits apart; the clamp's top cuts the highest
     raw = np.random.default_rng(3).standard_normal((len(LAYERS), HIDDEN))
-    wide = _save(tmp_path / "wide", _head(raw), {"neutral": 0.0, "low": -1e6, "high": 1e6})
+    wide = _save(tmp_path / "wide", random_head("mlp", raw),
+                 {"neutral": 0.0, "low": -1e6, "high": 1e6})
     probe = load_probe(wide)
     assert isinstance(probe.head, DualHead)
     unclipped = prompt_terms(probe.head, probe.config, [r.prompt for r in records], obs, cache)
@@ -108,7 +90,7 @@ def test_offline_scores_with_the_prompt_term_equal_the_monitors_streamed_scores(
     spread = [t * scale for t in prompted]
     clamp = {"low": spread[0] - 1.0, "high": (spread[1] + spread[2]) / 2}
     clamp["neutral"] = clamp["low"] + 0.5 * (clamp["high"] - clamp["low"]) + 0.25
-    weights = _save(tmp_path / "clamped", _head(raw * scale), clamp)
+    weights = _save(tmp_path / "clamped", random_head("mlp", raw * scale), clamp)
     probe = load_probe(weights)
     assert isinstance(probe.head, DualHead)
 

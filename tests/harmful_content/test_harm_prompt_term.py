@@ -26,14 +26,13 @@ from guardrail.probes.io import ProbeFileError, load_probe, save_probe
 from guardrail.stream import TokenSpan
 from guardrail.testing.tiny_models import build_tiny_model
 
+from .tiny_heads import HALFLIFE, HIDDEN, LAYERS, random_head
+
 # float32 products (observer.options.matmul), so reads compare with the HF forward tightly
 EXACT = {"matmul": "float32"}
 
 pytest.importorskip("transformers")
 
-LAYERS = (1, 3)
-HIDDEN = 32
-HALFLIFE = 12.0
 K = 3
 SYSTEM = "You are a careful assistant. Answer in short sentences and name your sources."
 ANSWER = ("Mix flour, water, salt and yeast; knead it for ten minutes. The river flows north "
@@ -67,29 +66,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: build_tiny_model(root / arch, arch=arch, num_layers=4,
                                    hidden_size=HIDDEN, max_positions=512)
             for arch in ("llama", "gpt2")}
-
-
-def _head(kind: str, prompt: np.ndarray | None, seed: int = 0) -> DualHead:
-    """Random weights of the shipped shape (``mlp``: the pooled half on a one-unit MLP whose
-    shifted GELU is the identity, as the trainer writes it) or SCM's linear head (``linear``)."""
-    g = torch.Generator().manual_seed(seed)
-    width = len(LAYERS) * HIDDEN
-    if kind == "mlp":
-        head = DualHead(2 * width, dropout=0.0, seed=0, sequence_hidden=1)
-        first, last = head.sequence_layers()
-        with torch.no_grad():
-            first.weight.zero_()
-            first.weight[0, width:] = torch.randn(width, generator=g) * 0.3
-            first.bias.fill_(60.0)
-            last.weight.copy_(torch.tensor([[0.0], [1.0]]))
-            last.bias.copy_(torch.tensor([0.0, -60.0]))
-    else:
-        head = DualHead(width, dropout=0.0, seed=0)
-        with torch.no_grad():
-            head.sequence_layers()[0].weight.copy_(torch.randn(2, width, generator=g) * 0.3)
-    if prompt is not None:
-        head.set_prompt_weight(prompt)
-    return head.eval()
 
 
 def _save(folder: Path, head: DualHead, kind: str, threshold: float,
@@ -163,11 +139,11 @@ def _setup(folder: Path, obs: Any, messages: list[dict[str, str]], kind: str
     threshold in the middle of the lifted scores: the weights, the threshold and the offline
     scores with and without the term."""
     rows, pooled = _offline(obs, messages)
-    response = _response_logits(_head(kind, None), kind, rows)
+    response = _response_logits(random_head(kind, None), kind, rows)
     raw = np.random.default_rng(1).standard_normal((len(LAYERS), HIDDEN))
     lift = float(np.ptp(response)) + 1.0
     term = sum(float(raw[j] @ pooled[layer]) for j, layer in enumerate(LAYERS))
-    head = _head(kind, raw * (lift / term))
+    head = random_head(kind, raw * (lift / term))
     stored = head.prompt_weight.double().numpy()  # float32 as saved
     term = sum(float(stored[j] @ pooled[layer]) for j, layer in enumerate(LAYERS))
     threshold = _middle_threshold(_sigmoid(response + term))
@@ -252,10 +228,10 @@ def test_a_stream_without_a_prompt_scores_with_the_neutral_term(
     obs = load_model_dir(tiny[arch], name="tiny", window=256, options=EXACT)
     messages = NO_PROMPT[case]
     rows, _ = _offline(obs, messages)
-    response = _response_logits(_head("mlp", None), "mlp", rows)
+    response = _response_logits(random_head("mlp", None), "mlp", rows)
     lift = float(np.ptp(response)) + 1.0
     context = _observer_context(obs, messages)
-    head = _head("mlp", _weight_for(-lift, context))
+    head = random_head("mlp", _weight_for(-lift, context))
     scores = _sigmoid(response + lift)
     threshold = _middle_threshold(scores)
     weights = _save(tmp_path, head, "mlp", threshold,
@@ -284,11 +260,11 @@ def test_a_prompt_term_outside_the_training_range_is_clipped(
     obs = load_model_dir(tiny["llama"], name="tiny", window=256, options=EXACT)
     messages = CONVERSATIONS["fresh"]
     rows, _ = _offline(obs, messages)
-    response = _response_logits(_head("mlp", None), "mlp", rows)
+    response = _response_logits(random_head("mlp", None), "mlp", rows)
     lift = float(np.ptp(response)) + 1.0
     threshold = _middle_threshold(_sigmoid(response + lift))
     context = _observer_context(obs, messages)
-    head = _head("mlp", _weight_for(3 * lift if side == "above" else -3 * lift, context))
+    head = random_head("mlp", _weight_for(3 * lift if side == "above" else -3 * lift, context))
     edge = 0.0 if side == "above" else lift  # where the range clips the term to
     prompt_term = ({"neutral": -lift / 2, "low": -lift, "high": edge} if side == "above"
                    else {"neutral": 1.5 * lift, "low": edge, "high": 2 * lift})
@@ -318,9 +294,9 @@ def test_a_zero_prompt_weight_scores_bit_for_bit_as_weights_without_one(
     carry a zero prompt weight (neutral term 0) give exactly the scores of the same weights
     without it, and those score every stream alike, with a prompt or without."""
     plain = HarmfulContentMonitor(HarmfulContentMonitor.Options(
-        weights=str(_save(tmp_path / "plain", _head(kind, None), kind, 0.9))))
+        weights=str(_save(tmp_path / "plain", random_head(kind, None), kind, 0.9))))
     zero = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(_save(
-        tmp_path / "zero", _head(kind, np.zeros((len(LAYERS), HIDDEN))), kind, 0.9))))
+        tmp_path / "zero", random_head(kind, np.zeros((len(LAYERS), HIDDEN))), kind, 0.9))))
     assert not plain.needs().context and zero.needs().context
     context = {layer: np.random.default_rng(5).standard_normal(HIDDEN).astype(np.float32)
                for layer in LAYERS}
@@ -345,10 +321,10 @@ def test_without_a_prompt_the_neutral_term_is_added_to_the_logit_exactly(
     weight = np.random.default_rng(3).standard_normal((len(LAYERS), HIDDEN))
     neutral = 1.25
     free = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(_save(
-        tmp_path / "free", _head("mlp", weight), "mlp", 0.9,
+        tmp_path / "free", random_head("mlp", weight), "mlp", 0.9,
         prompt_term={"neutral": neutral, "low": -50.0, "high": 50.0}))))
     pinned = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(_save(
-        tmp_path / "pinned", _head("mlp", weight), "mlp", 0.9,
+        tmp_path / "pinned", random_head("mlp", weight), "mlp", 0.9,
         prompt_term={"neutral": neutral, "low": neutral, "high": neutral}))))
     context = {layer: np.random.default_rng(5).standard_normal(HIDDEN).astype(np.float32)
                for layer in LAYERS}
@@ -373,7 +349,7 @@ def test_the_shipped_weights_read_the_prompt_with_a_neutral_term_in_range() -> N
 
 
 def test_a_stream_whose_first_update_has_no_context_fails_naming_it(tmp_path: Path) -> None:
-    weights = _save(tmp_path, _head("mlp", np.ones((len(LAYERS), HIDDEN))), "mlp", 0.9)
+    weights = _save(tmp_path, random_head("mlp", np.ones((len(LAYERS), HIDDEN))), "mlp", 0.9)
     monitor = HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(weights)))
     state = monitor.start(MonitorContext("harm", CONVERSATIONS["fresh"]))
     with pytest.raises(ObserverError, match=r"prompt term.*Features.context.*came with none"):
@@ -392,19 +368,19 @@ def test_weights_whose_prompt_term_does_not_fit_are_named(tmp_path: Path,
 
     with pytest.raises(ProbeFileError, match=r"key 'prompt_feature' must be one of "
                                              r"\['context_mean'\], got None"):
-        monitor("no-feature", _head("mlp", np.ones((2, HIDDEN))), feature=None)
+        monitor("no-feature", random_head("mlp", np.ones((2, HIDDEN))), feature=None)
     with pytest.raises(ProbeFileError, match=r"got 'context_last'"):
-        monitor("other-feature", _head("mlp", np.ones((2, HIDDEN))), feature="context_last")
+        monitor("other-feature", random_head("mlp", np.ones((2, HIDDEN))), feature="context_last")
     with pytest.raises(ProbeFileError, match=r"'prompt_weight' has 3 rows, one per layer"):
-        monitor("rows", _head("mlp", np.ones((3, HIDDEN))))
-    path = _save(tmp_path / "orphan", _head("mlp", None), "mlp", 0.9)
+        monitor("rows", random_head("mlp", np.ones((3, HIDDEN))))
+    path = _save(tmp_path / "orphan", random_head("mlp", None), "mlp", 0.9)
     config = path.with_suffix(".json")
     config.write_text(config.read_text().replace('"threshold"', '"prompt_feature": '
                                                  '"context_mean", "threshold"'))
     with pytest.raises(ProbeFileError, match=r"'prompt_feature' is set, but .* carries no "
                                              r"'prompt_weight'"):
         HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(path)))
-    wide = _head("mlp", np.ones((2, HIDDEN + 1)))
+    wide = random_head("mlp", np.ones((2, HIDDEN + 1)))
     obs = load_model_dir(tiny["llama"], name="tiny", window=64, options=EXACT)
     with pytest.raises(ProbeFileError, match=r"'prompt_weight' reads 33 values per layer, "
                                              r"observer 'tiny' has hidden size 32"):
@@ -423,14 +399,14 @@ def test_weights_whose_prompt_term_does_not_fit_are_named(tmp_path: Path,
 ])
 def test_weights_with_a_prompt_weight_need_the_terms_neutral_value_and_clamp(
         tmp_path: Path, prompt_term: dict[str, Any] | None, error: str) -> None:
-    path = _save(tmp_path, _head("mlp", np.ones((2, HIDDEN))), "mlp", 0.9,
+    path = _save(tmp_path, random_head("mlp", np.ones((2, HIDDEN))), "mlp", 0.9,
                  prompt_term=prompt_term)
     with pytest.raises(ProbeFileError, match=error):
         HarmfulContentMonitor(HarmfulContentMonitor.Options(weights=str(path)))
 
 
 def test_a_prompt_term_range_without_a_prompt_weight_is_refused(tmp_path: Path) -> None:
-    path = _save(tmp_path, _head("mlp", None), "mlp", 0.9)
+    path = _save(tmp_path, random_head("mlp", None), "mlp", 0.9)
     config = path.with_suffix(".json")
     config.write_text(config.read_text().replace(
         '"threshold"', '"prompt_term": {"neutral": 0, "low": -1, "high": 1}, "threshold"'))
@@ -442,14 +418,14 @@ def test_a_prompt_term_range_without_a_prompt_weight_is_refused(tmp_path: Path) 
 def test_a_head_carries_its_prompt_weight_through_save_load_and_ensembles(
         tmp_path: Path) -> None:
     weight = np.random.default_rng(2).standard_normal((2, HIDDEN)).astype(np.float32)
-    head = _head("mlp", weight)
+    head = random_head("mlp", weight)
     assert head.config["prompt_size"] == [2, HIDDEN]
     loaded = load_probe(_save(tmp_path, head, "mlp", 0.9)).head
     assert isinstance(loaded, DualHead) and loaded.prompt_size == (2, HIDDEN)
     assert np.array_equal(loaded.prompt_weight.numpy(), weight)
-    members = [_head("linear", weight * s, seed=s) for s in (1, 3)]
+    members = [random_head("linear", weight * s, seed=s) for s in (1, 3)]
     assert np.allclose(DualHead.ensemble(members).prompt_weight.numpy(), weight * 2)
     with pytest.raises(ValueError, match="differ in prompt_size"):
-        DualHead.ensemble([_head("linear", weight), _head("linear", None)])
+        DualHead.ensemble([random_head("linear", weight), random_head("linear", None)])
     with pytest.raises(ValueError, match=r"'prompt_size' must be \[layers, hidden\]"):
         DualHead(8, prompt_size=(0, 8))
