@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 
@@ -77,10 +78,34 @@ class HiddenWordMonitor(Monitor):
                 for i, t in zip(features.indices, features.tokens, strict=True)]
 
 
+class ContextCheckMonitor(Monitor):
+    """Asks for the context's pooled states (as the shipped harm monitor does) and fails the
+    stream's first update without them: a proxy replica that could not get them from its
+    observer replica would halt every stream (on_error: fail_closed), or refuse to load."""
+
+    def __init__(self, options: Any = None) -> None:
+        pass
+
+    def needs(self) -> Needs:
+        return Needs(layers=frozenset({1}), context=True)
+
+    def start(self, context: Any) -> dict[str, bool]:
+        return {"first": True}
+
+    def update(self, state: dict[str, bool], features: Features) -> list[Score]:
+        if state["first"]:
+            pooled = (features.context or {}).get(1)
+            assert pooled is not None and pooled.shape == (features.hidden[1].shape[-1],)
+            assert bool(np.isfinite(pooled).all())
+            state["first"] = False
+        return [Score(i, 0.0) for i in features.indices]
+
+
 class _TestMonitors:
     @hookimpl
     def guardrail_register_monitors(self, register: RegisterMonitor) -> None:
         register("hidden-word", HiddenWordMonitor)
+        register("context-check", ContextCheckMonitor)
 
 
 def _host() -> PluginHost:
@@ -100,6 +125,7 @@ def _policy(model: Path) -> dict[str, Any]:
         "monitors": [
             {"id": "hidden", "use": "hidden-word", "threshold": 0.5, "action": "halt",
              "message": HIDDEN_HALT},
+            {"id": "context", "use": "context-check", "threshold": 2.0, "action": "flag"},
             {"id": "banned", "use": "keywords", "options": {"words": ["explosive"]},
              "action": "halt", "message": KEYWORD_HALT},
         ],

@@ -56,6 +56,9 @@ class RemoteObserver:
         self.hidden_size = int(described["hidden_size"])
         self.tokenizer = described["tokenizer"]
         self.hf_tokenizer = described.get("hf_tokenizer")
+        # The shards' observer pools the context (Needs.context) into the state its start keeps
+        # and hands it over with the stream's first read, which comes back here whole.
+        self.pools_context = bool(described.get("pools_context", False))
         self.timeout_s = timeout_s
         self._open = [0] * len(self.shards)  # streams this replica has open per shard
         self._next = 0

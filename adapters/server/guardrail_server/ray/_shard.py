@@ -99,7 +99,8 @@ class ObserverShard:
         return {"name": observer.name, "num_layers": int(observer.num_layers),
                 "hidden_size": int(observer.hidden_size),
                 "tokenizer": observer.tokenizer,
-                "hf_tokenizer": getattr(observer, "hf_tokenizer", None)}
+                "hf_tokenizer": getattr(observer, "hf_tokenizer", None),
+                "pools_context": bool(getattr(observer, "pools_context", False))}
 
     def stats(self) -> dict[str, Any]:
         import ray
