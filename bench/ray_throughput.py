@@ -4,7 +4,8 @@
     python -m bench.ray_throughput --quick    # 2 short streams, one run per configuration
 
 A local Ray instance (``num_cpus`` = this machine's cores) runs the application with one proxy
-replica and 1, then 2, observer replicas (SmolLM2-135M, torch fp32, one thread each). The policy
+replica and 1, then 2, observer replicas (SmolLM2-135M, torch, the default products: float16
+where the CPU runs them; one thread each). The policy
 is the default ``harmful-content`` monitor alone (the router's own model would share the same
 cores). ``--streams`` OpenAI clients stream SmolLM2's own answers
 (plugins/harmful-content/.../own_answers.jsonl) at once from the loopback upstream, which sends a
@@ -218,15 +219,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "one_process": single,
               "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
               "ratio_2_to_1": two["tokens_per_s"] / one["tokens_per_s"],
-              "ray": ray.__version__}
+              "ray": ray.__version__, "matmul": _default_products()}
     write_result(NAME, result)
     return result
+
+
+def _default_products() -> str:
+    """What ``observer.options.matmul: auto`` picks on this machine (the replicas run here)."""
+    from guardrail.observer.llama_step import matmul_unsupported
+
+    return "float32" if matmul_unsupported("float16") else "float16"
 
 
 def render(result: dict[str, Any]) -> str:
     lines = ["## Ray Serve: aggregate throughput by observer replicas", "",
              f"`guardrail serve --ray` on a local Ray instance (Ray {result['ray']}), one proxy "
-             f"replica, `harmful-content` on SmolLM2-135M (torch fp32, one thread per replica); "
+             "replica, `harmful-content` on SmolLM2-135M (torch, "
+             f"{result.get('matmul', 'float32')} products, one thread per replica); "
              f"{result['streams']} concurrent streams of SmolLM2's own answers (about "
              f"{result['tokens_per_stream']} tokens each) from an upstream that does not pause; "
              f"median of {result['repeats']} run(s). Run by hand (`python -m "

@@ -42,7 +42,6 @@ _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mea
 HARM_HEAD_BEFORE = {
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
-    "ray_throughput": _HEAD_E,
 }
 
 
@@ -50,7 +49,7 @@ HARM_HEAD_BEFORE = {
 # default (observer.options.matmul: auto, 2026-12-05): they are float32's figures, noted under
 # their section. Drop a name when its benchmark is rerun.
 # (stream_cost reads with the ONNX backend, which this does not change.)
-FLOAT32_PRODUCTS_BEFORE = {"observer_bench", "observer_batch", "observer_rss", "ray_throughput"}
+FLOAT32_PRODUCTS_BEFORE = {"observer_bench", "observer_batch", "observer_rss"}
 
 
 def _head_note(name: str) -> list[str]:
