@@ -406,12 +406,10 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     None. ``auto`` (the policy default): float16 where it runs here, else float32's packing
     (or None), never an error."""
     if matmul == "auto":
-        if _unpackable(model) is None and matmul_unsupported("float16") is None:
-            try:
-                return pack_linears(model, "float16")
-            except ObserverError:  # weights beyond float16's range, a kernel that disagrees
-                pass
-        return pack_linears(model, "float32")
+        try:
+            return pack_linears(model, "float16")
+        except ObserverError:  # says why float16 cannot run here: float32's, quietly
+            return pack_linears(model, "float32")
     if matmul not in _KINDS:
         raise ObserverError(f"observer.options.matmul must be one of {', '.join(MATMUL_DTYPES)},"
                             f" got {matmul!r}")

@@ -45,3 +45,18 @@ class RowNorm(Monitor):
         assert rows.shape[0] == len(features.tokens) == features.top_logits.shape[0]
         return [Score(i, float(torch.linalg.vector_norm(r)))
                 for i, r in zip(features.indices, rows, strict=True)]
+
+
+def read_in_steps(observer: Any, messages: list[dict[str, str]], needs: Needs,
+                  tokens: list[Any], step: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """``tokens`` read ``step`` at a time through the Guard's batched observer: each layer's
+    states and the logits, concatenated."""
+    from guardrail.observer.batch import BatchedObserver
+
+    batched = BatchedObserver(observer)
+    stream = batched.start(messages, needs)
+    parts = [batched.extend(stream, tokens[i:i + step], needs)
+             for i in range(0, len(tokens), step)]
+    batched.release(stream)
+    hidden = {layer: torch.cat([p.hidden[layer] for p in parts]) for layer in needs.layers}
+    return hidden, torch.cat([p.logits for p in parts])

@@ -13,10 +13,11 @@ import torch
 
 from guardrail import Features, Guard, Monitor, Needs, Score
 from guardrail.errors import ObserverError
-from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.hf import load_model_dir
 from guardrail.observer.llama_step import matmul_unsupported
 from guardrail.testing import plugin_monitors, split_text
+
+from .streams import read_in_steps
 
 TEXT = ("The capital of France is Paris. Marie Curie was born in Warsaw in 1867 and won two "
         "Nobel prizes. Café 🙂 déjà vu. ") * 2
@@ -34,14 +35,7 @@ MIXED = [pytest.param(m, marks=pytest.mark.skipif(matmul_unsupported(m) is not N
 
 def _read(observer: Any, step: int = 5) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """TEXT read ``step`` tokens at a time through the Guard's batched observer."""
-    batched = BatchedObserver(observer)
-    tokens = observer.tokenizer.tokenize(TEXT)
-    stream = batched.start(MESSAGES, NEEDS)
-    parts = [batched.extend(stream, tokens[i:i + step], NEEDS)
-             for i in range(0, len(tokens), step)]
-    batched.release(stream)
-    hidden = {layer: torch.cat([p.hidden[layer] for p in parts]) for layer in NEEDS.layers}
-    return hidden, torch.cat([p.logits for p in parts])
+    return read_in_steps(observer, MESSAGES, NEEDS, observer.tokenizer.tokenize(TEXT), step)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:

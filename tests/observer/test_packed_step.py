@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from guardrail.monitor import Needs
-from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.hf import load_model_dir
-from guardrail.stream import TokenSpan
+
+from .streams import read_in_steps
 
 # float32 products (observer.options.matmul), so reads compare with the HF forward tightly
 EXACT = {"matmul": "float32"}
@@ -34,24 +34,13 @@ def _reference(observer: Any, ids: list[int], context: list[int]) -> tuple[Any, 
     return [h[0, n:] for h in out.hidden_states], out.logits[0, n:]
 
 
-def _read(observer: Any, needs: Needs, tokens: list[TokenSpan], step: int) -> Any:
-    """The response read ``step`` tokens at a time through the Guard's batched observer."""
-    batched = BatchedObserver(observer)
-    stream = batched.start(MESSAGES, needs)
-    parts = [batched.extend(stream, tokens[i:i + step], needs)
-             for i in range(0, len(tokens), step)]
-    batched.release(stream)
-    hidden = {layer: torch.cat([p.hidden[layer] for p in parts]) for layer in needs.layers}
-    return hidden, torch.cat([p.logits for p in parts])
-
-
 def _check(observer: Any, layers: set[int], tol: float) -> None:
     needs = Needs(layers=frozenset(layers), logits=True, top_k=5)
     tokens = observer.tokenizer.tokenize(TEXT)
     ref_hidden, ref_logits = _reference(observer, [t.id for t in tokens],
                                         observer.context_ids(MESSAGES))
     for step in (1, 2, 9):  # 1 and 2: products padded to four rows (llama_step.MIN_ROWS)
-        hidden, logits = _read(observer, needs, tokens, step)
+        hidden, logits = read_in_steps(observer, MESSAGES, needs, tokens, step)
         for layer in layers:
             want = ref_hidden[observer.hidden_index(layer)]
             assert torch.allclose(hidden[layer], want, atol=tol, rtol=tol), (layer, step)
