@@ -96,13 +96,14 @@ def _rate(flags: list[int]) -> float | None:
 
 def _prompt_terms(head: Any, config: dict[str, Any], records: list[Any], observer: Any,
                   work: Path, progress: bool) -> list[float] | None:
-    """Each record's prompt term for a head with one (None without), its prompt's context states
-    cached per observer and layer set under ``work``."""
+    """Each record's prompt term for a head with one (None without), the context states of its
+    prompt (its conversation, where it has one) cached per observer and layer set under
+    ``work``."""
     from guardrail_harmful_content.training.scoring import prompt_terms
 
     layers = "-".join(str(int(x)) for x in config["layers"])
     cache = work / "prompt-states" / f"{getattr(observer, 'name', 'observer')}-{layers}.npz"
-    return prompt_terms(head, config, [str(r.prompt) for r in records], observer, cache,
+    return prompt_terms(head, config, [r.conversation() for r in records], observer, cache,
                         progress)
 
 
@@ -168,6 +169,8 @@ def _eval_check(weights: Path, records: list[Any], scores: list[list[float]],
                                                                            len(neg))))
     path = work / f"eval-check-{n}.jsonl"
     path.write_text("".join(json.dumps({"prompt": records[i].prompt,
+                                        **({} if records[i].messages is None
+                                           else {"messages": records[i].conversation()}),
                                         "response": records[i].response,
                                         "label": records[i].label}) + "\n" for i in chosen),
                     encoding="utf-8")

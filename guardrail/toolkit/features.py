@@ -103,11 +103,20 @@ class CachedRecord:
     surprisal: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the conversation the observer read before the response (the record's ``messages``);
+    # None: the prompt as one user message
+    messages: tuple[dict[str, str], ...] | None = None
     # Labels derived from spans, computed once (training reads them every epoch).
     _derived: dict[Any, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+    def conversation(self) -> list[dict[str, str]]:
+        """What the observer read before the response (``Record.conversation``)."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
 
     def token_labels(self, default: int = 0) -> list[int]:
         key = ("labels", default)
@@ -385,6 +394,8 @@ def load_features(path: str | Path, layers: Sequence[int] | None = None) -> Feat
                     hidden=hidden, top_logits=get(i, "top_logits"), top_ids=get(i, "top_ids"),
                     surprisal=get(i, "surprisal"), entropy=get(i, "entropy"),
                     extra=dict(e.get("extra") or {}),
+                    messages=(None if e.get("messages") is None
+                              else tuple(dict(m) for m in e["messages"])),
                 ))
     meta = {k: v for k, v in manifest.items() if k != "records"}
     meta["layers"] = wanted

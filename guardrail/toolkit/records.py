@@ -26,8 +26,8 @@ from ..guard import Guard
 from ..messages import MessageError, normalize_messages
 from ..session import GuardSession, Report
 
-__all__ = ["MESSAGE_ROLES", "Record", "SpanLabel", "open_session", "random_splits",
-           "read_records", "replay_record", "replay_summary"]
+__all__ = ["MESSAGE_ROLES", "DataError", "Record", "SpanLabel", "check_messages", "open_session",
+           "random_splits", "read_records", "replay_record", "replay_summary"]
 
 # The roles a record's conversation may hold (after normalize_messages' aliases: developer is
 # system, function is tool): other role strings would reach a chat template that may not know them
@@ -101,7 +101,7 @@ def read_records(path: str | Path) -> Iterator[Record]:
                 raise _bad(path, n, "field 'prompt' must be a string")
             messages = None
             if "messages" in data:
-                messages = _messages(path, n, data["messages"])
+                messages = check_messages(path, n, data["messages"])
                 prompt = _prompt_of(path, n, messages, data.get("prompt"))
             label = data.get("label")
             if label is not None and label not in (0, 1):
@@ -120,10 +120,12 @@ def read_records(path: str | Path) -> Iterator[Record]:
             yield Record(prompt, response, label, tuple(spans), extra, messages)
 
 
-def _messages(path: Path, line: int, value: Any) -> tuple[dict[str, str], ...]:
+def check_messages(path: Path, line: int, value: Any, roles: tuple[str, ...] = MESSAGE_ROLES
+                   ) -> tuple[dict[str, str], ...]:
     """A record's ``messages``, normalised and checked: a non-empty list of chat messages with
-    the roles of ``MESSAGE_ROLES``, not ending in an assistant message (the answer is the
-    record's ``response``)."""
+    the ``roles`` (default ``MESSAGE_ROLES``), not ending in an assistant message (the answer is
+    the record's ``response``); a ``DataError`` names ``path``, ``line`` and the message. Other
+    line formats that carry a conversation (the harm trainer's writers' files) check it here."""
     if not isinstance(value, list) or not value:
         raise _bad(path, line, "field 'messages' must be a non-empty list of "
                                '{"role", "content"} objects (leave it out for a prompt alone)')
@@ -136,9 +138,9 @@ def _messages(path: Path, line: int, value: Any) -> tuple[dict[str, str], ...]:
     except MessageError as exc:
         raise _bad(path, line, str(exc)) from None
     for i, message in enumerate(messages):
-        if message["role"] not in MESSAGE_ROLES:
-            raise _bad(path, line, f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}"
-                                   f", got {message['role']!r}")
+        if message["role"] not in roles:
+            raise _bad(path, line, f"messages[{i}].role must be one of {', '.join(roles)}, got "
+                                   f"{message['role']!r}")
     if messages[-1]["role"] == "assistant":
         raise _bad(path, line, f"messages[{len(messages) - 1}] is an assistant message: "
                                "'messages' is the conversation before the answer, the answer is "

@@ -45,10 +45,18 @@ def test_files_follow_the_labelled_stream_format(full_build: Path) -> None:
         assert all({"source", "group", "kind"} <= set(r.extra) for r in records)
 
 
+def _request(record: dict[str, Any]) -> str:
+    """The request a record answers: its prompt, or the first user message of its conversation
+    (a follow-up such as "Thanks!" is no request of its own; data/records.py, ``opening``)."""
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+    return str(next(m["content"] for m in messages if m["role"] == "user"))
+
+
 def test_splits_are_disjoint_by_group_and_prompt(full_build: Path, read_split: Reader) -> None:
     splits = _all(full_build, read_split)
     for key in ("group", "prompt"):
-        sets = {name: {r[key].strip().lower() for r in rows} for name, rows in splits.items()}
+        sets = {name: {(r[key] if key == "group" else _request(r)).strip().lower() for r in rows}
+                for name, rows in splits.items()}
         assert not sets["train"] & sets["val"]
         assert not sets["train"] & sets["test"]
         assert not sets["val"] & sets["test"]

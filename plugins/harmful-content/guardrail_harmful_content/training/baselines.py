@@ -4,10 +4,11 @@ output rails do (``chunk_size`` 200, ``context_size`` 50), each window read by t
 NeMo's rolling buffer hands its rails the first ``chunk`` tokens, then keeps the last ``context``
 tokens and hands them over again with the next ``chunk - context`` new ones, and flushes what is
 left when the stream ends. Each window is judged like full detection judges a whole response: the
-observer reads the prompt, then the window's text from scratch, and the sequence head scores the
-window's last token. The stream halts at the end of the first window judged harmful. A head with
-a prompt term gets the record's term (``scoring.prompt_terms``) on every window: each window is
-read after the same request, so a rail re-reading it would add the same term.
+observer reads the prompt (the record's conversation, where it has one), then the window's text
+from scratch, and the sequence head scores the window's last token. The stream halts at the end
+of the first window judged harmful. A head with a prompt term gets the record's term
+(``scoring.prompt_terms``) on every window: each window is read after the same request, so a
+rail re-reading it would add the same term.
 
 ``keyword_halt`` is the simplest streaming baseline: halt at the first blocklisted word.
 """
@@ -15,7 +16,7 @@ read after the same request, so a rail re-reading it would add the same term.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,10 +51,10 @@ WindowResult = tuple[int | None, int]
 
 
 def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling: str,
-                  prompt: str, text: str, halflife: float | None = None,
-                  term: float | None = None) -> float:
+                  messages: Sequence[Mapping[str, str]], text: str,
+                  halflife: float | None = None, term: float | None = None) -> float:
     needs = Needs(layers=frozenset(layers))
-    state = observer.start([{"role": "user", "content": prompt}], needs)
+    state = observer.start(messages, needs)
     tokens = list(observer.tokenizer.tokenize(text))
     if not tokens:
         return 0.0
@@ -97,8 +98,8 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                 score = scores[end - 1]
             else:
                 text = record.response[offsets[start][0] : offsets[end - 1][1]]
-                score = _window_score(observer, head, layers, pooling, record.prompt, text,
-                                      halflife, term)
+                score = _window_score(observer, head, layers, pooling,
+                                      record.conversation(), text, halflife, term)
             if score >= threshold:
                 halt = end - 1
                 break

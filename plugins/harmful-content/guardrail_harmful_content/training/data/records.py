@@ -3,7 +3,9 @@
 ``{"prompt", "response", "label", "spans", "source", "source_tag", "group", "kind", "sentences"}``:
 ``source_tag`` is the record's source for leave-one-source-out validation (``tags.py``); ``spans``
 are content-word spans (label 1) of the harmful sentences; ``sentences`` lists every sentence with
-its 0/1 label so a trainer can use sentence-level labels too.
+its 0/1 label so a trainer can use sentence-level labels too. A record answering a conversation
+also has ``messages`` (the conversation up to and including the final user turn, whose content is
+``prompt``), which ``guardrail eval`` and the trainer's observer read as the runtime does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from .sentences import content_word_spans, harmful_sentence_labels, split_sentences
 from .tags import source_tag
 
-__all__ = ["Example", "group_id", "make_record", "normalise"]
+__all__ = ["Example", "context_key", "group_id", "make_record", "normalise", "opening"]
 
 _SPACES = re.compile(r"\s+")
 
@@ -48,6 +50,26 @@ class Example:
     # that ends after it is harmful, every one before it benign; the regexes are not asked
     harm_start: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the conversation up to and including the final user turn (its content is ``prompt``),
+    # normalised; None: the prompt alone, read as one user message
+    messages: tuple[dict[str, str], ...] | None = None
+
+
+def opening(example: Example) -> str:
+    """The request an example's group and split follow: its prompt, or for a conversation its
+    first user message's content (a short follow-up is read with the turns before it, so every
+    conversation that opens with one request stays with that request's other answers)."""
+    if example.messages is None:
+        return example.prompt
+    return next(m["content"] for m in example.messages if m["role"] == "user")
+
+
+def context_key(example: Example) -> str | tuple[tuple[str, str], ...]:
+    """What the observer reads before the answer, normalised (deduplication's key beside the
+    response): the prompt, or every turn of the conversation."""
+    if example.messages is None:
+        return normalise(example.prompt)
+    return tuple((m["role"], normalise(m["content"])) for m in example.messages)
 
 
 def make_record(example: Example) -> dict[str, Any]:
@@ -70,6 +92,7 @@ def make_record(example: Example) -> dict[str, Any]:
              for a, b in content_word_spans(response, s.start, s.end)]
     record: dict[str, Any] = {
         "prompt": example.prompt,
+        **({} if example.messages is None else {"messages": [dict(m) for m in example.messages]}),
         "response": response,
         "label": example.label,
         "spans": spans,

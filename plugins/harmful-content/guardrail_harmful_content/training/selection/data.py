@@ -8,25 +8,27 @@ from typing import Any
 
 import numpy as np
 
+from ..context import context_key, record_conversation
 from ..pooled import PoolRecord
 
 __all__ = ["reconcile"]
 
-Key = tuple[str, str]
+Key = tuple[str, str]  # (the context's key, context.context_key; the response)
 Where = tuple[str, str, int]  # (split, source tag, label)
 
 
 def _index(build: Path) -> tuple[dict[Key, Where], dict[Key, list[dict[str, Any]]]]:
-    """Every record of ``build`` by (prompt, response), and the spans of the relabelled ones."""
+    """Every record of ``build`` by (its context's key, its response), and the spans of the
+    relabelled ones."""
     from ..loso import read_pool_records
 
     where: dict[Key, Where] = {}
     relabelled: dict[Key, list[dict[str, Any]]] = {}
     for row in read_pool_records(build):
-        where[(row["prompt"], row["response"])] = (row["split"], row["source_tag"],
-                                                   int(row["label"]))
+        key = (context_key(record_conversation(row)), row["response"])
+        where[key] = (row["split"], row["source_tag"], int(row["label"]))
         if row.get("relabel"):
-            relabelled[(row["prompt"], row["response"])] = list(row.get("spans") or [])
+            relabelled[key] = list(row.get("spans") or [])
     return where, relabelled
 
 
@@ -51,26 +53,26 @@ def reconcile(records: Sequence[PoolRecord], build: Path) -> list[PoolRecord]:
     spans. Records of a source the build does not hold at all (a set read as a part of its
     own) are kept as they are."""
     where, relabelled = _index(build)
-    by_prompt: dict[str, list[tuple[str, Where]]] = {}
-    for (prompt, response), value in where.items():
-        by_prompt.setdefault(prompt, []).append((response, value))
+    by_context: dict[str, list[tuple[str, Where]]] = {}
+    for (context, response), value in where.items():
+        by_context.setdefault(context, []).append((response, value))
     tags = {v[1] for v in where.values()}
     out = []
     for r in records:
         if r.tag not in tags:
             out.append(r)
             continue
-        prompt, response = r.extra["key"]
-        full: str | None = response if (prompt, response) in where else next(
-            (f for f, _ in by_prompt.get(prompt, []) if f.startswith(response)), None)
-        found = None if full is None else where[(prompt, full)]
+        context, response = r.extra["key"]
+        full: str | None = response if (context, response) in where else next(
+            (f for f, _ in by_context.get(context, []) if f.startswith(response)), None)
+        found = None if full is None else where[(context, full)]
         if found is None or found[1] != r.tag:
             continue
         if found[2] != r.label:
             assert full is not None
-            if (prompt, full) not in relabelled or "offsets" not in r.extra:
+            if (context, full) not in relabelled or "offsets" not in r.extra:
                 continue
-            _relabel(r, found[2], relabelled[(prompt, full)])
+            _relabel(r, found[2], relabelled[(context, full)])
         r.split = found[0]
         out.append(r)
     return out

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..context import context_key, record_conversation
 from ..pooled import PoolRecord
 
 __all__ = ["extract", "load_parts", "load_pool"]
@@ -30,7 +31,9 @@ def _first_harm(row: dict[str, Any], offsets: np.ndarray) -> int | None:
 
 def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRecord]:
     """The pool's records with their cached states: a finished ``extract_features`` folder, or
-    the shards a cut run left (the records of whole shards only)."""
+    the shards a cut run left (the records of whole shards only). Each record's
+    ``extra["key"]`` is (its context's ``context_key``: the prompt, or the conversation as JSON;
+    its response)."""
     from safetensors.numpy import load_file
 
     rows = [json.loads(x) for x in pool.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -49,7 +52,8 @@ def load_pool(pool: Path, features: Path, layers: Sequence[int]) -> list[PoolRec
             out.append(PoolRecord(str(row["source_tag"]), int(row["label"]), hidden,
                                   _first_harm(row, offsets),
                                   str(row.get("split", "")), str(row.get("kind", "")),
-                                  {"index": i, "key": (str(row["prompt"]), str(row["response"])),
+                                  {"index": i, "key": (context_key(record_conversation(row)),
+                                                       str(row["response"])),
                                    "offsets": offsets}))
     return out
 

@@ -3,8 +3,9 @@
 held to the false-halt cap like a source.
 
 - *answers to harmful requests*: benign records of kind ``benign_refusal`` (the writer refused the
-  prompt: a harmful request by construction), and every other benign record whose prompt also
-  has a harmful answer in the pool (a matched negative);
+  prompt: a harmful request by construction), and every other benign record whose prompt (or
+  conversation: ``extra["key"][0]``, ``context.context_key``) also has a harmful answer in the
+  pool (a matched negative);
 - *safety answers*: benign records of kind ``benign_safety`` (a question on protecting against a
   named harm).
 
