@@ -19,15 +19,18 @@ HELDOUT = ROOT / "bench" / "heldout"
 HARM = HELDOUT / "harm_handwritten.jsonl"
 HARM_V2 = HELDOUT / "harm_handwritten_v2.jsonl"  # written after v1 steered a choice (README)
 HARM_V3 = HELDOUT / "harm_handwritten_v3.jsonl"  # a third of it multi-turn (README)
+HARM_V4 = HELDOUT / "harm_handwritten_v4.jsonl"  # written after v3 was read (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 SOURCE = "handwritten-heldout-v1"
 SOURCE_V2 = "handwritten-heldout-v2"
 SOURCE_V3 = "handwritten-heldout-v3"
+SOURCE_V4 = "handwritten-heldout-v4"
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
-REGISTERS_V3 = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
-                "dialogue", "article"}
+REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
+             "dialogue", "article"}  # v3's and v4's `register` values
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup"}
+HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
 
@@ -38,7 +41,8 @@ def _raw(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(("path", "source", "turning_per_category"),
-                         [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1), (HARM_V3, SOURCE_V3, 2)])
+                         [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1), (HARM_V3, SOURCE_V3, 2),
+                          (HARM_V4, SOURCE_V4, 2)])
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
                                                      turning_per_category: int) -> None:
     records = list(read_records(path))
@@ -60,20 +64,21 @@ def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
 
 
 def test_the_harm_sets_share_no_answer() -> None:
-    sets = [{r.response for r in read_records(p)} for p in (HARM, HARM_V2, HARM_V3)]
+    sets = [{r.response for r in read_records(p)} for p in HARM_SETS]
     for i, a in enumerate(sets):
         for b in sets[i + 1:]:
             assert not a & b
 
 
-def test_v3_records_are_consistent() -> None:
-    """v3's extra fields: the conversation before a multi-turn answer ends with the user turn
-    that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
-    rows = _raw(HARM_V3)
-    assert [r["id"] for r in rows] == [f"v3-{n:03d}" for n in range(1, len(rows) + 1)]
+@pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4")])
+def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
+    """v3's and v4's extra fields: the conversation before a multi-turn answer ends with the user
+    turn that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
+    rows = _raw(path)
+    assert [r["id"] for r in rows] == [f"{prefix}-{n:03d}" for n in range(1, len(rows) + 1)]
     for row in rows:
         rid, response = row["id"], str(row["response"])
-        assert row["register"] in REGISTERS_V3, rid
+        assert row["register"] in REGISTERS, rid
         messages = row.get("messages")
         if row["multi_turn"]:
             assert isinstance(messages, list) and len(messages) >= 3, rid
@@ -99,17 +104,22 @@ def test_v3_records_are_consistent() -> None:
     assert len(rough_benign) >= 12  # the everyday rough register the monitor over-halts
 
 
-def _readme_table(heading: str) -> dict[str, list[int]]:
-    """The category table under a README heading: category -> its numbers, left to right."""
+def _readme_table(heading: str, names: set[str]) -> dict[str, list[int]]:
+    """The rows named in ``names`` of the tables under a README heading: name -> its numbers,
+    left to right."""
     text = (HELDOUT / "README.md").read_text(encoding="utf-8")
     section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (\w+) \|((?: \d+ \|)+)$", section, flags=re.M)
-    return {cat: [int(x) for x in nums.split("|") if x.strip()] for cat, nums in rows}
+    return {name: [int(x) for x in nums.split("|") if x.strip()] for name, nums in rows
+            if name in names}
 
 
-def test_v3_counts_match_the_readme_table() -> None:
-    rows = _raw(HARM_V3)
-    table = _readme_table("## harm_handwritten_v3.jsonl")
+@pytest.mark.parametrize(("path", "heading"),
+                         [(HARM_V3, "## harm_handwritten_v3.jsonl"),
+                          (HARM_V4, "## harm_handwritten_v4.jsonl")])
+def test_category_counts_match_the_readme_table(path: Path, heading: str) -> None:
+    rows = _raw(path)
+    table = _readme_table(heading, CATEGORIES)
     assert set(table) == CATEGORIES
     for cat, (harmful, benign, turning, multi) in table.items():
         mine = [r for r in rows if r["category"] == cat]
@@ -117,6 +127,41 @@ def test_v3_counts_match_the_readme_table() -> None:
         assert benign == sum(r["label"] == 0 for r in mine), cat
         assert turning == sum(bool(r["opens_benign"]) for r in mine), cat
         assert multi == sum(bool(r["multi_turn"]) for r in mine), cat
+
+
+def test_v4_register_and_turn_kind_counts_match_the_readme_tables() -> None:
+    rows = _raw(HARM_V4)
+    heading = "## harm_handwritten_v4.jsonl"
+    registers = _readme_table(heading, REGISTERS)
+    assert set(registers) == {r["register"] for r in rows}
+    for name, (harmful, benign) in registers.items():
+        mine = [r for r in rows if r["register"] == name]
+        assert [harmful, benign] == [sum(r["label"] == lab for r in mine) for lab in (1, 0)], name
+    kinds = _readme_table(heading, TURN_KINDS)
+    assert set(kinds) == TURN_KINDS
+    for name, (harmful, benign) in kinds.items():
+        mine = [r for r in rows if r.get("turn_kind") == name]
+        assert [harmful, benign] == [sum(r["label"] == lab for r in mine) for lab in (1, 0)], name
+
+
+def test_v4_weights_the_slices_v3_found_hard() -> None:
+    """v4 was written for the benign answers the monitor over-halted on v3 (README): benign
+    answers after a short follow-up, explainers and the rough register; and its conversations
+    are new text, not earlier sets' answers or turns."""
+    rows = _raw(HARM_V4)
+    followups = [r for r in rows if r.get("turn_kind") == "benign_followup"]
+    assert len(followups) >= 30
+    short = [r for r in followups if len(str(r["prompt"]).split()) <= 8]
+    assert len(short) >= 0.7 * len(followups)  # "what else?", "go on", "and after that?"
+    benign = Counter(r["register"] for r in rows if r["label"] == 0)
+    assert benign["explainer"] >= 15 and benign["rough"] >= 15, benign
+    older: set[str] = set()
+    for path in (HARM, HARM_V2, HARM_V3):
+        older |= {r.response for r in read_records(path)}
+        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
+    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
+             if len(str(m["content"])) >= 40]
+    assert not [t[:60] for t in turns if t in older]
 
 
 def _span_text(record: Record, k: int) -> str:
@@ -181,7 +226,7 @@ def test_no_training_builder_reads_the_heldout_sets() -> None:
     assert not hits, "training data must never read bench/heldout: " + "; ".join(hits)
 
 
-@pytest.mark.parametrize("path", [HARM, HARM_V2, HARM_V3, ENTITY])
+@pytest.mark.parametrize("path", [*HARM_SETS, ENTITY])
 def test_heldout_text_is_not_in_the_training_data(path: Path) -> None:
     """No held-out response, nor an earlier turn of a held-out conversation, appears verbatim in
     a training builder's data or code."""
