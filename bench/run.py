@@ -34,22 +34,19 @@ MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval",
 # comparison loads three packed copies of SmolLM2 (`python -m bench.mixed_matmul`).
 BY_HAND = ["ray_throughput", "mixed_matmul"]
 
-# Results measured with a harm head other than the shipped one (session 23's LOSO-chosen probe:
-# layers 6/9/12/15, exponentially weighted mean, 0.98, k 4), noted under their section until
-# rerun. Drop a name when its benchmark is rerun with the shipped head.
+# Results measured with a harm head other than the shipped one (the tenth pass's, session 31),
+# noted under their section until rerun. Drop a name when its benchmark is rerun with the
+# shipped head.
 _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mean, threshold "
            "0.945, k 3)")
+_PASS_9 = "the ninth pass's head (session 29: count rule 9 >= 0.965)"
 HARM_HEAD_BEFORE = {
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
+    "leak_delay": _PASS_9,
+    "peer_nemo": _PASS_9,
+    "ray_throughput": _PASS_9,
 }
-
-
-# CPU speed results of the torch observer measured before its products became float16 by
-# default (observer.options.matmul: auto, 2026-12-05): they are float32's figures, noted under
-# their section. Drop a name when its benchmark is rerun.
-# (stream_cost reads with the ONNX backend, which this does not change.)
-FLOAT32_PRODUCTS_BEFORE = {"observer_bench", "observer_batch", "observer_rss"}
 
 
 def _head_note(name: str) -> list[str]:
@@ -58,10 +55,6 @@ def _head_note(name: str) -> list[str]:
     if head is not None:
         notes += [f"_`{name}` was measured with {head}, not with the shipped harm head; not "
                   "rerun since._", ""]
-    if name in FLOAT32_PRODUCTS_BEFORE:
-        notes += [f"_`{name}` was measured with the torch observer's float32 products, the "
-                  "default until 2026-12-05 (now float16 where the CPU runs it: "
-                  "`observer.options.matmul: auto`); not rerun since._", ""]
     return notes
 
 
