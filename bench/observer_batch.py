@@ -3,17 +3,16 @@
     python -m bench.observer_batch            # full run (writes bench/results/observer_batch.json)
     python -m bench.observer_batch --quick    # 1 and 4 streams, one thread, 16 tokens each
 
-The default policy (every built-in monitor on SmolLM2-135M, torch fp32) guards N concurrent
-streams (N = 1, 8, 32), one thread per stream, each fed SmolLM2's own answers word by word as fast
-as the guard takes them (``TOKENS`` tokens per stream). *Batched*: the Guard's observer as it
-ships, one scheduler thread reading all pending streams in one forward, spread over forward
-workers (``observer.options.workers: auto``) while they get the cores. *Batched, 1 worker*: the
-same, never spread. *Per session*: the same model read by each session in its own thread (the
+The default policy (every built-in monitor on SmolLM2-135M, torch, the default products) guards N
+concurrent streams (N = 1, 8, 32), one thread per stream, each fed SmolLM2's own answers word by
+word as fast as the guard takes them (``TOKENS`` tokens per stream). *Batched*: the Guard's
+observer as it ships, one scheduler thread reading all pending streams in one forward, spread over
+forward workers (``observer.options.workers: auto``) while they get the cores. *Batched, 1 worker*:
+the same, never spread. *Per session*: the same model read by each session in its own thread (the
 scheme before). Each thread count (``observer.options.threads``, torch intra-op) runs in its own
 process; inside it the schemes take turns, ``REPEATS`` times, so all see the same machine load.
 Aggregate tokens/s: every stream's tokens over the wall time from the first feed to the last
-finish; medians of the repeats, and the median of the per-repeat ratios (batched over per
-session).
+finish; medians of the repeats, and the median of the per-repeat ratios (batched over per session).
 """
 
 from __future__ import annotations
@@ -200,7 +199,8 @@ def render(result: dict[str, Any]) -> str:
     out = [
         "## Concurrent streams: one batched observer against per-session reads",
         "",
-        "The default policy on SmolLM2-135M (torch fp32), N streams on one Guard, one thread per "
+        "The default policy on SmolLM2-135M (torch, the default products: float16 where the "
+        "CPU runs them), N streams on one Guard, one thread per "
         f"stream, each fed {result['tokens_per_stream']} tokens of SmolLM2's own answers word by "
         "word as fast as the guard takes them (bench/observer_batch.py). *Batched*: the Guard's "
         "observer, one scheduler thread reading every pending stream in one forward (the "

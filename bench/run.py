@@ -43,8 +43,6 @@ _PASS_9 = "the ninth pass's head (session 29: count rule 9 >= 0.965)"
 HARM_HEAD_BEFORE = {
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
-    "leak_delay": _PASS_9,
-    "peer_nemo": _PASS_9,
     "ray_throughput": _PASS_9,
 }
 
