@@ -39,11 +39,9 @@ BY_HAND = ["ray_throughput", "mixed_matmul"]
 # shipped head.
 _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mean, threshold "
            "0.945, k 3)")
-_PASS_9 = "the ninth pass's head (session 29: count rule 9 >= 0.965)"
 HARM_HEAD_BEFORE = {
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
-    "ray_throughput": _PASS_9,
 }
 
 
