@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..monitor import Needs
 from ..stream import TokenSpan
-from .records import Record, SpanLabel, read_records
+from .records import Record, SpanLabel, conversation_of, read_records
 
 __all__ = [
     "CachedRecord",
@@ -114,9 +114,7 @@ class CachedRecord:
 
     def conversation(self) -> list[dict[str, str]]:
         """What the observer read before the response (``Record.conversation``)."""
-        if self.messages is not None:
-            return [dict(m) for m in self.messages]
-        return [{"role": "user", "content": self.prompt}]
+        return conversation_of(self.prompt, self.messages)
 
     def token_labels(self, default: int = 0) -> list[int]:
         key = ("labels", default)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from ..guard import Guard
 from ..messages import MessageError, normalize_messages
 from ..session import GuardSession, Report
 
-__all__ = ["MESSAGE_ROLES", "DataError", "Record", "SpanLabel", "check_messages", "open_session",
-           "random_splits", "read_records", "replay_record", "replay_summary"]
+__all__ = ["MESSAGE_ROLES", "DataError", "Record", "SpanLabel", "check_messages", "conversation_of",
+           "open_session", "random_splits", "read_records", "replay_record", "replay_summary"]
 
 # The roles a record's conversation may hold (after normalize_messages' aliases: developer is
 # system, function is tool): other role strings would reach a chat template that may not know them
@@ -64,11 +64,17 @@ class Record:
     messages: tuple[dict[str, str], ...] | None = None
 
     def conversation(self) -> list[dict[str, str]]:
-        """What an observer reads before the response: ``messages``, else the prompt as one
-        user message."""
-        if self.messages is not None:
-            return [dict(m) for m in self.messages]
-        return [{"role": "user", "content": self.prompt}]
+        """What an observer reads before the response (``conversation_of``)."""
+        return conversation_of(self.prompt, self.messages)
+
+
+def conversation_of(prompt: str, messages: Sequence[Mapping[str, str]] | None
+                    ) -> list[dict[str, str]]:
+    """What an observer reads before a record's response: its ``messages``, else its prompt as
+    one user message (a fresh list, the caller's to change)."""
+    if messages is not None:
+        return [dict(m) for m in messages]
+    return [{"role": "user", "content": prompt}]
 
 
 class DataError(GuardrailError):

@@ -17,7 +17,7 @@ from . import garak_prompts, hard_negatives, longform, own_answers, pyrit_rows
 from .augment import open_some_harmless, with_benign_openings
 from .handwritten import HandwrittenSet, default_sets, read_sets
 from .own_answers import default_answers_file
-from .records import Example, context_key, make_record, normalise, opening
+from .records import Example, dedupe_context, make_record, normalise, opening
 from .relabel import DEFAULT_RELABELS, RelabelError, apply_relabels, read_relabels
 from .sentences import split_sentences
 from .sources import SourcePackage, fetch_package
@@ -98,7 +98,7 @@ def _dedupe(examples: Sequence[Example]) -> tuple[list[Example], Counter[str]]:
         if len(labels_of[text]) > 1:
             dropped["conflicting_labels"] += 1
             continue
-        key: Any = text if ex.label == 1 else (context_key(ex), text)
+        key: Any = text if ex.label == 1 else (dedupe_context(ex), text)
         if key in seen:
             dropped["duplicates"] += 1
             continue

@@ -18,7 +18,7 @@ from typing import Any
 from .sentences import content_word_spans, harmful_sentence_labels, split_sentences
 from .tags import source_tag
 
-__all__ = ["Example", "context_key", "group_id", "make_record", "normalise", "opening"]
+__all__ = ["Example", "dedupe_context", "group_id", "make_record", "normalise", "opening"]
 
 _SPACES = re.compile(r"\s+")
 
@@ -64,7 +64,7 @@ def opening(example: Example) -> str:
     return next(m["content"] for m in example.messages if m["role"] == "user")
 
 
-def context_key(example: Example) -> str | tuple[tuple[str, str], ...]:
+def dedupe_context(example: Example) -> str | tuple[tuple[str, str], ...]:
     """What the observer reads before the answer, normalised (deduplication's key beside the
     response): the prompt, or every turn of the conversation."""
     if example.messages is None:
