@@ -372,3 +372,51 @@ def test_select_names_an_objective_source_the_pool_lacks(
         main(["--pool", str(pool), "--features", str(features), "--layers", "3",
               "--report", str(tmp_path / "r.json"), "--objective-sources", "src:a", "src:z"])
     assert "--objective-sources: src:z hold no harmful record" in capsys.readouterr().err
+
+
+def test_turn_rows_teach_the_prefixes_just_after_a_turn(tmp_path: Path) -> None:
+    from guardrail_harmful_content.training.pooled import cut_positions, row_matrix
+    from guardrail_harmful_content.training.select import run, save_chosen
+
+    # an answer of 200 tokens that turns at 150: the fixed cuts give two harmful rows
+    fixed = cut_positions(200)
+    assert [p for p in fixed if p >= 150] == [199]
+    turned = cut_positions(200, 150, (3, 7, 15, 31, 60))
+    assert set(turned) - set(fixed) == {153, 157, 165, 181}  # 210 lies past the answer
+    pool = _pool(4)
+    _, y0, _, owner0 = row_matrix(pool, [3], 6.0)
+    _, y1, w1, owner1 = row_matrix(pool, [3], 6.0, turn_rows=(3, 7))
+    for i, r in enumerate(pool):
+        before, after = (owner0 == i).sum(), (owner1 == i).sum()
+        if r.label == 0:
+            assert after == before  # benign records keep their rows
+            assert not y1[owner1 == i].any()
+        else:  # first harmful token 5 of 20: 8 and 12 join the cuts (7 and 15 are there)
+            assert after == before + 2
+            assert y1[owner1 == i].sum() == y0[owner0 == i].sum() + 2
+        # a record's rows still share its weight: its (source, label) cell's share
+        cell = sum(p.tag == r.tag and p.label == r.label for p in pool)
+        assert w1[owner1 == i].sum() == pytest.approx(1 / cell)
+    report = run(pool, [3], [1.0], max_false_halts=0.05, max_read=0.9, halflives=(6.0,),
+                 layer_sets=[(3,)], turn_rows=(3, 7))
+    assert report["chosen"]["turn_rows"] == [3, 7] and report["grid"]["turn_rows"] == [3, 7]
+    report["chosen"]["full_detection_threshold"] = 0.5
+    weights = save_chosen(pool, report, tmp_path)
+    config = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
+    assert config["method"]["turn_rows"] == [3, 7]
+    # the saved head is the probe fitted with the turn rows, not without
+    with_turns = fit_probe(pool, [3], 1.0, 6.0, turn_rows=(3, 7))
+    without = fit_probe(pool, [3], 1.0, 6.0)
+    assert not np.allclose(with_turns.w, without.w)
+    saved = fit_probe(pool, [3], report["chosen"]["ridge"], 6.0, turn_rows=(3, 7))
+    assert config["method"]["platt"] == {"a": saved.a, "c": saved.c}
+
+
+def test_select_names_a_negative_turn_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    from guardrail_harmful_content.training.select import main
+
+    with pytest.raises(SystemExit):
+        main(["--pool", str(tmp_path / "p.jsonl"), "--features", str(tmp_path),
+              "--report", str(tmp_path / "r.json"), "--turn-rows", "3", "-2"])
+    assert "--turn-rows: offsets must be >= 0" in capsys.readouterr().err

@@ -105,10 +105,15 @@ def pool_states(states: np.ndarray, halflife: float | None = None) -> np.ndarray
     return out
 
 
-def cut_positions(n: int) -> list[int]:
-    """The token indices whose prefix means become training rows for a record of ``n`` tokens."""
+def cut_positions(n: int, first_harm: int | None = None,
+                  turn_rows: Sequence[int] = ()) -> list[int]:
+    """The token indices whose prefix means become training rows for a record of ``n`` tokens;
+    with ``first_harm`` (a harmful record's first harmful token) also ``first_harm + d`` for each
+    ``d`` in ``turn_rows``, so the rows just after a turn are taught, not only the fixed cuts."""
     points = {p for p in CUT_TOKENS if p < n}
     points |= {max(0, math.ceil(f * n) - 1) for f in CUT_FRACTIONS}
+    if first_harm is not None:
+        points |= {first_harm + d for d in turn_rows}
     return sorted(p for p in points if 0 <= p < n)
 
 
@@ -129,12 +134,14 @@ def cell_weight(tag: str, upweight: Mapping[str, float] | None) -> float:
 
 
 def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
-               halflife: float | None = None, upweight: Mapping[str, float] | None = None
+               halflife: float | None = None, upweight: Mapping[str, float] | None = None,
+               turn_rows: Sequence[int] = ()
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training rows of ``records``: ``X (R, H*len(layers))`` float32 pooled prefixes, ``y (R,)``,
     ``weights (R,)`` (each (tag, label) cell sums to one, or to its ``upweight`` factor for a
     tag with that prefix; each record's rows share its weight equally), ``owner (R,)`` the
-    record index of each row."""
+    record index of each row. ``turn_rows``: offsets after a harmful record's first harmful
+    token that become rows too (``cut_positions``)."""
     cell_size: dict[tuple[str, int], int] = defaultdict(int)
     for r in records:
         cell_size[(r.tag, r.label)] += 1
@@ -143,7 +150,7 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
     ws: list[float] = []
     owner: list[int] = []
     for i, r in enumerate(records):
-        cuts = cut_positions(len(r))
+        cuts = cut_positions(len(r), r.first_harm if r.label == 1 else None, turn_rows)
         if not cuts:
             continue
         parts = []
@@ -245,17 +252,18 @@ def layer_columns(layers: Sequence[int], all_layers: Sequence[int], width: int) 
 def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
               halflife: float | None = None, fit: str = "ridge",
               upweight: Mapping[str, float] | None = None,
-              prompt_scale: float | None = None) -> LinearProbe:
+              prompt_scale: float | None = None, turn_rows: Sequence[int] = ()) -> LinearProbe:
     """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
-    ``upweight``: see ``row_matrix``; ``prompt_scale``: with a prompt term, each record's
-    ``prompt`` states appended to its rows, the term scaled by this and its range set,
+    ``upweight``, ``turn_rows``: see ``row_matrix``; ``prompt_scale``: with a prompt term, each
+    record's ``prompt`` states appended to its rows, the term scaled by this and its range set,
     ``prompt_fit.fit_prompt_probe``; None: none)."""
     from .prompt_fit import check_prompt_fit, fit_prompt_probe  # it builds on this module
 
     check_prompt_fit(fit, prompt_scale)
     if prompt_scale is not None:
-        return fit_prompt_probe(records, layers, ridge, halflife, upweight, prompt_scale)
-    x, y, w, _ = row_matrix(records, layers, halflife, upweight)
+        return fit_prompt_probe(records, layers, ridge, halflife, upweight, prompt_scale,
+                                turn_rows)
+    x, y, w, _ = row_matrix(records, layers, halflife, upweight, turn_rows)
     if fit == "logistic":
         coef, b, _ = fit_logistic(x, y, w, ridge)
         return LinearProbe(tuple(layers), coef, b, 1.0, 0.0, ridge, halflife, fit)
@@ -268,17 +276,18 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
 def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
              progress: Any = None, halflife: float | None = None, fit: str = "ridge",
-             upweight: Mapping[str, float] | None = None, prompt_scale: float | None = None
+             upweight: Mapping[str, float] | None = None, prompt_scale: float | None = None,
+             turn_rows: Sequence[int] = ()
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """Out-of-source prefix scores: for every layer set and L2 strength, every record scored
     by the probe (pooling ``halflife``, ``fit`` ridge or logistic, a prompt term scaled by
-    ``prompt_scale`` as ``fit_probe``'s, not clamped) fitted on the records of all the other
-    source tags."""
+    ``prompt_scale`` and ``turn_rows`` as ``fit_probe``'s, not clamped) fitted on the records
+    of all the other source tags."""
     from .prompt_fit import check_prompt_fit, fit_loso_prompt  # it builds on this module
 
     all_layers = list(all_layers)
     check_prompt_fit(fit, prompt_scale)
-    x, y, w, owner = row_matrix(records, all_layers, halflife, upweight)
+    x, y, w, owner = row_matrix(records, all_layers, halflife, upweight, turn_rows)
     width = x.shape[1] // len(all_layers)
     tags = sorted({r.tag for r in records})
     row_tag = np.asarray([records[i].tag for i in owner])

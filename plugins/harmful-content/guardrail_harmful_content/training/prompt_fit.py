@@ -102,11 +102,11 @@ def prompt_term_range(terms: np.ndarray, w: np.ndarray, owner: np.ndarray) -> Pr
 
 def fit_prompt_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
                      halflife: float | None, upweight: Mapping[str, float] | None,
-                     scale: float) -> LinearProbe:
+                     scale: float, turn_rows: Sequence[int] = ()) -> LinearProbe:
     """``fit_probe`` with a prompt term: one joint ridge fit on every record's rows with its
     prompt states appended, the term scaled by ``scale``, and its range over these records
     (``prompt_term_range``) on the probe."""
-    x, y, w, owner = row_matrix(records, layers, halflife, upweight)
+    x, y, w, owner = row_matrix(records, layers, halflife, upweight, turn_rows)
     prompts = prompt_matrix(records, layers)
     m = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
     (coef, b), = ridge_fit(m, np.arange(2 * x.shape[1]), [ridge])

@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--cap-harmful-prompts", action="store_true",
         help="also cap false halts on benign answers to harmful-sounding prompts (refusals "
              "and matched negatives; safety answers), each group pooled over the capped sets")
+    add("--turn-rows", type=int, nargs="+", default=[], metavar="D",
+        help="also train on the pooled prefix D tokens after a harmful record's first harmful "
+             "token, for each D (default: the fixed cuts only)")
     add("--max-false-halts", type=float, default=0.05)
     add("--max-read", type=float, default=0.5)
     add("--report", type=Path, required=True, help="JSON report to write")
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         args.features = [extract(part, args.layers) for part in args.pool]
     if len(args.pool) != len(args.features):
         parser.error("--pool and --features need the same number of paths")
+    if any(d < 0 for d in args.turn_rows):
+        parser.error(f"--turn-rows: offsets must be >= 0 tokens, got {args.turn_rows}")
     records = load_parts(args.pool, args.features, args.layers)
     if args.build is not None:
         records = reconcile(records, args.build)
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                  upweight_prefix=args.upweight_prefix, families=args.rule_families,
                  objective=args.objective_sources, prompt_scales=scales, groups=groups,
                  strengths=({"logistic": args.logistic_strengths}
-                            if args.logistic_strengths else None))
+                            if args.logistic_strengths else None),
+                 turn_rows=args.turn_rows)
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:

@@ -63,7 +63,7 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
         return {}
     probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
                       chosen.get("fit", "ridge"), chosen.get("upweight"),
-                      chosen.get("prompt_scale"))
+                      chosen.get("prompt_scale"), tuple(chosen.get("turn_rows") or ()))
     scores = [probe.prefix_scores(r) for r in test]
     spec = chosen.get("score_transform")
     table = halts([transform(s, spec) for s in scores] if spec else scores,
@@ -126,7 +126,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     chosen = report["chosen"]
     probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
                       chosen.get("fit", "ridge"), chosen.get("upweight"),
-                      chosen.get("prompt_scale"))
+                      chosen.get("prompt_scale"), tuple(chosen.get("turn_rows") or ()))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
     head = to_dual_head(probe, hidden_size)
     config = {
@@ -147,6 +147,7 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
                    "upweight": chosen.get("upweight") or {},
                    "platt": {"a": probe.a, "c": probe.c},
                    **({} if probe.prompt_scale is None else {"prompt_scale": probe.prompt_scale}),
+                   **({"turn_rows": list(chosen["turn_rows"])} if chosen.get("turn_rows") else {}),
                    "selection": "leave-one-source-out (select.py)"},
         "calibration": {"objective": "mean macro-F1 over held-out harmful sources",
                         "split": "leave-one-source-out", **report["caps"]},

@@ -56,11 +56,11 @@ def score_candidates(records: Sequence[PoolRecord], layers: Sequence[int],
                      strengths: Mapping[str, Sequence[float]],
                      halflives: Sequence[float | None], upweights: Sequence[float],
                      upweight_prefix: str, progress: bool,
-                     prompt_scales: Sequence[float | None] = (None,)
-                     ) -> dict[Key, list[np.ndarray]]:
+                     prompt_scales: Sequence[float | None] = (None,),
+                     turn_rows: Sequence[int] = ()) -> dict[Key, list[np.ndarray]]:
     """Every record's out-of-source prefix scores (``pooled.fit_loso``) under every candidate;
     ``strengths`` maps each fit to its L2 strengths; ``prompt_scales``: a head per scale of a
-    prompt term (None: none)."""
+    prompt term (None: none); ``turn_rows``: ``pooled.row_matrix``'s, for every head."""
     from tqdm import tqdm
 
     n_tags = len({r.tag for r in records})
@@ -74,7 +74,8 @@ def score_candidates(records: Sequence[PoolRecord], layers: Sequence[int],
                     for (layer_set, lam), scores in fit_loso(
                             records, layers, layer_sets, lams, halflife=halflife,
                             progress=lambda t: bar.update(1), fit=fit,
-                            upweight={upweight_prefix: factor}, prompt_scale=scale).items():
+                            upweight={upweight_prefix: factor}, prompt_scale=scale,
+                            turn_rows=turn_rows).items():
                         scored[(layer_set, lam, halflife, fit, factor, scale)] = scores
     bar.close()
     return scored
@@ -165,7 +166,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         families: Sequence[Family] = (("count", None),),
         objective: Sequence[str] | None = None,
         prompt_scales: Sequence[float | None] = (None,),
-        groups: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        groups: Mapping[str, np.ndarray] | None = None,
+        turn_rows: Sequence[int] = ()) -> dict[str, Any]:
     """The LOSO selection over ``layer_sets`` (``layer_sets_of``), at every ridge strength and
     pooling half-life (None: the prefix mean), for each fit in ``fits`` (ridge, logistic;
     ``strengths`` gives a fit its own L2 strengths instead of ``ridges``) and each factor in
@@ -175,18 +177,22 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     ``objective`` names the harmful sources the mean macro-F1 runs over (default: every one in
     the pool; the caps always cover every capped source). ``prompt_scales``: each head also
     with a prompt term at each scale (``pooled.fit_loso``; None: without); ``groups``: record
-    groups capped like sources (``groups.harmful_prompt_groups``)."""
+    groups capped like sources (``groups.harmful_prompt_groups``); ``turn_rows``: rows after a
+    harmful record's first harmful token for every head (``pooled.row_matrix``)."""
     t0 = time.perf_counter()
     sets = layer_sets_of(layers, layer_sets)
     lams = {f: (strengths or {}).get(f, ridges) for f in fits}
     scored = score_candidates(records, layers, sets, lams, halflives, upweights,
-                              upweight_prefix, progress, prompt_scales)
+                              upweight_prefix, progress, prompt_scales, turn_rows)
     labels = np.asarray([r.label for r in records])
     tags = np.asarray([r.tag for r in records])
     lengths = np.asarray([len(r) for r in records])
     candidates, by_candidate, tables = rule_candidates(
         scored, labels, tags, lengths, max_false_halts, max_read, capped, upweight_prefix,
         progress, families, objective, groups)
+    if turn_rows:
+        for candidate in candidates:
+            candidate["turn_rows"] = list(turn_rows)
     best = pick(candidates)
     key, table, j, k = tables[candidate_name(best)]
     # full detection (the last token's score only), thresholded on the same out-of-source scores
@@ -206,7 +212,7 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
                  "strengths": {f: list(v) for f, v in lams.items()},
                  "upweights": list(upweights), "upweight_prefix": upweight_prefix,
                  "halflives": list(halflives), "fits": list(fits),
-                 "prompt_scales": list(prompt_scales),
+                 "prompt_scales": list(prompt_scales), "turn_rows": list(turn_rows),
                  "layer_sets": [list(s) for s in sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
                                                       for t in sorted(set(tags))}},
