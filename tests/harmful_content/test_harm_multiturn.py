@@ -172,6 +172,19 @@ def test_the_followups_slot_is_wave_six_and_optional() -> None:
     assert all(s.path.is_file() for s in shipped.values())
 
 
+def test_the_late_slot_is_wave_seven_and_optional() -> None:
+    assert SETS["handwritten_late.jsonl"] == "handwritten:late-v7"
+    assert WAVES["handwritten:late-v7"] == 7
+    here = Path(handwritten.__file__).parent
+    shipped = {s.tag: s for s in default_sets()}
+    assert ("handwritten:late-v7" in shipped) == (here / "handwritten_late.jsonl").is_file()
+    if "handwritten:late-v7" in shipped:  # its ids must not reuse another shipped set's prefix
+        prefixes = {tag: {e.extra["writer_id"].split("-")[0]
+                          for e in read_handwritten(s.path, tag)} for tag, s in shipped.items()}
+        others = set().union(*(p for tag, p in prefixes.items() if tag != "handwritten:late-v7"))
+        assert prefixes["handwritten:late-v7"] == {"W"} and "W" not in others
+
+
 @pytest.mark.usefixtures("harm_sources")
 def test_a_conversation_round_trips_into_the_build_and_moves_no_earlier_record(
         tmp_path: Path, write_jsonl: WriteJsonl) -> None:
