@@ -20,17 +20,21 @@ HARM = HELDOUT / "harm_handwritten.jsonl"
 HARM_V2 = HELDOUT / "harm_handwritten_v2.jsonl"  # written after v1 steered a choice (README)
 HARM_V3 = HELDOUT / "harm_handwritten_v3.jsonl"  # a third of it multi-turn (README)
 HARM_V4 = HELDOUT / "harm_handwritten_v4.jsonl"  # written after v3 was read (README)
+HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 SOURCE = "handwritten-heldout-v1"
 SOURCE_V2 = "handwritten-heldout-v2"
 SOURCE_V3 = "handwritten-heldout-v3"
 SOURCE_V4 = "handwritten-heldout-v4"
+SOURCE_V5 = "handwritten-heldout-v5"
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
-             "dialogue", "article"}  # v3's and v4's `register` values
-TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup"}
-HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4)
+             "dialogue", "article"}  # v3's to v5's `register` values
+# v5 adds turns_benign: a harmful exchange, then a benign last answer (README)
+TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
+BENIGN_KINDS = {"benign_followup", "turns_benign"}
+HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
 
@@ -42,7 +46,7 @@ def _raw(path: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(("path", "source", "turning_per_category"),
                          [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1), (HARM_V3, SOURCE_V3, 2),
-                          (HARM_V4, SOURCE_V4, 2)])
+                          (HARM_V4, SOURCE_V4, 2), (HARM_V5, SOURCE_V5, 2)])
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
                                                      turning_per_category: int) -> None:
     records = list(read_records(path))
@@ -70,9 +74,9 @@ def test_the_harm_sets_share_no_answer() -> None:
             assert not a & b
 
 
-@pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4")])
+@pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4"), (HARM_V5, "v5")])
 def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
-    """v3's and v4's extra fields: the conversation before a multi-turn answer ends with the user
+    """v3's to v5's extra fields: the conversation before a multi-turn answer ends with the user
     turn that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
     rows = _raw(path)
     assert [r["id"] for r in rows] == [f"{prefix}-{n:03d}" for n in range(1, len(rows) + 1)]
@@ -87,7 +91,7 @@ def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
             assert all(isinstance(m["content"], str) and m["content"] for m in messages), rid
             assert messages[-1]["content"] == row["prompt"], rid
             assert row["turn_kind"] in TURN_KINDS, rid
-            assert (row["turn_kind"] == "benign_followup") == (row["label"] == 0), rid
+            assert (row["turn_kind"] in BENIGN_KINDS) == (row["label"] == 0), rid
         else:
             assert row["multi_turn"] is False and messages is None, rid
         start = row["harm_start"]
@@ -98,8 +102,9 @@ def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
             assert start is None and row["opens_benign"] is False, rid
     multi = [r for r in rows if r["multi_turn"]]
     assert 0.3 <= len(multi) / len(rows) <= 0.4
-    kinds = Counter((r["turn_kind"], r["label"]) for r in multi)
-    assert min(kinds.values()) >= 10, kinds  # each kind is a slice worth reporting
+    kinds = Counter(r["turn_kind"] for r in multi)
+    for kind in ("continues_harmful", "turns_harmful", "benign_followup"):
+        assert kinds[kind] >= 10, kinds  # each kind is a slice worth reporting
     rough_benign = [r for r in rows if r["register"] == "rough" and r["label"] == 0]
     assert len(rough_benign) >= 12  # the everyday rough register the monitor over-halts
 
@@ -116,7 +121,8 @@ def _readme_table(heading: str, names: set[str]) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize(("path", "heading"),
                          [(HARM_V3, "## harm_handwritten_v3.jsonl"),
-                          (HARM_V4, "## harm_handwritten_v4.jsonl")])
+                          (HARM_V4, "## harm_handwritten_v4.jsonl"),
+                          (HARM_V5, "## harm_handwritten_v5.jsonl")])
 def test_category_counts_match_the_readme_table(path: Path, heading: str) -> None:
     rows = _raw(path)
     table = _readme_table(heading, CATEGORIES)
@@ -129,16 +135,18 @@ def test_category_counts_match_the_readme_table(path: Path, heading: str) -> Non
         assert multi == sum(bool(r["multi_turn"]) for r in mine), cat
 
 
-def test_v4_register_and_turn_kind_counts_match_the_readme_tables() -> None:
-    rows = _raw(HARM_V4)
-    heading = "## harm_handwritten_v4.jsonl"
+@pytest.mark.parametrize(("path", "heading"),
+                         [(HARM_V4, "## harm_handwritten_v4.jsonl"),
+                          (HARM_V5, "## harm_handwritten_v5.jsonl")])
+def test_register_and_turn_kind_counts_match_the_readme_tables(path: Path, heading: str) -> None:
+    rows = _raw(path)
     registers = _readme_table(heading, REGISTERS)
     assert set(registers) == {r["register"] for r in rows}
     for name, (harmful, benign) in registers.items():
         mine = [r for r in rows if r["register"] == name]
         assert [harmful, benign] == [sum(r["label"] == lab for r in mine) for lab in (1, 0)], name
     kinds = _readme_table(heading, TURN_KINDS)
-    assert set(kinds) == TURN_KINDS
+    assert set(kinds) == {r["turn_kind"] for r in rows if r["multi_turn"]}
     for name, (harmful, benign) in kinds.items():
         mine = [r for r in rows if r.get("turn_kind") == name]
         assert [harmful, benign] == [sum(r["label"] == lab for r in mine) for lab in (1, 0)], name
@@ -157,6 +165,34 @@ def test_v4_weights_the_slices_v3_found_hard() -> None:
     assert benign["explainer"] >= 15 and benign["rough"] >= 15, benign
     older: set[str] = set()
     for path in (HARM, HARM_V2, HARM_V3):
+        older |= {r.response for r in read_records(path)}
+        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
+    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
+             if len(str(m["content"])) >= 40]
+    assert not [t[:60] for t in turns if t in older]
+
+
+def test_v5_register_does_not_give_the_label_away() -> None:
+    """v5 was written so a register says little about the label (README): drafted messages and
+    lists on both sides, answers that turn harmful late, benign answers after a harmful
+    exchange (turns_benign), similar lengths; its conversations are new text."""
+    rows = _raw(HARM_V5)
+    registers = Counter((r["register"], r["label"]) for r in rows)
+    for name in ("message", "list", "rough", "explainer", "plain", "article", "dialogue",
+                 "fiction", "support"):
+        assert registers[name, 0] >= 2 and registers[name, 1] >= 2, (name, registers)
+    for name in ("message", "list"):
+        assert abs(registers[name, 0] - registers[name, 1]) <= 2, (name, registers)
+    turning = [r for r in rows if r["opens_benign"]]
+    depth = [r["harm_start"] / len(str(r["response"])) for r in turning]
+    assert sum(d >= 0.5 for d in depth) >= 10 and sum(d < 0.3 for d in depth) >= 3, depth
+    assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
+    words = {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
+             for lab in (0, 1)}
+    medians = [w[len(w) // 2] for w in words.values()]
+    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
+    older: set[str] = set()
+    for path in (HARM, HARM_V2, HARM_V3, HARM_V4):
         older |= {r.response for r in read_records(path)}
         older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
     turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
