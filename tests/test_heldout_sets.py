@@ -22,11 +22,14 @@ HARM_V3 = HELDOUT / "harm_handwritten_v3.jsonl"  # a third of it multi-turn (REA
 HARM_V4 = HELDOUT / "harm_handwritten_v4.jsonl"  # written after v3 was read (README)
 HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
+ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
 SOURCE = "handwritten-heldout-v1"
 SOURCE_V2 = "handwritten-heldout-v2"
 SOURCE_V3 = "handwritten-heldout-v3"
 SOURCE_V4 = "handwritten-heldout-v4"
 SOURCE_V5 = "handwritten-heldout-v5"
+SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
+ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
@@ -35,6 +38,7 @@ REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explain
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
 BENIGN_KINDS = {"benign_followup", "turns_benign"}
 HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5)
+ENTITY_SETS = (ENTITY, ENTITY_V2)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
 
@@ -205,13 +209,14 @@ def _span_text(record: Record, k: int) -> str:
     return record.response[span.start:span.end]
 
 
-def test_entity_set_spans_match_their_text_and_labels() -> None:
-    records = list(read_records(ENTITY))
-    raw = _raw(ENTITY)
+@pytest.mark.parametrize(("path", "source"), [(ENTITY, SOURCE), (ENTITY_V2, SOURCE_ENTITY_V2)])
+def test_entity_set_spans_match_their_text_and_labels(path: Path, source: str) -> None:
+    records = list(read_records(path))
+    raw = _raw(path)
     assert len(records) >= 60
     assert sum(len(r.spans) for r in records) >= 250
     for rec, row in zip(records, raw, strict=True):
-        assert rec.extra["source"] == SOURCE
+        assert rec.extra["source"] == source
         spans = row["spans"]
         assert isinstance(spans, list) and spans, row["id"]
         for k, span in enumerate(spans):
@@ -225,9 +230,10 @@ def test_entity_set_spans_match_their_text_and_labels() -> None:
     assert min(versions.values()) >= 0.4 * len(records)
 
 
-def test_entity_pairs_differ_only_at_fabricated_spans() -> None:
+@pytest.mark.parametrize("path", ENTITY_SETS)
+def test_entity_pairs_differ_only_at_fabricated_spans(path: Path) -> None:
     by_pair: dict[str, dict[str, Record]] = {}
-    for rec in read_records(ENTITY):
+    for rec in read_records(path):
         if rec.extra.get("pair"):
             by_pair.setdefault(str(rec.extra["pair"]), {})[str(rec.extra["version"])] = rec
     assert len(by_pair) >= 20
@@ -243,6 +249,55 @@ def test_entity_pairs_differ_only_at_fabricated_spans() -> None:
             bounds = [0, *[x for s in r.spans for x in (s.start, s.end)], len(r.response)]
             return [r.response[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
         assert gaps(true) == gaps(fab), pair
+
+
+def test_entity_v2_is_new_text_with_the_readme_counts() -> None:
+    """v2's extra fields (README): ids in order, each fabricated span names the true value it
+    replaced, a pair shares its prompt, 1-3 swaps a text, lengths in range, no v1 text reused;
+    and the README's topic table matches the file."""
+    rows = _raw(ENTITY_V2)
+    assert [r["id"] for r in rows] == [f"ev2-{n:03d}" for n in range(1, len(rows) + 1)]
+    for row in rows:
+        rid = row["id"]
+        assert row["topic"] in ENTITY_TOPICS and row["register"] in ("prose", "chatty"), rid
+        assert row["prompt"].strip() and 40 <= len(row["response"].split()) <= 130, rid
+        for span in row["spans"]:
+            if span["label"] == 1:  # a swap: plausible, so never the true value itself
+                assert span["true_value"].strip() and span["true_value"] != span["text"], rid
+            else:
+                assert "true_value" not in span, rid
+        if row["version"] == "fabricated":
+            assert 1 <= row["fabricated_spans"] <= 3, rid
+    pairs = Counter(r["pair"] for r in rows if r["pair"])
+    assert len(pairs) == 24 and set(pairs.values()) == {2}
+    for pair in pairs:
+        both = [r for r in rows if r["pair"] == pair]
+        assert {r["version"] for r in both} == {"true", "fabricated"}, pair
+        assert both[0]["prompt"] == both[1]["prompt"] and both[0]["topic"] == both[1]["topic"]
+    singles = Counter(r["version"] for r in rows if not r["pair"])
+    assert singles == {"true": 12, "fabricated": 12}
+    assert sum(r["register"] == "chatty" for r in rows) >= 8  # the assistant-answer register
+    table = _readme_table("## entity_handwritten_v2.jsonl", ENTITY_TOPICS)
+    assert set(table) == ENTITY_TOPICS
+    for topic, (true, fabricated, paired, chatty) in table.items():
+        mine = [r for r in rows if r["topic"] == topic]
+        assert true == sum(r["version"] == "true" for r in mine), topic
+        assert fabricated == sum(r["version"] == "fabricated" for r in mine), topic
+        assert paired == sum(bool(r["pair"]) for r in mine), topic
+        assert chatty == sum(r["register"] == "chatty" for r in mine), topic
+    older = {r.response for r in read_records(ENTITY)}
+    assert not [r["id"] for r in rows if r["response"] in older]
+
+
+def test_the_markers_name_every_heldout_file_and_source() -> None:
+    """The training-data check below looks for MARKERS: every held-out file's name and source
+    tag must contain one, or a new set could be read by a builder unnoticed."""
+    files = sorted(HELDOUT.glob("*.jsonl"))
+    assert set(files) == {*HARM_SETS, *ENTITY_SETS}
+    for path in files:
+        assert any(m in path.name for m in MARKERS), path  # a builder naming the file
+        for source in {str(row["source"]) for row in _raw(path)}:
+            assert any(m in source for m in MARKERS), (path, source)
 
 
 def _training_modules() -> list[Path]:
@@ -262,7 +317,7 @@ def test_no_training_builder_reads_the_heldout_sets() -> None:
     assert not hits, "training data must never read bench/heldout: " + "; ".join(hits)
 
 
-@pytest.mark.parametrize("path", [*HARM_SETS, ENTITY])
+@pytest.mark.parametrize("path", [*HARM_SETS, *ENTITY_SETS])
 def test_heldout_text_is_not_in_the_training_data(path: Path) -> None:
     """No held-out response, nor an earlier turn of a held-out conversation, appears verbatim in
     a training builder's data or code."""
