@@ -156,6 +156,16 @@ def _caps(max_false_halts: float, max_read: float, capped: Sequence[str],
                 k: int(v.sum()) for k, v in groups.items()}})}
 
 
+def _grid_axes(upweights: Sequence[float], upweight_prefix: str,
+               halflives: Sequence[float | None], fits: Sequence[str],
+               prompt_scales: Sequence[float | None], turn_rows: Sequence[int]
+               ) -> dict[str, Any]:
+    """The head settings a selection ran over, as the report's ``grid`` records them."""
+    return {"upweights": list(upweights), "upweight_prefix": upweight_prefix,
+            "halflives": list(halflives), "fits": list(fits),
+            "prompt_scales": list(prompt_scales), "turn_rows": list(turn_rows)}
+
+
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
         max_false_halts: float, max_read: float,
         halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
@@ -190,9 +200,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
     candidates, by_candidate, tables = rule_candidates(
         scored, labels, tags, lengths, max_false_halts, max_read, capped, upweight_prefix,
         progress, families, objective, groups)
-    if turn_rows:
-        for candidate in candidates:
-            candidate["turn_rows"] = list(turn_rows)
+    for candidate in candidates if turn_rows else ():
+        candidate["turn_rows"] = list(turn_rows)
     best = pick(candidates)
     key, table, j, k = tables[candidate_name(best)]
     # full detection (the last token's score only), thresholded on the same out-of-source scores
@@ -209,10 +218,8 @@ def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[f
         "caps": _caps(max_false_halts, max_read, capped, objective, groups),
         "grid": {"thresholds": list(THRESHOLDS), "ks": list(KS),
                  "families": [list(f) for f in families], "ridges": list(ridges),
-                 "strengths": {f: list(v) for f, v in lams.items()},
-                 "upweights": list(upweights), "upweight_prefix": upweight_prefix,
-                 "halflives": list(halflives), "fits": list(fits),
-                 "prompt_scales": list(prompt_scales), "turn_rows": list(turn_rows),
+                 "strengths": {f: list(v) for f, v in lams.items()}, **_grid_axes(
+                     upweights, upweight_prefix, halflives, fits, prompt_scales, turn_rows),
                  "layer_sets": [list(s) for s in sets]},
         "pool": {"records": len(records), "sources": {t: int((tags == t).sum())
                                                       for t in sorted(set(tags))}},
