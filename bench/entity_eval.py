@@ -28,7 +28,10 @@ monitor's entities only, as the monitor scores it (``token_probe_entities``).
   figures (fitted on train/val records, scored on test records and the paired set). Written to
   ``bench/results/entity_loso.json``.
 
-    python -m bench.entity_eval [--quick] [--loso] [--data DIR] [--features DIR]
+  ``--grid pass6`` runs the sixth pass's token-prior candidates (``--prior`` FILE, built by
+  ``python -m guardrail_entity_hallucination.training.token_prior``).
+
+    python -m bench.entity_eval [--quick] [--loso [--grid pass6]] [--data DIR] [--features DIR]
 """
 
 from __future__ import annotations
@@ -105,11 +108,16 @@ def main(argv: list[str] | None = None) -> Path:
                         help="test records streamed through guardrail eval")
     parser.add_argument("--loso", action="store_true",
                         help="leave-one-source-out figures (bench/results/entity_loso.json)")
+    parser.add_argument("--grid", choices=("pass5", "pass6"), default="pass5",
+                        help="with --loso: the candidates (pass6: the token-prior pass)")
+    parser.add_argument("--prior", type=Path, default=None,
+                        help="with --loso --grid pass6: the token prior file (default: "
+                        "token-prior.safetensors in the feature cache)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="with --loso: a span head to report in source beside the figures")
     args = parser.parse_args(argv)
     if args.loso:
-        return _loso(args.data, args.features, args.reference)
+        return _loso(args.data, args.features, args.reference, args.grid, args.prior)
 
     import torch
     from guardrail_entity_hallucination.probe import (
@@ -235,8 +243,11 @@ def main(argv: list[str] | None = None) -> Path:
     return path
 
 
-def _loso(data: Path | None, features: Path | None, reference: Path | None) -> Path:
+def _loso(data: Path | None, features: Path | None, reference: Path | None,
+          grid: str = "pass5", prior: Path | None = None) -> Path:
     import torch
+    from guardrail_entity_hallucination.span_probe import PRIOR_FEATURES
+    from guardrail_entity_hallucination.training.combine import GRIDS
     from guardrail_entity_hallucination.training.features import build_data
     from guardrail_entity_hallucination.training.train_combined import (
         LOSO_PASS,
@@ -256,9 +267,14 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None) -> P
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     observer = load_smollm2(ObserverSpec(options=FLOAT32_PRODUCTS))
+    candidates = GRIDS[grid]
+    features_dir = features or cache_dir() / "entity-features"
+    if prior is None and any(n in PRIOR_FEATURES for c in candidates for n in c.features):
+        prior = features_dir / "token-prior.safetensors"  # training.token_prior's default
     groups = load_groups(observer, build_data(data or cache_dir() / "entity-data"),
-                         features or cache_dir() / "entity-features", handwritten_sets())
-    result = run_loso(groups, observer.hidden_size, reference=reference)
+                         features_dir, handwritten_sets(), priors=prior)
+    result = run_loso(groups, observer.hidden_size, reference=reference, candidates=candidates)
+    result["grid_name"] = grid
     result["in_split"] = in_split(groups, result["chosen"], observer.hidden_size)
     result["pass"] = LOSO_PASS
     if result["chosen"] != SHIPPED.candidate:  # the trainer's default recipe, not the choice

@@ -123,6 +123,10 @@ class EntityHallucinationMonitor(Monitor):
         if "top_entity" in needs:  # would need the tokenizer's vocabulary in both modes
             raise ValueError("this span head reads 'top_entity_first', which the monitor does "
                              "not compute")
+        priors = sorted(n for n in needs if n.startswith("prior_"))
+        if priors:  # the sixth pass's token priors: training features only (not shipped)
+            raise ValueError(f"this span head reads token priors ({', '.join(priors)}), which "
+                             "the monitor does not load")
         return STATS + tuple(n for n in ("margin", "rank") if n in needs)
 
     def _load(self) -> AnyEntityProbe:

@@ -23,9 +23,11 @@ from guardrail.probes.heads import LinearProbe
 from guardrail.probes.io import LoadedProbe, ProbeFileError, save_probe
 
 from .spans import EntitySpan
+from .token_prior import PRIORS
 
 __all__ = ["ALL_FEATURES", "EXTRA_FEATURES", "FEATURE_NEEDS", "KINDS", "POOLS",
-           "SPAN_FEATURES", "SPAN_STATES_VERSION", "TOKEN_EXTRAS", "EntitySpanProbe",
+           "PRIOR_EXTRAS", "PRIOR_FEATURES", "SPAN_FEATURES", "SPAN_STATES_VERSION",
+           "TOKEN_EXTRAS", "EntitySpanProbe",
            "StateBlock", "prefix_surprisal", "save_span_probe", "span_features",
            "span_from_loaded", "span_members"]
 
@@ -37,18 +39,27 @@ STATS = ("surprisal", "entropy")
 # Logit features added in issue 23 (``logit_stats``): per token, besides surprisal and entropy,
 # the log-probability margin to the model's first choice, the token's rank, and whether the first
 # choice was another entity; per span, the text's own surprisal level before it (``prefix``).
-TOKEN_EXTRAS = ("margin", "rank", "top_entity")
+# Sixth pass (issue 23): per token, a context-free prior surprisal of the token, one per prior
+# of ``token_prior`` (looked up by token id, no forward).
+PRIOR_EXTRAS = tuple(f"prior_{p}" for p in PRIORS)
+TOKEN_EXTRAS = ("margin", "rank", "top_entity", *PRIOR_EXTRAS)
 EXTRA_FEATURES = ("excess_max", "excess_mean", "excess_first", "surprisal_rest",
                   "margin_max", "margin_mean", "margin_first", "log_rank_max", "log_rank_mean",
                   "log_rank_first", "top_entity_first", "surprisal_rel_max",
                   "surprisal_rel_mean")
-ALL_FEATURES = SPAN_FEATURES + EXTRA_FEATURES
+# Per span and prior: ``pmi = surprisal - prior`` (max, mean, the first token's, the sum) and
+# the prior itself (max, mean).
+PRIOR_FEATURES = tuple(
+    name for p in PRIORS for name in (f"pmi_{p}_max", f"pmi_{p}_mean", f"pmi_{p}_first",
+                                      f"pmi_{p}_sum", f"prior_{p}_max", f"prior_{p}_mean"))
+ALL_FEATURES = SPAN_FEATURES + EXTRA_FEATURES + PRIOR_FEATURES
 # What each extra feature reads besides the members' surprisal and entropy.
 FEATURE_NEEDS: dict[str, str] = {
     **{f"margin_{a}": "margin" for a in ("max", "mean", "first")},
     **{f"log_rank_{a}": "rank" for a in ("max", "mean", "first")},
     "top_entity_first": "top_entity", "surprisal_rel_max": "prefix",
-    "surprisal_rel_mean": "prefix"}
+    "surprisal_rel_mean": "prefix",
+    **{name: f"prior_{name.split('_')[1]}" for name in PRIOR_FEATURES}}
 POOLS = ("mean", "prev")
 SPAN_STATES_VERSION = 2
 
@@ -103,7 +114,25 @@ def span_features(surprisal: Sequence[float], entropy: Sequence[float], kind: st
     out["top_entity_first"] = float(top[0]) if top is not None and len(top) else math.nan
     out["surprisal_rel_max"] = out["surprisal_max"] - prefix
     out["surprisal_rel_mean"] = out["surprisal_mean"] - prefix
+    for p in PRIORS:
+        _prior_features(out, p, surprisal, extras.get(f"prior_{p}"))
     return out
+
+
+def _prior_features(out: dict[str, float], name: str, surprisal: Sequence[float],
+                    prior: Sequence[float] | None) -> None:
+    """``pmi_<name>_*`` and ``prior_<name>_*`` of a span. Only tokens with a known surprisal
+    count, in both (so ``surprisal_mean - prior_mean == pmi_mean``); no prior: all NaN."""
+    if prior is None:
+        prior = [math.nan] * len(surprisal)
+    pmi = [float(s) - float(q) for s, q in zip(surprisal, prior, strict=True)]
+    _aggregate(out, f"pmi_{name}", pmi)
+    known = [v for v in pmi if math.isfinite(v)]
+    out[f"pmi_{name}_sum"] = math.fsum(known) if known else math.nan
+    counted = [float(q) if math.isfinite(float(s)) else math.nan
+               for s, q in zip(surprisal, prior, strict=True)]
+    _aggregate(out, f"prior_{name}", counted)
+    del out[f"prior_{name}_first"]
 
 
 def prefix_surprisal(surprisal: Sequence[float], start: int) -> float:

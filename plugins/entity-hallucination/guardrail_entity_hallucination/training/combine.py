@@ -20,11 +20,12 @@ import torch
 from guardrail.probes.heads import LinearProbe
 
 from ..span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBlock
+from ..token_prior import PRIORS
 from .train_span import Block, SpanRows
 
-__all__ = ["COMBINED_CANDIDATES", "LOGIT_CANDIDATES", "LOSO_GRID", "PASS4_GRID", "PASS5",
-           "PASS5_GRID", "STATE_BLOCKS", "Candidate", "Design", "design", "fit_candidate",
-           "source_weights"]
+__all__ = ["COMBINED_CANDIDATES", "GRIDS", "LOGIT_CANDIDATES", "LOSO_GRID", "PASS4_GRID",
+           "PASS5", "PASS5_GRID", "PASS6_GRID", "PASS6_PRIOR_CANDIDATES", "STATE_BLOCKS",
+           "Candidate", "Design", "design", "fit_candidate", "source_weights"]
 
 STATS = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max", "entropy_mean",
          "entropy_first", "log_tokens")
@@ -121,9 +122,26 @@ COMBINED_CANDIDATES = COMBINED_CANDIDATES + LOGIT_CANDIDATES
 COMBINED_CANDIDATES += (
     Candidate("surprisal max, monotone", ("surprisal_max",), monotone=True),
     Candidate("surprisal mean, monotone", ("surprisal_mean",), monotone=True))
+# Sixth pass (issue 23), written before its figures: the surprisal against a context-free
+# prior of the token (``token_prior``; PMI-like, ``span_probe.PRIOR_FEATURES``), per prior each
+# span form alone as a one-feature head, in place of the surprisal in the shipped recipe's
+# form, beside it, and the prior beside the surprisal with its weight fitted (free sign).
+PRIOR_FORMS = ("max", "mean", "first", "sum")
+PASS6_PRIOR_CANDIDATES: tuple[Candidate, ...] = tuple(
+    c for p in PRIORS for c in (
+        *(Candidate(f"pmi-{p} {form}, monotone", (f"pmi_{p}_{form}",), monotone=True)
+          for form in PRIOR_FORMS),
+        Candidate(f"pmi-{p}, ensemble", (f"pmi_{p}_max", f"pmi_{p}_mean"), monotone=True,
+                  ensemble=True),
+        Candidate(f"surprisal+pmi-{p}, ensemble",
+                  (*SURPRISAL, f"pmi_{p}_max", f"pmi_{p}_mean"), monotone=True, ensemble=True),
+        Candidate(f"surprisal+prior-{p}, ensemble",
+                  (*SURPRISAL, f"prior_{p}_max", f"prior_{p}_mean"), monotone=True,
+                  ensemble=True)))
 MONOTONE = ("surprisal_max", "surprisal_mean", "surprisal_first", "surprisal_rest",
             "surprisal_rel_max", "surprisal_rel_mean", "margin_max", "margin_mean",
-            "log_rank_max", "log_rank_mean")
+            "log_rank_max", "log_rank_mean",
+            *(f"pmi_{p}_{form}" for p in PRIORS for form in PRIOR_FORMS))
 _FIRST_PASSES = {"probe(wd 1.0)+surprisal", "probe(wd 10.0)+surprisal"}
 _NOT_RUN = {"probe(wd 30.0)+surprisal, monotone", "probe(wd 1.0)+surprisal, ensemble",
             "probe(wd 3.0)+surprisal+entropy, monotone"}
@@ -144,6 +162,14 @@ PASS5 = ("probe(wd 1.0)+surprisal", "surprisal, ensemble", "surprisal, monotone"
 PASS5_GRID: tuple[Candidate, ...] = tuple(
     next(c for c in COMBINED_CANDIDATES if c.name == name) for name in PASS5)
 LOSO_GRID = PASS5_GRID
+COMBINED_CANDIDATES += PASS6_PRIOR_CANDIDATES  # after the earlier grids, which slice it
+# The sixth pass's grid (docs/entity-hallucination.md, "Sixth pass"; `bench.entity_eval --loso
+# --grid pass6`): the shipped recipe, the baseline as a head, and the prior candidates.
+PASS6_GRID: tuple[Candidate, ...] = (
+    *(next(c for c in COMBINED_CANDIDATES if c.name == name)
+      for name in ("surprisal, ensemble", "surprisal max, monotone")),
+    *PASS6_PRIOR_CANDIDATES)
+GRIDS: dict[str, tuple[Candidate, ...]] = {"pass5": PASS5_GRID, "pass6": PASS6_GRID}
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..logit_stats import TOKEN_STATS, entity_vocab, token_stats
+from ..span_probe import TOKEN_EXTRAS
 
 __all__ = ["attach", "cache_logit_stats", "record_extras"]
 
@@ -29,16 +30,16 @@ def attach(records: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
         if rows.shape[0] != len(record):
             raise ValueError(f"record {record.index}: {rows.shape[0]} rows of logit statistics "
                              f"for {len(record)} tokens")
-        record.extra["token_stats"] = {name: rows[:, k].tolist()
-                                       for k, name in enumerate(TOKEN_STATS)
-                                       if name in _EXTRAS}
+        record.extra.setdefault("token_stats", {}).update(
+            {name: rows[:, k].tolist() for k, name in enumerate(TOKEN_STATS)
+             if name in _EXTRAS})
 
 
 def record_extras(record: Any) -> dict[str, list[float]]:
-    """A cached record's extras per token (``attach``), else none: the features that read
-    them are then NaN (standardised to 0)."""
+    """A cached record's extras per token (``attach``, and ``token_prior.attach_priors``),
+    else none: the features that read them are then NaN (standardised to 0)."""
     stats = record.extra.get("token_stats") if hasattr(record, "extra") else None
-    return {name: list(stats[name]) for name in _EXTRAS if name in stats} if stats else {}
+    return {name: list(stats[name]) for name in TOKEN_EXTRAS if name in stats} if stats else {}
 
 
 def _file_hash(path: Path) -> str:

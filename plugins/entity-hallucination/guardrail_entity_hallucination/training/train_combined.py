@@ -68,14 +68,20 @@ def handwritten_sets(folder: Path = HANDWRITTEN) -> list[Path]:
 
 
 def load_groups(observer: Any, data_dir: Path, features_dir: Path,
-                sets: Sequence[Path], logit_stats: bool = True) -> dict[str, list[Any]]:
+                sets: Sequence[Path], logit_stats: bool = True,
+                priors: Path | None = None) -> dict[str, list[Any]]:
     """Cached records per source: the build's capped pool and each hand-written set, with
     the logit statistics beyond surprisal and entropy attached (``logit_stats``; about 1 s a
-    text to cache, so skipped when no candidate reads them)."""
+    text to cache, so skipped when no candidate reads them) and, with ``priors`` (a
+    ``token_prior`` file), each token's prior surprisal."""
     from guardrail.toolkit.features import extract_features
 
+    from ..token_prior import load_token_priors
     from .logit_stats import attach, cache_logit_stats
     from .loso import pool_files, source_of, write_marked
+    from .token_prior import attach_priors
+
+    vectors = load_token_priors(priors) if priors is not None else None
 
     files = dict(pool_files(data_dir, data_dir / "pool"))
     for path in sets:
@@ -91,6 +97,8 @@ def load_groups(observer: Any, data_dir: Path, features_dir: Path,
                                  f"{source_of(record)!r}, not {source!r}")
         if logit_stats:
             attach(records, cache_logit_stats(observer, path, features_dir, progress=False))
+        if vectors is not None:
+            attach_priors(records, vectors)
         groups[source] = list(records)
     return groups
 
