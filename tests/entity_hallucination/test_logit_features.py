@@ -6,7 +6,6 @@ cached evaluation does (observer mode, random stream splits)."""
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from guardrail.testing.tiny_models import build_tiny_model
 from guardrail.toolkit.fake import write_jsonl
 from guardrail.toolkit.features import CachedRecord, extract_features
 
-WORDS = ["Warsaw", "Tokyo", "Paris", "Rome", "Lima", "Oslo"]
+from .place_texts import place_records
 
 
 def test_margin_and_rank_are_read_off_the_distribution() -> None:
@@ -58,27 +57,11 @@ def test_span_features_read_the_extras_and_the_texts_own_level() -> None:
     assert math.isnan(span_features([1.0], [1.0], "NAME")["margin_max"])
 
 
-def _records(n: int, seed: int) -> list[dict[str, object]]:
-    rng = random.Random(seed)
-    out: list[dict[str, object]] = []
-    for _ in range(n):
-        text, spans = "", []
-        for _ in range(rng.randint(1, 3)):
-            text += rng.choice(["We went to ", "Then it was ", "A trip to "])
-            word = rng.choice(WORDS)
-            spans.append({"start": len(text), "end": len(text) + len(word),
-                          "label": int(rng.random() < 0.4)})
-            text += word + ". "
-        out.append({"prompt": "Tell me a fact.", "response": text.strip(),
-                    "label": int(any(s["label"] for s in spans)), "spans": spans})
-    return out
-
-
 def test_a_head_reading_logit_features_streams_as_cached(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "tiny", num_layers=16, hidden_size=16, seed=5,
                              spread=0.5)
     observer = load_model_dir(model, name="tiny-16", window=512)
-    data = write_jsonl(tmp_path / "d.jsonl", _records(40, 1))
+    data = write_jsonl(tmp_path / "d.jsonl", place_records(40, 1))
     records = extract_features(observer, data, tmp_path / "cache", [15], stats=True,
                                chunk_size=64, progress=False).records
     stats = cache_logit_stats(observer, data, tmp_path / "cache", progress=False)

@@ -5,7 +5,6 @@ id, built from the model as defined, looked up by id, and read by the span featu
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from guardrail.testing.tiny_models import build_tiny_model
 from guardrail.toolkit.fake import write_jsonl
 from guardrail.toolkit.features import CachedRecord
 
-WORDS = ["Warsaw", "Tokyo", "Paris", "Rome", "Lima", "Oslo"]
+from .place_texts import place_records
 
 
 def test_span_features_subtract_the_prior_over_the_known_tokens() -> None:
@@ -132,22 +131,6 @@ def test_priors_are_attached_to_cached_records_by_token_id() -> None:
     assert stats["prior_merge"] == [2.5, 0.5, 1.5] and "margin" in stats
 
 
-def _records(n: int, seed: int) -> list[dict[str, object]]:
-    rng = random.Random(seed)
-    out: list[dict[str, object]] = []
-    for _ in range(n):
-        text, spans = "", []
-        for _ in range(rng.randint(1, 3)):
-            text += rng.choice(["We went to ", "Then it was ", "A trip to "])
-            word = rng.choice(WORDS)
-            spans.append({"start": len(text), "end": len(text) + len(word),
-                          "label": int(rng.random() < 0.4)})
-            text += word + f" in {rng.randint(1900, 2020)}. "
-        out.append({"prompt": "Tell me a fact.", "response": text.strip(),
-                    "label": int(any(s["label"] for s in spans)), "spans": spans})
-    return out
-
-
 def owned_rows_15(records: Sequence[CachedRecord]) -> tuple[SpanRows, np.ndarray]:
     """``loso.owned_rows`` reads layers 15 and 18; a 16-block model has 15 only (the
     feature-only head reads no states)."""
@@ -170,7 +153,7 @@ def test_cached_records_give_each_entity_its_surprisal_over_the_prior(tmp_path: 
     model = build_tiny_model(tmp_path / "tiny", num_layers=16, hidden_size=16, seed=5,
                              spread=0.5)
     observer = load_model_dir(model, name="tiny-16", window=512)
-    data = write_jsonl(tmp_path / "d.jsonl", _records(30, 1))
+    data = write_jsonl(tmp_path / "d.jsonl", place_records(30, 1, years=True))
     records = extract_features(observer, data, tmp_path / "cache", [15], stats=True,
                                chunk_size=64, progress=False).records
     priors = {"merge": np.log1p(np.arange(observer.vocab, dtype=np.float32)),
