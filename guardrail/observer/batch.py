@@ -31,6 +31,7 @@ gets the error. ``release`` frees a closed stream's cache at once.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -50,6 +51,15 @@ __all__ = ["BatchStats", "BatchedObserver", "default_gather_ms", "resolve_gather
            "resolve_workers"]
 
 IDLE_EXIT_S = 30.0  # the scheduler thread ends after this long without work (restarts on demand)
+# Schedulers whose thread was started; each is stopped and joined at interpreter exit.
+_SCHEDULERS: weakref.WeakSet[Any] = weakref.WeakSet()
+EXIT_JOIN_S = 5.0  # at exit, how long to wait for a scheduler's reads in flight
+
+
+@atexit.register
+def _close_schedulers() -> None:
+    for scheduler in list(_SCHEDULERS):
+        scheduler._close(EXIT_JOIN_S)
 MAX_ROWS = 2048  # tokens in one forward at most (more go in the next): bounds its memory
 # A batch is spread over the forward workers only in parts of at least this many tokens: a
 # forward's fixed cost (streaming every weight from memory: about 60 ms of CPU for SmolLM2 here,
@@ -122,6 +132,7 @@ class BatchedObserver:
         self._queue: list[_Job] = []
         self._hold = 0
         self._thread: threading.Thread | None = None
+        self._closing = False  # set at interpreter exit: the scheduler ends once its queue is empty
         self._live: weakref.WeakValueDictionary[int, _Stream] = weakref.WeakValueDictionary()
         self._batched = (getattr(inner, "backend", None) == "torch"
                          and bool(getattr(inner, "fast", False)))
@@ -229,6 +240,7 @@ class BatchedObserver:
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name=f"guardrail-observer-{self.name}")
                 self._thread.start()
+                _SCHEDULERS.add(self)
             self._cond.notify_all()
 
     def _wait_open(self, stream: _Stream) -> None:
@@ -262,7 +274,8 @@ class BatchedObserver:
                     wait = IDLE_EXIT_S if not self._queue or self._hold else self._gather_wait()
                     if wait <= 0:
                         break
-                    if not self._cond.wait(timeout=wait) and not self._queue:
+                    if not (self._cond.wait(timeout=wait) and not self._closing) \
+                            and not self._queue:
                         self._thread = None
                         if self._pool is not None:
                             self._pool.shutdown(wait=False)
@@ -278,6 +291,16 @@ class BatchedObserver:
                         _fail(job.future, exc)
                 if not isinstance(exc, Exception):
                     raise
+
+    def _close(self, timeout: float) -> None:
+        """End the scheduler thread once its queued reads are done and wait for it (at exit: a
+        daemon thread still freeing tensors while the interpreter shuts down aborts the process)."""
+        with self._cond:
+            self._closing = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _gather_wait(self) -> float:
         """Seconds the queued batch waits more (0: run it now; called with the lock held): at

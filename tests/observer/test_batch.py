@@ -476,3 +476,24 @@ def test_bad_gather_ms_names_the_field(raw: Any, bad: Any) -> None:
     with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host, \
             pytest.raises(ObserverError, match=r"observer\.options\.gather_ms"):
         Guard.from_policy(policy, host=host, observer=raw)
+
+
+def test_at_exit_the_scheduler_ends_once_its_reads_are_done(raw: Any) -> None:
+    """An idle scheduler thread lives on for ``IDLE_EXIT_S``; the exit hook ends it at once, so
+    no daemon thread is still freeing tensors while the interpreter shuts down."""
+    from guardrail.observer.batch import IDLE_EXIT_S, _close_schedulers
+
+    batched = BatchedObserver(raw)
+    state = batched.start([{"role": "user", "content": PROMPTS[0]}], NEEDS)
+    tokens = raw.tokenizer.tokenize(TEXTS[0])
+    batched.extend(state, tokens[:6], NEEDS)
+    thread = batched._thread
+    assert thread is not None and thread.is_alive()
+    started = time.monotonic()
+    _close_schedulers()
+    assert not thread.is_alive()
+    assert time.monotonic() - started < IDLE_EXIT_S / 3
+    # a read after it still gets its answer (from a scheduler that ends when its queue is empty)
+    plain = raw.start([{"role": "user", "content": PROMPTS[0]}], NEEDS)
+    raw.extend(plain, tokens[:6], NEEDS)
+    _same_batch(batched.extend(state, tokens[6:9], NEEDS), raw.extend(plain, tokens[6:9], NEEDS))
