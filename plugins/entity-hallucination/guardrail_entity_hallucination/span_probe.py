@@ -123,8 +123,10 @@ def _prior_features(out: dict[str, float], name: str, surprisal: Sequence[float]
                     prior: Sequence[float] | None) -> None:
     """``pmi_<name>_*`` and ``prior_<name>_*`` of a span. Only tokens with a known surprisal
     count, in both (so ``surprisal_mean - prior_mean == pmi_mean``); no prior: all NaN."""
-    if prior is None:
-        prior = [math.nan] * len(surprisal)
+    if prior is None:  # the monitor's path: no head it loads reads a prior
+        out.update({f"{kind}_{name}_{a}": math.nan for kind, aggs in (
+            ("pmi", ("max", "mean", "first", "sum")), ("prior", ("max", "mean"))) for a in aggs})
+        return
     pmi = [float(s) - float(q) for s, q in zip(surprisal, prior, strict=True)]
     _aggregate(out, f"pmi_{name}", pmi)
     known = [v for v in pmi if math.isfinite(v)]
