@@ -17,16 +17,14 @@ from guardrail_entity_hallucination.span_probe import (
     save_span_probe,
     span_features,
 )
-from guardrail_entity_hallucination.token_prior import (
-    PRIORS,
-    load_token_priors,
-    prior_values,
-)
+from guardrail_entity_hallucination.token_prior import PRIORS
 from guardrail_entity_hallucination.training.combine import PASS6_GRID, Candidate
 from guardrail_entity_hallucination.training.loso import owned_rows
 from guardrail_entity_hallucination.training.token_prior import (
     attach_priors,
     build_priors,
+    load_token_priors,
+    prior_values,
     sample_texts,
 )
 from guardrail_entity_hallucination.training.train_span import SpanRows

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +26,37 @@ from typing import Any
 
 import numpy as np
 
-from ..token_prior import PRIORS, prior_values
+from ..token_prior import PRIORS
 
-__all__ = ["attach_priors", "build_priors", "main", "sample_texts"]
+__all__ = ["attach_priors", "build_priors", "load_token_priors", "main", "prior_values",
+           "sample_texts"]
 
 DEFAULT_LIMIT = 1000
 DEFAULT_MAX_TOKENS = 256
 SEED = 0
+
+
+def load_token_priors(path: Path) -> dict[str, np.ndarray]:
+    """The priors of a file written by ``training.token_prior``, checking names and shapes."""
+    from safetensors.numpy import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"token prior file {path} does not exist")
+    loaded = load_file(str(path))
+    unknown = sorted(set(loaded) - set(PRIORS))
+    if unknown:
+        raise ValueError(f"{path}: priors {unknown} are unknown; known: {list(PRIORS)}")
+    sizes = {name: v.shape for name, v in loaded.items()}
+    if len({s for s in sizes.values()}) > 1 or any(len(s) != 1 for s in sizes.values()):
+        raise ValueError(f"{path}: every prior is one vector over the vocabulary; got {sizes}")
+    return {name: np.asarray(v, dtype=np.float32) for name, v in loaded.items()}
+
+
+def prior_values(vector: np.ndarray, ids: Sequence[int]) -> list[float]:
+    """The prior surprisal of each token id (NaN for an unknown id, -1, or one outside the
+    vector)."""
+    size = len(vector)
+    return [float(vector[i]) if 0 <= i < size else math.nan for i in ids]
 
 
 def attach_priors(records: Sequence[Any], priors: dict[str, np.ndarray]) -> None:

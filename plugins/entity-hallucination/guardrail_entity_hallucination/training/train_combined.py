@@ -76,10 +76,9 @@ def load_groups(observer: Any, data_dir: Path, features_dir: Path,
     ``token_prior`` file), each token's prior surprisal."""
     from guardrail.toolkit.features import extract_features
 
-    from ..token_prior import load_token_priors
     from .logit_stats import attach, cache_logit_stats
     from .loso import pool_files, source_of, write_marked
-    from .token_prior import attach_priors
+    from .token_prior import attach_priors, load_token_priors
 
     vectors = load_token_priors(priors) if priors is not None else None
 
