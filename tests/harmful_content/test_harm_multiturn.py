@@ -185,6 +185,19 @@ def test_the_late_slot_is_wave_seven_and_optional() -> None:
         assert prefixes["handwritten:late-v7"] == {"W"} and "W" not in others
 
 
+def test_the_curt_slot_is_wave_eight_and_optional() -> None:
+    assert SETS["handwritten_curt.jsonl"] == "handwritten:curt-v8"
+    assert WAVES["handwritten:curt-v8"] == 8
+    here = Path(handwritten.__file__).parent
+    shipped = {s.tag: s for s in default_sets()}
+    assert ("handwritten:curt-v8" in shipped) == (here / "handwritten_curt.jsonl").is_file()
+    if "handwritten:curt-v8" in shipped:  # its ids must not reuse another shipped set's prefix
+        prefixes = {tag: {e.extra["writer_id"].split("-")[0]
+                          for e in read_handwritten(s.path, tag)} for tag, s in shipped.items()}
+        others = set().union(*(p for tag, p in prefixes.items() if tag != "handwritten:curt-v8"))
+        assert prefixes["handwritten:curt-v8"] == {"V"} and "V" not in others
+
+
 @pytest.mark.usefixtures("harm_sources")
 def test_a_conversation_round_trips_into_the_build_and_moves_no_earlier_record(
         tmp_path: Path, write_jsonl: WriteJsonl) -> None:

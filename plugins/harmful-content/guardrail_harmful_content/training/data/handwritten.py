@@ -61,6 +61,7 @@ SETS: dict[str, str] = {
     "handwritten_drafted.jsonl": "handwritten:drafted-v5",  # the assistant drafts a message
     "handwritten_followups.jsonl": "handwritten:followups-v6",  # answers after a follow-up turn
     "handwritten_late.jsonl": "handwritten:late-v7",  # harm that turns late or in a helpful form
+    "handwritten_curt.jsonl": "handwritten:curt-v8",  # brief follow-ups, rough register
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
@@ -69,7 +70,7 @@ WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
                          "handwritten:coded-v4": 4, "handwritten:assistant-v4": 4,
                          "handwritten:claims-v4": 4, "handwritten:messages-v5": 5,
                          "handwritten:drafted-v5": 5, "handwritten:followups-v6": 6,
-                         "handwritten:late-v7": 7}
+                         "handwritten:late-v7": 7, "handwritten:curt-v8": 8}
 
 
 class HandwrittenError(ValueError):
