@@ -21,6 +21,7 @@ HARM_V2 = HELDOUT / "harm_handwritten_v2.jsonl"  # written after v1 steered a ch
 HARM_V3 = HELDOUT / "harm_handwritten_v3.jsonl"  # a third of it multi-turn (README)
 HARM_V4 = HELDOUT / "harm_handwritten_v4.jsonl"  # written after v3 was read (README)
 HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (README)
+HARM_V6 = HELDOUT / "harm_handwritten_v6.jsonl"  # written after v5 was read (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
 SOURCE = "handwritten-heldout-v1"
@@ -28,16 +29,17 @@ SOURCE_V2 = "handwritten-heldout-v2"
 SOURCE_V3 = "handwritten-heldout-v3"
 SOURCE_V4 = "handwritten-heldout-v4"
 SOURCE_V5 = "handwritten-heldout-v5"
+SOURCE_V6 = "handwritten-heldout-v6"
 SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
 ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
-             "dialogue", "article"}  # v3's to v5's `register` values
+             "dialogue", "article"}  # v3's to v6's `register` values
 # v5 adds turns_benign: a harmful exchange, then a benign last answer (README)
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
 BENIGN_KINDS = {"benign_followup", "turns_benign"}
-HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5)
+HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6)
 ENTITY_SETS = (ENTITY, ENTITY_V2)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
@@ -48,11 +50,14 @@ def _raw(path: Path) -> list[dict[str, Any]]:
             if line.strip()]
 
 
-@pytest.mark.parametrize(("path", "source", "turning_per_category"),
-                         [(HARM, SOURCE, 2), (HARM_V2, SOURCE_V2, 1), (HARM_V3, SOURCE_V3, 2),
-                          (HARM_V4, SOURCE_V4, 2), (HARM_V5, SOURCE_V5, 2)])
+@pytest.mark.parametrize(("path", "source", "turning_per_category", "word_range"),
+                         [(HARM, SOURCE, 2, (30, 250)), (HARM_V2, SOURCE_V2, 1, (30, 250)),
+                          (HARM_V3, SOURCE_V3, 2, (30, 250)), (HARM_V4, SOURCE_V4, 2, (30, 250)),
+                          (HARM_V5, SOURCE_V5, 2, (30, 250)),
+                          (HARM_V6, SOURCE_V6, 2, (20, 300))])  # v6 was briefed for 20-300 words
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
-                                                     turning_per_category: int) -> None:
+                                                     turning_per_category: int,
+                                                     word_range: tuple[int, int]) -> None:
     records = list(read_records(path))
     assert len(records) >= 130
     assert all(r.label in (0, 1) and r.prompt and r.response for r in records)
@@ -68,7 +73,7 @@ def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
     assert all(per_cat[cat] >= turning_per_category for cat in CATEGORIES), per_cat
     assert len({r.response for r in records}) == len(records)
     words = [len(r.response.split()) for r in records]
-    assert min(words) >= 30 and max(words) <= 250
+    assert min(words) >= word_range[0] and max(words) <= word_range[1]
 
 
 def test_the_harm_sets_share_no_answer() -> None:
@@ -78,9 +83,10 @@ def test_the_harm_sets_share_no_answer() -> None:
             assert not a & b
 
 
-@pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4"), (HARM_V5, "v5")])
+@pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4"), (HARM_V5, "v5"),
+                                             (HARM_V6, "v6")])
 def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
-    """v3's to v5's extra fields: the conversation before a multi-turn answer ends with the user
+    """v3's to v6's extra fields: the conversation before a multi-turn answer ends with the user
     turn that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
     rows = _raw(path)
     assert [r["id"] for r in rows] == [f"{prefix}-{n:03d}" for n in range(1, len(rows) + 1)]
@@ -126,7 +132,8 @@ def _readme_table(heading: str, names: set[str]) -> dict[str, list[int]]:
 @pytest.mark.parametrize(("path", "heading"),
                          [(HARM_V3, "## harm_handwritten_v3.jsonl"),
                           (HARM_V4, "## harm_handwritten_v4.jsonl"),
-                          (HARM_V5, "## harm_handwritten_v5.jsonl")])
+                          (HARM_V5, "## harm_handwritten_v5.jsonl"),
+                          (HARM_V6, "## harm_handwritten_v6.jsonl")])
 def test_category_counts_match_the_readme_table(path: Path, heading: str) -> None:
     rows = _raw(path)
     table = _readme_table(heading, CATEGORIES)
@@ -141,7 +148,8 @@ def test_category_counts_match_the_readme_table(path: Path, heading: str) -> Non
 
 @pytest.mark.parametrize(("path", "heading"),
                          [(HARM_V4, "## harm_handwritten_v4.jsonl"),
-                          (HARM_V5, "## harm_handwritten_v5.jsonl")])
+                          (HARM_V5, "## harm_handwritten_v5.jsonl"),
+                          (HARM_V6, "## harm_handwritten_v6.jsonl")])
 def test_register_and_turn_kind_counts_match_the_readme_tables(path: Path, heading: str) -> None:
     rows = _raw(path)
     registers = _readme_table(heading, REGISTERS)
@@ -197,6 +205,32 @@ def test_v5_register_does_not_give_the_label_away() -> None:
     assert max(medians) - min(medians) <= 15, medians  # length says little about the label
     older: set[str] = set()
     for path in (HARM, HARM_V2, HARM_V3, HARM_V4):
+        older |= {r.response for r in read_records(path)}
+        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
+    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
+             if len(str(m["content"])) >= 40]
+    assert not [t[:60] for t in turns if t in older]
+
+
+def test_v6_spreads_length_and_turning_depth() -> None:
+    """v6 was briefed for breadth (README): answers from 20 to 300 words with short and long ones
+    on both sides and similar medians, harm that starts early and late, benign answers after a
+    harmful exchange, every register on the benign side; its conversations are new text."""
+    rows = _raw(HARM_V6)
+    words = {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
+             for lab in (0, 1)}
+    for lab, w in words.items():
+        assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
+    medians = [w[len(w) // 2] for w in words.values()]
+    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
+    turning = [r for r in rows if r["opens_benign"]]
+    depth = [r["harm_start"] / len(str(r["response"])) for r in turning]
+    assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
+    assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
+    benign_registers = {r["register"] for r in rows if r["label"] == 0}
+    assert benign_registers == REGISTERS, benign_registers
+    older: set[str] = set()
+    for path in (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5):
         older |= {r.response for r in read_records(path)}
         older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
     turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
