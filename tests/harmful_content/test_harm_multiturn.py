@@ -172,30 +172,22 @@ def test_the_followups_slot_is_wave_six_and_optional() -> None:
     assert all(s.path.is_file() for s in shipped.values())
 
 
-def test_the_late_slot_is_wave_seven_and_optional() -> None:
-    assert SETS["handwritten_late.jsonl"] == "handwritten:late-v7"
-    assert WAVES["handwritten:late-v7"] == 7
+@pytest.mark.parametrize(("name", "tag", "wave", "prefix"), [
+    ("handwritten_late.jsonl", "handwritten:late-v7", 7, "W"),
+    ("handwritten_curt.jsonl", "handwritten:curt-v8", 8, "V"),
+])
+def test_a_later_wave_has_its_slot_and_is_optional(name: str, tag: str, wave: int,
+                                                    prefix: str) -> None:
+    assert SETS[name] == tag
+    assert WAVES[tag] == wave
     here = Path(handwritten.__file__).parent
     shipped = {s.tag: s for s in default_sets()}
-    assert ("handwritten:late-v7" in shipped) == (here / "handwritten_late.jsonl").is_file()
-    if "handwritten:late-v7" in shipped:  # its ids must not reuse another shipped set's prefix
-        prefixes = {tag: {e.extra["writer_id"].split("-")[0]
-                          for e in read_handwritten(s.path, tag)} for tag, s in shipped.items()}
-        others = set().union(*(p for tag, p in prefixes.items() if tag != "handwritten:late-v7"))
-        assert prefixes["handwritten:late-v7"] == {"W"} and "W" not in others
-
-
-def test_the_curt_slot_is_wave_eight_and_optional() -> None:
-    assert SETS["handwritten_curt.jsonl"] == "handwritten:curt-v8"
-    assert WAVES["handwritten:curt-v8"] == 8
-    here = Path(handwritten.__file__).parent
-    shipped = {s.tag: s for s in default_sets()}
-    assert ("handwritten:curt-v8" in shipped) == (here / "handwritten_curt.jsonl").is_file()
-    if "handwritten:curt-v8" in shipped:  # its ids must not reuse another shipped set's prefix
-        prefixes = {tag: {e.extra["writer_id"].split("-")[0]
-                          for e in read_handwritten(s.path, tag)} for tag, s in shipped.items()}
-        others = set().union(*(p for tag, p in prefixes.items() if tag != "handwritten:curt-v8"))
-        assert prefixes["handwritten:curt-v8"] == {"V"} and "V" not in others
+    assert (tag in shipped) == (here / name).is_file()
+    if tag in shipped:  # its ids must not reuse another shipped set's prefix
+        prefixes = {t: {e.extra["writer_id"].split("-")[0]
+                        for e in read_handwritten(s.path, t)} for t, s in shipped.items()}
+        others = set().union(*(p for t, p in prefixes.items() if t != tag))
+        assert prefixes[tag] == {prefix} and prefix not in others
 
 
 @pytest.mark.usefixtures("harm_sources")
