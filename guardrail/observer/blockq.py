@@ -1,0 +1,234 @@
+"""Products of float32 rows with weights kept in GGUF's Q4_1 / Q8_0 blocks
+(``observer.options.matmul: q4_1``; docs/observer.md, "Mixed-precision products").
+
+SmolLM2's float32 weights are its GGUF dequantized: every projection weight of its blocks is
+exactly ``q * d + m`` over blocks of 32 inputs (``q`` in 0..15, ``d`` and ``m`` float16; Q4_1)
+and every head weight ``q * d`` (``q`` an int8; Q8_0). Kept as those blocks a read streams 5
+(9) bits a weight instead of float16's 16, and a small C kernel (``blockq.c``) rebuilds each
+weight in registers as the same float32, so the products are float32's but for the summation
+order. The blocks are recovered from the float32 weights and checked bit for bit; a weight
+that is not exactly such blocks is refused (``BlockqError``).
+
+The kernel is compiled once per machine with the system's C compiler into the cache directory
+(``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_dir
+
+__all__ = ["BlockqError", "Q4_1Weight", "Q8_0Weight", "kernel", "kernel_unavailable",
+           "q4_1_blocks", "q8_0_blocks"]
+
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
+_BLOCK = 32
+_VERSION = 3  # guardrail_blockq_version() of the source this module drives
+
+
+class BlockqError(ValueError):
+    """A weight is not exactly Q4_1 / Q8_0 blocks, or the kernel cannot be built or loaded."""
+
+
+def _source() -> bytes:
+    return resources.files("guardrail.observer").joinpath("blockq.c").read_bytes()
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("GUARDRAIL_CC")
+    if named is not None:
+        return shutil.which(named)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+_LOADED: dict[str, ctypes.CDLL] = {}
+
+
+def kernel() -> ctypes.CDLL:
+    """The compiled kernel, built into ``<cache>/kernels/`` on first use (keyed by a hash of
+    the source and flags; written under a temporary name and renamed, so processes building
+    at once do not race). Raises ``BlockqError`` saying why it cannot be had."""
+    why = _cpu_unsupported()
+    if why is not None:
+        raise BlockqError(why)
+    source = _source()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.machine().encode())
+    path = cache_dir() / "kernels" / f"blockq-{key.hexdigest()[:16]}.so"
+    if str(path) in _LOADED:
+        return _LOADED[str(path)]
+    if not path.exists():
+        _build(source, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.guardrail_blockq_version() != _VERSION:
+            raise BlockqError(f"{path} is another version of the kernel; delete it")
+    except OSError as exc:
+        raise BlockqError(f"cannot load {path}: {exc}") from exc
+    ptr, size = ctypes.c_void_p, ctypes.c_int
+    lib.guardrail_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr, size, ptr]
+    lib.guardrail_q8_0.argtypes = [ptr, size, size, ptr, ptr, size, ptr]
+    lib.guardrail_q4_1.restype = lib.guardrail_q8_0.restype = None
+    _LOADED[str(path)] = lib
+    return lib
+
+
+def kernel_unavailable() -> str | None:
+    """Why the kernel cannot run here, or None (builds it if need be)."""
+    try:
+        kernel()
+    except BlockqError as exc:
+        return str(exc)
+    return None
+
+
+def _cpu_unsupported() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is written for x86-64 (AVX2), not {platform.machine()}"
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    missing = [k for k in ("avx2", "fma3", "f16c") if not caps.get(k)]
+    if missing:
+        return f"the CPU lacks {', '.join(m.upper() for m in missing)}, which the kernel needs"
+    return None
+
+
+def _build(source: bytes, path: Path) -> None:
+    cc = _compiler()
+    if cc is None:
+        named = os.environ.get("GUARDRAIL_CC")
+        raise BlockqError(f"no C compiler ($GUARDRAIL_CC={named!r} not found)" if named
+                          else "no C compiler (cc or gcc) on the PATH; set $GUARDRAIL_CC")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src = Path(tmp) / "blockq.c"
+        src.write_bytes(source)
+        out = Path(tmp) / path.name
+        proc = subprocess.run([cc, *FLAGS, "-o", str(out), str(src)], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode != 0:
+            raise BlockqError(f"{cc} failed to build the kernel: {proc.stderr.strip()[-400:]}")
+        os.replace(out, path)  # atomic: another process sees the whole file or none
+
+
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach().to("cpu")
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] % _BLOCK:
+        raise BlockqError(f"a {tuple(w.shape)} {w.dtype} weight is not float32 blocks of 32")
+    return w.reshape(w.shape[0], -1, _BLOCK)
+
+
+def _fp16_exact(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) and torch.equal(t.half().float(), t)
+
+
+def q4_1_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` (N, K) as the kernel's Q4_1 blocks: nibbles (N, K/32, 16) uint8, d (N, nbp)
+    float32 and m (N, nbp) float16 (nbp: K/32 rounded up to 8, zero-padded), such that
+    ``q * d + m`` in float32 gives every weight bit for bit; ``BlockqError`` if it is not
+    such blocks (float16 ``d`` and ``m``, ``q`` in 0..15, a block's minimum at ``q = 0``)."""
+    w = _blocks(weight)
+    m = w.amin(dim=-1, keepdim=True)  # q = 0 is the block's minimum
+    span = w.amax(dim=-1, keepdim=True) - m
+    q = torch.zeros_like(w, dtype=torch.uint8)
+    d = torch.zeros_like(m)
+    todo = torch.ones(m.shape, dtype=torch.bool)
+    # the quantizer maps the maximum to 15; a block whose largest q is smaller is tried lower
+    for top in range(15, 0, -1):
+        cand = (span.double() / top).float().half().float()
+        safe = torch.where(cand > 0, cand, torch.ones_like(cand))
+        qc = torch.round((w - m) / safe).clamp_(0, 15)
+        qc = torch.where(cand > 0, qc, torch.zeros_like(qc))
+        ok = todo & (qc * cand + m == w).all(dim=-1, keepdim=True)  # q * d exact: one rounding
+        q = torch.where(ok, qc.to(torch.uint8), q)
+        d = torch.where(ok, cand, d)
+        todo &= ~ok
+        if not bool(todo.any()):
+            break
+    if bool(todo.any()) or not _fp16_exact(m) or not _fp16_exact(d):
+        bad = int(todo.sum())
+        raise BlockqError(f"a {tuple(weight.shape)} weight is not exact Q4_1 blocks "
+                          f"({bad} of {todo.numel()} blocks are not q * d + m)")
+    # the kernel's order: byte j < 8 holds q[j] | q[j + 8] << 4, byte 8 + j q[16 + j] | q[24 + j] << 4
+    nibbles = torch.cat((q[..., 0:8] | (q[..., 8:16] << 4), q[..., 16:24] | (q[..., 24:32] << 4)),
+                        dim=-1)
+    return nibbles.contiguous(), _padded(d), _padded(m).half().contiguous()
+
+
+def q8_0_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (N, K) as the kernel's Q8_0 blocks: (N, K/32, 32) int8 and d (N, nbp)
+    float32 with ``q * d`` every weight bit for bit (``d`` a float16 value); ``BlockqError`` if
+    it is not such blocks."""
+    w = _blocks(weight)
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    q = torch.zeros_like(w, dtype=torch.int8)
+    d = torch.zeros_like(amax)
+    todo = torch.ones(amax.shape, dtype=torch.bool)
+    for top in (127, 128, *range(126, 0, -1)):
+        cand = (amax.double() / top).float().half().float()
+        safe = torch.where(cand > 0, cand, torch.ones_like(cand))
+        qc = torch.round(w / safe).clamp_(-128, 127)
+        qc = torch.where(cand > 0, qc, torch.zeros_like(qc))
+        ok = todo & (qc * cand == w).all(dim=-1, keepdim=True)
+        q = torch.where(ok, qc.to(torch.int8), q)
+        d = torch.where(ok, cand, d)
+        todo &= ~ok
+        if not bool(todo.any()) or top < 100:  # quantizers map the maximum to 127 (or 128)
+            break
+    if bool(todo.any()) or not _fp16_exact(d):
+        raise BlockqError(f"a {tuple(weight.shape)} weight is not exact Q8_0 blocks "
+                          f"({int(todo.sum())} of {todo.numel()} blocks are not q * d)")
+    return q.contiguous(), _padded(d)
+
+
+def _padded(v: torch.Tensor) -> torch.Tensor:
+    """(N, nb, 1) per-block values as (N, nbp), zero-padded to a multiple of 8 blocks."""
+    v = v.squeeze(-1)
+    return torch.nn.functional.pad(v, (0, -int(v.shape[1]) % 8)).contiguous()
+
+
+class _BlockWeight:
+    """A weight (N, K) in blocks; ``__call__(x)`` is ``x @ W.T`` on float32 rows."""
+
+    _fn_name = ""
+
+    def __init__(self, parts: tuple[torch.Tensor, ...], k: int) -> None:
+        self.parts = parts  # kept alive: the kernel reads their memory
+        self._ptrs = [p.data_ptr() for p in parts]
+        self.out_features, self.in_features = int(parts[0].shape[0]), k
+        self._fn = getattr(kernel(), self._fn_name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        rows = x.reshape(-1, k)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        out = torch.empty(rows.shape[0], self.out_features)
+        self._fn(rows.data_ptr(), rows.shape[0], k, *self._ptrs, self.out_features,
+                 out.data_ptr())
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Q4_1Weight(_BlockWeight):
+    _fn_name = "guardrail_q4_1"
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Q4_1Weight:
+        return cls(q4_1_blocks(weight), int(weight.shape[1]))
+
+
+class Q8_0Weight(_BlockWeight):
+    _fn_name = "guardrail_q8_0"
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Q8_0Weight:
+        return cls(q8_0_blocks(weight), int(weight.shape[1]))
