@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 #define TILE 8   /* rows of x per register tile */
@@ -185,5 +186,88 @@ void guardrail_q8_0(const float *x, int M, int K, const int8_t *qs, const float 
     product(1, x, M, K, (const uint8_t *)qs, d, NULL, N, y);
 }
 
+/* Recovering the blocks from float32 weights (the model's GGUF dequantized), checked bit
+ * for bit. Quantizers give a block's minimum q = 0 and its maximum q = 15 (Q4_1) or its
+ * largest magnitude |q| = 127 (Q8_0); d and m are float16 values. Each block is tried with
+ * the candidate d that makes the extreme weight's q = top, top from 15 (127) down, and kept
+ * when every weight is exactly q * d + m (q * d); a block no top fits is counted, and the
+ * count returned (0: the whole weight is exact). d and m zero-padded to nbp by the caller. */
+static inline float half_round(double v) { return _cvtsh_ss(_cvtss_sh((float)v, 0)); }
+
+long guardrail_pack_q4_1(const float *w, int N, int K, uint8_t *qs, float *ds, uint16_t *ms) {
+    const int nb = K / 32, nbp = (nb + 7) / 8 * 8;
+    long bad = 0;
+    for (long n = 0; n < N; n++)
+        for (int b = 0; b < nb; b++) {
+            const float *v = w + n * K + (size_t)b * 32;
+            uint8_t *out = qs + (n * nb + b) * 16;
+            float lo = v[0], hi = v[0];
+            for (int k = 1; k < 32; k++) {
+                lo = v[k] < lo ? v[k] : lo;
+                hi = v[k] > hi ? v[k] : hi;
+            }
+            int fit = 0;
+            float d = 0.0f;
+            uint8_t q[32];
+            if (half_round(lo) == lo && isfinite(lo) && isfinite(hi)) {
+                for (int top = 15; top >= 1 && !fit; top--) {
+                    d = half_round(((double)hi - lo) / top);
+                    fit = 1;
+                    for (int k = 0; k < 32 && fit; k++) {
+                        float t = d > 0.0f ? nearbyintf((v[k] - lo) / d) : 0.0f;
+                        t = t < 0.0f ? 0.0f : (t > 15.0f ? 15.0f : t);
+                        q[k] = (uint8_t)t;
+                        fit = t * d + lo == v[k];
+                    }
+                    if (d == 0.0f) break;
+                }
+            }
+            if (!fit) {
+                bad++;
+                continue;
+            }
+            for (int j = 0; j < 8; j++) {
+                out[j] = (uint8_t)(q[j] | q[j + 8] << 4);
+                out[8 + j] = (uint8_t)(q[16 + j] | q[24 + j] << 4);
+            }
+            ds[n * nbp + b] = d;
+            ms[n * nbp + b] = _cvtss_sh(lo, 0);
+        }
+    return bad;
+}
+
+long guardrail_pack_q8_0(const float *w, int N, int K, int8_t *qs, float *ds) {
+    const int nb = K / 32, nbp = (nb + 7) / 8 * 8;
+    long bad = 0;
+    for (long n = 0; n < N; n++)
+        for (int b = 0; b < nb; b++) {
+            const float *v = w + n * K + (size_t)b * 32;
+            int8_t *out = qs + (n * nb + b) * 32;
+            float amax = 0.0f;
+            for (int k = 0; k < 32; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            int fit = 0;
+            float d = 0.0f;
+            if (isfinite(amax)) {
+                for (int top = 127; top >= 100 && !fit; top--) {
+                    d = half_round((double)amax / top);
+                    fit = 1;
+                    for (int k = 0; k < 32 && fit; k++) {
+                        float t = d > 0.0f ? nearbyintf(v[k] / d) : 0.0f;
+                        t = t < -128.0f ? -128.0f : (t > 127.0f ? 127.0f : t);
+                        out[k] = (int8_t)t;
+                        fit = t * d == v[k];
+                    }
+                    if (d == 0.0f) break;
+                }
+            }
+            if (!fit) {
+                bad++;
+                continue;
+            }
+            ds[n * nbp + b] = d;
+        }
+    return bad;
+}
+
 /* The version of this interface, checked at load. */
-int guardrail_blockq_version(void) { return 3; }
+int guardrail_blockq_version(void) { return 4; }

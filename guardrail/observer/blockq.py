@@ -34,7 +34,7 @@ __all__ = ["BlockqError", "Q4_1Weight", "Q8_0Weight", "kernel", "kernel_unavaila
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 _BLOCK = 32
-_VERSION = 3  # guardrail_blockq_version() of the source this module drives
+_VERSION = 4  # guardrail_blockq_version() of the source this module drives
 
 
 class BlockqError(ValueError):
@@ -79,6 +79,9 @@ def kernel() -> ctypes.CDLL:
     lib.guardrail_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr, size, ptr]
     lib.guardrail_q8_0.argtypes = [ptr, size, size, ptr, ptr, size, ptr]
     lib.guardrail_q4_1.restype = lib.guardrail_q8_0.restype = None
+    lib.guardrail_pack_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr]
+    lib.guardrail_pack_q8_0.argtypes = [ptr, size, size, ptr, ptr]
+    lib.guardrail_pack_q4_1.restype = lib.guardrail_pack_q8_0.restype = ctypes.c_long
     _LOADED[str(path)] = lib
     return lib
 
@@ -120,80 +123,50 @@ def _build(source: bytes, path: Path) -> None:
         os.replace(out, path)  # atomic: another process sees the whole file or none
 
 
-def _blocks(weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().to("cpu")
-    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] % _BLOCK:
-        raise BlockqError(f"a {tuple(w.shape)} {w.dtype} weight is not float32 blocks of 32")
-    return w.reshape(w.shape[0], -1, _BLOCK)
+def _weight(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach()
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] % _BLOCK or w.device.type != "cpu":
+        raise BlockqError(f"a {tuple(w.shape)} {w.dtype} weight on {w.device} is not float32 "
+                          "blocks of 32 on the CPU")
+    return w.contiguous()
 
 
-def _fp16_exact(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all()) and torch.equal(t.half().float(), t)
+def _nbp(k: int) -> int:
+    return (k // _BLOCK + 7) // 8 * 8  # blocks per output row, padded to a multiple of 8
 
 
 def q4_1_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``weight`` (N, K) as the kernel's Q4_1 blocks: nibbles (N, K/32, 16) uint8, d (N, nbp)
     float32 and m (N, nbp) float16 (nbp: K/32 rounded up to 8, zero-padded), such that
-    ``q * d + m`` in float32 gives every weight bit for bit; ``BlockqError`` if it is not
-    such blocks (float16 ``d`` and ``m``, ``q`` in 0..15, a block's minimum at ``q = 0``)."""
-    w = _blocks(weight)
-    m = w.amin(dim=-1, keepdim=True)  # q = 0 is the block's minimum
-    span = w.amax(dim=-1, keepdim=True) - m
-    q = torch.zeros_like(w, dtype=torch.uint8)
-    d = torch.zeros_like(m)
-    todo = torch.ones(m.shape, dtype=torch.bool)
-    # the quantizer maps the maximum to 15; a block whose largest q is smaller is tried lower
-    for top in range(15, 0, -1):
-        cand = (span.double() / top).float().half().float()
-        safe = torch.where(cand > 0, cand, torch.ones_like(cand))
-        qc = torch.round((w - m) / safe).clamp_(0, 15)
-        qc = torch.where(cand > 0, qc, torch.zeros_like(qc))
-        ok = todo & (qc * cand + m == w).all(dim=-1, keepdim=True)  # q * d exact: one rounding
-        q = torch.where(ok, qc.to(torch.uint8), q)
-        d = torch.where(ok, cand, d)
-        todo &= ~ok
-        if not bool(todo.any()):
-            break
-    if bool(todo.any()) or not _fp16_exact(m) or not _fp16_exact(d):
-        bad = int(todo.sum())
-        raise BlockqError(f"a {tuple(weight.shape)} weight is not exact Q4_1 blocks "
-                          f"({bad} of {todo.numel()} blocks are not q * d + m)")
-    # the kernel's order: byte j < 8 holds q[j] | q[j + 8] << 4, byte 8 + j q[16 + j] | q[24 + j] << 4
-    nibbles = torch.cat((q[..., 0:8] | (q[..., 8:16] << 4), q[..., 16:24] | (q[..., 24:32] << 4)),
-                        dim=-1)
-    return nibbles.contiguous(), _padded(d), _padded(m).half().contiguous()
+    ``q * d + m`` in float32 is every weight bit for bit; ``BlockqError`` if the weight is not
+    such blocks (``q`` in 0..15, ``d`` and ``m`` float16 values, a block's minimum at
+    ``q = 0``: as GGUF's quantizer makes them)."""
+    w = _weight(weight)
+    n, k = int(w.shape[0]), int(w.shape[1])
+    qs = torch.zeros(n, k // _BLOCK, 16, dtype=torch.uint8)
+    d = torch.zeros(n, _nbp(k))
+    m = torch.zeros(n, _nbp(k), dtype=torch.float16)
+    bad = kernel().guardrail_pack_q4_1(w.data_ptr(), n, k, qs.data_ptr(), d.data_ptr(),
+                                       m.data_ptr())
+    if bad:
+        raise BlockqError(f"a {tuple(w.shape)} weight is not exact Q4_1 blocks ({bad} of "
+                          f"{n * (k // _BLOCK)} blocks of 32 are not q * d + m)")
+    return qs, d, m
 
 
 def q8_0_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` (N, K) as the kernel's Q8_0 blocks: (N, K/32, 32) int8 and d (N, nbp)
-    float32 with ``q * d`` every weight bit for bit (``d`` a float16 value); ``BlockqError`` if
-    it is not such blocks."""
-    w = _blocks(weight)
-    amax = w.abs().amax(dim=-1, keepdim=True)
-    q = torch.zeros_like(w, dtype=torch.int8)
-    d = torch.zeros_like(amax)
-    todo = torch.ones(amax.shape, dtype=torch.bool)
-    for top in (127, 128, *range(126, 0, -1)):
-        cand = (amax.double() / top).float().half().float()
-        safe = torch.where(cand > 0, cand, torch.ones_like(cand))
-        qc = torch.round(w / safe).clamp_(-128, 127)
-        qc = torch.where(cand > 0, qc, torch.zeros_like(qc))
-        ok = todo & (qc * cand == w).all(dim=-1, keepdim=True)
-        q = torch.where(ok, qc.to(torch.int8), q)
-        d = torch.where(ok, cand, d)
-        todo &= ~ok
-        if not bool(todo.any()) or top < 100:  # quantizers map the maximum to 127 (or 128)
-            break
-    if bool(todo.any()) or not _fp16_exact(d):
-        raise BlockqError(f"a {tuple(weight.shape)} weight is not exact Q8_0 blocks "
-                          f"({int(todo.sum())} of {todo.numel()} blocks are not q * d)")
-    return q.contiguous(), _padded(d)
-
-
-def _padded(v: torch.Tensor) -> torch.Tensor:
-    """(N, nb, 1) per-block values as (N, nbp), zero-padded to a multiple of 8 blocks."""
-    v = v.squeeze(-1)
-    return torch.nn.functional.pad(v, (0, -int(v.shape[1]) % 8)).contiguous()
+    """``weight`` (N, K) as the kernel's Q8_0 blocks: (N, K/32, 32) int8 and d (N, nbp) float32
+    with ``q * d`` every weight bit for bit (``d`` a float16 value, the largest magnitude at
+    ``|q|`` 100-127); ``BlockqError`` if the weight is not such blocks."""
+    w = _weight(weight)
+    n, k = int(w.shape[0]), int(w.shape[1])
+    qs = torch.zeros(n, k // _BLOCK, 32, dtype=torch.int8)
+    d = torch.zeros(n, _nbp(k))
+    bad = kernel().guardrail_pack_q8_0(w.data_ptr(), n, k, qs.data_ptr(), d.data_ptr())
+    if bad:
+        raise BlockqError(f"a {tuple(w.shape)} weight is not exact Q8_0 blocks ({bad} of "
+                          f"{n * (k // _BLOCK)} blocks of 32 are not q * d)")
+    return qs, d
 
 
 class _BlockWeight:
