@@ -105,7 +105,7 @@ def test_weights_that_are_not_exact_blocks_are_refused() -> None:
 
 
 def _with(observer: Any, matmul: str) -> Any:
-    return TorchObserver("tiny-llama", observer.model, observer.hf_tokenizer, 4096,
+    return TorchObserver(observer.name, observer.model, observer.hf_tokenizer, observer.window,
                          matmul=matmul)
 
 
@@ -205,3 +205,29 @@ def test_default_falls_back_quietly_without_the_kernel(tiny_llama: Path,
     assert random_weights.matmul == fallback
     if "q4_1" in AUTO_MATMUL and UNAVAILABLE is None:
         assert _with(exact, "auto").matmul == "q4_1"
+
+
+@pytest.mark.real_model
+@needs_kernel
+def test_smollm2_q4_1_states_are_float32s() -> None:
+    """SmolLM2's float32 weights are its GGUF's Q4_1 blocks (the head Q8_0): ``q4_1`` takes
+    them all and reads float32's states and logits to float32 noise, whatever the read sizes."""
+    from guardrail.observer.hf import load_smollm2, smollm2_gguf
+    from guardrail.policy import ObserverSpec
+
+    try:
+        smollm2_gguf()
+    except Exception as exc:  # noqa: BLE001 - the wheel is optional on a dev machine
+        pytest.skip(str(exc))
+    exact = load_smollm2(ObserverSpec(window=512, options={"matmul": "float32"}))
+    fast = _with(exact, "q4_1")
+    assert isinstance(fast.packed.head.weight, blockq.Q8_0Weight)
+    needs = Needs(layers=frozenset({15, -1}), logits=True)
+    tokens = exact.tokenizer.tokenize(TEXT)
+    want_hidden, want_logits = read_in_steps(exact, MESSAGES, needs, tokens, 9)
+    for step in (1, 4, 9):
+        hidden, logits = read_in_steps(fast, MESSAGES, needs, tokens, step)
+        # measured: at most 8e-6 (states) and 1.1e-5 (logits); float16 8e-4 and 5.5e-3
+        for layer in needs.layers:
+            assert _distance(hidden[layer], want_hidden[layer]) <= 5e-5, (layer, step)
+        assert _distance(logits, want_logits) <= 5e-5, step
