@@ -68,7 +68,10 @@ def kernel() -> ctypes.CDLL:
     if str(path) in _LOADED:
         return _LOADED[str(path)]
     if not path.exists():
-        _build(source, path)
+        try:
+            _build(source, path)
+        except (OSError, subprocess.SubprocessError) as exc:  # a read-only cache, a hung cc
+            raise BlockqError(f"cannot build the kernel into {path.parent}: {exc}") from exc
     try:
         lib = ctypes.CDLL(str(path))
         if lib.guardrail_blockq_version() != _VERSION:
