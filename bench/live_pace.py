@@ -380,8 +380,9 @@ def render_q4_1(result: dict[str, Any]) -> str:
     """``--backends torch torch-q4_1 --name live_pace_q4_1``: the default observer against
     ``matmul: q4_1`` in one run."""
     out = ["### One live stream: products on SmolLM2's Q4_1 blocks", "",
-           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 --threads 1 --reads "
-           f"... --name {Q4_1_NAME}`): the table above's setting, the default observer (*torch*: "
+           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {Q4_1_NAME}`"
+           f"; this run: the configurations in the rows' order, {result['tokens']} tokens): the "
+           "table above's setting, the default observer (*torch*: "
            "`matmul: auto`, its products on the weights named) against `matmul: q4_1` (the "
            "weights as SmolLM2's GGUF Q4_1 blocks, the head's Q8_0, float32's products), each "
            "configuration in its own process, back to back. Load average "

@@ -507,10 +507,7 @@ def render(result: dict[str, Any]) -> str:
              "(torch, one thread) read by an observer per `observer.options.matmul` variant, each "
              "on its own packed weights: `float32` (the reference), `bfloat16` (oneDNN: bfloat16 "
              "weights and rows, float32 accumulation, the result widened back to float32) and "
-             "`float16` (FBGEMM: float16 weights widened in registers, float32 rows and result), "
-             "`q4_1` where run (the GGUF Q4_1 blocks the float32 weights were converted from and "
-             "the head's Q8_0, rebuilt in registers by guardrail/observer/blockq.c: float32's "
-             "products, 5 and 9 bits a weight). "
+             "`float16` (FBGEMM: float16 weights widened in registers, float32 rows and result). "
              "All else in a forward stays float32. The variants take turns round by round in one "
              f"process; medians. torch {result.get('torch')}, 1-minute load "
              f"{result.get('load_1m_start')} at the start and {result.get('load_1m_end')} at the "
@@ -620,7 +617,7 @@ def render_drift(result: dict[str, Any]) -> str:
                 moved = ", ".join(str(m) for m in c["first_verdict_moved_tokens"]) or "-"
                 agree = c["token_decisions_agree"]
                 lines.append(
-                    f"| {v} | {name} | {monitor} | {c['max_abs_diff']:.4f} | "
+                    f"| {v} | {name} | {monitor} | {_small(c['max_abs_diff'])} | "
                     f"{c['p99_abs_diff']} | {c['median_abs_diff']} | "
                     f"{agree if agree is not None else '-'} ({c['token_decisions_differ']} "
                     f"differ) | {c['first_verdict_changed']} | {c['fired_changed']} / "
@@ -649,6 +646,11 @@ def render_drift(result: dict[str, Any]) -> str:
             cells.append(f"{halt}; {flags}")
         lines.append(f"| {d['title']} | {d['expect']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _small(x: float) -> str:
+    """A score difference: four places, or the order of one too small for them."""
+    return f"{x:.4f}" if x == 0 or x >= 5e-5 else f"{x:.0e}"
 
 
 def render_serve(result: dict[str, Any]) -> str:
@@ -680,17 +682,24 @@ def render_serve(result: dict[str, Any]) -> str:
 def render_q4_1(result: dict[str, Any]) -> str:
     """``--variants float16 q4_1 --name mixed_matmul_q4_1``: the speed parts on a later machine
     (AVX2, no AVX-512), kept apart from the run above."""
-    head = ("### Mixed-precision products with `q4_1`\n\n`python -m bench.mixed_matmul --parts "
-            "ops forward stream --variants float16 q4_1 --name mixed_matmul_q4_1`, on this "
-            "project's later machine (an AMD EPYC with AVX2 and no AVX-512: no bfloat16 "
-            "kernels). ")
-    body = render(result).split("\n", 2)[2]  # without the section title
+    head = ("### Mixed-precision products with `q4_1`\n\nRun by hand (`nice -n 10 python -m "
+            "bench.mixed_matmul --parts ops forward stream --variants float16 q4_1 --name "
+            "mixed_matmul_q4_1`) on this project's later machine (an AMD EPYC with AVX2 and no "
+            "AVX-512: no bfloat16 kernels), as the section above: `q4_1` keeps the weights as "
+            "the GGUF Q4_1 blocks the float32 weights were converted from (the head as its Q8_0 "
+            "blocks) and rebuilds them in registers (guardrail/observer/blockq.c): float32's "
+            "products at 5.5 and 9 bits a weight. The variants take turns round by round in one "
+            f"process; medians. torch {result.get('torch')}, 1-minute load "
+            f"{result.get('load_1m_start')} at the start and {result.get('load_1m_end')} at the "
+            "end (the machine was shared with two other jobs). Ratios are against float32 in the "
+            "same run (above 1: faster).\n\n")
+    body = render(result).split("\n", 4)[4]  # without the title and the first paragraph
     return head + body
 
 
 def render_q4_1_drift(result: dict[str, Any]) -> str:
     rest = render_drift(result).split("\n", 1)[1]
-    rest = rest.replace("--parts drift`", "--parts drift --variants float16 q4_1 --name "
+    rest = rest.replace("--parts drift`", "--parts drift --variants q4_1 --name "
                         f"{Q4_1_DRIFT_NAME}`")
     return "### Mixed-precision products with `q4_1`: scores and verdicts against float32" + \
         "\n" + rest
