@@ -184,14 +184,14 @@ class _BlockWeight:
         self._fn = getattr(kernel(), self._fn_name)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # as few tensor ops as can be: 121 calls a forward of SmolLM2, 3 us each saved 0.4 ms
         k = self.in_features
-        rows = x.reshape(-1, k)
-        if rows.dtype != torch.float32 or not rows.is_contiguous():
-            rows = rows.float().contiguous()
-        out = torch.empty(rows.shape[0], self.out_features)
-        self._fn(rows.data_ptr(), rows.shape[0], k, *self._ptrs, self.out_features,
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        out = torch.empty((*x.shape[:-1], self.out_features))
+        self._fn(x.data_ptr(), x.numel() // k, k, *self._ptrs, self.out_features,
                  out.data_ptr())
-        return out.view(*x.shape[:-1], self.out_features)
+        return out
 
 
 class Q4_1Weight(_BlockWeight):
