@@ -127,7 +127,8 @@ static inline __attribute__((always_inline)) void tile(
 
 #define TILES(kind, name)                                                                     \
     static void name(int R, const float *x, size_t ldx, const float *xs, int nbp,             \
-                     const uint8_t *qs, const float *ds, const uint16_t *ms, int nb, int n0, int n1, float *y, \
+                     const uint8_t *qs, const float *ds, const uint16_t *ms, int nb, int n0,   \
+                     int n1, float *y,                                                        \
                      size_t ldy) {                                                            \
         switch (R) {                                                                          \
         case 1: tile(kind, 1, x, ldx, xs, nbp, qs, ds, ms, nb, n0, n1, y, ldy); break;            \
@@ -146,19 +147,21 @@ TILES(1, tiles_q8_0)
 typedef void (*tiles_fn)(int, const float *, size_t, const float *, int, const uint8_t *,
                          const float *, const uint16_t *, int, int, int, float *, size_t);
 
-static void product(int kind, const float *x, int M, int K, const uint8_t *qs,
-                    const float *ds, const uint16_t *ms, int N, float *y) {
+static int product(int kind, const float *x, int M, int K, const uint8_t *qs,
+                   const float *ds, const uint16_t *ms, int N, float *y) {
     const int nb = K / 32, nbp = (nb + 7) / 8 * 8;
     tiles_fn f = kind == 0 ? tiles_q4_1 : tiles_q8_0;
     float *xs = NULL;
+    if (M <= 0) return 0;
     if (kind == 0) {  /* each row's block sums, zero-padded to nbp */
         xs = calloc((size_t)M * nbp, sizeof(float));
-        if (xs == NULL) return;
+        if (xs == NULL) return -1;
         for (int r = 0; r < M; r++)
             for (int b = 0; b < nb; b++) {
                 const float *xr = x + (size_t)r * K + (size_t)b * 32;
-                __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xr), _mm256_loadu_ps(xr + 8)),
-                                         _mm256_add_ps(_mm256_loadu_ps(xr + 16), _mm256_loadu_ps(xr + 24)));
+                __m256 lo = _mm256_add_ps(_mm256_loadu_ps(xr), _mm256_loadu_ps(xr + 8));
+                __m256 hi = _mm256_add_ps(_mm256_loadu_ps(xr + 16), _mm256_loadu_ps(xr + 24));
+                __m256 s = _mm256_add_ps(lo, hi);
                 xs[(size_t)r * nbp + b] = hsum(s);
             }
     }
@@ -171,19 +174,21 @@ static void product(int kind, const float *x, int M, int K, const uint8_t *qs,
         }
     }
     free(xs);
+    return 0;
 }
 
 /* x (M, K) float32, K a multiple of 32; y (M, N) float32; all contiguous. qs: Q4_1
  * (N, K/32, 16) nibbles or Q8_0 (N, K/32, 32) int8; d (N, nbp) float32 and (Q4_1) m (N, nbp)
- * float16 per block, zero-padded to nbp = K/32 rounded up to 8. */
-void guardrail_q4_1(const float *x, int M, int K, const uint8_t *qs, const float *d,
-                    const uint16_t *m, int N, float *y) {
-    product(0, x, M, K, qs, d, m, N, y);
+ * float16 per block, zero-padded to nbp = K/32 rounded up to 8. Returns 0, or -1 when out of
+ * memory (y not written). */
+int guardrail_q4_1(const float *x, int M, int K, const uint8_t *qs, const float *d,
+                   const uint16_t *m, int N, float *y) {
+    return product(0, x, M, K, qs, d, m, N, y);
 }
 
-void guardrail_q8_0(const float *x, int M, int K, const int8_t *qs, const float *d, int N,
-                    float *y) {
-    product(1, x, M, K, (const uint8_t *)qs, d, NULL, N, y);
+int guardrail_q8_0(const float *x, int M, int K, const int8_t *qs, const float *d, int N,
+                   float *y) {
+    return product(1, x, M, K, (const uint8_t *)qs, d, NULL, N, y);
 }
 
 /* Recovering the blocks from float32 weights (the model's GGUF dequantized), checked bit
@@ -270,4 +275,4 @@ long guardrail_pack_q8_0(const float *w, int N, int K, int8_t *qs, float *ds) {
 }
 
 /* The version of this interface, checked at load. */
-int guardrail_blockq_version(void) { return 4; }
+int guardrail_blockq_version(void) { return 5; }

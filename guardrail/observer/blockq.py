@@ -34,7 +34,7 @@ __all__ = ["BlockqError", "Q4_1Weight", "Q8_0Weight", "kernel", "kernel_unavaila
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 _BLOCK = 32
-_VERSION = 4  # guardrail_blockq_version() of the source this module drives
+_VERSION = 5  # guardrail_blockq_version() of the source this module drives
 
 
 class BlockqError(ValueError):
@@ -81,7 +81,7 @@ def kernel() -> ctypes.CDLL:
     ptr, size = ctypes.c_void_p, ctypes.c_int
     lib.guardrail_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr, size, ptr]
     lib.guardrail_q8_0.argtypes = [ptr, size, size, ptr, ptr, size, ptr]
-    lib.guardrail_q4_1.restype = lib.guardrail_q8_0.restype = None
+    lib.guardrail_q4_1.restype = lib.guardrail_q8_0.restype = ctypes.c_int
     lib.guardrail_pack_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr]
     lib.guardrail_pack_q8_0.argtypes = [ptr, size, size, ptr, ptr]
     lib.guardrail_pack_q4_1.restype = lib.guardrail_pack_q8_0.restype = ctypes.c_long
@@ -189,8 +189,9 @@ class _BlockWeight:
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         out = torch.empty((*x.shape[:-1], self.out_features))
-        self._fn(x.data_ptr(), x.numel() // k, k, *self._ptrs, self.out_features,
-                 out.data_ptr())
+        if self._fn(x.data_ptr(), x.numel() // k, k, *self._ptrs, self.out_features,
+                    out.data_ptr()):
+            raise MemoryError("guardrail's q4_1 kernel could not allocate its row sums")
         return out
 
 

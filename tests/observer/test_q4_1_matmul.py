@@ -65,6 +65,7 @@ def test_kernel_gives_float32_products(k: int) -> None:
             x = torch.randn(rows, k)
             want = torch.nn.functional.linear(x.double(), w.double()).float()
             assert _relative(product(x), want) <= 2e-6, (kind.__name__, rows)
+        assert product(torch.empty(0, k)).shape == (0, n)
         x = torch.randn(2, 3, k)  # leading dimensions kept, a strided input copied
         assert product(x).shape == (2, 3, n)
         assert _relative(product(x.transpose(0, 1)), torch.nn.functional.linear(
