@@ -419,7 +419,10 @@ def _head(weight: torch.Tensor, matmul: str, kind: type[_Packed]) -> _Packed:
 
 
 MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16", "q4_1")  # observer.options.matmul
-AUTO_MATMUL = ("float16",)  # what ``auto`` tries, in order, before float32
+# What ``auto`` tries, in order, before float32. Not q4_1: faster than float16 only for reads
+# of one to three tokens, slower from nine rows, and it needs a C compiler (docs/observer.md,
+# "Products on SmolLM2's Q4_1 blocks"); listing it first makes it the default where it runs.
+AUTO_MATMUL = ("float16",)
 _KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloat16,
                                     "float16": _PackedFloat16, "q4_1": _PackedQ4_1}
 
