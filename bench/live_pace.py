@@ -40,10 +40,12 @@ TOKENS = 354
 QUICK_TOKENS = 40
 PACE = 50.0  # tokens/s of the paced upstream (LLM APIs stream 30-100)
 BACKENDS = ["torch", "torch-float32", "onnx"]
-# a backend's policy: observer.backend and the observer options it adds
+# a backend's policy: observer.backend and the observer options it adds; torch-q4_1 (products on
+# SmolLM2's GGUF Q4_1 blocks, docs/observer.md) only asked for (--backends), with --name
 BACKEND_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch": ("torch", {}), "torch-float32": ("torch", {"matmul": "float32"}),
-    "onnx": ("onnx", {})}
+    "torch-q4_1": ("torch", {"matmul": "q4_1"}), "onnx": ("onnx", {})}
+Q4_1_NAME = "live_pace_q4_1"  # --backends torch torch-q4_1 --name live_pace_q4_1
 THREADS = [1, 2]
 # Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
 # due, and a driver behind its upstream hands the session every delta that has arrived (at most
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=None, choices=list(BACKEND_SETTINGS))
+    parser.add_argument("--name", default=NAME, help="result name (bench/results/NAME.json)")
     parser.add_argument("--tokens", type=int, default=None, help="answer tokens per run")
     parser.add_argument("--threads", nargs="+", type=int, default=None, choices=THREADS)
     parser.add_argument("--loads", nargs="+", default=None, choices=["idle", "busy"])
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                           f"{result['fast']['tokens_per_s']:.1f} tok/s, p95 "
                           f"{result['paced']['latency_p95_ms']:.0f} ms", file=sys.stderr)
                 # written after every configuration: a long run stopped early keeps its rows
-                path = write_result(NAME, {**header, "load_average_after": os.getloadavg()[0],
+                path = write_result(args.name, {**header, "load_average_after": os.getloadavg()[0],
                                            "rows": rows})
     return path
 
@@ -371,6 +374,33 @@ def render(result: dict[str, Any]) -> str:
             "latency <= 50 ms, and within 2x of that while another process keeps one core busy.",
             ""]
     return "\n".join(out)
+
+
+def render_q4_1(result: dict[str, Any]) -> str:
+    """``--backends torch torch-q4_1 --name live_pace_q4_1``: the default observer against
+    ``matmul: q4_1`` in one run."""
+    out = ["### One live stream: products on SmolLM2's Q4_1 blocks", "",
+           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {Q4_1_NAME}`"
+           f"; this run: the configurations in the rows' order, {result['tokens']} tokens): the "
+           "table above's setting, the default observer (*torch*: "
+           "`matmul: auto`, its products on the weights named) against `matmul: q4_1` (the "
+           "weights as SmolLM2's GGUF Q4_1 blocks, the head's Q8_0, float32's products), each "
+           "configuration in its own process, back to back. Load average "
+           f"{result['load_average_before']:.1f} before and {result['load_average_after']:.1f} "
+           "after.", "",
+           "| backend | products | threads | load | reads | tokens/s | added latency ms | "
+           "reads | CPU ms/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        out.append(
+            f"| {r['backend']} | {r.get('matmul')} | {r['threads']} | "
+            f"{'busy' if r['busy'] else 'idle'} | {r['reads_scheme']} | "
+            f"{r['fast']['tokens_per_s']:.1f} | {r['paced']['latency_p50_ms']:.0f} / "
+            f"{r['paced']['latency_p95_ms']:.0f} | {r['fast']['reads']} | "
+            f"{r['fast']['cpu_ms_per_token']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+EXTRA_RESULTS = {Q4_1_NAME: render_q4_1}
 
 
 if __name__ == "__main__":

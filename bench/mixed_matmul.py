@@ -7,8 +7,10 @@
 Run by hand (not by ``make bench``). One SmolLM2-135M-Instruct (torch, one thread) shared by an
 observer per variant, each with its own packed weights: ``float32`` (the reference; the
 default, ``auto``, is float16 where it runs), ``bfloat16`` (oneDNN: bfloat16 weights and
-rows, float32 accumulation, a bfloat16 result widened back) and ``float16`` (FBGEMM: float16
-weights widened in registers, float32 rows and result). Everything outside the products stays
+rows, float32 accumulation, a bfloat16 result widened back), ``float16`` (FBGEMM: float16
+weights widened in registers, float32 rows and result) and ``q4_1`` (the GGUF Q4_1 blocks the
+float32 weights were converted from, the head's Q8_0, rebuilt in registers by
+``guardrail/observer/blockq.c``: float32's products). Everything outside the products stays
 float32 in every variant. The variants take turns round by round
 (the order reversed every other round), so they meet the same machine load; medians.
 
@@ -42,8 +44,8 @@ from .common import median, p95, results_dir, write_result
 
 NAME = "mixed_matmul"
 DRIFT_NAME = "mixed_matmul_drift"
-VARIANTS = ["float32", "bfloat16", "float16"]
-ROWS = [1, 2, 4, 9, 16, 72]
+VARIANTS = ["float32", "bfloat16", "float16", "q4_1"]
+ROWS = [1, 2, 3, 4, 9, 16, 32, 72]
 CONTEXT = ("Summarise what the Kepler Space Telescope found, in a few sentences. " * 14).strip()
 READ_TOKENS = 9
 
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep the parts of the last result that are not run now")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
                         help="matmul variants (float32 always; default: all that run here)")
+    parser.add_argument("--name", default=None, help="result name (default: mixed_matmul, "
+                        "mixed_matmul_drift; a q4_1 run: mixed_matmul_q4_1, rendered after)")
     parser.add_argument("--large", action="store_true", help="drift: the larger sample "
                         f"(written to {DRIFT_LARGE_NAME}.json)")
     args = parser.parse_args(argv)
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"variants": variants, "torch": torch.__version__,
                               "threads": torch.get_num_threads(),
                               "load_1m_start": round(os.getloadavg()[0], 2)}
-    previous = results_dir() / f"{NAME}.json"
+    previous = results_dir() / f"{args.name or NAME}.json"
     if args.merge and previous.exists():  # keep the parts not run now
         result = {**result, **json.loads(previous.read_text())}
     path = None
@@ -481,12 +485,13 @@ def main(argv: list[str] | None = None) -> None:
             result["cost"] = part_cost(obs, args.rounds or 2, args.lengths)
         else:
             drift = part_drift(obs, args.large)
-            name = DRIFT_LARGE_NAME if args.large else DRIFT_NAME
+            name = args.name or (DRIFT_LARGE_NAME if args.large else DRIFT_NAME)
             _say(f"wrote {write_result(name, {**drift, 'torch': torch.__version__})}")
             continue
         result["load_1m_end"] = round(os.getloadavg()[0], 2)
         _say(f"{part}: {time.perf_counter() - t0:.0f} s")
-        path = write_result(NAME, result)  # after every part: a run stopped early keeps them
+        # after every part: a run stopped early keeps them
+        path = write_result(args.name or NAME, result)
     if path is not None:
         _say(f"wrote {path}")
 
@@ -612,7 +617,7 @@ def render_drift(result: dict[str, Any]) -> str:
                 moved = ", ".join(str(m) for m in c["first_verdict_moved_tokens"]) or "-"
                 agree = c["token_decisions_agree"]
                 lines.append(
-                    f"| {v} | {name} | {monitor} | {c['max_abs_diff']:.4f} | "
+                    f"| {v} | {name} | {monitor} | {_small(c['max_abs_diff'])} | "
                     f"{c['p99_abs_diff']} | {c['median_abs_diff']} | "
                     f"{agree if agree is not None else '-'} ({c['token_decisions_differ']} "
                     f"differ) | {c['first_verdict_changed']} | {c['fired_changed']} / "
@@ -643,6 +648,11 @@ def render_drift(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _small(x: float) -> str:
+    """A score difference: four places, or the order of one too small for them."""
+    return f"{x:.4f}" if x == 0 or x >= 5e-5 else f"{x:.0e}"
+
+
 def render_serve(result: dict[str, Any]) -> str:
     """bench/serve_pace.py run with ``--variant`` per matmul (its result, copied here)."""
     rows = {"float32": result["ours"],
@@ -669,8 +679,37 @@ def render_serve(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_q4_1(result: dict[str, Any]) -> str:
+    """``--variants float16 q4_1 --name mixed_matmul_q4_1``: the speed parts on a later machine
+    (AVX2, no AVX-512), kept apart from the run above."""
+    head = ("### Mixed-precision products with `q4_1`\n\nRun by hand (`nice -n 10 python -m "
+            "bench.mixed_matmul --parts ops forward stream --variants float16 q4_1 --name "
+            "mixed_matmul_q4_1`) on this project's later machine (an AMD EPYC with AVX2 and no "
+            "AVX-512: no bfloat16 kernels), as the section above: `q4_1` keeps the weights as "
+            "the GGUF Q4_1 blocks the float32 weights were converted from (the head as its Q8_0 "
+            "blocks) and rebuilds them in registers (guardrail/observer/blockq.c): float32's "
+            "products at 5.5 and 9 bits a weight. The variants take turns round by round in one "
+            f"process; medians. torch {result.get('torch')}, 1-minute load "
+            f"{result.get('load_1m_start')} at the start and {result.get('load_1m_end')} at the "
+            "end (the machine was shared with two other jobs). Ratios are against float32 in the "
+            "same run (above 1: faster).\n\n")
+    body = render(result).split("\n", 4)[4]  # without the title and the first paragraph
+    return head + body
+
+
+def render_q4_1_drift(result: dict[str, Any]) -> str:
+    rest = render_drift(result).split("\n", 1)[1]
+    rest = rest.replace("--parts drift`", "--parts drift --variants q4_1 --name "
+                        f"{Q4_1_DRIFT_NAME}`")
+    return "### Mixed-precision products with `q4_1`: scores and verdicts against float32" + \
+        "\n" + rest
+
+
+Q4_1_NAME = "mixed_matmul_q4_1"
+Q4_1_DRIFT_NAME = "mixed_matmul_q4_1_drift"
 EXTRA_RESULTS = {DRIFT_NAME: render_drift, DRIFT_LARGE_NAME: render_drift,
-                 "mixed_matmul_serve": render_serve}
+                 "mixed_matmul_serve": render_serve, Q4_1_NAME: render_q4_1,
+                 Q4_1_DRIFT_NAME: render_q4_1_drift}
 
 
 if __name__ == "__main__":

@@ -288,8 +288,9 @@ FLOAT32_PRODUCTS: dict[str, Any] = {"matmul": "float32"}
 def resolve_matmul(name: str, backend: str, value: Any) -> str:
     """``observer.options.matmul``: the dtype of the weights of the torch backend's packed
     products on the CPU: ``auto`` (the default: float16 where the CPU runs it, else float32),
-    ``float32``, or ``bfloat16`` / ``float16`` asked for (mixed precision: half the bytes per
-    read; docs/observer.md, "Mixed-precision products")."""
+    ``float32``, ``bfloat16`` / ``float16`` asked for (mixed precision: half the bytes per
+    read; docs/observer.md, "Mixed-precision products"), or ``q4_1`` (the GGUF Q4_1 blocks
+    SmolLM2's float32 weights were converted from: float32's products, a C kernel)."""
     from .llama_step import MATMUL_DTYPES
 
     if value is None:

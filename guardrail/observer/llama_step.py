@@ -15,8 +15,9 @@ import torch
 
 from ..errors import ObserverError
 
-__all__ = ["MATMUL_DTYPES", "LlamaStep", "PackedLinears", "attend", "attend_blocked", "block_rows",
-           "check_llama", "is_llama_family", "matmul_unsupported", "pack_linears", "rope_for"]
+__all__ = ["AUTO_MATMUL", "MATMUL_DTYPES", "LlamaStep", "PackedLinears", "attend",
+           "attend_blocked", "block_rows", "check_llama", "is_llama_family",
+           "matmul_unsupported", "pack_linears", "rope_for"]
 
 
 # Model types whose decoder block is exactly LlamaDecoderLayer's computation.
@@ -333,6 +334,39 @@ class _PackedFloat16(_Packed):
         return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.weight, self.bias)
 
 
+class _PackedQ4_1(_Packed):
+    """Weights kept as GGUF Q4_1 blocks (``guardrail.observer.blockq``: 5 bits a weight, 3.2x
+    fewer bytes than float16), rebuilt in registers as the same float32 weights by a small C
+    kernel: float32's products but for the summation order. Refuses (``ObserverError``) a
+    weight that is not exactly Q4_1 blocks. Not padded: the kernel is fastest on one row."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    min_rows = 1
+    blocks = "Q4_1"
+
+    def _pack(self, weight: torch.Tensor) -> Any:
+        from .blockq import BlockqError, Q4_1Weight, Q8_0Weight
+
+        kind = Q4_1Weight if self.blocks == "Q4_1" else Q8_0Weight
+        try:
+            return kind.of(weight)
+        except BlockqError as exc:
+            raise ObserverError(f"observer.options.matmul 'q4_1': {exc}; the option needs a "
+                                "model converted from GGUF Q4_1 (SmolLM2's default); drop it "
+                                "or use float16") from exc
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.weight(x)
+        return out
+
+
+class _PackedQ8_0(_PackedQ4_1):
+    """``_PackedQ4_1`` for an output head kept as GGUF Q8_0 blocks (9 bits a weight)."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    blocks = "Q8_0"
+
+
 class _PackedBlock:
     """A block's projections packed: q/k/v as one product, gate/up as one, o, down.
 
@@ -369,18 +403,38 @@ class PackedLinears:
         layers = model.base_model.layers
         self.blocks = [_PackedBlock(layers[i], kind) for i in range(depth)]
         out = model.get_output_embeddings()
-        self.head = kind(out.weight) if head and out is not None else None
+        self.head = _head(out.weight, matmul, kind) if head and out is not None else None
 
 
-MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # observer.options.matmul
+def _head(weight: torch.Tensor, matmul: str, kind: type[_Packed]) -> _Packed:
+    """The output head packed: as the projections, but under ``q4_1`` as Q8_0 blocks when
+    it is exactly such blocks (a GGUF's Q8_0 embedding, tied) and else in float32, so the
+    logits stay float32's either way."""
+    if matmul != "q4_1":
+        return kind(weight)
+    try:
+        return _PackedQ8_0(weight)
+    except ObserverError:
+        return _Packed(weight)
+
+
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16", "q4_1")  # observer.options.matmul
+# What ``auto`` tries, in order, before float32. Not q4_1: faster than float16 only for reads
+# of one to three tokens, slower from nine rows, and it needs a C compiler (docs/observer.md,
+# "Products on SmolLM2's Q4_1 blocks"); listing it first makes it the default where it runs.
+AUTO_MATMUL = ("float16",)
 _KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloat16,
-                                    "float16": _PackedFloat16}
+                                    "float16": _PackedFloat16, "q4_1": _PackedQ4_1}
 
 
 def matmul_unsupported(matmul: str) -> str | None:
     """Why this machine cannot run the packed products in ``matmul`` fast, or None."""
     if matmul == "float32":
         return None
+    if matmul == "q4_1":
+        from .blockq import kernel_unavailable
+
+        return kernel_unavailable()
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     if matmul == "bfloat16":
         if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
@@ -400,16 +454,19 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     CPU, without projection biases, on a torch with oneDNN), else None (the step runs the
     model's own modules). Checked once against ``linear`` on the first block's weights.
 
-    ``matmul`` (``observer.options.matmul``): the products' weights in float32, or in
-    bfloat16 or float16 (``_PackedBfloat16``, ``_PackedFloat16``); those are asked for, so
-    where they cannot run this raises ``ObserverError`` saying why instead of returning
-    None. ``auto`` (the policy default): float16 where it runs here, else float32's packing
-    (or None), never an error."""
+    ``matmul`` (``observer.options.matmul``): the products' weights in float32, in
+    bfloat16 or float16 (``_PackedBfloat16``, ``_PackedFloat16``), or as the GGUF Q4_1 blocks
+    they were converted from (``_PackedQ4_1``); those are asked for, so where they cannot run
+    this raises ``ObserverError`` saying why instead of returning None. ``auto`` (the policy
+    default): the first of ``AUTO_MATMUL`` that runs here, else float32's packing (or None),
+    never an error."""
     if matmul == "auto":
-        try:
-            return pack_linears(model, "float16")
-        except ObserverError:  # says why float16 cannot run here: float32's, quietly
-            return pack_linears(model, "float32")
+        for choice in AUTO_MATMUL:
+            try:
+                return pack_linears(model, choice)
+            except ObserverError:  # says why it cannot run here: the next, quietly
+                continue
+        return pack_linears(model, "float32")
     if matmul not in _KINDS:
         raise ObserverError(f"observer.options.matmul must be one of {', '.join(MATMUL_DTYPES)},"
                             f" got {matmul!r}")
@@ -425,7 +482,7 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     attn = layer.self_attn
     # float32: the same product in another summation order; fewer bits: a bound well above
     # their rounding (relative 2^-8 for bfloat16) that a wrong layout or kernel would break
-    tol = 1e-4 if matmul == "float32" else 0.05
+    tol = 1e-4 if matmul in ("float32", "q4_1") else 0.05
     try:
         probe = _KINDS[matmul](attn.q_proj.weight)
         with torch.inference_mode():
