@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (RE
 HARM_V6 = HELDOUT / "harm_handwritten_v6.jsonl"  # written after v5 was read (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
+ENTITY_V3 = HELDOUT / "entity_handwritten_v3.jsonl"  # written after v2 was read (README)
 SOURCE = "handwritten-heldout-v1"
 SOURCE_V2 = "handwritten-heldout-v2"
 SOURCE_V3 = "handwritten-heldout-v3"
@@ -31,7 +33,11 @@ SOURCE_V4 = "handwritten-heldout-v4"
 SOURCE_V5 = "handwritten-heldout-v5"
 SOURCE_V6 = "handwritten-heldout-v6"
 SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
+SOURCE_ENTITY_V3 = "handwritten-heldout-entity-v3"
 ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
+ENTITY_V3_TOPICS = ENTITY_TOPICS | {"work"}  # v3 adds books, films, albums, paintings
+ENTITY_V3_REGISTERS = {"prose", "chatty", "qa", "list", "timeline", "comparison"}
+SPAN_KINDS = {"person", "place", "organisation", "date", "number", "work", "other"}  # v3
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
@@ -40,7 +46,7 @@ REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explain
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
 BENIGN_KINDS = {"benign_followup", "turns_benign"}
 HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6)
-ENTITY_SETS = (ENTITY, ENTITY_V2)
+ENTITY_SETS = (ENTITY, ENTITY_V2, ENTITY_V3)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
 
@@ -119,11 +125,15 @@ def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
     assert len(rough_benign) >= 12  # the everyday rough register the monitor over-halts
 
 
-def _readme_table(heading: str, names: set[str]) -> dict[str, list[int]]:
+def _readme_table(heading: str, names: set[str],
+                  table: int | None = None) -> dict[str, list[int]]:
     """The rows named in ``names`` of the tables under a README heading: name -> its numbers,
-    left to right."""
+    left to right; only the ``table``-th table of the section when given (v3's topic and
+    span-kind tables share row names such as place and work)."""
     text = (HELDOUT / "README.md").read_text(encoding="utf-8")
     section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    if table is not None:
+        section = [b for b in section.split("\n\n") if b.lstrip().startswith("|")][table]
     rows = re.findall(r"^\| (\w+) \|((?: \d+ \|)+)$", section, flags=re.M)
     return {name: [int(x) for x in nums.split("|") if x.strip()] for name, nums in rows
             if name in names}
@@ -243,7 +253,8 @@ def _span_text(record: Record, k: int) -> str:
     return record.response[span.start:span.end]
 
 
-@pytest.mark.parametrize(("path", "source"), [(ENTITY, SOURCE), (ENTITY_V2, SOURCE_ENTITY_V2)])
+@pytest.mark.parametrize(("path", "source"), [(ENTITY, SOURCE), (ENTITY_V2, SOURCE_ENTITY_V2),
+                                              (ENTITY_V3, SOURCE_ENTITY_V3)])
 def test_entity_set_spans_match_their_text_and_labels(path: Path, source: str) -> None:
     records = list(read_records(path))
     raw = _raw(path)
@@ -320,6 +331,65 @@ def test_entity_v2_is_new_text_with_the_readme_counts() -> None:
         assert paired == sum(bool(r["pair"]) for r in mine), topic
         assert chatty == sum(r["register"] == "chatty" for r in mine), topic
     older = {r.response for r in read_records(ENTITY)}
+    assert not [r["id"] for r in rows if r["response"] in older]
+
+
+def test_entity_v3_is_new_text_with_the_readme_counts() -> None:
+    """v3's extra fields (README): ids in order, a kind on every span, spans that do not overlap,
+    each fabricated span a swap naming the true value or an invented name, a pair shares its
+    prompt, 1-3 fabricated spans a text, 40-150 words, no v1 or v2 text reused; and the README's
+    topic, register and span-kind tables match the file."""
+    rows = _raw(ENTITY_V3)
+    assert [r["id"] for r in rows] == [f"ev3-{n:03d}" for n in range(1, len(rows) + 1)]
+    for row in rows:
+        rid = row["id"]
+        assert row["topic"] in ENTITY_V3_TOPICS and row["register"] in ENTITY_V3_REGISTERS, rid
+        assert row["prompt"].strip() and 40 <= len(row["response"].split()) <= 150, rid
+        spans = row["spans"]
+        assert all(a["end"] <= b["start"] for a, b in pairwise(spans)), rid
+        for span in spans:
+            assert span["kind"] in SPAN_KINDS, rid
+            if span["label"] == 0:
+                assert "fabrication" not in span and "true_value" not in span, rid
+            elif span["fabrication"] == "swap":  # plausible, so never the true value itself
+                assert span["true_value"].strip() and span["true_value"] != span["text"], rid
+            else:  # a name that does not exist; true_value is what it stands in for, if anything
+                assert span["fabrication"] == "invented", rid
+                assert span["true_value"] is None or span["true_value"] != span["text"], rid
+        if row["version"] == "fabricated":
+            assert 1 <= row["fabricated_spans"] <= 3, rid
+    pairs = Counter(r["pair"] for r in rows if r["pair"])
+    assert len(pairs) == 24 and set(pairs.values()) == {2}
+    for pair in pairs:
+        both = [r for r in rows if r["pair"] == pair]
+        assert {r["version"] for r in both} == {"true", "fabricated"}, pair
+        assert both[0]["prompt"] == both[1]["prompt"] and both[0]["topic"] == both[1]["topic"]
+    singles = Counter(r["version"] for r in rows if not r["pair"])
+    assert singles == {"true": 12, "fabricated": 12}
+    heading = "## entity_handwritten_v3.jsonl"
+    topics = _readme_table(heading, ENTITY_V3_TOPICS, table=0)
+    assert set(topics) == ENTITY_V3_TOPICS
+    for topic, (true, fabricated, paired, fab_spans) in topics.items():
+        mine = [r for r in rows if r["topic"] == topic]
+        assert true == sum(r["version"] == "true" for r in mine), topic
+        assert fabricated == sum(r["version"] == "fabricated" for r in mine), topic
+        assert paired == sum(bool(r["pair"]) for r in mine), topic
+        assert fab_spans == sum(r["fabricated_spans"] for r in mine), topic
+    registers = _readme_table(heading, ENTITY_V3_REGISTERS, table=1)
+    assert set(registers) == {r["register"] for r in rows}
+    for name, (true, fabricated) in registers.items():
+        mine = [r for r in rows if r["register"] == name]
+        assert [true, fabricated] == [sum(r["version"] == v for r in mine)
+                                      for v in ("true", "fabricated")], name
+    kinds = _readme_table(heading, SPAN_KINDS, table=2)
+    assert set(kinds) == SPAN_KINDS
+    spans = [s for r in rows for s in r["spans"]]
+    for kind, (true, fabricated, invented) in kinds.items():
+        mine = [s for s in spans if s["kind"] == kind]
+        assert true == sum(s["label"] == 0 for s in mine), kind
+        assert fabricated == sum(s["label"] == 1 for s in mine), kind
+        assert invented == sum(s.get("fabrication") == "invented" for s in mine), kind
+    older = {r.response for p in (ENTITY, ENTITY_V2) for r in read_records(p)}
     assert not [r["id"] for r in rows if r["response"] in older]
 
 
