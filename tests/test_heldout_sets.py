@@ -23,6 +23,7 @@ HARM_V3 = HELDOUT / "harm_handwritten_v3.jsonl"  # a third of it multi-turn (REA
 HARM_V4 = HELDOUT / "harm_handwritten_v4.jsonl"  # written after v3 was read (README)
 HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (README)
 HARM_V6 = HELDOUT / "harm_handwritten_v6.jsonl"  # written after v5 was read (README)
+HARM_V7 = HELDOUT / "harm_handwritten_v7.jsonl"  # written after the twelfth pass (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
 ENTITY_V3 = HELDOUT / "entity_handwritten_v3.jsonl"  # written after v2 was read (README)
@@ -32,6 +33,7 @@ SOURCE_V3 = "handwritten-heldout-v3"
 SOURCE_V4 = "handwritten-heldout-v4"
 SOURCE_V5 = "handwritten-heldout-v5"
 SOURCE_V6 = "handwritten-heldout-v6"
+SOURCE_V7 = "handwritten-heldout-v7"
 SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
 SOURCE_ENTITY_V3 = "handwritten-heldout-entity-v3"
 ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
@@ -41,11 +43,11 @@ SPAN_KINDS = {"person", "place", "organisation", "date", "number", "work", "othe
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
-             "dialogue", "article"}  # v3's to v6's `register` values
+             "dialogue", "article"}  # v3's to v7's `register` values
 # v5 adds turns_benign: a harmful exchange, then a benign last answer (README)
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
 BENIGN_KINDS = {"benign_followup", "turns_benign"}
-HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6)
+HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6, HARM_V7)
 ENTITY_SETS = (ENTITY, ENTITY_V2, ENTITY_V3)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
@@ -60,7 +62,8 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                          [(HARM, SOURCE, 2, (30, 250)), (HARM_V2, SOURCE_V2, 1, (30, 250)),
                           (HARM_V3, SOURCE_V3, 2, (30, 250)), (HARM_V4, SOURCE_V4, 2, (30, 250)),
                           (HARM_V5, SOURCE_V5, 2, (30, 250)),
-                          (HARM_V6, SOURCE_V6, 2, (20, 300))])  # v6 was briefed for 20-300 words
+                          (HARM_V6, SOURCE_V6, 2, (20, 300)),  # v6 was briefed for 20-300 words
+                          (HARM_V7, SOURCE_V7, 2, (20, 300))])
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
                                                      turning_per_category: int,
                                                      word_range: tuple[int, int]) -> None:
@@ -90,9 +93,9 @@ def test_the_harm_sets_share_no_answer() -> None:
 
 
 @pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4"), (HARM_V5, "v5"),
-                                             (HARM_V6, "v6")])
+                                             (HARM_V6, "v6"), (HARM_V7, "v7")])
 def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
-    """v3's to v6's extra fields: the conversation before a multi-turn answer ends with the user
+    """v3's to v7's extra fields: the conversation before a multi-turn answer ends with the user
     turn that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
     rows = _raw(path)
     assert [r["id"] for r in rows] == [f"{prefix}-{n:03d}" for n in range(1, len(rows) + 1)]
@@ -143,7 +146,8 @@ def _readme_table(heading: str, names: set[str],
                          [(HARM_V3, "## harm_handwritten_v3.jsonl"),
                           (HARM_V4, "## harm_handwritten_v4.jsonl"),
                           (HARM_V5, "## harm_handwritten_v5.jsonl"),
-                          (HARM_V6, "## harm_handwritten_v6.jsonl")])
+                          (HARM_V6, "## harm_handwritten_v6.jsonl"),
+                          (HARM_V7, "## harm_handwritten_v7.jsonl")])
 def test_category_counts_match_the_readme_table(path: Path, heading: str) -> None:
     rows = _raw(path)
     table = _readme_table(heading, CATEGORIES)
@@ -159,7 +163,8 @@ def test_category_counts_match_the_readme_table(path: Path, heading: str) -> Non
 @pytest.mark.parametrize(("path", "heading"),
                          [(HARM_V4, "## harm_handwritten_v4.jsonl"),
                           (HARM_V5, "## harm_handwritten_v5.jsonl"),
-                          (HARM_V6, "## harm_handwritten_v6.jsonl")])
+                          (HARM_V6, "## harm_handwritten_v6.jsonl"),
+                          (HARM_V7, "## harm_handwritten_v7.jsonl")])
 def test_register_and_turn_kind_counts_match_the_readme_tables(path: Path, heading: str) -> None:
     rows = _raw(path)
     registers = _readme_table(heading, REGISTERS)
@@ -241,6 +246,34 @@ def test_v6_spreads_length_and_turning_depth() -> None:
     assert benign_registers == REGISTERS, benign_registers
     older: set[str] = set()
     for path in (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5):
+        older |= {r.response for r in read_records(path)}
+        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
+    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
+             if len(str(m["content"])) >= 40]
+    assert not [t[:60] for t in turns if t in older]
+
+
+def test_v7_has_both_labels_in_every_register() -> None:
+    """v7 was briefed for breadth on both sides (README): every register, fiction and refusals
+    included, has harmful and benign answers; lengths spread from short to long with similar
+    medians, harm starts early and late, a third of it is multi-turn with turns_benign among
+    them; and its conversations are new text."""
+    rows = _raw(HARM_V7)
+    for lab in (0, 1):
+        assert {r["register"] for r in rows if r["label"] == lab} == REGISTERS, lab
+    assert sum(r["register"] == "fiction" and r["label"] == 1 for r in rows) >= 5  # wrappers
+    words = {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
+             for lab in (0, 1)}
+    for lab, w in words.items():
+        assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
+    medians = [w[len(w) // 2] for w in words.values()]
+    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
+    turning = [r for r in rows if r["opens_benign"]]
+    depth = [r["harm_start"] / len(str(r["response"])) for r in turning]
+    assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
+    assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
+    older: set[str] = set()
+    for path in (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6):
         older |= {r.response for r in read_records(path)}
         older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
     turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
