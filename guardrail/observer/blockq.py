@@ -6,8 +6,9 @@ exactly ``q * d + m`` over blocks of 32 inputs (``q`` in 0..15, ``d`` and ``m`` 
 and every head weight ``q * d`` (``q`` an int8; Q8_0). Kept as those blocks a read streams 5
 (9) bits a weight instead of float16's 16, and a small C kernel (``blockq.c``) rebuilds each
 weight as the same float32 (in registers for up to 4 rows, into a panel shared by the rows
-from 5), so the products are float32's but for the summation order. The blocks are recovered from the float32 weights and checked bit for bit; a weight
-that is not exactly such blocks is refused (``BlockqError``).
+from 5), so the products are float32's but for the summation order. The blocks are recovered
+from the float32 weights and checked bit for bit; a weight that is not exactly such blocks is
+refused (``BlockqError``).
 
 The kernel is compiled once per machine with the system's C compiler into the cache directory
 (``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes.
