@@ -722,12 +722,22 @@ def render_q4_1_panel(result: dict[str, Any]) -> str:
     return head + body
 
 
+def render_q4_1_panel_drift(result: dict[str, Any]) -> str:
+    rest = render_drift(result).split("\n", 1)[1]
+    rest = rest.replace("--parts drift`", "--parts drift --variants q4_1 --name "
+                        f"{Q4_1_PANEL_DRIFT_NAME}`, the panel kernel")
+    return "### Mixed-precision products with `q4_1`: the panel kernel's scores and verdicts" + \
+        "\n" + rest
+
+
 Q4_1_NAME = "mixed_matmul_q4_1"
 Q4_1_DRIFT_NAME = "mixed_matmul_q4_1_drift"
 Q4_1_PANEL_NAME = "mixed_matmul_q4_1b"
+Q4_1_PANEL_DRIFT_NAME = "mixed_matmul_q4_1b_drift"
 EXTRA_RESULTS = {DRIFT_NAME: render_drift, DRIFT_LARGE_NAME: render_drift,
                  "mixed_matmul_serve": render_serve, Q4_1_NAME: render_q4_1,
-                 Q4_1_DRIFT_NAME: render_q4_1_drift, Q4_1_PANEL_NAME: render_q4_1_panel}
+                 Q4_1_DRIFT_NAME: render_q4_1_drift, Q4_1_PANEL_NAME: render_q4_1_panel,
+                 Q4_1_PANEL_DRIFT_NAME: render_q4_1_panel_drift}
 
 
 if __name__ == "__main__":
