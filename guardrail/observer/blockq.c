@@ -4,13 +4,12 @@
  *
  * y[r, n] = sum_k x[r, k] * w[n, k] with w = q * d + m (Q4_1) or q * d (Q8_0): q * d is exact
  * in float32, so these are the model's float32 weights, and the products are float32's but
- * for the summation order. Up to 4 rows (bound by reading the blocks) each block is taken as
- * d * (q . x) + m * sum(x) (one product per block and row fewer than rebuilding the weights;
- * each row's block sums computed once per call). From 5 rows (bound by the multiply-adds) a
- * chunk of output rows' weights is rebuilt once, fma(q, d, m), into a float32 panel that a
- * register-blocked micro-kernel multiplies with the rows (product_panel). Either way the
- * weights are streamed from memory once per call. Single-threaded. Built with
- * -O3 -mavx2 -mfma -mf16c. */
+ * for the summation order. Up to 4 rows each block is taken as d * (q . x) + m * sum(x) (one
+ * product per block and row fewer than rebuilding the weights; each row's block sums computed
+ * once per call). From 5 rows (bound by the multiply-adds) a chunk of output rows' weights is
+ * rebuilt once, fma(q, d, m), into a float32 panel that a register-blocked micro-kernel
+ * multiplies with the rows (product_panel). Either way the weights are streamed from memory
+ * once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c. */
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
