@@ -705,11 +705,39 @@ def render_q4_1_drift(result: dict[str, Any]) -> str:
         "\n" + rest
 
 
+def render_q4_1_panel(result: dict[str, Any]) -> str:
+    """``--variants float16 q4_1 --name mixed_matmul_q4_1b``: the same after the kernel's
+    many-row path moved to a rebuilt panel and a register-blocked micro-kernel."""
+    head = ("### Mixed-precision products with `q4_1`: the panel kernel\n\nRun by hand (`nice -n "
+            "10 python -m bench.mixed_matmul --parts ops forward --variants float16 q4_1 --name "
+            "mixed_matmul_q4_1b`) on the same machine as the section above, after the kernel's "
+            "path for 5 rows or more changed: a chunk of output rows' weights is rebuilt once "
+            "per call into a float32 panel and multiplied by a micro-kernel holding 3 rows x 4 "
+            "outputs of sums in registers (up to 4 rows unchanged). The variants take turns "
+            f"round by round in one process; medians. torch {result.get('torch')}, 1-minute "
+            f"load {result.get('load_1m_start')} at the start and {result.get('load_1m_end')} "
+            "at the end (the machine was shared with two other jobs). Ratios are against "
+            "float32 in the same run (above 1: faster).\n\n")
+    body = render(result).split("\n", 4)[4]
+    return head + body
+
+
+def render_q4_1_panel_drift(result: dict[str, Any]) -> str:
+    rest = render_drift(result).split("\n", 1)[1]
+    rest = rest.replace("--parts drift`", "--parts drift --variants q4_1 --name "
+                        f"{Q4_1_PANEL_DRIFT_NAME}`, the panel kernel")
+    return "### Mixed-precision products with `q4_1`: the panel kernel's scores and verdicts" + \
+        "\n" + rest
+
+
 Q4_1_NAME = "mixed_matmul_q4_1"
 Q4_1_DRIFT_NAME = "mixed_matmul_q4_1_drift"
+Q4_1_PANEL_NAME = "mixed_matmul_q4_1b"
+Q4_1_PANEL_DRIFT_NAME = "mixed_matmul_q4_1b_drift"
 EXTRA_RESULTS = {DRIFT_NAME: render_drift, DRIFT_LARGE_NAME: render_drift,
                  "mixed_matmul_serve": render_serve, Q4_1_NAME: render_q4_1,
-                 Q4_1_DRIFT_NAME: render_q4_1_drift}
+                 Q4_1_DRIFT_NAME: render_q4_1_drift, Q4_1_PANEL_NAME: render_q4_1_panel,
+                 Q4_1_PANEL_DRIFT_NAME: render_q4_1_panel_drift}
 
 
 if __name__ == "__main__":

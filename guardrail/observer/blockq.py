@@ -5,9 +5,10 @@ SmolLM2's float32 weights are its GGUF dequantized: every projection weight of i
 exactly ``q * d + m`` over blocks of 32 inputs (``q`` in 0..15, ``d`` and ``m`` float16; Q4_1)
 and every head weight ``q * d`` (``q`` an int8; Q8_0). Kept as those blocks a read streams 5
 (9) bits a weight instead of float16's 16, and a small C kernel (``blockq.c``) rebuilds each
-weight in registers as the same float32, so the products are float32's but for the summation
-order. The blocks are recovered from the float32 weights and checked bit for bit; a weight
-that is not exactly such blocks is refused (``BlockqError``).
+weight as the same float32 (in registers for up to 4 rows, into a panel shared by the rows
+from 5), so the products are float32's but for the summation order. The blocks are recovered
+from the float32 weights and checked bit for bit; a weight that is not exactly such blocks is
+refused (``BlockqError``).
 
 The kernel is compiled once per machine with the system's C compiler into the cache directory
 (``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes.
@@ -34,7 +35,7 @@ __all__ = ["BlockqError", "Q4_1Weight", "Q8_0Weight", "kernel", "kernel_unavaila
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 _BLOCK = 32
-_VERSION = 5  # guardrail_blockq_version() of the source this module drives
+_VERSION = 6  # guardrail_blockq_version() of the source this module drives
 
 
 class BlockqError(ValueError):
@@ -191,7 +192,7 @@ class _BlockWeight:
         out = torch.empty((*x.shape[:-1], self.out_features))
         if self._fn(x.data_ptr(), x.numel() // k, k, *self._ptrs, self.out_features,
                     out.data_ptr()):
-            raise MemoryError("guardrail's q4_1 kernel could not allocate its row sums")
+            raise MemoryError("guardrail's q4_1 kernel could not allocate its buffers")
         return out
 
 
