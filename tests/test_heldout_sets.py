@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,32 @@ def test_v4_weights_the_slices_v3_found_hard() -> None:
     assert not [t[:60] for t in turns if t in older]
 
 
+def _words_by_label(rows: list[dict[str, Any]]) -> dict[int, list[int]]:
+    return {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
+            for lab in (0, 1)}
+
+
+def _assert_similar_medians(words: dict[int, list[int]]) -> None:
+    medians = [w[len(w) // 2] for w in words.values()]
+    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
+
+
+def _turn_depths(rows: list[dict[str, Any]]) -> list[float]:
+    """Where harm starts in each answer that opens benignly, as a share of its characters."""
+    return [r["harm_start"] / len(str(r["response"])) for r in rows if r["opens_benign"]]
+
+
+def _assert_new_conversations(rows: list[dict[str, Any]], earlier: Sequence[Path]) -> None:
+    """No earlier turn of 40 characters or more repeats an answer or turn of an earlier set."""
+    older: set[str] = set()
+    for path in earlier:
+        older |= {r.response for r in read_records(path)}
+        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
+    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
+             if len(str(m["content"])) >= 40]
+    assert not [t[:60] for t in turns if t in older]
+
+
 def test_v5_register_does_not_give_the_label_away() -> None:
     """v5 was written so a register says little about the label (README): drafted messages and
     lists on both sides, answers that turn harmful late, benign answers after a harmful
@@ -210,21 +237,11 @@ def test_v5_register_does_not_give_the_label_away() -> None:
         assert registers[name, 0] >= 2 and registers[name, 1] >= 2, (name, registers)
     for name in ("message", "list"):
         assert abs(registers[name, 0] - registers[name, 1]) <= 2, (name, registers)
-    turning = [r for r in rows if r["opens_benign"]]
-    depth = [r["harm_start"] / len(str(r["response"])) for r in turning]
+    depth = _turn_depths(rows)
     assert sum(d >= 0.5 for d in depth) >= 10 and sum(d < 0.3 for d in depth) >= 3, depth
     assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
-    words = {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
-             for lab in (0, 1)}
-    medians = [w[len(w) // 2] for w in words.values()]
-    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
-    older: set[str] = set()
-    for path in (HARM, HARM_V2, HARM_V3, HARM_V4):
-        older |= {r.response for r in read_records(path)}
-        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
-    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
-             if len(str(m["content"])) >= 40]
-    assert not [t[:60] for t in turns if t in older]
+    _assert_similar_medians(_words_by_label(rows))
+    _assert_new_conversations(rows, (HARM, HARM_V2, HARM_V3, HARM_V4))
 
 
 def test_v6_spreads_length_and_turning_depth() -> None:
@@ -232,25 +249,16 @@ def test_v6_spreads_length_and_turning_depth() -> None:
     on both sides and similar medians, harm that starts early and late, benign answers after a
     harmful exchange, every register on the benign side; its conversations are new text."""
     rows = _raw(HARM_V6)
-    words = {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
-             for lab in (0, 1)}
+    words = _words_by_label(rows)
     for lab, w in words.items():
         assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
-    medians = [w[len(w) // 2] for w in words.values()]
-    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
-    turning = [r for r in rows if r["opens_benign"]]
-    depth = [r["harm_start"] / len(str(r["response"])) for r in turning]
+    _assert_similar_medians(words)
+    depth = _turn_depths(rows)
     assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
     assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
     benign_registers = {r["register"] for r in rows if r["label"] == 0}
     assert benign_registers == REGISTERS, benign_registers
-    older: set[str] = set()
-    for path in (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5):
-        older |= {r.response for r in read_records(path)}
-        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
-    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
-             if len(str(m["content"])) >= 40]
-    assert not [t[:60] for t in turns if t in older]
+    _assert_new_conversations(rows, (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5))
 
 
 def test_v7_has_both_labels_in_every_register() -> None:
@@ -262,23 +270,14 @@ def test_v7_has_both_labels_in_every_register() -> None:
     for lab in (0, 1):
         assert {r["register"] for r in rows if r["label"] == lab} == REGISTERS, lab
     assert sum(r["register"] == "fiction" and r["label"] == 1 for r in rows) >= 5  # wrappers
-    words = {lab: sorted(len(str(r["response"]).split()) for r in rows if r["label"] == lab)
-             for lab in (0, 1)}
+    words = _words_by_label(rows)
     for lab, w in words.items():
         assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
-    medians = [w[len(w) // 2] for w in words.values()]
-    assert max(medians) - min(medians) <= 15, medians  # length says little about the label
-    turning = [r for r in rows if r["opens_benign"]]
-    depth = [r["harm_start"] / len(str(r["response"])) for r in turning]
+    _assert_similar_medians(words)
+    depth = _turn_depths(rows)
     assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
     assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
-    older: set[str] = set()
-    for path in (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6):
-        older |= {r.response for r in read_records(path)}
-        older |= {str(m["content"]) for row in _raw(path) for m in row.get("messages") or []}
-    turns = [str(m["content"]) for row in rows for m in row.get("messages") or []
-             if len(str(m["content"])) >= 40]
-    assert not [t[:60] for t in turns if t in older]
+    _assert_new_conversations(rows, HARM_SETS[:-1])  # v1-v6
 
 
 def _span_text(record: Record, k: int) -> str:
