@@ -697,12 +697,15 @@ def render_q4_1(result: dict[str, Any]) -> str:
     return head + body
 
 
-def render_q4_1_drift(result: dict[str, Any]) -> str:
+def _q4_1_drift(result: dict[str, Any], title: str, command: str) -> str:
+    """``render_drift`` under another title, naming the run's own command."""
     rest = render_drift(result).split("\n", 1)[1]
-    rest = rest.replace("--parts drift`", "--parts drift --variants q4_1 --name "
-                        f"{Q4_1_DRIFT_NAME}`")
-    return "### Mixed-precision products with `q4_1`: scores and verdicts against float32" + \
-        "\n" + rest
+    rest = rest.replace("--parts drift`", f"--parts drift --variants q4_1 --name {command}")
+    return f"### Mixed-precision products with `q4_1`: {title}\n{rest}"
+
+
+def render_q4_1_drift(result: dict[str, Any]) -> str:
+    return _q4_1_drift(result, "scores and verdicts against float32", f"{Q4_1_DRIFT_NAME}`")
 
 
 def render_q4_1_panel(result: dict[str, Any]) -> str:
@@ -723,11 +726,8 @@ def render_q4_1_panel(result: dict[str, Any]) -> str:
 
 
 def render_q4_1_panel_drift(result: dict[str, Any]) -> str:
-    rest = render_drift(result).split("\n", 1)[1]
-    rest = rest.replace("--parts drift`", "--parts drift --variants q4_1 --name "
-                        f"{Q4_1_PANEL_DRIFT_NAME}`, the panel kernel")
-    return "### Mixed-precision products with `q4_1`: the panel kernel's scores and verdicts" + \
-        "\n" + rest
+    return _q4_1_drift(result, "the panel kernel's scores and verdicts",
+                       f"{Q4_1_PANEL_DRIFT_NAME}`, the panel kernel")
 
 
 Q4_1_NAME = "mixed_matmul_q4_1"
