@@ -175,6 +175,7 @@ def test_the_followups_slot_is_wave_six_and_optional() -> None:
 @pytest.mark.parametrize(("name", "tag", "wave", "prefix"), [
     ("handwritten_late.jsonl", "handwritten:late-v7", 7, "W"),
     ("handwritten_curt.jsonl", "handwritten:curt-v8", 8, "V"),
+    ("handwritten_turned.jsonl", "handwritten:turned-v9", 9, "U"),
 ])
 def test_a_later_wave_has_its_slot_and_is_optional(name: str, tag: str, wave: int,
                                                     prefix: str) -> None:

@@ -62,6 +62,7 @@ SETS: dict[str, str] = {
     "handwritten_followups.jsonl": "handwritten:followups-v6",  # answers after a follow-up turn
     "handwritten_late.jsonl": "handwritten:late-v7",  # harm that turns late or in a helpful form
     "handwritten_curt.jsonl": "handwritten:curt-v8",  # brief follow-ups, rough register
+    "handwritten_turned.jsonl": "handwritten:turned-v9",  # helpful openings that turn, fake news
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
@@ -70,7 +71,8 @@ WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
                          "handwritten:coded-v4": 4, "handwritten:assistant-v4": 4,
                          "handwritten:claims-v4": 4, "handwritten:messages-v5": 5,
                          "handwritten:drafted-v5": 5, "handwritten:followups-v6": 6,
-                         "handwritten:late-v7": 7, "handwritten:curt-v8": 8}
+                         "handwritten:late-v7": 7, "handwritten:curt-v8": 8,
+                         "handwritten:turned-v9": 9}
 
 
 class HandwrittenError(ValueError):
