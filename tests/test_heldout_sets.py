@@ -328,6 +328,19 @@ def test_entity_pairs_differ_only_at_fabricated_spans(path: Path) -> None:
         assert gaps(true) == gaps(fab), pair
 
 
+def _assert_pairs_and_singles(rows: list[dict[str, Any]]) -> None:
+    """24 pairs (one text true, one fabricated, on the same prompt and topic) and 12 single texts
+    of each version, as the entity sets v2 and v3 were written."""
+    pairs = Counter(r["pair"] for r in rows if r["pair"])
+    assert len(pairs) == 24 and set(pairs.values()) == {2}
+    for pair in pairs:
+        both = [r for r in rows if r["pair"] == pair]
+        assert {r["version"] for r in both} == {"true", "fabricated"}, pair
+        assert both[0]["prompt"] == both[1]["prompt"] and both[0]["topic"] == both[1]["topic"]
+    singles = Counter(r["version"] for r in rows if not r["pair"])
+    assert singles == {"true": 12, "fabricated": 12}
+
+
 def test_entity_v2_is_new_text_with_the_readme_counts() -> None:
     """v2's extra fields (README): ids in order, each fabricated span names the true value it
     replaced, a pair shares its prompt, 1-3 swaps a text, lengths in range, no v1 text reused;
@@ -345,14 +358,7 @@ def test_entity_v2_is_new_text_with_the_readme_counts() -> None:
                 assert "true_value" not in span, rid
         if row["version"] == "fabricated":
             assert 1 <= row["fabricated_spans"] <= 3, rid
-    pairs = Counter(r["pair"] for r in rows if r["pair"])
-    assert len(pairs) == 24 and set(pairs.values()) == {2}
-    for pair in pairs:
-        both = [r for r in rows if r["pair"] == pair]
-        assert {r["version"] for r in both} == {"true", "fabricated"}, pair
-        assert both[0]["prompt"] == both[1]["prompt"] and both[0]["topic"] == both[1]["topic"]
-    singles = Counter(r["version"] for r in rows if not r["pair"])
-    assert singles == {"true": 12, "fabricated": 12}
+    _assert_pairs_and_singles(rows)
     assert sum(r["register"] == "chatty" for r in rows) >= 8  # the assistant-answer register
     table = _readme_table("## entity_handwritten_v2.jsonl", ENTITY_TOPICS)
     assert set(table) == ENTITY_TOPICS
@@ -390,14 +396,7 @@ def test_entity_v3_is_new_text_with_the_readme_counts() -> None:
                 assert span["true_value"] is None or span["true_value"] != span["text"], rid
         if row["version"] == "fabricated":
             assert 1 <= row["fabricated_spans"] <= 3, rid
-    pairs = Counter(r["pair"] for r in rows if r["pair"])
-    assert len(pairs) == 24 and set(pairs.values()) == {2}
-    for pair in pairs:
-        both = [r for r in rows if r["pair"] == pair]
-        assert {r["version"] for r in both} == {"true", "fabricated"}, pair
-        assert both[0]["prompt"] == both[1]["prompt"] and both[0]["topic"] == both[1]["topic"]
-    singles = Counter(r["version"] for r in rows if not r["pair"])
-    assert singles == {"true": 12, "fabricated": 12}
+    _assert_pairs_and_singles(rows)
     heading = "## entity_handwritten_v3.jsonl"
     topics = _readme_table(heading, ENTITY_V3_TOPICS, table=0)
     assert set(topics) == ENTITY_V3_TOPICS
