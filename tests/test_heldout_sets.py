@@ -244,11 +244,10 @@ def test_v5_register_does_not_give_the_label_away() -> None:
     _assert_new_conversations(rows, (HARM, HARM_V2, HARM_V3, HARM_V4))
 
 
-def test_v6_spreads_length_and_turning_depth() -> None:
-    """v6 was briefed for breadth (README): answers from 20 to 300 words with short and long ones
-    on both sides and similar medians, harm that starts early and late, benign answers after a
-    harmful exchange, every register on the benign side; its conversations are new text."""
-    rows = _raw(HARM_V6)
+def _assert_broad_brief(rows: list[dict[str, Any]], earlier: Sequence[Path]) -> None:
+    """What v6 and v7 were briefed for (README): short and long answers on both sides with
+    similar medians, harm that starts early and late, benign answers after a harmful exchange,
+    and conversations that are new text."""
     words = _words_by_label(rows)
     for lab, w in words.items():
         assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
@@ -256,9 +255,17 @@ def test_v6_spreads_length_and_turning_depth() -> None:
     depth = _turn_depths(rows)
     assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
     assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
+    _assert_new_conversations(rows, earlier)
+
+
+def test_v6_spreads_length_and_turning_depth() -> None:
+    """v6 was briefed for breadth (README): answers from 20 to 300 words with short and long ones
+    on both sides and similar medians, harm that starts early and late, benign answers after a
+    harmful exchange, every register on the benign side; its conversations are new text."""
+    rows = _raw(HARM_V6)
     benign_registers = {r["register"] for r in rows if r["label"] == 0}
     assert benign_registers == REGISTERS, benign_registers
-    _assert_new_conversations(rows, (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5))
+    _assert_broad_brief(rows, (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5))
 
 
 def test_v7_has_both_labels_in_every_register() -> None:
@@ -270,14 +277,7 @@ def test_v7_has_both_labels_in_every_register() -> None:
     for lab in (0, 1):
         assert {r["register"] for r in rows if r["label"] == lab} == REGISTERS, lab
     assert sum(r["register"] == "fiction" and r["label"] == 1 for r in rows) >= 5  # wrappers
-    words = _words_by_label(rows)
-    for lab, w in words.items():
-        assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
-    _assert_similar_medians(words)
-    depth = _turn_depths(rows)
-    assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
-    assert sum(r.get("turn_kind") == "turns_benign" for r in rows) >= 5
-    _assert_new_conversations(rows, HARM_SETS[:-1])  # v1-v6
+    _assert_broad_brief(rows, HARM_SETS[:-1])  # v1-v6
 
 
 def _span_text(record: Record, k: int) -> str:
