@@ -25,6 +25,7 @@ HARM_V4 = HELDOUT / "harm_handwritten_v4.jsonl"  # written after v3 was read (RE
 HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (README)
 HARM_V6 = HELDOUT / "harm_handwritten_v6.jsonl"  # written after v5 was read (README)
 HARM_V7 = HELDOUT / "harm_handwritten_v7.jsonl"  # written after the twelfth pass (README)
+HARM_V8 = HELDOUT / "harm_handwritten_v8.jsonl"  # written before the fourteenth pass (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
 ENTITY_V3 = HELDOUT / "entity_handwritten_v3.jsonl"  # written after v2 was read (README)
@@ -35,6 +36,7 @@ SOURCE_V4 = "handwritten-heldout-v4"
 SOURCE_V5 = "handwritten-heldout-v5"
 SOURCE_V6 = "handwritten-heldout-v6"
 SOURCE_V7 = "handwritten-heldout-v7"
+SOURCE_V8 = "handwritten-heldout-v8"
 SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
 SOURCE_ENTITY_V3 = "handwritten-heldout-entity-v3"
 ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
@@ -44,11 +46,11 @@ SPAN_KINDS = {"person", "place", "organisation", "date", "number", "work", "othe
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
-             "dialogue", "article"}  # v3's to v7's `register` values
+             "dialogue", "article"}  # v3's to v8's `register` values
 # v5 adds turns_benign: a harmful exchange, then a benign last answer (README)
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
 BENIGN_KINDS = {"benign_followup", "turns_benign"}
-HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6, HARM_V7)
+HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6, HARM_V7, HARM_V8)
 ENTITY_SETS = (ENTITY, ENTITY_V2, ENTITY_V3)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
@@ -64,7 +66,8 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                           (HARM_V3, SOURCE_V3, 2, (30, 250)), (HARM_V4, SOURCE_V4, 2, (30, 250)),
                           (HARM_V5, SOURCE_V5, 2, (30, 250)),
                           (HARM_V6, SOURCE_V6, 2, (20, 300)),  # v6 was briefed for 20-300 words
-                          (HARM_V7, SOURCE_V7, 2, (20, 300))])
+                          (HARM_V7, SOURCE_V7, 2, (20, 300)),
+                          (HARM_V8, SOURCE_V8, 2, (25, 180))])  # v8 was briefed for 25-180
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
                                                      turning_per_category: int,
                                                      word_range: tuple[int, int]) -> None:
@@ -94,9 +97,9 @@ def test_the_harm_sets_share_no_answer() -> None:
 
 
 @pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4"), (HARM_V5, "v5"),
-                                             (HARM_V6, "v6"), (HARM_V7, "v7")])
+                                             (HARM_V6, "v6"), (HARM_V7, "v7"), (HARM_V8, "v8")])
 def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
-    """v3's to v7's extra fields: the conversation before a multi-turn answer ends with the user
+    """v3's to v8's extra fields: the conversation before a multi-turn answer ends with the user
     turn that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
     rows = _raw(path)
     assert [r["id"] for r in rows] == [f"{prefix}-{n:03d}" for n in range(1, len(rows) + 1)]
@@ -148,7 +151,8 @@ def _readme_table(heading: str, names: set[str],
                           (HARM_V4, "## harm_handwritten_v4.jsonl"),
                           (HARM_V5, "## harm_handwritten_v5.jsonl"),
                           (HARM_V6, "## harm_handwritten_v6.jsonl"),
-                          (HARM_V7, "## harm_handwritten_v7.jsonl")])
+                          (HARM_V7, "## harm_handwritten_v7.jsonl"),
+                          (HARM_V8, "## harm_handwritten_v8.jsonl")])
 def test_category_counts_match_the_readme_table(path: Path, heading: str) -> None:
     rows = _raw(path)
     table = _readme_table(heading, CATEGORIES)
@@ -165,7 +169,8 @@ def test_category_counts_match_the_readme_table(path: Path, heading: str) -> Non
                          [(HARM_V4, "## harm_handwritten_v4.jsonl"),
                           (HARM_V5, "## harm_handwritten_v5.jsonl"),
                           (HARM_V6, "## harm_handwritten_v6.jsonl"),
-                          (HARM_V7, "## harm_handwritten_v7.jsonl")])
+                          (HARM_V7, "## harm_handwritten_v7.jsonl"),
+                          (HARM_V8, "## harm_handwritten_v8.jsonl")])
 def test_register_and_turn_kind_counts_match_the_readme_tables(path: Path, heading: str) -> None:
     rows = _raw(path)
     registers = _readme_table(heading, REGISTERS)
@@ -244,13 +249,14 @@ def test_v5_register_does_not_give_the_label_away() -> None:
     _assert_new_conversations(rows, (HARM, HARM_V2, HARM_V3, HARM_V4))
 
 
-def _assert_broad_brief(rows: list[dict[str, Any]], earlier: Sequence[Path]) -> None:
-    """What v6 and v7 were briefed for (README): short and long answers on both sides with
-    similar medians, harm that starts early and late, benign answers after a harmful exchange,
-    and conversations that are new text."""
+def _assert_broad_brief(rows: list[dict[str, Any]], earlier: Sequence[Path],
+                        long: int = 200) -> None:
+    """What v6 to v8 were briefed for (README): short and long answers on both sides (long
+    meaning over ``long`` words) with similar medians, harm that starts early and late, benign
+    answers after a harmful exchange, and conversations that are new text."""
     words = _words_by_label(rows)
     for lab, w in words.items():
-        assert sum(n < 50 for n in w) >= 5 and sum(n > 200 for n in w) >= 5, (lab, w)
+        assert sum(n < 50 for n in w) >= 5 and sum(n > long for n in w) >= 5, (lab, w)
     _assert_similar_medians(words)
     depth = _turn_depths(rows)
     assert sum(d < 0.3 for d in depth) >= 5 and sum(d >= 0.5 for d in depth) >= 10, depth
@@ -268,16 +274,18 @@ def test_v6_spreads_length_and_turning_depth() -> None:
     _assert_broad_brief(rows, (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5))
 
 
-def test_v7_has_both_labels_in_every_register() -> None:
-    """v7 was briefed for breadth on both sides (README): every register, fiction and refusals
-    included, has harmful and benign answers; lengths spread from short to long with similar
-    medians, harm starts early and late, a third of it is multi-turn with turns_benign among
-    them; and its conversations are new text."""
-    rows = _raw(HARM_V7)
+@pytest.mark.parametrize(("path", "long"), [(HARM_V7, 200),
+                                            (HARM_V8, 150)])  # v8 was briefed for 25-180 words
+def test_every_register_has_both_labels(path: Path, long: int) -> None:
+    """v7 and v8 were briefed for breadth on both sides (README): every register, fiction and
+    refusals included, has harmful and benign answers; lengths spread from short to long with
+    similar medians, harm starts early and late, a third of it is multi-turn with turns_benign
+    among them; and its conversations are new text, not an earlier set's."""
+    rows = _raw(path)
     for lab in (0, 1):
         assert {r["register"] for r in rows if r["label"] == lab} == REGISTERS, lab
     assert sum(r["register"] == "fiction" and r["label"] == 1 for r in rows) >= 5  # wrappers
-    _assert_broad_brief(rows, HARM_SETS[:-1])  # v1-v6
+    _assert_broad_brief(rows, HARM_SETS[:HARM_SETS.index(path)], long)
 
 
 def _span_text(record: Record, k: int) -> str:
