@@ -23,6 +23,7 @@ cores), so for the observer guard a scheme with many scans times an evenly space
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -163,10 +164,12 @@ def text_guard() -> Guard:
     ]})
 
 
-def observer_guard(window: int | None = None) -> Guard | None:
+def observer_guard(window: int | None = None,
+                   settings: dict[str, Any] | None = None) -> Guard | None:
     """The SmolLM2 observer (ONNX) with the harmful-content head, else the entity probe; None
     when neither plugin is installed with weights. ``window``: observer.window (default: the
-    policy's)."""
+    policy's); ``settings``: other observer fields over these (e.g. the torch backend and its
+    ``options.matmul``)."""
     from guardrail.plugins import get_host
 
     installed = get_host().monitors()
@@ -174,7 +177,8 @@ def observer_guard(window: int | None = None) -> Guard | None:
         if use not in installed:
             continue
         try:
-            observer: dict[str, Any] = {"model": "smollm2-135m", "backend": "onnx"}
+            observer: dict[str, Any] = {"model": "smollm2-135m", "backend": "onnx",
+                                         **(settings or {})}
             if window is not None:
                 observer["window"] = window
             return Guard.from_policy({
@@ -199,10 +203,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--window", type=int, default=None,
                         help="--observer-only: another observer.window than the default "
                              "(results go to stream_cost_observer_window)")
+    parser.add_argument("--observer", type=json.loads, default=None, metavar="JSON",
+                        help="--observer-only: observer fields over the ONNX default, e.g. "
+                             "'{\"backend\": \"torch\", \"options\": {\"matmul\": \"q4_1\"}}' "
+                             "(results go to stream_cost_observer_<--label>)")
+    parser.add_argument("--label", default=None,
+                        help="with --observer: the results' name suffix (default: the backend)")
     args = parser.parse_args(argv)
+    if args.observer is not None and not isinstance(args.observer, dict):
+        parser.error("--observer: expected a JSON object of observer fields")
     schemes = ["ours", *[s for s in args.schemes if s != "ours"]]
     if args.observer_only:
-        guard = observer_guard(args.window)
+        guard = observer_guard(args.window, args.observer)
         if guard is None:
             raise SystemExit("no hidden-state monitor installed")
         load_start = round(os.getloadavg()[0], 2)
@@ -211,7 +223,10 @@ def main(argv: list[str] | None = None) -> Path:
         block["monitor"] = guard.policy.monitors[0].use
         block["repeats"] = args.repeats
         block["observer_window"] = guard.policy.observer.window if guard.policy.observer else None
+        block["observer"] = {"backend": "onnx", **(args.observer or {})}
         name = "stream_cost_observer" if args.window is None else "stream_cost_observer_window"
+        if args.observer is not None:
+            name = f"stream_cost_observer_{args.label or block['observer']['backend']}"
         return write_result(name, {"observer_monitors": block,
                                                      "load_1m_start": load_start,
                                                      "load_1m": round(os.getloadavg()[0], 2)})
@@ -267,11 +282,16 @@ def render_observer_rerun(result: dict[str, Any]) -> str:
     block = result["observer_monitors"]
     window = block.get("observer_window")
     other = result.get("benchmark") == "stream_cost_observer_window"
+    settings = block.get("observer") or {"backend": "onnx"}
+    where = ("the ONNX observer" if settings == {"backend": "onnx"}
+             else f"the observer `{json.dumps(settings, sort_keys=True)}`")
     title = (f"### The same with `observer.window: {window}`, {result['written'][:10]} "
              f"(`--observer-only --window {window}`)" if other else
-             f"### A hidden-state monitor, rerun {result['written'][:10]} (`--observer-only`)")
+             f"### A hidden-state monitor, rerun {result['written'][:10]} (`--observer-only`)"
+             if settings == {"backend": "onnx"} else
+             f"### A hidden-state monitor on {where}, {result['written'][:10]}")
     lines = [title, "",
-             f"Monitor `{block.get('monitor')}` on the ONNX observer, ours fed word by word with "
+             f"Monitor `{block.get('monitor')}` on {where}, ours fed word by word with "
              "the session reading when a decision is due; ratios against ours in this run. "
              f"Process CPU seconds, median of {block.get('repeats', 1)} run(s) per cell, the "
              "schemes taking turns run by run. 1-minute load "
@@ -298,6 +318,8 @@ def _render_window_scores(result: dict[str, Any]) -> str:
 
 EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun,
                  "stream_cost_observer_window": render_observer_rerun,
+                 "stream_cost_observer_torch": render_observer_rerun,
+                 "stream_cost_observer_q4_1": render_observer_rerun,
                  "observer_window_scores": _render_window_scores}
 
 
