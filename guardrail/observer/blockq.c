@@ -9,7 +9,11 @@
  * once per call). From 5 rows (bound by the multiply-adds) a chunk of output rows' weights is
  * rebuilt once, fma(q, d, m), into a float32 panel that a register-blocked micro-kernel
  * multiplies with the rows (product_panel). Either way the weights are streamed from memory
- * once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c. */
+ * once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c.
+ *
+ * The second half ("Integer products", observer.options.matmul: q4_1_q8 / q4_1_q16) multiplies
+ * the same blocks, regrouped, in integers with the rows quantized per block to int8 or int16:
+ * not float32's products. */
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>

@@ -10,6 +10,11 @@ from 5), so the products are float32's but for the summation order. The blocks a
 from the float32 weights and checked bit for bit; a weight that is not exactly such blocks is
 refused (``BlockqError``).
 
+``observer.options.matmul: q4_1_q8`` / ``q4_1_q16`` multiply the same blocks in integers
+(``Q4_1IntWeight``, ``Q8_0IntWeight``): the weights regrouped 8 output rows to a vector at load,
+each row quantized per block of 32 to int8 or int16 on every product (``quantize_rows``), as
+llama.cpp does on the CPU; the rows' rounding makes these not float32's products.
+
 The kernel is compiled once per machine with the system's C compiler into the cache directory
 (``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes.
 """
