@@ -41,11 +41,15 @@ QUICK_TOKENS = 40
 PACE = 50.0  # tokens/s of the paced upstream (LLM APIs stream 30-100)
 BACKENDS = ["torch", "torch-float32", "onnx"]
 # a backend's policy: observer.backend and the observer options it adds; torch-q4_1 (products on
-# SmolLM2's GGUF Q4_1 blocks, docs/observer.md) only asked for (--backends), with --name
+# SmolLM2's GGUF Q4_1 blocks, docs/observer.md) and torch-q4_1_q16 (the same blocks in integer
+# products, int16 rows) only asked for (--backends), with --name
 BACKEND_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch": ("torch", {}), "torch-float32": ("torch", {"matmul": "float32"}),
-    "torch-q4_1": ("torch", {"matmul": "q4_1"}), "onnx": ("onnx", {})}
+    "torch-q4_1": ("torch", {"matmul": "q4_1"}),
+    "torch-q4_1_q16": ("torch", {"matmul": "q4_1_q16"}), "onnx": ("onnx", {})}
 Q4_1_NAME = "live_pace_q4_1"  # --backends torch torch-q4_1 --name live_pace_q4_1
+# --backends torch torch-q4_1_q16 torch-q4_1_q16 torch --name live_pace_q4_1_q16
+Q4_1_Q16_NAME = "live_pace_q4_1_q16"
 THREADS = [1, 2]
 # Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
 # due, and a driver behind its upstream hands the session every delta that has arrived (at most
@@ -400,7 +404,20 @@ def render_q4_1(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-EXTRA_RESULTS = {Q4_1_NAME: render_q4_1}
+def render_q4_1_q16(result: dict[str, Any]) -> str:
+    """``--backends torch torch-q4_1_q16 torch-q4_1_q16 torch --name live_pace_q4_1_q16``."""
+    rest = render_q4_1(result).partition("\n\n")[2]
+    rest = rest.replace(f"--backends torch torch-q4_1 ... --name {Q4_1_NAME}",
+                        f"--backends torch torch-q4_1_q16 torch-q4_1_q16 torch ... --name "
+                        f"{Q4_1_Q16_NAME}")
+    rest = rest.replace("against `matmul: q4_1` (the weights as SmolLM2's GGUF Q4_1 blocks, the "
+                        "head's Q8_0, float32's products)",
+                        "against `matmul: q4_1_q16` (the same blocks in integer products, each "
+                        "row quantized per block of 32 to int16)")
+    return "### One live stream: integer products on SmolLM2's Q4_1 blocks\n\n" + rest
+
+
+EXTRA_RESULTS = {Q4_1_NAME: render_q4_1, Q4_1_Q16_NAME: render_q4_1_q16}
 
 
 if __name__ == "__main__":

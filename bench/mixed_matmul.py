@@ -10,7 +10,9 @@ default, ``auto``, is float16 where it runs), ``bfloat16`` (oneDNN: bfloat16 wei
 rows, float32 accumulation, a bfloat16 result widened back), ``float16`` (FBGEMM: float16
 weights widened in registers, float32 rows and result) and ``q4_1`` (the GGUF Q4_1 blocks the
 float32 weights were converted from, the head's Q8_0, rebuilt in registers by
-``guardrail/observer/blockq.c``: float32's products). Everything outside the products stays
+``guardrail/observer/blockq.c``: float32's products), ``q4_1_q8`` and ``q4_1_q16`` (the same
+blocks in integer products, the rows quantized per block of 32 to int8 or int16, as llama.cpp
+does on the CPU). Everything outside the products stays
 float32 in every variant. The variants take turns round by round
 (the order reversed every other round), so they meet the same machine load; medians.
 
@@ -24,6 +26,8 @@ float32 in every variant. The variants take turns round by round
 - ``stream``: the default policy (``Guard.default()``'s monitors) on SmolLM2's own answers fed
   word by word (bench/live_pace.py's streams and driver, reads ahead): tokens/s and CPU ms per
   token fed as fast as the guard takes it, and the added latency paced at 50 tokens/s;
+- ``states``: each variant's states (layers 6, 15, 30) and logits against float32's on one
+  text read 1, 4 and 9 tokens at a time: relative distance per token, top token agreement;
 - ``cost``: bench/stream_cost.py's hidden-state setting on the torch observer (the harm monitor
   alone, a 1,000- and a 4,000-token stream fed word by word, reads when due) and NeMo's windowed
   scan of the same text on the float32 observer: CPU-s per 1,000 tokens.
@@ -44,7 +48,7 @@ from .common import median, p95, results_dir, write_result
 
 NAME = "mixed_matmul"
 DRIFT_NAME = "mixed_matmul_drift"
-VARIANTS = ["float32", "bfloat16", "float16", "q4_1"]
+VARIANTS = ["float32", "bfloat16", "float16", "q4_1", "q4_1_q8", "q4_1_q16"]
 ROWS = [1, 2, 3, 4, 9, 16, 32, 72]
 CONTEXT = ("Summarise what the Kepler Space Telescope found, in a few sentences. " * 14).strip()
 READ_TOKENS = 9
@@ -109,12 +113,18 @@ def _candidates(model: Any, packs: dict[str, Any]) -> dict[str, list[tuple[int, 
     return cands
 
 
-def part_ops(obs: dict[str, Any], rounds: int) -> dict[str, Any]:
+OPS_LOAD: list[float] = []  # the 1-minute load average after each round of ``ops``
+
+
+def part_ops(obs: dict[str, Any], rounds: int, candidates: bool = True) -> dict[str, Any]:
     import torch
 
     first = next(iter(obs.values()))
     cands = _candidates(first.model, {v: o.packed for v, o in obs.items()})
+    if not candidates:  # the variants' own products only
+        cands = {name: c for name, c in cands.items() if name.endswith(" packed")}
     samples: dict[tuple[str, int], list[float]] = {}
+    OPS_LOAD.clear()
     with torch.inference_mode():
         inputs = {(w, n): torch.randn(1, n, w) for w in (576, 1536) for n in ROWS}
         for r in range(rounds + 1):
@@ -127,6 +137,7 @@ def part_ops(obs: dict[str, Any], rounds: int) -> dict[str, Any]:
                     if r:  # round 0 warms up
                         samples.setdefault((name, n), []).append(
                             1000 * (time.process_time() - c0))
+            OPS_LOAD.append(os.getloadavg()[0])
     out: dict[str, Any] = {}
     for name in cands:
         out[name] = {}
@@ -166,6 +177,55 @@ def part_forward(obs: dict[str, Any], needs: Any, rounds: int) -> dict[str, Any]
            for v, s in samples.items()}
     _say(f"forward ({READ_TOKENS} tokens over {cached}): {out}")
     return {"new_tokens": READ_TOKENS, "cached_tokens": cached, "rounds": rounds, "rows": out}
+
+
+STATE_LAYERS = (6, 15, -1)  # HF layers 6, 15 and 30 (the last)
+STATE_STEPS = (1, 4, 9)
+
+
+def part_states(obs: dict[str, Any]) -> dict[str, Any]:
+    """Each variant's states and logits against float32's: one text (the forward part's
+    context as the prompt, SmolLM2's answer words read ``STATE_STEPS`` tokens at a time)."""
+    import torch
+
+    from guardrail.monitor import Needs
+
+    needs = Needs(layers=frozenset(STATE_LAYERS), logits=True)
+    messages = [{"role": "user", "content": CONTEXT}]
+    base = obs["float32"]
+    tokens = base.tokenizer.tokenize(
+        "The telescope watched about 150,000 stars in one patch of sky for four years, and "
+        "dips in their light revealed planets: thousands of them, many the size of Earth, some "
+        "in the zone where water could be liquid. It showed that planets are common. " * 2)
+
+    def read(o: Any, step: int) -> tuple[dict[int, Any], Any]:
+        state = o.start(messages, needs)
+        parts = [o.extend(state, tokens[i:i + step], needs)
+                 for i in range(0, len(tokens), step)]
+        return ({k: torch.cat([p.hidden[k] for p in parts]) for k in STATE_LAYERS},
+                torch.cat([p.logits for p in parts]))
+
+    def dist(a: Any, b: Any) -> dict[str, float]:
+        r = (a - b).norm(dim=-1) / b.norm(dim=-1)
+        return {"median": float(r.median()), "max": float(r.max())}
+
+    with torch.inference_mode():
+        want_h, want_l = read(base, 9)
+        out: dict[str, Any] = {}
+        for v, o in obs.items():
+            if v == "float32":
+                continue
+            rows = {}
+            for step in STATE_STEPS:
+                h, logits = read(o, step)
+                rows[str(step)] = {
+                    **{f"layer {k if k >= 0 else 30}": dist(h[k], want_h[k])
+                       for k in STATE_LAYERS},
+                    "logits": dist(logits, want_l),
+                    "top1_agree": float((logits.argmax(-1) == want_l.argmax(-1)).float().mean())}
+            out[v] = rows
+            _say(f"states {v}: {rows}")
+    return {"tokens": len(tokens), "steps": list(STATE_STEPS), "rows": out}
 
 
 def part_stream(obs: dict[str, Any], rounds: int, tokens: int) -> dict[str, Any]:
@@ -433,7 +493,7 @@ def _scan_all(guard: Any, texts: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", nargs="+", default=["ops", "forward", "stream", "cost"],
-                        choices=["ops", "forward", "stream", "cost", "drift"],
+                        choices=["ops", "forward", "stream", "cost", "states", "drift"],
                         help="drift: written to mixed_matmul_drift.json (not run by default)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per part")
     parser.add_argument("--tokens", type=int, default=354, help="stream: answer tokens")
@@ -445,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="matmul variants (float32 always; default: all that run here)")
     parser.add_argument("--name", default=None, help="result name (default: mixed_matmul, "
                         "mixed_matmul_drift; a q4_1 run: mixed_matmul_q4_1, rendered after)")
+    parser.add_argument("--no-candidates", action="store_true",
+                        help="ops: the variants' products only, not the kernels not picked")
     parser.add_argument("--large", action="store_true", help="drift: the larger sample "
                         f"(written to {DRIFT_LARGE_NAME}.json)")
     args = parser.parse_args(argv)
@@ -476,13 +538,16 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.parts:
         t0 = time.perf_counter()
         if part == "ops":
-            result["ops"] = part_ops(obs, args.rounds or 9)
+            result["ops"] = part_ops(obs, args.rounds or 9, not args.no_candidates)
+            result["ops_load_1m"] = [round(min(OPS_LOAD), 2), round(max(OPS_LOAD), 2)]
         elif part == "forward":
             result["forward"] = part_forward(obs, needs, args.rounds or 41)
         elif part == "stream":
             result["stream"] = part_stream(obs, args.rounds or 2, args.tokens)
         elif part == "cost":
             result["cost"] = part_cost(obs, args.rounds or 2, args.lengths)
+        elif part == "states":
+            result["states"] = part_states(obs)
         else:
             drift = part_drift(obs, args.large)
             name = args.name or (DRIFT_LARGE_NAME if args.large else DRIFT_NAME)
@@ -730,6 +795,77 @@ def render_q4_1_panel_drift(result: dict[str, Any]) -> str:
                        f"{Q4_1_PANEL_DRIFT_NAME}`, the panel kernel")
 
 
+def render_q4_1_int(result: dict[str, Any]) -> str:
+    """``--parts ops forward states --no-candidates --variants float16 q4_1 q4_1_q8 q4_1_q16
+    --name mixed_matmul_q4_1_int``: the integer products against float16 and q4_1."""
+    variants = result["variants"]
+    lo, hi = result.get("ops_load_1m", [None, None])
+    lines = ["### Integer products on SmolLM2's Q4_1 blocks (`q4_1_q8`, `q4_1_q16`)", "",
+             "Run by hand (`nice -n 10 python -m bench.mixed_matmul --parts ops forward states "
+             "--no-candidates --variants float16 q4_1 q4_1_q8 q4_1_q16 --name "
+             f"{Q4_1_INT_NAME}`) on the machine of the sections above (AMD EPYC, Zen 3: AVX2, "
+             "FMA, F16C, no AVX-512 or VNNI; two cores shared with other jobs): `q4_1_q8` and "
+             "`q4_1_q16` multiply the same Q4_1 blocks (the head's Q8_0) in integers, each row "
+             "quantized per block of 32 to int8 or int16 on every product "
+             "(guardrail/observer/blockq.c, \"Integer products\"). One thread; the variants "
+             f"take turns round by round in one process; medians. torch {result.get('torch')}, "
+             f"1-minute load {result.get('load_1m_start')} at the start, {lo}-{hi} during the "
+             f"products part and {result.get('load_1m_end')} at the end.", ""]
+    ops = result.get("ops")
+    if ops:
+        rows = list(next(iter(ops.values())))
+        half = ops["float16 packed"]
+        lines += ["All of one forward's products (30 blocks' q/k/v, o, gate/up, down and the "
+                  "49,152 x 576 output head), CPU ms by rows per product, and float16's time "
+                  "over the variant's (above 1: faster than float16, the default):", "",
+                  "| matmul | " + " | ".join(f"{n} rows" for n in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        for v in variants:
+            by_rows = ops[f"{v} packed"]
+            lines.append(f"| {v} | " + " | ".join(
+                f"{by_rows[n]['cpu_ms']:.1f} ({half[n]['cpu_ms'] / by_rows[n]['cpu_ms']:.2f}x)"
+                for n in rows) + " |")
+        lines.append("")
+    forward = result.get("forward")
+    if forward:
+        f16 = forward["rows"]["float16"]["cpu_ms"]
+        lines += [f"One read of the default policy (all 30 blocks, the logits, top-k) of "
+                  f"{forward['new_tokens']} new tokens over {forward['cached_tokens']} cached "
+                  f"(`TorchObserver.extend`, medians of {forward['rounds']}):", "",
+                  "| matmul | CPU ms | wall ms | vs float16 |", "|---|---|---|---|"]
+        for v in variants:
+            r = forward["rows"][v]
+            lines.append(f"| {v} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | "
+                         f"{f16 / r['cpu_ms']:.2f}x |")
+        lines.append("")
+    states = result.get("states")
+    if states:
+        lines += [f"States and logits against float32's products ({states['tokens']} tokens of "
+                  "answer after the forward part's prompt, read 1, 4 and 9 tokens at a time): "
+                  "relative distance per token (`|a - b| / |b|`), median / max, and the share "
+                  "of tokens whose top logit is float32's:", "",
+                  "| matmul | tokens a read | layer 6 | layer 15 | layer 30 | logits | top "
+                  "token |", "|---|---|---|---|---|---|---|"]
+        for v, by_step in states["rows"].items():
+            for step, r in by_step.items():
+                cells = [f"{r[k]['median']:.1e} / {r[k]['max']:.1e}"
+                         for k in ("layer 6", "layer 15", "layer 30", "logits")]
+                lines.append(f"| {v} | {step} | " + " | ".join(cells)
+                             + f" | {r['top1_agree']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_q4_1_int_drift(result: dict[str, Any]) -> str:
+    rest = render_drift(result).split("\n", 1)[1]
+    variants = " ".join(result["variants"])
+    rest = rest.replace("--parts drift`", f"--parts drift --variants {variants} --name "
+                        f"{Q4_1_INT_DRIFT_NAME}`")
+    return f"### Integer products on SmolLM2's Q4_1 blocks: scores and verdicts\n{rest}"
+
+
+Q4_1_INT_NAME = "mixed_matmul_q4_1_int"
+Q4_1_INT_DRIFT_NAME = "mixed_matmul_q4_1_int_drift"
 Q4_1_NAME = "mixed_matmul_q4_1"
 Q4_1_DRIFT_NAME = "mixed_matmul_q4_1_drift"
 Q4_1_PANEL_NAME = "mixed_matmul_q4_1b"
@@ -737,7 +873,8 @@ Q4_1_PANEL_DRIFT_NAME = "mixed_matmul_q4_1b_drift"
 EXTRA_RESULTS = {DRIFT_NAME: render_drift, DRIFT_LARGE_NAME: render_drift,
                  "mixed_matmul_serve": render_serve, Q4_1_NAME: render_q4_1,
                  Q4_1_DRIFT_NAME: render_q4_1_drift, Q4_1_PANEL_NAME: render_q4_1_panel,
-                 Q4_1_PANEL_DRIFT_NAME: render_q4_1_panel_drift}
+                 Q4_1_PANEL_DRIFT_NAME: render_q4_1_panel_drift,
+                 Q4_1_INT_NAME: render_q4_1_int, Q4_1_INT_DRIFT_NAME: render_q4_1_int_drift}
 
 
 if __name__ == "__main__":

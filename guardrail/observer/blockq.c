@@ -9,12 +9,17 @@
  * once per call). From 5 rows (bound by the multiply-adds) a chunk of output rows' weights is
  * rebuilt once, fma(q, d, m), into a float32 panel that a register-blocked micro-kernel
  * multiplies with the rows (product_panel). Either way the weights are streamed from memory
- * once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c. */
+ * once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c.
+ *
+ * The second half ("Integer products", observer.options.matmul: q4_1_q8 / q4_1_q16) multiplies
+ * the same blocks, regrouped, in integers with the rows quantized per block to int8 or int16:
+ * not float32's products. */
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define TILE 4   /* rows of x per register tile (up to 4 rows) */
 #define CHUNK 32 /* output rows whose weights are reused across the row tiles */
@@ -365,5 +370,423 @@ long guardrail_pack_q8_0(const float *w, int N, int K, int8_t *qs, float *ds) {
     return bad;
 }
 
+/* ---- Integer products (observer.options.matmul: q4_1_q8 and q4_1_q16) ----
+ *
+ * The rows are quantized per block of 32 inputs, as llama.cpp does on the CPU: x ~ qx * dx with
+ * dx = max|x| / 127 (int8, "q8") or / 32767 (int16, "q16"), qx rounded to nearest, and each
+ * block's sx = dx * sum(qx) kept for Q4_1's minimum term (ggml's Q8_1 keeps it too). A block's
+ * product is then an integer dot product plus floats:
+ *     y[r, n] = sum_b  dw[n, b] * dx[r, b] * (qw[n, b] . qx[r, b])  +  m[n, b] * sx[r, b]
+ * (Q8_0: without the m term). The weights are laid out in groups of 8 output rows so that one
+ * int32 lane holds one output row: a row's few inputs are broadcast and multiplied with the 8
+ * outputs' weights at once, the integer sums of a block come out as 8 outputs side by side, and
+ * one float multiply-add per block and row scales them (no horizontal sums, no rebuilt float
+ * weights). Register tiles: up to GROWS rows of x against a group; the group's blocks stay in L1
+ * across the row tiles. Single-threaded.
+ *
+ * q8: _mm256_maddubs_epi16 (unsigned 4-bit weights x signed int8 rows, adjacent pairs summed to
+ * int16; 8 of those per block fit int16: 8 * 2 * 15 * 127 = 30480), one _mm256_madd_epi16 per
+ * block to int32. Q8_0 (the head): the signed-by-signed trick, |w| x (x with w's sign), each
+ * pair's int16 sum widened to int32 at once (2 * 128 * 127 leaves no room for a second).
+ * q16: _mm256_madd_epi16 (16-bit weights widened from the nibbles x int16 rows, pairs summed to
+ * int32; a block's sum at most 32 * 15 * 32767 < 2^24, so exact as a float). */
+#define GROWS 4  /* rows of x per tile */
+
+/* Row block quantization: qx (M, K) int8 or int16, dx and sx (M, K/32). */
+static void quantize_rows(int bits, const float *x, int M, int K, void *qx, float *dx,
+                          float *sx) {
+    const int nb = K / 32;
+    const float top = bits == 8 ? 127.0f : 32767.0f;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (long r = 0; r < M; r++)
+        for (int b = 0; b < nb; b++) {
+            const float *v = x + r * K + (size_t)b * 32;
+            __m256 a[4];
+            for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(v + 8 * j);
+            __m256 mx = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(a[0], abs_mask), _mm256_and_ps(a[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(a[2], abs_mask), _mm256_and_ps(a[3], abs_mask)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            const float d = amax / top, id = amax > 0.0f ? top / amax : 0.0f;
+            const __m256 idv = _mm256_set1_ps(id);
+            __m256i q[4];  /* round to nearest even, as torch.round */
+            for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(a[j], idv));
+            __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]),
+                                         _mm256_add_epi32(q[2], q[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+            const int sum = _mm_cvtsi128_si32(s4);
+            /* packs work within 128-bit lanes: the permutes put the values back in order */
+            __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+            if (bits == 8) {
+                __m256i p = _mm256_packs_epi16(p01, p23);
+                p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)((int8_t *)qx + r * K + (size_t)b * 32), p);
+            } else {
+                int16_t *out = (int16_t *)qx + r * K + (size_t)b * 32;
+                _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(p01, 0xD8));
+                _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute4x64_epi64(p23, 0xD8));
+            }
+            dx[r * nb + b] = d;
+            sx[r * nb + b] = d * (float)sum;
+        }
+}
+
+static inline __m256i bcast4(const void *p) {  /* 4 bytes to every 32-bit lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Row r's results for the group: 8 outputs, or the first O. */
+static inline void store_group(float *y, __m256 acc, int O) {
+    if (O == 8) {
+        _mm256_storeu_ps(y, acc);
+    } else {
+        float t[8];
+        _mm256_storeu_ps(t, acc);
+        for (int o = 0; o < O; o++) y[o] = t[o];
+    }
+}
+
+/* A group's tile of R rows: the block's weights are unpacked once into registers, then each
+ * row's block is summed and scaled by ROW (a macro of the kernel below) into its accumulator.
+ * The accumulators are named values, not an array: gcc kept an array in memory, and each
+ * block's multiply-add then waited on a store and a load. */
+#define TILE_ROWS(ROW)                                                                        \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                               \
+    for (int b = 0; b < nb; b++) {                                                            \
+        UNPACK                                                                                \
+        const __m256 d = _mm256_loadu_ps(wd + (size_t)b * 8);                                 \
+        a0 = ROW(0, a0);                                                                      \
+        if (R > 1) a1 = ROW(1, a1);                                                           \
+        if (R > 2) a2 = ROW(2, a2);                                                           \
+        if (R > 3) a3 = ROW(3, a3);                                                           \
+    }                                                                                         \
+    store_group(y, a0, O);                                                                    \
+    if (R > 1) store_group(y + ldy, a1, O);                                                   \
+    if (R > 2) store_group(y + 2 * ldy, a2, O);                                               \
+    if (R > 3) store_group(y + 3 * ldy, a3, O);
+
+/* acc + d * dx[r, b] * s (+ m * sx[r, b] for Q4_1), s the block's 8 int32 sums. */
+static inline __attribute__((always_inline)) __m256 scaled(int kind, __m256 acc, __m256i s,
+                                                           __m256 d, const float *wm,
+                                                           const float *dx, const float *sx,
+                                                           int nb, int r, int b) {
+    __m256 scale = _mm256_mul_ps(d, _mm256_broadcast_ss(dx + (size_t)r * nb + b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+    if (kind == 0)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(wm + (size_t)b * 8),
+                              _mm256_broadcast_ss(sx + (size_t)r * nb + b), acc);
+    return acc;
+}
+
+/* int8 rows. kind 0: Q4_1 groups, 4 vectors of 32 bytes a block: byte 4o + t of vector j
+ * holds output o's weights 8j + t (low nibble) and 8j + 4 + t (high); 8 int16 sums of
+ * products fit (8 * 2 * 15 * 127), so one _mm256_madd_epi16 a block widens them.
+ * kind 1: Q8_0 groups, 8 vectors of 32 int8 a block: byte 4o + t of vector j is output o's
+ * weight 4j + t; |w| x (x with w's sign), each pair's sum widened at once (2 * 128 * 127
+ * leaves no room for a second). */
+static inline __attribute__((always_inline)) __m256 row_q8(int kind, const __m256i *w,
+                                                           const uint8_t *wb, const int8_t *xr,
+                                                           __m256 d, const float *wm,
+                                                           const float *dx, const float *sx,
+                                                           int nb, int r, int b, __m256 acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s;
+    if (kind == 0) {
+        s = _mm256_maddubs_epi16(w[0], bcast4(xr));
+        for (int j = 1; j < 8; j++)
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], bcast4(xr + 4 * j)));
+        s = _mm256_madd_epi16(s, ones);
+    } else {
+        s = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i signed_x = _mm256_sign_epi8(
+                bcast4(xr + 4 * j), _mm256_loadu_si256((const __m256i *)(wb + 32 * j)));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], signed_x),
+                                                      ones));
+        }
+    }
+    return scaled(kind, acc, s, d, wm, dx, sx, nb, r, b);
+}
+
+static inline __attribute__((always_inline)) void group_q8(
+    int kind, int R, const int8_t *qx, const float *dx, const float *sx, int K,
+    const uint8_t *wq, const float *wd, const float *wm, int nb, float *y, size_t ldy, int O) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i w[8];
+    const uint8_t *wb;
+#define UNPACK                                                                                \
+    wb = wq + (size_t)b * (kind == 0 ? 128 : 256);                                            \
+    if (kind == 0) {                                                                          \
+        for (int j = 0; j < 4; j++) {                                                         \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));                   \
+            w[2 * j] = _mm256_and_si256(v, low4);                                             \
+            w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                   \
+        }                                                                                     \
+    } else {                                                                                  \
+        for (int j = 0; j < 8; j++)                                                           \
+            w[j] = _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)(wb + 32 * j)));       \
+    }
+#define ROW(r, acc) row_q8(kind, w, wb, qx + (size_t)(r) * K + (size_t)b * 32, d, wm, dx, sx, \
+                           nb, r, b, acc)
+    TILE_ROWS(ROW)
+#undef ROW
+#undef UNPACK
+}
+
+/* int16 rows. kind 0: Q4_1 groups, 4 vectors of 32 bytes a block; vector h's low nibbles
+ * widened (unpacklo / unpackhi with zero) give the 16-bit weights of inputs 8h + 0..3, its high
+ * nibbles those of 8h + 4..7, each as 8 outputs x 2 adjacent inputs (int16 lane 2o + p); a
+ * block's sum is at most 32 * 15 * 32767 < 2^24, exact as a float.
+ * kind 1: Q8_0 groups, 16 vectors of 16 int8 a block: byte 2o + p of vector j is output o's
+ * weight 2j + p, sign-extended to 16 bits (read from L1 per row: 16 vectors do not fit). */
+static inline __attribute__((always_inline)) __m256 row_q16(int kind, const __m256i *w,
+                                                            const uint8_t *wb,
+                                                            const int16_t *xr, __m256 d,
+                                                            const float *wm, const float *dx,
+                                                            const float *sx, int nb, int r,
+                                                            int b, __m256 acc) {
+    __m256i s = _mm256_setzero_si256();
+    if (kind == 0) {
+        for (int j = 0; j < 16; j += 2)
+            s = _mm256_add_epi32(s, _mm256_add_epi32(_mm256_madd_epi16(w[j], bcast4(xr + 2 * j)),
+                                                     _mm256_madd_epi16(w[j + 1],
+                                                                       bcast4(xr + 2 * j + 2))));
+    } else {
+        for (int j = 0; j < 16; j += 2) {
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16 * j)));
+            __m256i w1 = _mm256_cvtepi8_epi16(
+                _mm_loadu_si128((const __m128i *)(wb + 16 * j + 16)));
+            s = _mm256_add_epi32(s, _mm256_add_epi32(_mm256_madd_epi16(w0, bcast4(xr + 2 * j)),
+                                                     _mm256_madd_epi16(w1, bcast4(xr + 2 * j + 2))));
+        }
+    }
+    return scaled(kind, acc, s, d, wm, dx, sx, nb, r, b);
+}
+static inline __attribute__((always_inline)) void group_q16(
+    int kind, int R, const int16_t *qx, const float *dx, const float *sx, int K,
+    const uint8_t *wq, const float *wd, const float *wm, int nb, float *y, size_t ldy, int O) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    __m256i w[16];  /* Q4_1: the block's 16-bit weights (in L1: more than the registers) */
+    const uint8_t *wb;
+#define UNPACK                                                                                \
+    wb = wq + (size_t)b * (kind == 0 ? 128 : 256);                                            \
+    if (kind == 0) {                                                                          \
+        for (int h = 0; h < 4; h++) {                                                         \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * h));                   \
+            __m256i lo = _mm256_and_si256(v, low4);                                           \
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                     \
+            w[4 * h] = _mm256_unpacklo_epi8(lo, zero);                                        \
+            w[4 * h + 1] = _mm256_unpackhi_epi8(lo, zero);                                    \
+            w[4 * h + 2] = _mm256_unpacklo_epi8(hi, zero);                                    \
+            w[4 * h + 3] = _mm256_unpackhi_epi8(hi, zero);                                    \
+        }                                                                                     \
+    }
+#define ROW(r, acc) row_q16(kind, w, wb, qx + (size_t)(r) * K + (size_t)b * 32, d, wm, dx, \
+                            sx, nb, r, b, acc)
+    TILE_ROWS(ROW)
+#undef ROW
+#undef UNPACK
+}
+
+/* int16 rows on Q4_1, WIDEN_ROWS rows or more: the weights of a group are widened to 16 bits
+ * once per product (512 bytes a block, in L1 or L2; the tiles above widen them again for every
+ * tile of 4 rows) and each row's inputs 2j, 2j + 1 are broadcast once for two groups, 16
+ * outputs. Vector j of a block's 16 holds inputs 2j and 2j + 1 of the 8 outputs (int16 lane
+ * 2o + p), from the layout above. (The head's Q8_0 blocks stay on the tiles: widened the same
+ * way they were slower here at every row count.) */
+#define WIDEN_ROWS 5
+static void widen_group(const uint8_t *wg, int nb, __m256i *out) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++, out += 16)
+        for (int h = 0; h < 4; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wg + (size_t)b * 128 + 32 * h));
+            __m256i lo = _mm256_and_si256(v, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            out[4 * h] = _mm256_unpacklo_epi8(lo, zero);
+            out[4 * h + 1] = _mm256_unpackhi_epi8(lo, zero);
+            out[4 * h + 2] = _mm256_unpacklo_epi8(hi, zero);
+            out[4 * h + 3] = _mm256_unpackhi_epi8(hi, zero);
+        }
+}
+
+/* R rows of int16 x against G (1 or 2) widened groups wa, wb (scales da, db; minima ma, mb). */
+static inline __attribute__((always_inline)) void rows16(
+    int R, int G, const int16_t *qx, int K, const float *dx, const float *sx,
+    const __m256i *wa, const __m256i *wb, const float *da, const float *db, const float *ma,
+    const float *mb, int nb, float *y, size_t ldy, int oa, int ob) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  /* group a, rows 0-3 */
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                   /* group b */
+    for (int b = 0; b < nb; b++) {
+        const __m256i *va = wa + (size_t)b * 16, *vb = wb + (size_t)b * 16;
+#define ROW16(r, acca, accb)                                                                  \
+        do {                                                                                  \
+            const int16_t *xr = qx + (size_t)(r) * K + (size_t)b * 32;                        \
+            __m256i sa = _mm256_setzero_si256(), sb = sa;                                     \
+            for (int j = 0; j < 16; j++) {                                                    \
+                __m256i xb = bcast4(xr + 2 * j);                                              \
+                sa = _mm256_add_epi32(sa, _mm256_madd_epi16(va[j], xb));                      \
+                if (G == 2) sb = _mm256_add_epi32(sb, _mm256_madd_epi16(vb[j], xb));          \
+            }                                                                                 \
+            acca = scaled(0, acca, sa, _mm256_loadu_ps(da + (size_t)b * 8), ma, dx, sx, nb,   \
+                          r, b);                                                              \
+            if (G == 2)                                                                       \
+                accb = scaled(0, accb, sb, _mm256_loadu_ps(db + (size_t)b * 8), mb, dx, sx,   \
+                              nb, r, b);                                                      \
+        } while (0)
+        ROW16(0, a0, b0);
+        if (R > 1) ROW16(1, a1, b1);
+        if (R > 2) ROW16(2, a2, b2);
+        if (R > 3) ROW16(3, a3, b3);
+#undef ROW16
+    }
+    store_group(y, a0, oa);
+    if (R > 1) store_group(y + ldy, a1, oa);
+    if (R > 2) store_group(y + 2 * ldy, a2, oa);
+    if (R > 3) store_group(y + 3 * ldy, a3, oa);
+    if (G == 2) {
+        store_group(y + 8, b0, ob);
+        if (R > 1) store_group(y + 8 + ldy, b1, ob);
+        if (R > 2) store_group(y + 8 + 2 * ldy, b2, ob);
+        if (R > 3) store_group(y + 8 + 3 * ldy, b3, ob);
+    }
+}
+
+#define ROWS16_ARGS qx, K, dx, sx, wa, wb, da, db, ma, mb, nb, y, ldy, oa, ob
+#define ROWS16_CASES(G)                                                                       \
+    switch (R) {                                                                              \
+    case 1: rows16(1, G, ROWS16_ARGS); break;                                                 \
+    case 2: rows16(2, G, ROWS16_ARGS); break;                                                 \
+    case 3: rows16(3, G, ROWS16_ARGS); break;                                                 \
+    default: rows16(4, G, ROWS16_ARGS); break;                                                \
+    }
+static void tile16(int R, int G, const int16_t *qx, int K, const float *dx, const float *sx,
+                   const __m256i *wa, const __m256i *wb, const float *da, const float *db,
+                   const float *ma, const float *mb, int nb, float *y, size_t ldy, int oa,
+                   int ob) {
+    if (G == 2) { ROWS16_CASES(2) } else { ROWS16_CASES(1) }
+}
+
+static int widened_product(const int16_t *qx, const float *dx, const float *sx, int M, int K,
+                           const uint8_t *wq, const float *wd, const float *wm, int N,
+                           float *y) {
+    const int nb = K / 32, groups = (N + 7) / 8;
+    const size_t gbytes = (size_t)nb * 128;
+    __m256i *wide = aligned_alloc(32, 2 * (size_t)nb * 16 * sizeof(__m256i));
+    if (wide == NULL) return -1;
+    __m256i *wa = wide, *wb = wide + (size_t)nb * 16;
+    for (int g = 0; g < groups; g += 2) {
+        const int G = g + 1 < groups ? 2 : 1;
+        const int oa = N - 8 * g < 8 ? N - 8 * g : 8;
+        const int ob = G == 2 ? (N - 8 * (g + 1) < 8 ? N - 8 * (g + 1) : 8) : 0;
+        widen_group(wq + g * gbytes, nb, wa);
+        if (G == 2) widen_group(wq + (g + 1) * gbytes, nb, wb);
+        const float *da = wd + (size_t)g * nb * 8, *db = da + (size_t)nb * 8;
+        const float *ma = wm + (size_t)g * nb * 8, *mb = ma + (size_t)nb * 8;
+        for (int r0 = 0; r0 < M; r0 += GROWS) {
+            const int R = M - r0 < GROWS ? M - r0 : GROWS;
+            tile16(R, G, qx + (size_t)r0 * K, K, dx + (size_t)r0 * nb, sx + (size_t)r0 * nb,
+                   wa, wb, da, db, ma, mb, nb, y + (size_t)r0 * N + 8 * g, (size_t)N, oa, ob);
+        }
+    }
+    free(wide);
+    return 0;
+}
+
+#define GROUP_CASES(fn, kind, T, ...)                                                         \
+    switch (R) {                                                                              \
+    case 1: fn(kind, 1, (const T *)qx, __VA_ARGS__); break;                                   \
+    case 2: fn(kind, 2, (const T *)qx, __VA_ARGS__); break;                                   \
+    case 3: fn(kind, 3, (const T *)qx, __VA_ARGS__); break;                                   \
+    default: fn(kind, 4, (const T *)qx, __VA_ARGS__); break;                                  \
+    }
+static void group_q4_8(int R, const void *qx, const float *dx, const float *sx, int K,
+                       const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
+                       size_t ldy, int O) {
+    GROUP_CASES(group_q8, 0, int8_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
+}
+static void group_h8_8(int R, const void *qx, const float *dx, const float *sx, int K,
+                       const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
+                       size_t ldy, int O) {
+    GROUP_CASES(group_q8, 1, int8_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
+}
+static void group_q4_16(int R, const void *qx, const float *dx, const float *sx, int K,
+                        const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
+                        size_t ldy, int O) {
+    GROUP_CASES(group_q16, 0, int16_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
+}
+static void group_h8_16(int R, const void *qx, const float *dx, const float *sx, int K,
+                        const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
+                        size_t ldy, int O) {
+    GROUP_CASES(group_q16, 1, int16_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
+}
+
+typedef void (*group_fn)(int, const void *, const float *, const float *, int, const uint8_t *,
+                         const float *, const float *, int, float *, size_t, int);
+
+/* Bytes of one group's block: Q4_1 4 x 32 nibble bytes, Q8_0 8 x 32 int8. */
+static int int_product(int bits, int kind, const float *x, int M, int K, const uint8_t *wq,
+                       const float *wd, const float *wm, int N, float *y) {
+    const int nb = K / 32, groups = (N + 7) / 8;
+    const size_t gbytes = (size_t)nb * (kind == 0 ? 128 : 256);
+    const size_t xbytes = (size_t)M * K * (bits / 8);
+    group_fn f = bits == 8 ? (kind == 0 ? group_q4_8 : group_h8_8)
+                           : (kind == 0 ? group_q4_16 : group_h8_16);
+    if (M <= 0) return 0;
+    char *buf = malloc(xbytes + 2 * (size_t)M * nb * sizeof(float) + 64);
+    if (buf == NULL) return -1;
+    float *dx = (float *)(buf + (xbytes + 63) / 64 * 64), *sx = dx + (size_t)M * nb;
+    quantize_rows(bits, x, M, K, buf, dx, sx);
+    if (bits == 16 && kind == 0 && M >= WIDEN_ROWS) {
+        int err = widened_product((const int16_t *)buf, dx, sx, M, K, wq, wd, wm, N, y);
+        free(buf);
+        return err;
+    }
+    for (int g = 0; g < groups; g++) {
+        const int O = N - 8 * g < 8 ? N - 8 * g : 8;
+        const uint8_t *wg = wq + g * gbytes;
+        const float *dg = wd + (size_t)g * nb * 8, *mg = wm ? wm + (size_t)g * nb * 8 : NULL;
+        for (int r0 = 0; r0 < M; r0 += GROWS) {
+            const int R = M - r0 < GROWS ? M - r0 : GROWS;
+            f(R, buf + (size_t)r0 * K * (bits / 8), dx + (size_t)r0 * nb, sx + (size_t)r0 * nb,
+              K, wg, dg, mg, nb, y + (size_t)r0 * N + 8 * g, (size_t)N, O);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* x (M, K) float32, K a multiple of 32; y (M, N). Weights in groups of 8 output rows (N rounded
+ * up to a multiple of 8, the padding rows zero): wq the group blocks above, wd and wm (groups,
+ * K/32, 8) float32 scales and minima. Returns 0, or -1 when out of memory (y not written). */
+int guardrail_q4_1_q8(const float *x, int M, int K, const uint8_t *wq, const float *wd,
+                      const float *wm, int N, float *y) {
+    return int_product(8, 0, x, M, K, wq, wd, wm, N, y);
+}
+int guardrail_q8_0_q8(const float *x, int M, int K, const uint8_t *wq, const float *wd, int N,
+                      float *y) {
+    return int_product(8, 1, x, M, K, wq, wd, NULL, N, y);
+}
+int guardrail_q4_1_q16(const float *x, int M, int K, const uint8_t *wq, const float *wd,
+                       const float *wm, int N, float *y) {
+    return int_product(16, 0, x, M, K, wq, wd, wm, N, y);
+}
+int guardrail_q8_0_q16(const float *x, int M, int K, const uint8_t *wq, const float *wd, int N,
+                       float *y) {
+    return int_product(16, 1, x, M, K, wq, wd, NULL, N, y);
+}
+
+/* The rows' quantization alone (for tests): qx (M, K) int8 (bits 8) or int16 (16). */
+void guardrail_quantize_rows(int bits, const float *x, int M, int K, void *qx, float *dx,
+                             float *sx) {
+    quantize_rows(bits, x, M, K, qx, dx, sx);
+}
+
 /* The version of this interface, checked at load. */
-int guardrail_blockq_version(void) { return 6; }
+int guardrail_blockq_version(void) { return 7; }

@@ -10,6 +10,11 @@ from 5), so the products are float32's but for the summation order. The blocks a
 from the float32 weights and checked bit for bit; a weight that is not exactly such blocks is
 refused (``BlockqError``).
 
+``observer.options.matmul: q4_1_q8`` / ``q4_1_q16`` multiply the same blocks in integers
+(``Q4_1IntWeight``, ``Q8_0IntWeight``): the weights regrouped 8 output rows to a vector at load,
+each row quantized per block of 32 to int8 or int16 on every product (``quantize_rows``), as
+llama.cpp does on the CPU; the rows' rounding makes these not float32's products.
+
 The kernel is compiled once per machine with the system's C compiler into the cache directory
 (``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes.
 """
@@ -30,12 +35,13 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["BlockqError", "Q4_1Weight", "Q8_0Weight", "kernel", "kernel_unavailable",
-           "q4_1_blocks", "q8_0_blocks"]
+__all__ = ["BlockqError", "Q4_1IntWeight", "Q4_1Weight", "Q8_0IntWeight", "Q8_0Weight",
+           "kernel", "kernel_unavailable", "q4_1_blocks", "q4_1_groups", "q8_0_blocks",
+           "q8_0_groups", "quantize_rows"]
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 _BLOCK = 32
-_VERSION = 6  # guardrail_blockq_version() of the source this module drives
+_VERSION = 7  # guardrail_blockq_version() of the source this module drives
 
 
 class BlockqError(ValueError):
@@ -86,6 +92,14 @@ def kernel() -> ctypes.CDLL:
     lib.guardrail_pack_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr]
     lib.guardrail_pack_q8_0.argtypes = [ptr, size, size, ptr, ptr]
     lib.guardrail_pack_q4_1.restype = lib.guardrail_pack_q8_0.restype = ctypes.c_long
+    for bits in (8, 16):
+        getattr(lib, f"guardrail_q4_1_q{bits}").argtypes = [ptr, size, size, ptr, ptr, ptr,
+                                                            size, ptr]
+        getattr(lib, f"guardrail_q8_0_q{bits}").argtypes = [ptr, size, size, ptr, ptr, size, ptr]
+        getattr(lib, f"guardrail_q4_1_q{bits}").restype = ctypes.c_int
+        getattr(lib, f"guardrail_q8_0_q{bits}").restype = ctypes.c_int
+    lib.guardrail_quantize_rows.argtypes = [size, ptr, size, size, ptr, ptr, ptr]
+    lib.guardrail_quantize_rows.restype = None
     _LOADED[str(path)] = lib
     return lib
 
@@ -178,11 +192,13 @@ class _BlockWeight:
 
     _fn_name = ""
 
-    def __init__(self, parts: tuple[torch.Tensor, ...], k: int) -> None:
+    def __init__(self, parts: tuple[torch.Tensor, ...], k: int, n: int | None = None,
+                 fn_name: str | None = None) -> None:
         self.parts = parts  # kept alive: the kernel reads their memory
         self._ptrs = [p.data_ptr() for p in parts]
-        self.out_features, self.in_features = int(parts[0].shape[0]), k
-        self._fn = getattr(kernel(), self._fn_name)
+        self.out_features = int(parts[0].shape[0]) if n is None else n
+        self.in_features = k
+        self._fn = getattr(kernel(), fn_name or self._fn_name)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # as few tensor ops as can be: 121 calls a forward of SmolLM2, 3 us each saved 0.4 ms
@@ -192,7 +208,7 @@ class _BlockWeight:
         out = torch.empty((*x.shape[:-1], self.out_features))
         if self._fn(x.data_ptr(), x.numel() // k, k, *self._ptrs, self.out_features,
                     out.data_ptr()):
-            raise MemoryError("guardrail's q4_1 kernel could not allocate its buffers")
+            raise MemoryError("guardrail's blockq kernel could not allocate its buffers")
         return out
 
 
@@ -210,3 +226,104 @@ class Q8_0Weight(_BlockWeight):
     @classmethod
     def of(cls, weight: torch.Tensor) -> Q8_0Weight:
         return cls(q8_0_blocks(weight), int(weight.shape[1]))
+
+
+# ---- Integer products (observer.options.matmul: q4_1_q8 / q4_1_q16) ----
+# The same blocks laid out for blockq.c's integer kernels: groups of 8 output rows, one int32
+# lane per output row (the C source describes each layout), rows quantized per block of 32 to
+# int8 (``bits`` 8) or int16 (16) on every call.
+
+_GROUP = 8
+
+
+def _natural_q4_1(qs: torch.Tensor) -> torch.Tensor:
+    """The kernel's Q4_1 nibbles (N, nb, 16) as q (N, nb, 32) uint8 in input order (byte j < 8
+    holds weights j and j + 8, byte 8 + j weights 16 + j and 24 + j)."""
+    low, high = qs & 15, qs >> 4
+    return torch.cat((low[..., :8], high[..., :8], low[..., 8:], high[..., 8:]), dim=-1)
+
+
+def _grouped(t: torch.Tensor) -> torch.Tensor:
+    """(N, ...) zero-padded to a multiple of 8 rows and viewed as (groups, 8, ...)."""
+    n = int(t.shape[0])
+    pad = -n % _GROUP
+    if pad:
+        t = torch.cat((t, t.new_zeros((pad, *t.shape[1:]))))
+    return t.reshape(-1, _GROUP, *t.shape[1:])
+
+
+def _group_scales(d: torch.Tensor, nb: int) -> torch.Tensor:
+    """Per-block scales (N, nbp) as (groups, nb, 8) float32."""
+    return _grouped(d[:, :nb].float()).permute(0, 2, 1).contiguous()
+
+
+def _q16_q4_1_index() -> tuple[torch.Tensor, torch.Tensor]:
+    """For the int16 Q4_1 layout: per vector h of a block and byte b, the output row and the
+    input (of 32) of its low nibble (its high nibble: that input + 4)."""
+    byte = torch.arange(32)
+    which, lane = (byte % 16) // 8, (byte // 16) * 8 + byte % 8
+    out = lane // 2
+    inputs = torch.stack([8 * h + 2 * which + lane % 2 for h in range(4)])
+    return out.expand(4, 32), inputs
+
+
+def q4_1_groups(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """``weight`` (N, K), exactly Q4_1 blocks (else ``BlockqError``), laid out for the integer
+    kernel on rows of ``bits`` (8 or 16): nibbles (groups, K/32 * 128) uint8, d and m
+    (groups, K/32, 8) float32."""
+    qs, d, m = q4_1_blocks(weight)
+    nb = int(qs.shape[1])
+    q = _grouped(_natural_q4_1(qs))  # (G, 8, nb, 32)
+    if bits == 8:  # byte 4o + t of vector j: inputs 8j + t (low) and 8j + 4 + t (high)
+        v = q.reshape(q.shape[0], _GROUP, nb, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
+        packed = v[:, :, :, 0] | (v[:, :, :, 1] << 4)
+    else:
+        out, inputs = _q16_q4_1_index()
+        qp = q.permute(0, 2, 1, 3)  # (G, nb, 8, 32)
+        packed = qp[:, :, out, inputs] | (qp[:, :, out, inputs + 4] << 4)
+    return (packed.reshape(q.shape[0], -1).contiguous(), _group_scales(d, nb),
+            _group_scales(m, nb))
+
+
+def q8_0_groups(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (N, K), exactly Q8_0 blocks (else ``BlockqError``), laid out for the integer
+    kernel on rows of ``bits``: int8 (groups, K/32 * 256) as uint8 bytes, d (groups, K/32, 8)."""
+    qs, d = q8_0_blocks(weight)
+    nb = int(qs.shape[1])
+    q = _grouped(qs)  # (G, 8, nb, 32)
+    per = 4 if bits == 8 else 2  # inputs per output row in one vector
+    v = q.reshape(q.shape[0], _GROUP, nb, 32 // per, per).permute(0, 2, 3, 1, 4)
+    packed = v.contiguous().view(torch.uint8).reshape(q.shape[0], -1)
+    return packed, _group_scales(d, nb)
+
+
+def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+    """The kernel's quantization of float32 rows (M, K): q (M, K) int8 or int16, per block of
+    32 d = max|x| / 127 (32767) and s = d * sum(q), both (M, K/32)."""
+    x = x.float().contiguous()
+    m, k = int(x.shape[0]), int(x.shape[1])
+    q = torch.empty(m, k, dtype=torch.int8 if bits == 8 else torch.int16)
+    d, s = torch.empty(m, k // _BLOCK), torch.empty(m, k // _BLOCK)
+    kernel().guardrail_quantize_rows(bits, x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(),
+                                     s.data_ptr())
+    return q, d, s
+
+
+class Q4_1IntWeight(_BlockWeight):
+    """Q4_1 blocks multiplied in integers with rows quantized to int8 (``bits`` 8) or int16."""
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bits: int = 8) -> Q4_1IntWeight:
+        return cls(q4_1_groups(weight, bits), int(weight.shape[1]), int(weight.shape[0]),
+                   f"guardrail_q4_1_q{bits}")
+
+
+class Q8_0IntWeight(_BlockWeight):
+    """Q8_0 blocks (the head) multiplied in integers with rows quantized to int8 or int16."""
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bits: int = 8) -> Q8_0IntWeight:
+        return cls(q8_0_groups(weight, bits), int(weight.shape[1]), int(weight.shape[0]),
+                   f"guardrail_q8_0_q{bits}")

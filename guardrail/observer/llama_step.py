@@ -343,17 +343,21 @@ class _PackedQ4_1(_Packed):
     _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
     min_rows = 1
     blocks = "Q4_1"
+    option = "q4_1"  # the observer.options.matmul value it runs
+    bits = 0  # the rows' integer width in the integer kernels; 0: float32 rows
 
     def _pack(self, weight: torch.Tensor) -> Any:
-        from .blockq import BlockqError, Q4_1Weight, Q8_0Weight
+        from .blockq import BlockqError, Q4_1IntWeight, Q4_1Weight, Q8_0IntWeight, Q8_0Weight
 
-        kind = Q4_1Weight if self.blocks == "Q4_1" else Q8_0Weight
         try:
-            return kind.of(weight)
+            if self.bits:
+                kind = Q4_1IntWeight if self.blocks == "Q4_1" else Q8_0IntWeight
+                return kind.of(weight, self.bits)
+            return (Q4_1Weight if self.blocks == "Q4_1" else Q8_0Weight).of(weight)
         except BlockqError as exc:
-            raise ObserverError(f"observer.options.matmul 'q4_1': {exc}; the option needs a "
-                                "model converted from GGUF Q4_1 (SmolLM2's default); drop it "
-                                "or use float16") from exc
+            raise ObserverError(f"observer.options.matmul {self.option!r}: {exc}; the option "
+                                "needs a model converted from GGUF Q4_1 (SmolLM2's default); "
+                                "drop it or use float16") from exc
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.weight(x)
@@ -363,6 +367,36 @@ class _PackedQ4_1(_Packed):
 class _PackedQ8_0(_PackedQ4_1):
     """``_PackedQ4_1`` for an output head kept as GGUF Q8_0 blocks (9 bits a weight)."""
 
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    blocks = "Q8_0"
+
+
+class _PackedQ4_1Q8(_PackedQ4_1):
+    """The Q4_1 blocks multiplied in integers, as llama.cpp does on the CPU: each row quantized
+    per block of 32 to int8 (a float scale and the block's sum per block), integer dot products
+    of each block, float sums across blocks (``blockq.c``, "Integer products"). Not float32's
+    products: the rows lose to 8 bits (docs/observer.md, "Integer products")."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    option = "q4_1_q8"
+    bits = 8
+
+
+class _PackedQ8_0Q8(_PackedQ4_1Q8):
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    blocks = "Q8_0"
+
+
+class _PackedQ4_1Q16(_PackedQ4_1):
+    """``_PackedQ4_1Q8`` with the rows quantized to int16 per block of 32 (``madd_epi16``):
+    rounding of 2^-16 of a block's largest value, under float16's."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    option = "q4_1_q16"
+    bits = 16
+
+
+class _PackedQ8_0Q16(_PackedQ4_1Q16):
     _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
     blocks = "Q8_0"
 
@@ -407,31 +441,37 @@ class PackedLinears:
 
 
 def _head(weight: torch.Tensor, matmul: str, kind: type[_Packed]) -> _Packed:
-    """The output head packed: as the projections, but under ``q4_1`` as Q8_0 blocks when
-    it is exactly such blocks (a GGUF's Q8_0 embedding, tied) and else in float32, so the
-    logits stay float32's either way."""
-    if matmul != "q4_1":
+    """The output head packed: as the projections, but under ``q4_1`` (and its integer forms)
+    as Q8_0 blocks when it is exactly such blocks (a GGUF's Q8_0 embedding, tied) and else in
+    float32 products."""
+    if matmul not in _HEADS:
         return kind(weight)
     try:
-        return _PackedQ8_0(weight)
+        return _HEADS[matmul](weight)
     except ObserverError:
         return _Packed(weight)
 
 
-MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16", "q4_1")  # observer.options.matmul
+# observer.options.matmul
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16", "q4_1", "q4_1_q8", "q4_1_q16")
 # What ``auto`` tries, in order, before float32. Not q4_1: faster than float16 only for reads
 # of one to three tokens, slower from nine rows, and it needs a C compiler (docs/observer.md,
 # "Products on SmolLM2's Q4_1 blocks"); listing it first makes it the default where it runs.
 AUTO_MATMUL = ("float16",)
 _KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloat16,
-                                    "float16": _PackedFloat16, "q4_1": _PackedQ4_1}
+                                    "float16": _PackedFloat16, "q4_1": _PackedQ4_1,
+                                    "q4_1_q8": _PackedQ4_1Q8, "q4_1_q16": _PackedQ4_1Q16}
+_HEADS: dict[str, type[_Packed]] = {"q4_1": _PackedQ8_0, "q4_1_q8": _PackedQ8_0Q8,
+                                    "q4_1_q16": _PackedQ8_0Q16}
+_BLOCKQ = ("q4_1", "q4_1_q8", "q4_1_q16")  # the options that run blockq.c
+_INTEGER = ("q4_1_q8", "q4_1_q16")  # ... of them, those that quantize the rows
 
 
 def matmul_unsupported(matmul: str) -> str | None:
     """Why this machine cannot run the packed products in ``matmul`` fast, or None."""
     if matmul == "float32":
         return None
-    if matmul == "q4_1":
+    if matmul in _BLOCKQ:
         from .blockq import kernel_unavailable
 
         return kernel_unavailable()
@@ -487,7 +527,12 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
         probe = _KINDS[matmul](attn.q_proj.weight)
         with torch.inference_mode():
             x = torch.randn(3, int(attn.q_proj.weight.shape[1]))
-            if not torch.allclose(probe(x), attn.q_proj(x), rtol=tol, atol=tol):
+            got, want = probe(x), attn.q_proj(x)
+            if matmul in _INTEGER:  # the rows' rounding moves every output: a relative norm
+                same = float((got - want).norm() / want.norm()) <= tol
+            else:
+                same = torch.allclose(got, want, rtol=tol, atol=tol)
+            if not same:
                 why = "its product on the first block's weights differs from float32's"
             else:
                 _probe_norm(layer.input_layernorm, int(x.shape[-1]))
