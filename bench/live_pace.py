@@ -46,6 +46,8 @@ BACKEND_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch": ("torch", {}), "torch-float32": ("torch", {"matmul": "float32"}),
     "torch-q4_1": ("torch", {"matmul": "q4_1"}), "onnx": ("onnx", {})}
 Q4_1_NAME = "live_pace_q4_1"  # --backends torch torch-q4_1 --name live_pace_q4_1
+# the same after q4_1's blocks ran in one C call (guardrail.observer.blockstep)
+FUSED_NAME = "live_pace_fused"
 THREADS = [1, 2]
 # Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
 # due, and a driver behind its upstream hands the session every delta that has arrived (at most
@@ -199,6 +201,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     for scheme in out:
         out[scheme]["torch_threads"] = torch.get_num_threads()
         out[scheme]["matmul"] = getattr(guards[scheme].observer, "matmul", None)
+        packed = getattr(getattr(guards[scheme].observer, "inner", None), "packed", None)
+        out[scheme]["fused"] = getattr(packed, "fused", None) is not None  # blockstep ran
     return out
 
 
@@ -376,18 +380,19 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_q4_1(result: dict[str, Any]) -> str:
+def render_q4_1(result: dict[str, Any], name: str = Q4_1_NAME,
+                title: str = "products on SmolLM2's Q4_1 blocks", note: str = "") -> str:
     """``--backends torch torch-q4_1 --name live_pace_q4_1``: the default observer against
     ``matmul: q4_1`` in one run."""
-    out = ["### One live stream: products on SmolLM2's Q4_1 blocks", "",
-           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {Q4_1_NAME}`"
+    out = [f"### One live stream: {title}", "",
+           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {name}`"
            f"; this run: the configurations in the rows' order, {result['tokens']} tokens): the "
            "table above's setting, the default observer (*torch*: "
            "`matmul: auto`, its products on the weights named) against `matmul: q4_1` (the "
            "weights as SmolLM2's GGUF Q4_1 blocks, the head's Q8_0, float32's products), each "
            "configuration in its own process, back to back. Load average "
            f"{result['load_average_before']:.1f} before and {result['load_average_after']:.1f} "
-           "after.", "",
+           f"after.{note}", "",
            "| backend | products | threads | load | reads | tokens/s | added latency ms | "
            "reads | CPU ms/token |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -400,7 +405,16 @@ def render_q4_1(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-EXTRA_RESULTS = {Q4_1_NAME: render_q4_1}
+def render_fused(result: dict[str, Any]) -> str:
+    """``--backends torch torch-q4_1 --name live_pace_fused``: as ``render_q4_1``, with
+    ``q4_1``'s blocks in one C call."""
+    return render_q4_1(result, FUSED_NAME, "`q4_1` with its blocks in one C call",
+                       " Under `q4_1` the decoder blocks ran in one C call per forward "
+                       "(`guardrail.observer.blockstep`; docs/observer.md, \"The blocks of a "
+                       "q4_1 read in one C call\").")
+
+
+EXTRA_RESULTS = {Q4_1_NAME: render_q4_1, FUSED_NAME: render_fused}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A forward's decoder blocks in one C call (``blockstep.c``), under
-``observer.options.matmul: q4_1`` (docs/observer.md, "The blocks in one call").
+``observer.options.matmul: q4_1`` (docs/observer.md, "The blocks of a q4_1 read in one C
+call").
 
 On Q4_1 blocks the products of a read of a few tokens take about 13 ms of SmolLM2's forward
 and the ~60 other torch ops per block (norms, rotary, attention, residual adds, silu, views)
