@@ -116,6 +116,59 @@ def part_states(obs: dict[str, Any]) -> dict[str, Any]:
     return {"tokens": len(tokens), "against": "q4_1-torch, reads of 9", "distance": out}
 
 
+def part_batch(obs: dict[str, Any], needs: Any, rounds: int) -> dict[str, Any]:
+    """One packed forward (``batch._step``) of 8 streams' reads of 1, 4 and 9 tokens each
+    (8, 32 and 72 rows), each stream over its own conversation, the caches left as they are:
+    CPU ms, the three taking turns."""
+    import torch
+
+    from guardrail.observer.batch import _step
+
+    first = obs["float16"]
+    words = first.tokenizer.tokenize(ANSWER)
+    depth, indices, logits = first.signature(needs)
+    prompts = [f"{CONTEXT} Question {k}: what did it find in year {2009 + k}?" for k in range(8)]
+    states = {v: [o.start([{"role": "user", "content": p}], needs) for p in prompts]
+              for v, o in obs.items()}
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for n in (1, 4, 9):
+            ids: list[int] = []
+            positions: list[int] = []
+            spans: list[tuple[int, int]] = []
+            for state in states["float16"]:
+                past = state.kv.length()
+                spans.append((len(ids), len(ids) + n))
+                ids += [t.id for t in words[:n]]
+                positions += range(past, past + n)
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            groups = int(first.config.num_attention_heads) // int(first.kv_heads)
+            calls = {}
+            for v, o in obs.items():
+                caches = []
+                for state in states[v]:
+                    mask = torch.ones(1, 1, n, state.kv.length() + n, dtype=torch.bool)
+                    mask[0, 0, :, state.kv.length():] = causal
+                    caches.append((state.kv.tensors,
+                                   ~mask.repeat(1, 1, groups, 1) if n > 1 else None))
+                calls[v] = (o, caches)
+            samples: dict[str, list[float]] = {v: [] for v in obs}
+            for r in range(rounds + 1):
+                for v in (list(obs) if r % 2 == 0 else list(obs)[::-1]):
+                    o, caches = calls[v]
+                    c0 = time.thread_time()
+                    _step(o.model, depth, list(indices), list(range(8)) if logits else [],
+                          torch.tensor([ids]), torch.tensor([positions]), spans, caches,
+                          o.packed)
+                    if r:
+                        samples[v].append(1000 * (time.thread_time() - c0))
+            out[str(8 * n)] = {v: round(median(x), 2) for v, x in samples.items()}
+            _say(f"8 streams of {n}: {out[str(8 * n)]} (load {os.getloadavg()[0]:.2f})")
+    cached = [state.kv.length() for state in states["float16"]]
+    return {"streams": 8, "cached_tokens": [min(cached), max(cached)], "rounds": rounds,
+            "cpu_ms": out}
+
+
 def part_drift(obs: dict[str, Any]) -> dict[str, Any]:
     """``bench.mixed_matmul``'s drift part (harm and entity test records, the demo's replays;
     the default policy) for q4_1 with its blocks in one call against float32's products."""
@@ -133,7 +186,7 @@ def part_drift(obs: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", nargs="+", default=["read", "states"],
-                        choices=["read", "states", "drift"],
+                        choices=["read", "states", "batch", "drift"],
                         help="drift (not run by default): bench.mixed_matmul's scores and "
                         "verdicts against float32, with q4_1's blocks in one call")
     parser.add_argument("--rounds", type=int, default=21)
@@ -154,13 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     previous = results_dir() / f"{args.name}.json"
     if previous.exists():  # keep the parts not run now
         kept = json.loads(previous.read_text())
-        result = {**{k: kept[k] for k in ("read", "states", "drift") if k in kept}, **result}
+        result = {**{k: kept[k] for k in ("read", "states", "batch", "drift") if k in kept},
+                  **result}
     for part in args.parts:
         start = round(os.getloadavg()[0], 2)
         if part == "read":
             result[part] = part_read(obs, needs, args.rounds)
         elif part == "states":
             result[part] = part_states(obs)
+        elif part == "batch":
+            result[part] = part_batch(obs, needs, max(5, args.rounds // 3))
         else:
             result[part] = part_drift(obs)
         result[part]["load_1m"] = [start, round(os.getloadavg()[0], 2)]  # before, after
@@ -184,6 +240,21 @@ def render(result: dict[str, Any]) -> str:
                   "| new tokens | float16 | q4_1-torch | q4_1-fused | fused / float16 | "
                   "fused / q4_1-torch |", "|---|---|---|---|---|---|"]
         for n, row in read["cpu_ms"].items():
+            f16, q4, fu = row["float16"], row["q4_1-torch"], row["q4_1-fused"]
+            lines.append(f"| {n} | {f16} | {q4} | {fu} | {f16 / fu:.2f}x faster | "
+                         f"{q4 / fu:.2f}x faster |")
+    batch = result.get("batch")
+    if batch:
+        load = batch.get("load_1m", ["?", "?"])
+        low, high = batch["cached_tokens"]
+        lines += ["", f"One packed forward of {batch['streams']} streams' reads (`batch._step`, "
+                  "what the batched observer runs for streams read together), each stream over "
+                  f"its own conversation ({low if low == high else f'{low}-{high}'} tokens "
+                  f"cached), CPU ms, medians of {batch['rounds']} (load average {load[0]} "
+                  f"before, {load[1]} after):", "",
+                  "| rows | float16 | q4_1-torch | q4_1-fused | fused / float16 | "
+                  "fused / q4_1-torch |", "|---|---|---|---|---|---|"]
+        for n, row in batch["cpu_ms"].items():
             f16, q4, fu = row["float16"], row["q4_1-torch"], row["q4_1-fused"]
             lines.append(f"| {n} | {f16} | {q4} | {fu} | {f16 / fu:.2f}x faster | "
                          f"{q4 / fu:.2f}x faster |")
