@@ -38,12 +38,14 @@ __all__ = ["BlockqError", "Q4_1Weight", "Q8_0Weight", "kernel", "kernel_unavaila
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 _BLOCK = 32
 _VERSION = 6  # guardrail_blockq_version() of the source this module drives
-_STEP_VERSION = 1  # guardrail_blockstep_version() of blockstep.c
-SOURCES = ("blockq.c", "blockstep.c")  # built into one library: blockstep calls the products
 
 
 class BlockqError(ValueError):
     """A weight is not exactly Q4_1 / Q8_0 blocks, or the kernel cannot be built or loaded."""
+
+
+SOURCES = ("blockq.c", "blockstep.c")  # built into one library: blockstep calls the products
+_STEP_VERSION = 1  # guardrail_blockstep_version() of blockstep.c (its argtypes: blockstep.py)
 
 
 def _source() -> bytes:
@@ -94,9 +96,6 @@ def kernel() -> ctypes.CDLL:
     lib.guardrail_pack_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr]
     lib.guardrail_pack_q8_0.argtypes = [ptr, size, size, ptr, ptr]
     lib.guardrail_pack_q4_1.restype = lib.guardrail_pack_q8_0.restype = ctypes.c_long
-    lib.guardrail_blocks.argtypes = [ptr, ctypes.c_float, ctypes.c_float, size, ptr, ptr, ptr,
-                                     size, ptr, ptr, size, ptr, ptr, ptr, ptr, ptr]
-    lib.guardrail_blocks.restype = ctypes.c_int
     _LOADED[str(path)] = lib
     return lib
 

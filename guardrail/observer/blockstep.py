@@ -69,6 +69,11 @@ class BlockStack:
 
     def __init__(self, model: Any, packed: PackedLinears) -> None:
         self._lib = kernel()
+        ptr, size = ctypes.c_void_p, ctypes.c_int
+        self._lib.guardrail_blocks.argtypes = [ptr, ctypes.c_float, ctypes.c_float, size, ptr,
+                                               ptr, ptr, size, ptr, ptr, size, ptr, ptr, ptr,
+                                               ptr, ptr]
+        self._lib.guardrail_blocks.restype = ctypes.c_int
         base = model.base_model
         self.rotary = base.rotary_emb
         first = packed.blocks[0]
