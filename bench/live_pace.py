@@ -46,8 +46,6 @@ BACKEND_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch": ("torch", {}), "torch-float32": ("torch", {"matmul": "float32"}),
     "torch-q4_1": ("torch", {"matmul": "q4_1"}), "onnx": ("onnx", {})}
 Q4_1_NAME = "live_pace_q4_1"  # --backends torch torch-q4_1 --name live_pace_q4_1
-# the same after q4_1's blocks ran in one C call (guardrail.observer.blockstep)
-FUSED_NAME = "live_pace_fused"
 THREADS = [1, 2]
 # Read schemes: the observer settings each one sets on the default policy. "catch-up": reads when
 # due, and a driver behind its upstream hands the session every delta that has arrived (at most
@@ -380,6 +378,19 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# the same as Q4_1_NAME after q4_1's blocks ran in one C call (guardrail.observer.blockstep)
+FUSED_NAME = "live_pace_fused"
+
+
+def render_fused(result: dict[str, Any]) -> str:
+    """``--backends torch torch-q4_1 --name live_pace_fused``: as ``render_q4_1``, with
+    ``q4_1``'s blocks in one C call."""
+    return render_q4_1(result, FUSED_NAME, "`q4_1` with its blocks in one C call",
+                       " Under `q4_1` the decoder blocks ran in one C call per forward "
+                       "(`guardrail.observer.blockstep`; docs/observer.md, \"The blocks of a "
+                       "q4_1 read in one C call\").")
+
+
 def render_q4_1(result: dict[str, Any], name: str = Q4_1_NAME,
                 title: str = "products on SmolLM2's Q4_1 blocks", note: str = "") -> str:
     """``--backends torch torch-q4_1 --name live_pace_q4_1``: the default observer against
@@ -405,16 +416,9 @@ def render_q4_1(result: dict[str, Any], name: str = Q4_1_NAME,
     return "\n".join(out) + "\n"
 
 
-def render_fused(result: dict[str, Any]) -> str:
-    """``--backends torch torch-q4_1 --name live_pace_fused``: as ``render_q4_1``, with
-    ``q4_1``'s blocks in one C call."""
-    return render_q4_1(result, FUSED_NAME, "`q4_1` with its blocks in one C call",
-                       " Under `q4_1` the decoder blocks ran in one C call per forward "
-                       "(`guardrail.observer.blockstep`; docs/observer.md, \"The blocks of a "
-                       "q4_1 read in one C call\").")
+EXTRA_RESULTS = {Q4_1_NAME: render_q4_1}
 
-
-EXTRA_RESULTS = {Q4_1_NAME: render_q4_1, FUSED_NAME: render_fused}
+EXTRA_RESULTS[FUSED_NAME] = render_fused  # q4_1's blocks in one C call
 
 
 if __name__ == "__main__":
