@@ -385,16 +385,19 @@ FUSED_NAME = "live_pace_fused"
 def render_fused(result: dict[str, Any]) -> str:
     """``--backends torch torch-q4_1 --name live_pace_fused``: as ``render_q4_1``, with
     ``q4_1``'s blocks in one C call."""
-    return render_q4_1(result, FUSED_NAME, "`q4_1` with its blocks in one C call",
-                       " Under `q4_1` the decoder blocks ran in one C call per forward "
-                       "(`guardrail.observer.blockstep`; docs/observer.md, \"The blocks of a "
-                       "q4_1 read in one C call\").")
+    return _render_against(result, FUSED_NAME, "`q4_1` with its blocks in one C call",
+                           " Under `q4_1` the decoder blocks ran in one C call per forward "
+                           "(`guardrail.observer.blockstep`; docs/observer.md, \"The blocks of "
+                           "a q4_1 read in one C call\").")
 
 
-def render_q4_1(result: dict[str, Any], name: str = Q4_1_NAME,
-                title: str = "products on SmolLM2's Q4_1 blocks", note: str = "") -> str:
+def render_q4_1(result: dict[str, Any]) -> str:
     """``--backends torch torch-q4_1 --name live_pace_q4_1``: the default observer against
     ``matmul: q4_1`` in one run."""
+    return _render_against(result, Q4_1_NAME, "products on SmolLM2's Q4_1 blocks")
+
+
+def _render_against(result: dict[str, Any], name: str, title: str, note: str = "") -> str:
     out = [f"### One live stream: {title}", "",
            f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {name}`"
            f"; this run: the configurations in the rows' order, {result['tokens']} tokens): the "
