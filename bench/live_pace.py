@@ -203,6 +203,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     for scheme in out:
         out[scheme]["torch_threads"] = torch.get_num_threads()
         out[scheme]["matmul"] = getattr(guards[scheme].observer, "matmul", None)
+        packed = getattr(getattr(guards[scheme].observer, "inner", None), "packed", None)
+        out[scheme]["fused"] = getattr(packed, "fused", None) is not None  # blockstep ran
     return out
 
 
@@ -380,18 +382,35 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# the same as Q4_1_NAME after q4_1's blocks ran in one C call (guardrail.observer.blockstep)
+FUSED_NAME = "live_pace_fused"
+
+
+def render_fused(result: dict[str, Any]) -> str:
+    """``--backends torch torch-q4_1 --name live_pace_fused``: as ``render_q4_1``, with
+    ``q4_1``'s blocks in one C call."""
+    return _render_against(result, FUSED_NAME, "`q4_1` with its blocks in one C call",
+                           " Under `q4_1` the decoder blocks ran in one C call per forward "
+                           "(`guardrail.observer.blockstep`; docs/observer.md, \"The blocks of "
+                           "a q4_1 read in one C call\").")
+
+
 def render_q4_1(result: dict[str, Any]) -> str:
     """``--backends torch torch-q4_1 --name live_pace_q4_1``: the default observer against
     ``matmul: q4_1`` in one run."""
-    out = ["### One live stream: products on SmolLM2's Q4_1 blocks", "",
-           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {Q4_1_NAME}`"
+    return _render_against(result, Q4_1_NAME, "products on SmolLM2's Q4_1 blocks")
+
+
+def _render_against(result: dict[str, Any], name: str, title: str, note: str = "") -> str:
+    out = [f"### One live stream: {title}", "",
+           f"bench/live_pace.py run by hand (`--backends torch torch-q4_1 ... --name {name}`"
            f"; this run: the configurations in the rows' order, {result['tokens']} tokens): the "
            "table above's setting, the default observer (*torch*: "
            "`matmul: auto`, its products on the weights named) against `matmul: q4_1` (the "
            "weights as SmolLM2's GGUF Q4_1 blocks, the head's Q8_0, float32's products), each "
            "configuration in its own process, back to back. Load average "
            f"{result['load_average_before']:.1f} before and {result['load_average_after']:.1f} "
-           "after.", "",
+           f"after.{note}", "",
            "| backend | products | threads | load | reads | tokens/s | added latency ms | "
            "reads | CPU ms/token |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -418,6 +437,8 @@ def render_q4_1_q16(result: dict[str, Any]) -> str:
 
 
 EXTRA_RESULTS = {Q4_1_NAME: render_q4_1, Q4_1_Q16_NAME: render_q4_1_q16}
+
+EXTRA_RESULTS[FUSED_NAME] = render_fused  # q4_1's blocks in one C call
 
 
 if __name__ == "__main__":

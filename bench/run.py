@@ -31,8 +31,9 @@ MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval",
            "proxy_load", "local_overhead", "integrations_leak"]
 # Rendered like MODULES but run by hand, not by `make bench`: a local Ray instance takes minutes
 # to start on a busy 2-core machine (`python -m bench.ray_throughput`); the mixed-precision
-# comparison loads three packed copies of SmolLM2 (`python -m bench.mixed_matmul`).
-BY_HAND = ["ray_throughput", "mixed_matmul"]
+# comparison loads three packed copies of SmolLM2 (`python -m bench.mixed_matmul`), as does
+# q4_1's blocks in one C call against its torch step (`python -m bench.fused_step`).
+BY_HAND = ["ray_throughput", "mixed_matmul", "fused_step"]
 
 # Results measured with a harm head other than the shipped one (the tenth pass's, session 31),
 # noted under their section until rerun. Drop a name when its benchmark is rerun with the

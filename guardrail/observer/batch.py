@@ -717,16 +717,23 @@ def _step(model: Any, depth: int, indices: list[int], logit_rows: list[int], ids
 
     base = model.base_model
     h = base.embed_tokens(ids)
-    rope = rope_for(base, h, positions, packed)
     wanted = set(indices)
     states = {0: h} if 0 in wanted else {}
     new_kv: list[Any] = []
-    for i in range(depth):
-        rows = [(s, e, cache[2 * i], cache[2 * i + 1], blocked)
-                for (s, e), (cache, blocked) in zip(spans, caches, strict=True)]
-        h = block_rows(base.layers[i], h, rope, rows, new_kv, packed, i)
-        if i + 1 in wanted:
-            states[i + 1] = h
+    fused = getattr(packed, "fused", None)  # q4_1: the blocks in one C call (blockstep)
+    segments = [(s, e, cache) for (s, e), (cache, _) in zip(spans, caches, strict=True)]
+    ran = fused.run(h, positions, segments, depth, wanted) if fused is not None else None
+    if ran is not None:
+        h, kept, new_kv = ran
+        states.update(kept)
+    else:
+        rope = rope_for(base, h, positions, packed)
+        for i in range(depth):
+            rows = [(s, e, cache[2 * i], cache[2 * i + 1], blocked)
+                    for (s, e), (cache, blocked) in zip(spans, caches, strict=True)]
+            h = block_rows(base.layers[i], h, rope, rows, new_kv, packed, i)
+            if i + 1 in wanted:
+                states[i + 1] = h
     full = depth == model.config.num_hidden_layers
     last = base.norm(h) if full else h  # HF convention: the last hidden state is normed
     if full and depth in wanted:

@@ -16,7 +16,9 @@ each row quantized per block of 32 to int8 or int16 on every product (``quantize
 llama.cpp does on the CPU; the rows' rounding makes these not float32's products.
 
 The kernel is compiled once per machine with the system's C compiler into the cache directory
-(``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes.
+(``$GUARDRAIL_CC`` names another compiler) and loaded with ctypes, in one library with
+``blockstep.c`` (a forward's decoder blocks in one call, ``guardrail.observer.blockstep``),
+which calls its products.
 """
 
 from __future__ import annotations
@@ -48,8 +50,15 @@ class BlockqError(ValueError):
     """A weight is not exactly Q4_1 / Q8_0 blocks, or the kernel cannot be built or loaded."""
 
 
+SOURCES = ("blockq.c", "blockstep.c")  # built into one library: blockstep calls the products
+_STEP_VERSION = 1  # guardrail_blockstep_version() of blockstep.c (its argtypes: blockstep.py)
+
+
 def _source() -> bytes:
-    return resources.files("guardrail.observer").joinpath("blockq.c").read_bytes()
+    """The sources, named and joined (what the library's cache key hashes)."""
+    here = resources.files("guardrail.observer")
+    return b"".join(name.encode() + b"\0" + here.joinpath(name).read_bytes()
+                    for name in SOURCES)
 
 
 def _compiler() -> str | None:
@@ -64,7 +73,7 @@ _LOADED: dict[str, ctypes.CDLL] = {}
 
 def kernel() -> ctypes.CDLL:
     """The compiled kernel, built into ``<cache>/kernels/`` on first use (keyed by a hash of
-    the source and flags; written under a temporary name and renamed, so processes building
+    the sources and flags; written under a temporary name and renamed, so processes building
     at once do not race). Raises ``BlockqError`` saying why it cannot be had."""
     why = _cpu_unsupported()
     if why is not None:
@@ -76,14 +85,15 @@ def kernel() -> ctypes.CDLL:
         return _LOADED[str(path)]
     if not path.exists():
         try:
-            _build(source, path)
+            _build(path)
         except (OSError, subprocess.SubprocessError) as exc:  # a read-only cache, a hung cc
             raise BlockqError(f"cannot build the kernel into {path.parent}: {exc}") from exc
     try:
         lib = ctypes.CDLL(str(path))
-        if lib.guardrail_blockq_version() != _VERSION:
+        if (lib.guardrail_blockq_version() != _VERSION
+                or lib.guardrail_blockstep_version() != _STEP_VERSION):
             raise BlockqError(f"{path} is another version of the kernel; delete it")
-    except OSError as exc:
+    except (OSError, AttributeError) as exc:  # AttributeError: a library without blockstep
         raise BlockqError(f"cannot load {path}: {exc}") from exc
     ptr, size = ctypes.c_void_p, ctypes.c_int
     lib.guardrail_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr, size, ptr]
@@ -123,18 +133,22 @@ def _cpu_unsupported() -> str | None:
     return None
 
 
-def _build(source: bytes, path: Path) -> None:
+def _build(path: Path) -> None:
     cc = _compiler()
     if cc is None:
         named = os.environ.get("GUARDRAIL_CC")
         raise BlockqError(f"no C compiler ($GUARDRAIL_CC={named!r} not found)" if named
                           else "no C compiler (cc or gcc) on the PATH; set $GUARDRAIL_CC")
     path.parent.mkdir(parents=True, exist_ok=True)
+    here = resources.files("guardrail.observer")
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / "blockq.c"
-        src.write_bytes(source)
+        sources = []
+        for name in SOURCES:
+            src = Path(tmp) / name
+            src.write_bytes(here.joinpath(name).read_bytes())
+            sources.append(str(src))
         out = Path(tmp) / path.name
-        proc = subprocess.run([cc, *FLAGS, "-o", str(out), str(src)], capture_output=True,
+        proc = subprocess.run([cc, *FLAGS, "-o", str(out), *sources], capture_output=True,
                               text=True, timeout=120)
         if proc.returncode != 0:
             raise BlockqError(f"{cc} failed to build the kernel: {proc.stderr.strip()[-400:]}")

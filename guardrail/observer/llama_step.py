@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..errors import ObserverError
+
+if TYPE_CHECKING:
+    from .blockstep import BlockStack
 
 __all__ = ["AUTO_MATMUL", "MATMUL_DTYPES", "LlamaStep", "PackedLinears", "attend",
            "attend_blocked", "block_rows", "check_llama", "is_llama_family",
@@ -58,6 +61,11 @@ class LlamaStep(torch.nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         base = self.base
         h = base.embed_tokens(input_ids)
+        fused = self.packed.fused if self.packed is not None else None
+        if fused is not None:  # q4_1: the blocks in one C call where it can run this read
+            out = fused.forward(self, h, position_ids, mask, past)
+            if out is not None:
+                return out
         rope = rope_for(base, h, position_ids, self.packed)
         cfg = base.config
         groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None)
@@ -438,6 +446,12 @@ class PackedLinears:
         self.blocks = [_PackedBlock(layers[i], kind) for i in range(depth)]
         out = model.get_output_embeddings()
         self.head = _head(out.weight, matmul, kind) if head and out is not None else None
+        # q4_1: the blocks in one C call (blockstep) where its checks pass, else None
+        self.fused: BlockStack | None = None
+        if matmul == "q4_1":
+            from .blockstep import BlockStack
+
+            self.fused = BlockStack.of(model, self)
 
 
 def _head(weight: torch.Tensor, matmul: str, kind: type[_Packed]) -> _Packed:
