@@ -45,7 +45,7 @@ BACKENDS = ["torch", "torch-float32", "onnx"]
 # products, int16 rows) only asked for (--backends), with --name
 BACKEND_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch": ("torch", {}), "torch-float32": ("torch", {"matmul": "float32"}),
-    "torch-q4_1": ("torch", {"matmul": "q4_1"}),
+    "torch-q4_1": ("torch", {"matmul": "q4_1"}), "torch-float16": ("torch", {"matmul": "float16"}),
     "torch-q4_1_q16": ("torch", {"matmul": "q4_1_q16"}), "onnx": ("onnx", {})}
 Q4_1_NAME = "live_pace_q4_1"  # --backends torch torch-q4_1 --name live_pace_q4_1
 # --backends torch torch-q4_1_q16 torch-q4_1_q16 torch --name live_pace_q4_1_q16
@@ -439,6 +439,25 @@ def render_q4_1_q16(result: dict[str, Any]) -> str:
 EXTRA_RESULTS = {Q4_1_NAME: render_q4_1, Q4_1_Q16_NAME: render_q4_1_q16}
 
 EXTRA_RESULTS[FUSED_NAME] = render_fused  # q4_1's blocks in one C call
+
+# --backends torch torch-float16 --name live_pace_auto_q4_1: the default (auto: q4_1 since
+# session 34) against the default before it, float16
+AUTO_Q4_1_NAME = "live_pace_auto_q4_1"
+
+
+def render_auto_q4_1(result: dict[str, Any]) -> str:
+    rest = render_q4_1(result).partition("\n\n")[2]
+    rest = rest.replace(f"--backends torch torch-q4_1 ... --name {Q4_1_NAME}",
+                        f"--backends torch torch-float16 ... --name {AUTO_Q4_1_NAME}")
+    rest = rest.replace("against `matmul: q4_1` (the weights as SmolLM2's GGUF Q4_1 blocks, the "
+                        "head's Q8_0, float32's products)",
+                        "against `matmul: float16` (the default before; *torch*'s `auto` is "
+                        "`q4_1` since session 34: SmolLM2's GGUF Q4_1 blocks, float32's "
+                        "products, the decoder blocks in one C call)")
+    return "### One live stream: the default on SmolLM2's Q4_1 blocks against float16\n\n" + rest
+
+
+EXTRA_RESULTS[AUTO_Q4_1_NAME] = render_auto_q4_1
 
 
 if __name__ == "__main__":

@@ -280,14 +280,15 @@ def resolve_prefix_tokens(name: str, value: Any) -> int:
 
 
 # Options for trainers and quality benchmarks: float32 products, the same floats on every CPU
-# (the default, ``auto``, picks float16 only where the CPU runs it), so a fit or a figure does
+# (the default, ``auto``, picks q4_1 or float16 only where the CPU runs them), so a fit or a figure does
 # not depend on the machine that ran it.
 FLOAT32_PRODUCTS: dict[str, Any] = {"matmul": "float32"}
 
 
 def resolve_matmul(name: str, backend: str, value: Any) -> str:
     """``observer.options.matmul``: the dtype of the weights of the torch backend's packed
-    products on the CPU: ``auto`` (the default: float16 where the CPU runs it, else float32),
+    products on the CPU: ``auto`` (the default: q4_1 where its kernel runs on the model's
+    weights, else float16 where the CPU runs it, else float32),
     ``float32``, ``bfloat16`` / ``float16`` asked for (mixed precision: half the bytes per
     read; docs/observer.md, "Mixed-precision products"), ``q4_1`` (the GGUF Q4_1 blocks
     SmolLM2's float32 weights were converted from: float32's products, a C kernel), or

@@ -95,8 +95,9 @@ def _same_reads(a: Any, b: Any) -> None:
 
 
 def test_default_products_are_float16_where_they_run(tiny_llama: Path) -> None:
-    """No option is ``auto``: the float16 observer, bit for bit, where this CPU runs float16
-    (AVX2 and F16C), else float32's; the observer says which it picked."""
+    """No option is ``auto``: on weights that are not Q4_1 blocks (q4_1 is tried first, see
+    test_q4_1_matmul), the float16 observer, bit for bit, where this CPU runs float16 (AVX2 and
+    F16C), else float32's; the observer says which it picked."""
     default = load_model_dir(tiny_llama, name="tiny-llama", window=4096)
     picked = "float32" if matmul_unsupported("float16") else "float16"
     explicit = load_model_dir(tiny_llama, name="tiny-llama", window=4096,
