@@ -6,15 +6,17 @@ The pool (``loso.pool_sample`` of a build, every record with its ``source_tag``)
 the observer (``guardrail.toolkit.features`` cache, or the shards of a cut run). For every layer
 set, fit (``--fits``: ridge, logistic), L2 strength (``--ridges``, ``--logistic-strengths``) and
 pooling (``--halflives``: the prefix mean, ``none``, or exponentially weighted means with these
-half-lives in tokens), ``pooled.fit_loso`` scores each record with the probe fitted without its
-source. The count-k rule ``(threshold, k)`` is then chosen on these
-out-of-source scores, one rule for every source: the candidate and rule with the best mean
-macro-F1 over the sources that hold harmful records, among those whose false-halt rate is at most
-``--max-false-halts`` on every capped source and whose mean share of a harmful answer read is at
-most ``--max-read``. Capped: every benign-only source, and the benign records of the mixed
-sources named by ``--capped`` prefixes (default the hand-written sets: topic-matched benign
-answers whose labels are clean, where pyrit's "harmless" responses are often compliant answers
-rated below 0.5). The in-split test figures are never looked at to choose anything.
+half-lives in tokens; ``4,32``: two side by side), ``pooled.fit_loso`` scores each record with the
+probe fitted without its source. ``--token-norm rms`` normalises every token's state of every layer
+first (``pooling.normalise_tokens``; written into the weights for the monitor). The count-k rule
+``(threshold, k)`` is then chosen on these out-of-source scores, one rule for every source: the
+candidate and rule with the best mean macro-F1 over the sources that hold harmful records, among
+those whose false-halt rate is at most ``--max-false-halts`` on every capped source and whose mean
+share of a harmful answer read is at most ``--max-read``. Capped: every benign-only source, and the
+benign records of the mixed sources named by ``--capped`` prefixes (default the hand-written sets:
+topic-matched benign answers whose labels are clean, where pyrit's "harmless" responses are often
+compliant answers rated below 0.5). The in-split test figures are never looked at to choose
+anything.
 ``--rule-families`` tries each head with other streaming rule families too (``count``;
 ``ema:H``, the count rule on the weighted mean of the prefix scores, half-life ``H`` tokens;
 ``cusum``, cumulative evidence above a drift; ``evidence.py``): the family the best candidate
