@@ -58,11 +58,13 @@ def _harm_loso(name: str) -> Callable[[dict[str, Any]], str]:
 # harm_select_pass9: the ninth pass (the prompt term scaled, a cap on benign answers to
 # harmful-sounding prompts; a script). harm_select_pass12_B, harm_select_pass13_B: the twelfth
 # and thirteenth passes' shipped candidates (the eighth and ninth waves in the pool), each beside
-# its candidate A (select.py's reports).
+# its candidate A (select.py's reports). harm_select_pass14_B, _C, _D: the fourteenth pass's
+# candidates (normalised states, two half-lives; none shipped), each beside its candidate A.
 EXTRA_RESULTS = {"harm_select": _harm_loso("render_selection"),
                  "harm_select_pass2": _harm_loso("render_selection"),
                  **{f"harm_select_pass{k}": _harm_loso(f"render_pass{k}") for k in range(3, 10)},
                  **{f"harm_select_pass{k}_B": _harm_loso("render_selection") for k in (12, 13)},
+                 **{f"harm_select_pass14_{c}": _harm_loso("render_selection") for c in "BCD"},
                  "harm_loso": _harm_loso("render")}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
@@ -287,6 +289,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     layers = [int(x) for x in config["layers"]]
     pooling = str(config.get("pooling", "none"))
     halflife = config.get("halflife")
+    token_norm = str(config.get("token_norm", "none"))
     threshold, k = float(config["threshold"]), int(config["rule"]["k"])
     full_t = float(config["full_detection_threshold"])
     work = cache_dir() / "harmful-content"
@@ -307,7 +310,8 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     t = time.perf_counter()
     terms = _prompt_terms(head, config, records, observer, work, progress)
     terms_s = time.perf_counter() - t
-    scores = prefix_scores(head, stack_layers(records, layers, pooling, halflife), terms)
+    scores = prefix_scores(head, stack_layers(records, layers, pooling, halflife, token_norm),
+                           terms)
     labels = [int(r.label or 0) for r in records]
     kinds = [str(r.extra.get("kind", "")) for r in records]
     lengths = [len(s) for s in scores]
@@ -320,7 +324,7 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
     t_win = time.perf_counter()
     windowed_raw = windowed_halts(observer, head, layers, records, scores,
                                   full_t, pooling=pooling, progress=progress,
-                                  halflife=halflife, terms=terms)
+                                  halflife=halflife, terms=terms, token_norm=token_norm)
     windowed_h = [h for h, _ in windowed_raw]
     windowed = {**_decisions(windowed_h, lengths, labels), **_medians(windowed_h, lengths, labels),
                 "threshold": full_t, "chunk": 200, "context": 50,
@@ -385,9 +389,10 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
                                     prefix_scores(other.head, stack_layers(
                                         records, [int(x) for x in other.config["layers"]],
                                         str(other.config.get("pooling", "none")),
-                                        other.config.get("halflife")), _prompt_terms(
-                                            other.head, other.config, records, observer, work,
-                                            progress)), records, labels)
+                                        other.config.get("halflife"),
+                                        str(other.config.get("token_norm", "none"))),
+                                    _prompt_terms(other.head, other.config, records,
+                                                  observer, work, progress)), records, labels)
     check = _eval_check(weights, records, scores, threshold, k,
                         QUICK_EVAL_RECORDS if quick else eval_records,
                         work) if eval_records else None
@@ -405,7 +410,8 @@ def run(quick: bool, weights: Path | None, data: Path | None, eval_records: int,
         "quick": quick, "weights": str(weights.relative_to(ROOT) if weights.is_relative_to(ROOT)
                                        else weights),
         "layers": layers, "threshold": threshold, "k": k, "pooling": pooling,
-        "halflife": halflife, "method": config.get("method"),
+        "halflife": halflife, **({"token_norm": token_norm} if token_norm != "none" else {}),
+        "method": config.get("method"),
         "calibration": config.get("calibration"), "heads": heads,
         "test": {"records": len(records), "harmful": sum(labels), "tokens": sum(lengths),
                  "subset": QUICK_RECORDS if quick else max_test,
@@ -435,6 +441,8 @@ def _head_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return {"path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
             "layers": [int(x) for x in config["layers"]],
             "pooling": str(config.get("pooling", "none")), "halflife": config.get("halflife"),
+            **({"token_norm": config["token_norm"]}
+               if config.get("token_norm", "none") != "none" else {}),
             "threshold": float(config["threshold"]), "k": int(config["rule"]["k"]),
             "full_detection_threshold": float(config["full_detection_threshold"])}
 
@@ -500,8 +508,12 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def _head_words(result: dict[str, Any]) -> str:
     if result.get("pooling") == "prefix_ema":
-        return ("a linear probe on the exponentially weighted mean of the response's states "
-                f"(half-life {_f(result.get('halflife'), 0)} tokens), chosen leave-one-source-out.")
+        hl = result.get("halflife")
+        lives = " and ".join(_f(h, 0) for h in (hl if isinstance(hl, list) else [hl]))
+        normed = (f" ({result['token_norm']}-normalised per token)"
+                  if result.get("token_norm", "none") != "none" else "")
+        return ("a linear probe on the exponentially weighted mean of the response's states"
+                f"{normed} (half-life {lives} tokens), chosen leave-one-source-out.")
     return "one SCM dual head."
 
 
@@ -670,7 +682,8 @@ def heads_only(weights: Path | None, compare: Path, data: Path | None,
         layers = [int(x) for x in probe.config["layers"]]
         scores = prefix_scores(probe.head, stack_layers(
             records, layers, str(probe.config.get("pooling", "none")),
-            probe.config.get("halflife")), _prompt_terms(probe.head, probe.config, records,
+            probe.config.get("halflife"), str(probe.config.get("token_norm", "none"))),
+            _prompt_terms(probe.head, probe.config, records,
                                                          observer, work, False))
         out[key] = _subsets(_head_config(path, probe.config), scores, records, labels)
     return out

@@ -566,8 +566,15 @@ def render_selection(report: dict[str, Any]) -> str:
     chosen = report["chosen"]
     status = report.get("status") or ("shipped" if report.get("shipped") else
                                       "candidate, not shipped")
-    pooling = ("prefix mean" if chosen.get("halflife") is None
-               else f"exponentially weighted mean, half-life {chosen['halflife']:g} tokens")
+    hl = chosen.get("halflife")
+    hls = hl if isinstance(hl, list) else [hl]
+    pooling = ("prefix mean" if hl is None
+               else f"exponentially weighted mean, half-life {hl:g} tokens" if len(hls) == 1
+               else "exponentially weighted means side by side, half-lives "
+                    f"{' and '.join(f'{h:g}' for h in hls)} tokens")
+    if chosen.get("token_norm", "none") != "none":
+        pooling = (f"each token's states {chosen['token_norm'].upper()}-normalised per layer, "
+                   f"{pooling}")
     caps = report.get("caps") or {}
     title = report.get("title") or "Harmful content out of source: the LOSO-chosen pooled probe"
     lines = [

@@ -21,7 +21,7 @@ from guardrail.probes.io import LoadedProbe, ProbeFileError, check_observer, loa
 
 from .evidence import ScoreTransform, check_spec
 from .head import DualHead
-from .pooling import POOLINGS, stack_states
+from .pooling import POOLINGS, TOKEN_NORMS, halflives_of, normalise_tokens, stack_states
 
 __all__ = ["DEFAULT_WEIGHTS", "HALT_MESSAGE", "PROMPT_FEATURES", "PROMPT_TERM_KEYS",
            "HarmfulContentMonitor"]
@@ -55,20 +55,31 @@ def _rule_of(config: dict[str, Any]) -> tuple[float | None, int | None]:
 _SHIPPED_THRESHOLD, _SHIPPED_K = _rule_of(_shipped_config())
 
 
-class _PrefixMean:
-    """Per-stream state of a ``prefix_mean`` (or ``prefix_ema``) head: each token's projection by
-    the mean half of the head's first layer (a float for a linear head, ``m`` floats for an MLP)
-    and their running (decayed) sum and count; and the stream's score transform, if the head
-    names one (``evidence.py``); and the head's prompt term, once the first update read it (or
-    its neutral value, set by ``start`` for a stream without a prompt)."""
+class _Pool:
+    """One pooled block of a stream: each token's projection by the block's part of the head's
+    first layer (a float for a linear head, ``m`` floats for an MLP) and their running (decayed)
+    sum and count."""
 
-    __slots__ = ("count", "projections", "prompt", "total", "transform")
+    __slots__ = ("count", "projections", "total")
 
-    def __init__(self, total: float | np.ndarray,
-                 transform: dict[str, Any] | None = None) -> None:
+    def __init__(self, total: float | np.ndarray) -> None:
         self.projections: list[Any] = []
         self.total = total
         self.count = 0.0
+
+
+class _PrefixMean:
+    """Per-stream state of a ``prefix_mean`` (or ``prefix_ema``) head: one ``_Pool`` per pooled
+    block (one, or one per half-life); the stream's score transform, if the head names one
+    (``evidence.py``); and the head's prompt term, once the first update read it (or its neutral
+    value, set by ``start`` for a stream without a prompt)."""
+
+    __slots__ = ("pools", "prompt", "transform")
+
+    def __init__(self, total: float | np.ndarray, pools: int = 1,
+                 transform: dict[str, Any] | None = None) -> None:
+        self.pools = [_Pool(total if isinstance(total, float) else total.copy())
+                      for _ in range(pools)]
         self.transform = None if transform is None else ScoreTransform(transform)
         self.prompt: float | None = None
 
@@ -104,14 +115,24 @@ def _pooling(probe: LoadedProbe, config: Path) -> str:
     return str(pooling)
 
 
-def _ema_decay(probe: LoadedProbe, config: Path) -> float:
-    """A ``prefix_ema`` head's per-token decay of the pooled half, from its half-life."""
-    halflife = probe.config.get("halflife")
-    if not isinstance(halflife, (int, float)) or isinstance(halflife, bool) or not (
-            halflife > 0):
-        raise ProbeFileError(f"{config}: key 'halflife' must be a number of tokens > 0, got "
-                             f"{halflife!r}")
-    return float(2.0 ** (-1.0 / float(halflife)))
+def _ema_decays(probe: LoadedProbe, config: Path) -> tuple[float, ...]:
+    """A ``prefix_ema`` head's per-token decay of each pooled block, from its half-life (or
+    half-lives: a list, one block per half-life)."""
+    try:
+        halflives = halflives_of(probe.config.get("halflife"))
+    except ValueError as exc:
+        raise ProbeFileError(f"{config}: key 'halflife': {exc}") from None
+    return tuple(float(2.0 ** (-1.0 / h)) for h in halflives)
+
+
+def _token_norm(probe: LoadedProbe, config: Path) -> str:
+    """What is done to each token's states before the head reads them (``pooling.TOKEN_NORMS``;
+    absent: ``none``)."""
+    token_norm = probe.config.get("token_norm", "none")
+    if token_norm not in TOKEN_NORMS:
+        raise ProbeFileError(f"{config}: key 'token_norm' must be one of {list(TOKEN_NORMS)}, "
+                             f"got {token_norm!r}")
+    return str(token_norm)
 
 
 def _score_transform(probe: LoadedProbe, config: Path) -> dict[str, Any] | None:
@@ -236,8 +257,12 @@ class HarmfulContentMonitor(Monitor):
         config = self.weights.with_suffix(".json")
         self.layers: tuple[int, ...] = _layers(self.probe, config)
         self.pooling: str = _pooling(self.probe, config)
-        # per-token decay of the pooled half: 1.0 is the plain prefix mean
-        self._decay = _ema_decay(self.probe, config) if self.pooling == "prefix_ema" else 1.0
+        # per-token decay of each pooled block: 1.0 is the plain prefix mean
+        self._decays: tuple[float, ...] = (
+            () if self.pooling == "none" else _ema_decays(self.probe, config)
+            if self.pooling == "prefix_ema" else (1.0,))
+        # each token's states normalised (per layer) before anything reads them
+        self.token_norm = _token_norm(self.probe, config)
         # the count rule reads the transformed scores when the head's rule family names one
         self._transform = _score_transform(self.probe, config)
         # a constant per stream added to every prefix logit: the context's pooled states read
@@ -245,11 +270,13 @@ class HarmfulContentMonitor(Monitor):
         # its neutral value (a stream without a prompt) and clamp
         self._prompt_range = _prompt_range(self.probe, config, self._prompt is not None)
         self._mlp, w1 = _first_layer(head)
-        parts = len(self.layers) * (1 if self.pooling == "none" else 2)
+        n = len(self.layers)
+        parts = n * (1 + len(self._decays))
         width = w1.shape[0] // parts
         cuts = [w1[i * width:(i + 1) * width] for i in range(parts)]
-        self._proj = cuts[:len(self.layers)]
-        self._mean_proj = cuts[len(self.layers):]
+        self._proj = cuts[:n]
+        # each pooled block's columns, layer by layer (stack_states' order)
+        self._pool_proj = [cuts[n * (1 + k):n * (2 + k)] for k in range(len(self._decays))]
         threshold = options.threshold
         if threshold is None:
             threshold = self.probe.threshold
@@ -279,7 +306,7 @@ class HarmfulContentMonitor(Monitor):
             with self._lock:  # once per observer: the dims must fit the head
                 check_observer(self.probe, observer)
                 width = (int(observer.hidden_size) * len(self.layers)
-                         * (1 if self.pooling == "none" else 2))
+                         * (1 + len(self._decays)))
                 if width != self.probe.head.hidden_size:
                     raise ProbeFileError(
                         f"{self.weights}: the head reads {self.probe.head.hidden_size} values "
@@ -294,7 +321,7 @@ class HarmfulContentMonitor(Monitor):
         if self.pooling == "none" and self._transform is None and self._prompt is None:
             return None
         state = _PrefixMean(0.0 if self._mlp is None else np.zeros(self._proj[0].shape[1]),
-                            self._transform)
+                            len(self._decays), self._transform)
         if self._prompt_range is not None and not context.prompt.strip():
             # No user message, or an empty one: the context's pooled states are not a request
             # (with no conversation at all, one BOS token); the average training prompt's term.
@@ -336,35 +363,38 @@ class HarmfulContentMonitor(Monitor):
         if any(layer not in hidden for layer in self.layers):
             stack_states(hidden, self.layers)  # raises, naming the layers
         rows = [float32_rows(hidden[layer]) for layer in self.layers]
-        d = self._decay
+        if self.token_norm != "none":
+            rows = [normalise_tokens(row, self.token_norm) for row in rows]
+        pools = [] if state is None else list(zip(state.pools, self._decays, self._pool_proj,
+                                                  strict=True))
         if self._mlp is None:
             values: list[float] = _project(rows, self._proj).tolist()
-            if state is not None:
-                total, count = float(state.total), state.count
-                for j, p in enumerate(_project(rows, self._mean_proj).tolist()):
-                    state.projections.append(p)
+            for pool, d, proj in pools:
+                total, count = float(pool.total), pool.count
+                for j, p in enumerate(_project(rows, proj).tolist()):
+                    pool.projections.append(p)
                     total = d * total + p
                     count = d * count + 1.0
                     values[j] += total / count
-                state.total, state.count = total, count
+                pool.total, pool.count = total, count
         else:
             z = _project(rows, self._proj).astype(np.float64)
-            if state is not None:
-                projected = _project(rows, self._mean_proj)
+            for pool, d, proj in pools:
+                projected = _project(rows, proj)
                 if d == 1.0:
-                    seen = len(state.projections)
-                    running = state.total + np.cumsum(projected, axis=0, dtype=np.float64)
+                    seen = len(pool.projections)
+                    running = pool.total + np.cumsum(projected, axis=0, dtype=np.float64)
                     z = z + running / np.arange(seen + 1, seen + len(projected) + 1)[:, None]
-                    state.total = running[-1]
-                    state.count += len(projected)
+                    pool.total = running[-1]
+                    pool.count += len(projected)
                 else:
-                    acc, count = np.asarray(state.total, dtype=np.float64), state.count
+                    acc, count = np.asarray(pool.total, dtype=np.float64), pool.count
                     for j, p in enumerate(projected):
                         acc = d * acc + p
                         count = d * count + 1.0
                         z[j] += acc / count
-                    state.total, state.count = acc, count
-                state.projections.extend(projected)
+                    pool.total, pool.count = acc, count
+                pool.projections.extend(projected)
             bias, w_out, b_out = self._mlp
             values = (_gelu_tanh(z + bias) @ w_out + b_out).tolist()
         if self._prompt is not None:  # the logit's constant: before the sigmoid and transform
@@ -378,19 +408,21 @@ class HarmfulContentMonitor(Monitor):
     def truncate(self, state: _PrefixMean | None, n_tokens: int) -> None:
         if state is not None and state.transform is not None:
             state.transform.truncate(n_tokens)
-        if state is not None and n_tokens < len(state.projections):
-            del state.projections[n_tokens:]
-            n, d = len(state.projections), self._decay
+        for pool, d in zip([] if state is None else state.pools, self._decays, strict=True):
+            if n_tokens >= len(pool.projections):
+                continue
+            del pool.projections[n_tokens:]
+            n = len(pool.projections)
             if d == 1.0 and self._mlp is None:
-                state.total = math.fsum(state.projections)
+                pool.total = math.fsum(pool.projections)
             elif d == 1.0:
-                state.total = (np.sum(state.projections, axis=0) if state.projections
-                               else np.zeros_like(state.total))
+                pool.total = (np.sum(pool.projections, axis=0) if pool.projections
+                              else np.zeros_like(pool.total))
             else:
                 weights = d ** np.arange(n - 1, -1, -1, dtype=np.float64)
-                kept = np.asarray(state.projections, dtype=np.float64)
-                state.total = (float(weights @ kept) if self._mlp is None
-                               else (weights @ kept if n else np.zeros_like(state.total)))
-            state.count = float(n) if d == 1.0 else float(np.sum(d ** np.arange(n)))
+                kept = np.asarray(pool.projections, dtype=np.float64)
+                pool.total = (float(weights @ kept) if self._mlp is None
+                              else (weights @ kept if n else np.zeros_like(pool.total)))
+            pool.count = float(n) if d == 1.0 else float(np.sum(d ** np.arange(n)))
 
 

@@ -52,14 +52,15 @@ WindowResult = tuple[int | None, int]
 
 def _window_score(observer: Any, head: DualHead, layers: Sequence[int], pooling: str,
                   messages: Sequence[Mapping[str, str]], text: str,
-                  halflife: float | None = None, term: float | None = None) -> float:
+                  halflife: float | Sequence[float] | None = None, term: float | None = None,
+                  token_norm: str = "none") -> float:
     needs = Needs(layers=frozenset(layers))
     state = observer.start(messages, needs)
     tokens = list(observer.tokenizer.tokenize(text))
     if not tokens:
         return 0.0
     batch = observer.extend(state, tokens, needs)
-    hidden = stack_states(batch.hidden, layers, pooling, halflife)[-1:]
+    hidden = stack_states(batch.hidden, layers, pooling, halflife, token_norm)[-1:]
     with torch.inference_mode():
         if term is None:
             return float(head.score(hidden)[0])
@@ -71,8 +72,9 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
                    records: Sequence[CachedRecord], prefix_scores: Sequence[Sequence[float]],
                    threshold: float, *, pooling: str = "none", chunk: int = 200,
                    context: int = 50, progress: bool = True,
-                   halflife: float | None = None,
-                   terms: Sequence[float] | None = None) -> list[WindowResult]:
+                   halflife: float | Sequence[float] | None = None,
+                   terms: Sequence[float] | None = None,
+                   token_norm: str = "none") -> list[WindowResult]:
     """Run the windowed baseline over ``records`` (cached features give the token offsets).
 
     The first window starts at the response's first token with nothing before it, exactly as the
@@ -99,7 +101,8 @@ def windowed_halts(observer: Any, head: DualHead, layers: Sequence[int],
             else:
                 text = record.response[offsets[start][0] : offsets[end - 1][1]]
                 score = _window_score(observer, head, layers, pooling,
-                                      record.conversation(), text, halflife, term)
+                                      record.conversation(), text, halflife, term,
+                                      token_norm)
             if score >= threshold:
                 halt = end - 1
                 break

@@ -8,6 +8,9 @@ causal, so the running score after each token is what the streaming rule reads. 
 mean of the response's states so far (``halflife`` None), or their exponentially weighted mean,
 weight ``2 ** (-(i - j) / halflife)`` on token ``j`` (``pool_states``): a long benign opening
 then does not dilute the harm that follows it, so a rule can halt soon after an answer turns.
+``halflife`` may be a tuple of half-lives: one weighted mean per half-life, side by side within
+each layer's block of columns (``HalfLife``). Each token's states may be normalised before
+pooling (``normalise_records``, ``pooling.normalise_tokens``: the monitor applies the same).
 
 Training rows: each record's prefix means at a few cut points (absolute and relative). A harmful
 record's prefix counts as harmful once it has reached the record's first harmful token (from the
@@ -45,11 +48,18 @@ import numpy as np
 import torch
 
 from ..head import DualHead
+from ..pooling import halflives_of, normalise_tokens
 from .linear_fit import FITS, Moments, fit_logistic, platt, ridge_fit
 
-__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "LinearProbe", "PoolRecord", "PromptTermRange",
-           "cell_weight", "cut_positions", "decay_of", "fit_logistic", "fit_loso", "fit_probe",
-           "layer_columns", "pool_states", "prompt_matrix", "row_matrix", "to_dual_head"]
+__all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "HalfLife", "LinearProbe", "PoolRecord",
+           "PromptTermRange", "as_halflife", "cell_weight", "cut_positions", "decay_of",
+           "fit_logistic", "fit_loso", "fit_probe", "layer_columns", "normalise_records",
+           "pool_states", "prompt_matrix", "row_matrix", "to_dual_head"]
+
+HalfLife = float | tuple[float, ...] | None
+"""A pooled probe's pooling: None, the prefix mean; a number, one weighted mean; a tuple of two or
+more, one weighted mean per half-life side by side (each layer's block ``len * H`` columns, the
+half-lives in order)."""
 
 CUT_TOKENS = (3, 7, 15, 31, 63)
 CUT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -75,6 +85,31 @@ class PoolRecord:
 
     def __len__(self) -> int:
         return int(next(iter(self.hidden.values())).shape[0])
+
+
+def as_halflife(value: Any) -> HalfLife:
+    """A report's or config's ``halflife`` (None, a number, or a list) as ``HalfLife``."""
+    if value is None:
+        return None
+    values = halflives_of(value)
+    return values[0] if len(values) == 1 else values
+
+
+def _pools(halflife: HalfLife) -> tuple[float | None, ...]:
+    """The pools of one layer's block, in column order."""
+    return (None,) if halflife is None else halflives_of(halflife)
+
+
+def normalise_records(records: Sequence[PoolRecord], token_norm: str) -> None:
+    """Normalise every record's states token by token (``pooling.normalise_tokens``, as the
+    monitor does for a head whose config names ``token_norm``), in place, keeping each array's
+    dtype (the float16 caches stay float16: the pool is read into memory whole)."""
+    if token_norm == "none":
+        normalise_tokens(np.zeros((1, 1)), token_norm)  # still names a bad value
+        return
+    for r in records:
+        r.hidden = {layer: normalise_tokens(h, token_norm).astype(h.dtype)
+                    for layer, h in r.hidden.items()}
 
 
 def decay_of(halflife: float | None) -> float:
@@ -134,7 +169,7 @@ def cell_weight(tag: str, upweight: Mapping[str, float] | None) -> float:
 
 
 def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
-               halflife: float | None = None, upweight: Mapping[str, float] | None = None,
+               halflife: HalfLife = None, upweight: Mapping[str, float] | None = None,
                turn_rows: Sequence[int] = ()
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training rows of ``records``: ``X (R, H*len(layers))`` float32 pooled prefixes, ``y (R,)``,
@@ -156,12 +191,13 @@ def row_matrix(records: Sequence[PoolRecord], layers: Sequence[int],
         parts = []
         for layer in layers:
             states = np.asarray(r.hidden[layer], dtype=np.float32)
-            if halflife is None:
-                pooled = np.cumsum(states, axis=0)[cuts] / (
-                    np.asarray(cuts, dtype=np.float32)[:, None] + 1.0)
-            else:
-                pooled = pool_states(states[:cuts[-1] + 1], halflife)[cuts].astype(np.float32)
-            parts.append(pooled)
+            for hl in _pools(halflife):
+                if hl is None:
+                    pooled = np.cumsum(states, axis=0)[cuts] / (
+                        np.asarray(cuts, dtype=np.float32)[:, None] + 1.0)
+                else:
+                    pooled = pool_states(states[:cuts[-1] + 1], hl)[cuts].astype(np.float32)
+                parts.append(pooled)
         xs.append(np.concatenate(parts, axis=1))
         ys.extend(_prefix_label(r, p) for p in cuts)
         ws.extend([cell_weight(r.tag, upweight) / (len(cuts) * cell_size[(r.tag, r.label)])]
@@ -196,7 +232,7 @@ class LinearProbe:
     a: float
     c: float
     ridge: float  # the L2 strength of either fit
-    halflife: float | None = None  # None: the prefix mean (pool_states)
+    halflife: HalfLife = None  # None: the prefix mean (pool_states)
     fit: str = "ridge"  # or "logistic"
     prompt_w: np.ndarray | None = None  # (H * len(layers),) on raw prompt states; None: no term
     prompt_scale: float | None = None  # the scale the prompt term was fitted with
@@ -222,11 +258,16 @@ class LinearProbe:
     def prefix_scores(self, record: PoolRecord) -> np.ndarray:
         """The harm probability after every token of ``record`` (float64)."""
         w, b = self.logit_weights()
-        width = w.shape[0] // len(self.layers)
+        pools = _pools(self.halflife)
+        width = w.shape[0] // (len(self.layers) * len(pools))
         z = np.zeros(len(record), dtype=np.float64)
-        for j, layer in enumerate(self.layers):
-            z += np.asarray(record.hidden[layer], dtype=np.float32) @ w[j * width:(j + 1) * width]
-        z = pool_states(z, self.halflife) + b + self.prompt_logit(record)
+        for k, hl in enumerate(pools):  # the pooling is linear: pool each pool's projection
+            zk = np.zeros(len(record), dtype=np.float64)
+            for j, layer in enumerate(self.layers):
+                s = (j * len(pools) + k) * width
+                zk += np.asarray(record.hidden[layer], dtype=np.float32) @ w[s:s + width]
+            z += pool_states(zk, hl)
+        z = z + b + self.prompt_logit(record)
         return 0.5 + 0.5 * np.tanh(0.5 * z)
 
 
@@ -250,7 +291,7 @@ def layer_columns(layers: Sequence[int], all_layers: Sequence[int], width: int) 
 
 
 def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
-              halflife: float | None = None, fit: str = "ridge",
+              halflife: HalfLife = None, fit: str = "ridge",
               upweight: Mapping[str, float] | None = None,
               prompt_scale: float | None = None, turn_rows: Sequence[int] = ()) -> LinearProbe:
     """One probe on all of ``records`` (``fit``: ``ridge`` or ``logistic``, L2 ``ridge``;
@@ -275,7 +316,7 @@ def fit_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float
 
 def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
              layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
-             progress: Any = None, halflife: float | None = None, fit: str = "ridge",
+             progress: Any = None, halflife: HalfLife = None, fit: str = "ridge",
              upweight: Mapping[str, float] | None = None, prompt_scale: float | None = None,
              turn_rows: Sequence[int] = ()
              ) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
@@ -334,8 +375,8 @@ def fit_loso(records: Sequence[PoolRecord], all_layers: Sequence[int],
 
 def to_dual_head(probe: LinearProbe, hidden_size: int) -> DualHead:
     """The probe as a ``prefix_mean`` (``prefix_ema`` with a halflife) ``DualHead`` over
-    ``probe.layers``: the input is the layers' token states then their pooled prefixes
-    (``scoring.stack_states``); the token half gets
+    ``probe.layers``: the input is the layers' token states then their pooled prefixes, one block
+    of every layer per half-life (``scoring.stack_states``); the token half gets
     zero weight. ``DualHead``'s linear sequence head has no bias, so the probe's affine map rides
     on a one-unit MLP: ``Linear(D, 1)`` computes ``w' . x + b' + S`` with ``S`` large enough that
     GELU is the identity there (to float64 precision), and the output row ``(0, 1)`` with bias
@@ -343,11 +384,15 @@ def to_dual_head(probe: LinearProbe, hidden_size: int) -> DualHead:
     compute it exactly as any MLP head."""
     w, b = probe.logit_weights()
     n = len(probe.layers)
+    pools = len(_pools(probe.halflife))
     width = n * hidden_size
-    if w.shape[0] != width:
-        raise ValueError(f"probe has {w.shape[0]} weights, {n} layers of {hidden_size} need "
-                         f"{width}")
-    head = DualHead(2 * width, dropout=0.0, seed=0, sequence_hidden=1)
+    if w.shape[0] != width * pools:
+        raise ValueError(f"probe has {w.shape[0]} weights, {n} layers of {hidden_size} "
+                         f"({pools} pools) need {width * pools}")
+    # the probe's columns are layer by layer (each layer's pools side by side), the head's
+    # pooled input pool by pool (each pool's layers side by side)
+    w = w.reshape(n, pools, hidden_size).transpose(1, 0, 2).reshape(-1)
+    head = DualHead((1 + pools) * width, dropout=0.0, seed=0, sequence_hidden=1)
     first, last = head.sequence_layers()
     with torch.no_grad():
         for p in head.token_head.parameters():

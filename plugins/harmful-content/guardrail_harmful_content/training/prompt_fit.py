@@ -22,6 +22,7 @@ import numpy as np
 
 from .linear_fit import FITS, Moments, platt, ridge_fit
 from .pooled import (
+    HalfLife,
     LinearProbe,
     PoolRecord,
     PromptTermRange,
@@ -70,11 +71,11 @@ def _joint_moments(x: np.ndarray, y: np.ndarray, w: np.ndarray, owner: np.ndarra
 
 def _scaled_probe(layers: Sequence[int], coef: np.ndarray, b: float, xr: np.ndarray,
                   zp: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: float,
-                  halflife: float | None, scale: float) -> LinearProbe:
+                  halflife: HalfLife, scale: float, width: int) -> LinearProbe:
     """A joint fit's probe with its prompt term scaled by ``scale`` about its weighted mean over
     the training rows (``xr``: the rows' response term, ``zp``: their prompt term, both
-    unscaled), Platt fitted on the scaled logit."""
-    width = coef.shape[0] // 2
+    unscaled), Platt fitted on the scaled logit; ``coef``'s first ``width`` entries are the
+    response's (several half-lives: more response than prompt columns)."""
     if scale == 1.0:  # the joint fit as it is (bit for bit)
         a, c = platt(xr + zp + b, y, w)
         return LinearProbe(tuple(layers), coef[:width], b, a, c, ridge, halflife,
@@ -101,7 +102,7 @@ def prompt_term_range(terms: np.ndarray, w: np.ndarray, owner: np.ndarray) -> Pr
 
 
 def fit_prompt_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge: float,
-                     halflife: float | None, upweight: Mapping[str, float] | None,
+                     halflife: HalfLife, upweight: Mapping[str, float] | None,
                      scale: float, turn_rows: Sequence[int] = ()) -> LinearProbe:
     """``fit_probe`` with a prompt term: one joint ridge fit on every record's rows with its
     prompt states appended, the term scaled by ``scale``, and its range over these records
@@ -109,10 +110,10 @@ def fit_prompt_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge
     x, y, w, owner = row_matrix(records, layers, halflife, upweight, turn_rows)
     prompts = prompt_matrix(records, layers)
     m = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
-    (coef, b), = ridge_fit(m, np.arange(2 * x.shape[1]), [ridge])
     width = x.shape[1]
+    (coef, b), = ridge_fit(m, np.arange(width + prompts.shape[1]), [ridge])
     probe = _scaled_probe(layers, coef, b, x.astype(np.float64) @ coef[:width],
-                          prompts[owner] @ coef[width:], y, w, ridge, halflife, scale)
+                          prompts[owner] @ coef[width:], y, w, ridge, halflife, scale, width)
     weights = probe.prompt_weights()
     assert weights is not None  # a prompt term was fitted
     probe.prompt_range = prompt_term_range(prompts @ weights, w, owner)
@@ -121,7 +122,7 @@ def fit_prompt_probe(records: Sequence[PoolRecord], layers: Sequence[int], ridge
 
 def fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
                     layer_sets: Sequence[Sequence[int]], ridges: Sequence[float],
-                    progress: Any, halflife: float | None, scale: float,
+                    progress: Any, halflife: HalfLife, scale: float,
                     rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                     tags: list[str]) -> dict[tuple[tuple[int, ...], float], list[np.ndarray]]:
     """``fit_loso`` with a prompt term: the pool's joint moments minus the held-out source's
@@ -131,6 +132,7 @@ def fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
     prompts = prompt_matrix(records, all_layers)
     width = x.shape[1]
     layer_width = width // len(all_layers)
+    prompt_width = prompts.shape[1] // len(all_layers)  # one state per layer, whatever the pools
     record_tag = np.asarray([r.tag for r in records])
     total = _joint_moments(x, y, w, owner, prompts, np.ones(len(records), dtype=bool))
     out: dict[tuple[tuple[int, ...], float], list[np.ndarray]] = {
@@ -142,15 +144,16 @@ def fit_loso_prompt(records: Sequence[PoolRecord], all_layers: list[int],
         xt = x[train]
         for layers in layer_sets:
             cols = layer_columns(layers, all_layers, layer_width)
-            pt = prompts[owner[train]][:, cols]
+            pcols = layer_columns(layers, all_layers, prompt_width)
+            pt = prompts[owner[train]][:, pcols]
             for lam, (coef, b) in zip(ridges, ridge_fit(
-                    fold, np.concatenate([cols, width + cols]), ridges), strict=True):
+                    fold, np.concatenate([cols, width + pcols]), ridges), strict=True):
                 # the response term as fit_loso computes it without a prompt (float32 rows)
                 full = np.zeros(width, dtype=np.float32)
                 full[cols] = coef[:len(cols)]
                 probe = _scaled_probe(layers, coef, b, (xt @ full).astype(np.float64),
                                       pt @ coef[len(cols):], y[train], w[train], lam, halflife,
-                                      scale)
+                                      scale, len(cols))
                 scores = out[(tuple(layers), lam)]
                 for i in np.flatnonzero(held).tolist():
                     scores[i] = probe.prefix_scores(records[i])

@@ -53,10 +53,12 @@ STACKED = -10_000
 """The feature key under which ``stack_layers`` puts its (possibly concatenated) states."""
 
 def stack_layers(records: Sequence[CachedRecord], layers: Sequence[int],
-                 pooling: str = "none", halflife: float | None = None) -> list[CachedRecord]:
+                 pooling: str = "none", halflife: float | Sequence[float] | None = None,
+                 token_norm: str = "none") -> list[CachedRecord]:
     """Views of ``records`` whose only feature (key ``STACKED``) is ``layers`` concatenated (and
-    pooled, see ``stack_states``)."""
-    return [replace(r, hidden={STACKED: stack_states(r.hidden, layers, pooling, halflife)})
+    pooled, each token normalised by ``token_norm``: see ``stack_states``)."""
+    return [replace(r, hidden={STACKED: stack_states(r.hidden, layers, pooling, halflife,
+                                                     token_norm)})
             for r in records]
 
 

@@ -6,15 +6,17 @@ The pool (``loso.pool_sample`` of a build, every record with its ``source_tag``)
 the observer (``guardrail.toolkit.features`` cache, or the shards of a cut run). For every layer
 set, fit (``--fits``: ridge, logistic), L2 strength (``--ridges``, ``--logistic-strengths``) and
 pooling (``--halflives``: the prefix mean, ``none``, or exponentially weighted means with these
-half-lives in tokens), ``pooled.fit_loso`` scores each record with the probe fitted without its
-source. The count-k rule ``(threshold, k)`` is then chosen on these
-out-of-source scores, one rule for every source: the candidate and rule with the best mean
-macro-F1 over the sources that hold harmful records, among those whose false-halt rate is at most
-``--max-false-halts`` on every capped source and whose mean share of a harmful answer read is at
-most ``--max-read``. Capped: every benign-only source, and the benign records of the mixed
-sources named by ``--capped`` prefixes (default the hand-written sets: topic-matched benign
-answers whose labels are clean, where pyrit's "harmless" responses are often compliant answers
-rated below 0.5). The in-split test figures are never looked at to choose anything.
+half-lives in tokens; ``4,32``: two side by side), ``pooled.fit_loso`` scores each record with the
+probe fitted without its source. ``--token-norm rms`` normalises every token's state of every layer
+first (``pooling.normalise_tokens``; written into the weights for the monitor). The count-k rule
+``(threshold, k)`` is then chosen on these out-of-source scores, one rule for every source: the
+candidate and rule with the best mean macro-F1 over the sources that hold harmful records, among
+those whose false-halt rate is at most ``--max-false-halts`` on every capped source and whose mean
+share of a harmful answer read is at most ``--max-read``. Capped: every benign-only source, and the
+benign records of the mixed sources named by ``--capped`` prefixes (default the hand-written sets:
+topic-matched benign answers whose labels are clean, where pyrit's "harmless" responses are often
+compliant answers rated below 0.5). The in-split test figures are never looked at to choose
+anything.
 ``--rule-families`` tries each head with other streaming rule families too (``count``;
 ``ema:H``, the count rule on the weighted mean of the prefix scores, half-life ``H`` tokens;
 ``cusum``, cumulative evidence above a drift; ``evidence.py``): the family the best candidate
@@ -45,8 +47,9 @@ import math
 import sys
 from pathlib import Path
 
+from ..pooling import TOKEN_NORMS, halflives_of
 from .context import attach_prompt_states, load_prompt_states
-from .pooled import FITS
+from .pooled import FITS, HalfLife, normalise_records
 from .selection.data import reconcile
 from .selection.features import extract, load_parts, load_pool
 from .selection.groups import harmful_prompt_groups
@@ -82,6 +85,20 @@ def _family(text: str) -> tuple[str, float | None]:
         f"{text!r}: a rule family is count, cusum or ema:HALFLIFE (tokens > 0)")
 
 
+def _halflife(text: str) -> HalfLife:
+    """``none`` (the prefix mean), a half-life in tokens, or several joined by commas (one
+    weighted mean per half-life side by side, e.g. ``4,32``)."""
+    if text == "none":
+        return None
+    try:
+        values = halflives_of([float(x) for x in text.split(",")])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a half-life is none, a number of tokens > 0, or several joined by "
+            "commas (4,32)") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _scale(text: str) -> float | None:
     """A prompt term's scale (a number >= 0), or ``none`` for the head without one."""
     if text == "none":
@@ -114,8 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--upweight-prefix", default="handwritten:")
     add("--logistic-strengths", type=float, nargs="+", default=None,
         help="L2 strengths of the logistic fit (default: --ridges)")
-    add("--halflives", nargs="+", default=["none"],
-        help="pooling half-lives in tokens ('none': the prefix mean)")
+    add("--halflives", nargs="+", type=_halflife, default=[None], metavar="H",
+        help="pooling half-lives in tokens ('none': the prefix mean; 4,32: two weighted means "
+             "side by side), each a candidate")
+    add("--token-norm", choices=TOKEN_NORMS, default="none",
+        help="normalise each token's state of each layer before pooling (rms: divide by its "
+             "root mean square, as the model's RMSNorm does; pooling.TOKEN_NORMS)")
     add("--capped", nargs="*", default=list(CAPPED_MIXED),
         help="tag prefixes of mixed sources whose benign records are capped too")
     add("--layer-sets", nargs="+", default=None, metavar="L,L",
@@ -183,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--prompt-features: {exc}")
         scales = list(dict.fromkeys(args.prompt_scales))
     groups = harmful_prompt_groups(records, args.capped) if args.cap_harmful_prompts else None
-    halflives = [None if h == "none" else float(h) for h in args.halflives]
+    normalise_records(records, args.token_norm)
+    halflives = list(dict.fromkeys(args.halflives))
     layer_sets = (None if args.layer_sets is None
                   else [[int(x) for x in s.split(",")] for s in args.layer_sets])
     report = run(records, args.layers, args.ridges, args.max_false_halts, args.max_read,
@@ -194,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                  strengths=({"logistic": args.logistic_strengths}
                             if args.logistic_strengths else None),
                  turn_rows=args.turn_rows)
+    if args.token_norm != "none":  # the records were normalised: so must the runtime's be
+        report["chosen"]["token_norm"] = args.token_norm
+        for candidate in report["candidates"]:
+            candidate["token_norm"] = args.token_norm
     report["in_split"] = in_split(records, report["chosen"])
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.out is not None:

@@ -13,7 +13,7 @@ from guardrail.toolkit.metrics import macro_f1, roc_auc
 
 from ...evidence import transform
 from ..context import FEATURE
-from ..pooled import PoolRecord, PromptTermRange, fit_probe, to_dual_head
+from ..pooled import PoolRecord, PromptTermRange, as_halflife, fit_probe, to_dual_head
 from .rule import halts
 
 __all__ = ["candidate_name", "in_split", "per_source", "render", "save_chosen",
@@ -61,7 +61,8 @@ def in_split(records: Sequence[PoolRecord], chosen: Mapping[str, Any]) -> dict[s
     test = [r for r in records if r.split == "test"]
     if not train or not test:
         return {}
-    probe = fit_probe(train, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+    probe = fit_probe(train, chosen["layers"], chosen["ridge"],
+                      as_halflife(chosen.get("halflife")),
                       chosen.get("fit", "ridge"), chosen.get("upweight"),
                       chosen.get("prompt_scale"), tuple(chosen.get("turn_rows") or ()))
     scores = [probe.prefix_scores(r) for r in test]
@@ -76,6 +77,10 @@ def candidate_name(candidate: Mapping[str, Any]) -> str:
     """``fit L2 half-life layers``, e.g. ``logistic 100 hl12 6,9,12,15`` (``prompt x0.75``
     after it for a prompt term at that scale)."""
     hl = candidate.get("halflife")
+    pools = ("mean" if hl is None else "hl" + "+".join(
+        f"{h:g}" for h in (hl if isinstance(hl, (list, tuple)) else [hl])))
+    if candidate.get("token_norm", "none") != "none":
+        pools = f"{candidate['token_norm']} {pools}"
     up = "".join(f" {p}x{w:g}" for p, w in (candidate.get("upweight") or {}).items())
     if candidate.get("prompt_scale") is not None:
         up += f" prompt x{candidate['prompt_scale']:g}"
@@ -83,7 +88,7 @@ def candidate_name(candidate: Mapping[str, Any]) -> str:
     rule = ("" if not spec else f" ema{spec['halflife']:g}" if spec["kind"] == "ema"
             else f" {spec['kind']}")
     return (f"{candidate.get('fit', 'ridge')} {candidate['ridge']:g} "
-            f"{'mean' if hl is None else f'hl{hl:g}'} "
+            f"{pools} "
             f"{','.join(str(x) for x in candidate['layers'])}{up}{rule}")
 
 
@@ -124,7 +129,8 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
     from ..train import NAME
 
     chosen = report["chosen"]
-    probe = fit_probe(records, chosen["layers"], chosen["ridge"], chosen.get("halflife"),
+    probe = fit_probe(records, chosen["layers"], chosen["ridge"],
+                      as_halflife(chosen.get("halflife")),
                       chosen.get("fit", "ridge"), chosen.get("upweight"),
                       chosen.get("prompt_scale"), tuple(chosen.get("turn_rows") or ()))
     hidden_size = int(next(iter(records[0].hidden.values())).shape[1])
@@ -134,7 +140,11 @@ def save_chosen(records: Sequence[PoolRecord], report: Mapping[str, Any], out: P
         "layer": chosen["layers"][0],
         "layers": chosen["layers"],
         "pooling": "prefix_mean" if probe.halflife is None else "prefix_ema",
-        **({} if probe.halflife is None else {"halflife": probe.halflife}),
+        **({} if probe.halflife is None else {"halflife": (
+            list(probe.halflife) if isinstance(probe.halflife, tuple) else probe.halflife)}),
+        # each token's states normalised before the head reads them (pooling.TOKEN_NORMS)
+        **({"token_norm": chosen["token_norm"]}
+           if chosen.get("token_norm", "none") != "none" else {}),
         "dims": {"hidden_size": hidden_size, "input_size": head.hidden_size,
                  "observer_layers": 30},
         "threshold": chosen["threshold"],

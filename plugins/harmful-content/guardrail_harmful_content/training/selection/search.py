@@ -15,7 +15,7 @@ import numpy as np
 
 from guardrail.toolkit.metrics import best_threshold
 
-from ..pooled import PoolRecord, fit_loso
+from ..pooled import HalfLife, PoolRecord, fit_loso
 from .record import candidate_name, per_source
 from .rule import (
     CAPPED_MIXED,
@@ -32,7 +32,7 @@ __all__ = ["Family", "Key", "layer_sets_of", "pick", "rule_candidates", "run",
            "score_candidates"]
 
 # (layer set, L2 strength, half-life, fit, up-weight factor, prompt term's scale or None)
-Key = tuple[tuple[int, ...], float, float | None, str, float, float | None]
+Key = tuple[tuple[int, ...], float, HalfLife, str, float, float | None]
 # (rule family, its parameter): ("count", None), ("ema", half-life), ("cusum", None)
 Family = tuple[str, float | None]
 
@@ -54,7 +54,7 @@ def layer_sets_of(layers: Sequence[int], layer_sets: Sequence[Sequence[int]] | N
 def score_candidates(records: Sequence[PoolRecord], layers: Sequence[int],
                      layer_sets: Sequence[tuple[int, ...]],
                      strengths: Mapping[str, Sequence[float]],
-                     halflives: Sequence[float | None], upweights: Sequence[float],
+                     halflives: Sequence[HalfLife], upweights: Sequence[float],
                      upweight_prefix: str, progress: bool,
                      prompt_scales: Sequence[float | None] = (None,),
                      turn_rows: Sequence[int] = ()) -> dict[Key, list[np.ndarray]]:
@@ -157,7 +157,7 @@ def _caps(max_false_halts: float, max_read: float, capped: Sequence[str],
 
 
 def _grid_axes(upweights: Sequence[float], upweight_prefix: str,
-               halflives: Sequence[float | None], fits: Sequence[str],
+               halflives: Sequence[HalfLife], fits: Sequence[str],
                prompt_scales: Sequence[float | None], turn_rows: Sequence[int]
                ) -> dict[str, Any]:
     """The head settings a selection ran over, as the report's ``grid`` records them."""
@@ -168,7 +168,7 @@ def _grid_axes(upweights: Sequence[float], upweight_prefix: str,
 
 def run(records: Sequence[PoolRecord], layers: Sequence[int], ridges: Sequence[float],
         max_false_halts: float, max_read: float,
-        halflives: Sequence[float | None] = (None,), capped: Sequence[str] = CAPPED_MIXED,
+        halflives: Sequence[HalfLife] = (None,), capped: Sequence[str] = CAPPED_MIXED,
         progress: bool = False, layer_sets: Sequence[Sequence[int]] | None = None,
         fits: Sequence[str] = ("ridge",),
         strengths: Mapping[str, Sequence[float]] | None = None,
