@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> Path:
         block["repeats"] = args.repeats
         block["observer_window"] = guard.policy.observer.window if guard.policy.observer else None
         block["observer"] = {"backend": "onnx", **(args.observer or {})}
+        picked = getattr(guard.observer, "matmul", None)  # what auto chose on this machine
+        if picked is not None:
+            block["observer"]["matmul"] = picked
         name = "stream_cost_observer" if args.window is None else "stream_cost_observer_window"
         if args.observer is not None:
             name = f"stream_cost_observer_{args.label or block['observer']['backend']}"
@@ -318,7 +321,6 @@ def _render_window_scores(result: dict[str, Any]) -> str:
 
 EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun,
                  "stream_cost_observer_window": render_observer_rerun,
-                 "stream_cost_observer_torch": render_observer_rerun,
                  "stream_cost_observer_q4_1": render_observer_rerun,
                  "observer_window_scores": _render_window_scores}
 

@@ -280,8 +280,8 @@ def resolve_prefix_tokens(name: str, value: Any) -> int:
 
 
 # Options for trainers and quality benchmarks: float32 products, the same floats on every CPU
-# (the default, ``auto``, picks q4_1 or float16 only where the CPU runs them), so a fit or a figure does
-# not depend on the machine that ran it.
+# (the default, ``auto``, picks q4_1 or float16 only where the CPU runs them), so a fit or a
+# figure does not depend on the machine that ran it.
 FLOAT32_PRODUCTS: dict[str, Any] = {"matmul": "float32"}
 
 
