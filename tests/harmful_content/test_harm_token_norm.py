@@ -18,10 +18,10 @@ from guardrail_harmful_content.training.pooled import (
     PoolRecord,
     fit_loso,
     fit_probe,
-    normalise_records,
     to_dual_head,
 )
 from guardrail_harmful_content.training.scoring import prefix_scores, stack_layers
+from guardrail_harmful_content.training.selection.features import normalise_records
 
 from guardrail.monitor import Features, MonitorContext
 from guardrail.probes.io import ProbeFileError, save_probe

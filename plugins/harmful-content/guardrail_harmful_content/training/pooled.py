@@ -10,7 +10,7 @@ weight ``2 ** (-(i - j) / halflife)`` on token ``j`` (``pool_states``): a long b
 then does not dilute the harm that follows it, so a rule can halt soon after an answer turns.
 ``halflife`` may be a tuple of half-lives: one weighted mean per half-life, side by side within
 each layer's block of columns (``HalfLife``). Each token's states may be normalised before
-pooling (``normalise_records``, ``pooling.normalise_tokens``: the monitor applies the same).
+pooling (``selection.features.normalise_records``; the monitor applies the same).
 
 Training rows: each record's prefix means at a few cut points (absolute and relative). A harmful
 record's prefix counts as harmful once it has reached the record's first harmful token (from the
@@ -48,13 +48,13 @@ import numpy as np
 import torch
 
 from ..head import DualHead
-from ..pooling import halflives_of, normalise_tokens
+from ..pooling import halflives_of
 from .linear_fit import FITS, Moments, fit_logistic, platt, ridge_fit
 
 __all__ = ["CUT_FRACTIONS", "CUT_TOKENS", "FITS", "HalfLife", "LinearProbe", "PoolRecord",
            "PromptTermRange", "as_halflife", "cell_weight", "cut_positions", "decay_of",
-           "fit_logistic", "fit_loso", "fit_probe", "layer_columns", "normalise_records",
-           "pool_states", "prompt_matrix", "row_matrix", "to_dual_head"]
+           "fit_logistic", "fit_loso", "fit_probe", "layer_columns", "pool_states",
+           "prompt_matrix", "row_matrix", "to_dual_head"]
 
 HalfLife = float | tuple[float, ...] | None
 """A pooled probe's pooling: None, the prefix mean; a number, one weighted mean; a tuple of two or
@@ -98,18 +98,6 @@ def as_halflife(value: Any) -> HalfLife:
 def _pools(halflife: HalfLife) -> tuple[float | None, ...]:
     """The pools of one layer's block, in column order."""
     return (None,) if halflife is None else halflives_of(halflife)
-
-
-def normalise_records(records: Sequence[PoolRecord], token_norm: str) -> None:
-    """Normalise every record's states token by token (``pooling.normalise_tokens``, as the
-    monitor does for a head whose config names ``token_norm``), in place, keeping each array's
-    dtype (the float16 caches stay float16: the pool is read into memory whole)."""
-    if token_norm == "none":
-        normalise_tokens(np.zeros((1, 1)), token_norm)  # still names a bad value
-        return
-    for r in records:
-        r.hidden = {layer: normalise_tokens(h, token_norm).astype(h.dtype)
-                    for layer, h in r.hidden.items()}
 
 
 def decay_of(halflife: float | None) -> float:

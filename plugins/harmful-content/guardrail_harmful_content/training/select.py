@@ -49,9 +49,9 @@ from pathlib import Path
 
 from ..pooling import TOKEN_NORMS, halflives_of
 from .context import attach_prompt_states, load_prompt_states
-from .pooled import FITS, HalfLife, normalise_records
+from .pooled import FITS, HalfLife
 from .selection.data import reconcile
-from .selection.features import extract, load_parts, load_pool
+from .selection.features import extract, load_parts, load_pool, normalise_records
 from .selection.groups import harmful_prompt_groups
 from .selection.record import (
     candidate_name,

@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from ...pooling import normalise_tokens
 from ..context import context_key, record_conversation
 from ..pooled import PoolRecord
 
-__all__ = ["extract", "load_parts", "load_pool"]
+__all__ = ["extract", "load_parts", "load_pool", "normalise_records"]
 
 
 def _first_harm(row: dict[str, Any], offsets: np.ndarray) -> int | None:
@@ -79,3 +80,15 @@ def load_parts(pools: Sequence[Path], features: Sequence[Path], layers: Sequence
     """``load_pool`` of each (pool part, feature folder) pair, concatenated."""
     return [r for pool, folder in zip(pools, features, strict=True)
             for r in load_pool(pool, folder, layers)]
+
+
+def normalise_records(records: Sequence[PoolRecord], token_norm: str) -> None:
+    """Normalise every record's states token by token (``pooling.normalise_tokens``, as the
+    monitor does for a head whose config names ``token_norm``), in place, keeping each array's
+    dtype (the float16 caches stay float16: the pool is read into memory whole)."""
+    if token_norm == "none":
+        normalise_tokens(np.zeros((1, 1)), token_norm)  # still names a bad value
+        return
+    for r in records:
+        r.hidden = {layer: normalise_tokens(h, token_norm).astype(h.dtype)
+                    for layer, h in r.hidden.items()}
