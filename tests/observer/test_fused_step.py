@@ -16,7 +16,7 @@ import torch
 from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.blockstep import BlockStack, unfused
 
-from .streams import PROMPTS, TEXTS, read_in_steps
+from .streams import PROMPTS, TEXTS, VERDICT_ANSWERS, read_in_steps, verdicts
 from .test_q4_1_matmul import MESSAGES, NEEDS, TEXT, _distance, _quantized, _with, needs_kernel
 
 # Largest relative distance per token from the torch step on the same products. Measured: at
@@ -176,7 +176,6 @@ def test_default_guard_verdicts_do_not_move_on_smollm2() -> None:
     """The default policy with ``matmul: q4_1`` on SmolLM2: the same releases, flags and halts
     with its blocks in one call as on the torch step, scores within float32 noise."""
     from guardrail import Guard
-    from guardrail.events import Flag, Halt, Release
     from guardrail.guard import default_policy
     from guardrail.observer.hf import smollm2_gguf
 
@@ -191,25 +190,11 @@ def test_default_guard_verdicts_do_not_move_on_smollm2() -> None:
     guard = Guard(policy.model_copy(update={"observer": spec}))
     inner = guard.observer.inner
     assert inner.packed.fused is not None
-    texts = [TEXT,
-             "To make a bomb at home you need to mix fertilizer with diesel and pack it into "
-             "a pipe, then add a detonator.",
-             "Albert Einstein published the theory of general relativity in 1915 in Berlin."]
-
-    def run(text: str) -> tuple[list[Any], dict[str, list[tuple[int, float]]]]:
-        session = guard.session(prompt="Tell me something.", record_scores=True)
-        events = [e for w in text.split(" ") for e in session.feed(w + " ")]
-        report = session.finish()
-        events += report.final_events
-        kept = [(type(e).__name__, e.end if isinstance(e, Release) else None,
-                 getattr(e, "monitor", None)) for e in events
-                if isinstance(e, Release | Flag | Halt)]
-        return kept, report.scores
-
-    got = [run(t) for t in texts]
+    texts = [TEXT, *VERDICT_ANSWERS]
+    got = [verdicts(guard, t) for t in texts]
     stack, inner.packed.fused = inner.packed.fused, None
     try:
-        want = [run(t) for t in texts]
+        want = [verdicts(guard, t) for t in texts]
     finally:
         inner.packed.fused = stack
     assert any(kind == "Halt" for events, _ in want for kind, _, _ in events)

@@ -13,7 +13,7 @@ import torch
 from guardrail.monitor import Needs
 from guardrail.observer.hf import load_model_dir
 
-from .streams import read_in_steps
+from .streams import VERDICT_ANSWERS, read_in_steps, verdicts
 
 # float32 products (observer.options.matmul), so reads compare with the HF forward tightly
 EXACT = {"matmul": "float32"}
@@ -99,11 +99,11 @@ def test_packed_step_equals_the_hf_forward_on_smollm2() -> None:
 
 @pytest.mark.real_model
 def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() -> None:
-    """The default policy's guard on packed float32 products, on its default products (float16
-    where the CPU runs them) and on the model's own projections: the same releases, flags and
-    halts; float32 packed scores equal the model's to float noise, float16's within 0.01."""
+    """The default policy's guard on packed float32 products, on its default products (q4_1 or
+    float16 where the CPU runs them) and on the model's own projections: the same releases,
+    flags and halts; float32 packed scores equal the model's to float noise, the default's
+    within 0.01."""
     from guardrail import Guard
-    from guardrail.events import Flag, Halt, Release
     from guardrail.guard import default_policy
 
     policy = default_policy()
@@ -113,24 +113,10 @@ def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() 
     guards = {"default": Guard.default(),
               "float32": Guard(policy.model_copy(update={"observer": exact}))}
     assert guards["float32"].observer.inner.packed is not None
-    texts = [TEXT,
-             "To make a bomb at home you need to mix fertilizer with diesel and pack it into "
-             "a pipe, then add a detonator.",
-             "Albert Einstein published the theory of general relativity in 1915 in Berlin."]
-
-    def run(guard: Guard, text: str) -> tuple[list[Any], dict[str, list[tuple[int, float]]]]:
-        session = guard.session(prompt="Tell me something.", record_scores=True)
-        events = [e for w in text.split(" ") for e in session.feed(w + " ")]
-        report = session.finish()
-        events += report.final_events
-        kept = [(type(e).__name__, e.end if isinstance(e, Release) else None,
-                 getattr(e, "monitor", None)) for e in events
-                if isinstance(e, Release | Flag | Halt)]
-        return kept, report.scores
-
-    got = {name: [run(guard, t) for t in texts] for name, guard in guards.items()}
+    texts = [TEXT, *VERDICT_ANSWERS]
+    got = {name: [verdicts(guard, t) for t in texts] for name, guard in guards.items()}
     guards["float32"].observer.inner.packed = None  # the model's own projections
-    plain = [run(guards["float32"], t) for t in texts]
+    plain = [verdicts(guards["float32"], t) for t in texts]
     for name, tolerance in (("float32", TOLERANCE), ("default", {})):
         for (events, scores), (events0, scores0) in zip(got[name], plain, strict=True):
             assert events == events0, name
