@@ -29,9 +29,13 @@ monitor's entities only, as the monitor scores it (``token_probe_entities``).
   ``bench/results/entity_loso.json``.
 
   ``--grid pass6`` runs the sixth pass's token-prior candidates (``--prior`` FILE, built by
-  ``python -m guardrail_entity_hallucination.training.token_prior``).
+  ``python -m guardrail_entity_hallucination.training.token_prior``); ``--grid pass7`` the
+  seventh pass's within-kind candidates (the same prior file), written to
+  ``entity_loso_pass7.json`` (each result holds ``in_kind``: out-of-fold AUCs per source and
+  kind).
 
-    python -m bench.entity_eval [--quick] [--loso [--grid pass6]] [--data DIR] [--features DIR]
+    python -m bench.entity_eval [--quick] [--loso [--grid pass6|pass7]] [--data DIR]
+        [--features DIR]
 """
 
 from __future__ import annotations
@@ -108,10 +112,11 @@ def main(argv: list[str] | None = None) -> Path:
                         help="test records streamed through guardrail eval")
     parser.add_argument("--loso", action="store_true",
                         help="leave-one-source-out figures (bench/results/entity_loso.json)")
-    parser.add_argument("--grid", choices=("pass5", "pass6"), default="pass5",
-                        help="with --loso: the candidates (pass6: the token-prior pass)")
+    parser.add_argument("--grid", choices=("pass5", "pass6", "pass7"), default="pass5",
+                        help="with --loso: the candidates (pass6: the token-prior pass; "
+                        "pass7: within the entity's kind)")
     parser.add_argument("--prior", type=Path, default=None,
-                        help="with --loso --grid pass6: the token prior file (default: "
+                        help="with --loso --grid pass6/pass7: the token prior file (default: "
                         "token-prior.safetensors in the feature cache)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="with --loso: a span head to report in source beside the figures")
@@ -282,7 +287,8 @@ def _loso(data: Path | None, features: Path | None, reference: Path | None,
     elif PREVIOUS in result["span_auc"]:  # the head this one replaced, for the per-source table
         result["previous"] = PREVIOUS
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    path = write_result("entity_loso", result)
+    # The seventh pass's figures never overwrite the shipped recipe's LOSO file.
+    path = write_result("entity_loso_pass7" if grid == "pass7" else "entity_loso", result)
     print(render_loso(result))
     return path
 

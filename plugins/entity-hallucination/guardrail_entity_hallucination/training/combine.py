@@ -12,7 +12,8 @@ read.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +24,13 @@ from ..span_probe import ALL_FEATURES, SPAN_FEATURES, EntitySpanProbe, StateBloc
 from ..token_prior import PRIORS
 from .train_span import Block, SpanRows
 
+if TYPE_CHECKING:
+    from .kinds import KindSpanProbe
+
 __all__ = ["COMBINED_CANDIDATES", "GRIDS", "LOGIT_CANDIDATES", "LOSO_GRID", "PASS4_GRID",
-           "PASS5", "PASS5_GRID", "PASS6_GRID", "PASS6_PRIOR_CANDIDATES", "STATE_BLOCKS",
-           "Candidate", "Design", "design", "fit_candidate", "source_weights"]
+           "PASS5", "PASS5_GRID", "PASS6_GRID", "PASS6_PRIOR_CANDIDATES", "PASS7_CANDIDATES",
+           "PASS7_GRID", "STATE_BLOCKS", "Candidate", "Design", "design", "fit_candidate",
+           "fit_scorer", "source_weights"]
 
 STATS = ("surprisal_max", "surprisal_mean", "surprisal_first", "entropy_max", "entropy_mean",
          "entropy_first", "log_tokens")
@@ -49,6 +54,10 @@ class Candidate:
     # Added for the third LOSO pass (issue 23), before its figures were read:
     monotone: bool = False  # surprisal weights kept >= 0 (more surprising never scores lower)
     ensemble: bool = False  # one fit per training source with both labels, weights averaged
+    # Seventh pass (``kinds``): features standardised within the entity's kind, or one
+    # calibration per kind; fitted through ``fit_scorer``, not ``fit_candidate``.
+    within_kind: tuple[str, ...] = ()
+    per_kind: bool = False
 
 
 COMBINED_CANDIDATES: tuple[Candidate, ...] = (
@@ -169,7 +178,28 @@ PASS6_GRID: tuple[Candidate, ...] = (
     *(next(c for c in COMBINED_CANDIDATES if c.name == name)
       for name in ("surprisal, ensemble", "surprisal max, monotone")),
     *PASS6_PRIOR_CANDIDATES)
-GRIDS: dict[str, tuple[Candidate, ...]] = {"pass5": PASS5_GRID, "pass6": PASS6_GRID}
+# Seventh pass (docs/entity-hallucination.md, "Seventh pass"; `--grid pass7`), written before
+# its figures: surprisal and the sixth pass's best two priors' pmi standardised within the
+# entity's kind, and the shipped recipe calibrated once per kind.
+_PMI = {p: (f"pmi_{p}_max", f"pmi_{p}_mean") for p in ("meanlog", "merge")}
+PASS7_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("surprisal in kind max, monotone", ("surprisal_max",), monotone=True,
+              within_kind=("surprisal_max",)),
+    Candidate("surprisal in kind, ensemble", SURPRISAL, monotone=True, ensemble=True,
+              within_kind=SURPRISAL),
+    Candidate("surprisal, ensemble per kind", SURPRISAL, monotone=True, ensemble=True,
+              per_kind=True),
+    *(c for p, pmi in _PMI.items() for c in (
+        Candidate(f"pmi-{p} in kind, ensemble", pmi, monotone=True, ensemble=True,
+                  within_kind=pmi),
+        Candidate(f"surprisal+pmi-{p} in kind, ensemble", SURPRISAL + pmi, monotone=True,
+                  ensemble=True, within_kind=pmi),
+        Candidate(f"surprisal in kind+pmi-{p} in kind, ensemble", SURPRISAL + pmi,
+                  monotone=True, ensemble=True, within_kind=SURPRISAL + pmi))))
+COMBINED_CANDIDATES += PASS7_CANDIDATES
+PASS7_GRID: tuple[Candidate, ...] = (*PASS6_GRID[:2], *PASS7_CANDIDATES)
+GRIDS: dict[str, tuple[Candidate, ...]] = {"pass5": PASS5_GRID, "pass6": PASS6_GRID,
+                                           "pass7": PASS7_GRID}
 
 
 @dataclasses.dataclass
@@ -300,6 +330,8 @@ def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int,
     training design and its raw weights (for scoring held-out designs)."""
     if len(rows) == 0 or len(set(rows.labels.tolist())) < 2:
         raise ValueError("the combined head needs training entities of both labels")
+    if candidate.within_kind or candidate.per_kind:
+        raise ValueError(f"candidate {candidate.name!r} reads the entity's kind: fit_scorer")
     d = design(rows, candidate.states)
     if (candidate.balanced or candidate.ensemble) and sources is None:
         raise ValueError(f"candidate {candidate.name!r} weighs sources: pass each row's source")
@@ -337,6 +369,20 @@ def fit_candidate(rows: SpanRows, candidate: Candidate, hidden_size: int,
                             torch.tensor(d.feature_std[keep], dtype=torch.float32),
                             blocks=tuple(state_blocks) if candidate.states else ())
     return probe, d, (ws, wf, b)
+
+
+def fit_scorer(rows: SpanRows, candidate: Candidate, hidden_size: int,
+               sources: Sequence[str] | None = None
+               ) -> tuple[EntitySpanProbe | KindSpanProbe, Callable[[SpanRows], np.ndarray]]:
+    """``candidate`` fitted on ``rows`` as the monitor runs it (a span head, or one per kind
+    for a seventh-pass candidate) and the logits it gives other rows (out-of-fold scores)."""
+    if candidate.within_kind or candidate.per_kind:
+        from .kinds import fit_kind_candidate
+
+        kind_probe = fit_kind_candidate(rows, candidate, hidden_size, sources)
+        return kind_probe, kind_probe.row_logits
+    probe, d, weights = fit_candidate(rows, candidate, hidden_size, sources)
+    return probe, lambda held: design_logits(design(held, candidate.states, like=d), weights)
 
 
 def design_logits(d: Design, weights: tuple[np.ndarray, np.ndarray, float]) -> np.ndarray:

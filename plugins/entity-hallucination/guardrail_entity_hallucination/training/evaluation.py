@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.probes.arrays import float32_rows
 from guardrail.toolkit.features import CachedRecord
@@ -31,6 +31,9 @@ from ..probe import AnyEntityProbe
 from ..span_probe import EntitySpanProbe, prefix_surprisal, span_members
 from ..spans import EntitySpan, find_entities
 from .logit_stats import record_extras
+
+if TYPE_CHECKING:
+    from .kinds import KindSpanProbe
 
 __all__ = ["BASELINES", "Scorers", "TokenScorer", "entity_tokens_only", "evaluate_by_type",
            "evaluate_records", "probe_scorer", "roc_points", "score_tokens", "span_auc",
@@ -43,7 +46,7 @@ TokenScorer = Callable[[CachedRecord], list[float]]
 BASELINES = ("surprisal", "entropy")
 
 
-def span_probe_scorer(probe: EntitySpanProbe,
+def span_probe_scorer(probe: EntitySpanProbe | KindSpanProbe,
                       finder: Callable[[str], Sequence[EntitySpan]] | None = None) -> TokenScorer:
     """Per-token scores of a span head, the monitor's way (see the module docstring);
     ``finder``: the entities of a whole response (default: ``find_entities(text, final=True)``;

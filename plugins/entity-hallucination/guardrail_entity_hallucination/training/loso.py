@@ -233,7 +233,7 @@ def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequenc
     ``groups`` (source -> cached records), fit on every other source and score the held-out one
     the monitor's way. Returns per source and candidate the span AUC, and the out-of-fold entity
     scores (for the threshold) with their labels, sources and owners."""
-    from .combine import design, design_logits, fit_candidate
+    from .combine import fit_scorer
     from .evaluation import span_probe_scorer
 
     sources = sorted(groups)
@@ -251,11 +251,11 @@ def evaluate_candidates(groups: Mapping[str, Sequence[Any]], candidates: Sequenc
             others = [s for s in sources if s != held]
             train = _concat([rows[s][0] for s in others])
             tags = [s for s in others for _ in range(len(rows[s][0]))]
-            probe, d, weights = fit_candidate(train, c, hidden_size, tags)
+            probe, held_logits = fit_scorer(train, c, hidden_size, tags)
             per[held] = _auc(groups[held], span_probe_scorer(probe))
             held_rows, owners = rows[held]
             if len(held_rows):
-                logits = design_logits(design(held_rows, c.states, like=d), weights)
+                logits = held_logits(held_rows)
                 oof.append((logits, held_rows.labels, [held] * len(held_rows), owners))
         if progress:
             print(f"loso {c.name}: {per}", file=sys.stderr, flush=True)

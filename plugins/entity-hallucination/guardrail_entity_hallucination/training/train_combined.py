@@ -130,6 +130,7 @@ def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
 
     from ..span_probe import SPAN_FEATURES
     from .combine import LOSO_GRID
+    from .kinds import in_kind_aucs
     from .loso import choose, evaluate_candidates, flag_rates, owned_rows, threshold_for
 
     rows = {s: owned_rows(records) for s, records in groups.items()}
@@ -158,6 +159,7 @@ def run_loso(groups: Mapping[str, Sequence[Any]], hidden_size: int,
             "flag_rates": rates, "sources": result["sources"], "pool": pool,
             "span_auc": {n: b["span_auc"] for n, b in result["candidates"].items()},
             "grid": list(result["candidates"]),
+            "in_kind": in_kind_aucs(result, rows),
             "reference": reference_figures(groups, reference)}
 
 
@@ -165,7 +167,7 @@ def in_split(groups: Mapping[str, Sequence[Any]], name: str, hidden_size: int
              ) -> dict[str, Any]:
     """In-split figures: fitted on the pool's train and val records, scored on its test
     records (held-out topics and templates) and the paired set, as the old test split did."""
-    from .combine import COMBINED_CANDIDATES, fit_candidate
+    from .combine import COMBINED_CANDIDATES, fit_scorer
     from .evaluation import span_probe_scorer
     from .loso import _auc, _concat, baselines, owned_rows
 
@@ -176,8 +178,8 @@ def in_split(groups: Mapping[str, Sequence[Any]], name: str, hidden_size: int
             and r.extra.get("kind") in ("country", "city")]
     paired = [r for r in records if r.extra.get("split") == "paired"]
     parts = [(r.extra.get("origin", ""), owned_rows([r])[0]) for r in train]
-    probe, _, _ = fit_candidate(_concat([p for _, p in parts]), candidate, hidden_size,
-                                [tag for tag, p in parts for _ in range(len(p))])
+    probe, _ = fit_scorer(_concat([p for _, p in parts]), candidate, hidden_size,
+                          [tag for tag, p in parts for _ in range(len(p))])
     return {"train_records": len(train),
             "test_longform": {"records": len(test),
                               "combined": _auc(test, span_probe_scorer(probe)),
