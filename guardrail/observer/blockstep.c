@@ -119,19 +119,25 @@ static inline __attribute__((always_inline)) void dots(int R, int KC, const floa
     default: dots(R, 4, __VA_ARGS__); break;                                                  \
     }
 
-/* s[r, j] = q_r . k_j for R rows of q (R, d) and keys j < nk at stride ldk. */
+#define KEYS_BLOCK 64 /* keys per pass over the rows: 16 KB of them at d = 64, in L1 */
+
+/* s[r, j] = q_r . k_j for R rows of q (R, d) and keys j < nk at stride ldk: the keys in blocks,
+ * each shared by every row tile while it is in L1. */
 static void scores(int R, const float *q, int d, const float *k, size_t ldk, int nk, float *s,
                    size_t lds) {
-    for (int r0 = 0; r0 < R; r0 += 3) {
-        int rr = R - r0 < 3 ? R - r0 : 3;
-        for (int j0 = 0; j0 < nk; j0 += 4) {
-            int KC = nk - j0 < 4 ? nk - j0 : 4;
-            const float *qr = q + (size_t)r0 * d, *kj = k + j0 * ldk;
-            float *sr = s + r0 * lds + j0;
-            switch (rr) {
-            case 1: DOTS_KC(1, qr, d, kj, ldk, sr, lds) break;
-            case 2: DOTS_KC(2, qr, d, kj, ldk, sr, lds) break;
-            default: DOTS_KC(3, qr, d, kj, ldk, sr, lds) break;
+    for (int b0 = 0; b0 < nk; b0 += KEYS_BLOCK) {
+        const int b1 = nk - b0 < KEYS_BLOCK ? nk : b0 + KEYS_BLOCK;
+        for (int r0 = 0; r0 < R; r0 += 3) {
+            int rr = R - r0 < 3 ? R - r0 : 3;
+            for (int j0 = b0; j0 < b1; j0 += 4) {
+                int KC = b1 - j0 < 4 ? b1 - j0 : 4;
+                const float *qr = q + (size_t)r0 * d, *kj = k + j0 * ldk;
+                float *sr = s + r0 * lds + j0;
+                switch (rr) {
+                case 1: DOTS_KC(1, qr, d, kj, ldk, sr, lds) break;
+                case 2: DOTS_KC(2, qr, d, kj, ldk, sr, lds) break;
+                default: DOTS_KC(3, qr, d, kj, ldk, sr, lds) break;
+                }
             }
         }
     }
@@ -145,7 +151,9 @@ static inline __attribute__((always_inline)) void wsum(int R, int VC, const floa
                                                        int add) {
     __m256 acc[3][4];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < VC; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int c = 0; c < VC; c++)
+            acc[r][c] = add ? _mm256_loadu_ps(o + (size_t)r * d + c0 + 8 * c)
+                            : _mm256_setzero_ps();
     for (int j = 0; j < nk; j++) {
         __m256 wj[3];
         for (int r = 0; r < R; r++) wj[r] = _mm256_broadcast_ss(w + r * ldw + j);
@@ -155,12 +163,7 @@ static inline __attribute__((always_inline)) void wsum(int R, int VC, const floa
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < VC; c++) {
-            float *out = o + (size_t)r * d + c0 + 8 * c;
-            __m256 a = acc[r][c];
-            if (add) a = _mm256_add_ps(a, _mm256_loadu_ps(out));
-            _mm256_storeu_ps(out, a);
-        }
+        for (int c = 0; c < VC; c++) _mm256_storeu_ps(o + (size_t)r * d + c0 + 8 * c, acc[r][c]);
 }
 
 #define WSUM_VC(R, ...)                                                                       \
@@ -171,19 +174,28 @@ static inline __attribute__((always_inline)) void wsum(int R, int VC, const floa
     default: wsum(R, 4, __VA_ARGS__); break;                                                  \
     }
 
-/* o (R, d) (+)= w (R, nk) @ v (nk, d at stride ldv). */
+#define VALUES_BLOCK 64 /* values per pass over the rows: 16 KB of them at d = 64, in L1 */
+
+/* o (R, d) (+)= w (R, nk) @ v (nk, d at stride ldv). The values in blocks, each shared by every
+ * row tile while it is in L1 (rather than every row tile streaming all of them); each sum
+ * still runs over the values in order, carried in o from block to block. */
 static void weighted(int R, const float *w, size_t ldw, const float *v, size_t ldv, int nk,
                      float *o, int d, int add) {
-    for (int r0 = 0; r0 < R; r0 += 3) {
-        int rr = R - r0 < 3 ? R - r0 : 3;
-        for (int c0 = 0; c0 < d; c0 += 32) {
-            int VC = (d - c0) / 8 < 4 ? (d - c0) / 8 : 4;
-            const float *wr = w + r0 * ldw;
-            float *orow = o + (size_t)r0 * d;
-            switch (rr) {
-            case 1: WSUM_VC(1, wr, ldw, v, ldv, nk, c0, orow, d, add) break;
-            case 2: WSUM_VC(2, wr, ldw, v, ldv, nk, c0, orow, d, add) break;
-            default: WSUM_VC(3, wr, ldw, v, ldv, nk, c0, orow, d, add) break;
+    for (int j0 = 0; j0 < nk; j0 += VALUES_BLOCK) {
+        const int kb = nk - j0 < VALUES_BLOCK ? nk - j0 : VALUES_BLOCK;
+        const int more = add || j0 > 0;
+        const float *vb = v + (size_t)j0 * ldv;
+        for (int r0 = 0; r0 < R; r0 += 3) {
+            int rr = R - r0 < 3 ? R - r0 : 3;
+            for (int c0 = 0; c0 < d; c0 += 32) {
+                int VC = (d - c0) / 8 < 4 ? (d - c0) / 8 : 4;
+                const float *wr = w + r0 * ldw + j0;
+                float *orow = o + (size_t)r0 * d;
+                switch (rr) {
+                case 1: WSUM_VC(1, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
+                case 2: WSUM_VC(2, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
+                default: WSUM_VC(3, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
+                }
             }
         }
     }
@@ -191,11 +203,17 @@ static void weighted(int R, const float *w, size_t ldw, const float *v, size_t l
 
 /* Each row's softmax over its first `visible` scores; the rest of the row set to 0. */
 static void softmax_row(float *s, int visible, int width) {
-    float mx = s[0];
-    for (int j = 1; j < visible; j++) mx = s[j] > mx ? s[j] : mx;
-    __m256 m8 = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
     int j = 0;
-    for (; j + 8 <= visible; j += 8) {
+    for (; j + 8 <= visible; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float mx = _mm_cvtss_f32(h);
+    for (; j < visible; j++) mx = s[j] > mx ? s[j] : mx;
+    __m256 sum8 = _mm256_setzero_ps();
+    m8 = _mm256_set1_ps(mx);
+    for (j = 0; j + 8 <= visible; j += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
         _mm256_storeu_ps(s + j, e);
         sum8 = _mm256_add_ps(sum8, e);
@@ -205,7 +223,11 @@ static void softmax_row(float *s, int visible, int width) {
         s[j] = exp1(s[j] - mx);
         sum += s[j];
     }
-    for (j = 0; j < visible; j++) s[j] = s[j] / sum;
+    const float inv = 1.0f / sum;  /* one division a row, then products */
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    for (j = 0; j + 8 <= visible; j += 8)
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv8));
+    for (; j < visible; j++) s[j] = s[j] * inv;
     for (; j < width; j++) s[j] = 0.0f;
 }
 

@@ -72,6 +72,26 @@ def test_one_stream_reads_the_torch_steps_states(fused: Any) -> None:
             _near(a.logits, b.logits, (step, "unbatched"))
 
 
+def test_a_long_cache_is_read_as_the_torch_step_reads_it(fused: Any) -> None:
+    """Attention over a cache several blocks of keys and values long (the C code takes them 64
+    at a time, ending in a partial block): the torch step's states and logits at every read."""
+    plain = _torch_step(fused)
+    tokens = fused.tokenizer.tokenize(TEXT * 4)
+    assert len(tokens) > 3 * 64 + 7
+    states = []
+    reads = []
+    for observer in (fused, plain):
+        state = observer.start(MESSAGES, NEEDS)
+        reads.append([observer.extend(state, tokens[i:i + 9], NEEDS)
+                      for i in range(0, len(tokens), 9)])
+        states.append(state)
+    assert states[0].kv.length() == states[1].kv.length() > 3 * 64
+    for r, (a, b) in enumerate(zip(*reads, strict=True)):
+        for layer in NEEDS.layers:
+            _near(a.hidden[layer], b.hidden[layer], (layer, r))
+        _near(a.logits, b.logits, r)
+
+
 def test_streams_read_in_one_forward_match_their_own_reads(fused: Any) -> None:
     """Five streams' reads of different sizes packed in one forward (each attending over its
     own cache) give what each stream read alone gives, and the torch step's rows."""
