@@ -1,12 +1,16 @@
 """Hidden-state policies under concurrency: the default policy behind ``guardrail serve`` against
 NeMo Guardrails' streaming output rail with the same monitors, 1/8/32 streams at 25 tokens/s.
 
-    python -m bench.serve_pace            # full run (writes bench/results/serve_pace.json)
-    python -m bench.serve_pace --quick    # 1 and 2 streams, 40 words, NeMo defaults only
+    python -m bench.serve_pace              # full run (writes bench/results/serve_pace.json)
+    python -m bench.serve_pace --unit word  # a word per chunk (results: serve_pace_words.json)
+    python -m bench.serve_pace --quick      # 1 and 2 streams, 40 words, NeMo defaults only
 
 Ours: the recorded answers of guardrail/data/demo_replays.jsonl (harmful and benign; long ones
-cut to ``WORDS`` words) are served word by word by the loopback upstream
-(guardrail.testing.upstream, ``DELAY`` s between chunks: 25 tokens/s per stream) through
+cut to ``WORDS`` words) are served token by token by the loopback upstream
+(guardrail.testing.upstream, ``DELAY`` s between chunks: 25 tokens/s per stream, as an API
+streams a token per delta; the tokens are the observer's, SmolLM2's). ``--unit word`` serves a
+word per chunk at the same ``DELAY`` instead: 25 words/s, 29-36 of SmolLM2's tokens/s on these
+answers. Either way the answers go through
 ``guardrail serve`` with the default policy (``Guard.default()``: the SmolLM2 observer, torch, and
 the harm, facts and router monitors) in a subprocess with ``OMP_NUM_THREADS=1``. Each level runs
 ``--rounds`` rounds; in a round ``N`` async clients each stream one answer, all starting together.
@@ -17,7 +21,8 @@ Per concurrency level:
   keeps pace when every stream is at >= 0.95;
 - *added chunk gap p95*: p95 of the gaps between content chunks at the client minus the same
   at the upstream (direct, same concurrency, no guard);
-- *CPU-s per 1,000 tokens*: the proxy process's CPU time over the level / upstream chunks read;
+- *CPU-s per 1,000 tokens*: the proxy process's CPU time over the level / upstream tokens read
+  (SmolLM2's tokens in the chunks read, either unit);
 - *crossings*: streams whose verdicts (text shown, finish reason, guard events) differ from the
   same answer streamed alone; *leaks*: halted streams that showed text at or past the halting
   token; *past the verdict*: upstream chunks written after the halt verdict (a hook in the proxy
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import itertools
 import json
 import os
@@ -64,6 +70,7 @@ from .common import free_port, median, p95, wait_healthy, write_result
 from .peer_nemo import NEMO_VENV
 
 NAME = "serve_pace"
+WORDS_NAME = "serve_pace_words"  # --unit word
 DELAY = 0.04  # s between upstream chunks: 25 tokens/s
 WORDS = 80  # longer answers are cut here (a 3.2 s stream)
 PACE_KEPT = 0.95
@@ -110,13 +117,33 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def load_scripts(words: int = WORDS) -> list[dict[str, Any]]:
+def load_scripts(words: int = WORDS, unit: str = "token") -> list[dict[str, Any]]:
+    """The replays cut to ``words`` words, in chunks of a token (SmolLM2's) or a word; each with
+    its count of SmolLM2 tokens (what the CPU cost per 1,000 tokens divides by)."""
+    from transformers import AutoTokenizer
+
+    from guardrail.observer.hf import smollm2_dir
+    from guardrail.observer.tokenization import HFTokenizer
     from guardrail.testing.upstream import split_words
 
+    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(smollm2_dir()))
     text = resources.files("guardrail").joinpath("data/demo_replays.jsonl").read_text("utf-8")
     rows = [json.loads(x) for x in text.splitlines() if x.strip()]
-    return [{"title": r["title"], "prompt": r["prompt"],
-             "chunks": split_words(r["response"])[:words]} for r in rows]
+    scripts = []
+    for r in rows:
+        answer = "".join(split_words(r["response"])[:words])
+        spans = tokenizer.tokenize(answer)
+        chunks = (split_words(answer) if unit == "word"
+                  else [answer[a.start:b.start] for a, b in itertools.pairwise(spans)]
+                  + [answer[spans[-1].start:]])
+        assert "".join(chunks) == answer, r["title"]
+        ends = list(itertools.accumulate(map(len, chunks)))  # a token counts in its first chunk
+        starts = [span.start for span in spans]
+        counts = [bisect.bisect_left(starts, end) for end in ends]
+        scripts.append({"title": r["title"], "prompt": r["prompt"], "chunks": chunks,
+                        "chunk_tokens": [b - a for a, b in zip([0, *counts], counts,
+                                                               strict=False)]})
+    return scripts
 
 
 @dataclass
@@ -276,7 +303,7 @@ def _level(results: list[StreamResult], records: dict[str, Any], verdicts: dict[
     for r in results:
         record = records.get(r.model)
         chunk_times = record.chunk_times[1:] if record is not None else []
-        tokens += len(chunk_times)
+        tokens += sum(scripts[r.script]["chunk_tokens"][:len(chunk_times)])
         if r.ok and chunk_times and r.content_times:
             first.append((r.content_times[0] - chunk_times[0]) * 1000)
             paces.append((chunk_times[-1] - r.started) / (r.content_times[-1] - r.started))
@@ -470,6 +497,9 @@ def main(argv: list[str] | None = None) -> Path:
                              "(e.g. '1 worker={\"workers\": 1}'), taking turns with it")
     parser.add_argument("--baseline", type=Path, metavar="PATH",
                         help="also serve the default policy from the code of this checkout")
+    parser.add_argument("--unit", choices=["token", "word"], default="token",
+                        help="what an upstream chunk holds: a token of the observer's (25 "
+                             "tokens/s) or a word (25 words/s; results: serve_pace_words)")
     args = parser.parse_args(argv)
     variants: dict[str, dict[str, Any]] = {}
     if args.baseline is not None:
@@ -491,15 +521,19 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"[serve_pace] {message}", file=sys.stderr, flush=True)
 
     words = WORDS // 2 if args.quick else WORDS  # quick: a smoke test within make bench-quick
-    scripts = load_scripts(words)
+    scripts = load_scripts(words, args.unit)
     ours, halts, others = run_ours(scripts, levels, rounds, say, variants)
     configs = ([NEMO_CONFIGS[i] for i in args.nemo_configs] if args.nemo_configs
                else NEMO_CONFIGS[:1] if args.quick else NEMO_CONFIGS)
     nemo = {"note": "not run (--no-nemo)"} if args.no_nemo else \
         run_nemo(scripts, levels, rounds, configs, halts, say)
-    return write_result(NAME, {
+    tokens = [sum(s["chunk_tokens"]) for s in scripts]
+    return write_result(NAME if args.unit == "token" else WORDS_NAME, {
         "quick": args.quick, "levels": levels, "rounds": rounds, "delay_s": DELAY,
-        "words_max": words, "scripts": [s["title"] for s in scripts], "pace_kept": PACE_KEPT,
+        "unit": args.unit, "words_max": words, "scripts": [s["title"] for s in scripts],
+        "script_tokens": tokens,
+        "tokens_per_chunk": round(sum(tokens) / sum(len(s["chunks"]) for s in scripts), 2),
+        "pace_kept": PACE_KEPT,
         "ours": ours, "variants": {name: {"observer_options": variants[name], "rows": rows}
                                    for name, rows in others.items()},
         "solo_halts_at_char": halts, "nemo": nemo, "cores": os.cpu_count()})
@@ -538,6 +572,23 @@ def _fmt(value: Any, spec: str = "{:.2f}") -> str:
     return "-" if value is None else spec.format(value)
 
 
+def _pace_words(result: Mapping[str, Any]) -> str:
+    """What the upstream sent, in the units it sent them."""
+    rate = 1 / result["delay_s"]
+    if result.get("unit", "word") == "token":
+        return f"{rate:.0f} tokens/s (a token of SmolLM2's per chunk)"
+    per = result.get("tokens_per_chunk")
+    extra = f", {rate * per:.0f} of SmolLM2's tokens/s on these answers" if per else ""
+    return f"{rate:.0f} words/s (a word per chunk{extra})"
+
+
+def render_words(result: dict[str, Any]) -> str:
+    """The same benchmark with a word per upstream chunk (``--unit word``)."""
+    text = render(result)
+    return text.replace("## Hidden-state policies under concurrency: `guardrail serve` against "
+                        "NeMo", "### The same at a word per chunk (`--unit word`)", 1)
+
+
 def render(result: dict[str, Any]) -> str:
     lines = [
         "## Hidden-state policies under concurrency: `guardrail serve` against NeMo", "",
@@ -545,7 +596,7 @@ def render(result: dict[str, Any]) -> str:
         f"harm, facts and router monitors) behind `guardrail serve`, and NeMo Guardrails' "
         f"streaming output rail running the same monitors, at "
         f"{', '.join(map(str, result['levels']))} concurrent streams, each "
-        f"upstream at {1 / result['delay_s']:.0f} tokens/s ({len(result['scripts'])} recorded "
+        f"upstream at {_pace_words(result)} ({len(result['scripts'])} recorded "
         f"answers, harmful and benign, up to {result['words_max']} words; "
         f"{result['rounds']} per stream; bench/serve_pace.py). *Pace*: the upstream's time to "
         "its last chunk over the reader's time to its last text, per stream (min / median); "
@@ -553,6 +604,7 @@ def render(result: dict[str, Any]) -> str:
         "ours holds back 8 tokens, about 300 ms at this pace); "
         f"a level keeps pace when every stream is at >= {result['pace_kept']}. *Added gap*: p95 "
         "of the reader's gaps between text chunks minus the upstream's at the same concurrency. "
+        "*CPU-s / 1k tokens*: per 1,000 of SmolLM2's tokens written by the upstream. "
         "*CPU ceiling*: streams at this pace that all the machine's cores could carry at the "
         "measured CPU cost per token (CPU time moves less with the machine's other load than "
         "wall time does). *Reads / forward*: observer reads (contexts included) per batched "
@@ -575,6 +627,8 @@ def render(result: dict[str, Any]) -> str:
     ]
 
     cores, rate = int(result.get("cores") or 2), 1 / result["delay_s"]
+    if result.get("unit", "word") == "word":  # tokens/s: the cost is per token
+        rate *= result.get("tokens_per_chunk") or 1.0
 
     def row(system: str, n: str, r: Mapping[str, Any]) -> str:
         load = f"{r.get('load_1m_before', float('nan')):.1f}" if "load_1m_before" in r else "-"
@@ -621,6 +675,9 @@ def render(result: dict[str, Any]) -> str:
               "its reachable ceiling is then about half the column's (where the time goes: "
               "docs/observer.md, \"Concurrent streams\" and \"Forward workers\")."]
     return "\n".join(lines) + "\n"
+
+
+EXTRA_RESULTS = {WORDS_NAME: render_words}
 
 
 if __name__ == "__main__":

@@ -430,7 +430,8 @@ class GuardSession:
             return plan, None, 0.0
         tokens = [t for group in plan for u in group.unread for t in u.tokens]
         t0 = time.perf_counter()
-        return plan, self._submit_read(tokens), t0
+        final = any(u.final for group in plan for u in group.unread)
+        return plan, self._submit_read(tokens, urgent=final), t0
 
     def finish(self) -> Report:
         """End of the upstream stream: judge the last tokens, release what is left, and report.
@@ -597,26 +598,27 @@ class GuardSession:
             return
         tokens = [t for u in unread for t in u.tokens]
         t0 = time.perf_counter()
-        future = self._submit_read(tokens)
+        future = self._submit_read(tokens, urgent=any(u.final for u in unread))
         if self._async_read:
             self._inflight = ([group], future, t0)
             return
         batch, error = _result(future)
         self._apply_read([group], batch, error, t0)
 
-    def _submit_read(self, tokens: list[TokenSpan],
-                     background: bool = False) -> Future[ObservedBatch]:
-        """The read of ``tokens`` as a future: the batched observer's own (``submit``), or a
+    def _submit_read(self, tokens: list[TokenSpan], background: bool = False,
+                     urgent: bool = False) -> Future[ObservedBatch]:
+        """The read of ``tokens`` as a future: the batched observer's own (``submit``; ``urgent``
+        for the stream's last read, which no other stream's read is worth waiting for), or a
         done one when the read ran here (a sync read, an observer that does not batch)."""
         observer = self.guard.observer
         future: Future[ObservedBatch]
         try:
             if self._observer_state is None:
                 self._observer_state = observer.start(self.messages, self.guard.needs)
-            submit = (getattr(observer, "submit", None) if self._async_read or background
-                      else None)
+            submit = (getattr(observer, "submit", None)
+                      if self._async_read or background or urgent else None)
             if submit is not None:
-                return submit(self._observer_state, tokens, self.guard.needs)
+                return submit(self._observer_state, tokens, self.guard.needs, urgent=urgent)
             batch = observer.extend(self._observer_state, tokens, self.guard.needs)
         except Exception as exc:  # noqa: BLE001 - a failed read follows the monitors' on_error
             future = Future()
@@ -688,7 +690,8 @@ class GuardSession:
                 self._ahead_count, self._unread_count = self._unread_count, 0
                 self._waiting_since = None
                 tokens = [t for u in unread for t in u.tokens]
-                ahead = _Ahead(unread, self._submit_read(tokens, background=True),
+                ahead = _Ahead(unread, self._submit_read(tokens, background=True,
+                                                         urgent=drain),
                                time.perf_counter(), due=due)
                 self._ahead = ahead
             if not ahead.future.done():

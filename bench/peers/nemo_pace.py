@@ -1,13 +1,13 @@
 """NeMo Guardrails' streaming output rail under concurrency (runs INSIDE the NeMo venv; driven by
 bench/serve_pace.py).
 
-Reads a JSON job on stdin: {"scripts": [{"title", "prompt", "chunks"}], "levels": [1, 8, ...],
-"rounds": int, "delay": s per chunk, "configs": [{"name", "chunk_size", "context_size",
-"stream_first"}], "pace_kept": float, "reference_at_char": {script index: at_char}}. Per config
-and level, N concurrent ``stream_async`` calls, each over a replaying LLM at the given pace. The
-output rail is an action that runs the default policy's monitors (one Guard, one observer) over
-the rail's text as a dry-run session in a worker thread, blocking on any halt verdict. Prints one
-JSON object with the same per-level fields as ours.
+Reads a JSON job on stdin: {"scripts": [{"title", "prompt", "chunks", "chunk_tokens"}],
+"levels": [1, 8, ...], "rounds": int, "delay": s per chunk, "configs": [{"name", "chunk_size",
+"context_size", "stream_first"}], "pace_kept": float, "reference_at_char": {script index:
+at_char}}. Per config and level, N concurrent ``stream_async`` calls, each over a replaying LLM
+at the given pace. The output rail is an action that runs the default policy's monitors (one
+Guard, one observer) over the rail's text as a dry-run session in a worker thread, blocking on
+any halt verdict. Prints one JSON object with the same per-level fields as ours.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def _chunk_of(chunks: list[str], at_char: int) -> int:
     return len(chunks)
 
 
-def summarise(streams: list[Stream], chunks: list[list[str]],
+def summarise(streams: list[Stream], chunks: list[list[str]], chunk_tokens: list[list[int]],
               reference: dict[int, tuple[str, bool]], ref_at_char: dict[int, int],
               cpu_s: float, pace_kept: float) -> dict[str, Any]:
     paces = [(s.token_times[-1] - s.started) / (s.content_times[-1] - s.started)
@@ -168,7 +168,8 @@ def summarise(streams: list[Stream], chunks: list[list[str]],
     upstream_gaps = [g for s in streams for g in _gaps(s.token_times)]
     past_verdict = [sum(1 for t in s.token_times if t > s.verdict_at)
                     for s in streams if s.blocked and s.verdict_at is not None]
-    tokens = sum(len(s.token_times) for s in streams)
+    # the observer's tokens in the chunks written (a chunk is a token or a word: serve_pace)
+    tokens = sum(sum(chunk_tokens[s.script][:len(s.token_times)]) for s in streams)
     leaks = sum(1 for s in streams if s.script in ref_at_char
                 and len(s.shown) > ref_at_char[s.script])
     past_halt = [len(s.token_times) - _chunk_of(chunks[s.script], ref_at_char[s.script])
@@ -210,7 +211,8 @@ async def main() -> None:
             cpu0 = time.process_time()
             streams = await level(rails, scripts, n, job["rounds"])
             cpu = time.process_time() - cpu0
-            rows[str(n)] = summarise(streams, [s["chunks"] for s in scripts], reference,
+            rows[str(n)] = summarise(streams, [s["chunks"] for s in scripts],
+                                     [s["chunk_tokens"] for s in scripts], reference,
                                      ref_at_char, cpu, job["pace_kept"])
             rows[str(n)]["load_1m_before"] = round(load, 2)
             print(f"[nemo_pace] {cfg['name']}, {n} streams: {rows[str(n)]}", file=sys.stderr,

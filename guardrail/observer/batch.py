@@ -99,6 +99,7 @@ class _Job:
     needs: Needs
     future: Future[Any] = field(default_factory=Future)
     parts: list[ObservedBatch] = field(default_factory=list)
+    urgent: bool = False  # a reader waits on it alone (a stream's last read): never gathered
 
 
 @dataclass
@@ -167,10 +168,12 @@ class BatchedObserver:
         self._enqueue(_Job(stream, None, needs))
         return stream
 
-    def submit(self, stream: _Stream, tokens: Sequence[TokenSpan],
-               needs: Needs) -> Future[ObservedBatch]:
-        """Queue a read of ``tokens``; the future gets its ``ObservedBatch`` or its error."""
-        job = _Job(stream, [], needs)
+    def submit(self, stream: _Stream, tokens: Sequence[TokenSpan], needs: Needs,
+               urgent: bool = False) -> Future[ObservedBatch]:
+        """Queue a read of ``tokens``; the future gets its ``ObservedBatch`` or its error.
+        ``urgent``: the batch it joins runs without gathering (a stream's last read: its reader
+        waits for nothing else)."""
+        job = _Job(stream, [], needs, urgent=urgent)
         try:
             if stream.released:
                 raise ObserverError("read of an observer stream that was released (closed)")
@@ -308,7 +311,7 @@ class BatchedObserver:
         read queued. Streams that read together then share the next forward instead of taking
         turns in two, and each forward's fixed cost is paid once for them (docs/observer.md,
         "Gathering")."""
-        if self.gather_s <= 0:
+        if self.gather_s <= 0 or any(job.urgent for job in self._queue):
             return 0.0
         now = time.monotonic()
         if self._gather_until is None:

@@ -182,11 +182,12 @@ class _TimedObserver:
         self._timers.read(state, len(tokens), _wall_ns(t0), _wall_ns(time.perf_counter_ns()))
         return batch
 
-    def _submit(self, state: Any, tokens: Sequence[TokenSpan], needs: Needs) -> Future[Any]:
+    def _submit(self, state: Any, tokens: Sequence[TokenSpan], needs: Needs,
+                urgent: bool = False) -> Future[Any]:
         """The read, timed from its submission until its batch is ready (as ``extend``, which
         waits on the same queue)."""
         t0 = time.perf_counter_ns()
-        future: Future[Any] = self._inner.submit(state, tokens, needs)
+        future: Future[Any] = self._inner.submit(state, tokens, needs, urgent=urgent)
         n = len(tokens)
 
         def done(f: Future[Any]) -> None:

@@ -470,6 +470,28 @@ def test_a_batch_waits_for_absent_streams_no_longer_than_gather_ms(raw: Any) -> 
         observer.submit(streams[0], tokens[0][3:6], NEEDS).result(timeout=60)
 
 
+def test_a_streams_last_read_is_not_held_for_the_other_streams(raw: Any) -> None:
+    """``gather_ms`` holds a batch for streams that read recently, but not a stream's last read:
+    its reader waits for nothing else. A session whose fellow read a moment ago and went quiet
+    finishes at once (with the gather of a minute, a held read would keep it a minute)."""
+    policy = {**POLICY, "observer": {**POLICY["observer"],
+                                     "options": {"workers": 1, "gather_ms": 60_000}}}
+    with plugin_monitors(norm=NormMonitor, word=WordMonitor) as host:
+        guard = Guard.from_policy(policy, host=host, observer=raw)
+        quiet = guard.session(prompt=PROMPTS[1])
+        quiet.feed(TEXTS[1])  # more than the hold-back: it reads, then its upstream goes quiet
+        assert guard.observer.stats.reads >= 2  # its context and its first tokens
+        session = guard.session(prompt=PROMPTS[0])
+        reports: list[Report] = []
+        ended = threading.Thread(target=lambda: (session.feed(TEXTS[0][:12]),
+                                                 reports.append(session.finish())))
+        ended.start()
+        ended.join(timeout=30)
+        assert not ended.is_alive(), "the last read waited for the quiet stream"
+        assert reports[0].tokens == reports[0].released_tokens > 0
+        quiet.abort("test over")
+
+
 @pytest.mark.parametrize("bad", [-1, "soon", True, float("nan")])
 def test_bad_gather_ms_names_the_field(raw: Any, bad: Any) -> None:
     policy = {**POLICY, "observer": {"max_delay_ms": 1e9, "options": {"gather_ms": bad}}}
