@@ -728,7 +728,8 @@ def render_serve(result: dict[str, Any]) -> str:
              "--no-nemo --variant 'bfloat16={\"matmul\": \"bfloat16\"}' --variant "
              "'float16={\"matmul\": \"float16\"}'`, its result copied to "
              "`mixed_matmul_serve.json`): the default policy behind `guardrail serve`, one "
-             "proxy per variant taking turns round by round, each upstream at 25 tokens/s. "
+             "proxy per variant taking turns round by round, each upstream at 25 words/s (a "
+             "word per chunk, the benchmark's unit then). "
              "Columns as in \"Hidden-state policies under concurrency\".", "",
              "| matmul | streams | pace min / median | below pace | added gap p95, ms | "
              "CPU-s / 1k tokens | reads / forward | read wait, ms | crossings | leaks | load |",

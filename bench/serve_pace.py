@@ -576,10 +576,10 @@ def _pace_words(result: Mapping[str, Any]) -> str:
     """What the upstream sent, in the units it sent them."""
     rate = 1 / result["delay_s"]
     if result.get("unit", "word") == "token":
-        return f"{rate:.0f} tokens/s (a token of SmolLM2's per chunk)"
+        return f"{rate:.0f} tokens/s (a token of SmolLM2's per chunk; "
     per = result.get("tokens_per_chunk")
     extra = f", {rate * per:.0f} of SmolLM2's tokens/s on these answers" if per else ""
-    return f"{rate:.0f} words/s (a word per chunk{extra})"
+    return f"{rate:.0f} words/s (a word per chunk{extra}; "
 
 
 def render_words(result: dict[str, Any]) -> str:
@@ -596,7 +596,7 @@ def render(result: dict[str, Any]) -> str:
         f"harm, facts and router monitors) behind `guardrail serve`, and NeMo Guardrails' "
         f"streaming output rail running the same monitors, at "
         f"{', '.join(map(str, result['levels']))} concurrent streams, each "
-        f"upstream at {_pace_words(result)} ({len(result['scripts'])} recorded "
+        f"upstream at {_pace_words(result)}{len(result['scripts'])} recorded "
         f"answers, harmful and benign, up to {result['words_max']} words; "
         f"{result['rounds']} per stream; bench/serve_pace.py). *Pace*: the upstream's time to "
         "its last chunk over the reader's time to its last text, per stream (min / median); "
