@@ -32,11 +32,6 @@ from guardrail_entity_hallucination.training.kinds import (
 )
 from guardrail_entity_hallucination.training.train_span import SpanRows
 
-from guardrail.testing.tiny_models import build_tiny_model
-from guardrail.toolkit.fake import write_jsonl
-
-from .place_texts import place_records
-
 SMAX = ALL_FEATURES.index("surprisal_max")
 IN_KIND = Candidate("s in kind", ("surprisal_max",), monotone=True,
                     within_kind=("surprisal_max",))
@@ -172,17 +167,9 @@ def test_each_fold_standardises_with_its_training_sources_only(tmp_path: Path) -
     from guardrail_entity_hallucination.training.evaluation import span_probe_scorer
     from guardrail_entity_hallucination.training.loso import _concat, evaluate_candidates
 
-    from guardrail.observer.hf import load_model_dir
-    from guardrail.toolkit.features import extract_features
+    from .test_token_prior import owned_rows_15, tiny_place_features
 
-    from .test_token_prior import owned_rows_15
-
-    model = build_tiny_model(tmp_path / "tiny", num_layers=16, hidden_size=16, seed=5,
-                             spread=0.5)
-    observer = load_model_dir(model, name="tiny-16", window=512)
-    data = write_jsonl(tmp_path / "d.jsonl", place_records(36, 2, years=True))
-    records = extract_features(observer, data, tmp_path / "cache", [15], stats=True,
-                               chunk_size=64, progress=False).records
+    _, records = tiny_place_features(tmp_path, 36, 2)
     groups = {s: records[k::3] for k, s in enumerate("abc")}
     rows = {s: owned_rows_15(g) for s, g in groups.items()}
     # source b's true numbers far from everyone else's: a leak would move every fold's mean

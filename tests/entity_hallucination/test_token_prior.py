@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,6 +130,22 @@ def test_priors_are_attached_to_cached_records_by_token_id() -> None:
     assert stats["prior_merge"] == [2.5, 0.5, 1.5] and "margin" in stats
 
 
+def tiny_place_features(tmp_path: Path, places: int, per: int
+                        ) -> tuple[Any, list[CachedRecord]]:
+    """A 16-block tiny observer and the cached features (layer 15, logit stats) of
+    ``place_records(places, per)`` read through it."""
+    from guardrail.observer.hf import load_model_dir
+    from guardrail.toolkit.features import extract_features
+
+    model = build_tiny_model(tmp_path / "tiny", num_layers=16, hidden_size=16, seed=5,
+                             spread=0.5)
+    observer = load_model_dir(model, name="tiny-16", window=512)
+    data = write_jsonl(tmp_path / "d.jsonl", place_records(places, per, years=True))
+    records = extract_features(observer, data, tmp_path / "cache", [15], stats=True,
+                               chunk_size=64, progress=False).records
+    return observer, list(records)
+
+
 def owned_rows_15(records: Sequence[CachedRecord]) -> tuple[SpanRows, np.ndarray]:
     """``loso.owned_rows`` reads layers 15 and 18; a 16-block model has 15 only (the
     feature-only head reads no states)."""
@@ -145,15 +162,7 @@ def test_cached_records_give_each_entity_its_surprisal_over_the_prior(tmp_path: 
     from guardrail_entity_hallucination.training.combine import fit_candidate
     from guardrail_entity_hallucination.training.evaluation import span_probe_scorer
 
-    from guardrail.observer.hf import load_model_dir
-    from guardrail.toolkit.features import extract_features
-
-    model = build_tiny_model(tmp_path / "tiny", num_layers=16, hidden_size=16, seed=5,
-                             spread=0.5)
-    observer = load_model_dir(model, name="tiny-16", window=512)
-    data = write_jsonl(tmp_path / "d.jsonl", place_records(30, 1, years=True))
-    records = extract_features(observer, data, tmp_path / "cache", [15], stats=True,
-                               chunk_size=64, progress=False).records
+    observer, records = tiny_place_features(tmp_path, 30, 1)
     priors = {"merge": np.log1p(np.arange(observer.vocab, dtype=np.float32)),
               "start": np.linspace(1.0, 9.0, observer.vocab, dtype=np.float32)}
     attach_priors(records, priors)
