@@ -223,6 +223,20 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"wrote {write_result(args.name, result)}")
 
 
+def _turns_table(part: dict[str, Any], first: str, what: str) -> list[str]:
+    """A part whose three observers took turns: CPU ms per size and the fused ratios."""
+    load = part.get("load_1m", ["?", "?"])
+    lines = ["", f"{what}, CPU ms, medians of {part['rounds']} (load average {load[0]} before, "
+             f"{load[1]} after):", "",
+             f"| {first} | float16 | q4_1-torch | q4_1-fused | fused / float16 | "
+             "fused / q4_1-torch |", "|---|---|---|---|---|---|"]
+    for n, row in part["cpu_ms"].items():
+        f16, q4, fu = row["float16"], row["q4_1-torch"], row["q4_1-fused"]
+        lines.append(f"| {n} | {f16} | {q4} | {fu} | {f16 / fu:.2f}x faster | "
+                     f"{q4 / fu:.2f}x faster |")
+    return lines
+
+
 def render(result: dict[str, Any]) -> str:
     lines = ["## The decoder blocks of a q4_1 read in one C call", "",
              "`python -m bench.fused_step` (run by hand; one thread): SmolLM2 with the default "
@@ -232,32 +246,19 @@ def render(result: dict[str, Any]) -> str:
              "Other jobs shared this 2-core machine: compare within a table."]
     read = result.get("read")
     if read:
-        load = read.get("load_1m", ["?", "?"])
-        lines += ["", f"A read of the default policy's needs (30 blocks and the logits) of n new "
-                  f"tokens over {read['cached_tokens']} cached (`TorchObserver.extend`), the "
-                  f"three taking turns, CPU ms, medians of {read['rounds']} (load average "
-                  f"{load[0]} before, {load[1]} after):", "",
-                  "| new tokens | float16 | q4_1-torch | q4_1-fused | fused / float16 | "
-                  "fused / q4_1-torch |", "|---|---|---|---|---|---|"]
-        for n, row in read["cpu_ms"].items():
-            f16, q4, fu = row["float16"], row["q4_1-torch"], row["q4_1-fused"]
-            lines.append(f"| {n} | {f16} | {q4} | {fu} | {f16 / fu:.2f}x faster | "
-                         f"{q4 / fu:.2f}x faster |")
+        lines += _turns_table(
+            read, "new tokens",
+            f"A read of the default policy's needs (30 blocks and the logits) of n new tokens "
+            f"over {read['cached_tokens']} cached (`TorchObserver.extend`), the three taking "
+            f"turns")
     batch = result.get("batch")
     if batch:
-        load = batch.get("load_1m", ["?", "?"])
         low, high = batch["cached_tokens"]
-        lines += ["", f"One packed forward of {batch['streams']} streams' reads (`batch._step`, "
-                  "what the batched observer runs for streams read together), each stream over "
-                  f"its own conversation ({low if low == high else f'{low}-{high}'} tokens "
-                  f"cached), CPU ms, medians of {batch['rounds']} (load average {load[0]} "
-                  f"before, {load[1]} after):", "",
-                  "| rows | float16 | q4_1-torch | q4_1-fused | fused / float16 | "
-                  "fused / q4_1-torch |", "|---|---|---|---|---|---|"]
-        for n, row in batch["cpu_ms"].items():
-            f16, q4, fu = row["float16"], row["q4_1-torch"], row["q4_1-fused"]
-            lines.append(f"| {n} | {f16} | {q4} | {fu} | {f16 / fu:.2f}x faster | "
-                         f"{q4 / fu:.2f}x faster |")
+        lines += _turns_table(
+            batch, "rows",
+            f"One packed forward of {batch['streams']} streams' reads (`batch._step`, what the "
+            "batched observer runs for streams read together), each stream over its own "
+            f"conversation ({low if low == high else f'{low}-{high}'} tokens cached)")
     states = result.get("states")
     if states:
         lines += ["", f"States and logits against the torch step on the same products read 9 "

@@ -565,6 +565,20 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def _forward_table(forward: dict[str, Any], variants: list[str], ratio: str,
+                   ratio_of: Callable[[dict[str, Any]], float]) -> list[str]:
+    """The forward part's table: one read of the default policy per variant, CPU and wall ms
+    and ``ratio`` (``ratio_of`` a row)."""
+    lines = [f"One read of the default policy (all 30 blocks, the logits, top-k) of "
+             f"{forward['new_tokens']} new tokens over {forward['cached_tokens']} cached "
+             f"(`TorchObserver.extend`, medians of {forward['rounds']}):", "",
+             f"| matmul | CPU ms | wall ms | {ratio} |", "|---|---|---|---|"]
+    for v in variants:
+        r = forward["rows"][v]
+        lines.append(f"| {v} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | {ratio_of(r):.2f}x |")
+    return [*lines, ""]
+
+
 def render(result: dict[str, Any]) -> str:
     variants = result.get("variants", VARIANTS)
     lines = ["## Mixed-precision products (`observer.options.matmul`)", "",
@@ -593,15 +607,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append("")
     forward = result.get("forward")
     if forward:
-        lines += [f"One read of the default policy (all 30 blocks, the logits, top-k) of "
-                  f"{forward['new_tokens']} new tokens over {forward['cached_tokens']} cached "
-                  f"(`TorchObserver.extend`, medians of {forward['rounds']}):", "",
-                  "| matmul | CPU ms | wall ms | ratio |", "|---|---|---|---|"]
-        for v in variants:
-            r = forward["rows"][v]
-            lines.append(f"| {v} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | "
-                         f"{r['speedup']:.2f}x |")
-        lines.append("")
+        lines += _forward_table(forward, variants, "ratio", lambda r: r["speedup"])
     stream = result.get("stream")
     if stream:
         rows = stream["rows"]
@@ -830,15 +836,7 @@ def render_q4_1_int(result: dict[str, Any]) -> str:
     forward = result.get("forward")
     if forward:
         f16 = forward["rows"]["float16"]["cpu_ms"]
-        lines += [f"One read of the default policy (all 30 blocks, the logits, top-k) of "
-                  f"{forward['new_tokens']} new tokens over {forward['cached_tokens']} cached "
-                  f"(`TorchObserver.extend`, medians of {forward['rounds']}):", "",
-                  "| matmul | CPU ms | wall ms | vs float16 |", "|---|---|---|---|"]
-        for v in variants:
-            r = forward["rows"][v]
-            lines.append(f"| {v} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | "
-                         f"{f16 / r['cpu_ms']:.2f}x |")
-        lines.append("")
+        lines += _forward_table(forward, variants, "vs float16", lambda r: f16 / r["cpu_ms"])
     states = result.get("states")
     if states:
         lines += [f"States and logits against float32's products ({states['tokens']} tokens of "

@@ -699,33 +699,22 @@ static int widened_product(const int16_t *qx, const float *dx, const float *sx, 
     return 0;
 }
 
-#define GROUP_CASES(fn, kind, T, ...)                                                         \
-    switch (R) {                                                                              \
-    case 1: fn(kind, 1, (const T *)qx, __VA_ARGS__); break;                                   \
-    case 2: fn(kind, 2, (const T *)qx, __VA_ARGS__); break;                                   \
-    case 3: fn(kind, 3, (const T *)qx, __VA_ARGS__); break;                                   \
-    default: fn(kind, 4, (const T *)qx, __VA_ARGS__); break;                                  \
+/* A group function of one weight kind and row width: R (1..4) rows as a constant. */
+#define GROUP_FN(name, fn, kind, T)                                                           \
+    static void name(int R, const void *qx, const float *dx, const float *sx, int K,         \
+                     const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,   \
+                     size_t ldy, int O) {                                                     \
+        switch (R) {                                                                          \
+        case 1: fn(kind, 1, (const T *)qx, dx, sx, K, wq, wd, wm, nb, y, ldy, O); break;     \
+        case 2: fn(kind, 2, (const T *)qx, dx, sx, K, wq, wd, wm, nb, y, ldy, O); break;     \
+        case 3: fn(kind, 3, (const T *)qx, dx, sx, K, wq, wd, wm, nb, y, ldy, O); break;     \
+        default: fn(kind, 4, (const T *)qx, dx, sx, K, wq, wd, wm, nb, y, ldy, O); break;    \
+        }                                                                                     \
     }
-static void group_q4_8(int R, const void *qx, const float *dx, const float *sx, int K,
-                       const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
-                       size_t ldy, int O) {
-    GROUP_CASES(group_q8, 0, int8_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
-}
-static void group_h8_8(int R, const void *qx, const float *dx, const float *sx, int K,
-                       const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
-                       size_t ldy, int O) {
-    GROUP_CASES(group_q8, 1, int8_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
-}
-static void group_q4_16(int R, const void *qx, const float *dx, const float *sx, int K,
-                        const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
-                        size_t ldy, int O) {
-    GROUP_CASES(group_q16, 0, int16_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
-}
-static void group_h8_16(int R, const void *qx, const float *dx, const float *sx, int K,
-                        const uint8_t *wq, const float *wd, const float *wm, int nb, float *y,
-                        size_t ldy, int O) {
-    GROUP_CASES(group_q16, 1, int16_t, dx, sx, K, wq, wd, wm, nb, y, ldy, O)
-}
+GROUP_FN(group_q4_8, group_q8, 0, int8_t)
+GROUP_FN(group_h8_8, group_q8, 1, int8_t)
+GROUP_FN(group_q4_16, group_q16, 0, int16_t)
+GROUP_FN(group_h8_16, group_q16, 1, int16_t)
 
 typedef void (*group_fn)(int, const void *, const float *, const float *, int, const uint8_t *,
                          const float *, const float *, int, float *, size_t, int);

@@ -111,22 +111,24 @@ static inline __attribute__((always_inline)) void dots(int R, int KC, const floa
         for (int j = 0; j < KC; j++) s[r * lds + j] = hsum8(acc[r][j]);
 }
 
-#define DOTS_KC(R, ...)                                                                       \
-    switch (KC) {                                                                             \
-    case 1: dots(R, 1, __VA_ARGS__); break;                                                   \
-    case 2: dots(R, 2, __VA_ARGS__); break;                                                   \
-    case 3: dots(R, 3, __VA_ARGS__); break;                                                   \
-    default: dots(R, 4, __VA_ARGS__); break;                                                  \
+/* fn(R, n, ...) with n (1..4, known at run time) a constant, so the tile's loops unroll. */
+#define UP_TO_4(n, fn, R, ...)                                                                \
+    switch (n) {                                                                              \
+    case 1: fn(R, 1, __VA_ARGS__); break;                                                     \
+    case 2: fn(R, 2, __VA_ARGS__); break;                                                     \
+    case 3: fn(R, 3, __VA_ARGS__); break;                                                     \
+    default: fn(R, 4, __VA_ARGS__); break;                                                    \
     }
 
-#define KEYS_BLOCK 64 /* keys per pass over the rows: 16 KB of them at d = 64, in L1 */
+/* Keys (and values) per pass over the rows: 16 KB of them at d = 64, in L1. */
+#define CACHE_BLOCK 64
 
 /* s[r, j] = q_r . k_j for R rows of q (R, d) and keys j < nk at stride ldk: the keys in blocks,
  * each shared by every row tile while it is in L1. */
 static void scores(int R, const float *q, int d, const float *k, size_t ldk, int nk, float *s,
                    size_t lds) {
-    for (int b0 = 0; b0 < nk; b0 += KEYS_BLOCK) {
-        const int b1 = nk - b0 < KEYS_BLOCK ? nk : b0 + KEYS_BLOCK;
+    for (int b0 = 0; b0 < nk; b0 += CACHE_BLOCK) {
+        const int b1 = nk - b0 < CACHE_BLOCK ? nk : b0 + CACHE_BLOCK;
         for (int r0 = 0; r0 < R; r0 += 3) {
             int rr = R - r0 < 3 ? R - r0 : 3;
             for (int j0 = b0; j0 < b1; j0 += 4) {
@@ -134,9 +136,9 @@ static void scores(int R, const float *q, int d, const float *k, size_t ldk, int
                 const float *qr = q + (size_t)r0 * d, *kj = k + j0 * ldk;
                 float *sr = s + r0 * lds + j0;
                 switch (rr) {
-                case 1: DOTS_KC(1, qr, d, kj, ldk, sr, lds) break;
-                case 2: DOTS_KC(2, qr, d, kj, ldk, sr, lds) break;
-                default: DOTS_KC(3, qr, d, kj, ldk, sr, lds) break;
+                case 1: UP_TO_4(KC, dots, 1, qr, d, kj, ldk, sr, lds) break;
+                case 2: UP_TO_4(KC, dots, 2, qr, d, kj, ldk, sr, lds) break;
+                default: UP_TO_4(KC, dots, 3, qr, d, kj, ldk, sr, lds) break;
                 }
             }
         }
@@ -166,23 +168,13 @@ static inline __attribute__((always_inline)) void wsum(int R, int VC, const floa
         for (int c = 0; c < VC; c++) _mm256_storeu_ps(o + (size_t)r * d + c0 + 8 * c, acc[r][c]);
 }
 
-#define WSUM_VC(R, ...)                                                                       \
-    switch (VC) {                                                                             \
-    case 1: wsum(R, 1, __VA_ARGS__); break;                                                   \
-    case 2: wsum(R, 2, __VA_ARGS__); break;                                                   \
-    case 3: wsum(R, 3, __VA_ARGS__); break;                                                   \
-    default: wsum(R, 4, __VA_ARGS__); break;                                                  \
-    }
-
-#define VALUES_BLOCK 64 /* values per pass over the rows: 16 KB of them at d = 64, in L1 */
-
 /* o (R, d) (+)= w (R, nk) @ v (nk, d at stride ldv). The values in blocks, each shared by every
  * row tile while it is in L1 (rather than every row tile streaming all of them); each sum
  * still runs over the values in order, carried in o from block to block. */
 static void weighted(int R, const float *w, size_t ldw, const float *v, size_t ldv, int nk,
                      float *o, int d, int add) {
-    for (int j0 = 0; j0 < nk; j0 += VALUES_BLOCK) {
-        const int kb = nk - j0 < VALUES_BLOCK ? nk - j0 : VALUES_BLOCK;
+    for (int j0 = 0; j0 < nk; j0 += CACHE_BLOCK) {
+        const int kb = nk - j0 < CACHE_BLOCK ? nk - j0 : CACHE_BLOCK;
         const int more = add || j0 > 0;
         const float *vb = v + (size_t)j0 * ldv;
         for (int r0 = 0; r0 < R; r0 += 3) {
@@ -192,9 +184,9 @@ static void weighted(int R, const float *w, size_t ldw, const float *v, size_t l
                 const float *wr = w + r0 * ldw + j0;
                 float *orow = o + (size_t)r0 * d;
                 switch (rr) {
-                case 1: WSUM_VC(1, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
-                case 2: WSUM_VC(2, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
-                default: WSUM_VC(3, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
+                case 1: UP_TO_4(VC, wsum, 1, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
+                case 2: UP_TO_4(VC, wsum, 2, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
+                default: UP_TO_4(VC, wsum, 3, wr, ldw, vb, ldv, kb, c0, orow, d, more) break;
                 }
             }
         }
