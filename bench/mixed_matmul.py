@@ -48,7 +48,7 @@ from .common import median, p95, results_dir, write_result
 
 NAME = "mixed_matmul"
 DRIFT_NAME = "mixed_matmul_drift"
-VARIANTS = ["float32", "bfloat16", "float16", "q4_1", "q4_1_q8", "q4_1_q16"]
+VARIANTS = ["float32", "bfloat16", "float16", "q4_1", "q4_1_tail_q8", "q4_1_q8", "q4_1_q16"]
 ROWS = [1, 2, 3, 4, 9, 16, 32, 72]
 CONTEXT = ("Summarise what the Kepler Space Telescope found, in a few sentences. " * 14).strip()
 READ_TOKENS = 9

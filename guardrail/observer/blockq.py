@@ -51,7 +51,7 @@ class BlockqError(ValueError):
 
 
 SOURCES = ("blockq.c", "blockstep.c")  # built into one library: blockstep calls the products
-_STEP_VERSION = 1  # guardrail_blockstep_version() of blockstep.c (its argtypes: blockstep.py)
+_STEP_VERSION = 2  # guardrail_blockstep_version() of blockstep.c (its argtypes: blockstep.py)
 
 
 def _source() -> bytes:
