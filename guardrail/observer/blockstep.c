@@ -29,13 +29,22 @@ int guardrail_q4_1(const float *x, int M, int K, const uint8_t *qs, const float 
                    const uint16_t *m, int N, float *y);
 int guardrail_q4_1_q8(const float *x, int M, int K, const uint8_t *wq, const float *wd,
                       const float *wm, int N, float *y);
+/* _fixed: guardrail_q4_1 with each row's floats independent of the rows beside it */
+int guardrail_q4_1_fixed(const float *x, int M, int K, const uint8_t *qs, const float *d,
+                         const uint16_t *m, int N, float *y);
 
-/* y = x times the weight whose three pointers start at w[at]: float32 products, or int8 ones
- * for a block past the deepest layer any monitor reads (its weights in the integer layout). */
-static int project(int integer, const float *x, int M, int K, const void *const *w, int at,
-                   int N, float *y) {
-    if (integer)
-        return guardrail_q4_1_q8(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
+/* Products by block kind: float32 ones; float32 ones before int8 blocks (whose rows' rounding
+ * would turn the float noise of another row count into a visible change, so each row's floats
+ * must not depend on the rows beside it); int8 ones, for a block past the deepest layer any
+ * monitor reads (its weights in the integer layout). */
+enum { FLOAT, FLOAT_FIXED, INT8 };
+
+/* y = x times the weight whose three pointers start at w[at], in products of kind `kind`. */
+static int project(int kind, const float *x, int M, int K, const void *const *w, int at, int N,
+                   float *y) {
+    if (kind == INT8) return guardrail_q4_1_q8(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
+    if (kind == FLOAT_FIXED)
+        return guardrail_q4_1_fixed(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
     return guardrail_q4_1(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
 }
 
@@ -309,9 +318,9 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth, int int
     for (int b = 0; b < depth && rc == 0; b++) {
         const void *const *w = weights + (size_t)b * W_PER_BLOCK;
         float *nk = new_kv + (size_t)b * 2 * kvh * T * d, *nv = nk + (size_t)kvh * T * d;
-        const int integer = b >= int_from;
+        const int kind = b >= int_from ? INT8 : int_from < depth ? FLOAT_FIXED : FLOAT;
         rms_norm(h, T, H, (const float *)w[W_IN], eps, x);
-        rc = project(integer, x, T, H, w, QKV_Q, qkvw, big);
+        rc = project(kind, x, T, H, w, QKV_Q, qkvw, big);
         if (rc) break;
         for (int t = 0; t < T; t++) {
             float *row = big + (size_t)t * qkvw;
@@ -339,11 +348,11 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth, int int
             attend(dims, big, qkvw, T, s0, n, pp[0], pp[1], strides[sg], P, nk, nv, att,
                    scratch);
         }
-        rc = project(integer, att, T, heads * d, w, O_Q, H, tmp);
+        rc = project(kind, att, T, heads * d, w, O_Q, H, tmp);
         if (rc) break;
         for (size_t i = 0; i < rows * H; i++) h[i] = h[i] + tmp[i];
         rms_norm(h, T, H, (const float *)w[W_POST], eps, x);
-        rc = project(integer, x, T, H, w, GU_Q, 2 * inter, big);
+        rc = project(kind, x, T, H, w, GU_Q, 2 * inter, big);
         if (rc) break;
         for (int t = 0; t < T; t++) {  /* silu(gate) * up: gate / (1 + exp(-gate)) * up */
             const float *gate = big + (size_t)t * 2 * inter, *up = gate + inter;
@@ -355,7 +364,7 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth, int int
                 _mm256_storeu_ps(a + i, _mm256_mul_ps(sv, _mm256_loadu_ps(up + i)));
             }
         }
-        rc = project(integer, act, T, inter, w, DN_Q, H, tmp);
+        rc = project(kind, act, T, inter, w, DN_Q, H, tmp);
         if (rc) break;
         for (size_t i = 0; i < rows * H; i++) h[i] = h[i] + tmp[i];
         if (keep[b] != NULL) memcpy(keep[b], h, sizeof(float) * rows * H);
