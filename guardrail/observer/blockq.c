@@ -6,10 +6,11 @@
  * in float32, so these are the model's float32 weights, and the products are float32's but
  * for the summation order. Up to 4 rows each block is taken as d * (q . x) + m * sum(x) (one
  * product per block and row fewer than rebuilding the weights; each row's block sums computed
- * once per call). From 5 rows (bound by the multiply-adds) a chunk of output rows' weights is
- * rebuilt once, fma(q, d, m), into a float32 panel that a register-blocked micro-kernel
- * multiplies with the rows (product_panel). Either way the weights are streamed from memory
- * once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c.
+ * once per call). From 5 rows (bound by the multiply-adds) the weights are rebuilt once per
+ * call, fma(q, d, m), four output rows at a time into a buffer in L1 (product_small) or from 64
+ * rows a chunk of them into a panel in L2 (product_panel), which a register-blocked
+ * micro-kernel multiplies with the rows: the same floats either way. The weights are streamed
+ * from memory once per call. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c.
  *
  * The second half ("Integer products", observer.options.matmul: q4_1_q8 / q4_1_q16) multiplies
  * the same blocks, regrouped, in integers with the rows quantized per block to int8 or int16:
@@ -23,7 +24,8 @@
 
 #define TILE 4   /* rows of x per register tile (up to 4 rows) */
 #define CHUNK 32 /* output rows whose weights are reused across the row tiles */
-#define MANY 5   /* from this many rows the weights are rebuilt into a panel */
+#define MANY 5   /* from this many rows the weights are rebuilt as float32 (product_small) */
+#define PANEL_ROWS 64 /* ... and from this many into a panel of many output rows */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -116,7 +118,7 @@ static inline __attribute__((always_inline)) void tile(
 TILES(0, tiles_q4_1)
 TILES(1, tiles_q8_0)
 
-/* MANY rows or more: a chunk of output rows' weights rebuilt once per call into a float32
+/* PANEL_ROWS rows or more: a chunk of output rows' weights rebuilt once per call into a float32
  * panel (one output row after another), then a register-blocked micro-kernel: 3 rows of x
  * against 4 output rows, 12 running sums in registers, so each x vector loaded serves 4
  * outputs and each weight vector 3 rows: 7 loads per 12 multiply-adds. (The earlier version
@@ -248,11 +250,12 @@ static int product_panel(int kind, const float *x, int M, int K, const uint8_t *
     return 0;
 }
 
-/* Fewer than MANY rows with the panel path's arithmetic (the same rebuilt weights, slices and
- * sums in the same order), four output rows' weights rebuilt at a time into a buffer that
- * stays in L1: a row's result is then the same floats whatever rows share the call. (1.1-1.4x
- * the block-factored tiles' time at 1-4 rows; rebuilding in registers as the k loop reaches
- * each block, with no buffer, was 2x.) */
+/* The panel path's arithmetic (the same rebuilt weights, slices and sums in the same order)
+ * with four output rows' weights rebuilt at a time into a buffer that stays in L1, the rows
+ * read again for each four: from MANY to PANEL_ROWS rows 0.90-0.95x the panel's time (the
+ * panel's chunk goes through L2); below MANY, for guardrail_q4_1_fixed, 1.1-1.4x the
+ * block-factored tiles' time. (Rebuilding in registers as the k loop reaches each block, with
+ * no buffer, was 2x.) Either path gives a row the same floats whatever rows share the call. */
 static int product_small(int kind, const float *x, int M, int K, const uint8_t *qs,
                          const float *ds, const uint16_t *ms, int N, float *y) {
     const int nb = K / 32, nbp = (nb + 7) / 8 * 8;
@@ -285,8 +288,8 @@ static int product(int kind, int fixed, const float *x, int M, int K, const uint
     tiles_fn f = kind == 0 ? tiles_q4_1 : tiles_q8_0;
     float *xs = NULL;
     if (M <= 0) return 0;
-    if (M >= MANY) return product_panel(kind, x, M, K, qs, ds, ms, N, y);
-    if (fixed) return product_small(kind, x, M, K, qs, ds, ms, N, y);
+    if (M >= PANEL_ROWS) return product_panel(kind, x, M, K, qs, ds, ms, N, y);
+    if (M >= MANY || fixed) return product_small(kind, x, M, K, qs, ds, ms, N, y);
     if (kind == 0) {  /* each row's block sums, zero-padded to nbp */
         xs = calloc((size_t)M * nbp, sizeof(float));
         if (xs == NULL) return -1;
@@ -325,8 +328,8 @@ int guardrail_q8_0(const float *x, int M, int K, const int8_t *qs, const float *
     return product(1, 0, x, M, K, (const uint8_t *)qs, d, NULL, N, y);
 }
 
-/* guardrail_q4_1 whose every row is the same floats whatever rows share the call (the panel
- * path's arithmetic at any row count): where int8 rounding follows, as under
+/* guardrail_q4_1 whose every row is the same floats whatever rows share the call (the rebuilt
+ * weights' arithmetic below MANY rows too): where int8 rounding follows, as under
  * observer.options.matmul: q4_1_tail_q8, a float noise of 1e-7 would otherwise move it. */
 int guardrail_q4_1_fixed(const float *x, int M, int K, const uint8_t *qs, const float *d,
                          const uint16_t *m, int N, float *y) {

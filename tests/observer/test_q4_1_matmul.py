@@ -61,7 +61,7 @@ def test_kernel_gives_float32_products(k: int) -> None:
     w8 = q8_0(torch.randn(n, k) * 0.05)
     for w, kind in ((w4, blockq.Q4_1Weight), (w8, blockq.Q8_0Weight)):
         product = kind.of(w)
-        for rows in range(1, 21):  # the kernel's tiles: 1-4 rows one way, 5-8 another, then more
+        for rows in (*range(1, 21), 64, 70):  # 1-4 rows one way, 5-63 another, a panel from 64
             x = torch.randn(rows, k)
             want = torch.nn.functional.linear(x.double(), w.double()).float()
             assert _relative(product(x), want) <= 2e-6, (kind.__name__, rows)
@@ -70,6 +70,26 @@ def test_kernel_gives_float32_products(k: int) -> None:
         assert product(x).shape == (2, 3, n)
         assert _relative(product(x.transpose(0, 1)), torch.nn.functional.linear(
             x.transpose(0, 1), w)) <= 2e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [96, 1536])
+def test_a_rows_products_do_not_depend_on_the_rows_beside_it(k: int) -> None:
+    """``guardrail_q4_1_fixed`` (before int8 blocks) gives a row the same floats alone, among
+    a few rows, or in a panel of 70; the plain product does from 5 rows."""
+    torch.manual_seed(k)
+    w = q4_1(torch.randn(38, k) * 0.1)  # 38: the last four output rows are two
+    qs, d, m = blockq.q4_1_blocks(w)
+    fixed = blockq.Q4_1Weight((qs, d, m), k, fn_name="guardrail_q4_1_fixed")
+    plain = blockq.Q4_1Weight.of(w)
+    x = torch.randn(70, k)
+    whole = fixed(x)
+    assert torch.equal(plain(x), whole)
+    for size in (1, 2, 3, 4, 5, 9, 20, 63):
+        for start in range(0, 70 - size, 17):
+            assert torch.equal(fixed(x[start:start + size]), whole[start:start + size]), size
+            if size >= 5:
+                assert torch.equal(plain(x[start:start + size]), whole[start:start + size])
 
 
 @needs_kernel
