@@ -18,7 +18,7 @@ from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.blockstep import BlockStack
 from guardrail.observer.llama_step import pack_linears
 
-from .streams import PROMPTS, TEXTS, read_in_steps
+from .streams import PROMPTS, TEXTS, alone_and_together, read_in_steps
 from .test_fused_step import TOLERANCE, _near
 from .test_q4_1_matmul import MESSAGES, TEXT, _distance, _quantized, _with, needs_kernel
 
@@ -86,21 +86,8 @@ def test_streams_in_one_forward_read_what_they_read_alone(tail: Any) -> None:
     the int8 rounding after them cannot move with the batch."""
     batched = BatchedObserver(tail)
     tokens = [tail.tokenizer.tokenize(t) for t in TEXTS]
-    sizes = [1, 3, 2, 7, 5]
-    alone = []
-    for prompt, toks, size in zip(PROMPTS, tokens, sizes, strict=True):
-        state = tail.start([{"role": "user", "content": prompt}], TAIL_NEEDS)
-        alone.append([tail.extend(state, toks[i:i + size], TAIL_NEEDS)
-                      for i in range(0, len(toks), size)])
-    streams = [batched.start([{"role": "user", "content": p}], TAIL_NEEDS) for p in PROMPTS]
-    together: list[list[Any]] = [[] for _ in PROMPTS]
-    for r in range(max(len(reads) for reads in alone)):
-        with batched.hold():
-            futures = {k: batched.submit(streams[k], tokens[k][r * size:(r + 1) * size],
-                                         TAIL_NEEDS)
-                       for k, size in enumerate(sizes) if r * size < len(tokens[k])}
-        for k, future in futures.items():
-            together[k].append(future.result(timeout=60))
+    alone, together = alone_and_together(tail, batched, TAIL_NEEDS, PROMPTS, tokens,
+                                         [1, 3, 2, 7, 5])
     assert batched.stats.largest == len(PROMPTS)
     for k, (mine, theirs) in enumerate(zip(together, alone, strict=True)):
         for r, (a, b) in enumerate(zip(mine, theirs, strict=True)):
