@@ -549,11 +549,26 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     why = _unpackable(model)
     if why is None and matmul != "float32":
         why = matmul_unsupported(matmul)
+    if why is None:
+        why = _probe(model, matmul)
     if why is not None:
         if matmul == "float32":
             return None
         raise ObserverError(f"observer.options.matmul {matmul!r} cannot run here: {why}; "
                             "drop the option (float32)")
+    packed = PackedLinears(model, int(model.config.num_hidden_layers), matmul=matmul)
+    if matmul == "q4_1_tail_q8" and packed.fused is None:
+        from .blockstep import unfused
+
+        why = unfused(model, packed) or "its blocks in one C call differ from the torch blocks"
+        raise ObserverError(f"observer.options.matmul 'q4_1_tail_q8' cannot run here: {why}; "
+                            "use q4_1")
+    return packed
+
+
+def _probe(model: Any, matmul: str) -> str | None:
+    """Why ``matmul``'s product on the first block's q weights is not float32's (to its
+    rounding), or None; checks the one-op RMSNorm on the way."""
     layer = model.base_model.layers[0]
     attn = layer.self_attn
     # float32: the same product in another summation order; fewer bits: a bound well above
@@ -569,24 +584,11 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
             else:
                 same = torch.allclose(got, want, rtol=tol, atol=tol)
             if not same:
-                why = "its product on the first block's weights differs from float32's"
-            else:
-                _probe_norm(layer.input_layernorm, int(x.shape[-1]))
+                return "its product on the first block's weights differs from float32's"
+            _probe_norm(layer.input_layernorm, int(x.shape[-1]))
     except (RuntimeError, AttributeError) as exc:  # a torch without these kernels
-        why = f"{type(exc).__name__}: {exc}"
-    if why is not None:
-        if matmul == "float32":
-            return None
-        raise ObserverError(f"observer.options.matmul {matmul!r} cannot run here: {why}; "
-                            "drop the option (float32)")
-    packed = PackedLinears(model, int(model.config.num_hidden_layers), matmul=matmul)
-    if matmul == "q4_1_tail_q8" and packed.fused is None:
-        from .blockstep import unfused
-
-        why = unfused(model, packed) or "its blocks in one C call differ from the torch blocks"
-        raise ObserverError(f"observer.options.matmul 'q4_1_tail_q8' cannot run here: {why}; "
-                            "use q4_1")
-    return packed
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _unpackable(model: Any) -> str | None:
