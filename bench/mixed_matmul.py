@@ -48,7 +48,7 @@ from .common import median, p95, results_dir, write_result
 
 NAME = "mixed_matmul"
 DRIFT_NAME = "mixed_matmul_drift"
-VARIANTS = ["float32", "bfloat16", "float16", "q4_1", "q4_1_q8", "q4_1_q16"]
+VARIANTS = ["float32", "bfloat16", "float16", "q4_1", "q4_1_tail_q8", "q4_1_q8", "q4_1_q16"]
 ROWS = [1, 2, 3, 4, 9, 16, 32, 72]
 CONTEXT = ("Summarise what the Kepler Space Telescope found, in a few sentences. " * 14).strip()
 READ_TOKENS = 9
@@ -863,6 +863,15 @@ def render_q4_1_int_drift(result: dict[str, Any]) -> str:
     return f"### Integer products on SmolLM2's Q4_1 blocks: scores and verdicts\n{rest}"
 
 
+def render_tail_drift(result: dict[str, Any]) -> str:
+    rest = render_drift(result).split("\n", 1)[1]
+    rest = rest.replace("--parts drift`", f"--parts drift --variants q4_1_tail_q8 --name "
+                        f"{TAIL_DRIFT_NAME}`")
+    return ("### Integer products past the layers read (`q4_1_tail_q8`): scores and verdicts\n"
+            f"{rest}")
+
+
+TAIL_DRIFT_NAME = "mixed_matmul_tail_drift"
 Q4_1_INT_NAME = "mixed_matmul_q4_1_int"
 Q4_1_INT_DRIFT_NAME = "mixed_matmul_q4_1_int_drift"
 Q4_1_NAME = "mixed_matmul_q4_1"
@@ -873,7 +882,8 @@ EXTRA_RESULTS = {DRIFT_NAME: render_drift, DRIFT_LARGE_NAME: render_drift,
                  "mixed_matmul_serve": render_serve, Q4_1_NAME: render_q4_1,
                  Q4_1_DRIFT_NAME: render_q4_1_drift, Q4_1_PANEL_NAME: render_q4_1_panel,
                  Q4_1_PANEL_DRIFT_NAME: render_q4_1_panel_drift,
-                 Q4_1_INT_NAME: render_q4_1_int, Q4_1_INT_DRIFT_NAME: render_q4_1_int_drift}
+                 Q4_1_INT_NAME: render_q4_1_int, Q4_1_INT_DRIFT_NAME: render_q4_1_int_drift,
+                 TAIL_DRIFT_NAME: render_tail_drift}
 
 
 if __name__ == "__main__":

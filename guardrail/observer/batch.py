@@ -439,11 +439,13 @@ class BatchedObserver:
                 self._settle(job)
 
     def _groups(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        """Rows that can share a forward: the same depth, at most ``MAX_ROWS`` tokens (a read
-        longer than that goes alone). Rows are packed, not padded: lengths need not match."""
-        by_depth: dict[int, list[_Row]] = {}
+        """Rows that can share a forward: the same depth and int8 blocks (q4_1_tail_q8), at
+        most ``MAX_ROWS`` tokens (a read longer than that goes alone). Rows are packed, not
+        padded: lengths need not match."""
+        by_depth: dict[tuple[int, int | None], list[_Row]] = {}
         for row in rows:
-            by_depth.setdefault(self._signature(row.job)[0], []).append(row)
+            key = (self._signature(row.job)[0], _integer_from(row.job.stream.state))
+            by_depth.setdefault(key, []).append(row)
         for group in by_depth.values():
             bucket: list[_Row] = []
             size = 0
@@ -564,7 +566,8 @@ class BatchedObserver:
             return _step(inner.model, depth, indices, logit_rows,
                          torch.tensor([ids], dtype=torch.long, device=device),
                          torch.tensor([positions], dtype=torch.long, device=device),
-                         spans, caches, getattr(inner, "packed", None))
+                         spans, caches, getattr(inner, "packed", None),
+                         _integer_from(states[0]))
 
     def _forward_padded(self, rows: list[_Row],
                         signatures: list[tuple[int, tuple[int, ...], bool]]) -> _HostRows:
@@ -709,11 +712,18 @@ class _Out:
     new_kv: list[Any]  # per block, keys then values: (1, kv_heads, total, head_dim)
 
 
+def _integer_from(state: Any) -> int | None:
+    """The first block a stream's reads run on int8 products (q4_1_tail_q8; None: none)."""
+    return getattr(state.kv, "integer_from", None)
+
+
 def _step(model: Any, depth: int, indices: list[int], logit_rows: list[int], ids: Any,
           positions: Any, spans: list[tuple[int, int]],
-          caches: list[tuple[list[Any], Any]], packed: Any = None) -> _Out:
+          caches: list[tuple[list[Any], Any]], packed: Any = None,
+          integer_from: int | None = None) -> _Out:
     """``LlamaStep``'s forward over several streams' tokens in one sequence (on the observer's
-    packed projections when it has them); the head runs only on the rows that want logits."""
+    packed projections when it has them; from block ``integer_from`` on int8 products, where
+    the fused blocks have them); the head runs only on the rows that want logits."""
     import torch
 
     from .llama_step import block_rows, rope_for
@@ -725,7 +735,8 @@ def _step(model: Any, depth: int, indices: list[int], logit_rows: list[int], ids
     new_kv: list[Any] = []
     fused = getattr(packed, "fused", None)  # q4_1: the blocks in one C call (blockstep)
     segments = [(s, e, cache) for (s, e), (cache, _) in zip(spans, caches, strict=True)]
-    ran = fused.run(h, positions, segments, depth, wanted) if fused is not None else None
+    ran = (fused.run(h, positions, segments, depth, wanted, integer_from)
+           if fused is not None else None)
     if ran is not None:
         h, kept, new_kv = ran
         states.update(kept)

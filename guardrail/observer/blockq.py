@@ -43,7 +43,7 @@ __all__ = ["BlockqError", "Q4_1IntWeight", "Q4_1Weight", "Q8_0IntWeight", "Q8_0W
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 _BLOCK = 32
-_VERSION = 7  # guardrail_blockq_version() of the source this module drives
+_VERSION = 8  # guardrail_blockq_version() of the source this module drives
 
 
 class BlockqError(ValueError):
@@ -51,7 +51,7 @@ class BlockqError(ValueError):
 
 
 SOURCES = ("blockq.c", "blockstep.c")  # built into one library: blockstep calls the products
-_STEP_VERSION = 1  # guardrail_blockstep_version() of blockstep.c (its argtypes: blockstep.py)
+_STEP_VERSION = 2  # guardrail_blockstep_version() of blockstep.c (its argtypes: blockstep.py)
 
 
 def _source() -> bytes:
@@ -98,7 +98,9 @@ def kernel() -> ctypes.CDLL:
     ptr, size = ctypes.c_void_p, ctypes.c_int
     lib.guardrail_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr, size, ptr]
     lib.guardrail_q8_0.argtypes = [ptr, size, size, ptr, ptr, size, ptr]
+    lib.guardrail_q4_1_fixed.argtypes = lib.guardrail_q4_1.argtypes
     lib.guardrail_q4_1.restype = lib.guardrail_q8_0.restype = ctypes.c_int
+    lib.guardrail_q4_1_fixed.restype = ctypes.c_int
     lib.guardrail_pack_q4_1.argtypes = [ptr, size, size, ptr, ptr, ptr]
     lib.guardrail_pack_q8_0.argtypes = [ptr, size, size, ptr, ptr]
     lib.guardrail_pack_q4_1.restype = lib.guardrail_pack_q8_0.restype = ctypes.c_long

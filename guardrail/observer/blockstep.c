@@ -13,8 +13,9 @@
  * Several streams' new tokens may be packed in one sequence (segments): the products run on all
  * rows at once, attention segment by segment over that segment's own cache (read where it lies,
  * never written) and its own new keys, causal within them. The new keys and values go to an
- * output buffer the caller appends to the caches. Single-threaded. Built with -O3 -mavx2 -mfma
- * -mf16c. */
+ * output buffer the caller appends to the caches. Under observer.options.matmul: q4_1_tail_q8
+ * the blocks from int_from on (past the deepest layer a monitor reads) call blockq's int8
+ * products instead. Single-threaded. Built with -O3 -mavx2 -mfma -mf16c. */
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -22,11 +23,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* blockq.c: y (M, N) = x (M, K) times a weight (N, K) in Q4_1 blocks; 0, or -1 out of memory */
+/* blockq.c: y (M, N) = x (M, K) times a weight (N, K) in Q4_1 blocks; 0, or -1 out of memory.
+ * _q8: the same blocks in its integer layout, the rows quantized to int8 (not float32's sums). */
 int guardrail_q4_1(const float *x, int M, int K, const uint8_t *qs, const float *d,
                    const uint16_t *m, int N, float *y);
+int guardrail_q4_1_q8(const float *x, int M, int K, const uint8_t *wq, const float *wd,
+                      const float *wm, int N, float *y);
+/* _fixed: guardrail_q4_1 with each row's floats independent of the rows beside it */
+int guardrail_q4_1_fixed(const float *x, int M, int K, const uint8_t *qs, const float *d,
+                         const uint16_t *m, int N, float *y);
 
-/* The pointers of a block's weights, in this order (blockstep.py builds them). */
+/* Products by block kind: float32 ones; float32 ones before int8 blocks (whose rows' rounding
+ * would turn the float noise of another row count into a visible change, so each row's floats
+ * must not depend on the rows beside it); int8 ones, for a block past the deepest layer any
+ * monitor reads (its weights in the integer layout). */
+enum { FLOAT, FLOAT_FIXED, INT8 };
+
+/* y = x times the weight whose three pointers start at w[at], in products of kind `kind`. */
+static int project(int kind, const float *x, int M, int K, const void *const *w, int at, int N,
+                   float *y) {
+    if (kind == INT8) return guardrail_q4_1_q8(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
+    if (kind == FLOAT_FIXED)
+        return guardrail_q4_1_fixed(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
+    return guardrail_q4_1(x, M, K, w[at], w[at + 1], w[at + 2], N, y);
+}
+
+/* The pointers of a block's weights, in this order (blockstep.py builds them); each product's
+ * three (_Q, _D, _M) are blockq's Q4_1 blocks, or its integer layout from block int_from on. */
 enum { W_IN, W_POST, QKV_Q, QKV_D, QKV_M, O_Q, O_D, O_M, GU_Q, GU_D, GU_M, DN_Q, DN_D, DN_M,
        W_PER_BLOCK };
 
@@ -261,8 +284,9 @@ static void attend(const int *dims, const float *qkv, int qkvw, int T, int s0, i
  * segs: 3 ints per segment (first row, end row, cached positions P); past: per segment, per
  * block, its cache's keys then values (kv head g at + g * strides[segment], rows of head_dim);
  * new_kv (depth, 2, kv_heads, T, head_dim): the new keys and values; keep: per block, NULL
- * or (T, hidden) for the state after it. Returns 0, -1 out of memory, -2 a bad argument. */
-int guardrail_blocks(const int *dims, float eps, float scale, int depth,
+ * or (T, hidden) for the state after it; int_from: the first block whose products run on int8
+ * rows (depth or more: none). Returns 0, -1 out of memory, -2 a bad argument. */
+int guardrail_blocks(const int *dims, float eps, float scale, int depth, int int_from,
                      const void *const *weights, const float *h_in, float *h, int T,
                      const float *cos, const float *sin, int nseg, const int *segs,
                      const float *const *past, const long *strides, float *new_kv,
@@ -270,7 +294,7 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth,
     const int H = dims[D_HIDDEN], heads = dims[D_HEADS], kvh = dims[D_KV_HEADS];
     const int d = dims[D_HEAD_DIM], inter = dims[D_INTER], half = d / 2;
     const int qkvw = (heads + 2 * kvh) * d, rotated = heads + kvh;
-    if (T <= 0 || d % 8 || kvh <= 0 || heads % kvh || H % 32 || inter % 32 || (heads * d) % 32)
+    if (T <= 0 || int_from < 0 || d % 8 || kvh <= 0 || heads % kvh || H % 32 || inter % 32 || (heads * d) % 32)
         return -2;
     size_t work = 0;
     for (int sg = 0, at = 0; sg < nseg; sg++) {
@@ -294,8 +318,9 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth,
     for (int b = 0; b < depth && rc == 0; b++) {
         const void *const *w = weights + (size_t)b * W_PER_BLOCK;
         float *nk = new_kv + (size_t)b * 2 * kvh * T * d, *nv = nk + (size_t)kvh * T * d;
+        const int kind = b >= int_from ? INT8 : int_from < depth ? FLOAT_FIXED : FLOAT;
         rms_norm(h, T, H, (const float *)w[W_IN], eps, x);
-        rc = guardrail_q4_1(x, T, H, w[QKV_Q], w[QKV_D], w[QKV_M], qkvw, big);
+        rc = project(kind, x, T, H, w, QKV_Q, qkvw, big);
         if (rc) break;
         for (int t = 0; t < T; t++) {
             float *row = big + (size_t)t * qkvw;
@@ -323,11 +348,11 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth,
             attend(dims, big, qkvw, T, s0, n, pp[0], pp[1], strides[sg], P, nk, nv, att,
                    scratch);
         }
-        rc = guardrail_q4_1(att, T, heads * d, w[O_Q], w[O_D], w[O_M], H, tmp);
+        rc = project(kind, att, T, heads * d, w, O_Q, H, tmp);
         if (rc) break;
         for (size_t i = 0; i < rows * H; i++) h[i] = h[i] + tmp[i];
         rms_norm(h, T, H, (const float *)w[W_POST], eps, x);
-        rc = guardrail_q4_1(x, T, H, w[GU_Q], w[GU_D], w[GU_M], 2 * inter, big);
+        rc = project(kind, x, T, H, w, GU_Q, 2 * inter, big);
         if (rc) break;
         for (int t = 0; t < T; t++) {  /* silu(gate) * up: gate / (1 + exp(-gate)) * up */
             const float *gate = big + (size_t)t * 2 * inter, *up = gate + inter;
@@ -339,7 +364,7 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth,
                 _mm256_storeu_ps(a + i, _mm256_mul_ps(sv, _mm256_loadu_ps(up + i)));
             }
         }
-        rc = guardrail_q4_1(act, T, inter, w[DN_Q], w[DN_D], w[DN_M], H, tmp);
+        rc = project(kind, act, T, inter, w, DN_Q, H, tmp);
         if (rc) break;
         for (size_t i = 0; i < rows * H; i++) h[i] = h[i] + tmp[i];
         if (keep[b] != NULL) memcpy(keep[b], h, sizeof(float) * rows * H);
@@ -349,4 +374,4 @@ int guardrail_blocks(const int *dims, float eps, float scale, int depth,
 }
 
 /* The version of this interface, checked at load. */
-int guardrail_blockstep_version(void) { return 1; }
+int guardrail_blockstep_version(void) { return 2; }

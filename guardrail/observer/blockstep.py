@@ -9,6 +9,10 @@ C instead, calling the same Q4_1 products: the embeddings, the rotary tables, th
 and the head stay in torch. Float32 throughout; the states are the torch step's (same
 products, same weights) to float32 noise.
 
+Under ``q4_1_tail_q8`` the same call runs the blocks from ``integer_from`` on (past the
+deepest layer a stream's monitors read) on int8 products: their pointers are the blocks'
+integer layout (``PackedLinears.tail``).
+
 It is used by itself wherever ``q4_1`` is: ``PackedLinears`` makes one when its checks pass
 (the kernel builds, the model's shapes and activation fit, a probe block matches the torch
 block), else the torch step runs as before. One call covers one stream's read or several
@@ -22,16 +26,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .blockq import BlockqError, Q4_1Weight, kernel
+from .blockq import BlockqError, Q4_1IntWeight, Q4_1Weight, kernel
 
 if TYPE_CHECKING:
-    from .llama_step import LlamaStep, PackedLinears
+    from .llama_step import LlamaStep, PackedLinears, _PackedBlock
 
 __all__ = ["PROBE_TOLERANCE", "BlockStack", "unfused"]
 
 # Largest relative distance (per row) from the torch block allowed at load's probe: well above
 # float32's summation-order noise (about 1e-6 here), far below a wrong layout or kernel.
 PROBE_TOLERANCE = 1e-4
+# The same for a block on int8 products (q4_1_tail_q8): their rounding is about 1e-2 of a row
+# (pack_linears' bound for q4_1_q8); a wrong layout is of the order of 1.
+INTEGER_PROBE_TOLERANCE = 0.05
 _PER_BLOCK = 14  # pointers per block, in blockstep.c's W_* order
 _Ptrs = ctypes.c_void_p
 _Segment = tuple[int, int, list[torch.Tensor]]  # rows start:end, that stream's cache views
@@ -39,7 +46,7 @@ _Segment = tuple[int, int, list[torch.Tensor]]  # rows start:end, that stream's 
 
 def unfused(model: Any, packed: PackedLinears) -> str | None:
     """Why the blocks of ``model`` on ``packed`` cannot run in one C call, or None."""
-    if packed.matmul != "q4_1":
+    if packed.matmul not in ("q4_1", "q4_1_tail_q8"):
         return f"its products are {packed.matmul}'s, not q4_1's"
     cfg = model.config
     if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
@@ -61,6 +68,10 @@ def unfused(model: Any, packed: PackedLinears) -> str | None:
         if not all(isinstance(p.weight, Q4_1Weight)
                    for p in (block.qkv, block.o, block.gate_up, block.down)):
             return "not all its projections are on Q4_1 blocks"
+    for block in packed.tail or ():
+        if not all(isinstance(p.weight, Q4_1IntWeight)
+                   for p in (block.qkv, block.o, block.gate_up, block.down)):
+            return "not all its int8 projections are on Q4_1 blocks"
     return None
 
 
@@ -70,9 +81,9 @@ class BlockStack:
     def __init__(self, model: Any, packed: PackedLinears) -> None:
         self._lib = kernel()
         ptr, size = ctypes.c_void_p, ctypes.c_int
-        self._lib.guardrail_blocks.argtypes = [ptr, ctypes.c_float, ctypes.c_float, size, ptr,
-                                               ptr, ptr, size, ptr, ptr, size, ptr, ptr, ptr,
-                                               ptr, ptr]
+        self._lib.guardrail_blocks.argtypes = [ptr, ctypes.c_float, ctypes.c_float, size, size,
+                                               ptr, ptr, ptr, size, ptr, ptr, size, ptr, ptr,
+                                               ptr, ptr, ptr]
         self._lib.guardrail_blocks.restype = ctypes.c_int
         base = model.base_model
         self.rotary = base.rotary_emb
@@ -85,17 +96,40 @@ class BlockStack:
                                         self.head_dim, inter)
         self.eps = float(base.layers[0].input_layernorm.variance_epsilon)
         self.scale = float(first.scaling)
-        ptrs: list[int] = []
         self._norms = []  # kept alive: the kernel reads their memory
-        for layer, block in zip(base.layers, packed.blocks, strict=False):
+        self.depth = len(packed.blocks)
+        # per block, its W_PER_BLOCK pointers: float32 products, and int8 ones (tail) if any
+        self._blocks: list[list[int]] = []
+        self._tail: list[list[int]] = []
+        tail: list[_PackedBlock | None] = [*packed.tail] if packed.tail else [None] * self.depth
+        for layer, block, fast in zip(base.layers, packed.blocks, tail, strict=False):
             norms = [layer.input_layernorm.weight.detach().contiguous(),
                      layer.post_attention_layernorm.weight.detach().contiguous()]
             self._norms += norms
-            ptrs += [n.data_ptr() for n in norms]
-            for product in (block.qkv, block.o, block.gate_up, block.down):
-                ptrs += product.weight._ptrs
-        self._weights = (_Ptrs * len(ptrs))(*ptrs)
-        self.depth = len(packed.blocks)
+            for kind, out in ((block, self._blocks), (fast, self._tail)):
+                if kind is not None:
+                    out.append([n.data_ptr() for n in norms]
+                               + [p for product in (kind.qkv, kind.o, kind.gate_up, kind.down)
+                                  for p in product.weight._ptrs])
+        self._weights: dict[int, Any] = {}  # integer_from -> the pointer array for the kernel
+
+    def weights(self, integer_from: int) -> Any:
+        """The kernel's pointer array with the blocks from ``integer_from`` on in int8 (made
+        once per value)."""
+        integer_from = min(integer_from, self.depth)
+        array = self._weights.get(integer_from)
+        if array is None:
+            if integer_from < self.depth and not self._tail:
+                raise ValueError("this block stack has no int8 products (q4_1_tail_q8)")
+            ptrs = [p for b in range(self.depth)
+                    for p in (self._tail if b >= integer_from else self._blocks)[b]]
+            array = self._weights[integer_from] = (_Ptrs * len(ptrs))(*ptrs)
+        return array
+
+    @property
+    def integer(self) -> bool:
+        """Whether blocks can run on int8 products here (q4_1_tail_q8)."""
+        return bool(self._tail)
 
     @classmethod
     def of(cls, model: Any, packed: PackedLinears) -> BlockStack | None:
@@ -107,11 +141,15 @@ class BlockStack:
             stack = cls(model, packed)
         except (BlockqError, AttributeError):  # a kernel built without blockstep
             return None
-        return stack if stack.probe(model, packed) <= PROBE_TOLERANCE else None
+        if stack.probe(model, packed) > PROBE_TOLERANCE:
+            return None
+        if stack.integer and stack.probe(model, packed, integer=True) > INTEGER_PROBE_TOLERANCE:
+            return None
+        return stack
 
-    def probe(self, model: Any, packed: PackedLinears) -> float:
-        """The largest relative distance per row between the first block here and the torch
-        block, on random rows: 3 new over 5 cached."""
+    def probe(self, model: Any, packed: PackedLinears, integer: bool = False) -> float:
+        """The largest relative distance per row between the first block here (on its int8
+        products with ``integer``) and the torch block, on random rows: 3 new over 5 cached."""
         from .llama_step import _block, rope_for
 
         base = model.base_model
@@ -131,14 +169,15 @@ class BlockStack:
             want = _block(base.layers[0], h[:, 5:], (rope[0][:, 5:], rope[1][:, 5:]),
                           ~mask.repeat(1, 1, groups, 1), new[0], new[1], [], packed, 0)
             cache = [t.contiguous() for t in new]  # rows of head_dim, as TensorKV keeps them
-            ran = self.run(h[:, 5:], positions[:, 5:], [(0, 3, cache)], 1, ())
+            ran = self.run(h[:, 5:], positions[:, 5:], [(0, 3, cache)], 1, (),
+                           integer_from=0 if integer else None)
         if ran is None:
             return float("inf")
         return float(((ran[0] - want).norm(dim=-1) / want.norm(dim=-1)).max())
 
     def run(self, h: torch.Tensor, positions: torch.Tensor, segments: list[_Segment],
-            depth: int, keep: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor],
-                                            list[torch.Tensor]] | None:
+            depth: int, keep: Any, integer_from: int | None = None
+            ) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[torch.Tensor]] | None:
         """The first ``depth`` blocks over ``h`` ``(1, T, hidden)`` (the embeddings), whose
         rows ``start:end`` of each segment are one stream's new tokens at ``positions``, to
         attend over that stream's cache (``cache``: its views per block, keys then values,
@@ -147,7 +186,9 @@ class BlockStack:
         Returns the state after block ``depth``, the states after the blocks in ``keep`` (by
         hidden-state index, 1..depth; ``depth``'s the same tensor) and the new keys and values
         per block ``(1, kv_heads, T, head_dim)``; or None where the caches or the rotary
-        tables are not as the kernel reads them (the caller runs the torch blocks)."""
+        tables are not as the kernel reads them (the caller runs the torch blocks).
+        ``integer_from``: the first block to run on int8 products (None: none; only where the
+        stack has them, ``integer``)."""
         d, rows = self.head_dim, int(h.shape[1])
         if h.dim() != 3 or h.shape[0] != 1 or depth > self.depth or not segments:
             return None
@@ -180,8 +221,9 @@ class BlockStack:
         at = {i: k for k, i in enumerate(kept)}
         keep_ptrs = (_Ptrs * depth)(*[held[at[b + 1]].data_ptr() if b + 1 in at else None
                                       for b in range(depth)])
+        start = self.depth if integer_from is None or not self._tail else integer_from
         rc = self._lib.guardrail_blocks(
-            self._dims, self.eps, self.scale, depth, self._weights, h_in.data_ptr(),
+            self._dims, self.eps, self.scale, depth, start, self.weights(start), h_in.data_ptr(),
             out.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), len(segments),
             (ctypes.c_int * len(bounds))(*bounds), (_Ptrs * len(past))(*past),
             (ctypes.c_long * len(strides))(*strides), new.data_ptr(), keep_ptrs)
@@ -203,7 +245,8 @@ class BlockStack:
         rows, cached = int(h.shape[1]), int(past[0].shape[2]) if past else 0
         if tuple(mask.shape) != (1, 1, rows, cached + rows) or not _causal(mask, cached):
             return None
-        ran = self.run(h, positions, [(0, rows, list(past))], step.depth, step.hidden_indices)
+        ran = self.run(h, positions, [(0, rows, list(past))], step.depth, step.hidden_indices,
+                       step.integer_from)
         if ran is None:
             return None
         last, states, new_kv = ran

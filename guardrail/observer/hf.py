@@ -291,9 +291,10 @@ def resolve_matmul(name: str, backend: str, value: Any) -> str:
     weights, else float16 where the CPU runs it, else float32),
     ``float32``, ``bfloat16`` / ``float16`` asked for (mixed precision: half the bytes per
     read; docs/observer.md, "Mixed-precision products"), ``q4_1`` (the GGUF Q4_1 blocks
-    SmolLM2's float32 weights were converted from: float32's products, a C kernel), or
-    ``q4_1_q8`` / ``q4_1_q16`` (the same blocks in integer products, the rows quantized per
-    block of 32 to int8 or int16)."""
+    SmolLM2's float32 weights were converted from: float32's products, a C kernel),
+    ``q4_1_tail_q8`` (``q4_1`` up to the deepest layer a monitor reads but the last, int8
+    products after it and in the head), or ``q4_1_q8`` / ``q4_1_q16`` (the same blocks in
+    integer products, the rows quantized per block of 32 to int8 or int16)."""
     from .llama_step import MATMUL_DTYPES
 
     if value is None:

@@ -48,7 +48,7 @@ class LlamaStep(torch.nn.Module):
     plain tensors (no cache objects crossing the graph boundary)."""
 
     def __init__(self, model: Any, depth: int, hidden_indices: list[int], logits: bool,
-                 packed: PackedLinears | None = None) -> None:
+                 packed: PackedLinears | None = None, integer_from: int | None = None) -> None:
         super().__init__()
         self.base = model.base_model
         self.head = model.get_output_embeddings() if logits else None
@@ -56,6 +56,8 @@ class LlamaStep(torch.nn.Module):
         self.hidden_indices = hidden_indices
         self.full = depth == model.config.num_hidden_layers
         self.packed = packed  # None for export: ONNX sees the plain projections
+        # q4_1_tail_q8: the first block on int8 products (the stream's, ``integer_from``)
+        self.integer_from = integer_from
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -409,6 +411,16 @@ class _PackedQ8_0Q16(_PackedQ4_1Q16):
     blocks = "Q8_0"
 
 
+class _PackedQ4_1Tail(_PackedQ4_1):
+    """``q4_1_tail_q8``'s blocks: ``_PackedQ4_1``'s float32 products, and beside them
+    (``PackedLinears.tail``) the same blocks for int8 products, which a read runs in the blocks
+    past the deepest layer its monitors read (docs/observer.md, "Integer products past the
+    layers read")."""
+
+    _padded: ClassVar[dict[tuple[int, int], frozenset[int]]] = {}
+    option = "q4_1_tail_q8"
+
+
 class _PackedBlock:
     """A block's projections packed: q/k/v as one product, gate/up as one, o, down.
 
@@ -446,9 +458,13 @@ class PackedLinears:
         self.blocks = [_PackedBlock(layers[i], kind) for i in range(depth)]
         out = model.get_output_embeddings()
         self.head = _head(out.weight, matmul, kind) if head and out is not None else None
+        # q4_1_tail_q8: each block's products also in int8 (read past the deepest layer read)
+        self.tail: list[_PackedBlock] | None = None
+        if matmul == "q4_1_tail_q8":
+            self.tail = [_PackedBlock(layers[i], _PackedQ4_1Q8) for i in range(depth)]
         # q4_1: the blocks in one C call (blockstep) where its checks pass, else None
         self.fused: BlockStack | None = None
-        if matmul == "q4_1":
+        if matmul in _FUSED:
             from .blockstep import BlockStack
 
             self.fused = BlockStack.of(model, self)
@@ -467,18 +483,23 @@ def _head(weight: torch.Tensor, matmul: str, kind: type[_Packed]) -> _Packed:
 
 
 # observer.options.matmul
-MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16", "q4_1", "q4_1_q8", "q4_1_q16")
-# What ``auto`` tries, in order, before float32. q4_1 first: with its blocks in one C call it
-# is faster than float16 at every read size measured and reads float32's states; it runs only
-# on exact Q4_1 weights (SmolLM2's) with a C compiler, so elsewhere float16 (docs/observer.md,
-# "The blocks of a q4_1 read in one C call").
-AUTO_MATMUL = ("q4_1", "float16")
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16", "q4_1", "q4_1_tail_q8", "q4_1_q8",
+                 "q4_1_q16")
+# What ``auto`` tries, in order, before float32. q4_1_tail_q8 first: q4_1's float32 states in
+# the blocks the monitors read, int8 products after them (0.73-0.81x q4_1's CPU from 9 rows,
+# no harm verdict moved; docs/observer.md, "Integer products past the layers read"); then
+# q4_1 (faster than float16 at every read size, float32's states), where its blocks cannot
+# run in one call; both only on exact Q4_1 weights (SmolLM2's) with a C compiler, so
+# elsewhere float16.
+AUTO_MATMUL = ("q4_1_tail_q8", "q4_1", "float16")
 _KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloat16,
                                     "float16": _PackedFloat16, "q4_1": _PackedQ4_1,
+                                    "q4_1_tail_q8": _PackedQ4_1Tail,
                                     "q4_1_q8": _PackedQ4_1Q8, "q4_1_q16": _PackedQ4_1Q16}
-_HEADS: dict[str, type[_Packed]] = {"q4_1": _PackedQ8_0, "q4_1_q8": _PackedQ8_0Q8,
-                                    "q4_1_q16": _PackedQ8_0Q16}
-_BLOCKQ = ("q4_1", "q4_1_q8", "q4_1_q16")  # the options that run blockq.c
+_HEADS: dict[str, type[_Packed]] = {"q4_1": _PackedQ8_0, "q4_1_tail_q8": _PackedQ8_0Q8,
+                                    "q4_1_q8": _PackedQ8_0Q8, "q4_1_q16": _PackedQ8_0Q16}
+_BLOCKQ = ("q4_1", "q4_1_tail_q8", "q4_1_q8", "q4_1_q16")  # the options that run blockq.c
+_FUSED = ("q4_1", "q4_1_tail_q8")  # ... of them, those whose blocks run in one C call
 _INTEGER = ("q4_1_q8", "q4_1_q16")  # ... of them, those that quantize the rows
 
 
@@ -528,16 +549,31 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
     why = _unpackable(model)
     if why is None and matmul != "float32":
         why = matmul_unsupported(matmul)
+    if why is None:
+        why = _probe(model, matmul)
     if why is not None:
         if matmul == "float32":
             return None
         raise ObserverError(f"observer.options.matmul {matmul!r} cannot run here: {why}; "
                             "drop the option (float32)")
+    packed = PackedLinears(model, int(model.config.num_hidden_layers), matmul=matmul)
+    if matmul == "q4_1_tail_q8" and packed.fused is None:
+        from .blockstep import unfused
+
+        why = unfused(model, packed) or "its blocks in one C call differ from the torch blocks"
+        raise ObserverError(f"observer.options.matmul 'q4_1_tail_q8' cannot run here: {why}; "
+                            "use q4_1")
+    return packed
+
+
+def _probe(model: Any, matmul: str) -> str | None:
+    """Why ``matmul``'s product on the first block's q weights is not float32's (to its
+    rounding), or None; checks the one-op RMSNorm on the way."""
     layer = model.base_model.layers[0]
     attn = layer.self_attn
     # float32: the same product in another summation order; fewer bits: a bound well above
     # their rounding (relative 2^-8 for bfloat16) that a wrong layout or kernel would break
-    tol = 1e-4 if matmul in ("float32", "q4_1") else 0.05
+    tol = 1e-4 if matmul in ("float32", *_FUSED) else 0.05
     try:
         probe = _KINDS[matmul](attn.q_proj.weight)
         with torch.inference_mode():
@@ -548,17 +584,11 @@ def pack_linears(model: Any, matmul: str = "float32") -> PackedLinears | None:
             else:
                 same = torch.allclose(got, want, rtol=tol, atol=tol)
             if not same:
-                why = "its product on the first block's weights differs from float32's"
-            else:
-                _probe_norm(layer.input_layernorm, int(x.shape[-1]))
+                return "its product on the first block's weights differs from float32's"
+            _probe_norm(layer.input_layernorm, int(x.shape[-1]))
     except (RuntimeError, AttributeError) as exc:  # a torch without these kernels
-        why = f"{type(exc).__name__}: {exc}"
-    if why is not None:
-        if matmul == "float32":
-            return None
-        raise ObserverError(f"observer.options.matmul {matmul!r} cannot run here: {why}; "
-                            "drop the option (float32)")
-    return PackedLinears(model, int(model.config.num_hidden_layers), matmul=matmul)
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _unpackable(model: Any) -> str | None:

@@ -145,7 +145,11 @@ class TensorKV:
     """
 
     def __init__(self, depth: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", window: int | None = None) -> None:
+                 device: torch.device | str = "cpu", window: int | None = None,
+                 integer_from: int | None = None) -> None:
+        # q4_1_tail_q8: the first block whose keys and values come from int8 products (None:
+        # none); every read of the stream, and a prefix it shares, must agree on it
+        self.integer_from = integer_from
         with torch.inference_mode():  # buffers are written in place, always in this mode
             self._buffers = [torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
                              for _ in range(2 * depth)]
@@ -245,7 +249,8 @@ class TorchObserver(BaseObserver):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = (getattr(cfg, "head_dim", None)
                          or cfg.hidden_size // cfg.num_attention_heads)
-        self._steps: dict[tuple[int, tuple[int, ...], bool], Any] = {}
+        # (depth, indices, logits, integer_from) -> its LlamaStep
+        self._steps: dict[tuple[int, tuple[int, ...], bool, int | None], Any] = {}
         # The step's projections on weights packed once (CPU float32; None: the model's own),
         # stored in observer.options.matmul's dtype ("auto" resolved here)
         self.packed = pack_linears(model, matmul)
@@ -288,7 +293,8 @@ class TorchObserver(BaseObserver):
         if self.fast:
             depth = self.signature(needs)[0]
             kv = self._pooled(depth) if self.padded else TensorKV(
-                depth, self.kv_heads, self.head_dim, self.dtype, self.device, self.window)
+                depth, self.kv_heads, self.head_dim, self.dtype, self.device, self.window,
+                self.integer_from(needs))
             reused = self.prefix.restore(kv, depth, ids if pool_from is None else ids[:pool_from])
         else:
             from transformers import DynamicCache
@@ -297,6 +303,17 @@ class TorchObserver(BaseObserver):
         state = StreamState(kv, self.window, context_len=len(ids), rotary=self.rotary,
                             context_ids=tuple(ids), pool_from=pool_from)
         return state, ids[reused:]
+
+    def integer_from(self, needs: Needs) -> int | None:
+        """Under ``q4_1_tail_q8``, the first block a stream with ``needs`` reads on int8
+        products: the one after the deepest layer its monitors read but the last, which is
+        read like the logits it gives (docs/observer.md, "Integer products past the layers
+        read"). None under other products."""
+        fused = getattr(self.packed, "fused", None)
+        if fused is None or not fused.integer:
+            return None
+        return max((i for i in (self.hidden_index(layer) for layer in needs.layers)
+                    if i < self.num_layers), default=0)
 
     def _pooled(self, depth: int) -> Any:
         """A cache in the pool of the streams read ``depth`` blocks deep."""
@@ -378,10 +395,11 @@ class TorchObserver(BaseObserver):
         depth, indices, with_logits = signature
         if depth > len(kv.tensors) // 2:
             raise ObserverError("extend() needs deeper layers than the needs given to start()")
-        step = self._steps.get(signature)
+        integer_from = getattr(kv, "integer_from", None)
+        step = self._steps.get((*signature, integer_from))
         if step is None:
-            step = self._steps[signature] = LlamaStep(self.model, depth, list(indices),
-                                                      with_logits, self.packed)
+            step = self._steps[(*signature, integer_from)] = LlamaStep(
+                self.model, depth, list(indices), with_logits, self.packed, integer_from)
         past, n = kv.length(), input_ids.shape[1]
         mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=self.device)
         mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()

@@ -25,8 +25,10 @@ class PrefixCache:
 
     def __init__(self, max_tokens: int = DEFAULT_PREFIX_TOKENS) -> None:
         self.max_tokens = max(0, int(max_tokens))
-        # (depth, ids) -> per block and kind, the keys or values (1, kv_heads, len(ids), dim)
-        self._entries: OrderedDict[tuple[int, tuple[int, ...]], list[Any]] = OrderedDict()
+        # (depth, first int8 block, ids) -> per block and kind, the keys or values
+        # (1, kv_heads, len(ids), dim); a cache's int8 blocks (q4_1_tail_q8) must match
+        self._entries: OrderedDict[tuple[int, int | None, tuple[int, ...]], list[Any]] = \
+            OrderedDict()
         self._lock = threading.Lock()  # streams read on their own threads share the cache
         self.hits = 0  # streams that reused a prefix
         self.reused_tokens = 0  # positions copied instead of computed
@@ -36,7 +38,7 @@ class PrefixCache:
 
     def tokens(self) -> int:
         """Context positions held, over all entries."""
-        return sum(len(ids) for _, ids in list(self._entries))
+        return sum(len(ids) for _, _, ids in list(self._entries))
 
     def nbytes(self) -> int:
         return sum(_nbytes(t) for tensors in list(self._entries.values()) for t in tensors)
@@ -47,10 +49,11 @@ class PrefixCache:
         if not self.max_tokens or not ids or kv.length():
             return 0
         best, best_key = 0, None
+        integer_from = getattr(kv, "integer_from", None)
         with self._lock:
             for key in self._entries:
-                got_depth, cached = key
-                if got_depth < depth:
+                got_depth, got_from, cached = key
+                if got_depth < depth or got_from != integer_from:
                     continue
                 n = _common(cached, ids)
                 if n > best:
@@ -69,7 +72,7 @@ class PrefixCache:
         n = len(ids)
         if not self.max_tokens or not n or n > self.max_tokens or kv.length() < n:
             return
-        key = (depth, tuple(ids))
+        key = (depth, getattr(kv, "integer_from", None), tuple(ids))
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)

@@ -81,3 +81,28 @@ def read_in_steps(observer: Any, messages: list[dict[str, str]], needs: Needs,
     batched.release(stream)
     hidden = {layer: torch.cat([p.hidden[layer] for p in parts]) for layer in needs.layers}
     return hidden, torch.cat([p.logits for p in parts])
+
+
+def alone_and_together(observer: Any, batched: Any, needs: Needs, prompts: list[str],
+                       tokens: list[list[Any]], sizes: list[int]
+                       ) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Each stream (``prompts[k]``, then ``tokens[k]`` read ``sizes[k]`` at a time) read alone
+    on ``observer``, and the same reads through ``batched``: round by round, every stream's read
+    of a round submitted under one hold (one forward where they fit). Returns the reads alone
+    and batched, per stream."""
+    alone = []
+    for prompt, toks, size in zip(prompts, tokens, sizes, strict=True):
+        state = observer.start([{"role": "user", "content": prompt}], needs)
+        alone.append([observer.extend(state, toks[i:i + size], needs)
+                      for i in range(0, len(toks), size)])
+    streams = [batched.start([{"role": "user", "content": p}], needs) for p in prompts]
+    together: list[list[Any]] = [[] for _ in prompts]
+    for r in range(max(len(reads) for reads in alone)):
+        with batched.hold():
+            futures = {k: batched.submit(streams[k], tokens[k][r * size:(r + 1) * size], needs)
+                       for k, size in enumerate(sizes) if r * size < len(tokens[k])}
+        for k, future in futures.items():
+            together[k].append(future.result(timeout=60))
+    for mine, theirs in zip(together, alone, strict=True):
+        assert len(mine) == len(theirs)
+    return alone, together

@@ -23,7 +23,7 @@ from guardrail.session import Report
 from guardrail.stream import TokenSpan
 from guardrail.testing import plugin_monitors, random_splits
 
-from .streams import PROMPTS, TEXTS
+from .streams import PROMPTS, TEXTS, alone_and_together
 
 NEEDS = Needs(layers=frozenset({1, -1}), logits=True, top_k=3)
 
@@ -94,23 +94,9 @@ def test_streams_read_in_one_forward_match_their_own_reads(request: pytest.Fixtu
     sizes = [1, 3, 2, 7, 5]  # tokens per read, per stream
     if workers > 1:  # reads long enough to spread (MIN_PART_TOKENS per part)
         sizes = [4 * size for size in sizes]
-    alone = []
-    for prompt, toks, size in zip(PROMPTS, tokens, sizes, strict=True):
-        state = plain.start([{"role": "user", "content": prompt}], NEEDS)
-        alone.append([plain.extend(state, toks[i:i + size], NEEDS)
-                      for i in range(0, len(toks), size)])
-    streams = [batched.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS]
-    together: list[list[Any]] = [[] for _ in PROMPTS]
-    rounds = max(len(reads) for reads in alone)
-    for r in range(rounds):
-        with batched.hold():
-            futures = {k: batched.submit(streams[k], tokens[k][r * size:(r + 1) * size], NEEDS)
-                       for k, size in enumerate(sizes) if r * size < len(tokens[k])}
-        for k, future in futures.items():
-            together[k].append(future.result(timeout=60))
+    alone, together = alone_and_together(plain, batched, NEEDS, PROMPTS, tokens, sizes)
     _shared(batched.stats, len(PROMPTS), workers)  # the contexts, then the first reads
     for mine, theirs in zip(together, alone, strict=True):
-        assert len(mine) == len(theirs)
         for a, b in zip(mine, theirs, strict=True):
             _same_batch(a, b)
 

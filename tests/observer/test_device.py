@@ -20,6 +20,8 @@ from guardrail.observer.hf import load_model_dir, resolve_device
 from guardrail.stream import TokenSpan
 from guardrail.testing import plugin_monitors, split_text
 
+from .streams import alone_and_together
+
 MESSAGES = [{"role": "user", "content": "Tell me some facts."}]
 TEXT = "The capital of France is Paris. Marie Curie was born in Warsaw in 1867. Café 🙂."
 NEEDS = Needs(layers=frozenset({0, 2, -1}), logits=True, top_k=3)
@@ -212,23 +214,11 @@ def test_streams_batched_on_the_gpu_read_what_each_reads_alone_on_the_cpu(tiny_l
     prompts = ["Hi.", "Tell me about Paris, please.", "Who was Marie Curie?"]
     tokens = cpu.tokenizer.tokenize(TEXT)
     sizes = [1, 3, 5]
-    alone = []
-    for prompt, size in zip(prompts, sizes, strict=True):
-        state = cpu.start([{"role": "user", "content": prompt}], NEEDS)
-        alone.append([cpu.extend(state, tokens[i:i + size], NEEDS)
-                      for i in range(0, len(tokens), size)])
-    streams = [batched.start([{"role": "user", "content": p}], NEEDS) for p in prompts]
-    together: list[list[Any]] = [[] for _ in prompts]
-    for r in range(max(len(reads) for reads in alone)):
-        with batched.hold():
-            futures = {k: batched.submit(streams[k], tokens[r * size:(r + 1) * size], NEEDS)
-                       for k, size in enumerate(sizes) if r * size < len(tokens)}
-        for k, future in futures.items():
-            together[k].append(future.result(timeout=60))
+    alone, together = alone_and_together(cpu, batched, NEEDS, prompts, [tokens] * len(prompts),
+                                         sizes)
     assert batched.stats.largest == len(prompts)  # the rounds shared forwards
     assert (batched.stats.padded > 0) == padded
     for mine, theirs in zip(together, alone, strict=True):
-        assert len(mine) == len(theirs)
         for a, b in zip(mine, theirs, strict=True):
             got, want = _rows(a), _rows(b)
             for key in want:

@@ -16,7 +16,7 @@ import torch
 from guardrail.observer.batch import BatchedObserver
 from guardrail.observer.blockstep import BlockStack, unfused
 
-from .streams import PROMPTS, TEXTS, VERDICT_ANSWERS, read_in_steps, verdicts
+from .streams import PROMPTS, TEXTS, VERDICT_ANSWERS, alone_and_together, read_in_steps, verdicts
 from .test_q4_1_matmul import MESSAGES, NEEDS, TEXT, _distance, _quantized, _with, needs_kernel
 
 # Largest relative distance per token from the torch step on the same products. Measured: at
@@ -99,24 +99,13 @@ def test_streams_read_in_one_forward_match_their_own_reads(fused: Any) -> None:
     batched = BatchedObserver(fused)
     tokens = [fused.tokenizer.tokenize(t) for t in TEXTS]
     sizes = [1, 3, 2, 7, 5]
-    alone: dict[str, list[list[Any]]] = {"fused": [], "torch": []}
-    for name, observer in (("fused", fused), ("torch", plain)):
-        for prompt, toks, size in zip(PROMPTS, tokens, sizes, strict=True):
-            state = observer.start([{"role": "user", "content": prompt}], NEEDS)
-            alone[name].append([observer.extend(state, toks[i:i + size], NEEDS)
-                                for i in range(0, len(toks), size)])
-    streams = [batched.start([{"role": "user", "content": p}], NEEDS) for p in PROMPTS]
-    together: list[list[Any]] = [[] for _ in PROMPTS]
-    for r in range(max(len(reads) for reads in alone["fused"])):
-        with batched.hold():
-            futures = {k: batched.submit(streams[k], tokens[k][r * size:(r + 1) * size], NEEDS)
-                       for k, size in enumerate(sizes) if r * size < len(tokens[k])}
-        for k, future in futures.items():
-            together[k].append(future.result(timeout=60))
+    alone, together = alone_and_together(fused, batched, NEEDS, PROMPTS, tokens, sizes)
     assert batched.stats.largest == len(PROMPTS)  # the first reads shared one forward
+    on_torch = alone_and_together(plain, BatchedObserver(plain), NEEDS, PROMPTS, tokens,
+                                  sizes)[0]
     for k, mine in enumerate(together):
-        for name in alone:
-            theirs = alone[name][k]
+        for name, reads in (("fused", alone), ("torch", on_torch)):
+            theirs = reads[k]
             assert len(mine) == len(theirs)
             for r, (a, b) in enumerate(zip(mine, theirs, strict=True)):
                 for layer in NEEDS.layers:

@@ -99,10 +99,12 @@ def test_packed_step_equals_the_hf_forward_on_smollm2() -> None:
 
 @pytest.mark.real_model
 def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() -> None:
-    """The default policy's guard on packed float32 products, on its default products (q4_1 or
-    float16 where the CPU runs them) and on the model's own projections: the same releases,
-    flags and halts; float32 packed scores equal the model's to float noise, the default's
-    within 0.01."""
+    """The default policy's guard on packed float32 products, on its default products
+    (q4_1_tail_q8, q4_1 or float16 where the CPU runs them) and on the model's own projections:
+    float32 packed gives the same releases, flags and halts and scores to float noise; the
+    default the same releases and harm verdicts, scores within the int8 tail's drift (harm
+    0.01, facts 0.02, router 0.15: it reads the last layer and the logits, and a router flag
+    may move)."""
     from guardrail import Guard
     from guardrail.guard import default_policy
 
@@ -117,12 +119,16 @@ def test_default_guard_scores_and_verdicts_are_the_same_on_packed_projections() 
     got = {name: [verdicts(guard, t) for t in texts] for name, guard in guards.items()}
     guards["float32"].observer.inner.packed = None  # the model's own projections
     plain = [verdicts(guards["float32"], t) for t in texts]
-    for name, tolerance in (("float32", TOLERANCE), ("default", {})):
+    drift = {"harm": 0.01, "facts": 0.02, "router": 0.15}
+    for name, tolerance in (("float32", TOLERANCE), ("default", drift)):
         for (events, scores), (events0, scores0) in zip(got[name], plain, strict=True):
-            assert events == events0, name
+            if name == "float32":
+                assert events == events0, name
+            else:
+                assert [e for e in events if e[2] != "router"] == \
+                    [e for e in events0 if e[2] != "router"]
             assert scores.keys() == scores0.keys()
             for monitor, rows in scores.items():
                 assert [i for i, _ in rows] == [i for i, _ in scores0[monitor]], monitor
                 for (_, a), (_, b) in zip(rows, scores0[monitor], strict=True):
-                    assert abs(a - b) <= tolerance.get(monitor, 1e-5 if tolerance else 0.01), \
-                        (name, monitor, a, b)
+                    assert abs(a - b) <= tolerance.get(monitor, 1e-5), (name, monitor, a, b)

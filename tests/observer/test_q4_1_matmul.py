@@ -61,7 +61,7 @@ def test_kernel_gives_float32_products(k: int) -> None:
     w8 = q8_0(torch.randn(n, k) * 0.05)
     for w, kind in ((w4, blockq.Q4_1Weight), (w8, blockq.Q8_0Weight)):
         product = kind.of(w)
-        for rows in range(1, 21):  # the kernel's tiles: 1-4 rows one way, 5-8 another, then more
+        for rows in (*range(1, 21), 64, 70):  # 1-4 rows one way, 5-63 another, a panel from 64
             x = torch.randn(rows, k)
             want = torch.nn.functional.linear(x.double(), w.double()).float()
             assert _relative(product(x), want) <= 2e-6, (kind.__name__, rows)
@@ -70,6 +70,26 @@ def test_kernel_gives_float32_products(k: int) -> None:
         assert product(x).shape == (2, 3, n)
         assert _relative(product(x.transpose(0, 1)), torch.nn.functional.linear(
             x.transpose(0, 1), w)) <= 2e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [96, 1536])
+def test_a_rows_products_do_not_depend_on_the_rows_beside_it(k: int) -> None:
+    """``guardrail_q4_1_fixed`` (before int8 blocks) gives a row the same floats alone, among
+    a few rows, or in a panel of 70; the plain product does from 5 rows."""
+    torch.manual_seed(k)
+    w = q4_1(torch.randn(38, k) * 0.1)  # 38: the last four output rows are two
+    qs, d, m = blockq.q4_1_blocks(w)
+    fixed = blockq.Q4_1Weight((qs, d, m), k, fn_name="guardrail_q4_1_fixed")
+    plain = blockq.Q4_1Weight.of(w)
+    x = torch.randn(70, k)
+    whole = fixed(x)
+    assert torch.equal(plain(x), whole)
+    for size in (1, 2, 3, 4, 5, 9, 20, 63):
+        for start in range(0, 70 - size, 17):
+            assert torch.equal(fixed(x[start:start + size]), whole[start:start + size]), size
+            if size >= 5:
+                assert torch.equal(plain(x[start:start + size]), whole[start:start + size])
 
 
 @needs_kernel
@@ -193,10 +213,11 @@ def test_default_falls_back_quietly_without_the_kernel(tiny_llama: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
     """``auto`` where q4_1 cannot run (no compiler, weights not Q4_1 blocks): the next
-    choice, never an error."""
+    choice, never an error; where the blocks cannot run in one call (another activation),
+    q4_1 on the torch step rather than q4_1_tail_q8."""
     monkeypatch.setenv("GUARDRAIL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GUARDRAIL_CC", str(tmp_path / "no-such-cc"))
-    later = [m for m in AUTO_MATMUL if m != "q4_1"]
+    later = [m for m in AUTO_MATMUL if not m.startswith("q4_1")]
     fallback = next((m for m in later if matmul_unsupported(m) is None), "float32")
     exact = _quantized(tiny_llama)
     assert _with(exact, "auto").matmul == fallback
@@ -204,8 +225,13 @@ def test_default_falls_back_quietly_without_the_kernel(tiny_llama: Path,
     monkeypatch.delenv("GUARDRAIL_CACHE")
     random_weights = load_model_dir(tiny_llama, name="tiny", window=256)
     assert random_weights.matmul == fallback
-    if UNAVAILABLE is None:  # where it runs, on exact blocks, q4_1 is the default
-        assert _with(exact, "auto").matmul == "q4_1"
+    if UNAVAILABLE is None:  # where it runs, on exact blocks, q4_1_tail_q8 is the default
+        assert _with(exact, "auto").matmul == "q4_1_tail_q8"
+        exact.model.config.hidden_act = "gelu"
+        try:
+            assert _with(exact, "auto").matmul == "q4_1"
+        finally:
+            exact.model.config.hidden_act = "silu"
 
 
 @pytest.mark.real_model

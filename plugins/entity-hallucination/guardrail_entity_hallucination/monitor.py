@@ -170,14 +170,16 @@ class EntityHallucinationMonitor(Monitor):
         names = self._stat_names
         if generator:  # row i is the distribution token i was drawn from
             return _token_stats(logits, ids, names)
-        # observer: row i predicts token i + 1
+        # observer: row i predicts token i + 1; the last read's last row predicts this read's
+        # first token (scored on its own rather than joined to the rows: a copy of them all)
         first = state.previous_logits
         state.previous_logits = logits[-1].copy()
-        before = logits[:-1] if first is None else np.concatenate([first[None], logits[:-1]])
-        stats = _token_stats(before, ids[len(ids) - len(before):], names)
-        if len(before) < len(ids):  # the first response token: no distribution here
-            stats = {k: [math.nan, *v] for k, v in stats.items()}
-        return stats
+        rest = _token_stats(logits[:-1], ids[len(ids) - len(logits) + 1:], names)
+        if first is None:  # the first response token: no distribution here
+            head = {k: [math.nan] * (len(ids) - len(logits) + 1) for k in names}
+        else:
+            head = _token_stats(first[None], ids[len(ids) - len(logits):][:1], names)
+        return {k: head[k] + rest[k] for k in names}
 
     @staticmethod
     def _count_prefix(state: _State, tokens: list[_Token]) -> None:
