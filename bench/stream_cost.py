@@ -322,6 +322,7 @@ def _render_window_scores(result: dict[str, Any]) -> str:
 EXTRA_RESULTS = {"stream_cost_observer": render_observer_rerun,
                  "stream_cost_observer_window": render_observer_rerun,
                  "stream_cost_observer_q4_1": render_observer_rerun,
+                 "stream_cost_observer_auto": render_observer_rerun,  # session 36: q4_1_tail_q8
                  "observer_window_scores": _render_window_scores}
 
 
