@@ -462,3 +462,17 @@ EXTRA_RESULTS[AUTO_Q4_1_NAME] = render_auto_q4_1
 
 if __name__ == "__main__":
     main()
+
+# --backends torch torch-q4_1 --threads 1 --name live_pace_tail: the default (auto:
+# q4_1_tail_q8 since session 36) against q4_1, the default before it
+TAIL_NAME = "live_pace_tail"
+
+
+def render_tail(result: dict[str, Any]) -> str:
+    return _render_against(result, TAIL_NAME, "the default's int8 products past the layers read "
+                           "against `q4_1`", note=" *torch*'s `auto` is `q4_1_tail_q8` since "
+                           "session 36: `q4_1` in the blocks up to the deepest layer a monitor "
+                           "reads (21), int8 products after them and in the head.")
+
+
+EXTRA_RESULTS[TAIL_NAME] = render_tail
