@@ -142,9 +142,9 @@ def test_it_is_refused_where_its_blocks_cannot_run_in_one_call(tiny_llama: Path)
 @pytest.mark.real_model
 def test_the_default_guards_harm_verdicts_do_not_move_on_smollm2() -> None:
     """The default policy on SmolLM2 with ``q4_1_tail_q8``: its deepest layer read but the
-    last is 15, so blocks 16-29 and the head are int8; the harm monitor (layers 6-15) scores
-    and halts exactly as on ``q4_1``, the facts and router monitors (the logits, the last
-    layer) within the int8 rounding's drift."""
+    last is the harm head's (21 since its fifteenth pass), so the blocks after it and the head
+    are int8; the harm monitor scores and halts as on ``q4_1`` (to float noise), the facts and
+    router monitors (the logits, the last layer) within the int8 rounding's drift."""
     from guardrail import Guard
     from guardrail.guard import default_policy
     from guardrail.observer.hf import smollm2_gguf
@@ -164,7 +164,10 @@ def test_the_default_guards_harm_verdicts_do_not_move_on_smollm2() -> None:
         return Guard(policy.model_copy(update={"observer": spec}))
 
     exact, tail = guard("q4_1"), guard("q4_1_tail_q8")
-    assert tail.observer.inner.integer_from(tail.needs) == 16
+    inner = tail.observer.inner
+    start = inner.integer_from(tail.needs)
+    harm = max(inner.hidden_index(layer) for layer in tail.needs_of["harm"].layers)
+    assert start is not None and harm <= start < inner.num_layers
     for text in (TEXT, *VERDICT_ANSWERS):
         (events, scores), (events0, scores0) = verdicts(tail, text), verdicts(exact, text)
         assert [e for e in events if e[2] == "harm"] == [e for e in events0 if e[2] == "harm"]
@@ -172,8 +175,8 @@ def test_the_default_guards_harm_verdicts_do_not_move_on_smollm2() -> None:
             [e for e in events0 if e[0] == "Release"]
         for monitor, rows in scores.items():
             assert [i for i, _ in rows] == [i for i, _ in scores0[monitor]], monitor
-            # measured on these texts: harm 0, facts 2.1e-3, router 4.7e-2
-            bound = {"harm": 1e-6, "facts": 0.02}.get(monitor, 0.15)
+            # measured on these texts (the head before): harm 0, facts 2.1e-3, router 4.7e-2
+            bound = {"harm": 1e-5, "facts": 0.02}.get(monitor, 0.15)
             for (_, a), (_, b) in zip(rows, scores0[monitor], strict=True):
                 assert abs(a - b) <= bound, (monitor, a, b)
     assert any(kind == "Halt" for kind, _, _ in verdicts(tail, VERDICT_ANSWERS[0])[0])
