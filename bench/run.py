@@ -43,9 +43,6 @@ _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mea
 HARM_HEAD_BEFORE = {
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
-    "harm_eval": ("the thirteenth pass's head (layers 6/9/12/15, 14 prefixes >= 0.945; the "
-                  "fifteenth pass's head, layers 12/15/18/21, is not yet scored on the test "
-                  "split)"),
 }
 
 
