@@ -9,12 +9,14 @@ which waits ``--first-delay`` seconds before it answers (an API's time to first 
 ``guardrail serve`` from this checkout and from ``--baseline PATH`` (another checkout, e.g. the
 commit before), both in subprocesses with ``OMP_NUM_THREADS=1``, taking turns round by round.
 
-Conversations: the replay's question alone, and the same after a system prompt of about 330
-tokens (an assistant's instructions). Per proxy, conversation and concurrency (1 and 4 streams at
-once): *first text after the upstream's*, ms from the upstream's first content chunk to the
-reader's first content (medians and p90 over the streams; hold-back 8 means the reader's first
-text waits for about 8 tokens, 320 ms at 25 tokens/s, whatever the guard does), and the same from
-the request.
+Conversations: the replay's question alone; the same after a system prompt of about 330
+tokens (an assistant's instructions), which every request shares, so after the first the
+observer reuses its cached keys and values (the prefix cache); and the same system prompt opened
+by a line unique to the request (as a retrieved passage would be), which no request shares. Per
+proxy, conversation and concurrency (1 and 4 streams at once): *first text after the
+upstream's*, ms from the upstream's first content chunk to the reader's first content (medians
+and p90 over the streams; hold-back 8 means the reader's first text waits for about 8 tokens,
+320 ms at 25 tokens/s, whatever the guard does), and the same from the request.
 
     python -m bench.first_text --baseline /path/to/checkout   # bench/results/first_text.json
 """
@@ -56,14 +58,20 @@ SYSTEM = (
     "only a member of staff can decide. If you do not know an answer, say so and say where the "
     "customer can find out. Today's date and the customer's name are not known to you."
 )
-CONVERSATIONS = ("question", "system + question")
+# "context + question": the system prompt opened by a line unique to the request (a retrieved
+# passage, a user profile), so no stream reuses another's cached prefix (docs/observer.md,
+# "Shared conversation prefixes").
+CONVERSATIONS = ("question", "system + question", "context + question")
 LEVELS = (1, 4)
 
 
-def _body_messages(conversation: str, prompt: str) -> list[dict[str, str]]:
+def _body_messages(conversation: str, prompt: str, tag: str) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": prompt}]
-    return [{"role": "system", "content": SYSTEM}, *messages] \
-        if conversation == "system + question" else messages
+    if conversation == "system + question":
+        return [{"role": "system", "content": SYSTEM}, *messages]
+    if conversation == "context + question":
+        return [{"role": "system", "content": f"Request {tag}. {SYSTEM}"}, *messages]
+    return messages
 
 
 async def _round(base_url: str, scripts: list[dict[str, Any]], conversation: str, streams: int,
@@ -73,7 +81,8 @@ async def _round(base_url: str, scripts: list[dict[str, Any]], conversation: str
         ks = [(w + r) % len(scripts) for w in range(streams)]
         done = await asyncio.gather(*(
             one_stream(client, base_url, scripts[k], k, f"{tag}-k{k}-w{w}-r{r}",
-                       messages=_body_messages(conversation, scripts[k]["prompt"]))
+                       messages=_body_messages(conversation, scripts[k]["prompt"],
+                                               f"{tag}-k{k}-w{w}-r{r}"))
             for w, k in enumerate(ks)))
     return list(done)
 
