@@ -191,8 +191,8 @@ def render(result: dict[str, Any]) -> str:
              "the reader's first content (median / p90; hold-back 8 tokens is about 320 ms of "
              "it at this pace), and from the request (median) (bench/first_text.py).", "",
              "| conversation | streams | proxy | first text after the upstream's, ms "
-             "(median / p90) | after the request, ms |",
-             "|---|---|---|---|---|"]
+             "(median / p90) | after the request, ms | 1-minute load |",
+             "|---|---|---|---|---|---|"]
     conversations = rows.get("ours", {})
     for conversation, levels in conversations.items():
         for n in levels:
@@ -204,7 +204,7 @@ def render(result: dict[str, Any]) -> str:
                     f"| {conversation} | {n} | {name} | "
                     f"{row['first_text_after_upstream_ms']:.0f} / "
                     f"{row['first_text_after_upstream_p90_ms']:.0f} | "
-                    f"{row['first_text_after_request_ms']:.0f} |")
+                    f"{row['first_text_after_request_ms']:.0f} | {row.get('load_1m', '')} |")
     return "\n".join(lines) + "\n"
 
 
