@@ -32,8 +32,9 @@ MODULES = ["stream_cost", "leak_delay", "peer_nemo", "harm_eval", "entity_eval",
 # Rendered like MODULES but run by hand, not by `make bench`: a local Ray instance takes minutes
 # to start on a busy 2-core machine (`python -m bench.ray_throughput`); the mixed-precision
 # comparison loads three packed copies of SmolLM2 (`python -m bench.mixed_matmul`), as does
-# q4_1's blocks in one C call against its torch step (`python -m bench.fused_step`).
-BY_HAND = ["ray_throughput", "mixed_matmul", "fused_step"]
+# q4_1's blocks in one C call against its torch step (`python -m bench.fused_step`); the first
+# text behind the proxy compares two checkouts (`python -m bench.first_text --baseline PATH`).
+BY_HAND = ["ray_throughput", "mixed_matmul", "fused_step", "first_text"]
 
 # Results measured with a harm head other than the shipped one (the tenth pass's, session 31),
 # noted under their section until rerun. Drop a name when its benchmark is rerun with the

@@ -165,10 +165,12 @@ class StreamResult:
 
 
 async def one_stream(client: httpx.AsyncClient, base_url: str, script: dict[str, Any], k: int,
-                     model: str) -> StreamResult:
+                     model: str, messages: list[dict[str, str]] | None = None) -> StreamResult:
+    """One streamed answer; ``messages``: the request's conversation (default: the script's
+    prompt as the one user message)."""
     result = StreamResult(k, model, started=time.monotonic())
     body = {"model": model, "stream": True,
-            "messages": [{"role": "user", "content": script["prompt"]}]}
+            "messages": messages or [{"role": "user", "content": script["prompt"]}]}
     try:
         async with client.stream("POST", f"{base_url}/chat/completions", json=body) as resp:
             if resp.status_code != 200:

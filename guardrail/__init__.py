@@ -39,6 +39,7 @@ from .messages import MessageError, normalize_messages
 from .monitor import Features, Message, Monitor, MonitorContext, Needs, NoOptions, Score
 from .plugins import PluginHost, get_host
 from .policy import MonitorSpec, ObserverSpec, Policy, load_policy, policy_json_schema
+from .prepared import Prepared
 from .rules import Verdict
 from .session import GuardSession, Report
 from .stream import StepToken, StreamStep, Tokenizer, TokenLogprob, TokenSpan, WordTokenizer
@@ -71,6 +72,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyIssue",
+    "Prepared",
     "RegisterAdapter",
     "RegisterMonitor",
     "RegisterObserver",

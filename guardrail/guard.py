@@ -16,6 +16,7 @@ from .errors import GuardrailError, MonitorNotFound, ObserverError, PolicyError,
 from .monitor import Message, Monitor, Needs
 from .plugins import PluginHost, _OptionsError, build_monitor, get_host
 from .policy import MonitorSpec, ObserverSpec, Policy, load_policy
+from .prepared import Prepared
 from .rules import RuleSpec
 from .session import GuardSession
 from .stream import Tokenizer, WordTokenizer
@@ -146,6 +147,7 @@ class Guard:
         record_scores: bool = False,
         can_route: bool = False,
         dry_run: bool = False,
+        prepared: Prepared | None = None,
     ) -> GuardSession:
         """A new session for one stream. Pass the conversation as ``messages`` (any OpenAI or
         LangChain shape: content parts, tool calls, ``BaseMessage`` objects; see
@@ -155,13 +157,21 @@ class Guard:
         ``can_route``: the driver carries out ``route`` actions (it calls ``session.reroute`` and
         feeds the target's text); otherwise routes are only recorded, like flags.
         ``dry_run``: every verdict becomes a flag (its ``action`` says what it would have done);
-        nothing halts, routes or is redacted (evaluation, shadow mode)."""
-        if messages is None:
-            messages = [{"role": "user", "content": prompt}] if prompt is not None else []
-        elif prompt is not None:
-            raise GuardrailError("pass messages or prompt, not both")
-        return GuardSession(self, messages, metadata=metadata, record_scores=record_scores,
-                            can_route=can_route, dry_run=dry_run)
+        nothing halts, routes or is redacted (evaluation, shadow mode).
+        ``prepared``: the conversation's read begun by ``prepare`` with the same messages; the
+        session takes it over (and frees it when it ends)."""
+        return GuardSession(self, _conversation(messages, prompt), metadata=metadata,
+                            record_scores=record_scores, can_route=can_route, dry_run=dry_run,
+                            prepared=prepared)
+
+    def prepare(self, messages: Sequence[Message | Any] | None = None, *,
+                prompt: str | None = None) -> Prepared:
+        """Start the observer's read of a conversation before its stream exists: call it when
+        the request goes upstream, and pass the result to ``session(..., prepared=)`` when the
+        answer starts, so the read runs while the upstream works on its first token. ``close()``
+        it (or use it as a context manager) if no session follows. Empty, and harmless, for a
+        guard that reads no layers or whose observer does not batch."""
+        return Prepared(self, _conversation(messages, prompt))
 
     def check(self, text: str, *, prompt: str | None = None,
               messages: Sequence[Message | Any] | None = None) -> Any:
@@ -213,6 +223,15 @@ class Guard:
     def __repr__(self) -> str:
         ids = ", ".join(spec.id for spec, _ in self.monitors)
         return f"Guard(monitors=[{ids}], observer={getattr(self.observer, 'name', None)!r})"
+
+
+def _conversation(messages: Sequence[Message | Any] | None,
+                  prompt: str | None) -> Sequence[Message | Any]:
+    if messages is None:
+        return [{"role": "user", "content": prompt}] if prompt is not None else []
+    if prompt is not None:
+        raise GuardrailError("pass messages or prompt, not both")
+    return messages
 
 
 def load_checked(source: str | Path | Mapping[str, Any], host: PluginHost | None = None

@@ -57,6 +57,7 @@ from .stream import Aligner, StreamStep, TokenLogprob, TokenSpan
 
 if TYPE_CHECKING:
     from .guard import Guard
+    from .prepared import Prepared
 
 __all__ = ["GuardSession", "Report"]
 
@@ -196,6 +197,7 @@ class GuardSession:
         record_scores: bool = False,
         can_route: bool = False,
         dry_run: bool = False,
+        prepared: Prepared | None = None,
     ) -> None:
         self.guard = guard
         self.dry_run = dry_run
@@ -205,6 +207,7 @@ class GuardSession:
         self.policy = guard.policy
         self.id = uuid.uuid4().hex[:12]
         self.messages: list[Message] = list(normalize_messages(messages))
+        self._prepared = prepared.claim(guard, self.messages) if prepared is not None else None
         self.metadata = dict(metadata or {})
         self.hold_back = self.policy.release.hold_back_tokens
         self.halted: Halt | None = None
@@ -403,8 +406,14 @@ class GuardSession:
     def _open_observer(self) -> None:
         """At the first text, send the conversation to a batched observer: it reads it in the
         background (``start`` does not wait) while the first tokens arrive, so the first read
-        carries only them and the first releases wait for one forward, not two. Observers that
-        read on the caller's thread start at the first read (``_submit_read``)."""
+        carries only them and the first releases wait for one forward, not two. A read begun
+        before the stream (``prepared``) is taken over instead. Observers that read on the
+        caller's thread start at the first read (``_submit_read``)."""
+        if self._prepared is not None:
+            state, self._prepared = self._prepared.take(), None
+            if state is not None:  # the first text: no stream was started yet
+                self._observer_state = state
+                return
         if (self._observer_state is not None or not self.guard.needs.observer
                 or self._observer_failed
                 or not callable(getattr(self.guard.observer, "submit", None))):
@@ -536,6 +545,8 @@ class GuardSession:
     def _set_mode(self, *, generator: bool) -> None:
         if self._generator_mode is None:
             self._generator_mode = generator
+            if generator:  # the generator's own states: a conversation read ahead is not used
+                self._drop_prepared()
         elif self._generator_mode != generator:
             raise GuardrailError(
                 "a session takes either text-only steps or steps with tokens, not both"
@@ -762,6 +773,11 @@ class GuardSession:
         (``abort`` cancels it, ``finish`` waits for it)."""
         while (future := self._pump(events, drain)) is not None:
             await _done(future)
+
+    def _drop_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.close()
 
     def _drop_ahead(self, wait: bool = False) -> None:
         """Forget the read sent ahead and the tokens queued behind it (a halt, an abort, a
@@ -1005,6 +1021,7 @@ class GuardSession:
     def _close(self, final_events: list[Event], aborted: str | None) -> Report:
         self.closed = True
         self._drop_ahead()  # a read still sent ahead (abort, halt) is not wanted any more
+        self._drop_prepared()  # a stream that ended before its first text
         state, self._observer_state = self._observer_state, None
         release = getattr(self.guard.observer, "release", None)
         if state is not None and release is not None:

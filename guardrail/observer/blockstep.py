@@ -31,7 +31,9 @@ from .blockq import BlockqError, Q4_1IntWeight, Q4_1Weight, kernel
 if TYPE_CHECKING:
     from .llama_step import LlamaStep, PackedLinears, _PackedBlock
 
-__all__ = ["PROBE_TOLERANCE", "BlockStack", "unfused"]
+__all__ = ["FUSED", "PROBE_TOLERANCE", "BlockStack", "unfused"]
+
+FUSED = ("q4_1", "q4_1_tail_q8")  # the `matmul` options whose blocks run in one C call
 
 # Largest relative distance (per row) from the torch block allowed at load's probe: well above
 # float32's summation-order noise (about 1e-6 here), far below a wrong layout or kernel.
@@ -46,7 +48,7 @@ _Segment = tuple[int, int, list[torch.Tensor]]  # rows start:end, that stream's 
 
 def unfused(model: Any, packed: PackedLinears) -> str | None:
     """Why the blocks of ``model`` on ``packed`` cannot run in one C call, or None."""
-    if packed.matmul not in ("q4_1", "q4_1_tail_q8"):
+    if packed.matmul not in FUSED:
         return f"its products are {packed.matmul}'s, not q4_1's"
     cfg = model.config
     if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):

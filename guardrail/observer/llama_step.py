@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import ObserverError
+from .blockstep import FUSED  # the matmul options whose blocks run in one C call
 
 if TYPE_CHECKING:
     from .blockstep import BlockStack
@@ -464,7 +465,7 @@ class PackedLinears:
             self.tail = [_PackedBlock(layers[i], _PackedQ4_1Q8) for i in range(depth)]
         # q4_1: the blocks in one C call (blockstep) where its checks pass, else None
         self.fused: BlockStack | None = None
-        if matmul in _FUSED:
+        if matmul in FUSED:
             from .blockstep import BlockStack
 
             self.fused = BlockStack.of(model, self)
@@ -499,7 +500,6 @@ _KINDS: dict[str, type[_Packed]] = {"float32": _Packed, "bfloat16": _PackedBfloa
 _HEADS: dict[str, type[_Packed]] = {"q4_1": _PackedQ8_0, "q4_1_tail_q8": _PackedQ8_0Q8,
                                     "q4_1_q8": _PackedQ8_0Q8, "q4_1_q16": _PackedQ8_0Q16}
 _BLOCKQ = ("q4_1", "q4_1_tail_q8", "q4_1_q8", "q4_1_q16")  # the options that run blockq.c
-_FUSED = ("q4_1", "q4_1_tail_q8")  # ... of them, those whose blocks run in one C call
 _INTEGER = ("q4_1_q8", "q4_1_q16")  # ... of them, those that quantize the rows
 
 
@@ -573,7 +573,7 @@ def _probe(model: Any, matmul: str) -> str | None:
     attn = layer.self_attn
     # float32: the same product in another summation order; fewer bits: a bound well above
     # their rounding (relative 2^-8 for bfloat16) that a wrong layout or kernel would break
-    tol = 1e-4 if matmul in ("float32", *_FUSED) else 0.05
+    tol = 1e-4 if matmul in ("float32", *FUSED) else 0.05
     try:
         probe = _KINDS[matmul](attn.q_proj.weight)
         with torch.inference_mode():

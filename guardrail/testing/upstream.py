@@ -69,15 +69,17 @@ class Script:
     """One scripted response.
 
     Give ``chunks`` (the exact content deltas) or ``text`` (split with ``split_words``).
-    ``delay`` is the pause before each chunk, in seconds. ``logprobs`` gives one logprob per chunk
-    (default: -0.1 each) and is sent only when the request asks for logprobs. ``status`` other
-    than 200 answers with an OpenAI-shaped error body instead. ``refusal``: the text goes out as
-    the model's ``refusal`` field instead of ``content``.
+    ``delay`` is the pause before each chunk, in seconds; ``first_delay`` a pause before the
+    response starts (the status line), as an upstream's time to its first token. ``logprobs``
+    gives one logprob per chunk (default: -0.1 each) and is sent only when the request asks for
+    logprobs. ``status`` other than 200 answers with an OpenAI-shaped error body instead.
+    ``refusal``: the text goes out as the model's ``refusal`` field instead of ``content``.
     """
 
     text: str | None = None
     chunks: Sequence[str] | None = None
     delay: float = 0.0
+    first_delay: float = 0.0
     logprobs: Sequence[float] | None = None
     tool_calls: Sequence[ToolCall] = ()
     finish_reason: str | None = None
@@ -278,6 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
                 record.completed = True
                 return
             script = self.upstream._next_script(body)
+            if script.first_delay:
+                self._pause(script.first_delay, record)
             if script.status != 200:
                 self._send_json(script.status, _error(script.error_message, "scripted"))
                 record.completed = True

@@ -127,3 +127,45 @@ async def test_wrapped_model_ainvoke(recording: tuple[Guard, RecordingObserver])
     out = await (PROMPT | guard.wrap_model(_model())).ainvoke({"question": QUESTION})
     assert out.content == ANSWER
     assert spy.context_tokens == [_prompt_tokens(spy)]
+
+
+class _SlowStart(GenericFakeChatModel):
+    """A chat model that takes its time to its first chunk; meanwhile it notes whether the
+    guard's observer has read the conversation (``waited_for``: the cached tokens awaited)."""
+
+    def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                **kwargs: Any) -> Any:
+        import time
+
+        observer, want = _SLOW["observer"], _SLOW["want"]
+        deadline = time.monotonic() + 5
+        while observer.cached_tokens() < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _SLOW["read_before_first_chunk"] = observer.cached_tokens() >= want
+        yield from super()._stream(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+
+_SLOW: dict[str, Any] = {}
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_guard_reads_the_prompt_while_the_model_starts(observer: Any, fails: bool) -> None:
+    """With a batched observer the guard's read of the chain's prompt begins when the model
+    starts (``Guard.prepare``), before its first chunk; the stream's session takes it over, and
+    a model that fails before its first chunk leaves nothing held."""
+    with plugin_monitors(PluginHost(autoload=False), reader=lambda: ReadingMonitor()) as host:
+        guard = Guard.from_policy(
+            {"monitors": [{"id": "reader", "use": "reader", "action": "flag"}]},
+            host=host, observer=observer)
+    _SLOW.update(observer=guard.observer, want=_prompt_tokens(observer),
+                 read_before_first_chunk=None)
+    model = _SlowStart(messages=iter([] if fails else [AIMessage(ANSWER)]))
+    chain = PROMPT | model | guard.as_runnable()
+    if fails:
+        with pytest.raises(RuntimeError, match="StopIteration"):  # it ran out of answers
+            list(chain.stream({"question": QUESTION}))
+    else:
+        chunks = list(chain.stream({"question": QUESTION}))
+        assert "".join(str(c.content) for c in chunks) == ANSWER
+    assert _SLOW["read_before_first_chunk"] is True
+    assert guard.observer.live_streams() == 0

@@ -168,3 +168,91 @@ def test_eight_streams_share_forwards_and_halt_as_alone(
     # (how soon each halted stream's upstream stopped: tests/adapters/test_backpressure.py)
     assert len(upstream_server.completions()) == 2 * len(TEXTS)
     assert observer.live_streams() == 0  # every stream's KV cache freed
+
+
+def test_the_conversation_is_read_while_the_upstream_works_on_its_first_token(
+        upstream_server: UpstreamServer, guard_and_flags: tuple[Guard, Flags],
+        serve: Callable[..., AbstractContextManager[Any]], reports: list[Report]) -> None:
+    """The proxy starts the observer's read of the conversation when it sends the request
+    upstream (``Guard.prepare``): it is done before the upstream's first chunk, and the stream's
+    session takes it over (no second read). A request the upstream fails leaves nothing held."""
+    guard, _ = guard_and_flags
+    observer = guard.observer
+    context = len(observer.context_ids([{"role": "user", "content": PROMPT}]))
+    upstream_server.enqueue(Script(text=TEXTS[1], delay=0.005, first_delay=1.5),
+                            Script(status=503, first_delay=0.3))
+    with serve(guard) as proxy:
+        got: list[tuple[str, str | None]] = []
+
+        def ask() -> None:
+            async def one() -> None:
+                async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k",
+                                              max_retries=0) as client:
+                    got.append(await _stream(client, 1))
+            asyncio.run(one())
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 1.2  # well inside the upstream's first delay
+        while observer.cached_tokens() < context and time.monotonic() < deadline:
+            time.sleep(0.01)
+        read_early = observer.cached_tokens()
+        nothing_yet = upstream_server.completions()[0].chunks_written == 0
+        asker.join(timeout=60)
+        assert read_early == context and nothing_yet
+        assert got == [(TEXTS[1], "stop")]
+        assert observer.live_streams() == 0
+        reads = observer.stats.reads
+
+        with pytest.raises(openai.APIStatusError):
+            asyncio.run(_failing(proxy.base_url))
+        assert observer.live_streams() == 0  # the read begun for it was freed
+    assert len(reports) == 1  # no session for the failed request
+    assert observer.stats.reads <= reads + 1  # at most its conversation was read
+
+
+async def _failing(base_url: str) -> None:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+        await _stream(client, 1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_wrapped_client_reads_the_conversation_before_the_upstream_answers(
+        upstream_server: UpstreamServer, guard_and_flags: tuple[Guard, Flags],
+        fails: bool) -> None:
+    """``guard.wrap(client)``: the conversation's read starts when ``create(stream=True)`` sends
+    the request; a request the upstream refuses frees it."""
+    guard, _ = guard_and_flags
+    observer = guard.observer
+    context = len(observer.context_ids([{"role": "user", "content": PROMPT}]))
+    upstream_server.enqueue(Script(text=TEXTS[1], delay=0.005, first_delay=1.5,
+                                   status=503 if fails else 200))
+    client = guard.wrap(openai.OpenAI(base_url=upstream_server.base_url, api_key="k",
+                                      max_retries=0))
+    seen: list[int] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # what the observer holds while the upstream is still silent
+        while not watching.is_set():
+            records = upstream_server.completions()
+            if not records or records[0].chunks_written == 0:
+                seen.append(observer.cached_tokens())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        if fails:
+            with pytest.raises(openai.APIStatusError):
+                client.chat.completions.create(model="s1", stream=True,
+                                               messages=[{"role": "user", "content": PROMPT}])
+        else:
+            stream = client.chat.completions.create(
+                model="s1", stream=True, messages=[{"role": "user", "content": PROMPT}])
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == TEXTS[1]
+    finally:
+        watching.set()
+        watcher.join()
+    assert context in seen  # read while the upstream had not answered
+    assert observer.live_streams() == 0

@@ -10,7 +10,7 @@ known before the guard's session is opened.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -18,6 +18,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
 from langchain_core.tracers.context import register_configure_hook
+
+from guardrail import Prepared
 
 __all__ = ["ConversationCatcher", "current_catcher", "input_messages", "start_catching",
            "stop_catching"]
@@ -31,18 +33,42 @@ class ConversationCatcher(BaseCallbackHandler):
     ignore_retriever = True
     ignore_custom_event = True
 
-    def __init__(self) -> None:
+    def __init__(self, prepare: Callable[[list[BaseMessage]], Prepared] | None = None) -> None:
         self.messages: list[BaseMessage] | None = None
+        # The guard's read of the conversation, begun as the model starts (Guard.prepare): the
+        # guard's session takes it over when the first chunk arrives.
+        self._prepare = prepare
+        self.prepared: Prepared | None = None
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]],
                             **kwargs: Any) -> None:
         if messages:
-            self.messages = list(messages[0])
+            self._caught(list(messages[0]))
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str],
                      **kwargs: Any) -> None:
         if prompts:
-            self.messages = [HumanMessage(prompts[0])]
+            self._caught([HumanMessage(prompts[0])])
+
+    def _caught(self, messages: list[BaseMessage]) -> None:
+        self.messages = messages
+        if self._prepare is not None:
+            self.close()  # a model that started again (a retry): its read is the one wanted
+            try:
+                self.prepared = self._prepare(messages)
+            except Exception:  # noqa: BLE001 - an unreadable message: the session names it
+                self.prepared = None
+
+    def take_prepared(self) -> Prepared | None:
+        """The read begun for the caught conversation, handed over once."""
+        prepared, self.prepared = self.prepared, None
+        return prepared
+
+    def close(self) -> None:
+        """Free a read no session took (the model failed before its first chunk)."""
+        prepared = self.take_prepared()
+        if prepared is not None:
+            prepared.close()
 
 
 _catcher: ContextVar[ConversationCatcher | None] = ContextVar("guardrail_conversation",
@@ -50,12 +76,17 @@ _catcher: ContextVar[ConversationCatcher | None] = ContextVar("guardrail_convers
 register_configure_hook(_catcher, inheritable=False)
 
 
-def start_catching() -> Token[ConversationCatcher | None]:
-    """Catch the conversation of the models that start from here on in this context."""
-    return _catcher.set(ConversationCatcher())
+def start_catching(prepare: Callable[[list[BaseMessage]], Prepared] | None = None
+                   ) -> Token[ConversationCatcher | None]:
+    """Catch the conversation of the models that start from here on in this context
+    (``prepare``: begin the guard's read of it there)."""
+    return _catcher.set(ConversationCatcher(prepare))
 
 
 def stop_catching(token: Token[ConversationCatcher | None]) -> None:
+    catcher = token.var.get()
+    if catcher is not None:
+        catcher.close()
     try:
         _catcher.reset(token)
     except ValueError:  # a generator closed from another context: that context never had it

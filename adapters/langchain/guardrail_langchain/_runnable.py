@@ -12,7 +12,7 @@ policy (or ``raise_on_halt=True``) asks for ``GuardrailViolation``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Union, cast
 
 from langchain_core.callbacks import (
@@ -26,7 +26,7 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field
 
-from guardrail import Guard, GuardrailViolation
+from guardrail import Guard, GuardrailViolation, Prepared
 
 from ._conversation import current_catcher, start_catching, stop_catching
 from ._translate import StreamTranslator, guard_whole, session_messages
@@ -79,9 +79,19 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
             catcher = current_catcher()
             if catcher is not None:
                 return StreamTranslator(self.guard, lambda: session_messages(catcher.messages),
-                                        raise_on_halt=self.raise_on_halt)
+                                        raise_on_halt=self.raise_on_halt,
+                                        prepared=catcher.take_prepared)
         return StreamTranslator(self.guard, session_messages(messages),
                                 raise_on_halt=self.raise_on_halt)
+
+    def _preparer(self, config: RunnableConfig | None
+                  ) -> Callable[[list[BaseMessage]], Prepared] | None:
+        """What begins the guard's read of the conversation a model starts on, when that is the
+        stream's conversation (the call names none itself, see ``_translator``)."""
+        metadata = ensure_config(config).get("metadata") or {}
+        if metadata.get(MESSAGES_KEY, self.messages) is not None:
+            return None
+        return lambda messages: self.guard.prepare(session_messages(messages))
 
     @property
     def _offloads(self) -> bool:
@@ -186,7 +196,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
 
     def transform(self, input: Iterator[GuardIO], config: RunnableConfig | None = None,
                   **kwargs: Any) -> Iterator[GuardIO]:
-        catching = start_catching()  # before the upstream model starts: it starts on our pull
+        catching = start_catching(self._preparer(config))  # before the model starts: on our pull
         inner = cast(Generator[GuardIO, None, None], self._transform_stream_with_config(
             input, self._transform, config, upstream=input, **kwargs))
         try:
@@ -204,7 +214,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
 
     async def atransform(self, input: AsyncIterator[GuardIO], config: RunnableConfig | None = None,
                          **kwargs: Any) -> AsyncIterator[GuardIO]:
-        catching = start_catching()
+        catching = start_catching(self._preparer(config))
         inner = cast(AsyncGenerator[GuardIO, None], self._atransform_stream_with_config(
             input, self._atransform, config, upstream=input, **kwargs))
         stopped_early = True

@@ -23,6 +23,7 @@ from guardrail import (
     GuardrailViolation,
     GuardSession,
     Halt,
+    Prepared,
     Release,
     Report,
     StreamStep,
@@ -110,9 +111,11 @@ class StreamTranslator:
 
     def __init__(self, guard: Guard,
                  messages: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]],
-                 *, raise_on_halt: bool | None = None) -> None:
+                 *, raise_on_halt: bool | None = None,
+                 prepared: Callable[[], Prepared | None] | None = None) -> None:
         self._guard = guard
         self._messages = messages
+        self._take_prepared = prepared  # the conversation's read begun as the model started
         self._session: GuardSession | None = None
         self.raise_on_halt = guard.policy.raise_on_halt if raise_on_halt is None \
             else raise_on_halt
@@ -130,7 +133,12 @@ class StreamTranslator:
     def session(self) -> GuardSession:
         if self._session is None:
             messages = self._messages() if callable(self._messages) else self._messages
-            self._session = self._guard.session(messages, metadata={"adapter": "langchain"})
+            prepared = self._take_prepared() if self._take_prepared is not None else None
+            if prepared is not None and prepared.messages != session_messages(messages):
+                prepared.close()  # read for another conversation: not this stream's
+                prepared = None
+            self._session = self._guard.session(messages, metadata={"adapter": "langchain"},
+                                                prepared=prepared)
         return self._session
 
     @property

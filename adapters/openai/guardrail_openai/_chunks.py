@@ -21,6 +21,7 @@ from guardrail import (
     GuardrailViolation,
     GuardSession,
     Halt,
+    Prepared,
     Release,
     Report,
     StreamStep,
@@ -109,8 +110,8 @@ class ChunkGuard:
     """Guards the choices of one streamed chat completion."""
 
     def __init__(self, guard: Guard, messages: Sequence[Mapping[str, Any]], *, choices: int = 1,
-                 raise_on_halt: bool | None = None, metadata: Mapping[str, Any] | None = None
-                 ) -> None:
+                 raise_on_halt: bool | None = None, metadata: Mapping[str, Any] | None = None,
+                 prepared: Prepared | None = None) -> None:
         self.guard = guard
         self.messages = list(messages)
         self.expected_choices = max(1, choices)
@@ -121,6 +122,9 @@ class ChunkGuard:
         self._template: ChatCompletionChunk | None = None
         # Flags wait for the next chunk that goes out (a chunk with no choices breaks readers).
         self._details: list[dict[str, Any]] = []
+        # The conversation's read begun when the request went upstream (Guard.prepare): the
+        # first choice's session takes it over; ``close`` frees it if none does.
+        self._prepared = prepared
 
     # -- state -----------------------------------------------------------------------------
 
@@ -150,10 +154,19 @@ class ChunkGuard:
     def _state(self, index: int) -> _ChoiceState:
         state = self.states.get(index)
         if state is None:
+            prepared, self._prepared = self._prepared, None
             session = self.guard.session(self.messages, metadata={**self.metadata,
-                                                                   "choice": index})
+                                                                   "choice": index},
+                                         prepared=prepared)
             state = self.states[index] = _ChoiceState(session)
         return state
+
+    def close(self) -> None:
+        """Free what was started for this request and not taken by a session (the upstream
+        failed or sent no choice); ``on_end`` and ``abort`` call it too."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.close()
 
     # -- streaming -------------------------------------------------------------------------
 
@@ -253,6 +266,7 @@ class ChunkGuard:
 
     def on_end(self) -> list[ChatCompletionChunk]:
         """The upstream ended: finish choices that never sent a finish_reason."""
+        self.close()
         out: list[ChatCompletionChunk] = []
         template = self._template
         for index, state in sorted(self.states.items()):
@@ -274,6 +288,7 @@ class ChunkGuard:
 
     def abort(self, reason: str) -> None:
         """The stream ended early (an error, or the reader closed it): end open sessions."""
+        self.close()
         for state in self.states.values():
             if state.report is None and not state.session.closed:
                 state.report = state.session.abort(reason)

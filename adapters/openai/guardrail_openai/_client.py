@@ -44,9 +44,12 @@ class _Options:
 
     def chunk_guard(self, kwargs: dict[str, Any], messages: list[dict[str, Any]],
                     metadata: dict[str, Any]) -> ChunkGuard:
+        """The stream's guard, made before the request goes upstream: the observer starts
+        reading the conversation while the upstream works on its first token."""
         n = kwargs.get("n")
         return ChunkGuard(self.guard, messages, choices=n if isinstance(n, int) else 1,
-                          raise_on_halt=self.raise_on_halt, metadata=metadata)
+                          raise_on_halt=self.raise_on_halt, metadata=metadata,
+                          prepared=self.guard.prepare(messages))
 
 
 class _Proxy:
@@ -69,9 +72,15 @@ class GuardedCompletions(_Proxy):
         """Like ``Completions.create``; a stream comes back as a ``GuardedStream``."""
         messages, metadata = self._options.prepare(kwargs)
         kwargs["messages"] = messages
-        result = self._target.create(**kwargs)
         if kwargs.get("stream"):
-            return GuardedStream(result, self._options.chunk_guard(kwargs, messages, metadata))
+            chunk_guard = self._options.chunk_guard(kwargs, messages, metadata)
+            try:
+                result = self._target.create(**kwargs)
+            except BaseException:
+                chunk_guard.close()
+                raise
+            return GuardedStream(result, chunk_guard)
+        result = self._target.create(**kwargs)
         return guard_completion(self._options.guard, result, messages,
                                 raise_on_halt=self._options.raise_on_halt, metadata=metadata)
 
@@ -91,10 +100,15 @@ class AsyncGuardedCompletions(_Proxy):
         """Like ``AsyncCompletions.create``; a stream comes back as an ``AsyncGuardedStream``."""
         messages, metadata = self._options.prepare(kwargs)
         kwargs["messages"] = messages
-        result = await self._target.create(**kwargs)
         if kwargs.get("stream"):
-            return AsyncGuardedStream(result, self._options.chunk_guard(kwargs, messages, metadata),
-                                      offload=self._options.offload)
+            chunk_guard = self._options.chunk_guard(kwargs, messages, metadata)
+            try:
+                result = await self._target.create(**kwargs)
+            except BaseException:
+                chunk_guard.close()
+                raise
+            return AsyncGuardedStream(result, chunk_guard, offload=self._options.offload)
+        result = await self._target.create(**kwargs)
         guarded = partial(guard_completion, self._options.guard, result, messages,
                           raise_on_halt=self._options.raise_on_halt, metadata=metadata)
         return await asyncio.to_thread(guarded) if self._options.offload_whole else guarded()

@@ -165,14 +165,20 @@ class _Proxy:
             return SSEResponse(generator_sse(self.guard, self.generator, body, messages,
                                              metadata, self.on_report))
         n = body.get("n")
+        # The observer reads the conversation while the upstream works on its first token.
+        prepared = self.guard.prepare(messages) if self.upstream is not None else None
         chunk_guard = ChunkGuard(self.guard, messages, choices=n if isinstance(n, int) else 1,
-                                 raise_on_halt=False, metadata=metadata)
+                                 raise_on_halt=False, metadata=metadata, prepared=prepared)
         chunks: AsyncIterator[dict[str, Any]]
         if self.local is not None:
             chunks, close = local_chunks(self.local, body, messages)
         else:
             assert self.upstream is not None
-            response = await self.upstream.open_stream(body, auth)
+            try:
+                response = await self.upstream.open_stream(body, auth)
+            except BaseException:
+                chunk_guard.close()
+                raise
             chunks = self.upstream.chunks(response, auth)
             close = partial(_close, chunks, response)
         stream = guarded_sse(chunks, chunk_guard, close_upstream=close, offload=self.stream_offload,
