@@ -10,6 +10,7 @@ import torch
 
 from guardrail import Features, Guard, Monitor, Needs, Score
 from guardrail.events import Flag, Halt, Release
+from guardrail.testing import WordEndMonitor, plugin_monitors
 
 TEXT = ("The capital of France is Paris. It is a large city on the Seine, and its museums "
         "hold paintings from many centuries. Visitors walk along the river, cross the old "
@@ -106,3 +107,25 @@ def alone_and_together(observer: Any, batched: Any, needs: Needs, prompts: list[
     for mine, theirs in zip(together, alone, strict=True):
         assert len(mine) == len(theirs)
     return alone, together
+
+
+def read_policy(read_ahead: bool = True, hold_back: int = 8, max_delay_ms: float = 1e9,
+                on_error: str = "fail_open") -> dict[str, Any]:
+    """A row-norm flag and a word-end halt (``read_plugins``) on the observer, reading when a
+    decision is due (or ahead)."""
+    return {
+        "on_error": on_error,
+        "observer": {"max_delay_ms": max_delay_ms, "read_ahead": read_ahead},
+        "release": {"hold_back_tokens": hold_back},
+        "monitors": [
+            {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
+            {"id": "words", "use": "word-end", "threshold": 0.5, "action": "halt",
+             "rule": {"kind": "count", "k": 2}},
+        ],
+    }
+
+
+def read_plugins() -> Any:
+    """The monitors ``read_policy`` names, registered for the block."""
+    return plugin_monitors(row_norm=RowNorm,
+                           word_end=WordEndMonitor.factory("paris", "bomb", "cheese"))

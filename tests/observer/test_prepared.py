@@ -12,27 +12,10 @@ from typing import Any
 import pytest
 
 from guardrail import Guard, GuardrailError, Prepared
-from guardrail.testing import WordEndMonitor, plugin_monitors
 
-from .streams import CALM, TEXT, RowNorm
+from .streams import CALM, TEXT, read_plugins, read_policy
 
 PROMPT = "Tell me about Lyon."
-
-
-def _policy() -> dict[str, Any]:
-    return {
-        "release": {"hold_back_tokens": 4},
-        "monitors": [
-            {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
-            {"id": "words", "use": "word-end", "threshold": 0.5, "action": "halt",
-             "rule": {"kind": "count", "k": 2}},
-        ],
-    }
-
-
-def _plugins() -> Any:
-    return plugin_monitors(row_norm=RowNorm,
-                           word_end=WordEndMonitor.factory("paris", "bomb", "cheese"))
 
 
 def _words(text: str) -> list[str]:
@@ -57,8 +40,8 @@ def _wait_cached(guard: Guard, n: int) -> None:
 @pytest.mark.parametrize("text", [CALM, TEXT])
 def test_a_prepared_read_is_taken_over_and_changes_nothing_the_reader_gets(
         observer: Any, text: str) -> None:
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(hold_back=4), host=host, observer=observer)
         expected, alone = _run(guard, text)
         context = len(observer.context_ids([{"role": "user", "content": PROMPT}]))
         prepared = guard.prepare(prompt=PROMPT)
@@ -80,8 +63,8 @@ def test_a_prepared_read_is_taken_over_and_changes_nothing_the_reader_gets(
 
 def test_an_unused_read_is_freed_by_close_or_by_a_session_that_never_saw_text(
         observer: Any) -> None:
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(hold_back=4), host=host, observer=observer)
         with guard.prepare(prompt=PROMPT) as prepared:
             assert guard.observer.live_streams() == 1
         assert prepared.closed and guard.observer.live_streams() == 0
@@ -95,9 +78,9 @@ def test_an_unused_read_is_freed_by_close_or_by_a_session_that_never_saw_text(
 
 
 def test_a_read_fits_only_its_own_guard_and_conversation(observer: Any) -> None:
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
-        other = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(hold_back=4), host=host, observer=observer)
+        other = Guard.from_policy(read_policy(hold_back=4), host=host, observer=observer)
         prepared = guard.prepare(prompt=PROMPT)
         with pytest.raises(GuardrailError, match="another conversation"):
             guard.session(prompt="Tell me about Paris.", prepared=prepared)

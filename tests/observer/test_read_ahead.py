@@ -16,28 +16,9 @@ import pytest
 from guardrail import Guard, Needs
 from guardrail.events import Event, Flag, Halt, Release
 from guardrail.stream import Aligner
-from guardrail.testing import WordEndMonitor, plugin_monitors, random_splits
+from guardrail.testing import random_splits
 
-from .streams import CALM, TEXT, RowNorm
-
-
-def _policy(read_ahead: bool = True, hold_back: int = 8, max_delay_ms: float = 1e9,
-            on_error: str = "fail_open") -> dict[str, Any]:
-    return {
-        "on_error": on_error,
-        "observer": {"max_delay_ms": max_delay_ms, "read_ahead": read_ahead},
-        "release": {"hold_back_tokens": hold_back},
-        "monitors": [
-            {"id": "norm", "use": "row-norm", "threshold": 40.0, "action": "flag"},
-            {"id": "words", "use": "word-end", "threshold": 0.5, "action": "halt",
-             "rule": {"kind": "count", "k": 2}},
-        ],
-    }
-
-
-def _plugins() -> Any:
-    return plugin_monitors(row_norm=RowNorm,
-                           word_end=WordEndMonitor.factory("paris", "bomb", "cheese"))
+from .streams import CALM, TEXT, read_plugins, read_policy
 
 
 def _view(events: list[Event]) -> list[tuple[Any, ...]]:
@@ -56,8 +37,8 @@ def _view(events: list[Event]) -> list[tuple[Any, ...]]:
 
 
 def _per_delta(observer: Any, deltas: list[str], hold_back: int = 8) -> tuple[Any, Any]:
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(False, hold_back, max_delay_ms=0), host=host,
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(False, hold_back, max_delay_ms=0), host=host,
                                   observer=observer)
         session = guard.session(prompt="Tell me about Paris.")
         events = [e for d in deltas for e in session.feed(d)]
@@ -85,8 +66,8 @@ def test_a_read_goes_ahead_while_the_feed_returns(observer: Any) -> None:
     two reads or more, and what the reader gets is a read per delta's."""
     deltas = _words(CALM)[:6]
     expected, _ = _per_delta(observer, deltas)
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(), host=host, observer=observer)
         session = guard.session(prompt="Tell me about Lyon.")
         with guard.observer.hold():
             events = _paced(session, deltas[:3])
@@ -104,8 +85,8 @@ def test_the_first_feed_sends_the_conversation_ahead(observer: Any) -> None:
     gets is a read per delta's; a stream aborted after its first feed is freed at once."""
     deltas = _words(CALM)
     expected, _ = _per_delta(observer, deltas)
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(), host=host, observer=observer)
         context = len(observer.context_ids([{"role": "user", "content": "Tell me about Lyon."}]))
         session = guard.session(prompt="Tell me about Lyon.")
         with guard.observer.hold():
@@ -133,8 +114,8 @@ def test_a_feed_waits_once_a_decision_is_due(observer: Any) -> None:
     hold_back = 8
     deltas = _words(CALM)[:20]
     expected, _ = _per_delta(observer, deltas, hold_back)
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(hold_back=hold_back), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(hold_back=hold_back), host=host, observer=observer)
         aligner, final, blocked = Aligner(guard.tokenizer), 0, None
         for k, d in enumerate(deltas):
             final += len(aligner.feed(d))
@@ -173,8 +154,8 @@ def test_streams_read_ahead_at_any_pace_release_what_per_delta_reads_release(
     cuts = [random_splits(t, seed=seed + k) for k, t in enumerate(texts)]
     expected = [_per_delta(observer, deltas) for deltas in cuts]
     rng = random.Random(seed)
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(), host=host, observer=observer)
         sessions = [guard.session(prompt="Tell me about Paris.") for _ in texts]
         events: list[list[Event]] = [[], []]
         for k in range(max(len(c) for c in cuts)):
@@ -192,8 +173,8 @@ def test_streams_read_ahead_at_any_pace_release_what_per_delta_reads_release(
 
 
 def test_abort_with_a_read_ahead_frees_the_stream_at_once(observer: Any) -> None:
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(), host=host, observer=observer)
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(), host=host, observer=observer)
         session = guard.session(prompt="Tell me about Lyon.")
         with guard.observer.hold():
             _paced(session, _words(CALM)[:4])
@@ -245,8 +226,8 @@ def test_a_failed_read_ahead_follows_on_error(observer: Any, on_error: str,
     released; fail_closed: the stream halts where the failed read began, nothing unscored
     released. Either way the feeds and the end return."""
     deltas = random_splits(CALM, seed=5)
-    with _plugins() as host:
-        guard = Guard.from_policy(_policy(on_error=on_error), host=host,
+    with read_plugins() as host:
+        guard = Guard.from_policy(read_policy(on_error=on_error), host=host,
                                   observer=FailingInner(observer, fail_from))
         session = guard.session(prompt="Tell me about Lyon.")
         events = _paced(session, deltas)  # reads go ahead: the failure comes back to a feed
