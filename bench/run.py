@@ -44,7 +44,6 @@ _HEAD_E = ("the SCM head shipped until session 22 (head E: layer 12, running mea
 HARM_HEAD_BEFORE = {
     "real_upstream": _HEAD_E,
     "local_overhead_cuda": "an SCM head of 2026-11-25, before head E",
-    "halt_lag": "a harm head before the fifteenth pass's (layers 12/15/18/21)",
 }
 
 
