@@ -26,6 +26,9 @@ HARM_V5 = HELDOUT / "harm_handwritten_v5.jsonl"  # written after v4 was read (RE
 HARM_V6 = HELDOUT / "harm_handwritten_v6.jsonl"  # written after v5 was read (README)
 HARM_V7 = HELDOUT / "harm_handwritten_v7.jsonl"  # written after the twelfth pass (README)
 HARM_V8 = HELDOUT / "harm_handwritten_v8.jsonl"  # written before the fourteenth pass (README)
+# benign technical answers (code, configs, logs, security for defenders) and harmful ones in a
+# technical register (README)
+HARM_TECH = HELDOUT / "harm_technical_v1.jsonl"
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
 ENTITY_V3 = HELDOUT / "entity_handwritten_v3.jsonl"  # written after v2 was read (README)
@@ -37,6 +40,7 @@ SOURCE_V5 = "handwritten-heldout-v5"
 SOURCE_V6 = "handwritten-heldout-v6"
 SOURCE_V7 = "handwritten-heldout-v7"
 SOURCE_V8 = "handwritten-heldout-v8"
+SOURCE_TECH = "handwritten-heldout-technical-v1"
 SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
 SOURCE_ENTITY_V3 = "handwritten-heldout-entity-v3"
 ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
@@ -53,7 +57,8 @@ BENIGN_KINDS = {"benign_followup", "turns_benign"}
 HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6, HARM_V7, HARM_V8)
 ENTITY_SETS = (ENTITY, ENTITY_V2, ENTITY_V3)
 # Strings by which a training builder would reach these files.
-MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout")
+MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout",
+           "harm_technical")
 
 
 def _raw(path: Path) -> list[dict[str, Any]]:
@@ -90,7 +95,7 @@ def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
 
 
 def test_the_harm_sets_share_no_answer() -> None:
-    sets = [{r.response for r in read_records(p)} for p in HARM_SETS]
+    sets = [{r.response for r in read_records(p)} for p in (*HARM_SETS, HARM_TECH)]
     for i, a in enumerate(sets):
         for b in sets[i + 1:]:
             assert not a & b
@@ -288,6 +293,57 @@ def test_every_register_has_both_labels(path: Path, long: int) -> None:
     _assert_broad_brief(rows, HARM_SETS[:HARM_SETS.index(path)], long)
 
 
+TECH_CATEGORIES = {"technical", "cybercrime", "fraud", "privacy"}
+TECH_FORMATS = {"code", "config", "shell", "trace", "explainer", "docs", "table", "diagram",
+                "message"}
+TECH_TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup"}
+
+
+def test_the_technical_set_is_mostly_benign_code_with_harm_in_the_same_register() -> None:
+    """harm_technical_v1 (README): benign technical answers in the formats a coding assistant
+    writes (most with a fenced block), security for defenders among them, and harmful answers in a
+    technical register, some opening benignly; harm_start and the conversations are consistent,
+    and the README's category table matches the file."""
+    records = list(read_records(HARM_TECH))
+    rows = _raw(HARM_TECH)
+    assert [r["id"] for r in rows] == [f"tech1-{n:03d}" for n in range(1, len(rows) + 1)]
+    assert {r.extra["source"] for r in records} == {SOURCE_TECH}
+    benign = [r for r in rows if r["label"] == 0]
+    harmful = [r for r in rows if r["label"] == 1]
+    assert len(rows) >= 80 and len(benign) >= 60 and len(harmful) >= 20
+    assert len({r["response"] for r in rows}) == len(rows)
+    assert sum("```" in r["response"] for r in benign) >= 0.7 * len(benign)
+    assert sum(r["category"] != "technical" for r in benign) >= 15  # security for defenders
+    assert {r["category"] for r in harmful} <= TECH_CATEGORIES - {"technical"}
+    for row in rows:
+        rid, response, start = row["id"], str(row["response"]), row["harm_start"]
+        assert row["category"] in TECH_CATEGORIES and row["format"] in TECH_FORMATS, rid
+        assert row["topic"].strip() and 30 <= len(response.split()) <= 250, rid
+        if row["label"] == 1:
+            assert isinstance(start, int) and 0 <= start < len(response), rid
+            assert row["opens_benign"] == (start > 0), rid
+        else:
+            assert start is None and row["opens_benign"] is False, rid
+        if row["multi_turn"]:
+            messages = row["messages"]
+            roles = [m["role"] for m in messages]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], rid
+            assert messages[-1]["content"] == row["prompt"], rid
+            assert row["turn_kind"] in TECH_TURN_KINDS, rid
+            assert (row["turn_kind"] == "benign_followup") == (row["label"] == 0), rid
+        else:
+            assert row["multi_turn"] is False and "messages" not in row, rid
+    assert sum(r["opens_benign"] for r in harmful) >= 5
+    table = _readme_table("## harm_technical_v1.jsonl", TECH_CATEGORIES)
+    assert set(table) == TECH_CATEGORIES
+    for cat, (harm, ok, turning, multi) in table.items():
+        mine = [r for r in rows if r["category"] == cat]
+        assert harm == sum(r["label"] == 1 for r in mine), cat
+        assert ok == sum(r["label"] == 0 for r in mine), cat
+        assert turning == sum(bool(r["opens_benign"]) for r in mine), cat
+        assert multi == sum(bool(r["multi_turn"]) for r in mine), cat
+
+
 def _span_text(record: Record, k: int) -> str:
     span = record.spans[k]
     return record.response[span.start:span.end]
@@ -436,7 +492,7 @@ def test_the_markers_name_every_heldout_file_and_source() -> None:
     """The training-data check below looks for MARKERS: every held-out file's name and source
     tag must contain one, or a new set could be read by a builder unnoticed."""
     files = sorted(HELDOUT.glob("*.jsonl"))
-    assert set(files) == {*HARM_SETS, *ENTITY_SETS}
+    assert set(files) == {*HARM_SETS, HARM_TECH, *ENTITY_SETS}
     for path in files:
         assert any(m in path.name for m in MARKERS), path  # a builder naming the file
         for source in {str(row["source"]) for row in _raw(path)}:
@@ -460,7 +516,7 @@ def test_no_training_builder_reads_the_heldout_sets() -> None:
     assert not hits, "training data must never read bench/heldout: " + "; ".join(hits)
 
 
-@pytest.mark.parametrize("path", [*HARM_SETS, *ENTITY_SETS])
+@pytest.mark.parametrize("path", [*HARM_SETS, HARM_TECH, *ENTITY_SETS])
 def test_heldout_text_is_not_in_the_training_data(path: Path) -> None:
     """No held-out response, nor an earlier turn of a held-out conversation, appears verbatim in
     a training builder's data or code."""

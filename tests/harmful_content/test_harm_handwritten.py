@@ -14,6 +14,7 @@ from guardrail_harmful_content.training.data.__main__ import main
 from guardrail_harmful_content.training.data.handwritten import (
     HandwrittenError,
     HandwrittenSet,
+    default_sets,
     read_handwritten,
 )
 from guardrail_harmful_content.training.data.records import make_record
@@ -63,6 +64,7 @@ def test_sentences_are_labelled_from_harm_start(tmp_path: Path, write_jsonl: Wri
     ({"label": 2}, "label"),
     ({"kind": "benign_safety"}, "kind"),  # label 1 with a benign kind
     ({"category": "gardening"}, "category"),
+    ({"category": "technical"}, "category"),  # benign answers only: harm names its category
     ({"harm_start": 10_000}, "harm_start"),
     ({"harm_start": None}, "harm_start"),
     ({"response": ""}, "response"),
@@ -130,3 +132,24 @@ def test_a_later_wave_leaves_the_earlier_splits_as_they_were(tmp_path: Path,
     assert {key: after[key] for key in before} == before
     added = Counter(split for key, split in after.items() if key not in before)
     assert sum(added.values()) == 18 and added["train"] > 0
+
+
+def test_the_technical_set_is_benign_code_beside_technical_harm() -> None:
+    """handwritten_technical.jsonl (docs/harmful-content.md): mostly benign technical answers,
+    most with a fenced block, security for defenders among them, and harmful answers in a
+    technical register that name their harm, a third of them opening benignly."""
+    tag = "handwritten:technical-v10"
+    shipped = {s.tag: s for s in default_sets()}
+    if tag not in shipped:
+        pytest.skip("handwritten_technical.jsonl is not shipped")
+    examples = read_handwritten(shipped[tag].path, tag)
+    benign = [e for e in examples if e.label == 0]
+    harmful = [e for e in examples if e.label == 1]
+    assert len(benign) >= 120 and len(harmful) >= 40
+    assert {e.kind for e in benign} == {"handwritten_benign_technical"}
+    assert sum("```" in e.response for e in benign) >= 0.7 * len(benign)
+    assert sum(e.extra["category"] != "technical" for e in benign) >= 25  # for defenders
+    assert {e.extra["category"] for e in harmful} <= {"cybercrime", "fraud", "privacy"}
+    turning = [e for e in harmful if e.kind == "handwritten_harmful_turn"]
+    assert 3 * len(turning) >= len(harmful)
+    assert all(e.harm_start is not None and e.harm_start > 0 for e in turning)

@@ -176,6 +176,7 @@ def test_the_followups_slot_is_wave_six_and_optional() -> None:
     ("handwritten_late.jsonl", "handwritten:late-v7", 7, "W"),
     ("handwritten_curt.jsonl", "handwritten:curt-v8", 8, "V"),
     ("handwritten_turned.jsonl", "handwritten:turned-v9", 9, "U"),
+    ("handwritten_technical.jsonl", "handwritten:technical-v10", 10, "X"),
 ])
 def test_a_later_wave_has_its_slot_and_is_optional(name: str, tag: str, wave: int,
                                                     prefix: str) -> None:

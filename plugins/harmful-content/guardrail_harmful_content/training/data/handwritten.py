@@ -37,12 +37,14 @@ from .records import Example, group_id, opening
 __all__ = ["BENIGN_KINDS", "CATEGORIES", "HARMFUL_KINDS", "ROLES", "SETS", "HandwrittenError",
            "HandwrittenSet", "WAVES", "default_sets", "read_handwritten", "read_sets"]
 
+# ``technical``: a benign answer with no harm topic at all (code, configs, logs: the technical
+# set); a harmful answer always names the harm it is in
 CATEGORIES = ("violence", "weapons", "drugs", "self-harm", "harassment", "hate", "extremism",
-              "fraud", "privacy", "cybercrime", "misinformation", "crime")
+              "fraud", "privacy", "cybercrime", "misinformation", "crime", "technical")
 HARMFUL_KINDS = ("harmful", "harmful_turn")
 BENIGN_KINDS = ("benign_safety", "benign_medical", "benign_support", "benign_history",
                 "benign_fiction", "benign_refusal", "benign_explainer", "benign_news",
-                "benign_everyday")
+                "benign_everyday", "benign_technical")
 ROLES = ("system", "user", "assistant")  # the roles of a writer's ``messages``
 # shipped file name (in this package's data/) -> its source tag
 SETS: dict[str, str] = {
@@ -63,6 +65,7 @@ SETS: dict[str, str] = {
     "handwritten_late.jsonl": "handwritten:late-v7",  # harm that turns late or in a helpful form
     "handwritten_curt.jsonl": "handwritten:curt-v8",  # brief follow-ups, rough register
     "handwritten_turned.jsonl": "handwritten:turned-v9",  # helpful openings that turn, fake news
+    "handwritten_technical.jsonl": "handwritten:technical-v10",  # code, configs; cybercrime how-tos
 }
 # The build splits each wave of sets in a pass of its own, so adding a wave leaves the splits
 # of the sets before it as they were.
@@ -72,7 +75,7 @@ WAVES: dict[str, int] = {"handwritten:social-v2": 2, "handwritten:turns-v2": 2,
                          "handwritten:claims-v4": 4, "handwritten:messages-v5": 5,
                          "handwritten:drafted-v5": 5, "handwritten:followups-v6": 6,
                          "handwritten:late-v7": 7, "handwritten:curt-v8": 8,
-                         "handwritten:turned-v9": 9}
+                         "handwritten:turned-v9": 9, "handwritten:technical-v10": 10}
 
 
 class HandwrittenError(ValueError):
@@ -105,6 +108,9 @@ def _check(row: Mapping[str, Any], where: str) -> None:
         raise bad("label", f"must be 0 or 1, got {label!r}")
     if row.get("category") not in CATEGORIES:
         raise bad("category", f"must be one of {list(CATEGORIES)}, got {row.get('category')!r}")
+    if label == 1 and row["category"] == "technical":
+        raise bad("category", "must name the harm of a label-1 answer, got 'technical' "
+                              "(the category of benign answers with no harm topic)")
     kinds = HARMFUL_KINDS if label == 1 else BENIGN_KINDS
     if row.get("kind") not in kinds:
         raise bad("kind", f"must be one of {list(kinds)} for label {label}, "
