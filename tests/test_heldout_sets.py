@@ -29,6 +29,7 @@ HARM_V8 = HELDOUT / "harm_handwritten_v8.jsonl"  # written before the fourteenth
 # benign technical answers (code, configs, logs, security for defenders) and harmful ones in a
 # technical register (README)
 HARM_TECH = HELDOUT / "harm_technical_v1.jsonl"
+HARM_V9 = HELDOUT / "harm_handwritten_v9.jsonl"  # written before the sixteenth pass (README)
 ENTITY = HELDOUT / "entity_handwritten.jsonl"
 ENTITY_V2 = HELDOUT / "entity_handwritten_v2.jsonl"  # written after v1 was read (README)
 ENTITY_V3 = HELDOUT / "entity_handwritten_v3.jsonl"  # written after v2 was read (README)
@@ -41,6 +42,7 @@ SOURCE_V6 = "handwritten-heldout-v6"
 SOURCE_V7 = "handwritten-heldout-v7"
 SOURCE_V8 = "handwritten-heldout-v8"
 SOURCE_TECH = "handwritten-heldout-technical-v1"
+SOURCE_V9 = "handwritten-heldout-v9"
 SOURCE_ENTITY_V2 = "handwritten-heldout-entity-v2"
 SOURCE_ENTITY_V3 = "handwritten-heldout-entity-v3"
 ENTITY_TOPICS = {"bio", "place", "event", "science", "organisation"}
@@ -50,11 +52,11 @@ SPAN_KINDS = {"person", "place", "organisation", "date", "number", "work", "othe
 CATEGORIES = {"violence", "weapons", "drugs", "self_harm", "harassment", "hate", "extremism",
               "fraud", "privacy", "cybercrime", "misinformation", "nonviolent_crime"}
 REGISTERS = {"plain", "rough", "list", "message", "fiction", "refusal", "explainer", "support",
-             "dialogue", "article"}  # v3's to v8's `register` values
+             "dialogue", "article"}  # v3's to v9's `register` values
 # v5 adds turns_benign: a harmful exchange, then a benign last answer (README)
 TURN_KINDS = {"continues_harmful", "turns_harmful", "benign_followup", "turns_benign"}
 BENIGN_KINDS = {"benign_followup", "turns_benign"}
-HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6, HARM_V7, HARM_V8)
+HARM_SETS = (HARM, HARM_V2, HARM_V3, HARM_V4, HARM_V5, HARM_V6, HARM_V7, HARM_V8, HARM_V9)
 ENTITY_SETS = (ENTITY, ENTITY_V2, ENTITY_V3)
 # Strings by which a training builder would reach these files.
 MARKERS = ("bench/heldout", "harm_handwritten", "entity_handwritten", "handwritten-heldout",
@@ -72,7 +74,8 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                           (HARM_V5, SOURCE_V5, 2, (30, 250)),
                           (HARM_V6, SOURCE_V6, 2, (20, 300)),  # v6 was briefed for 20-300 words
                           (HARM_V7, SOURCE_V7, 2, (20, 300)),
-                          (HARM_V8, SOURCE_V8, 2, (25, 180))])  # v8 was briefed for 25-180
+                          (HARM_V8, SOURCE_V8, 2, (25, 180)),  # v8 was briefed for 25-180
+                          (HARM_V9, SOURCE_V9, 2, (25, 210))])
 def test_harm_set_loads_and_is_balanced_per_category(path: Path, source: str,
                                                      turning_per_category: int,
                                                      word_range: tuple[int, int]) -> None:
@@ -102,9 +105,10 @@ def test_the_harm_sets_share_no_answer() -> None:
 
 
 @pytest.mark.parametrize(("path", "prefix"), [(HARM_V3, "v3"), (HARM_V4, "v4"), (HARM_V5, "v5"),
-                                             (HARM_V6, "v6"), (HARM_V7, "v7"), (HARM_V8, "v8")])
+                                             (HARM_V6, "v6"), (HARM_V7, "v7"), (HARM_V8, "v8"),
+                                             (HARM_V9, "v9")])
 def test_multi_turn_records_are_consistent(path: Path, prefix: str) -> None:
-    """v3's to v8's extra fields: the conversation before a multi-turn answer ends with the user
+    """v3's to v9's extra fields: the conversation before a multi-turn answer ends with the user
     turn that is the record's prompt, and ``harm_start`` marks where a harmful answer turns."""
     rows = _raw(path)
     assert [r["id"] for r in rows] == [f"{prefix}-{n:03d}" for n in range(1, len(rows) + 1)]
@@ -157,7 +161,8 @@ def _readme_table(heading: str, names: set[str],
                           (HARM_V5, "## harm_handwritten_v5.jsonl"),
                           (HARM_V6, "## harm_handwritten_v6.jsonl"),
                           (HARM_V7, "## harm_handwritten_v7.jsonl"),
-                          (HARM_V8, "## harm_handwritten_v8.jsonl")])
+                          (HARM_V8, "## harm_handwritten_v8.jsonl"),
+                          (HARM_V9, "## harm_handwritten_v9.jsonl")])
 def test_category_counts_match_the_readme_table(path: Path, heading: str) -> None:
     rows = _raw(path)
     table = _readme_table(heading, CATEGORIES)
@@ -175,7 +180,8 @@ def test_category_counts_match_the_readme_table(path: Path, heading: str) -> Non
                           (HARM_V5, "## harm_handwritten_v5.jsonl"),
                           (HARM_V6, "## harm_handwritten_v6.jsonl"),
                           (HARM_V7, "## harm_handwritten_v7.jsonl"),
-                          (HARM_V8, "## harm_handwritten_v8.jsonl")])
+                          (HARM_V8, "## harm_handwritten_v8.jsonl"),
+                          (HARM_V9, "## harm_handwritten_v9.jsonl")])
 def test_register_and_turn_kind_counts_match_the_readme_tables(path: Path, heading: str) -> None:
     rows = _raw(path)
     registers = _readme_table(heading, REGISTERS)
@@ -342,6 +348,17 @@ def test_the_technical_set_is_mostly_benign_code_with_harm_in_the_same_register(
         assert ok == sum(r["label"] == 0 for r in mine), cat
         assert turning == sum(bool(r["opens_benign"]) for r in mine), cat
         assert multi == sum(bool(r["multi_turn"]) for r in mine), cat
+
+
+def test_v9_has_both_labels_in_every_register() -> None:
+    """v9 (README): every register has answers of both labels, lengths spread from short to
+    long on both sides with similar medians, harm starts early and late, a third of it is
+    multi-turn with turns_benign among them, and its conversations are new text."""
+    rows = _raw(HARM_V9)
+    for lab in (0, 1):
+        assert {r["register"] for r in rows if r["label"] == lab} == REGISTERS, lab
+    assert len(rows) >= 120 and sum(r["label"] for r in rows) * 2 == len(rows)
+    _assert_broad_brief(rows, HARM_SETS[:HARM_SETS.index(HARM_V9)], 150)
 
 
 def _span_text(record: Record, k: int) -> str:
