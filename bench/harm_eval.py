@@ -61,13 +61,17 @@ def _harm_loso(name: str) -> Callable[[dict[str, Any]], str]:
 # its candidate A (select.py's reports). harm_select_pass14_B, _C, _D: the fourteenth pass's
 # candidates (normalised states, two half-lives; none shipped), each beside its candidate A.
 # harm_select_pass15_E ... _H: the fifteenth pass's candidates (deeper layers; F shipped), each
-# beside its candidate A.
+# beside its candidate A. harm_select_pass16_*: the sixteenth pass's one-knob moves around F
+# (none shipped), each beside F re-run; _diag_*: its diagnostics, deciding nothing.
 EXTRA_RESULTS = {"harm_select": _harm_loso("render_selection"),
                  "harm_select_pass2": _harm_loso("render_selection"),
                  **{f"harm_select_pass{k}": _harm_loso(f"render_pass{k}") for k in range(3, 10)},
                  **{f"harm_select_pass{k}_B": _harm_loso("render_selection") for k in (12, 13)},
                  **{f"harm_select_pass14_{c}": _harm_loso("render_selection") for c in "BCD"},
                  **{f"harm_select_pass15_{c}": _harm_loso("render_selection") for c in "EFGH"},
+                 **{f"harm_select_pass16_{c}": _harm_loso("render_selection")
+                    for c in ("ridge01", "ridge1", "hl6", "hl24", "ps05", "ps1",
+                              "diag_ridge003", "diag_ridge01_hl6")},
                  "harm_loso": _harm_loso("render")}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
