@@ -63,6 +63,8 @@ def _harm_loso(name: str) -> Callable[[dict[str, Any]], str]:
 # harm_select_pass15_E ... _H: the fifteenth pass's candidates (deeper layers; F shipped), each
 # beside its candidate A. harm_select_pass16_*: the sixteenth pass's one-knob moves around F
 # (none shipped), each beside F re-run; _diag_*: its diagnostics, deciding nothing.
+# harm_select_pass17_T: the seventeenth pass's candidate (the technical source in the pool; not
+# shipped) and _diag_nocap, its diagnostic without the technical cap.
 EXTRA_RESULTS = {"harm_select": _harm_loso("render_selection"),
                  "harm_select_pass2": _harm_loso("render_selection"),
                  **{f"harm_select_pass{k}": _harm_loso(f"render_pass{k}") for k in range(3, 10)},
@@ -72,6 +74,8 @@ EXTRA_RESULTS = {"harm_select": _harm_loso("render_selection"),
                  **{f"harm_select_pass16_{c}": _harm_loso("render_selection")
                     for c in ("ridge01", "ridge1", "hl6", "hl24", "ps05", "ps1",
                               "diag_ridge003", "diag_ridge01_hl6")},
+                 **{f"harm_select_pass17_{c}": _harm_loso("render_selection")
+                    for c in ("T", "diag_nocap")},
                  "harm_loso": _harm_loso("render")}
 QUICK_RECORDS = 24  # stratified test records in --quick (fresh features in ~15 s)
 QUICK_EVAL_RECORDS = 2
