@@ -21,7 +21,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from guardrail import Prepared
 
-__all__ = ["ConversationCatcher", "current_catcher", "input_messages", "start_catching",
+__all__ = ["Catching", "ConversationCatcher", "current_catcher", "input_messages", "start_catching",
            "stop_catching"]
 
 
@@ -76,17 +76,22 @@ _catcher: ContextVar[ConversationCatcher | None] = ContextVar("guardrail_convers
 register_configure_hook(_catcher, inheritable=False)
 
 
-def start_catching(prepare: Callable[[list[BaseMessage]], Prepared] | None = None
-                   ) -> Token[ConversationCatcher | None]:
+Catching = tuple[Token[ConversationCatcher | None], ConversationCatcher]
+"""What ``start_catching`` set: the context variable's token and the stream's catcher."""
+
+
+def start_catching(prepare: Callable[[list[BaseMessage]], Prepared] | None = None) -> Catching:
     """Catch the conversation of the models that start from here on in this context
     (``prepare``: begin the guard's read of it there)."""
-    return _catcher.set(ConversationCatcher(prepare))
+    catcher = ConversationCatcher(prepare)
+    return _catcher.set(catcher), catcher
 
 
-def stop_catching(token: Token[ConversationCatcher | None]) -> None:
-    catcher = token.var.get()
-    if catcher is not None:
-        catcher.close()
+def stop_catching(catching: Catching) -> None:
+    """Stop catching; a read begun for the stream and not taken is freed (this stream's catcher,
+    even when the generator is closed from another context)."""
+    token, catcher = catching
+    catcher.close()
     try:
         _catcher.reset(token)
     except ValueError:  # a generator closed from another context: that context never had it

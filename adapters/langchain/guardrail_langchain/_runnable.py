@@ -73,8 +73,7 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
     def _translator(self, config: RunnableConfig | None) -> StreamTranslator:
         """The conversation is ``guardrail_messages`` in the call's metadata, else ``messages``,
         else what the model feeding this stream was asked (caught as it starts)."""
-        metadata = ensure_config(config).get("metadata") or {}
-        messages = metadata.get(MESSAGES_KEY, self.messages)
+        messages = self._named_messages(config)
         if messages is None:
             catcher = current_catcher()
             if catcher is not None:
@@ -88,10 +87,15 @@ class GuardRunnable(RunnableSerializable[GuardIO, GuardIO]):
                   ) -> Callable[[list[BaseMessage]], Prepared] | None:
         """What begins the guard's read of the conversation a model starts on, when that is the
         stream's conversation (the call names none itself, see ``_translator``)."""
-        metadata = ensure_config(config).get("metadata") or {}
-        if metadata.get(MESSAGES_KEY, self.messages) is not None:
+        if self._named_messages(config) is not None:
             return None
         return lambda messages: self.guard.prepare(session_messages(messages))
+
+    def _named_messages(self, config: RunnableConfig | None) -> Any:
+        """The conversation the call names: ``guardrail_messages`` in its metadata, else
+        ``messages`` (None: the chain's model's, caught as it starts)."""
+        metadata = ensure_config(config).get("metadata") or {}
+        return metadata.get(MESSAGES_KEY, self.messages)
 
     @property
     def _offloads(self) -> bool:
